@@ -1,0 +1,139 @@
+// Pass 2 of cross-entropy, one workgroup per row: the row's (max, sum) statistic in one read
+// of the logits, its loss and log-sum-exp, and (GRAD / IN_PLACE) the gradient of the reduced
+// loss in a second read, written to OUT or over the logits.
+
+fn row_target(row: u32) -> i32 {
+    let t = T[row];
+    if (t == P.ignore_index || t < 0 || t >= i32(P.v)) {
+        return -1; // ignored (out-of-range targets were flagged by the weights pass)
+    }
+    return t;
+}
+
+#if GRAD
+fn put(r: u32, i: u32, g: vec4<f32>) {
+#if VEC4
+    OUT[r * (P.v / 4u) + i] = g;
+#else
+    OUT[r * P.v + i] = g.x;
+#endif
+}
+#endif
+#if IN_PLACE
+fn put(r: u32, i: u32, g: vec4<f32>) {
+#if VEC4
+    X[r * (P.v / 4u) + i] = g;
+#else
+    X[r * P.v + i] = g.x;
+#endif
+}
+#endif
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+#if SUBGROUP
+    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(num_subgroups) nsg: u32,
+#endif
+) {
+#if !SUBGROUP
+    let lane = 0u;
+    let sg = 0u;
+    let nsg = 1u;
+#endif
+    let r = local_row(wid);
+    if (r >= P.chunk_rows) {
+        return;
+    }
+    let row = P.row0 + r;
+    let part = row_part(r, lid);
+    let st = reduce_stat(part.st, lid, lane, sg, nsg);
+    var acc = vec2<f32>(0.0, 0.0);
+    if (has(F_SMOOTH)) {
+        acc = reduce_v2(part.acc, lid, lane, sg, nsg);
+    }
+    let m = st.m;
+    let s = st.s;
+    let l1p = log1p_(s);
+    let lse = m + l1p;
+    let t = row_target(row);
+    let eps = P.smoothing;
+    let vf = f32(P.v);
+    var swn = 1.0;
+    if (has(F_SAMPLE_W)) {
+        swn = SW[row];
+    }
+    var w = 0.0;
+    var zt = 0.0;
+    if (t >= 0) {
+        w = swn * class_w(u32(t));
+        zt = tr(load(r, u32(t)));
+    }
+    var wtot = vf;
+    if (has(F_CLASS_W)) {
+        wtot = acc.y;
+    }
+    if (lid == 0u) {
+        var loss = 0.0;
+        if (t >= 0) {
+            loss = w * (1.0 - eps) * ((m - zt) + l1p);
+            if (has(F_SMOOTH)) {
+                loss += swn * (eps / vf) * (wtot * lse - acc.x);
+            }
+        }
+        ROW_LOSS[row] = loss;
+        ROW_LSE[row] = lse;
+    }
+#if GRAD || IN_PLACE
+    var a = P.grad_scale;
+    var b = P.grad_scale;
+    if (has(F_MEAN)) {
+        a = P.grad_scale / SC.weight_sum;
+        b = P.grad_scale / f32(SC.count);
+    }
+    let big_s = 1.0 + s;
+    let hard = a * w * (1.0 - eps);
+    var c0 = 0.0;
+    if (has(F_SMOOTH)) {
+        c0 = a * swn * eps / vf;
+    }
+    var zc = 0.0;
+    if (has(F_ZLOSS)) {
+        zc = b * 2.0 * P.z_loss * lse;
+    }
+    let k = (hard + c0 * wtot + zc) / big_s;
+    let tu = u32(t);
+#if VEC4
+    let n4 = P.v / 4u;
+#else
+    let n4 = P.v;
+#endif
+    for (var i = lid; i < n4; i += WG) {
+        var g = vec4<f32>(0.0, 0.0, 0.0, 0.0);
+        if (t >= 0) {
+#if VEC4
+            let x = X[r * n4 + i];
+            let lanes = 4u;
+#else
+            let x = vec4<f32>(X[r * n4 + i], 0.0, 0.0, 0.0);
+            let lanes = 1u;
+#endif
+            for (var q = 0u; q < lanes; q++) {
+                let c = i * lanes + q;
+                let z = tr(x[q]);
+                let e = exp(z - m);
+                var gq = k * e - c0 * class_w(c);
+                if (c == tu) {
+                    // p_t - 1 = (expm1(z_t - m) - s) / (1 + s): no cancellation when p_t ~ 1.
+                    gq = hard * ((expm1_(z - m) - s) / big_s) + (k - hard / big_s) * e - c0 * class_w(c);
+                }
+                g[q] = gq * dtr(z);
+            }
+        }
+        put(r, i, g);
+    }
+#endif
+}

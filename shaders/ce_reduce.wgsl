@@ -1,0 +1,39 @@
+// Pass 3 of cross-entropy (one workgroup): sums the per-row weighted losses and, for the
+// z-loss, lse^2 over counted rows. Kahan within a thread, a tree across threads.
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(local_invocation_index) lid: u32,
+#if SUBGROUP
+    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(num_subgroups) nsg: u32,
+#endif
+) {
+#if !SUBGROUP
+    let lane = 0u;
+    let sg = 0u;
+    let nsg = 1u;
+#endif
+    var acc = vec2<f32>(0.0, 0.0);
+    var comp = vec2<f32>(0.0, 0.0);
+    for (var r = lid; r < P.n_rows; r += WG) {
+        var x = vec2<f32>(ROW_LOSS[r], 0.0);
+        if (has(F_ZLOSS)) {
+            let t = T[r];
+            if (t != P.ignore_index && t >= 0 && t < i32(P.v)) {
+                let l = ROW_LSE[r];
+                x.y = l * l;
+            }
+        }
+        let y = x - comp;
+        let tot = acc + y;
+        comp = (tot - acc) - y;
+        acc = tot;
+    }
+    let s = reduce_v2(acc, lid, lane, sg, nsg);
+    if (lid == 0u) {
+        SC.loss_sum = s.x;
+        SC.lse2_sum = s.y;
+    }
+}

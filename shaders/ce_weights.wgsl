@@ -1,0 +1,61 @@
+// Pass 1 of cross-entropy (one workgroup): checks targets and sums the weights of counted
+// rows, the denominator that the fused pass needs before it can write the gradient of a mean.
+
+var<workgroup> red_n: array<u32, WG>;
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(local_invocation_index) lid: u32,
+#if SUBGROUP
+    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(num_subgroups) nsg: u32,
+#endif
+) {
+#if !SUBGROUP
+    let lane = 0u;
+    let sg = 0u;
+    let nsg = 1u;
+#endif
+    var w = 0.0;
+    var comp = 0.0; // Kahan compensation
+    var n = 0u;
+    for (var r = lid; r < P.n_rows; r += WG) {
+        let t = T[r];
+        if (t == P.ignore_index) {
+            continue;
+        }
+        if (t < 0 || t >= i32(P.v)) {
+            atomicMin(&SC.err_row, r);
+            continue;
+        }
+        var wr = 1.0;
+        if (has(F_CLASS_W)) {
+            wr = wr * CW[u32(t)];
+        }
+        if (has(F_SAMPLE_W)) {
+            wr = wr * SW[r];
+        }
+        let y = wr - comp;
+        let tot = w + y;
+        comp = (tot - w) - y;
+        w = tot;
+        n += 1u;
+    }
+    red_n[lid] = n;
+    let ws = reduce_v2(vec2<f32>(w, 0.0), lid, lane, sg, nsg);
+    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
+        if (lid < stride) {
+            red_n[lid] += red_n[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        SC.weight_sum = ws.x;
+        SC.count = red_n[0];
+        let bad = atomicLoad(&SC.err_row);
+        if (bad != 0xffffffffu) {
+            SC.err_target = T[bad];
+        }
+    }
+}

@@ -1,0 +1,47 @@
+// Row-wise log-softmax (or softmax with F_SOFTMAX), one workgroup per row:
+// statistic in one read, output in a second.
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+#if SUBGROUP
+    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(num_subgroups) nsg: u32,
+#endif
+) {
+#if !SUBGROUP
+    let lane = 0u;
+    let sg = 0u;
+    let nsg = 1u;
+#endif
+    let r = local_row(wid);
+    if (r >= P.chunk_rows) {
+        return;
+    }
+    let st = reduce_stat(row_part(r, lid).st, lid, lane, sg, nsg);
+    let l1p = log1p_(st.s);
+    let inv = 1.0 / (1.0 + st.s);
+    let soft = has(F_SOFTMAX);
+#if VEC4
+    let n4 = P.v / 4u;
+    for (var i = lid; i < n4; i += WG) {
+        let d = X[r * n4 + i] - vec4<f32>(st.m);
+        if (soft) {
+            OUT[r * n4 + i] = exp(d) * inv;
+        } else {
+            OUT[r * n4 + i] = d - vec4<f32>(l1p);
+        }
+    }
+#else
+    for (var i = lid; i < P.v; i += WG) {
+        let d = X[r * P.v + i] - st.m;
+        if (soft) {
+            OUT[r * P.v + i] = exp(d) * inv;
+        } else {
+            OUT[r * P.v + i] = d - l1p;
+        }
+    }
+#endif
+}

@@ -1,0 +1,171 @@
+//! Option structs shared by the GPU and CPU backends.
+
+use ndarray::Array1;
+
+use crate::error::{Result, XentError};
+
+/// How per-row losses are combined, with PyTorch's semantics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Reduction {
+    /// Per-row losses; `loss` in the output is their sum (the quantity the gradient is of).
+    None,
+    /// Sum of weighted per-row losses.
+    Sum,
+    /// Sum of weighted losses divided by the sum of the weights of counted rows
+    /// (NaN when every row is ignored).
+    #[default]
+    Mean,
+}
+
+impl std::str::FromStr for Reduction {
+    type Err = XentError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(Reduction::None),
+            "sum" => Ok(Reduction::Sum),
+            "mean" => Ok(Reduction::Mean),
+            _ => Err(XentError::InvalidOption(format!(
+                "reduction must be none, sum or mean, got {s:?}"
+            ))),
+        }
+    }
+}
+
+/// What to do with the gradient of the reduced loss w.r.t. the logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GradMode {
+    /// Loss only.
+    #[default]
+    Off,
+    /// Write the gradient to a separate `[N, V]` tensor.
+    Separate,
+    /// Overwrite the logits with the gradient (saves one `[N, V]` buffer).
+    InPlace,
+}
+
+/// Options of softmax cross-entropy with class-index targets.
+///
+/// Row `n` with target `y` has weight `w_n = sample_weight[n] * class_weight[y]` and loss
+///
+/// ```text
+/// L_n = w_n (1 - eps) (lse_n - z_ny) + sample_weight[n] (eps / V) sum_c class_weight[c] (lse_n - z_nc)
+/// ```
+///
+/// where `z = softcap(x / temperature)` and `lse_n = log sum_c exp(z_nc)`. `Mean` divides the sum
+/// of `L_n` by the sum of `w_n` over counted rows (PyTorch's rule). The z-loss
+/// `z_loss * lse_n^2` is added per counted row and, for `Mean`, averaged over counted rows
+/// (unweighted, as in Liger-Kernel).
+///
+/// ```
+/// use xent::{CrossEntropy, Reduction};
+/// let cfg = CrossEntropy { reduction: Reduction::Sum, ignore_index: -1, ..Default::default() };
+/// assert!(cfg.validate(10).is_ok());
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct CrossEntropy {
+    /// How rows are combined.
+    pub reduction: Reduction,
+    /// Rows whose target equals this are ignored (loss 0, gradient 0, not counted).
+    pub ignore_index: i64,
+    /// Label smoothing `eps` in `[0, 1]`.
+    pub label_smoothing: f32,
+    /// Optional per-class weights `[V]`.
+    pub class_weight: Option<Array1<f32>>,
+    /// Optional per-sample weights `[N]`.
+    pub sample_weight: Option<Array1<f32>>,
+    /// z-loss coefficient `s` (PaLM): adds `s * lse^2` per counted row. 0 disables it.
+    pub z_loss: f32,
+    /// Logit soft-capping `c * tanh(x / c)` (Gemma 2); `None` disables it.
+    pub softcap: Option<f32>,
+    /// Logits are divided by this before everything else.
+    pub temperature: f32,
+    /// Gradient off, separate or in place.
+    pub grad: GradMode,
+    /// Upstream gradient d(total)/d(loss) multiplied into the gradient.
+    pub grad_scale: f32,
+    /// Also return per-row losses and log-sum-exp values.
+    pub per_row: bool,
+}
+
+impl Default for CrossEntropy {
+    fn default() -> Self {
+        CrossEntropy {
+            reduction: Reduction::Mean,
+            ignore_index: -100,
+            label_smoothing: 0.0,
+            class_weight: None,
+            sample_weight: None,
+            z_loss: 0.0,
+            softcap: None,
+            temperature: 1.0,
+            grad: GradMode::Off,
+            grad_scale: 1.0,
+            per_row: false,
+        }
+    }
+}
+
+impl CrossEntropy {
+    /// Checks the options against a row length of `classes`.
+    pub fn validate(&self, classes: usize) -> Result<()> {
+        let bad = |m: String| Err(XentError::InvalidOption(m));
+        if !(0.0..=1.0).contains(&self.label_smoothing) {
+            return bad(format!("label_smoothing must be in [0, 1], got {}", self.label_smoothing));
+        }
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return bad(format!("temperature must be > 0, got {}", self.temperature));
+        }
+        if let Some(c) = self.softcap {
+            if !(c > 0.0 && c.is_finite()) {
+                return bad(format!("softcap must be > 0, got {c}"));
+            }
+        }
+        if !(self.z_loss >= 0.0 && self.z_loss.is_finite()) {
+            return bad(format!("z_loss must be a finite value >= 0, got {}", self.z_loss));
+        }
+        if !self.grad_scale.is_finite() {
+            return bad(format!("grad_scale must be finite, got {}", self.grad_scale));
+        }
+        if let Some(w) = &self.class_weight {
+            if w.len() != classes {
+                return Err(XentError::Shape(format!(
+                    "class_weight has {} entries but the logits have {classes} classes",
+                    w.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether logits are transformed (temperature or softcap) before the softmax.
+    pub fn transforms_logits(&self) -> bool {
+        self.softcap.is_some() || self.temperature != 1.0
+    }
+}
+
+/// Result of a cross-entropy evaluation.
+#[derive(Debug, Clone)]
+pub struct CeOutput {
+    /// The reduced loss (for `Reduction::None`, the sum of the per-row losses).
+    pub loss: f64,
+    /// Rows whose target is not `ignore_index`.
+    pub counted: u64,
+    /// Sum of the weights of counted rows (the `Mean` denominator).
+    pub weight_sum: f64,
+    /// Per-row losses (0 for ignored rows), when asked for or when the reduction is `None`.
+    pub row_loss: Option<Array1<f32>>,
+    /// Per-row log-sum-exp of the (transformed) logits, when asked for.
+    pub row_lse: Option<Array1<f32>>,
+    /// The gradient of `loss` w.r.t. the logits, times `grad_scale`, for `GradMode::Separate`.
+    pub grad: Option<ndarray::Array2<f32>>,
+}
+
+/// Which row-wise normalisation `log_softmax` computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SoftmaxKind {
+    /// `x - lse(x)`.
+    #[default]
+    LogSoftmax,
+    /// `exp(x - lse(x))`.
+    Softmax,
+}

@@ -1,0 +1,70 @@
+//! The public API: option structs, targets, results, and the [`Backend`] abstraction.
+
+pub(crate) mod check;
+pub mod config;
+pub mod targets;
+
+use ndarray::{Array2, ArrayView2, ArrayViewMut2};
+
+use crate::context::GpuContext;
+use crate::cpu::Cpu;
+use crate::error::Result;
+use config::{CeOutput, CrossEntropy, SoftmaxKind};
+use targets::Targets;
+
+/// What both backends offer, so that user code and benchmarks run either with the same code.
+///
+/// ```
+/// use ndarray::array;
+/// use xent::{Backend, Cpu, CrossEntropy};
+/// fn mean_loss(b: &dyn Backend) -> f64 {
+///     let logits = array![[1.0f32, 2.0, 3.0]];
+///     b.cross_entropy(logits.view(), (&[2i64][..]).into(), &CrossEntropy::default()).unwrap().loss
+/// }
+/// assert!((mean_loss(&Cpu::new()) - 0.40760596).abs() < 1e-6);
+/// ```
+pub trait Backend {
+    /// `"cpu"` or `"gpu"`.
+    fn name(&self) -> &'static str;
+    /// Softmax cross-entropy with class-index targets.
+    fn cross_entropy(&self, logits: ArrayView2<f32>, targets: Targets, cfg: &CrossEntropy) -> Result<CeOutput>;
+    /// Cross-entropy that overwrites `logits` with the gradient.
+    fn cross_entropy_in_place(
+        &self,
+        logits: ArrayViewMut2<f32>,
+        targets: Targets,
+        cfg: &CrossEntropy,
+    ) -> Result<CeOutput>;
+    /// Row-wise log-softmax or softmax.
+    fn log_softmax(&self, logits: ArrayView2<f32>, kind: SoftmaxKind) -> Result<Array2<f32>>;
+}
+
+impl Backend for Cpu {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+    fn cross_entropy(&self, logits: ArrayView2<f32>, targets: Targets, cfg: &CrossEntropy) -> Result<CeOutput> {
+        Cpu::cross_entropy(self, logits, targets, cfg)
+    }
+    fn cross_entropy_in_place(&self, l: ArrayViewMut2<f32>, t: Targets, cfg: &CrossEntropy) -> Result<CeOutput> {
+        Cpu::cross_entropy_in_place(self, l, t, cfg)
+    }
+    fn log_softmax(&self, logits: ArrayView2<f32>, kind: SoftmaxKind) -> Result<Array2<f32>> {
+        Cpu::log_softmax(self, logits, kind)
+    }
+}
+
+impl Backend for GpuContext {
+    fn name(&self) -> &'static str {
+        "gpu"
+    }
+    fn cross_entropy(&self, logits: ArrayView2<f32>, targets: Targets, cfg: &CrossEntropy) -> Result<CeOutput> {
+        GpuContext::cross_entropy(self, logits, targets, cfg)
+    }
+    fn cross_entropy_in_place(&self, l: ArrayViewMut2<f32>, t: Targets, cfg: &CrossEntropy) -> Result<CeOutput> {
+        GpuContext::cross_entropy_in_place(self, l, t, cfg)
+    }
+    fn log_softmax(&self, logits: ArrayView2<f32>, kind: SoftmaxKind) -> Result<Array2<f32>> {
+        GpuContext::log_softmax(self, logits, kind)
+    }
+}

@@ -1,0 +1,2 @@
+//! The `xent` command line.
+pub fn main() -> i32 { 0 }

@@ -1,0 +1,292 @@
+//! Fast f32 cross-entropy on the CPU: rows in parallel, one exponential per element.
+//!
+//! Per row: (1) max and its index; (2) `e_j = exp(z_j - m)`, written straight into the gradient
+//! row, summed in f64 blocks *excluding* the max element, so that `s = sum_{j != k} e_j` keeps
+//! its precision when the row is confident; (3) the gradient row is `K e_j - c0 w_j`, with the
+//! target element's `p_t - 1` computed as `(expm1(z_t - m) - s) / (1 + s)`.
+
+use ndarray::{Array1, Array2, ArrayView2};
+use rayon::prelude::*;
+
+use super::simd;
+use crate::api::config::{CeOutput, CrossEntropy, GradMode, Reduction};
+use crate::api::targets::{Targets, IGNORED};
+use crate::error::Result;
+
+/// Per-call constants shared by every row.
+struct RowCtx<'a> {
+    cfg: &'a CrossEntropy,
+    v: usize,
+    cw: Option<&'a [f32]>,
+    sw: Option<&'a [f32]>,
+    /// Gradient coefficient of the weighted CE part (scale / weight_sum for mean).
+    a: f64,
+    /// Gradient coefficient of the z-loss part (scale / counted for mean).
+    b: f64,
+    /// Sum of class weights (V without weights).
+    wtot: f64,
+    transform: bool,
+}
+
+/// Where a task reads its logits and writes its gradient.
+enum Rows<'a> {
+    /// Read-only logits, optional separate gradient.
+    Separate(&'a [f32], Option<&'a mut [f32]>),
+    /// Logits overwritten by the gradient.
+    InPlace(&'a mut [f32]),
+}
+
+struct Scratch {
+    z: Vec<f32>,
+    x: Vec<f32>,
+}
+
+impl RowCtx<'_> {
+    /// Loss (CE part, weighted) and lse of one row; writes the gradient row if given.
+    fn row(&self, x: &[f32], t: i32, r: usize, grad: Option<&mut [f32]>, sc: &mut Scratch) -> (f64, f64) {
+        let cfg = self.cfg;
+        let z: &[f32] = if self.transform {
+            let inv_t = 1.0 / cfg.temperature;
+            sc.z.clear();
+            match cfg.softcap {
+                Some(c) => sc.z.extend(x.iter().map(|&v| c * (v * inv_t / c).tanh())),
+                None => sc.z.extend(x.iter().map(|&v| v * inv_t)),
+            }
+            &sc.z
+        } else {
+            x
+        };
+        let (m, k) = simd::max_argmax(z);
+        let (s, grad) = match grad {
+            Some(g) => {
+                let (gl, gr) = g.split_at_mut(k);
+                let s = simd::exp_sum(&z[..k], m, Some(gl)) + simd::exp_sum(&z[k + 1..], m, Some(&mut gr[1..]));
+                gr[0] = 1.0;
+                (s, Some(g))
+            }
+            None => (simd::exp_sum(&z[..k], m, None) + simd::exp_sum(&z[k + 1..], m, None), None),
+        };
+        let m64 = m as f64;
+        let lse = m64 + s.ln_1p();
+        if t == IGNORED {
+            if let Some(g) = grad {
+                g.fill(0.0);
+            }
+            return (0.0, lse);
+        }
+        let y = t as usize;
+        let swn = self.sw.map_or(1.0, |w| w[r] as f64);
+        let w = swn * self.cw.map_or(1.0, |w| w[y] as f64);
+        let eps = cfg.label_smoothing as f64;
+        let zy = z[y] as f64;
+        let mut loss = w * (1.0 - eps) * ((m64 - zy) + s.ln_1p());
+        if eps > 0.0 {
+            let (swz, _) = simd::weighted_sum(z, self.cw);
+            loss += swn * eps / self.v as f64 * (self.wtot * lse - swz);
+        }
+        if let Some(g) = grad {
+            let big_s = 1.0 + s;
+            let hard = self.a * w * (1.0 - eps);
+            let c0 = self.a * swn * eps / self.v as f64;
+            let k_coef = (hard + c0 * self.wtot + self.b * 2.0 * cfg.z_loss as f64 * lse) / big_s;
+            simd::scale_shift(g, k_coef as f32, c0 as f32, self.cw);
+            let ey = (zy - m64).exp();
+            let cwy = self.cw.map_or(1.0, |w| w[y] as f64);
+            let gy = hard * (((zy - m64).exp_m1() - s) / big_s) + (k_coef - hard / big_s) * ey - c0 * cwy;
+            g[y] = gy as f32;
+            if self.transform {
+                let inv_t = 1.0 / cfg.temperature;
+                match cfg.softcap {
+                    Some(c) => g.iter_mut().zip(z).for_each(|(g, &zv)| {
+                        let th = zv / c;
+                        *g *= (1.0 - th * th) * inv_t
+                    }),
+                    None => g.iter_mut().for_each(|g| *g *= inv_t),
+                }
+            }
+        }
+        (loss, lse)
+    }
+}
+
+/// Counted rows and their weight sum, in f64.
+pub(crate) fn weight_totals(t: &[i32], cfg: &CrossEntropy) -> (u64, f64) {
+    let mut counted = 0u64;
+    let mut ws = 0.0f64;
+    for (r, &y) in t.iter().enumerate() {
+        if y != IGNORED {
+            counted += 1;
+            let sw = cfg.sample_weight.as_ref().map_or(1.0, |w| w[r] as f64);
+            let cw = cfg.class_weight.as_ref().map_or(1.0, |w| w[y as usize] as f64);
+            ws += sw * cw;
+        }
+    }
+    (counted, ws)
+}
+
+/// Reduction coefficients `(a, b)` of the CE and z-loss parts of the gradient.
+pub(crate) fn grad_coefficients(cfg: &CrossEntropy, counted: u64, weight_sum: f64) -> (f64, f64) {
+    let scale = cfg.grad_scale as f64;
+    match cfg.reduction {
+        Reduction::Mean => (scale / weight_sum, scale / counted as f64),
+        _ => (scale, scale),
+    }
+}
+
+/// Combines the CE and z-loss sums into the reduced loss.
+pub(crate) fn reduce(cfg: &CrossEntropy, sum_ce: f64, sum_lse2: f64, counted: u64, weight_sum: f64) -> f64 {
+    let z = cfg.z_loss as f64;
+    match cfg.reduction {
+        Reduction::Mean => {
+            let ce = sum_ce / weight_sum;
+            if z > 0.0 {
+                ce + z * sum_lse2 / counted as f64
+            } else {
+                ce
+            }
+        }
+        _ => sum_ce + z * sum_lse2,
+    }
+}
+
+pub(crate) fn cross_entropy(
+    pool: &rayon::ThreadPool,
+    logits: Logits<'_>,
+    targets: Targets,
+    cfg: &CrossEntropy,
+) -> Result<CeOutput> {
+    let (n, v) = logits.dim();
+    crate::api::check::ce_inputs(n, v, targets.len(), cfg)?;
+    let t = targets.normalise(v, cfg.ignore_index)?;
+    let (counted, weight_sum) = weight_totals(&t, cfg);
+    let (a, b) = grad_coefficients(cfg, counted, weight_sum);
+    let cw = cfg.class_weight.as_ref().map(|w| w.as_slice_memory_order().unwrap_or(&[]).to_vec());
+    let sw = cfg.sample_weight.as_ref().map(|w| w.to_vec());
+    let wtot = cw.as_ref().map_or(v as f64, |w| w.iter().map(|&x| x as f64).sum());
+    let ctx = RowCtx {
+        cfg,
+        v,
+        cw: cw.as_deref(),
+        sw: sw.as_deref(),
+        a,
+        b,
+        wtot,
+        transform: cfg.transforms_logits(),
+    };
+
+    let mut row_loss = vec![0.0f32; n];
+    let mut row_lse = vec![0.0f32; n];
+    let want_grad = cfg.grad == GradMode::Separate;
+    let mut grad = if want_grad { Some(Array2::<f32>::zeros((n, v))) } else { None };
+
+    // Contiguous logits (copy only if the caller's view is strided).
+    let owned;
+    let rows_per_task = (n / (pool.current_num_threads() * 8)).clamp(1, 256);
+    let mut tasks: Vec<(usize, Rows, &mut [f32], &mut [f32])> = Vec::new();
+    {
+        let mut lo_rest = &mut row_loss[..];
+        let mut lse_rest = &mut row_lse[..];
+        let mut outs = |cnt: usize| {
+            let (l, lr) = std::mem::take(&mut lo_rest).split_at_mut(cnt);
+            let (e, er) = std::mem::take(&mut lse_rest).split_at_mut(cnt);
+            lo_rest = lr;
+            lse_rest = er;
+            (l, e)
+        };
+        match logits {
+            Logits::View(view) => {
+                let x: &[f32] = match view.to_slice() {
+                    Some(s) => s,
+                    None => {
+                        owned = view.as_standard_layout().into_owned();
+                        owned.as_slice().expect("standard layout")
+                    }
+                };
+                let mut g_rest: Option<&mut [f32]> = grad.as_mut().map(|g| g.as_slice_mut().expect("fresh array"));
+                for (i, xc) in x.chunks(rows_per_task * v).enumerate() {
+                    let cnt = xc.len() / v;
+                    let gc = g_rest.take().map(|g| {
+                        let (a, b) = g.split_at_mut(cnt * v);
+                        g_rest = Some(b);
+                        a
+                    });
+                    let (l, e) = outs(cnt);
+                    tasks.push((i * rows_per_task, Rows::Separate(xc, gc), l, e));
+                }
+            }
+            Logits::InPlace(x, _) => {
+                for (i, xc) in x.chunks_mut(rows_per_task * v).enumerate() {
+                    let cnt = xc.len() / v;
+                    let (l, e) = outs(cnt);
+                    tasks.push((i * rows_per_task, Rows::InPlace(xc), l, e));
+                }
+            }
+        }
+    }
+
+    let zl = cfg.z_loss as f64;
+    let (sum_ce, sum_lse2) = pool.install(|| {
+        tasks
+            .into_par_iter()
+            .map(|(r0, rows, loss_out, lse_out)| {
+                let mut sc = Scratch { z: Vec::new(), x: Vec::new() };
+                let (mut sce, mut sl2) = (0.0f64, 0.0f64);
+                let cnt = loss_out.len();
+                let mut rows = rows;
+                for i in 0..cnt {
+                    let r = r0 + i;
+                    let (l, lse) = match &mut rows {
+                        Rows::Separate(x, g) => {
+                            let g = g.as_deref_mut().map(|g| &mut g[i * v..(i + 1) * v]);
+                            ctx.row(&x[i * v..(i + 1) * v], t[r], r, g, &mut sc)
+                        }
+                        Rows::InPlace(x) => {
+                            let row = &mut x[i * v..(i + 1) * v];
+                            let mut xs = std::mem::take(&mut sc.x);
+                            xs.clear();
+                            xs.extend_from_slice(row);
+                            let out = ctx.row(&xs, t[r], r, Some(row), &mut sc);
+                            sc.x = xs;
+                            out
+                        }
+                    };
+                    let counted = t[r] != IGNORED;
+                    let l2 = if counted { lse * lse } else { 0.0 };
+                    sce += l;
+                    sl2 += l2;
+                    loss_out[i] = (l + zl * l2) as f32;
+                    lse_out[i] = lse as f32;
+                }
+                (sce, sl2)
+            })
+            .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1))
+    });
+
+    let loss = reduce(cfg, sum_ce, sum_lse2, counted, weight_sum);
+    let per_row = cfg.per_row || cfg.reduction == Reduction::None;
+    Ok(CeOutput {
+        loss,
+        counted,
+        weight_sum,
+        row_loss: per_row.then(|| Array1::from(row_loss)),
+        row_lse: cfg.per_row.then(|| Array1::from(row_lse)),
+        grad,
+    })
+}
+
+/// Logits as the fast path takes them.
+pub(crate) enum Logits<'a> {
+    /// Read-only logits `[N, V]`.
+    View(ArrayView2<'a, f32>),
+    /// Row-major logits of `(N, V)`, overwritten by the gradient.
+    InPlace(&'a mut [f32], (usize, usize)),
+}
+
+impl Logits<'_> {
+    fn dim(&self) -> (usize, usize) {
+        match self {
+            Logits::View(v) => v.dim(),
+            Logits::InPlace(_, d) => *d,
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! The CPU backend: a fast f32 path (rayon + vectorised primitives) and the f64 reference.
+
+mod cross_entropy;
+mod log_softmax;
+pub mod reference;
+mod simd;
+
+pub(crate) use cross_entropy::reduce;
+
+use ndarray::{Array2, ArrayView2, ArrayViewMut2};
+
+use crate::api::config::{CeOutput, CrossEntropy, GradMode, SoftmaxKind};
+use crate::api::targets::Targets;
+use crate::error::{Result, XentError};
+use cross_entropy::Logits;
+
+/// The CPU backend. Owns a thread pool (one thread per core by default).
+///
+/// ```
+/// use ndarray::array;
+/// use xent::{Cpu, CrossEntropy};
+/// let cpu = Cpu::new();
+/// let logits = array![[2.0f32, 0.5, -1.0], [0.0, 0.0, 0.0]];
+/// let out = cpu.cross_entropy(logits.view(), (&[0i64, 2][..]).into(), &CrossEntropy::default()).unwrap();
+/// assert!((out.loss - 0.7170).abs() < 1e-3);
+/// ```
+pub struct Cpu {
+    pool: rayon::ThreadPool,
+}
+
+impl Default for Cpu {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Cpu {
+    /// A backend with one thread per available core.
+    pub fn new() -> Self {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::with_threads(n).expect("a thread pool with the machine's core count")
+    }
+
+    /// A backend with exactly `threads` worker threads.
+    pub fn with_threads(threads: usize) -> Result<Self> {
+        if threads == 0 {
+            return Err(XentError::InvalidOption("threads must be at least 1".into()));
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("xent-cpu-{i}"))
+            .build()
+            .map_err(|e| XentError::InvalidOption(format!("thread pool: {e}")))?;
+        Ok(Cpu { pool })
+    }
+
+    /// Worker threads in use.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// Softmax cross-entropy with class-index targets (see [`CrossEntropy`]).
+    ///
+    /// `GradMode::InPlace` is rejected here; use [`Cpu::cross_entropy_in_place`].
+    pub fn cross_entropy(&self, logits: ArrayView2<f32>, targets: Targets, cfg: &CrossEntropy) -> Result<CeOutput> {
+        if cfg.grad == GradMode::InPlace {
+            return Err(XentError::InvalidOption(
+                "GradMode::InPlace needs mutable logits: call cross_entropy_in_place".into(),
+            ));
+        }
+        cross_entropy::cross_entropy(&self.pool, Logits::View(logits), targets, cfg)
+    }
+
+    /// Cross-entropy that overwrites `logits` with the gradient (whatever `cfg.grad` says).
+    pub fn cross_entropy_in_place(
+        &self,
+        mut logits: ArrayViewMut2<f32>,
+        targets: Targets,
+        cfg: &CrossEntropy,
+    ) -> Result<CeOutput> {
+        let dim = logits.dim();
+        let cfg = CrossEntropy { grad: GradMode::InPlace, ..cfg.clone() };
+        match logits.as_slice_mut() {
+            Some(x) => cross_entropy::cross_entropy(&self.pool, Logits::InPlace(x, dim), targets, &cfg),
+            None => {
+                let mut tmp = logits.as_standard_layout().into_owned();
+                let out = cross_entropy::cross_entropy(
+                    &self.pool,
+                    Logits::InPlace(tmp.as_slice_mut().expect("standard layout"), dim),
+                    targets,
+                    &cfg,
+                )?;
+                logits.assign(&tmp);
+                Ok(out)
+            }
+        }
+    }
+
+    /// Row-wise log-softmax or softmax.
+    pub fn log_softmax(&self, logits: ArrayView2<f32>, kind: SoftmaxKind) -> Result<Array2<f32>> {
+        log_softmax::log_softmax(&self.pool, logits, kind)
+    }
+}

@@ -1,0 +1,129 @@
+//! The f64 reference: plain, obviously-correct loops that tests compare both fast paths against.
+//!
+//! Same signatures and semantics as the GPU kernels and the fast CPU path, computed in f64
+//! from the f32 inputs.
+
+use ndarray::{Array1, Array2, ArrayView2, Axis};
+
+use crate::api::config::{CrossEntropy, Reduction, SoftmaxKind};
+use crate::api::targets::{Targets, IGNORED};
+use crate::error::{Result, XentError};
+
+/// Cross-entropy results in f64.
+#[derive(Debug, Clone)]
+pub struct RefCe {
+    /// Reduced loss (sum of row losses for `Reduction::None`).
+    pub loss: f64,
+    /// Counted (non-ignored) rows.
+    pub counted: u64,
+    /// Sum of the weights of counted rows.
+    pub weight_sum: f64,
+    /// Per-row losses including the z-loss term (0 for ignored rows).
+    pub row_loss: Array1<f64>,
+    /// Per-row log-sum-exp of the transformed logits.
+    pub row_lse: Array1<f64>,
+    /// Gradient of `loss` w.r.t. the logits, times `grad_scale`.
+    pub grad: Array2<f64>,
+}
+
+fn transform(cfg: &CrossEntropy, x: f64) -> (f64, f64) {
+    // Returns z and dz/dx.
+    let t = cfg.temperature as f64;
+    match cfg.softcap {
+        Some(c) => {
+            let c = c as f64;
+            let th = (x / t / c).tanh();
+            (c * th, (1.0 - th * th) / t)
+        }
+        None => (x / t, 1.0 / t),
+    }
+}
+
+/// Softmax cross-entropy in f64 (see [`CrossEntropy`] for the formula).
+pub fn cross_entropy(
+    logits: ArrayView2<f32>,
+    targets: Targets,
+    cfg: &CrossEntropy,
+) -> Result<RefCe> {
+    let (n, v) = logits.dim();
+    crate::api::check::ce_inputs(n, v, targets.len(), cfg)?;
+    let t = targets.normalise(v, cfg.ignore_index)?;
+    let cw = |c: usize| cfg.class_weight.as_ref().map_or(1.0, |w| w[c] as f64);
+    let sw = |r: usize| cfg.sample_weight.as_ref().map_or(1.0, |w| w[r] as f64);
+    let eps = cfg.label_smoothing as f64;
+    let zl = cfg.z_loss as f64;
+    let wtot: f64 = (0..v).map(cw).sum();
+
+    let mut counted = 0u64;
+    let mut weight_sum = 0.0;
+    for (r, &tr) in t.iter().enumerate() {
+        if tr != IGNORED {
+            counted += 1;
+            weight_sum += sw(r) * cw(tr as usize);
+        }
+    }
+    let scale = cfg.grad_scale as f64;
+    let (a, b) = match cfg.reduction {
+        Reduction::Mean => (scale / weight_sum, scale / counted as f64),
+        _ => (scale, scale),
+    };
+
+    let mut row_loss = Array1::zeros(n);
+    let mut row_lse = Array1::zeros(n);
+    let mut grad = Array2::zeros((n, v));
+    let (mut sum_l, mut sum_z) = (0.0, 0.0);
+    for (r, row) in logits.axis_iter(Axis(0)).enumerate() {
+        let zd: Vec<(f64, f64)> = row.iter().map(|&x| transform(cfg, x as f64)).collect();
+        let m = zd.iter().fold(f64::NEG_INFINITY, |m, &(z, _)| if z > m { z } else { m });
+        let se: f64 = zd.iter().map(|&(z, _)| (z - m).exp()).sum();
+        let lse = m + se.ln();
+        row_lse[r] = lse;
+        if t[r] == IGNORED {
+            continue;
+        }
+        let y = t[r] as usize;
+        let w = sw(r) * cw(y);
+        let mut l = w * (1.0 - eps) * (lse - zd[y].0);
+        if eps > 0.0 {
+            let smooth: f64 = (0..v).map(|c| cw(c) * (lse - zd[c].0)).sum();
+            l += sw(r) * eps / v as f64 * smooth;
+        }
+        sum_l += l;
+        sum_z += zl * lse * lse;
+        row_loss[r] = l + zl * lse * lse;
+        for c in 0..v {
+            let p = (zd[c].0 - lse).exp();
+            let hit = if c == y { 1.0 } else { 0.0 };
+            let g = a * w * (1.0 - eps) * (p - hit)
+                + a * sw(r) * eps / v as f64 * (wtot * p - cw(c))
+                + b * 2.0 * zl * lse * p;
+            grad[[r, c]] = g * zd[c].1;
+        }
+    }
+    let loss = match cfg.reduction {
+        Reduction::Mean => sum_l / weight_sum + sum_z / counted as f64,
+        _ => sum_l + sum_z,
+    };
+    Ok(RefCe { loss, counted, weight_sum, row_loss, row_lse, grad })
+}
+
+/// Row-wise log-softmax or softmax in f64.
+pub fn log_softmax(logits: ArrayView2<f32>, kind: SoftmaxKind) -> Result<Array2<f64>> {
+    let (n, v) = logits.dim();
+    if v == 0 {
+        return Err(XentError::Shape(format!("logits [{n}, 0] have no classes")));
+    }
+    let mut out = Array2::zeros((n, v));
+    for (r, row) in logits.axis_iter(Axis(0)).enumerate() {
+        let m = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+        let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+        for (c, &x) in row.iter().enumerate() {
+            let ls = x as f64 - lse;
+            out[[r, c]] = match kind {
+                SoftmaxKind::LogSoftmax => ls,
+                SoftmaxKind::Softmax => ls.exp(),
+            };
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,151 @@
+//! WGSL sources and their variants. Each kernel is `common.wgsl` + its own file, run through a
+//! tiny preprocessor (`#if A`, `#if !A`, `#if A || B`, `#else`, `#endif`).
+
+/// Compile-time variant switches of a kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Variant {
+    /// Rows are read as `vec4<f32>` (V divisible by 4).
+    pub vec4: bool,
+    /// Reductions use subgroup operations.
+    pub subgroup: bool,
+    /// A separate output buffer is written (gradient or log-softmax output).
+    pub grad: bool,
+    /// The gradient overwrites the logits.
+    pub in_place: bool,
+}
+
+impl Variant {
+    fn defined(&self, name: &str) -> bool {
+        match name {
+            "VEC4" => self.vec4,
+            "SUBGROUP" => self.subgroup,
+            "GRAD" => self.grad,
+            "IN_PLACE" => self.in_place,
+            other => panic!("unknown shader define {other}"),
+        }
+    }
+}
+
+/// The kernels xent ships.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Shader {
+    /// Target check and weight sum (one workgroup).
+    CeWeights,
+    /// Per-row statistic, loss and gradient.
+    CeFused,
+    /// Sum of per-row losses (one workgroup).
+    CeReduce,
+    /// Row-wise log-softmax / softmax.
+    LogSoftmax,
+}
+
+const COMMON: &str = include_str!("../../shaders/common.wgsl");
+
+impl Shader {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Shader::CeWeights => "ce_weights",
+            Shader::CeFused => "ce_fused",
+            Shader::CeReduce => "ce_reduce",
+            Shader::LogSoftmax => "log_softmax",
+        }
+    }
+
+    fn body(self) -> &'static str {
+        match self {
+            Shader::CeWeights => include_str!("../../shaders/ce_weights.wgsl"),
+            Shader::CeFused => include_str!("../../shaders/ce_fused.wgsl"),
+            Shader::CeReduce => include_str!("../../shaders/ce_reduce.wgsl"),
+            Shader::LogSoftmax => include_str!("../../shaders/log_softmax.wgsl"),
+        }
+    }
+
+    /// The preprocessed WGSL of this kernel in `variant`.
+    pub fn source(self, variant: Variant) -> String {
+        let mut out = String::new();
+        for text in [COMMON, self.body()] {
+            preprocess(text, &|n| variant.defined(n), &mut out);
+        }
+        out
+    }
+}
+
+fn condition(expr: &str, defined: &dyn Fn(&str) -> bool) -> bool {
+    expr.split("||").any(|term| {
+        let term = term.trim();
+        match term.strip_prefix('!') {
+            Some(name) => !defined(name.trim()),
+            None => defined(term),
+        }
+    })
+}
+
+fn preprocess(text: &str, defined: &dyn Fn(&str) -> bool, out: &mut String) {
+    // Stack of (this branch active, some branch taken) for nested #if blocks.
+    let mut stack: Vec<(bool, bool)> = Vec::new();
+    let active = |stack: &Vec<(bool, bool)>| stack.iter().all(|&(a, _)| a);
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(expr) = t.strip_prefix("#if ") {
+            let c = condition(expr, defined);
+            stack.push((c, c));
+        } else if t == "#else" {
+            let top = stack.last_mut().expect("#else without #if");
+            top.0 = !top.1;
+        } else if t == "#endif" {
+            stack.pop().expect("#endif without #if");
+        } else if active(&stack) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    assert!(stack.is_empty(), "unterminated #if");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preprocessor_selects_branches() {
+        let src = "a\n#if VEC4\nb\n#if !SUBGROUP\nc\n#endif\n#else\nd\n#endif\n#if GRAD || IN_PLACE\ne\n#endif\n";
+        let mut out = String::new();
+        let v = Variant { vec4: true, ..Default::default() };
+        preprocess(src, &|n| v.defined(n), &mut out);
+        assert_eq!(out, "a\nb\nc\n");
+        let mut out = String::new();
+        let v = Variant { in_place: true, subgroup: true, ..Default::default() };
+        preprocess(src, &|n| v.defined(n), &mut out);
+        assert_eq!(out, "a\nd\ne\n");
+    }
+
+    #[test]
+    fn every_variant_parses_and_validates() {
+        for shader in [Shader::CeWeights, Shader::CeFused, Shader::CeReduce, Shader::LogSoftmax] {
+            for bits in 0..16u32 {
+                let v = Variant {
+                    vec4: bits & 1 != 0,
+                    subgroup: bits & 2 != 0,
+                    grad: bits & 4 != 0,
+                    in_place: bits & 8 != 0,
+                };
+                if v.grad && v.in_place {
+                    continue;
+                }
+                let src = shader.source(v);
+                let module = naga::front::wgsl::parse_str(&src)
+                    .unwrap_or_else(|e| panic!("{} {v:?}: {}", shader.name(), e.emit_to_string(&src)));
+                let caps = if v.subgroup {
+                    naga::valid::Capabilities::SUBGROUP
+                } else {
+                    naga::valid::Capabilities::empty()
+                };
+                naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
+                    .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
+                    .subgroup_operations(naga::valid::SubgroupOperationSet::all())
+                    .validate(&module)
+                    .unwrap_or_else(|e| panic!("{} {v:?}: {e:?}", shader.name()));
+            }
+        }
+    }
+}

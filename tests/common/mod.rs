@@ -1,0 +1,114 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
+use xent::{GpuContext, GpuOptions};
+
+/// The shared GPU context, or `None` (with a printed notice) when there is no adapter and
+/// `XENT_REQUIRE_GPU` is not set. With `XENT_REQUIRE_GPU=1` a missing adapter fails the test.
+pub fn gpu() -> Option<&'static GpuContext> {
+    static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| make(GpuOptions::default())).as_ref()
+}
+
+/// A context that reduces in workgroup memory (no subgroup operations).
+pub fn gpu_no_subgroups() -> Option<&'static GpuContext> {
+    static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| make(GpuOptions { subgroups: false, ..Default::default() })).as_ref()
+}
+
+/// A context whose storage bindings are capped at 64 KiB, so small tensors span many chunks.
+pub fn gpu_small_bindings() -> Option<&'static GpuContext> {
+    static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| make(GpuOptions { max_binding_bytes: Some(64 << 10), ..Default::default() })).as_ref()
+}
+
+fn make(opts: GpuOptions) -> Option<GpuContext> {
+    match GpuContext::with_options(opts) {
+        Ok(c) => Some(c),
+        Err(e) if xent::gpu_required() => panic!("XENT_REQUIRE_GPU is set but no GPU is usable: {e}"),
+        Err(e) => {
+            eprintln!("SKIPPED GPU test: {e} (set XENT_REQUIRE_GPU=1 to make this a failure)");
+            None
+        }
+    }
+}
+
+/// Every GPU context the tests exercise: default (subgroups if available), workgroup-memory
+/// reductions, and tiny bindings (multi-chunk).
+pub fn gpus() -> Vec<(&'static str, &'static GpuContext)> {
+    let mut v = Vec::new();
+    if let Some(g) = gpu() {
+        v.push(("gpu", g));
+    }
+    if let Some(g) = gpu_no_subgroups() {
+        v.push(("gpu-no-subgroups", g));
+    }
+    if let Some(g) = gpu_small_bindings() {
+        v.push(("gpu-64KiB-bindings", g));
+    }
+    v
+}
+
+/// SplitMix64: deterministic test data without a dependency.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    pub fn normal(&mut self) -> f64 {
+        let (u, v) = (self.uniform().max(1e-300), self.uniform());
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    pub fn logits(&mut self, n: usize, v: usize, scale: f64) -> Array2<f32> {
+        Array2::from_shape_fn((n, v), |_| (self.normal() * scale) as f32)
+    }
+    pub fn targets(&mut self, n: usize, v: usize, ignore_every: usize) -> Array1<i64> {
+        Array1::from_shape_fn(n, |i| if ignore_every > 0 && i % ignore_every == 1 { -100 } else { self.below(v) as i64 })
+    }
+}
+
+/// Asserts |got - want| <= atol + rtol * |want| element-wise (NaN matches NaN, inf matches inf).
+pub fn assert_close_2d(what: &str, got: ArrayView2<f32>, want: ArrayView2<f64>, atol: f64, rtol: f64) {
+    assert_eq!(got.dim(), want.dim(), "{what}: shape");
+    let mut worst = (0.0, (0, 0));
+    for ((i, &g), &w) in got.indexed_iter().zip(want.iter()) {
+        let g = g as f64;
+        if w.is_nan() || w.is_infinite() {
+            assert!(g.is_nan() && w.is_nan() || g == w, "{what}{i:?}: got {g}, want {w}");
+            continue;
+        }
+        let err = (g - w).abs() - rtol * w.abs();
+        if err > worst.0 {
+            worst = (err, i);
+        }
+        assert!(err <= atol, "{what}{i:?}: got {g}, want {w} (atol {atol}, rtol {rtol})");
+    }
+}
+
+pub fn assert_close_1d(what: &str, got: ArrayView1<f32>, want: ArrayView1<f64>, atol: f64, rtol: f64) {
+    let g2 = got.insert_axis(ndarray::Axis(0));
+    let w2 = want.insert_axis(ndarray::Axis(0));
+    assert_close_2d(what, g2, w2, atol, rtol);
+}
+
+pub fn assert_scalar(what: &str, got: f64, want: f64, atol: f64, rtol: f64) {
+    if want.is_nan() {
+        assert!(got.is_nan(), "{what}: got {got}, want NaN");
+        return;
+    }
+    assert!((got - want).abs() <= atol + rtol * want.abs(), "{what}: got {got}, want {want} (atol {atol}, rtol {rtol})");
+}
