@@ -13,18 +13,18 @@ fn row_target(row: u32) -> i32 {
 #if GRAD
 fn put(r: u32, i: u32, g: vec4<f32>) {
 #if VEC4
-    OUT[r * (P.v / 4u) + i] = g;
+    OUT[row_base(r) + i] = g;
 #else
-    OUT[r * P.v + i] = g.x;
+    OUT[row_base(r) + i] = g.x;
 #endif
 }
 #endif
 #if IN_PLACE
 fn put(r: u32, i: u32, g: vec4<f32>) {
 #if VEC4
-    X[r * (P.v / 4u) + i] = g;
+    X[row_base(r) + i] = g;
 #else
-    X[r * P.v + i] = g.x;
+    X[row_base(r) + i] = g.x;
 #endif
 }
 #endif
@@ -83,6 +83,11 @@ fn main(
             if (has(F_SMOOTH)) {
                 loss += swn * (eps / vf) * (wtot * lse - acc.x);
             }
+            // The row's full loss, as reduction `none` reports it; the host splits the
+            // z-loss back out for `mean` (it is averaged over rows, not weights).
+            if (has(F_ZLOSS)) {
+                loss += P.z_loss * lse * lse;
+            }
         }
         ROW_LOSS[row] = loss;
         ROW_LSE[row] = lse;
@@ -115,10 +120,10 @@ fn main(
         var g = vec4<f32>(0.0, 0.0, 0.0, 0.0);
         if (t >= 0) {
 #if VEC4
-            let x = X[r * n4 + i];
+            let x = X[row_base(r) + i];
             let lanes = 4u;
 #else
-            let x = vec4<f32>(X[r * n4 + i], 0.0, 0.0, 0.0);
+            let x = vec4<f32>(X[row_base(r) + i], 0.0, 0.0, 0.0);
             let lanes = 1u;
 #endif
             for (var q = 0u; q < lanes; q++) {

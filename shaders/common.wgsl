@@ -28,7 +28,9 @@ struct Params {
     softcap: f32,
     inv_temp: f32,
     grad_scale: f32,
-    _pad0: u32,
+    // Elements between the start of the X / OUT bindings and row 0 of the chunk (chunks
+    // are bound at offsets rounded down to the device's alignment).
+    x_off: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -80,12 +82,21 @@ fn has(flag: u32) -> bool {
     return (P.flags & flag) != 0u;
 }
 
+// Index of local row r's first element (VEC4: first vec4) in X and OUT.
+fn row_base(r: u32) -> u32 {
+#if VEC4
+    return (P.x_off + r * P.v) / 4u;
+#else
+    return P.x_off + r * P.v;
+#endif
+}
+
 // Element j of local row r.
 fn load(r: u32, j: u32) -> f32 {
 #if VEC4
-    return X[r * (P.v / 4u) + j / 4u][j % 4u];
+    return X[row_base(r) + j / 4u][j % 4u];
 #else
-    return X[r * P.v + j];
+    return X[row_base(r) + j];
 #endif
 }
 
@@ -305,7 +316,7 @@ fn row_part(r: u32, lid: u32) -> RowPart {
     var p = RowPart(Stat(P.neg_inf, 0.0), vec2<f32>(0.0, 0.0));
 #if VEC4
     let v4 = P.v / 4u;
-    let base = r * v4;
+    let base = row_base(r);
     for (var i = lid; i < v4; i += WG) {
         let x = X[base + i];
         p = visit(p, tr(x.x), 4u * i);
@@ -314,7 +325,7 @@ fn row_part(r: u32, lid: u32) -> RowPart {
         p = visit(p, tr(x.w), 4u * i + 3u);
     }
 #else
-    let base = r * P.v;
+    let base = row_base(r);
     for (var i = lid; i < P.v; i += WG) {
         p = visit(p, tr(X[base + i]), i);
     }

@@ -27,20 +27,20 @@ fn main(
 #if VEC4
     let n4 = P.v / 4u;
     for (var i = lid; i < n4; i += WG) {
-        let d = X[r * n4 + i] - vec4<f32>(st.m);
+        let d = X[row_base(r) + i] - vec4<f32>(st.m);
         if (soft) {
-            OUT[r * n4 + i] = exp(d) * inv;
+            OUT[row_base(r) + i] = exp(d) * inv;
         } else {
-            OUT[r * n4 + i] = d - vec4<f32>(l1p);
+            OUT[row_base(r) + i] = d - vec4<f32>(l1p);
         }
     }
 #else
     for (var i = lid; i < P.v; i += WG) {
-        let d = X[r * P.v + i] - st.m;
+        let d = X[row_base(r) + i] - st.m;
         if (soft) {
-            OUT[r * P.v + i] = exp(d) * inv;
+            OUT[row_base(r) + i] = exp(d) * inv;
         } else {
-            OUT[r * P.v + i] = d - l1p;
+            OUT[row_base(r) + i] = d - l1p;
         }
     }
 #endif

@@ -28,6 +28,7 @@ pub mod cpu;
 pub mod error;
 pub mod kernels;
 pub mod npy;
+pub mod workload;
 
 pub use api::config::{CeOutput, CrossEntropy, GradMode, Reduction, SoftmaxKind};
 pub use api::targets::Targets;

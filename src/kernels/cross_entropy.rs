@@ -96,7 +96,8 @@ fn params(cfg: &CrossEntropy, n: usize, v: usize, ignore_index: i32) -> Params {
         softcap: cfg.softcap.unwrap_or(1.0),
         inv_temp: 1.0 / cfg.temperature,
         grad_scale: cfg.grad_scale,
-        _pad: [0; 3],
+        x_off: 0,
+        _pad: [0; 2],
     }
 }
 
@@ -138,7 +139,7 @@ impl GpuContext {
         let mut blocks = vec![base];
         for c in &chunks {
             let (gx, _) = grid(self, c.rows);
-            blocks.push(Params { row0: c.row0 as u32, chunk_rows: c.rows as u32, grid_x: gx, ..base });
+            blocks.push(Params { row0: c.row0 as u32, chunk_rows: c.rows as u32, grid_x: gx, x_off: c.skip, ..base });
         }
         for (i, p) in blocks.iter().enumerate() {
             let o = i * PARAM_STRIDE as usize;
@@ -182,13 +183,12 @@ impl GpuContext {
         };
         let bg_weights = bind_group(self, &k_weights.layout, shared(0));
         let bg_reduce = bind_group(self, &k_reduce.layout, shared(0));
-        let row_bytes = v as u64 * 4;
         let bg_chunks: Vec<_> = chunks
             .iter()
             .enumerate()
             .map(|(i, c)| {
                 let mut slots = shared(i + 1);
-                let (off, size) = (c.row0 as u64 * row_bytes, c.rows as u64 * row_bytes);
+                let (off, size) = (c.offset, c.size(v));
                 slots[1] = Some(bind(logits, off, size));
                 slots[8] = grad.map(|g| bind(g, off, size));
                 bind_group(self, &k_fused.layout, slots)

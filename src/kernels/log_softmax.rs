@@ -46,7 +46,8 @@ impl GpuContext {
                 softcap: 1.0,
                 inv_temp: 1.0,
                 grad_scale: 1.0,
-                _pad: [0; 3],
+                x_off: c.skip,
+                _pad: [0; 2],
             };
             let o = i * PARAM_STRIDE as usize;
             pbytes[o..o + std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(&p));
@@ -54,12 +55,11 @@ impl GpuContext {
         let pbuf = self.take(pbytes.len() as u64, U::UNIFORM | U::COPY_DST, "params")?;
         self.queue.write_buffer(&pbuf, 0, &pbytes);
 
-        let row_bytes = v as u64 * 4;
         let groups: Vec<_> = chunks
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let (off, size) = (c.row0 as u64 * row_bytes, c.rows as u64 * row_bytes);
+                let (off, size) = (c.offset, c.size(v));
                 let mut slots: [Option<wgpu::BindingResource>; 9] = Default::default();
                 slots[0] = Some(bind(&pbuf, i as u64 * PARAM_STRIDE, std::mem::size_of::<Params>() as u64));
                 slots[1] = Some(bind(&xb, off, size));

@@ -30,7 +30,8 @@ pub(crate) struct Params {
     pub softcap: f32,
     pub inv_temp: f32,
     pub grad_scale: f32,
-    pub _pad: [u32; 3],
+    pub x_off: u32,
+    pub _pad: [u32; 2],
 }
 
 pub(crate) mod flags {
@@ -52,9 +53,21 @@ pub(crate) const PARAM_STRIDE: u64 = 256;
 pub(crate) struct Chunk {
     pub row0: usize,
     pub rows: usize,
+    /// Binding offset in bytes: the chunk start rounded down to the offset alignment.
+    pub offset: u64,
+    /// Elements from `offset` to the chunk's first row (`Params::x_off`).
+    pub skip: u32,
 }
 
-/// Splits `n` rows of `v` f32 into chunks that fit one binding at an aligned offset.
+impl Chunk {
+    /// Bytes to bind: the skipped lead-in plus the chunk's rows.
+    pub fn size(&self, v: usize) -> u64 {
+        self.skip as u64 * 4 + (self.rows * v) as u64 * 4
+    }
+}
+
+/// Splits `n` rows of `v` f32 into chunks that each fit one storage binding. Chunks are bound
+/// at offsets rounded down to the alignment, so any row length works.
 pub(crate) fn row_chunks(ctx: &GpuContext, n: usize, v: usize, what: &str) -> Result<Vec<Chunk>> {
     let row_bytes = v as u64 * 4;
     let total = row_bytes * n as u64;
@@ -62,29 +75,26 @@ pub(crate) fn row_chunks(ctx: &GpuContext, n: usize, v: usize, what: &str) -> Re
         return Err(XentError::TooLarge { what: what.into(), bytes: total, limit: ctx.max_buffer });
     }
     if total <= ctx.max_binding {
-        return Ok(vec![Chunk { row0: 0, rows: n }]);
+        return Ok(vec![Chunk { row0: 0, rows: n, offset: 0, skip: 0 }]);
     }
-    // Chunk starts must sit on the offset alignment: a multiple of q rows does.
     let align = ctx.offset_align.max(16);
-    let q = align / gcd(row_bytes, align);
-    let per = (ctx.max_binding / row_bytes) / q * q;
+    let per = ctx.max_binding.saturating_sub(align) / row_bytes;
     if per == 0 {
         return Err(XentError::TooLarge {
-            what: format!("one row of {what} ({v} classes, in aligned groups of {q} rows)"),
-            bytes: row_bytes * q,
+            what: format!("one row of {what} ({v} classes)"),
+            bytes: row_bytes + align,
             limit: ctx.max_binding,
         });
     }
     let per = per as usize;
-    Ok((0..n).step_by(per).map(|row0| Chunk { row0, rows: per.min(n - row0) }).collect())
-}
-
-fn gcd(a: u64, b: u64) -> u64 {
-    if b == 0 {
-        a
-    } else {
-        gcd(b, a % b)
-    }
+    Ok((0..n)
+        .step_by(per)
+        .map(|row0| {
+            let start = row0 as u64 * row_bytes;
+            let offset = start / align * align;
+            Chunk { row0, rows: per.min(n - row0), offset, skip: ((start - offset) / 4) as u32 }
+        })
+        .collect())
 }
 
 /// Workgroup grid `(x, y)` covering `rows` workgroups.

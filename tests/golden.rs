@@ -1,0 +1,145 @@
+//! Every `cross_entropy` and `log_softmax` case of ../shared/golden (PyTorch, float64), run
+//! through the `xent` binary on both backends.
+//!
+//! Tolerances (against the f64 values): loss |err| <= 2e-6 + 2e-6 |want|; gradient and
+//! log-probabilities |err| <= 1e-7 + 2e-5 |want| (f32 storage of values that are themselves
+//! differences of O(1) f32 quantities).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+use xent::npy;
+
+fn golden_dir() -> PathBuf {
+    let dir = std::env::var_os("XENT_GOLDEN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/golden"));
+    assert!(dir.join("manifest.json").is_file(), "golden cases not found at {} (set XENT_GOLDEN_DIR)", dir.display());
+    dir
+}
+
+fn manifest() -> Vec<Value> {
+    let text = std::fs::read_to_string(golden_dir().join("manifest.json")).unwrap();
+    // Python's json writes bare NaN / Infinity; make them strings for serde.
+    let text = text.replace(": NaN", ": \"NaN\"").replace(": -Infinity", ": \"-Infinity\"").replace(": Infinity", ": \"Infinity\"");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["cases"].as_array().unwrap().clone()
+}
+
+fn number(v: &Value) -> f64 {
+    match v {
+        Value::Number(n) => n.as_f64().unwrap(),
+        Value::String(s) if s == "NaN" => f64::NAN,
+        Value::String(s) if s == "Infinity" => f64::INFINITY,
+        Value::String(s) if s == "-Infinity" => f64::NEG_INFINITY,
+        other => panic!("not a number: {other}"),
+    }
+}
+
+fn run(args: &[String]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_xent")).args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "xent {args:?} failed: {stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    serde_json::from_str(stdout.lines().last().expect("a JSON line")).unwrap()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("xent-golden-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+fn cases(backend: &str) -> usize {
+    let dir = golden_dir();
+    let p = |f: &Value| dir.join(f.as_str().unwrap()).display().to_string();
+    let mut ran = 0;
+    for case in manifest() {
+        let name = case["name"].as_str().unwrap();
+        let (params, inputs, expected) = (&case["params"], &case["inputs"], &case["expected"]);
+        match case["op"].as_str().unwrap() {
+            "cross_entropy" => {
+                let grad = scratch(&format!("{backend}-{name}-grad.npy"));
+                let rows = scratch(&format!("{backend}-{name}-rows.npy"));
+                let mut args: Vec<String> = vec!["eval".into(), "--json".into(), "--backend".into(), backend.into()];
+                let mut add = |k: &str, v: String| {
+                    args.push(k.into());
+                    args.push(v);
+                };
+                add("--logits", p(&inputs["logits"]));
+                add("--targets", p(&inputs["targets"]));
+                add("--reduction", params["reduction"].as_str().unwrap().into());
+                add("--ignore-index", params["ignore_index"].to_string());
+                add("--label-smoothing", params["label_smoothing"].to_string());
+                if let Some(w) = inputs.get("class_weight") {
+                    add("--class-weight", p(w));
+                }
+                if let Some(c) = params.get("softcap") {
+                    add("--softcap", c.to_string());
+                }
+                if let Some(z) = params.get("z_loss_scale") {
+                    add("--z-loss", z.to_string());
+                }
+                add("--grad-out", grad.display().to_string());
+                add("--loss-out", rows.display().to_string());
+                let out = run(&args);
+                assert_eq!(out["backend"], backend);
+                let n = npy::read_f32_2d(p(&inputs["logits"]), "logits").unwrap().nrows();
+                assert_eq!(out["rows"], n);
+                match &expected["loss"] {
+                    Value::String(f) if f.ends_with(".npy") => {
+                        assert!(out["loss"].is_null(), "{name}: loss must be null for none");
+                        let want = npy::read_f64(dir.join(f)).unwrap().into_dimensionality().unwrap();
+                        let got = npy::read_f32_1d(&rows, "rows").unwrap();
+                        assert_close_1d(&format!("{backend} {name} row loss"), got.view(), want.view(), 2e-6, 2e-6);
+                    }
+                    v => assert_scalar(&format!("{backend} {name} loss"), number(&out["loss"]), number(v), 2e-6, 2e-6),
+                }
+                if let Some(g) = expected.get("grad") {
+                    let want = npy::read_f64(p(g)).unwrap().into_dimensionality().unwrap();
+                    let got = npy::read_f32_2d(&grad, "grad").unwrap();
+                    assert_close_2d(&format!("{backend} {name} grad"), got.view(), want.view(), 1e-7, 2e-5);
+                }
+            }
+            "log_softmax" => {
+                let outp = scratch(&format!("{backend}-{name}-out.npy"));
+                let args: Vec<String> = vec![
+                    "log-softmax".into(),
+                    "--json".into(),
+                    "--backend".into(),
+                    backend.into(),
+                    "--logits".into(),
+                    p(&inputs["logits"]),
+                    "--out".into(),
+                    outp.display().to_string(),
+                ];
+                run(&args);
+                let want = npy::read_f64(p(&expected["output"])).unwrap().into_dimensionality().unwrap();
+                let got = npy::read_f32_2d(&outp, "out").unwrap();
+                assert_close_2d(&format!("{backend} {name}"), got.view(), want.view(), 1e-6, 2e-6);
+            }
+            _ => continue,
+        }
+        ran += 1;
+    }
+    let expected = manifest().iter().filter(|c| matches!(c["op"].as_str(), Some("cross_entropy" | "log_softmax"))).count();
+    assert_eq!(ran, expected);
+    ran
+}
+
+#[test]
+fn golden_cross_entropy_and_log_softmax_cpu() {
+    assert!(cases("cpu") >= 55);
+}
+
+#[test]
+fn golden_cross_entropy_and_log_softmax_gpu() {
+    if gpu().is_none() {
+        return; // gpu() printed the skip (or panicked under XENT_REQUIRE_GPU)
+    }
+    assert!(cases("gpu") >= 55);
+}

@@ -1,0 +1,217 @@
+//! GPU kernels and the fast CPU path against the f64 reference, over shapes and options.
+//!
+//! Tolerances: loss |err| <= 1e-5 |loss| + 1e-6; gradient |err| <= 1e-7 + 1e-4 |g| scaled by
+//! the reduction (a mean gradient is ~1/N of a sum gradient). Every GPU context in
+//! `common::gpus()` is exercised: subgroup reductions, workgroup-memory reductions and
+//! 64 KiB bindings (many chunks per tensor).
+
+mod common;
+
+use common::*;
+use ndarray::{Array1, Array2};
+use xent::cpu::reference;
+use xent::*;
+
+fn check(backend: &dyn Backend, label: &str, x: &Array2<f32>, t: &Array1<i64>, cfg: &CrossEntropy) {
+    let r = reference::cross_entropy(x.view(), t.view().into(), cfg).unwrap();
+    let o = backend.cross_entropy(x.view(), t.view().into(), cfg).unwrap();
+    let what = format!("{label} {}x{} {:?}", x.nrows(), x.ncols(), cfg.reduction);
+    assert_scalar(&format!("{what} loss"), o.loss, r.loss, 1e-6, 1e-5);
+    assert_eq!(o.counted, r.counted, "{what} counted");
+    assert_scalar(&format!("{what} weight_sum"), o.weight_sum, r.weight_sum, 1e-6, 1e-6);
+    if cfg.per_row || cfg.reduction == Reduction::None {
+        let rows = o.row_loss.as_ref().expect("per-row losses");
+        assert_close_1d(&format!("{what} row loss"), rows.view(), r.row_loss.view(), 1e-5, 1e-5);
+    }
+    if cfg.per_row {
+        let lse = o.row_lse.as_ref().expect("per-row lse");
+        assert_close_1d(&format!("{what} lse"), lse.view(), r.row_lse.view(), 1e-5, 1e-6);
+    }
+    if cfg.grad == GradMode::Separate {
+        let scale = r.grad.iter().fold(0.0f64, |m, &g| m.max(g.abs())).max(1e-30);
+        assert_close_2d(&format!("{what} grad"), o.grad.as_ref().unwrap().view(), r.grad.view(), 2e-6 * scale, 1e-4);
+    }
+}
+
+fn backends() -> Vec<(String, Box<dyn Backend>)> {
+    let mut v: Vec<(String, Box<dyn Backend>)> = vec![("cpu".into(), Box::new(Cpu::new()))];
+    v.push(("cpu-1-thread".into(), Box::new(Cpu::with_threads(1).unwrap())));
+    for (name, g) in gpus() {
+        v.push((name.into(), Box::new(GpuRef(g))));
+    }
+    v
+}
+
+/// Adapts a shared `&'static GpuContext` to a boxed backend.
+struct GpuRef(&'static GpuContext);
+impl Backend for GpuRef {
+    fn name(&self) -> &'static str {
+        "gpu"
+    }
+    fn cross_entropy(&self, l: ndarray::ArrayView2<f32>, t: Targets, c: &CrossEntropy) -> Result<CeOutput> {
+        self.0.cross_entropy(l, t, c)
+    }
+    fn cross_entropy_in_place(&self, l: ndarray::ArrayViewMut2<f32>, t: Targets, c: &CrossEntropy) -> Result<CeOutput> {
+        self.0.cross_entropy_in_place(l, t, c)
+    }
+    fn log_softmax(&self, l: ndarray::ArrayView2<f32>, k: SoftmaxKind) -> Result<Array2<f32>> {
+        self.0.log_softmax(l, k)
+    }
+}
+
+#[test]
+fn shapes_and_reductions() {
+    let mut rng = Rng(7);
+    let shapes = [(1, 1), (3, 1), (4, 2), (7, 5), (5, 4), (9, 255), (6, 256), (33, 1000), (17, 4099), (8, 12288)];
+    for (name, b) in backends() {
+        for &(n, v) in &shapes {
+            let x = rng.logits(n, v, 3.0);
+            let t = rng.targets(n, v, 4);
+            for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+                let cfg = CrossEntropy { reduction, grad: GradMode::Separate, per_row: true, ..Default::default() };
+                check(b.as_ref(), &name, &x, &t, &cfg);
+            }
+        }
+    }
+}
+
+#[test]
+fn every_option_together_and_apart() {
+    let mut rng = Rng(11);
+    let (n, v) = (23, 517);
+    let x = rng.logits(n, v, 4.0);
+    let t = rng.targets(n, v, 5);
+    let cw = Array1::from_shape_fn(v, |_| (0.2 + rng.uniform()) as f32);
+    let sw = Array1::from_shape_fn(n, |_| (0.5 + rng.uniform()) as f32);
+    let base = CrossEntropy { grad: GradMode::Separate, per_row: true, ..Default::default() };
+    let variants = vec![
+        CrossEntropy { label_smoothing: 0.1, ..base.clone() },
+        CrossEntropy { class_weight: Some(cw.clone()), ..base.clone() },
+        CrossEntropy { sample_weight: Some(sw.clone()), ..base.clone() },
+        CrossEntropy { z_loss: 1e-3, ..base.clone() },
+        CrossEntropy { softcap: Some(5.0), ..base.clone() },
+        CrossEntropy { temperature: 2.5, ..base.clone() },
+        CrossEntropy { grad_scale: 0.25, ..base.clone() },
+        CrossEntropy { ignore_index: 3, ..base.clone() },
+        CrossEntropy {
+            label_smoothing: 0.2,
+            class_weight: Some(cw.clone()),
+            sample_weight: Some(sw.clone()),
+            z_loss: 1e-4,
+            softcap: Some(8.0),
+            temperature: 0.7,
+            grad_scale: 3.0,
+            ..base.clone()
+        },
+    ];
+    // Under ignore_index = 3 the ignored rows carry 3 instead of -100.
+    let t3 = t.mapv(|y| if y == -100 { 3 } else { y });
+    for (name, b) in backends() {
+        for cfg in &variants {
+            let t = if cfg.ignore_index == 3 { &t3 } else { &t };
+            for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+                let cfg = CrossEntropy { reduction, ..cfg.clone() };
+                check(b.as_ref(), &name, &x, t, &cfg);
+            }
+        }
+    }
+}
+
+#[test]
+fn more_rows_than_one_dispatch_dimension() {
+    // 70,000 rows: the row grid folds into two dimensions.
+    let mut rng = Rng(3);
+    let (n, v) = (70_000, 12);
+    let x = rng.logits(n, v, 2.0);
+    let t = rng.targets(n, v, 7);
+    let cfg = CrossEntropy { grad: GradMode::Separate, per_row: true, ..Default::default() };
+    for (name, g) in gpus() {
+        check(&GpuRef(g), name, &x, &t, &cfg);
+    }
+    check(&Cpu::new(), "cpu", &x, &t, &cfg);
+}
+
+#[test]
+fn tensor_over_the_real_binding_limit() {
+    // ~141 MB of logits: more than lavapipe's 128 MiB binding, so the default context chunks too.
+    let (n, v) = (1100, 32_000);
+    let (x, t) = workload::synthetic(n, v, 2.0, 9, 5);
+    let cfg = CrossEntropy { grad: GradMode::Separate, per_row: true, ..Default::default() };
+    let c = Cpu::new().cross_entropy(x.view(), t.view().into(), &cfg).unwrap();
+    if let Some(g) = gpu() {
+        assert!(g.max_binding_bytes() < (n * v * 4) as u64 || g.max_binding_bytes() > 1 << 30);
+        let o = g.cross_entropy(x.view(), t.view().into(), &cfg).unwrap();
+        assert_scalar("loss", o.loss, c.loss, 1e-6, 2e-6);
+        let (og, cg) = (o.grad.unwrap(), c.grad.unwrap());
+        let worst = og.iter().zip(cg.iter()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst < 1e-9, "largest gradient difference {worst}");
+        let (ol, cl) = (o.row_lse.unwrap(), c.row_lse.unwrap());
+        assert!(ol.iter().zip(cl.iter()).all(|(a, b)| (a - b).abs() <= 2e-6 * b.abs()));
+    }
+}
+
+#[test]
+fn vocabulary_of_a_million_classes() {
+    let mut rng = Rng(5);
+    let (n, v) = (3, (1 << 20) + 3);
+    let x = rng.logits(n, v, 1.0);
+    let t = Array1::from(vec![0i64, (v - 1) as i64, 12345]);
+    let cfg = CrossEntropy { grad: GradMode::Separate, per_row: true, label_smoothing: 0.05, ..Default::default() };
+    // A 4 MiB row cannot fit the 64 KiB test bindings (errors.rs checks that it says so).
+    for (name, b) in backends().into_iter().filter(|(n, _)| !n.contains("64KiB")) {
+        check(b.as_ref(), &name, &x, &t, &cfg);
+    }
+}
+
+#[test]
+fn log_softmax_and_softmax() {
+    let mut rng = Rng(9);
+    for &(n, v) in &[(1, 1), (5, 9), (3, 4096), (17, 4099), (2, 100_003)] {
+        let x = rng.logits(n, v, 5.0);
+        for kind in [SoftmaxKind::LogSoftmax, SoftmaxKind::Softmax] {
+            let want = reference::log_softmax(x.view(), kind).unwrap();
+            for (name, b) in backends().into_iter().filter(|(n, _)| v < 16_000 || !n.contains("64KiB")) {
+                let got = b.log_softmax(x.view(), kind).unwrap();
+                assert_close_2d(&format!("{name} {kind:?} {n}x{v}"), got.view(), want.view(), 1e-6, 2e-6);
+            }
+        }
+    }
+}
+
+#[test]
+fn in_place_gradient_matches_separate() {
+    let mut rng = Rng(13);
+    let (n, v) = (37, 333);
+    let x = rng.logits(n, v, 3.0);
+    let t = rng.targets(n, v, 6);
+    let cfg = CrossEntropy { grad: GradMode::Separate, label_smoothing: 0.1, z_loss: 1e-3, ..Default::default() };
+    let r = reference::cross_entropy(x.view(), t.view().into(), &cfg).unwrap();
+    for (name, b) in backends() {
+        let mut y = x.clone();
+        let o = b.cross_entropy_in_place(y.view_mut(), t.view().into(), &cfg).unwrap();
+        assert!(o.grad.is_none());
+        assert_scalar(&format!("{name} in-place loss"), o.loss, r.loss, 1e-6, 1e-5);
+        assert_close_2d(&format!("{name} in-place grad"), y.view(), r.grad.view(), 1e-9, 1e-4);
+        // A strided (transposed-then-transposed-back) view works too.
+        let mut z = Array2::<f32>::zeros((v, n));
+        z.assign(&x.t());
+        let o = b.cross_entropy_in_place(z.view_mut().reversed_axes(), t.view().into(), &cfg).unwrap();
+        assert_scalar(&format!("{name} strided loss"), o.loss, r.loss, 1e-6, 1e-5);
+        assert_close_2d(&format!("{name} strided grad"), z.t(), r.grad.view(), 1e-9, 1e-4);
+    }
+}
+
+#[test]
+fn int32_targets_match_int64() {
+    let mut rng = Rng(17);
+    let (n, v) = (11, 50);
+    let x = rng.logits(n, v, 1.0);
+    let t = rng.targets(n, v, 3);
+    let t32: Array1<i32> = t.mapv(|y| y as i32);
+    let cfg = CrossEntropy::default();
+    for (name, b) in backends() {
+        let a = b.cross_entropy(x.view(), t.view().into(), &cfg).unwrap();
+        let c = b.cross_entropy(x.view(), t32.view().into(), &cfg).unwrap();
+        assert_eq!(a.loss, c.loss, "{name}");
+    }
+}
