@@ -340,19 +340,23 @@ impl GpuContext {
         if len == 0 {
             return Ok(());
         }
-        let slot = Arc::new(Mutex::new(None));
-        let s2 = slot.clone();
+        // The callback may run on whichever thread polls next (several threads can share this
+        // context), so wait for the callback itself, polling until it has fired.
+        let (tx, rx) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, 0..len, move |r| {
-            *s2.lock().unwrap() = Some(r);
+            let _ = tx.send(r);
         });
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| XentError::Gpu(e.to_string()))?;
-        match slot.lock().unwrap().take() {
-            Some(Ok(())) => {}
-            Some(Err(e)) => return Err(XentError::Gpu(format!("map failed: {e}"))),
-            None => return Err(XentError::Gpu("map did not complete".into())),
-        }
+        let result = loop {
+            self.device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| XentError::Gpu(e.to_string()))?;
+            match rx.recv_timeout(std::time::Duration::from_millis(1)) {
+                Ok(r) => break r,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => self.check_alive()?,
+                Err(e) => return Err(XentError::Gpu(format!("map callback dropped: {e}"))),
+            }
+        };
+        result.map_err(|e| XentError::Gpu(format!("map failed: {e}")))?;
         {
             let view = staging
                 .get_mapped_range(0..len)
