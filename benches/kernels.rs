@@ -1,1 +1,93 @@
-fn main(){}
+//! Criterion benchmarks of the kernels on both backends, small and large shapes.
+//!
+//! `cargo bench --bench kernels` (GPU cases are skipped when there is no adapter).
+//! GPU timings are device-resident: logits uploaded once, gradient left on the GPU.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use wgpu::util::DeviceExt;
+use xent::{workload, Cpu, CrossEntropy, DeviceCe, GpuContext, GradMode, SoftmaxKind};
+
+const SHAPES: &[(usize, usize)] = &[(256, 4096), (1024, 32000), (4096, 32000)];
+
+fn cross_entropy(c: &mut Criterion) {
+    let cpu = Cpu::new();
+    let gpu = GpuContext::new().ok();
+    if gpu.is_none() {
+        eprintln!("no GPU adapter: GPU benchmarks skipped");
+    }
+    let mut group = c.benchmark_group("cross_entropy_fwd_bwd");
+    group.sample_size(10);
+    for &(n, v) in SHAPES {
+        let (x, t) = workload::synthetic(n, v, 2.0, 16, 1);
+        group.throughput(Throughput::Bytes((2 * n * v * 4) as u64));
+        let cfg = CrossEntropy {
+            grad: GradMode::Separate,
+            ..Default::default()
+        };
+        group.bench_with_input(BenchmarkId::new("cpu", format!("{n}x{v}")), &(), |b, _| {
+            b.iter(|| cpu.cross_entropy(x.view(), t.view().into(), &cfg).unwrap())
+        });
+        let fwd = CrossEntropy::default();
+        group.bench_with_input(
+            BenchmarkId::new("cpu-fwd", format!("{n}x{v}")),
+            &(),
+            |b, _| b.iter(|| cpu.cross_entropy(x.view(), t.view().into(), &fwd).unwrap()),
+        );
+        if let Some(g) = &gpu {
+            let d = g.device();
+            let usage = wgpu::BufferUsages::STORAGE;
+            let lb = d.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents: bytemuck::cast_slice(x.as_slice().unwrap()),
+                usage,
+            });
+            let ti: Vec<i32> = t.iter().map(|&y| y as i32).collect();
+            let tb = d.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents: bytemuck::cast_slice(&ti),
+                usage,
+            });
+            let gb = d.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: (n * v * 4) as u64,
+                usage,
+                mapped_at_creation: false,
+            });
+            let job = DeviceCe {
+                logits: &lb,
+                targets: &tb,
+                rows: n,
+                classes: v,
+                grad: Some(&gb),
+            };
+            group.bench_with_input(
+                BenchmarkId::new("gpu-device", format!("{n}x{v}")),
+                &(),
+                |b, _| b.iter(|| g.cross_entropy_device(job, &cfg).unwrap()),
+            );
+        }
+    }
+    group.finish();
+}
+
+fn log_softmax(c: &mut Criterion) {
+    let cpu = Cpu::new();
+    let gpu = GpuContext::new().ok();
+    let mut group = c.benchmark_group("log_softmax");
+    group.sample_size(10);
+    let (n, v) = (256, 32000);
+    let (x, _) = workload::synthetic(n, v, 2.0, 0, 1);
+    group.throughput(Throughput::Bytes((2 * n * v * 4) as u64));
+    group.bench_function("cpu/256x32000", |b| {
+        b.iter(|| cpu.log_softmax(x.view(), SoftmaxKind::LogSoftmax).unwrap())
+    });
+    if let Some(g) = &gpu {
+        group.bench_function("gpu-host/256x32000", |b| {
+            b.iter(|| g.log_softmax(x.view(), SoftmaxKind::LogSoftmax).unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, cross_entropy, log_softmax);
+criterion_main!(benches);

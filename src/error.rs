@@ -11,7 +11,9 @@ pub enum XentError {
     #[error("shape mismatch: {0}")]
     Shape(String),
     /// A class-index target is neither `ignore_index` nor in `0..classes`.
-    #[error("target {target} at row {row} is out of range: expected 0..{classes} or the ignore_index")]
+    #[error(
+        "target {target} at row {row} is out of range: expected 0..{classes} or the ignore_index"
+    )]
     TargetOutOfRange {
         /// Row of the first bad target.
         row: usize,

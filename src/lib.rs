@@ -44,3 +44,8 @@ pub fn gpu_required() -> bool {
     std::env::var("XENT_REQUIRE_GPU").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 pub mod cli;
+
+/// The README's Rust examples, compiled and run as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

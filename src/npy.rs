@@ -44,7 +44,10 @@ pub struct Npy {
 }
 
 fn fmt_err(path: &Path, message: impl Into<String>) -> XentError {
-    XentError::Format { path: path.display().to_string(), message: message.into() }
+    XentError::Format {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
 }
 
 fn field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
@@ -63,14 +66,19 @@ fn field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
 /// Reads any supported `.npy` file.
 pub fn read(path: impl AsRef<Path>) -> Result<Npy> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path)
-        .map_err(|e| XentError::Io { path: path.display().to_string(), message: e.to_string() })?;
+    let bytes = std::fs::read(path).map_err(|e| XentError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err(fmt_err(path, "not an .npy file (bad magic)"));
     }
     let (hlen, hstart) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize, 12),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize,
+            12,
+        ),
         v => return Err(fmt_err(path, format!("unsupported .npy version {v}"))),
     };
     let header = bytes
@@ -78,22 +86,35 @@ pub fn read(path: impl AsRef<Path>) -> Result<Npy> {
         .and_then(|h| std::str::from_utf8(h).ok())
         .ok_or_else(|| fmt_err(path, "truncated or non-UTF-8 header"))?;
     let descr = field(header, "descr").ok_or_else(|| fmt_err(path, "header has no descr"))?;
-    let fortran = field(header, "fortran_order").ok_or_else(|| fmt_err(path, "header has no fortran_order"))?;
+    let fortran = field(header, "fortran_order")
+        .ok_or_else(|| fmt_err(path, "header has no fortran_order"))?;
     let shape_s = field(header, "shape").ok_or_else(|| fmt_err(path, "header has no shape"))?;
     let shape = shape_s
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|_| fmt_err(path, format!("bad shape ({shape_s})"))))
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| fmt_err(path, format!("bad shape ({shape_s})")))
+        })
         .collect::<Result<Vec<_>>>()?;
     let count: usize = shape.iter().product();
     let body = &bytes[hstart + hlen..];
     let need = |size: usize| -> Result<&[u8]> {
-        body.get(..count * size)
-            .ok_or_else(|| fmt_err(path, format!("data is truncated: {} bytes for {count} elements", body.len())))
+        body.get(..count * size).ok_or_else(|| {
+            fmt_err(
+                path,
+                format!(
+                    "data is truncated: {} bytes for {count} elements",
+                    body.len()
+                ),
+            )
+        })
     };
     fn conv<T, const N: usize>(b: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
-        b.chunks_exact(N).map(|c| f(c.try_into().unwrap())).collect()
+        b.chunks_exact(N)
+            .map(|c| f(c.try_into().unwrap()))
+            .collect()
     }
     let data = match descr {
         "<f4" => NpyData::F32(conv(need(4)?, f32::from_le_bytes)),
@@ -114,7 +135,11 @@ fn to_c_order(npy: Npy) -> Npy {
     fn reorder<T: Clone>(v: Vec<T>, shape: &[usize]) -> Vec<T> {
         let rev: Vec<usize> = shape.iter().rev().copied().collect();
         let a = ArrayD::from_shape_vec(IxDyn(&rev), v).expect("shape matches data");
-        a.reversed_axes().as_standard_layout().iter().cloned().collect()
+        a.reversed_axes()
+            .as_standard_layout()
+            .iter()
+            .cloned()
+            .collect()
     }
     let s = npy.shape.clone();
     let data = match npy.data {
@@ -144,8 +169,13 @@ pub fn read_f32_2d(path: impl AsRef<Path>, what: &str) -> Result<Array2<f32>> {
     let npy = read(path)?;
     want_rank(path, &npy, 2, what)?;
     match npy.data {
-        NpyData::F32(v) => Ok(Array2::from_shape_vec((npy.shape[0], npy.shape[1]), v).expect("shape")),
-        d => Err(fmt_err(path, format!("{what} must be float32, got {}", d.dtype()))),
+        NpyData::F32(v) => {
+            Ok(Array2::from_shape_vec((npy.shape[0], npy.shape[1]), v).expect("shape"))
+        }
+        d => Err(fmt_err(
+            path,
+            format!("{what} must be float32, got {}", d.dtype()),
+        )),
     }
 }
 
@@ -156,7 +186,10 @@ pub fn read_f32_1d(path: impl AsRef<Path>, what: &str) -> Result<Array1<f32>> {
     want_rank(path, &npy, 1, what)?;
     match npy.data {
         NpyData::F32(v) => Ok(Array1::from(v)),
-        d => Err(fmt_err(path, format!("{what} must be float32, got {}", d.dtype()))),
+        d => Err(fmt_err(
+            path,
+            format!("{what} must be float32, got {}", d.dtype()),
+        )),
     }
 }
 
@@ -168,7 +201,10 @@ pub fn read_targets(path: impl AsRef<Path>) -> Result<Array1<i64>> {
     match npy.data {
         NpyData::I64(v) => Ok(Array1::from(v)),
         NpyData::I32(v) => Ok(v.into_iter().map(i64::from).collect()),
-        d => Err(fmt_err(path, format!("targets must be int64 or int32, got {}", d.dtype()))),
+        d => Err(fmt_err(
+            path,
+            format!("targets must be int64 or int32, got {}", d.dtype()),
+        )),
     }
 }
 
@@ -190,16 +226,24 @@ pub fn read_f64(path: impl AsRef<Path>) -> Result<ArrayD<f64>> {
 pub fn write_f32(path: impl AsRef<Path>, shape: &[usize], data: &[f32]) -> Result<()> {
     let path = path.as_ref();
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_s = if dims.len() == 1 { format!("{},", dims[0]) } else { dims.join(", ") };
+    let shape_s = if dims.len() == 1 {
+        format!("{},", dims[0])
+    } else {
+        dims.join(", ")
+    };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({shape_s}), }}");
     // Pad so that the data starts on a 64-byte boundary, header ends with '\n'.
     let total = 10 + header.len() + 1;
     header.push_str(&" ".repeat((64 - total % 64) % 64));
     header.push('\n');
-    let io = |e: std::io::Error| XentError::Io { path: path.display().to_string(), message: e.to_string() };
+    let io = |e: std::io::Error| XentError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
     f.write_all(b"\x93NUMPY\x01\x00").map_err(io)?;
-    f.write_all(&(header.len() as u16).to_le_bytes()).map_err(io)?;
+    f.write_all(&(header.len() as u16).to_le_bytes())
+        .map_err(io)?;
     f.write_all(header.as_bytes()).map_err(io)?;
     f.write_all(bytemuck::cast_slice(data)).map_err(io)?;
     f.flush().map_err(io)

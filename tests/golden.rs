@@ -18,14 +18,21 @@ fn golden_dir() -> PathBuf {
     let dir = std::env::var_os("XENT_GOLDEN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/golden"));
-    assert!(dir.join("manifest.json").is_file(), "golden cases not found at {} (set XENT_GOLDEN_DIR)", dir.display());
+    assert!(
+        dir.join("manifest.json").is_file(),
+        "golden cases not found at {} (set XENT_GOLDEN_DIR)",
+        dir.display()
+    );
     dir
 }
 
 fn manifest() -> Vec<Value> {
     let text = std::fs::read_to_string(golden_dir().join("manifest.json")).unwrap();
     // Python's json writes bare NaN / Infinity; make them strings for serde.
-    let text = text.replace(": NaN", ": \"NaN\"").replace(": -Infinity", ": \"-Infinity\"").replace(": Infinity", ": \"Infinity\"");
+    let text = text
+        .replace(": NaN", ": \"NaN\"")
+        .replace(": -Infinity", ": \"-Infinity\"")
+        .replace(": Infinity", ": \"Infinity\"");
     let v: Value = serde_json::from_str(&text).unwrap();
     v["cases"].as_array().unwrap().clone()
 }
@@ -41,7 +48,10 @@ fn number(v: &Value) -> f64 {
 }
 
 fn run(args: &[String]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_xent")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_xent"))
+        .args(args)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "xent {args:?} failed: {stderr}");
     let stdout = String::from_utf8(out.stdout).unwrap();
@@ -65,7 +75,12 @@ fn cases(backend: &str) -> usize {
             "cross_entropy" => {
                 let grad = scratch(&format!("{backend}-{name}-grad.npy"));
                 let rows = scratch(&format!("{backend}-{name}-rows.npy"));
-                let mut args: Vec<String> = vec!["eval".into(), "--json".into(), "--backend".into(), backend.into()];
+                let mut args: Vec<String> = vec![
+                    "eval".into(),
+                    "--json".into(),
+                    "--backend".into(),
+                    backend.into(),
+                ];
                 let mut add = |k: &str, v: String| {
                     args.push(k.into());
                     args.push(v);
@@ -88,21 +103,44 @@ fn cases(backend: &str) -> usize {
                 add("--loss-out", rows.display().to_string());
                 let out = run(&args);
                 assert_eq!(out["backend"], backend);
-                let n = npy::read_f32_2d(p(&inputs["logits"]), "logits").unwrap().nrows();
+                let n = npy::read_f32_2d(p(&inputs["logits"]), "logits")
+                    .unwrap()
+                    .nrows();
                 assert_eq!(out["rows"], n);
                 match &expected["loss"] {
                     Value::String(f) if f.ends_with(".npy") => {
                         assert!(out["loss"].is_null(), "{name}: loss must be null for none");
-                        let want = npy::read_f64(dir.join(f)).unwrap().into_dimensionality().unwrap();
+                        let want = npy::read_f64(dir.join(f))
+                            .unwrap()
+                            .into_dimensionality()
+                            .unwrap();
                         let got = npy::read_f32_1d(&rows, "rows").unwrap();
-                        assert_close_1d(&format!("{backend} {name} row loss"), got.view(), want.view(), 2e-6, 2e-6);
+                        assert_close_1d(
+                            &format!("{backend} {name} row loss"),
+                            got.view(),
+                            want.view(),
+                            2e-6,
+                            2e-6,
+                        );
                     }
-                    v => assert_scalar(&format!("{backend} {name} loss"), number(&out["loss"]), number(v), 2e-6, 2e-6),
+                    v => assert_scalar(
+                        &format!("{backend} {name} loss"),
+                        number(&out["loss"]),
+                        number(v),
+                        2e-6,
+                        2e-6,
+                    ),
                 }
                 if let Some(g) = expected.get("grad") {
                     let want = npy::read_f64(p(g)).unwrap().into_dimensionality().unwrap();
                     let got = npy::read_f32_2d(&grad, "grad").unwrap();
-                    assert_close_2d(&format!("{backend} {name} grad"), got.view(), want.view(), 1e-7, 2e-5);
+                    assert_close_2d(
+                        &format!("{backend} {name} grad"),
+                        got.view(),
+                        want.view(),
+                        1e-7,
+                        2e-5,
+                    );
                 }
             }
             "log_softmax" => {
@@ -118,15 +156,27 @@ fn cases(backend: &str) -> usize {
                     outp.display().to_string(),
                 ];
                 run(&args);
-                let want = npy::read_f64(p(&expected["output"])).unwrap().into_dimensionality().unwrap();
+                let want = npy::read_f64(p(&expected["output"]))
+                    .unwrap()
+                    .into_dimensionality()
+                    .unwrap();
                 let got = npy::read_f32_2d(&outp, "out").unwrap();
-                assert_close_2d(&format!("{backend} {name}"), got.view(), want.view(), 1e-6, 2e-6);
+                assert_close_2d(
+                    &format!("{backend} {name}"),
+                    got.view(),
+                    want.view(),
+                    1e-6,
+                    2e-6,
+                );
             }
             _ => continue,
         }
         ran += 1;
     }
-    let expected = manifest().iter().filter(|c| matches!(c["op"].as_str(), Some("cross_entropy" | "log_softmax"))).count();
+    let expected = manifest()
+        .iter()
+        .filter(|c| matches!(c["op"].as_str(), Some("cross_entropy" | "log_softmax")))
+        .count();
     assert_eq!(ran, expected);
     ran
 }

@@ -14,28 +14,61 @@ use xent::*;
 
 fn check(backend: &dyn Backend, label: &str, x: &Array2<f32>, t: &Array1<i64>, cfg: &CrossEntropy) {
     let r = reference::cross_entropy(x.view(), t.view().into(), cfg).unwrap();
-    let o = backend.cross_entropy(x.view(), t.view().into(), cfg).unwrap();
+    let o = backend
+        .cross_entropy(x.view(), t.view().into(), cfg)
+        .unwrap();
     let what = format!("{label} {}x{} {:?}", x.nrows(), x.ncols(), cfg.reduction);
     assert_scalar(&format!("{what} loss"), o.loss, r.loss, 1e-6, 1e-5);
     assert_eq!(o.counted, r.counted, "{what} counted");
-    assert_scalar(&format!("{what} weight_sum"), o.weight_sum, r.weight_sum, 1e-6, 1e-6);
+    assert_scalar(
+        &format!("{what} weight_sum"),
+        o.weight_sum,
+        r.weight_sum,
+        1e-6,
+        1e-6,
+    );
     if cfg.per_row || cfg.reduction == Reduction::None {
         let rows = o.row_loss.as_ref().expect("per-row losses");
-        assert_close_1d(&format!("{what} row loss"), rows.view(), r.row_loss.view(), 1e-5, 1e-5);
+        assert_close_1d(
+            &format!("{what} row loss"),
+            rows.view(),
+            r.row_loss.view(),
+            1e-5,
+            1e-5,
+        );
     }
     if cfg.per_row {
         let lse = o.row_lse.as_ref().expect("per-row lse");
-        assert_close_1d(&format!("{what} lse"), lse.view(), r.row_lse.view(), 1e-5, 1e-6);
+        assert_close_1d(
+            &format!("{what} lse"),
+            lse.view(),
+            r.row_lse.view(),
+            1e-5,
+            1e-6,
+        );
     }
     if cfg.grad == GradMode::Separate {
-        let scale = r.grad.iter().fold(0.0f64, |m, &g| m.max(g.abs())).max(1e-30);
-        assert_close_2d(&format!("{what} grad"), o.grad.as_ref().unwrap().view(), r.grad.view(), 2e-6 * scale, 1e-4);
+        let scale = r
+            .grad
+            .iter()
+            .fold(0.0f64, |m, &g| m.max(g.abs()))
+            .max(1e-30);
+        assert_close_2d(
+            &format!("{what} grad"),
+            o.grad.as_ref().unwrap().view(),
+            r.grad.view(),
+            2e-6 * scale,
+            1e-4,
+        );
     }
 }
 
 fn backends() -> Vec<(String, Box<dyn Backend>)> {
     let mut v: Vec<(String, Box<dyn Backend>)> = vec![("cpu".into(), Box::new(Cpu::new()))];
-    v.push(("cpu-1-thread".into(), Box::new(Cpu::with_threads(1).unwrap())));
+    v.push((
+        "cpu-1-thread".into(),
+        Box::new(Cpu::with_threads(1).unwrap()),
+    ));
     for (name, g) in gpus() {
         v.push((name.into(), Box::new(GpuRef(g))));
     }
@@ -48,10 +81,20 @@ impl Backend for GpuRef {
     fn name(&self) -> &'static str {
         "gpu"
     }
-    fn cross_entropy(&self, l: ndarray::ArrayView2<f32>, t: Targets, c: &CrossEntropy) -> Result<CeOutput> {
+    fn cross_entropy(
+        &self,
+        l: ndarray::ArrayView2<f32>,
+        t: Targets,
+        c: &CrossEntropy,
+    ) -> Result<CeOutput> {
         self.0.cross_entropy(l, t, c)
     }
-    fn cross_entropy_in_place(&self, l: ndarray::ArrayViewMut2<f32>, t: Targets, c: &CrossEntropy) -> Result<CeOutput> {
+    fn cross_entropy_in_place(
+        &self,
+        l: ndarray::ArrayViewMut2<f32>,
+        t: Targets,
+        c: &CrossEntropy,
+    ) -> Result<CeOutput> {
         self.0.cross_entropy_in_place(l, t, c)
     }
     fn log_softmax(&self, l: ndarray::ArrayView2<f32>, k: SoftmaxKind) -> Result<Array2<f32>> {
@@ -62,13 +105,29 @@ impl Backend for GpuRef {
 #[test]
 fn shapes_and_reductions() {
     let mut rng = Rng(7);
-    let shapes = [(1, 1), (3, 1), (4, 2), (7, 5), (5, 4), (9, 255), (6, 256), (33, 1000), (17, 4099), (8, 12288)];
+    let shapes = [
+        (1, 1),
+        (3, 1),
+        (4, 2),
+        (7, 5),
+        (5, 4),
+        (9, 255),
+        (6, 256),
+        (33, 1000),
+        (17, 4099),
+        (8, 12288),
+    ];
     for (name, b) in backends() {
         for &(n, v) in &shapes {
             let x = rng.logits(n, v, 3.0);
             let t = rng.targets(n, v, 4);
             for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
-                let cfg = CrossEntropy { reduction, grad: GradMode::Separate, per_row: true, ..Default::default() };
+                let cfg = CrossEntropy {
+                    reduction,
+                    grad: GradMode::Separate,
+                    per_row: true,
+                    ..Default::default()
+                };
                 check(b.as_ref(), &name, &x, &t, &cfg);
             }
         }
@@ -83,16 +142,44 @@ fn every_option_together_and_apart() {
     let t = rng.targets(n, v, 5);
     let cw = Array1::from_shape_fn(v, |_| (0.2 + rng.uniform()) as f32);
     let sw = Array1::from_shape_fn(n, |_| (0.5 + rng.uniform()) as f32);
-    let base = CrossEntropy { grad: GradMode::Separate, per_row: true, ..Default::default() };
+    let base = CrossEntropy {
+        grad: GradMode::Separate,
+        per_row: true,
+        ..Default::default()
+    };
     let variants = vec![
-        CrossEntropy { label_smoothing: 0.1, ..base.clone() },
-        CrossEntropy { class_weight: Some(cw.clone()), ..base.clone() },
-        CrossEntropy { sample_weight: Some(sw.clone()), ..base.clone() },
-        CrossEntropy { z_loss: 1e-3, ..base.clone() },
-        CrossEntropy { softcap: Some(5.0), ..base.clone() },
-        CrossEntropy { temperature: 2.5, ..base.clone() },
-        CrossEntropy { grad_scale: 0.25, ..base.clone() },
-        CrossEntropy { ignore_index: 3, ..base.clone() },
+        CrossEntropy {
+            label_smoothing: 0.1,
+            ..base.clone()
+        },
+        CrossEntropy {
+            class_weight: Some(cw.clone()),
+            ..base.clone()
+        },
+        CrossEntropy {
+            sample_weight: Some(sw.clone()),
+            ..base.clone()
+        },
+        CrossEntropy {
+            z_loss: 1e-3,
+            ..base.clone()
+        },
+        CrossEntropy {
+            softcap: Some(5.0),
+            ..base.clone()
+        },
+        CrossEntropy {
+            temperature: 2.5,
+            ..base.clone()
+        },
+        CrossEntropy {
+            grad_scale: 0.25,
+            ..base.clone()
+        },
+        CrossEntropy {
+            ignore_index: 3,
+            ..base.clone()
+        },
         CrossEntropy {
             label_smoothing: 0.2,
             class_weight: Some(cw.clone()),
@@ -110,7 +197,10 @@ fn every_option_together_and_apart() {
         for cfg in &variants {
             let t = if cfg.ignore_index == 3 { &t3 } else { &t };
             for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
-                let cfg = CrossEntropy { reduction, ..cfg.clone() };
+                let cfg = CrossEntropy {
+                    reduction,
+                    ..cfg.clone()
+                };
                 check(b.as_ref(), &name, &x, t, &cfg);
             }
         }
@@ -124,7 +214,11 @@ fn more_rows_than_one_dispatch_dimension() {
     let (n, v) = (70_000, 12);
     let x = rng.logits(n, v, 2.0);
     let t = rng.targets(n, v, 7);
-    let cfg = CrossEntropy { grad: GradMode::Separate, per_row: true, ..Default::default() };
+    let cfg = CrossEntropy {
+        grad: GradMode::Separate,
+        per_row: true,
+        ..Default::default()
+    };
     for (name, g) in gpus() {
         check(&GpuRef(g), name, &x, &t, &cfg);
     }
@@ -136,17 +230,29 @@ fn tensor_over_the_real_binding_limit() {
     // ~141 MB of logits: more than lavapipe's 128 MiB binding, so the default context chunks too.
     let (n, v) = (1100, 32_000);
     let (x, t) = workload::synthetic(n, v, 2.0, 9, 5);
-    let cfg = CrossEntropy { grad: GradMode::Separate, per_row: true, ..Default::default() };
-    let c = Cpu::new().cross_entropy(x.view(), t.view().into(), &cfg).unwrap();
+    let cfg = CrossEntropy {
+        grad: GradMode::Separate,
+        per_row: true,
+        ..Default::default()
+    };
+    let c = Cpu::new()
+        .cross_entropy(x.view(), t.view().into(), &cfg)
+        .unwrap();
     if let Some(g) = gpu() {
         assert!(g.max_binding_bytes() < (n * v * 4) as u64 || g.max_binding_bytes() > 1 << 30);
         let o = g.cross_entropy(x.view(), t.view().into(), &cfg).unwrap();
         assert_scalar("loss", o.loss, c.loss, 1e-6, 2e-6);
         let (og, cg) = (o.grad.unwrap(), c.grad.unwrap());
-        let worst = og.iter().zip(cg.iter()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        let worst = og
+            .iter()
+            .zip(cg.iter())
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(worst < 1e-9, "largest gradient difference {worst}");
         let (ol, cl) = (o.row_lse.unwrap(), c.row_lse.unwrap());
-        assert!(ol.iter().zip(cl.iter()).all(|(a, b)| (a - b).abs() <= 2e-6 * b.abs()));
+        assert!(ol
+            .iter()
+            .zip(cl.iter())
+            .all(|(a, b)| (a - b).abs() <= 2e-6 * b.abs()));
     }
 }
 
@@ -156,7 +262,12 @@ fn vocabulary_of_a_million_classes() {
     let (n, v) = (3, (1 << 20) + 3);
     let x = rng.logits(n, v, 1.0);
     let t = Array1::from(vec![0i64, (v - 1) as i64, 12345]);
-    let cfg = CrossEntropy { grad: GradMode::Separate, per_row: true, label_smoothing: 0.05, ..Default::default() };
+    let cfg = CrossEntropy {
+        grad: GradMode::Separate,
+        per_row: true,
+        label_smoothing: 0.05,
+        ..Default::default()
+    };
     // A 4 MiB row cannot fit the 64 KiB test bindings (errors.rs checks that it says so).
     for (name, b) in backends().into_iter().filter(|(n, _)| !n.contains("64KiB")) {
         check(b.as_ref(), &name, &x, &t, &cfg);
@@ -170,9 +281,18 @@ fn log_softmax_and_softmax() {
         let x = rng.logits(n, v, 5.0);
         for kind in [SoftmaxKind::LogSoftmax, SoftmaxKind::Softmax] {
             let want = reference::log_softmax(x.view(), kind).unwrap();
-            for (name, b) in backends().into_iter().filter(|(n, _)| v < 16_000 || !n.contains("64KiB")) {
+            for (name, b) in backends()
+                .into_iter()
+                .filter(|(n, _)| v < 16_000 || !n.contains("64KiB"))
+            {
                 let got = b.log_softmax(x.view(), kind).unwrap();
-                assert_close_2d(&format!("{name} {kind:?} {n}x{v}"), got.view(), want.view(), 1e-6, 2e-6);
+                assert_close_2d(
+                    &format!("{name} {kind:?} {n}x{v}"),
+                    got.view(),
+                    want.view(),
+                    1e-6,
+                    2e-6,
+                );
             }
         }
     }
@@ -184,20 +304,41 @@ fn in_place_gradient_matches_separate() {
     let (n, v) = (37, 333);
     let x = rng.logits(n, v, 3.0);
     let t = rng.targets(n, v, 6);
-    let cfg = CrossEntropy { grad: GradMode::Separate, label_smoothing: 0.1, z_loss: 1e-3, ..Default::default() };
+    let cfg = CrossEntropy {
+        grad: GradMode::Separate,
+        label_smoothing: 0.1,
+        z_loss: 1e-3,
+        ..Default::default()
+    };
     let r = reference::cross_entropy(x.view(), t.view().into(), &cfg).unwrap();
     for (name, b) in backends() {
         let mut y = x.clone();
-        let o = b.cross_entropy_in_place(y.view_mut(), t.view().into(), &cfg).unwrap();
+        let o = b
+            .cross_entropy_in_place(y.view_mut(), t.view().into(), &cfg)
+            .unwrap();
         assert!(o.grad.is_none());
         assert_scalar(&format!("{name} in-place loss"), o.loss, r.loss, 1e-6, 1e-5);
-        assert_close_2d(&format!("{name} in-place grad"), y.view(), r.grad.view(), 1e-9, 1e-4);
+        assert_close_2d(
+            &format!("{name} in-place grad"),
+            y.view(),
+            r.grad.view(),
+            1e-9,
+            1e-4,
+        );
         // A strided (transposed-then-transposed-back) view works too.
         let mut z = Array2::<f32>::zeros((v, n));
         z.assign(&x.t());
-        let o = b.cross_entropy_in_place(z.view_mut().reversed_axes(), t.view().into(), &cfg).unwrap();
+        let o = b
+            .cross_entropy_in_place(z.view_mut().reversed_axes(), t.view().into(), &cfg)
+            .unwrap();
         assert_scalar(&format!("{name} strided loss"), o.loss, r.loss, 1e-6, 1e-5);
-        assert_close_2d(&format!("{name} strided grad"), z.t(), r.grad.view(), 1e-9, 1e-4);
+        assert_close_2d(
+            &format!("{name} strided grad"),
+            z.t(),
+            r.grad.view(),
+            1e-9,
+            1e-4,
+        );
     }
 }
 

@@ -22,7 +22,9 @@ pub(crate) fn ce_inputs(n: usize, v: usize, targets: usize, cfg: &CrossEntropy) 
         }
     }
     if v > i32::MAX as usize {
-        return Err(XentError::Shape(format!("{v} classes do not fit 32-bit class indices")));
+        return Err(XentError::Shape(format!(
+            "{v} classes do not fit 32-bit class indices"
+        )));
     }
     cfg.validate(v)
 }

@@ -110,7 +110,10 @@ impl CrossEntropy {
     pub fn validate(&self, classes: usize) -> Result<()> {
         let bad = |m: String| Err(XentError::InvalidOption(m));
         if !(0.0..=1.0).contains(&self.label_smoothing) {
-            return bad(format!("label_smoothing must be in [0, 1], got {}", self.label_smoothing));
+            return bad(format!(
+                "label_smoothing must be in [0, 1], got {}",
+                self.label_smoothing
+            ));
         }
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
             return bad(format!("temperature must be > 0, got {}", self.temperature));
@@ -121,10 +124,16 @@ impl CrossEntropy {
             }
         }
         if !(self.z_loss >= 0.0 && self.z_loss.is_finite()) {
-            return bad(format!("z_loss must be a finite value >= 0, got {}", self.z_loss));
+            return bad(format!(
+                "z_loss must be a finite value >= 0, got {}",
+                self.z_loss
+            ));
         }
         if !self.grad_scale.is_finite() {
-            return bad(format!("grad_scale must be finite, got {}", self.grad_scale));
+            return bad(format!(
+                "grad_scale must be finite, got {}",
+                self.grad_scale
+            ));
         }
         if let Some(w) = &self.class_weight {
             if w.len() != classes {

@@ -27,7 +27,12 @@ pub trait Backend {
     /// `"cpu"` or `"gpu"`.
     fn name(&self) -> &'static str;
     /// Softmax cross-entropy with class-index targets.
-    fn cross_entropy(&self, logits: ArrayView2<f32>, targets: Targets, cfg: &CrossEntropy) -> Result<CeOutput>;
+    fn cross_entropy(
+        &self,
+        logits: ArrayView2<f32>,
+        targets: Targets,
+        cfg: &CrossEntropy,
+    ) -> Result<CeOutput>;
     /// Cross-entropy that overwrites `logits` with the gradient.
     fn cross_entropy_in_place(
         &self,
@@ -43,10 +48,20 @@ impl Backend for Cpu {
     fn name(&self) -> &'static str {
         "cpu"
     }
-    fn cross_entropy(&self, logits: ArrayView2<f32>, targets: Targets, cfg: &CrossEntropy) -> Result<CeOutput> {
+    fn cross_entropy(
+        &self,
+        logits: ArrayView2<f32>,
+        targets: Targets,
+        cfg: &CrossEntropy,
+    ) -> Result<CeOutput> {
         Cpu::cross_entropy(self, logits, targets, cfg)
     }
-    fn cross_entropy_in_place(&self, l: ArrayViewMut2<f32>, t: Targets, cfg: &CrossEntropy) -> Result<CeOutput> {
+    fn cross_entropy_in_place(
+        &self,
+        l: ArrayViewMut2<f32>,
+        t: Targets,
+        cfg: &CrossEntropy,
+    ) -> Result<CeOutput> {
         Cpu::cross_entropy_in_place(self, l, t, cfg)
     }
     fn log_softmax(&self, logits: ArrayView2<f32>, kind: SoftmaxKind) -> Result<Array2<f32>> {
@@ -58,10 +73,20 @@ impl Backend for GpuContext {
     fn name(&self) -> &'static str {
         "gpu"
     }
-    fn cross_entropy(&self, logits: ArrayView2<f32>, targets: Targets, cfg: &CrossEntropy) -> Result<CeOutput> {
+    fn cross_entropy(
+        &self,
+        logits: ArrayView2<f32>,
+        targets: Targets,
+        cfg: &CrossEntropy,
+    ) -> Result<CeOutput> {
         GpuContext::cross_entropy(self, logits, targets, cfg)
     }
-    fn cross_entropy_in_place(&self, l: ArrayViewMut2<f32>, t: Targets, cfg: &CrossEntropy) -> Result<CeOutput> {
+    fn cross_entropy_in_place(
+        &self,
+        l: ArrayViewMut2<f32>,
+        t: Targets,
+        cfg: &CrossEntropy,
+    ) -> Result<CeOutput> {
         GpuContext::cross_entropy_in_place(self, l, t, cfg)
     }
     fn log_softmax(&self, logits: ArrayView2<f32>, kind: SoftmaxKind) -> Result<Array2<f32>> {

@@ -1,6 +1,6 @@
 //! `xent bench`: placeholder until the benchmark lands.
-use clap::Args;
 use crate::error::Result;
+use clap::Args;
 
 #[derive(Args, Debug)]
 pub(crate) struct BenchArgs {}

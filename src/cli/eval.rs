@@ -67,8 +67,16 @@ pub(crate) fn run_eval(a: &EvalArgs) -> Result<()> {
     let logits = npy::read_f32_2d(&a.logits, "logits")?;
     let targets = npy::read_targets(&a.targets)?;
     let (n, v) = logits.dim();
-    let class_weight = a.class_weight.as_ref().map(|p| npy::read_f32_1d(p, "class weights")).transpose()?;
-    let sample_weight = a.sample_weight.as_ref().map(|p| npy::read_f32_1d(p, "sample weights")).transpose()?;
+    let class_weight = a
+        .class_weight
+        .as_ref()
+        .map(|p| npy::read_f32_1d(p, "class weights"))
+        .transpose()?;
+    let sample_weight = a
+        .sample_weight
+        .as_ref()
+        .map(|p| npy::read_f32_1d(p, "sample weights"))
+        .transpose()?;
     let reduction = match a.reduction {
         ReductionArg::Mean => Reduction::Mean,
         ReductionArg::Sum => Reduction::Sum,
@@ -83,7 +91,11 @@ pub(crate) fn run_eval(a: &EvalArgs) -> Result<()> {
         z_loss: a.z_loss,
         softcap: a.softcap,
         temperature: a.temperature,
-        grad: if a.grad_out.is_some() { GradMode::Separate } else { GradMode::Off },
+        grad: if a.grad_out.is_some() {
+            GradMode::Separate
+        } else {
+            GradMode::Off
+        },
         grad_scale: 1.0,
         per_row: a.loss_out.is_some(),
     };
@@ -97,7 +109,11 @@ pub(crate) fn run_eval(a: &EvalArgs) -> Result<()> {
     if let (Some(p), Some(r)) = (&a.loss_out, &out.row_loss) {
         npy::write_f32(p, &[n], r.as_slice().expect("standard layout"))?;
     }
-    let loss = if reduction == Reduction::None { serde_json::Value::Null } else { num(out.loss) };
+    let loss = if reduction == Reduction::None {
+        serde_json::Value::Null
+    } else {
+        num(out.loss)
+    };
     let obj = Obj::default()
         .set("loss", loss)
         .set("rows", n)
@@ -106,7 +122,11 @@ pub(crate) fn run_eval(a: &EvalArgs) -> Result<()> {
         .num("weight_sum", out.weight_sum)
         .set("backend", backend.name())
         .set("reduction", format!("{:?}", a.reduction).to_lowercase());
-    let obj = if reduction == Reduction::Mean { obj.num("perplexity", out.loss.exp()) } else { obj };
+    let obj = if reduction == Reduction::Mean {
+        obj.num("perplexity", out.loss.exp())
+    } else {
+        obj
+    };
     if a.json {
         println!("{}", obj.line());
     } else {
@@ -140,10 +160,17 @@ pub(crate) fn run_log_softmax(a: &LogSoftmaxArgs) -> Result<()> {
     let logits = npy::read_f32_2d(&a.logits, "logits")?;
     let (n, v) = logits.dim();
     if v == 0 {
-        return Err(XentError::Shape(format!("{}: logits [{n}, 0] have no classes", path_str(&a.logits))));
+        return Err(XentError::Shape(format!(
+            "{}: logits [{n}, 0] have no classes",
+            path_str(&a.logits)
+        )));
     }
     let backend = a.backend.open()?;
-    let kind = if a.softmax { SoftmaxKind::Softmax } else { SoftmaxKind::LogSoftmax };
+    let kind = if a.softmax {
+        SoftmaxKind::Softmax
+    } else {
+        SoftmaxKind::LogSoftmax
+    };
     let out = backend.log_softmax(logits.view(), kind)?;
     npy::write_f32(&a.out, &[n, v], out.as_slice().expect("standard layout"))?;
     let obj = Obj::default()
@@ -155,7 +182,11 @@ pub(crate) fn run_log_softmax(a: &LogSoftmaxArgs) -> Result<()> {
     if a.json {
         println!("{}", obj.line());
     } else {
-        println!("wrote {} [{n}, {v}] to {}", if a.softmax { "softmax" } else { "log-softmax" }, path_str(&a.out));
+        println!(
+            "wrote {} [{n}, {v}] to {}",
+            if a.softmax { "softmax" } else { "log-softmax" },
+            path_str(&a.out)
+        );
     }
     Ok(())
 }

@@ -13,7 +13,6 @@ pub fn num(x: f64) -> Value {
     }
 }
 
-
 /// A JSON object builder.
 #[derive(Default)]
 pub struct Obj(pub Map<String, Value>);

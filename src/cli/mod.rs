@@ -15,7 +15,11 @@ use crate::error::{Result, XentError};
 use crate::{Backend, Cpu, GpuContext};
 
 #[derive(Parser, Debug)]
-#[command(name = "xent", version, about = "Cross-entropy losses on the GPU (wgpu) and CPU")]
+#[command(
+    name = "xent",
+    version,
+    about = "Cross-entropy losses on the GPU (wgpu) and CPU"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -73,9 +77,15 @@ pub(crate) fn path_str(p: &std::path::Path) -> String {
 /// Output files must be writable: check before the work, not after.
 pub(crate) fn check_out(p: &Option<PathBuf>) -> Result<()> {
     if let Some(p) = p {
-        let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        let dir = p
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
         if !dir.is_dir() {
-            return Err(XentError::Io { path: path_str(p), message: "directory does not exist".into() });
+            return Err(XentError::Io {
+                path: path_str(p),
+                message: "directory does not exist".into(),
+            });
         }
     }
     Ok(())
@@ -91,10 +101,16 @@ pub fn main() -> i32 {
                 print!("{e}");
                 return 0;
             }
-            // clap's message is several lines; keep the first, which names the problem.
+            // clap's message spans lines (problem, details, usage); fold the problem and its
+            // details into one line.
             let text = e.to_string();
-            let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("bad arguments");
-            eprintln!("{}", first.trim());
+            let msg: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("{}", msg.join(" "));
             return 2;
         }
     };

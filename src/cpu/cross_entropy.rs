@@ -43,7 +43,14 @@ struct Scratch {
 
 impl RowCtx<'_> {
     /// Loss (CE part, weighted) and lse of one row; writes the gradient row if given.
-    fn row(&self, x: &[f32], t: i32, r: usize, grad: Option<&mut [f32]>, sc: &mut Scratch) -> (f64, f64) {
+    fn row(
+        &self,
+        x: &[f32],
+        t: i32,
+        r: usize,
+        grad: Option<&mut [f32]>,
+        sc: &mut Scratch,
+    ) -> (f64, f64) {
         let cfg = self.cfg;
         let z: &[f32] = if self.transform {
             let inv_t = 1.0 / cfg.temperature;
@@ -60,11 +67,15 @@ impl RowCtx<'_> {
         let (s, grad) = match grad {
             Some(g) => {
                 let (gl, gr) = g.split_at_mut(k);
-                let s = simd::exp_sum(&z[..k], m, Some(gl)) + simd::exp_sum(&z[k + 1..], m, Some(&mut gr[1..]));
+                let s = simd::exp_sum(&z[..k], m, Some(gl))
+                    + simd::exp_sum(&z[k + 1..], m, Some(&mut gr[1..]));
                 gr[0] = 1.0;
                 (s, Some(g))
             }
-            None => (simd::exp_sum(&z[..k], m, None) + simd::exp_sum(&z[k + 1..], m, None), None),
+            None => (
+                simd::exp_sum(&z[..k], m, None) + simd::exp_sum(&z[k + 1..], m, None),
+                None,
+            ),
         };
         let m64 = m as f64;
         let lse = m64 + s.ln_1p();
@@ -92,7 +103,8 @@ impl RowCtx<'_> {
             simd::scale_shift(g, k_coef as f32, c0 as f32, self.cw);
             let ey = (zy - m64).exp();
             let cwy = self.cw.map_or(1.0, |w| w[y] as f64);
-            let gy = hard * (((zy - m64).exp_m1() - s) / big_s) + (k_coef - hard / big_s) * ey - c0 * cwy;
+            let gy = hard * (((zy - m64).exp_m1() - s) / big_s) + (k_coef - hard / big_s) * ey
+                - c0 * cwy;
             g[y] = gy as f32;
             if self.transform {
                 let inv_t = 1.0 / cfg.temperature;
@@ -117,7 +129,10 @@ pub(crate) fn weight_totals(t: &[i32], cfg: &CrossEntropy) -> (u64, f64) {
         if y != IGNORED {
             counted += 1;
             let sw = cfg.sample_weight.as_ref().map_or(1.0, |w| w[r] as f64);
-            let cw = cfg.class_weight.as_ref().map_or(1.0, |w| w[y as usize] as f64);
+            let cw = cfg
+                .class_weight
+                .as_ref()
+                .map_or(1.0, |w| w[y as usize] as f64);
             ws += sw * cw;
         }
     }
@@ -134,7 +149,13 @@ pub(crate) fn grad_coefficients(cfg: &CrossEntropy, counted: u64, weight_sum: f6
 }
 
 /// Combines the CE and z-loss sums into the reduced loss.
-pub(crate) fn reduce(cfg: &CrossEntropy, sum_ce: f64, sum_lse2: f64, counted: u64, weight_sum: f64) -> f64 {
+pub(crate) fn reduce(
+    cfg: &CrossEntropy,
+    sum_ce: f64,
+    sum_lse2: f64,
+    counted: u64,
+    weight_sum: f64,
+) -> f64 {
     let z = cfg.z_loss as f64;
     match cfg.reduction {
         Reduction::Mean => {
@@ -160,9 +181,14 @@ pub(crate) fn cross_entropy(
     let t = targets.normalise(v, cfg.ignore_index)?;
     let (counted, weight_sum) = weight_totals(&t, cfg);
     let (a, b) = grad_coefficients(cfg, counted, weight_sum);
-    let cw = cfg.class_weight.as_ref().map(|w| w.as_slice_memory_order().unwrap_or(&[]).to_vec());
+    let cw = cfg
+        .class_weight
+        .as_ref()
+        .map(|w| w.as_slice_memory_order().unwrap_or(&[]).to_vec());
     let sw = cfg.sample_weight.as_ref().map(|w| w.to_vec());
-    let wtot = cw.as_ref().map_or(v as f64, |w| w.iter().map(|&x| x as f64).sum());
+    let wtot = cw
+        .as_ref()
+        .map_or(v as f64, |w| w.iter().map(|&x| x as f64).sum());
     let ctx = RowCtx {
         cfg,
         v,
@@ -177,7 +203,11 @@ pub(crate) fn cross_entropy(
     let mut row_loss = vec![0.0f32; n];
     let mut row_lse = vec![0.0f32; n];
     let want_grad = cfg.grad == GradMode::Separate;
-    let mut grad = if want_grad { Some(Array2::<f32>::zeros((n, v))) } else { None };
+    let mut grad = if want_grad {
+        Some(Array2::<f32>::zeros((n, v)))
+    } else {
+        None
+    };
 
     // Contiguous logits (copy only if the caller's view is strided).
     let owned;
@@ -202,7 +232,9 @@ pub(crate) fn cross_entropy(
                         owned.as_slice().expect("standard layout")
                     }
                 };
-                let mut g_rest: Option<&mut [f32]> = grad.as_mut().map(|g| g.as_slice_mut().expect("fresh array"));
+                let mut g_rest: Option<&mut [f32]> = grad
+                    .as_mut()
+                    .map(|g| g.as_slice_mut().expect("fresh array"));
                 for (i, xc) in x.chunks(rows_per_task * v).enumerate() {
                     let cnt = xc.len() / v;
                     let gc = g_rest.take().map(|g| {
@@ -229,7 +261,10 @@ pub(crate) fn cross_entropy(
         tasks
             .into_par_iter()
             .map(|(r0, rows, loss_out, lse_out)| {
-                let mut sc = Scratch { z: Vec::new(), x: Vec::new() };
+                let mut sc = Scratch {
+                    z: Vec::new(),
+                    x: Vec::new(),
+                };
                 let (mut sce, mut sl2) = (0.0f64, 0.0f64);
                 let cnt = loss_out.len();
                 let mut rows = rows;

@@ -24,7 +24,8 @@ pub(crate) fn log_softmax(
         o.par_chunks_mut(v).zip(x.par_chunks(v)).for_each(|(o, x)| {
             let (m, k) = simd::max_argmax(x);
             let (ol, or) = o.split_at_mut(k);
-            let s = simd::exp_sum(&x[..k], m, Some(ol)) + simd::exp_sum(&x[k + 1..], m, Some(&mut or[1..]));
+            let s = simd::exp_sum(&x[..k], m, Some(ol))
+                + simd::exp_sum(&x[k + 1..], m, Some(&mut or[1..]));
             or[0] = 1.0;
             match kind {
                 SoftmaxKind::LogSoftmax => {

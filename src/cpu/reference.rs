@@ -74,7 +74,9 @@ pub fn cross_entropy(
     let (mut sum_l, mut sum_z) = (0.0, 0.0);
     for (r, row) in logits.axis_iter(Axis(0)).enumerate() {
         let zd: Vec<(f64, f64)> = row.iter().map(|&x| transform(cfg, x as f64)).collect();
-        let m = zd.iter().fold(f64::NEG_INFINITY, |m, &(z, _)| if z > m { z } else { m });
+        let m = zd
+            .iter()
+            .fold(f64::NEG_INFINITY, |m, &(z, _)| if z > m { z } else { m });
         let se: f64 = zd.iter().map(|&(z, _)| (z - m).exp()).sum();
         let lse = m + se.ln();
         row_lse[r] = lse;
@@ -104,7 +106,14 @@ pub fn cross_entropy(
         Reduction::Mean => sum_l / weight_sum + sum_z / counted as f64,
         _ => sum_l + sum_z,
     };
-    Ok(RefCe { loss, counted, weight_sum, row_loss, row_lse, grad })
+    Ok(RefCe {
+        loss,
+        counted,
+        weight_sum,
+        row_loss,
+        row_lse,
+        grad,
+    })
 }
 
 /// Row-wise log-softmax or softmax in f64.

@@ -25,7 +25,7 @@ fn exp_neg<const FMA: bool>(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    // Written as a select (not f32::max) so that NaN stays NaN.
+                                     // Written as a select (not f32::max) so that NaN stays NaN.
     let xc = if x < -87.0 { -87.0 } else { x };
     let t = madd::<FMA>(xc, LOG2E, ROUND);
     let n = t - ROUND;
@@ -36,7 +36,7 @@ fn exp_neg<const FMA: bool>(x: f32) -> f32 {
     p = madd::<FMA>(p, r, 8.333_452e-3);
     p = madd::<FMA>(p, r, 4.166_579_6e-2);
     p = madd::<FMA>(p, r, 1.666_666_5e-1);
-    p = madd::<FMA>(p, r, 5.000_000_1e-1);
+    p = madd::<FMA>(p, r, 0.5);
     let p = madd::<FMA>(p, r * r, r + 1.0);
     let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
     let scale = f32::from_bits(((ni + 127) << 23) as u32);
@@ -241,7 +241,9 @@ mod tests {
 
     #[test]
     fn sums_match_f64() {
-        let x: Vec<f32> = (0..10_007).map(|i| ((i * 7919) % 1000) as f32 * -0.01).collect();
+        let x: Vec<f32> = (0..10_007)
+            .map(|i| ((i * 7919) % 1000) as f32 * -0.01)
+            .collect();
         let want: f64 = x.iter().map(|&v| (v as f64).exp()).sum();
         let mut out = vec![0.0; x.len()];
         let got = exp_sum(&x, 0.0, Some(&mut out));

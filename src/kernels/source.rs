@@ -110,18 +110,30 @@ mod tests {
     fn preprocessor_selects_branches() {
         let src = "a\n#if VEC4\nb\n#if !SUBGROUP\nc\n#endif\n#else\nd\n#endif\n#if GRAD || IN_PLACE\ne\n#endif\n";
         let mut out = String::new();
-        let v = Variant { vec4: true, ..Default::default() };
+        let v = Variant {
+            vec4: true,
+            ..Default::default()
+        };
         preprocess(src, &|n| v.defined(n), &mut out);
         assert_eq!(out, "a\nb\nc\n");
         let mut out = String::new();
-        let v = Variant { in_place: true, subgroup: true, ..Default::default() };
+        let v = Variant {
+            in_place: true,
+            subgroup: true,
+            ..Default::default()
+        };
         preprocess(src, &|n| v.defined(n), &mut out);
         assert_eq!(out, "a\nd\ne\n");
     }
 
     #[test]
     fn every_variant_parses_and_validates() {
-        for shader in [Shader::CeWeights, Shader::CeFused, Shader::CeReduce, Shader::LogSoftmax] {
+        for shader in [
+            Shader::CeWeights,
+            Shader::CeFused,
+            Shader::CeReduce,
+            Shader::LogSoftmax,
+        ] {
             for bits in 0..16u32 {
                 let v = Variant {
                     vec4: bits & 1 != 0,
@@ -133,8 +145,9 @@ mod tests {
                     continue;
                 }
                 let src = shader.source(v);
-                let module = naga::front::wgsl::parse_str(&src)
-                    .unwrap_or_else(|e| panic!("{} {v:?}: {}", shader.name(), e.emit_to_string(&src)));
+                let module = naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| {
+                    panic!("{} {v:?}: {}", shader.name(), e.emit_to_string(&src))
+                });
                 let caps = if v.subgroup {
                     naga::valid::Capabilities::SUBGROUP
                 } else {

@@ -1,0 +1,232 @@
+//! Numerically hard rows: confident predictions, masked (-inf) vocabulary, all -inf rows.
+
+mod common;
+
+use common::*;
+use ndarray::{array, Array1, Array2};
+use xent::cpu::reference;
+use xent::*;
+
+/// Rows whose target probability is within ~1e-7 of 1. A naive f32 log-softmax returns a
+/// loss of exactly 0 there (PyTorch does); xent must return ~1e-7 with a few ulps of error.
+fn confident_rows() -> (Array2<f32>, Array1<i64>) {
+    // Row r: target logit 0, the other V-1 logits at -d_r, so s = (V-1) e^-d_r.
+    let ds = [14.0f32, 16.0, 17.5, 19.0, 21.0];
+    let v = 5;
+    let mut x = Array2::<f32>::zeros((ds.len(), v));
+    for (r, &d) in ds.iter().enumerate() {
+        for c in 0..v {
+            x[[r, c]] = if c == r % v { 0.0 } else { -d };
+        }
+    }
+    let t = Array1::from_iter((0..ds.len()).map(|r| (r % v) as i64));
+    (x, t)
+}
+
+type Run = Box<dyn Fn(&Array2<f32>, &Array1<i64>, &CrossEntropy) -> CeOutput>;
+
+fn all_backends() -> Vec<(String, Run)> {
+    let mut v: Vec<(String, Run)> = vec![(
+        "cpu".into(),
+        Box::new(|x, t, c| {
+            Cpu::new()
+                .cross_entropy(x.view(), t.view().into(), c)
+                .unwrap()
+        }),
+    )];
+    for (name, g) in gpus() {
+        v.push((
+            name.into(),
+            Box::new(move |x, t, c| g.cross_entropy(x.view(), t.view().into(), c).unwrap()),
+        ));
+    }
+    v
+}
+
+#[test]
+fn confident_rows_keep_their_tiny_loss_and_gradient() {
+    let (x, t) = confident_rows();
+    let cfg = CrossEntropy {
+        reduction: Reduction::None,
+        grad: GradMode::Separate,
+        ..Default::default()
+    };
+    let r = reference::cross_entropy(x.view(), t.view().into(), &cfg).unwrap();
+    for (name, run) in all_backends() {
+        let o = run(&x, &t, &cfg);
+        let rows = o.row_loss.unwrap();
+        let g = o.grad.unwrap();
+        for i in 0..x.nrows() {
+            let want = r.row_loss[i];
+            assert!(
+                want > 1e-10 && want < 1e-5,
+                "test row {i} must be confident: {want}"
+            );
+            let rel = (rows[i] as f64 - want).abs() / want;
+            println!(
+                "{name} row {i}: loss {:e} want {want:e} rel err {rel:.1e}",
+                rows[i]
+            );
+            assert!(rel < 1e-5, "{name} row {i}: loss {} want {want}", rows[i]);
+            let y = t[i] as usize;
+            let (gy, wy) = (g[[i, y]] as f64, r.grad[[i, y]]);
+            assert!(
+                gy < 0.0,
+                "{name} row {i}: target gradient must be non-zero, got {gy}"
+            );
+            assert!(
+                (gy - wy).abs() / wy.abs() < 1e-5,
+                "{name} row {i}: target gradient {gy} want {wy}"
+            );
+        }
+    }
+}
+
+#[test]
+fn confident_log_softmax() {
+    let (x, _) = confident_rows();
+    let want = reference::log_softmax(x.view(), SoftmaxKind::LogSoftmax).unwrap();
+    let mut outs = vec![(
+        "cpu".to_string(),
+        Cpu::new()
+            .log_softmax(x.view(), SoftmaxKind::LogSoftmax)
+            .unwrap(),
+    )];
+    for (name, g) in gpus() {
+        outs.push((
+            name.into(),
+            g.log_softmax(x.view(), SoftmaxKind::LogSoftmax).unwrap(),
+        ));
+    }
+    for (name, got) in outs {
+        for i in 0..x.nrows() {
+            let c = i % 5;
+            let (g, w) = (got[[i, c]] as f64, want[[i, c]]);
+            assert!(
+                g < 0.0 && (g - w).abs() / w.abs() < 1e-5,
+                "{name} row {i}: log p = {g}, want {w}"
+            );
+        }
+    }
+}
+
+#[test]
+fn masked_vocabulary_and_all_masked_rows() {
+    let ninf = f32::NEG_INFINITY;
+    let x = array![
+        [1.0, ninf, 2.0, ninf, 0.5],    // masked classes: valid, finite loss
+        [ninf, ninf, 3.0, ninf, ninf],  // one live class, which is the target: loss 0
+        [1.0, ninf, 2.0, 0.0, 0.5],     // target is masked: +inf loss
+        [ninf, ninf, ninf, ninf, ninf]  // all masked: NaN, as in PyTorch
+    ];
+    let t = array![2i64, 2, 1, 0];
+    let none = CrossEntropy {
+        reduction: Reduction::None,
+        grad: GradMode::Separate,
+        ..Default::default()
+    };
+    let r = reference::cross_entropy(x.view(), t.view().into(), &none).unwrap();
+    assert!(r.row_loss[2].is_infinite() && r.row_loss[3].is_nan());
+    for (name, run) in all_backends() {
+        let o = run(&x, &t, &none);
+        let rows = o.row_loss.unwrap();
+        assert_close_1d(
+            &format!("{name} rows"),
+            rows.view(),
+            r.row_loss.view(),
+            1e-6,
+            1e-6,
+        );
+        let g = o.grad.unwrap();
+        // Masked classes get exactly zero gradient in the live rows.
+        for &(i, c) in &[(0, 1), (0, 3), (1, 0), (1, 4)] {
+            assert_eq!(g[[i, c]], 0.0, "{name} grad[{i},{c}]");
+        }
+        assert_close_2d(
+            &format!("{name} grad rows 0-1"),
+            g.slice(ndarray::s![0..2, ..]),
+            r.grad.slice(ndarray::s![0..2, ..]),
+            1e-7,
+            1e-5,
+        );
+        assert!(
+            g.row(3).iter().all(|v| v.is_nan()),
+            "{name}: all -inf row has a NaN gradient"
+        );
+        // The mean over rows with a NaN row is NaN.
+        let m = run(&x, &t, &CrossEntropy::default());
+        assert!(m.loss.is_nan(), "{name}: mean {}", m.loss);
+        // Without the NaN row the mean is +inf.
+        let m = run(
+            &x.slice(ndarray::s![0..3, ..]).to_owned(),
+            &t.slice(ndarray::s![0..3]).to_owned(),
+            &CrossEntropy::default(),
+        );
+        assert!(
+            m.loss.is_infinite() && m.loss > 0.0,
+            "{name}: mean {}",
+            m.loss
+        );
+    }
+}
+
+#[test]
+fn all_ignored_batch() {
+    let x = array![[1.0f32, 2.0], [3.0, 4.0]];
+    let t = array![-100i64, -100];
+    for (name, run) in all_backends() {
+        let cfg = CrossEntropy {
+            grad: GradMode::Separate,
+            ..Default::default()
+        };
+        let m = run(&x, &t, &cfg);
+        assert!(
+            m.loss.is_nan(),
+            "{name}: all-ignored mean must be NaN, got {}",
+            m.loss
+        );
+        assert_eq!(m.counted, 0);
+        assert!(
+            m.grad.unwrap().iter().all(|&g| g == 0.0),
+            "{name}: all-ignored gradient must be zero"
+        );
+        let s = run(
+            &x,
+            &t,
+            &CrossEntropy {
+                reduction: Reduction::Sum,
+                ..cfg
+            },
+        );
+        assert_eq!(s.loss, 0.0, "{name}: all-ignored sum");
+    }
+}
+
+#[test]
+fn large_logits_do_not_overflow() {
+    let x = array![[1e4f32, -1e4, 0.0], [-3e38, 3e38, 0.0], [88.0, 89.0, 90.0]];
+    let t = array![1i64, 1, 0];
+    let cfg = CrossEntropy {
+        reduction: Reduction::None,
+        grad: GradMode::Separate,
+        ..Default::default()
+    };
+    let r = reference::cross_entropy(x.view(), t.view().into(), &cfg).unwrap();
+    for (name, run) in all_backends() {
+        let o = run(&x, &t, &cfg);
+        assert_close_1d(
+            &format!("{name} rows"),
+            o.row_loss.unwrap().view(),
+            r.row_loss.view(),
+            1e-6,
+            1e-6,
+        );
+        assert_close_2d(
+            &format!("{name} grad"),
+            o.grad.unwrap().view(),
+            r.grad.view(),
+            1e-7,
+            1e-5,
+        );
+    }
+}
