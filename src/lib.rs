@@ -22,6 +22,10 @@
 //! assert!(g.row(1).iter().all(|&x| x == 0.0));
 //! ```
 
+// GPU buffers and .npy data are little-endian and are cast, not converted.
+#[cfg(target_endian = "big")]
+compile_error!("xent assumes a little-endian host");
+
 pub mod api;
 pub mod context;
 pub mod cpu;

@@ -63,28 +63,39 @@ fn field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
     Some(rest[..end].trim())
 }
 
-/// Reads any supported `.npy` file.
+/// Reads any supported `.npy` file. The data is read straight into the typed vector, so peak
+/// memory is the array itself (no second copy of the file's bytes).
 pub fn read(path: impl AsRef<Path>) -> Result<Npy> {
+    use std::io::Read;
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|e| XentError::Io {
+    let io = |e: std::io::Error| XentError::Io {
         path: path.display().to_string(),
         message: e.to_string(),
-    })?;
-    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+    };
+    let mut f = std::io::BufReader::new(std::fs::File::open(path).map_err(io)?);
+    let mut pre = [0u8; 8];
+    f.read_exact(&mut pre)
+        .map_err(|_| fmt_err(path, "not an .npy file (too short)"))?;
+    if &pre[..6] != b"\x93NUMPY" {
         return Err(fmt_err(path, "not an .npy file (bad magic)"));
     }
-    let (hlen, hstart) = match bytes[6] {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (
-            u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize,
-            12,
-        ),
+    let hlen = match pre[6] {
+        1 => {
+            let mut b = [0u8; 2];
+            f.read_exact(&mut b).map_err(io)?;
+            u16::from_le_bytes(b) as usize
+        }
+        2 | 3 => {
+            let mut b = [0u8; 4];
+            f.read_exact(&mut b).map_err(io)?;
+            u32::from_le_bytes(b) as usize
+        }
         v => return Err(fmt_err(path, format!("unsupported .npy version {v}"))),
     };
-    let header = bytes
-        .get(hstart..hstart + hlen)
-        .and_then(|h| std::str::from_utf8(h).ok())
-        .ok_or_else(|| fmt_err(path, "truncated or non-UTF-8 header"))?;
+    let mut hbytes = vec![0u8; hlen];
+    f.read_exact(&mut hbytes)
+        .map_err(|_| fmt_err(path, "truncated header"))?;
+    let header = std::str::from_utf8(&hbytes).map_err(|_| fmt_err(path, "non-UTF-8 header"))?;
     let descr = field(header, "descr").ok_or_else(|| fmt_err(path, "header has no descr"))?;
     let fortran = field(header, "fortran_order")
         .ok_or_else(|| fmt_err(path, "header has no fortran_order"))?;
@@ -98,30 +109,32 @@ pub fn read(path: impl AsRef<Path>) -> Result<Npy> {
                 .map_err(|_| fmt_err(path, format!("bad shape ({shape_s})")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let count: usize = shape.iter().product();
-    let body = &bytes[hstart + hlen..];
-    let need = |size: usize| -> Result<&[u8]> {
-        body.get(..count * size).ok_or_else(|| {
-            fmt_err(
-                path,
-                format!(
-                    "data is truncated: {} bytes for {count} elements",
-                    body.len()
-                ),
-            )
-        })
-    };
-    fn conv<T, const N: usize>(b: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
-        b.chunks_exact(N)
-            .map(|c| f(c.try_into().unwrap()))
-            .collect()
+    let count = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| fmt_err(path, format!("shape ({shape_s}) is too large")))?;
+    fn fill<T: bytemuck::Pod + Default>(
+        f: &mut impl Read,
+        count: usize,
+        path: &Path,
+    ) -> Result<Vec<T>> {
+        // Little-endian files on a little-endian host: bytes go straight into the vector.
+        let mut v = vec![T::default(); count];
+        f.read_exact(bytemuck::cast_slice_mut(&mut v))
+            .map_err(|_| {
+                fmt_err(
+                    path,
+                    format!("data is truncated: fewer than {count} elements"),
+                )
+            })?;
+        Ok(v)
     }
     let data = match descr {
-        "<f4" => NpyData::F32(conv(need(4)?, f32::from_le_bytes)),
-        "<f8" => NpyData::F64(conv(need(8)?, f64::from_le_bytes)),
-        "<i8" => NpyData::I64(conv(need(8)?, i64::from_le_bytes)),
-        "<i4" => NpyData::I32(conv(need(4)?, i32::from_le_bytes)),
-        "|u1" | "|b1" => NpyData::U8(need(1)?.to_vec()),
+        "<f4" => NpyData::F32(fill(&mut f, count, path)?),
+        "<f8" => NpyData::F64(fill(&mut f, count, path)?),
+        "<i8" => NpyData::I64(fill(&mut f, count, path)?),
+        "<i4" => NpyData::I32(fill(&mut f, count, path)?),
+        "|u1" | "|b1" => NpyData::U8(fill(&mut f, count, path)?),
         other => return Err(fmt_err(path, format!("unsupported dtype {other}"))),
     };
     let mut npy = Npy { shape, data };

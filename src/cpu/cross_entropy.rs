@@ -48,7 +48,7 @@ impl RowCtx<'_> {
         x: &[f32],
         t: i32,
         r: usize,
-        grad: Option<&mut [f32]>,
+        mut grad: Option<&mut [f32]>,
         sc: &mut Scratch,
     ) -> (f64, f64) {
         let cfg = self.cfg;
@@ -63,20 +63,10 @@ impl RowCtx<'_> {
         } else {
             x
         };
-        let (m, k) = simd::max_argmax(z);
-        let (s, grad) = match grad {
-            Some(g) => {
-                let (gl, gr) = g.split_at_mut(k);
-                let s = simd::exp_sum(&z[..k], m, Some(gl))
-                    + simd::exp_sum(&z[k + 1..], m, Some(&mut gr[1..]));
-                gr[0] = 1.0;
-                (s, Some(g))
-            }
-            None => (
-                simd::exp_sum(&z[..k], m, None) + simd::exp_sum(&z[k + 1..], m, None),
-                None,
-            ),
-        };
+        let m = simd::max(z);
+        // s: sum of exp(z_j - m) over all but one occurrence of the max (ties add exact 1s).
+        let (s0, ties) = simd::exp_sum(z, m, grad.as_deref_mut());
+        let s = s0 + (ties - 1.0);
         let m64 = m as f64;
         let lse = m64 + s.ln_1p();
         if t == IGNORED {
@@ -170,11 +160,14 @@ pub(crate) fn reduce(
     }
 }
 
+/// The fast path. With `GradMode::Separate` the gradient goes to `grad_out` (row-major `[N, V]`)
+/// when given, else into a new array returned in `CeOutput::grad`.
 pub(crate) fn cross_entropy(
     pool: &rayon::ThreadPool,
     logits: Logits<'_>,
     targets: Targets,
     cfg: &CrossEntropy,
+    grad_out: Option<&mut [f32]>,
 ) -> Result<CeOutput> {
     let (n, v) = logits.dim();
     crate::api::check::ce_inputs(n, v, targets.len(), cfg)?;
@@ -203,10 +196,17 @@ pub(crate) fn cross_entropy(
     let mut row_loss = vec![0.0f32; n];
     let mut row_lse = vec![0.0f32; n];
     let want_grad = cfg.grad == GradMode::Separate;
-    let mut grad = if want_grad {
+    // A new gradient array only when the caller did not provide one.
+    let mut grad = if want_grad && grad_out.is_none() {
         Some(Array2::<f32>::zeros((n, v)))
     } else {
         None
+    };
+    let grad_slice: Option<&mut [f32]> = match grad_out {
+        Some(g) if want_grad => Some(g),
+        _ => grad
+            .as_mut()
+            .map(|g| g.as_slice_mut().expect("fresh array")),
     };
 
     // Contiguous logits (copy only if the caller's view is strided).
@@ -232,9 +232,7 @@ pub(crate) fn cross_entropy(
                         owned.as_slice().expect("standard layout")
                     }
                 };
-                let mut g_rest: Option<&mut [f32]> = grad
-                    .as_mut()
-                    .map(|g| g.as_slice_mut().expect("fresh array"));
+                let mut g_rest = grad_slice;
                 for (i, xc) in x.chunks(rows_per_task * v).enumerate() {
                     let cnt = xc.len() / v;
                     let gc = g_rest.take().map(|g| {

@@ -22,11 +22,9 @@ pub(crate) fn log_softmax(
     let o = out.as_slice_mut().expect("fresh array");
     pool.install(|| {
         o.par_chunks_mut(v).zip(x.par_chunks(v)).for_each(|(o, x)| {
-            let (m, k) = simd::max_argmax(x);
-            let (ol, or) = o.split_at_mut(k);
-            let s = simd::exp_sum(&x[..k], m, Some(ol))
-                + simd::exp_sum(&x[k + 1..], m, Some(&mut or[1..]));
-            or[0] = 1.0;
+            let m = simd::max(x);
+            let (s0, ties) = simd::exp_sum(x, m, Some(o));
+            let s = s0 + (ties - 1.0);
             match kind {
                 SoftmaxKind::LogSoftmax => {
                     simd::log_softmax_row(x, m, s.ln_1p() as f32, o);

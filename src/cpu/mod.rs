@@ -75,7 +75,60 @@ impl Cpu {
                 "GradMode::InPlace needs mutable logits: call cross_entropy_in_place".into(),
             ));
         }
-        cross_entropy::cross_entropy(&self.pool, Logits::View(logits), targets, cfg)
+        cross_entropy::cross_entropy(&self.pool, Logits::View(logits), targets, cfg, None)
+    }
+
+    /// Cross-entropy whose gradient (`GradMode::Separate` implied) is written into `grad`, a
+    /// caller-owned `[N, V]` array: a training loop reuses it and allocates nothing per call.
+    ///
+    /// ```
+    /// use ndarray::{array, Array2};
+    /// use xent::{Cpu, CrossEntropy};
+    /// let cpu = Cpu::new();
+    /// let x = array![[1.0f32, 2.0, 3.0]];
+    /// let mut g = Array2::zeros((1, 3));
+    /// cpu.cross_entropy_into(x.view(), (&[2i64][..]).into(), &CrossEntropy::default(), g.view_mut()).unwrap();
+    /// assert!(g[[0, 2]] < 0.0 && g[[0, 0]] > 0.0);
+    /// ```
+    pub fn cross_entropy_into(
+        &self,
+        logits: ArrayView2<f32>,
+        targets: Targets,
+        cfg: &CrossEntropy,
+        mut grad: ArrayViewMut2<f32>,
+    ) -> Result<CeOutput> {
+        if grad.dim() != logits.dim() {
+            return Err(XentError::Shape(format!(
+                "gradient {:?} and logits {:?} differ in shape",
+                grad.dim(),
+                logits.dim()
+            )));
+        }
+        let cfg = CrossEntropy {
+            grad: GradMode::Separate,
+            ..cfg.clone()
+        };
+        match grad.as_slice_mut() {
+            Some(g) => cross_entropy::cross_entropy(
+                &self.pool,
+                Logits::View(logits),
+                targets,
+                &cfg,
+                Some(g),
+            ),
+            None => {
+                let mut out = cross_entropy::cross_entropy(
+                    &self.pool,
+                    Logits::View(logits),
+                    targets,
+                    &cfg,
+                    None,
+                )?;
+                grad.assign(out.grad.as_ref().expect("gradient"));
+                out.grad = None;
+                Ok(out)
+            }
+        }
     }
 
     /// Cross-entropy that overwrites `logits` with the gradient (whatever `cfg.grad` says).
@@ -91,9 +144,13 @@ impl Cpu {
             ..cfg.clone()
         };
         match logits.as_slice_mut() {
-            Some(x) => {
-                cross_entropy::cross_entropy(&self.pool, Logits::InPlace(x, dim), targets, &cfg)
-            }
+            Some(x) => cross_entropy::cross_entropy(
+                &self.pool,
+                Logits::InPlace(x, dim),
+                targets,
+                &cfg,
+                None,
+            ),
             None => {
                 let mut tmp = logits.as_standard_layout().into_owned();
                 let out = cross_entropy::cross_entropy(
@@ -101,6 +158,7 @@ impl Cpu {
                     Logits::InPlace(tmp.as_slice_mut().expect("standard layout"), dim),
                     targets,
                     &cfg,
+                    None,
                 )?;
                 logits.assign(&tmp);
                 Ok(out)

@@ -18,109 +18,125 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
-/// exp(x) for x <= 0 (the max-subtracted logits); returns exactly 0 below the f32 range and for -inf.
+type V8 = [f32; LANES];
+
+/// exp(x) for x <= 0 (the max-subtracted logits), 8 lanes at a time; exactly 0 below the f32
+/// range and for -inf, NaN for NaN. Each step is a separate lane loop so that LLVM emits
+/// packed instructions.
 #[inline(always)]
-fn exp_neg<const FMA: bool>(x: f32) -> f32 {
+fn exp8<const FMA: bool>(x: V8) -> V8 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-                                     // Written as a select (not f32::max) so that NaN stays NaN.
-    let xc = if x < -87.0 { -87.0 } else { x };
-    let t = madd::<FMA>(xc, LOG2E, ROUND);
-    let n = t - ROUND;
-    let r = madd::<FMA>(n, -LN2_HI, xc);
-    let r = madd::<FMA>(n, -LN2_LO, r);
-    let mut p = 1.987_569_1e-4_f32;
-    p = madd::<FMA>(p, r, 1.398_199_9e-3);
-    p = madd::<FMA>(p, r, 8.333_452e-3);
-    p = madd::<FMA>(p, r, 4.166_579_6e-2);
-    p = madd::<FMA>(p, r, 1.666_666_5e-1);
-    p = madd::<FMA>(p, r, 0.5);
-    let p = madd::<FMA>(p, r * r, r + 1.0);
-    let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
-    let scale = f32::from_bits(((ni + 127) << 23) as u32);
-    let y = p * scale;
-    if x < -87.0 {
-        0.0
-    } else {
-        y
+    let mut xc = [0.0; LANES];
+    let mut t = [0.0; LANES];
+    let mut r = [0.0; LANES];
+    let mut p = [0.0; LANES];
+    let mut out = [0.0; LANES];
+    for l in 0..LANES {
+        // A select (not f32::max) so that NaN stays NaN.
+        xc[l] = if x[l] < -87.0 { -87.0 } else { x[l] };
     }
+    for l in 0..LANES {
+        t[l] = madd::<FMA>(xc[l], LOG2E, ROUND);
+    }
+    for l in 0..LANES {
+        let n = t[l] - ROUND;
+        r[l] = madd::<FMA>(n, -LN2_LO, madd::<FMA>(n, -LN2_HI, xc[l]));
+    }
+    for l in 0..LANES {
+        let mut q = 1.987_569_1e-4_f32;
+        q = madd::<FMA>(q, r[l], 1.398_199_9e-3);
+        q = madd::<FMA>(q, r[l], 8.333_452e-3);
+        q = madd::<FMA>(q, r[l], 4.166_579_6e-2);
+        q = madd::<FMA>(q, r[l], 1.666_666_5e-1);
+        q = madd::<FMA>(q, r[l], 0.5);
+        p[l] = madd::<FMA>(q, r[l] * r[l], r[l] + 1.0);
+    }
+    for l in 0..LANES {
+        let ni = (t[l].to_bits() as i32).wrapping_sub(0x4B40_0000);
+        let scale = f32::from_bits(((ni + 127) << 23) as u32);
+        out[l] = if x[l] < -87.0 { 0.0 } else { p[l] * scale };
+    }
+    out
+}
+
+#[cfg(test)]
+fn exp_neg<const FMA: bool>(x: f32) -> f32 {
+    exp8::<FMA>([x; LANES])[0]
 }
 
 #[inline(always)]
-fn max_argmax_body(x: &[f32]) -> (f32, usize) {
+fn max_body(x: &[f32]) -> f32 {
     let mut m = [f32::NEG_INFINITY; LANES];
-    let mut idx = [0u32; LANES];
     let chunks = x.chunks_exact(LANES);
     let rem = chunks.remainder();
-    for (c, ch) in chunks.enumerate() {
+    for ch in chunks {
         for l in 0..LANES {
-            let take = ch[l] > m[l];
-            m[l] = if take { ch[l] } else { m[l] };
-            idx[l] = if take { (c * LANES + l) as u32 } else { idx[l] };
+            m[l] = if ch[l] > m[l] { ch[l] } else { m[l] };
         }
     }
     let mut best = f32::NEG_INFINITY;
-    let mut bi = usize::MAX;
+    for v in m.into_iter().chain(rem.iter().copied()) {
+        best = if v > best { v } else { best };
+    }
+    best
+}
+
+/// `(sum over x_j != m of exp(x_j - m), count of x_j == m)`: the max's own 1 (and the 1 of
+/// every tie) is kept out of the f32 sums and added back exactly by the caller.
+#[inline(always)]
+fn exp_acc<const FMA: bool>(d: V8, acc: &mut V8, cnt: &mut V8) -> V8 {
+    let e = exp8::<FMA>(d);
     for l in 0..LANES {
-        if m[l] > best || (m[l] == best && (idx[l] as usize) < bi) {
-            best = m[l];
-            bi = idx[l] as usize;
-        }
+        let is_max = d[l] == 0.0;
+        acc[l] += if is_max { 0.0 } else { e[l] };
+        cnt[l] += if is_max { 1.0 } else { 0.0 };
     }
-    let base = x.len() - rem.len();
-    for (i, &v) in rem.iter().enumerate() {
-        if v > best {
-            best = v;
-            bi = base + i;
-        }
-    }
-    if bi == usize::MAX {
-        // All -inf (or NaN): any index will do; the sums below turn it into NaN.
-        bi = 0;
-    }
-    (best, bi)
+    e
 }
 
 #[inline(always)]
-fn exp_sum_body<const FMA: bool>(x: &[f32], m: f32, mut out: Option<&mut [f32]>) -> f64 {
+fn exp_sum_body<const FMA: bool>(x: &[f32], m: f32, mut out: Option<&mut [f32]>) -> (f64, f64) {
     let mut total = 0.0f64;
+    let mut ties = 0.0f64;
     for (b, xb) in x.chunks(BLOCK).enumerate() {
         let mut acc = [0.0f32; LANES];
+        let mut cnt = [0.0f32; LANES];
+        let mut ob = out
+            .as_deref_mut()
+            .map(|o| &mut o[b * BLOCK..b * BLOCK + xb.len()]);
         let chunks = xb.chunks_exact(LANES);
         let rem = chunks.remainder();
-        match out.as_deref_mut() {
+        match ob.as_deref_mut() {
             Some(o) => {
-                let ob = &mut o[b * BLOCK..b * BLOCK + xb.len()];
-                for (ch, oc) in chunks.zip(ob.chunks_exact_mut(LANES)) {
-                    for l in 0..LANES {
-                        let e = exp_neg::<FMA>(ch[l] - m);
-                        oc[l] = e;
-                        acc[l] += e;
-                    }
-                }
-                let base = xb.len() - rem.len();
-                for (i, &v) in rem.iter().enumerate() {
-                    let e = exp_neg::<FMA>(v - m);
-                    ob[base + i] = e;
-                    acc[0] += e;
+                for (ch, oc) in chunks.zip(o.chunks_exact_mut(LANES)) {
+                    let d: V8 = std::array::from_fn(|l| ch[l] - m);
+                    oc.copy_from_slice(&exp_acc::<FMA>(d, &mut acc, &mut cnt));
                 }
             }
             None => {
                 for ch in chunks {
-                    for l in 0..LANES {
-                        acc[l] += exp_neg::<FMA>(ch[l] - m);
-                    }
-                }
-                for &v in rem {
-                    acc[0] += exp_neg::<FMA>(v - m);
+                    let d: V8 = std::array::from_fn(|l| ch[l] - m);
+                    exp_acc::<FMA>(d, &mut acc, &mut cnt);
                 }
             }
         }
+        if !rem.is_empty() {
+            // Tail padded with -inf, whose exponential is 0.
+            let mut d = [f32::NEG_INFINITY; LANES];
+            d.iter_mut().zip(rem).for_each(|(d, &v)| *d = v - m);
+            let e = exp_acc::<FMA>(d, &mut acc, &mut cnt);
+            if let Some(o) = ob {
+                let base = xb.len() - rem.len();
+                o[base..].copy_from_slice(&e[..rem.len()]);
+            }
+        }
         total += acc.iter().map(|&a| a as f64).sum::<f64>();
+        ties += cnt.iter().map(|&a| a as f64).sum::<f64>();
     }
-    total
+    (total, ties)
 }
 
 #[inline(always)]
@@ -198,13 +214,171 @@ macro_rules! multiversion {
     (@plain $body:ident) => { $body };
 }
 
-multiversion! {
-    /// The row maximum and the index of its first occurrence.
-    pub fn max_argmax(x: &[f32]) -> (f32, usize) => max_argmax_body;
+/// The row maximum (NaN entries are skipped here and surface in [`exp_sum`]).
+pub fn max(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() {
+        // SAFETY: AVX2 and FMA were just detected.
+        return unsafe { avx2::max(x) };
+    }
+    max_body(x)
 }
-multiversion! {
-    /// `sum_j exp(x_j - m)` in f64, optionally storing each `exp(x_j - m)` in `out`.
-    pub fn exp_sum(x: &[f32], m: f32, out: Option<&mut [f32]>) -> f64 => exp_sum_body::<true>;
+
+/// `(sum of exp(x_j - m) over x_j != m, number of x_j == m)` in f64, optionally storing
+/// every `exp(x_j - m)` in `out`.
+pub fn exp_sum(x: &[f32], m: f32, out: Option<&mut [f32]>) -> (f64, f64) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() {
+        // SAFETY: AVX2 and FMA were just detected.
+        return unsafe { avx2::exp_sum(x, m, out) };
+    }
+    exp_sum_body::<false>(x, m, out)
+}
+
+/// Explicit AVX2+FMA versions of the two hot loops (LLVM does not reliably vectorise the
+/// polynomial exponential on its own). Same arithmetic as [`exp8`], lane for lane.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::BLOCK;
+    use std::arch::x86_64::*;
+
+    pub fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp8(x: __m256) -> __m256 {
+        let lo = _mm256_set1_ps(-87.0);
+        let under = _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo);
+        let xc = _mm256_blendv_ps(x, lo, under);
+        let round = _mm256_set1_ps(12_582_912.0);
+        let t = _mm256_fmadd_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E), round);
+        let n = _mm256_sub_ps(t, round);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), xc);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut q = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
+            q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(c));
+        }
+        let p = _mm256_fmadd_ps(
+            q,
+            _mm256_mul_ps(r, r),
+            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+        );
+        let ni = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B40_0000));
+        let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+            ni,
+            _mm256_set1_epi32(127),
+        )));
+        _mm256_andnot_ps(under, _mm256_mul_ps(p, scale))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f64 {
+        let mut a = [0f32; 8];
+        // SAFETY: `a` has room for 8 lanes.
+        unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
+        a.iter().map(|&x| x as f64).sum()
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn max(x: &[f32]) -> f32 {
+        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+        let chunks = x.chunks_exact(8);
+        let rem = chunks.remainder();
+        for ch in chunks {
+            // SAFETY: `ch` has 8 elements.
+            let v = unsafe { _mm256_loadu_ps(ch.as_ptr()) };
+            // max_ps(v, m) returns m when v is NaN: NaN is skipped, as in the portable path.
+            m = _mm256_max_ps(v, m);
+        }
+        let mut a = [0f32; 8];
+        // SAFETY: `a` has room for 8 lanes.
+        unsafe { _mm256_storeu_ps(a.as_mut_ptr(), m) };
+        a.into_iter()
+            .chain(rem.iter().copied())
+            .fold(f32::NEG_INFINITY, |b, v| if v > b { v } else { b })
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_sum(x: &[f32], m: f32, mut out: Option<&mut [f32]>) -> (f64, f64) {
+        let mv = _mm256_set1_ps(m);
+        let zero = _mm256_setzero_ps();
+        let one = _mm256_set1_ps(1.0);
+        let (mut total, mut ties) = (0.0f64, 0.0f64);
+        for (b, xb) in x.chunks(BLOCK).enumerate() {
+            let mut acc = zero;
+            let mut cnt = zero;
+            let mut ob = out
+                .as_deref_mut()
+                .map(|o| &mut o[b * BLOCK..b * BLOCK + xb.len()]);
+            let full = xb.len() / 8 * 8;
+            let mut i = 0;
+            // Two vectors per iteration: two independent polynomial chains hide FMA latency.
+            let (mut acc2, mut cnt2) = (zero, zero);
+            while i + 16 <= full {
+                // SAFETY: i + 16 <= xb.len(), and `o` has xb.len() elements.
+                unsafe {
+                    let d0 = _mm256_sub_ps(_mm256_loadu_ps(xb.as_ptr().add(i)), mv);
+                    let d1 = _mm256_sub_ps(_mm256_loadu_ps(xb.as_ptr().add(i + 8)), mv);
+                    let (e0, e1) = (exp8(d0), exp8(d1));
+                    let (m0, m1) = (
+                        _mm256_cmp_ps::<_CMP_EQ_OQ>(d0, zero),
+                        _mm256_cmp_ps::<_CMP_EQ_OQ>(d1, zero),
+                    );
+                    acc = _mm256_add_ps(acc, _mm256_andnot_ps(m0, e0));
+                    acc2 = _mm256_add_ps(acc2, _mm256_andnot_ps(m1, e1));
+                    cnt = _mm256_add_ps(cnt, _mm256_and_ps(m0, one));
+                    cnt2 = _mm256_add_ps(cnt2, _mm256_and_ps(m1, one));
+                    if let Some(o) = ob.as_deref_mut() {
+                        _mm256_storeu_ps(o.as_mut_ptr().add(i), e0);
+                        _mm256_storeu_ps(o.as_mut_ptr().add(i + 8), e1);
+                    }
+                }
+                i += 16;
+            }
+            acc = _mm256_add_ps(acc, acc2);
+            cnt = _mm256_add_ps(cnt, cnt2);
+            let mut step = |d: __m256| -> __m256 {
+                let e = exp8(d);
+                let is_max = _mm256_cmp_ps::<_CMP_EQ_OQ>(d, zero);
+                acc = _mm256_add_ps(acc, _mm256_andnot_ps(is_max, e));
+                cnt = _mm256_add_ps(cnt, _mm256_and_ps(is_max, one));
+                e
+            };
+            while i < full {
+                // SAFETY: i + 8 <= xb.len(), and `o` has xb.len() elements.
+                unsafe {
+                    let e = step(_mm256_sub_ps(_mm256_loadu_ps(xb.as_ptr().add(i)), mv));
+                    if let Some(o) = ob.as_deref_mut() {
+                        _mm256_storeu_ps(o.as_mut_ptr().add(i), e);
+                    }
+                }
+                i += 8;
+            }
+            if full < xb.len() {
+                // Tail padded with -inf, whose exponential is 0.
+                let mut d = [f32::NEG_INFINITY; 8];
+                d.iter_mut().zip(&xb[full..]).for_each(|(d, &v)| *d = v - m);
+                let mut e = [0f32; 8];
+                // SAFETY: both arrays hold 8 lanes.
+                unsafe { _mm256_storeu_ps(e.as_mut_ptr(), step(_mm256_loadu_ps(d.as_ptr()))) };
+                if let Some(o) = ob {
+                    o[full..].copy_from_slice(&e[..xb.len() - full]);
+                }
+            }
+            total += hsum(acc);
+            ties += hsum(cnt);
+        }
+        (total, ties)
+    }
 }
 multiversion! {
     /// `(sum_j w_j x_j, sum_j w_j)` in f64 (w = 1 when `None`).
@@ -240,15 +414,48 @@ mod tests {
     }
 
     #[test]
+    fn avx2_and_portable_paths_agree() {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            let mut x: Vec<f32> = (0..4099)
+                .map(|i| ((i * 7919) % 2003) as f32 * -0.013)
+                .collect();
+            x[5] = f32::NEG_INFINITY;
+            x[77] = 0.0; // a tie with the max
+            let m = max_body(&x);
+            // SAFETY: AVX2 and FMA were just detected.
+            assert_eq!(unsafe { avx2::max(&x) }, m);
+            let (mut o1, mut o2) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+            let a = exp_sum_body::<false>(&x, m, Some(&mut o1));
+            // SAFETY: as above.
+            let b = unsafe { avx2::exp_sum(&x, m, Some(&mut o2)) };
+            assert_eq!(a.1, b.1);
+            assert!((a.0 - b.0).abs() <= 1e-6 * a.0);
+            assert!(o1
+                .iter()
+                .zip(&o2)
+                .all(|(p, q)| (p - q).abs() <= 2e-7 * p.abs()));
+            assert_eq!(o2[5], 0.0);
+            let (nan, _) = unsafe { avx2::exp_sum(&[1.0, f32::NAN, 0.5], 1.0, None) };
+            assert!(nan.is_nan());
+        }
+    }
+
+    #[test]
     fn sums_match_f64() {
         let x: Vec<f32> = (0..10_007)
             .map(|i| ((i * 7919) % 1000) as f32 * -0.01)
             .collect();
         let want: f64 = x.iter().map(|&v| (v as f64).exp()).sum();
         let mut out = vec![0.0; x.len()];
-        let got = exp_sum(&x, 0.0, Some(&mut out));
-        assert!(((got - want) / want).abs() < 1e-7);
-        assert_eq!(max_argmax(&x), (0.0, 0));
+        let (s, ties) = exp_sum(&x, 0.0, Some(&mut out));
+        assert!(((s + ties - want) / want).abs() < 1e-7);
+        assert_eq!(ties, 11.0); // x = 0 every 1000 elements
+        assert_eq!(max(&x), 0.0);
+        assert!(out
+            .iter()
+            .zip(&x)
+            .all(|(&e, &v)| ((e as f64 - (v as f64).exp()) / (v as f64).exp()).abs() < 3e-7));
         let (s, n) = weighted_sum(&x, None);
         assert_eq!(n, x.len() as f64);
         let want: f64 = x.iter().map(|&v| v as f64).sum();
