@@ -172,15 +172,16 @@ struct Stat {
 }
 
 fn push(st: Stat, z: f32) -> Stat {
-    if (z > st.m) {
-        // Old max (and its s) rescaled; an empty state (m = -inf) contributes exp(-inf) = 0.
-        return Stat(z, (st.s + 1.0) * exp(st.m - z));
-    }
-    if (z != P.neg_inf) {
-        // NaN lands here too and propagates.
-        return Stat(st.m, st.s + exp(z - st.m));
-    }
-    return st;
+    // Branch-free with one exp: SIMD lanes (lavapipe) and warps would otherwise run both
+    // sides of `z > m`, paying two exponentials per element.
+    let up = z > st.m;
+    let e = exp(-abs(z - st.m));
+    // z > m: the old max and its s rescale by e. Else: z adds e. An empty state
+    // (m = -inf) gives e = 0; NaN gives NaN and propagates.
+    let s = select(st.s + e, (st.s + 1.0) * e, up);
+    // -inf adds nothing (and -inf - -inf would be NaN).
+    let skip = z == P.neg_inf;
+    return Stat(select(max(st.m, z), st.m, skip), select(s, st.s, skip));
 }
 
 fn merge(a: Stat, b: Stat) -> Stat {
