@@ -294,7 +294,7 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
 
 /// Throughput (GB/s) against V (log scale), one line per backend.
 fn svg(rows: &[Row], op: &str) -> String {
-    let (w, h, l, r, t, b) = (720.0, 440.0, 70.0, 20.0, 40.0, 60.0);
+    let (w, h, l, r, t, b) = (720.0, 440.0, 70.0, 50.0, 40.0, 60.0);
     let lv = |v: usize| (v as f64).log2();
     let (vmin, vmax) = rows.iter().fold((f64::MAX, f64::MIN), |(a, b), r| {
         (a.min(lv(r.v)), b.max(lv(r.v)))
