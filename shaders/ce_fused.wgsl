@@ -49,17 +49,21 @@ fn main(
         return;
     }
     let row = P.row0 + r;
+    let soft = has(F_SOFT);
     let part = row_part(r, lid);
     let st = reduce_stat(part.st, lid, lane, sg, nsg);
     var acc = vec2<f32>(0.0, 0.0);
-    if (has(F_SMOOTH)) {
+    if (has(F_SMOOTH | F_SOFT)) {
         acc = reduce_v2(part.acc, lid, lane, sg, nsg);
     }
     let m = st.m;
     let s = st.s;
     let l1p = log1p_(s);
     let lse = m + l1p;
-    let t = row_target(row);
+    var t = -1;
+    if (!soft) {
+        t = row_target(row);
+    }
     let eps = P.smoothing;
     let vf = f32(P.v);
     var swn = 1.0;
@@ -78,7 +82,13 @@ fn main(
     }
     if (lid == 0u) {
         var loss = 0.0;
-        if (t >= 0) {
+        if (soft) {
+            // sum_c w_c q_c (lse - z_c), w_c the class weight.
+            loss = swn * (acc.y * lse - acc.x);
+            if (has(F_ZLOSS)) {
+                loss += P.z_loss * lse * lse;
+            }
+        } else if (t >= 0) {
             loss = w * (1.0 - eps) * ((m - zt) + l1p);
             if (has(F_SMOOTH)) {
                 loss += swn * (eps / vf) * (wtot * lse - acc.x);
@@ -109,7 +119,15 @@ fn main(
     if (has(F_ZLOSS)) {
         zc = b * 2.0 * P.z_loss * lse;
     }
-    let k = (hard + c0 * wtot + zc) / big_s;
+    if (soft) {
+        // g_j = a sw (sum_c w_c q_c) p_j - a sw w_j q_j: c0 multiplies w_j q_j below.
+        c0 = a * swn;
+    }
+    var k = (hard + c0 * wtot + zc) / big_s;
+    if (soft) {
+        k = (a * swn * acc.y + zc) / big_s;
+    }
+    let live = t >= 0 || soft;
     let tu = u32(t);
 #if VEC4
     let n4 = P.v / 4u;
@@ -118,19 +136,30 @@ fn main(
 #endif
     for (var i = lid; i < n4; i += WG) {
         var g = vec4<f32>(0.0, 0.0, 0.0, 0.0);
-        if (t >= 0) {
+        if (live) {
+            var y = vec4<f32>(0.0);
 #if VEC4
             let x = X[row_base(r) + i];
+            if (soft) {
+                y = Y[row_base(r) + i];
+            }
             let lanes = 4u;
 #else
             let x = vec4<f32>(X[row_base(r) + i], 0.0, 0.0, 0.0);
+            if (soft) {
+                y.x = Y[row_base(r) + i];
+            }
             let lanes = 1u;
 #endif
             for (var q = 0u; q < lanes; q++) {
                 let c = i * lanes + q;
                 let z = tr(x[q]);
                 let e = exp(z - m);
-                var gq = k * e - c0 * class_w(c);
+                var wc = class_w(c);
+                if (soft) {
+                    wc = wc * soft_q(y[q]);
+                }
+                var gq = k * e - c0 * wc;
                 if (c == tu) {
                     // p_t - 1 = (expm1(z_t - m) - s) / (1 + s): no cancellation when p_t ~ 1.
                     gq = hard * ((expm1_(z - m) - s) / big_s) + (k - hard / big_s) * e - c0 * class_w(c);

@@ -20,7 +20,10 @@ fn main(
     for (var r = lid; r < P.n_rows; r += WG) {
         var x = vec2<f32>(ROW_LOSS[r], 0.0);
         if (has(F_ZLOSS)) {
-            let t = T[r];
+            var t = 0;
+            if (!has(F_SOFT)) {
+                t = T[r];
+            }
             if (t != P.ignore_index && t >= 0 && t < i32(P.v)) {
                 let l = ROW_LSE[r];
                 x.y = l * l;

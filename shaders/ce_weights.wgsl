@@ -21,6 +21,19 @@ fn main(
     var comp = 0.0; // Kahan compensation
     var n = 0u;
     for (var r = lid; r < P.n_rows; r += WG) {
+        if (has(F_SOFT)) {
+            // Probability targets: every row counts, with its sample weight.
+            var wr = 1.0;
+            if (has(F_SAMPLE_W)) {
+                wr = SW[r];
+            }
+            let y = wr - comp;
+            let tot = w + y;
+            comp = (tot - w) - y;
+            w = tot;
+            n += 1u;
+            continue;
+        }
         let t = T[r];
         if (t == P.ignore_index) {
             continue;

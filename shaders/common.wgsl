@@ -12,6 +12,12 @@ const F_SMOOTH: u32 = 16u;
 const F_MEAN: u32 = 32u;
 const F_SOFTMAX: u32 = 64u;
 const F_ZLOSS: u32 = 128u;
+// Probability targets in Y instead of class indices in T.
+const F_SOFT: u32 = 256u;
+// Binary cross-entropy: pos_weight given, inputs are probabilities, element losses wanted.
+const F_POS_W: u32 = 512u;
+const F_PROBS: u32 = 1024u;
+const F_ELEM: u32 = 2048u;
 
 struct Params {
     n_rows: u32,
@@ -31,7 +37,8 @@ struct Params {
     // Elements between the start of the X / OUT bindings and row 0 of the chunk (chunks
     // are bound at offsets rounded down to the device's alignment).
     x_off: u32,
-    _pad1: u32,
+    // First partial-sum slot of this chunk (binary cross-entropy).
+    part_off: u32,
     _pad2: u32,
 }
 
@@ -77,6 +84,16 @@ struct Scalars {
 #else
 @group(0) @binding(8) var<storage, read_write> OUT: array<f32>;
 #endif
+
+// Probability targets (F_SOFT), laid out and chunked like X.
+#if VEC4
+@group(0) @binding(9) var<storage, read> Y: array<vec4<f32>>;
+#else
+@group(0) @binding(9) var<storage, read> Y: array<f32>;
+#endif
+
+// pos_weight of binary cross-entropy [C].
+@group(0) @binding(10) var<storage, read> PW: array<f32>;
 
 fn has(flag: u32) -> bool {
     return (P.flags & flag) != 0u;
@@ -304,10 +321,20 @@ fn class_w(c: u32) -> f32 {
     return 1.0;
 }
 
-fn visit(p: RowPart, z: f32, c: u32) -> RowPart {
+// Smoothed target probability q_c = (1 - eps) y_c + eps / V (F_SOFT).
+fn soft_q(y: f32) -> f32 {
+    return (1.0 - P.smoothing) * y + P.smoothing / f32(P.v);
+}
+
+// acc gathers (sum_c w_c z_c, sum_c w_c) where w_c is the class weight (label smoothing) or
+// the class weight times q_c (probability targets).
+fn visit(p: RowPart, z: f32, c: u32, y: f32) -> RowPart {
     var q = RowPart(push(p.st, z), p.acc);
-    if (has(F_SMOOTH)) {
-        let w = class_w(c);
+    if (has(F_SMOOTH | F_SOFT)) {
+        var w = class_w(c);
+        if (has(F_SOFT)) {
+            w = w * soft_q(y);
+        }
         q.acc += vec2<f32>(w * z, w);
     }
     return q;
@@ -315,20 +342,28 @@ fn visit(p: RowPart, z: f32, c: u32) -> RowPart {
 
 fn row_part(r: u32, lid: u32) -> RowPart {
     var p = RowPart(Stat(P.neg_inf, 0.0), vec2<f32>(0.0, 0.0));
+    let soft = has(F_SOFT);
+    let base = row_base(r);
 #if VEC4
     let v4 = P.v / 4u;
-    let base = row_base(r);
     for (var i = lid; i < v4; i += WG) {
         let x = X[base + i];
-        p = visit(p, tr(x.x), 4u * i);
-        p = visit(p, tr(x.y), 4u * i + 1u);
-        p = visit(p, tr(x.z), 4u * i + 2u);
-        p = visit(p, tr(x.w), 4u * i + 3u);
+        var y = vec4<f32>(0.0);
+        if (soft) {
+            y = Y[base + i];
+        }
+        p = visit(p, tr(x.x), 4u * i, y.x);
+        p = visit(p, tr(x.y), 4u * i + 1u, y.y);
+        p = visit(p, tr(x.z), 4u * i + 2u, y.z);
+        p = visit(p, tr(x.w), 4u * i + 3u, y.w);
     }
 #else
-    let base = row_base(r);
     for (var i = lid; i < P.v; i += WG) {
-        p = visit(p, tr(X[base + i]), i);
+        var y = 0.0;
+        if (soft) {
+            y = Y[base + i];
+        }
+        p = visit(p, tr(X[base + i]), i, y);
     }
 #endif
     return p;

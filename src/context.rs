@@ -29,6 +29,9 @@ impl Default for GpuOptions {
     }
 }
 
+/// Binding slots shared by every kernel (see `shaders/common.wgsl`).
+pub(crate) const SLOTS: usize = 11;
+
 pub(crate) struct Kernel {
     pub pipeline: wgpu::ComputePipeline,
     pub layout: wgpu::BindGroupLayout,
@@ -142,7 +145,7 @@ impl GpuContext {
         }
         // Placeholders for binding slots a kernel variant does not use (one per slot, so a
         // read-only and a read-write use never meet on one buffer).
-        let placeholders = (0..9)
+        let placeholders = (0..SLOTS)
             .map(|i| {
                 device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some(&format!("xent placeholder {i}")),
@@ -260,6 +263,8 @@ impl GpuContext {
         for b in 5..=8 {
             entries.push(storage(b, false));
         }
+        entries.push(storage(9, true));
+        entries.push(storage(10, true));
         let layout = self
             .device
             .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {

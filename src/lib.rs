@@ -34,7 +34,9 @@ pub mod kernels;
 pub mod npy;
 pub mod workload;
 
-pub use api::config::{CeOutput, CrossEntropy, GradMode, Reduction, SoftmaxKind};
+pub use api::config::{
+    Bce, BceOutput, BceWeight, CeOutput, CrossEntropy, GradMode, Reduction, SoftmaxKind,
+};
 pub use api::targets::Targets;
 pub use api::Backend;
 pub use context::{GpuContext, GpuOptions};

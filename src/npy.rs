@@ -192,6 +192,21 @@ pub fn read_f32_2d(path: impl AsRef<Path>, what: &str) -> Result<Array2<f32>> {
     }
 }
 
+/// Reads an f32 array of any rank.
+pub fn read_f32_nd(path: impl AsRef<Path>, what: &str) -> Result<ArrayD<f32>> {
+    let path = path.as_ref();
+    let npy = read(path)?;
+    match npy.data {
+        NpyData::F32(v) => {
+            Ok(ArrayD::from_shape_vec(IxDyn(&npy.shape), v).expect("shape matches data"))
+        }
+        d => Err(fmt_err(
+            path,
+            format!("{what} must be float32, got {}", d.dtype()),
+        )),
+    }
+}
+
 /// Reads an f32 `[N]` array (weights).
 pub fn read_f32_1d(path: impl AsRef<Path>, what: &str) -> Result<Array1<f32>> {
     let path = path.as_ref();

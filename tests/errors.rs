@@ -214,3 +214,28 @@ fn errors_print_one_line_messages() {
         .to_string()
         .contains("apt-get install mesa-vulkan-drivers"));
 }
+
+#[test]
+fn bad_probability_targets() {
+    let x = Array2::<f32>::zeros((2, 3));
+    each_backend(|name, b| {
+        let y = array![[0.5f32, 0.5, 0.0], [0.2, -0.1, 0.9]];
+        let e = b
+            .cross_entropy_soft(x.view(), y.view(), &CrossEntropy::default())
+            .unwrap_err();
+        assert!(
+            matches!(e, XentError::InvalidOption(ref m) if m.contains("row 1")),
+            "{name}: {e}"
+        );
+        let y = array![[0.5f32, f32::NAN, 0.0], [0.2, 0.1, 0.7]];
+        assert!(matches!(
+            b.cross_entropy_soft(x.view(), y.view(), &CrossEntropy::default()),
+            Err(XentError::InvalidOption(_))
+        ));
+        let y = Array2::<f32>::zeros((2, 4));
+        let e = b
+            .cross_entropy_soft(x.view(), y.view(), &CrossEntropy::default())
+            .unwrap_err();
+        assert!(matches!(e, XentError::Shape(_)), "{name}: {e}");
+    });
+}

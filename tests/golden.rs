@@ -143,6 +143,117 @@ fn cases(backend: &str) -> usize {
                     );
                 }
             }
+            "cross_entropy_soft" => {
+                let grad = scratch(&format!("{backend}-{name}-grad.npy"));
+                let args: Vec<String> = vec![
+                    "eval".into(),
+                    "--json".into(),
+                    "--backend".into(),
+                    backend.into(),
+                    "--logits".into(),
+                    p(&inputs["logits"]),
+                    "--target-probs".into(),
+                    p(&inputs["target_probs"]),
+                    "--reduction".into(),
+                    params["reduction"].as_str().unwrap().into(),
+                    "--label-smoothing".into(),
+                    params["label_smoothing"].to_string(),
+                    "--grad-out".into(),
+                    grad.display().to_string(),
+                ];
+                let out = run(&args);
+                assert_scalar(
+                    &format!("{backend} {name} loss"),
+                    number(&out["loss"]),
+                    number(&expected["loss"]),
+                    2e-6,
+                    2e-6,
+                );
+                let want = npy::read_f64(p(&expected["grad"]))
+                    .unwrap()
+                    .into_dimensionality()
+                    .unwrap();
+                let got = npy::read_f32_2d(&grad, "grad").unwrap();
+                assert_close_2d(
+                    &format!("{backend} {name} grad"),
+                    got.view(),
+                    want.view(),
+                    1e-7,
+                    2e-5,
+                );
+            }
+            op @ ("bce_with_logits" | "bce") => {
+                let grad = scratch(&format!("{backend}-{name}-grad.npy"));
+                let rows = scratch(&format!("{backend}-{name}-elem.npy"));
+                let input = if op == "bce" {
+                    ("--probs", &inputs["probs"])
+                } else {
+                    ("--logits", &inputs["logits"])
+                };
+                let mut args: Vec<String> = vec![
+                    "bce".into(),
+                    "--json".into(),
+                    "--backend".into(),
+                    backend.into(),
+                ];
+                args.extend([
+                    input.0.to_string(),
+                    p(input.1),
+                    "--targets".into(),
+                    p(&inputs["targets"]),
+                ]);
+                args.extend([
+                    "--reduction".into(),
+                    params["reduction"].as_str().unwrap().into(),
+                ]);
+                for (flag, key) in [("--weight", "weight"), ("--pos-weight", "pos_weight")] {
+                    if let Some(f) = inputs.get(key) {
+                        args.extend([flag.into(), p(f)]);
+                    }
+                }
+                args.extend([
+                    "--grad-out".into(),
+                    grad.display().to_string(),
+                    "--loss-out".into(),
+                    rows.display().to_string(),
+                ]);
+                let out = run(&args);
+                match &expected["loss"] {
+                    Value::String(f) if f.ends_with(".npy") => {
+                        assert!(out["loss"].is_null());
+                        let want = npy::read_f64(dir.join(f))
+                            .unwrap()
+                            .into_dimensionality()
+                            .unwrap();
+                        let got = npy::read_f32_2d(&rows, "elem").unwrap();
+                        assert_close_2d(
+                            &format!("{backend} {name} element loss"),
+                            got.view(),
+                            want.view(),
+                            2e-6,
+                            2e-6,
+                        );
+                    }
+                    v => assert_scalar(
+                        &format!("{backend} {name} loss"),
+                        number(&out["loss"]),
+                        number(v),
+                        2e-6,
+                        2e-6,
+                    ),
+                }
+                if let Some(g) = expected.get("grad") {
+                    let want = npy::read_f64(p(g)).unwrap().into_dimensionality().unwrap();
+                    let got = npy::read_f32_2d(&grad, "grad").unwrap();
+                    assert_close_2d(
+                        &format!("{backend} {name} grad"),
+                        got.view(),
+                        want.view(),
+                        1e-7,
+                        2e-5,
+                    );
+                }
+            }
             "log_softmax" => {
                 let outp = scratch(&format!("{backend}-{name}-out.npy"));
                 let args: Vec<String> = vec![
@@ -175,7 +286,18 @@ fn cases(backend: &str) -> usize {
     }
     let expected = manifest()
         .iter()
-        .filter(|c| matches!(c["op"].as_str(), Some("cross_entropy" | "log_softmax")))
+        .filter(|c| {
+            matches!(
+                c["op"].as_str(),
+                Some(
+                    "cross_entropy"
+                        | "cross_entropy_soft"
+                        | "log_softmax"
+                        | "bce_with_logits"
+                        | "bce"
+                )
+            )
+        })
         .count();
     assert_eq!(ran, expected);
     ran
@@ -183,7 +305,7 @@ fn cases(backend: &str) -> usize {
 
 #[test]
 fn golden_cross_entropy_and_log_softmax_cpu() {
-    assert!(cases("cpu") >= 55);
+    assert!(cases("cpu") >= 61);
 }
 
 #[test]
@@ -191,5 +313,5 @@ fn golden_cross_entropy_and_log_softmax_gpu() {
     if gpu().is_none() {
         return; // gpu() printed the skip (or panicked under XENT_REQUIRE_GPU)
     }
-    assert!(cases("gpu") >= 55);
+    assert!(cases("gpu") >= 61);
 }

@@ -97,8 +97,32 @@ impl Backend for GpuRef {
     ) -> Result<CeOutput> {
         self.0.cross_entropy_in_place(l, t, c)
     }
+    fn cross_entropy_soft(
+        &self,
+        l: ndarray::ArrayView2<f32>,
+        p: ndarray::ArrayView2<f32>,
+        c: &CrossEntropy,
+    ) -> Result<CeOutput> {
+        self.0.cross_entropy_soft(l, p, c)
+    }
     fn log_softmax(&self, l: ndarray::ArrayView2<f32>, k: SoftmaxKind) -> Result<Array2<f32>> {
         self.0.log_softmax(l, k)
+    }
+    fn bce_with_logits(
+        &self,
+        x: ndarray::ArrayView2<f32>,
+        y: ndarray::ArrayView2<f32>,
+        c: &Bce,
+    ) -> Result<BceOutput> {
+        self.0.bce_with_logits(x, y, c)
+    }
+    fn bce(
+        &self,
+        p: ndarray::ArrayView2<f32>,
+        y: ndarray::ArrayView2<f32>,
+        c: &Bce,
+    ) -> Result<BceOutput> {
+        self.0.bce(p, y, c)
     }
 }
 
@@ -354,5 +378,219 @@ fn int32_targets_match_int64() {
         let a = b.cross_entropy(x.view(), t.view().into(), &cfg).unwrap();
         let c = b.cross_entropy(x.view(), t32.view().into(), &cfg).unwrap();
         assert_eq!(a.loss, c.loss, "{name}");
+    }
+}
+
+#[test]
+fn probability_targets() {
+    let mut rng = Rng(23);
+    for &(n, v) in &[(1, 1), (6, 7), (13, 256), (9, 3001)] {
+        let x = rng.logits(n, v, 3.0);
+        // Rows of random probabilities, some with zeros.
+        let mut y = Array2::from_shape_fn((n, v), |_| {
+            if rng.uniform() < 0.3 {
+                0.0
+            } else {
+                rng.uniform() as f32
+            }
+        });
+        for mut row in y.rows_mut() {
+            let s: f32 = row.sum().max(1e-6);
+            row.mapv_inplace(|p| p / s);
+        }
+        let cw = Array1::from_shape_fn(v, |_| (0.5 + rng.uniform()) as f32);
+        let sw = Array1::from_shape_fn(n, |_| (0.5 + rng.uniform()) as f32);
+        let base = CrossEntropy {
+            grad: GradMode::Separate,
+            per_row: true,
+            ..Default::default()
+        };
+        let cfgs = [
+            base.clone(),
+            CrossEntropy {
+                label_smoothing: 0.2,
+                ..base.clone()
+            },
+            CrossEntropy {
+                class_weight: Some(cw.clone()),
+                sample_weight: Some(sw.clone()),
+                ..base.clone()
+            },
+            CrossEntropy {
+                z_loss: 1e-3,
+                softcap: Some(4.0),
+                temperature: 1.5,
+                ..base.clone()
+            },
+        ];
+        for cfg in &cfgs {
+            for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+                let cfg = CrossEntropy {
+                    reduction,
+                    ..cfg.clone()
+                };
+                let r = reference::cross_entropy_soft(x.view(), y.view(), &cfg).unwrap();
+                for (name, b) in backends() {
+                    let o = b.cross_entropy_soft(x.view(), y.view(), &cfg).unwrap();
+                    let what = format!("{name} soft {n}x{v} {reduction:?}");
+                    assert_scalar(&format!("{what} loss"), o.loss, r.loss, 1e-6, 1e-5);
+                    assert_eq!(o.counted, n as u64);
+                    assert_close_1d(
+                        &format!("{what} rows"),
+                        o.row_loss.as_ref().unwrap().view(),
+                        r.row_loss.view(),
+                        1e-5,
+                        1e-5,
+                    );
+                    let scale = r
+                        .grad
+                        .iter()
+                        .fold(0.0f64, |m, &g| m.max(g.abs()))
+                        .max(1e-30);
+                    assert_close_2d(
+                        &format!("{what} grad"),
+                        o.grad.as_ref().unwrap().view(),
+                        r.grad.view(),
+                        2e-6 * scale,
+                        1e-4,
+                    );
+                }
+            }
+        }
+        // One-hot probabilities reproduce class-index targets.
+        let t = rng.targets(n, v, 0);
+        let onehot =
+            Array2::from_shape_fn((n, v), |(i, c)| if t[i] == c as i64 { 1.0f32 } else { 0.0 });
+        let cfg = CrossEntropy {
+            label_smoothing: 0.1,
+            ..base.clone()
+        };
+        for (name, b) in backends() {
+            let h = b.cross_entropy(x.view(), t.view().into(), &cfg).unwrap();
+            let s = b.cross_entropy_soft(x.view(), onehot.view(), &cfg).unwrap();
+            assert_scalar(&format!("{name} one-hot"), s.loss, h.loss, 1e-6, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn binary_cross_entropy() {
+    let mut rng = Rng(29);
+    let cpu = Cpu::new();
+    for &(n, c) in &[(1, 1), (20, 7), (300, 33), (5, 5000)] {
+        // Logits up to |x| = 1e4 must neither overflow nor hit log(0).
+        let x = Array2::from_shape_fn((n, c), |(i, j)| {
+            if (i + j) % 11 == 0 {
+                if (i + j) % 2 == 0 {
+                    1e4
+                } else {
+                    -1e4
+                }
+            } else {
+                (rng.normal() * 6.0) as f32
+            }
+        });
+        let p = x.mapv(|v| 1.0 / (1.0 + (-v / 1e3).exp()));
+        let y = Array2::from_shape_fn((n, c), |_| {
+            if rng.uniform() < 0.3 {
+                rng.uniform() as f32
+            } else {
+                (rng.below(2)) as f32
+            }
+        });
+        let wc = Array1::from_shape_fn(c, |_| (0.5 + rng.uniform()) as f32);
+        let we = Array2::from_shape_fn((n, c), |_| (0.5 + rng.uniform()) as f32);
+        let pw = Array1::from_shape_fn(c, |_| (0.2 + 3.0 * rng.uniform()) as f32);
+        for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+            let cfgs = [
+                Bce {
+                    reduction,
+                    grad: true,
+                    ..Default::default()
+                },
+                Bce {
+                    reduction,
+                    grad: true,
+                    weight: Some(BceWeight::PerClass(wc.clone())),
+                    pos_weight: Some(pw.clone()),
+                    grad_scale: 2.0,
+                },
+                Bce {
+                    reduction,
+                    grad: true,
+                    weight: Some(BceWeight::PerElement(we.clone())),
+                    ..Default::default()
+                },
+            ];
+            for cfg in &cfgs {
+                let want = cpu.bce_with_logits(x.view(), y.view(), cfg).unwrap();
+                assert!(want.loss.is_finite());
+                let want_p = cpu
+                    .bce(
+                        p.view(),
+                        y.view(),
+                        &Bce {
+                            pos_weight: None,
+                            ..cfg.clone()
+                        },
+                    )
+                    .unwrap();
+                for (name, g) in gpus() {
+                    let what = format!("{name} bce {n}x{c} {reduction:?}");
+                    let got = g.bce_with_logits(x.view(), y.view(), cfg).unwrap();
+                    assert_scalar(&format!("{what} loss"), got.loss, want.loss, 1e-6, 2e-6);
+                    // With soft targets the two gradient terms cancel: the error is relative to the
+                    // gradient's scale, not to each (possibly tiny) element.
+                    let (gg, wg) = (
+                        got.grad.unwrap(),
+                        want.grad.as_ref().unwrap().mapv(f64::from),
+                    );
+                    let scale = wg.iter().fold(0.0f64, |m, &v| m.max(v.abs()));
+                    assert_close_2d(
+                        &format!("{what} grad"),
+                        gg.view(),
+                        wg.view(),
+                        1e-6 * scale,
+                        1e-5,
+                    );
+                    if reduction == Reduction::None {
+                        let we = want.elem_loss.as_ref().unwrap().mapv(f64::from);
+                        assert_close_2d(
+                            &format!("{what} elements"),
+                            got.elem_loss.unwrap().view(),
+                            we.view(),
+                            1e-6,
+                            2e-6,
+                        );
+                    }
+                    let got = g
+                        .bce(
+                            p.view(),
+                            y.view(),
+                            &Bce {
+                                pos_weight: None,
+                                ..cfg.clone()
+                            },
+                        )
+                        .unwrap();
+                    assert_scalar(
+                        &format!("{what} probs loss"),
+                        got.loss,
+                        want_p.loss,
+                        1e-6,
+                        1e-5,
+                    );
+                    let wg = want_p.grad.as_ref().unwrap().mapv(f64::from);
+                    let scale = wg.iter().fold(0.0f64, |m, &v| m.max(v.abs()));
+                    assert_close_2d(
+                        &format!("{what} probs grad"),
+                        got.grad.unwrap().view(),
+                        wg.view(),
+                        1e-6 * scale,
+                        1e-4,
+                    );
+                }
+            }
+        }
     }
 }

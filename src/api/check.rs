@@ -1,5 +1,7 @@
 //! Input checks shared by every backend, so that all of them reject the same inputs the same way.
 
+use ndarray::ArrayView2;
+
 use crate::api::config::CrossEntropy;
 use crate::error::{Result, XentError};
 
@@ -27,4 +29,103 @@ pub(crate) fn ce_inputs(n: usize, v: usize, targets: usize, cfg: &CrossEntropy) 
         )));
     }
     cfg.validate(v)
+}
+
+/// Checks the shapes and options of a probability-target cross-entropy call: the targets match
+/// the logits in shape and are finite and non-negative.
+pub(crate) fn soft_inputs(
+    logits: (usize, usize),
+    probs: ArrayView2<f32>,
+    cfg: &CrossEntropy,
+) -> Result<()> {
+    let (n, v) = logits;
+    if probs.dim() != (n, v) {
+        return Err(XentError::Shape(format!(
+            "logits are [{n}, {v}] but target probabilities are {:?}",
+            probs.dim()
+        )));
+    }
+    ce_inputs(n, v, n, cfg)?;
+    if let Some(((r, c), &p)) = probs
+        .indexed_iter()
+        .find(|(_, &p)| !(p >= 0.0 && p.is_finite()))
+    {
+        return Err(XentError::InvalidOption(format!(
+            "target probabilities must be finite and >= 0, got {p} at row {r}, class {c}"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether BCE's input is logits or probabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BceInput {
+    Logits,
+    Probs,
+}
+
+/// Checks binary cross-entropy inputs: equal shapes, targets in [0, 1], probabilities in
+/// [0, 1], weights that broadcast, pos_weight only with logits.
+pub(crate) fn bce_inputs(
+    x: ArrayView2<f32>,
+    y: ArrayView2<f32>,
+    cfg: &crate::api::config::Bce,
+    input: BceInput,
+) -> Result<()> {
+    use crate::api::config::BceWeight;
+    let (n, c) = x.dim();
+    if y.dim() != (n, c) {
+        return Err(XentError::Shape(format!(
+            "inputs are [{n}, {c}] but targets are {:?}",
+            y.dim()
+        )));
+    }
+    let bad_y = y.indexed_iter().find(|(_, &t)| !(0.0..=1.0).contains(&t));
+    if let Some(((r, k), &t)) = bad_y {
+        return Err(XentError::InvalidOption(format!(
+            "targets must be in [0, 1], got {t} at [{r}, {k}]"
+        )));
+    }
+    if input == BceInput::Probs {
+        if let Some(((r, k), &p)) = x.indexed_iter().find(|(_, &p)| !(0.0..=1.0).contains(&p)) {
+            return Err(XentError::InvalidOption(format!(
+                "probabilities must be in [0, 1], got {p} at [{r}, {k}]"
+            )));
+        }
+        if cfg.pos_weight.is_some() {
+            return Err(XentError::InvalidOption(
+                "pos_weight applies to logits only".into(),
+            ));
+        }
+    }
+    match &cfg.weight {
+        Some(BceWeight::PerClass(w)) if w.len() != c => {
+            return Err(XentError::Shape(format!(
+                "weight has {} entries but the inputs have {c} columns",
+                w.len()
+            )))
+        }
+        Some(BceWeight::PerElement(w)) if w.dim() != (n, c) => {
+            return Err(XentError::Shape(format!(
+                "weight is {:?} but the inputs are [{n}, {c}]",
+                w.dim()
+            )))
+        }
+        _ => {}
+    }
+    if let Some(pw) = &cfg.pos_weight {
+        if pw.len() != c {
+            return Err(XentError::Shape(format!(
+                "pos_weight has {} entries but the inputs have {c} columns",
+                pw.len()
+            )));
+        }
+    }
+    if !cfg.grad_scale.is_finite() {
+        return Err(XentError::InvalidOption(format!(
+            "grad_scale must be finite, got {}",
+            cfg.grad_scale
+        )));
+    }
+    Ok(())
 }

@@ -178,3 +178,67 @@ pub enum SoftmaxKind {
     /// `exp(x - lse(x))`.
     Softmax,
 }
+
+/// Weights of binary cross-entropy, broadcast like PyTorch's `weight`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BceWeight {
+    /// One weight per class (last dimension) `[C]`.
+    PerClass(Array1<f32>),
+    /// One weight per element `[N, C]`.
+    PerElement(ndarray::Array2<f32>),
+}
+
+/// Options of binary cross-entropy (`binary_cross_entropy_with_logits` / `binary_cross_entropy`).
+///
+/// From logits `x`, targets `y` in `[0, 1]` (soft targets allowed):
+///
+/// ```text
+/// l = w [ pos_weight y softplus(-x) + (1 - y) softplus(x) ]      (= -w [pw y log s(x) + (1-y) log(1-s(x))])
+/// ```
+///
+/// stable for any |x|. From probabilities `p`: `l = -w [y max(log p, -100) + (1-y) max(log(1-p), -100)]`.
+/// `Mean` averages over all elements.
+///
+/// ```
+/// use xent::{Bce, Reduction};
+/// let cfg = Bce { reduction: Reduction::Sum, grad: true, ..Default::default() };
+/// assert!(cfg.pos_weight.is_none());
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bce {
+    /// How elements are combined.
+    pub reduction: Reduction,
+    /// Optional weights.
+    pub weight: Option<BceWeight>,
+    /// Optional weight of positive targets per class `[C]` (logits only).
+    pub pos_weight: Option<Array1<f32>>,
+    /// Also return d(loss)/d(input).
+    pub grad: bool,
+    /// Upstream gradient multiplied into the gradient.
+    pub grad_scale: f32,
+}
+
+impl Default for Bce {
+    fn default() -> Self {
+        Bce {
+            reduction: Reduction::Mean,
+            weight: None,
+            pos_weight: None,
+            grad: false,
+            grad_scale: 1.0,
+        }
+    }
+}
+
+/// Result of a binary cross-entropy evaluation.
+#[derive(Debug, Clone)]
+pub struct BceOutput {
+    /// Reduced loss (for `Reduction::None`, the sum of the element losses).
+    pub loss: f64,
+    /// Number of elements.
+    pub elements: u64,
+    /// Element losses, for `Reduction::None`.
+    pub elem_loss: Option<ndarray::Array2<f32>>,
+    /// Gradient w.r.t. the input (logits or probabilities), when asked for.
+    pub grad: Option<ndarray::Array2<f32>>,
+}

@@ -9,7 +9,7 @@ use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 use crate::context::GpuContext;
 use crate::cpu::Cpu;
 use crate::error::Result;
-use config::{CeOutput, CrossEntropy, SoftmaxKind};
+use config::{Bce, BceOutput, CeOutput, CrossEntropy, SoftmaxKind};
 use targets::Targets;
 
 /// What both backends offer, so that user code and benchmarks run either with the same code.
@@ -40,8 +40,25 @@ pub trait Backend {
         targets: Targets,
         cfg: &CrossEntropy,
     ) -> Result<CeOutput>;
+    /// Cross-entropy with probability targets `[N, V]`.
+    fn cross_entropy_soft(
+        &self,
+        logits: ArrayView2<f32>,
+        probs: ArrayView2<f32>,
+        cfg: &CrossEntropy,
+    ) -> Result<CeOutput>;
     /// Row-wise log-softmax or softmax.
     fn log_softmax(&self, logits: ArrayView2<f32>, kind: SoftmaxKind) -> Result<Array2<f32>>;
+    /// Binary cross-entropy from logits.
+    fn bce_with_logits(
+        &self,
+        logits: ArrayView2<f32>,
+        targets: ArrayView2<f32>,
+        cfg: &Bce,
+    ) -> Result<BceOutput>;
+    /// Binary cross-entropy from probabilities.
+    fn bce(&self, probs: ArrayView2<f32>, targets: ArrayView2<f32>, cfg: &Bce)
+        -> Result<BceOutput>;
 }
 
 impl Backend for Cpu {
@@ -64,8 +81,27 @@ impl Backend for Cpu {
     ) -> Result<CeOutput> {
         Cpu::cross_entropy_in_place(self, l, t, cfg)
     }
+    fn cross_entropy_soft(
+        &self,
+        l: ArrayView2<f32>,
+        p: ArrayView2<f32>,
+        cfg: &CrossEntropy,
+    ) -> Result<CeOutput> {
+        Cpu::cross_entropy_soft(self, l, p, cfg)
+    }
     fn log_softmax(&self, logits: ArrayView2<f32>, kind: SoftmaxKind) -> Result<Array2<f32>> {
         Cpu::log_softmax(self, logits, kind)
+    }
+    fn bce_with_logits(
+        &self,
+        x: ArrayView2<f32>,
+        y: ArrayView2<f32>,
+        cfg: &Bce,
+    ) -> Result<BceOutput> {
+        Cpu::bce_with_logits(self, x, y, cfg)
+    }
+    fn bce(&self, p: ArrayView2<f32>, y: ArrayView2<f32>, cfg: &Bce) -> Result<BceOutput> {
+        Cpu::bce(self, p, y, cfg)
     }
 }
 
@@ -89,7 +125,26 @@ impl Backend for GpuContext {
     ) -> Result<CeOutput> {
         GpuContext::cross_entropy_in_place(self, l, t, cfg)
     }
+    fn cross_entropy_soft(
+        &self,
+        l: ArrayView2<f32>,
+        p: ArrayView2<f32>,
+        cfg: &CrossEntropy,
+    ) -> Result<CeOutput> {
+        GpuContext::cross_entropy_soft(self, l, p, cfg)
+    }
     fn log_softmax(&self, logits: ArrayView2<f32>, kind: SoftmaxKind) -> Result<Array2<f32>> {
         GpuContext::log_softmax(self, logits, kind)
+    }
+    fn bce_with_logits(
+        &self,
+        x: ArrayView2<f32>,
+        y: ArrayView2<f32>,
+        cfg: &Bce,
+    ) -> Result<BceOutput> {
+        GpuContext::bce_with_logits(self, x, y, cfg)
+    }
+    fn bce(&self, p: ArrayView2<f32>, y: ArrayView2<f32>, cfg: &Bce) -> Result<BceOutput> {
+        GpuContext::bce(self, p, y, cfg)
     }
 }

@@ -16,14 +16,31 @@ pub(crate) enum ReductionArg {
     None,
 }
 
+impl From<ReductionArg> for Reduction {
+    fn from(r: ReductionArg) -> Reduction {
+        match r {
+            ReductionArg::Mean => Reduction::Mean,
+            ReductionArg::Sum => Reduction::Sum,
+            ReductionArg::None => Reduction::None,
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub(crate) struct EvalArgs {
     /// Logits, float32 [N, V].
     #[arg(long)]
     logits: PathBuf,
     /// Class indices, int64 or int32 [N].
+    #[arg(
+        long,
+        required_unless_present = "target_probs",
+        conflicts_with = "target_probs"
+    )]
+    targets: Option<PathBuf>,
+    /// Target probabilities, float32 [N, V] (instead of --targets).
     #[arg(long)]
-    targets: PathBuf,
+    target_probs: Option<PathBuf>,
     #[command(flatten)]
     backend: BackendArgs,
     /// How row losses are combined.
@@ -65,7 +82,6 @@ pub(crate) fn run_eval(a: &EvalArgs) -> Result<()> {
     check_out(&a.grad_out)?;
     check_out(&a.loss_out)?;
     let logits = npy::read_f32_2d(&a.logits, "logits")?;
-    let targets = npy::read_targets(&a.targets)?;
     let (n, v) = logits.dim();
     let class_weight = a
         .class_weight
@@ -77,11 +93,7 @@ pub(crate) fn run_eval(a: &EvalArgs) -> Result<()> {
         .as_ref()
         .map(|p| npy::read_f32_1d(p, "sample weights"))
         .transpose()?;
-    let reduction = match a.reduction {
-        ReductionArg::Mean => Reduction::Mean,
-        ReductionArg::Sum => Reduction::Sum,
-        ReductionArg::None => Reduction::None,
-    };
+    let reduction = a.reduction.into();
     let cfg = CrossEntropy {
         reduction,
         ignore_index: a.ignore_index,
@@ -100,9 +112,28 @@ pub(crate) fn run_eval(a: &EvalArgs) -> Result<()> {
         per_row: a.loss_out.is_some(),
     };
     // Shape and option errors before opening a device.
-    crate::api::check::ce_inputs(n, v, targets.len(), &cfg)?;
-    let backend = a.backend.open()?;
-    let out = backend.cross_entropy(logits.view(), targets.view().into(), &cfg)?;
+    let out = match (&a.targets, &a.target_probs) {
+        (Some(t), _) => {
+            let targets = npy::read_targets(t)?;
+            crate::api::check::ce_inputs(n, v, targets.len(), &cfg)?;
+            let backend = a.backend.open()?;
+            (
+                backend.cross_entropy(logits.view(), targets.view().into(), &cfg)?,
+                backend.name(),
+            )
+        }
+        (None, Some(p)) => {
+            let probs = npy::read_f32_2d(p, "target probabilities")?;
+            crate::api::check::soft_inputs((n, v), probs.view(), &cfg)?;
+            let backend = a.backend.open()?;
+            (
+                backend.cross_entropy_soft(logits.view(), probs.view(), &cfg)?,
+                backend.name(),
+            )
+        }
+        (None, None) => unreachable!("clap requires --targets or --target-probs"),
+    };
+    let (out, backend_name) = out;
     if let (Some(p), Some(g)) = (&a.grad_out, &out.grad) {
         npy::write_f32(p, &[n, v], g.as_slice().expect("standard layout"))?;
     }
@@ -120,7 +151,7 @@ pub(crate) fn run_eval(a: &EvalArgs) -> Result<()> {
         .set("classes", v)
         .set("counted", out.counted)
         .num("weight_sum", out.weight_sum)
-        .set("backend", backend.name())
+        .set("backend", backend_name)
         .set("reduction", format!("{:?}", a.reduction).to_lowercase());
     let obj = if reduction == Reduction::Mean {
         obj.num("perplexity", out.loss.exp())

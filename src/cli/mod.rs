@@ -2,6 +2,7 @@
 //!
 //! Every failure ends in one line on stderr, `error: ...`, and a non-zero exit code.
 
+mod bce;
 mod bench;
 mod default_job;
 mod eval;
@@ -31,6 +32,8 @@ enum Cmd {
     Eval(eval::EvalArgs),
     /// Row-wise log-softmax (or softmax) of logits in a .npy file.
     LogSoftmax(eval::LogSoftmaxArgs),
+    /// Binary cross-entropy from logits or probabilities.
+    Bce(bce::BceArgs),
     /// Time cross-entropy on the CPU and GPU over a set of shapes.
     Bench(bench::BenchArgs),
     /// The default job: a seeded 4096 x 32000 workload on GPU and CPU, compared.
@@ -120,6 +123,7 @@ pub fn main() -> i32 {
         Some(Cmd::Eval(a)) => eval::run_eval(&a),
         Some(Cmd::LogSoftmax(a)) => eval::run_log_softmax(&a),
         Some(Cmd::Bench(a)) => bench::run(&a),
+        Some(Cmd::Bce(a)) => bce::run(&a),
     };
     match res {
         Ok(()) => 0,

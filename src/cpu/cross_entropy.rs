@@ -26,6 +26,8 @@ struct RowCtx<'a> {
     /// Sum of class weights (V without weights).
     wtot: f64,
     transform: bool,
+    /// Probability targets `[N, V]` (row-major) instead of class indices.
+    probs: Option<&'a [f32]>,
 }
 
 /// Where a task reads its logits and writes its gradient.
@@ -69,6 +71,9 @@ impl RowCtx<'_> {
         let s = s0 + (ties - 1.0);
         let m64 = m as f64;
         let lse = m64 + s.ln_1p();
+        if let Some(pr) = self.probs {
+            return self.soft_row(z, &pr[r * self.v..(r + 1) * self.v], r, s, lse, grad);
+        }
         if t == IGNORED {
             if let Some(g) = grad {
                 g.fill(0.0);
@@ -96,18 +101,52 @@ impl RowCtx<'_> {
             let gy = hard * (((zy - m64).exp_m1() - s) / big_s) + (k_coef - hard / big_s) * ey
                 - c0 * cwy;
             g[y] = gy as f32;
-            if self.transform {
-                let inv_t = 1.0 / cfg.temperature;
-                match cfg.softcap {
-                    Some(c) => g.iter_mut().zip(z).for_each(|(g, &zv)| {
-                        let th = zv / c;
-                        *g *= (1.0 - th * th) * inv_t
-                    }),
-                    None => g.iter_mut().for_each(|g| *g *= inv_t),
-                }
-            }
+            self.chain(g, z);
         }
         (loss, lse)
+    }
+}
+
+impl RowCtx<'_> {
+    /// A row with probability targets `y`: loss `sw sum_c w_c q_c (lse - z_c)`, gradient
+    /// `a sw (sum_c w_c q_c) p_j - a sw w_j q_j` (+ z-loss), with `q = (1 - eps) y + eps / V`.
+    fn soft_row(
+        &self,
+        z: &[f32],
+        y: &[f32],
+        r: usize,
+        s: f64,
+        lse: f64,
+        grad: Option<&mut [f32]>,
+    ) -> (f64, f64) {
+        let cfg = self.cfg;
+        let eps = cfg.label_smoothing;
+        let (qa, qb) = (1.0 - eps, eps / self.v as f32);
+        let swn = self.sw.map_or(1.0, |w| w[r] as f64);
+        let (sqz, sq) = simd::soft_sums(z, y, self.cw, qa, qb);
+        let loss = swn * (sq * lse - sqz);
+        if let Some(g) = grad {
+            let k = (self.a * swn * sq + self.b * 2.0 * cfg.z_loss as f64 * lse) / (1.0 + s);
+            simd::soft_grad(g, y, self.cw, qa, qb, k as f32, (self.a * swn) as f32);
+            self.chain(g, z);
+        }
+        (loss, lse)
+    }
+
+    /// Chain rule through temperature and soft-capping.
+    fn chain(&self, g: &mut [f32], z: &[f32]) {
+        if !self.transform {
+            return;
+        }
+        let cfg = self.cfg;
+        let inv_t = 1.0 / cfg.temperature;
+        match cfg.softcap {
+            Some(c) => g.iter_mut().zip(z).for_each(|(g, &zv)| {
+                let th = zv / c;
+                *g *= (1.0 - th * th) * inv_t
+            }),
+            None => g.iter_mut().for_each(|g| *g *= inv_t),
+        }
     }
 }
 
@@ -162,22 +201,49 @@ pub(crate) fn reduce(
 
 /// The fast path. With `GradMode::Separate` the gradient goes to `grad_out` (row-major `[N, V]`)
 /// when given, else into a new array returned in `CeOutput::grad`.
+/// What a row is scored against.
+pub(crate) enum Target<'a> {
+    /// Class indices `[N]`.
+    Classes(Targets<'a>),
+    /// Probabilities `[N, V]`.
+    Probs(ArrayView2<'a, f32>),
+}
+
 pub(crate) fn cross_entropy(
     pool: &rayon::ThreadPool,
     logits: Logits<'_>,
-    targets: Targets,
+    target: Target<'_>,
     cfg: &CrossEntropy,
     grad_out: Option<&mut [f32]>,
 ) -> Result<CeOutput> {
     let (n, v) = logits.dim();
-    crate::api::check::ce_inputs(n, v, targets.len(), cfg)?;
-    let t = targets.normalise(v, cfg.ignore_index)?;
-    let (counted, weight_sum) = weight_totals(&t, cfg);
+    let probs_owned;
+    let (t, probs) = match target {
+        Target::Classes(targets) => {
+            crate::api::check::ce_inputs(n, v, targets.len(), cfg)?;
+            (targets.normalise(v, cfg.ignore_index)?, None)
+        }
+        Target::Probs(p) => {
+            crate::api::check::soft_inputs((n, v), p, cfg)?;
+            probs_owned = match p.to_slice() {
+                Some(s) => std::borrow::Cow::Borrowed(s),
+                None => std::borrow::Cow::Owned(p.iter().copied().collect::<Vec<f32>>()),
+            };
+            // Every row counts; the weights kernel and this path agree on W = sum of sample weights.
+            (vec![0; n], Some(&probs_owned[..]))
+        }
+    };
+    let (counted, weight_sum) = match probs {
+        Some(_) => (
+            n as u64,
+            cfg.sample_weight
+                .as_ref()
+                .map_or(n as f64, |w| w.iter().map(|&x| x as f64).sum()),
+        ),
+        None => weight_totals(&t, cfg),
+    };
     let (a, b) = grad_coefficients(cfg, counted, weight_sum);
-    let cw = cfg
-        .class_weight
-        .as_ref()
-        .map(|w| w.as_slice_memory_order().unwrap_or(&[]).to_vec());
+    let cw = cfg.class_weight.as_ref().map(|w| w.to_vec());
     let sw = cfg.sample_weight.as_ref().map(|w| w.to_vec());
     let wtot = cw
         .as_ref()
@@ -191,6 +257,7 @@ pub(crate) fn cross_entropy(
         b,
         wtot,
         transform: cfg.transforms_logits(),
+        probs,
     };
 
     let mut row_loss = vec![0.0f32; n];

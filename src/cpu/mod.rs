@@ -1,5 +1,6 @@
 //! The CPU backend: a fast f32 path (rayon + vectorised primitives) and the f64 reference.
 
+pub(crate) mod bce;
 mod cross_entropy;
 mod log_softmax;
 pub mod reference;
@@ -9,10 +10,11 @@ pub(crate) use cross_entropy::reduce;
 
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
-use crate::api::config::{CeOutput, CrossEntropy, GradMode, SoftmaxKind};
+use crate::api::check::BceInput;
+use crate::api::config::{Bce, BceOutput, CeOutput, CrossEntropy, GradMode, SoftmaxKind};
 use crate::api::targets::Targets;
 use crate::error::{Result, XentError};
-use cross_entropy::Logits;
+use cross_entropy::{Logits, Target};
 
 /// The CPU backend. Owns a thread pool (one thread per core by default).
 ///
@@ -75,7 +77,13 @@ impl Cpu {
                 "GradMode::InPlace needs mutable logits: call cross_entropy_in_place".into(),
             ));
         }
-        cross_entropy::cross_entropy(&self.pool, Logits::View(logits), targets, cfg, None)
+        cross_entropy::cross_entropy(
+            &self.pool,
+            Logits::View(logits),
+            Target::Classes(targets),
+            cfg,
+            None,
+        )
     }
 
     /// Cross-entropy whose gradient (`GradMode::Separate` implied) is written into `grad`, a
@@ -112,7 +120,7 @@ impl Cpu {
             Some(g) => cross_entropy::cross_entropy(
                 &self.pool,
                 Logits::View(logits),
-                targets,
+                Target::Classes(targets),
                 &cfg,
                 Some(g),
             ),
@@ -120,7 +128,7 @@ impl Cpu {
                 let mut out = cross_entropy::cross_entropy(
                     &self.pool,
                     Logits::View(logits),
-                    targets,
+                    Target::Classes(targets),
                     &cfg,
                     None,
                 )?;
@@ -147,7 +155,7 @@ impl Cpu {
             Some(x) => cross_entropy::cross_entropy(
                 &self.pool,
                 Logits::InPlace(x, dim),
-                targets,
+                Target::Classes(targets),
                 &cfg,
                 None,
             ),
@@ -156,7 +164,7 @@ impl Cpu {
                 let out = cross_entropy::cross_entropy(
                     &self.pool,
                     Logits::InPlace(tmp.as_slice_mut().expect("standard layout"), dim),
-                    targets,
+                    Target::Classes(targets),
                     &cfg,
                     None,
                 )?;
@@ -164,6 +172,72 @@ impl Cpu {
                 Ok(out)
             }
         }
+    }
+
+    /// Cross-entropy with probability targets `[N, V]` (soft labels), as PyTorch's
+    /// `cross_entropy` with a float target:
+    ///
+    /// ```text
+    /// q_nc = (1 - eps) y_nc + eps / V
+    /// L_n  = sample_weight[n] sum_c class_weight[c] q_nc (lse_n - z_nc)  (+ z_loss lse_n^2)
+    /// ```
+    ///
+    /// `Mean` divides by the number of rows (by the sum of sample weights when given);
+    /// `ignore_index` does not apply. Targets must be finite and non-negative.
+    ///
+    /// ```
+    /// use ndarray::array;
+    /// use xent::{Cpu, CrossEntropy};
+    /// let x = array![[1.0f32, 2.0, 3.0]];
+    /// let hard = Cpu::new().cross_entropy(x.view(), (&[2i64][..]).into(), &CrossEntropy::default()).unwrap();
+    /// let soft = Cpu::new().cross_entropy_soft(x.view(), array![[0.0f32, 0.0, 1.0]].view(), &CrossEntropy::default()).unwrap();
+    /// assert!((hard.loss - soft.loss).abs() < 1e-6);
+    /// ```
+    pub fn cross_entropy_soft(
+        &self,
+        logits: ArrayView2<f32>,
+        probs: ArrayView2<f32>,
+        cfg: &CrossEntropy,
+    ) -> Result<CeOutput> {
+        if cfg.grad == GradMode::InPlace {
+            return Err(XentError::InvalidOption(
+                "GradMode::InPlace is not supported with probability targets".into(),
+            ));
+        }
+        cross_entropy::cross_entropy(
+            &self.pool,
+            Logits::View(logits),
+            Target::Probs(probs),
+            cfg,
+            None,
+        )
+    }
+
+    /// Binary cross-entropy from logits `[N, C]` with targets in `[0, 1]` (see [`Bce`]).
+    ///
+    /// ```
+    /// use ndarray::array;
+    /// use xent::{Bce, Cpu};
+    /// let out = Cpu::new().bce_with_logits(array![[0.0f32]].view(), array![[1.0f32]].view(), &Bce::default()).unwrap();
+    /// assert!((out.loss - std::f64::consts::LN_2).abs() < 1e-12);
+    /// ```
+    pub fn bce_with_logits(
+        &self,
+        logits: ArrayView2<f32>,
+        targets: ArrayView2<f32>,
+        cfg: &Bce,
+    ) -> Result<BceOutput> {
+        bce::bce(&self.pool, logits, targets, cfg, BceInput::Logits)
+    }
+
+    /// Binary cross-entropy from probabilities `[N, C]` in `[0, 1]` (logs clamped at -100).
+    pub fn bce(
+        &self,
+        probs: ArrayView2<f32>,
+        targets: ArrayView2<f32>,
+        cfg: &Bce,
+    ) -> Result<BceOutput> {
+        bce::bce(&self.pool, probs, targets, cfg, BceInput::Probs)
     }
 
     /// Row-wise log-softmax or softmax.

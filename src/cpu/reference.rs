@@ -116,6 +116,66 @@ pub fn cross_entropy(
     })
 }
 
+/// Cross-entropy with probability targets in f64 (see [`crate::Cpu::cross_entropy_soft`]).
+pub fn cross_entropy_soft(
+    logits: ArrayView2<f32>,
+    probs: ArrayView2<f32>,
+    cfg: &CrossEntropy,
+) -> Result<RefCe> {
+    let (n, v) = logits.dim();
+    crate::api::check::soft_inputs((n, v), probs, cfg)?;
+    let cw = |c: usize| cfg.class_weight.as_ref().map_or(1.0, |w| w[c] as f64);
+    let sw = |r: usize| cfg.sample_weight.as_ref().map_or(1.0, |w| w[r] as f64);
+    let eps = cfg.label_smoothing as f64;
+    let zl = cfg.z_loss as f64;
+    let weight_sum: f64 = (0..n).map(sw).sum();
+    let scale = cfg.grad_scale as f64;
+    let (a, b) = match cfg.reduction {
+        Reduction::Mean => (scale / weight_sum, scale / n as f64),
+        _ => (scale, scale),
+    };
+    let mut row_loss = Array1::zeros(n);
+    let mut row_lse = Array1::zeros(n);
+    let mut grad = Array2::zeros((n, v));
+    let (mut sum_l, mut sum_z) = (0.0, 0.0);
+    for r in 0..n {
+        let zd: Vec<(f64, f64)> = logits
+            .row(r)
+            .iter()
+            .map(|&x| transform(cfg, x as f64))
+            .collect();
+        let m = zd
+            .iter()
+            .fold(f64::NEG_INFINITY, |m, &(z, _)| if z > m { z } else { m });
+        let lse = m + zd.iter().map(|&(z, _)| (z - m).exp()).sum::<f64>().ln();
+        let q: Vec<f64> = (0..v)
+            .map(|c| cw(c) * ((1.0 - eps) * probs[[r, c]] as f64 + eps / v as f64))
+            .collect();
+        let sq: f64 = q.iter().sum();
+        let l = sw(r) * (0..v).map(|c| q[c] * (lse - zd[c].0)).sum::<f64>();
+        row_lse[r] = lse;
+        row_loss[r] = l + zl * lse * lse;
+        sum_l += l;
+        sum_z += zl * lse * lse;
+        for c in 0..v {
+            let p = (zd[c].0 - lse).exp();
+            grad[[r, c]] = (a * sw(r) * (sq * p - q[c]) + b * 2.0 * zl * lse * p) * zd[c].1;
+        }
+    }
+    let loss = match cfg.reduction {
+        Reduction::Mean => sum_l / weight_sum + sum_z / n as f64,
+        _ => sum_l + sum_z,
+    };
+    Ok(RefCe {
+        loss,
+        counted: n as u64,
+        weight_sum,
+        row_loss,
+        row_lse,
+        grad,
+    })
+}
+
 /// Row-wise log-softmax or softmax in f64.
 pub fn log_softmax(logits: ArrayView2<f32>, kind: SoftmaxKind) -> Result<Array2<f64>> {
     let (n, v) = logits.dim();

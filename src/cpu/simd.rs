@@ -192,6 +192,40 @@ fn log_softmax_body(x: &[f32], m: f32, l: f32, out: &mut [f32]) {
     }
 }
 
+#[inline(always)]
+fn soft_sums_body(z: &[f32], y: &[f32], w: Option<&[f32]>, a: f32, b: f32) -> (f64, f64) {
+    let (mut sz, mut sq) = (0.0f64, 0.0f64);
+    for (i, (zb, yb)) in z.chunks(BLOCK).zip(y.chunks(BLOCK)).enumerate() {
+        let mut az = [0.0f32; LANES];
+        let mut aq = [0.0f32; LANES];
+        let wb = w.map(|w| &w[i * BLOCK..i * BLOCK + zb.len()]);
+        for (j, (&zv, &yv)) in zb.iter().zip(yb).enumerate() {
+            let q = a * yv + b;
+            let q = wb.map_or(q, |w| q * w[j]);
+            az[j % LANES] += q * zv;
+            aq[j % LANES] += q;
+        }
+        sz += az.iter().map(|&v| v as f64).sum::<f64>();
+        sq += aq.iter().map(|&v| v as f64).sum::<f64>();
+    }
+    (sz, sq)
+}
+
+#[inline(always)]
+fn soft_grad_body(g: &mut [f32], y: &[f32], w: Option<&[f32]>, qa: f32, qb: f32, k: f32, c: f32) {
+    match w {
+        Some(w) => g
+            .iter_mut()
+            .zip(y)
+            .zip(w)
+            .for_each(|((g, &yv), &wv)| *g = k * *g - c * wv * (qa * yv + qb)),
+        None => g
+            .iter_mut()
+            .zip(y)
+            .for_each(|(g, &yv)| *g = k * *g - c * (qa * yv + qb)),
+    }
+}
+
 macro_rules! multiversion {
     ($(#[$doc:meta])* pub fn $name:ident($($arg:ident : $ty:ty),*) -> $ret:ty => $body:ident $(::<$fma:tt>)?;) => {
         $(#[$doc])*
@@ -387,6 +421,14 @@ multiversion! {
 multiversion! {
     /// `e_j <- k e_j - c0 w_j` (w = 1 when `None`): turns exponentials into a gradient row.
     pub fn scale_shift(e: &mut [f32], k: f32, c0: f32, w: Option<&[f32]>) -> () => scale_shift_body::<true>;
+}
+multiversion! {
+    /// `(sum_c w_c q_c z_c, sum_c w_c q_c)` in f64 with `q_c = qa y_c + qb` (w = 1 when `None`).
+    pub fn soft_sums(z: &[f32], y: &[f32], w: Option<&[f32]>, qa: f32, qb: f32) -> (f64, f64) => soft_sums_body;
+}
+multiversion! {
+    /// `g_j <- k g_j - c w_j q_j` with `q_j = qa y_j + qb`: exponentials to a soft-target gradient.
+    pub fn soft_grad(g: &mut [f32], y: &[f32], w: Option<&[f32]>, qa: f32, qb: f32, k: f32, c: f32) -> () => soft_grad_body;
 }
 multiversion! {
     /// `out_j = (x_j - m) - l`.

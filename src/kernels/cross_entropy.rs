@@ -52,15 +52,18 @@ struct Job<'a> {
     n: usize,
     v: usize,
     logits: &'a wgpu::Buffer,
-    targets: &'a wgpu::Buffer,
+    /// Class indices, or `None` with `probs` for probability targets.
+    targets: Option<&'a wgpu::Buffer>,
+    /// Probability targets `[N, V]`, chunked like the logits.
+    probs: Option<&'a wgpu::Buffer>,
     ignore_index: i32,
     grad: Option<&'a wgpu::Buffer>,
     /// Where the gradient goes on the host (from `grad`, or from `logits` when in place).
     grad_host: Option<&'a mut [f32]>,
 }
 
-fn params(cfg: &CrossEntropy, n: usize, v: usize, ignore_index: i32) -> Params {
-    let mut f = 0;
+fn params(cfg: &CrossEntropy, n: usize, v: usize, ignore_index: i32, soft: bool) -> Params {
+    let mut f = if soft { flags::SOFT } else { 0 };
     if cfg.class_weight.is_some() {
         f |= flags::CLASS_W;
     }
@@ -97,7 +100,8 @@ fn params(cfg: &CrossEntropy, n: usize, v: usize, ignore_index: i32) -> Params {
         inv_temp: 1.0 / cfg.temperature,
         grad_scale: cfg.grad_scale,
         x_off: 0,
-        _pad: [0; 2],
+        part_off: 0,
+        _pad: 0,
     }
 }
 
@@ -114,6 +118,7 @@ impl GpuContext {
             v,
             logits,
             targets,
+            probs,
             ignore_index,
             grad,
             grad_host,
@@ -145,7 +150,7 @@ impl GpuContext {
         let k_reduce = self.kernel(Shader::CeReduce, small)?;
 
         // Parameter blocks: [weights/reduce, chunk 0, chunk 1, ...].
-        let base = params(cfg, n, v, ignore_index);
+        let base = params(cfg, n, v, ignore_index, probs.is_some());
         let mut pbytes = vec![0u8; PARAM_STRIDE as usize * (chunks.len() + 1)];
         let mut blocks = vec![base];
         for c in &chunks {
@@ -208,16 +213,18 @@ impl GpuContext {
                 std::mem::size_of::<Params>() as u64,
             )
         };
-        let shared = |i: usize| -> [Option<wgpu::BindingResource<'_>>; 9] {
+        let shared = |i: usize| -> [Option<wgpu::BindingResource<'_>>; crate::context::SLOTS] {
             [
                 Some(pslot(i)),
                 None,
-                Some(bind(targets, 0, rows_bytes)),
+                targets.map(|t| bind(t, 0, rows_bytes)),
                 cw.as_ref().map(|b| b.as_entire_binding()),
                 sw.as_ref().map(|b| b.as_entire_binding()),
                 Some(bind(&sbuf, 0, SCALARS)),
                 Some(bind(&row_loss, 0, rows_bytes)),
                 Some(bind(&row_lse, 0, rows_bytes)),
+                None,
+                None,
                 None,
             ]
         };
@@ -231,6 +238,7 @@ impl GpuContext {
                 let (off, size) = (c.offset, c.size(v));
                 slots[1] = Some(bind(logits, off, size));
                 slots[8] = grad.map(|g| bind(g, off, size));
+                slots[9] = probs.map(|p| bind(p, off, size));
                 bind_group(self, &k_fused.layout, slots)
             })
             .collect();
@@ -353,7 +361,8 @@ impl GpuContext {
             n,
             v,
             logits: &lb,
-            targets: &tb,
+            targets: Some(&tb),
+            probs: None,
             ignore_index: IGNORED,
             grad: gbuf.as_ref(),
             grad_host: host
@@ -391,7 +400,8 @@ impl GpuContext {
             n,
             v,
             logits: &lb,
-            targets: &tb,
+            targets: Some(&tb),
+            probs: None,
             ignore_index: IGNORED,
             grad: None,
             grad_host: Some(&mut host),
@@ -457,12 +467,72 @@ impl GpuContext {
                 n,
                 v,
                 logits,
-                targets,
+                targets: Some(targets),
+                probs: None,
                 ignore_index,
                 grad,
                 grad_host: None,
             },
             cfg,
         )
+    }
+
+    /// Cross-entropy with probability targets `[N, V]` (soft labels; see
+    /// [`crate::Cpu::cross_entropy_soft`] for the formula). The gradient, for
+    /// `GradMode::Separate`, comes back as `CeOutput::grad`.
+    pub fn cross_entropy_soft(
+        &self,
+        logits: ArrayView2<f32>,
+        probs: ArrayView2<f32>,
+        cfg: &CrossEntropy,
+    ) -> Result<CeOutput> {
+        if cfg.grad == GradMode::InPlace {
+            return Err(XentError::InvalidOption(
+                "GradMode::InPlace is not supported with probability targets".into(),
+            ));
+        }
+        let (n, v) = logits.dim();
+        crate::api::check::soft_inputs(logits.dim(), probs, cfg)?;
+        let x = logits.as_standard_layout();
+        let lb = self.upload(
+            bytemuck::cast_slice(x.as_slice().expect("standard layout")),
+            U::STORAGE,
+            "logits",
+        )?;
+        let y = probs.as_standard_layout();
+        let pb = self.upload(
+            bytemuck::cast_slice(y.as_slice().expect("standard layout")),
+            U::STORAGE,
+            "probs",
+        )?;
+        let want = cfg.grad == GradMode::Separate;
+        let gbuf = if want {
+            Some(self.take((n * v) as u64 * 4, U::STORAGE | U::COPY_SRC, "gradient")?)
+        } else {
+            None
+        };
+        let mut host = if want {
+            Some(Array2::<f32>::zeros((n, v)))
+        } else {
+            None
+        };
+        let job = Job {
+            n,
+            v,
+            logits: &lb,
+            targets: None,
+            probs: Some(&pb),
+            ignore_index: IGNORED,
+            grad: gbuf.as_ref(),
+            grad_host: host
+                .as_mut()
+                .map(|h| h.as_slice_mut().expect("fresh array")),
+        };
+        let mut out = self.run_ce(job, cfg)?;
+        out.grad = host;
+        for b in [lb, pb].into_iter().chain(gbuf) {
+            self.give(b);
+        }
+        Ok(out)
     }
 }

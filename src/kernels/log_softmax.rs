@@ -60,7 +60,8 @@ impl GpuContext {
                 inv_temp: 1.0,
                 grad_scale: 1.0,
                 x_off: c.skip,
-                _pad: [0; 2],
+                part_off: 0,
+                _pad: 0,
             };
             let o = i * PARAM_STRIDE as usize;
             pbytes[o..o + std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(&p));
@@ -73,7 +74,8 @@ impl GpuContext {
             .enumerate()
             .map(|(i, c)| {
                 let (off, size) = (c.offset, c.size(v));
-                let mut slots: [Option<wgpu::BindingResource>; 9] = Default::default();
+                let mut slots: [Option<wgpu::BindingResource>; crate::context::SLOTS] =
+                    Default::default();
                 slots[0] = Some(bind(
                     &pbuf,
                     i as u64 * PARAM_STRIDE,

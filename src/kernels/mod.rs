@@ -4,6 +4,7 @@
 //! aligned offsets; rows of a chunk are folded into a 2-D grid of at most 65,535 x 65,535
 //! workgroups.
 
+pub(crate) mod bce;
 pub(crate) mod cross_entropy;
 pub(crate) mod log_softmax;
 pub mod source;
@@ -31,7 +32,8 @@ pub(crate) struct Params {
     pub inv_temp: f32,
     pub grad_scale: f32,
     pub x_off: u32,
-    pub _pad: [u32; 2],
+    pub part_off: u32,
+    pub _pad: u32,
 }
 
 pub(crate) mod flags {
@@ -43,6 +45,10 @@ pub(crate) mod flags {
     pub const MEAN: u32 = 32;
     pub const SOFTMAX: u32 = 64;
     pub const ZLOSS: u32 = 128;
+    pub const SOFT: u32 = 256;
+    pub const POS_W: u32 = 512;
+    pub const PROBS: u32 = 1024;
+    pub const ELEM: u32 = 2048;
 }
 
 /// Bytes between per-dispatch parameter blocks in the uniform buffer.
@@ -130,7 +136,7 @@ pub(crate) fn bind(buf: &wgpu::Buffer, offset: u64, size: u64) -> wgpu::BindingR
 pub(crate) fn bind_group(
     ctx: &GpuContext,
     layout: &wgpu::BindGroupLayout,
-    slots: [Option<wgpu::BindingResource<'_>>; 9],
+    slots: [Option<wgpu::BindingResource<'_>>; crate::context::SLOTS],
 ) -> wgpu::BindGroup {
     let entries: Vec<wgpu::BindGroupEntry> = slots
         .into_iter()

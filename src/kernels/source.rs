@@ -37,6 +37,8 @@ pub enum Shader {
     CeReduce,
     /// Row-wise log-softmax / softmax.
     LogSoftmax,
+    /// Elementwise binary cross-entropy with partial sums.
+    Bce,
 }
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
@@ -48,6 +50,7 @@ impl Shader {
             Shader::CeFused => "ce_fused",
             Shader::CeReduce => "ce_reduce",
             Shader::LogSoftmax => "log_softmax",
+            Shader::Bce => "bce",
         }
     }
 
@@ -57,6 +60,7 @@ impl Shader {
             Shader::CeFused => include_str!("../../shaders/ce_fused.wgsl"),
             Shader::CeReduce => include_str!("../../shaders/ce_reduce.wgsl"),
             Shader::LogSoftmax => include_str!("../../shaders/log_softmax.wgsl"),
+            Shader::Bce => include_str!("../../shaders/bce.wgsl"),
         }
     }
 
@@ -133,6 +137,7 @@ mod tests {
             Shader::CeFused,
             Shader::CeReduce,
             Shader::LogSoftmax,
+            Shader::Bce,
         ] {
             for bits in 0..16u32 {
                 let v = Variant {
