@@ -20,19 +20,14 @@ fn cross_entropy(c: &mut Criterion) {
     for &(n, v) in SHAPES {
         let (x, t) = workload::synthetic(n, v, 2.0, 16, 1);
         group.throughput(Throughput::Bytes((2 * n * v * 4) as u64));
-        let cfg = CrossEntropy {
-            grad: GradMode::Separate,
-            ..Default::default()
-        };
+        let cfg = CrossEntropy { grad: GradMode::Separate, ..Default::default() };
         group.bench_with_input(BenchmarkId::new("cpu", format!("{n}x{v}")), &(), |b, _| {
             b.iter(|| cpu.cross_entropy(x.view(), t.view().into(), &cfg).unwrap())
         });
         let fwd = CrossEntropy::default();
-        group.bench_with_input(
-            BenchmarkId::new("cpu-fwd", format!("{n}x{v}")),
-            &(),
-            |b, _| b.iter(|| cpu.cross_entropy(x.view(), t.view().into(), &fwd).unwrap()),
-        );
+        group.bench_with_input(BenchmarkId::new("cpu-fwd", format!("{n}x{v}")), &(), |b, _| {
+            b.iter(|| cpu.cross_entropy(x.view(), t.view().into(), &fwd).unwrap())
+        });
         if let Some(g) = &gpu {
             let d = g.device();
             let usage = wgpu::BufferUsages::STORAGE;
@@ -53,18 +48,10 @@ fn cross_entropy(c: &mut Criterion) {
                 usage,
                 mapped_at_creation: false,
             });
-            let job = DeviceCe {
-                logits: &lb,
-                targets: &tb,
-                rows: n,
-                classes: v,
-                grad: Some(&gb),
-            };
-            group.bench_with_input(
-                BenchmarkId::new("gpu-device", format!("{n}x{v}")),
-                &(),
-                |b, _| b.iter(|| g.cross_entropy_device(job, &cfg).unwrap()),
-            );
+            let job = DeviceCe { logits: &lb, targets: &tb, rows: n, classes: v, grad: Some(&gb) };
+            group.bench_with_input(BenchmarkId::new("gpu-device", format!("{n}x{v}")), &(), |b, _| {
+                b.iter(|| g.cross_entropy_device(job, &cfg).unwrap())
+            });
         }
     }
     group.finish();
@@ -78,9 +65,7 @@ fn log_softmax(c: &mut Criterion) {
     let (n, v) = (256, 32000);
     let (x, _) = workload::synthetic(n, v, 2.0, 0, 1);
     group.throughput(Throughput::Bytes((2 * n * v * 4) as u64));
-    group.bench_function("cpu/256x32000", |b| {
-        b.iter(|| cpu.log_softmax(x.view(), SoftmaxKind::LogSoftmax).unwrap())
-    });
+    group.bench_function("cpu/256x32000", |b| b.iter(|| cpu.log_softmax(x.view(), SoftmaxKind::LogSoftmax).unwrap()));
     if let Some(g) = &gpu {
         group.bench_function("gpu-host/256x32000", |b| {
             b.iter(|| g.log_softmax(x.view(), SoftmaxKind::LogSoftmax).unwrap())

@@ -63,33 +63,19 @@ fn main() {
     let labels: Vec<i32> = scores
         .rows()
         .into_iter()
-        .map(|r| {
-            r.iter()
-                .enumerate()
-                .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
-                .0 as i32
-        })
+        .map(|r| r.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as i32)
         .collect();
 
-    let storage =
-        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
     let init = |label, contents: &[u8], usage| {
-        dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(label),
-            contents,
-            usage,
-        })
+        dev.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(label), contents, usage })
     };
     let xb = init("x", bytemuck::cast_slice(x.as_slice().unwrap()), storage);
     let wb = init("w", &vec![0u8; D * C * 4], storage);
     let zb = init("logits", &vec![0u8; N * C * 4], storage);
     let tb = init("targets", bytemuck::cast_slice(&labels), storage);
     let dims: [u32; 4] = [N as u32, D as u32, C as u32, 0.5f32.to_bits()];
-    let ub = init(
-        "dims",
-        bytemuck::cast_slice(&dims),
-        wgpu::BufferUsages::UNIFORM,
-    );
+    let ub = init("dims", bytemuck::cast_slice(&dims), wgpu::BufferUsages::UNIFORM);
 
     let module = dev.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some("softmax regression"),
@@ -110,10 +96,7 @@ fn main() {
         let entries: Vec<_> = [&ub, &xb, &wb, &zb]
             .iter()
             .enumerate()
-            .map(|(i, b)| wgpu::BindGroupEntry {
-                binding: i as u32,
-                resource: b.as_entire_binding(),
-            })
+            .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
             .collect();
         dev.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
@@ -134,18 +117,8 @@ fn main() {
     };
 
     // Gradient of the mean loss, written over the logits buffer.
-    let cfg = CrossEntropy {
-        grad: GradMode::InPlace,
-        per_row: false,
-        ..Default::default()
-    };
-    let job = DeviceCe {
-        logits: &zb,
-        targets: &tb,
-        rows: N,
-        classes: C,
-        grad: None,
-    };
+    let cfg = CrossEntropy { grad: GradMode::InPlace, per_row: false, ..Default::default() };
+    let job = DeviceCe { logits: &zb, targets: &tb, rows: N, classes: C, grad: None };
     let mut first = None;
     let mut last = 0.0;
     for step in 0..=150 {
@@ -159,12 +132,6 @@ fn main() {
         run(&update, &gu, D * C);
     }
     let start = first.unwrap();
-    println!(
-        "loss {start:.4} -> {last:.4} (ln {C} = {:.4})",
-        (C as f64).ln()
-    );
-    assert!(
-        last < 0.5 * start,
-        "training should at least halve the loss"
-    );
+    println!("loss {start:.4} -> {last:.4} (ln {C} = {:.4})", (C as f64).ln());
+    assert!(last < 0.5 * start, "training should at least halve the loss");
 }

@@ -18,6 +18,8 @@ const F_SOFT: u32 = 256u;
 const F_POS_W: u32 = 512u;
 const F_PROBS: u32 = 1024u;
 const F_ELEM: u32 = 2048u;
+// Distribution measures of logits rather than probabilities.
+const F_LOGITS: u32 = 4096u;
 
 struct Params {
     n_rows: u32,

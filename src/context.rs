@@ -87,8 +87,7 @@ impl GpuContext {
     /// Picks an adapter and creates a device with the adapter's own limits and the optional
     /// features xent can use (subgroups, f16, timestamps).
     pub fn with_options(opts: GpuOptions) -> Result<Self> {
-        let instance =
-            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
             power_preference: opts.power_preference,
             force_fallback_adapter: false,
@@ -120,12 +119,7 @@ impl GpuContext {
         Self::build(device, queue, "user-provided device".into(), opts)
     }
 
-    fn build(
-        device: wgpu::Device,
-        queue: wgpu::Queue,
-        adapter_name: String,
-        opts: GpuOptions,
-    ) -> Self {
+    fn build(device: wgpu::Device, queue: wgpu::Queue, adapter_name: String, opts: GpuOptions) -> Self {
         let limits = device.limits();
         let lost = Arc::new(Mutex::new(None));
         let l2 = lost.clone();
@@ -137,9 +131,7 @@ impl GpuContext {
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
             u2.lock().unwrap().get_or_insert_with(|| e.to_string());
         }));
-        let mut max_binding = limits
-            .max_storage_buffer_binding_size
-            .min(limits.max_buffer_size);
+        let mut max_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
         if let Some(cap) = opts.max_binding_bytes {
             max_binding = max_binding.min(cap.max(256));
         }
@@ -230,12 +222,10 @@ impl GpuContext {
 
     fn compile(&self, shader: Shader, variant: Variant) -> Kernel {
         let src = shader.source(variant);
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(shader.name()),
-                source: wgpu::ShaderSource::Wgsl(src.into()),
-            });
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(shader.name()),
+            source: wgpu::ShaderSource::Wgsl(src.into()),
+        });
         let storage = |binding: u32, read_only: bool| wgpu::BindGroupLayoutEntry {
             binding,
             visibility: wgpu::ShaderStages::COMPUTE,
@@ -265,58 +255,37 @@ impl GpuContext {
         }
         entries.push(storage(9, true));
         entries.push(storage(10, true));
-        let layout = self
-            .device
-            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-                label: Some(shader.name()),
-                entries: &entries,
-            });
-        let pl = self
-            .device
-            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-                label: Some(shader.name()),
-                bind_group_layouts: &[Some(&layout)],
-                immediate_size: 0,
-            });
-        let pipeline = self
-            .device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(shader.name()),
-                layout: Some(&pl),
-                module: &module,
-                entry_point: Some("main"),
-                compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: &[],
-                    // Every workgroup-memory cell is written before it is read.
-                    zero_initialize_workgroup_memory: false,
-                },
-                cache: None,
-            });
+        let layout = self.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some(shader.name()),
+            entries: &entries,
+        });
+        let pl = self.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(shader.name()),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(shader.name()),
+            layout: Some(&pl),
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &[],
+                // Every workgroup-memory cell is written before it is read.
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        });
         Kernel { pipeline, layout }
     }
 
     /// A pooled buffer of at least `size` bytes with `usage`; return it with [`Self::give`].
-    pub(crate) fn take(
-        &self,
-        size: u64,
-        usage: wgpu::BufferUsages,
-        what: &str,
-    ) -> Result<wgpu::Buffer> {
+    pub(crate) fn take(&self, size: u64, usage: wgpu::BufferUsages, what: &str) -> Result<wgpu::Buffer> {
         let size = size.max(16).div_ceil(256) * 256;
         if size > self.max_buffer {
-            return Err(XentError::TooLarge {
-                what: what.into(),
-                bytes: size,
-                limit: self.max_buffer,
-            });
+            return Err(XentError::TooLarge { what: what.into(), bytes: size, limit: self.max_buffer });
         }
-        if let Some(b) = self
-            .pool
-            .lock()
-            .unwrap()
-            .get_mut(&(size, usage))
-            .and_then(|v| v.pop())
-        {
+        if let Some(b) = self.pool.lock().unwrap().get_mut(&(size, usage)).and_then(|v| v.pop()) {
             return Ok(b);
         }
         self.counters.buffers.fetch_add(1, Ordering::Relaxed);
@@ -332,12 +301,7 @@ impl GpuContext {
 
     /// Returns a buffer from [`Self::take`] to the pool.
     pub(crate) fn give(&self, buf: wgpu::Buffer) {
-        self.pool
-            .lock()
-            .unwrap()
-            .entry((buf.size(), buf.usage()))
-            .or_default()
-            .push(buf);
+        self.pool.lock().unwrap().entry((buf.size(), buf.usage())).or_default().push(buf);
     }
 
     /// Fails if the device was lost or reported an error outside a scope.
@@ -369,20 +333,13 @@ impl GpuContext {
     /// Submits `encoder` and waits for it.
     pub(crate) fn submit_wait(&self, encoder: wgpu::CommandEncoder) -> Result<()> {
         self.scoped(|| self.queue.submit([encoder.finish()]))?;
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| XentError::Gpu(e.to_string()))?;
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| XentError::Gpu(e.to_string()))?;
         self.check_alive()
     }
 
     /// Maps `staging` (a MAP_READ buffer already filled by a finished submission) and copies
     /// `len` bytes out.
-    pub(crate) fn read_staging(
-        &self,
-        staging: &wgpu::Buffer,
-        len: u64,
-        out: &mut [u8],
-    ) -> Result<()> {
+    pub(crate) fn read_staging(&self, staging: &wgpu::Buffer, len: u64, out: &mut [u8]) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
@@ -393,9 +350,7 @@ impl GpuContext {
             let _ = tx.send(r);
         });
         let result = loop {
-            self.device
-                .poll(wgpu::PollType::wait_indefinitely())
-                .map_err(|e| XentError::Gpu(e.to_string()))?;
+            self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| XentError::Gpu(e.to_string()))?;
             match rx.recv_timeout(std::time::Duration::from_millis(1)) {
                 Ok(r) => break r,
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => self.check_alive()?,
@@ -404,9 +359,7 @@ impl GpuContext {
         };
         result.map_err(|e| XentError::Gpu(format!("map failed: {e}")))?;
         {
-            let view = staging
-                .get_mapped_range(0..len)
-                .map_err(|e| XentError::Gpu(format!("mapped range: {e}")))?;
+            let view = staging.get_mapped_range(0..len).map_err(|e| XentError::Gpu(format!("mapped range: {e}")))?;
             out.copy_from_slice(&view[..out.len()]);
         }
         staging.unmap();

@@ -11,9 +11,7 @@ pub enum XentError {
     #[error("shape mismatch: {0}")]
     Shape(String),
     /// A class-index target is neither `ignore_index` nor in `0..classes`.
-    #[error(
-        "target {target} at row {row} is out of range: expected 0..{classes} or the ignore_index"
-    )]
+    #[error("target {target} at row {row} is out of range: expected 0..{classes} or the ignore_index")]
     TargetOutOfRange {
         /// Row of the first bad target.
         row: usize,
@@ -36,7 +34,9 @@ pub enum XentError {
         limit: u64,
     },
     /// No GPU adapter could be found.
-    #[error("no GPU adapter found ({0}); `apt-get install mesa-vulkan-drivers` gives a software Vulkan driver (lavapipe)")]
+    #[error(
+        "no GPU adapter found ({0}); `apt-get install mesa-vulkan-drivers` gives a software Vulkan driver (lavapipe)"
+    )]
     NoAdapter(String),
     /// The adapter refused to create a device.
     #[error("could not create a GPU device: {0}")]

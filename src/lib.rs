@@ -35,7 +35,8 @@ pub mod npy;
 pub mod workload;
 
 pub use api::config::{
-    Bce, BceOutput, BceWeight, CeOutput, CrossEntropy, GradMode, Reduction, SoftmaxKind,
+    Bce, BceOutput, BceWeight, CeOutput, CrossEntropy, Distill, DistillMode, DistillOutput, GradMode, Measures,
+    Reduction, SoftmaxKind,
 };
 pub use api::targets::Targets;
 pub use api::Backend;

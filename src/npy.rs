@@ -44,10 +44,7 @@ pub struct Npy {
 }
 
 fn fmt_err(path: &Path, message: impl Into<String>) -> XentError {
-    XentError::Format {
-        path: path.display().to_string(),
-        message: message.into(),
-    }
+    XentError::Format { path: path.display().to_string(), message: message.into() }
 }
 
 fn field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
@@ -68,14 +65,10 @@ fn field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
 pub fn read(path: impl AsRef<Path>) -> Result<Npy> {
     use std::io::Read;
     let path = path.as_ref();
-    let io = |e: std::io::Error| XentError::Io {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    };
+    let io = |e: std::io::Error| XentError::Io { path: path.display().to_string(), message: e.to_string() };
     let mut f = std::io::BufReader::new(std::fs::File::open(path).map_err(io)?);
     let mut pre = [0u8; 8];
-    f.read_exact(&mut pre)
-        .map_err(|_| fmt_err(path, "not an .npy file (too short)"))?;
+    f.read_exact(&mut pre).map_err(|_| fmt_err(path, "not an .npy file (too short)"))?;
     if &pre[..6] != b"\x93NUMPY" {
         return Err(fmt_err(path, "not an .npy file (bad magic)"));
     }
@@ -93,40 +86,26 @@ pub fn read(path: impl AsRef<Path>) -> Result<Npy> {
         v => return Err(fmt_err(path, format!("unsupported .npy version {v}"))),
     };
     let mut hbytes = vec![0u8; hlen];
-    f.read_exact(&mut hbytes)
-        .map_err(|_| fmt_err(path, "truncated header"))?;
+    f.read_exact(&mut hbytes).map_err(|_| fmt_err(path, "truncated header"))?;
     let header = std::str::from_utf8(&hbytes).map_err(|_| fmt_err(path, "non-UTF-8 header"))?;
     let descr = field(header, "descr").ok_or_else(|| fmt_err(path, "header has no descr"))?;
-    let fortran = field(header, "fortran_order")
-        .ok_or_else(|| fmt_err(path, "header has no fortran_order"))?;
+    let fortran = field(header, "fortran_order").ok_or_else(|| fmt_err(path, "header has no fortran_order"))?;
     let shape_s = field(header, "shape").ok_or_else(|| fmt_err(path, "header has no shape"))?;
     let shape = shape_s
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<usize>()
-                .map_err(|_| fmt_err(path, format!("bad shape ({shape_s})")))
-        })
+        .map(|s| s.parse::<usize>().map_err(|_| fmt_err(path, format!("bad shape ({shape_s})"))))
         .collect::<Result<Vec<_>>>()?;
     let count = shape
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or_else(|| fmt_err(path, format!("shape ({shape_s}) is too large")))?;
-    fn fill<T: bytemuck::Pod + Default>(
-        f: &mut impl Read,
-        count: usize,
-        path: &Path,
-    ) -> Result<Vec<T>> {
+    fn fill<T: bytemuck::Pod + Default>(f: &mut impl Read, count: usize, path: &Path) -> Result<Vec<T>> {
         // Little-endian files on a little-endian host: bytes go straight into the vector.
         let mut v = vec![T::default(); count];
         f.read_exact(bytemuck::cast_slice_mut(&mut v))
-            .map_err(|_| {
-                fmt_err(
-                    path,
-                    format!("data is truncated: fewer than {count} elements"),
-                )
-            })?;
+            .map_err(|_| fmt_err(path, format!("data is truncated: fewer than {count} elements")))?;
         Ok(v)
     }
     let data = match descr {
@@ -148,11 +127,7 @@ fn to_c_order(npy: Npy) -> Npy {
     fn reorder<T: Clone>(v: Vec<T>, shape: &[usize]) -> Vec<T> {
         let rev: Vec<usize> = shape.iter().rev().copied().collect();
         let a = ArrayD::from_shape_vec(IxDyn(&rev), v).expect("shape matches data");
-        a.reversed_axes()
-            .as_standard_layout()
-            .iter()
-            .cloned()
-            .collect()
+        a.reversed_axes().as_standard_layout().iter().cloned().collect()
     }
     let s = npy.shape.clone();
     let data = match npy.data {
@@ -182,13 +157,8 @@ pub fn read_f32_2d(path: impl AsRef<Path>, what: &str) -> Result<Array2<f32>> {
     let npy = read(path)?;
     want_rank(path, &npy, 2, what)?;
     match npy.data {
-        NpyData::F32(v) => {
-            Ok(Array2::from_shape_vec((npy.shape[0], npy.shape[1]), v).expect("shape"))
-        }
-        d => Err(fmt_err(
-            path,
-            format!("{what} must be float32, got {}", d.dtype()),
-        )),
+        NpyData::F32(v) => Ok(Array2::from_shape_vec((npy.shape[0], npy.shape[1]), v).expect("shape")),
+        d => Err(fmt_err(path, format!("{what} must be float32, got {}", d.dtype()))),
     }
 }
 
@@ -197,13 +167,8 @@ pub fn read_f32_nd(path: impl AsRef<Path>, what: &str) -> Result<ArrayD<f32>> {
     let path = path.as_ref();
     let npy = read(path)?;
     match npy.data {
-        NpyData::F32(v) => {
-            Ok(ArrayD::from_shape_vec(IxDyn(&npy.shape), v).expect("shape matches data"))
-        }
-        d => Err(fmt_err(
-            path,
-            format!("{what} must be float32, got {}", d.dtype()),
-        )),
+        NpyData::F32(v) => Ok(ArrayD::from_shape_vec(IxDyn(&npy.shape), v).expect("shape matches data")),
+        d => Err(fmt_err(path, format!("{what} must be float32, got {}", d.dtype()))),
     }
 }
 
@@ -214,10 +179,7 @@ pub fn read_f32_1d(path: impl AsRef<Path>, what: &str) -> Result<Array1<f32>> {
     want_rank(path, &npy, 1, what)?;
     match npy.data {
         NpyData::F32(v) => Ok(Array1::from(v)),
-        d => Err(fmt_err(
-            path,
-            format!("{what} must be float32, got {}", d.dtype()),
-        )),
+        d => Err(fmt_err(path, format!("{what} must be float32, got {}", d.dtype()))),
     }
 }
 
@@ -229,10 +191,7 @@ pub fn read_targets(path: impl AsRef<Path>) -> Result<Array1<i64>> {
     match npy.data {
         NpyData::I64(v) => Ok(Array1::from(v)),
         NpyData::I32(v) => Ok(v.into_iter().map(i64::from).collect()),
-        d => Err(fmt_err(
-            path,
-            format!("targets must be int64 or int32, got {}", d.dtype()),
-        )),
+        d => Err(fmt_err(path, format!("targets must be int64 or int32, got {}", d.dtype()))),
     }
 }
 
@@ -254,24 +213,16 @@ pub fn read_f64(path: impl AsRef<Path>) -> Result<ArrayD<f64>> {
 pub fn write_f32(path: impl AsRef<Path>, shape: &[usize], data: &[f32]) -> Result<()> {
     let path = path.as_ref();
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_s = if dims.len() == 1 {
-        format!("{},", dims[0])
-    } else {
-        dims.join(", ")
-    };
+    let shape_s = if dims.len() == 1 { format!("{},", dims[0]) } else { dims.join(", ") };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({shape_s}), }}");
     // Pad so that the data starts on a 64-byte boundary, header ends with '\n'.
     let total = 10 + header.len() + 1;
     header.push_str(&" ".repeat((64 - total % 64) % 64));
     header.push('\n');
-    let io = |e: std::io::Error| XentError::Io {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    };
+    let io = |e: std::io::Error| XentError::Io { path: path.display().to_string(), message: e.to_string() };
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
     f.write_all(b"\x93NUMPY\x01\x00").map_err(io)?;
-    f.write_all(&(header.len() as u16).to_le_bytes())
-        .map_err(io)?;
+    f.write_all(&(header.len() as u16).to_le_bytes()).map_err(io)?;
     f.write_all(header.as_bytes()).map_err(io)?;
     f.write_all(bytemuck::cast_slice(data)).map_err(io)?;
     f.flush().map_err(io)

@@ -18,30 +18,20 @@ fn mix(mut z: u64) -> u64 {
 /// assert_eq!(x.dim(), (4, 10));
 /// assert_eq!(t[2], -100);
 /// ```
-pub fn synthetic(
-    n: usize,
-    v: usize,
-    scale: f32,
-    ignore_every: usize,
-    seed: u64,
-) -> (Array2<f32>, Array1<i64>) {
+pub fn synthetic(n: usize, v: usize, scale: f32, ignore_every: usize, seed: u64) -> (Array2<f32>, Array1<i64>) {
     let mut x = Array2::<f32>::zeros((n, v));
     if v > 0 {
-        x.as_slice_mut()
-            .expect("fresh array")
-            .par_chunks_mut(v)
-            .enumerate()
-            .for_each(|(r, row)| {
-                let mut s = mix(seed ^ (r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                for e in row.iter_mut() {
-                    s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                    let b = mix(s);
-                    // Sum of four 16-bit uniforms: mean 2, variance 4/12; rescaled to unit variance.
-                    let u = (b & 0xFFFF) + ((b >> 16) & 0xFFFF) + ((b >> 32) & 0xFFFF) + (b >> 48);
-                    let z = (u as f32 / 65536.0 - 2.0) * 1.732_050_8;
-                    *e = z * scale;
-                }
-            });
+        x.as_slice_mut().expect("fresh array").par_chunks_mut(v).enumerate().for_each(|(r, row)| {
+            let mut s = mix(seed ^ (r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            for e in row.iter_mut() {
+                s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let b = mix(s);
+                // Sum of four 16-bit uniforms: mean 2, variance 4/12; rescaled to unit variance.
+                let u = (b & 0xFFFF) + ((b >> 16) & 0xFFFF) + ((b >> 32) & 0xFFFF) + (b >> 48);
+                let z = (u as f32 / 65536.0 - 2.0) * 1.732_050_8;
+                *e = z * scale;
+            }
+        });
     }
     let t = Array1::from_shape_fn(n, |r| {
         if ignore_every > 0 && r % ignore_every == ignore_every - 1 {

@@ -26,19 +26,10 @@ fn confident_rows() -> (Array2<f32>, Array1<i64>) {
 type Run = Box<dyn Fn(&Array2<f32>, &Array1<i64>, &CrossEntropy) -> CeOutput>;
 
 fn all_backends() -> Vec<(String, Run)> {
-    let mut v: Vec<(String, Run)> = vec![(
-        "cpu".into(),
-        Box::new(|x, t, c| {
-            Cpu::new()
-                .cross_entropy(x.view(), t.view().into(), c)
-                .unwrap()
-        }),
-    )];
+    let mut v: Vec<(String, Run)> =
+        vec![("cpu".into(), Box::new(|x, t, c| Cpu::new().cross_entropy(x.view(), t.view().into(), c).unwrap()))];
     for (name, g) in gpus() {
-        v.push((
-            name.into(),
-            Box::new(move |x, t, c| g.cross_entropy(x.view(), t.view().into(), c).unwrap()),
-        ));
+        v.push((name.into(), Box::new(move |x, t, c| g.cross_entropy(x.view(), t.view().into(), c).unwrap())));
     }
     v
 }
@@ -46,11 +37,7 @@ fn all_backends() -> Vec<(String, Run)> {
 #[test]
 fn confident_rows_keep_their_tiny_loss_and_gradient() {
     let (x, t) = confident_rows();
-    let cfg = CrossEntropy {
-        reduction: Reduction::None,
-        grad: GradMode::Separate,
-        ..Default::default()
-    };
+    let cfg = CrossEntropy { reduction: Reduction::None, grad: GradMode::Separate, ..Default::default() };
     let r = reference::cross_entropy(x.view(), t.view().into(), &cfg).unwrap();
     for (name, run) in all_backends() {
         let o = run(&x, &t, &cfg);
@@ -58,26 +45,14 @@ fn confident_rows_keep_their_tiny_loss_and_gradient() {
         let g = o.grad.unwrap();
         for i in 0..x.nrows() {
             let want = r.row_loss[i];
-            assert!(
-                want > 1e-10 && want < 1e-5,
-                "test row {i} must be confident: {want}"
-            );
+            assert!(want > 1e-10 && want < 1e-5, "test row {i} must be confident: {want}");
             let rel = (rows[i] as f64 - want).abs() / want;
-            println!(
-                "{name} row {i}: loss {:e} want {want:e} rel err {rel:.1e}",
-                rows[i]
-            );
+            println!("{name} row {i}: loss {:e} want {want:e} rel err {rel:.1e}", rows[i]);
             assert!(rel < 1e-5, "{name} row {i}: loss {} want {want}", rows[i]);
             let y = t[i] as usize;
             let (gy, wy) = (g[[i, y]] as f64, r.grad[[i, y]]);
-            assert!(
-                gy < 0.0,
-                "{name} row {i}: target gradient must be non-zero, got {gy}"
-            );
-            assert!(
-                (gy - wy).abs() / wy.abs() < 1e-5,
-                "{name} row {i}: target gradient {gy} want {wy}"
-            );
+            assert!(gy < 0.0, "{name} row {i}: target gradient must be non-zero, got {gy}");
+            assert!((gy - wy).abs() / wy.abs() < 1e-5, "{name} row {i}: target gradient {gy} want {wy}");
         }
     }
 }
@@ -86,26 +61,15 @@ fn confident_rows_keep_their_tiny_loss_and_gradient() {
 fn confident_log_softmax() {
     let (x, _) = confident_rows();
     let want = reference::log_softmax(x.view(), SoftmaxKind::LogSoftmax).unwrap();
-    let mut outs = vec![(
-        "cpu".to_string(),
-        Cpu::new()
-            .log_softmax(x.view(), SoftmaxKind::LogSoftmax)
-            .unwrap(),
-    )];
+    let mut outs = vec![("cpu".to_string(), Cpu::new().log_softmax(x.view(), SoftmaxKind::LogSoftmax).unwrap())];
     for (name, g) in gpus() {
-        outs.push((
-            name.into(),
-            g.log_softmax(x.view(), SoftmaxKind::LogSoftmax).unwrap(),
-        ));
+        outs.push((name.into(), g.log_softmax(x.view(), SoftmaxKind::LogSoftmax).unwrap()));
     }
     for (name, got) in outs {
         for i in 0..x.nrows() {
             let c = i % 5;
             let (g, w) = (got[[i, c]] as f64, want[[i, c]]);
-            assert!(
-                g < 0.0 && (g - w).abs() / w.abs() < 1e-5,
-                "{name} row {i}: log p = {g}, want {w}"
-            );
+            assert!(g < 0.0 && (g - w).abs() / w.abs() < 1e-5, "{name} row {i}: log p = {g}, want {w}");
         }
     }
 }
@@ -120,23 +84,13 @@ fn masked_vocabulary_and_all_masked_rows() {
         [ninf, ninf, ninf, ninf, ninf]  // all masked: NaN, as in PyTorch
     ];
     let t = array![2i64, 2, 1, 0];
-    let none = CrossEntropy {
-        reduction: Reduction::None,
-        grad: GradMode::Separate,
-        ..Default::default()
-    };
+    let none = CrossEntropy { reduction: Reduction::None, grad: GradMode::Separate, ..Default::default() };
     let r = reference::cross_entropy(x.view(), t.view().into(), &none).unwrap();
     assert!(r.row_loss[2].is_infinite() && r.row_loss[3].is_nan());
     for (name, run) in all_backends() {
         let o = run(&x, &t, &none);
         let rows = o.row_loss.unwrap();
-        assert_close_1d(
-            &format!("{name} rows"),
-            rows.view(),
-            r.row_loss.view(),
-            1e-6,
-            1e-6,
-        );
+        assert_close_1d(&format!("{name} rows"), rows.view(), r.row_loss.view(), 1e-6, 1e-6);
         let g = o.grad.unwrap();
         // Masked classes get exactly zero gradient in the live rows.
         for &(i, c) in &[(0, 1), (0, 3), (1, 0), (1, 4)] {
@@ -149,10 +103,7 @@ fn masked_vocabulary_and_all_masked_rows() {
             1e-7,
             1e-5,
         );
-        assert!(
-            g.row(3).iter().all(|v| v.is_nan()),
-            "{name}: all -inf row has a NaN gradient"
-        );
+        assert!(g.row(3).iter().all(|v| v.is_nan()), "{name}: all -inf row has a NaN gradient");
         // The mean over rows with a NaN row is NaN.
         let m = run(&x, &t, &CrossEntropy::default());
         assert!(m.loss.is_nan(), "{name}: mean {}", m.loss);
@@ -162,11 +113,7 @@ fn masked_vocabulary_and_all_masked_rows() {
             &t.slice(ndarray::s![0..3]).to_owned(),
             &CrossEntropy::default(),
         );
-        assert!(
-            m.loss.is_infinite() && m.loss > 0.0,
-            "{name}: mean {}",
-            m.loss
-        );
+        assert!(m.loss.is_infinite() && m.loss > 0.0, "{name}: mean {}", m.loss);
     }
 }
 
@@ -175,29 +122,12 @@ fn all_ignored_batch() {
     let x = array![[1.0f32, 2.0], [3.0, 4.0]];
     let t = array![-100i64, -100];
     for (name, run) in all_backends() {
-        let cfg = CrossEntropy {
-            grad: GradMode::Separate,
-            ..Default::default()
-        };
+        let cfg = CrossEntropy { grad: GradMode::Separate, ..Default::default() };
         let m = run(&x, &t, &cfg);
-        assert!(
-            m.loss.is_nan(),
-            "{name}: all-ignored mean must be NaN, got {}",
-            m.loss
-        );
+        assert!(m.loss.is_nan(), "{name}: all-ignored mean must be NaN, got {}", m.loss);
         assert_eq!(m.counted, 0);
-        assert!(
-            m.grad.unwrap().iter().all(|&g| g == 0.0),
-            "{name}: all-ignored gradient must be zero"
-        );
-        let s = run(
-            &x,
-            &t,
-            &CrossEntropy {
-                reduction: Reduction::Sum,
-                ..cfg
-            },
-        );
+        assert!(m.grad.unwrap().iter().all(|&g| g == 0.0), "{name}: all-ignored gradient must be zero");
+        let s = run(&x, &t, &CrossEntropy { reduction: Reduction::Sum, ..cfg });
         assert_eq!(s.loss, 0.0, "{name}: all-ignored sum");
     }
 }
@@ -206,27 +136,11 @@ fn all_ignored_batch() {
 fn large_logits_do_not_overflow() {
     let x = array![[1e4f32, -1e4, 0.0], [-3e38, 3e38, 0.0], [88.0, 89.0, 90.0]];
     let t = array![1i64, 1, 0];
-    let cfg = CrossEntropy {
-        reduction: Reduction::None,
-        grad: GradMode::Separate,
-        ..Default::default()
-    };
+    let cfg = CrossEntropy { reduction: Reduction::None, grad: GradMode::Separate, ..Default::default() };
     let r = reference::cross_entropy(x.view(), t.view().into(), &cfg).unwrap();
     for (name, run) in all_backends() {
         let o = run(&x, &t, &cfg);
-        assert_close_1d(
-            &format!("{name} rows"),
-            o.row_loss.unwrap().view(),
-            r.row_loss.view(),
-            1e-6,
-            1e-6,
-        );
-        assert_close_2d(
-            &format!("{name} grad"),
-            o.grad.unwrap().view(),
-            r.grad.view(),
-            1e-7,
-            1e-5,
-        );
+        assert_close_1d(&format!("{name} rows"), o.row_loss.unwrap().view(), r.row_loss.view(), 1e-6, 1e-6);
+        assert_close_2d(&format!("{name} grad"), o.grad.unwrap().view(), r.grad.view(), 1e-7, 1e-5);
     }
 }

@@ -49,23 +49,14 @@ fn write_i64_shaped(path: &str, shape: &str, v: &[i64]) {
 }
 
 fn json_line(o: &Output) -> Value {
-    assert!(
-        o.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));
     let s = String::from_utf8(o.stdout.clone()).unwrap();
     serde_json::from_str(s.lines().last().unwrap()).unwrap()
 }
 
 fn fixture() -> (String, String) {
     let (x, l) = (file("x.npy"), file("t.npy"));
-    let logits = ndarray::array![
-        [1.0f32, 2.0, 3.0],
-        [0.5, 0.5, 0.5],
-        [3.0, -1.0, 0.0],
-        [0.0, 1.0, 0.0]
-    ];
+    let logits = ndarray::array![[1.0f32, 2.0, 3.0], [0.5, 0.5, 0.5], [3.0, -1.0, 0.0], [0.0, 1.0, 0.0]];
     npy::write_f32(&x, &[4, 3], logits.as_slice().unwrap()).unwrap();
     write_i64(&l, &[2, -100, 0, 1]);
     (x, l)
@@ -86,20 +77,7 @@ fn eval_json_and_files() {
         let g = file(&format!("g-{b}.npy"));
         let r = file(&format!("r-{b}.npy"));
         let o = xent(
-            &[
-                "eval",
-                "--logits",
-                &x,
-                "--targets",
-                &t,
-                "--backend",
-                b,
-                "--json",
-                "--grad-out",
-                &g,
-                "--loss-out",
-                &r,
-            ],
+            &["eval", "--logits", &x, "--targets", &t, "--backend", b, "--json", "--grad-out", &g, "--loss-out", &r],
             &[],
         );
         let j = json_line(&o);
@@ -107,9 +85,7 @@ fn eval_json_and_files() {
         assert_eq!(j["rows"], 4);
         assert_eq!(j["counted"], 3);
         assert_eq!(j["weight_sum"], 3.0);
-        let want = ((1f64 + 1f64.exp() + 2f64.exp()).ln() - 2.0
-            + 3.0
-            + (1.0 + (-4f64).exp() + (-3f64).exp()).ln()
+        let want = ((1f64 + 1f64.exp() + 2f64.exp()).ln() - 2.0 + 3.0 + (1.0 + (-4f64).exp() + (-3f64).exp()).ln()
             - 3.0
             + (2.0 + 1f64.exp()).ln()
             - 1.0)
@@ -127,21 +103,7 @@ fn eval_json_and_files() {
         assert_eq!(rows[1], 0.0);
         assert!((rows.sum() as f64 / 3.0 - want).abs() < 1e-6);
 
-        let o = xent(
-            &[
-                "eval",
-                "--logits",
-                &x,
-                "--targets",
-                &t,
-                "--backend",
-                b,
-                "--json",
-                "--reduction",
-                "none",
-            ],
-            &[],
-        );
+        let o = xent(&["eval", "--logits", &x, "--targets", &t, "--backend", b, "--json", "--reduction", "none"], &[]);
         assert!(json_line(&o)["loss"].is_null());
         let o = xent(
             &[
@@ -172,19 +134,7 @@ fn non_finite_values_are_strings() {
     npy::write_f32(&x, &[2, 2], &[1.0, 2.0, 3.0, 4.0]).unwrap();
     write_i64(&t, &[-100, -100]);
     for b in backends() {
-        let j = json_line(&xent(
-            &[
-                "eval",
-                "--logits",
-                &x,
-                "--targets",
-                &t,
-                "--backend",
-                b,
-                "--json",
-            ],
-            &[],
-        ));
+        let j = json_line(&xent(&["eval", "--logits", &x, "--targets", &t, "--backend", b, "--json"], &[]));
         assert_eq!(j["loss"], "NaN", "{b}");
         assert_eq!(j["counted"], 0);
     }
@@ -196,31 +146,15 @@ fn log_softmax_command() {
     for b in backends() {
         for soft in [false, true] {
             let out = file(&format!("ls-{b}-{soft}.npy"));
-            let mut args = vec![
-                "log-softmax",
-                "--logits",
-                &x,
-                "--out",
-                &out,
-                "--backend",
-                b,
-                "--json",
-            ];
+            let mut args = vec!["log-softmax", "--logits", &x, "--out", &out, "--backend", b, "--json"];
             if soft {
                 args.push("--softmax");
             }
             let j = json_line(&xent(&args, &[]));
             assert_eq!(j["rows"], 4);
             let y = npy::read_f32_2d(&out, "out").unwrap();
-            let row0: f64 = y
-                .row(0)
-                .iter()
-                .map(|&v| if soft { v as f64 } else { (v as f64).exp() })
-                .sum();
-            assert!(
-                (row0 - 1.0).abs() < 1e-6,
-                "{b} softmax={soft}: row sums to {row0}"
-            );
+            let row0: f64 = y.row(0).iter().map(|&v| if soft { v as f64 } else { (v as f64).exp() }).sum();
+            assert!((row0 - 1.0).abs() < 1e-6, "{b} softmax={soft}: row sums to {row0}");
         }
     }
 }
@@ -228,20 +162,10 @@ fn log_softmax_command() {
 fn assert_one_line_error(o: &Output, needle: &str) {
     assert!(!o.status.success(), "expected failure");
     let err = String::from_utf8_lossy(&o.stderr);
-    let lines: Vec<&str> = err
-        .lines()
-        .filter(|l| !l.trim().is_empty() && !l.contains("XDG_RUNTIME_DIR"))
-        .collect();
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty() && !l.contains("XDG_RUNTIME_DIR")).collect();
     assert_eq!(lines.len(), 1, "one line expected, got: {err}");
-    assert!(
-        lines[0].contains(needle),
-        "{:?} does not mention {needle:?}",
-        lines[0]
-    );
-    assert!(
-        !err.contains("panicked") && !err.contains("backtrace"),
-        "{err}"
-    );
+    assert!(lines[0].contains(needle), "{:?} does not mention {needle:?}", lines[0]);
+    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
 }
 
 #[test]
@@ -255,111 +179,30 @@ fn errors_are_one_line() {
     let int_x = file("int-x.npy");
     write_i64_shaped(&int_x, "4, 3", &[0; 12]);
     for b in backends() {
-        let o = xent(
-            &[
-                "eval",
-                "--logits",
-                &missing,
-                "--targets",
-                &t,
-                "--backend",
-                b,
-            ],
-            &[],
-        );
+        let o = xent(&["eval", "--logits", &missing, "--targets", &t, "--backend", b], &[]);
         assert_one_line_error(&o, "missing.npy");
         // int64 logits: wrong dtype.
-        let o = xent(
-            &["eval", "--logits", &int_x, "--targets", &t, "--backend", b],
-            &[],
-        );
+        let o = xent(&["eval", "--logits", &int_x, "--targets", &t, "--backend", b], &[]);
         assert_one_line_error(&o, "float32");
-        let o = xent(
-            &["eval", "--logits", &x, "--targets", &x, "--backend", b],
-            &[],
-        );
+        let o = xent(&["eval", "--logits", &x, "--targets", &x, "--backend", b], &[]);
         assert_one_line_error(&o, "dimension");
-        let o = xent(
-            &[
-                "eval",
-                "--logits",
-                &x,
-                "--targets",
-                &short_t,
-                "--backend",
-                b,
-            ],
-            &[],
-        );
+        let o = xent(&["eval", "--logits", &x, "--targets", &short_t, "--backend", b], &[]);
         assert_one_line_error(&o, "shape mismatch");
-        let o = xent(
-            &["eval", "--logits", &x, "--targets", &bad_t, "--backend", b],
-            &[],
-        );
+        let o = xent(&["eval", "--logits", &x, "--targets", &bad_t, "--backend", b], &[]);
         assert_one_line_error(&o, "target 9 at row 2");
-        let o = xent(
-            &[
-                "eval",
-                "--logits",
-                &x,
-                "--targets",
-                &t,
-                "--backend",
-                b,
-                "--label-smoothing",
-                "2",
-            ],
-            &[],
-        );
+        let o = xent(&["eval", "--logits", &x, "--targets", &t, "--backend", b, "--label-smoothing", "2"], &[]);
         assert_one_line_error(&o, "label_smoothing");
-        let o = xent(
-            &[
-                "eval",
-                "--logits",
-                &x,
-                "--targets",
-                &t,
-                "--backend",
-                b,
-                "--temperature",
-                "0",
-            ],
-            &[],
-        );
+        let o = xent(&["eval", "--logits", &x, "--targets", &t, "--backend", b, "--temperature", "0"], &[]);
         assert_one_line_error(&o, "temperature");
         let o = xent(
-            &[
-                "eval",
-                "--logits",
-                &x,
-                "--targets",
-                &t,
-                "--backend",
-                b,
-                "--grad-out",
-                "/nonexistent/dir/g.npy",
-            ],
+            &["eval", "--logits", &x, "--targets", &t, "--backend", b, "--grad-out", "/nonexistent/dir/g.npy"],
             &[],
         );
         assert_one_line_error(&o, "/nonexistent/dir/g.npy");
     }
-    let o = xent(
-        &[
-            "eval",
-            "--logits",
-            &x,
-            "--targets",
-            &t,
-            "--reduction",
-            "avg",
-        ],
-        &[],
-    );
+    let o = xent(&["eval", "--logits", &x, "--targets", &t, "--reduction", "avg"], &[]);
     assert_one_line_error(&o, "avg");
-    let o = xent(
-        &["eval", "--logits", &x, "--targets", &t, "--backend", "tpu"],
-        &[],
-    );
+    let o = xent(&["eval", "--logits", &x, "--targets", &t, "--backend", "tpu"], &[]);
     assert_one_line_error(&o, "tpu");
     let o = xent(&["eval", "--logits", &x], &[]);
     assert_one_line_error(&o, "--targets");
@@ -371,16 +214,10 @@ fn errors_are_one_line() {
 fn gpu_backend_without_adapter_is_an_error_with_advice() {
     let (x, t) = fixture();
     // No Metal adapter exists on Linux: the instance finds nothing.
-    let o = xent(
-        &["eval", "--logits", &x, "--targets", &t, "--backend", "gpu"],
-        &[("WGPU_BACKEND", "metal")],
-    );
+    let o = xent(&["eval", "--logits", &x, "--targets", &t, "--backend", "gpu"], &[("WGPU_BACKEND", "metal")]);
     assert_one_line_error(&o, "apt-get install mesa-vulkan-drivers");
     // The default job falls back to its CPU part and says how to get a GPU.
-    let o = xent(
-        &["demo", "--rows", "64", "--classes", "1000"],
-        &[("WGPU_BACKEND", "metal")],
-    );
+    let o = xent(&["demo", "--rows", "64", "--classes", "1000"], &[("WGPU_BACKEND", "metal")]);
     assert!(o.status.success());
     let out = String::from_utf8_lossy(&o.stdout);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -394,16 +231,10 @@ fn default_job_compares_gpu_and_cpu() {
     let o = xent(&["demo", "--rows", "300", "--classes", "5003"], &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        out.contains("perplexity") && out.contains("CPU time"),
-        "{out}"
-    );
+    assert!(out.contains("perplexity") && out.contains("CPU time"), "{out}");
     if gpu().is_some() {
         assert!(out.contains("largest GPU-vs-CPU difference"), "{out}");
-        let line = out
-            .lines()
-            .find(|l| l.contains("largest GPU-vs-CPU"))
-            .unwrap();
+        let line = out.lines().find(|l| l.contains("largest GPU-vs-CPU")).unwrap();
         let grad_diff: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
         assert!(grad_diff < 1e-7, "{line}");
     }

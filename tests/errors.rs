@@ -18,48 +18,19 @@ fn shape_mismatches() {
     let x = Array2::<f32>::zeros((3, 4));
     each_backend(|name, b| {
         let t = array![0i64, 1];
-        let e = b
-            .cross_entropy(x.view(), t.view().into(), &CrossEntropy::default())
-            .unwrap_err();
-        assert!(
-            matches!(e, XentError::Shape(ref m) if m.contains("3 rows") && m.contains("2")),
-            "{name}: {e}"
-        );
+        let e = b.cross_entropy(x.view(), t.view().into(), &CrossEntropy::default()).unwrap_err();
+        assert!(matches!(e, XentError::Shape(ref m) if m.contains("3 rows") && m.contains("2")), "{name}: {e}");
         let t = array![0i64, 1, 2];
-        let cfg = CrossEntropy {
-            class_weight: Some(Array1::ones(5)),
-            ..Default::default()
-        };
-        let e = b
-            .cross_entropy(x.view(), t.view().into(), &cfg)
-            .unwrap_err();
-        assert!(
-            matches!(e, XentError::Shape(ref m) if m.contains("class_weight")),
-            "{name}: {e}"
-        );
-        let cfg = CrossEntropy {
-            sample_weight: Some(Array1::ones(2)),
-            ..Default::default()
-        };
-        let e = b
-            .cross_entropy(x.view(), t.view().into(), &cfg)
-            .unwrap_err();
-        assert!(
-            matches!(e, XentError::Shape(ref m) if m.contains("sample_weight")),
-            "{name}: {e}"
-        );
+        let cfg = CrossEntropy { class_weight: Some(Array1::ones(5)), ..Default::default() };
+        let e = b.cross_entropy(x.view(), t.view().into(), &cfg).unwrap_err();
+        assert!(matches!(e, XentError::Shape(ref m) if m.contains("class_weight")), "{name}: {e}");
+        let cfg = CrossEntropy { sample_weight: Some(Array1::ones(2)), ..Default::default() };
+        let e = b.cross_entropy(x.view(), t.view().into(), &cfg).unwrap_err();
+        assert!(matches!(e, XentError::Shape(ref m) if m.contains("sample_weight")), "{name}: {e}");
         let empty = Array2::<f32>::zeros((3, 0));
-        let e = b
-            .cross_entropy(empty.view(), t.view().into(), &CrossEntropy::default())
-            .unwrap_err();
+        let e = b.cross_entropy(empty.view(), t.view().into(), &CrossEntropy::default()).unwrap_err();
         assert!(matches!(e, XentError::Shape(_)), "{name}: {e}");
-        assert!(
-            matches!(
-                b.log_softmax(empty.view(), SoftmaxKind::LogSoftmax),
-                Err(XentError::Shape(_))
-            ),
-            "{name}"
-        );
+        assert!(matches!(b.log_softmax(empty.view(), SoftmaxKind::LogSoftmax), Err(XentError::Shape(_))), "{name}");
     });
 }
 
@@ -69,32 +40,12 @@ fn targets_out_of_range() {
     each_backend(|name, b| {
         for bad in [3i64, -1, -101, i64::MAX] {
             let t = array![0i64, 1, bad, 2];
-            let e = b
-                .cross_entropy(x.view(), t.view().into(), &CrossEntropy::default())
-                .unwrap_err();
-            assert_eq!(
-                e,
-                XentError::TargetOutOfRange {
-                    row: 2,
-                    target: bad,
-                    classes: 3
-                },
-                "{name}"
-            );
+            let e = b.cross_entropy(x.view(), t.view().into(), &CrossEntropy::default()).unwrap_err();
+            assert_eq!(e, XentError::TargetOutOfRange { row: 2, target: bad, classes: 3 }, "{name}");
         }
         let t = array![0i32, 7, 1, 2];
-        let e = b
-            .cross_entropy(x.view(), t.view().into(), &CrossEntropy::default())
-            .unwrap_err();
-        assert_eq!(
-            e,
-            XentError::TargetOutOfRange {
-                row: 1,
-                target: 7,
-                classes: 3
-            },
-            "{name}"
-        );
+        let e = b.cross_entropy(x.view(), t.view().into(), &CrossEntropy::default()).unwrap_err();
+        assert_eq!(e, XentError::TargetOutOfRange { row: 1, target: 7, classes: 3 }, "{name}");
     });
 }
 
@@ -103,54 +54,21 @@ fn bad_options() {
     let x = Array2::<f32>::zeros((2, 3));
     let t = array![0i64, 1];
     let bad = [
-        CrossEntropy {
-            label_smoothing: 1.5,
-            ..Default::default()
-        },
-        CrossEntropy {
-            label_smoothing: -0.1,
-            ..Default::default()
-        },
-        CrossEntropy {
-            label_smoothing: f32::NAN,
-            ..Default::default()
-        },
-        CrossEntropy {
-            temperature: 0.0,
-            ..Default::default()
-        },
-        CrossEntropy {
-            temperature: -1.0,
-            ..Default::default()
-        },
-        CrossEntropy {
-            softcap: Some(0.0),
-            ..Default::default()
-        },
-        CrossEntropy {
-            softcap: Some(f32::INFINITY),
-            ..Default::default()
-        },
-        CrossEntropy {
-            z_loss: -1e-4,
-            ..Default::default()
-        },
-        CrossEntropy {
-            grad_scale: f32::NAN,
-            ..Default::default()
-        },
-        CrossEntropy {
-            grad: GradMode::InPlace,
-            ..Default::default()
-        },
+        CrossEntropy { label_smoothing: 1.5, ..Default::default() },
+        CrossEntropy { label_smoothing: -0.1, ..Default::default() },
+        CrossEntropy { label_smoothing: f32::NAN, ..Default::default() },
+        CrossEntropy { temperature: 0.0, ..Default::default() },
+        CrossEntropy { temperature: -1.0, ..Default::default() },
+        CrossEntropy { softcap: Some(0.0), ..Default::default() },
+        CrossEntropy { softcap: Some(f32::INFINITY), ..Default::default() },
+        CrossEntropy { z_loss: -1e-4, ..Default::default() },
+        CrossEntropy { grad_scale: f32::NAN, ..Default::default() },
+        CrossEntropy { grad: GradMode::InPlace, ..Default::default() },
     ];
     each_backend(|name, b| {
         for cfg in &bad {
             let e = b.cross_entropy(x.view(), t.view().into(), cfg).unwrap_err();
-            assert!(
-                matches!(e, XentError::InvalidOption(_)),
-                "{name} {cfg:?}: {e}"
-            );
+            assert!(matches!(e, XentError::InvalidOption(_)), "{name} {cfg:?}: {e}");
         }
     });
     assert!(Cpu::with_threads(0).is_err());
@@ -163,9 +81,7 @@ fn row_larger_than_a_binding() {
     };
     let x = Array2::<f32>::zeros((2, 20_000)); // 80 KB rows, 64 KiB bindings
     let t = array![0i64, 1];
-    let e = g
-        .cross_entropy(x.view(), t.view().into(), &CrossEntropy::default())
-        .unwrap_err();
+    let e = g.cross_entropy(x.view(), t.view().into(), &CrossEntropy::default()).unwrap_err();
     assert!(matches!(e, XentError::TooLarge { limit: 65536, .. }), "{e}");
     assert!(e.to_string().contains("20000 classes"), "{e}");
     let e = g.log_softmax(x.view(), SoftmaxKind::Softmax).unwrap_err();
@@ -182,37 +98,17 @@ fn tensor_larger_than_any_buffer() {
         usage: wgpu::BufferUsages::STORAGE,
         mapped_at_creation: false,
     });
-    let dev = DeviceCe {
-        logits: &small,
-        targets: &small,
-        rows: 1 << 31,
-        classes: 4,
-        grad: None,
-    };
-    let e = g
-        .cross_entropy_device(dev, &CrossEntropy::default())
-        .unwrap_err();
-    assert!(
-        matches!(e, XentError::Shape(ref m) if m.contains("logits buffer")),
-        "{e}"
-    );
+    let dev = DeviceCe { logits: &small, targets: &small, rows: 1 << 31, classes: 4, grad: None };
+    let e = g.cross_entropy_device(dev, &CrossEntropy::default()).unwrap_err();
+    assert!(matches!(e, XentError::Shape(ref m) if m.contains("logits buffer")), "{e}");
 }
 
 #[test]
 fn errors_print_one_line_messages() {
-    let e = XentError::TargetOutOfRange {
-        row: 2,
-        target: 9,
-        classes: 3,
-    };
-    assert_eq!(
-        e.to_string(),
-        "target 9 at row 2 is out of range: expected 0..3 or the ignore_index"
-    );
+    let e = XentError::TargetOutOfRange { row: 2, target: 9, classes: 3 };
+    assert_eq!(e.to_string(), "target 9 at row 2 is out of range: expected 0..3 or the ignore_index");
     let e = XentError::NoAdapter("none found".into());
-    assert!(e
-        .to_string()
-        .contains("apt-get install mesa-vulkan-drivers"));
+    assert!(e.to_string().contains("apt-get install mesa-vulkan-drivers"));
 }
 
 #[test]
@@ -220,22 +116,15 @@ fn bad_probability_targets() {
     let x = Array2::<f32>::zeros((2, 3));
     each_backend(|name, b| {
         let y = array![[0.5f32, 0.5, 0.0], [0.2, -0.1, 0.9]];
-        let e = b
-            .cross_entropy_soft(x.view(), y.view(), &CrossEntropy::default())
-            .unwrap_err();
-        assert!(
-            matches!(e, XentError::InvalidOption(ref m) if m.contains("row 1")),
-            "{name}: {e}"
-        );
+        let e = b.cross_entropy_soft(x.view(), y.view(), &CrossEntropy::default()).unwrap_err();
+        assert!(matches!(e, XentError::InvalidOption(ref m) if m.contains("row 1")), "{name}: {e}");
         let y = array![[0.5f32, f32::NAN, 0.0], [0.2, 0.1, 0.7]];
         assert!(matches!(
             b.cross_entropy_soft(x.view(), y.view(), &CrossEntropy::default()),
             Err(XentError::InvalidOption(_))
         ));
         let y = Array2::<f32>::zeros((2, 4));
-        let e = b
-            .cross_entropy_soft(x.view(), y.view(), &CrossEntropy::default())
-            .unwrap_err();
+        let e = b.cross_entropy_soft(x.view(), y.view(), &CrossEntropy::default()).unwrap_err();
         assert!(matches!(e, XentError::Shape(_)), "{name}: {e}");
     });
 }

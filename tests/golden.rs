@@ -18,11 +18,7 @@ fn golden_dir() -> PathBuf {
     let dir = std::env::var_os("XENT_GOLDEN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/golden"));
-    assert!(
-        dir.join("manifest.json").is_file(),
-        "golden cases not found at {} (set XENT_GOLDEN_DIR)",
-        dir.display()
-    );
+    assert!(dir.join("manifest.json").is_file(), "golden cases not found at {} (set XENT_GOLDEN_DIR)", dir.display());
     dir
 }
 
@@ -48,10 +44,7 @@ fn number(v: &Value) -> f64 {
 }
 
 fn run(args: &[String]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_xent"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_xent")).args(args).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "xent {args:?} failed: {stderr}");
     let stdout = String::from_utf8(out.stdout).unwrap();
@@ -75,12 +68,7 @@ fn cases(backend: &str) -> usize {
             "cross_entropy" => {
                 let grad = scratch(&format!("{backend}-{name}-grad.npy"));
                 let rows = scratch(&format!("{backend}-{name}-rows.npy"));
-                let mut args: Vec<String> = vec![
-                    "eval".into(),
-                    "--json".into(),
-                    "--backend".into(),
-                    backend.into(),
-                ];
+                let mut args: Vec<String> = vec!["eval".into(), "--json".into(), "--backend".into(), backend.into()];
                 let mut add = |k: &str, v: String| {
                     args.push(k.into());
                     args.push(v);
@@ -103,44 +91,21 @@ fn cases(backend: &str) -> usize {
                 add("--loss-out", rows.display().to_string());
                 let out = run(&args);
                 assert_eq!(out["backend"], backend);
-                let n = npy::read_f32_2d(p(&inputs["logits"]), "logits")
-                    .unwrap()
-                    .nrows();
+                let n = npy::read_f32_2d(p(&inputs["logits"]), "logits").unwrap().nrows();
                 assert_eq!(out["rows"], n);
                 match &expected["loss"] {
                     Value::String(f) if f.ends_with(".npy") => {
                         assert!(out["loss"].is_null(), "{name}: loss must be null for none");
-                        let want = npy::read_f64(dir.join(f))
-                            .unwrap()
-                            .into_dimensionality()
-                            .unwrap();
+                        let want = npy::read_f64(dir.join(f)).unwrap().into_dimensionality().unwrap();
                         let got = npy::read_f32_1d(&rows, "rows").unwrap();
-                        assert_close_1d(
-                            &format!("{backend} {name} row loss"),
-                            got.view(),
-                            want.view(),
-                            2e-6,
-                            2e-6,
-                        );
+                        assert_close_1d(&format!("{backend} {name} row loss"), got.view(), want.view(), 2e-6, 2e-6);
                     }
-                    v => assert_scalar(
-                        &format!("{backend} {name} loss"),
-                        number(&out["loss"]),
-                        number(v),
-                        2e-6,
-                        2e-6,
-                    ),
+                    v => assert_scalar(&format!("{backend} {name} loss"), number(&out["loss"]), number(v), 2e-6, 2e-6),
                 }
                 if let Some(g) = expected.get("grad") {
                     let want = npy::read_f64(p(g)).unwrap().into_dimensionality().unwrap();
                     let got = npy::read_f32_2d(&grad, "grad").unwrap();
-                    assert_close_2d(
-                        &format!("{backend} {name} grad"),
-                        got.view(),
-                        want.view(),
-                        1e-7,
-                        2e-5,
-                    );
+                    assert_close_2d(&format!("{backend} {name} grad"), got.view(), want.view(), 1e-7, 2e-5);
                 }
             }
             "cross_entropy_soft" => {
@@ -169,43 +134,17 @@ fn cases(backend: &str) -> usize {
                     2e-6,
                     2e-6,
                 );
-                let want = npy::read_f64(p(&expected["grad"]))
-                    .unwrap()
-                    .into_dimensionality()
-                    .unwrap();
+                let want = npy::read_f64(p(&expected["grad"])).unwrap().into_dimensionality().unwrap();
                 let got = npy::read_f32_2d(&grad, "grad").unwrap();
-                assert_close_2d(
-                    &format!("{backend} {name} grad"),
-                    got.view(),
-                    want.view(),
-                    1e-7,
-                    2e-5,
-                );
+                assert_close_2d(&format!("{backend} {name} grad"), got.view(), want.view(), 1e-7, 2e-5);
             }
             op @ ("bce_with_logits" | "bce") => {
                 let grad = scratch(&format!("{backend}-{name}-grad.npy"));
                 let rows = scratch(&format!("{backend}-{name}-elem.npy"));
-                let input = if op == "bce" {
-                    ("--probs", &inputs["probs"])
-                } else {
-                    ("--logits", &inputs["logits"])
-                };
-                let mut args: Vec<String> = vec![
-                    "bce".into(),
-                    "--json".into(),
-                    "--backend".into(),
-                    backend.into(),
-                ];
-                args.extend([
-                    input.0.to_string(),
-                    p(input.1),
-                    "--targets".into(),
-                    p(&inputs["targets"]),
-                ]);
-                args.extend([
-                    "--reduction".into(),
-                    params["reduction"].as_str().unwrap().into(),
-                ]);
+                let input = if op == "bce" { ("--probs", &inputs["probs"]) } else { ("--logits", &inputs["logits"]) };
+                let mut args: Vec<String> = vec!["bce".into(), "--json".into(), "--backend".into(), backend.into()];
+                args.extend([input.0.to_string(), p(input.1), "--targets".into(), p(&inputs["targets"])]);
+                args.extend(["--reduction".into(), params["reduction"].as_str().unwrap().into()]);
                 for (flag, key) in [("--weight", "weight"), ("--pos-weight", "pos_weight")] {
                     if let Some(f) = inputs.get(key) {
                         args.extend([flag.into(), p(f)]);
@@ -221,38 +160,79 @@ fn cases(backend: &str) -> usize {
                 match &expected["loss"] {
                     Value::String(f) if f.ends_with(".npy") => {
                         assert!(out["loss"].is_null());
-                        let want = npy::read_f64(dir.join(f))
-                            .unwrap()
-                            .into_dimensionality()
-                            .unwrap();
+                        let want = npy::read_f64(dir.join(f)).unwrap().into_dimensionality().unwrap();
                         let got = npy::read_f32_2d(&rows, "elem").unwrap();
-                        assert_close_2d(
-                            &format!("{backend} {name} element loss"),
-                            got.view(),
-                            want.view(),
-                            2e-6,
-                            2e-6,
-                        );
+                        assert_close_2d(&format!("{backend} {name} element loss"), got.view(), want.view(), 2e-6, 2e-6);
                     }
-                    v => assert_scalar(
-                        &format!("{backend} {name} loss"),
-                        number(&out["loss"]),
-                        number(v),
-                        2e-6,
-                        2e-6,
-                    ),
+                    v => assert_scalar(&format!("{backend} {name} loss"), number(&out["loss"]), number(v), 2e-6, 2e-6),
                 }
                 if let Some(g) = expected.get("grad") {
                     let want = npy::read_f64(p(g)).unwrap().into_dimensionality().unwrap();
                     let got = npy::read_f32_2d(&grad, "grad").unwrap();
-                    assert_close_2d(
-                        &format!("{backend} {name} grad"),
-                        got.view(),
-                        want.view(),
-                        1e-7,
-                        2e-5,
-                    );
+                    assert_close_2d(&format!("{backend} {name} grad"), got.view(), want.view(), 1e-7, 2e-5);
                 }
+            }
+            "distill_kl" => {
+                let grad = scratch(&format!("{backend}-{name}-grad.npy"));
+                let args: Vec<String> = vec![
+                    "distill".into(),
+                    "--json".into(),
+                    "--backend".into(),
+                    backend.into(),
+                    "--student".into(),
+                    p(&inputs["student_logits"]),
+                    "--teacher".into(),
+                    p(&inputs["teacher_logits"]),
+                    "--temperature".into(),
+                    params["temperature"].to_string(),
+                    "--grad-out".into(),
+                    grad.display().to_string(),
+                ];
+                let out = run(&args);
+                assert_scalar(
+                    &format!("{backend} {name} loss"),
+                    number(&out["loss"]),
+                    number(&expected["loss"]),
+                    2e-6,
+                    2e-6,
+                );
+                let want = npy::read_f64(p(&expected["grad"])).unwrap().into_dimensionality().unwrap();
+                let got = npy::read_f32_2d(&grad, "grad").unwrap();
+                assert_close_2d(&format!("{backend} {name} grad"), got.view(), want.view(), 1e-7, 2e-5);
+            }
+            "distribution_measures" => {
+                let args: Vec<String> = vec![
+                    "dist".into(),
+                    "--json".into(),
+                    "--backend".into(),
+                    backend.into(),
+                    "--p".into(),
+                    p(&inputs["p"]),
+                    "--q".into(),
+                    p(&inputs["q"]),
+                ];
+                let out = run(&args);
+                // The CPU computes in f64 from f64 inputs; the GPU in f32.
+                let tol = if backend == "cpu" { 1e-12 } else { 2e-6 };
+                for key in ["entropy", "cross_entropy", "kl"] {
+                    let want = npy::read_f64(p(&expected[key])).unwrap();
+                    let got: Vec<f64> = out[key].as_array().unwrap().iter().map(number).collect();
+                    assert_eq!(got.len(), want.len(), "{name} {key}");
+                    for (g, w) in got.iter().zip(want.iter()) {
+                        if w.is_infinite() {
+                            assert_eq!(g, w, "{backend} {name} {key}");
+                        } else {
+                            assert_scalar(&format!("{backend} {name} {key}"), *g, *w, tol, tol);
+                        }
+                    }
+                }
+                // JS is finite and bounded by ln 2 even under support mismatch.
+                assert!(out["js"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(number)
+                    .all(|j| (0.0..=std::f64::consts::LN_2 + 1e-6).contains(&j)));
             }
             "log_softmax" => {
                 let outp = scratch(&format!("{backend}-{name}-out.npy"));
@@ -267,18 +247,9 @@ fn cases(backend: &str) -> usize {
                     outp.display().to_string(),
                 ];
                 run(&args);
-                let want = npy::read_f64(p(&expected["output"]))
-                    .unwrap()
-                    .into_dimensionality()
-                    .unwrap();
+                let want = npy::read_f64(p(&expected["output"])).unwrap().into_dimensionality().unwrap();
                 let got = npy::read_f32_2d(&outp, "out").unwrap();
-                assert_close_2d(
-                    &format!("{backend} {name}"),
-                    got.view(),
-                    want.view(),
-                    1e-6,
-                    2e-6,
-                );
+                assert_close_2d(&format!("{backend} {name}"), got.view(), want.view(), 1e-6, 2e-6);
             }
             _ => continue,
         }
@@ -295,6 +266,8 @@ fn cases(backend: &str) -> usize {
                         | "log_softmax"
                         | "bce_with_logits"
                         | "bce"
+                        | "distill_kl"
+                        | "distribution_measures"
                 )
             )
         })
@@ -305,7 +278,7 @@ fn cases(backend: &str) -> usize {
 
 #[test]
 fn golden_cross_entropy_and_log_softmax_cpu() {
-    assert!(cases("cpu") >= 61);
+    assert!(cases("cpu") >= 65);
 }
 
 #[test]
@@ -313,5 +286,5 @@ fn golden_cross_entropy_and_log_softmax_gpu() {
     if gpu().is_none() {
         return; // gpu() printed the skip (or panicked under XENT_REQUIRE_GPU)
     }
-    assert!(cases("gpu") >= 61);
+    assert!(cases("gpu") >= 65);
 }

@@ -14,61 +14,28 @@ use xent::*;
 
 fn check(backend: &dyn Backend, label: &str, x: &Array2<f32>, t: &Array1<i64>, cfg: &CrossEntropy) {
     let r = reference::cross_entropy(x.view(), t.view().into(), cfg).unwrap();
-    let o = backend
-        .cross_entropy(x.view(), t.view().into(), cfg)
-        .unwrap();
+    let o = backend.cross_entropy(x.view(), t.view().into(), cfg).unwrap();
     let what = format!("{label} {}x{} {:?}", x.nrows(), x.ncols(), cfg.reduction);
     assert_scalar(&format!("{what} loss"), o.loss, r.loss, 1e-6, 1e-5);
     assert_eq!(o.counted, r.counted, "{what} counted");
-    assert_scalar(
-        &format!("{what} weight_sum"),
-        o.weight_sum,
-        r.weight_sum,
-        1e-6,
-        1e-6,
-    );
+    assert_scalar(&format!("{what} weight_sum"), o.weight_sum, r.weight_sum, 1e-6, 1e-6);
     if cfg.per_row || cfg.reduction == Reduction::None {
         let rows = o.row_loss.as_ref().expect("per-row losses");
-        assert_close_1d(
-            &format!("{what} row loss"),
-            rows.view(),
-            r.row_loss.view(),
-            1e-5,
-            1e-5,
-        );
+        assert_close_1d(&format!("{what} row loss"), rows.view(), r.row_loss.view(), 1e-5, 1e-5);
     }
     if cfg.per_row {
         let lse = o.row_lse.as_ref().expect("per-row lse");
-        assert_close_1d(
-            &format!("{what} lse"),
-            lse.view(),
-            r.row_lse.view(),
-            1e-5,
-            1e-6,
-        );
+        assert_close_1d(&format!("{what} lse"), lse.view(), r.row_lse.view(), 1e-5, 1e-6);
     }
     if cfg.grad == GradMode::Separate {
-        let scale = r
-            .grad
-            .iter()
-            .fold(0.0f64, |m, &g| m.max(g.abs()))
-            .max(1e-30);
-        assert_close_2d(
-            &format!("{what} grad"),
-            o.grad.as_ref().unwrap().view(),
-            r.grad.view(),
-            2e-6 * scale,
-            1e-4,
-        );
+        let scale = r.grad.iter().fold(0.0f64, |m, &g| m.max(g.abs())).max(1e-30);
+        assert_close_2d(&format!("{what} grad"), o.grad.as_ref().unwrap().view(), r.grad.view(), 2e-6 * scale, 1e-4);
     }
 }
 
 fn backends() -> Vec<(String, Box<dyn Backend>)> {
     let mut v: Vec<(String, Box<dyn Backend>)> = vec![("cpu".into(), Box::new(Cpu::new()))];
-    v.push((
-        "cpu-1-thread".into(),
-        Box::new(Cpu::with_threads(1).unwrap()),
-    ));
+    v.push(("cpu-1-thread".into(), Box::new(Cpu::with_threads(1).unwrap())));
     for (name, g) in gpus() {
         v.push((name.into(), Box::new(GpuRef(g))));
     }
@@ -81,20 +48,10 @@ impl Backend for GpuRef {
     fn name(&self) -> &'static str {
         "gpu"
     }
-    fn cross_entropy(
-        &self,
-        l: ndarray::ArrayView2<f32>,
-        t: Targets,
-        c: &CrossEntropy,
-    ) -> Result<CeOutput> {
+    fn cross_entropy(&self, l: ndarray::ArrayView2<f32>, t: Targets, c: &CrossEntropy) -> Result<CeOutput> {
         self.0.cross_entropy(l, t, c)
     }
-    fn cross_entropy_in_place(
-        &self,
-        l: ndarray::ArrayViewMut2<f32>,
-        t: Targets,
-        c: &CrossEntropy,
-    ) -> Result<CeOutput> {
+    fn cross_entropy_in_place(&self, l: ndarray::ArrayViewMut2<f32>, t: Targets, c: &CrossEntropy) -> Result<CeOutput> {
         self.0.cross_entropy_in_place(l, t, c)
     }
     fn cross_entropy_soft(
@@ -108,50 +65,33 @@ impl Backend for GpuRef {
     fn log_softmax(&self, l: ndarray::ArrayView2<f32>, k: SoftmaxKind) -> Result<Array2<f32>> {
         self.0.log_softmax(l, k)
     }
-    fn bce_with_logits(
-        &self,
-        x: ndarray::ArrayView2<f32>,
-        y: ndarray::ArrayView2<f32>,
-        c: &Bce,
-    ) -> Result<BceOutput> {
+    fn bce_with_logits(&self, x: ndarray::ArrayView2<f32>, y: ndarray::ArrayView2<f32>, c: &Bce) -> Result<BceOutput> {
         self.0.bce_with_logits(x, y, c)
     }
-    fn bce(
-        &self,
-        p: ndarray::ArrayView2<f32>,
-        y: ndarray::ArrayView2<f32>,
-        c: &Bce,
-    ) -> Result<BceOutput> {
+    fn bce(&self, p: ndarray::ArrayView2<f32>, y: ndarray::ArrayView2<f32>, c: &Bce) -> Result<BceOutput> {
         self.0.bce(p, y, c)
+    }
+    fn distill(&self, s: ndarray::ArrayView2<f32>, t: ndarray::ArrayView2<f32>, c: &Distill) -> Result<DistillOutput> {
+        self.0.distill(s, t, c)
+    }
+    fn measures(&self, p: ndarray::ArrayView2<f64>, q: ndarray::ArrayView2<f64>) -> Result<Measures> {
+        self.0.measures(p, q)
+    }
+    fn measures_from_logits(&self, p: ndarray::ArrayView2<f32>, q: ndarray::ArrayView2<f32>) -> Result<Measures> {
+        self.0.measures_from_logits(p, q)
     }
 }
 
 #[test]
 fn shapes_and_reductions() {
     let mut rng = Rng(7);
-    let shapes = [
-        (1, 1),
-        (3, 1),
-        (4, 2),
-        (7, 5),
-        (5, 4),
-        (9, 255),
-        (6, 256),
-        (33, 1000),
-        (17, 4099),
-        (8, 12288),
-    ];
+    let shapes = [(1, 1), (3, 1), (4, 2), (7, 5), (5, 4), (9, 255), (6, 256), (33, 1000), (17, 4099), (8, 12288)];
     for (name, b) in backends() {
         for &(n, v) in &shapes {
             let x = rng.logits(n, v, 3.0);
             let t = rng.targets(n, v, 4);
             for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
-                let cfg = CrossEntropy {
-                    reduction,
-                    grad: GradMode::Separate,
-                    per_row: true,
-                    ..Default::default()
-                };
+                let cfg = CrossEntropy { reduction, grad: GradMode::Separate, per_row: true, ..Default::default() };
                 check(b.as_ref(), &name, &x, &t, &cfg);
             }
         }
@@ -166,44 +106,16 @@ fn every_option_together_and_apart() {
     let t = rng.targets(n, v, 5);
     let cw = Array1::from_shape_fn(v, |_| (0.2 + rng.uniform()) as f32);
     let sw = Array1::from_shape_fn(n, |_| (0.5 + rng.uniform()) as f32);
-    let base = CrossEntropy {
-        grad: GradMode::Separate,
-        per_row: true,
-        ..Default::default()
-    };
+    let base = CrossEntropy { grad: GradMode::Separate, per_row: true, ..Default::default() };
     let variants = vec![
-        CrossEntropy {
-            label_smoothing: 0.1,
-            ..base.clone()
-        },
-        CrossEntropy {
-            class_weight: Some(cw.clone()),
-            ..base.clone()
-        },
-        CrossEntropy {
-            sample_weight: Some(sw.clone()),
-            ..base.clone()
-        },
-        CrossEntropy {
-            z_loss: 1e-3,
-            ..base.clone()
-        },
-        CrossEntropy {
-            softcap: Some(5.0),
-            ..base.clone()
-        },
-        CrossEntropy {
-            temperature: 2.5,
-            ..base.clone()
-        },
-        CrossEntropy {
-            grad_scale: 0.25,
-            ..base.clone()
-        },
-        CrossEntropy {
-            ignore_index: 3,
-            ..base.clone()
-        },
+        CrossEntropy { label_smoothing: 0.1, ..base.clone() },
+        CrossEntropy { class_weight: Some(cw.clone()), ..base.clone() },
+        CrossEntropy { sample_weight: Some(sw.clone()), ..base.clone() },
+        CrossEntropy { z_loss: 1e-3, ..base.clone() },
+        CrossEntropy { softcap: Some(5.0), ..base.clone() },
+        CrossEntropy { temperature: 2.5, ..base.clone() },
+        CrossEntropy { grad_scale: 0.25, ..base.clone() },
+        CrossEntropy { ignore_index: 3, ..base.clone() },
         CrossEntropy {
             label_smoothing: 0.2,
             class_weight: Some(cw.clone()),
@@ -221,10 +133,7 @@ fn every_option_together_and_apart() {
         for cfg in &variants {
             let t = if cfg.ignore_index == 3 { &t3 } else { &t };
             for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
-                let cfg = CrossEntropy {
-                    reduction,
-                    ..cfg.clone()
-                };
+                let cfg = CrossEntropy { reduction, ..cfg.clone() };
                 check(b.as_ref(), &name, &x, t, &cfg);
             }
         }
@@ -238,11 +147,7 @@ fn more_rows_than_one_dispatch_dimension() {
     let (n, v) = (70_000, 12);
     let x = rng.logits(n, v, 2.0);
     let t = rng.targets(n, v, 7);
-    let cfg = CrossEntropy {
-        grad: GradMode::Separate,
-        per_row: true,
-        ..Default::default()
-    };
+    let cfg = CrossEntropy { grad: GradMode::Separate, per_row: true, ..Default::default() };
     for (name, g) in gpus() {
         check(&GpuRef(g), name, &x, &t, &cfg);
     }
@@ -254,29 +159,17 @@ fn tensor_over_the_real_binding_limit() {
     // ~141 MB of logits: more than lavapipe's 128 MiB binding, so the default context chunks too.
     let (n, v) = (1100, 32_000);
     let (x, t) = workload::synthetic(n, v, 2.0, 9, 5);
-    let cfg = CrossEntropy {
-        grad: GradMode::Separate,
-        per_row: true,
-        ..Default::default()
-    };
-    let c = Cpu::new()
-        .cross_entropy(x.view(), t.view().into(), &cfg)
-        .unwrap();
+    let cfg = CrossEntropy { grad: GradMode::Separate, per_row: true, ..Default::default() };
+    let c = Cpu::new().cross_entropy(x.view(), t.view().into(), &cfg).unwrap();
     if let Some(g) = gpu() {
         assert!(g.max_binding_bytes() < (n * v * 4) as u64 || g.max_binding_bytes() > 1 << 30);
         let o = g.cross_entropy(x.view(), t.view().into(), &cfg).unwrap();
         assert_scalar("loss", o.loss, c.loss, 1e-6, 2e-6);
         let (og, cg) = (o.grad.unwrap(), c.grad.unwrap());
-        let worst = og
-            .iter()
-            .zip(cg.iter())
-            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        let worst = og.iter().zip(cg.iter()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(worst < 1e-9, "largest gradient difference {worst}");
         let (ol, cl) = (o.row_lse.unwrap(), c.row_lse.unwrap());
-        assert!(ol
-            .iter()
-            .zip(cl.iter())
-            .all(|(a, b)| (a - b).abs() <= 2e-6 * b.abs()));
+        assert!(ol.iter().zip(cl.iter()).all(|(a, b)| (a - b).abs() <= 2e-6 * b.abs()));
     }
 }
 
@@ -286,12 +179,7 @@ fn vocabulary_of_a_million_classes() {
     let (n, v) = (3, (1 << 20) + 3);
     let x = rng.logits(n, v, 1.0);
     let t = Array1::from(vec![0i64, (v - 1) as i64, 12345]);
-    let cfg = CrossEntropy {
-        grad: GradMode::Separate,
-        per_row: true,
-        label_smoothing: 0.05,
-        ..Default::default()
-    };
+    let cfg = CrossEntropy { grad: GradMode::Separate, per_row: true, label_smoothing: 0.05, ..Default::default() };
     // A 4 MiB row cannot fit the 64 KiB test bindings (errors.rs checks that it says so).
     for (name, b) in backends().into_iter().filter(|(n, _)| !n.contains("64KiB")) {
         check(b.as_ref(), &name, &x, &t, &cfg);
@@ -305,18 +193,9 @@ fn log_softmax_and_softmax() {
         let x = rng.logits(n, v, 5.0);
         for kind in [SoftmaxKind::LogSoftmax, SoftmaxKind::Softmax] {
             let want = reference::log_softmax(x.view(), kind).unwrap();
-            for (name, b) in backends()
-                .into_iter()
-                .filter(|(n, _)| v < 16_000 || !n.contains("64KiB"))
-            {
+            for (name, b) in backends().into_iter().filter(|(n, _)| v < 16_000 || !n.contains("64KiB")) {
                 let got = b.log_softmax(x.view(), kind).unwrap();
-                assert_close_2d(
-                    &format!("{name} {kind:?} {n}x{v}"),
-                    got.view(),
-                    want.view(),
-                    1e-6,
-                    2e-6,
-                );
+                assert_close_2d(&format!("{name} {kind:?} {n}x{v}"), got.view(), want.view(), 1e-6, 2e-6);
             }
         }
     }
@@ -328,41 +207,20 @@ fn in_place_gradient_matches_separate() {
     let (n, v) = (37, 333);
     let x = rng.logits(n, v, 3.0);
     let t = rng.targets(n, v, 6);
-    let cfg = CrossEntropy {
-        grad: GradMode::Separate,
-        label_smoothing: 0.1,
-        z_loss: 1e-3,
-        ..Default::default()
-    };
+    let cfg = CrossEntropy { grad: GradMode::Separate, label_smoothing: 0.1, z_loss: 1e-3, ..Default::default() };
     let r = reference::cross_entropy(x.view(), t.view().into(), &cfg).unwrap();
     for (name, b) in backends() {
         let mut y = x.clone();
-        let o = b
-            .cross_entropy_in_place(y.view_mut(), t.view().into(), &cfg)
-            .unwrap();
+        let o = b.cross_entropy_in_place(y.view_mut(), t.view().into(), &cfg).unwrap();
         assert!(o.grad.is_none());
         assert_scalar(&format!("{name} in-place loss"), o.loss, r.loss, 1e-6, 1e-5);
-        assert_close_2d(
-            &format!("{name} in-place grad"),
-            y.view(),
-            r.grad.view(),
-            1e-9,
-            1e-4,
-        );
+        assert_close_2d(&format!("{name} in-place grad"), y.view(), r.grad.view(), 1e-9, 1e-4);
         // A strided (transposed-then-transposed-back) view works too.
         let mut z = Array2::<f32>::zeros((v, n));
         z.assign(&x.t());
-        let o = b
-            .cross_entropy_in_place(z.view_mut().reversed_axes(), t.view().into(), &cfg)
-            .unwrap();
+        let o = b.cross_entropy_in_place(z.view_mut().reversed_axes(), t.view().into(), &cfg).unwrap();
         assert_scalar(&format!("{name} strided loss"), o.loss, r.loss, 1e-6, 1e-5);
-        assert_close_2d(
-            &format!("{name} strided grad"),
-            z.t(),
-            r.grad.view(),
-            1e-9,
-            1e-4,
-        );
+        assert_close_2d(&format!("{name} strided grad"), z.t(), r.grad.view(), 1e-9, 1e-4);
     }
 }
 
@@ -387,48 +245,23 @@ fn probability_targets() {
     for &(n, v) in &[(1, 1), (6, 7), (13, 256), (9, 3001)] {
         let x = rng.logits(n, v, 3.0);
         // Rows of random probabilities, some with zeros.
-        let mut y = Array2::from_shape_fn((n, v), |_| {
-            if rng.uniform() < 0.3 {
-                0.0
-            } else {
-                rng.uniform() as f32
-            }
-        });
+        let mut y = Array2::from_shape_fn((n, v), |_| if rng.uniform() < 0.3 { 0.0 } else { rng.uniform() as f32 });
         for mut row in y.rows_mut() {
             let s: f32 = row.sum().max(1e-6);
             row.mapv_inplace(|p| p / s);
         }
         let cw = Array1::from_shape_fn(v, |_| (0.5 + rng.uniform()) as f32);
         let sw = Array1::from_shape_fn(n, |_| (0.5 + rng.uniform()) as f32);
-        let base = CrossEntropy {
-            grad: GradMode::Separate,
-            per_row: true,
-            ..Default::default()
-        };
+        let base = CrossEntropy { grad: GradMode::Separate, per_row: true, ..Default::default() };
         let cfgs = [
             base.clone(),
-            CrossEntropy {
-                label_smoothing: 0.2,
-                ..base.clone()
-            },
-            CrossEntropy {
-                class_weight: Some(cw.clone()),
-                sample_weight: Some(sw.clone()),
-                ..base.clone()
-            },
-            CrossEntropy {
-                z_loss: 1e-3,
-                softcap: Some(4.0),
-                temperature: 1.5,
-                ..base.clone()
-            },
+            CrossEntropy { label_smoothing: 0.2, ..base.clone() },
+            CrossEntropy { class_weight: Some(cw.clone()), sample_weight: Some(sw.clone()), ..base.clone() },
+            CrossEntropy { z_loss: 1e-3, softcap: Some(4.0), temperature: 1.5, ..base.clone() },
         ];
         for cfg in &cfgs {
             for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
-                let cfg = CrossEntropy {
-                    reduction,
-                    ..cfg.clone()
-                };
+                let cfg = CrossEntropy { reduction, ..cfg.clone() };
                 let r = reference::cross_entropy_soft(x.view(), y.view(), &cfg).unwrap();
                 for (name, b) in backends() {
                     let o = b.cross_entropy_soft(x.view(), y.view(), &cfg).unwrap();
@@ -442,11 +275,7 @@ fn probability_targets() {
                         1e-5,
                         1e-5,
                     );
-                    let scale = r
-                        .grad
-                        .iter()
-                        .fold(0.0f64, |m, &g| m.max(g.abs()))
-                        .max(1e-30);
+                    let scale = r.grad.iter().fold(0.0f64, |m, &g| m.max(g.abs())).max(1e-30);
                     assert_close_2d(
                         &format!("{what} grad"),
                         o.grad.as_ref().unwrap().view(),
@@ -459,12 +288,8 @@ fn probability_targets() {
         }
         // One-hot probabilities reproduce class-index targets.
         let t = rng.targets(n, v, 0);
-        let onehot =
-            Array2::from_shape_fn((n, v), |(i, c)| if t[i] == c as i64 { 1.0f32 } else { 0.0 });
-        let cfg = CrossEntropy {
-            label_smoothing: 0.1,
-            ..base.clone()
-        };
+        let onehot = Array2::from_shape_fn((n, v), |(i, c)| if t[i] == c as i64 { 1.0f32 } else { 0.0 });
+        let cfg = CrossEntropy { label_smoothing: 0.1, ..base.clone() };
         for (name, b) in backends() {
             let h = b.cross_entropy(x.view(), t.view().into(), &cfg).unwrap();
             let s = b.cross_entropy_soft(x.view(), onehot.view(), &cfg).unwrap();
@@ -503,11 +328,7 @@ fn binary_cross_entropy() {
         let pw = Array1::from_shape_fn(c, |_| (0.2 + 3.0 * rng.uniform()) as f32);
         for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
             let cfgs = [
-                Bce {
-                    reduction,
-                    grad: true,
-                    ..Default::default()
-                },
+                Bce { reduction, grad: true, ..Default::default() },
                 Bce {
                     reduction,
                     grad: true,
@@ -515,44 +336,21 @@ fn binary_cross_entropy() {
                     pos_weight: Some(pw.clone()),
                     grad_scale: 2.0,
                 },
-                Bce {
-                    reduction,
-                    grad: true,
-                    weight: Some(BceWeight::PerElement(we.clone())),
-                    ..Default::default()
-                },
+                Bce { reduction, grad: true, weight: Some(BceWeight::PerElement(we.clone())), ..Default::default() },
             ];
             for cfg in &cfgs {
                 let want = cpu.bce_with_logits(x.view(), y.view(), cfg).unwrap();
                 assert!(want.loss.is_finite());
-                let want_p = cpu
-                    .bce(
-                        p.view(),
-                        y.view(),
-                        &Bce {
-                            pos_weight: None,
-                            ..cfg.clone()
-                        },
-                    )
-                    .unwrap();
+                let want_p = cpu.bce(p.view(), y.view(), &Bce { pos_weight: None, ..cfg.clone() }).unwrap();
                 for (name, g) in gpus() {
                     let what = format!("{name} bce {n}x{c} {reduction:?}");
                     let got = g.bce_with_logits(x.view(), y.view(), cfg).unwrap();
                     assert_scalar(&format!("{what} loss"), got.loss, want.loss, 1e-6, 2e-6);
                     // With soft targets the two gradient terms cancel: the error is relative to the
                     // gradient's scale, not to each (possibly tiny) element.
-                    let (gg, wg) = (
-                        got.grad.unwrap(),
-                        want.grad.as_ref().unwrap().mapv(f64::from),
-                    );
+                    let (gg, wg) = (got.grad.unwrap(), want.grad.as_ref().unwrap().mapv(f64::from));
                     let scale = wg.iter().fold(0.0f64, |m, &v| m.max(v.abs()));
-                    assert_close_2d(
-                        &format!("{what} grad"),
-                        gg.view(),
-                        wg.view(),
-                        1e-6 * scale,
-                        1e-5,
-                    );
+                    assert_close_2d(&format!("{what} grad"), gg.view(), wg.view(), 1e-6 * scale, 1e-5);
                     if reduction == Reduction::None {
                         let we = want.elem_loss.as_ref().unwrap().mapv(f64::from);
                         assert_close_2d(
@@ -563,23 +361,8 @@ fn binary_cross_entropy() {
                             2e-6,
                         );
                     }
-                    let got = g
-                        .bce(
-                            p.view(),
-                            y.view(),
-                            &Bce {
-                                pos_weight: None,
-                                ..cfg.clone()
-                            },
-                        )
-                        .unwrap();
-                    assert_scalar(
-                        &format!("{what} probs loss"),
-                        got.loss,
-                        want_p.loss,
-                        1e-6,
-                        1e-5,
-                    );
+                    let got = g.bce(p.view(), y.view(), &Bce { pos_weight: None, ..cfg.clone() }).unwrap();
+                    assert_scalar(&format!("{what} probs loss"), got.loss, want_p.loss, 1e-6, 1e-5);
                     let wg = want_p.grad.as_ref().unwrap().mapv(f64::from);
                     let scale = wg.iter().fold(0.0f64, |m, &v| m.max(v.abs()));
                     assert_close_2d(
@@ -589,6 +372,68 @@ fn binary_cross_entropy() {
                         1e-6 * scale,
                         1e-4,
                     );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn distillation_and_measures() {
+    let mut rng = Rng(31);
+    let cpu = Cpu::new();
+    for &(n, v) in &[(1, 1), (9, 30), (40, 1001), (3, 50_000)] {
+        let s = rng.logits(n, v, 3.0);
+        let t = rng.logits(n, v, 3.0);
+        // A masked teacher class is fine for forward KL and JSD; reverse KL is then +inf.
+        let mut tm = t.clone();
+        if v > 1 {
+            tm[[0, 0]] = f32::NEG_INFINITY;
+            let rev = Distill { mode: DistillMode::ReverseKl, ..Default::default() };
+            assert_eq!(cpu.distill(s.view(), tm.view(), &rev).unwrap().loss, f64::INFINITY);
+        }
+        for mode in
+            [DistillMode::Kl, DistillMode::ReverseKl, DistillMode::Jsd { beta: 0.5 }, DistillMode::Jsd { beta: 0.1 }]
+        {
+            let t = if mode == DistillMode::ReverseKl { &t } else { &tm };
+            for temperature in [1.0, 2.0, 4.0] {
+                let cfg = Distill { temperature, mode, grad: true, grad_scale: 1.5 };
+                let want = cpu.distill(s.view(), t.view(), &cfg).unwrap();
+                assert!(want.loss.is_finite() && want.loss >= 0.0, "{mode:?}: {}", want.loss);
+                for (name, g) in gpus().into_iter().filter(|(n, _)| v < 16_000 || !n.contains("64KiB")) {
+                    let what = format!("{name} {mode:?} T={temperature} {n}x{v}");
+                    let got = g.distill(s.view(), t.view(), &cfg).unwrap();
+                    assert_scalar(&format!("{what} loss"), got.loss, want.loss, 1e-6, 1e-5);
+                    let wg = want.grad.as_ref().unwrap().mapv(f64::from);
+                    let scale = wg.iter().fold(0.0f64, |m, &x| m.max(x.abs()));
+                    assert_close_2d(&format!("{what} grad"), got.grad.unwrap().view(), wg.view(), 2e-6 * scale, 1e-4);
+                }
+            }
+        }
+        // Measures of softmaxed logits and of the probability rows themselves agree.
+        let (ps, pt) = (
+            reference::log_softmax(s.view(), SoftmaxKind::Softmax).unwrap(),
+            reference::log_softmax(t.view(), SoftmaxKind::Softmax).unwrap(),
+        );
+        let a = cpu.measures_from_logits(t.view(), s.view()).unwrap();
+        let b = cpu.measures(pt.view(), ps.view()).unwrap();
+        for (x, y) in [(&a.entropy, &b.entropy), (&a.cross_entropy, &b.cross_entropy), (&a.kl, &b.kl), (&a.js, &b.js)] {
+            assert!(x.iter().zip(y.iter()).all(|(x, y)| (x - y).abs() <= 1e-9 * (1.0 + y.abs())));
+        }
+        for (name, g) in gpus().into_iter().filter(|(n, _)| v < 16_000 || !n.contains("64KiB")) {
+            for (got, want) in [
+                (g.measures_from_logits(t.view(), s.view()).unwrap(), &a),
+                (g.measures(pt.view(), ps.view()).unwrap(), &b),
+            ] {
+                for (x, y) in [
+                    (&got.entropy, &want.entropy),
+                    (&got.cross_entropy, &want.cross_entropy),
+                    (&got.kl, &want.kl),
+                    (&got.js, &want.js),
+                ] {
+                    for (&x, &y) in x.iter().zip(y.iter()) {
+                        assert_scalar(&format!("{name} measures {n}x{v}"), x, y, 2e-5, 2e-5);
+                    }
                 }
             }
         }

@@ -11,9 +11,7 @@ pub(crate) fn ce_inputs(n: usize, v: usize, targets: usize, cfg: &CrossEntropy) 
         return Err(XentError::Shape(format!("logits [{n}, 0] have no classes")));
     }
     if targets != n {
-        return Err(XentError::Shape(format!(
-            "logits have {n} rows but targets have {targets}"
-        )));
+        return Err(XentError::Shape(format!("logits have {n} rows but targets have {targets}")));
     }
     if let Some(w) = &cfg.sample_weight {
         if w.len() != n {
@@ -24,32 +22,20 @@ pub(crate) fn ce_inputs(n: usize, v: usize, targets: usize, cfg: &CrossEntropy) 
         }
     }
     if v > i32::MAX as usize {
-        return Err(XentError::Shape(format!(
-            "{v} classes do not fit 32-bit class indices"
-        )));
+        return Err(XentError::Shape(format!("{v} classes do not fit 32-bit class indices")));
     }
     cfg.validate(v)
 }
 
 /// Checks the shapes and options of a probability-target cross-entropy call: the targets match
 /// the logits in shape and are finite and non-negative.
-pub(crate) fn soft_inputs(
-    logits: (usize, usize),
-    probs: ArrayView2<f32>,
-    cfg: &CrossEntropy,
-) -> Result<()> {
+pub(crate) fn soft_inputs(logits: (usize, usize), probs: ArrayView2<f32>, cfg: &CrossEntropy) -> Result<()> {
     let (n, v) = logits;
     if probs.dim() != (n, v) {
-        return Err(XentError::Shape(format!(
-            "logits are [{n}, {v}] but target probabilities are {:?}",
-            probs.dim()
-        )));
+        return Err(XentError::Shape(format!("logits are [{n}, {v}] but target probabilities are {:?}", probs.dim())));
     }
     ce_inputs(n, v, n, cfg)?;
-    if let Some(((r, c), &p)) = probs
-        .indexed_iter()
-        .find(|(_, &p)| !(p >= 0.0 && p.is_finite()))
-    {
+    if let Some(((r, c), &p)) = probs.indexed_iter().find(|(_, &p)| !(p >= 0.0 && p.is_finite())) {
         return Err(XentError::InvalidOption(format!(
             "target probabilities must be finite and >= 0, got {p} at row {r}, class {c}"
         )));
@@ -75,41 +61,26 @@ pub(crate) fn bce_inputs(
     use crate::api::config::BceWeight;
     let (n, c) = x.dim();
     if y.dim() != (n, c) {
-        return Err(XentError::Shape(format!(
-            "inputs are [{n}, {c}] but targets are {:?}",
-            y.dim()
-        )));
+        return Err(XentError::Shape(format!("inputs are [{n}, {c}] but targets are {:?}", y.dim())));
     }
     let bad_y = y.indexed_iter().find(|(_, &t)| !(0.0..=1.0).contains(&t));
     if let Some(((r, k), &t)) = bad_y {
-        return Err(XentError::InvalidOption(format!(
-            "targets must be in [0, 1], got {t} at [{r}, {k}]"
-        )));
+        return Err(XentError::InvalidOption(format!("targets must be in [0, 1], got {t} at [{r}, {k}]")));
     }
     if input == BceInput::Probs {
         if let Some(((r, k), &p)) = x.indexed_iter().find(|(_, &p)| !(0.0..=1.0).contains(&p)) {
-            return Err(XentError::InvalidOption(format!(
-                "probabilities must be in [0, 1], got {p} at [{r}, {k}]"
-            )));
+            return Err(XentError::InvalidOption(format!("probabilities must be in [0, 1], got {p} at [{r}, {k}]")));
         }
         if cfg.pos_weight.is_some() {
-            return Err(XentError::InvalidOption(
-                "pos_weight applies to logits only".into(),
-            ));
+            return Err(XentError::InvalidOption("pos_weight applies to logits only".into()));
         }
     }
     match &cfg.weight {
         Some(BceWeight::PerClass(w)) if w.len() != c => {
-            return Err(XentError::Shape(format!(
-                "weight has {} entries but the inputs have {c} columns",
-                w.len()
-            )))
+            return Err(XentError::Shape(format!("weight has {} entries but the inputs have {c} columns", w.len())))
         }
         Some(BceWeight::PerElement(w)) if w.dim() != (n, c) => {
-            return Err(XentError::Shape(format!(
-                "weight is {:?} but the inputs are [{n}, {c}]",
-                w.dim()
-            )))
+            return Err(XentError::Shape(format!("weight is {:?} but the inputs are [{n}, {c}]", w.dim())))
         }
         _ => {}
     }
@@ -122,9 +93,27 @@ pub(crate) fn bce_inputs(
         }
     }
     if !cfg.grad_scale.is_finite() {
+        return Err(XentError::InvalidOption(format!("grad_scale must be finite, got {}", cfg.grad_scale)));
+    }
+    Ok(())
+}
+
+/// Two row sets of the same shape with at least one column.
+pub(crate) fn same_rows(a: (usize, usize), b: (usize, usize), what: &str) -> Result<()> {
+    if a != b {
+        return Err(XentError::Shape(format!("{what}: shapes {a:?} and {b:?} differ")));
+    }
+    if a.1 == 0 {
+        return Err(XentError::Shape(format!("{what}: rows have no classes")));
+    }
+    Ok(())
+}
+
+/// Probability rows: finite and non-negative.
+pub(crate) fn probability_rows(p: ArrayView2<f64>, what: &str) -> Result<()> {
+    if let Some(((r, c), &v)) = p.indexed_iter().find(|(_, &v)| !(v >= 0.0 && v.is_finite())) {
         return Err(XentError::InvalidOption(format!(
-            "grad_scale must be finite, got {}",
-            cfg.grad_scale
+            "{what} must be finite and >= 0, got {v} at row {r}, column {c}"
         )));
     }
     Ok(())

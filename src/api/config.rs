@@ -24,9 +24,7 @@ impl std::str::FromStr for Reduction {
             "none" => Ok(Reduction::None),
             "sum" => Ok(Reduction::Sum),
             "mean" => Ok(Reduction::Mean),
-            _ => Err(XentError::InvalidOption(format!(
-                "reduction must be none, sum or mean, got {s:?}"
-            ))),
+            _ => Err(XentError::InvalidOption(format!("reduction must be none, sum or mean, got {s:?}"))),
         }
     }
 }
@@ -110,10 +108,7 @@ impl CrossEntropy {
     pub fn validate(&self, classes: usize) -> Result<()> {
         let bad = |m: String| Err(XentError::InvalidOption(m));
         if !(0.0..=1.0).contains(&self.label_smoothing) {
-            return bad(format!(
-                "label_smoothing must be in [0, 1], got {}",
-                self.label_smoothing
-            ));
+            return bad(format!("label_smoothing must be in [0, 1], got {}", self.label_smoothing));
         }
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
             return bad(format!("temperature must be > 0, got {}", self.temperature));
@@ -124,16 +119,10 @@ impl CrossEntropy {
             }
         }
         if !(self.z_loss >= 0.0 && self.z_loss.is_finite()) {
-            return bad(format!(
-                "z_loss must be a finite value >= 0, got {}",
-                self.z_loss
-            ));
+            return bad(format!("z_loss must be a finite value >= 0, got {}", self.z_loss));
         }
         if !self.grad_scale.is_finite() {
-            return bad(format!(
-                "grad_scale must be finite, got {}",
-                self.grad_scale
-            ));
+            return bad(format!("grad_scale must be finite, got {}", self.grad_scale));
         }
         if let Some(w) = &self.class_weight {
             if w.len() != classes {
@@ -220,13 +209,7 @@ pub struct Bce {
 
 impl Default for Bce {
     fn default() -> Self {
-        Bce {
-            reduction: Reduction::Mean,
-            weight: None,
-            pos_weight: None,
-            grad: false,
-            grad_scale: 1.0,
-        }
+        Bce { reduction: Reduction::Mean, weight: None, pos_weight: None, grad: false, grad_scale: 1.0 }
     }
 }
 
@@ -241,4 +224,98 @@ pub struct BceOutput {
     pub elem_loss: Option<ndarray::Array2<f32>>,
     /// Gradient w.r.t. the input (logits or probabilities), when asked for.
     pub grad: Option<ndarray::Array2<f32>>,
+}
+
+/// Which divergence distillation minimises (teacher `t`, student `s`, both softmaxed at the
+/// temperature).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum DistillMode {
+    /// Forward KL(t || s) (Hinton et al.).
+    #[default]
+    Kl,
+    /// Reverse KL(s || t).
+    ReverseKl,
+    /// Generalised Jensen-Shannon, as in Liger-Kernel: `beta KL(t || m) + (1 - beta) KL(s || m)`
+    /// with `m = beta t + (1 - beta) s`; `beta = 0` is forward KL and `beta = 1` reverse KL.
+    Jsd {
+        /// Mixing weight in [0, 1].
+        beta: f32,
+    },
+}
+
+/// Options of knowledge distillation: `loss = T^2 * mean over rows of D(teacher_T, student_T)`
+/// (`batchmean`, Hinton's `T^2` keeps gradient magnitudes comparable across temperatures).
+///
+/// ```
+/// use xent::{Distill, DistillMode};
+/// let cfg = Distill { temperature: 2.0, mode: DistillMode::Jsd { beta: 0.5 }, ..Default::default() };
+/// assert!(cfg.validate().is_ok());
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Distill {
+    /// Temperature T > 0 dividing both logits.
+    pub temperature: f32,
+    /// The divergence.
+    pub mode: DistillMode,
+    /// Also return the gradient w.r.t. the student logits.
+    pub grad: bool,
+    /// Upstream gradient multiplied into the gradient.
+    pub grad_scale: f32,
+}
+
+impl Default for Distill {
+    fn default() -> Self {
+        Distill { temperature: 1.0, mode: DistillMode::Kl, grad: false, grad_scale: 1.0 }
+    }
+}
+
+impl Distill {
+    /// Checks the options.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return Err(XentError::InvalidOption(format!("temperature must be > 0, got {}", self.temperature)));
+        }
+        if let DistillMode::Jsd { beta } = self.mode {
+            if !(0.0..=1.0).contains(&beta) {
+                return Err(XentError::InvalidOption(format!("beta must be in [0, 1], got {beta}")));
+            }
+        }
+        if !self.grad_scale.is_finite() {
+            return Err(XentError::InvalidOption(format!("grad_scale must be finite, got {}", self.grad_scale)));
+        }
+        Ok(())
+    }
+
+    /// The mode as the kernel's code and beta.
+    pub(crate) fn mode_code(&self) -> (i32, f32) {
+        match self.mode {
+            DistillMode::Kl | DistillMode::Jsd { beta: 0.0 } => (0, 0.0),
+            DistillMode::ReverseKl | DistillMode::Jsd { beta: 1.0 } => (1, 1.0),
+            DistillMode::Jsd { beta } => (2, beta),
+        }
+    }
+}
+
+/// Result of a distillation evaluation.
+#[derive(Debug, Clone)]
+pub struct DistillOutput {
+    /// `T^2` times the mean over rows of the divergence.
+    pub loss: f64,
+    /// Per-row divergence (without `T^2`).
+    pub row_loss: Array1<f32>,
+    /// Gradient of `loss` w.r.t. the student logits, times `grad_scale`.
+    pub grad: Option<ndarray::Array2<f32>>,
+}
+
+/// Per-row entropy, cross-entropy, KL and Jensen-Shannon divergence of two distributions (nats).
+#[derive(Debug, Clone)]
+pub struct Measures {
+    /// H(p).
+    pub entropy: Array1<f64>,
+    /// H(p, q) (+inf where q = 0 but p > 0).
+    pub cross_entropy: Array1<f64>,
+    /// KL(p || q) (+inf on support mismatch).
+    pub kl: Array1<f64>,
+    /// JS(p, q) = KL(p || m)/2 + KL(q || m)/2, m = (p + q)/2 (always finite, at most ln 2).
+    pub js: Array1<f64>,
 }

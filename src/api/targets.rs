@@ -66,11 +66,7 @@ impl Targets<'_> {
             if t == ignore_index {
                 out.push(IGNORED);
             } else if t < 0 || t >= classes as i64 {
-                return Err(XentError::TargetOutOfRange {
-                    row,
-                    target: t,
-                    classes,
-                });
+                return Err(XentError::TargetOutOfRange { row, target: t, classes });
             } else {
                 out.push(t as i32);
             }

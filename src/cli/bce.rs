@@ -69,50 +69,27 @@ pub(crate) fn run(a: &BceArgs) -> Result<()> {
         (None, Some(p)) => (p, true),
         (None, None) => unreachable!("clap requires --logits or --probs"),
     };
-    let (x, shape) = read_matrix(
-        input_path,
-        if from_probs {
-            "probabilities"
-        } else {
-            "logits"
-        },
-    )?;
+    let (x, shape) = read_matrix(input_path, if from_probs { "probabilities" } else { "logits" })?;
     let (y, yshape) = read_matrix(&a.targets, "targets")?;
     if yshape != shape {
-        return Err(crate::XentError::Shape(format!(
-            "inputs are {shape:?} but targets are {yshape:?}"
-        )));
+        return Err(crate::XentError::Shape(format!("inputs are {shape:?} but targets are {yshape:?}")));
     }
     let weight = match &a.weight {
         Some(p) => {
             let (w, wshape) = read_matrix(p, "weight")?;
-            Some(
-                if wshape == shape && shape.len() == 2 || wshape.len() == 1 && shape.len() == 1 {
-                    BceWeight::PerElement(w)
-                } else if wshape.len() == 1 {
-                    BceWeight::PerClass(w.column(0).to_owned())
-                } else {
-                    return Err(crate::XentError::Shape(format!(
-                        "weight {wshape:?} does not broadcast to {shape:?}"
-                    )));
-                },
-            )
+            Some(if wshape == shape && shape.len() == 2 || wshape.len() == 1 && shape.len() == 1 {
+                BceWeight::PerElement(w)
+            } else if wshape.len() == 1 {
+                BceWeight::PerClass(w.column(0).to_owned())
+            } else {
+                return Err(crate::XentError::Shape(format!("weight {wshape:?} does not broadcast to {shape:?}")));
+            })
         }
         None => None,
     };
-    let pos_weight = a
-        .pos_weight
-        .as_ref()
-        .map(|p| npy::read_f32_1d(p, "pos_weight"))
-        .transpose()?;
+    let pos_weight = a.pos_weight.as_ref().map(|p| npy::read_f32_1d(p, "pos_weight")).transpose()?;
     let reduction = a.reduction.into();
-    let cfg = Bce {
-        reduction,
-        weight,
-        pos_weight,
-        grad: a.grad_out.is_some(),
-        grad_scale: 1.0,
-    };
+    let cfg = Bce { reduction, weight, pos_weight, grad: a.grad_out.is_some(), grad_scale: 1.0 };
     let backend = a.backend.open()?;
     let out = if from_probs {
         backend.bce(x.view(), y.view(), &cfg)?
@@ -127,11 +104,7 @@ pub(crate) fn run(a: &BceArgs) -> Result<()> {
             Some(e) => e.clone(),
             None => {
                 // Element losses for any reduction: evaluate once more without reducing.
-                let none = Bce {
-                    reduction: Reduction::None,
-                    grad: false,
-                    ..cfg.clone()
-                };
+                let none = Bce { reduction: Reduction::None, grad: false, ..cfg.clone() };
                 let o = if from_probs {
                     backend.bce(x.view(), y.view(), &none)?
                 } else {
@@ -142,11 +115,7 @@ pub(crate) fn run(a: &BceArgs) -> Result<()> {
         };
         npy::write_f32(p, &shape, e.as_slice().expect("standard layout"))?;
     }
-    let loss = if reduction == Reduction::None {
-        serde_json::Value::Null
-    } else {
-        num(out.loss)
-    };
+    let loss = if reduction == Reduction::None { serde_json::Value::Null } else { num(out.loss) };
     let obj = Obj::default()
         .set("loss", loss)
         .set("elements", out.elements)

@@ -63,16 +63,9 @@ struct Row {
 }
 
 fn parse_shape(s: &str) -> Result<(usize, usize)> {
-    let bad = || {
-        XentError::InvalidOption(format!(
-            "shape must be NxV with positive N and V, got {s:?}"
-        ))
-    };
+    let bad = || XentError::InvalidOption(format!("shape must be NxV with positive N and V, got {s:?}"));
     let (a, b) = s.split_once(['x', 'X']).ok_or_else(bad)?;
-    let (n, v) = (
-        a.trim().parse().map_err(|_| bad())?,
-        b.trim().parse().map_err(|_| bad())?,
-    );
+    let (n, v) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
     if n == 0 || v == 0 {
         return Err(bad());
     }
@@ -84,9 +77,7 @@ pub(crate) fn peak_rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
 }
@@ -95,11 +86,7 @@ fn stats(mut t: Vec<Duration>) -> (f64, f64) {
     t.sort();
     let s: Vec<f64> = t.iter().map(Duration::as_secs_f64).collect();
     let m = s.len();
-    let median = if m % 2 == 1 {
-        s[m / 2]
-    } else {
-        0.5 * (s[m / 2 - 1] + s[m / 2])
-    };
+    let median = if m % 2 == 1 { s[m / 2] } else { 0.5 * (s[m / 2 - 1] + s[m / 2]) };
     (median, s[0])
 }
 
@@ -121,23 +108,12 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
     }
     if let Some(p) = &a.plot {
         if p.extension().and_then(|e| e.to_str()) != Some("svg") {
-            return Err(XentError::InvalidOption(format!(
-                "--plot writes SVG: name a .svg file, got {}",
-                p.display()
-            )));
+            return Err(XentError::InvalidOption(format!("--plot writes SVG: name a .svg file, got {}", p.display())));
         }
         super::check_out(&Some(p.clone()))?;
     }
-    let shapes = a
-        .shapes
-        .iter()
-        .map(|s| parse_shape(s))
-        .collect::<Result<Vec<_>>>()?;
-    let cpu = if a.backend.contains(&BackendKind::Cpu) {
-        Some(cpu(a.threads)?)
-    } else {
-        None
-    };
+    let shapes = a.shapes.iter().map(|s| parse_shape(s)).collect::<Result<Vec<_>>>()?;
+    let cpu = if a.backend.contains(&BackendKind::Cpu) { Some(cpu(a.threads)?) } else { None };
     let gpu = if a.backend.contains(&BackendKind::Gpu) {
         match GpuContext::new() {
             Ok(g) => Some(g),
@@ -151,19 +127,12 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
         None
     };
     let cfg = CrossEntropy {
-        grad: if a.op == Op::FwdBwd {
-            GradMode::Separate
-        } else {
-            GradMode::Off
-        },
+        grad: if a.op == Op::FwdBwd { GradMode::Separate } else { GradMode::Off },
         ..Default::default()
     };
     let runs = (shapes.len() * (cpu.is_some() as usize + gpu.is_some() as usize) * a.reps) as u64;
     let pb = ProgressBar::new(runs);
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} {msg}")
-            .expect("valid template"),
-    );
+    pb.set_style(ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} {msg}").expect("valid template"));
     let op = match a.op {
         Op::Fwd => "fwd",
         Op::FwdBwd => "fwd-bwd",
@@ -173,33 +142,16 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
         pb.set_message(format!("{n}x{v}: generating"));
         let (x, t) = workload::synthetic(n, v, 2.0, 16, 42);
         let elems = (n * v) as f64 * 4.0;
-        let traffic = if a.op == Op::FwdBwd {
-            2.0 * elems
-        } else {
-            elems
-        };
+        let traffic = if a.op == Op::FwdBwd { 2.0 * elems } else { elems };
         if let Some(c) = &cpu {
             pb.set_message(format!("{n}x{v}: cpu {op}"));
             let (median, min) = if a.op == Op::FwdBwd {
                 let mut g = Array2::<f32>::zeros((n, v));
-                time(a.reps, &pb, || {
-                    c.cross_entropy_into(x.view(), t.view().into(), &cfg, g.view_mut())
-                        .map(drop)
-                })?
+                time(a.reps, &pb, || c.cross_entropy_into(x.view(), t.view().into(), &cfg, g.view_mut()).map(drop))?
             } else {
-                time(a.reps, &pb, || {
-                    c.cross_entropy(x.view(), t.view().into(), &cfg).map(drop)
-                })?
+                time(a.reps, &pb, || c.cross_entropy(x.view(), t.view().into(), &cfg).map(drop))?
             };
-            rows.push(Row {
-                backend: "cpu",
-                n,
-                v,
-                median,
-                min,
-                gbps: traffic / median / 1e9,
-                peak_rss: peak_rss(),
-            });
+            rows.push(Row { backend: "cpu", n, v, median, min, gbps: traffic / median / 1e9, peak_rss: peak_rss() });
         }
         if let Some(g) = &gpu {
             pb.set_message(format!("{n}x{v}: gpu {op}"));
@@ -222,23 +174,9 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
                     mapped_at_creation: false,
                 })
             });
-            let job = DeviceCe {
-                logits: &lb,
-                targets: &tb,
-                rows: n,
-                classes: v,
-                grad: gb.as_ref(),
-            };
+            let job = DeviceCe { logits: &lb, targets: &tb, rows: n, classes: v, grad: gb.as_ref() };
             let (median, min) = time(a.reps, &pb, || g.cross_entropy_device(job, &cfg).map(drop))?;
-            rows.push(Row {
-                backend: "gpu",
-                n,
-                v,
-                median,
-                min,
-                gbps: traffic / median / 1e9,
-                peak_rss: peak_rss(),
-            });
+            rows.push(Row { backend: "gpu", n, v, median, min, gbps: traffic / median / 1e9, peak_rss: peak_rss() });
             g.trim();
         }
     }
@@ -284,10 +222,8 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
         }
     }
     if let Some(p) = &a.plot {
-        std::fs::write(p, svg(&rows, op)).map_err(|e| XentError::Io {
-            path: p.display().to_string(),
-            message: e.to_string(),
-        })?;
+        std::fs::write(p, svg(&rows, op))
+            .map_err(|e| XentError::Io { path: p.display().to_string(), message: e.to_string() })?;
     }
     Ok(())
 }
@@ -296,14 +232,8 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
 fn svg(rows: &[Row], op: &str) -> String {
     let (w, h, l, r, t, b) = (720.0, 440.0, 70.0, 50.0, 40.0, 60.0);
     let lv = |v: usize| (v as f64).log2();
-    let (vmin, vmax) = rows.iter().fold((f64::MAX, f64::MIN), |(a, b), r| {
-        (a.min(lv(r.v)), b.max(lv(r.v)))
-    });
-    let (vmin, vmax) = if vmax - vmin < 1.0 {
-        (vmin - 0.5, vmax + 0.5)
-    } else {
-        (vmin, vmax)
-    };
+    let (vmin, vmax) = rows.iter().fold((f64::MAX, f64::MIN), |(a, b), r| (a.min(lv(r.v)), b.max(lv(r.v))));
+    let (vmin, vmax) = if vmax - vmin < 1.0 { (vmin - 0.5, vmax + 0.5) } else { (vmin, vmax) };
     let gmax = rows.iter().fold(0.0f64, |m, r| m.max(r.gbps)).max(1e-3) * 1.1;
     let px = |v: usize| l + (lv(v) - vmin) / (vmax - vmin) * (w - l - r);
     let py = |g: f64| h - b - g / gmax * (h - t - b);
@@ -326,21 +256,13 @@ fn svg(rows: &[Row], op: &str) -> String {
     );
     for i in 0..=4 {
         let g = gmax * i as f64 / 4.0;
-        s += &format!(
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{g:.2}</text>\n",
-            l - 6.0,
-            py(g) + 4.0
-        );
+        s += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{g:.2}</text>\n", l - 6.0, py(g) + 4.0);
     }
     let mut vs: Vec<usize> = rows.iter().map(|r| r.v).collect();
     vs.sort();
     vs.dedup();
     for v in vs {
-        s += &format!(
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{v}</text>\n",
-            px(v),
-            h - b + 18.0
-        );
+        s += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{v}</text>\n", px(v), h - b + 18.0);
     }
     for (backend, colour) in [("cpu", "#0077BB"), ("gpu", "#EE7733")] {
         let mut pts: Vec<&Row> = rows.iter().filter(|r| r.backend == backend).collect();
@@ -348,10 +270,7 @@ fn svg(rows: &[Row], op: &str) -> String {
             continue;
         }
         pts.sort_by_key(|r| r.v);
-        let line: Vec<String> = pts
-            .iter()
-            .map(|r| format!("{:.1},{:.1}", px(r.v), py(r.gbps)))
-            .collect();
+        let line: Vec<String> = pts.iter().map(|r| format!("{:.1},{:.1}", px(r.v), py(r.gbps))).collect();
         s += &format!(
             "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>\n",
             line.join(" ")

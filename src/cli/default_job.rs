@@ -28,12 +28,7 @@ pub(crate) struct DemoArgs {
 
 impl Default for DemoArgs {
     fn default() -> Self {
-        DemoArgs {
-            rows: 4096,
-            classes: 32000,
-            seed: 42,
-            threads: None,
-        }
+        DemoArgs { rows: 4096, classes: 32000, seed: 42, threads: None }
     }
 }
 
@@ -54,18 +49,13 @@ fn gbps(bytes: f64, t: Duration) -> f64 {
 pub(crate) fn run(a: &DemoArgs) -> Result<()> {
     let (n, v) = (a.rows, a.classes);
     if n == 0 || v == 0 {
-        return Err(XentError::InvalidOption(
-            "rows and classes must be positive".into(),
-        ));
+        return Err(XentError::InvalidOption("rows and classes must be positive".into()));
     }
     let pb = bar(4);
     pb.set_message(format!("generating {n} x {v} logits (seed {})", a.seed));
     let (x, t) = workload::synthetic(n, v, 2.0, 16, a.seed);
     pb.inc(1);
-    let cfg = CrossEntropy {
-        grad: GradMode::Separate,
-        ..Default::default()
-    };
+    let cfg = CrossEntropy { grad: GradMode::Separate, ..Default::default() };
     let traffic = 2.0 * (n * v) as f64 * 4.0; // read logits, write gradient
 
     pb.set_message("CPU: mean cross-entropy + gradient");
@@ -89,10 +79,7 @@ pub(crate) fn run(a: &DemoArgs) -> Result<()> {
     };
     let mut gpu_res = None;
     if let Some(g) = &gpu {
-        pb.set_message(format!(
-            "GPU ({}): warm-up, then timed runs",
-            g.adapter_name()
-        ));
+        pb.set_message(format!("GPU ({}): warm-up, then timed runs", g.adapter_name()));
         // Compile the pipelines on a small input of the same row length.
         let (wx, wt) = workload::synthetic(4, v, 2.0, 16, 1);
         g.cross_entropy(wx.view(), wt.view().into(), &cfg)?;
@@ -109,20 +96,9 @@ pub(crate) fn run(a: &DemoArgs) -> Result<()> {
     pb.inc(1);
     pb.finish_and_clear();
 
-    println!(
-        "xent default job: {n} x {v} f32 logits (seed {}), mean cross-entropy + gradient",
-        a.seed
-    );
-    println!(
-        "  rows counted: {} of {n} (every 16th row ignored)",
-        c.counted
-    );
-    println!(
-        "  CPU ({} threads): loss {:.6}  perplexity {:.3}",
-        cpu.threads(),
-        c.loss,
-        c.loss.exp()
-    );
+    println!("xent default job: {n} x {v} f32 logits (seed {}), mean cross-entropy + gradient", a.seed);
+    println!("  rows counted: {} of {n} (every 16th row ignored)", c.counted);
+    println!("  CPU ({} threads): loss {:.6}  perplexity {:.3}", cpu.threads(), c.loss, c.loss.exp());
     println!(
         "  CPU time {:.3} s  ({:.2} GB/s, {:.0} rows/s)",
         cpu_time.as_secs_f64(),
@@ -131,16 +107,8 @@ pub(crate) fn run(a: &DemoArgs) -> Result<()> {
     );
     match (&gpu, gpu_res) {
         (Some(g), Some((o, host_time, dev_time))) => {
-            let (gg, cg) = (
-                o.grad.as_ref().expect("gradient"),
-                c.grad.as_ref().expect("gradient"),
-            );
-            println!(
-                "  GPU {}: loss {:.6}  perplexity {:.3}",
-                g.adapter_name(),
-                o.loss,
-                o.loss.exp()
-            );
+            let (gg, cg) = (o.grad.as_ref().expect("gradient"), c.grad.as_ref().expect("gradient"));
+            println!("  GPU {}: loss {:.6}  perplexity {:.3}", g.adapter_name(), o.loss, o.loss.exp());
             println!(
                 "  GPU time {:.3} s with uploads and gradient readback; {:.3} s device-resident ({:.2} GB/s, {:.0} rows/s)",
                 host_time.as_secs_f64(),
@@ -161,19 +129,12 @@ pub(crate) fn run(a: &DemoArgs) -> Result<()> {
 
 fn max_abs_diff(a: &Array2<f32>, b: &Array2<f32>) -> f64 {
     let mut m = 0.0f64;
-    Zip::from(a)
-        .and(b)
-        .for_each(|&x, &y| m = m.max((x as f64 - y as f64).abs()));
+    Zip::from(a).and(b).for_each(|&x, &y| m = m.max((x as f64 - y as f64).abs()));
     m
 }
 
 /// Times one call on logits already on the GPU, gradient left there.
-fn device_resident(
-    g: &GpuContext,
-    x: &Array2<f32>,
-    t: &ndarray::Array1<i64>,
-    cfg: &CrossEntropy,
-) -> Result<Duration> {
+fn device_resident(g: &GpuContext, x: &Array2<f32>, t: &ndarray::Array1<i64>, cfg: &CrossEntropy) -> Result<Duration> {
     use wgpu::util::DeviceExt;
     let (n, v) = x.dim();
     let d = g.device();
@@ -194,13 +155,7 @@ fn device_resident(
         usage: wgpu::BufferUsages::STORAGE,
         mapped_at_creation: false,
     });
-    let job = DeviceCe {
-        logits: &logits,
-        targets: &targets,
-        rows: n,
-        classes: v,
-        grad: Some(&grad),
-    };
+    let job = DeviceCe { logits: &logits, targets: &targets, rows: n, classes: v, grad: Some(&grad) };
     g.cross_entropy_device(job, cfg)?;
     let t0 = Instant::now();
     g.cross_entropy_device(job, cfg)?;

@@ -32,11 +32,7 @@ pub(crate) struct EvalArgs {
     #[arg(long)]
     logits: PathBuf,
     /// Class indices, int64 or int32 [N].
-    #[arg(
-        long,
-        required_unless_present = "target_probs",
-        conflicts_with = "target_probs"
-    )]
+    #[arg(long, required_unless_present = "target_probs", conflicts_with = "target_probs")]
     targets: Option<PathBuf>,
     /// Target probabilities, float32 [N, V] (instead of --targets).
     #[arg(long)]
@@ -83,16 +79,8 @@ pub(crate) fn run_eval(a: &EvalArgs) -> Result<()> {
     check_out(&a.loss_out)?;
     let logits = npy::read_f32_2d(&a.logits, "logits")?;
     let (n, v) = logits.dim();
-    let class_weight = a
-        .class_weight
-        .as_ref()
-        .map(|p| npy::read_f32_1d(p, "class weights"))
-        .transpose()?;
-    let sample_weight = a
-        .sample_weight
-        .as_ref()
-        .map(|p| npy::read_f32_1d(p, "sample weights"))
-        .transpose()?;
+    let class_weight = a.class_weight.as_ref().map(|p| npy::read_f32_1d(p, "class weights")).transpose()?;
+    let sample_weight = a.sample_weight.as_ref().map(|p| npy::read_f32_1d(p, "sample weights")).transpose()?;
     let reduction = a.reduction.into();
     let cfg = CrossEntropy {
         reduction,
@@ -103,11 +91,7 @@ pub(crate) fn run_eval(a: &EvalArgs) -> Result<()> {
         z_loss: a.z_loss,
         softcap: a.softcap,
         temperature: a.temperature,
-        grad: if a.grad_out.is_some() {
-            GradMode::Separate
-        } else {
-            GradMode::Off
-        },
+        grad: if a.grad_out.is_some() { GradMode::Separate } else { GradMode::Off },
         grad_scale: 1.0,
         per_row: a.loss_out.is_some(),
     };
@@ -117,19 +101,13 @@ pub(crate) fn run_eval(a: &EvalArgs) -> Result<()> {
             let targets = npy::read_targets(t)?;
             crate::api::check::ce_inputs(n, v, targets.len(), &cfg)?;
             let backend = a.backend.open()?;
-            (
-                backend.cross_entropy(logits.view(), targets.view().into(), &cfg)?,
-                backend.name(),
-            )
+            (backend.cross_entropy(logits.view(), targets.view().into(), &cfg)?, backend.name())
         }
         (None, Some(p)) => {
             let probs = npy::read_f32_2d(p, "target probabilities")?;
             crate::api::check::soft_inputs((n, v), probs.view(), &cfg)?;
             let backend = a.backend.open()?;
-            (
-                backend.cross_entropy_soft(logits.view(), probs.view(), &cfg)?,
-                backend.name(),
-            )
+            (backend.cross_entropy_soft(logits.view(), probs.view(), &cfg)?, backend.name())
         }
         (None, None) => unreachable!("clap requires --targets or --target-probs"),
     };
@@ -140,11 +118,7 @@ pub(crate) fn run_eval(a: &EvalArgs) -> Result<()> {
     if let (Some(p), Some(r)) = (&a.loss_out, &out.row_loss) {
         npy::write_f32(p, &[n], r.as_slice().expect("standard layout"))?;
     }
-    let loss = if reduction == Reduction::None {
-        serde_json::Value::Null
-    } else {
-        num(out.loss)
-    };
+    let loss = if reduction == Reduction::None { serde_json::Value::Null } else { num(out.loss) };
     let obj = Obj::default()
         .set("loss", loss)
         .set("rows", n)
@@ -153,11 +127,7 @@ pub(crate) fn run_eval(a: &EvalArgs) -> Result<()> {
         .num("weight_sum", out.weight_sum)
         .set("backend", backend_name)
         .set("reduction", format!("{:?}", a.reduction).to_lowercase());
-    let obj = if reduction == Reduction::Mean {
-        obj.num("perplexity", out.loss.exp())
-    } else {
-        obj
-    };
+    let obj = if reduction == Reduction::Mean { obj.num("perplexity", out.loss.exp()) } else { obj };
     if a.json {
         println!("{}", obj.line());
     } else {
@@ -191,17 +161,10 @@ pub(crate) fn run_log_softmax(a: &LogSoftmaxArgs) -> Result<()> {
     let logits = npy::read_f32_2d(&a.logits, "logits")?;
     let (n, v) = logits.dim();
     if v == 0 {
-        return Err(XentError::Shape(format!(
-            "{}: logits [{n}, 0] have no classes",
-            path_str(&a.logits)
-        )));
+        return Err(XentError::Shape(format!("{}: logits [{n}, 0] have no classes", path_str(&a.logits))));
     }
     let backend = a.backend.open()?;
-    let kind = if a.softmax {
-        SoftmaxKind::Softmax
-    } else {
-        SoftmaxKind::LogSoftmax
-    };
+    let kind = if a.softmax { SoftmaxKind::Softmax } else { SoftmaxKind::LogSoftmax };
     let out = backend.log_softmax(logits.view(), kind)?;
     npy::write_f32(&a.out, &[n, v], out.as_slice().expect("standard layout"))?;
     let obj = Obj::default()
@@ -213,11 +176,7 @@ pub(crate) fn run_log_softmax(a: &LogSoftmaxArgs) -> Result<()> {
     if a.json {
         println!("{}", obj.line());
     } else {
-        println!(
-            "wrote {} [{n}, {v}] to {}",
-            if a.softmax { "softmax" } else { "log-softmax" },
-            path_str(&a.out)
-        );
+        println!("wrote {} [{n}, {v}] to {}", if a.softmax { "softmax" } else { "log-softmax" }, path_str(&a.out));
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 mod bce;
 mod bench;
 mod default_job;
+mod divergence;
 mod eval;
 mod json;
 
@@ -16,11 +17,7 @@ use crate::error::{Result, XentError};
 use crate::{Backend, Cpu, GpuContext};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "xent",
-    version,
-    about = "Cross-entropy losses on the GPU (wgpu) and CPU"
-)]
+#[command(name = "xent", version, about = "Cross-entropy losses on the GPU (wgpu) and CPU")]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -34,6 +31,10 @@ enum Cmd {
     LogSoftmax(eval::LogSoftmaxArgs),
     /// Binary cross-entropy from logits or probabilities.
     Bce(bce::BceArgs),
+    /// Knowledge distillation: T^2 * batchmean KL(teacher_T || student_T) (or reverse KL, JSD).
+    Distill(divergence::DistillArgs),
+    /// Entropy, cross-entropy, KL and Jensen-Shannon per row of two distributions.
+    Dist(divergence::DistArgs),
     /// Time cross-entropy on the CPU and GPU over a set of shapes.
     Bench(bench::BenchArgs),
     /// The default job: a seeded 4096 x 32000 workload on GPU and CPU, compared.
@@ -80,15 +81,9 @@ pub(crate) fn path_str(p: &std::path::Path) -> String {
 /// Output files must be writable: check before the work, not after.
 pub(crate) fn check_out(p: &Option<PathBuf>) -> Result<()> {
     if let Some(p) = p {
-        let dir = p
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(std::path::Path::new("."));
+        let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
         if !dir.is_dir() {
-            return Err(XentError::Io {
-                path: path_str(p),
-                message: "directory does not exist".into(),
-            });
+            return Err(XentError::Io { path: path_str(p), message: "directory does not exist".into() });
         }
     }
     Ok(())
@@ -124,6 +119,8 @@ pub fn main() -> i32 {
         Some(Cmd::LogSoftmax(a)) => eval::run_log_softmax(&a),
         Some(Cmd::Bench(a)) => bench::run(&a),
         Some(Cmd::Bce(a)) => bce::run(&a),
+        Some(Cmd::Distill(a)) => divergence::run_distill(&a),
+        Some(Cmd::Dist(a)) => divergence::run_dist(&a),
     };
     match res {
         Ok(()) => 0,

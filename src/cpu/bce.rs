@@ -32,10 +32,7 @@ pub(crate) fn element(x: f64, y: f64, w: f64, pw: f64, input: BceInput) -> (f64,
         BceInput::Probs => {
             let lp = x.ln().max(-100.0);
             let lq = (-x).ln_1p().max(-100.0);
-            (
-                -w * (y * lp + (1.0 - y) * lq),
-                w * (x - y) / ((1.0 - x) * x).max(1e-12),
-            )
+            (-w * (y * lp + (1.0 - y) * lq), w * (x - y) / ((1.0 - x) * x).max(1e-12))
         }
     }
 }
@@ -50,18 +47,9 @@ pub(crate) fn bce(
     bce_inputs(x, y, cfg, input)?;
     let (n, c) = x.dim();
     let count = (n * c) as f64;
-    let scale = cfg.grad_scale as f64
-        / if cfg.reduction == Reduction::Mean {
-            count
-        } else {
-            1.0
-        };
+    let scale = cfg.grad_scale as f64 / if cfg.reduction == Reduction::Mean { count } else { 1.0 };
     let mut loss = Array2::<f32>::zeros((n, c));
-    let mut grad = if cfg.grad {
-        Array2::<f32>::zeros((n, c))
-    } else {
-        Array2::zeros((0, c))
-    };
+    let mut grad = if cfg.grad { Array2::<f32>::zeros((n, c)) } else { Array2::zeros((0, c)) };
     let weight = |r: usize, k: usize| match &cfg.weight {
         None => 1.0,
         Some(BceWeight::PerClass(w)) => w[k] as f64,
@@ -70,39 +58,26 @@ pub(crate) fn bce(
     let pos = |k: usize| cfg.pos_weight.as_ref().map_or(1.0, |p| p[k] as f64);
     let total: f64 = pool.install(|| {
         let rows = loss.axis_iter_mut(Axis(0)).into_par_iter().enumerate();
-        let sum_row = |r: usize,
-                       mut lrow: ndarray::ArrayViewMut1<f32>,
-                       mut grow: Option<ndarray::ArrayViewMut1<f32>>| {
-            let mut s = 0.0;
-            for k in 0..c {
-                let (l, g) = element(
-                    x[[r, k]] as f64,
-                    y[[r, k]] as f64,
-                    weight(r, k),
-                    pos(k),
-                    input,
-                );
-                s += l;
-                lrow[k] = l as f32;
-                if let Some(gr) = grow.as_mut() {
-                    gr[k] = (g * scale) as f32;
+        let sum_row =
+            |r: usize, mut lrow: ndarray::ArrayViewMut1<f32>, mut grow: Option<ndarray::ArrayViewMut1<f32>>| {
+                let mut s = 0.0;
+                for k in 0..c {
+                    let (l, g) = element(x[[r, k]] as f64, y[[r, k]] as f64, weight(r, k), pos(k), input);
+                    s += l;
+                    lrow[k] = l as f32;
+                    if let Some(gr) = grow.as_mut() {
+                        gr[k] = (g * scale) as f32;
+                    }
                 }
-            }
-            s
-        };
+                s
+            };
         if cfg.grad {
-            rows.zip(grad.axis_iter_mut(Axis(0)).into_par_iter())
-                .map(|((r, l), g)| sum_row(r, l, Some(g)))
-                .sum()
+            rows.zip(grad.axis_iter_mut(Axis(0)).into_par_iter()).map(|((r, l), g)| sum_row(r, l, Some(g))).sum()
         } else {
             rows.map(|(r, l)| sum_row(r, l, None)).sum()
         }
     });
-    let loss_value = if cfg.reduction == Reduction::Mean {
-        total / count
-    } else {
-        total
-    };
+    let loss_value = if cfg.reduction == Reduction::Mean { total / count } else { total };
     Ok(BceOutput {
         loss: loss_value,
         elements: (n * c) as u64,

@@ -45,14 +45,7 @@ struct Scratch {
 
 impl RowCtx<'_> {
     /// Loss (CE part, weighted) and lse of one row; writes the gradient row if given.
-    fn row(
-        &self,
-        x: &[f32],
-        t: i32,
-        r: usize,
-        mut grad: Option<&mut [f32]>,
-        sc: &mut Scratch,
-    ) -> (f64, f64) {
+    fn row(&self, x: &[f32], t: i32, r: usize, mut grad: Option<&mut [f32]>, sc: &mut Scratch) -> (f64, f64) {
         let cfg = self.cfg;
         let z: &[f32] = if self.transform {
             let inv_t = 1.0 / cfg.temperature;
@@ -98,8 +91,7 @@ impl RowCtx<'_> {
             simd::scale_shift(g, k_coef as f32, c0 as f32, self.cw);
             let ey = (zy - m64).exp();
             let cwy = self.cw.map_or(1.0, |w| w[y] as f64);
-            let gy = hard * (((zy - m64).exp_m1() - s) / big_s) + (k_coef - hard / big_s) * ey
-                - c0 * cwy;
+            let gy = hard * (((zy - m64).exp_m1() - s) / big_s) + (k_coef - hard / big_s) * ey - c0 * cwy;
             g[y] = gy as f32;
             self.chain(g, z);
         }
@@ -110,15 +102,7 @@ impl RowCtx<'_> {
 impl RowCtx<'_> {
     /// A row with probability targets `y`: loss `sw sum_c w_c q_c (lse - z_c)`, gradient
     /// `a sw (sum_c w_c q_c) p_j - a sw w_j q_j` (+ z-loss), with `q = (1 - eps) y + eps / V`.
-    fn soft_row(
-        &self,
-        z: &[f32],
-        y: &[f32],
-        r: usize,
-        s: f64,
-        lse: f64,
-        grad: Option<&mut [f32]>,
-    ) -> (f64, f64) {
+    fn soft_row(&self, z: &[f32], y: &[f32], r: usize, s: f64, lse: f64, grad: Option<&mut [f32]>) -> (f64, f64) {
         let cfg = self.cfg;
         let eps = cfg.label_smoothing;
         let (qa, qb) = (1.0 - eps, eps / self.v as f32);
@@ -158,10 +142,7 @@ pub(crate) fn weight_totals(t: &[i32], cfg: &CrossEntropy) -> (u64, f64) {
         if y != IGNORED {
             counted += 1;
             let sw = cfg.sample_weight.as_ref().map_or(1.0, |w| w[r] as f64);
-            let cw = cfg
-                .class_weight
-                .as_ref()
-                .map_or(1.0, |w| w[y as usize] as f64);
+            let cw = cfg.class_weight.as_ref().map_or(1.0, |w| w[y as usize] as f64);
             ws += sw * cw;
         }
     }
@@ -178,13 +159,7 @@ pub(crate) fn grad_coefficients(cfg: &CrossEntropy, counted: u64, weight_sum: f6
 }
 
 /// Combines the CE and z-loss sums into the reduced loss.
-pub(crate) fn reduce(
-    cfg: &CrossEntropy,
-    sum_ce: f64,
-    sum_lse2: f64,
-    counted: u64,
-    weight_sum: f64,
-) -> f64 {
+pub(crate) fn reduce(cfg: &CrossEntropy, sum_ce: f64, sum_lse2: f64, counted: u64, weight_sum: f64) -> f64 {
     let z = cfg.z_loss as f64;
     match cfg.reduction {
         Reduction::Mean => {
@@ -234,46 +209,24 @@ pub(crate) fn cross_entropy(
         }
     };
     let (counted, weight_sum) = match probs {
-        Some(_) => (
-            n as u64,
-            cfg.sample_weight
-                .as_ref()
-                .map_or(n as f64, |w| w.iter().map(|&x| x as f64).sum()),
-        ),
+        Some(_) => (n as u64, cfg.sample_weight.as_ref().map_or(n as f64, |w| w.iter().map(|&x| x as f64).sum())),
         None => weight_totals(&t, cfg),
     };
     let (a, b) = grad_coefficients(cfg, counted, weight_sum);
     let cw = cfg.class_weight.as_ref().map(|w| w.to_vec());
     let sw = cfg.sample_weight.as_ref().map(|w| w.to_vec());
-    let wtot = cw
-        .as_ref()
-        .map_or(v as f64, |w| w.iter().map(|&x| x as f64).sum());
-    let ctx = RowCtx {
-        cfg,
-        v,
-        cw: cw.as_deref(),
-        sw: sw.as_deref(),
-        a,
-        b,
-        wtot,
-        transform: cfg.transforms_logits(),
-        probs,
-    };
+    let wtot = cw.as_ref().map_or(v as f64, |w| w.iter().map(|&x| x as f64).sum());
+    let ctx =
+        RowCtx { cfg, v, cw: cw.as_deref(), sw: sw.as_deref(), a, b, wtot, transform: cfg.transforms_logits(), probs };
 
     let mut row_loss = vec![0.0f32; n];
     let mut row_lse = vec![0.0f32; n];
     let want_grad = cfg.grad == GradMode::Separate;
     // A new gradient array only when the caller did not provide one.
-    let mut grad = if want_grad && grad_out.is_none() {
-        Some(Array2::<f32>::zeros((n, v)))
-    } else {
-        None
-    };
+    let mut grad = if want_grad && grad_out.is_none() { Some(Array2::<f32>::zeros((n, v))) } else { None };
     let grad_slice: Option<&mut [f32]> = match grad_out {
         Some(g) if want_grad => Some(g),
-        _ => grad
-            .as_mut()
-            .map(|g| g.as_slice_mut().expect("fresh array")),
+        _ => grad.as_mut().map(|g| g.as_slice_mut().expect("fresh array")),
     };
 
     // Contiguous logits (copy only if the caller's view is strided).
@@ -326,10 +279,7 @@ pub(crate) fn cross_entropy(
         tasks
             .into_par_iter()
             .map(|(r0, rows, loss_out, lse_out)| {
-                let mut sc = Scratch {
-                    z: Vec::new(),
-                    x: Vec::new(),
-                };
+                let mut sc = Scratch { z: Vec::new(), x: Vec::new() };
                 let (mut sce, mut sl2) = (0.0f64, 0.0f64);
                 let cnt = loss_out.len();
                 let mut rows = rows;

@@ -7,11 +7,7 @@ use super::simd;
 use crate::api::config::SoftmaxKind;
 use crate::error::{Result, XentError};
 
-pub(crate) fn log_softmax(
-    pool: &rayon::ThreadPool,
-    logits: ArrayView2<f32>,
-    kind: SoftmaxKind,
-) -> Result<Array2<f32>> {
+pub(crate) fn log_softmax(pool: &rayon::ThreadPool, logits: ArrayView2<f32>, kind: SoftmaxKind) -> Result<Array2<f32>> {
     let (n, v) = logits.dim();
     if v == 0 {
         return Err(XentError::Shape(format!("logits [{n}, 0] have no classes")));

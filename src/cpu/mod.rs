@@ -2,6 +2,7 @@
 
 pub(crate) mod bce;
 mod cross_entropy;
+pub(crate) mod divergence;
 mod log_softmax;
 pub mod reference;
 mod simd;
@@ -11,7 +12,9 @@ pub(crate) use cross_entropy::reduce;
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
 use crate::api::check::BceInput;
-use crate::api::config::{Bce, BceOutput, CeOutput, CrossEntropy, GradMode, SoftmaxKind};
+use crate::api::config::{
+    Bce, BceOutput, CeOutput, CrossEntropy, Distill, DistillOutput, GradMode, Measures, SoftmaxKind,
+};
 use crate::api::targets::Targets;
 use crate::error::{Result, XentError};
 use cross_entropy::{Logits, Target};
@@ -46,9 +49,7 @@ impl Cpu {
     /// A backend with exactly `threads` worker threads.
     pub fn with_threads(threads: usize) -> Result<Self> {
         if threads == 0 {
-            return Err(XentError::InvalidOption(
-                "threads must be at least 1".into(),
-            ));
+            return Err(XentError::InvalidOption("threads must be at least 1".into()));
         }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -66,24 +67,13 @@ impl Cpu {
     /// Softmax cross-entropy with class-index targets (see [`CrossEntropy`]).
     ///
     /// `GradMode::InPlace` is rejected here; use [`Cpu::cross_entropy_in_place`].
-    pub fn cross_entropy(
-        &self,
-        logits: ArrayView2<f32>,
-        targets: Targets,
-        cfg: &CrossEntropy,
-    ) -> Result<CeOutput> {
+    pub fn cross_entropy(&self, logits: ArrayView2<f32>, targets: Targets, cfg: &CrossEntropy) -> Result<CeOutput> {
         if cfg.grad == GradMode::InPlace {
             return Err(XentError::InvalidOption(
                 "GradMode::InPlace needs mutable logits: call cross_entropy_in_place".into(),
             ));
         }
-        cross_entropy::cross_entropy(
-            &self.pool,
-            Logits::View(logits),
-            Target::Classes(targets),
-            cfg,
-            None,
-        )
+        cross_entropy::cross_entropy(&self.pool, Logits::View(logits), Target::Classes(targets), cfg, None)
     }
 
     /// Cross-entropy whose gradient (`GradMode::Separate` implied) is written into `grad`, a
@@ -112,18 +102,11 @@ impl Cpu {
                 logits.dim()
             )));
         }
-        let cfg = CrossEntropy {
-            grad: GradMode::Separate,
-            ..cfg.clone()
-        };
+        let cfg = CrossEntropy { grad: GradMode::Separate, ..cfg.clone() };
         match grad.as_slice_mut() {
-            Some(g) => cross_entropy::cross_entropy(
-                &self.pool,
-                Logits::View(logits),
-                Target::Classes(targets),
-                &cfg,
-                Some(g),
-            ),
+            Some(g) => {
+                cross_entropy::cross_entropy(&self.pool, Logits::View(logits), Target::Classes(targets), &cfg, Some(g))
+            }
             None => {
                 let mut out = cross_entropy::cross_entropy(
                     &self.pool,
@@ -147,18 +130,11 @@ impl Cpu {
         cfg: &CrossEntropy,
     ) -> Result<CeOutput> {
         let dim = logits.dim();
-        let cfg = CrossEntropy {
-            grad: GradMode::InPlace,
-            ..cfg.clone()
-        };
+        let cfg = CrossEntropy { grad: GradMode::InPlace, ..cfg.clone() };
         match logits.as_slice_mut() {
-            Some(x) => cross_entropy::cross_entropy(
-                &self.pool,
-                Logits::InPlace(x, dim),
-                Target::Classes(targets),
-                &cfg,
-                None,
-            ),
+            Some(x) => {
+                cross_entropy::cross_entropy(&self.pool, Logits::InPlace(x, dim), Target::Classes(targets), &cfg, None)
+            }
             None => {
                 let mut tmp = logits.as_standard_layout().into_owned();
                 let out = cross_entropy::cross_entropy(
@@ -200,17 +176,9 @@ impl Cpu {
         cfg: &CrossEntropy,
     ) -> Result<CeOutput> {
         if cfg.grad == GradMode::InPlace {
-            return Err(XentError::InvalidOption(
-                "GradMode::InPlace is not supported with probability targets".into(),
-            ));
+            return Err(XentError::InvalidOption("GradMode::InPlace is not supported with probability targets".into()));
         }
-        cross_entropy::cross_entropy(
-            &self.pool,
-            Logits::View(logits),
-            Target::Probs(probs),
-            cfg,
-            None,
-        )
+        cross_entropy::cross_entropy(&self.pool, Logits::View(logits), Target::Probs(probs), cfg, None)
     }
 
     /// Binary cross-entropy from logits `[N, C]` with targets in `[0, 1]` (see [`Bce`]).
@@ -221,23 +189,36 @@ impl Cpu {
     /// let out = Cpu::new().bce_with_logits(array![[0.0f32]].view(), array![[1.0f32]].view(), &Bce::default()).unwrap();
     /// assert!((out.loss - std::f64::consts::LN_2).abs() < 1e-12);
     /// ```
-    pub fn bce_with_logits(
-        &self,
-        logits: ArrayView2<f32>,
-        targets: ArrayView2<f32>,
-        cfg: &Bce,
-    ) -> Result<BceOutput> {
+    pub fn bce_with_logits(&self, logits: ArrayView2<f32>, targets: ArrayView2<f32>, cfg: &Bce) -> Result<BceOutput> {
         bce::bce(&self.pool, logits, targets, cfg, BceInput::Logits)
     }
 
     /// Binary cross-entropy from probabilities `[N, C]` in `[0, 1]` (logs clamped at -100).
-    pub fn bce(
-        &self,
-        probs: ArrayView2<f32>,
-        targets: ArrayView2<f32>,
-        cfg: &Bce,
-    ) -> Result<BceOutput> {
+    pub fn bce(&self, probs: ArrayView2<f32>, targets: ArrayView2<f32>, cfg: &Bce) -> Result<BceOutput> {
         bce::bce(&self.pool, probs, targets, cfg, BceInput::Probs)
+    }
+
+    /// Knowledge distillation of `student` towards `teacher` logits `[N, V]` (see [`Distill`]).
+    ///
+    /// ```
+    /// use ndarray::array;
+    /// use xent::{Cpu, Distill};
+    /// let x = array![[1.0f32, 2.0, 3.0]];
+    /// let same = Cpu::new().distill(x.view(), x.view(), &Distill::default()).unwrap();
+    /// assert!(same.loss.abs() < 1e-12);
+    /// ```
+    pub fn distill(&self, student: ArrayView2<f32>, teacher: ArrayView2<f32>, cfg: &Distill) -> Result<DistillOutput> {
+        divergence::distill(&self.pool, student, teacher, cfg)
+    }
+
+    /// Entropy, cross-entropy, KL and JS per row of probability rows `p`, `q` (f64).
+    pub fn measures(&self, p: ArrayView2<f64>, q: ArrayView2<f64>) -> Result<Measures> {
+        divergence::measures(&self.pool, p, q)
+    }
+
+    /// The same measures of `softmax(p_logits)` and `softmax(q_logits)`.
+    pub fn measures_from_logits(&self, p_logits: ArrayView2<f32>, q_logits: ArrayView2<f32>) -> Result<Measures> {
+        divergence::measures_from_logits(&self.pool, p_logits, q_logits)
     }
 
     /// Row-wise log-softmax or softmax.

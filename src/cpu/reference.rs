@@ -40,11 +40,7 @@ fn transform(cfg: &CrossEntropy, x: f64) -> (f64, f64) {
 }
 
 /// Softmax cross-entropy in f64 (see [`CrossEntropy`] for the formula).
-pub fn cross_entropy(
-    logits: ArrayView2<f32>,
-    targets: Targets,
-    cfg: &CrossEntropy,
-) -> Result<RefCe> {
+pub fn cross_entropy(logits: ArrayView2<f32>, targets: Targets, cfg: &CrossEntropy) -> Result<RefCe> {
     let (n, v) = logits.dim();
     crate::api::check::ce_inputs(n, v, targets.len(), cfg)?;
     let t = targets.normalise(v, cfg.ignore_index)?;
@@ -74,9 +70,7 @@ pub fn cross_entropy(
     let (mut sum_l, mut sum_z) = (0.0, 0.0);
     for (r, row) in logits.axis_iter(Axis(0)).enumerate() {
         let zd: Vec<(f64, f64)> = row.iter().map(|&x| transform(cfg, x as f64)).collect();
-        let m = zd
-            .iter()
-            .fold(f64::NEG_INFINITY, |m, &(z, _)| if z > m { z } else { m });
+        let m = zd.iter().fold(f64::NEG_INFINITY, |m, &(z, _)| if z > m { z } else { m });
         let se: f64 = zd.iter().map(|&(z, _)| (z - m).exp()).sum();
         let lse = m + se.ln();
         row_lse[r] = lse;
@@ -106,22 +100,11 @@ pub fn cross_entropy(
         Reduction::Mean => sum_l / weight_sum + sum_z / counted as f64,
         _ => sum_l + sum_z,
     };
-    Ok(RefCe {
-        loss,
-        counted,
-        weight_sum,
-        row_loss,
-        row_lse,
-        grad,
-    })
+    Ok(RefCe { loss, counted, weight_sum, row_loss, row_lse, grad })
 }
 
 /// Cross-entropy with probability targets in f64 (see [`crate::Cpu::cross_entropy_soft`]).
-pub fn cross_entropy_soft(
-    logits: ArrayView2<f32>,
-    probs: ArrayView2<f32>,
-    cfg: &CrossEntropy,
-) -> Result<RefCe> {
+pub fn cross_entropy_soft(logits: ArrayView2<f32>, probs: ArrayView2<f32>, cfg: &CrossEntropy) -> Result<RefCe> {
     let (n, v) = logits.dim();
     crate::api::check::soft_inputs((n, v), probs, cfg)?;
     let cw = |c: usize| cfg.class_weight.as_ref().map_or(1.0, |w| w[c] as f64);
@@ -139,18 +122,10 @@ pub fn cross_entropy_soft(
     let mut grad = Array2::zeros((n, v));
     let (mut sum_l, mut sum_z) = (0.0, 0.0);
     for r in 0..n {
-        let zd: Vec<(f64, f64)> = logits
-            .row(r)
-            .iter()
-            .map(|&x| transform(cfg, x as f64))
-            .collect();
-        let m = zd
-            .iter()
-            .fold(f64::NEG_INFINITY, |m, &(z, _)| if z > m { z } else { m });
+        let zd: Vec<(f64, f64)> = logits.row(r).iter().map(|&x| transform(cfg, x as f64)).collect();
+        let m = zd.iter().fold(f64::NEG_INFINITY, |m, &(z, _)| if z > m { z } else { m });
         let lse = m + zd.iter().map(|&(z, _)| (z - m).exp()).sum::<f64>().ln();
-        let q: Vec<f64> = (0..v)
-            .map(|c| cw(c) * ((1.0 - eps) * probs[[r, c]] as f64 + eps / v as f64))
-            .collect();
+        let q: Vec<f64> = (0..v).map(|c| cw(c) * ((1.0 - eps) * probs[[r, c]] as f64 + eps / v as f64)).collect();
         let sq: f64 = q.iter().sum();
         let l = sw(r) * (0..v).map(|c| q[c] * (lse - zd[c].0)).sum::<f64>();
         row_lse[r] = lse;
@@ -166,14 +141,7 @@ pub fn cross_entropy_soft(
         Reduction::Mean => sum_l / weight_sum + sum_z / n as f64,
         _ => sum_l + sum_z,
     };
-    Ok(RefCe {
-        loss,
-        counted: n as u64,
-        weight_sum,
-        row_loss,
-        row_lse,
-        grad,
-    })
+    Ok(RefCe { loss, counted: n as u64, weight_sum, row_loss, row_lse, grad })
 }
 
 /// Row-wise log-softmax or softmax in f64.

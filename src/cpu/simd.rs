@@ -104,9 +104,7 @@ fn exp_sum_body<const FMA: bool>(x: &[f32], m: f32, mut out: Option<&mut [f32]>)
     for (b, xb) in x.chunks(BLOCK).enumerate() {
         let mut acc = [0.0f32; LANES];
         let mut cnt = [0.0f32; LANES];
-        let mut ob = out
-            .as_deref_mut()
-            .map(|o| &mut o[b * BLOCK..b * BLOCK + xb.len()]);
+        let mut ob = out.as_deref_mut().map(|o| &mut o[b * BLOCK..b * BLOCK + xb.len()]);
         let chunks = xb.chunks_exact(LANES);
         let rem = chunks.remainder();
         match ob.as_deref_mut() {
@@ -214,15 +212,8 @@ fn soft_sums_body(z: &[f32], y: &[f32], w: Option<&[f32]>, a: f32, b: f32) -> (f
 #[inline(always)]
 fn soft_grad_body(g: &mut [f32], y: &[f32], w: Option<&[f32]>, qa: f32, qb: f32, k: f32, c: f32) {
     match w {
-        Some(w) => g
-            .iter_mut()
-            .zip(y)
-            .zip(w)
-            .for_each(|((g, &yv), &wv)| *g = k * *g - c * wv * (qa * yv + qb)),
-        None => g
-            .iter_mut()
-            .zip(y)
-            .for_each(|(g, &yv)| *g = k * *g - c * (qa * yv + qb)),
+        Some(w) => g.iter_mut().zip(y).zip(w).for_each(|((g, &yv), &wv)| *g = k * *g - c * wv * (qa * yv + qb)),
+        None => g.iter_mut().zip(y).for_each(|(g, &yv)| *g = k * *g - c * (qa * yv + qb)),
     }
 }
 
@@ -292,25 +283,12 @@ mod avx2 {
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), xc);
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
         let mut q = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            1.666_666_5e-1,
-            0.5,
-        ] {
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
             q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(c));
         }
-        let p = _mm256_fmadd_ps(
-            q,
-            _mm256_mul_ps(r, r),
-            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
-        );
+        let p = _mm256_fmadd_ps(q, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
         let ni = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B40_0000));
-        let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
-            ni,
-            _mm256_set1_epi32(127),
-        )));
+        let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(ni, _mm256_set1_epi32(127))));
         _mm256_andnot_ps(under, _mm256_mul_ps(p, scale))
     }
 
@@ -336,9 +314,7 @@ mod avx2 {
         let mut a = [0f32; 8];
         // SAFETY: `a` has room for 8 lanes.
         unsafe { _mm256_storeu_ps(a.as_mut_ptr(), m) };
-        a.into_iter()
-            .chain(rem.iter().copied())
-            .fold(f32::NEG_INFINITY, |b, v| if v > b { v } else { b })
+        a.into_iter().chain(rem.iter().copied()).fold(f32::NEG_INFINITY, |b, v| if v > b { v } else { b })
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -350,9 +326,7 @@ mod avx2 {
         for (b, xb) in x.chunks(BLOCK).enumerate() {
             let mut acc = zero;
             let mut cnt = zero;
-            let mut ob = out
-                .as_deref_mut()
-                .map(|o| &mut o[b * BLOCK..b * BLOCK + xb.len()]);
+            let mut ob = out.as_deref_mut().map(|o| &mut o[b * BLOCK..b * BLOCK + xb.len()]);
             let full = xb.len() / 8 * 8;
             let mut i = 0;
             // Two vectors per iteration: two independent polynomial chains hide FMA latency.
@@ -363,10 +337,7 @@ mod avx2 {
                     let d0 = _mm256_sub_ps(_mm256_loadu_ps(xb.as_ptr().add(i)), mv);
                     let d1 = _mm256_sub_ps(_mm256_loadu_ps(xb.as_ptr().add(i + 8)), mv);
                     let (e0, e1) = (exp8(d0), exp8(d1));
-                    let (m0, m1) = (
-                        _mm256_cmp_ps::<_CMP_EQ_OQ>(d0, zero),
-                        _mm256_cmp_ps::<_CMP_EQ_OQ>(d1, zero),
-                    );
+                    let (m0, m1) = (_mm256_cmp_ps::<_CMP_EQ_OQ>(d0, zero), _mm256_cmp_ps::<_CMP_EQ_OQ>(d1, zero));
                     acc = _mm256_add_ps(acc, _mm256_andnot_ps(m0, e0));
                     acc2 = _mm256_add_ps(acc2, _mm256_andnot_ps(m1, e1));
                     cnt = _mm256_add_ps(cnt, _mm256_and_ps(m0, one));
@@ -459,9 +430,7 @@ mod tests {
     fn avx2_and_portable_paths_agree() {
         #[cfg(target_arch = "x86_64")]
         if avx2::available() {
-            let mut x: Vec<f32> = (0..4099)
-                .map(|i| ((i * 7919) % 2003) as f32 * -0.013)
-                .collect();
+            let mut x: Vec<f32> = (0..4099).map(|i| ((i * 7919) % 2003) as f32 * -0.013).collect();
             x[5] = f32::NEG_INFINITY;
             x[77] = 0.0; // a tie with the max
             let m = max_body(&x);
@@ -473,10 +442,7 @@ mod tests {
             let b = unsafe { avx2::exp_sum(&x, m, Some(&mut o2)) };
             assert_eq!(a.1, b.1);
             assert!((a.0 - b.0).abs() <= 1e-6 * a.0);
-            assert!(o1
-                .iter()
-                .zip(&o2)
-                .all(|(p, q)| (p - q).abs() <= 2e-7 * p.abs()));
+            assert!(o1.iter().zip(&o2).all(|(p, q)| (p - q).abs() <= 2e-7 * p.abs()));
             assert_eq!(o2[5], 0.0);
             let (nan, _) = unsafe { avx2::exp_sum(&[1.0, f32::NAN, 0.5], 1.0, None) };
             assert!(nan.is_nan());
@@ -485,19 +451,14 @@ mod tests {
 
     #[test]
     fn sums_match_f64() {
-        let x: Vec<f32> = (0..10_007)
-            .map(|i| ((i * 7919) % 1000) as f32 * -0.01)
-            .collect();
+        let x: Vec<f32> = (0..10_007).map(|i| ((i * 7919) % 1000) as f32 * -0.01).collect();
         let want: f64 = x.iter().map(|&v| (v as f64).exp()).sum();
         let mut out = vec![0.0; x.len()];
         let (s, ties) = exp_sum(&x, 0.0, Some(&mut out));
         assert!(((s + ties - want) / want).abs() < 1e-7);
         assert_eq!(ties, 11.0); // x = 0 every 1000 elements
         assert_eq!(max(&x), 0.0);
-        assert!(out
-            .iter()
-            .zip(&x)
-            .all(|(&e, &v)| ((e as f64 - (v as f64).exp()) / (v as f64).exp()).abs() < 3e-7));
+        assert!(out.iter().zip(&x).all(|(&e, &v)| ((e as f64 - (v as f64).exp()) / (v as f64).exp()).abs() < 3e-7));
         let (s, n) = weighted_sum(&x, None);
         assert_eq!(n, x.len() as f64);
         let want: f64 = x.iter().map(|&v| v as f64).sum();

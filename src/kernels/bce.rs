@@ -16,23 +16,13 @@ use wgpu::BufferUsages as U;
 const PER_GROUP: usize = 256 * 8;
 
 impl GpuContext {
-    fn bce_run(
-        &self,
-        x: ArrayView2<f32>,
-        y: ArrayView2<f32>,
-        cfg: &Bce,
-        input: BceInput,
-    ) -> Result<BceOutput> {
+    fn bce_run(&self, x: ArrayView2<f32>, y: ArrayView2<f32>, cfg: &Bce, input: BceInput) -> Result<BceOutput> {
         bce_inputs(x, y, cfg, input)?;
         let (n, c) = x.dim();
         let count = (n * c) as f64;
         let none = cfg.reduction == Reduction::None;
         if n * c == 0 {
-            let loss = if cfg.reduction == Reduction::Mean {
-                f64::NAN
-            } else {
-                0.0
-            };
+            let loss = if cfg.reduction == Reduction::Mean { f64::NAN } else { 0.0 };
             return Ok(BceOutput {
                 loss,
                 elements: 0,
@@ -41,19 +31,8 @@ impl GpuContext {
             });
         }
         let chunks = row_chunks(self, n, c, "inputs")?;
-        let k = self.kernel(
-            Shader::Bce,
-            Variant {
-                subgroup: self.subgroups,
-                grad: cfg.grad,
-                ..Default::default()
-            },
-        )?;
-        let mut f = if input == BceInput::Probs {
-            flags::PROBS
-        } else {
-            0
-        };
+        let k = self.kernel(Shader::Bce, Variant { subgroup: self.subgroups, grad: cfg.grad, ..Default::default() })?;
+        let mut f = if input == BceInput::Probs { flags::PROBS } else { 0 };
         if none {
             f |= flags::ELEM;
         }
@@ -65,16 +44,8 @@ impl GpuContext {
         if cfg.pos_weight.is_some() {
             f |= flags::POS_W;
         }
-        let scale = cfg.grad_scale as f64
-            / if cfg.reduction == Reduction::Mean {
-                count
-            } else {
-                1.0
-            };
-        let groups: Vec<usize> = chunks
-            .iter()
-            .map(|ch| (ch.rows * c).div_ceil(PER_GROUP))
-            .collect();
+        let scale = cfg.grad_scale as f64 / if cfg.reduction == Reduction::Mean { count } else { 1.0 };
+        let groups: Vec<usize> = chunks.iter().map(|ch| (ch.rows * c).div_ceil(PER_GROUP)).collect();
         let total_groups: usize = groups.iter().sum();
         let mut pbytes = vec![0u8; PARAM_STRIDE as usize * chunks.len()];
         let mut part_off = 0;
@@ -109,51 +80,25 @@ impl GpuContext {
         let pbuf = up(&pbytes, U::UNIFORM, "params")?;
         let xs = x.as_standard_layout();
         let ys = y.as_standard_layout();
-        let xb = up(
-            bytemuck::cast_slice(xs.as_slice().expect("standard layout")),
-            U::STORAGE,
-            "inputs",
-        )?;
-        let yb = up(
-            bytemuck::cast_slice(ys.as_slice().expect("standard layout")),
-            U::STORAGE,
-            "targets",
-        )?;
+        let xb = up(bytemuck::cast_slice(xs.as_slice().expect("standard layout")), U::STORAGE, "inputs")?;
+        let yb = up(bytemuck::cast_slice(ys.as_slice().expect("standard layout")), U::STORAGE, "targets")?;
         let wb = match &cfg.weight {
-            Some(BceWeight::PerClass(w)) => {
-                Some(up(bytemuck::cast_slice(&w.to_vec()), U::STORAGE, "weight")?)
-            }
+            Some(BceWeight::PerClass(w)) => Some(up(bytemuck::cast_slice(&w.to_vec()), U::STORAGE, "weight")?),
             Some(BceWeight::PerElement(w)) => {
                 let ws = w.as_standard_layout();
-                Some(up(
-                    bytemuck::cast_slice(ws.as_slice().expect("standard layout")),
-                    U::STORAGE,
-                    "weight",
-                )?)
+                Some(up(bytemuck::cast_slice(ws.as_slice().expect("standard layout")), U::STORAGE, "weight")?)
             }
             None => None,
         };
         let pwb = match &cfg.pos_weight {
-            Some(p) => Some(up(
-                bytemuck::cast_slice(&p.to_vec()),
-                U::STORAGE,
-                "pos_weight",
-            )?),
+            Some(p) => Some(up(bytemuck::cast_slice(&p.to_vec()), U::STORAGE, "pos_weight")?),
             None => None,
         };
         let bytes = (n * c) as u64 * 4;
         let part_bytes = total_groups as u64 * 4;
         let parts = self.take(part_bytes, U::STORAGE | U::COPY_SRC, "partial sums")?;
-        let elem = if none {
-            Some(self.take(bytes, U::STORAGE | U::COPY_SRC, "element losses")?)
-        } else {
-            None
-        };
-        let gbuf = if cfg.grad {
-            Some(self.take(bytes, U::STORAGE | U::COPY_SRC, "gradient")?)
-        } else {
-            None
-        };
+        let elem = if none { Some(self.take(bytes, U::STORAGE | U::COPY_SRC, "element losses")?) } else { None };
+        let gbuf = if cfg.grad { Some(self.take(bytes, U::STORAGE | U::COPY_SRC, "gradient")?) } else { None };
         let out_len = part_bytes + if none { bytes } else { 0 } + if cfg.grad { bytes } else { 0 };
         let staging = self.take(out_len, U::MAP_READ | U::COPY_DST, "staging")?;
 
@@ -162,13 +107,8 @@ impl GpuContext {
             .enumerate()
             .map(|(i, ch)| {
                 let (off, size) = (ch.offset, ch.size(c));
-                let mut s: [Option<wgpu::BindingResource>; crate::context::SLOTS] =
-                    Default::default();
-                s[0] = Some(bind(
-                    &pbuf,
-                    i as u64 * PARAM_STRIDE,
-                    std::mem::size_of::<Params>() as u64,
-                ));
+                let mut s: [Option<wgpu::BindingResource>; crate::context::SLOTS] = Default::default();
+                s[0] = Some(bind(&pbuf, i as u64 * PARAM_STRIDE, std::mem::size_of::<Params>() as u64));
                 s[1] = Some(bind(&xb, off, size));
                 s[9] = Some(bind(&yb, off, size));
                 match (&cfg.weight, &wb) {
@@ -205,13 +145,7 @@ impl GpuContext {
         self.submit_wait(enc)?;
         let mut host = vec![0f32; (out_len / 4) as usize];
         self.read_staging(&staging, out_len, bytemuck::cast_slice_mut(&mut host))?;
-        for b in [pbuf, xb, yb, parts, staging]
-            .into_iter()
-            .chain(wb)
-            .chain(pwb)
-            .chain(elem)
-            .chain(gbuf)
-        {
+        for b in [pbuf, xb, yb, parts, staging].into_iter().chain(wb).chain(pwb).chain(elem).chain(gbuf) {
             self.give(b);
         }
         let total: f64 = host[..total_groups].iter().map(|&v| v as f64).sum();
@@ -226,11 +160,7 @@ impl GpuContext {
         let elem_loss = next(none);
         let grad = next(cfg.grad);
         Ok(BceOutput {
-            loss: if cfg.reduction == Reduction::Mean {
-                total / count
-            } else {
-                total
-            },
+            loss: if cfg.reduction == Reduction::Mean { total / count } else { total },
             elements: (n * c) as u64,
             elem_loss,
             grad,
@@ -238,22 +168,12 @@ impl GpuContext {
     }
 
     /// Binary cross-entropy from logits `[N, C]` (see [`Bce`]).
-    pub fn bce_with_logits(
-        &self,
-        logits: ArrayView2<f32>,
-        targets: ArrayView2<f32>,
-        cfg: &Bce,
-    ) -> Result<BceOutput> {
+    pub fn bce_with_logits(&self, logits: ArrayView2<f32>, targets: ArrayView2<f32>, cfg: &Bce) -> Result<BceOutput> {
         self.bce_run(logits, targets, cfg, BceInput::Logits)
     }
 
     /// Binary cross-entropy from probabilities `[N, C]` (logs clamped at -100).
-    pub fn bce(
-        &self,
-        probs: ArrayView2<f32>,
-        targets: ArrayView2<f32>,
-        cfg: &Bce,
-    ) -> Result<BceOutput> {
+    pub fn bce(&self, probs: ArrayView2<f32>, targets: ArrayView2<f32>, cfg: &Bce) -> Result<BceOutput> {
         self.bce_run(probs, targets, cfg, BceInput::Probs)
     }
 }

@@ -113,16 +113,7 @@ impl GpuContext {
     }
 
     fn run_ce(&self, job: Job<'_>, cfg: &CrossEntropy) -> Result<CeOutput> {
-        let Job {
-            n,
-            v,
-            logits,
-            targets,
-            probs,
-            ignore_index,
-            grad,
-            grad_host,
-        } = job;
+        let Job { n, v, logits, targets, probs, ignore_index, grad, grad_host } = job;
         let per_row = cfg.per_row || cfg.reduction == Reduction::None;
         if n == 0 {
             return Ok(CeOutput {
@@ -141,10 +132,7 @@ impl GpuContext {
             grad: cfg.grad == GradMode::Separate,
             in_place: cfg.grad == GradMode::InPlace,
         };
-        let small = Variant {
-            subgroup: self.subgroups,
-            ..Default::default()
-        };
+        let small = Variant { subgroup: self.subgroups, ..Default::default() };
         let k_weights = self.kernel(Shader::CeWeights, small)?;
         let k_fused = self.kernel(Shader::CeFused, variant)?;
         let k_reduce = self.kernel(Shader::CeReduce, small)?;
@@ -155,42 +143,21 @@ impl GpuContext {
         let mut blocks = vec![base];
         for c in &chunks {
             let (gx, _) = grid(self, c.rows);
-            blocks.push(Params {
-                row0: c.row0 as u32,
-                chunk_rows: c.rows as u32,
-                grid_x: gx,
-                x_off: c.skip,
-                ..base
-            });
+            blocks.push(Params { row0: c.row0 as u32, chunk_rows: c.rows as u32, grid_x: gx, x_off: c.skip, ..base });
         }
         for (i, p) in blocks.iter().enumerate() {
             let o = i * PARAM_STRIDE as usize;
             pbytes[o..o + std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(p));
         }
         let pbuf = self.upload(&pbytes, U::UNIFORM, "params")?;
-        let init = Scalars {
-            err_row: u32::MAX,
-            ..Zeroable::zeroed()
-        };
-        let sbuf = self.upload(
-            bytemuck::bytes_of(&init),
-            U::STORAGE | U::COPY_SRC,
-            "scalars",
-        )?;
+        let init = Scalars { err_row: u32::MAX, ..Zeroable::zeroed() };
+        let sbuf = self.upload(bytemuck::bytes_of(&init), U::STORAGE | U::COPY_SRC, "scalars")?;
         let cw = match &cfg.class_weight {
-            Some(w) => Some(self.upload(
-                bytemuck::cast_slice(&w.to_vec()),
-                U::STORAGE,
-                "class_weight",
-            )?),
+            Some(w) => Some(self.upload(bytemuck::cast_slice(&w.to_vec()), U::STORAGE, "class_weight")?),
             None => None,
         };
         let sw = match &cfg.sample_weight {
-            Some(w) => Some(self.upload(
-                bytemuck::cast_slice(&w.to_vec()),
-                U::STORAGE,
-                "sample_weight",
-            )?),
+            Some(w) => Some(self.upload(bytemuck::cast_slice(&w.to_vec()), U::STORAGE, "sample_weight")?),
             None => None,
         };
         let rows_bytes = n as u64 * 4;
@@ -200,19 +167,11 @@ impl GpuContext {
         let staging = self.take(small_len, U::MAP_READ | U::COPY_DST, "staging")?;
         let grad_bytes = (n * v) as u64 * 4;
         let grad_staging = match grad_host {
-            Some(_) => {
-                Some(self.take(grad_bytes, U::MAP_READ | U::COPY_DST, "gradient staging")?)
-            }
+            Some(_) => Some(self.take(grad_bytes, U::MAP_READ | U::COPY_DST, "gradient staging")?),
             None => None,
         };
 
-        let pslot = |i: usize| {
-            bind(
-                &pbuf,
-                i as u64 * PARAM_STRIDE,
-                std::mem::size_of::<Params>() as u64,
-            )
-        };
+        let pslot = |i: usize| bind(&pbuf, i as u64 * PARAM_STRIDE, std::mem::size_of::<Params>() as u64);
         let shared = |i: usize| -> [Option<wgpu::BindingResource<'_>>; crate::context::SLOTS] {
             [
                 Some(pslot(i)),
@@ -276,12 +235,7 @@ impl GpuContext {
         if let (Some(gs), Some(out)) = (&grad_staging, grad_host) {
             self.read_staging(gs, grad_bytes, bytemuck::cast_slice_mut(out))?;
         }
-        for b in [pbuf, sbuf, row_loss, row_lse, staging]
-            .into_iter()
-            .chain(cw)
-            .chain(sw)
-            .chain(grad_staging)
-        {
+        for b in [pbuf, sbuf, row_loss, row_lse, staging].into_iter().chain(cw).chain(sw).chain(grad_staging) {
             self.give(b);
         }
         if sc.err_row != u32::MAX {
@@ -296,13 +250,7 @@ impl GpuContext {
         let weight_sum = sc.weight_sum as f64;
         let z = cfg.z_loss as f64;
         let lse2 = sc.lse2_sum as f64;
-        let loss = reduce(
-            cfg,
-            sc.loss_sum as f64 - z * lse2,
-            lse2,
-            counted,
-            weight_sum,
-        );
+        let loss = reduce(cfg, sc.loss_sum as f64 - z * lse2, lse2, counted, weight_sum);
         let rows = |k: usize| Array1::from(head[8 + k * n..8 + (k + 1) * n].to_vec());
         Ok(CeOutput {
             loss,
@@ -314,28 +262,15 @@ impl GpuContext {
         })
     }
 
-    fn upload_inputs(
-        &self,
-        logits: &[f32],
-        targets: &[i32],
-    ) -> Result<(wgpu::Buffer, wgpu::Buffer)> {
-        let lb = self.upload(
-            bytemuck::cast_slice(logits),
-            U::STORAGE | U::COPY_SRC,
-            "logits",
-        )?;
+    fn upload_inputs(&self, logits: &[f32], targets: &[i32]) -> Result<(wgpu::Buffer, wgpu::Buffer)> {
+        let lb = self.upload(bytemuck::cast_slice(logits), U::STORAGE | U::COPY_SRC, "logits")?;
         let tb = self.upload(bytemuck::cast_slice(targets), U::STORAGE, "targets")?;
         Ok((lb, tb))
     }
 
     /// Softmax cross-entropy of host logits `[N, V]` (see [`CrossEntropy`]); the gradient, if
     /// asked for with `GradMode::Separate`, comes back as `CeOutput::grad`.
-    pub fn cross_entropy(
-        &self,
-        logits: ArrayView2<f32>,
-        targets: Targets,
-        cfg: &CrossEntropy,
-    ) -> Result<CeOutput> {
+    pub fn cross_entropy(&self, logits: ArrayView2<f32>, targets: Targets, cfg: &CrossEntropy) -> Result<CeOutput> {
         if cfg.grad == GradMode::InPlace {
             return Err(XentError::InvalidOption(
                 "GradMode::InPlace needs mutable logits: call cross_entropy_in_place".into(),
@@ -347,16 +282,8 @@ impl GpuContext {
         let x = logits.as_standard_layout();
         let (lb, tb) = self.upload_inputs(x.as_slice().expect("standard layout"), &t)?;
         let want = cfg.grad == GradMode::Separate;
-        let gbuf = if want {
-            Some(self.take((n * v) as u64 * 4, U::STORAGE | U::COPY_SRC, "gradient")?)
-        } else {
-            None
-        };
-        let mut host = if want {
-            Some(Array2::<f32>::zeros((n, v)))
-        } else {
-            None
-        };
+        let gbuf = if want { Some(self.take((n * v) as u64 * 4, U::STORAGE | U::COPY_SRC, "gradient")?) } else { None };
+        let mut host = if want { Some(Array2::<f32>::zeros((n, v))) } else { None };
         let job = Job {
             n,
             v,
@@ -365,9 +292,7 @@ impl GpuContext {
             probs: None,
             ignore_index: IGNORED,
             grad: gbuf.as_ref(),
-            grad_host: host
-                .as_mut()
-                .map(|h| h.as_slice_mut().expect("fresh array")),
+            grad_host: host.as_mut().map(|h| h.as_slice_mut().expect("fresh array")),
         };
         let mut out = self.run_ce(job, cfg)?;
         out.grad = host;
@@ -386,10 +311,7 @@ impl GpuContext {
         cfg: &CrossEntropy,
     ) -> Result<CeOutput> {
         let (n, v) = logits.dim();
-        let cfg = CrossEntropy {
-            grad: GradMode::InPlace,
-            ..cfg.clone()
-        };
+        let cfg = CrossEntropy { grad: GradMode::InPlace, ..cfg.clone() };
         crate::api::check::ce_inputs(n, v, targets.len(), &cfg)?;
         let t = targets.normalise(v, cfg.ignore_index)?;
         let x = logits.as_standard_layout().into_owned();
@@ -417,32 +339,18 @@ impl GpuContext {
     /// in `dev.grad` for `GradMode::Separate`, over `dev.logits` for `GradMode::InPlace`.
     /// Only the scalars (and per-row vectors when `cfg.per_row`) are read back.
     pub fn cross_entropy_device(&self, dev: DeviceCe<'_>, cfg: &CrossEntropy) -> Result<CeOutput> {
-        let DeviceCe {
-            logits,
-            targets,
-            rows: n,
-            classes: v,
-            grad,
-        } = dev;
+        let DeviceCe { logits, targets, rows: n, classes: v, grad } = dev;
         crate::api::check::ce_inputs(n, v, n, cfg)?;
         let ignore_index = i32::try_from(cfg.ignore_index).map_err(|_| {
-            XentError::InvalidOption(format!(
-                "ignore_index {} does not fit the i32 targets",
-                cfg.ignore_index
-            ))
+            XentError::InvalidOption(format!("ignore_index {} does not fit the i32 targets", cfg.ignore_index))
         })?;
         let need = (n * v) as u64 * 4;
         let check = |b: &wgpu::Buffer, bytes: u64, what: &str| -> Result<()> {
             if b.size() < bytes {
-                return Err(XentError::Shape(format!(
-                    "{what} buffer has {} bytes, needs {bytes}",
-                    b.size()
-                )));
+                return Err(XentError::Shape(format!("{what} buffer has {} bytes, needs {bytes}", b.size())));
             }
             if !b.usage().contains(U::STORAGE) {
-                return Err(XentError::InvalidOption(format!(
-                    "{what} buffer lacks BufferUsages::STORAGE"
-                )));
+                return Err(XentError::InvalidOption(format!("{what} buffer lacks BufferUsages::STORAGE")));
             }
             Ok(())
         };
@@ -451,30 +359,12 @@ impl GpuContext {
         match (cfg.grad, grad) {
             (GradMode::Separate, Some(g)) => check(g, need, "gradient")?,
             (GradMode::Separate, None) => {
-                return Err(XentError::InvalidOption(
-                    "GradMode::Separate needs DeviceCe::grad".into(),
-                ))
+                return Err(XentError::InvalidOption("GradMode::Separate needs DeviceCe::grad".into()))
             }
             _ => {}
         }
-        let grad = if cfg.grad == GradMode::Separate {
-            grad
-        } else {
-            None
-        };
-        self.run_ce(
-            Job {
-                n,
-                v,
-                logits,
-                targets: Some(targets),
-                probs: None,
-                ignore_index,
-                grad,
-                grad_host: None,
-            },
-            cfg,
-        )
+        let grad = if cfg.grad == GradMode::Separate { grad } else { None };
+        self.run_ce(Job { n, v, logits, targets: Some(targets), probs: None, ignore_index, grad, grad_host: None }, cfg)
     }
 
     /// Cross-entropy with probability targets `[N, V]` (soft labels; see
@@ -487,35 +377,17 @@ impl GpuContext {
         cfg: &CrossEntropy,
     ) -> Result<CeOutput> {
         if cfg.grad == GradMode::InPlace {
-            return Err(XentError::InvalidOption(
-                "GradMode::InPlace is not supported with probability targets".into(),
-            ));
+            return Err(XentError::InvalidOption("GradMode::InPlace is not supported with probability targets".into()));
         }
         let (n, v) = logits.dim();
         crate::api::check::soft_inputs(logits.dim(), probs, cfg)?;
         let x = logits.as_standard_layout();
-        let lb = self.upload(
-            bytemuck::cast_slice(x.as_slice().expect("standard layout")),
-            U::STORAGE,
-            "logits",
-        )?;
+        let lb = self.upload(bytemuck::cast_slice(x.as_slice().expect("standard layout")), U::STORAGE, "logits")?;
         let y = probs.as_standard_layout();
-        let pb = self.upload(
-            bytemuck::cast_slice(y.as_slice().expect("standard layout")),
-            U::STORAGE,
-            "probs",
-        )?;
+        let pb = self.upload(bytemuck::cast_slice(y.as_slice().expect("standard layout")), U::STORAGE, "probs")?;
         let want = cfg.grad == GradMode::Separate;
-        let gbuf = if want {
-            Some(self.take((n * v) as u64 * 4, U::STORAGE | U::COPY_SRC, "gradient")?)
-        } else {
-            None
-        };
-        let mut host = if want {
-            Some(Array2::<f32>::zeros((n, v)))
-        } else {
-            None
-        };
+        let gbuf = if want { Some(self.take((n * v) as u64 * 4, U::STORAGE | U::COPY_SRC, "gradient")?) } else { None };
+        let mut host = if want { Some(Array2::<f32>::zeros((n, v))) } else { None };
         let job = Job {
             n,
             v,
@@ -524,9 +396,7 @@ impl GpuContext {
             probs: Some(&pb),
             ignore_index: IGNORED,
             grad: gbuf.as_ref(),
-            grad_host: host
-                .as_mut()
-                .map(|h| h.as_slice_mut().expect("fresh array")),
+            grad_host: host.as_mut().map(|h| h.as_slice_mut().expect("fresh array")),
         };
         let mut out = self.run_ce(job, cfg)?;
         out.grad = host;

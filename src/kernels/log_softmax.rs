@@ -21,21 +21,12 @@ impl GpuContext {
             return Ok(Array2::zeros((0, v)));
         }
         let chunks = row_chunks(self, n, v, "logits")?;
-        let variant = Variant {
-            vec4: v % 4 == 0,
-            subgroup: self.subgroups,
-            grad: true,
-            in_place: false,
-        };
+        let variant = Variant { vec4: v % 4 == 0, subgroup: self.subgroups, grad: true, in_place: false };
         let k = self.kernel(Shader::LogSoftmax, variant)?;
         let bytes = (n * v) as u64 * 4;
         let x = logits.as_standard_layout();
         let xb = self.take(bytes, U::STORAGE | U::COPY_DST, "logits")?;
-        self.queue.write_buffer(
-            &xb,
-            0,
-            bytemuck::cast_slice(x.as_slice().expect("standard layout")),
-        );
+        self.queue.write_buffer(&xb, 0, bytemuck::cast_slice(x.as_slice().expect("standard layout")));
         let ob = self.take(bytes, U::STORAGE | U::COPY_SRC, "log_softmax output")?;
         let staging = self.take(bytes, U::MAP_READ | U::COPY_DST, "staging")?;
 
@@ -48,11 +39,7 @@ impl GpuContext {
                 grid_x: grid(self, c.rows).0,
                 chunk_rows: c.rows as u32,
                 ignore_index: 0,
-                flags: if kind == SoftmaxKind::Softmax {
-                    flags::SOFTMAX
-                } else {
-                    0
-                },
+                flags: if kind == SoftmaxKind::Softmax { flags::SOFTMAX } else { 0 },
                 neg_inf: f32::NEG_INFINITY,
                 smoothing: 0.0,
                 z_loss: 0.0,
@@ -74,13 +61,8 @@ impl GpuContext {
             .enumerate()
             .map(|(i, c)| {
                 let (off, size) = (c.offset, c.size(v));
-                let mut slots: [Option<wgpu::BindingResource>; crate::context::SLOTS] =
-                    Default::default();
-                slots[0] = Some(bind(
-                    &pbuf,
-                    i as u64 * PARAM_STRIDE,
-                    std::mem::size_of::<Params>() as u64,
-                ));
+                let mut slots: [Option<wgpu::BindingResource>; crate::context::SLOTS] = Default::default();
+                slots[0] = Some(bind(&pbuf, i as u64 * PARAM_STRIDE, std::mem::size_of::<Params>() as u64));
                 slots[1] = Some(bind(&xb, off, size));
                 slots[8] = Some(bind(&ob, off, size));
                 bind_group(self, &k.layout, slots)
@@ -99,11 +81,7 @@ impl GpuContext {
         enc.copy_buffer_to_buffer(&ob, 0, &staging, 0, bytes);
         self.submit_wait(enc)?;
         let mut out = Array2::<f32>::zeros((n, v));
-        self.read_staging(
-            &staging,
-            bytes,
-            bytemuck::cast_slice_mut(out.as_slice_mut().expect("fresh array")),
-        )?;
+        self.read_staging(&staging, bytes, bytemuck::cast_slice_mut(out.as_slice_mut().expect("fresh array")))?;
         for b in [xb, ob, staging, pbuf] {
             self.give(b);
         }

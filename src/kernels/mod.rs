@@ -6,6 +6,7 @@
 
 pub(crate) mod bce;
 pub(crate) mod cross_entropy;
+pub(crate) mod divergence;
 pub(crate) mod log_softmax;
 pub mod source;
 
@@ -49,6 +50,7 @@ pub(crate) mod flags {
     pub const POS_W: u32 = 512;
     pub const PROBS: u32 = 1024;
     pub const ELEM: u32 = 2048;
+    pub const LOGITS: u32 = 4096;
 }
 
 /// Bytes between per-dispatch parameter blocks in the uniform buffer.
@@ -78,19 +80,10 @@ pub(crate) fn row_chunks(ctx: &GpuContext, n: usize, v: usize, what: &str) -> Re
     let row_bytes = v as u64 * 4;
     let total = row_bytes * n as u64;
     if total > ctx.max_buffer {
-        return Err(XentError::TooLarge {
-            what: what.into(),
-            bytes: total,
-            limit: ctx.max_buffer,
-        });
+        return Err(XentError::TooLarge { what: what.into(), bytes: total, limit: ctx.max_buffer });
     }
     if total <= ctx.max_binding {
-        return Ok(vec![Chunk {
-            row0: 0,
-            rows: n,
-            offset: 0,
-            skip: 0,
-        }]);
+        return Ok(vec![Chunk { row0: 0, rows: n, offset: 0, skip: 0 }]);
     }
     let align = ctx.offset_align.max(16);
     let per = ctx.max_binding.saturating_sub(align) / row_bytes;
@@ -107,12 +100,7 @@ pub(crate) fn row_chunks(ctx: &GpuContext, n: usize, v: usize, what: &str) -> Re
         .map(|row0| {
             let start = row0 as u64 * row_bytes;
             let offset = start / align * align;
-            Chunk {
-                row0,
-                rows: per.min(n - row0),
-                offset,
-                skip: ((start - offset) / 4) as u32,
-            }
+            Chunk { row0, rows: per.min(n - row0), offset, skip: ((start - offset) / 4) as u32 }
         })
         .collect())
 }
@@ -125,11 +113,7 @@ pub(crate) fn grid(ctx: &GpuContext, rows: usize) -> (u32, u32) {
 
 /// A binding of `size` bytes of `buf` at `offset`.
 pub(crate) fn bind(buf: &wgpu::Buffer, offset: u64, size: u64) -> wgpu::BindingResource<'_> {
-    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-        buffer: buf,
-        offset,
-        size: std::num::NonZeroU64::new(size),
-    })
+    wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: buf, offset, size: std::num::NonZeroU64::new(size) })
 }
 
 /// Builds a bind group over the shared slot table, with placeholders for empty slots.
@@ -146,9 +130,5 @@ pub(crate) fn bind_group(
             resource: r.unwrap_or_else(|| ctx.placeholder(i).as_entire_binding()),
         })
         .collect();
-    ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: None,
-        layout,
-        entries: &entries,
-    })
+    ctx.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout, entries: &entries })
 }

@@ -39,6 +39,10 @@ pub enum Shader {
     LogSoftmax,
     /// Elementwise binary cross-entropy with partial sums.
     Bce,
+    /// Distillation divergences between student and teacher rows.
+    Distill,
+    /// Entropy, cross-entropy, KL and JS of row pairs.
+    Dist,
 }
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
@@ -51,7 +55,16 @@ impl Shader {
             Shader::CeReduce => "ce_reduce",
             Shader::LogSoftmax => "log_softmax",
             Shader::Bce => "bce",
+            Shader::Distill => "distill",
+            Shader::Dist => "dist",
         }
+    }
+
+    /// Whether the kernel has a `vec4` variant (the row-wise softmax kernels do; the
+    /// elementwise and row-pair kernels read scalars).
+    #[cfg(test)]
+    pub(crate) fn has_vec4(self) -> bool {
+        !matches!(self, Shader::Bce | Shader::Distill | Shader::Dist)
     }
 
     fn body(self) -> &'static str {
@@ -61,6 +74,8 @@ impl Shader {
             Shader::CeReduce => include_str!("../../shaders/ce_reduce.wgsl"),
             Shader::LogSoftmax => include_str!("../../shaders/log_softmax.wgsl"),
             Shader::Bce => include_str!("../../shaders/bce.wgsl"),
+            Shader::Distill => include_str!("../../shaders/distill.wgsl"),
+            Shader::Dist => include_str!("../../shaders/dist.wgsl"),
         }
     }
 
@@ -114,18 +129,11 @@ mod tests {
     fn preprocessor_selects_branches() {
         let src = "a\n#if VEC4\nb\n#if !SUBGROUP\nc\n#endif\n#else\nd\n#endif\n#if GRAD || IN_PLACE\ne\n#endif\n";
         let mut out = String::new();
-        let v = Variant {
-            vec4: true,
-            ..Default::default()
-        };
+        let v = Variant { vec4: true, ..Default::default() };
         preprocess(src, &|n| v.defined(n), &mut out);
         assert_eq!(out, "a\nb\nc\n");
         let mut out = String::new();
-        let v = Variant {
-            in_place: true,
-            subgroup: true,
-            ..Default::default()
-        };
+        let v = Variant { in_place: true, subgroup: true, ..Default::default() };
         preprocess(src, &|n| v.defined(n), &mut out);
         assert_eq!(out, "a\nd\ne\n");
     }
@@ -138,6 +146,8 @@ mod tests {
             Shader::CeReduce,
             Shader::LogSoftmax,
             Shader::Bce,
+            Shader::Distill,
+            Shader::Dist,
         ] {
             for bits in 0..16u32 {
                 let v = Variant {
@@ -146,18 +156,14 @@ mod tests {
                     grad: bits & 4 != 0,
                     in_place: bits & 8 != 0,
                 };
-                if v.grad && v.in_place {
+                if v.grad && v.in_place || v.vec4 && !shader.has_vec4() {
                     continue;
                 }
                 let src = shader.source(v);
-                let module = naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| {
-                    panic!("{} {v:?}: {}", shader.name(), e.emit_to_string(&src))
-                });
-                let caps = if v.subgroup {
-                    naga::valid::Capabilities::SUBGROUP
-                } else {
-                    naga::valid::Capabilities::empty()
-                };
+                let module = naga::front::wgsl::parse_str(&src)
+                    .unwrap_or_else(|e| panic!("{} {v:?}: {}", shader.name(), e.emit_to_string(&src)));
+                let caps =
+                    if v.subgroup { naga::valid::Capabilities::SUBGROUP } else { naga::valid::Capabilities::empty() };
                 naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
                     .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
                     .subgroup_operations(naga::valid::SubgroupOperationSet::all())

@@ -16,25 +16,13 @@ pub fn gpu() -> Option<&'static GpuContext> {
 /// A context that reduces in workgroup memory (no subgroup operations).
 pub fn gpu_no_subgroups() -> Option<&'static GpuContext> {
     static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
-    CTX.get_or_init(|| {
-        make(GpuOptions {
-            subgroups: false,
-            ..Default::default()
-        })
-    })
-    .as_ref()
+    CTX.get_or_init(|| make(GpuOptions { subgroups: false, ..Default::default() })).as_ref()
 }
 
 /// A context whose storage bindings are capped at 64 KiB, so small tensors span many chunks.
 pub fn gpu_small_bindings() -> Option<&'static GpuContext> {
     static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
-    CTX.get_or_init(|| {
-        make(GpuOptions {
-            max_binding_bytes: Some(64 << 10),
-            ..Default::default()
-        })
-    })
-    .as_ref()
+    CTX.get_or_init(|| make(GpuOptions { max_binding_bytes: Some(64 << 10), ..Default::default() })).as_ref()
 }
 
 fn make(opts: GpuOptions) -> Option<GpuContext> {
@@ -91,53 +79,38 @@ impl Rng {
         Array2::from_shape_fn((n, v), |_| (self.normal() * scale) as f32)
     }
     pub fn targets(&mut self, n: usize, v: usize, ignore_every: usize) -> Array1<i64> {
-        Array1::from_shape_fn(n, |i| {
-            if ignore_every > 0 && i % ignore_every == 1 {
-                -100
-            } else {
-                self.below(v) as i64
-            }
-        })
+        Array1::from_shape_fn(
+            n,
+            |i| {
+                if ignore_every > 0 && i % ignore_every == 1 {
+                    -100
+                } else {
+                    self.below(v) as i64
+                }
+            },
+        )
     }
 }
 
 /// Asserts |got - want| <= atol + rtol * |want| element-wise (NaN matches NaN, inf matches inf).
-pub fn assert_close_2d(
-    what: &str,
-    got: ArrayView2<f32>,
-    want: ArrayView2<f64>,
-    atol: f64,
-    rtol: f64,
-) {
+pub fn assert_close_2d(what: &str, got: ArrayView2<f32>, want: ArrayView2<f64>, atol: f64, rtol: f64) {
     assert_eq!(got.dim(), want.dim(), "{what}: shape");
     let mut worst = (0.0, (0, 0));
     for ((i, &g), &w) in got.indexed_iter().zip(want.iter()) {
         let g = g as f64;
         if w.is_nan() || w.is_infinite() {
-            assert!(
-                g.is_nan() && w.is_nan() || g == w,
-                "{what}{i:?}: got {g}, want {w}"
-            );
+            assert!(g.is_nan() && w.is_nan() || g == w, "{what}{i:?}: got {g}, want {w}");
             continue;
         }
         let err = (g - w).abs() - rtol * w.abs();
         if err > worst.0 {
             worst = (err, i);
         }
-        assert!(
-            err <= atol,
-            "{what}{i:?}: got {g}, want {w} (atol {atol}, rtol {rtol})"
-        );
+        assert!(err <= atol, "{what}{i:?}: got {g}, want {w} (atol {atol}, rtol {rtol})");
     }
 }
 
-pub fn assert_close_1d(
-    what: &str,
-    got: ArrayView1<f32>,
-    want: ArrayView1<f64>,
-    atol: f64,
-    rtol: f64,
-) {
+pub fn assert_close_1d(what: &str, got: ArrayView1<f32>, want: ArrayView1<f64>, atol: f64, rtol: f64) {
     let g2 = got.insert_axis(ndarray::Axis(0));
     let w2 = want.insert_axis(ndarray::Axis(0));
     assert_close_2d(what, g2, w2, atol, rtol);

@@ -1,0 +1,89 @@
+// Knowledge distillation, one workgroup per row: X = student logits, Y = teacher logits, both
+// divided by the temperature. Mode (P.ignore_index): 0 forward KL(teacher || student),
+// 1 reverse KL(student || teacher), 2 generalised JSD with beta = P.smoothing (Liger-Kernel's
+// definition; beta 0 and 1 are the two KLs). Row loss (before T^2 and the batch mean) goes to
+// ROW_LOSS; with GRAD the gradient w.r.t. the student logits, times P.grad_scale, goes to OUT.
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+#if SUBGROUP
+    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(num_subgroups) nsg: u32,
+#endif
+) {
+#if !SUBGROUP
+    let lane = 0u;
+    let sg = 0u;
+    let nsg = 1u;
+#endif
+    let r = local_row(wid);
+    if (r >= P.chunk_rows) {
+        return;
+    }
+    let row = P.row0 + r;
+    let base = row_base(r);
+    let it = P.inv_temp;
+    var ss = Stat(P.neg_inf, 0.0);
+    var st = Stat(P.neg_inf, 0.0);
+    for (var i = lid; i < P.v; i += WG) {
+        ss = push(ss, X[base + i] * it);
+        st = push(st, Y[base + i] * it);
+    }
+    let a = reduce_stat(ss, lid, lane, sg, nsg);
+    let b = reduce_stat(st, lid, lane, sg, nsg);
+    let lse_s = a.m + log1p_(a.s);
+    let lse_t = b.m + log1p_(b.s);
+    let mode = P.ignore_index;
+    let beta = P.smoothing;
+    // (divergence, sum_k p_s,k g_k) where g is d(divergence)/d(p_s) up to a constant.
+    var acc = vec2<f32>(0.0, 0.0);
+    for (var i = lid; i < P.v; i += WG) {
+        let ls = X[base + i] * it - lse_s;
+        let lt = Y[base + i] * it - lse_t;
+        let ps = exp(ls);
+        let pt = exp(lt);
+        if (mode == 0) {
+            if (pt > 0.0) {
+                acc.x += pt * (lt - ls);
+            }
+        } else if (mode == 1) {
+            if (ps > 0.0) {
+                acc.x += ps * (ls - lt);
+            }
+        } else {
+            let lm = log(beta * pt + (1.0 - beta) * ps);
+            if (pt > 0.0) {
+                acc.x += beta * pt * (lt - lm);
+            }
+            if (ps > 0.0) {
+                let g = (1.0 - beta) * (ls - lm);
+                acc.x += ps * g;
+                acc.y += ps * g;
+            }
+        }
+    }
+    let tot = reduce_v2(acc, lid, lane, sg, nsg);
+    if (lid == 0u) {
+        ROW_LOSS[row] = tot.x;
+    }
+#if GRAD
+    for (var i = lid; i < P.v; i += WG) {
+        let ls = X[base + i] * it - lse_s;
+        let lt = Y[base + i] * it - lse_t;
+        let ps = exp(ls);
+        var g = 0.0;
+        if (mode == 0) {
+            g = ps - exp(lt);
+        } else if (mode == 1) {
+            g = ps * ((ls - lt) - tot.x);
+        } else {
+            let lm = log(beta * exp(lt) + (1.0 - beta) * ps);
+            g = ps * ((1.0 - beta) * (ls - lm) - tot.y);
+        }
+        OUT[base + i] = P.grad_scale * g;
+    }
+#endif
+}

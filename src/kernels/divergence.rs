@@ -1,0 +1,168 @@
+//! Distillation and distribution measures on the GPU: one workgroup per row pair, the two
+//! inputs chunked alike; only per-row values (and the gradient, when asked) come back.
+
+use ndarray::{Array1, Array2, ArrayView2};
+
+use super::source::{Shader, Variant};
+use super::{bind, bind_group, flags, grid, row_chunks, Params, PARAM_STRIDE};
+use crate::api::check::{probability_rows, same_rows};
+use crate::api::config::{Distill, DistillOutput, Measures};
+use crate::context::GpuContext;
+use crate::error::Result;
+
+use wgpu::BufferUsages as U;
+
+/// What a row-pair dispatch returns.
+struct PairOut {
+    /// Per-row values: 1 per row (distill) or 4 (measures).
+    rows: Vec<f32>,
+    grad: Option<Array2<f32>>,
+}
+
+impl GpuContext {
+    /// Runs `shader` over row pairs (`x` in slot X, `y` in slot Y). `per_row` values per row go
+    /// to ROW_LOSS (1) or OUT (4); with `grad`, OUT receives the chunked gradient instead.
+    fn pair_rows(
+        &self,
+        shader: Shader,
+        x: ArrayView2<f32>,
+        y: ArrayView2<f32>,
+        base: Params,
+        per_row: usize,
+        grad: bool,
+    ) -> Result<PairOut> {
+        let (n, v) = x.dim();
+        if n == 0 {
+            return Ok(PairOut { rows: vec![], grad: grad.then(|| Array2::zeros((0, v))) });
+        }
+        let chunks = row_chunks(self, n, v, "logits")?;
+        let k = self.kernel(shader, Variant { subgroup: self.subgroups, grad, ..Default::default() })?;
+        let mut pbytes = vec![0u8; PARAM_STRIDE as usize * chunks.len()];
+        for (i, c) in chunks.iter().enumerate() {
+            let p = Params {
+                n_rows: n as u32,
+                v: v as u32,
+                row0: c.row0 as u32,
+                grid_x: grid(self, c.rows).0,
+                chunk_rows: c.rows as u32,
+                x_off: c.skip,
+                ..base
+            };
+            let o = i * PARAM_STRIDE as usize;
+            pbytes[o..o + std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(&p));
+        }
+        let up = |data: &[u8], usage: U, what: &str| -> Result<wgpu::Buffer> {
+            let b = self.take(data.len() as u64, usage | U::COPY_DST, what)?;
+            self.queue.write_buffer(&b, 0, data);
+            Ok(b)
+        };
+        let pbuf = up(&pbytes, U::UNIFORM, "params")?;
+        let xs = x.as_standard_layout();
+        let ys = y.as_standard_layout();
+        let xb = up(bytemuck::cast_slice(xs.as_slice().expect("standard layout")), U::STORAGE, "x")?;
+        let yb = up(bytemuck::cast_slice(ys.as_slice().expect("standard layout")), U::STORAGE, "y")?;
+        let row_bytes = (n * per_row) as u64 * 4;
+        let rbuf = self.take(row_bytes, U::STORAGE | U::COPY_SRC, "row values")?;
+        let bytes = (n * v) as u64 * 4;
+        let gbuf = if grad { Some(self.take(bytes, U::STORAGE | U::COPY_SRC, "gradient")?) } else { None };
+        let out_len = row_bytes + if grad { bytes } else { 0 };
+        let staging = self.take(out_len, U::MAP_READ | U::COPY_DST, "staging")?;
+        let bgs: Vec<_> = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let (off, size) = (c.offset, c.size(v));
+                let mut s: [Option<wgpu::BindingResource>; crate::context::SLOTS] = Default::default();
+                s[0] = Some(bind(&pbuf, i as u64 * PARAM_STRIDE, std::mem::size_of::<Params>() as u64));
+                s[1] = Some(bind(&xb, off, size));
+                s[9] = Some(bind(&yb, off, size));
+                if per_row == 1 {
+                    s[6] = Some(bind(&rbuf, 0, row_bytes));
+                    s[8] = gbuf.as_ref().map(|g| bind(g, off, size));
+                } else {
+                    s[8] = Some(bind(&rbuf, 0, row_bytes));
+                }
+                bind_group(self, &k.layout, s)
+            })
+            .collect();
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&k.pipeline);
+            for (c, bg) in chunks.iter().zip(&bgs) {
+                let (gx, gy) = grid(self, c.rows);
+                pass.set_bind_group(0, bg, &[]);
+                pass.dispatch_workgroups(gx, gy, 1);
+            }
+        }
+        enc.copy_buffer_to_buffer(&rbuf, 0, &staging, 0, row_bytes);
+        if let Some(g) = &gbuf {
+            enc.copy_buffer_to_buffer(g, 0, &staging, row_bytes, bytes);
+        }
+        self.submit_wait(enc)?;
+        let mut host = vec![0f32; (out_len / 4) as usize];
+        self.read_staging(&staging, out_len, bytemuck::cast_slice_mut(&mut host))?;
+        for b in [pbuf, xb, yb, rbuf, staging].into_iter().chain(gbuf) {
+            self.give(b);
+        }
+        let rows = host[..n * per_row].to_vec();
+        let grad = grad.then(|| Array2::from_shape_vec((n, v), host[n * per_row..].to_vec()).expect("shape"));
+        Ok(PairOut { rows, grad })
+    }
+
+    fn pair_params(flags: u32, mode: i32, beta: f32, inv_temp: f32, grad_scale: f32) -> Params {
+        Params {
+            n_rows: 0,
+            v: 0,
+            row0: 0,
+            grid_x: 1,
+            chunk_rows: 0,
+            ignore_index: mode,
+            flags,
+            neg_inf: f32::NEG_INFINITY,
+            smoothing: beta,
+            z_loss: 0.0,
+            softcap: 1.0,
+            inv_temp,
+            grad_scale,
+            x_off: 0,
+            part_off: 0,
+            _pad: 0,
+        }
+    }
+
+    /// Knowledge distillation of `student` towards `teacher` logits (see [`Distill`]).
+    pub fn distill(&self, student: ArrayView2<f32>, teacher: ArrayView2<f32>, cfg: &Distill) -> Result<DistillOutput> {
+        cfg.validate()?;
+        same_rows(student.dim(), teacher.dim(), "student and teacher logits")?;
+        let n = student.nrows();
+        let t = cfg.temperature as f64;
+        let (mode, beta) = cfg.mode_code();
+        let coef = cfg.grad_scale as f64 * t / n.max(1) as f64;
+        let base = Self::pair_params(0, mode, beta, (1.0 / t) as f32, coef as f32);
+        let out = self.pair_rows(Shader::Distill, student, teacher, base, 1, cfg.grad)?;
+        let sum: f64 = out.rows.iter().map(|&d| d as f64).sum();
+        Ok(DistillOutput { loss: t * t * sum / n as f64, row_loss: Array1::from(out.rows), grad: out.grad })
+    }
+
+    /// Entropy, cross-entropy, KL and JS per row of probability rows `p`, `q` (computed in f32).
+    pub fn measures(&self, p: ArrayView2<f64>, q: ArrayView2<f64>) -> Result<Measures> {
+        same_rows(p.dim(), q.dim(), "p and q")?;
+        probability_rows(p, "p")?;
+        probability_rows(q, "q")?;
+        let (pf, qf) = (p.mapv(|v| v as f32), q.mapv(|v| v as f32));
+        self.measures_run(pf.view(), qf.view(), 0)
+    }
+
+    /// The same measures of `softmax(p_logits)` and `softmax(q_logits)`.
+    pub fn measures_from_logits(&self, p_logits: ArrayView2<f32>, q_logits: ArrayView2<f32>) -> Result<Measures> {
+        same_rows(p_logits.dim(), q_logits.dim(), "p and q logits")?;
+        self.measures_run(p_logits, q_logits, flags::LOGITS)
+    }
+
+    fn measures_run(&self, p: ArrayView2<f32>, q: ArrayView2<f32>, f: u32) -> Result<Measures> {
+        let out = self.pair_rows(Shader::Dist, q, p, Self::pair_params(f, 0, 0.0, 1.0, 1.0), 4, false)?;
+        let col = |k: usize| out.rows.chunks(4).map(|r| r[k] as f64).collect::<Array1<f64>>();
+        Ok(Measures { entropy: col(0), cross_entropy: col(1), kl: col(2), js: col(3) })
+    }
+}
