@@ -1,7 +1,7 @@
 // Binary cross-entropy, elementwise over a chunk of [rows, C]: from logits (stable softplus
 // form, any |x|) or from probabilities (logs clamped at -100, as PyTorch). Each workgroup takes
 // WG * PER_THREAD consecutive elements, writes their gradients (GRAD) and losses (F_ELEM), and
-// one Kahan partial sum of its losses to ROW_LOSS[P.part_off + group]; the host adds the
+// one Kahan partial sum of its losses to ROWS[P.part_off + group]; the host adds the
 // partials in f64.
 
 const PER_THREAD: u32 = 8u;
@@ -79,7 +79,7 @@ fn main(
             comp = (tot - acc) - t;
             acc = tot;
             if (has(F_ELEM)) {
-                ROW_LSE[i] = l;
+                AUX[i] = l;
             }
 #if GRAD
             OUT[i] = g * P.grad_scale;
@@ -88,6 +88,6 @@ fn main(
     }
     let s = reduce_v2(vec2<f32>(acc, 0.0), lid, lane, sg, nsg);
     if (lid == 0u) {
-        ROW_LOSS[P.part_off + group] = s.x;
+        ROWS[P.part_off + group] = s.x;
     }
 }

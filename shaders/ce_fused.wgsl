@@ -99,8 +99,8 @@ fn main(
                 loss += P.z_loss * lse * lse;
             }
         }
-        ROW_LOSS[row] = loss;
-        ROW_LSE[row] = lse;
+        ROWS[row] = loss;
+        ROWS[P.n_rows + row] = lse;
     }
 #if GRAD || IN_PLACE
     var a = P.grad_scale;

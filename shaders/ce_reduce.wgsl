@@ -18,14 +18,14 @@ fn main(
     var acc = vec2<f32>(0.0, 0.0);
     var comp = vec2<f32>(0.0, 0.0);
     for (var r = lid; r < P.n_rows; r += WG) {
-        var x = vec2<f32>(ROW_LOSS[r], 0.0);
+        var x = vec2<f32>(ROWS[r], 0.0);
         if (has(F_ZLOSS)) {
             var t = 0;
             if (!has(F_SOFT)) {
                 t = T[r];
             }
             if (t != P.ignore_index && t >= 0 && t < i32(P.v)) {
-                let l = ROW_LSE[r];
+                let l = ROWS[P.n_rows + r];
                 x.y = l * l;
             }
         }

@@ -79,8 +79,11 @@ struct Scalars {
 }
 
 @group(0) @binding(5) var<storage, read_write> SC: Scalars;
-@group(0) @binding(6) var<storage, read_write> ROW_LOSS: array<f32>;
-@group(0) @binding(7) var<storage, read_write> ROW_LSE: array<f32>;
+// Per-row results: cross-entropy writes loss at [row] and lse at [n_rows + row]; other kernels
+// write their row values or partial sums here.
+@group(0) @binding(6) var<storage, read_write> ROWS: array<f32>;
+// Per-element losses of binary cross-entropy, chunked like X.
+@group(0) @binding(7) var<storage, read_write> AUX: array<f32>;
 #if VEC4
 @group(0) @binding(8) var<storage, read_write> OUT: array<vec4<f32>>;
 #else

@@ -2,7 +2,7 @@
 // divided by the temperature. Mode (P.ignore_index): 0 forward KL(teacher || student),
 // 1 reverse KL(student || teacher), 2 generalised JSD with beta = P.smoothing (Liger-Kernel's
 // definition; beta 0 and 1 are the two KLs). Row loss (before T^2 and the batch mean) goes to
-// ROW_LOSS; with GRAD the gradient w.r.t. the student logits, times P.grad_scale, goes to OUT.
+// ROWS; with GRAD the gradient w.r.t. the student logits, times P.grad_scale, goes to OUT.
 
 @compute @workgroup_size(WG)
 fn main(
@@ -67,7 +67,7 @@ fn main(
     }
     let tot = reduce_v2(acc, lid, lane, sg, nsg);
     if (lid == 0u) {
-        ROW_LOSS[row] = tot.x;
+        ROWS[row] = tot.x;
     }
 #if GRAD
     for (var i = lid; i < P.v; i += WG) {

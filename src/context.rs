@@ -35,6 +35,8 @@ pub(crate) const SLOTS: usize = 11;
 pub(crate) struct Kernel {
     pub pipeline: wgpu::ComputePipeline,
     pub layout: wgpu::BindGroupLayout,
+    /// Storage slots in the layout (slot 0, the uniform, is always there).
+    pub bindings: Vec<usize>,
 }
 
 /// Counters that show whether repeated calls allocate or compile anything.
@@ -246,15 +248,8 @@ impl GpuContext {
             },
             count: None,
         }];
-        entries.push(storage(1, !variant.in_place));
-        for b in 2..=4 {
-            entries.push(storage(b, true));
-        }
-        for b in 5..=8 {
-            entries.push(storage(b, false));
-        }
-        entries.push(storage(9, true));
-        entries.push(storage(10, true));
+        let bindings = shader.bindings(variant);
+        entries.extend(bindings.iter().map(|&(b, ro)| storage(b, ro)));
         let layout = self.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
             label: Some(shader.name()),
             entries: &entries,
@@ -276,7 +271,7 @@ impl GpuContext {
             },
             cache: None,
         });
-        Kernel { pipeline, layout }
+        Kernel { pipeline, layout, bindings: bindings.iter().map(|b| b.0 as usize).collect() }
     }
 
     /// A pooled buffer of at least `size` bytes with `usage`; return it with [`Self::give`].

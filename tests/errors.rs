@@ -128,3 +128,41 @@ fn bad_probability_targets() {
         assert!(matches!(e, XentError::Shape(_)), "{name}: {e}");
     });
 }
+
+#[test]
+fn bad_bce_distill_and_measure_inputs() {
+    let x = Array2::<f32>::zeros((2, 3));
+    let y = Array2::<f32>::from_elem((2, 3), 0.5);
+    each_backend(|name, b| {
+        let bad_t = array![[0.5f32, 1.5, 0.0], [0.0, 0.0, 0.0]];
+        let e = b.bce_with_logits(x.view(), bad_t.view(), &Bce::default()).unwrap_err();
+        assert!(matches!(e, XentError::InvalidOption(ref m) if m.contains("[0, 1]")), "{name}: {e}");
+        let bad_p = array![[0.5f32, -0.1, 0.0], [0.0, 0.0, 0.0]];
+        assert!(matches!(b.bce(bad_p.view(), y.view(), &Bce::default()), Err(XentError::InvalidOption(_))), "{name}");
+        let pw = Bce { pos_weight: Some(Array1::ones(3)), ..Default::default() };
+        assert!(matches!(b.bce(y.view(), y.view(), &pw), Err(XentError::InvalidOption(_))), "{name}");
+        let w = Bce { weight: Some(BceWeight::PerClass(Array1::ones(4))), ..Default::default() };
+        assert!(matches!(b.bce_with_logits(x.view(), y.view(), &w), Err(XentError::Shape(_))), "{name}");
+        let short = Array2::<f32>::zeros((2, 2));
+        assert!(
+            matches!(b.bce_with_logits(x.view(), short.view(), &Bce::default()), Err(XentError::Shape(_))),
+            "{name}"
+        );
+
+        for cfg in [
+            Distill { temperature: 0.0, ..Default::default() },
+            Distill { temperature: f32::NAN, ..Default::default() },
+            Distill { mode: DistillMode::Jsd { beta: 1.5 }, ..Default::default() },
+        ] {
+            assert!(matches!(b.distill(x.view(), x.view(), &cfg), Err(XentError::InvalidOption(_))), "{name} {cfg:?}");
+        }
+        assert!(matches!(b.distill(x.view(), short.view(), &Distill::default()), Err(XentError::Shape(_))), "{name}");
+
+        let p = array![[0.5f64, 0.5], [0.2, 0.8]];
+        let neg = array![[0.5f64, 0.5], [1.2, -0.2]];
+        let e = b.measures(p.view(), neg.view()).unwrap_err();
+        assert!(matches!(e, XentError::InvalidOption(ref m) if m.contains("row 1")), "{name}: {e}");
+        let wide = Array2::<f64>::zeros((2, 3));
+        assert!(matches!(b.measures(p.view(), wide.view()), Err(XentError::Shape(_))), "{name}");
+    });
+}

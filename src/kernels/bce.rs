@@ -120,7 +120,7 @@ impl GpuContext {
                 s[6] = Some(bind(&parts, 0, part_bytes));
                 s[7] = elem.as_ref().map(|b| bind(b, off, size));
                 s[8] = gbuf.as_ref().map(|b| bind(b, off, size));
-                bind_group(self, &k.layout, s)
+                bind_group(self, &k, s)
             })
             .collect();
         let mut enc = self.device.create_command_encoder(&Default::default());

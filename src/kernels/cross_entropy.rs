@@ -161,8 +161,8 @@ impl GpuContext {
             None => None,
         };
         let rows_bytes = n as u64 * 4;
-        let row_loss = self.take(rows_bytes, U::STORAGE | U::COPY_SRC, "row_loss")?;
-        let row_lse = self.take(rows_bytes, U::STORAGE | U::COPY_SRC, "row_lse")?;
+        // Row losses, then row lse values.
+        let rows_buf = self.take(2 * rows_bytes, U::STORAGE | U::COPY_SRC, "row results")?;
         let small_len = SCALARS + if per_row { 2 * rows_bytes } else { 0 };
         let staging = self.take(small_len, U::MAP_READ | U::COPY_DST, "staging")?;
         let grad_bytes = (n * v) as u64 * 4;
@@ -180,15 +180,15 @@ impl GpuContext {
                 cw.as_ref().map(|b| b.as_entire_binding()),
                 sw.as_ref().map(|b| b.as_entire_binding()),
                 Some(bind(&sbuf, 0, SCALARS)),
-                Some(bind(&row_loss, 0, rows_bytes)),
-                Some(bind(&row_lse, 0, rows_bytes)),
+                Some(bind(&rows_buf, 0, 2 * rows_bytes)),
+                None,
                 None,
                 None,
                 None,
             ]
         };
-        let bg_weights = bind_group(self, &k_weights.layout, shared(0));
-        let bg_reduce = bind_group(self, &k_reduce.layout, shared(0));
+        let bg_weights = bind_group(self, &k_weights, shared(0));
+        let bg_reduce = bind_group(self, &k_reduce, shared(0));
         let bg_chunks: Vec<_> = chunks
             .iter()
             .enumerate()
@@ -198,7 +198,7 @@ impl GpuContext {
                 slots[1] = Some(bind(logits, off, size));
                 slots[8] = grad.map(|g| bind(g, off, size));
                 slots[9] = probs.map(|p| bind(p, off, size));
-                bind_group(self, &k_fused.layout, slots)
+                bind_group(self, &k_fused, slots)
             })
             .collect();
 
@@ -220,8 +220,7 @@ impl GpuContext {
         }
         enc.copy_buffer_to_buffer(&sbuf, 0, &staging, 0, SCALARS);
         if per_row {
-            enc.copy_buffer_to_buffer(&row_loss, 0, &staging, SCALARS, rows_bytes);
-            enc.copy_buffer_to_buffer(&row_lse, 0, &staging, SCALARS + rows_bytes, rows_bytes);
+            enc.copy_buffer_to_buffer(&rows_buf, 0, &staging, SCALARS, 2 * rows_bytes);
         }
         if let Some(gs) = &grad_staging {
             let src = grad.unwrap_or(logits);
@@ -235,7 +234,7 @@ impl GpuContext {
         if let (Some(gs), Some(out)) = (&grad_staging, grad_host) {
             self.read_staging(gs, grad_bytes, bytemuck::cast_slice_mut(out))?;
         }
-        for b in [pbuf, sbuf, row_loss, row_lse, staging].into_iter().chain(cw).chain(sw).chain(grad_staging) {
+        for b in [pbuf, sbuf, rows_buf, staging].into_iter().chain(cw).chain(sw).chain(grad_staging) {
             self.give(b);
         }
         if sc.err_row != u32::MAX {

@@ -82,7 +82,7 @@ impl GpuContext {
                 } else {
                     s[8] = Some(bind(&rbuf, 0, row_bytes));
                 }
-                bind_group(self, &k.layout, s)
+                bind_group(self, &k, s)
             })
             .collect();
         let mut enc = self.device.create_command_encoder(&Default::default());

@@ -65,7 +65,7 @@ impl GpuContext {
                 slots[0] = Some(bind(&pbuf, i as u64 * PARAM_STRIDE, std::mem::size_of::<Params>() as u64));
                 slots[1] = Some(bind(&xb, off, size));
                 slots[8] = Some(bind(&ob, off, size));
-                bind_group(self, &k.layout, slots)
+                bind_group(self, &k, slots)
             })
             .collect();
         let mut enc = self.device.create_command_encoder(&Default::default());

@@ -116,19 +116,19 @@ pub(crate) fn bind(buf: &wgpu::Buffer, offset: u64, size: u64) -> wgpu::BindingR
     wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: buf, offset, size: std::num::NonZeroU64::new(size) })
 }
 
-/// Builds a bind group over the shared slot table, with placeholders for empty slots.
+/// Builds a bind group for `kernel` from the shared slot table: the slots its layout has, with
+/// placeholders for those left empty (a flag tells the shader not to touch them).
 pub(crate) fn bind_group(
     ctx: &GpuContext,
-    layout: &wgpu::BindGroupLayout,
-    slots: [Option<wgpu::BindingResource<'_>>; crate::context::SLOTS],
+    kernel: &crate::context::Kernel,
+    mut slots: [Option<wgpu::BindingResource<'_>>; crate::context::SLOTS],
 ) -> wgpu::BindGroup {
-    let entries: Vec<wgpu::BindGroupEntry> = slots
-        .into_iter()
-        .enumerate()
-        .map(|(i, r)| wgpu::BindGroupEntry {
+    let entries: Vec<wgpu::BindGroupEntry> = std::iter::once(0)
+        .chain(kernel.bindings.iter().copied())
+        .map(|i| wgpu::BindGroupEntry {
             binding: i as u32,
-            resource: r.unwrap_or_else(|| ctx.placeholder(i).as_entire_binding()),
+            resource: slots[i].take().unwrap_or_else(|| ctx.placeholder(i).as_entire_binding()),
         })
         .collect();
-    ctx.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout, entries: &entries })
+    ctx.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &kernel.layout, entries: &entries })
 }

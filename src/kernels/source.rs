@@ -62,6 +62,30 @@ impl Shader {
 
     /// Whether the kernel has a `vec4` variant (the row-wise softmax kernels do; the
     /// elementwise and row-pair kernels read scalars).
+    /// The bindings this kernel variant uses, as (slot, read-only), the uniform slot 0 aside.
+    /// Kept to at most 8 storage buffers, WebGPU's default per-stage limit, so that xent runs
+    /// on devices created with default limits. A unit test checks each list against naga's
+    /// analysis of what the shader statically uses.
+    pub(crate) fn bindings(self, v: Variant) -> Vec<(u32, bool)> {
+        let mut b = match self {
+            Shader::CeWeights => vec![(2, true), (3, true), (4, true), (5, false)],
+            Shader::CeFused => vec![(1, !v.in_place), (2, true), (3, true), (4, true), (6, false), (9, true)],
+            Shader::CeReduce => vec![(2, true), (5, false), (6, false)],
+            Shader::LogSoftmax => vec![(1, true), (3, true), (9, true), (8, false)],
+            Shader::Bce => vec![(1, true), (3, true), (4, true), (9, true), (10, true), (6, false), (7, false)],
+            Shader::Distill => vec![(1, true), (9, true), (6, false)],
+            Shader::Dist => vec![(1, true), (9, true), (8, false)],
+        };
+        if v.grad && matches!(self, Shader::CeFused | Shader::Bce | Shader::Distill) {
+            b.push((8, false));
+        }
+        if (v.grad || v.in_place) && self == Shader::CeFused {
+            // The gradient's mean coefficient comes from the scalars of the weights pass.
+            b.push((5, false));
+        }
+        b
+    }
+
     #[cfg(test)]
     pub(crate) fn has_vec4(self) -> bool {
         !matches!(self, Shader::Bce | Shader::Distill | Shader::Dist)
@@ -164,11 +188,25 @@ mod tests {
                     .unwrap_or_else(|e| panic!("{} {v:?}: {}", shader.name(), e.emit_to_string(&src)));
                 let caps =
                     if v.subgroup { naga::valid::Capabilities::SUBGROUP } else { naga::valid::Capabilities::empty() };
-                naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
+                let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
                     .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
                     .subgroup_operations(naga::valid::SubgroupOperationSet::all())
                     .validate(&module)
                     .unwrap_or_else(|e| panic!("{} {v:?}: {e:?}", shader.name()));
+                // The declared binding list is exactly what the entry point uses.
+                let ep = info.get_entry_point(0);
+                let mut used: Vec<u32> = module
+                    .global_variables
+                    .iter()
+                    .filter(|(h, g)| !ep[*h].is_empty() && g.binding.is_some())
+                    .map(|(_, g)| g.binding.as_ref().unwrap().binding)
+                    .filter(|&b| b != 0)
+                    .collect();
+                used.sort();
+                let mut declared: Vec<u32> = shader.bindings(v).iter().map(|b| b.0).collect();
+                declared.sort();
+                assert_eq!(used, declared, "{} {v:?}: bindings", shader.name());
+                assert!(declared.len() <= 8, "{} {v:?}: more than 8 storage buffers", shader.name());
             }
         }
     }
