@@ -50,19 +50,39 @@ fn main(
     }
     let row = P.row0 + r;
     let soft = has(F_SOFT);
-    let part = row_part(r, lid);
+    var t = -1;
+    if (!soft) {
+        t = row_target(row);
+    }
+    // The target's logit, known before the pass so that the pass can rank it.
+    var zt = 0.0;
+    if (t >= 0) {
+        zt = tr(load(r, u32(t)));
+    }
+    let part = row_part(r, lid, zt);
     let st = reduce_stat(part.st, lid, lane, sg, nsg);
     var acc = vec2<f32>(0.0, 0.0);
     if (has(F_SMOOTH | F_SOFT)) {
         acc = reduce_v2(part.acc, lid, lane, sg, nsg);
     }
+    var rank = 0.0;
+    if (has(F_RANK)) {
+        rank = reduce_v2(vec2<f32>(part.above, 0.0), lid, lane, sg, nsg).x;
+    }
     let m = st.m;
     let s = st.s;
     let l1p = log1p_(s);
     let lse = m + l1p;
-    var t = -1;
-    if (!soft) {
-        t = row_target(row);
+    // E_p[z] - z_t = sum_c e_c (z_c - z_t) / (1 + s): d(NLL)/d(log T) is its negative.
+    var gap = 0.0;
+    if (has(F_GAP)) {
+        var g = 0.0;
+        for (var i = lid; i < P.v; i += WG) {
+            let z = tr(load(r, i));
+            g += exp(z - m) * (z - zt);
+        }
+        // Zero for ignored rows (masked after the reduction: its barriers need uniform control flow).
+        gap = select(0.0, reduce_v2(vec2<f32>(g, 0.0), lid, lane, sg, nsg).x / (1.0 + s), t >= 0);
     }
     let eps = P.smoothing;
     let vf = f32(P.v);
@@ -71,10 +91,8 @@ fn main(
         swn = SW[row];
     }
     var w = 0.0;
-    var zt = 0.0;
     if (t >= 0) {
         w = swn * class_w(u32(t));
-        zt = tr(load(r, u32(t)));
     }
     var wtot = vf;
     if (has(F_CLASS_W)) {
@@ -101,6 +119,13 @@ fn main(
         }
         ROWS[row] = loss;
         ROWS[P.n_rows + row] = lse;
+        if (has(F_RANK)) {
+            ROWS[2u * P.n_rows + row] = m;
+            ROWS[3u * P.n_rows + row] = select(-1.0, rank, t >= 0);
+        }
+        if (has(F_GAP)) {
+            ROWS[4u * P.n_rows + row] = gap;
+        }
     }
 #if GRAD || IN_PLACE
     var a = P.grad_scale;

@@ -20,6 +20,10 @@ const F_PROBS: u32 = 1024u;
 const F_ELEM: u32 = 2048u;
 // Distribution measures of logits rather than probabilities.
 const F_LOGITS: u32 = 4096u;
+// Cross-entropy row statistics: the target's rank (classes with a strictly larger logit) and
+// the row max; the expected logit gap E_p[z] - z_t (temperature fitting).
+const F_RANK: u32 = 8192u;
+const F_GAP: u32 = 16384u;
 
 struct Params {
     n_rows: u32,
@@ -313,10 +317,12 @@ fn reduce_v2(x: vec2<f32>, lid: u32, lane: u32, sg: u32, nsg: u32) -> vec2<f32> 
 }
 #endif
 
-// This thread's share of one row's statistic; with F_SMOOTH also (sum w_c z_c, sum w_c).
+// This thread's share of one row's statistic; with F_SMOOTH also (sum w_c z_c, sum w_c);
+// with F_RANK the number of logits above the target's.
 struct RowPart {
     st: Stat,
     acc: vec2<f32>,
+    above: f32,
 }
 
 fn class_w(c: u32) -> f32 {
@@ -333,8 +339,11 @@ fn soft_q(y: f32) -> f32 {
 
 // acc gathers (sum_c w_c z_c, sum_c w_c) where w_c is the class weight (label smoothing) or
 // the class weight times q_c (probability targets).
-fn visit(p: RowPart, z: f32, c: u32, y: f32) -> RowPart {
-    var q = RowPart(push(p.st, z), p.acc);
+fn visit(p: RowPart, z: f32, c: u32, y: f32, zt: f32) -> RowPart {
+    var q = RowPart(push(p.st, z), p.acc, p.above);
+    if (has(F_RANK) && z > zt) {
+        q.above += 1.0;
+    }
     if (has(F_SMOOTH | F_SOFT)) {
         var w = class_w(c);
         if (has(F_SOFT)) {
@@ -345,8 +354,8 @@ fn visit(p: RowPart, z: f32, c: u32, y: f32) -> RowPart {
     return q;
 }
 
-fn row_part(r: u32, lid: u32) -> RowPart {
-    var p = RowPart(Stat(P.neg_inf, 0.0), vec2<f32>(0.0, 0.0));
+fn row_part(r: u32, lid: u32, zt: f32) -> RowPart {
+    var p = RowPart(Stat(P.neg_inf, 0.0), vec2<f32>(0.0, 0.0), 0.0);
     let soft = has(F_SOFT);
     let base = row_base(r);
 #if VEC4
@@ -357,10 +366,10 @@ fn row_part(r: u32, lid: u32) -> RowPart {
         if (soft) {
             y = Y[base + i];
         }
-        p = visit(p, tr(x.x), 4u * i, y.x);
-        p = visit(p, tr(x.y), 4u * i + 1u, y.y);
-        p = visit(p, tr(x.z), 4u * i + 2u, y.z);
-        p = visit(p, tr(x.w), 4u * i + 3u, y.w);
+        p = visit(p, tr(x.x), 4u * i, y.x, zt);
+        p = visit(p, tr(x.y), 4u * i + 1u, y.y, zt);
+        p = visit(p, tr(x.z), 4u * i + 2u, y.z, zt);
+        p = visit(p, tr(x.w), 4u * i + 3u, y.w, zt);
     }
 #else
     for (var i = lid; i < P.v; i += WG) {
@@ -368,7 +377,7 @@ fn row_part(r: u32, lid: u32) -> RowPart {
         if (soft) {
             y = Y[base + i];
         }
-        p = visit(p, tr(X[base + i]), i, y);
+        p = visit(p, tr(X[base + i]), i, y, zt);
     }
 #endif
     return p;

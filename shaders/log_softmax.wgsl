@@ -20,7 +20,7 @@ fn main(
     if (r >= P.chunk_rows) {
         return;
     }
-    let st = reduce_stat(row_part(r, lid).st, lid, lane, sg, nsg);
+    let st = reduce_stat(row_part(r, lid, 0.0).st, lid, lane, sg, nsg);
     let l1p = log1p_(st.s);
     let inv = 1.0 / (1.0 + st.s);
     let soft = has(F_SOFTMAX);

@@ -40,6 +40,7 @@ pub use api::config::{
 };
 pub use api::targets::Targets;
 pub use api::Backend;
+pub use api::{calibration, gaussian, preference, sequence};
 pub use context::{GpuContext, GpuOptions};
 pub use cpu::Cpu;
 pub use error::{Result, XentError};

@@ -239,3 +239,66 @@ fn default_job_compares_gpu_and_cpu() {
         assert!(grad_diff < 1e-7, "{line}");
     }
 }
+
+#[test]
+fn metrics_commands() {
+    // Two sequences of 3 tokens over 4 classes with uniform logits: perplexity 4 exactly.
+    let x = file("ppl-x.npy");
+    npy::write_f32(&x, &[6, 4], &[0.0; 24]).unwrap();
+    let t = file("ppl-t.npy");
+    write_i64(&t, &[0, 1, 2, 3, 0, 1]);
+    let lengths = file("ppl-len.npy");
+    write_i64(&lengths, &[3, 1]);
+    for b in backends() {
+        let j = json_line(&xent(
+            &["perplexity", "--logits", &x, "--targets", &t, "--lengths", &lengths, "--backend", b, "--json"],
+            &[],
+        ));
+        assert_eq!(j["tokens"], 4);
+        assert!((j["corpus_ppl"].as_f64().unwrap() - 4.0).abs() < 1e-5, "{b}: {j}");
+        assert_eq!(j["ppl_per_sequence"].as_array().unwrap().len(), 2);
+        assert!((j["bits_per_token"].as_f64().unwrap() - 2.0).abs() < 1e-5);
+
+        // Calibration of overconfident logits: the fitted temperature is above 1.
+        let cx = file("cal-x.npy");
+        let rows: Vec<f32> = (0..40).flat_map(|i| if i % 4 == 0 { [0.0, 6.0] } else { [6.0, 0.0] }).collect();
+        npy::write_f32(&cx, &[40, 2], &rows).unwrap();
+        let ct = file("cal-t.npy");
+        write_i64(&ct, &(0..40).map(|i| if i % 3 == 0 { 1 } else { 0 }).collect::<Vec<_>>());
+        let j = json_line(&xent(
+            &["calibrate", "--logits", &cx, "--targets", &ct, "--bins", "10", "--backend", b, "--json"],
+            &[],
+        ));
+        for key in ["temperature", "nll_before", "nll_after", "ece_before", "ece_after", "accuracy"] {
+            assert!(j[key].is_number(), "{b}: {key} in {j}");
+        }
+        assert!(j["temperature"].as_f64().unwrap() > 1.0 && j["nll_after"].as_f64() < j["nll_before"].as_f64());
+
+        let (c, r) = (file("pc.npy"), file("pr.npy"));
+        npy::write_f32(&c, &[3], &[1.0, 2.0, 0.0]).unwrap();
+        npy::write_f32(&r, &[3], &[0.0, 2.0, 1.0]).unwrap();
+        let g = file(&format!("pg-{b}.npy"));
+        let j = json_line(&xent(
+            &[
+                "preference",
+                "--chosen",
+                &c,
+                "--rejected",
+                &r,
+                "--margin",
+                "0.5",
+                "--grad-chosen-out",
+                &g,
+                "--backend",
+                b,
+                "--json",
+            ],
+            &[],
+        ));
+        let want = [0.5f64, -0.5, -1.5].iter().map(|d| (1.0 + (-d).exp()).ln()).sum::<f64>() / 3.0;
+        assert!((j["loss"].as_f64().unwrap() - want).abs() < 1e-6, "{b}: {j}");
+        assert_eq!(npy::read_f32_1d(&g, "g").unwrap().len(), 3);
+        let o = xent(&["preference", "--chosen", &c, "--rejected", &t, "--backend", b], &[]);
+        assert_one_line_error(&o, "float32");
+    }
+}

@@ -166,3 +166,32 @@ fn bad_bce_distill_and_measure_inputs() {
         assert!(matches!(b.measures(p.view(), wide.view()), Err(XentError::Shape(_))), "{name}");
     });
 }
+
+#[test]
+fn bad_sequence_calibration_and_preference_inputs() {
+    use xent::calibration::calibrate;
+    use xent::preference::{preference, Preference};
+    use xent::sequence::{CorpusEval, SeqMask};
+    let x = Array2::<f32>::zeros((6, 4));
+    let y = Array1::<i64>::zeros(6);
+    each_backend(|name, b| {
+        let mut acc = CorpusEval::default();
+        let e = acc.add_batch(b, x.view(), y.view(), 4, SeqMask::Lengths(array![1i64].view())).unwrap_err();
+        assert!(matches!(e, XentError::Shape(ref m) if m.contains("whole number")), "{name}: {e}");
+        let e = acc.add_batch(b, x.view(), y.view(), 3, SeqMask::Lengths(array![1i64, 4].view())).unwrap_err();
+        assert!(matches!(e, XentError::InvalidOption(ref m) if m.contains("length 4")), "{name}: {e}");
+        let m = Array2::<u8>::ones((3, 2));
+        let e = acc.add_batch(b, x.view(), y.view(), 3, SeqMask::Mask(m.view())).unwrap_err();
+        assert!(matches!(e, XentError::Shape(ref m) if m.contains("mask")), "{name}: {e}");
+        assert_eq!(acc, CorpusEval::default(), "{name}: failed batches leave the accumulator as it was");
+        assert!(matches!(calibrate(b, x.view(), y.view().into(), 1.0, 0), Err(XentError::InvalidOption(_))));
+        let (c, r) = (array![1.0f32, 2.0], array![0.0f32]);
+        assert!(matches!(preference(b, c.view(), r.view(), &Preference::default()), Err(XentError::Shape(_))));
+        let r = array![0.0f32, f32::NAN];
+        assert!(matches!(preference(b, c.view(), r.view(), &Preference::default()), Err(XentError::InvalidOption(_))));
+        let bad = Preference { beta: 0.0, ..Default::default() };
+        assert!(matches!(preference(b, c.view(), c.view(), &bad), Err(XentError::InvalidOption(_))));
+        let v = Array2::<f32>::zeros((6, 3));
+        assert!(matches!(b.hvp(x.view(), v.view()), Err(XentError::Shape(_))), "{name}");
+    });
+}

@@ -1,4 +1,4 @@
-//! Every `cross_entropy` and `log_softmax` case of ../shared/golden (PyTorch, float64), run
+//! Every case of ../shared/golden (PyTorch, float64), run
 //! through the `xent` binary on both backends.
 //!
 //! Tolerances (against the f64 values): loss |err| <= 2e-6 + 2e-6 |want|; gradient and
@@ -234,6 +234,72 @@ fn cases(backend: &str) -> usize {
                     .map(number)
                     .all(|j| (0.0..=std::f64::consts::LN_2 + 1e-6).contains(&j)));
             }
+            "perplexity" => {
+                let args: Vec<String> = vec![
+                    "perplexity".into(),
+                    "--json".into(),
+                    "--backend".into(),
+                    backend.into(),
+                    "--logits".into(),
+                    p(&inputs["logits"]),
+                    "--targets".into(),
+                    p(&inputs["targets"]),
+                    "--mask".into(),
+                    p(&inputs["mask"]),
+                ];
+                let out = run(&args);
+                assert_scalar(
+                    &format!("{backend} {name} nll"),
+                    number(&out["corpus_nll"]),
+                    number(&expected["corpus_nll"]),
+                    1e-6,
+                    1e-6,
+                );
+                assert_scalar(
+                    &format!("{backend} {name} ppl"),
+                    number(&out["corpus_ppl"]),
+                    number(&expected["corpus_ppl"]),
+                    0.0,
+                    2e-6,
+                );
+                let want = npy::read_f64(p(&expected["ppl_per_sequence"])).unwrap();
+                let got: Vec<f64> = out["ppl_per_sequence"].as_array().unwrap().iter().map(number).collect();
+                assert_eq!(got.len(), want.len());
+                for (g, w) in got.iter().zip(want.iter()) {
+                    assert_scalar(&format!("{backend} {name} sequence ppl"), *g, *w, 0.0, 2e-6);
+                }
+            }
+            "preference" => {
+                let (gc, gr) =
+                    (scratch(&format!("{backend}-{name}-gc.npy")), scratch(&format!("{backend}-{name}-gr.npy")));
+                let args: Vec<String> = vec![
+                    "preference".into(),
+                    "--json".into(),
+                    "--backend".into(),
+                    backend.into(),
+                    "--chosen".into(),
+                    p(&inputs["chosen"]),
+                    "--rejected".into(),
+                    p(&inputs["rejected"]),
+                    "--grad-chosen-out".into(),
+                    gc.display().to_string(),
+                    "--grad-rejected-out".into(),
+                    gr.display().to_string(),
+                ];
+                let out = run(&args);
+                assert_scalar(
+                    &format!("{backend} {name} loss"),
+                    number(&out["loss"]),
+                    number(&expected["loss"]),
+                    2e-6,
+                    2e-6,
+                );
+                for (file, key) in [(&gc, "grad_chosen"), (&gr, "grad_rejected")] {
+                    let want = npy::read_f64(p(&expected[key])).unwrap().into_dimensionality().unwrap();
+                    let got = npy::read_f32_1d(file, key).unwrap();
+                    assert_close_1d(&format!("{backend} {name} {key}"), got.view(), want.view(), 1e-8, 2e-5);
+                }
+            }
             "log_softmax" => {
                 let outp = scratch(&format!("{backend}-{name}-out.npy"));
                 let args: Vec<String> = vec![
@@ -268,6 +334,8 @@ fn cases(backend: &str) -> usize {
                         | "bce"
                         | "distill_kl"
                         | "distribution_measures"
+                        | "perplexity"
+                        | "preference"
                 )
             )
         })
@@ -277,14 +345,14 @@ fn cases(backend: &str) -> usize {
 }
 
 #[test]
-fn golden_cross_entropy_and_log_softmax_cpu() {
-    assert!(cases("cpu") >= 65);
+fn every_golden_case_cpu() {
+    assert_eq!(cases("cpu"), manifest().len(), "every golden case");
 }
 
 #[test]
-fn golden_cross_entropy_and_log_softmax_gpu() {
+fn every_golden_case_gpu() {
     if gpu().is_none() {
         return; // gpu() printed the skip (or panicked under XENT_REQUIRE_GPU)
     }
-    assert!(cases("gpu") >= 65);
+    assert_eq!(cases("gpu"), manifest().len(), "every golden case");
 }

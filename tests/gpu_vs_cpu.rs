@@ -80,6 +80,9 @@ impl Backend for GpuRef {
     fn measures_from_logits(&self, p: ndarray::ArrayView2<f32>, q: ndarray::ArrayView2<f32>) -> Result<Measures> {
         self.0.measures_from_logits(p, q)
     }
+    fn hvp(&self, l: ndarray::ArrayView2<f32>, v: ndarray::ArrayView2<f32>) -> Result<Array2<f32>> {
+        self.0.hvp(l, v)
+    }
 }
 
 #[test]
@@ -434,6 +437,49 @@ fn distillation_and_measures() {
                     for (&x, &y) in x.iter().zip(y.iter()) {
                         assert_scalar(&format!("{name} measures {n}x{v}"), x, y, 2e-5, 2e-5);
                     }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn ranks_max_and_gaps() {
+    let mut rng = Rng(37);
+    for &(n, v) in &[(1, 1), (50, 10), (33, 1000), (7, 4099)] {
+        let mut x = rng.logits(n, v, 2.0);
+        let t = rng.targets(n, v, 5);
+        // Ties with the target count as hits (only strictly larger logits rank above it).
+        if v > 1 && t[0] >= 0 {
+            let y = t[0] as usize;
+            x[[0, (y + 1) % v]] = x[[0, y]];
+        }
+        for cfg in [
+            CrossEntropy { ranks: true, gaps: true, ..Default::default() },
+            CrossEntropy { ranks: true, gaps: true, temperature: 2.0, grad: GradMode::Separate, ..Default::default() },
+        ] {
+            let r = reference::cross_entropy(x.view(), t.view().into(), &cfg).unwrap();
+            for (name, b) in backends() {
+                let o = b.cross_entropy(x.view(), t.view().into(), &cfg).unwrap();
+                assert_eq!(o.row_rank.as_ref().unwrap(), &r.row_rank, "{name} {n}x{v} ranks");
+                assert_close_1d(
+                    &format!("{name} max"),
+                    o.row_max.as_ref().unwrap().view(),
+                    r.row_max.view(),
+                    0.0,
+                    1e-7,
+                );
+                assert_close_1d(
+                    &format!("{name} gap"),
+                    o.row_gap.as_ref().unwrap().view(),
+                    r.row_gap.view(),
+                    2e-5,
+                    2e-5,
+                );
+                let counted = r.row_rank.iter().filter(|&&k| k != u32::MAX).count() as f64;
+                for k in [1, 5] {
+                    let want = r.row_rank.iter().filter(|&&q| q < k).count() as f64 / counted;
+                    assert_eq!(o.accuracy(k), Some(want), "{name} top-{k}");
                 }
             }
         }

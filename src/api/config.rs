@@ -83,6 +83,12 @@ pub struct CrossEntropy {
     pub grad_scale: f32,
     /// Also return per-row losses and log-sum-exp values.
     pub per_row: bool,
+    /// Also return each row's max logit and the target's rank (classes with a strictly larger
+    /// logit: rank < k means a top-k hit), computed in the same pass.
+    pub ranks: bool,
+    /// Also return each row's expected logit gap `E_p[z] - z_target`; `-gap` is the derivative
+    /// of the row's NLL w.r.t. log(temperature) (temperature fitting).
+    pub gaps: bool,
 }
 
 impl Default for CrossEntropy {
@@ -99,6 +105,8 @@ impl Default for CrossEntropy {
             grad: GradMode::Off,
             grad_scale: 1.0,
             per_row: false,
+            ranks: false,
+            gaps: false,
         }
     }
 }
@@ -156,6 +164,32 @@ pub struct CeOutput {
     pub row_lse: Option<Array1<f32>>,
     /// The gradient of `loss` w.r.t. the logits, times `grad_scale`, for `GradMode::Separate`.
     pub grad: Option<ndarray::Array2<f32>>,
+    /// Per-row max of the (transformed) logits, with `ranks`.
+    pub row_max: Option<Array1<f32>>,
+    /// Per-row rank of the target (`u32::MAX` for ignored rows), with `ranks`.
+    pub row_rank: Option<Array1<u32>>,
+    /// Per-row `E_p[z] - z_target` (0 for ignored rows), with `gaps`.
+    pub row_gap: Option<Array1<f32>>,
+}
+
+impl CeOutput {
+    /// Top-k accuracy over counted rows (needs `ranks`; NaN when no row counts).
+    ///
+    /// ```
+    /// use ndarray::array;
+    /// use xent::{Cpu, CrossEntropy};
+    /// let x = array![[3.0f32, 1.0, 2.0], [0.0, 5.0, 1.0]];
+    /// let cfg = CrossEntropy { ranks: true, ..Default::default() };
+    /// let out = Cpu::new().cross_entropy(x.view(), (&[2i64, 1][..]).into(), &cfg).unwrap();
+    /// assert_eq!(out.accuracy(1), Some(0.5));
+    /// assert_eq!(out.accuracy(2), Some(1.0));
+    /// ```
+    pub fn accuracy(&self, k: u32) -> Option<f64> {
+        let ranks = self.row_rank.as_ref()?;
+        let counted = ranks.iter().filter(|&&r| r != u32::MAX).count();
+        let hits = ranks.iter().filter(|&&r| r < k).count();
+        Some(if counted == 0 { f64::NAN } else { hits as f64 / counted as f64 })
+    }
 }
 
 /// Which row-wise normalisation `log_softmax` computes.

@@ -1,7 +1,11 @@
 //! The public API: option structs, targets, results, and the [`Backend`] abstraction.
 
+pub mod calibration;
 pub(crate) mod check;
 pub mod config;
+pub mod gaussian;
+pub mod preference;
+pub mod sequence;
 pub mod targets;
 
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
@@ -54,6 +58,8 @@ pub trait Backend {
     fn measures(&self, p: ArrayView2<f64>, q: ArrayView2<f64>) -> Result<Measures>;
     /// The same measures of softmaxed logits.
     fn measures_from_logits(&self, p: ArrayView2<f32>, q: ArrayView2<f32>) -> Result<Measures>;
+    /// Per-row Hessian-vector products of softmax cross-entropy w.r.t. the logits.
+    fn hvp(&self, logits: ArrayView2<f32>, v: ArrayView2<f32>) -> Result<Array2<f32>>;
 }
 
 impl Backend for Cpu {
@@ -87,6 +93,9 @@ impl Backend for Cpu {
     fn measures_from_logits(&self, p: ArrayView2<f32>, q: ArrayView2<f32>) -> Result<Measures> {
         Cpu::measures_from_logits(self, p, q)
     }
+    fn hvp(&self, logits: ArrayView2<f32>, v: ArrayView2<f32>) -> Result<Array2<f32>> {
+        Cpu::hvp(self, logits, v)
+    }
 }
 
 impl Backend for GpuContext {
@@ -119,5 +128,8 @@ impl Backend for GpuContext {
     }
     fn measures_from_logits(&self, p: ArrayView2<f32>, q: ArrayView2<f32>) -> Result<Measures> {
         GpuContext::measures_from_logits(self, p, q)
+    }
+    fn hvp(&self, logits: ArrayView2<f32>, v: ArrayView2<f32>) -> Result<Array2<f32>> {
+        GpuContext::hvp(self, logits, v)
     }
 }

@@ -94,6 +94,8 @@ pub(crate) fn run_eval(a: &EvalArgs) -> Result<()> {
         grad: if a.grad_out.is_some() { GradMode::Separate } else { GradMode::Off },
         grad_scale: 1.0,
         per_row: a.loss_out.is_some(),
+        ranks: true,
+        gaps: false,
     };
     // Shape and option errors before opening a device.
     let out = match (&a.targets, &a.target_probs) {
@@ -128,6 +130,11 @@ pub(crate) fn run_eval(a: &EvalArgs) -> Result<()> {
         .set("backend", backend_name)
         .set("reduction", format!("{:?}", a.reduction).to_lowercase());
     let obj = if reduction == Reduction::Mean { obj.num("perplexity", out.loss.exp()) } else { obj };
+    // Top-1 accuracy over counted rows (class-index targets), from the same pass.
+    let obj = match (a.targets.is_some(), out.accuracy(1)) {
+        (true, Some(acc)) => obj.num("accuracy", acc),
+        _ => obj,
+    };
     if a.json {
         println!("{}", obj.line());
     } else {

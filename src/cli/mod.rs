@@ -8,6 +8,7 @@ mod default_job;
 mod divergence;
 mod eval;
 mod json;
+mod metrics;
 
 use std::path::PathBuf;
 
@@ -35,6 +36,12 @@ enum Cmd {
     Distill(divergence::DistillArgs),
     /// Entropy, cross-entropy, KL and Jensen-Shannon per row of two distributions.
     Dist(divergence::DistArgs),
+    /// Corpus and per-sequence perplexity of masked token sequences.
+    Perplexity(metrics::PerplexityArgs),
+    /// Fit the temperature that minimises validation NLL; ECE before and after.
+    Calibrate(metrics::CalibrateArgs),
+    /// Bradley-Terry preference loss of chosen/rejected score pairs.
+    Preference(metrics::PreferenceArgs),
     /// Time cross-entropy on the CPU and GPU over a set of shapes.
     Bench(bench::BenchArgs),
     /// The default job: a seeded 4096 x 32000 workload on GPU and CPU, compared.
@@ -121,6 +128,9 @@ pub fn main() -> i32 {
         Some(Cmd::Bce(a)) => bce::run(&a),
         Some(Cmd::Distill(a)) => divergence::run_distill(&a),
         Some(Cmd::Dist(a)) => divergence::run_dist(&a),
+        Some(Cmd::Perplexity(a)) => metrics::run_perplexity(&a),
+        Some(Cmd::Calibrate(a)) => metrics::run_calibrate(&a),
+        Some(Cmd::Preference(a)) => metrics::run_preference(&a),
     };
     match res {
         Ok(()) => 0,

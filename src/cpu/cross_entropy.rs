@@ -1,11 +1,11 @@
 //! Fast f32 cross-entropy on the CPU: rows in parallel, one exponential per element.
 //!
-//! Per row: (1) max and its index; (2) `e_j = exp(z_j - m)`, written straight into the gradient
-//! row, summed in f64 blocks *excluding* the max element, so that `s = sum_{j != k} e_j` keeps
-//! its precision when the row is confident; (3) the gradient row is `K e_j - c0 w_j`, with the
-//! target element's `p_t - 1` computed as `(expm1(z_t - m) - s) / (1 + s)`.
+//! Per row: (1) the max `m`; (2) `e_j = exp(z_j - m)`, written straight into the gradient row,
+//! summed in f64 blocks *without* the max's own 1, so that `s = sum e_j - 1` keeps its precision
+//! when the row is confident; (3) the gradient row is `K e_j - c0 w_j`, with the target
+//! element's `p_t - 1` computed as `(expm1(z_t - m) - s) / (1 + s)`.
 
-use ndarray::{Array1, Array2, ArrayView2};
+use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
 
 use super::simd;
@@ -41,11 +41,25 @@ enum Rows<'a> {
 struct Scratch {
     z: Vec<f32>,
     x: Vec<f32>,
+    e: Vec<f32>,
+}
+
+/// What one row yields besides its gradient.
+#[derive(Clone, Copy, Default)]
+struct RowOut {
+    /// Weighted loss, CE part (z-loss excluded).
+    loss: f64,
+    lse: f64,
+    max: f32,
+    /// Target rank (u32::MAX when ignored); with `ranks`.
+    rank: u32,
+    /// E_p[z] - z_t; with `gaps`.
+    gap: f64,
 }
 
 impl RowCtx<'_> {
     /// Loss (CE part, weighted) and lse of one row; writes the gradient row if given.
-    fn row(&self, x: &[f32], t: i32, r: usize, mut grad: Option<&mut [f32]>, sc: &mut Scratch) -> (f64, f64) {
+    fn row(&self, x: &[f32], t: i32, r: usize, mut grad: Option<&mut [f32]>, sc: &mut Scratch) -> RowOut {
         let cfg = self.cfg;
         let z: &[f32] = if self.transform {
             let inv_t = 1.0 / cfg.temperature;
@@ -64,16 +78,35 @@ impl RowCtx<'_> {
         let s = s0 + (ties - 1.0);
         let m64 = m as f64;
         let lse = m64 + s.ln_1p();
+        let mut out = RowOut { loss: 0.0, lse, max: m, rank: u32::MAX, gap: 0.0 };
         if let Some(pr) = self.probs {
-            return self.soft_row(z, &pr[r * self.v..(r + 1) * self.v], r, s, lse, grad);
+            out.loss = self.soft_row(z, &pr[r * self.v..(r + 1) * self.v], r, s, lse, grad);
+            return out;
         }
         if t == IGNORED {
             if let Some(g) = grad {
                 g.fill(0.0);
             }
-            return (0.0, lse);
+            return out;
         }
         let y = t as usize;
+        if cfg.ranks {
+            out.rank = simd::count_greater(z, z[y]) as u32;
+        }
+        if cfg.gaps {
+            // E_p[z] - z_y from the exponentials (in the gradient row when there is one).
+            let e: &[f32] = match grad.as_deref() {
+                Some(g) => g,
+                None => {
+                    sc.e.resize(z.len(), 0.0);
+                    simd::exp_sum(z, m, Some(&mut sc.e));
+                    &sc.e
+                }
+            };
+            let (ez, _) = simd::weighted_sum(z, Some(e));
+            // sum_j e_j (z_j - z_y) / (1 + s), with sum_j e_j = 1 + s.
+            out.gap = ez / (1.0 + s) - z[y] as f64;
+        }
         let swn = self.sw.map_or(1.0, |w| w[r] as f64);
         let w = swn * self.cw.map_or(1.0, |w| w[y] as f64);
         let eps = cfg.label_smoothing as f64;
@@ -95,14 +128,15 @@ impl RowCtx<'_> {
             g[y] = gy as f32;
             self.chain(g, z);
         }
-        (loss, lse)
+        out.loss = loss;
+        out
     }
 }
 
 impl RowCtx<'_> {
     /// A row with probability targets `y`: loss `sw sum_c w_c q_c (lse - z_c)`, gradient
     /// `a sw (sum_c w_c q_c) p_j - a sw w_j q_j` (+ z-loss), with `q = (1 - eps) y + eps / V`.
-    fn soft_row(&self, z: &[f32], y: &[f32], r: usize, s: f64, lse: f64, grad: Option<&mut [f32]>) -> (f64, f64) {
+    fn soft_row(&self, z: &[f32], y: &[f32], r: usize, s: f64, lse: f64, grad: Option<&mut [f32]>) -> f64 {
         let cfg = self.cfg;
         let eps = cfg.label_smoothing;
         let (qa, qb) = (1.0 - eps, eps / self.v as f32);
@@ -114,7 +148,7 @@ impl RowCtx<'_> {
             simd::soft_grad(g, y, self.cw, qa, qb, k as f32, (self.a * swn) as f32);
             self.chain(g, z);
         }
-        (loss, lse)
+        loss
     }
 
     /// Chain rule through temperature and soft-capping.
@@ -219,8 +253,7 @@ pub(crate) fn cross_entropy(
     let ctx =
         RowCtx { cfg, v, cw: cw.as_deref(), sw: sw.as_deref(), a, b, wtot, transform: cfg.transforms_logits(), probs };
 
-    let mut row_loss = vec![0.0f32; n];
-    let mut row_lse = vec![0.0f32; n];
+    let mut rows_out = vec![RowOut::default(); n];
     let want_grad = cfg.grad == GradMode::Separate;
     // A new gradient array only when the caller did not provide one.
     let mut grad = if want_grad && grad_out.is_none() { Some(Array2::<f32>::zeros((n, v))) } else { None };
@@ -232,16 +265,13 @@ pub(crate) fn cross_entropy(
     // Contiguous logits (copy only if the caller's view is strided).
     let owned;
     let rows_per_task = (n / (pool.current_num_threads() * 8)).clamp(1, 256);
-    let mut tasks: Vec<(usize, Rows, &mut [f32], &mut [f32])> = Vec::new();
+    let mut tasks: Vec<(usize, Rows, &mut [RowOut])> = Vec::new();
     {
-        let mut lo_rest = &mut row_loss[..];
-        let mut lse_rest = &mut row_lse[..];
+        let mut rest = &mut rows_out[..];
         let mut outs = |cnt: usize| {
-            let (l, lr) = std::mem::take(&mut lo_rest).split_at_mut(cnt);
-            let (e, er) = std::mem::take(&mut lse_rest).split_at_mut(cnt);
-            lo_rest = lr;
-            lse_rest = er;
-            (l, e)
+            let (o, tail) = std::mem::take(&mut rest).split_at_mut(cnt);
+            rest = tail;
+            o
         };
         match logits {
             Logits::View(view) => {
@@ -260,32 +290,28 @@ pub(crate) fn cross_entropy(
                         g_rest = Some(b);
                         a
                     });
-                    let (l, e) = outs(cnt);
-                    tasks.push((i * rows_per_task, Rows::Separate(xc, gc), l, e));
+                    tasks.push((i * rows_per_task, Rows::Separate(xc, gc), outs(cnt)));
                 }
             }
             Logits::InPlace(x, _) => {
                 for (i, xc) in x.chunks_mut(rows_per_task * v).enumerate() {
                     let cnt = xc.len() / v;
-                    let (l, e) = outs(cnt);
-                    tasks.push((i * rows_per_task, Rows::InPlace(xc), l, e));
+                    tasks.push((i * rows_per_task, Rows::InPlace(xc), outs(cnt)));
                 }
             }
         }
     }
 
-    let zl = cfg.z_loss as f64;
     let (sum_ce, sum_lse2) = pool.install(|| {
         tasks
             .into_par_iter()
-            .map(|(r0, rows, loss_out, lse_out)| {
-                let mut sc = Scratch { z: Vec::new(), x: Vec::new() };
+            .map(|(r0, rows, out)| {
+                let mut sc = Scratch { z: Vec::new(), x: Vec::new(), e: Vec::new() };
                 let (mut sce, mut sl2) = (0.0f64, 0.0f64);
-                let cnt = loss_out.len();
                 let mut rows = rows;
-                for i in 0..cnt {
+                for (i, o) in out.iter_mut().enumerate() {
                     let r = r0 + i;
-                    let (l, lse) = match &mut rows {
+                    *o = match &mut rows {
                         Rows::Separate(x, g) => {
                             let g = g.as_deref_mut().map(|g| &mut g[i * v..(i + 1) * v]);
                             ctx.row(&x[i * v..(i + 1) * v], t[r], r, g, &mut sc)
@@ -300,12 +326,10 @@ pub(crate) fn cross_entropy(
                             out
                         }
                     };
-                    let counted = t[r] != IGNORED;
-                    let l2 = if counted { lse * lse } else { 0.0 };
-                    sce += l;
-                    sl2 += l2;
-                    loss_out[i] = (l + zl * l2) as f32;
-                    lse_out[i] = lse as f32;
+                    sce += o.loss;
+                    if probs.is_some() || t[r] != IGNORED {
+                        sl2 += o.lse * o.lse;
+                    }
                 }
                 (sce, sl2)
             })
@@ -318,8 +342,21 @@ pub(crate) fn cross_entropy(
         loss,
         counted,
         weight_sum,
-        row_loss: per_row.then(|| Array1::from(row_loss)),
-        row_lse: cfg.per_row.then(|| Array1::from(row_lse)),
+        row_loss: per_row.then(|| {
+            let zl = cfg.z_loss as f64;
+            rows_out
+                .iter()
+                .zip(&t)
+                .map(|(o, &y)| {
+                    let counted = probs.is_some() || y != IGNORED;
+                    (o.loss + if counted { zl * o.lse * o.lse } else { 0.0 }) as f32
+                })
+                .collect()
+        }),
+        row_lse: cfg.per_row.then(|| rows_out.iter().map(|o| o.lse as f32).collect()),
+        row_max: cfg.ranks.then(|| rows_out.iter().map(|o| o.max).collect()),
+        row_rank: cfg.ranks.then(|| rows_out.iter().map(|o| o.rank).collect()),
+        row_gap: cfg.gaps.then(|| rows_out.iter().map(|o| o.gap as f32).collect()),
         grad,
     })
 }

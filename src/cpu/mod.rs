@@ -3,11 +3,13 @@
 pub(crate) mod bce;
 mod cross_entropy;
 pub(crate) mod divergence;
+mod hessian;
 mod log_softmax;
 pub mod reference;
 mod simd;
 
 pub(crate) use cross_entropy::reduce;
+pub use hessian::{hessian, symmetric_eigenvalues};
 
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
@@ -219,6 +221,12 @@ impl Cpu {
     /// The same measures of `softmax(p_logits)` and `softmax(q_logits)`.
     pub fn measures_from_logits(&self, p_logits: ArrayView2<f32>, q_logits: ArrayView2<f32>) -> Result<Measures> {
         divergence::measures_from_logits(&self.pool, p_logits, q_logits)
+    }
+
+    /// Per-row Hessian-vector products `(diag(p) - p p^T) v` of softmax cross-entropy w.r.t.
+    /// the logits, without forming the Hessian.
+    pub fn hvp(&self, logits: ArrayView2<f32>, v: ArrayView2<f32>) -> Result<Array2<f32>> {
+        hessian::hvp(&self.pool, logits, v)
     }
 
     /// Row-wise log-softmax or softmax.

@@ -24,6 +24,12 @@ pub struct RefCe {
     pub row_lse: Array1<f64>,
     /// Gradient of `loss` w.r.t. the logits, times `grad_scale`.
     pub grad: Array2<f64>,
+    /// Per-row max of the transformed logits.
+    pub row_max: Array1<f64>,
+    /// Per-row rank of the target (`u32::MAX` for ignored rows).
+    pub row_rank: Array1<u32>,
+    /// Per-row `E_p[z] - z_target` (0 for ignored rows).
+    pub row_gap: Array1<f64>,
 }
 
 fn transform(cfg: &CrossEntropy, x: f64) -> (f64, f64) {
@@ -66,6 +72,9 @@ pub fn cross_entropy(logits: ArrayView2<f32>, targets: Targets, cfg: &CrossEntro
 
     let mut row_loss = Array1::zeros(n);
     let mut row_lse = Array1::zeros(n);
+    let mut row_max = Array1::zeros(n);
+    let mut row_rank = Array1::from_elem(n, u32::MAX);
+    let mut row_gap = Array1::zeros(n);
     let mut grad = Array2::zeros((n, v));
     let (mut sum_l, mut sum_z) = (0.0, 0.0);
     for (r, row) in logits.axis_iter(Axis(0)).enumerate() {
@@ -74,10 +83,13 @@ pub fn cross_entropy(logits: ArrayView2<f32>, targets: Targets, cfg: &CrossEntro
         let se: f64 = zd.iter().map(|&(z, _)| (z - m).exp()).sum();
         let lse = m + se.ln();
         row_lse[r] = lse;
+        row_max[r] = m;
         if t[r] == IGNORED {
             continue;
         }
         let y = t[r] as usize;
+        row_rank[r] = zd.iter().filter(|&&(z, _)| z > zd[y].0).count() as u32;
+        row_gap[r] = zd.iter().map(|&(z, _)| (z - lse).exp() * z).sum::<f64>() - zd[y].0;
         let w = sw(r) * cw(y);
         let mut l = w * (1.0 - eps) * (lse - zd[y].0);
         if eps > 0.0 {
@@ -100,7 +112,7 @@ pub fn cross_entropy(logits: ArrayView2<f32>, targets: Targets, cfg: &CrossEntro
         Reduction::Mean => sum_l / weight_sum + sum_z / counted as f64,
         _ => sum_l + sum_z,
     };
-    Ok(RefCe { loss, counted, weight_sum, row_loss, row_lse, grad })
+    Ok(RefCe { loss, counted, weight_sum, row_loss, row_lse, grad, row_max, row_rank, row_gap })
 }
 
 /// Cross-entropy with probability targets in f64 (see [`crate::Cpu::cross_entropy_soft`]).
@@ -141,7 +153,8 @@ pub fn cross_entropy_soft(logits: ArrayView2<f32>, probs: ArrayView2<f32>, cfg: 
         Reduction::Mean => sum_l / weight_sum + sum_z / n as f64,
         _ => sum_l + sum_z,
     };
-    Ok(RefCe { loss, counted: n as u64, weight_sum, row_loss, row_lse, grad })
+    let (row_max, row_rank, row_gap) = (Array1::zeros(n), Array1::from_elem(n, u32::MAX), Array1::zeros(n));
+    Ok(RefCe { loss, counted: n as u64, weight_sum, row_loss, row_lse, grad, row_max, row_rank, row_gap })
 }
 
 /// Row-wise log-softmax or softmax in f64.

@@ -217,6 +217,15 @@ fn soft_grad_body(g: &mut [f32], y: &[f32], w: Option<&[f32]>, qa: f32, qb: f32,
     }
 }
 
+#[inline(always)]
+fn count_greater_body(x: &[f32], t: f32) -> usize {
+    let mut c = [0u32; LANES];
+    for (i, &v) in x.iter().enumerate() {
+        c[i % LANES] += (v > t) as u32;
+    }
+    c.iter().map(|&k| k as usize).sum()
+}
+
 macro_rules! multiversion {
     ($(#[$doc:meta])* pub fn $name:ident($($arg:ident : $ty:ty),*) -> $ret:ty => $body:ident $(::<$fma:tt>)?;) => {
         $(#[$doc])*
@@ -400,6 +409,10 @@ multiversion! {
 multiversion! {
     /// `g_j <- k g_j - c w_j q_j` with `q_j = qa y_j + qb`: exponentials to a soft-target gradient.
     pub fn soft_grad(g: &mut [f32], y: &[f32], w: Option<&[f32]>, qa: f32, qb: f32, k: f32, c: f32) -> () => soft_grad_body;
+}
+multiversion! {
+    /// How many `x_j > t` (the rank of a target logit `t`).
+    pub fn count_greater(x: &[f32], t: f32) -> usize => count_greater_body;
 }
 multiversion! {
     /// `out_j = (x_j - m) - l`.

@@ -85,6 +85,12 @@ fn params(cfg: &CrossEntropy, n: usize, v: usize, ignore_index: i32, soft: bool)
     if cfg.z_loss > 0.0 {
         f |= flags::ZLOSS;
     }
+    if cfg.ranks {
+        f |= flags::RANK;
+    }
+    if cfg.gaps {
+        f |= flags::GAP;
+    }
     Params {
         n_rows: n as u32,
         v: v as u32,
@@ -122,6 +128,9 @@ impl GpuContext {
                 weight_sum: 0.0,
                 row_loss: per_row.then(|| Array1::zeros(0)),
                 row_lse: cfg.per_row.then(|| Array1::zeros(0)),
+                row_max: cfg.ranks.then(|| Array1::zeros(0)),
+                row_rank: cfg.ranks.then(|| Array1::zeros(0)),
+                row_gap: cfg.gaps.then(|| Array1::zeros(0)),
                 grad: None,
             });
         }
@@ -162,8 +171,10 @@ impl GpuContext {
         };
         let rows_bytes = n as u64 * 4;
         // Row losses, then row lse values.
-        let rows_buf = self.take(2 * rows_bytes, U::STORAGE | U::COPY_SRC, "row results")?;
-        let small_len = SCALARS + if per_row { 2 * rows_bytes } else { 0 };
+        // Row results: loss, lse, max, rank, gap (see ce_fused.wgsl).
+        let rows_buf = self.take(5 * rows_bytes, U::STORAGE | U::COPY_SRC, "row results")?;
+        let any_rows = per_row || cfg.ranks || cfg.gaps;
+        let small_len = SCALARS + if any_rows { 5 * rows_bytes } else { 0 };
         let staging = self.take(small_len, U::MAP_READ | U::COPY_DST, "staging")?;
         let grad_bytes = (n * v) as u64 * 4;
         let grad_staging = match grad_host {
@@ -180,7 +191,7 @@ impl GpuContext {
                 cw.as_ref().map(|b| b.as_entire_binding()),
                 sw.as_ref().map(|b| b.as_entire_binding()),
                 Some(bind(&sbuf, 0, SCALARS)),
-                Some(bind(&rows_buf, 0, 2 * rows_bytes)),
+                Some(bind(&rows_buf, 0, 5 * rows_bytes)),
                 None,
                 None,
                 None,
@@ -219,8 +230,8 @@ impl GpuContext {
             pass.dispatch_workgroups(1, 1, 1);
         }
         enc.copy_buffer_to_buffer(&sbuf, 0, &staging, 0, SCALARS);
-        if per_row {
-            enc.copy_buffer_to_buffer(&rows_buf, 0, &staging, SCALARS, 2 * rows_bytes);
+        if any_rows {
+            enc.copy_buffer_to_buffer(&rows_buf, 0, &staging, SCALARS, 5 * rows_bytes);
         }
         if let Some(gs) = &grad_staging {
             let src = grad.unwrap_or(logits);
@@ -257,6 +268,9 @@ impl GpuContext {
             weight_sum,
             row_loss: per_row.then(|| rows(0)),
             row_lse: cfg.per_row.then(|| rows(1)),
+            row_max: cfg.ranks.then(|| rows(2)),
+            row_rank: cfg.ranks.then(|| rows(3).mapv(|r| if r < 0.0 { u32::MAX } else { r as u32 })),
+            row_gap: cfg.gaps.then(|| rows(4)),
             grad: None,
         })
     }

@@ -13,16 +13,16 @@ use crate::error::Result;
 use wgpu::BufferUsages as U;
 
 /// What a row-pair dispatch returns.
-struct PairOut {
+pub(crate) struct PairOut {
     /// Per-row values: 1 per row (distill) or 4 (measures).
-    rows: Vec<f32>,
-    grad: Option<Array2<f32>>,
+    pub rows: Vec<f32>,
+    pub grad: Option<Array2<f32>>,
 }
 
 impl GpuContext {
     /// Runs `shader` over row pairs (`x` in slot X, `y` in slot Y). `per_row` values per row go
     /// to ROW_LOSS (1) or OUT (4); with `grad`, OUT receives the chunked gradient instead.
-    fn pair_rows(
+    pub(crate) fn pair_rows(
         &self,
         shader: Shader,
         x: ArrayView2<f32>,
@@ -61,8 +61,9 @@ impl GpuContext {
         let ys = y.as_standard_layout();
         let xb = up(bytemuck::cast_slice(xs.as_slice().expect("standard layout")), U::STORAGE, "x")?;
         let yb = up(bytemuck::cast_slice(ys.as_slice().expect("standard layout")), U::STORAGE, "y")?;
+        // Per-row values (none for an elementwise output such as Hessian-vector products).
         let row_bytes = (n * per_row) as u64 * 4;
-        let rbuf = self.take(row_bytes, U::STORAGE | U::COPY_SRC, "row values")?;
+        let rbuf = self.take(row_bytes.max(4), U::STORAGE | U::COPY_SRC, "row values")?;
         let bytes = (n * v) as u64 * 4;
         let gbuf = if grad { Some(self.take(bytes, U::STORAGE | U::COPY_SRC, "gradient")?) } else { None };
         let out_len = row_bytes + if grad { bytes } else { 0 };
@@ -76,11 +77,13 @@ impl GpuContext {
                 s[0] = Some(bind(&pbuf, i as u64 * PARAM_STRIDE, std::mem::size_of::<Params>() as u64));
                 s[1] = Some(bind(&xb, off, size));
                 s[9] = Some(bind(&yb, off, size));
-                if per_row == 1 {
-                    s[6] = Some(bind(&rbuf, 0, row_bytes));
-                    s[8] = gbuf.as_ref().map(|g| bind(g, off, size));
-                } else {
-                    s[8] = Some(bind(&rbuf, 0, row_bytes));
+                match per_row {
+                    0 => s[8] = gbuf.as_ref().map(|g| bind(g, off, size)),
+                    1 => {
+                        s[6] = Some(bind(&rbuf, 0, row_bytes));
+                        s[8] = gbuf.as_ref().map(|g| bind(g, off, size));
+                    }
+                    _ => s[8] = Some(bind(&rbuf, 0, row_bytes)),
                 }
                 bind_group(self, &k, s)
             })
@@ -95,7 +98,9 @@ impl GpuContext {
                 pass.dispatch_workgroups(gx, gy, 1);
             }
         }
-        enc.copy_buffer_to_buffer(&rbuf, 0, &staging, 0, row_bytes);
+        if row_bytes > 0 {
+            enc.copy_buffer_to_buffer(&rbuf, 0, &staging, 0, row_bytes);
+        }
         if let Some(g) = &gbuf {
             enc.copy_buffer_to_buffer(g, 0, &staging, row_bytes, bytes);
         }
@@ -110,7 +115,7 @@ impl GpuContext {
         Ok(PairOut { rows, grad })
     }
 
-    fn pair_params(flags: u32, mode: i32, beta: f32, inv_temp: f32, grad_scale: f32) -> Params {
+    pub(crate) fn pair_params(flags: u32, mode: i32, beta: f32, inv_temp: f32, grad_scale: f32) -> Params {
         Params {
             n_rows: 0,
             v: 0,

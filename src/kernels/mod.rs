@@ -7,6 +7,7 @@
 pub(crate) mod bce;
 pub(crate) mod cross_entropy;
 pub(crate) mod divergence;
+pub(crate) mod hessian;
 pub(crate) mod log_softmax;
 pub mod source;
 
@@ -51,6 +52,8 @@ pub(crate) mod flags {
     pub const PROBS: u32 = 1024;
     pub const ELEM: u32 = 2048;
     pub const LOGITS: u32 = 4096;
+    pub const RANK: u32 = 8192;
+    pub const GAP: u32 = 16384;
 }
 
 /// Bytes between per-dispatch parameter blocks in the uniform buffer.

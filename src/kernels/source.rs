@@ -43,6 +43,8 @@ pub enum Shader {
     Distill,
     /// Entropy, cross-entropy, KL and JS of row pairs.
     Dist,
+    /// Hessian-vector products.
+    Hvp,
 }
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
@@ -57,6 +59,7 @@ impl Shader {
             Shader::Bce => "bce",
             Shader::Distill => "distill",
             Shader::Dist => "dist",
+            Shader::Hvp => "hvp",
         }
     }
 
@@ -75,6 +78,7 @@ impl Shader {
             Shader::Bce => vec![(1, true), (3, true), (4, true), (9, true), (10, true), (6, false), (7, false)],
             Shader::Distill => vec![(1, true), (9, true), (6, false)],
             Shader::Dist => vec![(1, true), (9, true), (8, false)],
+            Shader::Hvp => vec![(1, true), (9, true), (8, false)],
         };
         if v.grad && matches!(self, Shader::CeFused | Shader::Bce | Shader::Distill) {
             b.push((8, false));
@@ -88,7 +92,7 @@ impl Shader {
 
     #[cfg(test)]
     pub(crate) fn has_vec4(self) -> bool {
-        !matches!(self, Shader::Bce | Shader::Distill | Shader::Dist)
+        !matches!(self, Shader::Bce | Shader::Distill | Shader::Dist | Shader::Hvp)
     }
 
     fn body(self) -> &'static str {
@@ -100,6 +104,7 @@ impl Shader {
             Shader::Bce => include_str!("../../shaders/bce.wgsl"),
             Shader::Distill => include_str!("../../shaders/distill.wgsl"),
             Shader::Dist => include_str!("../../shaders/dist.wgsl"),
+            Shader::Hvp => include_str!("../../shaders/hvp.wgsl"),
         }
     }
 
@@ -172,6 +177,7 @@ mod tests {
             Shader::Bce,
             Shader::Distill,
             Shader::Dist,
+            Shader::Hvp,
         ] {
             for bits in 0..16u32 {
                 let v = Variant {

@@ -1,0 +1,40 @@
+// Hessian-vector products of softmax cross-entropy in logit space, one workgroup per row:
+// H = diag(p) - p p^T, so H v = p * v - p (p . v), with X = logits and Y = v. Three reads
+// of the row (statistic, p . v, output), no V x V matrix.
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+#if SUBGROUP
+    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(num_subgroups) nsg: u32,
+#endif
+) {
+#if !SUBGROUP
+    let lane = 0u;
+    let sg = 0u;
+    let nsg = 1u;
+#endif
+    let r = local_row(wid);
+    if (r >= P.chunk_rows) {
+        return;
+    }
+    let base = row_base(r);
+    var st = Stat(P.neg_inf, 0.0);
+    for (var i = lid; i < P.v; i += WG) {
+        st = push(st, X[base + i]);
+    }
+    let a = reduce_stat(st, lid, lane, sg, nsg);
+    let inv = 1.0 / (1.0 + a.s);
+    var d = 0.0;
+    for (var i = lid; i < P.v; i += WG) {
+        d += exp(X[base + i] - a.m) * Y[base + i];
+    }
+    let pv = reduce_v2(vec2<f32>(d, 0.0), lid, lane, sg, nsg).x * inv;
+    for (var i = lid; i < P.v; i += WG) {
+        let p = exp(X[base + i] - a.m) * inv;
+        OUT[base + i] = p * (Y[base + i] - pv);
+    }
+}
