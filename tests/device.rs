@@ -130,3 +130,29 @@ fn user_provided_device() {
     let want = ((1.0f64 + 1f64.exp() + 2f64.exp()).ln() - 2.0 + 3f64.ln()) / 2.0;
     assert_scalar("loss", o.loss, want, 1e-6, 1e-6);
 }
+
+#[test]
+fn device_resident_distillation() {
+    let mut rng = Rng(41);
+    let (n, v) = (12, 333);
+    let s = rng.logits(n, v, 2.0);
+    let t = rng.logits(n, v, 2.0);
+    let cfg = Distill { temperature: 2.0, mode: DistillMode::Jsd { beta: 0.3 }, grad: true, grad_scale: 1.0 };
+    let want = Cpu::new().distill(s.view(), t.view(), &cfg).unwrap();
+    for (name, g) in gpus() {
+        let sb = storage(g, bytemuck::cast_slice(s.as_slice().unwrap()));
+        let tb = storage(g, bytemuck::cast_slice(t.as_slice().unwrap()));
+        let gb = storage(g, &vec![0u8; n * v * 4]);
+        let out = g.distill_device(&sb, &tb, (n, v), Some(&gb), &cfg).unwrap();
+        assert!(out.grad.is_none(), "the gradient stays on the GPU");
+        assert_scalar(&format!("{name} loss"), out.loss, want.loss, 1e-6, 1e-5);
+        let got = Array2::from_shape_vec((n, v), read_back(g, &gb)).unwrap();
+        let w = want.grad.as_ref().unwrap().mapv(f64::from);
+        let scale = w.iter().fold(0.0f64, |m, &x| m.max(x.abs()));
+        assert_close_2d(&format!("{name} device distill grad"), got.view(), w.view(), 2e-6 * scale, 1e-4);
+        // A missing gradient buffer, or one that is too small, is an error.
+        assert!(matches!(g.distill_device(&sb, &tb, (n, v), None, &cfg), Err(XentError::InvalidOption(_))));
+        let small = storage(g, &[0u8; 64]);
+        assert!(matches!(g.distill_device(&sb, &small, (n, v), None, &cfg), Err(XentError::Shape(_))));
+    }
+}
