@@ -4,17 +4,9 @@
 @compute @workgroup_size(WG)
 fn main(
     @builtin(local_invocation_index) lid: u32,
-#if SUBGROUP
-    @builtin(subgroup_invocation_id) lane: u32,
-    @builtin(subgroup_id) sg: u32,
-    @builtin(num_subgroups) nsg: u32,
-#endif
+#subgroup_args
 ) {
-#if !SUBGROUP
-    let lane = 0u;
-    let sg = 0u;
-    let nsg = 1u;
-#endif
+#subgroup_lets
     var acc = vec2<f32>(0.0, 0.0);
     var comp = vec2<f32>(0.0, 0.0);
     for (var r = lid; r < P.n_rows; r += WG) {

@@ -6,17 +6,9 @@ var<workgroup> red_n: array<u32, WG>;
 @compute @workgroup_size(WG)
 fn main(
     @builtin(local_invocation_index) lid: u32,
-#if SUBGROUP
-    @builtin(subgroup_invocation_id) lane: u32,
-    @builtin(subgroup_id) sg: u32,
-    @builtin(num_subgroups) nsg: u32,
-#endif
+#subgroup_args
 ) {
-#if !SUBGROUP
-    let lane = 0u;
-    let sg = 0u;
-    let nsg = 1u;
-#endif
+#subgroup_lets
     var w = 0.0;
     var comp = 0.0; // Kahan compensation
     var n = 0u;

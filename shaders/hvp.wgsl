@@ -6,17 +6,9 @@
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
-#if SUBGROUP
-    @builtin(subgroup_invocation_id) lane: u32,
-    @builtin(subgroup_id) sg: u32,
-    @builtin(num_subgroups) nsg: u32,
-#endif
+#subgroup_args
 ) {
-#if !SUBGROUP
-    let lane = 0u;
-    let sg = 0u;
-    let nsg = 1u;
-#endif
+#subgroup_lets
     let r = local_row(wid);
     if (r >= P.chunk_rows) {
         return;

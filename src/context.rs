@@ -294,6 +294,13 @@ impl GpuContext {
         })
     }
 
+    /// A pooled buffer holding `data` (written through the queue before the next submission).
+    pub(crate) fn upload(&self, data: &[u8], usage: wgpu::BufferUsages, what: &str) -> Result<wgpu::Buffer> {
+        let buf = self.take(data.len() as u64, usage | wgpu::BufferUsages::COPY_DST, what)?;
+        self.queue.write_buffer(&buf, 0, data);
+        Ok(buf)
+    }
+
     /// Returns a buffer from [`Self::take`] to the pool.
     pub(crate) fn give(&self, buf: wgpu::Buffer) {
         self.pool.lock().unwrap().entry((buf.size(), buf.usage())).or_default().push(buf);

@@ -31,6 +31,9 @@ pub(crate) fn ce_inputs(n: usize, v: usize, targets: usize, cfg: &CrossEntropy) 
 /// the logits in shape and are finite and non-negative.
 pub(crate) fn soft_inputs(logits: (usize, usize), probs: ArrayView2<f32>, cfg: &CrossEntropy) -> Result<()> {
     let (n, v) = logits;
+    if cfg.grad == crate::api::config::GradMode::InPlace {
+        return Err(XentError::InvalidOption("GradMode::InPlace is not supported with probability targets".into()));
+    }
     if probs.dim() != (n, v) {
         return Err(XentError::Shape(format!("logits are [{n}, {v}] but target probabilities are {:?}", probs.dim())));
     }

@@ -123,12 +123,6 @@ pub(crate) fn run(a: &BceArgs) -> Result<()> {
         .set("input", if from_probs { "probs" } else { "logits" })
         .set("backend", backend.name())
         .set("reduction", format!("{:?}", a.reduction).to_lowercase());
-    if a.json {
-        println!("{}", obj.line());
-    } else {
-        for (k, v) in &obj.0 {
-            println!("{k}: {v}");
-        }
-    }
+    obj.print(a.json);
     Ok(())
 }

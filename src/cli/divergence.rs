@@ -72,7 +72,7 @@ pub(crate) fn run_distill(a: &DistillArgs) -> Result<()> {
         .num("temperature", a.temperature as f64)
         .set("backend", backend.name());
     let obj = if a.mode == ModeArg::Jsd { obj.num("beta", a.beta as f64) } else { obj };
-    print(&obj, a.json);
+    obj.print(a.json);
     Ok(())
 }
 
@@ -124,16 +124,6 @@ pub(crate) fn run_dist(a: &DistArgs) -> Result<()> {
         .set("js", arr(&m.js))
         .set("rows", p.nrows())
         .set("backend", backend.name());
-    print(&obj, a.json);
+    obj.print(a.json);
     Ok(())
-}
-
-fn print(obj: &Obj, json: bool) {
-    if json {
-        println!("{}", obj.line());
-    } else {
-        for (k, v) in &obj.0 {
-            println!("{k}: {v}");
-        }
-    }
 }

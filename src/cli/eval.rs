@@ -135,13 +135,7 @@ pub(crate) fn run_eval(a: &EvalArgs) -> Result<()> {
         (true, Some(acc)) => obj.num("accuracy", acc),
         _ => obj,
     };
-    if a.json {
-        println!("{}", obj.line());
-    } else {
-        for (k, v) in &obj.0 {
-            println!("{k}: {v}");
-        }
-    }
+    obj.print(a.json);
     Ok(())
 }
 

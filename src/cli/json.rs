@@ -28,4 +28,15 @@ impl Obj {
     pub fn line(&self) -> String {
         Value::Object(self.0.clone()).to_string()
     }
+
+    /// Prints one JSON line (`--json`) or `key: value` lines for people.
+    pub fn print(&self, json: bool) {
+        if json {
+            println!("{}", self.line());
+        } else {
+            for (k, v) in &self.0 {
+                println!("{k}: {v}");
+            }
+        }
+    }
 }

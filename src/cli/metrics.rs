@@ -17,16 +17,6 @@ fn nums(v: impl IntoIterator<Item = f64>) -> Value {
     Value::Array(v.into_iter().map(num).collect())
 }
 
-fn print(obj: &Obj, json: bool) {
-    if json {
-        println!("{}", obj.line());
-    } else {
-        for (k, v) in &obj.0 {
-            println!("{k}: {v}");
-        }
-    }
-}
-
 #[derive(Args, Debug)]
 pub(crate) struct PerplexityArgs {
     /// Logits, float32 [B*T, V] (rows in sequence order) or [B, T, V].
@@ -101,7 +91,7 @@ pub(crate) fn run_perplexity(a: &PerplexityArgs) -> Result<()> {
         .num("accuracy", r.top1)
         .num("top5_accuracy", r.top5)
         .set("backend", backend.name());
-    print(&obj, a.json);
+    obj.print(a.json);
     Ok(())
 }
 
@@ -161,7 +151,7 @@ pub(crate) fn run_calibrate(a: &CalibrateArgs) -> Result<()> {
         .set("reliability_before", table(&fit.before))
         .set("reliability_after", table(&fit.after))
         .set("backend", backend.name());
-    print(&obj, a.json);
+    obj.print(a.json);
     Ok(())
 }
 
@@ -213,6 +203,6 @@ pub(crate) fn run_preference(a: &PreferenceArgs) -> Result<()> {
         .num("margin", a.margin as f64)
         .num("beta", a.beta as f64)
         .set("backend", backend.name());
-    print(&obj, a.json);
+    obj.print(a.json);
     Ok(())
 }

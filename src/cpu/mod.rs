@@ -177,9 +177,7 @@ impl Cpu {
         probs: ArrayView2<f32>,
         cfg: &CrossEntropy,
     ) -> Result<CeOutput> {
-        if cfg.grad == GradMode::InPlace {
-            return Err(XentError::InvalidOption("GradMode::InPlace is not supported with probability targets".into()));
-        }
+        // (`soft_inputs` rejects GradMode::InPlace.)
         cross_entropy::cross_entropy(&self.pool, Logits::View(logits), Target::Probs(probs), cfg, None)
     }
 

@@ -4,7 +4,7 @@
 use ndarray::{Array2, ArrayView2};
 
 use super::source::{Shader, Variant};
-use super::{bind, bind_group, flags, grid, row_chunks, Params, PARAM_STRIDE};
+use super::{bind, bind_group, dispatch, flags, param_binding, row_chunks, upload_params, Params};
 use crate::api::check::{bce_inputs, BceInput};
 use crate::api::config::{Bce, BceOutput, BceWeight, Reduction};
 use crate::context::GpuContext;
@@ -47,51 +47,33 @@ impl GpuContext {
         let scale = cfg.grad_scale as f64 / if cfg.reduction == Reduction::Mean { count } else { 1.0 };
         let groups: Vec<usize> = chunks.iter().map(|ch| (ch.rows * c).div_ceil(PER_GROUP)).collect();
         let total_groups: usize = groups.iter().sum();
-        let mut pbytes = vec![0u8; PARAM_STRIDE as usize * chunks.len()];
+        let base = Params { flags: f, grad_scale: scale as f32, ..Params::new(n, c) };
         let mut part_off = 0;
-        for (i, (ch, &g)) in chunks.iter().zip(&groups).enumerate() {
-            let p = Params {
-                n_rows: n as u32,
-                v: c as u32,
-                row0: ch.row0 as u32,
-                grid_x: grid(self, g).0,
-                chunk_rows: ch.rows as u32,
-                ignore_index: 0,
-                flags: f,
-                neg_inf: f32::NEG_INFINITY,
-                smoothing: 0.0,
-                z_loss: 0.0,
-                softcap: 1.0,
-                inv_temp: 1.0,
-                grad_scale: scale as f32,
-                x_off: ch.skip,
-                part_off: part_off as u32,
-                _pad: 0,
-            };
-            part_off += g;
-            let o = i * PARAM_STRIDE as usize;
-            pbytes[o..o + std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(&p));
-        }
-        let up = |data: &[u8], usage: U, what: &str| -> Result<wgpu::Buffer> {
-            let b = self.take(data.len() as u64, usage | U::COPY_DST, what)?;
-            self.queue.write_buffer(&b, 0, data);
-            Ok(b)
-        };
-        let pbuf = up(&pbytes, U::UNIFORM, "params")?;
+        let blocks: Vec<Params> = chunks
+            .iter()
+            .zip(&groups)
+            .map(|(ch, &g)| {
+                let p = Params { part_off: part_off as u32, ..base.for_chunk(self, ch, g) };
+                part_off += g;
+                p
+            })
+            .collect();
+        let pbuf = upload_params(self, &blocks)?;
+        let up = |data: &[u8], what: &str| self.upload(data, U::STORAGE, what);
         let xs = x.as_standard_layout();
         let ys = y.as_standard_layout();
-        let xb = up(bytemuck::cast_slice(xs.as_slice().expect("standard layout")), U::STORAGE, "inputs")?;
-        let yb = up(bytemuck::cast_slice(ys.as_slice().expect("standard layout")), U::STORAGE, "targets")?;
+        let xb = up(bytemuck::cast_slice(xs.as_slice().expect("standard layout")), "inputs")?;
+        let yb = up(bytemuck::cast_slice(ys.as_slice().expect("standard layout")), "targets")?;
         let wb = match &cfg.weight {
-            Some(BceWeight::PerClass(w)) => Some(up(bytemuck::cast_slice(&w.to_vec()), U::STORAGE, "weight")?),
+            Some(BceWeight::PerClass(w)) => Some(up(bytemuck::cast_slice(&w.to_vec()), "weight")?),
             Some(BceWeight::PerElement(w)) => {
                 let ws = w.as_standard_layout();
-                Some(up(bytemuck::cast_slice(ws.as_slice().expect("standard layout")), U::STORAGE, "weight")?)
+                Some(up(bytemuck::cast_slice(ws.as_slice().expect("standard layout")), "weight")?)
             }
             None => None,
         };
         let pwb = match &cfg.pos_weight {
-            Some(p) => Some(up(bytemuck::cast_slice(&p.to_vec()), U::STORAGE, "pos_weight")?),
+            Some(p) => Some(up(bytemuck::cast_slice(&p.to_vec()), "pos_weight")?),
             None => None,
         };
         let bytes = (n * c) as u64 * 4;
@@ -108,7 +90,7 @@ impl GpuContext {
             .map(|(i, ch)| {
                 let (off, size) = (ch.offset, ch.size(c));
                 let mut s: [Option<wgpu::BindingResource>; crate::context::SLOTS] = Default::default();
-                s[0] = Some(bind(&pbuf, i as u64 * PARAM_STRIDE, std::mem::size_of::<Params>() as u64));
+                s[0] = Some(param_binding(&pbuf, i));
                 s[1] = Some(bind(&xb, off, size));
                 s[9] = Some(bind(&yb, off, size));
                 match (&cfg.weight, &wb) {
@@ -126,12 +108,8 @@ impl GpuContext {
         let mut enc = self.device.create_command_encoder(&Default::default());
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
-            pass.set_pipeline(&k.pipeline);
-            for (bg, &g) in bgs.iter().zip(&groups) {
-                let (gx, gy) = grid(self, g);
-                pass.set_bind_group(0, bg, &[]);
-                pass.dispatch_workgroups(gx, gy, 1);
-            }
+            let runs: Vec<_> = groups.iter().copied().zip(&bgs).collect();
+            dispatch(self, &mut pass, &k, &runs);
         }
         enc.copy_buffer_to_buffer(&parts, 0, &staging, 0, part_bytes);
         let mut at = part_bytes;

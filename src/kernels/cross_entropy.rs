@@ -10,7 +10,7 @@ use bytemuck::{Pod, Zeroable};
 use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2};
 
 use super::source::{Shader, Variant};
-use super::{bind, bind_group, flags, grid, row_chunks, Params, PARAM_STRIDE};
+use super::{bind, bind_group, dispatch, flags, param_binding, row_chunks, upload_params, Params};
 use crate::api::config::{CeOutput, CrossEntropy, GradMode, Reduction};
 use crate::api::targets::{Targets, IGNORED};
 use crate::context::GpuContext;
@@ -92,32 +92,18 @@ fn params(cfg: &CrossEntropy, n: usize, v: usize, ignore_index: i32, soft: bool)
         f |= flags::GAP;
     }
     Params {
-        n_rows: n as u32,
-        v: v as u32,
-        row0: 0,
-        grid_x: 1,
-        chunk_rows: 0,
         ignore_index,
         flags: f,
-        neg_inf: f32::NEG_INFINITY,
         smoothing: cfg.label_smoothing,
         z_loss: cfg.z_loss,
         softcap: cfg.softcap.unwrap_or(1.0),
         inv_temp: 1.0 / cfg.temperature,
         grad_scale: cfg.grad_scale,
-        x_off: 0,
-        part_off: 0,
-        _pad: 0,
+        ..Params::new(n, v)
     }
 }
 
 impl GpuContext {
-    fn upload(&self, data: &[u8], usage: U, what: &str) -> Result<wgpu::Buffer> {
-        let buf = self.take(data.len() as u64, usage | U::COPY_DST, what)?;
-        self.queue.write_buffer(&buf, 0, data);
-        Ok(buf)
-    }
-
     fn run_ce(&self, job: Job<'_>, cfg: &CrossEntropy) -> Result<CeOutput> {
         let Job { n, v, logits, targets, probs, ignore_index, grad, grad_host } = job;
         let per_row = cfg.per_row || cfg.reduction == Reduction::None;
@@ -148,17 +134,9 @@ impl GpuContext {
 
         // Parameter blocks: [weights/reduce, chunk 0, chunk 1, ...].
         let base = params(cfg, n, v, ignore_index, probs.is_some());
-        let mut pbytes = vec![0u8; PARAM_STRIDE as usize * (chunks.len() + 1)];
-        let mut blocks = vec![base];
-        for c in &chunks {
-            let (gx, _) = grid(self, c.rows);
-            blocks.push(Params { row0: c.row0 as u32, chunk_rows: c.rows as u32, grid_x: gx, x_off: c.skip, ..base });
-        }
-        for (i, p) in blocks.iter().enumerate() {
-            let o = i * PARAM_STRIDE as usize;
-            pbytes[o..o + std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(p));
-        }
-        let pbuf = self.upload(&pbytes, U::UNIFORM, "params")?;
+        let blocks: Vec<Params> =
+            std::iter::once(base).chain(chunks.iter().map(|c| base.for_chunk(self, c, c.rows))).collect();
+        let pbuf = upload_params(self, &blocks)?;
         let init = Scalars { err_row: u32::MAX, ..Zeroable::zeroed() };
         let sbuf = self.upload(bytemuck::bytes_of(&init), U::STORAGE | U::COPY_SRC, "scalars")?;
         let cw = match &cfg.class_weight {
@@ -170,7 +148,6 @@ impl GpuContext {
             None => None,
         };
         let rows_bytes = n as u64 * 4;
-        // Row losses, then row lse values.
         // Row results: loss, lse, max, rank, gap (see ce_fused.wgsl).
         let rows_buf = self.take(5 * rows_bytes, U::STORAGE | U::COPY_SRC, "row results")?;
         let any_rows = per_row || cfg.ranks || cfg.gaps;
@@ -182,10 +159,9 @@ impl GpuContext {
             None => None,
         };
 
-        let pslot = |i: usize| bind(&pbuf, i as u64 * PARAM_STRIDE, std::mem::size_of::<Params>() as u64);
         let shared = |i: usize| -> [Option<wgpu::BindingResource<'_>>; crate::context::SLOTS] {
             [
-                Some(pslot(i)),
+                Some(param_binding(&pbuf, i)),
                 None,
                 targets.map(|t| bind(t, 0, rows_bytes)),
                 cw.as_ref().map(|b| b.as_entire_binding()),
@@ -216,18 +192,10 @@ impl GpuContext {
         let mut enc = self.device.create_command_encoder(&Default::default());
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
-            pass.set_pipeline(&k_weights.pipeline);
-            pass.set_bind_group(0, &bg_weights, &[]);
-            pass.dispatch_workgroups(1, 1, 1);
-            pass.set_pipeline(&k_fused.pipeline);
-            for (c, bg) in chunks.iter().zip(&bg_chunks) {
-                let (gx, gy) = grid(self, c.rows);
-                pass.set_bind_group(0, bg, &[]);
-                pass.dispatch_workgroups(gx, gy, 1);
-            }
-            pass.set_pipeline(&k_reduce.pipeline);
-            pass.set_bind_group(0, &bg_reduce, &[]);
-            pass.dispatch_workgroups(1, 1, 1);
+            dispatch(self, &mut pass, &k_weights, &[(1, &bg_weights)]);
+            let runs: Vec<_> = chunks.iter().map(|c| c.rows).zip(&bg_chunks).collect();
+            dispatch(self, &mut pass, &k_fused, &runs);
+            dispatch(self, &mut pass, &k_reduce, &[(1, &bg_reduce)]);
         }
         enc.copy_buffer_to_buffer(&sbuf, 0, &staging, 0, SCALARS);
         if any_rows {
@@ -389,9 +357,6 @@ impl GpuContext {
         probs: ArrayView2<f32>,
         cfg: &CrossEntropy,
     ) -> Result<CeOutput> {
-        if cfg.grad == GradMode::InPlace {
-            return Err(XentError::InvalidOption("GradMode::InPlace is not supported with probability targets".into()));
-        }
         let (n, v) = logits.dim();
         crate::api::check::soft_inputs(logits.dim(), probs, cfg)?;
         let x = logits.as_standard_layout();

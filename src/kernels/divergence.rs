@@ -4,7 +4,7 @@
 use ndarray::{Array1, Array2, ArrayView2};
 
 use super::source::{Shader, Variant};
-use super::{bind, bind_group, flags, grid, row_chunks, Params, PARAM_STRIDE};
+use super::{bind, bind_group, dispatch, flags, param_binding, row_chunks, upload_params, Params};
 use crate::api::check::{probability_rows, same_rows};
 use crate::api::config::{Distill, DistillOutput, Measures};
 use crate::context::GpuContext;
@@ -46,11 +46,7 @@ impl GpuContext {
         if n == 0 {
             return Ok(PairOut { rows: vec![], grad: grad.then(|| Array2::zeros((0, v))) });
         }
-        let up = |data: &[u8], what: &str| -> Result<wgpu::Buffer> {
-            let b = self.take(data.len() as u64, U::STORAGE | U::COPY_DST, what)?;
-            self.queue.write_buffer(&b, 0, data);
-            Ok(b)
-        };
+        let up = |data: &[u8], what: &str| self.upload(data, U::STORAGE, what);
         let xs = x.as_standard_layout();
         let ys = y.as_standard_layout();
         let xb = up(bytemuck::cast_slice(xs.as_slice().expect("standard layout")), "x")?;
@@ -77,22 +73,11 @@ impl GpuContext {
         let chunks = row_chunks(self, n, v, "logits")?;
         let want_grad = !matches!(grad, Grad::None);
         let k = self.kernel(shader, Variant { subgroup: self.subgroups, grad: want_grad, ..Default::default() })?;
-        let mut pbytes = vec![0u8; PARAM_STRIDE as usize * chunks.len()];
-        for (i, c) in chunks.iter().enumerate() {
-            let p = Params {
-                n_rows: n as u32,
-                v: v as u32,
-                row0: c.row0 as u32,
-                grid_x: grid(self, c.rows).0,
-                chunk_rows: c.rows as u32,
-                x_off: c.skip,
-                ..base
-            };
-            let o = i * PARAM_STRIDE as usize;
-            pbytes[o..o + std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(&p));
-        }
-        let pbuf = self.take(pbytes.len() as u64, U::UNIFORM | U::COPY_DST, "params")?;
-        self.queue.write_buffer(&pbuf, 0, &pbytes);
+        let blocks: Vec<Params> = chunks
+            .iter()
+            .map(|c| Params { n_rows: n as u32, v: v as u32, ..base }.for_chunk(self, c, c.rows))
+            .collect();
+        let pbuf = upload_params(self, &blocks)?;
         // Per-row values (none for an elementwise output such as Hessian-vector products).
         let row_bytes = (n * per_row) as u64 * 4;
         let rbuf = self.take(row_bytes.max(4), U::STORAGE | U::COPY_SRC, "row values")?;
@@ -115,7 +100,7 @@ impl GpuContext {
             .map(|(i, c)| {
                 let (off, size) = (c.offset, c.size(v));
                 let mut s: [Option<wgpu::BindingResource>; crate::context::SLOTS] = Default::default();
-                s[0] = Some(bind(&pbuf, i as u64 * PARAM_STRIDE, std::mem::size_of::<Params>() as u64));
+                s[0] = Some(param_binding(&pbuf, i));
                 s[1] = Some(bind(xb, off, size));
                 s[9] = Some(bind(yb, off, size));
                 match per_row {
@@ -132,12 +117,8 @@ impl GpuContext {
         let mut enc = self.device.create_command_encoder(&Default::default());
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
-            pass.set_pipeline(&k.pipeline);
-            for (c, bg) in chunks.iter().zip(&bgs) {
-                let (gx, gy) = grid(self, c.rows);
-                pass.set_bind_group(0, bg, &[]);
-                pass.dispatch_workgroups(gx, gy, 1);
-            }
+            let runs: Vec<_> = chunks.iter().map(|c| c.rows).zip(&bgs).collect();
+            dispatch(self, &mut pass, &k, &runs);
         }
         if row_bytes > 0 {
             enc.copy_buffer_to_buffer(&rbuf, 0, &staging, 0, row_bytes);
@@ -155,25 +136,9 @@ impl GpuContext {
         Ok(PairOut { rows: host[..n * per_row].to_vec(), grad })
     }
 
+    /// Row-pair parameters: flags, mode (in `ignore_index`), beta (in `smoothing`), 1/T, scale.
     pub(crate) fn pair_params(flags: u32, mode: i32, beta: f32, inv_temp: f32, grad_scale: f32) -> Params {
-        Params {
-            n_rows: 0,
-            v: 0,
-            row0: 0,
-            grid_x: 1,
-            chunk_rows: 0,
-            ignore_index: mode,
-            flags,
-            neg_inf: f32::NEG_INFINITY,
-            smoothing: beta,
-            z_loss: 0.0,
-            softcap: 1.0,
-            inv_temp,
-            grad_scale,
-            x_off: 0,
-            part_off: 0,
-            _pad: 0,
-        }
+        Params { ignore_index: mode, flags, smoothing: beta, inv_temp, grad_scale, ..Params::new(0, 0) }
     }
 
     /// Knowledge distillation of `student` towards `teacher` logits (see [`Distill`]).

@@ -59,6 +59,65 @@ pub(crate) mod flags {
 /// Bytes between per-dispatch parameter blocks in the uniform buffer.
 pub(crate) const PARAM_STRIDE: u64 = 256;
 
+impl Params {
+    /// Parameters of a kernel over `n` rows of `v`: no flags, no transform, unit scale.
+    pub(crate) fn new(n: usize, v: usize) -> Params {
+        Params {
+            n_rows: n as u32,
+            v: v as u32,
+            row0: 0,
+            grid_x: 1,
+            chunk_rows: 0,
+            ignore_index: 0,
+            flags: 0,
+            neg_inf: f32::NEG_INFINITY,
+            smoothing: 0.0,
+            z_loss: 0.0,
+            softcap: 1.0,
+            inv_temp: 1.0,
+            grad_scale: 1.0,
+            x_off: 0,
+            part_off: 0,
+            _pad: 0,
+        }
+    }
+
+    /// This block for chunk `c` dispatched as `groups` workgroups.
+    pub(crate) fn for_chunk(self, ctx: &GpuContext, c: &Chunk, groups: usize) -> Params {
+        Params { row0: c.row0 as u32, chunk_rows: c.rows as u32, grid_x: grid(ctx, groups).0, x_off: c.skip, ..self }
+    }
+}
+
+/// Uploads one parameter block per dispatch, `PARAM_STRIDE` apart (see [`param_binding`]).
+pub(crate) fn upload_params(ctx: &GpuContext, blocks: &[Params]) -> Result<wgpu::Buffer> {
+    let mut bytes = vec![0u8; PARAM_STRIDE as usize * blocks.len()];
+    for (i, p) in blocks.iter().enumerate() {
+        let o = i * PARAM_STRIDE as usize;
+        bytes[o..o + std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(p));
+    }
+    ctx.upload(&bytes, wgpu::BufferUsages::UNIFORM, "params")
+}
+
+/// The binding of parameter block `i` of a buffer from [`upload_params`].
+pub(crate) fn param_binding(buf: &wgpu::Buffer, i: usize) -> wgpu::BindingResource<'_> {
+    bind(buf, i as u64 * PARAM_STRIDE, std::mem::size_of::<Params>() as u64)
+}
+
+/// Records `kernel` once per `(workgroups, bind group)`, each grid folded into two dimensions.
+pub(crate) fn dispatch(
+    ctx: &GpuContext,
+    pass: &mut wgpu::ComputePass<'_>,
+    kernel: &crate::context::Kernel,
+    runs: &[(usize, &wgpu::BindGroup)],
+) {
+    pass.set_pipeline(&kernel.pipeline);
+    for &(groups, bg) in runs {
+        let (gx, gy) = grid(ctx, groups);
+        pass.set_bind_group(0, bg, &[]);
+        pass.dispatch_workgroups(gx, gy, 1);
+    }
+}
+
 /// A run of rows bound as one storage binding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Chunk {

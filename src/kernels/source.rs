@@ -128,13 +128,33 @@ fn condition(expr: &str, defined: &dyn Fn(&str) -> bool) -> bool {
     })
 }
 
+/// Entry-point parameters that locate an invocation in its subgroup (`#subgroup_args`), and
+/// their stand-ins for the workgroup-memory variant (`#subgroup_lets`): every reduction takes
+/// (lane, sg, nsg) either way.
+const SUBGROUP_ARGS: &str = "    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(num_subgroups) nsg: u32,
+";
+const SUBGROUP_LETS: &str = "    let lane = 0u;
+    let sg = 0u;
+    let nsg = 1u;
+";
+
 fn preprocess(text: &str, defined: &dyn Fn(&str) -> bool, out: &mut String) {
     // Stack of (this branch active, some branch taken) for nested #if blocks.
     let mut stack: Vec<(bool, bool)> = Vec::new();
     let active = |stack: &Vec<(bool, bool)>| stack.iter().all(|&(a, _)| a);
     for line in text.lines() {
         let t = line.trim();
-        if let Some(expr) = t.strip_prefix("#if ") {
+        if t == "#subgroup_args" {
+            if active(&stack) && defined("SUBGROUP") {
+                out.push_str(SUBGROUP_ARGS);
+            }
+        } else if t == "#subgroup_lets" {
+            if active(&stack) && !defined("SUBGROUP") {
+                out.push_str(SUBGROUP_LETS);
+            }
+        } else if let Some(expr) = t.strip_prefix("#if ") {
             let c = condition(expr, defined);
             stack.push((c, c));
         } else if t == "#else" {
@@ -165,6 +185,13 @@ mod tests {
         let v = Variant { in_place: true, subgroup: true, ..Default::default() };
         preprocess(src, &|n| v.defined(n), &mut out);
         assert_eq!(out, "a\nd\ne\n");
+        let src = "fn f(\n#subgroup_args\n) {\n#subgroup_lets\n}\n";
+        let mut out = String::new();
+        preprocess(src, &|n| n == "SUBGROUP", &mut out);
+        assert!(out.contains("@builtin(subgroup_id) sg: u32") && !out.contains("let sg"));
+        let mut out = String::new();
+        preprocess(src, &|_| false, &mut out);
+        assert!(out.contains("let sg = 0u;") && !out.contains("@builtin"));
     }
 
     #[test]
