@@ -43,6 +43,16 @@ fn number(v: &Value) -> f64 {
     }
 }
 
+/// `xent CMD --json --backend B FLAG VALUE ...`
+fn cli(cmd: &str, backend: &str, flags: &[(&str, String)]) -> Vec<String> {
+    let mut v = vec![cmd.to_string(), "--json".into(), "--backend".into(), backend.into()];
+    for (f, x) in flags {
+        v.push(f.to_string());
+        v.push(x.clone());
+    }
+    v
+}
+
 fn run(args: &[String]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_xent")).args(args).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -110,22 +120,17 @@ fn cases(backend: &str) -> usize {
             }
             "cross_entropy_soft" => {
                 let grad = scratch(&format!("{backend}-{name}-grad.npy"));
-                let args: Vec<String> = vec![
-                    "eval".into(),
-                    "--json".into(),
-                    "--backend".into(),
-                    backend.into(),
-                    "--logits".into(),
-                    p(&inputs["logits"]),
-                    "--target-probs".into(),
-                    p(&inputs["target_probs"]),
-                    "--reduction".into(),
-                    params["reduction"].as_str().unwrap().into(),
-                    "--label-smoothing".into(),
-                    params["label_smoothing"].to_string(),
-                    "--grad-out".into(),
-                    grad.display().to_string(),
-                ];
+                let args = cli(
+                    "eval",
+                    backend,
+                    &[
+                        ("--logits", p(&inputs["logits"])),
+                        ("--target-probs", p(&inputs["target_probs"])),
+                        ("--reduction", params["reduction"].as_str().unwrap().to_string()),
+                        ("--label-smoothing", params["label_smoothing"].to_string()),
+                        ("--grad-out", grad.display().to_string()),
+                    ],
+                );
                 let out = run(&args);
                 assert_scalar(
                     &format!("{backend} {name} loss"),
@@ -174,20 +179,16 @@ fn cases(backend: &str) -> usize {
             }
             "distill_kl" => {
                 let grad = scratch(&format!("{backend}-{name}-grad.npy"));
-                let args: Vec<String> = vec![
-                    "distill".into(),
-                    "--json".into(),
-                    "--backend".into(),
-                    backend.into(),
-                    "--student".into(),
-                    p(&inputs["student_logits"]),
-                    "--teacher".into(),
-                    p(&inputs["teacher_logits"]),
-                    "--temperature".into(),
-                    params["temperature"].to_string(),
-                    "--grad-out".into(),
-                    grad.display().to_string(),
-                ];
+                let args = cli(
+                    "distill",
+                    backend,
+                    &[
+                        ("--student", p(&inputs["student_logits"])),
+                        ("--teacher", p(&inputs["teacher_logits"])),
+                        ("--temperature", params["temperature"].to_string()),
+                        ("--grad-out", grad.display().to_string()),
+                    ],
+                );
                 let out = run(&args);
                 assert_scalar(
                     &format!("{backend} {name} loss"),
@@ -201,16 +202,7 @@ fn cases(backend: &str) -> usize {
                 assert_close_2d(&format!("{backend} {name} grad"), got.view(), want.view(), 1e-7, 2e-5);
             }
             "distribution_measures" => {
-                let args: Vec<String> = vec![
-                    "dist".into(),
-                    "--json".into(),
-                    "--backend".into(),
-                    backend.into(),
-                    "--p".into(),
-                    p(&inputs["p"]),
-                    "--q".into(),
-                    p(&inputs["q"]),
-                ];
+                let args = cli("dist", backend, &[("--p", p(&inputs["p"])), ("--q", p(&inputs["q"]))]);
                 let out = run(&args);
                 // The CPU computes in f64 from f64 inputs; the GPU in f32.
                 let tol = if backend == "cpu" { 1e-12 } else { 2e-6 };
@@ -235,18 +227,15 @@ fn cases(backend: &str) -> usize {
                     .all(|j| (0.0..=std::f64::consts::LN_2 + 1e-6).contains(&j)));
             }
             "perplexity" => {
-                let args: Vec<String> = vec![
-                    "perplexity".into(),
-                    "--json".into(),
-                    "--backend".into(),
-                    backend.into(),
-                    "--logits".into(),
-                    p(&inputs["logits"]),
-                    "--targets".into(),
-                    p(&inputs["targets"]),
-                    "--mask".into(),
-                    p(&inputs["mask"]),
-                ];
+                let args = cli(
+                    "perplexity",
+                    backend,
+                    &[
+                        ("--logits", p(&inputs["logits"])),
+                        ("--targets", p(&inputs["targets"])),
+                        ("--mask", p(&inputs["mask"])),
+                    ],
+                );
                 let out = run(&args);
                 assert_scalar(
                     &format!("{backend} {name} nll"),
@@ -272,20 +261,16 @@ fn cases(backend: &str) -> usize {
             "preference" => {
                 let (gc, gr) =
                     (scratch(&format!("{backend}-{name}-gc.npy")), scratch(&format!("{backend}-{name}-gr.npy")));
-                let args: Vec<String> = vec![
-                    "preference".into(),
-                    "--json".into(),
-                    "--backend".into(),
-                    backend.into(),
-                    "--chosen".into(),
-                    p(&inputs["chosen"]),
-                    "--rejected".into(),
-                    p(&inputs["rejected"]),
-                    "--grad-chosen-out".into(),
-                    gc.display().to_string(),
-                    "--grad-rejected-out".into(),
-                    gr.display().to_string(),
-                ];
+                let args = cli(
+                    "preference",
+                    backend,
+                    &[
+                        ("--chosen", p(&inputs["chosen"])),
+                        ("--rejected", p(&inputs["rejected"])),
+                        ("--grad-chosen-out", gc.display().to_string()),
+                        ("--grad-rejected-out", gr.display().to_string()),
+                    ],
+                );
                 let out = run(&args);
                 assert_scalar(
                     &format!("{backend} {name} loss"),
@@ -302,16 +287,11 @@ fn cases(backend: &str) -> usize {
             }
             "log_softmax" => {
                 let outp = scratch(&format!("{backend}-{name}-out.npy"));
-                let args: Vec<String> = vec![
-                    "log-softmax".into(),
-                    "--json".into(),
-                    "--backend".into(),
-                    backend.into(),
-                    "--logits".into(),
-                    p(&inputs["logits"]),
-                    "--out".into(),
-                    outp.display().to_string(),
-                ];
+                let args = cli(
+                    "log-softmax",
+                    backend,
+                    &[("--logits", p(&inputs["logits"])), ("--out", outp.display().to_string())],
+                );
                 run(&args);
                 let want = npy::read_f64(p(&expected["output"])).unwrap().into_dimensionality().unwrap();
                 let got = npy::read_f32_2d(&outp, "out").unwrap();
