@@ -20,7 +20,7 @@ pub enum XentError {
         /// Number of classes (V).
         classes: usize,
     },
-    /// An option is outside its domain (smoothing outside [0,1], temperature <= 0, ...).
+    /// An option is outside its domain (smoothing outside `[0, 1]`, temperature <= 0, ...).
     #[error("invalid option: {0}")]
     InvalidOption(String),
     /// A tensor is larger than the device can bind or allocate.
