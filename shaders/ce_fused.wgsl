@@ -29,6 +29,50 @@ fn put(r: u32, i: u32, g: vec4<f32>) {
 }
 #endif
 
+// Per-row constants of the gradient (see the loss in the comment of `main`).
+struct GradCoef {
+    m: f32,
+    s: f32,
+    big_s: f32,
+    hard: f32,
+    c0: f32,
+    k: f32,
+    tu: u32,
+    // P.flags, held in a register: the loop below tests it per element.
+    fl: u32,
+}
+
+// d(loss)/d(x_c) for logit x of class c (y: its target probability with F_SOFT).
+fn grad_at(gc: GradCoef, x: f32, c: u32, y: f32) -> f32 {
+    var z = x;
+    var d = 1.0;
+    if ((gc.fl & F_TEMP) != 0u) {
+        z = z * P.inv_temp;
+        d = P.inv_temp;
+    }
+    if ((gc.fl & F_SOFTCAP) != 0u) {
+        z = P.softcap * tanh(z / P.softcap);
+        let t = z / P.softcap;
+        d = d * (1.0 - t * t);
+    }
+    let e = exp(z - gc.m);
+    var wc = 1.0;
+    if ((gc.fl & F_CLASS_W) != 0u) {
+        wc = CW[c];
+    }
+#if EXTRAS
+    if ((gc.fl & F_SOFT) != 0u) {
+        wc = wc * soft_q(y);
+    }
+#endif
+    var g = gc.k * e - gc.c0 * wc;
+    if (c == gc.tu) {
+        // p_t - 1 = (expm1(z_t - m) - s) / (1 + s): no cancellation when p_t ~ 1.
+        g = gc.hard * ((expm1_(z - gc.m) - gc.s) / gc.big_s) + (gc.k - gc.hard / gc.big_s) * e - gc.c0 * wc;
+    }
+    return g * d;
+}
+
 @compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -145,7 +189,7 @@ fn main(
         k = (a * swn * acc.y + zc) / big_s;
     }
     let live = t >= 0 || soft;
-    let tu = u32(t);
+    let gc = GradCoef(m, s, big_s, hard, c0, k, u32(t), P.flags);
 #if VEC4
     let n4 = P.v / 4u;
 #else
@@ -157,32 +201,22 @@ fn main(
             var y = vec4<f32>(0.0);
 #if VEC4
             let x = X[row_base(r) + i];
+#if EXTRAS
             if (soft) {
                 y = Y[row_base(r) + i];
             }
-            let lanes = 4u;
+#endif
+            // Unrolled: a loop indexing the vec4 would spill it on software rasterisers.
+            let c = 4u * i;
+            g = vec4<f32>(grad_at(gc, x.x, c, y.x), grad_at(gc, x.y, c + 1u, y.y), grad_at(gc, x.z, c + 2u, y.z), grad_at(gc, x.w, c + 3u, y.w));
 #else
-            let x = vec4<f32>(X[row_base(r) + i], 0.0, 0.0, 0.0);
+#if EXTRAS
             if (soft) {
                 y.x = Y[row_base(r) + i];
             }
-            let lanes = 1u;
 #endif
-            for (var q = 0u; q < lanes; q++) {
-                let c = i * lanes + q;
-                let z = tr(x[q]);
-                let e = exp(z - m);
-                var wc = class_w(c);
-                if (soft) {
-                    wc = wc * soft_q(y[q]);
-                }
-                var gq = k * e - c0 * wc;
-                if (c == tu) {
-                    // p_t - 1 = (expm1(z_t - m) - s) / (1 + s): no cancellation when p_t ~ 1.
-                    gq = hard * ((expm1_(z - m) - s) / big_s) + (k - hard / big_s) * e - c0 * class_w(c);
-                }
-                g[q] = gq * dtr(z);
-            }
+            g.x = grad_at(gc, X[row_base(r) + i], i, y.x);
+#endif
         }
         put(r, i, g);
     }

@@ -138,13 +138,6 @@ fn tr(x: f32) -> f32 {
     return z;
 }
 
-// d tr(x) / dx, from z = tr(x).
-fn dtr(z: f32) -> f32 {
-    var d = 1.0;
-    if (has(F_SOFTCAP)) {
-        let t = z / P.softcap;
-        d = 1.0 - t * t;
-    }
     if (has(F_TEMP)) {
         d = d * P.inv_temp;
     }
@@ -341,6 +334,9 @@ fn soft_q(y: f32) -> f32 {
 // the class weight times q_c (probability targets).
 fn visit(p: RowPart, z: f32, c: u32, y: f32, zt: f32) -> RowPart {
     var q = RowPart(push(p.st, z), p.acc, p.above);
+    // Compiled in only for the variant that needs them: SIMD lanes (lavapipe) run even
+    // uniform branches masked, so plain cross-entropy must not carry them.
+#if EXTRAS
     if (has(F_RANK) && z > zt) {
         q.above += 1.0;
     }
@@ -351,6 +347,7 @@ fn visit(p: RowPart, z: f32, c: u32, y: f32, zt: f32) -> RowPart {
         }
         q.acc += vec2<f32>(w * z, w);
     }
+#endif
     return q;
 }
 
@@ -363,9 +360,11 @@ fn row_part(r: u32, lid: u32, zt: f32) -> RowPart {
     for (var i = lid; i < v4; i += WG) {
         let x = X[base + i];
         var y = vec4<f32>(0.0);
+#if EXTRAS
         if (soft) {
             y = Y[base + i];
         }
+#endif
         p = visit(p, tr(x.x), 4u * i, y.x, zt);
         p = visit(p, tr(x.y), 4u * i + 1u, y.y, zt);
         p = visit(p, tr(x.z), 4u * i + 2u, y.z, zt);
@@ -374,9 +373,11 @@ fn row_part(r: u32, lid: u32, zt: f32) -> RowPart {
 #else
     for (var i = lid; i < P.v; i += WG) {
         var y = 0.0;
+#if EXTRAS
         if (soft) {
             y = Y[base + i];
         }
+#endif
         p = visit(p, tr(X[base + i]), i, y, zt);
     }
 #endif

@@ -126,6 +126,7 @@ impl GpuContext {
             subgroup: self.subgroups,
             grad: cfg.grad == GradMode::Separate,
             in_place: cfg.grad == GradMode::InPlace,
+            extras: cfg.label_smoothing > 0.0 || cfg.ranks || probs.is_some(),
         };
         let small = Variant { subgroup: self.subgroups, ..Default::default() };
         let k_weights = self.kernel(Shader::CeWeights, small)?;

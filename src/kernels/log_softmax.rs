@@ -21,7 +21,7 @@ impl GpuContext {
             return Ok(Array2::zeros((0, v)));
         }
         let chunks = row_chunks(self, n, v, "logits")?;
-        let variant = Variant { vec4: v % 4 == 0, subgroup: self.subgroups, grad: true, in_place: false };
+        let variant = Variant { vec4: v % 4 == 0, subgroup: self.subgroups, grad: true, ..Default::default() };
         let k = self.kernel(Shader::LogSoftmax, variant)?;
         let bytes = (n * v) as u64 * 4;
         let x = logits.as_standard_layout();

@@ -12,6 +12,9 @@ pub struct Variant {
     pub grad: bool,
     /// The gradient overwrites the logits.
     pub in_place: bool,
+    /// Per-element extras of the softmax pass: label smoothing or class-weighted sums,
+    /// probability targets, target ranks. Off, the pass is max/sum only.
+    pub extras: bool,
 }
 
 impl Variant {
@@ -21,6 +24,7 @@ impl Variant {
             "SUBGROUP" => self.subgroup,
             "GRAD" => self.grad,
             "IN_PLACE" => self.in_place,
+            "EXTRAS" => self.extras,
             other => panic!("unknown shader define {other}"),
         }
     }
@@ -72,9 +76,9 @@ impl Shader {
     pub(crate) fn bindings(self, v: Variant) -> Vec<(u32, bool)> {
         let mut b = match self {
             Shader::CeWeights => vec![(2, true), (3, true), (4, true), (5, false)],
-            Shader::CeFused => vec![(1, !v.in_place), (2, true), (3, true), (4, true), (6, false), (9, true)],
+            Shader::CeFused => vec![(1, !v.in_place), (2, true), (3, true), (4, true), (6, false)],
             Shader::CeReduce => vec![(2, true), (5, false), (6, false)],
-            Shader::LogSoftmax => vec![(1, true), (3, true), (9, true), (8, false)],
+            Shader::LogSoftmax => vec![(1, true), (8, false)],
             Shader::Bce => vec![(1, true), (3, true), (4, true), (9, true), (10, true), (6, false), (7, false)],
             Shader::Distill => vec![(1, true), (9, true), (6, false)],
             Shader::Dist => vec![(1, true), (9, true), (8, false)],
@@ -82,6 +86,13 @@ impl Shader {
         };
         if v.grad && matches!(self, Shader::CeFused | Shader::Bce | Shader::Distill) {
             b.push((8, false));
+        }
+        if v.extras && matches!(self, Shader::CeFused | Shader::LogSoftmax) {
+            // Probability targets (Y) and class weights of the smoothing sums.
+            b.push((9, true));
+            if self == Shader::LogSoftmax {
+                b.push((3, true));
+            }
         }
         if (v.grad || v.in_place) && self == Shader::CeFused {
             // The gradient's mean coefficient comes from the scalars of the weights pass.
@@ -206,12 +217,13 @@ mod tests {
             Shader::Dist,
             Shader::Hvp,
         ] {
-            for bits in 0..16u32 {
+            for bits in 0..32u32 {
                 let v = Variant {
                     vec4: bits & 1 != 0,
                     subgroup: bits & 2 != 0,
                     grad: bits & 4 != 0,
                     in_place: bits & 8 != 0,
+                    extras: bits & 16 != 0,
                 };
                 if v.grad && v.in_place || v.vec4 && !shader.has_vec4() {
                     continue;
