@@ -138,12 +138,6 @@ fn tr(x: f32) -> f32 {
     return z;
 }
 
-    if (has(F_TEMP)) {
-        d = d * P.inv_temp;
-    }
-    return d;
-}
-
 // log(1 + x) for x >= 0 with full relative precision: GPU log() only promises an absolute
 // error of 2^-21 near 1, so small arguments use 2 atanh(x / (2 + x)) as a series.
 fn log1p_(x: f32) -> f32 {
