@@ -156,3 +156,21 @@ fn device_resident_distillation() {
         assert!(matches!(g.distill_device(&sb, &small, (n, v), None, &cfg), Err(XentError::Shape(_))));
     }
 }
+
+#[test]
+fn lost_device_is_a_typed_error() {
+    let g = match GpuContext::new() {
+        Ok(g) => g,
+        Err(e) if xent::gpu_required() => panic!("{e}"),
+        Err(e) => return eprintln!("SKIPPED GPU test: {e}"),
+    };
+    let x = ndarray::array![[1.0f32, 2.0, 3.0]];
+    let t = ndarray::array![0i64];
+    g.cross_entropy(x.view(), t.view().into(), &CrossEntropy::default()).unwrap();
+    g.device().destroy();
+    let e = g.cross_entropy(x.view(), t.view().into(), &CrossEntropy::default()).unwrap_err();
+    assert!(matches!(e, XentError::DeviceLost(ref m) if m.contains("Destroyed")), "{e}");
+    // And it stays the same typed error, without panicking, on every later call.
+    let e = g.log_softmax(x.view(), SoftmaxKind::LogSoftmax).unwrap_err();
+    assert!(matches!(e, XentError::DeviceLost(_)), "{e}");
+}
