@@ -302,3 +302,34 @@ fn metrics_commands() {
         assert_one_line_error(&o, "float32");
     }
 }
+
+#[test]
+fn bench_command() {
+    let backends = backends().join(",");
+    let (png, svg) = (file("bench.png"), file("bench.svg"));
+    for plot in [&png, &svg] {
+        let o = xent(
+            &["bench", "--backend", &backends, "--shapes", "8x100,4x1000", "--reps", "2", "--json", "--plot", plot],
+            &[],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let out = String::from_utf8(o.stdout).unwrap();
+        let lines: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 2 * backends.split(',').count(), "one line per (backend, shape, op)");
+        for j in &lines {
+            for key in ["backend", "n", "v", "op", "median_s", "min_s", "gbps", "peak_rss_bytes"] {
+                assert!(!j[key].is_null(), "{key} missing in {j}");
+            }
+            assert_eq!(j["op"], "fwd-bwd");
+            assert!(j["min_s"].as_f64().unwrap() <= j["median_s"].as_f64().unwrap());
+        }
+    }
+    assert_eq!(&std::fs::read(&png).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
+    let s = std::fs::read_to_string(&svg).unwrap();
+    assert!(s.starts_with("<svg") && s.contains("<polyline"), "{s}");
+    let table = xent(&["bench", "--backend", "cpu", "--shapes", "8x100", "--reps", "1", "--op", "fwd"], &[]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("median s"));
+    assert_one_line_error(&xent(&["bench", "--backend", "cpu", "--shapes", "8y100"], &[]), "8y100");
+    assert_one_line_error(&xent(&["bench", "--backend", "cpu", "--plot", &file("x.jpg")], &[]), "SVG or PNG");
+    assert_one_line_error(&xent(&["bench", "--backend", "cpu", "--reps", "0"], &[]), "--reps");
+}

@@ -14,6 +14,7 @@ use ndarray::Array2;
 use wgpu::util::DeviceExt;
 
 use super::json::Obj;
+use super::plot::{Chart, Point};
 use super::{cpu, BackendKind};
 use crate::error::{Result, XentError};
 use crate::{workload, CrossEntropy, DeviceCe, GpuContext, GradMode};
@@ -43,7 +44,7 @@ pub(crate) struct BenchArgs {
     /// One JSON object per (backend, shape, op) line instead of a table.
     #[arg(long)]
     json: bool,
-    /// Draw throughput against V for each backend to this SVG file.
+    /// Draw throughput against V for each backend to this .svg or .png file.
     #[arg(long)]
     plot: Option<PathBuf>,
     /// CPU worker threads (default: one per core).
@@ -107,8 +108,11 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
         return Err(XentError::InvalidOption("--reps must be at least 1".into()));
     }
     if let Some(p) = &a.plot {
-        if p.extension().and_then(|e| e.to_str()) != Some("svg") {
-            return Err(XentError::InvalidOption(format!("--plot writes SVG: name a .svg file, got {}", p.display())));
+        if !matches!(p.extension().and_then(|e| e.to_str()), Some("svg" | "png")) {
+            return Err(XentError::InvalidOption(format!(
+                "--plot writes SVG or PNG: name a .svg or .png file, got {}",
+                p.display()
+            )));
         }
         super::check_out(&Some(p.clone()))?;
     }
@@ -222,68 +226,13 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
         }
     }
     if let Some(p) = &a.plot {
-        std::fs::write(p, svg(&rows, op))
+        let points: Vec<Point> =
+            rows.iter().map(|r| Point { backend: r.backend, n: r.n, v: r.v, gbps: r.gbps }).collect();
+        let chart = Chart::throughput(&points, op);
+        let bytes =
+            if p.extension().and_then(|e| e.to_str()) == Some("png") { chart.png() } else { chart.svg().into_bytes() };
+        std::fs::write(p, bytes)
             .map_err(|e| XentError::Io { path: p.display().to_string(), message: e.to_string() })?;
     }
     Ok(())
-}
-
-/// Throughput (GB/s) against V (log scale), one line per backend.
-fn svg(rows: &[Row], op: &str) -> String {
-    let (w, h, l, r, t, b) = (720.0, 440.0, 70.0, 50.0, 40.0, 60.0);
-    let lv = |v: usize| (v as f64).log2();
-    let (vmin, vmax) = rows.iter().fold((f64::MAX, f64::MIN), |(a, b), r| (a.min(lv(r.v)), b.max(lv(r.v))));
-    let (vmin, vmax) = if vmax - vmin < 1.0 { (vmin - 0.5, vmax + 0.5) } else { (vmin, vmax) };
-    let gmax = rows.iter().fold(0.0f64, |m, r| m.max(r.gbps)).max(1e-3) * 1.1;
-    let px = |v: usize| l + (lv(v) - vmin) / (vmax - vmin) * (w - l - r);
-    let py = |g: f64| h - b - g / gmax * (h - t - b);
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">xent cross-entropy {op}: throughput against V</text>\n\
-         <line x1=\"{l}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<line x1=\"{l}\" y1=\"{t}\" x2=\"{l}\" y2=\"{}\" stroke=\"black\"/>\n\
-         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">classes V (log scale)</text>\n\
-         <text x=\"16\" y=\"{}\" transform=\"rotate(-90 16 {})\" text-anchor=\"middle\">GB/s of useful traffic</text>\n",
-        w / 2.0,
-        h - b,
-        w - r,
-        h - b,
-        h - b,
-        (l + w - r) / 2.0,
-        h - 15.0,
-        (t + h - b) / 2.0,
-        (t + h - b) / 2.0
-    );
-    for i in 0..=4 {
-        let g = gmax * i as f64 / 4.0;
-        s += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{g:.2}</text>\n", l - 6.0, py(g) + 4.0);
-    }
-    let mut vs: Vec<usize> = rows.iter().map(|r| r.v).collect();
-    vs.sort();
-    vs.dedup();
-    for v in vs {
-        s += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{v}</text>\n", px(v), h - b + 18.0);
-    }
-    for (backend, colour) in [("cpu", "#0077BB"), ("gpu", "#EE7733")] {
-        let mut pts: Vec<&Row> = rows.iter().filter(|r| r.backend == backend).collect();
-        if pts.is_empty() {
-            continue;
-        }
-        pts.sort_by_key(|r| r.v);
-        let line: Vec<String> = pts.iter().map(|r| format!("{:.1},{:.1}", px(r.v), py(r.gbps))).collect();
-        s += &format!(
-            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>\n",
-            line.join(" ")
-        );
-        for r in &pts {
-            s += &format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"{colour}\"><title>{backend} {}x{}: {:.2} GB/s</title></circle>\n", px(r.v), py(r.gbps), r.n, r.v, r.gbps);
-        }
-        let last = pts.last().expect("non-empty");
-        s += &format!(
-            "<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{colour}\">{backend}</text>\n",
-            px(last.v) - 30.0,
-            py(last.gbps) - 8.0
-        );
-    }
-    s + "</svg>\n"
 }

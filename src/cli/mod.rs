@@ -9,6 +9,7 @@ mod divergence;
 mod eval;
 mod json;
 mod metrics;
+mod plot;
 
 use std::path::PathBuf;
 
