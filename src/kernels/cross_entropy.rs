@@ -244,12 +244,6 @@ impl GpuContext {
         })
     }
 
-    fn upload_inputs(&self, logits: &[f32], targets: &[i32]) -> Result<(wgpu::Buffer, wgpu::Buffer)> {
-        let lb = self.upload(bytemuck::cast_slice(logits), U::STORAGE | U::COPY_SRC, "logits")?;
-        let tb = self.upload(bytemuck::cast_slice(targets), U::STORAGE, "targets")?;
-        Ok((lb, tb))
-    }
-
     /// Softmax cross-entropy of host logits `[N, V]` (see [`CrossEntropy`]); the gradient, if
     /// asked for with `GradMode::Separate`, comes back as `CeOutput::grad`.
     pub fn cross_entropy(&self, logits: ArrayView2<f32>, targets: Targets, cfg: &CrossEntropy) -> Result<CeOutput> {
@@ -261,8 +255,22 @@ impl GpuContext {
         let (n, v) = logits.dim();
         crate::api::check::ce_inputs(n, v, targets.len(), cfg)?;
         let t = targets.normalise(v, cfg.ignore_index)?;
+        let tb = self.upload(bytemuck::cast_slice(&t), U::STORAGE, "targets")?;
+        self.host_separate(logits, Some(tb), None, cfg)
+    }
+
+    /// Runs host logits against uploaded targets (indices or probabilities), reading back the
+    /// gradient for `GradMode::Separate`; the pooled buffers go back to the pool.
+    fn host_separate(
+        &self,
+        logits: ArrayView2<f32>,
+        targets: Option<wgpu::Buffer>,
+        probs: Option<wgpu::Buffer>,
+        cfg: &CrossEntropy,
+    ) -> Result<CeOutput> {
+        let (n, v) = logits.dim();
         let x = logits.as_standard_layout();
-        let (lb, tb) = self.upload_inputs(x.as_slice().expect("standard layout"), &t)?;
+        let lb = self.upload(bytemuck::cast_slice(x.as_slice().expect("standard layout")), U::STORAGE, "logits")?;
         let want = cfg.grad == GradMode::Separate;
         let gbuf = if want { Some(self.take((n * v) as u64 * 4, U::STORAGE | U::COPY_SRC, "gradient")?) } else { None };
         let mut host = if want { Some(Array2::<f32>::zeros((n, v))) } else { None };
@@ -270,15 +278,15 @@ impl GpuContext {
             n,
             v,
             logits: &lb,
-            targets: Some(&tb),
-            probs: None,
+            targets: targets.as_ref(),
+            probs: probs.as_ref(),
             ignore_index: IGNORED,
             grad: gbuf.as_ref(),
             grad_host: host.as_mut().map(|h| h.as_slice_mut().expect("fresh array")),
         };
         let mut out = self.run_ce(job, cfg)?;
         out.grad = host;
-        for b in [lb, tb].into_iter().chain(gbuf) {
+        for b in [lb].into_iter().chain(targets).chain(probs).chain(gbuf) {
             self.give(b);
         }
         Ok(out)
@@ -297,7 +305,13 @@ impl GpuContext {
         crate::api::check::ce_inputs(n, v, targets.len(), &cfg)?;
         let t = targets.normalise(v, cfg.ignore_index)?;
         let x = logits.as_standard_layout().into_owned();
-        let (lb, tb) = self.upload_inputs(x.as_slice().expect("standard layout"), &t)?;
+        // COPY_SRC: the gradient is read back from this buffer.
+        let lb = self.upload(
+            bytemuck::cast_slice(x.as_slice().expect("standard layout")),
+            U::STORAGE | U::COPY_SRC,
+            "logits",
+        )?;
+        let tb = self.upload(bytemuck::cast_slice(&t), U::STORAGE, "targets")?;
         drop(x);
         let mut host = vec![0f32; n * v];
         let job = Job {
@@ -358,30 +372,9 @@ impl GpuContext {
         probs: ArrayView2<f32>,
         cfg: &CrossEntropy,
     ) -> Result<CeOutput> {
-        let (n, v) = logits.dim();
         crate::api::check::soft_inputs(logits.dim(), probs, cfg)?;
-        let x = logits.as_standard_layout();
-        let lb = self.upload(bytemuck::cast_slice(x.as_slice().expect("standard layout")), U::STORAGE, "logits")?;
         let y = probs.as_standard_layout();
         let pb = self.upload(bytemuck::cast_slice(y.as_slice().expect("standard layout")), U::STORAGE, "probs")?;
-        let want = cfg.grad == GradMode::Separate;
-        let gbuf = if want { Some(self.take((n * v) as u64 * 4, U::STORAGE | U::COPY_SRC, "gradient")?) } else { None };
-        let mut host = if want { Some(Array2::<f32>::zeros((n, v))) } else { None };
-        let job = Job {
-            n,
-            v,
-            logits: &lb,
-            targets: None,
-            probs: Some(&pb),
-            ignore_index: IGNORED,
-            grad: gbuf.as_ref(),
-            grad_host: host.as_mut().map(|h| h.as_slice_mut().expect("fresh array")),
-        };
-        let mut out = self.run_ce(job, cfg)?;
-        out.grad = host;
-        for b in [lb, pb].into_iter().chain(gbuf) {
-            self.give(b);
-        }
-        Ok(out)
+        self.host_separate(logits, None, Some(pb), cfg)
     }
 }
