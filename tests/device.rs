@@ -83,11 +83,7 @@ fn device_path_reports_bad_targets_found_on_the_gpu() {
 #[test]
 fn repeated_calls_allocate_and_compile_nothing() {
     // A private context so that other tests' calls do not move the counters.
-    let g = match GpuContext::new() {
-        Ok(g) => g,
-        Err(e) if xent::gpu_required() => panic!("{e}"),
-        Err(e) => return eprintln!("SKIPPED GPU test: {e}"),
-    };
+    let Some(g) = fresh_gpu() else { return };
     let mut rng = Rng(2);
     let (n, v) = (64, 1024);
     let x = rng.logits(n, v, 1.0);
@@ -159,11 +155,7 @@ fn device_resident_distillation() {
 
 #[test]
 fn lost_device_is_a_typed_error() {
-    let g = match GpuContext::new() {
-        Ok(g) => g,
-        Err(e) if xent::gpu_required() => panic!("{e}"),
-        Err(e) => return eprintln!("SKIPPED GPU test: {e}"),
-    };
+    let Some(g) = fresh_gpu() else { return };
     let x = ndarray::array![[1.0f32, 2.0, 3.0]];
     let t = ndarray::array![0i64];
     g.cross_entropy(x.view(), t.view().into(), &CrossEntropy::default()).unwrap();

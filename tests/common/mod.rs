@@ -25,6 +25,11 @@ pub fn gpu_small_bindings() -> Option<&'static GpuContext> {
     CTX.get_or_init(|| make(GpuOptions { max_binding_bytes: Some(64 << 10), ..Default::default() })).as_ref()
 }
 
+/// A new private context (for tests that count its allocations or destroy its device).
+pub fn fresh_gpu() -> Option<GpuContext> {
+    make(GpuOptions::default())
+}
+
 fn make(opts: GpuOptions) -> Option<GpuContext> {
     match GpuContext::with_options(opts) {
         Ok(c) => Some(c),
