@@ -131,9 +131,7 @@ impl RowCtx<'_> {
         out.loss = loss;
         out
     }
-}
 
-impl RowCtx<'_> {
     /// A row with probability targets `y`: loss `sw sum_c w_c q_c (lse - z_c)`, gradient
     /// `a sw (sum_c w_c q_c) p_j - a sw w_j q_j` (+ z-loss), with `q = (1 - eps) y + eps / V`.
     fn soft_row(&self, z: &[f32], y: &[f32], r: usize, s: f64, lse: f64, grad: Option<&mut [f32]>) -> f64 {
@@ -208,8 +206,6 @@ pub(crate) fn reduce(cfg: &CrossEntropy, sum_ce: f64, sum_lse2: f64, counted: u6
     }
 }
 
-/// The fast path. With `GradMode::Separate` the gradient goes to `grad_out` (row-major `[N, V]`)
-/// when given, else into a new array returned in `CeOutput::grad`.
 /// What a row is scored against.
 pub(crate) enum Target<'a> {
     /// Class indices `[N]`.
@@ -218,6 +214,8 @@ pub(crate) enum Target<'a> {
     Probs(ArrayView2<'a, f32>),
 }
 
+/// The fast path. With `GradMode::Separate` the gradient goes to `grad_out` (row-major `[N, V]`)
+/// when given, else into a new array returned in `CeOutput::grad`.
 pub(crate) fn cross_entropy(
     pool: &rayon::ThreadPool,
     logits: Logits<'_>,
@@ -238,7 +236,8 @@ pub(crate) fn cross_entropy(
                 Some(s) => std::borrow::Cow::Borrowed(s),
                 None => std::borrow::Cow::Owned(p.iter().copied().collect::<Vec<f32>>()),
             };
-            // Every row counts; the weights kernel and this path agree on W = sum of sample weights.
+            // Every row counts (class 0 stands in for the target, so no row is IGNORED); the
+            // weights kernel and this path agree on W = sum of sample weights.
             (vec![0; n], Some(&probs_owned[..]))
         }
     };
@@ -327,7 +326,7 @@ pub(crate) fn cross_entropy(
                         }
                     };
                     sce += o.loss;
-                    if probs.is_some() || t[r] != IGNORED {
+                    if t[r] != IGNORED {
                         sl2 += o.lse * o.lse;
                     }
                 }
@@ -347,10 +346,7 @@ pub(crate) fn cross_entropy(
             rows_out
                 .iter()
                 .zip(&t)
-                .map(|(o, &y)| {
-                    let counted = probs.is_some() || y != IGNORED;
-                    (o.loss + if counted { zl * o.lse * o.lse } else { 0.0 }) as f32
-                })
+                .map(|(o, &y)| (o.loss + if y != IGNORED { zl * o.lse * o.lse } else { 0.0 }) as f32)
                 .collect()
         }),
         row_lse: cfg.per_row.then(|| rows_out.iter().map(|o| o.lse as f32).collect()),

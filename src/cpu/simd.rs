@@ -20,15 +20,22 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 
 type V8 = [f32; LANES];
 
+// The exponential of both paths (portable `exp8` and `avx2::exp8`), so they agree lane for lane:
+// x = n ln2 + r with ln2 split in two for an exact product, then a Cephes degree-6 polynomial.
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+/// Below this the result is 0 (and 2^n would underflow).
+const EXP_MIN: f32 = -87.0;
+/// Polynomial coefficients, highest degree first, before the final `p r^2 + r + 1`.
+const EXP_POLY: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
+
 /// exp(x) for x <= 0 (the max-subtracted logits), 8 lanes at a time; exactly 0 below the f32
 /// range and for -inf, NaN for NaN. Each step is a separate lane loop so that LLVM emits
 /// packed instructions.
 #[inline(always)]
 fn exp8<const FMA: bool>(x: V8) -> V8 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
     let mut xc = [0.0; LANES];
     let mut t = [0.0; LANES];
     let mut r = [0.0; LANES];
@@ -36,7 +43,7 @@ fn exp8<const FMA: bool>(x: V8) -> V8 {
     let mut out = [0.0; LANES];
     for l in 0..LANES {
         // A select (not f32::max) so that NaN stays NaN.
-        xc[l] = if x[l] < -87.0 { -87.0 } else { x[l] };
+        xc[l] = if x[l] < EXP_MIN { EXP_MIN } else { x[l] };
     }
     for l in 0..LANES {
         t[l] = madd::<FMA>(xc[l], LOG2E, ROUND);
@@ -46,18 +53,13 @@ fn exp8<const FMA: bool>(x: V8) -> V8 {
         r[l] = madd::<FMA>(n, -LN2_LO, madd::<FMA>(n, -LN2_HI, xc[l]));
     }
     for l in 0..LANES {
-        let mut q = 1.987_569_1e-4_f32;
-        q = madd::<FMA>(q, r[l], 1.398_199_9e-3);
-        q = madd::<FMA>(q, r[l], 8.333_452e-3);
-        q = madd::<FMA>(q, r[l], 4.166_579_6e-2);
-        q = madd::<FMA>(q, r[l], 1.666_666_5e-1);
-        q = madd::<FMA>(q, r[l], 0.5);
+        let q = EXP_POLY[1..].iter().fold(EXP_POLY[0], |q, &c| madd::<FMA>(q, r[l], c));
         p[l] = madd::<FMA>(q, r[l] * r[l], r[l] + 1.0);
     }
     for l in 0..LANES {
         let ni = (t[l].to_bits() as i32).wrapping_sub(0x4B40_0000);
         let scale = f32::from_bits(((ni + 127) << 23) as u32);
-        out[l] = if x[l] < -87.0 { 0.0 } else { p[l] * scale };
+        out[l] = if x[l] < EXP_MIN { 0.0 } else { p[l] * scale };
     }
     out
 }
@@ -273,7 +275,7 @@ pub fn exp_sum(x: &[f32], m: f32, out: Option<&mut [f32]>) -> (f64, f64) {
 /// polynomial exponential on its own). Same arithmetic as [`exp8`], lane for lane.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::BLOCK;
+    use super::{BLOCK, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO, LOG2E, ROUND};
     use std::arch::x86_64::*;
 
     pub fn available() -> bool {
@@ -283,22 +285,31 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn exp8(x: __m256) -> __m256 {
-        let lo = _mm256_set1_ps(-87.0);
+        let lo = _mm256_set1_ps(EXP_MIN);
         let under = _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo);
         let xc = _mm256_blendv_ps(x, lo, under);
-        let round = _mm256_set1_ps(12_582_912.0);
-        let t = _mm256_fmadd_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E), round);
+        let round = _mm256_set1_ps(ROUND);
+        let t = _mm256_fmadd_ps(xc, _mm256_set1_ps(LOG2E), round);
         let n = _mm256_sub_ps(t, round);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), xc);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut q = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
-            q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(c));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), xc);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+        let mut q = _mm256_set1_ps(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(*c));
         }
         let p = _mm256_fmadd_ps(q, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
         let ni = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B40_0000));
         let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(ni, _mm256_set1_epi32(127))));
         _mm256_andnot_ps(under, _mm256_mul_ps(p, scale))
+    }
+
+    /// Adds `e` to `acc` except where `d == 0` (the max's own 1), and counts those in `cnt`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn fold(d: __m256, e: __m256, acc: &mut __m256, cnt: &mut __m256) {
+        let is_max = _mm256_cmp_ps::<_CMP_EQ_OQ>(d, _mm256_setzero_ps());
+        *acc = _mm256_add_ps(*acc, _mm256_andnot_ps(is_max, e));
+        *cnt = _mm256_add_ps(*cnt, _mm256_and_ps(is_max, _mm256_set1_ps(1.0)));
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -330,7 +341,6 @@ mod avx2 {
     pub unsafe fn exp_sum(x: &[f32], m: f32, mut out: Option<&mut [f32]>) -> (f64, f64) {
         let mv = _mm256_set1_ps(m);
         let zero = _mm256_setzero_ps();
-        let one = _mm256_set1_ps(1.0);
         let (mut total, mut ties) = (0.0f64, 0.0f64);
         for (b, xb) in x.chunks(BLOCK).enumerate() {
             let mut acc = zero;
@@ -346,11 +356,8 @@ mod avx2 {
                     let d0 = _mm256_sub_ps(_mm256_loadu_ps(xb.as_ptr().add(i)), mv);
                     let d1 = _mm256_sub_ps(_mm256_loadu_ps(xb.as_ptr().add(i + 8)), mv);
                     let (e0, e1) = (exp8(d0), exp8(d1));
-                    let (m0, m1) = (_mm256_cmp_ps::<_CMP_EQ_OQ>(d0, zero), _mm256_cmp_ps::<_CMP_EQ_OQ>(d1, zero));
-                    acc = _mm256_add_ps(acc, _mm256_andnot_ps(m0, e0));
-                    acc2 = _mm256_add_ps(acc2, _mm256_andnot_ps(m1, e1));
-                    cnt = _mm256_add_ps(cnt, _mm256_and_ps(m0, one));
-                    cnt2 = _mm256_add_ps(cnt2, _mm256_and_ps(m1, one));
+                    fold(d0, e0, &mut acc, &mut cnt);
+                    fold(d1, e1, &mut acc2, &mut cnt2);
                     if let Some(o) = ob.as_deref_mut() {
                         _mm256_storeu_ps(o.as_mut_ptr().add(i), e0);
                         _mm256_storeu_ps(o.as_mut_ptr().add(i + 8), e1);
@@ -362,9 +369,7 @@ mod avx2 {
             cnt = _mm256_add_ps(cnt, cnt2);
             let mut step = |d: __m256| -> __m256 {
                 let e = exp8(d);
-                let is_max = _mm256_cmp_ps::<_CMP_EQ_OQ>(d, zero);
-                acc = _mm256_add_ps(acc, _mm256_andnot_ps(is_max, e));
-                cnt = _mm256_add_ps(cnt, _mm256_and_ps(is_max, one));
+                fold(d, e, &mut acc, &mut cnt);
                 e
             };
             while i < full {
