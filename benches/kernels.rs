@@ -5,7 +5,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use wgpu::util::DeviceExt;
-use xent::{workload, Cpu, CrossEntropy, DeviceCe, GpuContext, GradMode, SoftmaxKind};
+use xent::{workload, CeInputs, Cpu, CrossEntropy, DType, DeviceGrad, DeviceTargets, GpuContext, SoftmaxKind};
 
 const SHAPES: &[(usize, usize)] = &[(256, 4096), (1024, 32000), (4096, 32000)];
 
@@ -20,13 +20,13 @@ fn cross_entropy(c: &mut Criterion) {
     for &(n, v) in SHAPES {
         let (x, t) = workload::synthetic(n, v, 2.0, 16, 1);
         group.throughput(Throughput::Bytes((2 * n * v * 4) as u64));
-        let cfg = CrossEntropy { grad: GradMode::Separate, ..Default::default() };
+        let cfg = CrossEntropy::default();
+        let mut grad = ndarray::Array2::<f32>::zeros((n, v));
         group.bench_with_input(BenchmarkId::new("cpu", format!("{n}x{v}")), &(), |b, _| {
-            b.iter(|| cpu.cross_entropy(x.view(), t.view().into(), &cfg).unwrap())
+            b.iter(|| cpu.cross_entropy_into(&x, &t, &cfg, &mut grad).unwrap())
         });
-        let fwd = CrossEntropy::default();
         group.bench_with_input(BenchmarkId::new("cpu-fwd", format!("{n}x{v}")), &(), |b, _| {
-            b.iter(|| cpu.cross_entropy(x.view(), t.view().into(), &fwd).unwrap())
+            b.iter(|| cpu.cross_entropy(&x, &t, &cfg).unwrap())
         });
         if let Some(g) = &gpu {
             let d = g.device();
@@ -48,9 +48,21 @@ fn cross_entropy(c: &mut Criterion) {
                 usage,
                 mapped_at_creation: false,
             });
-            let job = DeviceCe { logits: &lb, targets: &tb, rows: n, classes: v, grad: Some(&gb) };
+            let plan = g.cross_entropy_plan(n, v, DType::F32, &cfg).unwrap();
+            let inputs = CeInputs {
+                logits: lb.slice(..),
+                targets: DeviceTargets::Classes(tb.slice(..)),
+                sample_weight: None,
+                grad: DeviceGrad::Separate(gb.slice(..), DType::F32),
+            };
             group.bench_with_input(BenchmarkId::new("gpu-device", format!("{n}x{v}")), &(), |b, _| {
-                b.iter(|| g.cross_entropy_device(job, &cfg).unwrap())
+                b.iter(|| {
+                    let mut enc = d.create_command_encoder(&Default::default());
+                    plan.record(&mut enc, inputs).unwrap();
+                    let p = plan.read_back(&mut enc, false).unwrap();
+                    g.queue().submit([enc.finish()]);
+                    p.wait().unwrap()
+                })
             });
         }
     }
@@ -65,11 +77,9 @@ fn log_softmax(c: &mut Criterion) {
     let (n, v) = (256, 32000);
     let (x, _) = workload::synthetic(n, v, 2.0, 0, 1);
     group.throughput(Throughput::Bytes((2 * n * v * 4) as u64));
-    group.bench_function("cpu/256x32000", |b| b.iter(|| cpu.log_softmax(x.view(), SoftmaxKind::LogSoftmax).unwrap()));
+    group.bench_function("cpu/256x32000", |b| b.iter(|| cpu.log_softmax(&x, SoftmaxKind::LogSoftmax).unwrap()));
     if let Some(g) = &gpu {
-        group.bench_function("gpu-host/256x32000", |b| {
-            b.iter(|| g.log_softmax(x.view(), SoftmaxKind::LogSoftmax).unwrap())
-        });
+        group.bench_function("gpu-host/256x32000", |b| b.iter(|| g.log_softmax(&x, SoftmaxKind::LogSoftmax).unwrap()));
     }
     group.finish();
 }

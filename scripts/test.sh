@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# The test command: installs a Vulkan driver if none is present (Mesa's lavapipe, a software
-# GPU), then runs formatting, lints and the whole test suite with GPU tests required.
+# The test command: installs what the tests need when it is missing (Mesa's lavapipe, a
+# software Vulkan driver), then runs formatting, lints and the whole test suite with GPU tests
+# required: the workspace with default features, and the library without its `gpu` feature
+# (the CPU-only build must build and pass its tests without wgpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-has_vulkan_driver() {
-    ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json 2>/dev/null | grep -q .
-}
-if ! has_vulkan_driver; then
+need_apt=()
+ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json >/dev/null 2>&1 || need_apt+=(mesa-vulkan-drivers)
+if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "no Vulkan driver found: installing mesa-vulkan-drivers (lavapipe)"
+        echo "installing ${need_apt[*]}"
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mesa-vulkan-drivers >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
     else
-        echo "no Vulkan driver found and cannot install one (need root and apt-get)" >&2
+        echo "missing ${need_apt[*]} and cannot install them (need root and apt-get)" >&2
         exit 1
     fi
 fi
@@ -26,6 +27,8 @@ if [ -z "${XDG_RUNTIME_DIR:-}" ] || [ ! -d "$XDG_RUNTIME_DIR" ]; then
     export XDG_RUNTIME_DIR
 fi
 
-cargo fmt --check
-cargo clippy --release --all-targets -- -D warnings
-cargo test --release
+cargo fmt --all --check
+cargo clippy --workspace --release --all-targets -- -D warnings
+cargo clippy -p xent --release --no-default-features --all-targets -- -D warnings
+cargo test --workspace --release
+cargo test -p xent --release --no-default-features

@@ -1,7 +1,7 @@
 // Binary cross-entropy, elementwise over a chunk of [rows, C]: from logits (stable softplus
 // form, any |x|) or from probabilities (logs clamped at -100, as PyTorch). Each workgroup takes
 // WG * PER_THREAD consecutive elements, writes their gradients (GRAD) and losses (F_ELEM), and
-// one Kahan partial sum of its losses to ROWS[P.part_off + group]; the host adds the
+// one Kahan partial sum of its losses to row_values[P.part_off + group]; the host adds the
 // partials in f64.
 
 const PER_THREAD: u32 = 8u;
@@ -40,14 +40,14 @@ fn main(
         if (e < n_el) {
             let c = e % P.v;
             let i = P.x_off + e;
-            let x = X[i];
-            let y = Y[i];
+            let x = in1(i);
+            let y = sec1(i);
             var w = 1.0;
             if (has(F_CLASS_W)) {
-                w = w * CW[c];
+                w = w * class_weight[c];
             }
-            if (has(F_SAMPLE_W)) {
-                w = w * SW[i];
+            if (has(F_ELEM_W)) {
+                w = w * elem_weight[i];
             }
             var l = 0.0;
             var g = 0.0;
@@ -59,7 +59,7 @@ fn main(
             } else {
                 var pw = 1.0;
                 if (has(F_POS_W)) {
-                    pw = PW[c];
+                    pw = pos_weight[c];
                 }
                 // -log sigmoid(x) = softplus(-x); -log(1 - sigmoid(x)) = softplus(x) = softplus(-x) + x.
                 let sn = softplus(-x);
@@ -71,15 +71,15 @@ fn main(
             comp = (tot - acc) - t;
             acc = tot;
             if (has(F_ELEM)) {
-                AUX[i] = l;
+                elem_loss[i] = l;
             }
 #if GRAD
-            OUT[i] = g * P.grad_scale;
+            output[i] = g * P.grad_scale;
 #endif
         }
     }
     let s = reduce_v2(vec2<f32>(acc, 0.0), lid, lane, sg, nsg);
     if (lid == 0u) {
-        ROWS[P.part_off + group] = s.x;
+        row_values[P.part_off + group] = s.x;
     }
 }

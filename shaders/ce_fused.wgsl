@@ -1,33 +1,87 @@
-// Pass 2 of cross-entropy, one workgroup per row: the row's (max, sum) statistic in one read
+// Cross-entropy's row pass, one workgroup per row: the row's (max, sum) statistic in one read
 // of the logits, its loss and log-sum-exp, and (GRAD / IN_PLACE) the gradient of the reduced
-// loss in a second read, written to OUT or over the logits.
+// loss in a second read, written to `output` or over the logits.
 
 fn row_target(row: u32) -> i32 {
-    let t = T[row];
+    let t = targets[row];
     if (t == P.ignore_index || t < 0 || t >= i32(P.v)) {
         return -1; // ignored (out-of-range targets were flagged by the weights pass)
     }
     return t;
 }
 
-#if GRAD
-fn put(r: u32, i: u32, g: vec4<f32>) {
-#if VEC4
-    OUT[row_base(r) + i] = g;
-#else
-    OUT[row_base(r) + i] = g.x;
-#endif
+// This thread's share of one row's statistic; with F_SMOOTH also (sum w_c z_c, sum w_c);
+// with F_RANK the number of logits above the target's.
+struct RowPart {
+    st: Stat,
+    acc: vec2<f32>,
+    above: f32,
 }
-#endif
-#if IN_PLACE
-fn put(r: u32, i: u32, g: vec4<f32>) {
-#if VEC4
-    X[row_base(r) + i] = g;
-#else
-    X[row_base(r) + i] = g.x;
-#endif
+
+fn class_w(c: u32) -> f32 {
+    if (has(F_CLASS_W)) {
+        return class_weight[c];
+    }
+    return 1.0;
 }
+
+// Smoothed target probability q_c = (1 - eps) y_c + eps / V (F_SOFT).
+fn soft_q(y: f32) -> f32 {
+    return (1.0 - P.smoothing) * y + P.smoothing / f32(P.v);
+}
+
+// acc gathers (sum_c w_c z_c, sum_c w_c) where w_c is the class weight (label smoothing) or
+// the class weight times q_c (probability targets).
+fn visit(p: RowPart, z: f32, c: u32, y: f32, zt: f32) -> RowPart {
+    var q = RowPart(push(p.st, z), p.acc, p.above);
+    // Compiled in only for the variant that needs them: SIMD lanes (lavapipe) run even
+    // uniform branches masked, so plain cross-entropy must not carry them.
+#if EXTRAS
+    if (has(F_RANK) && z > zt) {
+        q.above += 1.0;
+    }
+    if (has(F_SMOOTH | F_SOFT)) {
+        var w = class_w(c);
+        if (has(F_SOFT)) {
+            w = w * soft_q(y);
+        }
+        q.acc += vec2<f32>(w * z, w);
+    }
 #endif
+    return q;
+}
+
+fn row_part(r: u32, lid: u32, zt: f32) -> RowPart {
+    var p = RowPart(Stat(P.neg_inf, 0.0), vec2<f32>(0.0, 0.0), 0.0);
+    let xb = x_row(r);
+#if VEC4
+    for (var q = lid; q < P.v / 4u; q += WG) {
+        let x = in4(xb / 4u + q);
+        var y = vec4<f32>(0.0);
+#if EXTRAS
+        if (has(F_SOFT)) {
+            y = sec4(y_row(r) / 4u + q);
+        }
+#endif
+        let c = 4u * q;
+        p = visit(p, tr(x.x), c, y.x, zt);
+        p = visit(p, tr(x.y), c + 1u, y.y, zt);
+        p = visit(p, tr(x.z), c + 2u, y.z, zt);
+        p = visit(p, tr(x.w), c + 3u, y.w, zt);
+    }
+#else
+    for (var j = lid; j < P.v; j += WG) {
+        var y = 0.0;
+#if EXTRAS
+        if (has(F_SOFT)) {
+            y = sec1(y_row(r) + j);
+        }
+#endif
+        p = visit(p, tr(in1(xb + j)), j, y, zt);
+    }
+#endif
+    return p;
+}
 
 // Per-row constants of the gradient (see the loss in the comment of `main`).
 struct GradCoef {
@@ -58,7 +112,7 @@ fn grad_at(gc: GradCoef, x: f32, c: u32, y: f32) -> f32 {
     let e = exp(z - gc.m);
     var wc = 1.0;
     if ((gc.fl & F_CLASS_W) != 0u) {
-        wc = CW[c];
+        wc = class_weight[c];
     }
 #if EXTRAS
     if ((gc.fl & F_SOFT) != 0u) {
@@ -93,7 +147,7 @@ fn main(
     // The target's logit, known before the pass so that the pass can rank it.
     var zt = 0.0;
     if (t >= 0) {
-        zt = tr(load(r, u32(t)));
+        zt = tr(in1(x_row(r) + u32(t)));
     }
     let part = row_part(r, lid, zt);
     let st = reduce_stat(part.st, lid, lane, sg, nsg);
@@ -109,12 +163,13 @@ fn main(
     let s = st.s;
     let l1p = log1p_(s);
     let lse = m + l1p;
-    // E_p[z] - z_t = sum_c e_c (z_c - z_t) / (1 + s): d(NLL)/d(log T) is its negative.
+    // E_p[z] - z_t = sum_c e_c (z_c - z_t) / (1 + s): d(NLL)/d(log T) is its negative. A second
+    // read of the row, only when asked for (temperature fitting).
     var gap = 0.0;
     if (has(F_GAP)) {
         var g = 0.0;
         for (var i = lid; i < P.v; i += WG) {
-            let z = tr(load(r, i));
+            let z = tr(in1(x_row(r) + i));
             g += exp(z - m) * (z - zt);
         }
         // Zero for ignored rows (masked after the reduction: its barriers need uniform control flow).
@@ -124,7 +179,7 @@ fn main(
     let vf = f32(P.v);
     var swn = 1.0;
     if (has(F_SAMPLE_W)) {
-        swn = SW[row];
+        swn = sample_weight[row];
     }
     var w = 0.0;
     if (t >= 0) {
@@ -147,28 +202,29 @@ fn main(
             if (has(F_SMOOTH)) {
                 loss += swn * (eps / vf) * (wtot * lse - acc.x);
             }
-            // The row's full loss, as reduction `none` reports it; the host splits the
+            // The row's full loss, as reduction `none` reports it; the reduce pass splits the
             // z-loss back out for `mean` (it is averaged over rows, not weights).
             if (has(F_ZLOSS)) {
                 loss += P.z_loss * lse * lse;
             }
         }
-        ROWS[row] = loss;
-        ROWS[P.n_rows + row] = lse;
+        row_values[row] = loss;
+        row_values[P.n_rows + row] = lse;
         if (has(F_RANK)) {
-            ROWS[2u * P.n_rows + row] = m;
-            ROWS[3u * P.n_rows + row] = select(-1.0, rank, t >= 0);
+            row_values[2u * P.n_rows + row] = m;
+            row_values[3u * P.n_rows + row] = select(-1.0, rank, t >= 0);
         }
         if (has(F_GAP)) {
-            ROWS[4u * P.n_rows + row] = gap;
+            row_values[4u * P.n_rows + row] = gap;
         }
     }
 #if GRAD || IN_PLACE
     var a = P.grad_scale;
     var b = P.grad_scale;
     if (has(F_MEAN)) {
-        a = P.grad_scale / SC.weight_sum;
-        b = P.grad_scale / f32(SC.count);
+        let den = denominators();
+        a = P.grad_scale / den.x;
+        b = P.grad_scale / den.y;
     }
     let big_s = 1.0 + s;
     let hard = a * w * (1.0 - eps);
@@ -190,35 +246,64 @@ fn main(
     }
     let live = t >= 0 || soft;
     let gc = GradCoef(m, s, big_s, hard, c0, k, u32(t), P.flags);
+    let xb = x_row(r);
+    let ob = o_row(r);
 #if VEC4
-    let n4 = P.v / 4u;
-#else
-    let n4 = P.v;
-#endif
-    for (var i = lid; i < n4; i += WG) {
+    for (var q = lid; q < P.v / 4u; q += WG) {
         var g = vec4<f32>(0.0, 0.0, 0.0, 0.0);
         if (live) {
             var y = vec4<f32>(0.0);
-#if VEC4
-            let x = X[row_base(r) + i];
+            let x = in4(xb / 4u + q);
 #if EXTRAS
             if (soft) {
-                y = Y[row_base(r) + i];
+                y = sec4(y_row(r) / 4u + q);
             }
 #endif
             // Unrolled: a loop indexing the vec4 would spill it on software rasterisers.
-            let c = 4u * i;
+            let c = 4u * q;
             g = vec4<f32>(grad_at(gc, x.x, c, y.x), grad_at(gc, x.y, c + 1u, y.y), grad_at(gc, x.z, c + 2u, y.z), grad_at(gc, x.w, c + 3u, y.w));
+        }
+        put4(ob / 4u + q, g);
+    }
+#elif OUT16
+    // 16-bit words of the output row; the first and last may be shared with the neighbours.
+    let w_first = ob >> 1u;
+    let w_last = (ob + P.v - 1u) >> 1u;
+    for (var wi = w_first + lid; wi <= w_last; wi += WG) {
+        let c_lo = i32(2u * wi) - i32(ob);
+        var g = vec2<f32>(0.0, 0.0);
+        var lanes = 0u;
+        for (var h = 0; h < 2; h++) {
+            let c = c_lo + h;
+            if (c >= 0 && c < i32(P.v)) {
+                lanes |= 1u << u32(h);
+                if (live) {
+                    var y = 0.0;
+#if EXTRAS
+                    if (soft) {
+                        y = sec1(y_row(r) + u32(c));
+                    }
+#endif
+                    g[h] = grad_at(gc, in1(xb + u32(c)), u32(c), y);
+                }
+            }
+        }
+        put_word(wi, g, lanes);
+    }
 #else
+    for (var j = lid; j < P.v; j += WG) {
+        var g = 0.0;
+        if (live) {
+            var y = 0.0;
 #if EXTRAS
             if (soft) {
-                y.x = Y[row_base(r) + i];
+                y = sec1(y_row(r) + j);
             }
 #endif
-            g.x = grad_at(gc, X[row_base(r) + i], i, y.x);
-#endif
+            g = grad_at(gc, in1(xb + j), j, y);
         }
-        put(r, i, g);
+        put1(ob + j, g);
     }
+#endif
 #endif
 }

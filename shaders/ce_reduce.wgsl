@@ -1,5 +1,6 @@
-// Pass 3 of cross-entropy (one workgroup): sums the per-row weighted losses and, for the
-// z-loss, lse^2 over counted rows. Kahan within a thread, a tree across threads.
+// Cross-entropy's last pass (one workgroup): sums the per-row losses and, for the z-loss, lse^2
+// over counted rows (Kahan within a thread, a tree across threads), and stores the reduced loss
+// so that device-side consumers can read it without the host.
 
 @compute @workgroup_size(WG)
 fn main(
@@ -10,14 +11,15 @@ fn main(
     var acc = vec2<f32>(0.0, 0.0);
     var comp = vec2<f32>(0.0, 0.0);
     for (var r = lid; r < P.n_rows; r += WG) {
-        var x = vec2<f32>(ROWS[r], 0.0);
+        var x = vec2<f32>(row_values[r], 0.0);
         if (has(F_ZLOSS)) {
-            var t = 0;
+            var counted = true;
             if (!has(F_SOFT)) {
-                t = T[r];
+                let t = targets[r];
+                counted = t != P.ignore_index && t >= 0 && t < i32(P.v_total);
             }
-            if (t != P.ignore_index && t >= 0 && t < i32(P.v)) {
-                let l = ROWS[P.n_rows + r];
+            if (counted) {
+                let l = row_values[P.n_rows + r];
                 x.y = l * l;
             }
         }
@@ -28,7 +30,17 @@ fn main(
     }
     let s = reduce_v2(acc, lid, lane, sg, nsg);
     if (lid == 0u) {
-        SC.loss_sum = s.x;
-        SC.lse2_sum = s.y;
+        scalars.loss_sum = s.x;
+        scalars.lse2_sum = s.y;
+        var loss = s.x;
+        if (has(F_MEAN)) {
+            let den = denominators();
+            let ce = s.x - P.z_loss * s.y;
+            loss = ce / den.x;
+            if (has(F_ZLOSS)) {
+                loss += P.z_loss * s.y / den.y;
+            }
+        }
+        scalars.loss = loss;
     }
 }

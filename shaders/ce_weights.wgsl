@@ -1,5 +1,5 @@
-// Pass 1 of cross-entropy (one workgroup): checks targets and sums the weights of counted
-// rows, the denominator that the fused pass needs before it can write the gradient of a mean.
+// Cross-entropy's first pass (one workgroup): checks targets and sums the weights of counted
+// rows, the denominator that the row pass needs before it can write the gradient of a mean.
 
 var<workgroup> red_n: array<u32, WG>;
 
@@ -13,33 +13,23 @@ fn main(
     var comp = 0.0; // Kahan compensation
     var n = 0u;
     for (var r = lid; r < P.n_rows; r += WG) {
-        if (has(F_SOFT)) {
-            // Probability targets: every row counts, with its sample weight.
-            var wr = 1.0;
-            if (has(F_SAMPLE_W)) {
-                wr = SW[r];
-            }
-            let y = wr - comp;
-            let tot = w + y;
-            comp = (tot - w) - y;
-            w = tot;
-            n += 1u;
-            continue;
-        }
-        let t = T[r];
-        if (t == P.ignore_index) {
-            continue;
-        }
-        if (t < 0 || t >= i32(P.v)) {
-            atomicMin(&SC.err_row, r);
-            continue;
-        }
         var wr = 1.0;
-        if (has(F_CLASS_W)) {
-            wr = wr * CW[u32(t)];
+        if (!has(F_SOFT)) {
+            let t = targets[r];
+            if (t == P.ignore_index) {
+                continue;
+            }
+            if (t < 0 || t >= i32(P.v_total)) {
+                atomicMin(&scalars.err_row, r);
+                continue;
+            }
+            if (has(F_CLASS_W)) {
+                wr = class_weight[u32(t)];
+            }
         }
+        // Probability targets: every row counts, with its sample weight.
         if (has(F_SAMPLE_W)) {
-            wr = wr * SW[r];
+            wr = wr * sample_weight[r];
         }
         let y = wr - comp;
         let tot = w + y;
@@ -56,11 +46,11 @@ fn main(
         workgroupBarrier();
     }
     if (lid == 0u) {
-        SC.weight_sum = ws.x;
-        SC.count = red_n[0];
-        let bad = atomicLoad(&SC.err_row);
+        scalars.weight_sum = ws.x;
+        scalars.count = red_n[0];
+        let bad = atomicLoad(&scalars.err_row);
         if (bad != 0xffffffffu) {
-            SC.err_target = T[bad];
+            scalars.err_target = targets[bad];
         }
     }
 }

@@ -1,6 +1,13 @@
-// Shared by every kernel: parameters, the online (max, sum) statistic, log1p/expm1, and
-// workgroup reductions (subgroup operations when available, workgroup memory otherwise).
-// Preprocessed by src/kernels/source.rs: `#if NAME` / `#else` / `#endif`.
+// Shared by every kernel: parameters, the binding table, dtype-aware element access, the
+// online (max, sum) statistic, log1p/expm1, and workgroup reductions (subgroup operations when
+// available, workgroup memory otherwise). Preprocessed by src/gpu/source.rs:
+// `#if A`, `#if A && !B || C`, `#elif`, `#else`, `#endif`.
+//
+// Stored dtypes: IN16 / IN_BF16 (input rows, slot 1), SEC16 / SEC_BF16 (second rows, slot 9),
+// OUT16 / OUT_BF16 (output rows, slot 8; for IN_PLACE the input's dtype). 16-bit rows are read
+// from u32 words; all arithmetic is f32. VEC4: rows are a multiple of 4 elements and read 4 at a
+// time. ODD: rows have an odd length, so a 16-bit word can hold the end of one row and the start
+// of the next; such edge words are written with atomic and/or on their own half only.
 
 const WG: u32 = 256u;
 
@@ -12,7 +19,7 @@ const F_SMOOTH: u32 = 16u;
 const F_MEAN: u32 = 32u;
 const F_SOFTMAX: u32 = 64u;
 const F_ZLOSS: u32 = 128u;
-// Probability targets in Y instead of class indices in T.
+// Probability targets in `second` instead of class indices in `targets`.
 const F_SOFT: u32 = 256u;
 // Binary cross-entropy: pos_weight given, inputs are probabilities, element losses wanted.
 const F_POS_W: u32 = 512u;
@@ -24,10 +31,18 @@ const F_LOGITS: u32 = 4096u;
 // the row max; the expected logit gap E_p[z] - z_t (temperature fitting).
 const F_RANK: u32 = 8192u;
 const F_GAP: u32 = 16384u;
+// Binary cross-entropy with one weight per element (slot 11) rather than per class.
+const F_ELEM_W: u32 = 32768u;
+// The mean's denominators come from P.den_w / P.den_n (the whole batch) instead of this call.
+const F_EXT_DENOM: u32 = 65536u;
 
+// Mirrored by `Params` in src/gpu/params.rs (a unit test compares the layouts through naga).
 struct Params {
+    // Rows of the whole call (row_values and reductions index 0..n_rows).
     n_rows: u32,
+    // Elements per row.
     v: u32,
+    // First row of this chunk.
     row0: u32,
     grid_x: u32,
     chunk_rows: u32,
@@ -40,35 +55,66 @@ struct Params {
     softcap: f32,
     inv_temp: f32,
     grad_scale: f32,
-    // Elements between the start of the X / OUT bindings and row 0 of the chunk (chunks
-    // are bound at offsets rounded down to the device's alignment).
+    // Elements between the start of the input / second / output bindings and the chunk's first
+    // element (chunks are bound at offsets rounded down to the device's alignment).
     x_off: u32,
+    y_off: u32,
+    o_off: u32,
     // First partial-sum slot of this chunk (binary cross-entropy).
     part_off: u32,
-    _pad2: u32,
+    // Global class count and the global index of column 0 (vocabulary shards).
+    v_total: u32,
+    class0: u32,
+    // Segments per row and elements per segment (split rows).
+    segs: u32,
+    seg_len: u32,
+    // Distillation mode (0 KL, 1 reverse KL, 2 JSD) and its beta.
+    mode: i32,
+    beta: f32,
+    // The whole batch's weight sum and counted rows, with F_EXT_DENOM.
+    den_w: f32,
+    den_n: f32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
 
-// Logits of the current row chunk.
+// ---- slot 1: input rows (logits; student logits; q; BCE inputs) ----
+#if IN16
 #if VEC4
 #if IN_PLACE
-@group(0) @binding(1) var<storage, read_write> X: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> input: array<vec2<u32>>;
 #else
-@group(0) @binding(1) var<storage, read> X: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> input: array<vec2<u32>>;
+#endif
+#elif IN_PLACE && ODD
+@group(0) @binding(1) var<storage, read_write> input: array<atomic<u32>>;
+#elif IN_PLACE
+@group(0) @binding(1) var<storage, read_write> input: array<u32>;
+#else
+@group(0) @binding(1) var<storage, read> input: array<u32>;
 #endif
 #else
+#if VEC4
 #if IN_PLACE
-@group(0) @binding(1) var<storage, read_write> X: array<f32>;
+@group(0) @binding(1) var<storage, read_write> input: array<vec4<f32>>;
 #else
-@group(0) @binding(1) var<storage, read> X: array<f32>;
+@group(0) @binding(1) var<storage, read> input: array<vec4<f32>>;
+#endif
+#elif IN_PLACE
+@group(0) @binding(1) var<storage, read_write> input: array<f32>;
+#else
+@group(0) @binding(1) var<storage, read> input: array<f32>;
 #endif
 #endif
 
-// Every kernel shares this binding table (unused slots get a small placeholder buffer).
-@group(0) @binding(2) var<storage, read> T: array<i32>;
-@group(0) @binding(3) var<storage, read> CW: array<f32>;
-@group(0) @binding(4) var<storage, read> SW: array<f32>;
+// Class indices (i32; ignored rows hold the ignore index).
+@group(0) @binding(2) var<storage, read> targets: array<i32>;
+// Class weights [V_total] (cross-entropy) or per-class BCE weights [C].
+@group(0) @binding(3) var<storage, read> class_weight: array<f32>;
+// Sample weights [n_rows].
+@group(0) @binding(4) var<storage, read> sample_weight: array<f32>;
 
 struct Scalars {
     weight_sum: f32,
@@ -78,53 +124,263 @@ struct Scalars {
     // First row whose target is out of range (0xffffffff when none) and its value.
     err_row: atomic<u32>,
     err_target: i32,
+    // The reduced loss, as the host API reports it.
+    loss: f32,
     _pad0: u32,
-    _pad1: u32,
 }
 
-@group(0) @binding(5) var<storage, read_write> SC: Scalars;
-// Per-row results: cross-entropy writes loss at [row] and lse at [n_rows + row]; other kernels
-// write their row values or partial sums here.
-@group(0) @binding(6) var<storage, read_write> ROWS: array<f32>;
-// Per-element losses of binary cross-entropy, chunked like X.
-@group(0) @binding(7) var<storage, read_write> AUX: array<f32>;
+@group(0) @binding(5) var<storage, read_write> scalars: Scalars;
+// Per-row results: cross-entropy writes loss at [row], lse at [n_rows + row], max, rank and gap
+// after them; other kernels write their row values or partial sums here.
+@group(0) @binding(6) var<storage, read_write> row_values: array<f32>;
+// Per-element losses of binary cross-entropy, chunked like the input.
+@group(0) @binding(7) var<storage, read_write> elem_loss: array<f32>;
+
+// ---- slot 8: output rows (gradient, log-softmax, Hessian-vector products, measures) ----
+#if OUT16
 #if VEC4
-@group(0) @binding(8) var<storage, read_write> OUT: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read_write> output: array<vec2<u32>>;
+#elif ODD
+@group(0) @binding(8) var<storage, read_write> output: array<atomic<u32>>;
 #else
-@group(0) @binding(8) var<storage, read_write> OUT: array<f32>;
+@group(0) @binding(8) var<storage, read_write> output: array<u32>;
+#endif
+#elif VEC4
+@group(0) @binding(8) var<storage, read_write> output: array<vec4<f32>>;
+#else
+@group(0) @binding(8) var<storage, read_write> output: array<f32>;
 #endif
 
-// Probability targets (F_SOFT), laid out and chunked like X.
+// ---- slot 9: second rows (probability targets, teacher logits, p, v, BCE targets) ----
+#if SEC16
 #if VEC4
-@group(0) @binding(9) var<storage, read> Y: array<vec4<f32>>;
+@group(0) @binding(9) var<storage, read> second: array<vec2<u32>>;
 #else
-@group(0) @binding(9) var<storage, read> Y: array<f32>;
+@group(0) @binding(9) var<storage, read> second: array<u32>;
+#endif
+#elif VEC4
+@group(0) @binding(9) var<storage, read> second: array<vec4<f32>>;
+#else
+@group(0) @binding(9) var<storage, read> second: array<f32>;
 #endif
 
 // pos_weight of binary cross-entropy [C].
-@group(0) @binding(10) var<storage, read> PW: array<f32>;
+@group(0) @binding(10) var<storage, read> pos_weight: array<f32>;
+// Per-element weights of binary cross-entropy, chunked like the input.
+@group(0) @binding(11) var<storage, read> elem_weight: array<f32>;
 
 fn has(flag: u32) -> bool {
     return (P.flags & flag) != 0u;
 }
 
-// Index of local row r's first element (VEC4: first vec4) in X and OUT.
-fn row_base(r: u32) -> u32 {
-#if VEC4
-    return (P.x_off + r * P.v) / 4u;
+// ---- 16-bit conversions ----
+
+fn unpack_bf16(w: u32) -> vec2<f32> {
+    return vec2<f32>(bitcast<f32>(w << 16u), bitcast<f32>(w & 0xffff0000u));
+}
+
+// f16 bits (low half of h) -> f32, exactly; written out because unpack2x16float needs a
+// downlevel capability that not every adapter reports.
+fn half_to_f32(h: u32) -> f32 {
+    let sign = (h & 0x8000u) << 16u;
+    let em = h & 0x7fffu;
+    // Normal: rebias the exponent (15 -> 127); subnormal: m 2^-24; inf/NaN: all-ones exponent.
+    var r = bitcast<f32>((em << 13u) + 0x38000000u);
+    r = select(r, f32(em) * 5.9604645e-8, em < 0x400u);
+    r = select(r, bitcast<f32>((em << 13u) | 0x7f800000u), em >= 0x7c00u);
+    return bitcast<f32>(bitcast<u32>(r) | sign);
+}
+
+fn unpack_f16(w: u32) -> vec2<f32> {
+    return vec2<f32>(half_to_f32(w & 0xffffu), half_to_f32(w >> 16u));
+}
+
+// f32 -> bf16 bits, round to nearest even; NaN stays a quiet NaN.
+fn bf16_bits(x: f32) -> u32 {
+    let b = bitcast<u32>(x);
+    if ((b & 0x7fffffffu) > 0x7f800000u) {
+        return (b >> 16u) | 0x40u;
+    }
+    return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;
+}
+
+// f32 -> f16 bits, round to nearest even (WGSL's pack2x16float leaves the rounding and
+// out-of-range results to the implementation); overflow gives infinity, NaN stays NaN.
+fn f16_bits(x: f32) -> u32 {
+    let b = bitcast<u32>(x);
+    let sign = (b >> 16u) & 0x8000u;
+    let a = b & 0x7fffffffu;
+    if (a > 0x7f800000u) {
+        return sign | 0x7e00u;
+    }
+    if (a >= 0x477ff000u) {
+        return sign | 0x7c00u;
+    }
+    if (a >= 0x38800000u) {
+        // Rebias the exponent (127 -> 15) and round the mantissa at bit 13.
+        return sign | ((a + 0xc8000fffu + ((a >> 13u) & 1u)) >> 13u);
+    }
+    // Subnormal: a multiple of 2^-24, found exactly by scaling; round() is half-to-even.
+    return sign | u32(round(bitcast<f32>(a) * 16777216.0));
+}
+
+fn in_unpack(w: u32) -> vec2<f32> {
+#if IN_BF16
+    return unpack_bf16(w);
 #else
-    return P.x_off + r * P.v;
+    return unpack_f16(w);
 #endif
 }
 
-// Element j of local row r.
-fn load(r: u32, j: u32) -> f32 {
-#if VEC4
-    return X[row_base(r) + j / 4u][j % 4u];
+fn sec_unpack(w: u32) -> vec2<f32> {
+#if SEC_BF16
+    return unpack_bf16(w);
 #else
-    return X[row_base(r) + j];
+    return unpack_f16(w);
 #endif
 }
+
+fn out_pack(g: vec2<f32>) -> u32 {
+#if OUT_BF16
+    return bf16_bits(g.x) | (bf16_bits(g.y) << 16u);
+#else
+    return f16_bits(g.x) | (f16_bits(g.y) << 16u);
+#endif
+}
+
+// ---- element access; e and q count from the start of the binding ----
+
+#if IN16 && !VEC4
+// Word i of the input.
+fn in_word(i: u32) -> u32 {
+#if IN_PLACE && ODD
+    return atomicLoad(&input[i]);
+#else
+    return input[i];
+#endif
+}
+#endif
+
+// Input element e.
+fn in1(e: u32) -> f32 {
+#if IN16 && VEC4
+    let h = in_unpack(input[e >> 2u][(e >> 1u) & 1u]);
+    return select(h.x, h.y, (e & 1u) == 1u);
+#elif IN16
+    let h = in_unpack(in_word(e >> 1u));
+    return select(h.x, h.y, (e & 1u) == 1u);
+#elif VEC4
+    return input[e >> 2u][e & 3u];
+#else
+    return input[e];
+#endif
+}
+
+#if VEC4
+// Input elements 4q .. 4q + 3.
+fn in4(q: u32) -> vec4<f32> {
+#if IN16
+    let w = input[q];
+    return vec4<f32>(in_unpack(w.x), in_unpack(w.y));
+#else
+    return input[q];
+#endif
+}
+
+// Second elements 4q .. 4q + 3.
+fn sec4(q: u32) -> vec4<f32> {
+#if SEC16
+    let w = second[q];
+    return vec4<f32>(sec_unpack(w.x), sec_unpack(w.y));
+#else
+    return second[q];
+#endif
+}
+#endif
+
+// Second element e.
+fn sec1(e: u32) -> f32 {
+#if SEC16 && VEC4
+    let h = sec_unpack(second[e >> 2u][(e >> 1u) & 1u]);
+    return select(h.x, h.y, (e & 1u) == 1u);
+#elif SEC16
+    let h = sec_unpack(second[e >> 1u]);
+    return select(h.x, h.y, (e & 1u) == 1u);
+#elif VEC4
+    return second[e >> 2u][e & 3u];
+#else
+    return second[e];
+#endif
+}
+
+// First element of local row r in the input, second and output bindings.
+fn x_row(r: u32) -> u32 {
+    return P.x_off + r * P.v;
+}
+fn y_row(r: u32) -> u32 {
+    return P.y_off + r * P.v;
+}
+fn o_row(r: u32) -> u32 {
+#if IN_PLACE
+    return P.x_off + r * P.v;
+#else
+    return P.o_off + r * P.v;
+#endif
+}
+
+// ---- output stores (to the output binding, or over the input with IN_PLACE) ----
+
+#if GRAD || IN_PLACE
+#if VEC4
+// Output elements 4q .. 4q + 3.
+fn put4(q: u32, g: vec4<f32>) {
+#if OUT16 && IN_PLACE
+    input[q] = vec2<u32>(out_pack(g.xy), out_pack(g.zw));
+#elif OUT16
+    output[q] = vec2<u32>(out_pack(g.xy), out_pack(g.zw));
+#elif IN_PLACE
+    input[q] = g;
+#else
+    output[q] = g;
+#endif
+}
+#elif OUT16
+// 16-bit word w; `lanes` says which halves belong to the caller (1 low, 2 high, 3 both).
+fn put_word(w: u32, g: vec2<f32>, lanes: u32) {
+    let bits = out_pack(g);
+#if ODD && IN_PLACE
+    if (lanes == 3u) {
+        atomicStore(&input[w], bits);
+    } else {
+        let keep = select(0x0000ffffu, 0xffff0000u, lanes == 1u);
+        atomicAnd(&input[w], keep);
+        atomicOr(&input[w], bits & ~keep);
+    }
+#elif ODD
+    if (lanes == 3u) {
+        atomicStore(&output[w], bits);
+    } else {
+        let keep = select(0x0000ffffu, 0xffff0000u, lanes == 1u);
+        atomicAnd(&output[w], keep);
+        atomicOr(&output[w], bits & ~keep);
+    }
+#elif IN_PLACE
+    input[w] = bits;
+#else
+    output[w] = bits;
+#endif
+}
+#else
+// Output element e.
+fn put1(e: u32, g: f32) {
+#if IN_PLACE
+    input[e] = g;
+#else
+    output[e] = g;
+#endif
+}
+#endif
+#endif
 
 // Temperature, then soft-capping: the logits the softmax sees.
 fn tr(x: f32) -> f32 {
@@ -176,6 +432,12 @@ fn expm1_(x: f32) -> f32 {
     return exp(x) - 1.0;
 }
 
+// True for +inf (so that rows holding one give NaN, as in PyTorch, instead of inf - inf
+// handled as a finite max).
+fn is_pos_inf(x: f32) -> bool {
+    return bitcast<u32>(x) == 0x7f800000u;
+}
+
 // Running softmax statistic: m = max so far, s = sum of exp(x - m) over every element
 // except one occurrence of the max. Keeping the max's 1 out of s is what lets
 // log1p(s) resolve confident rows whose s is below f32's epsilon.
@@ -192,9 +454,18 @@ fn push(st: Stat, z: f32) -> Stat {
     // z > m: the old max and its s rescale by e. Else: z adds e. An empty state
     // (m = -inf) gives e = 0; NaN gives NaN and propagates.
     let s = select(st.s + e, (st.s + 1.0) * e, up);
-    // -inf adds nothing (and -inf - -inf would be NaN).
+    // -inf adds nothing (and -inf - -inf would be NaN). A +inf leaves m = +inf, which
+    // `finish_stat` turns into NaN once per row.
     let skip = z == P.neg_inf;
     return Stat(select(max(st.m, z), st.m, skip), select(s, st.s, skip));
+}
+
+// A row holding +inf is NaN, as PyTorch's max-subtracted softmax gives (inf - inf).
+fn finish_stat(st: Stat) -> Stat {
+    if (is_pos_inf(st.m)) {
+        return Stat(st.m, bitcast<f32>(0x7fc00000u));
+    }
+    return st;
 }
 
 fn merge(a: Stat, b: Stat) -> Stat {
@@ -250,7 +521,7 @@ fn reduce_stat(st: Stat, lid: u32, lane: u32, sg: u32, nsg: u32) -> Stat {
     workgroupBarrier();
     let out = Stat(red_m[0], red_s[0]);
     workgroupBarrier();
-    return out;
+    return finish_stat(out);
 }
 
 fn reduce_v2(x: vec2<f32>, lid: u32, lane: u32, sg: u32, nsg: u32) -> vec2<f32> {
@@ -286,7 +557,7 @@ fn reduce_stat(st: Stat, lid: u32, lane: u32, sg: u32, nsg: u32) -> Stat {
     }
     let out = Stat(red_m[0], red_s[0]);
     workgroupBarrier();
-    return out;
+    return finish_stat(out);
 }
 
 fn reduce_v2(x: vec2<f32>, lid: u32, lane: u32, sg: u32, nsg: u32) -> vec2<f32> {
@@ -304,78 +575,32 @@ fn reduce_v2(x: vec2<f32>, lid: u32, lane: u32, sg: u32, nsg: u32) -> vec2<f32> 
 }
 #endif
 
-// This thread's share of one row's statistic; with F_SMOOTH also (sum w_c z_c, sum w_c);
-// with F_RANK the number of logits above the target's.
-struct RowPart {
-    st: Stat,
-    acc: vec2<f32>,
-    above: f32,
-}
-
-fn class_w(c: u32) -> f32 {
-    if (has(F_CLASS_W)) {
-        return CW[c];
-    }
-    return 1.0;
-}
-
-// Smoothed target probability q_c = (1 - eps) y_c + eps / V (F_SOFT).
-fn soft_q(y: f32) -> f32 {
-    return (1.0 - P.smoothing) * y + P.smoothing / f32(P.v);
-}
-
-// acc gathers (sum_c w_c z_c, sum_c w_c) where w_c is the class weight (label smoothing) or
-// the class weight times q_c (probability targets).
-fn visit(p: RowPart, z: f32, c: u32, y: f32, zt: f32) -> RowPart {
-    var q = RowPart(push(p.st, z), p.acc, p.above);
-    // Compiled in only for the variant that needs them: SIMD lanes (lavapipe) run even
-    // uniform branches masked, so plain cross-entropy must not carry them.
-#if EXTRAS
-    if (has(F_RANK) && z > zt) {
-        q.above += 1.0;
-    }
-    if (has(F_SMOOTH | F_SOFT)) {
-        var w = class_w(c);
-        if (has(F_SOFT)) {
-            w = w * soft_q(y);
-        }
-        q.acc += vec2<f32>(w * z, w);
-    }
-#endif
-    return q;
-}
-
-fn row_part(r: u32, lid: u32, zt: f32) -> RowPart {
-    var p = RowPart(Stat(P.neg_inf, 0.0), vec2<f32>(0.0, 0.0), 0.0);
-    let soft = has(F_SOFT);
-    let base = row_base(r);
+// The plain statistic of local row r's input elements (times `scale`), this thread's share.
+fn row_stat_part(r: u32, lid: u32, scale: f32) -> Stat {
+    var st = Stat(P.neg_inf, 0.0);
+    let b = x_row(r);
 #if VEC4
-    let v4 = P.v / 4u;
-    for (var i = lid; i < v4; i += WG) {
-        let x = X[base + i];
-        var y = vec4<f32>(0.0);
-#if EXTRAS
-        if (soft) {
-            y = Y[base + i];
-        }
-#endif
-        p = visit(p, tr(x.x), 4u * i, y.x, zt);
-        p = visit(p, tr(x.y), 4u * i + 1u, y.y, zt);
-        p = visit(p, tr(x.z), 4u * i + 2u, y.z, zt);
-        p = visit(p, tr(x.w), 4u * i + 3u, y.w, zt);
+    for (var q = lid; q < P.v / 4u; q += WG) {
+        let x = in4(b / 4u + q) * scale;
+        st = push(st, x.x);
+        st = push(st, x.y);
+        st = push(st, x.z);
+        st = push(st, x.w);
     }
 #else
-    for (var i = lid; i < P.v; i += WG) {
-        var y = 0.0;
-#if EXTRAS
-        if (soft) {
-            y = Y[base + i];
-        }
-#endif
-        p = visit(p, tr(X[base + i]), i, y, zt);
+    for (var j = lid; j < P.v; j += WG) {
+        st = push(st, in1(b + j) * scale);
     }
 #endif
-    return p;
+    return st;
+}
+
+// Denominators (weight sum, counted rows) of a mean.
+fn denominators() -> vec2<f32> {
+    if (has(F_EXT_DENOM)) {
+        return vec2<f32>(P.den_w, P.den_n);
+    }
+    return vec2<f32>(scalars.weight_sum, f32(scalars.count));
 }
 
 // Local row index of this workgroup in a 2-D folded grid.

@@ -1,5 +1,5 @@
-// Distribution measures per row, one workgroup per row: Y = p, X = q, as probabilities or
-// (F_LOGITS) as logits. Writes OUT[4 row + k] = (H(p), H(p, q), KL(p || q), JS(p, q)), with
+// Distribution measures per row, one workgroup per row: `second` = p, `input` = q, as
+// probabilities or (F_LOGITS) as logits. Writes output[4 row + k] = (H(p), H(p, q), KL(p || q), JS(p, q)), with
 // 0 log 0 = 0 and +inf where p > 0 but q = 0.
 
 @compute @workgroup_size(WG)
@@ -14,7 +14,8 @@ fn main(
         return;
     }
     let row = P.row0 + r;
-    let base = row_base(r);
+    let xb = x_row(r);
+    let yb = y_row(r);
     let logits = has(F_LOGITS);
     var lse_q = 0.0;
     var lse_p = 0.0;
@@ -22,8 +23,8 @@ fn main(
         var sq = Stat(P.neg_inf, 0.0);
         var sp = Stat(P.neg_inf, 0.0);
         for (var i = lid; i < P.v; i += WG) {
-            sq = push(sq, X[base + i]);
-            sp = push(sp, Y[base + i]);
+            sq = push(sq, in1(xb + i));
+            sp = push(sp, sec1(yb + i));
         }
         let a = reduce_stat(sq, lid, lane, sg, nsg);
         let b = reduce_stat(sp, lid, lane, sg, nsg);
@@ -40,13 +41,13 @@ fn main(
         var q = 0.0;
         var p = 0.0;
         if (logits) {
-            lq = X[base + i] - lse_q;
-            lp = Y[base + i] - lse_p;
+            lq = in1(xb + i) - lse_q;
+            lp = sec1(yb + i) - lse_p;
             q = exp(lq);
             p = exp(lp);
         } else {
-            q = X[base + i];
-            p = Y[base + i];
+            q = in1(xb + i);
+            p = sec1(yb + i);
             lq = log(q);
             lp = log(p);
         }
@@ -64,9 +65,9 @@ fn main(
     let s1 = reduce_v2(vec2<f32>(h, ce), lid, lane, sg, nsg);
     let s2 = reduce_v2(vec2<f32>(kl, js), lid, lane, sg, nsg);
     if (lid == 0u) {
-        OUT[4u * row] = s1.x;
-        OUT[4u * row + 1u] = s1.y;
-        OUT[4u * row + 2u] = s2.x;
-        OUT[4u * row + 3u] = s2.y;
+        output[4u * row] = s1.x;
+        output[4u * row + 1u] = s1.y;
+        output[4u * row + 2u] = s2.x;
+        output[4u * row + 3u] = s2.y;
     }
 }

@@ -1,8 +1,8 @@
-// Knowledge distillation, one workgroup per row: X = student logits, Y = teacher logits, both
-// divided by the temperature. Mode (P.ignore_index): 0 forward KL(teacher || student),
-// 1 reverse KL(student || teacher), 2 generalised JSD with beta = P.smoothing (Liger-Kernel's
-// definition; beta 0 and 1 are the two KLs). Row loss (before T^2 and the batch mean) goes to
-// ROWS; with GRAD the gradient w.r.t. the student logits, times P.grad_scale, goes to OUT.
+// Knowledge distillation, one workgroup per row: `input` = student logits, `second` = teacher
+// logits, both divided by the temperature. P.mode: 0 forward KL(teacher || student),
+// 1 reverse KL(student || teacher), 2 generalised JSD with P.beta (Liger-Kernel's definition;
+// beta 0 and 1 are the two KLs). The row loss (before T^2 and the batch mean) goes to
+// row_values; with GRAD the gradient w.r.t. the student logits, times P.grad_scale, to `output`.
 
 @compute @workgroup_size(WG)
 fn main(
@@ -16,25 +16,26 @@ fn main(
         return;
     }
     let row = P.row0 + r;
-    let base = row_base(r);
+    let xb = x_row(r);
+    let yb = y_row(r);
     let it = P.inv_temp;
     var ss = Stat(P.neg_inf, 0.0);
     var st = Stat(P.neg_inf, 0.0);
     for (var i = lid; i < P.v; i += WG) {
-        ss = push(ss, X[base + i] * it);
-        st = push(st, Y[base + i] * it);
+        ss = push(ss, in1(xb + i) * it);
+        st = push(st, sec1(yb + i) * it);
     }
     let a = reduce_stat(ss, lid, lane, sg, nsg);
     let b = reduce_stat(st, lid, lane, sg, nsg);
     let lse_s = a.m + log1p_(a.s);
     let lse_t = b.m + log1p_(b.s);
-    let mode = P.ignore_index;
-    let beta = P.smoothing;
+    let mode = P.mode;
+    let beta = P.beta;
     // (divergence, sum_k p_s,k g_k) where g is d(divergence)/d(p_s) up to a constant.
     var acc = vec2<f32>(0.0, 0.0);
     for (var i = lid; i < P.v; i += WG) {
-        let ls = X[base + i] * it - lse_s;
-        let lt = Y[base + i] * it - lse_t;
+        let ls = in1(xb + i) * it - lse_s;
+        let lt = sec1(yb + i) * it - lse_t;
         let ps = exp(ls);
         let pt = exp(lt);
         if (mode == 0) {
@@ -59,12 +60,12 @@ fn main(
     }
     let tot = reduce_v2(acc, lid, lane, sg, nsg);
     if (lid == 0u) {
-        ROWS[row] = tot.x;
+        row_values[row] = tot.x;
     }
 #if GRAD
     for (var i = lid; i < P.v; i += WG) {
-        let ls = X[base + i] * it - lse_s;
-        let lt = Y[base + i] * it - lse_t;
+        let ls = in1(xb + i) * it - lse_s;
+        let lt = sec1(yb + i) * it - lse_t;
         let ps = exp(ls);
         var g = 0.0;
         if (mode == 0) {
@@ -75,7 +76,7 @@ fn main(
             let lm = log(beta * exp(lt) + (1.0 - beta) * ps);
             g = ps * ((1.0 - beta) * (ls - lm) - tot.y);
         }
-        OUT[base + i] = P.grad_scale * g;
+        put1(o_row(r) + i, P.grad_scale * g);
     }
 #endif
 }

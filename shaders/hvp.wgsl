@@ -1,6 +1,6 @@
 // Hessian-vector products of softmax cross-entropy in logit space, one workgroup per row:
-// H = diag(p) - p p^T, so H v = p * v - p (p . v), with X = logits and Y = v. Three reads
-// of the row (statistic, p . v, output), no V x V matrix.
+// H = diag(p) - p p^T, so H v = p * v - p (p . v), with `input` = logits and `second` = v.
+// Three reads of the row (statistic, p . v, output), no V x V matrix.
 
 @compute @workgroup_size(WG)
 fn main(
@@ -13,20 +13,17 @@ fn main(
     if (r >= P.chunk_rows) {
         return;
     }
-    let base = row_base(r);
-    var st = Stat(P.neg_inf, 0.0);
-    for (var i = lid; i < P.v; i += WG) {
-        st = push(st, X[base + i]);
-    }
-    let a = reduce_stat(st, lid, lane, sg, nsg);
+    let xb = x_row(r);
+    let yb = y_row(r);
+    let a = reduce_stat(row_stat_part(r, lid, 1.0), lid, lane, sg, nsg);
     let inv = 1.0 / (1.0 + a.s);
     var d = 0.0;
     for (var i = lid; i < P.v; i += WG) {
-        d += exp(X[base + i] - a.m) * Y[base + i];
+        d += exp(in1(xb + i) - a.m) * sec1(yb + i);
     }
     let pv = reduce_v2(vec2<f32>(d, 0.0), lid, lane, sg, nsg).x * inv;
     for (var i = lid; i < P.v; i += WG) {
-        let p = exp(X[base + i] - a.m) * inv;
-        OUT[base + i] = p * (Y[base + i] - pv);
+        let p = exp(in1(xb + i) - a.m) * inv;
+        put1(o_row(r) + i, p * (sec1(yb + i) - pv));
     }
 }

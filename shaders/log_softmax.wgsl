@@ -1,5 +1,5 @@
-// Row-wise log-softmax (or softmax with F_SOFTMAX), one workgroup per row:
-// statistic in one read, output in a second.
+// Row-wise log-softmax (or softmax with F_SOFTMAX), one workgroup per row: statistic in one
+// read, f32 output in a second.
 
 @compute @workgroup_size(WG)
 fn main(
@@ -12,28 +12,21 @@ fn main(
     if (r >= P.chunk_rows) {
         return;
     }
-    let st = reduce_stat(row_part(r, lid, 0.0).st, lid, lane, sg, nsg);
+    let st = reduce_stat(row_stat_part(r, lid, 1.0), lid, lane, sg, nsg);
     let l1p = log1p_(st.s);
     let inv = 1.0 / (1.0 + st.s);
     let soft = has(F_SOFTMAX);
+    let xb = x_row(r);
+    let ob = o_row(r);
 #if VEC4
-    let n4 = P.v / 4u;
-    for (var i = lid; i < n4; i += WG) {
-        let d = X[row_base(r) + i] - vec4<f32>(st.m);
-        if (soft) {
-            OUT[row_base(r) + i] = exp(d) * inv;
-        } else {
-            OUT[row_base(r) + i] = d - vec4<f32>(l1p);
-        }
+    for (var q = lid; q < P.v / 4u; q += WG) {
+        let d = in4(xb / 4u + q) - vec4<f32>(st.m);
+        put4(ob / 4u + q, select(d - vec4<f32>(l1p), exp(d) * inv, soft));
     }
 #else
-    for (var i = lid; i < P.v; i += WG) {
-        let d = X[row_base(r) + i] - st.m;
-        if (soft) {
-            OUT[row_base(r) + i] = exp(d) * inv;
-        } else {
-            OUT[row_base(r) + i] = d - l1p;
-        }
+    for (var j = lid; j < P.v; j += WG) {
+        let d = in1(xb + j) - st.m;
+        put1(ob + j, select(d - l1p, exp(d) * inv, soft));
     }
 #endif
 }

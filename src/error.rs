@@ -47,6 +47,14 @@ pub enum XentError {
     /// The device was lost (driver reset, destroyed, ...).
     #[error("GPU device lost: {0}")]
     DeviceLost(String),
+    /// Memory for a tensor could not be allocated (a size from a file or flag that cannot be met).
+    #[error("could not allocate {bytes} bytes for {what}")]
+    Alloc {
+        /// What the memory was for.
+        what: String,
+        /// Bytes asked for.
+        bytes: u64,
+    },
     /// Reading or writing a file failed.
     #[error("{path}: {message}")]
     Io {
@@ -55,7 +63,7 @@ pub enum XentError {
         /// What went wrong.
         message: String,
     },
-    /// A `.npy` file has a dtype or layout xent cannot use.
+    /// A file (`.npy`, safetensors) has a dtype, layout or header xent cannot use.
     #[error("{path}: {message}")]
     Format {
         /// The file.

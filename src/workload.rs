@@ -1,4 +1,5 @@
-//! Seeded synthetic workloads for the default job, benchmarks and examples.
+//! Seeded synthetic workloads: the default job's, the benchmarks', the examples' and anyone's
+//! who wants to measure xent (or a peer) on the same data on any machine.
 
 use ndarray::{Array1, Array2};
 use rayon::prelude::*;
@@ -19,7 +20,18 @@ fn mix(mut z: u64) -> u64 {
 /// assert_eq!(t[2], -100);
 /// ```
 pub fn synthetic(n: usize, v: usize, scale: f32, ignore_every: usize, seed: u64) -> (Array2<f32>, Array1<i64>) {
-    let mut x = Array2::<f32>::zeros((n, v));
+    try_synthetic(n, v, scale, ignore_every, seed).expect("memory for the synthetic workload")
+}
+
+/// [`synthetic`] with the allocation checked: a shape that cannot be allocated is an error.
+pub fn try_synthetic(
+    n: usize,
+    v: usize,
+    scale: f32,
+    ignore_every: usize,
+    seed: u64,
+) -> crate::Result<(Array2<f32>, Array1<i64>)> {
+    let mut x = crate::alloc::zeros2::<f32>((n, v), "synthetic logits")?;
     if v > 0 {
         x.as_slice_mut().expect("fresh array").par_chunks_mut(v).enumerate().for_each(|(r, row)| {
             let mut s = mix(seed ^ (r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
@@ -40,5 +52,5 @@ pub fn synthetic(n: usize, v: usize, scale: f32, ignore_every: usize, seed: u64)
             (mix(seed.wrapping_add(0xDEAD_BEEF) ^ r as u64) % v.max(1) as u64) as i64
         }
     });
-    (x, t)
+    Ok((x, t))
 }

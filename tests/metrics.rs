@@ -56,7 +56,7 @@ fn corpus_in_batches_equals_one_call_exactly() {
                 tt[s * t + k] = -100;
             }
         }
-        let r = reference::cross_entropy(x.view(), tt.view().into(), &CrossEntropy::default()).unwrap();
+        let r = reference::cross_entropy(x.view(), tt.view(), &CrossEntropy::default()).unwrap();
         let rep = whole.finish();
         assert_scalar(&format!("{name} corpus nll"), rep.corpus_nll, r.loss, 1e-6, 1e-6);
         assert_eq!(rep.tokens, lengths.sum() as u64);
@@ -133,7 +133,7 @@ fn temperature_scaling_recovers_a_known_temperature() {
     // Each search step is one pass; the GPU variants are covered by the other tests, so the
     // CPU and the default GPU context suffice here.
     for (name, b) in backends().into_iter().take(2) {
-        let fit = fit_temperature(b, x.view(), y.view().into(), 15).unwrap();
+        let fit = fit_temperature(b, x.view(), y.view(), 15).unwrap();
         println!(
             "{name}: T = {} after {} passes, NLL {} -> {}, ECE {} -> {}",
             fit.temperature, fit.passes, fit.before.nll, fit.after.nll, fit.before.ece, fit.after.ece
@@ -151,17 +151,13 @@ fn s18_fitted_temperature_beats_the_seed_grid() {
     let x = array![[5.0f32, 0.8, -1.0], [4.5, 0.3, -0.2], [3.8, 1.1, -0.1], [0.2, 1.7, 0.1], [1.0, 0.7, 0.4]];
     let y = array![0i64, 0, 1, 1, 2];
     let nll = |t: f64| {
-        reference::cross_entropy(
-            x.view(),
-            y.view().into(),
-            &CrossEntropy { temperature: t as f32, ..Default::default() },
-        )
-        .unwrap()
-        .loss
+        reference::cross_entropy(x.view(), y.view(), &CrossEntropy { temperature: t as f32, ..Default::default() })
+            .unwrap()
+            .loss
     };
     let grid_best = (0..150).map(|i| 0.5 + 2.5 * i as f64 / 149.0).map(nll).fold(f64::INFINITY, f64::min);
     for (name, b) in backends() {
-        let fit = fit_temperature(b, x.view(), y.view().into(), 5).unwrap();
+        let fit = fit_temperature(b, x.view(), y.view(), 5).unwrap();
         assert!(fit.after.nll <= grid_best + 1e-6, "{name}: {} vs grid {grid_best}", fit.after.nll);
         // At the optimum the derivative vanishes: nearby temperatures are no better.
         for dt in [-1e-3, 1e-3] {
@@ -179,7 +175,7 @@ fn expected_calibration_error_and_reliability_table() {
     let y = array![0i64, 0, 0, 1, 0, 1];
     let want = 4.0 / 6.0 * (0.75f64 - 0.85).abs() + 2.0 / 6.0 * (0.5f64 - 0.55).abs();
     for (name, b) in backends() {
-        let c = calibrate(b, x.view(), y.view().into(), 1.0, 10).unwrap();
+        let c = calibrate(b, x.view(), y.view(), 1.0, 10).unwrap();
         assert_scalar(&format!("{name} ece"), c.ece, want, 1e-6, 0.0);
         assert_scalar(&format!("{name} accuracy"), c.accuracy, 4.0 / 6.0, 0.0, 0.0);
         assert_eq!(c.bins.iter().map(|b| b.count).sum::<u64>(), 6);
@@ -201,7 +197,7 @@ fn hessian_vector_products_match_finite_differences() {
         let g = |xx: &Array2<f32>| {
             reference::cross_entropy(
                 xx.view(),
-                t.view().into(),
+                t.view(),
                 &CrossEntropy { reduction: Reduction::Sum, ..Default::default() },
             )
             .unwrap()
@@ -211,7 +207,7 @@ fn hessian_vector_products_match_finite_differences() {
         let fd = (g(&xp) - g(&xm)) / (2.0 * h as f64);
         let scale = fd.iter().fold(0.0f64, |m, &e| m.max(e.abs())).max(1e-12);
         for (name, b) in backends().into_iter().filter(|(n, _)| v < 16_000 || !n.contains("64KiB")) {
-            let hv = b.hvp(x.view(), dv.view()).unwrap();
+            let hv = b.hvp(x.view().into(), dv.view()).unwrap();
             assert_close_2d(&format!("{name} hvp {n}x{v}"), hv.view(), fd.view(), 1e-4 * scale, 1e-3);
         }
     }
@@ -229,7 +225,7 @@ fn s16_dense_hessian_is_symmetric_psd_with_zero_row_sums() {
     let v = array![[0.3f32, -1.0, 2.0, 0.5]];
     let dense = h.dot(&v.row(0).mapv(f64::from));
     for (name, b) in backends() {
-        let hv = b.hvp(z.view().insert_axis(ndarray::Axis(0)), v.view()).unwrap();
+        let hv = b.hvp(z.view().insert_axis(ndarray::Axis(0)).into(), v.view()).unwrap();
         assert_close_1d(name, hv.row(0), dense.view(), 1e-7, 1e-6);
     }
     // Eigenvalues of a known matrix.

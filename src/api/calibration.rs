@@ -1,11 +1,10 @@
 //! Calibration: expected calibration error with a reliability table, and temperature scaling
 //! fitted by a safeguarded root search on d(NLL)/d(1/T), one fused cross-entropy pass per step.
 
-use ndarray::ArrayView2;
-
 use crate::api::config::{CeOutput, CrossEntropy, Reduction};
 use crate::api::targets::Targets;
 use crate::api::Backend;
+use crate::dtype::Logits;
 use crate::error::{Result, XentError};
 
 /// One equal-width confidence bin.
@@ -36,58 +35,128 @@ pub struct Calibration {
     pub bins: Vec<Bin>,
 }
 
-/// Bins confidence `exp(max - lse)` and correctness (rank 0) of a pass made with `ranks` and `per_row`.
-fn from_rows(out: &CeOutput, bins: usize) -> Calibration {
-    let (max, lse, rank) = (
-        out.row_max.as_ref().expect("ranks"),
-        out.row_lse.as_ref().expect("per_row"),
-        out.row_rank.as_ref().expect("ranks"),
-    );
-    let mut acc = vec![(0u64, 0.0f64, 0u64); bins];
-    let mut total = 0u64;
-    for i in 0..rank.len() {
-        if rank[i] == u32::MAX {
-            continue;
+/// What a pass over (possibly many blocks of) predictions accumulates: per-bin counts,
+/// confidence sums and hits, the NLL and the expected-logit-gap sums. Blocks are added with
+/// [`CalibrationAcc::add`] and accumulators merged with [`CalibrationAcc::merge`], so a file
+/// larger than memory is calibrated block by block.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CalibrationAcc {
+    bins: Vec<(u64, f64, u64)>,
+    nll: f64,
+    gap: f64,
+    counted: u64,
+    hits: u64,
+}
+
+impl CalibrationAcc {
+    /// An empty accumulator of `bins` equal-width confidence bins.
+    pub fn new(bins: usize) -> Result<CalibrationAcc> {
+        if bins == 0 {
+            return Err(XentError::InvalidOption("bins must be at least 1".into()));
         }
-        let conf = ((max[i] as f64) - (lse[i] as f64)).exp().min(1.0);
-        // Bins are (lo, hi]; confidence 0 goes to the first.
-        let b = ((conf * bins as f64).ceil() as usize).clamp(1, bins) - 1;
-        acc[b].0 += 1;
-        acc[b].1 += conf;
-        acc[b].2 += (rank[i] == 0) as u64;
-        total += 1;
-    }
-    let mut ece = 0.0;
-    let table = acc
-        .iter()
-        .enumerate()
-        .map(|(b, &(n, c, hit))| {
-            let (confidence, accuracy) =
-                if n == 0 { (f64::NAN, f64::NAN) } else { (c / n as f64, hit as f64 / n as f64) };
-            if n > 0 {
-                ece += n as f64 / total as f64 * (accuracy - confidence).abs();
-            }
-            Bin { lower: b as f64 / bins as f64, upper: (b + 1) as f64 / bins as f64, count: n, confidence, accuracy }
+        Ok(CalibrationAcc {
+            bins: crate::alloc::filled(bins, (0, 0.0, 0), "calibration bins")?,
+            nll: 0.0,
+            gap: 0.0,
+            counted: 0,
+            hits: 0,
         })
-        .collect();
-    Calibration {
-        nll: out.loss,
-        accuracy: out.accuracy(1).unwrap_or(f64::NAN),
-        ece: if total == 0 { f64::NAN } else { ece },
-        bins: table,
+    }
+
+    /// The options of a pass that [`Self::add`] can use, at `temperature`.
+    pub fn pass_config(temperature: f32, gaps: bool) -> CrossEntropy {
+        CrossEntropy { reduction: Reduction::Sum, temperature, per_row: true, ranks: true, gaps, ..Default::default() }
+    }
+
+    /// Adds a block's results, from a pass with [`Self::pass_config`].
+    pub fn add(&mut self, out: &CeOutput) {
+        let n_bins = self.bins.len();
+        let (max, lse, rank, loss) = (
+            out.row_max.as_ref().expect("ranks"),
+            out.row_lse.as_ref().expect("per_row"),
+            out.row_rank.as_ref().expect("ranks"),
+            out.row_loss.as_ref().expect("per_row"),
+        );
+        for i in 0..rank.len() {
+            if rank[i] == u32::MAX {
+                continue;
+            }
+            let conf = ((max[i] as f64) - (lse[i] as f64)).exp().min(1.0);
+            // Bins are (lo, hi]; confidence 0 goes to the first.
+            let b = ((conf * n_bins as f64).ceil() as usize).clamp(1, n_bins) - 1;
+            self.bins[b].0 += 1;
+            self.bins[b].1 += conf;
+            self.bins[b].2 += (rank[i] == 0) as u64;
+            self.nll += loss[i] as f64;
+            self.hits += (rank[i] == 0) as u64;
+            self.counted += 1;
+            if let Some(g) = &out.row_gap {
+                self.gap += g[i] as f64;
+            }
+        }
+    }
+
+    /// Adds another accumulator (same bins).
+    pub fn merge(&mut self, o: &CalibrationAcc) {
+        for (a, b) in self.bins.iter_mut().zip(&o.bins) {
+            a.0 += b.0;
+            a.1 += b.1;
+            a.2 += b.2;
+        }
+        self.nll += o.nll;
+        self.gap += o.gap;
+        self.counted += o.counted;
+        self.hits += o.hits;
+    }
+
+    /// Mean NLL over counted rows (NaN with none).
+    pub fn mean_nll(&self) -> f64 {
+        if self.counted == 0 {
+            f64::NAN
+        } else {
+            self.nll / self.counted as f64
+        }
+    }
+
+    /// The calibration report.
+    pub fn finish(&self) -> Calibration {
+        let n_bins = self.bins.len();
+        let total = self.counted;
+        let mut ece = 0.0;
+        let table = self
+            .bins
+            .iter()
+            .enumerate()
+            .map(|(b, &(n, c, hit))| {
+                let (confidence, accuracy) =
+                    if n == 0 { (f64::NAN, f64::NAN) } else { (c / n as f64, hit as f64 / n as f64) };
+                if n > 0 {
+                    ece += n as f64 / total as f64 * (accuracy - confidence).abs();
+                }
+                Bin {
+                    lower: b as f64 / n_bins as f64,
+                    upper: (b + 1) as f64 / n_bins as f64,
+                    count: n,
+                    confidence,
+                    accuracy,
+                }
+            })
+            .collect();
+        let div = |a: f64| if total == 0 { f64::NAN } else { a / total as f64 };
+        Calibration {
+            nll: div(self.nll),
+            accuracy: div(self.hits as f64),
+            ece: if total == 0 { f64::NAN } else { ece },
+            bins: table,
+        }
     }
 }
 
-fn pass(b: &dyn Backend, x: ArrayView2<f32>, t: Targets, temperature: f32, gaps: bool) -> Result<CeOutput> {
-    let cfg = CrossEntropy {
-        reduction: Reduction::Mean,
-        temperature,
-        per_row: true,
-        ranks: true,
-        gaps,
-        ..Default::default()
-    };
-    b.cross_entropy(x, t, &cfg)
+fn pass(b: &dyn Backend, x: Logits, t: Targets, temperature: f32, gaps: bool, bins: usize) -> Result<CalibrationAcc> {
+    let out = b.cross_entropy(x, t, &CalibrationAcc::pass_config(temperature, gaps))?;
+    let mut acc = CalibrationAcc::new(bins)?;
+    acc.add(&out);
+    Ok(acc)
 }
 
 /// Calibration of `softmax(logits / temperature)` against class-index targets, with `bins`
@@ -97,21 +166,19 @@ fn pass(b: &dyn Backend, x: ArrayView2<f32>, t: Targets, temperature: f32, gaps:
 /// use ndarray::array;
 /// use xent::{calibration::calibrate, Cpu};
 /// let x = array![[4.0f32, 0.0], [4.0, 0.0], [0.0, 4.0], [4.0, 0.0]];
-/// let c = calibrate(&Cpu::new(), x.view(), (&[0i64, 0, 1, 1][..]).into(), 1.0, 10).unwrap();
+/// let c = calibrate(&Cpu::new(), &x, &[0i64, 0, 1, 1][..], 1.0, 10).unwrap();
 /// assert_eq!(c.accuracy, 0.75);
 /// assert!(c.ece > 0.2); // 98% confident, 75% right
 /// ```
-pub fn calibrate(
+pub fn calibrate<'a, 'b>(
     b: &dyn Backend,
-    logits: ArrayView2<f32>,
-    targets: Targets,
+    logits: impl Into<Logits<'a>>,
+    targets: impl Into<Targets<'b>>,
     temperature: f32,
     bins: usize,
 ) -> Result<Calibration> {
-    if bins == 0 {
-        return Err(XentError::InvalidOption("bins must be at least 1".into()));
-    }
-    Ok(from_rows(&pass(b, logits, targets, temperature, false)?, bins))
+    let (logits, targets) = (logits.into(), targets.into());
+    Ok(pass(b, logits, targets, temperature, false, bins)?.finish())
 }
 
 /// Result of temperature scaling.
@@ -127,21 +194,6 @@ pub struct TemperatureFit {
     pub passes: usize,
 }
 
-/// Mean NLL and its derivative w.r.t. beta = 1/T at `beta`: dNLL/dbeta = T mean(E_p[z] - z_y).
-fn nll_and_slope(b: &dyn Backend, x: ArrayView2<f32>, t: Targets, beta: f64) -> Result<(f64, f64)> {
-    let out = pass(b, x, t, (1.0 / beta) as f32, true)?;
-    let gaps = out.row_gap.as_ref().expect("gaps");
-    let ranks = out.row_rank.as_ref().expect("ranks");
-    let (mut s, mut n) = (0.0f64, 0u64);
-    for (g, r) in gaps.iter().zip(ranks.iter()) {
-        if *r != u32::MAX {
-            s += *g as f64;
-            n += 1;
-        }
-    }
-    Ok((out.loss, s / n as f64 / beta))
-}
-
 /// Fits the temperature minimising validation NLL. NLL is convex in beta = 1/T, so its
 /// derivative is monotone: the search brackets the root by doubling/halving beta, then runs
 /// Illinois-modified regula falsi with bisection as the safeguard; every step is one fused
@@ -152,27 +204,52 @@ fn nll_and_slope(b: &dyn Backend, x: ArrayView2<f32>, t: Targets, beta: f64) -> 
 /// use ndarray::array;
 /// use xent::{calibration::fit_temperature, Cpu};
 /// let x = array![[6.0f32, 0.0], [6.0, 0.0], [0.0, 6.0], [6.0, 0.0]];
-/// let fit = fit_temperature(&Cpu::new(), x.view(), (&[0i64, 0, 1, 1][..]).into(), 10).unwrap();
+/// let fit = fit_temperature(&Cpu::new(), &x, &[0i64, 0, 1, 1][..], 10).unwrap();
 /// assert!(fit.temperature > 1.0 && fit.after.nll < fit.before.nll);
 /// ```
-pub fn fit_temperature(
+pub fn fit_temperature<'a, 'b>(
     b: &dyn Backend,
-    logits: ArrayView2<f32>,
-    targets: Targets,
+    logits: impl Into<Logits<'a>>,
+    targets: impl Into<Targets<'b>>,
     bins: usize,
 ) -> Result<TemperatureFit> {
-    let before = calibrate(b, logits, targets, 1.0, bins)?;
-    if before.nll.is_nan() {
-        return Err(XentError::InvalidOption("no counted rows to fit a temperature on".into()));
+    let (logits, targets) = (logits.into(), targets.into());
+    fit_temperature_by(&mut |t, gaps| pass(b, logits, targets, t, gaps, bins))
+}
+
+/// [`fit_temperature`] over any source of predictions: `pass(temperature, gaps)` evaluates
+/// every row at `temperature` (with expected logit gaps when `gaps`) into one accumulator,
+/// e.g. streaming a file block by block.
+pub fn fit_temperature_by(pass: &mut dyn FnMut(f32, bool) -> Result<CalibrationAcc>) -> Result<TemperatureFit> {
+    let first = pass(1.0, true)?;
+    let before = first.finish();
+    if first.counted == 0 {
+        return Err(XentError::InvalidOption("no counted rows (every target ignored) to fit a temperature on".into()));
+    }
+    if !before.nll.is_finite() {
+        return Err(XentError::InvalidOption(format!(
+            "the NLL at T = 1 is {} (non-finite logits?): no temperature can be fitted",
+            before.nll
+        )));
     }
     let mut passes = 1;
-    let mut eval = |beta: f64| {
+    // Mean NLL and its derivative w.r.t. beta = 1/T: dNLL/dbeta = T mean(E_p[z] - z_y).
+    let slope = |acc: &CalibrationAcc, beta: f64| acc.gap / acc.counted as f64 / beta;
+    let mut eval = |beta: f64| -> Result<f64> {
         passes += 1;
-        nll_and_slope(b, logits, targets, beta)
+        let acc = pass((1.0 / beta) as f32, true)?;
+        let s = slope(&acc, beta);
+        if !s.is_finite() {
+            return Err(XentError::InvalidOption(format!(
+                "the NLL's slope at T = {} is not finite: no temperature can be fitted",
+                1.0 / beta
+            )));
+        }
+        Ok(s)
     };
     // Bracket the root of the (increasing) slope.
     let (mut lo, mut hi) = (1.0f64, 1.0f64);
-    let (_, s1) = eval(1.0)?;
+    let s1 = slope(&first, 1.0);
     let (mut s_lo, mut s_hi) = (s1, s1);
     let limit = 1e6;
     while s_lo > 0.0 {
@@ -182,7 +259,7 @@ pub fn fit_temperature(
         if lo < 1.0 / limit {
             break;
         }
-        s_lo = eval(lo)?.1;
+        s_lo = eval(lo)?;
     }
     while s_hi < 0.0 {
         lo = hi;
@@ -191,47 +268,51 @@ pub fn fit_temperature(
         if hi > limit {
             break;
         }
-        s_hi = eval(hi)?.1;
+        s_hi = eval(hi)?;
     }
-    let beta = if s_lo > 0.0 {
-        lo // optimum below the range: the most uncertain temperature tried
-    } else if s_hi < 0.0 {
-        hi // separable data: NLL keeps falling as T -> 0
-    } else {
-        // Illinois: regula falsi that halves a stale end's slope so both ends move.
-        let mut side = 0;
-        let mut x = 0.5 * (lo + hi);
-        for _ in 0..60 {
-            if hi - lo <= 1e-7 * hi {
-                break;
-            }
-            x = (lo * s_hi - hi * s_lo) / (s_hi - s_lo);
-            if !(x > lo && x < hi) {
-                x = 0.5 * (lo + hi);
-            }
-            let s = eval(x)?.1;
-            if s == 0.0 {
-                break;
-            }
-            if s < 0.0 {
-                lo = x;
-                s_lo = s;
-                if side == -1 {
-                    s_hi *= 0.5;
-                }
-                side = -1;
-            } else {
-                hi = x;
-                s_hi = s;
-                if side == 1 {
-                    s_lo *= 0.5;
-                }
-                side = 1;
-            }
+    if s_lo > 0.0 || s_hi < 0.0 {
+        // The optimum lies outside T in [1e-6, 1e6]: say so rather than report the cap as a fit.
+        let side = if s_lo > 0.0 {
+            "above 1e6 (predictions carry no information)"
+        } else {
+            "below 1e-6 (the data is separable)"
+        };
+        return Err(XentError::InvalidOption(format!(
+            "the NLL-minimising temperature lies {side}: the search bracket [1e-6, 1e6] does not contain it"
+        )));
+    }
+    // Illinois: regula falsi that halves a stale end's slope so both ends move.
+    let mut side = 0;
+    let mut x = 0.5 * (lo + hi);
+    for _ in 0..60 {
+        if hi - lo <= 1e-7 * hi {
+            break;
         }
-        x
-    };
-    let temperature = 1.0 / beta;
-    let after = calibrate(b, logits, targets, temperature as f32, bins)?;
+        x = (lo * s_hi - hi * s_lo) / (s_hi - s_lo);
+        if !(x > lo && x < hi) {
+            x = 0.5 * (lo + hi);
+        }
+        let s = eval(x)?;
+        if s == 0.0 {
+            break;
+        }
+        if s < 0.0 {
+            lo = x;
+            s_lo = s;
+            if side == -1 {
+                s_hi *= 0.5;
+            }
+            side = -1;
+        } else {
+            hi = x;
+            s_hi = s;
+            if side == 1 {
+                s_lo *= 0.5;
+            }
+            side = 1;
+        }
+    }
+    let temperature = 1.0 / x;
+    let after = pass(temperature as f32, false)?.finish();
     Ok(TemperatureFit { temperature, before, after, passes: passes + 1 })
 }

@@ -29,18 +29,6 @@ impl std::str::FromStr for Reduction {
     }
 }
 
-/// What to do with the gradient of the reduced loss w.r.t. the logits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum GradMode {
-    /// Loss only.
-    #[default]
-    Off,
-    /// Write the gradient to a separate `[N, V]` tensor.
-    Separate,
-    /// Overwrite the logits with the gradient (saves one `[N, V]` buffer).
-    InPlace,
-}
-
 /// Options of softmax cross-entropy with class-index targets.
 ///
 /// Row `n` with target `y` has weight `w_n = sample_weight[n] * class_weight[y]` and loss
@@ -77,8 +65,6 @@ pub struct CrossEntropy {
     pub softcap: Option<f32>,
     /// Logits are divided by this before everything else.
     pub temperature: f32,
-    /// Gradient off, separate or in place.
-    pub grad: GradMode,
     /// Upstream gradient d(total)/d(loss) multiplied into the gradient.
     pub grad_scale: f32,
     /// Also return per-row losses and log-sum-exp values.
@@ -89,6 +75,21 @@ pub struct CrossEntropy {
     /// Also return each row's expected logit gap `E_p[z] - z_target`; `-gap` is the derivative
     /// of the row's NLL w.r.t. log(temperature) (temperature fitting).
     pub gaps: bool,
+    /// The denominators of `Reduction::Mean` when this call sees one block of a larger batch
+    /// (rows streamed from a file in blocks, or split across processes): the whole batch's
+    /// counted rows and weight sum. The gradient is then that of the whole batch's mean, and
+    /// `loss` is this block's share of it (the shares add up to the mean). `None`: this call's
+    /// own rows.
+    pub totals: Option<Totals>,
+}
+
+/// Counted rows and their weight sum: the denominators of a mean (see [`CrossEntropy::totals`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Totals {
+    /// Rows not ignored.
+    pub counted: u64,
+    /// Sum of `sample_weight[n] * class_weight[y_n]` over counted rows.
+    pub weight_sum: f64,
 }
 
 impl Default for CrossEntropy {
@@ -102,11 +103,11 @@ impl Default for CrossEntropy {
             z_loss: 0.0,
             softcap: None,
             temperature: 1.0,
-            grad: GradMode::Off,
             grad_scale: 1.0,
             per_row: false,
             ranks: false,
             gaps: false,
+            totals: None,
         }
     }
 }
@@ -131,6 +132,14 @@ impl CrossEntropy {
         }
         if !self.grad_scale.is_finite() {
             return bad(format!("grad_scale must be finite, got {}", self.grad_scale));
+        }
+        if let Some(t) = self.totals {
+            if self.reduction != Reduction::Mean {
+                return bad("totals only apply to Reduction::Mean".into());
+            }
+            if !(t.weight_sum.is_finite()) {
+                return bad(format!("totals.weight_sum must be finite, got {}", t.weight_sum));
+            }
         }
         if let Some(w) = &self.class_weight {
             if w.len() != classes {
@@ -162,7 +171,7 @@ pub struct CeOutput {
     pub row_loss: Option<Array1<f32>>,
     /// Per-row log-sum-exp of the (transformed) logits, when asked for.
     pub row_lse: Option<Array1<f32>>,
-    /// The gradient of `loss` w.r.t. the logits, times `grad_scale`, for `GradMode::Separate`.
+    /// The gradient of `loss` w.r.t. the logits, times `grad_scale`, from the `*_with_grad` calls.
     pub grad: Option<ndarray::Array2<f32>>,
     /// Per-row max of the (transformed) logits, with `ranks`.
     pub row_max: Option<Array1<f32>>,
@@ -180,7 +189,7 @@ impl CeOutput {
     /// use xent::{Cpu, CrossEntropy};
     /// let x = array![[3.0f32, 1.0, 2.0], [0.0, 5.0, 1.0]];
     /// let cfg = CrossEntropy { ranks: true, ..Default::default() };
-    /// let out = Cpu::new().cross_entropy(x.view(), (&[2i64, 1][..]).into(), &cfg).unwrap();
+    /// let out = Cpu::new().cross_entropy(&x, &[2i64, 1][..], &cfg).unwrap();
     /// assert_eq!(out.accuracy(1), Some(0.5));
     /// assert_eq!(out.accuracy(2), Some(1.0));
     /// ```
@@ -291,15 +300,13 @@ pub struct Distill {
     pub temperature: f32,
     /// The divergence.
     pub mode: DistillMode,
-    /// Also return the gradient w.r.t. the student logits.
-    pub grad: bool,
     /// Upstream gradient multiplied into the gradient.
     pub grad_scale: f32,
 }
 
 impl Default for Distill {
     fn default() -> Self {
-        Distill { temperature: 1.0, mode: DistillMode::Kl, grad: false, grad_scale: 1.0 }
+        Distill { temperature: 1.0, mode: DistillMode::Kl, grad_scale: 1.0 }
     }
 }
 
@@ -337,7 +344,7 @@ pub struct DistillOutput {
     pub loss: f64,
     /// Per-row divergence (without `T^2`).
     pub row_loss: Array1<f32>,
-    /// Gradient of `loss` w.r.t. the student logits, times `grad_scale`.
+    /// Gradient of `loss` w.r.t. the student logits, times `grad_scale` (from `distill_with_grad`).
     pub grad: Option<ndarray::Array2<f32>>,
 }
 

@@ -1,16 +1,30 @@
-//! Class-index targets: accepted as i64 or i32, checked once, normalised to i32 for the kernels.
+//! What cross-entropy scores a row against: class indices (i64 or i32, checked once and
+//! normalised to i32 for the kernels) or probability rows.
 
-use ndarray::ArrayView1;
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
 
 use crate::error::{Result, XentError};
 
-/// Class-index targets `[N]`, as PyTorch's int64 or as int32.
+/// Cross-entropy targets: class indices `[N]` (PyTorch's int64, or int32) or probabilities
+/// `[N, V]` (soft labels, PyTorch's float target).
+///
+/// ```
+/// use ndarray::array;
+/// use xent::Targets;
+/// let classes: Targets = (&[1i64, -100][..]).into();
+/// assert_eq!(classes.len(), 2);
+/// let probs = array![[0.25f32, 0.75]];
+/// let soft: Targets = (&probs).into();
+/// assert!(soft.is_probs());
+/// ```
 #[derive(Debug, Clone, Copy)]
 pub enum Targets<'a> {
-    /// int64 targets.
+    /// int64 class indices.
     I64(ArrayView1<'a, i64>),
-    /// int32 targets.
+    /// int32 class indices.
     I32(ArrayView1<'a, i32>),
+    /// Probability rows `[N, V]`, finite and non-negative.
+    Probs(ArrayView2<'a, f32>),
 }
 
 impl<'a> From<ArrayView1<'a, i64>> for Targets<'a> {
@@ -23,6 +37,16 @@ impl<'a> From<ArrayView1<'a, i32>> for Targets<'a> {
         Targets::I32(v)
     }
 }
+impl<'a> From<&'a Array1<i64>> for Targets<'a> {
+    fn from(v: &'a Array1<i64>) -> Self {
+        Targets::I64(v.view())
+    }
+}
+impl<'a> From<&'a Array1<i32>> for Targets<'a> {
+    fn from(v: &'a Array1<i32>) -> Self {
+        Targets::I32(v.view())
+    }
+}
 impl<'a> From<&'a [i64]> for Targets<'a> {
     fn from(v: &'a [i64]) -> Self {
         Targets::I64(ArrayView1::from(v))
@@ -31,6 +55,16 @@ impl<'a> From<&'a [i64]> for Targets<'a> {
 impl<'a> From<&'a [i32]> for Targets<'a> {
     fn from(v: &'a [i32]) -> Self {
         Targets::I32(ArrayView1::from(v))
+    }
+}
+impl<'a> From<ArrayView2<'a, f32>> for Targets<'a> {
+    fn from(v: ArrayView2<'a, f32>) -> Self {
+        Targets::Probs(v)
+    }
+}
+impl<'a> From<&'a Array2<f32>> for Targets<'a> {
+    fn from(v: &'a Array2<f32>) -> Self {
+        Targets::Probs(v.view())
     }
 }
 
@@ -43,6 +77,7 @@ impl Targets<'_> {
         match self {
             Targets::I64(v) => v.len(),
             Targets::I32(v) => v.len(),
+            Targets::Probs(p) => p.nrows(),
         }
     }
 
@@ -51,17 +86,28 @@ impl Targets<'_> {
         self.len() == 0
     }
 
+    /// True for probability targets.
+    pub fn is_probs(&self) -> bool {
+        matches!(self, Targets::Probs(_))
+    }
+
     fn get(&self, i: usize) -> i64 {
         match self {
             Targets::I64(v) => v[i],
             Targets::I32(v) => v[i] as i64,
+            Targets::Probs(_) => 0,
         }
     }
 
-    /// Checks every target against `classes` and maps ignored rows to [`IGNORED`].
+    /// Checks every class index against `classes` and maps ignored rows to [`IGNORED`].
+    /// Probability targets give class 0 for every row (every row counts).
     pub(crate) fn normalise(&self, classes: usize, ignore_index: i64) -> Result<Vec<i32>> {
-        let mut out = Vec::with_capacity(self.len());
-        for row in 0..self.len() {
+        let n = self.len();
+        if self.is_probs() {
+            return Ok(vec![0; n]);
+        }
+        let mut out = crate::alloc::vec_with_capacity(n, "targets")?;
+        for row in 0..n {
             let t = self.get(row);
             if t == ignore_index {
                 out.push(IGNORED);

@@ -4,8 +4,8 @@
 use ndarray::{Array2, ArrayView2, Axis};
 use rayon::prelude::*;
 
-use crate::api::check::{bce_inputs, BceInput};
 use crate::api::config::{Bce, BceOutput, BceWeight, Reduction};
+use crate::check::{bce_inputs, BceInput};
 use crate::error::Result;
 
 fn softplus(x: f64) -> f64 {

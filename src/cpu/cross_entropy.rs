@@ -5,12 +5,13 @@
 //! when the row is confident; (3) the gradient row is `K e_j - c0 w_j`, with the target
 //! element's `p_t - 1` computed as `(expm1(z_t - m) - s) / (1 + s)`.
 
-use ndarray::{Array2, ArrayView2};
+use ndarray::ArrayView2;
 use rayon::prelude::*;
 
 use super::simd;
-use crate::api::config::{CeOutput, CrossEntropy, GradMode, Reduction};
+use crate::api::config::{CeOutput, CrossEntropy, Reduction};
 use crate::api::targets::{Targets, IGNORED};
+use crate::dtype::{Element, Logits, LogitsMut};
 use crate::error::Result;
 
 /// Per-call constants shared by every row.
@@ -30,18 +31,13 @@ struct RowCtx<'a> {
     probs: Option<&'a [f32]>,
 }
 
-/// Where a task reads its logits and writes its gradient.
-enum Rows<'a> {
-    /// Read-only logits, optional separate gradient.
-    Separate(&'a [f32], Option<&'a mut [f32]>),
-    /// Logits overwritten by the gradient.
-    InPlace(&'a mut [f32]),
-}
-
+/// Per-thread scratch rows: transformed logits, widened logits, exponentials, f32 gradient.
+#[derive(Default)]
 struct Scratch {
     z: Vec<f32>,
     x: Vec<f32>,
     e: Vec<f32>,
+    g: Vec<f32>,
 }
 
 /// What one row yields besides its gradient.
@@ -184,6 +180,7 @@ pub(crate) fn weight_totals(t: &[i32], cfg: &CrossEntropy) -> (u64, f64) {
 /// Reduction coefficients `(a, b)` of the CE and z-loss parts of the gradient.
 pub(crate) fn grad_coefficients(cfg: &CrossEntropy, counted: u64, weight_sum: f64) -> (f64, f64) {
     let scale = cfg.grad_scale as f64;
+    let (counted, weight_sum) = cfg.totals.map_or((counted, weight_sum), |t| (t.counted, t.weight_sum));
     match cfg.reduction {
         Reduction::Mean => (scale / weight_sum, scale / counted as f64),
         _ => (scale, scale),
@@ -193,6 +190,7 @@ pub(crate) fn grad_coefficients(cfg: &CrossEntropy, counted: u64, weight_sum: f6
 /// Combines the CE and z-loss sums into the reduced loss.
 pub(crate) fn reduce(cfg: &CrossEntropy, sum_ce: f64, sum_lse2: f64, counted: u64, weight_sum: f64) -> f64 {
     let z = cfg.z_loss as f64;
+    let (counted, weight_sum) = cfg.totals.map_or((counted, weight_sum), |t| (t.counted, t.weight_sum));
     match cfg.reduction {
         Reduction::Mean => {
             let ce = sum_ce / weight_sum;
@@ -206,42 +204,165 @@ pub(crate) fn reduce(cfg: &CrossEntropy, sum_ce: f64, sum_lse2: f64, counted: u6
     }
 }
 
-/// What a row is scored against.
-pub(crate) enum Target<'a> {
-    /// Class indices `[N]`.
-    Classes(Targets<'a>),
-    /// Probabilities `[N, V]`.
-    Probs(ArrayView2<'a, f32>),
+/// Where the gradient goes.
+pub(crate) enum GradDest<'a> {
+    /// Loss only.
+    None,
+    /// A new f32 array, returned in `CeOutput::grad`.
+    New,
+    /// A caller-owned `[N, V]` tensor of any dtype.
+    Into(LogitsMut<'a>),
 }
 
-/// The fast path. With `GradMode::Separate` the gradient goes to `grad_out` (row-major `[N, V]`)
-/// when given, else into a new array returned in `CeOutput::grad`.
+/// Row-major element storage of one task's rows.
+enum Src<'a, T> {
+    Read(&'a [T]),
+    InPlace(&'a mut [T]),
+}
+
+/// The fast path over logits of any dtype: class or probability targets, the gradient to
+/// `dest` or, with `in_place`, over the logits.
 pub(crate) fn cross_entropy(
     pool: &rayon::ThreadPool,
     logits: Logits<'_>,
-    target: Target<'_>,
+    targets: Targets<'_>,
     cfg: &CrossEntropy,
-    grad_out: Option<&mut [f32]>,
+    dest: GradDest<'_>,
 ) -> Result<CeOutput> {
-    let (n, v) = logits.dim();
-    let probs_owned;
-    let (t, probs) = match target {
-        Target::Classes(targets) => {
-            crate::api::check::ce_inputs(n, v, targets.len(), cfg)?;
-            (targets.normalise(v, cfg.ignore_index)?, None)
+    match logits {
+        Logits::F32(x) => run_read(pool, x, targets, cfg, dest),
+        Logits::F16(x) => run_read(pool, x, targets, cfg, dest),
+        Logits::BF16(x) => run_read(pool, x, targets, cfg, dest),
+    }
+}
+
+/// Cross-entropy that overwrites `logits` (any dtype) with the gradient.
+pub(crate) fn cross_entropy_in_place(
+    pool: &rayon::ThreadPool,
+    logits: LogitsMut<'_>,
+    targets: Targets<'_>,
+    cfg: &CrossEntropy,
+) -> Result<CeOutput> {
+    fn go<T: Element>(
+        pool: &rayon::ThreadPool,
+        mut x: ndarray::ArrayViewMut2<T>,
+        targets: Targets<'_>,
+        cfg: &CrossEntropy,
+    ) -> Result<CeOutput> {
+        let dim = x.dim();
+        match x.as_slice_mut() {
+            Some(s) => run::<T, T>(pool, dim, Src::InPlace(s), targets, cfg, None),
+            None => {
+                let mut tmp = x.as_standard_layout().into_owned();
+                let out = run::<T, T>(pool, dim, Src::InPlace(tmp.as_slice_mut().expect("fresh")), targets, cfg, None)?;
+                x.assign(&tmp);
+                Ok(out)
+            }
         }
-        Target::Probs(p) => {
-            crate::api::check::soft_inputs((n, v), p, cfg)?;
+    }
+    match logits {
+        LogitsMut::F32(x) => go(pool, x, targets, cfg),
+        LogitsMut::F16(x) => go(pool, x, targets, cfg),
+        LogitsMut::BF16(x) => go(pool, x, targets, cfg),
+    }
+}
+
+fn run_read<T: Element>(
+    pool: &rayon::ThreadPool,
+    x: ArrayView2<T>,
+    targets: Targets<'_>,
+    cfg: &CrossEntropy,
+    dest: GradDest<'_>,
+) -> Result<CeOutput> {
+    let dim = x.dim();
+    // Contiguous logits (a copy only if the caller's view is strided).
+    let owned;
+    let xs: &[T] = match x.to_slice() {
+        Some(s) => s,
+        None => {
+            owned = x.as_standard_layout().into_owned();
+            owned.as_slice().expect("standard layout")
+        }
+    };
+    match dest {
+        GradDest::None => run::<T, f32>(pool, dim, Src::Read(xs), targets, cfg, None),
+        GradDest::New => {
+            crate::check::cross_entropy(dim, &targets, cfg)?;
+            let mut g = crate::alloc::zeros2::<f32>(dim, "gradient")?;
+            let mut out =
+                run::<T, f32>(pool, dim, Src::Read(xs), targets, cfg, Some(g.as_slice_mut().expect("fresh")))?;
+            out.grad = Some(g);
+            Ok(out)
+        }
+        GradDest::Into(g) => {
+            if g.dim() != dim {
+                return Err(crate::XentError::Shape(format!(
+                    "gradient {:?} and logits {:?} differ in shape",
+                    g.dim(),
+                    dim
+                )));
+            }
+            fn into<T: Element, G: Element>(
+                pool: &rayon::ThreadPool,
+                dim: (usize, usize),
+                xs: &[T],
+                targets: Targets<'_>,
+                cfg: &CrossEntropy,
+                mut g: ndarray::ArrayViewMut2<G>,
+            ) -> Result<CeOutput> {
+                match g.as_slice_mut() {
+                    Some(gs) => run::<T, G>(pool, dim, Src::Read(xs), targets, cfg, Some(gs)),
+                    None => {
+                        let mut tmp = crate::alloc::zeros2::<f32>(dim, "gradient")?;
+                        let out = run::<T, f32>(pool, dim, Src::Read(xs), targets, cfg, tmp.as_slice_mut())?;
+                        ndarray::Zip::from(&mut g).and(&tmp).for_each(|d, &s| *d = G::from_f32(s));
+                        Ok(out)
+                    }
+                }
+            }
+            match g {
+                LogitsMut::F32(g) => into(pool, dim, xs, targets, cfg, g),
+                LogitsMut::F16(g) => into(pool, dim, xs, targets, cfg, g),
+                LogitsMut::BF16(g) => into(pool, dim, xs, targets, cfg, g),
+            }
+        }
+    }
+}
+
+/// f32 view of an element slice, when the element type is f32.
+fn as_f32<T: Element>(s: &[T]) -> Option<&[f32]> {
+    (T::DTYPE == crate::DType::F32).then(|| bytemuck::cast_slice(s))
+}
+
+fn as_f32_mut<T: Element>(s: &mut [T]) -> Option<&mut [f32]> {
+    (T::DTYPE == crate::DType::F32).then(|| bytemuck::cast_slice_mut(s))
+}
+
+/// The row loop: rows in parallel tasks, each row widened to f32 when stored narrower, its
+/// gradient computed in f32 and rounded once into `grad` (or over the logits when in place).
+fn run<T: Element, G: Element>(
+    pool: &rayon::ThreadPool,
+    (n, v): (usize, usize),
+    src: Src<'_, T>,
+    targets: Targets<'_>,
+    cfg: &CrossEntropy,
+    grad: Option<&mut [G]>,
+) -> Result<CeOutput> {
+    crate::check::cross_entropy((n, v), &targets, cfg)?;
+    let t = targets.normalise(v, cfg.ignore_index)?;
+    let probs_owned;
+    let probs = match targets {
+        Targets::Probs(p) => {
             probs_owned = match p.to_slice() {
                 Some(s) => std::borrow::Cow::Borrowed(s),
                 None => std::borrow::Cow::Owned(p.iter().copied().collect::<Vec<f32>>()),
             };
-            // Every row counts (class 0 stands in for the target, so no row is IGNORED); the
-            // weights kernel and this path agree on W = sum of sample weights.
-            (vec![0; n], Some(&probs_owned[..]))
+            Some(&probs_owned[..])
         }
+        _ => None,
     };
     let (counted, weight_sum) = match probs {
+        // Every row counts; W = the sum of sample weights (the weights kernel agrees).
         Some(_) => (n as u64, cfg.sample_weight.as_ref().map_or(n as f64, |w| w.iter().map(|&x| x as f64).sum())),
         None => weight_totals(&t, cfg),
     };
@@ -251,51 +372,38 @@ pub(crate) fn cross_entropy(
     let wtot = cw.as_ref().map_or(v as f64, |w| w.iter().map(|&x| x as f64).sum());
     let ctx =
         RowCtx { cfg, v, cw: cw.as_deref(), sw: sw.as_deref(), a, b, wtot, transform: cfg.transforms_logits(), probs };
+    let in_place = matches!(src, Src::InPlace(_));
+    let want_grad = in_place || grad.is_some();
 
     let mut rows_out = vec![RowOut::default(); n];
-    let want_grad = cfg.grad == GradMode::Separate;
-    // A new gradient array only when the caller did not provide one.
-    let mut grad = if want_grad && grad_out.is_none() { Some(Array2::<f32>::zeros((n, v))) } else { None };
-    let grad_slice: Option<&mut [f32]> = match grad_out {
-        Some(g) if want_grad => Some(g),
-        _ => grad.as_mut().map(|g| g.as_slice_mut().expect("fresh array")),
-    };
-
-    // Contiguous logits (copy only if the caller's view is strided).
-    let owned;
     let rows_per_task = (n / (pool.current_num_threads() * 8)).clamp(1, 256);
-    let mut tasks: Vec<(usize, Rows, &mut [RowOut])> = Vec::new();
+    let step = rows_per_task * v;
+    // Tasks: (first row, logits rows, gradient rows, outputs).
+    type Task<'b, T, G> = (usize, Src<'b, T>, Option<&'b mut [G]>, &'b mut [RowOut]);
+    let mut tasks: Vec<Task<T, G>> = Vec::new();
     {
-        let mut rest = &mut rows_out[..];
-        let mut outs = |cnt: usize| {
-            let (o, tail) = std::mem::take(&mut rest).split_at_mut(cnt);
-            rest = tail;
-            o
-        };
-        match logits {
-            Logits::View(view) => {
-                let x: &[f32] = match view.to_slice() {
-                    Some(s) => s,
-                    None => {
-                        owned = view.as_standard_layout().into_owned();
-                        owned.as_slice().expect("standard layout")
-                    }
-                };
-                let mut g_rest = grad_slice;
-                for (i, xc) in x.chunks(rows_per_task * v).enumerate() {
+        let mut outs = &mut rows_out[..];
+        let mut grads = grad;
+        match src {
+            Src::Read(x) => {
+                for (i, xc) in x.chunks(step.max(1)).enumerate() {
                     let cnt = xc.len() / v;
-                    let gc = g_rest.take().map(|g| {
-                        let (a, b) = g.split_at_mut(cnt * v);
-                        g_rest = Some(b);
-                        a
+                    let gc = grads.take().map(|g| {
+                        let (head, tail) = g.split_at_mut(cnt * v);
+                        grads = Some(tail);
+                        head
                     });
-                    tasks.push((i * rows_per_task, Rows::Separate(xc, gc), outs(cnt)));
+                    let (o, rest) = std::mem::take(&mut outs).split_at_mut(cnt);
+                    outs = rest;
+                    tasks.push((i * rows_per_task, Src::Read(xc), gc, o));
                 }
             }
-            Logits::InPlace(x, _) => {
-                for (i, xc) in x.chunks_mut(rows_per_task * v).enumerate() {
+            Src::InPlace(x) => {
+                for (i, xc) in x.chunks_mut(step.max(1)).enumerate() {
                     let cnt = xc.len() / v;
-                    tasks.push((i * rows_per_task, Rows::InPlace(xc), outs(cnt)));
+                    let (o, rest) = std::mem::take(&mut outs).split_at_mut(cnt);
+                    outs = rest;
+                    tasks.push((i * rows_per_task, Src::InPlace(xc), None, o));
                 }
             }
         }
@@ -304,27 +412,48 @@ pub(crate) fn cross_entropy(
     let (sum_ce, sum_lse2) = pool.install(|| {
         tasks
             .into_par_iter()
-            .map(|(r0, rows, out)| {
-                let mut sc = Scratch { z: Vec::new(), x: Vec::new(), e: Vec::new() };
+            .map(|(r0, mut xs, mut gs, out)| {
+                let mut sc = Scratch::default();
                 let (mut sce, mut sl2) = (0.0f64, 0.0f64);
-                let mut rows = rows;
                 for (i, o) in out.iter_mut().enumerate() {
                     let r = r0 + i;
-                    *o = match &mut rows {
-                        Rows::Separate(x, g) => {
-                            let g = g.as_deref_mut().map(|g| &mut g[i * v..(i + 1) * v]);
-                            ctx.row(&x[i * v..(i + 1) * v], t[r], r, g, &mut sc)
-                        }
-                        Rows::InPlace(x) => {
-                            let row = &mut x[i * v..(i + 1) * v];
-                            let mut xs = std::mem::take(&mut sc.x);
-                            xs.clear();
-                            xs.extend_from_slice(row);
-                            let out = ctx.row(&xs, t[r], r, Some(row), &mut sc);
-                            sc.x = xs;
-                            out
+                    let span = i * v..(i + 1) * v;
+                    // The row as f32: borrowed when it is f32 and read-only, else widened.
+                    let mut xw = std::mem::take(&mut sc.x);
+                    let row_in: &[T] = match &xs {
+                        Src::Read(x) => &x[span.clone()],
+                        Src::InPlace(x) => &x[span.clone()],
+                    };
+                    let x32: &[f32] = match (as_f32(row_in), in_place) {
+                        (Some(s), false) => s,
+                        _ => {
+                            xw.resize(v, 0.0);
+                            T::widen(row_in, &mut xw);
+                            &xw
                         }
                     };
+                    let mut gw = std::mem::take(&mut sc.g);
+                    *o = if !want_grad {
+                        ctx.row(x32, t[r], r, None, &mut sc)
+                    } else {
+                        // Gradient straight into an f32 destination, else into scratch then rounded.
+                        let direct = gs.as_deref_mut().and_then(|g| as_f32_mut(&mut g[span.clone()]));
+                        match direct {
+                            Some(g) => ctx.row(x32, t[r], r, Some(g), &mut sc),
+                            None => {
+                                gw.resize(v, 0.0);
+                                let o = ctx.row(x32, t[r], r, Some(&mut gw), &mut sc);
+                                match (&mut xs, gs.as_deref_mut()) {
+                                    (Src::InPlace(x), _) => T::narrow(&gw, &mut x[span.clone()]),
+                                    (_, Some(g)) => G::narrow(&gw, &mut g[span.clone()]),
+                                    _ => {}
+                                }
+                                o
+                            }
+                        }
+                    };
+                    sc.x = xw;
+                    sc.g = gw;
                     sce += o.loss;
                     if t[r] != IGNORED {
                         sl2 += o.lse * o.lse;
@@ -353,23 +482,6 @@ pub(crate) fn cross_entropy(
         row_max: cfg.ranks.then(|| rows_out.iter().map(|o| o.max).collect()),
         row_rank: cfg.ranks.then(|| rows_out.iter().map(|o| o.rank).collect()),
         row_gap: cfg.gaps.then(|| rows_out.iter().map(|o| o.gap as f32).collect()),
-        grad,
+        grad: None,
     })
-}
-
-/// Logits as the fast path takes them.
-pub(crate) enum Logits<'a> {
-    /// Read-only logits `[N, V]`.
-    View(ArrayView2<'a, f32>),
-    /// Row-major logits of `(N, V)`, overwritten by the gradient.
-    InPlace(&'a mut [f32], (usize, usize)),
-}
-
-impl Logits<'_> {
-    fn dim(&self) -> (usize, usize) {
-        match self {
-            Logits::View(v) => v.dim(),
-            Logits::InPlace(_, d) => *d,
-        }
-    }
 }

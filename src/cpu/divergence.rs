@@ -2,15 +2,16 @@
 //! parallel). They are elementwise-light row reductions, so the f64 computation is both the
 //! CPU path and the reference; tests hold it to PyTorch's golden values and the GPU to it.
 
-use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
+use ndarray::{Array1, ArrayView2};
 use rayon::prelude::*;
 
-use crate::api::check::{probability_rows, same_rows};
 use crate::api::config::{Distill, DistillOutput, Measures};
+use crate::check::{probability_rows, same_rows};
+use crate::dtype::Logits;
 use crate::error::Result;
 
 /// log-softmax of a row divided by `t`, in f64.
-pub(crate) fn log_softmax_row(x: ArrayView1<f32>, t: f64) -> Vec<f64> {
+pub(crate) fn log_softmax_row(x: &[f32], t: f64) -> Vec<f64> {
     let z: Vec<f64> = x.iter().map(|&v| v as f64 / t).collect();
     let m = z.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v));
     let lse = m + z.iter().map(|&v| (v - m).exp()).sum::<f64>().ln();
@@ -55,9 +56,10 @@ fn distill_row(ls: &[f64], lt: &[f64], mode: i32, beta: f64, grad: Option<&mut [
 
 pub(crate) fn distill(
     pool: &rayon::ThreadPool,
-    student: ArrayView2<f32>,
-    teacher: ArrayView2<f32>,
+    student: Logits<'_>,
+    teacher: Logits<'_>,
     cfg: &Distill,
+    want_grad: bool,
 ) -> Result<DistillOutput> {
     cfg.validate()?;
     same_rows(student.dim(), teacher.dim(), "student and teacher logits")?;
@@ -66,15 +68,18 @@ pub(crate) fn distill(
     let (mode, beta) = cfg.mode_code();
     // d(T^2 mean_n D_n)/dx = T^2 / N * (1/T) dD/dz = T / N * dD/dz.
     let coef = cfg.grad_scale as f64 * t / n.max(1) as f64;
-    let mut grad = Array2::<f32>::zeros(if cfg.grad { (n, v) } else { (0, v) });
+    let mut grad = crate::alloc::zeros2::<f32>(if want_grad { (n, v) } else { (0, v) }, "gradient")?;
     let mut rows = vec![0.0f64; n];
     pool.install(|| {
         let work = |(r, d): (usize, &mut f64), g: Option<&mut [f32]>| {
-            let ls = log_softmax_row(student.row(r), t);
-            let lt = log_softmax_row(teacher.row(r), t);
+            let mut buf = Vec::new();
+            student.row_into(r, &mut buf);
+            let ls = log_softmax_row(&buf, t);
+            teacher.row_into(r, &mut buf);
+            let lt = log_softmax_row(&buf, t);
             *d = distill_row(&ls, &lt, mode, beta as f64, g, coef);
         };
-        if cfg.grad {
+        if want_grad {
             rows.par_iter_mut()
                 .enumerate()
                 .zip(grad.as_slice_mut().expect("fresh array").par_chunks_mut(v))
@@ -84,7 +89,7 @@ pub(crate) fn distill(
         }
     });
     let loss = t * t * rows.iter().sum::<f64>() / n as f64;
-    Ok(DistillOutput { loss, row_loss: rows.iter().map(|&d| d as f32).collect(), grad: cfg.grad.then_some(grad) })
+    Ok(DistillOutput { loss, row_loss: rows.iter().map(|&d| d as f32).collect(), grad: want_grad.then_some(grad) })
 }
 
 fn measure_row(p: &[f64], q: &[f64], lp: &[f64], lq: &[f64]) -> [f64; 4] {
@@ -131,17 +136,19 @@ pub(crate) fn measures(pool: &rayon::ThreadPool, p: ArrayView2<f64>, q: ArrayVie
 /// Measures of `p = softmax(p_logits)`, `q = softmax(q_logits)`.
 pub(crate) fn measures_from_logits(
     pool: &rayon::ThreadPool,
-    p_logits: ArrayView2<f32>,
-    q_logits: ArrayView2<f32>,
+    p_logits: Logits<'_>,
+    q_logits: Logits<'_>,
 ) -> Result<Measures> {
     same_rows(p_logits.dim(), q_logits.dim(), "p and q logits")?;
     let rows = pool.install(|| {
-        p_logits
-            .axis_iter(Axis(0))
+        (0..p_logits.dim().0)
             .into_par_iter()
-            .zip(q_logits.axis_iter(Axis(0)).into_par_iter())
-            .map(|(pr, qr)| {
-                let (lp, lq) = (log_softmax_row(pr, 1.0), log_softmax_row(qr, 1.0));
+            .map(|r| {
+                let mut buf = Vec::new();
+                p_logits.row_into(r, &mut buf);
+                let lp = log_softmax_row(&buf, 1.0);
+                q_logits.row_into(r, &mut buf);
+                let lq = log_softmax_row(&buf, 1.0);
                 let p: Vec<f64> = lp.iter().map(|v| v.exp()).collect();
                 let q: Vec<f64> = lq.iter().map(|v| v.exp()).collect();
                 measure_row(&p, &q, &lp, &lq)

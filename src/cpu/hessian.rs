@@ -6,14 +6,17 @@ use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
 use rayon::prelude::*;
 
 use crate::cpu::divergence::log_softmax_row;
+use crate::dtype::Logits;
 use crate::error::{Result, XentError};
 
-pub(crate) fn hvp(pool: &rayon::ThreadPool, logits: ArrayView2<f32>, v: ArrayView2<f32>) -> Result<Array2<f32>> {
-    crate::api::check::same_rows(logits.dim(), v.dim(), "logits and v")?;
-    let mut out = Array2::<f32>::zeros(logits.dim());
+pub(crate) fn hvp(pool: &rayon::ThreadPool, logits: Logits<'_>, v: ArrayView2<f32>) -> Result<Array2<f32>> {
+    crate::check::same_rows(logits.dim(), v.dim(), "logits and v")?;
+    let mut out = crate::alloc::zeros2::<f32>(logits.dim(), "Hessian-vector products")?;
     pool.install(|| {
         out.axis_iter_mut(Axis(0)).into_par_iter().enumerate().for_each(|(r, mut o)| {
-            let p: Vec<f64> = log_softmax_row(logits.row(r), 1.0).into_iter().map(f64::exp).collect();
+            let mut buf = Vec::new();
+            logits.row_into(r, &mut buf);
+            let p: Vec<f64> = log_softmax_row(&buf, 1.0).into_iter().map(f64::exp).collect();
             let pv: f64 = p.iter().zip(v.row(r)).map(|(&p, &x)| p * x as f64).sum();
             for (k, o) in o.iter_mut().enumerate() {
                 *o = (p[k] * (v[[r, k]] as f64 - pv)) as f32;
@@ -34,7 +37,8 @@ pub fn hessian(logits: ArrayView1<f32>) -> Result<Array2<f64>> {
     if v == 0 || v > 4096 {
         return Err(XentError::InvalidOption(format!("dense Hessian wants 1..=4096 classes, got {v}")));
     }
-    let p: Vec<f64> = log_softmax_row(logits, 1.0).into_iter().map(f64::exp).collect();
+    let x: Vec<f32> = logits.to_vec();
+    let p: Vec<f64> = log_softmax_row(&x, 1.0).into_iter().map(f64::exp).collect();
     Ok(Array2::from_shape_fn((v, v), |(i, j)| if i == j { p[i] - p[i] * p[i] } else { -p[i] * p[j] }))
 }
 

@@ -8,18 +8,18 @@ mod log_softmax;
 pub mod reference;
 mod simd;
 
+#[cfg(feature = "gpu")]
 pub(crate) use cross_entropy::reduce;
 pub use hessian::{hessian, symmetric_eigenvalues};
 
-use ndarray::{Array2, ArrayView2, ArrayViewMut2};
+use ndarray::{Array2, ArrayView2};
 
-use crate::api::check::BceInput;
-use crate::api::config::{
-    Bce, BceOutput, CeOutput, CrossEntropy, Distill, DistillOutput, GradMode, Measures, SoftmaxKind,
-};
+use crate::api::config::{Bce, BceOutput, CeOutput, CrossEntropy, Distill, DistillOutput, Measures, SoftmaxKind};
 use crate::api::targets::Targets;
+use crate::check::BceInput;
+use crate::dtype::{Logits, LogitsMut};
 use crate::error::{Result, XentError};
-use cross_entropy::{Logits, Target};
+use cross_entropy::GradDest;
 
 /// The CPU backend. Owns a thread pool (one thread per core by default).
 ///
@@ -28,7 +28,7 @@ use cross_entropy::{Logits, Target};
 /// use xent::{Cpu, CrossEntropy};
 /// let cpu = Cpu::new();
 /// let logits = array![[2.0f32, 0.5, -1.0], [0.0, 0.0, 0.0]];
-/// let out = cpu.cross_entropy(logits.view(), (&[0i64, 2][..]).into(), &CrossEntropy::default()).unwrap();
+/// let out = cpu.cross_entropy(&logits, &[0i64, 2][..], &CrossEntropy::default()).unwrap();
 /// assert!((out.loss - 0.669_962).abs() < 1e-5);
 /// ```
 pub struct Cpu {
@@ -66,119 +66,79 @@ impl Cpu {
         self.pool.current_num_threads()
     }
 
-    /// Softmax cross-entropy with class-index targets (see [`CrossEntropy`]).
+    /// Softmax cross-entropy of logits `[N, V]` (f32, f16 or bf16) against class indices or
+    /// probability rows (see [`CrossEntropy`]); the loss only.
     ///
-    /// `GradMode::InPlace` is rejected here; use [`Cpu::cross_entropy_in_place`].
-    pub fn cross_entropy(&self, logits: ArrayView2<f32>, targets: Targets, cfg: &CrossEntropy) -> Result<CeOutput> {
-        if cfg.grad == GradMode::InPlace {
-            return Err(XentError::InvalidOption(
-                "GradMode::InPlace needs mutable logits: call cross_entropy_in_place".into(),
-            ));
-        }
-        cross_entropy::cross_entropy(&self.pool, Logits::View(logits), Target::Classes(targets), cfg, None)
-    }
-
-    /// Cross-entropy whose gradient (`GradMode::Separate` implied) is written into `grad`, a
-    /// caller-owned `[N, V]` array: a training loop reuses it and allocates nothing per call.
-    ///
-    /// ```
-    /// use ndarray::{array, Array2};
-    /// use xent::{Cpu, CrossEntropy};
-    /// let cpu = Cpu::new();
-    /// let x = array![[1.0f32, 2.0, 3.0]];
-    /// let mut g = Array2::zeros((1, 3));
-    /// cpu.cross_entropy_into(x.view(), (&[2i64][..]).into(), &CrossEntropy::default(), g.view_mut()).unwrap();
-    /// assert!(g[[0, 2]] < 0.0 && g[[0, 0]] > 0.0);
-    /// ```
-    pub fn cross_entropy_into(
-        &self,
-        logits: ArrayView2<f32>,
-        targets: Targets,
-        cfg: &CrossEntropy,
-        mut grad: ArrayViewMut2<f32>,
-    ) -> Result<CeOutput> {
-        if grad.dim() != logits.dim() {
-            return Err(XentError::Shape(format!(
-                "gradient {:?} and logits {:?} differ in shape",
-                grad.dim(),
-                logits.dim()
-            )));
-        }
-        let cfg = CrossEntropy { grad: GradMode::Separate, ..cfg.clone() };
-        match grad.as_slice_mut() {
-            Some(g) => {
-                cross_entropy::cross_entropy(&self.pool, Logits::View(logits), Target::Classes(targets), &cfg, Some(g))
-            }
-            None => {
-                let mut out = cross_entropy::cross_entropy(
-                    &self.pool,
-                    Logits::View(logits),
-                    Target::Classes(targets),
-                    &cfg,
-                    None,
-                )?;
-                grad.assign(out.grad.as_ref().expect("gradient"));
-                out.grad = None;
-                Ok(out)
-            }
-        }
-    }
-
-    /// Cross-entropy that overwrites `logits` with the gradient (whatever `cfg.grad` says).
-    pub fn cross_entropy_in_place(
-        &self,
-        mut logits: ArrayViewMut2<f32>,
-        targets: Targets,
-        cfg: &CrossEntropy,
-    ) -> Result<CeOutput> {
-        let dim = logits.dim();
-        let cfg = CrossEntropy { grad: GradMode::InPlace, ..cfg.clone() };
-        match logits.as_slice_mut() {
-            Some(x) => {
-                cross_entropy::cross_entropy(&self.pool, Logits::InPlace(x, dim), Target::Classes(targets), &cfg, None)
-            }
-            None => {
-                let mut tmp = logits.as_standard_layout().into_owned();
-                let out = cross_entropy::cross_entropy(
-                    &self.pool,
-                    Logits::InPlace(tmp.as_slice_mut().expect("standard layout"), dim),
-                    Target::Classes(targets),
-                    &cfg,
-                    None,
-                )?;
-                logits.assign(&tmp);
-                Ok(out)
-            }
-        }
-    }
-
-    /// Cross-entropy with probability targets `[N, V]` (soft labels), as PyTorch's
-    /// `cross_entropy` with a float target:
+    /// With probability targets `y [N, V]` (soft labels, PyTorch's float target):
     ///
     /// ```text
     /// q_nc = (1 - eps) y_nc + eps / V
     /// L_n  = sample_weight[n] sum_c class_weight[c] q_nc (lse_n - z_nc)  (+ z_loss lse_n^2)
     /// ```
     ///
-    /// `Mean` divides by the number of rows (by the sum of sample weights when given);
-    /// `ignore_index` does not apply. Targets must be finite and non-negative.
+    /// `Mean` then divides by the number of rows (by the sum of sample weights when given) and
+    /// `ignore_index` does not apply.
     ///
     /// ```
     /// use ndarray::array;
     /// use xent::{Cpu, CrossEntropy};
     /// let x = array![[1.0f32, 2.0, 3.0]];
-    /// let hard = Cpu::new().cross_entropy(x.view(), (&[2i64][..]).into(), &CrossEntropy::default()).unwrap();
-    /// let soft = Cpu::new().cross_entropy_soft(x.view(), array![[0.0f32, 0.0, 1.0]].view(), &CrossEntropy::default()).unwrap();
+    /// let cpu = Cpu::new();
+    /// let hard = cpu.cross_entropy(&x, &[2i64][..], &CrossEntropy::default()).unwrap();
+    /// let soft = cpu.cross_entropy(&x, &array![[0.0f32, 0.0, 1.0]], &CrossEntropy::default()).unwrap();
     /// assert!((hard.loss - soft.loss).abs() < 1e-6);
     /// ```
-    pub fn cross_entropy_soft(
+    pub fn cross_entropy<'a, 'b>(
         &self,
-        logits: ArrayView2<f32>,
-        probs: ArrayView2<f32>,
+        logits: impl Into<Logits<'a>>,
+        targets: impl Into<Targets<'b>>,
         cfg: &CrossEntropy,
     ) -> Result<CeOutput> {
-        // (`soft_inputs` rejects GradMode::InPlace.)
-        cross_entropy::cross_entropy(&self.pool, Logits::View(logits), Target::Probs(probs), cfg, None)
+        cross_entropy::cross_entropy(&self.pool, logits.into(), targets.into(), cfg, GradDest::None)
+    }
+
+    /// Cross-entropy and its gradient w.r.t. the logits, as a new f32 array in
+    /// [`CeOutput::grad`].
+    pub fn cross_entropy_with_grad<'a, 'b>(
+        &self,
+        logits: impl Into<Logits<'a>>,
+        targets: impl Into<Targets<'b>>,
+        cfg: &CrossEntropy,
+    ) -> Result<CeOutput> {
+        cross_entropy::cross_entropy(&self.pool, logits.into(), targets.into(), cfg, GradDest::New)
+    }
+
+    /// Cross-entropy whose gradient is written into `grad`, a caller-owned `[N, V]` tensor of
+    /// any dtype (f32, or the logits' f16/bf16, rounded once from f32): a training loop reuses
+    /// it and allocates nothing per call.
+    ///
+    /// ```
+    /// use ndarray::{array, Array2};
+    /// use xent::{Cpu, CrossEntropy};
+    /// let cpu = Cpu::new();
+    /// let x = array![[1.0f32, 2.0, 3.0]];
+    /// let mut g = Array2::<f32>::zeros((1, 3));
+    /// cpu.cross_entropy_into(&x, &[2i64][..], &CrossEntropy::default(), &mut g).unwrap();
+    /// assert!(g[[0, 2]] < 0.0 && g[[0, 0]] > 0.0);
+    /// ```
+    pub fn cross_entropy_into<'a, 'b, 'c>(
+        &self,
+        logits: impl Into<Logits<'a>>,
+        targets: impl Into<Targets<'b>>,
+        cfg: &CrossEntropy,
+        grad: impl Into<LogitsMut<'c>>,
+    ) -> Result<CeOutput> {
+        cross_entropy::cross_entropy(&self.pool, logits.into(), targets.into(), cfg, GradDest::Into(grad.into()))
+    }
+
+    /// Cross-entropy that overwrites `logits` (any dtype) with the gradient.
+    pub fn cross_entropy_in_place<'a, 'b>(
+        &self,
+        logits: impl Into<LogitsMut<'a>>,
+        targets: impl Into<Targets<'b>>,
+        cfg: &CrossEntropy,
+    ) -> Result<CeOutput> {
+        cross_entropy::cross_entropy_in_place(&self.pool, logits.into(), targets.into(), cfg)
     }
 
     /// Binary cross-entropy from logits `[N, C]` with targets in `[0, 1]` (see [`Bce`]).
@@ -204,11 +164,26 @@ impl Cpu {
     /// use ndarray::array;
     /// use xent::{Cpu, Distill};
     /// let x = array![[1.0f32, 2.0, 3.0]];
-    /// let same = Cpu::new().distill(x.view(), x.view(), &Distill::default()).unwrap();
+    /// let same = Cpu::new().distill(&x, &x, &Distill::default()).unwrap();
     /// assert!(same.loss.abs() < 1e-12);
     /// ```
-    pub fn distill(&self, student: ArrayView2<f32>, teacher: ArrayView2<f32>, cfg: &Distill) -> Result<DistillOutput> {
-        divergence::distill(&self.pool, student, teacher, cfg)
+    pub fn distill<'a, 'b>(
+        &self,
+        student: impl Into<Logits<'a>>,
+        teacher: impl Into<Logits<'b>>,
+        cfg: &Distill,
+    ) -> Result<DistillOutput> {
+        divergence::distill(&self.pool, student.into(), teacher.into(), cfg, false)
+    }
+
+    /// Distillation and its gradient w.r.t. the student logits ([`DistillOutput::grad`]).
+    pub fn distill_with_grad<'a, 'b>(
+        &self,
+        student: impl Into<Logits<'a>>,
+        teacher: impl Into<Logits<'b>>,
+        cfg: &Distill,
+    ) -> Result<DistillOutput> {
+        divergence::distill(&self.pool, student.into(), teacher.into(), cfg, true)
     }
 
     /// Entropy, cross-entropy, KL and JS per row of probability rows `p`, `q` (f64).
@@ -217,18 +192,22 @@ impl Cpu {
     }
 
     /// The same measures of `softmax(p_logits)` and `softmax(q_logits)`.
-    pub fn measures_from_logits(&self, p_logits: ArrayView2<f32>, q_logits: ArrayView2<f32>) -> Result<Measures> {
-        divergence::measures_from_logits(&self.pool, p_logits, q_logits)
+    pub fn measures_from_logits<'a, 'b>(
+        &self,
+        p_logits: impl Into<Logits<'a>>,
+        q_logits: impl Into<Logits<'b>>,
+    ) -> Result<Measures> {
+        divergence::measures_from_logits(&self.pool, p_logits.into(), q_logits.into())
     }
 
     /// Per-row Hessian-vector products `(diag(p) - p p^T) v` of softmax cross-entropy w.r.t.
     /// the logits, without forming the Hessian.
-    pub fn hvp(&self, logits: ArrayView2<f32>, v: ArrayView2<f32>) -> Result<Array2<f32>> {
-        hessian::hvp(&self.pool, logits, v)
+    pub fn hvp<'a>(&self, logits: impl Into<Logits<'a>>, v: ArrayView2<f32>) -> Result<Array2<f32>> {
+        hessian::hvp(&self.pool, logits.into(), v)
     }
 
-    /// Row-wise log-softmax or softmax.
-    pub fn log_softmax(&self, logits: ArrayView2<f32>, kind: SoftmaxKind) -> Result<Array2<f32>> {
-        log_softmax::log_softmax(&self.pool, logits, kind)
+    /// Row-wise log-softmax or softmax (f32 output) of logits of any dtype.
+    pub fn log_softmax<'a>(&self, logits: impl Into<Logits<'a>>, kind: SoftmaxKind) -> Result<Array2<f32>> {
+        log_softmax::log_softmax(&self.pool, logits.into(), kind)
     }
 }

@@ -7,6 +7,7 @@ use ndarray::{Array1, Array2, ArrayView2, Axis};
 
 use crate::api::config::{CrossEntropy, Reduction, SoftmaxKind};
 use crate::api::targets::{Targets, IGNORED};
+use crate::dtype::Logits;
 use crate::error::{Result, XentError};
 
 /// Cross-entropy results in f64.
@@ -45,10 +46,21 @@ fn transform(cfg: &CrossEntropy, x: f64) -> (f64, f64) {
     }
 }
 
-/// Softmax cross-entropy in f64 (see [`CrossEntropy`] for the formula).
-pub fn cross_entropy(logits: ArrayView2<f32>, targets: Targets, cfg: &CrossEntropy) -> Result<RefCe> {
+/// Softmax cross-entropy in f64 (see [`CrossEntropy`] for the formula), with class-index or
+/// probability targets, from logits of any dtype (widened exactly to f64).
+pub fn cross_entropy<'a>(
+    logits: impl Into<Logits<'a>>,
+    targets: impl Into<Targets<'a>>,
+    cfg: &CrossEntropy,
+) -> Result<RefCe> {
+    let logits = logits.into().to_f32();
+    let logits = logits.view();
+    let targets = targets.into();
+    if let Targets::Probs(p) = targets {
+        return cross_entropy_soft(logits, p, cfg);
+    }
     let (n, v) = logits.dim();
-    crate::api::check::ce_inputs(n, v, targets.len(), cfg)?;
+    crate::check::cross_entropy((n, v), &targets, cfg)?;
     let t = targets.normalise(v, cfg.ignore_index)?;
     let cw = |c: usize| cfg.class_weight.as_ref().map_or(1.0, |w| w[c] as f64);
     let sw = |r: usize| cfg.sample_weight.as_ref().map_or(1.0, |w| w[r] as f64);
@@ -65,8 +77,9 @@ pub fn cross_entropy(logits: ArrayView2<f32>, targets: Targets, cfg: &CrossEntro
         }
     }
     let scale = cfg.grad_scale as f64;
+    let (den_n, den_w) = cfg.totals.map_or((counted, weight_sum), |t| (t.counted, t.weight_sum));
     let (a, b) = match cfg.reduction {
-        Reduction::Mean => (scale / weight_sum, scale / counted as f64),
+        Reduction::Mean => (scale / den_w, scale / den_n as f64),
         _ => (scale, scale),
     };
 
@@ -109,16 +122,16 @@ pub fn cross_entropy(logits: ArrayView2<f32>, targets: Targets, cfg: &CrossEntro
         }
     }
     let loss = match cfg.reduction {
-        Reduction::Mean => sum_l / weight_sum + sum_z / counted as f64,
+        Reduction::Mean => sum_l / den_w + sum_z / den_n as f64,
         _ => sum_l + sum_z,
     };
     Ok(RefCe { loss, counted, weight_sum, row_loss, row_lse, grad, row_max, row_rank, row_gap })
 }
 
-/// Cross-entropy with probability targets in f64 (see [`crate::Cpu::cross_entropy_soft`]).
-pub fn cross_entropy_soft(logits: ArrayView2<f32>, probs: ArrayView2<f32>, cfg: &CrossEntropy) -> Result<RefCe> {
+/// Cross-entropy with probability targets in f64 (see [`crate::Cpu::cross_entropy`]).
+fn cross_entropy_soft(logits: ArrayView2<f32>, probs: ArrayView2<f32>, cfg: &CrossEntropy) -> Result<RefCe> {
     let (n, v) = logits.dim();
-    crate::api::check::soft_inputs((n, v), probs, cfg)?;
+    crate::check::cross_entropy((n, v), &Targets::Probs(probs), cfg)?;
     let cw = |c: usize| cfg.class_weight.as_ref().map_or(1.0, |w| w[c] as f64);
     let sw = |r: usize| cfg.sample_weight.as_ref().map_or(1.0, |w| w[r] as f64);
     let eps = cfg.label_smoothing as f64;
@@ -158,7 +171,8 @@ pub fn cross_entropy_soft(logits: ArrayView2<f32>, probs: ArrayView2<f32>, cfg: 
 }
 
 /// Row-wise log-softmax or softmax in f64.
-pub fn log_softmax(logits: ArrayView2<f32>, kind: SoftmaxKind) -> Result<Array2<f64>> {
+pub fn log_softmax<'a>(logits: impl Into<Logits<'a>>, kind: SoftmaxKind) -> Result<Array2<f64>> {
+    let logits = logits.into().to_f32();
     let (n, v) = logits.dim();
     if v == 0 {
         return Err(XentError::Shape(format!("logits [{n}, 0] have no classes")));

@@ -1,62 +1,94 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use std::sync::OnceLock;
+#[cfg(feature = "gpu")]
+pub use gpu::*;
 
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
-use xent::{GpuContext, GpuOptions};
 
-/// The shared GPU context, or `None` (with a printed notice) when there is no adapter and
-/// `XENT_REQUIRE_GPU` is not set. With `XENT_REQUIRE_GPU=1` a missing adapter fails the test.
-pub fn gpu() -> Option<&'static GpuContext> {
-    static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
-    CTX.get_or_init(|| make(GpuOptions::default())).as_ref()
+/// True when `XENT_REQUIRE_GPU` is set to a non-empty value other than `0`: GPU tests then fail
+/// instead of skipping when no adapter is found.
+pub fn gpu_required() -> bool {
+    std::env::var("XENT_REQUIRE_GPU").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
-/// A context that reduces in workgroup memory (no subgroup operations).
-pub fn gpu_no_subgroups() -> Option<&'static GpuContext> {
-    static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
-    CTX.get_or_init(|| make(GpuOptions { subgroups: false, ..Default::default() })).as_ref()
-}
+/// GPU contexts every GPU test uses (feature `gpu`).
+#[cfg(feature = "gpu")]
+mod gpu {
+    use std::sync::OnceLock;
 
-/// A context whose storage bindings are capped at 64 KiB, so small tensors span many chunks.
-pub fn gpu_small_bindings() -> Option<&'static GpuContext> {
-    static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
-    CTX.get_or_init(|| make(GpuOptions { max_binding_bytes: Some(64 << 10), ..Default::default() })).as_ref()
-}
+    use xent::{GpuContext, GpuOptions};
 
-/// A new private context (for tests that count its allocations or destroy its device).
-pub fn fresh_gpu() -> Option<GpuContext> {
-    make(GpuOptions::default())
-}
+    /// The shared GPU context, or `None` (with a printed notice) when there is no adapter and
+    /// `XENT_REQUIRE_GPU` is not set. With `XENT_REQUIRE_GPU=1` a missing adapter fails the test.
+    pub fn gpu() -> Option<&'static GpuContext> {
+        static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
+        CTX.get_or_init(|| make(GpuOptions::default())).as_ref()
+    }
 
-fn make(opts: GpuOptions) -> Option<GpuContext> {
-    match GpuContext::with_options(opts) {
-        Ok(c) => Some(c),
-        Err(e) if xent::gpu_required() => {
-            panic!("XENT_REQUIRE_GPU is set but no GPU is usable: {e}")
+    /// A context that reduces in workgroup memory (no subgroup operations).
+    pub fn gpu_no_subgroups() -> Option<&'static GpuContext> {
+        static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
+        CTX.get_or_init(|| make(GpuOptions { subgroups: false, ..Default::default() })).as_ref()
+    }
+
+    /// A context whose storage bindings are capped at 64 KiB, so small tensors span many chunks.
+    pub fn gpu_small_bindings() -> Option<&'static GpuContext> {
+        static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
+        CTX.get_or_init(|| make(GpuOptions { max_binding_bytes: Some(64 << 10), ..Default::default() })).as_ref()
+    }
+
+    /// A new private context (for tests that count its allocations or destroy its device).
+    pub fn fresh_gpu() -> Option<GpuContext> {
+        make(GpuOptions::default())
+    }
+
+    fn make(opts: GpuOptions) -> Option<GpuContext> {
+        match GpuContext::with_options(opts) {
+            Ok(c) => Some(c),
+            Err(e) if super::gpu_required() => {
+                panic!("XENT_REQUIRE_GPU is set but no GPU is usable: {e}")
+            }
+            Err(e) => {
+                eprintln!("SKIPPED GPU test: {e} (set XENT_REQUIRE_GPU=1 to make this a failure)");
+                None
+            }
         }
-        Err(e) => {
-            eprintln!("SKIPPED GPU test: {e} (set XENT_REQUIRE_GPU=1 to make this a failure)");
-            None
+    }
+
+    /// Every GPU context the tests exercise: default (subgroups if available), workgroup-memory
+    /// reductions, and tiny bindings (multi-chunk).
+    pub fn gpus() -> Vec<(&'static str, &'static GpuContext)> {
+        let mut v = Vec::new();
+        if let Some(g) = gpu() {
+            v.push(("gpu", g));
         }
+        if let Some(g) = gpu_no_subgroups() {
+            v.push(("gpu-no-subgroups", g));
+        }
+        if let Some(g) = gpu_small_bindings() {
+            v.push(("gpu-64KiB-bindings", g));
+        }
+        v
     }
 }
 
-/// Every GPU context the tests exercise: default (subgroups if available), workgroup-memory
-/// reductions, and tiny bindings (multi-chunk).
-pub fn gpus() -> Vec<(&'static str, &'static GpuContext)> {
-    let mut v = Vec::new();
-    if let Some(g) = gpu() {
-        v.push(("gpu", g));
+/// GPU contexts: none without the `gpu` feature (the type only lets GPU loops compile).
+#[cfg(not(feature = "gpu"))]
+pub fn gpus() -> Vec<(&'static str, &'static xent::Cpu)> {
+    Vec::new()
+}
+
+/// Every GPU context of [`gpus`] as a boxed [`xent::Backend`].
+pub fn gpu_backends() -> Vec<(&'static str, Box<dyn xent::Backend>)> {
+    #[cfg(feature = "gpu")]
+    {
+        gpus().into_iter().map(|(n, g)| (n, Box::new(g.clone()) as Box<dyn xent::Backend>)).collect()
     }
-    if let Some(g) = gpu_no_subgroups() {
-        v.push(("gpu-no-subgroups", g));
+    #[cfg(not(feature = "gpu"))]
+    {
+        Vec::new()
     }
-    if let Some(g) = gpu_small_bindings() {
-        v.push(("gpu-64KiB-bindings", g));
-    }
-    v
 }
 
 /// SplitMix64: deterministic test data without a dependency.

@@ -1,0 +1,289 @@
+//! `xent bench`: median and minimum times of mean cross-entropy (ignore_index on every 16th row)
+//! over shapes, dtypes and backends, the useful traffic in GB/s, and the process's peak memory.
+//!
+//! The CPU runs on host arrays (forward-backward writes into one reused gradient array, as a
+//! training loop would); the GPU runs device-resident (logits uploaded once, the gradient left
+//! on the GPU, one recorded plan per shape), so neither side pays for allocation or transfers
+//! inside the timed region.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use xent::{workload, CrossEntropy, DType, Result, Tensor2, XentError};
+
+use crate::common::{cpu, emit, emitln, peak_rss, BackendKind, Obj};
+use crate::plot::{self, Point};
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Loss only.
+    Fwd,
+    /// Loss and gradient w.r.t. the logits.
+    FwdBwd,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Fwd => "fwd",
+            Op::FwdBwd => "fwd-bwd",
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Backends, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "cpu,gpu")]
+    backend: Vec<BackendKind>,
+    /// Shapes NxV, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "4096x32000")]
+    shapes: Vec<String>,
+    /// Logit dtypes (f32, f16, bf16), comma-separated; the gradient has the logits' dtype.
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    dtype: Vec<String>,
+    /// Timed repetitions (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// What to time.
+    #[arg(long, value_enum, default_value = "fwd-bwd")]
+    op: Op,
+    /// One JSON object per (backend, shape, dtype) line instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Draw throughput against V for each backend and dtype to this .svg or .png file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// CPU worker threads (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+/// One measured (backend, shape, dtype).
+struct Row {
+    backend: &'static str,
+    dtype: DType,
+    n: usize,
+    v: usize,
+    median: f64,
+    min: f64,
+    gbps: f64,
+    peak_rss: u64,
+}
+
+fn parse_shape(s: &str) -> Result<(usize, usize)> {
+    let bad = || XentError::InvalidOption(format!("shape must be NxV with positive N and V, got {s:?}"));
+    let (a, b) = s.split_once(['x', 'X']).ok_or_else(bad)?;
+    let (n, v): (usize, usize) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+    if n == 0 || v == 0 || n.checked_mul(v).is_none_or(|e| e > isize::MAX as usize / 8) {
+        return Err(bad());
+    }
+    Ok((n, v))
+}
+
+fn stats(mut t: Vec<Duration>) -> (f64, f64) {
+    t.sort();
+    let s: Vec<f64> = t.iter().map(Duration::as_secs_f64).collect();
+    let m = s.len();
+    let median = if m % 2 == 1 { s[m / 2] } else { 0.5 * (s[m / 2 - 1] + s[m / 2]) };
+    (median, s[0])
+}
+
+fn time(reps: usize, pb: &ProgressBar, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
+    f()?; // warm-up: pipelines, pages, caches
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        f()?;
+        t.push(t0.elapsed());
+        pb.inc(1);
+    }
+    Ok(stats(t))
+}
+
+/// The seeded workload in `dtype` (allocations checked: an impossible shape is an error).
+fn workload(n: usize, v: usize, dtype: DType) -> Result<(Tensor2, ndarray::Array1<i64>)> {
+    let (x, t) = workload::try_synthetic(n, v, 2.0, 16, 42)?;
+    let x = match dtype {
+        DType::F32 => Tensor2::F32(x),
+        DType::F16 => Tensor2::F16(x.mapv(half::f16::from_f32)),
+        DType::BF16 => Tensor2::BF16(x.mapv(half::bf16::from_f32)),
+    };
+    Ok((x, t))
+}
+
+pub fn run(a: &BenchArgs) -> Result<()> {
+    if a.reps == 0 {
+        return Err(XentError::InvalidOption("--reps must be at least 1".into()));
+    }
+    let plot_out = match &a.plot {
+        Some(p) => {
+            if !matches!(p.extension().and_then(|e| e.to_str()), Some("svg" | "png")) {
+                return Err(XentError::InvalidOption(format!(
+                    "--plot writes SVG or PNG: name a .svg or .png file, got {}",
+                    p.display()
+                )));
+            }
+            Some(crate::io::OutFile::create(p, "plot")?)
+        }
+        None => None,
+    };
+    let shapes = a.shapes.iter().map(|s| parse_shape(s)).collect::<Result<Vec<_>>>()?;
+    let dtypes = a.dtype.iter().map(|s| s.parse::<DType>()).collect::<Result<Vec<_>>>()?;
+    let cpu = if a.backend.contains(&BackendKind::Cpu) { Some(cpu(a.threads)?) } else { None };
+    #[cfg(feature = "gpu")]
+    let gpu = if a.backend.contains(&BackendKind::Gpu) {
+        match xent::GpuContext::new() {
+            Ok(g) => Some(g),
+            Err(e) if a.backend.len() == 1 => return Err(e),
+            Err(e) => {
+                eprintln!("gpu skipped: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    #[cfg(not(feature = "gpu"))]
+    let gpu: Option<()> = if a.backend.contains(&BackendKind::Gpu) {
+        eprintln!("gpu skipped: built without the `gpu` feature");
+        None
+    } else {
+        None
+    };
+    let cfg = CrossEntropy::default();
+    let runs = (shapes.len() * dtypes.len() * (cpu.is_some() as usize + gpu.is_some() as usize) * a.reps) as u64;
+    let pb = ProgressBar::new(runs);
+    pb.set_style(ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} {msg}").expect("valid template"));
+    let op = a.op.name();
+    let mut rows = Vec::new();
+    for &(n, v) in &shapes {
+        for &dtype in &dtypes {
+            pb.set_message(format!("{n}x{v} {dtype}: generating"));
+            let (x, t) = workload(n, v, dtype)?;
+            let elems = (n * v) as f64 * dtype.size() as f64;
+            let traffic = if a.op == Op::FwdBwd { 2.0 * elems } else { elems };
+            if let Some(c) = &cpu {
+                pb.set_message(format!("{n}x{v} {dtype}: cpu {op}"));
+                let (median, min) = if a.op == Op::FwdBwd {
+                    let mut g = Tensor2::zeros(dtype, (n, v));
+                    time(a.reps, &pb, || c.cross_entropy_into(x.view(), &t, &cfg, g.view_mut()).map(drop))?
+                } else {
+                    time(a.reps, &pb, || c.cross_entropy(x.view(), &t, &cfg).map(drop))?
+                };
+                let gbps = traffic / median / 1e9;
+                rows.push(Row { backend: "cpu", dtype, n, v, median, min, gbps, peak_rss: peak_rss() });
+            }
+            #[cfg(feature = "gpu")]
+            if let Some(g) = &gpu {
+                pb.set_message(format!("{n}x{v} {dtype}: gpu {op}"));
+                let (median, min) = gpu_time(g, &x, &t, &cfg, a.op, a.reps, &pb)?;
+                let gbps = traffic / median / 1e9;
+                rows.push(Row { backend: "gpu", dtype, n, v, median, min, gbps, peak_rss: peak_rss() });
+                g.trim();
+            }
+        }
+    }
+    pb.finish_and_clear();
+
+    if a.json {
+        for r in &rows {
+            let o = Obj::default()
+                .set("backend", r.backend)
+                .set("n", r.n)
+                .set("v", r.v)
+                .set("dtype", r.dtype.name())
+                .set("op", op)
+                .num("median_s", r.median)
+                .num("min_s", r.min)
+                .num("gbps", r.gbps)
+                .set("peak_rss_bytes", r.peak_rss)
+                .set("reps", a.reps);
+            emitln(o.line());
+        }
+    } else {
+        let mut text = String::new();
+        if let Some(c) = &cpu {
+            text.push_str(&format!("cpu: {} threads\n", c.threads()));
+        }
+        #[cfg(feature = "gpu")]
+        if let Some(g) = &gpu {
+            text.push_str(&format!("gpu: {} (device-resident)\n", g.adapter_name()));
+        }
+        text.push_str(&format!(
+            "{:<8} {:>8} {:>8} {:<5} {:<8} {:>10} {:>10} {:>8} {:>10}\n",
+            "backend", "N", "V", "dtype", "op", "median s", "min s", "GB/s", "peak MiB"
+        ));
+        for r in &rows {
+            text.push_str(&format!(
+                "{:<8} {:>8} {:>8} {:<5} {:<8} {:>10.4} {:>10.4} {:>8.2} {:>10.0}\n",
+                r.backend,
+                r.n,
+                r.v,
+                r.dtype.name(),
+                op,
+                r.median,
+                r.min,
+                r.gbps,
+                r.peak_rss as f64 / (1 << 20) as f64
+            ));
+        }
+        emit(&text);
+    }
+    if let Some(out) = plot_out {
+        let points: Vec<Point> = rows
+            .iter()
+            .map(|r| Point { series: format!("{} {}", r.backend, r.dtype.name()), v: r.v, gbps: r.gbps })
+            .collect();
+        // Drawn to the temporary file, then renamed over the target.
+        plot::throughput(out.temp_path(), &points, &format!("xent cross-entropy {op}: throughput against V"))?;
+        out.commit()?;
+    }
+    Ok(())
+}
+
+/// Times one recorded plan per rep on logits already on the GPU, gradient left there.
+#[cfg(feature = "gpu")]
+fn gpu_time(
+    g: &xent::GpuContext,
+    x: &Tensor2,
+    t: &ndarray::Array1<i64>,
+    cfg: &CrossEntropy,
+    op: Op,
+    reps: usize,
+    pb: &ProgressBar,
+) -> Result<(f64, f64)> {
+    use wgpu::BufferUsages as U;
+    use xent::{CeInputs, DeviceGrad, DeviceTargets};
+    let (n, v) = x.dim();
+    let dtype = x.dtype();
+    let lb = g.create_buffer((n * v * dtype.size()) as u64, U::STORAGE | U::COPY_DST, "bench logits")?;
+    g.write_buffer(&lb, 0, &x.view().bytes())?;
+    let ti: Vec<i32> = t.iter().map(|&y| if y == cfg.ignore_index { i32::MIN } else { y as i32 }).collect();
+    let tb = g.create_buffer((n * 4) as u64, U::STORAGE | U::COPY_DST, "bench targets")?;
+    g.write_buffer(&tb, 0, bytemuck::cast_slice(&ti))?;
+    let gb = match op {
+        Op::FwdBwd => Some(g.create_buffer((n * v * dtype.size()) as u64, U::STORAGE, "bench gradient")?),
+        Op::Fwd => None,
+    };
+    let plan_cfg = CrossEntropy { ignore_index: i32::MIN as i64, ..cfg.clone() };
+    let plan = g.cross_entropy_plan(n, v, dtype, &plan_cfg)?;
+    let inputs = CeInputs {
+        logits: crate::common::head(&lb, (n * v * dtype.size()) as u64),
+        targets: DeviceTargets::Classes(crate::common::head(&tb, (n * 4) as u64)),
+        sample_weight: None,
+        grad: match &gb {
+            Some(b) => DeviceGrad::Separate(crate::common::head(b, (n * v * dtype.size()) as u64), dtype),
+            None => DeviceGrad::None,
+        },
+    };
+    time(reps, pb, || {
+        let mut enc = g.device().create_command_encoder(&Default::default());
+        plan.record(&mut enc, inputs)?;
+        let p = plan.read_back(&mut enc, false)?;
+        g.submit_encoder(enc)?;
+        p.wait().map(drop)
+    })
+}

@@ -1,0 +1,288 @@
+//! `xent eval` and `xent log-softmax`.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use xent::{check, CrossEntropy, DType, Reduction, Result, SoftmaxKind, Targets, Totals, XentError};
+
+use super::out_tensor;
+use crate::blocks::{block_rows, BlockTargets, CeJob};
+use crate::common::{emitln, non_negative, num, BackendArgs, Obj, ReductionArg};
+use crate::io::out::Outputs;
+use crate::io::tensor::{read_f32_1d, read_targets};
+use crate::io::{FileDType, TensorFile};
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Logits [N, V]: float32, float16 or bfloat16; .npy, .safetensors or file.safetensors:NAME.
+    #[arg(long)]
+    logits: PathBuf,
+    /// Class indices, int64 or int32 [N].
+    #[arg(long, required_unless_present = "target_probs", conflicts_with = "target_probs")]
+    targets: Option<PathBuf>,
+    /// Target probabilities, float32 [N, V] (instead of --targets).
+    #[arg(long)]
+    target_probs: Option<PathBuf>,
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// How row losses are combined.
+    #[arg(long, value_enum, default_value = "mean")]
+    reduction: ReductionArg,
+    /// Rows with this target are ignored.
+    #[arg(long, default_value_t = -100, allow_negative_numbers = true)]
+    ignore_index: i64,
+    /// Per-class weights, float32 [V].
+    #[arg(long)]
+    class_weight: Option<PathBuf>,
+    /// Per-sample weights, float32 [N].
+    #[arg(long)]
+    sample_weight: Option<PathBuf>,
+    /// Label smoothing in [0, 1].
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    label_smoothing: f32,
+    /// z-loss coefficient (adds s * lse^2 per counted row).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    z_loss: f32,
+    /// Soft-cap the logits: c * tanh(x / c).
+    #[arg(long, allow_negative_numbers = true)]
+    softcap: Option<f32>,
+    /// Divide the logits by this first.
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    temperature: f32,
+    /// Write d(loss)/d(logits) [N, V] (.npy or .safetensors; for `none`: of the sum of row losses).
+    #[arg(long)]
+    grad_out: Option<PathBuf>,
+    /// The gradient's dtype: f32, or f16/bf16 rounded once from f32 (bf16 needs .safetensors).
+    #[arg(long, default_value = "f32")]
+    grad_dtype: String,
+    /// Write per-row losses, float32 [N] (0 for ignored rows).
+    #[arg(long)]
+    loss_out: Option<PathBuf>,
+    /// Rows per block streamed through memory (default: about 64 MiB of logits).
+    #[arg(long)]
+    block_rows: Option<usize>,
+    /// Print one JSON object on the last line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Opens a 2-D float logits tensor.
+pub fn open_logits(path: &Path) -> Result<(TensorFile, DType)> {
+    let t = TensorFile::open(path, "logits")?;
+    t.want_rank(&[2], "logits")?;
+    let dtype = t.dtype.logits().ok_or_else(|| XentError::Format {
+        path: path.display().to_string(),
+        message: format!("logits must be float32, float16 or bfloat16, got {}", t.dtype.name()),
+    })?;
+    Ok((t, dtype))
+}
+
+/// The gradient dtype flag.
+pub fn grad_file_dtype(s: &str) -> Result<FileDType> {
+    Ok(match s.parse::<DType>()? {
+        DType::F32 => FileDType::F32,
+        DType::F16 => FileDType::F16,
+        DType::BF16 => FileDType::BF16,
+    })
+}
+
+/// Counted rows and weight sum of class-index targets (the mean's denominators).
+pub fn totals(t: &[i64], cfg: &CrossEntropy) -> Totals {
+    let mut out = Totals::default();
+    for (r, &y) in t.iter().enumerate() {
+        if y != cfg.ignore_index {
+            out.counted += 1;
+            let sw = cfg.sample_weight.as_ref().map_or(1.0, |w| w[r] as f64);
+            let cw = cfg.class_weight.as_ref().map_or(1.0, |w| w[y as usize] as f64);
+            out.weight_sum += sw * cw;
+        }
+    }
+    out
+}
+
+pub fn run_eval(a: &EvalArgs) -> Result<()> {
+    let (logits, dtype) = open_logits(&a.logits)?;
+    let (n, v) = (logits.shape[0], logits.shape[1]);
+    let gfile = grad_file_dtype(&a.grad_dtype)?;
+    let mut inputs: Vec<&Path> = vec![&a.logits];
+    inputs.extend(a.targets.iter().map(PathBuf::as_path));
+    inputs.extend(a.target_probs.iter().map(PathBuf::as_path));
+    let outs: Vec<(&Path, &str)> = [(&a.grad_out, "--grad-out"), (&a.loss_out, "--loss-out")]
+        .into_iter()
+        .filter_map(|(p, w)| p.as_deref().map(|p| (p, w)))
+        .collect();
+    Outputs::check(&outs, &inputs, true)?;
+
+    let class_weight = a.class_weight.as_ref().map(|p| read_f32_1d(p, "class weights")).transpose()?;
+    let sample_weight = a.sample_weight.as_ref().map(|p| read_f32_1d(p, "sample weights")).transpose()?;
+    let reduction: Reduction = a.reduction.into();
+    let mut cfg = CrossEntropy {
+        reduction,
+        ignore_index: a.ignore_index,
+        label_smoothing: non_negative(a.label_smoothing, "--label-smoothing")?,
+        class_weight,
+        sample_weight,
+        z_loss: non_negative(a.z_loss, "--z-loss")?,
+        softcap: a.softcap,
+        temperature: a.temperature,
+        per_row: a.loss_out.is_some(),
+        ranks: true,
+        ..Default::default()
+    };
+    // Targets, and every check, before a device is opened or an output file created.
+    let (classes, probs) = match (&a.targets, &a.target_probs) {
+        (Some(t), _) => {
+            let (t, _) = read_targets(t, &[1])?;
+            check::cross_entropy((n, v), &Targets::I64(t.view()), &cfg)?;
+            // Range checks up front: an error should not wait for the blocks to find it.
+            check_targets(&t, v, a.ignore_index)?;
+            (Some(t), None)
+        }
+        (None, Some(p)) => {
+            let p = TensorFile::open(p, "target probabilities")?;
+            p.want_rank(&[2], "target probabilities")?;
+            if p.shape != [n, v] || p.dtype != FileDType::F32 {
+                return Err(XentError::Shape(format!(
+                    "logits are [{n}, {v}] but target probabilities are {:?} {}",
+                    p.shape,
+                    p.dtype.name()
+                )));
+            }
+            // Shapes and options now; the probabilities themselves are checked block by block.
+            check::cross_entropy((n, v), &Targets::I64(ndarray::Array1::zeros(n).view()), &cfg)?;
+            (None, Some(p))
+        }
+        (None, None) => unreachable!("clap requires --targets or --target-probs"),
+    };
+    if reduction == Reduction::Mean {
+        cfg.totals = Some(match &classes {
+            Some(t) => totals(t.as_slice().expect("contiguous"), &cfg),
+            None => Totals {
+                counted: n as u64,
+                weight_sum: cfg.sample_weight.as_ref().map_or(n as f64, |w| w.iter().map(|&x| x as f64).sum()),
+            },
+        });
+    }
+    let mut outputs = Outputs::default();
+    let grad = out_tensor(a.grad_out.as_deref(), gfile, &[n, v], "gradient")?;
+    let loss_out = out_tensor(a.loss_out.as_deref(), FileDType::F32, &[n], "row losses")?;
+    let engine = a.backend.open()?;
+    let job = CeJob {
+        logits: &logits,
+        rows: n,
+        classes: v,
+        dtype,
+        targets: match (&classes, &probs) {
+            (Some(t), _) => BlockTargets::Classes(t.as_slice().expect("contiguous")),
+            (None, Some(p)) => BlockTargets::Probs(p),
+            _ => unreachable!(),
+        },
+        cfg: &cfg,
+        grad: grad.as_ref(),
+        block_rows: block_rows(n, v, dtype.size(), a.block_rows, 1)?,
+    };
+    let (mut loss, mut counted, mut weight_sum, mut hits) = (0.0f64, 0u64, 0.0f64, 0u64);
+    let mut row_loss = Vec::new();
+    job.run(&engine, &mut |_, out| {
+        loss += out.loss;
+        counted += out.counted;
+        weight_sum += out.weight_sum;
+        hits += out.row_rank.as_ref().map_or(0, |r| r.iter().filter(|&&k| k == 0).count() as u64);
+        if let Some(r) = &out.row_loss {
+            if loss_out.is_some() {
+                row_loss.extend_from_slice(r.as_slice().expect("contiguous"));
+            }
+        }
+        Ok(())
+    })?;
+    if n == 0 && reduction == Reduction::Mean {
+        loss = f64::NAN;
+    }
+    if let Some(g) = grad {
+        outputs.tensors.push(g);
+    }
+    if let Some(l) = loss_out {
+        l.write(0, &row_loss)?;
+        outputs.tensors.push(l);
+    }
+    outputs.commit()?;
+    let obj = Obj::default()
+        .set("loss", if reduction == Reduction::None { serde_json::Value::Null } else { num(loss) })
+        .set("rows", n)
+        .set("classes", v)
+        .set("counted", counted)
+        .num("weight_sum", weight_sum)
+        .set("dtype", dtype.name())
+        .set("backend", engine.name())
+        .set("reduction", a.reduction.name());
+    let obj = if reduction == Reduction::Mean { obj.num("perplexity", loss.exp()) } else { obj };
+    // Top-1 accuracy over counted rows (class-index targets), from the same pass.
+    let obj = if classes.is_some() {
+        obj.num("accuracy", if counted == 0 { f64::NAN } else { hits as f64 / counted as f64 })
+    } else {
+        obj
+    };
+    obj.print(a.json);
+    Ok(())
+}
+
+/// Targets in range before any work.
+pub fn check_targets(t: &ndarray::Array1<i64>, v: usize, ignore_index: i64) -> Result<()> {
+    match t.iter().enumerate().find(|(_, &y)| y != ignore_index && (y < 0 || y >= v as i64)) {
+        Some((row, &target)) => Err(XentError::TargetOutOfRange { row, target, classes: v }),
+        None => Ok(()),
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct LogSoftmaxArgs {
+    /// Logits [N, V]: float32, float16 or bfloat16.
+    #[arg(long)]
+    logits: PathBuf,
+    /// Output, float32 [N, V] (.npy or .safetensors; may be the logits file itself).
+    #[arg(long)]
+    out: PathBuf,
+    /// Softmax instead of log-softmax.
+    #[arg(long)]
+    softmax: bool,
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// Print one JSON object on the last line.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run_log_softmax(a: &LogSoftmaxArgs) -> Result<()> {
+    let (logits, dtype) = open_logits(&a.logits)?;
+    let (n, v) = (logits.shape[0], logits.shape[1]);
+    if v == 0 {
+        return Err(XentError::Shape(format!("{}: logits [{n}, 0] have no classes", a.logits.display())));
+    }
+    let out = out_tensor(Some(&a.out), FileDType::F32, &[n, v], "log-softmax")?.expect("an output");
+    let engine = a.backend.open()?;
+    let kind = if a.softmax { SoftmaxKind::Softmax } else { SoftmaxKind::LogSoftmax };
+    let rows = block_rows(n, v, dtype.size(), None, 1)?;
+    let name = if a.softmax { "softmax" } else { "log_softmax" };
+    let mut r0 = 0;
+    while r0 < n {
+        let r1 = (r0 + rows).min(n);
+        let block = crate::blocks::read_block(&logits, dtype, r0..r1, v)?;
+        let y = engine.backend().log_softmax(block.view(), kind)?;
+        out.write(r0 * v, y.as_slice().expect("standard layout"))?;
+        r0 = r1;
+    }
+    out.commit()?;
+    if a.json {
+        let obj = Obj::default()
+            .set("rows", n)
+            .set("classes", v)
+            .set("op", name)
+            .set("dtype", dtype.name())
+            .set("backend", engine.name())
+            .set("out", a.out.display().to_string());
+        emitln(obj.line());
+    } else {
+        emitln(format!("wrote {name} [{n}, {v}] to {}", a.out.display()));
+    }
+    Ok(())
+}

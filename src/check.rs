@@ -1,0 +1,133 @@
+//! Input checks shared by every backend, so that all of them reject the same inputs the same
+//! way. Public so that front ends (the `xent` command line, framework integrations) can check a
+//! call before they open a device or read a large file.
+
+use ndarray::ArrayView2;
+
+use crate::api::config::CrossEntropy;
+use crate::api::targets::Targets;
+use crate::error::{Result, XentError};
+
+/// Checks a cross-entropy call: logits of `shape = (N, V)` with at least one class, targets
+/// with N rows (probability targets: `[N, V]`, finite and non-negative), sample weights with N
+/// entries, and the options against V. Class indices are range-checked by the call itself.
+///
+/// ```
+/// use xent::{check, CrossEntropy};
+/// let cfg = CrossEntropy::default();
+/// assert!(check::cross_entropy((2, 5), &(&[0i64, 4][..]).into(), &cfg).is_ok());
+/// assert!(check::cross_entropy((3, 5), &(&[0i64, 4][..]).into(), &cfg).is_err());
+/// ```
+pub fn cross_entropy(shape: (usize, usize), targets: &Targets, cfg: &CrossEntropy) -> Result<()> {
+    let (n, v) = shape;
+    if v == 0 {
+        return Err(XentError::Shape(format!("logits [{n}, 0] have no classes")));
+    }
+    if targets.len() != n {
+        return Err(XentError::Shape(format!("logits have {n} rows but targets have {}", targets.len())));
+    }
+    if let Some(w) = &cfg.sample_weight {
+        if w.len() != n {
+            return Err(XentError::Shape(format!(
+                "sample_weight has {} entries but the logits have {n} rows",
+                w.len()
+            )));
+        }
+    }
+    if v > i32::MAX as usize {
+        return Err(XentError::Shape(format!("{v} classes do not fit 32-bit class indices")));
+    }
+    cfg.validate(v)?;
+    if let Targets::Probs(probs) = targets {
+        if probs.dim() != (n, v) {
+            return Err(XentError::Shape(format!(
+                "logits are [{n}, {v}] but target probabilities are {:?}",
+                probs.dim()
+            )));
+        }
+        if let Some(((r, c), &p)) = probs.indexed_iter().find(|(_, &p)| !(p >= 0.0 && p.is_finite())) {
+            return Err(XentError::InvalidOption(format!(
+                "target probabilities must be finite and >= 0, got {p} at row {r}, class {c}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether BCE's input is logits or probabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BceInput {
+    /// Logits (`binary_cross_entropy_with_logits`).
+    Logits,
+    /// Probabilities in [0, 1] (`binary_cross_entropy`).
+    Probs,
+}
+
+/// Checks binary cross-entropy inputs: equal shapes, targets in [0, 1], probabilities in
+/// [0, 1], weights that broadcast, pos_weight only with logits.
+pub fn bce_inputs(
+    x: ArrayView2<f32>,
+    y: ArrayView2<f32>,
+    cfg: &crate::api::config::Bce,
+    input: BceInput,
+) -> Result<()> {
+    use crate::api::config::BceWeight;
+    let (n, c) = x.dim();
+    if y.dim() != (n, c) {
+        return Err(XentError::Shape(format!("inputs are [{n}, {c}] but targets are {:?}", y.dim())));
+    }
+    let bad_y = y.indexed_iter().find(|(_, &t)| !(0.0..=1.0).contains(&t));
+    if let Some(((r, k), &t)) = bad_y {
+        return Err(XentError::InvalidOption(format!("targets must be in [0, 1], got {t} at [{r}, {k}]")));
+    }
+    if input == BceInput::Probs {
+        if let Some(((r, k), &p)) = x.indexed_iter().find(|(_, &p)| !(0.0..=1.0).contains(&p)) {
+            return Err(XentError::InvalidOption(format!("probabilities must be in [0, 1], got {p} at [{r}, {k}]")));
+        }
+        if cfg.pos_weight.is_some() {
+            return Err(XentError::InvalidOption("pos_weight applies to logits only".into()));
+        }
+    }
+    match &cfg.weight {
+        Some(BceWeight::PerClass(w)) if w.len() != c => {
+            return Err(XentError::Shape(format!("weight has {} entries but the inputs have {c} columns", w.len())))
+        }
+        Some(BceWeight::PerElement(w)) if w.dim() != (n, c) => {
+            return Err(XentError::Shape(format!("weight is {:?} but the inputs are [{n}, {c}]", w.dim())))
+        }
+        _ => {}
+    }
+    if let Some(pw) = &cfg.pos_weight {
+        if pw.len() != c {
+            return Err(XentError::Shape(format!(
+                "pos_weight has {} entries but the inputs have {c} columns",
+                pw.len()
+            )));
+        }
+    }
+    if !cfg.grad_scale.is_finite() {
+        return Err(XentError::InvalidOption(format!("grad_scale must be finite, got {}", cfg.grad_scale)));
+    }
+    Ok(())
+}
+
+/// Two row sets of the same shape with at least one column.
+pub fn same_rows(a: (usize, usize), b: (usize, usize), what: &str) -> Result<()> {
+    if a != b {
+        return Err(XentError::Shape(format!("{what}: shapes {a:?} and {b:?} differ")));
+    }
+    if a.1 == 0 {
+        return Err(XentError::Shape(format!("{what}: rows have no classes")));
+    }
+    Ok(())
+}
+
+/// Probability rows: finite and non-negative.
+pub fn probability_rows(p: ArrayView2<f64>, what: &str) -> Result<()> {
+    if let Some(((r, c), &v)) = p.indexed_iter().find(|(_, &v)| !(v >= 0.0 && v.is_finite())) {
+        return Err(XentError::InvalidOption(format!(
+            "{what} must be finite and >= 0, got {v} at row {r}, column {c}"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,691 @@
+//! Fused softmax cross-entropy on the GPU: three dispatches recorded into one compute pass.
+//!
+//! 1. `ce_weights` (one workgroup): target range check, counted rows and weight sum.
+//! 2. `ce_fused` (one workgroup per row, per chunk): statistic, row loss, lse, gradient.
+//! 3. `ce_reduce` (one workgroup): sum of row losses and of lse^2, and the reduced loss.
+//!
+//! A [`CePlan`] owns what a shape needs across calls (scalars, per-row results, uploaded
+//! weights, parameter blocks) and records the three dispatches into the caller's encoder with
+//! no host round trip; [`PendingCe`] reads the loss back when the caller asks. The host-array
+//! API (`GpuContext::cross_entropy` and friends) is built on the same plan.
+
+use std::sync::{Arc, Mutex};
+
+use ndarray::Array1;
+
+use crate::api::config::{CeOutput, CrossEntropy, Reduction};
+use crate::api::targets::{Targets, IGNORED};
+use crate::cpu::reduce;
+use crate::dtype::{DType, Logits, LogitsMut};
+use crate::error::{Result, XentError};
+use crate::gpu::context::GpuContext;
+use crate::gpu::launch::{Bind, Groups, Launch, Recorder, Skip};
+use crate::gpu::params::{flags, Params, Scalars, SCALARS};
+use crate::gpu::pool::Pooled;
+use crate::gpu::source::{Shader, Variant};
+
+use wgpu::BufferUsages as U;
+
+/// What a recorded cross-entropy scores the logits against.
+#[derive(Debug, Clone, Copy)]
+pub enum DeviceTargets<'a> {
+    /// i32 class indices `[N]` (ignored rows hold `cfg.ignore_index`, which must fit in i32).
+    Classes(wgpu::BufferSlice<'a>),
+    /// f32 probability rows `[N, V]`.
+    Probs(wgpu::BufferSlice<'a>),
+}
+
+/// Where the gradient of a recorded cross-entropy goes: said once, at the call.
+#[derive(Debug, Clone, Copy)]
+pub enum DeviceGrad<'a> {
+    /// Loss only.
+    None,
+    /// A separate `[N, V]` tensor of the given dtype (f32, or f16/bf16 rounded once from f32).
+    Separate(wgpu::BufferSlice<'a>, DType),
+    /// Over the logits, in their dtype.
+    InPlace,
+}
+
+/// The device tensors of one recorded cross-entropy. Logits, probabilities and a separate
+/// gradient may start at any offset that is a multiple of 4 bytes and of their element size;
+/// targets and sample weights must start at a multiple of [`GpuContext::offset_alignment`].
+/// Buffers need `STORAGE` usage.
+#[derive(Debug, Clone, Copy)]
+pub struct CeInputs<'a> {
+    /// Row-major logits `[N, V]` of the plan's dtype.
+    pub logits: wgpu::BufferSlice<'a>,
+    /// Class indices or probabilities.
+    pub targets: DeviceTargets<'a>,
+    /// f32 sample weights `[N]`, overriding `cfg.sample_weight` for this call.
+    pub sample_weight: Option<wgpu::BufferSlice<'a>>,
+    /// The gradient's destination.
+    pub grad: DeviceGrad<'a>,
+}
+
+/// A reusable cross-entropy of one shape and configuration, recorded into the caller's
+/// encoder: a training step is forward, loss, backward and optimiser in one submission, with
+/// the loss read back only when asked for ([`CePlan::read_back`]).
+///
+/// The plan owns its device buffers (scalars, per-row results, weights, parameter blocks):
+/// repeated records allocate nothing. Each record overwrites the plan's results, so read them
+/// (or use another plan) before recording the same plan again into a later submission.
+///
+/// ```no_run
+/// # fn main() -> xent::Result<()> {
+/// use xent::{CeInputs, CrossEntropy, DType, DeviceGrad, DeviceTargets, GpuContext};
+/// let gpu = GpuContext::new()?;
+/// let (n, v) = (1024, 32000);
+/// let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+/// let mk = |size| gpu.device().create_buffer(&wgpu::BufferDescriptor { label: None, size, usage, mapped_at_creation: false });
+/// let (logits, targets) = (mk((n * v * 4) as u64), mk((n * 4) as u64));
+/// let plan = gpu.cross_entropy_plan(n, v, DType::F32, &CrossEntropy::default())?;
+/// let mut enc = gpu.device().create_command_encoder(&Default::default());
+/// // ... the model's forward pass writes `logits` here ...
+/// plan.record(&mut enc, CeInputs {
+///     logits: logits.slice(..),
+///     targets: DeviceTargets::Classes(targets.slice(..)),
+///     sample_weight: None,
+///     grad: DeviceGrad::InPlace, // the backward pass reads the gradient from `logits`
+/// })?;
+/// let pending = plan.read_back(&mut enc, false)?; // optional: every k steps
+/// gpu.queue().submit([enc.finish()]);
+/// println!("loss {}", pending.wait()?.loss);
+/// # Ok(()) }
+/// ```
+pub struct CePlan {
+    ctx: GpuContext,
+    n: usize,
+    v: usize,
+    dtype: DType,
+    cfg: CrossEntropy,
+    class_weight: Option<Pooled>,
+    sample_weight: Option<Pooled>,
+    scalars: Pooled,
+    scalars_init: Pooled,
+    rows: Pooled,
+    /// The last parameter blocks and their buffer (a new buffer when they change, never an
+    /// overwrite: an earlier record may still be waiting for its submission).
+    params: Mutex<Option<(Vec<u8>, Arc<ParamsBuf>)>>,
+    /// Buffers come from the pool (the host API, which waits before dropping the plan).
+    pooled: bool,
+}
+
+/// A plan's parameter blocks: its own buffer, or a pooled one for the host API.
+enum ParamsBuf {
+    Owned(wgpu::Buffer),
+    Pooled(Pooled),
+}
+
+impl std::ops::Deref for ParamsBuf {
+    type Target = wgpu::Buffer;
+    fn deref(&self) -> &wgpu::Buffer {
+        match self {
+            ParamsBuf::Owned(b) => b,
+            ParamsBuf::Pooled(b) => b,
+        }
+    }
+}
+
+impl std::fmt::Debug for CePlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CePlan").field("rows", &self.n).field("classes", &self.v).field("dtype", &self.dtype).finish()
+    }
+}
+
+/// Per-row results a plan writes (loss, lse, max, rank, gap).
+const ROW_VECTORS: u64 = 5;
+
+fn base_params(cfg: &CrossEntropy, n: usize, v: usize, ignore_index: i32, soft: bool) -> Params {
+    let mut f = if soft { flags::SOFT } else { 0 };
+    let on = |c: bool, bit: u32| if c { bit } else { 0 };
+    f |= on(cfg.class_weight.is_some(), flags::CLASS_W);
+    f |= on(cfg.sample_weight.is_some(), flags::SAMPLE_W);
+    f |= on(cfg.softcap.is_some(), flags::SOFTCAP);
+    f |= on(cfg.temperature != 1.0, flags::TEMP);
+    f |= on(cfg.label_smoothing > 0.0, flags::SMOOTH);
+    f |= on(cfg.reduction == Reduction::Mean, flags::MEAN);
+    f |= on(cfg.z_loss > 0.0, flags::ZLOSS);
+    f |= on(cfg.ranks, flags::RANK);
+    f |= on(cfg.gaps, flags::GAP);
+    f |= on(cfg.totals.is_some(), flags::EXT_DENOM);
+    let t = cfg.totals.unwrap_or_default();
+    Params {
+        den_w: t.weight_sum as f32,
+        den_n: t.counted as f32,
+        ignore_index,
+        flags: f,
+        smoothing: cfg.label_smoothing,
+        z_loss: cfg.z_loss,
+        softcap: cfg.softcap.unwrap_or(1.0),
+        inv_temp: 1.0 / cfg.temperature,
+        grad_scale: cfg.grad_scale,
+        ..Params::new(n, v)
+    }
+}
+
+/// Checks a device slice: usage, offset alignment, length.
+fn check_slice(s: wgpu::BufferSlice<'_>, need: u64, align: u64, what: &str) -> Result<()> {
+    let b = s.buffer();
+    if !b.usage().contains(U::STORAGE) {
+        return Err(XentError::InvalidOption(format!("{what} buffer lacks BufferUsages::STORAGE")));
+    }
+    if !s.offset().is_multiple_of(align) {
+        return Err(XentError::InvalidOption(format!(
+            "{what} starts at byte {}, not a multiple of {align}",
+            s.offset()
+        )));
+    }
+    let need4 = need.max(4).next_multiple_of(4);
+    if s.size() < need || b.size() - s.offset() < need4 {
+        return Err(XentError::Shape(format!(
+            "{what} slice has {} bytes, needs {need} (and {need4} bytes to the buffer's end)",
+            s.size()
+        )));
+    }
+    Ok(())
+}
+
+impl GpuContext {
+    /// A reusable cross-entropy of `rows x classes` logits of `dtype` with the options `cfg`
+    /// (class and sample weights are uploaded once, here).
+    pub fn cross_entropy_plan(&self, rows: usize, classes: usize, dtype: DType, cfg: &CrossEntropy) -> Result<CePlan> {
+        CePlan::new(self, rows, classes, dtype, cfg, false)
+    }
+}
+
+impl CePlan {
+    fn new(ctx: &GpuContext, n: usize, v: usize, dtype: DType, cfg: &CrossEntropy, pooled: bool) -> Result<CePlan> {
+        let ignored: Targets = Targets::I32(ndarray::ArrayView1::from(&[][..]));
+        crate::check::cross_entropy((0, v), &ignored, &CrossEntropy { sample_weight: None, ..cfg.clone() })?;
+        if let Some(w) = &cfg.sample_weight {
+            if w.len() != n {
+                return Err(XentError::Shape(format!(
+                    "sample_weight has {} entries but the plan has {n} rows",
+                    w.len()
+                )));
+            }
+        }
+        if i32::try_from(cfg.ignore_index).is_err() {
+            return Err(XentError::InvalidOption(format!(
+                "ignore_index {} does not fit the device's i32 targets",
+                cfg.ignore_index
+            )));
+        }
+        let alloc = |size: u64, usage: U, what: &str| {
+            if pooled {
+                ctx.take(size, usage, what)
+            } else {
+                ctx.owned(size, usage, what)
+            }
+        };
+        let upload = |w: &Array1<f32>, what: &str| -> Result<Pooled> {
+            let b = alloc((w.len() * 4) as u64, U::STORAGE | U::COPY_DST, what)?;
+            ctx.write(&b, 0, bytemuck::cast_slice(&w.to_vec()))?;
+            Ok(b)
+        };
+        let class_weight = cfg.class_weight.as_ref().map(|w| upload(w, "class_weight")).transpose()?;
+        let sample_weight = cfg.sample_weight.as_ref().map(|w| upload(w, "sample_weight")).transpose()?;
+        let scalars = alloc(SCALARS, U::STORAGE | U::COPY_SRC | U::COPY_DST, "scalars")?;
+        let scalars_init = alloc(SCALARS, U::COPY_SRC | U::COPY_DST, "scalars init")?;
+        ctx.write(&scalars_init, 0, bytemuck::bytes_of(&Scalars::initial()))?;
+        let rows = alloc(ROW_VECTORS * (n.max(1) * 4) as u64, U::STORAGE | U::COPY_SRC, "row results")?;
+        Ok(CePlan {
+            ctx: ctx.clone(),
+            n,
+            v,
+            dtype,
+            cfg: cfg.clone(),
+            class_weight,
+            sample_weight,
+            scalars,
+            scalars_init,
+            rows,
+            params: Mutex::new(None),
+            pooled,
+        })
+    }
+
+    /// Rows N.
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// Classes V.
+    pub fn classes(&self) -> usize {
+        self.v
+    }
+
+    /// The device buffer of the scalars the last record computed: f32 `weight_sum`, u32
+    /// `count`, f32 `loss_sum`, f32 `lse2_sum`, u32 `err_row`, i32 `err_target`, f32 `loss`
+    /// (the reduced loss), padding; 32 bytes. Device-side consumers can read the loss here.
+    pub fn scalars_buffer(&self) -> &wgpu::Buffer {
+        &self.scalars
+    }
+
+    /// The device buffer of per-row results: f32 `[5, N]`: loss, lse, max, rank (with
+    /// `cfg.ranks`; -1 for ignored rows), gap (with `cfg.gaps`).
+    pub fn row_buffer(&self) -> &wgpu::Buffer {
+        &self.rows
+    }
+
+    /// Records the cross-entropy of `inputs` into `enc` (no submission, no wait).
+    pub fn record(&self, enc: &mut wgpu::CommandEncoder, inputs: CeInputs<'_>) -> Result<()> {
+        let (ctx, n, v, cfg) = (&self.ctx, self.n, self.v, &self.cfg);
+        if n == 0 {
+            return Ok(());
+        }
+        let elem = self.dtype.size() as u64;
+        let nv = (n * v) as u64;
+        let row_align = 4u64.max(elem);
+        check_slice(inputs.logits, nv * elem, row_align, "logits")?;
+        let soft = matches!(inputs.targets, DeviceTargets::Probs(_));
+        match inputs.targets {
+            DeviceTargets::Classes(t) => check_slice(t, n as u64 * 4, ctx.offset_align, "targets")?,
+            DeviceTargets::Probs(p) => check_slice(p, nv * 4, 4, "target probabilities")?,
+        }
+        if let Some(sw) = inputs.sample_weight {
+            check_slice(sw, n as u64 * 4, ctx.offset_align, "sample_weight")?;
+        }
+        let (grad, in_place, gdtype) = match inputs.grad {
+            DeviceGrad::None => (None, false, DType::F32),
+            DeviceGrad::Separate(g, d) => {
+                check_slice(g, nv * d.size() as u64, 4u64.max(d.size() as u64), "gradient")?;
+                if g.buffer() == inputs.logits.buffer() {
+                    let (a, b) = (g.offset(), inputs.logits.offset());
+                    if a < b + nv * elem && b < a + nv * d.size() as u64 {
+                        return Err(XentError::InvalidOption(
+                            "the gradient overlaps the logits: use DeviceGrad::InPlace".into(),
+                        ));
+                    }
+                }
+                (Some(g), false, d)
+            }
+            DeviceGrad::InPlace => (None, true, self.dtype),
+        };
+        let variant = Variant {
+            input: self.dtype,
+            output: gdtype,
+            vec4: v % 4 == 0,
+            odd: v % 2 == 1 && gdtype != DType::F32 && (grad.is_some() || in_place) && v % 4 != 0,
+            subgroup: ctx.subgroups,
+            grad: grad.is_some(),
+            in_place,
+            extras: cfg.label_smoothing > 0.0 || cfg.ranks || soft,
+            ..Default::default()
+        };
+        let small = Variant { subgroup: ctx.subgroups, ..Default::default() };
+        let k_weights = ctx.kernel(Shader::CeWeights, small)?;
+        let k_fused = ctx.kernel(Shader::CeFused, variant)?;
+        let k_reduce = ctx.kernel(Shader::CeReduce, small)?;
+
+        let mut base = base_params(cfg, n, v, cfg.ignore_index as i32, soft);
+        if inputs.sample_weight.is_some() {
+            base.flags |= flags::SAMPLE_W;
+        }
+        let sw = inputs.sample_weight.map(Bind::slice).or(self.sample_weight.as_deref().map(Bind::all));
+        let targets = match inputs.targets {
+            DeviceTargets::Classes(t) => Some(Bind::slice(t)),
+            DeviceTargets::Probs(_) => None,
+        };
+        let scalars = Bind::first(&self.scalars, SCALARS);
+        let rows = Bind::first(&self.rows, ROW_VECTORS * n as u64 * 4);
+        let mut weights = Launch::new(k_weights, base, n, v).groups(Groups::One).bind(5, scalars);
+        let mut fused = Launch::new(k_fused, base, n, v).bind(6, rows).bind(5, scalars).rows(
+            1,
+            inputs.logits.buffer(),
+            inputs.logits.offset(),
+            self.dtype.size(),
+            Skip::X,
+        );
+        let mut reduce = Launch::new(k_reduce, base, n, v).groups(Groups::One).bind(5, scalars).bind(6, rows);
+        if let Some(t) = targets {
+            weights = weights.bind(2, t);
+            fused = fused.bind(2, t);
+            reduce = reduce.bind(2, t);
+        }
+        if let Some(cw) = self.class_weight.as_deref() {
+            weights = weights.bind(3, Bind::all(cw));
+            fused = fused.bind(3, Bind::all(cw));
+        }
+        if let Some(sw) = sw {
+            weights = weights.bind(4, sw);
+            fused = fused.bind(4, sw);
+        }
+        if let DeviceTargets::Probs(p) = inputs.targets {
+            fused = fused.rows(9, p.buffer(), p.offset(), 4, Skip::Y);
+        }
+        if let Some(g) = grad {
+            fused = fused.rows(8, g.buffer(), g.offset(), gdtype.size(), Skip::O);
+        }
+        let mut rec = Recorder::new(ctx);
+        rec.push(weights)?;
+        rec.push(fused)?;
+        rec.push(reduce)?;
+        let params = self.params_buffer(&rec)?;
+        enc.copy_buffer_to_buffer(&self.scalars_init, 0, &self.scalars, 0, SCALARS);
+        rec.record(enc, &params)
+    }
+
+    fn params_buffer(&self, rec: &Recorder<'_>) -> Result<Arc<ParamsBuf>> {
+        let bytes = rec.block_bytes();
+        let mut cache = self.params.lock().unwrap();
+        if let Some((b, buf)) = cache.as_ref() {
+            if *b == bytes {
+                return Ok(buf.clone());
+            }
+        }
+        let buf = Arc::new(if self.pooled {
+            ParamsBuf::Pooled(rec.params_pooled()?)
+        } else {
+            ParamsBuf::Owned(rec.params_buffer()?)
+        });
+        *cache = Some((bytes, buf.clone()));
+        Ok(buf)
+    }
+
+    /// Records a copy of the scalars (and, with `per_row`, the per-row results) into a staging
+    /// buffer; after the caller submits `enc`, [`PendingCe::wait`] or [`PendingCe::try_get`]
+    /// returns them as a [`CeOutput`] (without gradient).
+    pub fn read_back(&self, enc: &mut wgpu::CommandEncoder, per_row: bool) -> Result<PendingCe> {
+        let n = self.n as u64;
+        let rows_bytes = if per_row { ROW_VECTORS * n * 4 } else { 0 };
+        let len = SCALARS + rows_bytes;
+        let staging = self.ctx.take(len, U::MAP_READ | U::COPY_DST, "scalars staging")?;
+        if self.n > 0 {
+            enc.copy_buffer_to_buffer(&self.scalars, 0, &staging, 0, SCALARS);
+            if per_row {
+                enc.copy_buffer_to_buffer(&self.rows, 0, &staging, SCALARS, rows_bytes);
+            }
+        }
+        Ok(PendingCe {
+            ctx: self.ctx.clone(),
+            staging,
+            len,
+            n: self.n,
+            v: self.v,
+            cfg: self.cfg.clone(),
+            per_row,
+            map: None,
+        })
+    }
+}
+
+/// A loss on its way back from the device (see [`CePlan::read_back`]).
+pub struct PendingCe {
+    ctx: GpuContext,
+    staging: Pooled,
+    len: u64,
+    n: usize,
+    v: usize,
+    cfg: CrossEntropy,
+    per_row: bool,
+    map: Option<std::sync::mpsc::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>>,
+}
+
+impl std::fmt::Debug for PendingCe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingCe").field("rows", &self.n).finish()
+    }
+}
+
+impl PendingCe {
+    /// Waits for the submission that holds the copy and returns the results.
+    pub fn wait(self) -> Result<CeOutput> {
+        let mut head = vec![0u8; self.len as usize];
+        if self.n > 0 {
+            self.ctx.read_mapped(&self.staging, self.len, &mut head)?;
+        }
+        self.decode(&head)
+    }
+
+    /// Without blocking: `None` while the copy has not finished, then the results once. Call it
+    /// only after the encoder holding the copy was submitted.
+    pub fn try_get(&mut self) -> Option<Result<CeOutput>> {
+        if self.n == 0 {
+            return Some(self.decode(&vec![0u8; self.len as usize]));
+        }
+        if self.map.is_none() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let len = self.len;
+            if let Err(e) = self.ctx.scoped(|| {
+                self.staging.map_async(wgpu::MapMode::Read, 0..len, move |r| {
+                    let _ = tx.send(r);
+                })
+            }) {
+                return Some(Err(e));
+            }
+            self.map = Some(rx);
+        }
+        let _ = self.ctx.device.poll(wgpu::PollType::Poll);
+        match self.map.as_ref().expect("mapping").try_recv() {
+            Err(std::sync::mpsc::TryRecvError::Empty) => None,
+            Err(e) => Some(Err(XentError::Gpu(format!("map callback dropped: {e}")))),
+            Ok(Err(e)) => Some(Err(XentError::Gpu(format!("map failed: {e}")))),
+            Ok(Ok(())) => {
+                let head = match self.staging.get_mapped_range(0..self.len) {
+                    Ok(view) => view.to_vec(),
+                    Err(e) => return Some(Err(XentError::Gpu(format!("mapped range: {e}")))),
+                };
+                self.staging.unmap();
+                Some(self.decode(&head))
+            }
+        }
+    }
+
+    fn decode(&self, head: &[u8]) -> Result<CeOutput> {
+        let (n, cfg) = (self.n, &self.cfg);
+        let per_row = cfg.per_row || cfg.reduction == Reduction::None;
+        if n == 0 {
+            return Ok(CeOutput {
+                loss: reduce(cfg, 0.0, 0.0, 0, 0.0),
+                counted: 0,
+                weight_sum: 0.0,
+                row_loss: per_row.then(|| Array1::zeros(0)),
+                row_lse: cfg.per_row.then(|| Array1::zeros(0)),
+                row_max: cfg.ranks.then(|| Array1::zeros(0)),
+                row_rank: cfg.ranks.then(|| Array1::zeros(0)),
+                row_gap: cfg.gaps.then(|| Array1::zeros(0)),
+                grad: None,
+            });
+        }
+        let sc: Scalars = bytemuck::pod_read_unaligned(&head[..SCALARS as usize]);
+        if sc.err_row != u32::MAX {
+            return Err(XentError::TargetOutOfRange {
+                row: sc.err_row as usize,
+                target: sc.err_target as i64,
+                classes: self.v,
+            });
+        }
+        let counted = sc.count as u64;
+        let weight_sum = sc.weight_sum as f64;
+        let z = cfg.z_loss as f64;
+        let lse2 = sc.lse2_sum as f64;
+        let loss = reduce(cfg, sc.loss_sum as f64 - z * lse2, lse2, counted, weight_sum);
+        let rows: &[f32] = if self.per_row { bytemuck::cast_slice(&head[SCALARS as usize..]) } else { &[] };
+        let row = |k: usize| Array1::from(rows[k * n..(k + 1) * n].to_vec());
+        let got = self.per_row;
+        Ok(CeOutput {
+            loss,
+            counted,
+            weight_sum,
+            row_loss: (got && per_row).then(|| row(0)),
+            row_lse: (got && cfg.per_row).then(|| row(1)),
+            row_max: (got && cfg.ranks).then(|| row(2)),
+            row_rank: (got && cfg.ranks).then(|| row(3).mapv(|r| if r < 0.0 { u32::MAX } else { r as u32 })),
+            row_gap: (got && cfg.gaps).then(|| row(4)),
+            grad: None,
+        })
+    }
+}
+
+/// Host logits, read or overwritten by their gradient.
+enum HostLogits<'a> {
+    Read(Logits<'a>),
+    InPlace(LogitsMut<'a>),
+}
+
+/// Where the host API puts the gradient.
+enum HostGrad<'a> {
+    None,
+    New,
+    Into(LogitsMut<'a>),
+}
+
+impl GpuContext {
+    /// Uploads host tensors, records on a plan, waits, and reads back what was asked for.
+    fn host_ce(
+        &self,
+        src: HostLogits<'_>,
+        targets: Targets<'_>,
+        cfg: &CrossEntropy,
+        dest: HostGrad<'_>,
+    ) -> Result<CeOutput> {
+        let (logits, in_place) = match src {
+            HostLogits::Read(l) => (Some(l), None),
+            HostLogits::InPlace(x) => (None, Some(x)),
+        };
+        let (dim, dtype) = match (&logits, &in_place) {
+            (Some(l), _) => (l.dim(), l.dtype()),
+            (_, Some(x)) => (x.dim(), x.dtype()),
+            _ => unreachable!("logits"),
+        };
+        let (n, v) = dim;
+        crate::check::cross_entropy((n, v), &targets, cfg)?;
+        if let HostGrad::Into(g) = &dest {
+            if g.dim() != (n, v) {
+                return Err(XentError::Shape(format!(
+                    "gradient {:?} and logits {:?} differ in shape",
+                    g.dim(),
+                    (n, v)
+                )));
+            }
+        }
+        let t = targets.normalise(v, cfg.ignore_index)?;
+        // Ignored rows carry a value no class can have.
+        let t: Vec<i32> = t.into_iter().map(|y| if y == IGNORED { i32::MIN } else { y }).collect();
+        let plan_cfg = CrossEntropy { ignore_index: i32::MIN as i64, ..cfg.clone() };
+        let plan = CePlan::new(self, n, v, dtype, &plan_cfg, true)?;
+        let want_rows = cfg.per_row || cfg.ranks || cfg.gaps || cfg.reduction == Reduction::None;
+        if n == 0 {
+            let mut out =
+                plan.read_back(&mut self.device.create_command_encoder(&Default::default()), want_rows)?.wait()?;
+            if matches!(dest, HostGrad::New) {
+                out.grad = Some(ndarray::Array2::zeros((0, v)));
+            }
+            return Ok(out);
+        }
+        let copy = if in_place.is_some() { U::COPY_SRC } else { U::empty() };
+        let lb = match (&logits, &in_place) {
+            (Some(l), _) => self.upload(&l.bytes(), U::STORAGE | copy, "logits")?,
+            (_, Some(x)) => self.upload(&x.view().bytes(), U::STORAGE | copy, "logits")?,
+            _ => unreachable!("logits"),
+        };
+        let (tb, pb) = match targets {
+            Targets::Probs(p) => {
+                let p = p.as_standard_layout();
+                (None, Some(self.upload(bytemuck::cast_slice(p.as_slice().expect("standard")), U::STORAGE, "probs")?))
+            }
+            _ => (Some(self.upload(bytemuck::cast_slice(&t), U::STORAGE, "targets")?), None),
+        };
+        let gdtype = match &dest {
+            HostGrad::Into(g) => g.dtype(),
+            _ => DType::F32,
+        };
+        let nv = (n * v) as u64;
+        let gb = match dest {
+            HostGrad::None => None,
+            _ => Some(self.take(nv * gdtype.size() as u64, U::STORAGE | U::COPY_SRC, "gradient")?),
+        };
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        fn nb(b: &Pooled, bytes: u64) -> wgpu::BufferSlice<'_> {
+            b.slice(..bytes.max(4).next_multiple_of(4).min(b.size()))
+        }
+        let inputs = CeInputs {
+            logits: nb(&lb, nv * dtype.size() as u64),
+            targets: match (&tb, &pb) {
+                (Some(t), _) => DeviceTargets::Classes(nb(t, n as u64 * 4)),
+                (None, Some(p)) => DeviceTargets::Probs(nb(p, nv * 4)),
+                _ => unreachable!("targets or probabilities"),
+            },
+            sample_weight: None,
+            grad: match (&gb, in_place.is_some()) {
+                (Some(g), _) => DeviceGrad::Separate(nb(g, nv * gdtype.size() as u64), gdtype),
+                (None, true) => DeviceGrad::InPlace,
+                (None, false) => DeviceGrad::None,
+            },
+        };
+        plan.record(&mut enc, inputs)?;
+        let pending = plan.read_back(&mut enc, want_rows)?;
+        self.submit_wait(enc)?;
+        let mut out = pending.wait()?;
+        // The gradient comes back piece by piece, straight into its destination.
+        let read = |src: &Pooled, dst: LogitsMut<'_>| -> Result<()> {
+            let mut dst = dst;
+            match dst.bytes_mut() {
+                Some(b) => self.read_back(src, 0, b, None),
+                None => {
+                    // A strided destination: through a contiguous copy of its dtype.
+                    let mut tmp = crate::dtype::Tensor2::zeros(dst.dtype(), (n, v));
+                    self.read_back(src, 0, tmp.view_mut().bytes_mut().expect("fresh"), None)?;
+                    dst.assign_f32(tmp.to_f32().view());
+                    Ok(())
+                }
+            }
+        };
+        match (dest, gb, in_place) {
+            (HostGrad::New, Some(g), _) => {
+                let mut host = crate::alloc::zeros2::<f32>((n, v), "gradient")?;
+                read(&g, (&mut host).into())?;
+                out.grad = Some(host);
+            }
+            (HostGrad::Into(dst), Some(g), _) => read(&g, dst)?,
+            (_, None, Some(x)) => read(&lb, x)?,
+            _ => {}
+        }
+        Ok(out)
+    }
+
+    /// Softmax cross-entropy of host logits `[N, V]` (f32, f16 or bf16) against class indices
+    /// or probability rows (see [`CrossEntropy`]); the loss only.
+    pub fn cross_entropy<'a, 'b>(
+        &self,
+        logits: impl Into<Logits<'a>>,
+        targets: impl Into<Targets<'b>>,
+        cfg: &CrossEntropy,
+    ) -> Result<CeOutput> {
+        self.host_ce(HostLogits::Read(logits.into()), targets.into(), cfg, HostGrad::None)
+    }
+
+    /// Cross-entropy and its f32 gradient, read back into [`CeOutput::grad`].
+    pub fn cross_entropy_with_grad<'a, 'b>(
+        &self,
+        logits: impl Into<Logits<'a>>,
+        targets: impl Into<Targets<'b>>,
+        cfg: &CrossEntropy,
+    ) -> Result<CeOutput> {
+        self.host_ce(HostLogits::Read(logits.into()), targets.into(), cfg, HostGrad::New)
+    }
+
+    /// Cross-entropy with the gradient read back into `grad` (f32, f16 or bf16, rounded once
+    /// on the device from f32).
+    pub fn cross_entropy_into<'a, 'b, 'c>(
+        &self,
+        logits: impl Into<Logits<'a>>,
+        targets: impl Into<Targets<'b>>,
+        cfg: &CrossEntropy,
+        grad: impl Into<LogitsMut<'c>>,
+    ) -> Result<CeOutput> {
+        self.host_ce(HostLogits::Read(logits.into()), targets.into(), cfg, HostGrad::Into(grad.into()))
+    }
+
+    /// Cross-entropy that overwrites `logits` with the gradient (computed in place on the GPU,
+    /// so no separate gradient buffer is allocated).
+    pub fn cross_entropy_in_place<'a, 'b>(
+        &self,
+        logits: impl Into<LogitsMut<'a>>,
+        targets: impl Into<Targets<'b>>,
+        cfg: &CrossEntropy,
+    ) -> Result<CeOutput> {
+        self.host_ce(HostLogits::InPlace(logits.into()), targets.into(), cfg, HostGrad::None)
+    }
+}

@@ -1,0 +1,30 @@
+//! Hessian-vector products on the GPU (see `shaders/hvp.wgsl`).
+
+use ndarray::{Array2, ArrayView2};
+
+use super::RowJob;
+use crate::dtype::Logits;
+use crate::error::Result;
+use crate::gpu::context::GpuContext;
+use crate::gpu::params::Params;
+use crate::gpu::source::Shader;
+
+impl GpuContext {
+    /// Per-row Hessian-vector products `H_n v_n` of softmax cross-entropy w.r.t. the logits,
+    /// `H_n = diag(p_n) - p_n p_n^T` (independent of the target), without forming `H`.
+    pub fn hvp<'a>(&self, logits: impl Into<Logits<'a>>, v: ArrayView2<f32>) -> Result<Array2<f32>> {
+        let logits = logits.into().reborrow();
+        crate::check::same_rows(logits.dim(), v.dim(), "logits and v")?;
+        let (n, c) = logits.dim();
+        let out = self.run_rows(RowJob {
+            shader: Shader::Hvp,
+            base: Params::new(n, c),
+            input: logits,
+            second: Some(v.reborrow().into()),
+            row_values: 0,
+            out_rows: true,
+            out_whole: 0,
+        })?;
+        Ok(out.out_rows.expect("output rows"))
+    }
+}

@@ -1,0 +1,19 @@
+//! The wgpu backend (cargo feature `gpu`, on by default).
+//!
+//! - [`context`]: the device as a guest, the pipeline cache, the bounded buffer pool.
+//! - `launch`: the one builder every kernel is launched with (chunked bindings, 2-D grids,
+//!   parameter blocks, recording into the caller's encoder).
+//! - `params`: Rust mirrors of the WGSL structs, checked against naga's layout.
+//! - [`source`]: the WGSL sources (`shaders/`), their variants and preprocessor.
+//! - `kernels`: one module per operation.
+
+pub mod context;
+mod kernels;
+pub(crate) mod launch;
+pub(crate) mod params;
+pub mod pool;
+pub mod source;
+
+pub use context::{CounterSnapshot, GpuContext, GpuOptions};
+pub use kernels::cross_entropy::{CeInputs, CePlan, DeviceGrad, DeviceTargets, PendingCe};
+pub use pool::PoolStats;

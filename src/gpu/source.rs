@@ -1,0 +1,362 @@
+//! WGSL sources and their variants. Each kernel is `common.wgsl` + its own file, run through a
+//! small preprocessor (`#if A && !B || C`, `#elif`, `#else`, `#endif`, and `#subgroup_args` /
+//! `#subgroup_lets` for the reduction's lane builtins). Every variant a kernel can be built in
+//! is parsed and validated by naga in a unit test, which also checks that the binding list the
+//! host declares is exactly what the shader uses.
+
+use crate::dtype::DType;
+
+/// Compile-time switches of a kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Variant {
+    /// Stored type of the input rows (slot 1).
+    pub input: DType,
+    /// Stored type of the second rows (slot 9: probability targets, teacher logits, ...).
+    pub second: DType,
+    /// Stored type of the output rows (slot 8; the input's type when `in_place`).
+    pub output: DType,
+    /// Rows are a multiple of 4 elements and read 4 at a time.
+    pub vec4: bool,
+    /// Rows have an odd number of elements (16-bit edge words are shared by two rows).
+    pub odd: bool,
+    /// Reductions use subgroup operations.
+    pub subgroup: bool,
+    /// A separate output is written (gradient or log-softmax output).
+    pub grad: bool,
+    /// The gradient overwrites the input.
+    pub in_place: bool,
+    /// Per-element extras of the softmax pass: label smoothing or class-weighted sums,
+    /// probability targets, target ranks. Off, the pass is max/sum only.
+    pub extras: bool,
+}
+
+impl Variant {
+    fn defined(&self, name: &str) -> bool {
+        let out = if self.in_place { self.input } else { self.output };
+        match name {
+            "IN16" => self.input != DType::F32,
+            "IN_BF16" => self.input == DType::BF16,
+            "SEC16" => self.second != DType::F32,
+            "SEC_BF16" => self.second == DType::BF16,
+            "OUT16" => (self.grad || self.in_place) && out != DType::F32,
+            "OUT_BF16" => (self.grad || self.in_place) && out == DType::BF16,
+            "VEC4" => self.vec4,
+            "ODD" => self.odd,
+            "SUBGROUP" => self.subgroup,
+            "GRAD" => self.grad,
+            "IN_PLACE" => self.in_place,
+            "EXTRAS" => self.extras,
+            other => panic!("unknown shader define {other}"),
+        }
+    }
+}
+
+/// The kernels xent ships.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Shader {
+    /// Target check and weight sum (one workgroup).
+    CeWeights,
+    /// Per-row statistic, loss and gradient.
+    CeFused,
+    /// Sum of per-row losses (one workgroup).
+    CeReduce,
+    /// Row-wise log-softmax / softmax.
+    LogSoftmax,
+    /// Elementwise binary cross-entropy with partial sums.
+    Bce,
+    /// Distillation divergences between student and teacher rows.
+    Distill,
+    /// Entropy, cross-entropy, KL and JS of row pairs.
+    Dist,
+    /// Hessian-vector products.
+    Hvp,
+}
+
+const COMMON: &str = include_str!("../../shaders/common.wgsl");
+
+impl Shader {
+    /// Every kernel, for tests.
+    pub const ALL: [Shader; 8] = [
+        Shader::CeWeights,
+        Shader::CeFused,
+        Shader::CeReduce,
+        Shader::LogSoftmax,
+        Shader::Bce,
+        Shader::Distill,
+        Shader::Dist,
+        Shader::Hvp,
+    ];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Shader::CeWeights => "ce_weights",
+            Shader::CeFused => "ce_fused",
+            Shader::CeReduce => "ce_reduce",
+            Shader::LogSoftmax => "log_softmax",
+            Shader::Bce => "bce",
+            Shader::Distill => "distill",
+            Shader::Dist => "dist",
+            Shader::Hvp => "hvp",
+        }
+    }
+
+    /// The bindings this kernel variant uses, as (slot, read-only), the uniform slot 0 aside.
+    /// Kept to at most 8 storage buffers, WebGPU's default per-stage limit, so that xent runs
+    /// on devices created with default limits.
+    pub(crate) fn bindings(self, v: Variant) -> Vec<(u32, bool)> {
+        let mut b = match self {
+            Shader::CeWeights => vec![(2, true), (3, true), (4, true), (5, false)],
+            Shader::CeFused => vec![(1, !v.in_place), (2, true), (3, true), (4, true), (6, false)],
+            Shader::CeReduce => vec![(2, true), (5, false), (6, false)],
+            Shader::LogSoftmax => vec![(1, true)],
+            Shader::Bce => vec![(1, true), (3, true), (9, true), (10, true), (11, true), (6, false), (7, false)],
+            Shader::Distill => vec![(1, true), (9, true), (6, false)],
+            Shader::Dist | Shader::Hvp => vec![(1, true), (9, true)],
+        };
+        if v.grad {
+            b.push((8, false));
+        }
+        if v.extras && self == Shader::CeFused {
+            // Probability targets in the second rows.
+            b.push((9, true));
+        }
+        if (v.grad || v.in_place) && self == Shader::CeFused {
+            // The gradient's mean coefficient comes from the scalars of the weights pass.
+            b.push((5, false));
+        }
+        b
+    }
+
+    /// The variants this kernel is built in (for the validation test): which switches apply.
+    #[cfg(test)]
+    pub(crate) fn variants(self) -> Vec<Variant> {
+        let dtypes = [DType::F32, DType::F16, DType::BF16];
+        let mut out = Vec::new();
+        for bits in 0..64u32 {
+            for &input in &dtypes {
+                for &second in &dtypes {
+                    for &output in &dtypes {
+                        let v = Variant {
+                            input,
+                            second,
+                            output,
+                            vec4: bits & 1 != 0,
+                            subgroup: bits & 2 != 0,
+                            grad: bits & 4 != 0,
+                            in_place: bits & 8 != 0,
+                            extras: bits & 16 != 0,
+                            odd: bits & 32 != 0,
+                        };
+                        if self.valid(v) {
+                            out.push(v);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether the host ever builds this kernel in `v`.
+    #[cfg(test)]
+    fn valid(self, v: Variant) -> bool {
+        let rows = !matches!(self, Shader::CeWeights | Shader::CeReduce);
+        let f32_only = |d: DType| d == DType::F32;
+        if v.grad && v.in_place || v.odd && v.vec4 {
+            return false;
+        }
+        match self {
+            Shader::CeWeights | Shader::CeReduce => v == Variant { subgroup: v.subgroup, ..Default::default() },
+            Shader::CeFused => {
+                // Soft targets are f32; the output dtype only matters with an output.
+                f32_only(v.second)
+                    && (v.grad || v.in_place || f32_only(v.output))
+                    && (!v.in_place || f32_only(v.output))
+            }
+            Shader::LogSoftmax => v.grad && !v.in_place && !v.extras && f32_only(v.second) && f32_only(v.output),
+            Shader::Bce => {
+                !v.in_place
+                    && !v.extras
+                    && !v.vec4
+                    && !v.odd
+                    && [v.input, v.second, v.output].iter().all(|&d| f32_only(d))
+            }
+            Shader::Distill | Shader::Dist | Shader::Hvp => {
+                let grad_ok = if self == Shader::Distill { true } else { v.grad };
+                rows && grad_ok
+                    && !v.in_place
+                    && !v.extras
+                    && !v.vec4
+                    && !v.odd
+                    && f32_only(v.output)
+                    && (self != Shader::Hvp || f32_only(v.second))
+            }
+        }
+    }
+
+    fn body(self) -> &'static str {
+        match self {
+            Shader::CeWeights => include_str!("../../shaders/ce_weights.wgsl"),
+            Shader::CeFused => include_str!("../../shaders/ce_fused.wgsl"),
+            Shader::CeReduce => include_str!("../../shaders/ce_reduce.wgsl"),
+            Shader::LogSoftmax => include_str!("../../shaders/log_softmax.wgsl"),
+            Shader::Bce => include_str!("../../shaders/bce.wgsl"),
+            Shader::Distill => include_str!("../../shaders/distill.wgsl"),
+            Shader::Dist => include_str!("../../shaders/dist.wgsl"),
+            Shader::Hvp => include_str!("../../shaders/hvp.wgsl"),
+        }
+    }
+
+    /// The preprocessed WGSL of this kernel in `variant`.
+    pub fn source(self, variant: Variant) -> String {
+        let mut out = String::new();
+        for text in [COMMON, self.body()] {
+            preprocess(text, &|n| variant.defined(n), &mut out);
+        }
+        out
+    }
+}
+
+/// `A && !B || C`: OR of AND-terms of possibly negated names.
+fn condition(expr: &str, defined: &dyn Fn(&str) -> bool) -> bool {
+    expr.split("||").any(|term| {
+        term.split("&&").all(|f| {
+            let f = f.trim();
+            match f.strip_prefix('!') {
+                Some(name) => !defined(name.trim()),
+                None => defined(f),
+            }
+        })
+    })
+}
+
+/// Entry-point parameters that locate an invocation in its subgroup (`#subgroup_args`), and
+/// their stand-ins for the workgroup-memory variant (`#subgroup_lets`): every reduction takes
+/// (lane, sg, nsg) either way.
+const SUBGROUP_ARGS: &str = "    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(num_subgroups) nsg: u32,
+";
+const SUBGROUP_LETS: &str = "    let lane = 0u;
+    let sg = 0u;
+    let nsg = 1u;
+";
+
+fn preprocess(text: &str, defined: &dyn Fn(&str) -> bool, out: &mut String) {
+    // Stack of (this branch active, some branch of this #if taken) for nested blocks.
+    let mut stack: Vec<(bool, bool)> = Vec::new();
+    let active = |stack: &Vec<(bool, bool)>| stack.iter().all(|&(a, _)| a);
+    for line in text.lines() {
+        let t = line.trim();
+        if t == "#subgroup_args" {
+            if active(&stack) && defined("SUBGROUP") {
+                out.push_str(SUBGROUP_ARGS);
+            }
+        } else if t == "#subgroup_lets" {
+            if active(&stack) && !defined("SUBGROUP") {
+                out.push_str(SUBGROUP_LETS);
+            }
+        } else if let Some(expr) = t.strip_prefix("#if ") {
+            let c = condition(expr, defined);
+            stack.push((c, c));
+        } else if let Some(expr) = t.strip_prefix("#elif ") {
+            let top = stack.last_mut().expect("#elif without #if");
+            let c = !top.1 && condition(expr, defined);
+            *top = (c, top.1 || c);
+        } else if t == "#else" {
+            let top = stack.last_mut().expect("#else without #if");
+            *top = (!top.1, true);
+        } else if t == "#endif" {
+            stack.pop().expect("#endif without #if");
+        } else if active(&stack) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    assert!(stack.is_empty(), "unterminated #if");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preprocessor_selects_branches() {
+        let src = "a\n#if VEC4\nb\n#if !SUBGROUP\nc\n#endif\n#else\nd\n#endif\n#if GRAD || IN_PLACE\ne\n#endif\n";
+        let mut out = String::new();
+        let v = Variant { vec4: true, ..Default::default() };
+        preprocess(src, &|n| v.defined(n), &mut out);
+        assert_eq!(out, "a\nb\nc\n");
+        let mut out = String::new();
+        let v = Variant { in_place: true, subgroup: true, ..Default::default() };
+        preprocess(src, &|n| v.defined(n), &mut out);
+        assert_eq!(out, "a\nd\ne\n");
+        let src = "#if VEC4 && GRAD\n1\n#elif GRAD\n2\n#elif VEC4 && !ODD\n3\n#else\n4\n#endif\n";
+        for (v, want) in [
+            (Variant { vec4: true, grad: true, ..Default::default() }, "1\n"),
+            (Variant { grad: true, ..Default::default() }, "2\n"),
+            (Variant { vec4: true, ..Default::default() }, "3\n"),
+            (Variant::default(), "4\n"),
+        ] {
+            let mut out = String::new();
+            preprocess(src, &|n| v.defined(n), &mut out);
+            assert_eq!(out, want, "{v:?}");
+        }
+        let src = "fn f(\n#subgroup_args\n) {\n#subgroup_lets\n}\n";
+        let mut out = String::new();
+        preprocess(src, &|n| n == "SUBGROUP", &mut out);
+        assert!(out.contains("@builtin(subgroup_id) sg: u32") && !out.contains("let sg"));
+        let mut out = String::new();
+        preprocess(src, &|_| false, &mut out);
+        assert!(out.contains("let sg = 0u;") && !out.contains("@builtin"));
+    }
+
+    pub(crate) fn validate(src: &str, subgroup: bool) -> Result<(naga::Module, naga::valid::ModuleInfo), String> {
+        let module = naga::front::wgsl::parse_str(src).map_err(|e| e.emit_to_string(src))?;
+        let caps = if subgroup { naga::valid::Capabilities::SUBGROUP } else { naga::valid::Capabilities::empty() };
+        let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
+            .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
+            .subgroup_operations(naga::valid::SubgroupOperationSet::all())
+            .validate(&module)
+            .map_err(|e| format!("{e:?}"))?;
+        Ok((module, info))
+    }
+
+    #[test]
+    fn every_variant_parses_and_validates() {
+        let mut count = 0;
+        for shader in Shader::ALL {
+            let mut seen = std::collections::HashSet::new();
+            for v in shader.variants() {
+                let src = shader.source(v);
+                if !seen.insert(src.clone()) {
+                    continue; // switches this kernel ignores
+                }
+                count += 1;
+                let (module, info) =
+                    validate(&src, v.subgroup).unwrap_or_else(|e| panic!("{} {v:?}: {e}", shader.name()));
+                // The declared binding list is exactly what the entry point uses.
+                let ep = info.get_entry_point(0);
+                let mut used: Vec<(u32, bool)> = module
+                    .global_variables
+                    .iter()
+                    .filter(|(h, g)| !ep[*h].is_empty() && g.binding.is_some())
+                    .filter(|(_, g)| g.binding.as_ref().unwrap().binding != 0)
+                    .map(|(_, g)| {
+                        let read_only = match g.space {
+                            naga::AddressSpace::Storage { access } => !access.contains(naga::StorageAccess::STORE),
+                            _ => true,
+                        };
+                        (g.binding.as_ref().unwrap().binding, read_only)
+                    })
+                    .collect();
+                used.sort();
+                let mut declared = shader.bindings(v);
+                declared.sort();
+                assert_eq!(used, declared, "{} {v:?}: bindings", shader.name());
+                assert!(declared.len() <= 8, "{} {v:?}: more than 8 storage buffers", shader.name());
+            }
+        }
+        assert!(count > 100, "only {count} distinct variants validated");
+    }
+}
