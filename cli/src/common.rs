@@ -83,6 +83,12 @@ pub fn emit(text: &str) {
     }
 }
 
+/// One line on stderr; a closed or full stderr is ignored (there is nowhere left to report it).
+pub fn error_line(text: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "{text}");
+}
+
 /// [`emit`] with a newline.
 pub fn emitln(text: impl AsRef<str>) {
     emit(&format!("{}\n", text.as_ref()));

@@ -6,15 +6,9 @@
 //! arguments); outputs are written atomically (see `io::out`); a closed stdout ends the process
 //! quietly with status 141, as a SIGPIPE would.
 
-mod blocks;
-mod cmd;
-mod common;
-mod io;
-mod plot;
-
 use clap::{Parser, Subcommand};
-
 use xent::Result;
+use xent_cli::{cmd, common};
 
 #[derive(Parser, Debug)]
 #[command(name = "xent", version, about = "Cross-entropy losses on the GPU (wgpu) and CPU")]
@@ -64,6 +58,9 @@ fn run(cmd: Option<Cmd>) -> Result<()> {
 }
 
 fn main() {
+    // A write over a file-size limit then fails with EFBIG (one error line, the target left
+    // as it was) instead of the signal ending the process.
+    xent_cli::ignore_sigxfsz();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -81,13 +78,12 @@ fn main() {
                 .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
                 .filter(|l| !l.is_empty())
                 .collect();
-            eprintln!("{}", msg.join(" "));
+            common::error_line(&msg.join(" "));
             std::process::exit(2);
         }
     };
     if let Err(e) = run(cli.cmd) {
-        let msg = e.to_string().replace('\n', " ");
-        eprintln!("error: {msg}");
+        common::error_line(&format!("error: {}", e.to_string().replace('\n', " ")));
         std::process::exit(1);
     }
 }

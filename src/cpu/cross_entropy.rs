@@ -54,8 +54,19 @@ struct RowOut {
 }
 
 impl RowCtx<'_> {
-    /// Loss (CE part, weighted) and lse of one row; writes the gradient row if given.
-    fn row(&self, x: &[f32], t: i32, r: usize, mut grad: Option<&mut [f32]>, sc: &mut Scratch) -> RowOut {
+    /// Loss (CE part, weighted) and lse of one row; writes the gradient row if given. `max`:
+    /// the row's maximum when the caller already has it (from widening).
+    #[allow(clippy::too_many_arguments)]
+    fn row(
+        &self,
+        x: &[f32],
+        max: Option<f32>,
+        ahead: &[u8],
+        t: i32,
+        r: usize,
+        mut grad: Option<&mut [f32]>,
+        sc: &mut Scratch,
+    ) -> RowOut {
         let cfg = self.cfg;
         let z: &[f32] = if self.transform {
             let inv_t = 1.0 / cfg.temperature;
@@ -68,9 +79,12 @@ impl RowCtx<'_> {
         } else {
             x
         };
-        let m = simd::max(z);
+        let m = match max {
+            Some(m) if !self.transform => m,
+            _ => simd::max(z),
+        };
         // s: sum of exp(z_j - m) over all but one occurrence of the max (ties add exact 1s).
-        let (s0, ties) = simd::exp_sum(z, m, grad.as_deref_mut());
+        let (s0, ties) = simd::exp_sum_ahead(z, m, grad.as_deref_mut(), ahead);
         let s = s0 + (ties - 1.0);
         let m64 = m as f64;
         let lse = m64 + s.ln_1p();
@@ -420,32 +434,34 @@ fn run<T: Element, G: Element>(
                     let span = i * v..(i + 1) * v;
                     // The row as f32: borrowed when it is f32 and read-only, else widened.
                     let mut xw = std::mem::take(&mut sc.x);
-                    let row_in: &[T] = match &xs {
-                        Src::Read(x) => &x[span.clone()],
-                        Src::InPlace(x) => &x[span.clone()],
+                    let (row_in, ahead): (&[T], &[u8]) = match &xs {
+                        Src::Read(x) => {
+                            (&x[span.clone()], bytemuck::cast_slice(x.get(span.end..span.end + v).unwrap_or(&[])))
+                        }
+                        Src::InPlace(x) => (&x[span.clone()], &[]),
                     };
-                    let x32: &[f32] = match (as_f32(row_in), in_place) {
-                        (Some(s), false) => s,
+                    let (x32, m): (&[f32], Option<f32>) = match (as_f32(row_in), in_place) {
+                        (Some(s), false) => (s, None),
                         _ => {
                             xw.resize(v, 0.0);
-                            T::widen(row_in, &mut xw);
-                            &xw
+                            let m = super::convert::widen_max(row_in, &mut xw);
+                            (&xw, Some(m))
                         }
                     };
                     let mut gw = std::mem::take(&mut sc.g);
                     *o = if !want_grad {
-                        ctx.row(x32, t[r], r, None, &mut sc)
+                        ctx.row(x32, m, ahead, t[r], r, None, &mut sc)
                     } else {
                         // Gradient straight into an f32 destination, else into scratch then rounded.
                         let direct = gs.as_deref_mut().and_then(|g| as_f32_mut(&mut g[span.clone()]));
                         match direct {
-                            Some(g) => ctx.row(x32, t[r], r, Some(g), &mut sc),
+                            Some(g) => ctx.row(x32, m, ahead, t[r], r, Some(g), &mut sc),
                             None => {
                                 gw.resize(v, 0.0);
-                                let o = ctx.row(x32, t[r], r, Some(&mut gw), &mut sc);
+                                let o = ctx.row(x32, m, ahead, t[r], r, Some(&mut gw), &mut sc);
                                 match (&mut xs, gs.as_deref_mut()) {
-                                    (Src::InPlace(x), _) => T::narrow(&gw, &mut x[span.clone()]),
-                                    (_, Some(g)) => G::narrow(&gw, &mut g[span.clone()]),
+                                    (Src::InPlace(x), _) => super::convert::narrow(&gw, &mut x[span.clone()]),
+                                    (_, Some(g)) => super::convert::narrow(&gw, &mut g[span.clone()]),
                                     _ => {}
                                 }
                                 o

@@ -1,6 +1,8 @@
 //! The CPU backend: a fast f32 path (rayon + vectorised primitives) and the f64 reference.
 
+mod avx512;
 pub(crate) mod bce;
+mod convert;
 mod cross_entropy;
 pub(crate) mod divergence;
 mod hessian;

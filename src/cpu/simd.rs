@@ -1,13 +1,13 @@
 //! Row primitives of the fast CPU path, written as 8-lane loops that LLVM vectorises.
 //!
 //! Each primitive is compiled twice: once for the baseline target and once with AVX2+FMA, picked
-//! at run time. The exponential is a Cephes-style polynomial (max error about 1 ulp over the
+//! at run time; the hottest also have 16-lane AVX-512 versions (`super::avx512`). The exponential is a Cephes-style polynomial (max error about 1 ulp over the
 //! range used here), because `f32::exp` is a libm call that does not vectorise.
 
 const LANES: usize = 8;
 /// Lane partial sums are flushed into f64 every this many elements, so a long row is summed
 /// pairwise-ish (f32 within a block, f64 across blocks).
-const BLOCK: usize = 512;
+pub(crate) const BLOCK: usize = 512;
 
 #[inline(always)]
 fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
@@ -22,14 +22,15 @@ type V8 = [f32; LANES];
 
 // The exponential of both paths (portable `exp8` and `avx2::exp8`), so they agree lane for lane:
 // x = n ln2 + r with ln2 split in two for an exact product, then a Cephes degree-6 polynomial.
-const LOG2E: f32 = std::f32::consts::LOG2_E;
-const LN2_HI: f32 = 0.693_359_4;
-const LN2_LO: f32 = -2.121_944_4e-4;
-const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+pub(crate) const LOG2E: f32 = std::f32::consts::LOG2_E;
+pub(crate) const LN2_HI: f32 = 0.693_359_4;
+pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
+pub(crate) const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
 /// Below this the result is 0 (and 2^n would underflow).
-const EXP_MIN: f32 = -87.0;
+pub(crate) const EXP_MIN: f32 = -87.0;
 /// Polynomial coefficients, highest degree first, before the final `p r^2 + r + 1`.
-const EXP_POLY: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
+pub(crate) const EXP_POLY: [f32; 6] =
+    [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
 
 /// exp(x) for x <= 0 (the max-subtracted logits), 8 lanes at a time; exactly 0 below the f32
 /// range and for -inf, NaN for NaN. Each step is a separate lane loop so that LLVM emits
@@ -253,6 +254,11 @@ macro_rules! multiversion {
 /// The row maximum (NaN entries are skipped here and surface in [`exp_sum`]).
 pub fn max(x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
+    if super::avx512::available() {
+        // SAFETY: AVX-512F was just detected.
+        return unsafe { super::avx512::max(x) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if avx2::available() {
         // SAFETY: AVX2 and FMA were just detected.
         return unsafe { avx2::max(x) };
@@ -263,6 +269,17 @@ pub fn max(x: &[f32]) -> f32 {
 /// `(sum of exp(x_j - m) over x_j != m, number of x_j == m)` in f64, optionally storing
 /// every `exp(x_j - m)` in `out`.
 pub fn exp_sum(x: &[f32], m: f32, out: Option<&mut [f32]>) -> (f64, f64) {
+    exp_sum_ahead(x, m, out, &[])
+}
+
+/// [`exp_sum`] that also prefetches `ahead` (the next row's bytes) into the cache.
+pub fn exp_sum_ahead(x: &[f32], m: f32, out: Option<&mut [f32]>, ahead: &[u8]) -> (f64, f64) {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx512::available() {
+        // SAFETY: AVX-512F was just detected.
+        return unsafe { super::avx512::exp_sum(x, m, out, ahead) };
+    }
+    let _ = ahead;
     #[cfg(target_arch = "x86_64")]
     if avx2::available() {
         // SAFETY: AVX2 and FMA were just detected.
@@ -404,8 +421,18 @@ multiversion! {
     pub fn weighted_sum(x: &[f32], w: Option<&[f32]>) -> (f64, f64) => dot_body;
 }
 multiversion! {
-    /// `e_j <- k e_j - c0 w_j` (w = 1 when `None`): turns exponentials into a gradient row.
-    pub fn scale_shift(e: &mut [f32], k: f32, c0: f32, w: Option<&[f32]>) -> () => scale_shift_body::<true>;
+    /// `e_j <- k e_j - c0 w_j` (w = 1 when `None`), 8 lanes.
+    pub fn scale_shift8(e: &mut [f32], k: f32, c0: f32, w: Option<&[f32]>) -> () => scale_shift_body::<true>;
+}
+
+/// `e_j <- k e_j - c0 w_j` (w = 1 when `None`): turns exponentials into a gradient row.
+pub fn scale_shift(e: &mut [f32], k: f32, c0: f32, w: Option<&[f32]>) {
+    #[cfg(target_arch = "x86_64")]
+    if w.is_none() && super::avx512::available() {
+        // SAFETY: AVX-512F was just detected.
+        return unsafe { super::avx512::scale_shift(e, k, c0) };
+    }
+    scale_shift8(e, k, c0, w)
 }
 multiversion! {
     /// `(sum_c w_c q_c z_c, sum_c w_c q_c)` in f64 with `q_c = qa y_c + qb` (w = 1 when `None`).

@@ -31,6 +31,12 @@ impl OutFile {
         if target.is_dir() {
             return Err(bad(format!("{what}: is a directory")));
         }
+        // Never rename over a device, pipe or socket (/dev/full, /dev/null, a FIFO).
+        if let Ok(m) = std::fs::metadata(target) {
+            if !m.file_type().is_file() {
+                return Err(bad(format!("{what}: not a regular file")));
+            }
+        }
         let mut temp = None;
         for i in 0..1000u32 {
             // The target's extension is kept last: writers that pick a format by it (plots) work.

@@ -1,0 +1,218 @@
+//! Property tests: random shapes, dtypes, options and non-finite values, every backend against
+//! the f64 reference of the same (rounded) inputs. Seeded: every CI run checks the same
+//! few hundred cases, and a failure reproduces.
+
+mod common;
+
+use common::*;
+use half::{bf16, f16};
+use ndarray::{Array1, Array2};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngSeed};
+use xent::cpu::reference;
+use xent::*;
+
+/// One generated cross-entropy call.
+#[derive(Debug, Clone)]
+struct Case {
+    n: usize,
+    v: usize,
+    dtype: DType,
+    /// Where the gradient goes: 0 none, 1 new f32, 2 into the logits' dtype, 3 in place.
+    grad: u8,
+    soft: bool,
+    reduction: Reduction,
+    smoothing: bool,
+    zloss: bool,
+    class_w: bool,
+    sample_w: bool,
+    softcap: bool,
+    temperature: f32,
+    /// Non-finite values planted: 0 none, 1 -inf masks, 2 a +inf, 3 a NaN, 4 an all -inf row.
+    special: u8,
+    seed: u64,
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    let shape = (0usize..10, prop_oneof![1usize..40, Just(255usize), Just(256), Just(1001), Just(4099)]);
+    let dtype = prop_oneof![Just(DType::F32), Just(DType::F16), Just(DType::BF16)];
+    let reduction = prop_oneof![Just(Reduction::Mean), Just(Reduction::Sum), Just(Reduction::None)];
+    (
+        shape,
+        dtype,
+        0u8..4,
+        any::<bool>(),
+        reduction,
+        (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
+        prop_oneof![Just(1.0f32), Just(0.7), Just(2.0)],
+        prop_oneof![4 => Just(0u8), 1 => 1u8..5],
+        any::<u64>(),
+    )
+        .prop_map(
+            |(
+                (n, v),
+                dtype,
+                grad,
+                soft,
+                reduction,
+                (smoothing, zloss, class_w, sample_w, softcap),
+                temperature,
+                special,
+                seed,
+            )| Case {
+                n,
+                v,
+                dtype,
+                grad,
+                soft,
+                reduction,
+                smoothing,
+                zloss,
+                class_w,
+                sample_w,
+                softcap,
+                temperature,
+                special,
+                seed,
+            },
+        )
+}
+
+/// Logits rounded to the case's dtype (returned widened, exactly, as f32 too).
+fn data(c: &Case) -> (Tensor2, Array2<f32>, Array1<i64>, Array2<f32>, CrossEntropy) {
+    let mut rng = Rng(c.seed);
+    let mut x = rng.logits(c.n, c.v, 3.0);
+    if c.n > 0 {
+        let r = rng.below(c.n);
+        match c.special {
+            1 => {
+                for j in (0..c.v).step_by(3) {
+                    x[[r, j]] = f32::NEG_INFINITY;
+                }
+            }
+            2 => x[[r, rng.below(c.v)]] = f32::INFINITY,
+            3 => x[[r, rng.below(c.v)]] = f32::NAN,
+            4 => x.row_mut(r).fill(f32::NEG_INFINITY),
+            _ => {}
+        }
+    }
+    let t = match c.dtype {
+        DType::F32 => Tensor2::F32(x.clone()),
+        DType::F16 => Tensor2::F16(x.mapv(f16::from_f32)),
+        DType::BF16 => Tensor2::BF16(x.mapv(bf16::from_f32)),
+    };
+    let x32 = t.to_f32();
+    let targets = rng.targets(c.n, c.v, 3);
+    let mut probs = Array2::from_shape_fn((c.n, c.v), |_| rng.uniform() as f32);
+    for mut row in probs.rows_mut() {
+        let s: f32 = row.sum();
+        row.mapv_inplace(|p| p / s);
+    }
+    let cfg = CrossEntropy {
+        reduction: c.reduction,
+        label_smoothing: if c.smoothing { 0.1 } else { 0.0 },
+        z_loss: if c.zloss { 1e-3 } else { 0.0 },
+        class_weight: c.class_w.then(|| Array1::from_shape_fn(c.v, |_| (0.3 + rng.uniform()) as f32)),
+        sample_weight: c.sample_w.then(|| Array1::from_shape_fn(c.n, |_| (0.5 + rng.uniform()) as f32)),
+        softcap: c.softcap.then_some(6.0),
+        temperature: c.temperature,
+        per_row: true,
+        ..Default::default()
+    };
+    (t, x32, targets, probs, cfg)
+}
+
+/// One ulp of `dtype` at |w| (f32: relative 2^-23, a loose floor for f32 rounding).
+fn ulp(dtype: DType, w: f64) -> f64 {
+    let mant = match dtype {
+        DType::F32 => 23,
+        DType::F16 => 10,
+        DType::BF16 => 7,
+    };
+    let e = if w == 0.0 { -126 } else { w.abs().log2().floor() as i32 };
+    let min_exp = if dtype == DType::F16 { -14 } else { -126 };
+    2f64.powi(e.max(min_exp) - mant)
+}
+
+fn same_class(g: f64, w: f64) -> bool {
+    (g.is_nan() && w.is_nan()) || (g.is_infinite() && g == w) || (g.is_finite() && w.is_finite())
+}
+
+fn check(name: &str, c: &Case, b: &dyn Backend) -> std::result::Result<(), TestCaseError> {
+    let (x, x32, t, p, cfg) = data(c);
+    let targets: Targets = if c.soft { (&p).into() } else { (&t).into() };
+    let r = reference::cross_entropy(&x32, targets, &cfg).unwrap();
+    let gdt = match c.grad {
+        2 | 3 => c.dtype,
+        _ => DType::F32,
+    };
+    let (out, grad) = match c.grad {
+        0 => (b.cross_entropy(x.view(), targets, &cfg).unwrap(), None),
+        1 => {
+            let mut o = b.cross_entropy_with_grad(x.view(), targets, &cfg).unwrap();
+            let g = o.grad.take().map(Tensor2::F32);
+            (o, g)
+        }
+        2 => {
+            let mut g = Tensor2::zeros(c.dtype, (c.n, c.v));
+            (b.cross_entropy_into(x.view(), targets, &cfg, g.view_mut()).unwrap(), Some(g))
+        }
+        _ => {
+            let mut y = x.clone();
+            (b.cross_entropy_in_place(y.view_mut(), targets, &cfg).unwrap(), Some(y))
+        }
+    };
+    let what = format!("{name} {c:?}");
+    // The reduced loss and the row losses, to f32 tolerance (non-finite: the same kind).
+    prop_assert!(same_class(out.loss, r.loss), "{what}: loss {} want {}", out.loss, r.loss);
+    if r.loss.is_finite() {
+        prop_assert!(
+            (out.loss - r.loss).abs() <= 1e-6 + 2e-5 * r.loss.abs(),
+            "{what}: loss {} want {}",
+            out.loss,
+            r.loss
+        );
+    }
+    let rows = out.row_loss.as_ref().expect("per-row losses");
+    for i in 0..c.n {
+        let (g, w) = (rows[i] as f64, r.row_loss[i]);
+        prop_assert!(same_class(g, w), "{what}: row {i} loss {g} want {w}");
+        if w.is_finite() {
+            prop_assert!((g - w).abs() <= 2e-5 + 2e-5 * w.abs(), "{what}: row {i} loss {g} want {w}");
+        }
+    }
+    if let Some(g) = grad {
+        let g = g.to_f32();
+        let scale = r.grad.iter().filter(|v| v.is_finite()).fold(0.0f64, |m, &v| m.max(v.abs()));
+        for ((i, j), &w) in r.grad.indexed_iter() {
+            let gv = g[[i, j]] as f64;
+            prop_assert!(same_class(gv, w), "{what}: grad[{i},{j}] {gv} want {w}");
+            if w.is_finite() {
+                // f32 error (relative to the row's scale), then one rounding to the stored dtype.
+                let tol = 4e-6 * scale + 2e-5 * w.abs() + if gdt == DType::F32 { 0.0 } else { ulp(gdt, w) };
+                prop_assert!((gv - w).abs() <= tol, "{what}: grad[{i},{j}] {gv} want {w} (tol {tol:e})");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn config() -> Config {
+    Config { cases: 300, rng_seed: RngSeed::Fixed(0x78_656e_74), failure_persistence: None, ..Config::default() }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn cpu_matches_the_reference(c in case()) {
+        check("cpu", &c, &Cpu::new())?;
+    }
+
+    #[test]
+    fn gpus_match_the_reference(c in case()) {
+        for (name, g) in gpu_backends() {
+            check(name, &c, g.as_ref())?;
+        }
+    }
+}
