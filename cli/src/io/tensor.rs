@@ -239,7 +239,7 @@ impl TensorFile {
     }
 
     /// Elements in the tensor.
-    pub fn len(&self) -> usize {
+    pub fn elements(&self) -> usize {
         self.shape.iter().product()
     }
 
@@ -253,7 +253,7 @@ impl TensorFile {
 
     /// The whole tensor as `T` (after checking the size; Fortran order transposed to C order).
     pub fn read_all<T: bytemuck::Pod + Default>(&self) -> Result<Vec<T>> {
-        let n = self.len();
+        let n = self.elements();
         let mut v = xent::alloc::filled(n, T::default(), &format!("{}", self.path.display()))?;
         self.read_into(0, &mut v)?;
         if self.fortran {
