@@ -45,7 +45,7 @@ pub struct CeJob<'a> {
 }
 
 /// Default bytes of logits per block.
-pub const BLOCK_BYTES: usize = 64 << 20;
+pub const BLOCK_BYTES: usize = 32 << 20;
 
 /// Rows per block: about `BLOCK_BYTES` of logits (at least one row; a multiple of `multiple`).
 pub fn block_rows(rows: usize, classes: usize, elem: usize, asked: Option<usize>, multiple: usize) -> Result<usize> {

@@ -250,6 +250,9 @@ pub fn fit_temperature_by(pass: &mut dyn FnMut(f32, bool) -> Result<CalibrationA
     // Bracket the root of the (increasing) slope.
     let (mut lo, mut hi) = (1.0f64, 1.0f64);
     let s1 = slope(&first, 1.0);
+    if s1 == 0.0 {
+        return Ok(TemperatureFit { temperature: 1.0, after: before.clone(), before, passes: 1 });
+    }
     let (mut s_lo, mut s_hi) = (s1, s1);
     let limit = 1e6;
     while s_lo > 0.0 {
@@ -261,11 +264,16 @@ pub fn fit_temperature_by(pass: &mut dyn FnMut(f32, bool) -> Result<CalibrationA
         }
         s_lo = eval(lo)?;
     }
-    while s_hi < 0.0 {
-        lo = hi;
-        s_lo = s_hi;
+    // A slope of exactly 0 on the way up is saturation (every probability 0 or 1, separable
+    // data), not the optimum: keep going, and report it if the bracket runs out.
+    while s_hi < 0.0 || (s_hi == 0.0 && hi > 1.0) {
+        if s_hi < 0.0 {
+            lo = hi;
+            s_lo = s_hi;
+        }
         hi *= 2.0;
         if hi > limit {
+            s_hi = -1.0;
             break;
         }
         s_hi = eval(hi)?;

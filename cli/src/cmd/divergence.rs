@@ -30,13 +30,13 @@ pub struct DistillArgs {
     #[arg(long)]
     teacher: PathBuf,
     /// Temperature dividing both logits.
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     temperature: f32,
     /// Which divergence.
     #[arg(long, value_enum, default_value = "kl")]
     mode: ModeArg,
     /// JSD mixing weight in [0, 1] (--mode jsd).
-    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.5, allow_hyphen_values = true)]
     beta: f32,
     #[command(flatten)]
     backend: BackendArgs,

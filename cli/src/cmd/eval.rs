@@ -29,7 +29,7 @@ pub struct EvalArgs {
     #[arg(long, value_enum, default_value = "mean")]
     reduction: ReductionArg,
     /// Rows with this target are ignored.
-    #[arg(long, default_value_t = -100, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = -100, allow_hyphen_values = true)]
     ignore_index: i64,
     /// Per-class weights, float32 [V].
     #[arg(long)]
@@ -38,16 +38,16 @@ pub struct EvalArgs {
     #[arg(long)]
     sample_weight: Option<PathBuf>,
     /// Label smoothing in [0, 1].
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     label_smoothing: f32,
     /// z-loss coefficient (adds s * lse^2 per counted row).
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     z_loss: f32,
     /// Soft-cap the logits: c * tanh(x / c).
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true)]
     softcap: Option<f32>,
     /// Divide the logits by this first.
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     temperature: f32,
     /// Write d(loss)/d(logits) [N, V] (.npy or .safetensors; for `none`: of the sum of row losses).
     #[arg(long)]
@@ -58,7 +58,7 @@ pub struct EvalArgs {
     /// Write per-row losses, float32 [N] (0 for ignored rows).
     #[arg(long)]
     loss_out: Option<PathBuf>,
-    /// Rows per block streamed through memory (default: about 64 MiB of logits).
+    /// Rows per block streamed through memory (default: about 32 MiB of logits).
     #[arg(long)]
     block_rows: Option<usize>,
     /// Print one JSON object on the last line.
@@ -214,7 +214,8 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
         .num("weight_sum", weight_sum)
         .set("dtype", dtype.name())
         .set("backend", engine.name())
-        .set("reduction", a.reduction.name());
+        .set("reduction", a.reduction.name())
+        .set("peak_rss_bytes", crate::common::peak_rss());
     let obj = if reduction == Reduction::Mean { obj.num("perplexity", loss.exp()) } else { obj };
     // Top-1 accuracy over counted rows (class-index targets), from the same pass.
     let obj = if classes.is_some() {

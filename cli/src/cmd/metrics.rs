@@ -31,7 +31,7 @@ pub struct PerplexityArgs {
     /// Counted prefix length of each sequence, integer [B].
     #[arg(long)]
     lengths: Option<PathBuf>,
-    /// Sequences' rows per block streamed through memory (default: about 64 MiB of logits).
+    /// Sequences' rows per block streamed through memory (default: about 32 MiB of logits).
     #[arg(long)]
     block_rows: Option<usize>,
     #[command(flatten)]
@@ -145,12 +145,12 @@ pub struct CalibrateArgs {
     #[arg(long)]
     targets: PathBuf,
     /// Rows with this target are ignored.
-    #[arg(long, default_value_t = -100, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = -100, allow_hyphen_values = true)]
     ignore_index: i64,
     /// Equal-width confidence bins for the expected calibration error (1..=100000).
     #[arg(long, default_value_t = 15)]
     bins: usize,
-    /// Rows per block streamed through memory (default: about 64 MiB of logits).
+    /// Rows per block streamed through memory (default: about 32 MiB of logits).
     #[arg(long)]
     block_rows: Option<usize>,
     #[command(flatten)]
@@ -243,10 +243,10 @@ pub struct PreferenceArgs {
     #[arg(long)]
     rejected: PathBuf,
     /// Margin subtracted from beta * (chosen - rejected).
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     margin: f32,
     /// Scale of the difference (DPO's beta).
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     beta: f32,
     /// Write d(loss)/d(chosen), float32 [N].
     #[arg(long)]

@@ -134,6 +134,7 @@ pub struct TensorOut {
 impl TensorOut {
     /// Validates the path and dtype, creates the temporary file and writes its header.
     pub fn create(path: &Path, dtype: FileDType, shape: &[usize], what: &str) -> Result<TensorOut> {
+        let file = OutFile::create(path, what)?;
         let container = Container::of(path)?;
         let header = match container {
             Container::Npy => {
@@ -141,7 +142,6 @@ impl TensorOut {
             }
             Container::Safetensors => safetensors_header(what, dtype, shape)?,
         };
-        let file = OutFile::create(path, what)?;
         file.write_at(0, &header)?;
         let data = shape.iter().product::<usize>() as u64 * dtype.size() as u64;
         file.set_len(header.len() as u64 + data)?;

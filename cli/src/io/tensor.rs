@@ -83,8 +83,10 @@ impl FileDType {
     }
 }
 
+/// A format error, its message folded onto one line (parsers' messages can span several).
 fn fmt_err(path: &Path, message: impl Into<String>) -> XentError {
-    XentError::Format { path: path.display().to_string(), message: message.into() }
+    let message: String = message.into().split_whitespace().collect::<Vec<_>>().join(" ");
+    XentError::Format { path: path.display().to_string(), message }
 }
 
 pub(crate) fn io_err(path: &Path, e: std::io::Error) -> XentError {

@@ -113,3 +113,34 @@ pub fn gpu_ok() -> bool {
         false
     }
 }
+
+/// Writes a safetensors file of named tensors `(name, dtype, shape, raw little-endian bytes)`.
+pub fn write_safetensors(p: impl AsRef<Path>, tensors: &[(&str, &str, &[usize], &[u8])]) {
+    let mut offset = 0;
+    let mut entries = Vec::new();
+    for (name, dtype, shape, data) in tensors {
+        let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+        entries.push(format!(
+            "\"{name}\":{{\"dtype\":\"{dtype}\",\"shape\":[{}],\"data_offsets\":[{offset},{}]}}",
+            dims.join(","),
+            offset + data.len()
+        ));
+        offset += data.len();
+    }
+    let mut h = format!("{{{}}}", entries.join(",")).into_bytes();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend(h);
+    for (_, _, _, data) in tensors {
+        out.extend_from_slice(data);
+    }
+    std::fs::write(p, out).unwrap();
+}
+
+/// Reads any tensor file the CLI can write or read (through the CLI's own reader) as f64.
+pub fn read_any(spec: impl AsRef<Path>) -> (Vec<usize>, Vec<f64>) {
+    let t = xent_cli::io::TensorFile::open(spec.as_ref(), "test").unwrap();
+    (t.shape.clone(), t.read_f64("test").unwrap())
+}
