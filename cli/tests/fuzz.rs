@@ -12,7 +12,7 @@ use xent_cli::io::TensorFile;
 
 fn npy(descr: &str, fortran: &str, shape: &str, data: &[u8]) -> Vec<u8> {
     let mut h = format!("{{'descr': '{descr}', 'fortran_order': {fortran}, 'shape': ({shape}), }}").into_bytes();
-    while (h.len() + 11) % 64 != 0 {
+    while !(h.len() + 11).is_multiple_of(64) {
         h.push(b' ');
     }
     h.push(b'\n');
@@ -31,7 +31,7 @@ fn safetensors(entries: &[(&str, &str, &str, usize, usize)], data: &[u8]) -> Vec
         })
         .collect();
     let mut h = format!("{{{}}}", body.join(",")).into_bytes();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();

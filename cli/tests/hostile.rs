@@ -106,7 +106,7 @@ fn untrusted_sizes_are_errors_not_aborts() {
     let d = scratch_dir("sizes");
     // A 192-byte .npy whose header claims 10^12 elements.
     let mut h = b"{'descr': '<f4', 'fortran_order': False, 'shape': (1000000, 1000000), }".to_vec();
-    while (h.len() + 11) % 64 != 0 {
+    while !(h.len() + 11).is_multiple_of(64) {
         h.push(b' ');
     }
     h.push(b'\n');
@@ -286,7 +286,7 @@ fn bad_input_is_refused() {
     let e = xent_error(&["eval", "--logits", &x, "--targets", &s(&ft), "--backend", "cpu"]);
     assert!(e.contains("int64 or int32"), "{e}");
     let (px, pt, fl) = (d.join("px.npy"), d.join("pt.npy"), d.join("fl.npy"));
-    write_npy(&px, &[6, 5], &vec![0.0f32; 30]);
+    write_npy(&px, &[6, 5], &[0.0f32; 30]);
     write_npy(&pt, &[6], &[0i64, 1, 2, 3, 4, 0]);
     write_npy(&fl, &[2], &[3.0f32, 2.5]);
     let e = xent_error(&[

@@ -128,7 +128,7 @@ pub fn write_safetensors(p: impl AsRef<Path>, tensors: &[(&str, &str, &[usize], 
         offset += data.len();
     }
     let mut h = format!("{{{}}}", entries.join(",")).into_bytes();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
