@@ -1,11 +1,22 @@
 // Cross-entropy's row pass, one workgroup per row: the row's (max, sum) statistic in one read
 // of the logits, its loss and log-sum-exp, and (GRAD / IN_PLACE) the gradient of the reduced
 // loss in a second read, written to `output` or over the logits.
+//
+// Long rows split into P.segs segments of P.seg_len columns, one workgroup each, in two
+// dispatches: SEG_STAT writes each segment's partial statistic (max, sum, smoothing sums,
+// rank count) after the row vectors in `row_values`; SEG_FINISH merges a row's partials in
+// segment order (as lanes are merged), writes the row's loss from segment 0, and the gradient
+// of its own segment.
 
 fn row_target(row: u32) -> i32 {
     let t = targets[row];
-    if (t == P.ignore_index || t < 0 || t >= i32(P.v)) {
-        return -1; // ignored (out-of-range targets were flagged by the weights pass)
+    if (t == P.ignore_index) {
+        return -1;
+    }
+    if (t < 0 || t >= i32(P.v)) {
+        // Out of range: flagged by the weights pass for the host; device-side consumers see a
+        // NaN loss and gradient for the row rather than a plausible number.
+        return -2;
     }
     return t;
 }
@@ -19,9 +30,11 @@ struct RowPart {
 }
 
 fn class_w(c: u32) -> f32 {
+#if CLASS_W
     if (has(F_CLASS_W)) {
         return class_weight[c];
     }
+#endif
     return 1.0;
 }
 
@@ -51,11 +64,12 @@ fn visit(p: RowPart, z: f32, c: u32, y: f32, zt: f32) -> RowPart {
     return q;
 }
 
-fn row_part(r: u32, lid: u32, zt: f32) -> RowPart {
+// This thread's share of columns [col0, col1) of row r (col0 a multiple of 4 with VEC4).
+fn row_part(r: u32, lid: u32, zt: f32, col0: u32, col1: u32) -> RowPart {
     var p = RowPart(Stat(P.neg_inf, 0.0), vec2<f32>(0.0, 0.0), 0.0);
     let xb = x_row(r);
 #if VEC4
-    for (var q = lid; q < P.v / 4u; q += WG) {
+    for (var q = col0 / 4u + lid; q < col1 / 4u; q += WG) {
         let x = in4(xb / 4u + q);
         var y = vec4<f32>(0.0);
 #if EXTRAS
@@ -70,7 +84,7 @@ fn row_part(r: u32, lid: u32, zt: f32) -> RowPart {
         p = visit(p, tr(x.w), c + 3u, y.w, zt);
     }
 #else
-    for (var j = lid; j < P.v; j += WG) {
+    for (var j = col0 + lid; j < col1; j += WG) {
         var y = 0.0;
 #if EXTRAS
         if (has(F_SOFT)) {
@@ -81,6 +95,16 @@ fn row_part(r: u32, lid: u32, zt: f32) -> RowPart {
     }
 #endif
     return p;
+}
+
+// `row_values` holds five row vectors (loss, lse, max, rank, gap), then each row's saved
+// statistic (max, sum, class-weight sum) for a later backward pass, then segment partials
+// (5 floats per (row, segment)).
+fn saved_slot(row: u32) -> u32 {
+    return 5u * P.n_rows + 3u * row;
+}
+fn part_slot(row: u32, seg: u32) -> u32 {
+    return 8u * P.n_rows + 5u * (row * P.parts + seg);
 }
 
 // Per-row constants of the gradient (see the loss in the comment of `main`).
@@ -96,10 +120,13 @@ struct GradCoef {
     fl: u32,
 }
 
-// d(loss)/d(x_c) for logit x of class c (y: its target probability with F_SOFT).
+// d(loss)/d(x_c) for logit x of class c (y: its target probability with F_SOFT), for every
+// class but the target's (see `grad_target`): no per-element branch on the class, which SIMD
+// lanes (lavapipe) would all pay for.
 fn grad_at(gc: GradCoef, x: f32, c: u32, y: f32) -> f32 {
     var z = x;
     var d = 1.0;
+#if TRANSFORM
     if ((gc.fl & F_TEMP) != 0u) {
         z = z * P.inv_temp;
         d = P.inv_temp;
@@ -109,21 +136,30 @@ fn grad_at(gc: GradCoef, x: f32, c: u32, y: f32) -> f32 {
         let t = z / P.softcap;
         d = d * (1.0 - t * t);
     }
+#endif
     let e = exp(z - gc.m);
-    var wc = 1.0;
-    if ((gc.fl & F_CLASS_W) != 0u) {
-        wc = class_weight[c];
-    }
+    var wc = class_w(c);
 #if EXTRAS
     if ((gc.fl & F_SOFT) != 0u) {
         wc = wc * soft_q(y);
     }
 #endif
-    var g = gc.k * e - gc.c0 * wc;
-    if (c == gc.tu) {
-        // p_t - 1 = (expm1(z_t - m) - s) / (1 + s): no cancellation when p_t ~ 1.
-        g = gc.hard * ((expm1_(z - gc.m) - gc.s) / gc.big_s) + (gc.k - gc.hard / gc.big_s) * e - gc.c0 * wc;
+    return (gc.k * e - gc.c0 * wc) * d;
+}
+
+// The target class's own gradient from its transformed logit z (= tr(x_t)):
+// p_t - 1 = (expm1(z_t - m) - s) / (1 + s), without cancellation when p_t ~ 1.
+fn grad_target(gc: GradCoef, z: f32, c: u32) -> f32 {
+    var d = 1.0;
+    if ((gc.fl & F_TEMP) != 0u) {
+        d = P.inv_temp;
     }
+    if ((gc.fl & F_SOFTCAP) != 0u) {
+        let t = z / P.softcap;
+        d = d * (1.0 - t * t);
+    }
+    let e = exp(z - gc.m);
+    let g = gc.hard * ((expm1_(z - gc.m) - gc.s) / gc.big_s) + (gc.k - gc.hard / gc.big_s) * e - gc.c0 * class_w(c);
     return g * d;
 }
 
@@ -134,22 +170,50 @@ fn main(
 #subgroup_args
 ) {
 #subgroup_lets
-    let r = local_row(wid);
+    let g = local_row(wid);
+    // This workgroup's row and its columns [col0, col1): the whole row, or one segment.
+    let r = g / P.segs;
+    let seg = g % P.segs;
     if (r >= P.chunk_rows) {
         return;
     }
+    let col0 = min(seg * P.seg_len, P.v);
+    let col1 = min(col0 + P.seg_len, P.v);
     let row = P.row0 + r;
     let soft = has(F_SOFT);
     var t = -1;
     if (!soft) {
         t = row_target(row);
     }
-    // The target's logit, known before the pass so that the pass can rank it.
+    // The target's logit, known before the pass so that the pass can rank it. A gradient pass
+    // over one segment of a row reads it only if the segment holds it: with IN_PLACE another
+    // segment's workgroup may be overwriting it.
     var zt = 0.0;
-    if (t >= 0) {
+    let from_saved = has(F_FROM_SAVED);
+    if (t >= 0 && (!from_saved || (u32(t) >= col0 && u32(t) < col1))) {
         zt = tr(in1(x_row(r) + u32(t)));
     }
-    let part = row_part(r, lid, zt);
+#if SEG_FINISH
+    var st = Stat(P.neg_inf, 0.0);
+    var acc = vec2<f32>(0.0, 0.0);
+    var rank = 0.0;
+    if (from_saved) {
+        // A gradient pass: the statistic an earlier pass saved (only what the gradient needs).
+        let b = saved_slot(row);
+        st = Stat(row_values[b], row_values[b + 1u]);
+        acc = vec2<f32>(0.0, row_values[b + 2u]);
+    } else {
+        // The row's partials merged in segment order: the same bits in every segment's workgroup.
+        for (var k = 0u; k < P.parts; k++) {
+            let b = part_slot(row, k);
+            st = merge(st, Stat(row_values[b], row_values[b + 1u]));
+            acc += vec2<f32>(row_values[b + 2u], row_values[b + 3u]);
+            rank += row_values[b + 4u];
+        }
+        st = finish_stat(st);
+    }
+#else
+    let part = row_part(r, lid, zt, col0, col1);
     let st = reduce_stat(part.st, lid, lane, sg, nsg);
     var acc = vec2<f32>(0.0, 0.0);
     if (has(F_SMOOTH | F_SOFT)) {
@@ -159,22 +223,42 @@ fn main(
     if (has(F_RANK)) {
         rank = reduce_v2(vec2<f32>(part.above, 0.0), lid, lane, sg, nsg).x;
     }
+#endif
+#if SEG_STAT
+    if (lid == 0u) {
+        let b = part_slot(row, seg);
+        row_values[b] = st.m;
+        row_values[b + 1u] = st.s;
+        row_values[b + 2u] = acc.x;
+        row_values[b + 3u] = acc.y;
+        row_values[b + 4u] = rank;
+    }
+    return;
+#else
+    if (has(F_SAVE) && lid == 0u && seg == 0u) {
+        let b = saved_slot(row);
+        row_values[b] = st.m;
+        row_values[b + 1u] = st.s;
+        row_values[b + 2u] = acc.y;
+    }
     let m = st.m;
     let s = st.s;
     let l1p = log1p_(s);
     let lse = m + l1p;
     // E_p[z] - z_t = sum_c e_c (z_c - z_t) / (1 + s): d(NLL)/d(log T) is its negative. A second
-    // read of the row, only when asked for (temperature fitting).
+    // read of the row, only when asked for (temperature fitting; whole rows only).
     var gap = 0.0;
+#if !SEG_FINISH
     if (has(F_GAP)) {
-        var g = 0.0;
+        var gsum = 0.0;
         for (var i = lid; i < P.v; i += WG) {
             let z = tr(in1(x_row(r) + i));
-            g += exp(z - m) * (z - zt);
+            gsum += exp(z - m) * (z - zt);
         }
         // Zero for ignored rows (masked after the reduction: its barriers need uniform control flow).
-        gap = select(0.0, reduce_v2(vec2<f32>(g, 0.0), lid, lane, sg, nsg).x / (1.0 + s), t >= 0);
+        gap = select(0.0, reduce_v2(vec2<f32>(gsum, 0.0), lid, lane, sg, nsg).x / (1.0 + s), t >= 0);
     }
+#endif
     let eps = P.smoothing;
     let vf = f32(P.v);
     var swn = 1.0;
@@ -189,7 +273,7 @@ fn main(
     if (has(F_CLASS_W)) {
         wtot = acc.y;
     }
-    if (lid == 0u) {
+    if (lid == 0u && seg == 0u && !from_saved) {
         var loss = 0.0;
         if (soft) {
             // sum_c w_c q_c (lse - z_c), w_c the class weight.
@@ -197,6 +281,8 @@ fn main(
             if (has(F_ZLOSS)) {
                 loss += P.z_loss * lse * lse;
             }
+        } else if (t == -2) {
+            loss = nan_f32();
         } else if (t >= 0) {
             loss = w * (1.0 - eps) * ((m - zt) + l1p);
             if (has(F_SMOOTH)) {
@@ -226,6 +312,14 @@ fn main(
         a = P.grad_scale / den.x;
         b = P.grad_scale / den.y;
     }
+    if (has(F_UPSTREAM)) {
+        var up = scalars.upstream;
+        if (has(F_UP_ROWS)) {
+            up = row_values[4u * P.n_rows + row];
+        }
+        a = a * up;
+        b = b * up;
+    }
     let big_s = 1.0 + s;
     let hard = a * w * (1.0 - eps);
     var c0 = 0.0;
@@ -245,11 +339,13 @@ fn main(
         k = (a * swn * acc.y + zc) / big_s;
     }
     let live = t >= 0 || soft;
+    // A row with an out-of-range target gets a NaN gradient (see `row_target`).
+    let bad = select(0.0, nan_f32(), t == -2);
     let gc = GradCoef(m, s, big_s, hard, c0, k, u32(t), P.flags);
     let xb = x_row(r);
     let ob = o_row(r);
 #if VEC4
-    for (var q = lid; q < P.v / 4u; q += WG) {
+    for (var q = col0 / 4u + lid; q < col1 / 4u; q += WG) {
         var g = vec4<f32>(0.0, 0.0, 0.0, 0.0);
         if (live) {
             var y = vec4<f32>(0.0);
@@ -263,19 +359,19 @@ fn main(
             let c = 4u * q;
             g = vec4<f32>(grad_at(gc, x.x, c, y.x), grad_at(gc, x.y, c + 1u, y.y), grad_at(gc, x.z, c + 2u, y.z), grad_at(gc, x.w, c + 3u, y.w));
         }
-        put4(ob / 4u + q, g);
+        put4(ob / 4u + q, g + bad);
     }
 #elif OUT16
     // 16-bit words of the output row; the first and last may be shared with the neighbours.
-    let w_first = ob >> 1u;
-    let w_last = (ob + P.v - 1u) >> 1u;
+    let w_first = (ob + col0) >> 1u;
+    let w_last = (ob + col1 - 1u) >> 1u;
     for (var wi = w_first + lid; wi <= w_last; wi += WG) {
         let c_lo = i32(2u * wi) - i32(ob);
         var g = vec2<f32>(0.0, 0.0);
         var lanes = 0u;
         for (var h = 0; h < 2; h++) {
             let c = c_lo + h;
-            if (c >= 0 && c < i32(P.v)) {
+            if (c >= i32(col0) && c < i32(col1)) {
                 lanes |= 1u << u32(h);
                 if (live) {
                     var y = 0.0;
@@ -286,12 +382,13 @@ fn main(
 #endif
                     g[h] = grad_at(gc, in1(xb + u32(c)), u32(c), y);
                 }
+                g[h] += bad;
             }
         }
         put_word(wi, g, lanes);
     }
 #else
-    for (var j = lid; j < P.v; j += WG) {
+    for (var j = col0 + lid; j < col1; j += WG) {
         var g = 0.0;
         if (live) {
             var y = 0.0;
@@ -302,7 +399,13 @@ fn main(
 #endif
             g = grad_at(gc, in1(xb + j), j, y);
         }
-        put1(ob + j, g);
+        put1(ob + j, g + bad);
+    }
+#endif
+    // The target's element, rewritten by one invocation once the row's writes are done.
+    storageBarrier();
+    if (lid == 0u && t >= 0 && u32(t) >= col0 && u32(t) < col1) {
+        put_one(ob + u32(t), grad_target(gc, zt, u32(t)));
     }
 #endif
 #endif

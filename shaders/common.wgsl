@@ -35,6 +35,14 @@ const F_GAP: u32 = 16384u;
 const F_ELEM_W: u32 = 32768u;
 // The mean's denominators come from P.den_w / P.den_n (the whole batch) instead of this call.
 const F_EXT_DENOM: u32 = 65536u;
+// A backward pass scales the gradient by the upstream gradient: scalars.upstream, or
+// (F_UP_ROWS) one value per row in row vector 4.
+const F_UPSTREAM: u32 = 131072u;
+const F_UP_ROWS: u32 = 262144u;
+// A row pass also saves its row statistic (for a later gradient or backward pass).
+const F_SAVE: u32 = 524288u;
+// A split row's gradient pass reads the statistic saved by an earlier pass.
+const F_FROM_SAVED: u32 = 1048576u;
 
 // Mirrored by `Params` in src/gpu/params.rs (a unit test compares the layouts through naga).
 struct Params {
@@ -74,7 +82,8 @@ struct Params {
     // The whole batch's weight sum and counted rows, with F_EXT_DENOM.
     den_w: f32,
     den_n: f32,
-    _pad0: u32,
+    // Partials per row of a split cross-entropy row pass.
+    parts: u32,
     _pad1: u32,
 }
 
@@ -126,7 +135,8 @@ struct Scalars {
     err_target: i32,
     // The reduced loss, as the host API reports it.
     loss: f32,
-    _pad0: u32,
+    // d(total)/d(loss) for a recorded backward pass of a reduced loss (F_UPSTREAM).
+    upstream: f32,
 }
 
 @group(0) @binding(5) var<storage, read_write> scalars: Scalars;
@@ -365,9 +375,20 @@ fn put_word(w: u32, g: vec2<f32>, lanes: u32) {
         atomicOr(&output[w], bits & ~keep);
     }
 #elif IN_PLACE
-    input[w] = bits;
+    if (lanes == 3u) {
+        input[w] = bits;
+    } else {
+        // One half, written by one invocation alone (see `put_one`).
+        let keep = select(0x0000ffffu, 0xffff0000u, lanes == 1u);
+        input[w] = (input[w] & keep) | (bits & ~keep);
+    }
 #else
-    output[w] = bits;
+    if (lanes == 3u) {
+        output[w] = bits;
+    } else {
+        let keep = select(0x0000ffffu, 0xffff0000u, lanes == 1u);
+        output[w] = (output[w] & keep) | (bits & ~keep);
+    }
 #endif
 }
 #else
@@ -382,8 +403,38 @@ fn put1(e: u32, g: f32) {
 #endif
 #endif
 
+#if GRAD || IN_PLACE
+// Output element e alone, by one invocation after the bulk writes of its row and a storage
+// barrier (read-modify-write of the vector or 16-bit word that holds it).
+fn put_one(e: u32, g: f32) {
+#if VEC4 && OUT16
+    let k = (e >> 1u) & 1u;
+    let keep = select(0xffff0000u, 0x0000ffffu, (e & 1u) == 1u);
+    let bits = out_pack(vec2<f32>(g, g)) & ~keep;
+#if IN_PLACE
+    input[e >> 2u][k] = (input[e >> 2u][k] & keep) | bits;
+#else
+    output[e >> 2u][k] = (output[e >> 2u][k] & keep) | bits;
+#endif
+#elif VEC4
+#if IN_PLACE
+    input[e >> 2u][e & 3u] = g;
+#else
+    output[e >> 2u][e & 3u] = g;
+#endif
+#elif OUT16
+    put_word(e >> 1u, vec2<f32>(g, g), select(1u, 2u, (e & 1u) == 1u));
+#else
+    put1(e, g);
+#endif
+}
+#endif
+
 // Temperature, then soft-capping: the logits the softmax sees.
+// Compiled in only for the TRANSFORM variant: SIMD lanes (lavapipe) run even uniform branches
+// masked, so plain logits must not pay for a tanh per element.
 fn tr(x: f32) -> f32 {
+#if TRANSFORM
     var z = x;
     if (has(F_TEMP)) {
         z = z * P.inv_temp;
@@ -392,6 +443,9 @@ fn tr(x: f32) -> f32 {
         z = P.softcap * tanh(z / P.softcap);
     }
     return z;
+#else
+    return x;
+#endif
 }
 
 // log(1 + x) for x >= 0 with full relative precision: GPU log() only promises an absolute
@@ -460,10 +514,15 @@ fn push(st: Stat, z: f32) -> Stat {
     return Stat(select(max(st.m, z), st.m, skip), select(s, st.s, skip));
 }
 
+// A quiet NaN (WGSL has no NaN literal).
+fn nan_f32() -> f32 {
+    return bitcast<f32>(0x7fc00000u);
+}
+
 // A row holding +inf is NaN, as PyTorch's max-subtracted softmax gives (inf - inf).
 fn finish_stat(st: Stat) -> Stat {
     if (is_pos_inf(st.m)) {
-        return Stat(st.m, bitcast<f32>(0x7fc00000u));
+        return Stat(st.m, nan_f32());
     }
     return st;
 }

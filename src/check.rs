@@ -54,6 +54,27 @@ pub fn cross_entropy(shape: (usize, usize), targets: &Targets, cfg: &CrossEntrop
     Ok(())
 }
 
+/// Checks that every class-index target is in `[0, classes)` or equals `ignore_index` (the
+/// kernels report the first bad row themselves; this is for callers that must know before).
+///
+/// ```
+/// use xent::check;
+/// assert!(check::class_targets(&(&[0i64, -100, 4][..]).into(), 5, -100).is_ok());
+/// assert!(check::class_targets(&(&[0i64, 5][..]).into(), 5, -100).is_err());
+/// ```
+pub fn class_targets(targets: &Targets, classes: usize, ignore_index: i64) -> Result<()> {
+    let bad = |(row, t): (usize, i64)| (t != ignore_index && (t < 0 || t >= classes as i64)).then_some((row, t));
+    let first = match targets {
+        Targets::I64(t) => t.iter().copied().enumerate().find_map(bad),
+        Targets::I32(t) => t.iter().map(|&t| t as i64).enumerate().find_map(bad),
+        Targets::Probs(_) => None,
+    };
+    match first {
+        Some((row, target)) => Err(XentError::TargetOutOfRange { row, target, classes }),
+        None => Ok(()),
+    }
+}
+
 /// Whether BCE's input is logits or probabilities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BceInput {

@@ -50,7 +50,10 @@ pub use cpu::Cpu;
 pub use dtype::{DType, Element, Logits, LogitsMut, Tensor2};
 pub use error::{Result, XentError};
 #[cfg(feature = "gpu")]
-pub use gpu::{CeInputs, CePlan, CounterSnapshot, DeviceGrad, DeviceTargets, GpuContext, GpuOptions, PendingCe};
+pub use gpu::{
+    CeBackward, CeInputs, CePlan, CounterSnapshot, DeviceGrad, DeviceTargets, DistillInputs, DistillPlan, GpuContext,
+    GpuOptions, LogSoftmaxPlan, PendingCe, PendingLoss, RowSumPlan,
+};
 
 /// The README's Rust examples, compiled and run as doc tests.
 #[doc = include_str!("../README.md")]

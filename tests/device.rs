@@ -90,6 +90,115 @@ fn recorded_gradient_separate_and_in_place() {
     }
 }
 
+/// A forward pass now, its gradient later: the state saved after the forward pass survives
+/// another record of the same plan, and the backward pass scales by a device upstream gradient
+/// (a scalar, or one value per row for reduction `none`), separate or in place.
+#[test]
+fn recorded_backward_from_saved_state() {
+    let mut rng = Rng(23);
+    let (n, v) = (24, 501);
+    let (x, x2) = (rng.logits(n, v, 3.0), rng.logits(n, v, 3.0));
+    let t = rng.targets(n, v, 4);
+    let cw = ndarray::Array1::from_shape_fn(v, |c| 0.5 + (c % 5) as f32 * 0.25);
+    for cfg in [
+        CrossEntropy { label_smoothing: 0.1, class_weight: Some(cw.clone()), z_loss: 1e-3, ..Default::default() },
+        CrossEntropy { reduction: Reduction::None, softcap: Some(4.0), temperature: 1.3, ..Default::default() },
+    ] {
+        let r = reference::cross_entropy(&x, &t, &cfg).unwrap();
+        let rows = cfg.reduction == Reduction::None;
+        let up: Vec<f32> = if rows { (0..n).map(|i| 0.5 + i as f32 * 0.1).collect() } else { vec![2.5] };
+        let mut want = r.grad.clone();
+        for (i, mut row) in want.rows_mut().into_iter().enumerate() {
+            row *= up[if rows { i } else { 0 }] as f64;
+        }
+        let mut ctxs = gpus();
+        let chunked = gpu_segments_chunked();
+        if let Some(c) = &chunked {
+            ctxs.push(("gpu-split-rows-chunked", c));
+        }
+        for (name, g) in ctxs {
+            let logits = storage(g, bytemuck::cast_slice(x.as_slice().unwrap()));
+            let other = storage(g, bytemuck::cast_slice(x2.as_slice().unwrap()));
+            let targets = storage(g, bytemuck::cast_slice(&i32s(&t)));
+            let plan = g.cross_entropy_plan(n, v, DType::F32, &cfg).unwrap();
+            let state = storage(g, &vec![0u8; plan.state_bytes() as usize]);
+            let upstream = storage(g, bytemuck::cast_slice(&up));
+            let grad = storage(g, &vec![0u8; n * v * 4]);
+            fn fwd<'a>(logits: &'a wgpu::Buffer, targets: &'a wgpu::Buffer) -> CeInputs<'a> {
+                CeInputs {
+                    logits: logits.slice(..),
+                    targets: DeviceTargets::Classes(targets.slice(..)),
+                    sample_weight: None,
+                    grad: DeviceGrad::None,
+                }
+            }
+            fn back<'a>(bufs: [&'a wgpu::Buffer; 4], grad: DeviceGrad<'a>) -> CeBackward<'a> {
+                let [logits, targets, state, upstream] = bufs;
+                CeBackward {
+                    logits: logits.slice(..),
+                    targets: DeviceTargets::Classes(targets.slice(..)),
+                    sample_weight: None,
+                    state: state.slice(..),
+                    upstream: upstream.slice(..),
+                    grad,
+                }
+            }
+            let bufs = [&logits, &targets, &state, &upstream];
+            let mut enc = g.device().create_command_encoder(&Default::default());
+            plan.record(&mut enc, fwd(&logits, &targets)).unwrap();
+            let loss = plan.read_back(&mut enc, true).unwrap();
+            plan.save_state(&mut enc, state.slice(..)).unwrap();
+            // The plan records another batch before the backward pass of the first.
+            plan.record(&mut enc, fwd(&other, &targets)).unwrap();
+            plan.record_backward(&mut enc, back(bufs, DeviceGrad::Separate(grad.slice(..), DType::F32))).unwrap();
+            g.queue().submit([enc.finish()]);
+            let o = loss.wait().unwrap();
+            assert_scalar(&format!("{name} loss"), o.loss, r.loss, 1e-6, 1e-5);
+            let got = Array2::from_shape_vec((n, v), read_back(g, &grad, 0, grad.size())).unwrap();
+            assert_close_2d(&format!("{name} {:?} backward", cfg.reduction), got.view(), want.view(), 1e-8, 1e-4);
+            // In place over the logits.
+            let mut enc = g.device().create_command_encoder(&Default::default());
+            plan.record_backward(&mut enc, back(bufs, DeviceGrad::InPlace)).unwrap();
+            g.queue().submit([enc.finish()]);
+            let got = Array2::from_shape_vec((n, v), read_back(g, &logits, 0, logits.size())).unwrap();
+            assert_close_2d(&format!("{name} in-place backward"), got.view(), want.view(), 1e-8, 1e-4);
+            // A backward pass needs somewhere to write.
+            let mut enc = g.device().create_command_encoder(&Default::default());
+            assert!(plan.record_backward(&mut enc, back(bufs, DeviceGrad::None)).is_err());
+        }
+    }
+}
+
+/// Rows split into segments and bound in small chunks, with confident rows, -inf masks, an odd
+/// V and 16-bit gradients, against the f64 reference.
+#[test]
+fn split_rows_in_small_chunks() {
+    let Some(g) = gpu_segments_chunked() else { return };
+    let mut rng = Rng(24);
+    for (n, v) in [(13, 1001), (7, 2048), (40, 97)] {
+        let mut x = rng.logits(n, v, 4.0);
+        x[[0, 3]] = 90.0; // a confident row
+        for c in 0..v / 2 {
+            x[[1, c]] = f32::NEG_INFINITY; // half the row masked
+        }
+        let t = rng.targets(n, v, 6);
+        let cfg = CrossEntropy { label_smoothing: 0.05, ..Default::default() };
+        let plan = g.cross_entropy_plan(n, v, DType::F32, &cfg).unwrap();
+        assert!(plan.segments() > 1, "{n}x{v}: rows split");
+        let r = reference::cross_entropy(&x, &t, &cfg).unwrap();
+        let o = g.cross_entropy_with_grad(&x, &t, &cfg).unwrap();
+        assert_scalar(&format!("{n}x{v} loss"), o.loss, r.loss, 1e-6, 1e-5);
+        assert_close_2d(&format!("{n}x{v} grad"), o.grad.unwrap().view(), r.grad.view(), 1e-8, 1e-4);
+        let xb = x.mapv(half::bf16::from_f32);
+        let mut gb = ndarray::Array2::from_elem((n, v), half::bf16::ZERO);
+        let o = g.cross_entropy_into(&xb, &t, &cfg, &mut gb).unwrap();
+        let rb = reference::cross_entropy(&xb.mapv(f32::from), &t, &cfg).unwrap();
+        assert_scalar(&format!("{n}x{v} bf16 loss"), o.loss, rb.loss, 1e-6, 1e-5);
+        let gf = gb.mapv(f32::from);
+        assert_close_2d(&format!("{n}x{v} bf16 grad"), gf.view(), rb.grad.view(), 1e-6, 8e-3);
+    }
+}
+
 #[test]
 fn slices_at_nonzero_offsets() {
     let mut rng = Rng(22);
@@ -243,12 +352,39 @@ fn a_step_of_several_recorded_ops_in_one_submission() {
         };
         p.record(&mut enc, inputs).unwrap();
     }
+    // A log-softmax of a third tensor and a distillation of the first towards it, read from
+    // and written to slices at non-zero offsets, in the same submission.
+    let x3 = rng.logits(n, v, 3.0);
+    let off = 256u64;
+    let mut padded = vec![0f32; off as usize / 4];
+    padded.extend(x3.iter());
+    let l3 = storage(g, bytemuck::cast_slice(&padded));
+    let x1_copy = storage(g, bytemuck::cast_slice(x1.as_slice().unwrap()));
+    let bytes = (n * v * 4) as u64;
+    let outs = storage(g, &vec![0u8; (off + 2 * bytes) as usize]);
+    let ls = g.log_softmax_plan(n, v, DType::F32, SoftmaxKind::LogSoftmax).unwrap();
+    ls.record(&mut enc, l3.slice(off..), outs.slice(off..off + bytes)).unwrap();
+    let dcfg = Distill { temperature: 2.0, ..Default::default() };
+    let dp = g.distill_plan(n, v, DType::F32, DType::F32, &dcfg).unwrap();
+    let inputs =
+        DistillInputs { student: x1_copy.slice(..), teacher: l3.slice(off..), grad: Some(outs.slice(off + bytes..)) };
+    dp.record(&mut enc, inputs).unwrap();
+    let qd = dp.read_back(&mut enc).unwrap();
     let (q1, q2) = (p1.read_back(&mut enc, false).unwrap(), p2.read_back(&mut enc, false).unwrap());
     g.queue().submit([enc.finish()]);
     assert_scalar("first", q1.wait().unwrap().loss, r1.loss, 1e-6, 1e-5);
     assert_scalar("second", q2.wait().unwrap().loss, r2.loss, 1e-6, 1e-5);
     let got = Array2::from_shape_vec((n, v), read_back(g, &l2, 0, l2.size())).unwrap();
     assert_close_2d("second grad", got.view(), r2.grad.view(), 1e-8, 1e-4);
+    let want = reference::log_softmax(&x3, SoftmaxKind::LogSoftmax).unwrap();
+    let got = Array2::from_shape_vec((n, v), read_back(g, &outs, off, bytes)).unwrap();
+    assert_close_2d("log-softmax", got.view(), want.view(), 2e-6, 2e-6);
+    // The CPU path (f64 per row, checked against PyTorch's goldens) as the reference.
+    let rd = Cpu::new().distill_with_grad(&x1, &x3, &dcfg).unwrap();
+    assert_scalar("distillation", qd.wait().unwrap(), rd.loss, 1e-6, 1e-5);
+    let got = Array2::from_shape_vec((n, v), read_back(g, &outs, off + bytes, bytes)).unwrap();
+    let want = rd.grad.unwrap().mapv(f64::from);
+    assert_close_2d("distillation grad", got.view(), want.view(), 1e-8, 1e-4);
 }
 
 #[test]

@@ -8,7 +8,7 @@
 //! working and several contexts can share one device.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::pool::{size_class, Pool, PoolStats, Pooled};
@@ -27,6 +27,13 @@ pub struct GpuOptions {
     /// Bytes of free buffers the pool may keep. `None`: twice the largest recent working set
     /// (at least 16 MiB).
     pub pool_budget_bytes: Option<u64>,
+    /// Split cross-entropy rows longer than this into segments of this many columns (rounded
+    /// up to a multiple of 4), each its own workgroup. `None`: chosen from the shape and the
+    /// adapter.
+    pub segment_len: Option<usize>,
+    /// Invocations per workgroup of the row kernels (a power of two, 32 to 1024). `None`:
+    /// chosen from the adapter.
+    pub workgroup_size: Option<u16>,
 }
 
 impl Default for GpuOptions {
@@ -36,6 +43,8 @@ impl Default for GpuOptions {
             max_binding_bytes: None,
             power_preference: wgpu::PowerPreference::HighPerformance,
             pool_budget_bytes: None,
+            segment_len: None,
+            workgroup_size: None,
         }
     }
 }
@@ -59,6 +68,10 @@ pub struct CounterSnapshot {
     pub buffers: usize,
     /// The buffer pool.
     pub pool: PoolStats,
+    /// Bytes copied from the host to the device so far (uploads, parameter blocks).
+    pub bytes_to_device: u64,
+    /// Bytes read back from the device to the host so far.
+    pub bytes_to_host: u64,
 }
 
 type PipelineSlot = Arc<Mutex<Option<Arc<Kernel>>>>;
@@ -73,12 +86,18 @@ pub struct Inner {
     pub(crate) offset_align: u64,
     pub(crate) max_buffer: u64,
     pub(crate) max_groups: u32,
+    /// A software rasteriser (lavapipe): workgroups run as loops on CPU threads.
+    pub(crate) software: bool,
+    pub(crate) segment_len: Option<usize>,
+    pub(crate) workgroup_size: Option<u16>,
     pipelines: Mutex<HashMap<(Shader, Variant), PipelineSlot>>,
     pool: Pool,
     placeholders: Vec<wgpu::Buffer>,
     lost: Mutex<Option<String>>,
     pipelines_built: AtomicUsize,
     buffers_built: AtomicUsize,
+    pub(crate) bytes_to_device: AtomicU64,
+    pub(crate) bytes_to_host: AtomicU64,
 }
 
 /// Device, queue and caches shared by every GPU kernel. Cheap to clone (the clones share one
@@ -154,6 +173,21 @@ impl GpuContext {
     }
 
     fn build(device: wgpu::Device, queue: wgpu::Queue, adapter_name: String, opts: GpuOptions) -> Result<Self> {
+        if let Some(wg) = opts.workgroup_size {
+            if !wg.is_power_of_two()
+                || !(32..=1024).contains(&wg)
+                || u32::from(wg) > device.limits().max_compute_invocations_per_workgroup
+            {
+                return Err(XentError::InvalidOption(format!(
+                    "workgroup_size {wg}: a power of two from 32 to the device's {}",
+                    device.limits().max_compute_invocations_per_workgroup.min(1024)
+                )));
+            }
+        }
+        if opts.segment_len == Some(0) {
+            return Err(XentError::InvalidOption("segment_len must be positive".into()));
+        }
+        let software = device.adapter_info().device_type == wgpu::DeviceType::Cpu;
         let limits = device.limits();
         let mut max_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
         if let Some(cap) = opts.max_binding_bytes {
@@ -165,6 +199,9 @@ impl GpuContext {
             offset_align: (limits.min_storage_buffer_offset_alignment as u64).max(16),
             max_buffer: limits.max_buffer_size,
             max_groups: limits.max_compute_workgroups_per_dimension,
+            software,
+            segment_len: opts.segment_len.map(|l| l.next_multiple_of(4)),
+            workgroup_size: opts.workgroup_size,
             placeholders: Vec::new(),
             device,
             queue,
@@ -174,6 +211,8 @@ impl GpuContext {
             lost: Mutex::new(None),
             pipelines_built: AtomicUsize::new(0),
             buffers_built: AtomicUsize::new(0),
+            bytes_to_device: AtomicU64::new(0),
+            bytes_to_host: AtomicU64::new(0),
         };
         let mut ctx = GpuContext { inner: Arc::new(inner) };
         // Placeholders for binding slots a kernel variant does not use (one per slot, so a
@@ -219,18 +258,38 @@ impl GpuContext {
         self.max_binding
     }
 
+    /// How the cross-entropy row pass runs for `rows x classes`: invocations per workgroup and
+    /// the segment length (`classes` for whole rows). `gaps` (a second full-row reduction)
+    /// needs whole rows.
+    pub(crate) fn ce_layout(&self, rows: usize, classes: usize, gaps: bool) -> (u16, usize) {
+        // A software rasteriser runs each workgroup as a loop over SIMD-wide slices of lanes,
+        // with barriers as coroutine switches: fewer lanes cost less per barrier.
+        let wg = self.workgroup_size.unwrap_or(if self.software { 64 } else { 256 });
+        let auto = if self.software || classes < 65536 || rows >= 2048 {
+            classes
+        } else {
+            // Few long rows: enough workgroups to fill a GPU.
+            32768
+        };
+        let seg = if gaps { classes } else { self.segment_len.unwrap_or(auto) };
+        (wg, seg.clamp(4, classes.max(4)).next_multiple_of(4).min(classes.max(1)))
+    }
+
     /// The alignment that offsets of recorded inputs must have (the device's
     /// `min_storage_buffer_offset_alignment`, at least 16 bytes).
     pub fn offset_alignment(&self) -> u64 {
         self.offset_align
     }
 
-    /// How many pipelines and buffers have been created so far, and what the pool holds.
+    /// How many pipelines and buffers have been created so far, what the pool holds, and how
+    /// many bytes have crossed between host and device.
     pub fn counters(&self) -> CounterSnapshot {
         CounterSnapshot {
             pipelines: self.pipelines_built.load(Ordering::Relaxed),
             buffers: self.buffers_built.load(Ordering::Relaxed),
             pool: self.pool.stats(),
+            bytes_to_device: self.bytes_to_device.load(Ordering::Relaxed),
+            bytes_to_host: self.bytes_to_host.load(Ordering::Relaxed),
         }
     }
 
@@ -390,6 +449,7 @@ impl GpuContext {
     /// Writes `data` at `offset` through the queue (ordered before the next submission), padded
     /// to the 4-byte copy alignment.
     pub(crate) fn write(&self, buf: &wgpu::Buffer, offset: u64, data: &[u8]) -> Result<()> {
+        self.bytes_to_device.fetch_add(data.len() as u64, Ordering::Relaxed);
         self.scoped(|| {
             let whole = data.len() / 4 * 4;
             if whole > 0 {
@@ -426,6 +486,7 @@ impl GpuContext {
             view.slice(..data.len()).copy_from_slice(data);
         }
         buf.unmap();
+        self.bytes_to_device.fetch_add(data.len() as u64, Ordering::Relaxed);
         self.buffers_built.fetch_add(1, Ordering::Relaxed);
         Ok(buf)
     }
@@ -575,6 +636,7 @@ impl GpuContext {
             out.copy_from_slice(&view[..out.len()]);
         }
         staging.unmap();
+        self.bytes_to_host.fetch_add(out.len() as u64, Ordering::Relaxed);
         self.check_alive()
     }
 

@@ -55,6 +55,8 @@ struct RowsBind<'a> {
 pub(crate) enum Groups {
     /// One per row.
     PerRow,
+    /// This many per row (rows split into segments).
+    PerRowTimes(usize),
     /// One per this many elements.
     Elements(usize),
     /// One for the whole call.
@@ -172,6 +174,7 @@ impl<'a> Recorder<'a> {
             }
             let groups = match l.groups {
                 Groups::PerRow => rows,
+                Groups::PerRowTimes(k) => rows * k,
                 Groups::Elements(per_group) => (rows * v).div_ceil(per_group),
                 Groups::One => 1,
             };
@@ -275,5 +278,53 @@ impl<'a> Recorder<'a> {
             }
         }
         Ok(())
+    }
+}
+
+/// A plan's parameter blocks: its own uniform buffer, or a pooled one for the host API.
+pub(crate) enum ParamsBuf {
+    Owned(wgpu::Buffer),
+    Pooled(crate::gpu::pool::Pooled),
+}
+
+impl std::ops::Deref for ParamsBuf {
+    type Target = wgpu::Buffer;
+    fn deref(&self) -> &wgpu::Buffer {
+        match self {
+            ParamsBuf::Owned(b) => b,
+            ParamsBuf::Pooled(b) => b,
+        }
+    }
+}
+
+/// The parameter blocks of a plan's last recording and their buffer: a new buffer when they
+/// change, never an overwrite (an earlier record may still be waiting for its submission).
+pub(crate) struct ParamsCache {
+    last: std::sync::Mutex<Option<(Vec<u8>, Arc<ParamsBuf>)>>,
+    /// Pooled buffers (the host API, which waits before the plan drops).
+    pooled: bool,
+}
+
+impl ParamsCache {
+    pub fn new(pooled: bool) -> Self {
+        ParamsCache { last: std::sync::Mutex::new(None), pooled }
+    }
+
+    /// The buffer holding `rec`'s blocks.
+    pub fn get(&self, rec: &Recorder<'_>) -> Result<Arc<ParamsBuf>> {
+        let bytes = rec.block_bytes();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((b, buf)) = last.as_ref() {
+            if *b == bytes {
+                return Ok(buf.clone());
+            }
+        }
+        let buf = Arc::new(if self.pooled {
+            ParamsBuf::Pooled(rec.params_pooled()?)
+        } else {
+            ParamsBuf::Owned(rec.params_buffer()?)
+        });
+        *last = Some((bytes, buf.clone()));
+        Ok(buf)
     }
 }

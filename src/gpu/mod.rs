@@ -11,9 +11,13 @@ pub mod context;
 mod kernels;
 pub(crate) mod launch;
 pub(crate) mod params;
+mod pending;
 pub mod pool;
 pub mod source;
 
 pub use context::{CounterSnapshot, GpuContext, GpuOptions};
-pub use kernels::cross_entropy::{CeInputs, CePlan, DeviceGrad, DeviceTargets, PendingCe};
+pub use kernels::cross_entropy::{CeBackward, CeInputs, CePlan, DeviceGrad, DeviceTargets, PendingCe};
+pub use kernels::divergence::{DistillInputs, DistillPlan, PendingLoss};
+pub use kernels::log_softmax::LogSoftmaxPlan;
+pub use kernels::row_sum::RowSumPlan;
 pub use pool::PoolStats;

@@ -33,7 +33,7 @@ pub(crate) struct Params {
     pub beta: f32,
     pub den_w: f32,
     pub den_n: f32,
-    pub _pad0: u32,
+    pub parts: u32,
     pub _pad1: u32,
 }
 
@@ -48,7 +48,7 @@ pub(crate) struct Scalars {
     pub err_row: u32,
     pub err_target: i32,
     pub loss: f32,
-    pub _pad0: u32,
+    pub upstream: f32,
 }
 
 /// Bytes of [`Scalars`].
@@ -79,6 +79,10 @@ pub(crate) mod flags {
     pub const GAP: u32 = 16384;
     pub const ELEM_W: u32 = 32768;
     pub const EXT_DENOM: u32 = 65536;
+    pub const UPSTREAM: u32 = 131072;
+    pub const UP_ROWS: u32 = 262144;
+    pub const SAVE: u32 = 524288;
+    pub const FROM_SAVED: u32 = 1048576;
 }
 
 /// Bytes between per-dispatch parameter blocks in the uniform buffer (the largest
@@ -98,6 +102,7 @@ impl Params {
             grad_scale: 1.0,
             segs: 1,
             seg_len: v as u32,
+            parts: 1,
             ..Zeroable::zeroed()
         }
     }
@@ -134,8 +139,8 @@ mod tests {
         let module = naga::front::wgsl::parse_str(&src).unwrap();
         let params = fields!(Params: n_rows, v, row0, grid_x, chunk_rows, ignore_index, flags, neg_inf, smoothing,
             z_loss, softcap, inv_temp, grad_scale, x_off, y_off, o_off, part_off, v_total, class0, segs, seg_len,
-            mode, beta, den_w, den_n, _pad0, _pad1);
-        let scalars = fields!(Scalars: weight_sum, count, loss_sum, lse2_sum, err_row, err_target, loss, _pad0);
+            mode, beta, den_w, den_n, parts, _pad1);
+        let scalars = fields!(Scalars: weight_sum, count, loss_sum, lse2_sum, err_row, err_target, loss, upstream);
         for (name, rust, size) in
             [("Params", params, std::mem::size_of::<Params>()), ("Scalars", scalars, std::mem::size_of::<Scalars>())]
         {

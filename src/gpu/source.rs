@@ -28,6 +28,27 @@ pub struct Variant {
     /// Per-element extras of the softmax pass: label smoothing or class-weighted sums,
     /// probability targets, target ranks. Off, the pass is max/sum only.
     pub extras: bool,
+    /// Which pass of a row split into segments (cross-entropy only).
+    pub seg: Seg,
+    /// Per-element temperature / soft-capping code (cross-entropy): off, the logits are used
+    /// as they are (a software rasteriser runs uniform branches masked, paying for both sides).
+    pub transform: bool,
+    /// Per-element class-weight reads (cross-entropy).
+    pub class_w: bool,
+    /// Invocations per workgroup; 0 means 256.
+    pub wg: u16,
+}
+
+/// The passes of a cross-entropy whose rows are split across workgroups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Seg {
+    /// One workgroup per row.
+    #[default]
+    Whole,
+    /// Partial statistics per segment.
+    Stat,
+    /// Merged statistics, the row's loss, and each segment's gradient.
+    Finish,
 }
 
 impl Variant {
@@ -46,6 +67,10 @@ impl Variant {
             "GRAD" => self.grad,
             "IN_PLACE" => self.in_place,
             "EXTRAS" => self.extras,
+            "SEG_STAT" => self.seg == Seg::Stat,
+            "TRANSFORM" => self.transform,
+            "CLASS_W" => self.class_w,
+            "SEG_FINISH" => self.seg == Seg::Finish,
             other => panic!("unknown shader define {other}"),
         }
     }
@@ -70,13 +95,15 @@ pub enum Shader {
     Dist,
     /// Hessian-vector products.
     Hvp,
+    /// Row sums (the read-only bandwidth probe).
+    RowSum,
 }
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
 impl Shader {
     /// Every kernel, for tests.
-    pub const ALL: [Shader; 8] = [
+    pub const ALL: [Shader; 9] = [
         Shader::CeWeights,
         Shader::CeFused,
         Shader::CeReduce,
@@ -85,6 +112,7 @@ impl Shader {
         Shader::Distill,
         Shader::Dist,
         Shader::Hvp,
+        Shader::RowSum,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -97,6 +125,7 @@ impl Shader {
             Shader::Distill => "distill",
             Shader::Dist => "dist",
             Shader::Hvp => "hvp",
+            Shader::RowSum => "row_sum",
         }
     }
 
@@ -106,18 +135,22 @@ impl Shader {
     pub(crate) fn bindings(self, v: Variant) -> Vec<(u32, bool)> {
         let mut b = match self {
             Shader::CeWeights => vec![(2, true), (3, true), (4, true), (5, false)],
+            // The split-row statistic pass reads only logits, targets and (extras) class weights.
+            Shader::CeFused if v.seg == Seg::Stat && v.extras => vec![(1, true), (2, true), (3, true), (6, false)],
+            Shader::CeFused if v.seg == Seg::Stat => vec![(1, true), (2, true), (6, false)],
             Shader::CeFused => vec![(1, !v.in_place), (2, true), (3, true), (4, true), (6, false)],
             Shader::CeReduce => vec![(2, true), (5, false), (6, false)],
             Shader::LogSoftmax => vec![(1, true)],
             Shader::Bce => vec![(1, true), (3, true), (9, true), (10, true), (11, true), (6, false), (7, false)],
             Shader::Distill => vec![(1, true), (9, true), (6, false)],
             Shader::Dist | Shader::Hvp => vec![(1, true), (9, true)],
+            Shader::RowSum => vec![(1, true), (6, false)],
         };
         if v.grad {
             b.push((8, false));
         }
-        if v.extras && self == Shader::CeFused {
-            // Probability targets in the second rows.
+        if v.extras && self == Shader::CeFused && (v.seg != Seg::Finish || v.grad || v.in_place) {
+            // Probability targets in the second rows (not read by a split row's loss-only finish).
             b.push((9, true));
         }
         if (v.grad || v.in_place) && self == Shader::CeFused {
@@ -132,23 +165,34 @@ impl Shader {
     pub(crate) fn variants(self) -> Vec<Variant> {
         let dtypes = [DType::F32, DType::F16, DType::BF16];
         let mut out = Vec::new();
-        for bits in 0..64u32 {
+        for bits in 0..256u32 {
             for &input in &dtypes {
                 for &second in &dtypes {
                     for &output in &dtypes {
-                        let v = Variant {
-                            input,
-                            second,
-                            output,
-                            vec4: bits & 1 != 0,
-                            subgroup: bits & 2 != 0,
-                            grad: bits & 4 != 0,
-                            in_place: bits & 8 != 0,
-                            extras: bits & 16 != 0,
-                            odd: bits & 32 != 0,
-                        };
-                        if self.valid(v) {
-                            out.push(v);
+                        // The last two switches are dtype-independent: one dtype pairing.
+                        if bits >= 64 && (second != DType::F32 || output != input) {
+                            continue;
+                        }
+                        for seg in [Seg::Whole, Seg::Stat, Seg::Finish] {
+                            let v = Variant {
+                                input,
+                                second,
+                                output,
+                                vec4: bits & 1 != 0,
+                                subgroup: bits & 2 != 0,
+                                grad: bits & 4 != 0,
+                                in_place: bits & 8 != 0,
+                                extras: bits & 16 != 0,
+                                odd: bits & 32 != 0,
+                                seg,
+                                transform: bits & 64 != 0,
+                                class_w: bits & 128 != 0,
+                                // Workgroup sizes other than 256 in a few variants.
+                                wg: [0, 64, 1024][(bits as usize + seg as usize) % 3],
+                            };
+                            if self.valid(v) {
+                                out.push(v);
+                            }
                         }
                     }
                 }
@@ -165,6 +209,12 @@ impl Shader {
         if v.grad && v.in_place || v.odd && v.vec4 {
             return false;
         }
+        if v.seg != Seg::Whole && (self != Shader::CeFused || v.seg == Seg::Stat && (v.grad || v.in_place)) {
+            return false;
+        }
+        if (v.transform || v.class_w) && self != Shader::CeFused {
+            return false;
+        }
         match self {
             Shader::CeWeights | Shader::CeReduce => v == Variant { subgroup: v.subgroup, ..Default::default() },
             Shader::CeFused => {
@@ -174,6 +224,7 @@ impl Shader {
                     && (!v.in_place || f32_only(v.output))
             }
             Shader::LogSoftmax => v.grad && !v.in_place && !v.extras && f32_only(v.second) && f32_only(v.output),
+            Shader::RowSum => !v.grad && !v.in_place && !v.extras && !v.odd && f32_only(v.second) && f32_only(v.output),
             Shader::Bce => {
                 !v.in_place
                     && !v.extras
@@ -204,6 +255,7 @@ impl Shader {
             Shader::Distill => include_str!("../../shaders/distill.wgsl"),
             Shader::Dist => include_str!("../../shaders/dist.wgsl"),
             Shader::Hvp => include_str!("../../shaders/hvp.wgsl"),
+            Shader::RowSum => include_str!("../../shaders/row_sum.wgsl"),
         }
     }
 
@@ -213,7 +265,9 @@ impl Shader {
         for text in [COMMON, self.body()] {
             preprocess(text, &|n| variant.defined(n), &mut out);
         }
-        out
+        let wg = if variant.wg == 0 { 256 } else { variant.wg };
+        assert!(wg.is_power_of_two() && (8..=1024).contains(&wg), "workgroup size {wg}");
+        out.replace("const WG: u32 = 256u;", &format!("const WG: u32 = {wg}u;"))
     }
 }
 

@@ -38,6 +38,19 @@ mod gpu {
         CTX.get_or_init(|| make(GpuOptions { max_binding_bytes: Some(64 << 10), ..Default::default() })).as_ref()
     }
 
+    /// A context that splits rows into segments of 96 columns (two dispatches per row pass)
+    /// with 32-invocation workgroups: the split-row path.
+    pub fn gpu_segments() -> Option<&'static GpuContext> {
+        static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
+        CTX.get_or_init(|| make(GpuOptions { segment_len: Some(96), workgroup_size: Some(32), ..Default::default() }))
+            .as_ref()
+    }
+
+    /// Split rows in small chunks: segments of 40 columns and 16 KiB bindings.
+    pub fn gpu_segments_chunked() -> Option<GpuContext> {
+        make(GpuOptions { segment_len: Some(40), max_binding_bytes: Some(16 << 10), ..Default::default() })
+    }
+
     /// A new private context (for tests that count its allocations or destroy its device).
     pub fn fresh_gpu() -> Option<GpuContext> {
         make(GpuOptions::default())
@@ -68,6 +81,9 @@ mod gpu {
         }
         if let Some(g) = gpu_small_bindings() {
             v.push(("gpu-64KiB-bindings", g));
+        }
+        if let Some(g) = gpu_segments() {
+            v.push(("gpu-split-rows", g));
         }
         v
     }

@@ -1,5 +1,9 @@
 //! `xent bench`: median and minimum times of mean cross-entropy (ignore_index on every 16th row)
-//! over shapes, dtypes and backends, the useful traffic in GB/s, and the process's peak memory.
+//! over shapes, dtypes and backends, the useful traffic in GB/s, that traffic as a fraction of
+//! the device's own copy rate measured in the same run, and the process's peak memory.
+//!
+//! `--op copy` reports the ceiling itself: a buffer-to-buffer copy of the logits (GB/s of read
+//! plus written bytes) and a read-only row-sum kernel over the same bytes (GB/s read).
 //!
 //! The CPU runs on host arrays (forward-backward writes into one reused gradient array, as a
 //! training loop would); the GPU runs device-resident (logits uploaded once, the gradient left
@@ -22,6 +26,8 @@ pub enum Op {
     Fwd,
     /// Loss and gradient w.r.t. the logits.
     FwdBwd,
+    /// The ceiling: a copy of the logits, and a read-only pass over them.
+    Copy,
 }
 
 impl Op {
@@ -29,6 +35,7 @@ impl Op {
         match self {
             Op::Fwd => "fwd",
             Op::FwdBwd => "fwd-bwd",
+            Op::Copy => "copy",
         }
     }
 }
@@ -59,6 +66,13 @@ pub struct BenchArgs {
     /// CPU worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// GPU: invocations per workgroup of the row kernels (default: chosen from the adapter).
+    #[arg(long)]
+    workgroup_size: Option<u16>,
+    /// GPU: split rows into segments of this many columns, one workgroup each (default:
+    /// chosen from the shape and the adapter).
+    #[arg(long)]
+    segment_len: Option<usize>,
 }
 
 /// One measured (backend, shape, dtype).
@@ -70,6 +84,10 @@ struct Row {
     median: f64,
     min: f64,
     gbps: f64,
+    /// The copy rate (read + written bytes per second) on the same backend and bytes.
+    copy_gbps: f64,
+    /// Read-only rate (`--op copy`).
+    read_gbps: Option<f64>,
     peak_rss: u64,
 }
 
@@ -135,7 +153,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let cpu = if a.backend.contains(&BackendKind::Cpu) { Some(cpu(a.threads)?) } else { None };
     #[cfg(feature = "gpu")]
     let gpu = if a.backend.contains(&BackendKind::Gpu) {
-        match xent::GpuContext::new() {
+        let opts =
+            xent::GpuOptions { workgroup_size: a.workgroup_size, segment_len: a.segment_len, ..Default::default() };
+        match xent::GpuContext::with_options(opts) {
             Ok(g) => Some(g),
             Err(e) if a.backend.len() == 1 => return Err(e),
             Err(e) => {
@@ -153,8 +173,14 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     } else {
         None
     };
+    #[cfg(feature = "gpu")]
+    let device_name = gpu.as_ref().map(|g| g.adapter_name().to_string());
+    #[cfg(not(feature = "gpu"))]
+    let device_name: Option<String> = None;
     let cfg = CrossEntropy::default();
-    let runs = (shapes.len() * dtypes.len() * (cpu.is_some() as usize + gpu.is_some() as usize) * a.reps) as u64;
+    // Each measurement is timed reps times, the ceilings twice more.
+    let per = if a.op == Op::Copy { 2 } else { 3 };
+    let runs = (shapes.len() * dtypes.len() * (cpu.is_some() as usize + gpu.is_some() as usize) * a.reps * per) as u64;
     let pb = ProgressBar::new(runs);
     pb.set_style(ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} {msg}").expect("valid template"));
     let op = a.op.name();
@@ -165,23 +191,62 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             let (x, t) = workload(n, v, dtype)?;
             let elems = (n * v) as f64 * dtype.size() as f64;
             let traffic = if a.op == Op::FwdBwd { 2.0 * elems } else { elems };
+            let bytes = elems;
             if let Some(c) = &cpu {
                 pb.set_message(format!("{n}x{v} {dtype}: cpu {op}"));
-                let (median, min) = if a.op == Op::FwdBwd {
-                    let mut g = Tensor2::zeros(dtype, (n, v));
-                    time(a.reps, &pb, || c.cross_entropy_into(x.view(), &t, &cfg, g.view_mut()).map(drop))?
-                } else {
-                    time(a.reps, &pb, || c.cross_entropy(x.view(), &t, &cfg).map(drop))?
+                let (copy_s, read_s) = cpu_ceiling(&x, a.reps, &pb)?;
+                let copy_gbps = 2.0 * bytes / copy_s / 1e9;
+                let (median, min, read_gbps) = match a.op {
+                    Op::Copy => (copy_s, copy_s, Some(bytes / read_s / 1e9)),
+                    Op::FwdBwd => {
+                        let mut g = Tensor2::zeros(dtype, (n, v));
+                        let (m, mn) =
+                            time(a.reps, &pb, || c.cross_entropy_into(x.view(), &t, &cfg, g.view_mut()).map(drop))?;
+                        (m, mn, None)
+                    }
+                    Op::Fwd => {
+                        let (m, mn) = time(a.reps, &pb, || c.cross_entropy(x.view(), &t, &cfg).map(drop))?;
+                        (m, mn, None)
+                    }
                 };
-                let gbps = traffic / median / 1e9;
-                rows.push(Row { backend: "cpu", dtype, n, v, median, min, gbps, peak_rss: peak_rss() });
+                let gbps = if a.op == Op::Copy { copy_gbps } else { traffic / median / 1e9 };
+                rows.push(Row {
+                    backend: "cpu",
+                    dtype,
+                    n,
+                    v,
+                    median,
+                    min,
+                    gbps,
+                    copy_gbps,
+                    read_gbps,
+                    peak_rss: peak_rss(),
+                });
             }
             #[cfg(feature = "gpu")]
             if let Some(g) = &gpu {
                 pb.set_message(format!("{n}x{v} {dtype}: gpu {op}"));
-                let (median, min) = gpu_time(g, &x, &t, &cfg, a.op, a.reps, &pb)?;
-                let gbps = traffic / median / 1e9;
-                rows.push(Row { backend: "gpu", dtype, n, v, median, min, gbps, peak_rss: peak_rss() });
+                let (copy_s, read_s) = gpu_ceiling(g, &x, a.reps, &pb)?;
+                let copy_gbps = 2.0 * bytes / copy_s / 1e9;
+                let (median, min, read_gbps) = if a.op == Op::Copy {
+                    (copy_s, copy_s, Some(bytes / read_s / 1e9))
+                } else {
+                    let (m, mn) = gpu_time(g, &x, &t, &cfg, a.op, a.reps, &pb)?;
+                    (m, mn, None)
+                };
+                let gbps = if a.op == Op::Copy { copy_gbps } else { traffic / median / 1e9 };
+                rows.push(Row {
+                    backend: "gpu",
+                    dtype,
+                    n,
+                    v,
+                    median,
+                    min,
+                    gbps,
+                    copy_gbps,
+                    read_gbps,
+                    peak_rss: peak_rss(),
+                });
                 g.trim();
             }
         }
@@ -190,7 +255,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
 
     if a.json {
         for r in &rows {
-            let o = Obj::default()
+            let mut o = Obj::default()
                 .set("backend", r.backend)
                 .set("n", r.n)
                 .set("v", r.v)
@@ -199,9 +264,15 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 .num("median_s", r.median)
                 .num("min_s", r.min)
                 .num("gbps", r.gbps)
-                .set("peak_rss_bytes", r.peak_rss)
-                .set("reps", a.reps);
-            emitln(o.line());
+                .num("copy_gbps", r.copy_gbps)
+                .num("fraction_of_copy", r.gbps / r.copy_gbps);
+            if let Some(rd) = r.read_gbps {
+                o = o.num("read_gbps", rd);
+            }
+            if let Some(d) = &device_name {
+                o = o.set("device", d.as_str());
+            }
+            emitln(o.set("peak_rss_bytes", r.peak_rss).set("reps", a.reps).line());
         }
     } else {
         let mut text = String::new();
@@ -213,12 +284,12 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             text.push_str(&format!("gpu: {} (device-resident)\n", g.adapter_name()));
         }
         text.push_str(&format!(
-            "{:<8} {:>8} {:>8} {:<5} {:<8} {:>10} {:>10} {:>8} {:>10}\n",
-            "backend", "N", "V", "dtype", "op", "median s", "min s", "GB/s", "peak MiB"
+            "{:<8} {:>8} {:>8} {:<5} {:<8} {:>10} {:>10} {:>8} {:>8} {:>8} {:>10}\n",
+            "backend", "N", "V", "dtype", "op", "median s", "min s", "GB/s", "copy", "of copy", "peak MiB"
         ));
         for r in &rows {
             text.push_str(&format!(
-                "{:<8} {:>8} {:>8} {:<5} {:<8} {:>10.4} {:>10.4} {:>8.2} {:>10.0}\n",
+                "{:<8} {:>8} {:>8} {:<5} {:<8} {:>10.4} {:>10.4} {:>8.2} {:>8.2} {:>7.0}% {:>10.0}\n",
                 r.backend,
                 r.n,
                 r.v,
@@ -227,8 +298,20 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 r.median,
                 r.min,
                 r.gbps,
+                r.copy_gbps,
+                100.0 * r.gbps / r.copy_gbps,
                 r.peak_rss as f64 / (1 << 20) as f64
             ));
+            if let Some(rd) = r.read_gbps {
+                text.push_str(&format!(
+                    "{:<8} {:>8} {:>8} {:<5} {:<8} read-only {rd:.2} GB/s\n",
+                    r.backend,
+                    r.n,
+                    r.v,
+                    r.dtype.name(),
+                    "read"
+                ));
+            }
         }
         emit(&text);
     }
@@ -242,6 +325,57 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         out.commit()?;
     }
     Ok(())
+}
+
+/// The CPU's ceiling over the logits' bytes: (copy seconds, read-only seconds), medians.
+fn cpu_ceiling(x: &Tensor2, reps: usize, pb: &ProgressBar) -> Result<(f64, f64)> {
+    use rayon::prelude::*;
+    let src = x.view().bytes();
+    let mut dst = xent::alloc::filled(src.len(), 0u8, "copy destination")?;
+    const CHUNK: usize = 1 << 20;
+    let copy = time(reps, pb, || {
+        dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| d.copy_from_slice(s));
+        Ok(())
+    })?;
+    let mut sink = 0u64;
+    let read = time(reps, pb, || {
+        sink ^= src
+            .par_chunks(CHUNK)
+            .map(|c| {
+                c.chunks_exact(8).fold(0u64, |a, w| a.wrapping_add(u64::from_le_bytes(w.try_into().expect("8 bytes"))))
+            })
+            .reduce(|| 0, u64::wrapping_add);
+        Ok(())
+    })?;
+    std::hint::black_box(sink);
+    Ok((copy.0, read.0))
+}
+
+/// The GPU's ceiling over the logits' bytes: a buffer-to-buffer copy and the row-sum kernel
+/// (same rows, same dtype), each submitted and waited for: (copy seconds, read-only seconds).
+#[cfg(feature = "gpu")]
+fn gpu_ceiling(g: &xent::GpuContext, x: &Tensor2, reps: usize, pb: &ProgressBar) -> Result<(f64, f64)> {
+    use wgpu::BufferUsages as U;
+    let (n, v) = x.dim();
+    let bytes = (n * v * x.dtype().size()) as u64;
+    let src = g.create_buffer(bytes, U::STORAGE | U::COPY_SRC | U::COPY_DST, "bench source")?;
+    g.write_buffer(&src, 0, &x.view().bytes())?;
+    let dst = g.create_buffer(bytes, U::COPY_DST | U::COPY_SRC, "bench copy")?;
+    let mut probe = [0u8; 4];
+    let copy = time(reps, pb, || {
+        let mut enc = g.device().create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes);
+        g.submit_encoder(enc)?;
+        g.read_buffer(&dst, 0, &mut probe)
+    })?;
+    let plan = g.row_sum_plan(n, v, x.dtype())?;
+    let read = time(reps, pb, || {
+        let mut enc = g.device().create_command_encoder(&Default::default());
+        plan.record(&mut enc, crate::common::head(&src, bytes))?;
+        g.submit_encoder(enc)?;
+        g.read_buffer(plan.row_buffer(), 0, &mut probe)
+    })?;
+    Ok((copy.0, read.0))
 }
 
 /// Times one recorded plan per rep on logits already on the GPU, gradient left there.
@@ -266,7 +400,7 @@ fn gpu_time(
     g.write_buffer(&tb, 0, bytemuck::cast_slice(&ti))?;
     let gb = match op {
         Op::FwdBwd => Some(g.create_buffer((n * v * dtype.size()) as u64, U::STORAGE, "bench gradient")?),
-        Op::Fwd => None,
+        Op::Fwd | Op::Copy => None,
     };
     let plan_cfg = CrossEntropy { ignore_index: i32::MIN as i64, ..cfg.clone() };
     let plan = g.cross_entropy_plan(n, v, dtype, &plan_cfg)?;

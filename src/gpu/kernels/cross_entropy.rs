@@ -9,20 +9,20 @@
 //! no host round trip; [`PendingCe`] reads the loss back when the caller asks. The host-array
 //! API (`GpuContext::cross_entropy` and friends) is built on the same plan.
 
-use std::sync::{Arc, Mutex};
-
 use ndarray::Array1;
 
+use super::check_slice;
 use crate::api::config::{CeOutput, CrossEntropy, Reduction};
 use crate::api::targets::{Targets, IGNORED};
 use crate::cpu::reduce;
 use crate::dtype::{DType, Logits, LogitsMut};
 use crate::error::{Result, XentError};
 use crate::gpu::context::GpuContext;
-use crate::gpu::launch::{Bind, Groups, Launch, Recorder, Skip};
+use crate::gpu::launch::{Bind, Groups, Launch, ParamsCache, Recorder, Skip};
 use crate::gpu::params::{flags, Params, Scalars, SCALARS};
+use crate::gpu::pending::PendingBytes;
 use crate::gpu::pool::Pooled;
-use crate::gpu::source::{Shader, Variant};
+use crate::gpu::source::{Seg, Shader, Variant};
 
 use wgpu::BufferUsages as U;
 
@@ -59,6 +59,23 @@ pub struct CeInputs<'a> {
     /// f32 sample weights `[N]`, overriding `cfg.sample_weight` for this call.
     pub sample_weight: Option<wgpu::BufferSlice<'a>>,
     /// The gradient's destination.
+    pub grad: DeviceGrad<'a>,
+}
+
+/// The device tensors of a recorded backward pass ([`CePlan::record_backward`]).
+#[derive(Debug, Clone, Copy)]
+pub struct CeBackward<'a> {
+    /// The logits of the forward pass (unchanged since).
+    pub logits: wgpu::BufferSlice<'a>,
+    /// The targets of the forward pass.
+    pub targets: DeviceTargets<'a>,
+    /// The sample weights of the forward pass, if they were given at the call.
+    pub sample_weight: Option<wgpu::BufferSlice<'a>>,
+    /// What [`CePlan::save_state`] copied after the forward pass (`COPY_SRC`).
+    pub state: wgpu::BufferSlice<'a>,
+    /// `d(total)/d(loss)`, f32: one value, or `[N]` with reduction `none` (`COPY_SRC`).
+    pub upstream: wgpu::BufferSlice<'a>,
+    /// Where the gradient goes: a separate tensor, or over the logits.
     pub grad: DeviceGrad<'a>,
 }
 
@@ -103,27 +120,14 @@ pub struct CePlan {
     scalars: Pooled,
     scalars_init: Pooled,
     rows: Pooled,
-    /// The last parameter blocks and their buffer (a new buffer when they change, never an
-    /// overwrite: an earlier record may still be waiting for its submission).
-    params: Mutex<Option<(Vec<u8>, Arc<ParamsBuf>)>>,
-    /// Buffers come from the pool (the host API, which waits before dropping the plan).
-    pooled: bool,
-}
-
-/// A plan's parameter blocks: its own buffer, or a pooled one for the host API.
-enum ParamsBuf {
-    Owned(wgpu::Buffer),
-    Pooled(Pooled),
-}
-
-impl std::ops::Deref for ParamsBuf {
-    type Target = wgpu::Buffer;
-    fn deref(&self) -> &wgpu::Buffer {
-        match self {
-            ParamsBuf::Owned(b) => b,
-            ParamsBuf::Pooled(b) => b,
-        }
-    }
+    /// Invocations per workgroup of the row pass.
+    wg: u16,
+    /// Columns per segment (`v`: whole rows) and segments per row.
+    seg_len: usize,
+    parts: usize,
+    /// The last parameter blocks and their buffer (forward and backward passes).
+    params: ParamsCache,
+    backward_params: ParamsCache,
 }
 
 impl std::fmt::Debug for CePlan {
@@ -134,6 +138,13 @@ impl std::fmt::Debug for CePlan {
 
 /// Per-row results a plan writes (loss, lse, max, rank, gap).
 const ROW_VECTORS: u64 = 5;
+/// Floats per row of the statistic a forward pass saves for a backward pass.
+const SAVED: u64 = 3;
+
+/// Floats of a plan's row buffer: row vectors, saved statistics, segment partials.
+fn row_floats(n: usize, parts: usize) -> usize {
+    (ROW_VECTORS + SAVED) as usize * n.max(1) + if parts > 1 { 5 * n * parts } else { 0 }
+}
 
 fn base_params(cfg: &CrossEntropy, n: usize, v: usize, ignore_index: i32, soft: bool) -> Params {
     let mut f = if soft { flags::SOFT } else { 0 };
@@ -161,28 +172,6 @@ fn base_params(cfg: &CrossEntropy, n: usize, v: usize, ignore_index: i32, soft: 
         grad_scale: cfg.grad_scale,
         ..Params::new(n, v)
     }
-}
-
-/// Checks a device slice: usage, offset alignment, length.
-fn check_slice(s: wgpu::BufferSlice<'_>, need: u64, align: u64, what: &str) -> Result<()> {
-    let b = s.buffer();
-    if !b.usage().contains(U::STORAGE) {
-        return Err(XentError::InvalidOption(format!("{what} buffer lacks BufferUsages::STORAGE")));
-    }
-    if !s.offset().is_multiple_of(align) {
-        return Err(XentError::InvalidOption(format!(
-            "{what} starts at byte {}, not a multiple of {align}",
-            s.offset()
-        )));
-    }
-    let need4 = need.max(4).next_multiple_of(4);
-    if s.size() < need || b.size() - s.offset() < need4 {
-        return Err(XentError::Shape(format!(
-            "{what} slice has {} bytes, needs {need} (and {need4} bytes to the buffer's end)",
-            s.size()
-        )));
-    }
-    Ok(())
 }
 
 impl GpuContext {
@@ -228,7 +217,10 @@ impl CePlan {
         let scalars = alloc(SCALARS, U::STORAGE | U::COPY_SRC | U::COPY_DST, "scalars")?;
         let scalars_init = alloc(SCALARS, U::COPY_SRC | U::COPY_DST, "scalars init")?;
         ctx.write(&scalars_init, 0, bytemuck::bytes_of(&Scalars::initial()))?;
-        let rows = alloc(ROW_VECTORS * (n.max(1) * 4) as u64, U::STORAGE | U::COPY_SRC, "row results")?;
+        let (wg, seg_len) = ctx.ce_layout(n, v, cfg.gaps);
+        let parts = v.div_ceil(seg_len.max(1)).max(1);
+        let usage = U::STORAGE | U::COPY_SRC | U::COPY_DST;
+        let rows = alloc((row_floats(n, parts) * 4) as u64, usage, "row results")?;
         Ok(CePlan {
             ctx: ctx.clone(),
             n,
@@ -240,8 +232,11 @@ impl CePlan {
             scalars,
             scalars_init,
             rows,
-            params: Mutex::new(None),
-            pooled,
+            wg,
+            seg_len,
+            parts,
+            params: ParamsCache::new(pooled),
+            backward_params: ParamsCache::new(pooled),
         })
     }
 
@@ -266,6 +261,16 @@ impl CePlan {
     /// `cfg.ranks`; -1 for ignored rows), gap (with `cfg.gaps`).
     pub fn row_buffer(&self) -> &wgpu::Buffer {
         &self.rows
+    }
+
+    /// Bytes of per-row results and segment partials.
+    fn rows_bytes(&self) -> u64 {
+        (row_floats(self.n, self.parts) * 4) as u64
+    }
+
+    /// Segments each row is split into (1: one workgroup per row).
+    pub fn segments(&self) -> usize {
+        self.parts
     }
 
     /// Records the cross-entropy of `inputs` into `enc` (no submission, no wait).
@@ -311,76 +316,225 @@ impl CePlan {
             grad: grad.is_some(),
             in_place,
             extras: cfg.label_smoothing > 0.0 || cfg.ranks || soft,
+            wg: self.wg,
+            transform: cfg.temperature != 1.0 || cfg.softcap.is_some(),
+            class_w: cfg.class_weight.is_some(),
             ..Default::default()
         };
+        let split = self.parts > 1;
         let small = Variant { subgroup: ctx.subgroups, ..Default::default() };
-        let k_weights = ctx.kernel(Shader::CeWeights, small)?;
-        let k_fused = ctx.kernel(Shader::CeFused, variant)?;
-        let k_reduce = ctx.kernel(Shader::CeReduce, small)?;
-
         let mut base = base_params(cfg, n, v, cfg.ignore_index as i32, soft);
         if inputs.sample_weight.is_some() {
             base.flags |= flags::SAMPLE_W;
         }
+        // Every forward pass leaves the row statistic a later backward pass needs.
+        base.flags |= flags::SAVE;
         let sw = inputs.sample_weight.map(Bind::slice).or(self.sample_weight.as_deref().map(Bind::all));
-        let targets = match inputs.targets {
-            DeviceTargets::Classes(t) => Some(Bind::slice(t)),
-            DeviceTargets::Probs(_) => None,
-        };
         let scalars = Bind::first(&self.scalars, SCALARS);
-        let rows = Bind::first(&self.rows, ROW_VECTORS * n as u64 * 4);
-        let mut weights = Launch::new(k_weights, base, n, v).groups(Groups::One).bind(5, scalars);
-        let mut fused = Launch::new(k_fused, base, n, v).bind(6, rows).bind(5, scalars).rows(
-            1,
-            inputs.logits.buffer(),
-            inputs.logits.offset(),
-            self.dtype.size(),
-            Skip::X,
-        );
-        let mut reduce = Launch::new(k_reduce, base, n, v).groups(Groups::One).bind(5, scalars).bind(6, rows);
-        if let Some(t) = targets {
-            weights = weights.bind(2, t);
-            fused = fused.bind(2, t);
-            reduce = reduce.bind(2, t);
+        let rows = Bind::first(&self.rows, self.rows_bytes());
+        let class_weight = self.class_weight.as_deref().map(Bind::all);
+        // A row pass with what every row pass reads bound.
+        let row_pass = |variant: Variant, params: Params, groups: Groups| -> Result<Launch<'_>> {
+            let mut l = Launch::new(ctx.kernel(Shader::CeFused, variant)?, params, n, v)
+                .groups(groups)
+                .bind(5, scalars)
+                .bind(6, rows)
+                .rows(1, inputs.logits.buffer(), inputs.logits.offset(), self.dtype.size(), Skip::X);
+            match inputs.targets {
+                DeviceTargets::Classes(t) => l = l.bind(2, Bind::slice(t)),
+                DeviceTargets::Probs(p) => l = l.rows(9, p.buffer(), p.offset(), 4, Skip::Y),
+            }
+            if let Some(cw) = class_weight {
+                l = l.bind(3, cw);
+            }
+            if let Some(sw) = sw {
+                l = l.bind(4, sw);
+            }
+            if let (Some(g), true) = (grad, variant.grad) {
+                l = l.rows(8, g.buffer(), g.offset(), gdtype.size(), Skip::O);
+            }
+            Ok(l)
+        };
+        let mut weights =
+            Launch::new(ctx.kernel(Shader::CeWeights, small)?, base, n, v).groups(Groups::One).bind(5, scalars);
+        let mut reduce = Launch::new(ctx.kernel(Shader::CeReduce, small)?, base, n, v)
+            .groups(Groups::One)
+            .bind(5, scalars)
+            .bind(6, rows);
+        if let DeviceTargets::Classes(t) = inputs.targets {
+            weights = weights.bind(2, Bind::slice(t));
+            reduce = reduce.bind(2, Bind::slice(t));
         }
-        if let Some(cw) = self.class_weight.as_deref() {
-            weights = weights.bind(3, Bind::all(cw));
-            fused = fused.bind(3, Bind::all(cw));
+        if let Some(cw) = class_weight {
+            weights = weights.bind(3, cw);
         }
         if let Some(sw) = sw {
             weights = weights.bind(4, sw);
-            fused = fused.bind(4, sw);
-        }
-        if let DeviceTargets::Probs(p) = inputs.targets {
-            fused = fused.rows(9, p.buffer(), p.offset(), 4, Skip::Y);
-        }
-        if let Some(g) = grad {
-            fused = fused.rows(8, g.buffer(), g.offset(), gdtype.size(), Skip::O);
         }
         let mut rec = Recorder::new(ctx);
         rec.push(weights)?;
-        rec.push(fused)?;
+        if split {
+            // Split rows: partial statistics per segment; the row's loss from the merged
+            // partials (one workgroup per row, which saves the merged statistic); then the
+            // gradient per segment from the saved statistic.
+            let parts = self.parts as u32;
+            let seg_base = Params { segs: parts, seg_len: self.seg_len as u32, parts, ..base };
+            let loss_only = Variant { grad: false, in_place: false, odd: false, output: DType::F32, ..variant };
+            rec.push(row_pass(Variant { seg: Seg::Stat, ..loss_only }, seg_base, Groups::PerRowTimes(self.parts))?)?;
+            rec.push(row_pass(
+                Variant { seg: Seg::Finish, ..loss_only },
+                Params { segs: 1, ..seg_base },
+                Groups::PerRow,
+            )?)?;
+            if variant.grad || variant.in_place {
+                let flags = (seg_base.flags & !flags::SAVE) | flags::FROM_SAVED;
+                rec.push(row_pass(
+                    Variant { seg: Seg::Finish, ..variant },
+                    Params { flags, ..seg_base },
+                    Groups::PerRowTimes(self.parts),
+                )?)?;
+            }
+        } else {
+            rec.push(row_pass(variant, base, Groups::PerRow)?)?;
+        }
         rec.push(reduce)?;
-        let params = self.params_buffer(&rec)?;
+        let params = self.params.get(&rec)?;
         enc.copy_buffer_to_buffer(&self.scalars_init, 0, &self.scalars, 0, SCALARS);
         rec.record(enc, &params)
     }
 
-    fn params_buffer(&self, rec: &Recorder<'_>) -> Result<Arc<ParamsBuf>> {
-        let bytes = rec.block_bytes();
-        let mut cache = self.params.lock().unwrap();
-        if let Some((b, buf)) = cache.as_ref() {
-            if *b == bytes {
-                return Ok(buf.clone());
+    /// Bytes of the state a recorded forward pass leaves for [`Self::record_backward`]: the
+    /// scalars (32 bytes) and three f32 per row.
+    pub fn state_bytes(&self) -> u64 {
+        SCALARS + SAVED * self.n as u64 * 4
+    }
+
+    /// Records a copy of the state the last [`Self::record`] left (see [`Self::state_bytes`])
+    /// into `dst`, so that the plan can be recorded again before the backward pass.
+    pub fn save_state(&self, enc: &mut wgpu::CommandEncoder, dst: wgpu::BufferSlice<'_>) -> Result<()> {
+        let need = self.state_bytes();
+        if !dst.buffer().usage().contains(U::COPY_DST) || !dst.offset().is_multiple_of(4) || dst.size() < need {
+            return Err(XentError::InvalidOption(format!(
+                "the state needs {need} bytes of a COPY_DST buffer at a 4-byte aligned offset"
+            )));
+        }
+        if self.n > 0 {
+            enc.copy_buffer_to_buffer(&self.scalars, 0, dst.buffer(), dst.offset(), SCALARS);
+            let saved = ROW_VECTORS * self.n as u64 * 4;
+            enc.copy_buffer_to_buffer(&self.rows, saved, dst.buffer(), dst.offset() + SCALARS, need - SCALARS);
+        }
+        Ok(())
+    }
+
+    /// Records the gradient of a loss recorded earlier, from the state that forward pass saved
+    /// ([`Self::save_state`]), scaled by the upstream gradient `d(total)/d(loss)`: one f32 for
+    /// reductions `mean` and `sum`, `[N]` f32 for `none`. One read of the logits and one write
+    /// of the gradient (separate, or in place over the logits); nothing is kept between the
+    /// passes but the state. The gradient equals what [`Self::record`] writes, times upstream.
+    pub fn record_backward(&self, enc: &mut wgpu::CommandEncoder, b: CeBackward<'_>) -> Result<()> {
+        let (ctx, n, v, cfg) = (&self.ctx, self.n, self.v, &self.cfg);
+        if n == 0 {
+            return Ok(());
+        }
+        let elem = self.dtype.size() as u64;
+        let nv = (n * v) as u64;
+        check_slice(b.logits, nv * elem, 4u64.max(elem), "logits")?;
+        let soft = matches!(b.targets, DeviceTargets::Probs(_));
+        match b.targets {
+            DeviceTargets::Classes(t) => check_slice(t, n as u64 * 4, ctx.offset_align, "targets")?,
+            DeviceTargets::Probs(p) => check_slice(p, nv * 4, 4, "target probabilities")?,
+        }
+        if let Some(sw) = b.sample_weight {
+            check_slice(sw, n as u64 * 4, ctx.offset_align, "sample_weight")?;
+        }
+        let rows_up = cfg.reduction == Reduction::None;
+        let up_bytes = if rows_up { n as u64 * 4 } else { 4 };
+        for (s, need, what) in [(b.state, self.state_bytes(), "state"), (b.upstream, up_bytes, "upstream gradient")] {
+            if !s.buffer().usage().contains(U::COPY_SRC) || !s.offset().is_multiple_of(4) || s.size() < need {
+                return Err(XentError::InvalidOption(format!(
+                    "the {what} needs {need} bytes of a COPY_SRC buffer at a 4-byte aligned offset"
+                )));
             }
         }
-        let buf = Arc::new(if self.pooled {
-            ParamsBuf::Pooled(rec.params_pooled()?)
+        let (grad, in_place, gdtype) = match b.grad {
+            DeviceGrad::None => {
+                return Err(XentError::InvalidOption("a backward pass needs a gradient destination".into()))
+            }
+            DeviceGrad::Separate(g, d) => {
+                check_slice(g, nv * d.size() as u64, 4u64.max(d.size() as u64), "gradient")?;
+                if g.buffer() == b.logits.buffer() {
+                    let (x, y) = (g.offset(), b.logits.offset());
+                    if x < y + nv * elem && y < x + nv * d.size() as u64 {
+                        return Err(XentError::InvalidOption(
+                            "the gradient overlaps the logits: use DeviceGrad::InPlace".into(),
+                        ));
+                    }
+                }
+                (Some(g), false, d)
+            }
+            DeviceGrad::InPlace => (None, true, self.dtype),
+        };
+        let variant = Variant {
+            input: self.dtype,
+            output: gdtype,
+            vec4: v % 4 == 0,
+            odd: v % 2 == 1 && gdtype != DType::F32 && v % 4 != 0,
+            subgroup: ctx.subgroups,
+            grad: grad.is_some(),
+            in_place,
+            extras: cfg.label_smoothing > 0.0 || soft,
+            wg: self.wg,
+            seg: Seg::Finish,
+            second: DType::F32,
+            transform: cfg.temperature != 1.0 || cfg.softcap.is_some(),
+            class_w: cfg.class_weight.is_some(),
+        };
+        let mut base = base_params(cfg, n, v, cfg.ignore_index as i32, soft);
+        base.flags &= !(flags::RANK | flags::GAP);
+        base.flags |= flags::FROM_SAVED | flags::UPSTREAM | if rows_up { flags::UP_ROWS } else { 0 };
+        if b.sample_weight.is_some() {
+            base.flags |= flags::SAMPLE_W;
+        }
+        // No reduction left to do: rows split into the plan's segments for parallelism.
+        let segs = self.parts as u32;
+        let base = Params { segs, seg_len: self.seg_len as u32, parts: segs, ..base };
+        let mut l = Launch::new(ctx.kernel(Shader::CeFused, variant)?, base, n, v)
+            .groups(Groups::PerRowTimes(self.parts))
+            .bind(5, Bind::first(&self.scalars, SCALARS))
+            .bind(6, Bind::first(&self.rows, self.rows_bytes()))
+            .rows(1, b.logits.buffer(), b.logits.offset(), self.dtype.size(), Skip::X);
+        match b.targets {
+            DeviceTargets::Classes(t) => l = l.bind(2, Bind::slice(t)),
+            DeviceTargets::Probs(p) => l = l.rows(9, p.buffer(), p.offset(), 4, Skip::Y),
+        }
+        if let Some(cw) = self.class_weight.as_deref() {
+            l = l.bind(3, Bind::all(cw));
+        }
+        if let Some(sw) = b.sample_weight.map(Bind::slice).or(self.sample_weight.as_deref().map(Bind::all)) {
+            l = l.bind(4, sw);
+        }
+        if let Some(g) = grad {
+            l = l.rows(8, g.buffer(), g.offset(), gdtype.size(), Skip::O);
+        }
+        // The saved state back into place, and the upstream gradient beside it.
+        enc.copy_buffer_to_buffer(b.state.buffer(), b.state.offset(), &self.scalars, 0, SCALARS);
+        let saved = ROW_VECTORS * n as u64 * 4;
+        enc.copy_buffer_to_buffer(
+            b.state.buffer(),
+            b.state.offset() + SCALARS,
+            &self.rows,
+            saved,
+            SAVED * n as u64 * 4,
+        );
+        if rows_up {
+            enc.copy_buffer_to_buffer(b.upstream.buffer(), b.upstream.offset(), &self.rows, 4 * n as u64 * 4, up_bytes);
         } else {
-            ParamsBuf::Owned(rec.params_buffer()?)
-        });
-        *cache = Some((bytes, buf.clone()));
-        Ok(buf)
+            enc.copy_buffer_to_buffer(b.upstream.buffer(), b.upstream.offset(), &self.scalars, 28, 4);
+        }
+        let mut rec = Recorder::new(ctx);
+        rec.push(l)?;
+        let params = self.backward_params.get(&rec)?;
+        rec.record(enc, &params)
     }
 
     /// Records a copy of the scalars (and, with `per_row`, the per-row results) into a staging
@@ -390,36 +544,31 @@ impl CePlan {
         let n = self.n as u64;
         let rows_bytes = if per_row { ROW_VECTORS * n * 4 } else { 0 };
         let len = SCALARS + rows_bytes;
-        let staging = self.ctx.take(len, U::MAP_READ | U::COPY_DST, "scalars staging")?;
-        if self.n > 0 {
-            enc.copy_buffer_to_buffer(&self.scalars, 0, &staging, 0, SCALARS);
+        let staging =
+            (self.n > 0).then(|| self.ctx.take(len, U::MAP_READ | U::COPY_DST, "scalars staging")).transpose()?;
+        if let Some(staging) = &staging {
+            enc.copy_buffer_to_buffer(&self.scalars, 0, staging, 0, SCALARS);
             if per_row {
-                enc.copy_buffer_to_buffer(&self.rows, 0, &staging, SCALARS, rows_bytes);
+                enc.copy_buffer_to_buffer(&self.rows, 0, staging, SCALARS, rows_bytes);
             }
         }
         Ok(PendingCe {
-            ctx: self.ctx.clone(),
-            staging,
-            len,
+            bytes: PendingBytes::new(&self.ctx, staging, len),
             n: self.n,
             v: self.v,
             cfg: self.cfg.clone(),
             per_row,
-            map: None,
         })
     }
 }
 
 /// A loss on its way back from the device (see [`CePlan::read_back`]).
 pub struct PendingCe {
-    ctx: GpuContext,
-    staging: Pooled,
-    len: u64,
+    bytes: PendingBytes,
     n: usize,
     v: usize,
     cfg: CrossEntropy,
     per_row: bool,
-    map: Option<std::sync::mpsc::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>>,
 }
 
 impl std::fmt::Debug for PendingCe {
@@ -431,49 +580,18 @@ impl std::fmt::Debug for PendingCe {
 impl PendingCe {
     /// Waits for the submission that holds the copy and returns the results.
     pub fn wait(self) -> Result<CeOutput> {
-        let mut head = vec![0u8; self.len as usize];
-        if self.n > 0 {
-            self.ctx.read_mapped(&self.staging, self.len, &mut head)?;
-        }
-        self.decode(&head)
+        let head = self.bytes.wait()?;
+        Self::decode(self.n, self.v, &self.cfg, self.per_row, &head)
     }
 
     /// Without blocking: `None` while the copy has not finished, then the results once. Call it
     /// only after the encoder holding the copy was submitted.
     pub fn try_get(&mut self) -> Option<Result<CeOutput>> {
-        if self.n == 0 {
-            return Some(self.decode(&vec![0u8; self.len as usize]));
-        }
-        if self.map.is_none() {
-            let (tx, rx) = std::sync::mpsc::channel();
-            let len = self.len;
-            if let Err(e) = self.ctx.scoped(|| {
-                self.staging.map_async(wgpu::MapMode::Read, 0..len, move |r| {
-                    let _ = tx.send(r);
-                })
-            }) {
-                return Some(Err(e));
-            }
-            self.map = Some(rx);
-        }
-        let _ = self.ctx.device.poll(wgpu::PollType::Poll);
-        match self.map.as_ref().expect("mapping").try_recv() {
-            Err(std::sync::mpsc::TryRecvError::Empty) => None,
-            Err(e) => Some(Err(XentError::Gpu(format!("map callback dropped: {e}")))),
-            Ok(Err(e)) => Some(Err(XentError::Gpu(format!("map failed: {e}")))),
-            Ok(Ok(())) => {
-                let head = match self.staging.get_mapped_range(0..self.len) {
-                    Ok(view) => view.to_vec(),
-                    Err(e) => return Some(Err(XentError::Gpu(format!("mapped range: {e}")))),
-                };
-                self.staging.unmap();
-                Some(self.decode(&head))
-            }
-        }
+        let head = self.bytes.try_get()?;
+        Some(head.and_then(|h| Self::decode(self.n, self.v, &self.cfg, self.per_row, &h)))
     }
 
-    fn decode(&self, head: &[u8]) -> Result<CeOutput> {
-        let (n, cfg) = (self.n, &self.cfg);
+    fn decode(n: usize, v: usize, cfg: &CrossEntropy, got: bool, head: &[u8]) -> Result<CeOutput> {
         let per_row = cfg.per_row || cfg.reduction == Reduction::None;
         if n == 0 {
             return Ok(CeOutput {
@@ -493,7 +611,7 @@ impl PendingCe {
             return Err(XentError::TargetOutOfRange {
                 row: sc.err_row as usize,
                 target: sc.err_target as i64,
-                classes: self.v,
+                classes: v,
             });
         }
         let counted = sc.count as u64;
@@ -501,9 +619,8 @@ impl PendingCe {
         let z = cfg.z_loss as f64;
         let lse2 = sc.lse2_sum as f64;
         let loss = reduce(cfg, sc.loss_sum as f64 - z * lse2, lse2, counted, weight_sum);
-        let rows: &[f32] = if self.per_row { bytemuck::cast_slice(&head[SCALARS as usize..]) } else { &[] };
+        let rows: &[f32] = if got { bytemuck::cast_slice(&head[SCALARS as usize..]) } else { &[] };
         let row = |k: usize| Array1::from(rows[k * n..(k + 1) * n].to_vec());
-        let got = self.per_row;
         Ok(CeOutput {
             loss,
             counted,

@@ -1,18 +1,159 @@
 //! Distillation and distribution measures on the GPU: one workgroup per row pair, the two
-//! inputs chunked alike; only per-row values (and the gradient, when asked) come back.
+//! inputs chunked alike; only per-row values (and the gradient, when asked) come back. A
+//! [`DistillPlan`] records distillation into the caller's encoder, its loss summed on the device.
 
 use ndarray::{Array1, ArrayView2};
 
-use super::{RowJob, RowResult};
+use super::{RowJob, RowOut, RowPlan, RowResult};
 use crate::api::config::{Distill, DistillOutput, Measures};
 use crate::check::{probability_rows, same_rows};
-use crate::dtype::Logits;
+use crate::dtype::{DType, Logits};
 use crate::error::Result;
 use crate::gpu::context::GpuContext;
-use crate::gpu::params::{flags, Params};
-use crate::gpu::source::Shader;
+use crate::gpu::launch::{Bind, Groups, Launch};
+use crate::gpu::params::{flags, Params, Scalars, SCALARS};
+use crate::gpu::pending::PendingBytes;
+use crate::gpu::pool::Pooled;
+use crate::gpu::source::{Shader, Variant};
+
+use wgpu::BufferUsages as U;
+
+/// The distillation kernel's parameters: d(T^2 mean_n D_n)/dx = T / N dD/dz.
+fn distill_params(n: usize, v: usize, cfg: &Distill) -> Result<Params> {
+    cfg.validate()?;
+    let t = cfg.temperature as f64;
+    let (mode, beta) = cfg.mode_code();
+    let coef = cfg.grad_scale as f64 * t / n.max(1) as f64;
+    Ok(Params { mode, beta, inv_temp: (1.0 / t) as f32, grad_scale: coef as f32, ..Params::new(n, v) })
+}
+
+/// The device tensors of one recorded distillation: student and teacher logits `[N, V]` of the
+/// plan's dtypes, and optionally an f32 `[N, V]` buffer for the gradient w.r.t. the student.
+#[derive(Debug, Clone, Copy)]
+pub struct DistillInputs<'a> {
+    /// Student logits.
+    pub student: wgpu::BufferSlice<'a>,
+    /// Teacher logits.
+    pub teacher: wgpu::BufferSlice<'a>,
+    /// Where the gradient goes (f32), or `None` for the loss alone.
+    pub grad: Option<wgpu::BufferSlice<'a>>,
+}
+
+/// A reusable distillation (see [`Distill`]) of one shape, recorded into the caller's encoder:
+/// the per-row divergences and the loss `T^2 mean_n D_n` stay on the device
+/// ([`Self::row_buffer`], [`Self::scalars_buffer`]) until [`Self::read_back`] asks for the loss.
+pub struct DistillPlan {
+    plan: RowPlan,
+    /// Rows / T^2: the loss is the sum of row divergences over this.
+    den: f32,
+    scalars: Pooled,
+    scalars_init: Pooled,
+}
+
+impl std::fmt::Debug for DistillPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DistillPlan").field("rows", &self.plan.n).field("classes", &self.plan.v).finish()
+    }
+}
+
+impl DistillPlan {
+    /// Records the distillation of `inputs` into `enc` (no submission, no wait).
+    pub fn record(&self, enc: &mut wgpu::CommandEncoder, inputs: DistillInputs<'_>) -> Result<()> {
+        let (ctx, n) = (&self.plan.ctx, self.plan.n);
+        if n == 0 {
+            return Ok(());
+        }
+        let rows = inputs.grad.map(|g| (g, RowOut::Rows));
+        let distill = self.plan.launch(inputs.student, Some(inputs.teacher), rows)?;
+        // The sum of row divergences (Kahan and a tree) divided by N / T^2: cross-entropy's
+        // reduce pass with an external mean denominator.
+        let small = Variant { subgroup: ctx.subgroups, ..Default::default() };
+        let base = Params {
+            flags: flags::MEAN | flags::EXT_DENOM,
+            den_w: self.den,
+            den_n: 1.0,
+            ..Params::new(n, self.plan.v)
+        };
+        let reduce = Launch::new(ctx.kernel(Shader::CeReduce, small)?, base, n, self.plan.v)
+            .groups(Groups::One)
+            .bind(5, Bind::first(&self.scalars, SCALARS))
+            .bind(6, Bind::first(&self.plan.rows, n as u64 * 4));
+        enc.copy_buffer_to_buffer(&self.scalars_init, 0, &self.scalars, 0, SCALARS);
+        self.plan.record(enc, vec![distill, reduce])
+    }
+
+    /// The device buffer of scalars: the f32 loss at byte 24 (32 bytes, as [`crate::CePlan`]'s).
+    pub fn scalars_buffer(&self) -> &wgpu::Buffer {
+        &self.scalars
+    }
+
+    /// The device buffer of per-row divergences `D_n` (f32 `[N]`, before `T^2` and the mean).
+    pub fn row_buffer(&self) -> &wgpu::Buffer {
+        &self.plan.rows
+    }
+
+    /// Records a copy of the loss into a staging buffer; after the caller submits `enc`,
+    /// [`PendingLoss::wait`] or [`PendingLoss::try_get`] returns it.
+    pub fn read_back(&self, enc: &mut wgpu::CommandEncoder) -> Result<PendingLoss> {
+        let ctx = &self.plan.ctx;
+        let staging =
+            (self.plan.n > 0).then(|| ctx.take(SCALARS, U::MAP_READ | U::COPY_DST, "scalars staging")).transpose()?;
+        if let Some(s) = &staging {
+            enc.copy_buffer_to_buffer(&self.scalars, 0, s, 0, SCALARS);
+        }
+        Ok(PendingLoss { bytes: PendingBytes::new(ctx, staging, SCALARS) })
+    }
+}
+
+/// A loss on its way back from the device (see [`DistillPlan::read_back`]). An empty batch
+/// reads back 0.
+pub struct PendingLoss {
+    bytes: PendingBytes,
+}
+
+impl std::fmt::Debug for PendingLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PendingLoss")
+    }
+}
+
+fn loss_of(bytes: &[u8]) -> f64 {
+    let sc: Scalars = bytemuck::pod_read_unaligned(&bytes[..SCALARS as usize]);
+    sc.loss as f64
+}
+
+impl PendingLoss {
+    /// Waits for the submission that holds the copy and returns the loss.
+    pub fn wait(self) -> Result<f64> {
+        Ok(loss_of(&self.bytes.wait()?))
+    }
+
+    /// Without blocking: `None` until the copy has finished, then the loss once.
+    pub fn try_get(&mut self) -> Option<Result<f64>> {
+        Some(self.bytes.try_get()?.map(|b| loss_of(&b)))
+    }
+}
 
 impl GpuContext {
+    /// A reusable distillation of `rows x classes` student logits of `student` dtype towards
+    /// teacher logits of `teacher` dtype.
+    pub fn distill_plan(
+        &self,
+        rows: usize,
+        classes: usize,
+        student: DType,
+        teacher: DType,
+        cfg: &Distill,
+    ) -> Result<DistillPlan> {
+        let base = distill_params(rows, classes, cfg)?;
+        let t = cfg.temperature as f64;
+        let plan = RowPlan::new(self, Shader::Distill, base, (rows, classes), student, Some(teacher), 1, false)?;
+        let scalars = self.owned(SCALARS, U::STORAGE | U::COPY_SRC | U::COPY_DST, "scalars")?;
+        let scalars_init = self.owned(SCALARS, U::COPY_SRC | U::COPY_DST, "scalars init")?;
+        self.write(&scalars_init, 0, bytemuck::bytes_of(&Scalars::initial()))?;
+        Ok(DistillPlan { plan, den: (rows as f64 / (t * t)) as f32, scalars, scalars_init })
+    }
+
     fn distill_run<'a>(
         &self,
         student: Logits<'a>,
@@ -20,22 +161,17 @@ impl GpuContext {
         cfg: &Distill,
         grad: bool,
     ) -> Result<DistillOutput> {
-        cfg.validate()?;
         same_rows(student.dim(), teacher.dim(), "student and teacher logits")?;
         let (n, v) = student.dim();
         let t = cfg.temperature as f64;
-        let (mode, beta) = cfg.mode_code();
-        // d(T^2 mean_n D_n)/dx = T / N dD/dz.
-        let coef = cfg.grad_scale as f64 * t / n.max(1) as f64;
-        let base = Params { mode, beta, inv_temp: (1.0 / t) as f32, grad_scale: coef as f32, ..Params::new(n, v) };
+        let base = distill_params(n, v, cfg)?;
         let out = self.run_rows(RowJob {
             shader: Shader::Distill,
             base,
             input: student,
             second: Some(teacher),
             row_values: 1,
-            out_rows: grad,
-            out_whole: 0,
+            out: grad.then_some(RowOut::Rows),
         })?;
         let sum: f64 = out.row_values.iter().map(|&d| d as f64).sum();
         Ok(DistillOutput { loss: t * t * sum / n as f64, row_loss: Array1::from(out.row_values), grad: out.out_rows })
@@ -89,8 +225,7 @@ impl GpuContext {
             input: q,
             second: Some(p),
             row_values: 0,
-            out_rows: false,
-            out_whole: 4,
+            out: Some(RowOut::Whole(4)),
         })?;
         let col = |k: usize| out_whole.chunks(4).map(|r| r[k] as f64).collect::<Array1<f64>>();
         Ok(Measures { entropy: col(0), cross_entropy: col(1), kl: col(2), js: col(3) })

@@ -2,7 +2,7 @@
 
 use ndarray::{Array2, ArrayView2};
 
-use super::RowJob;
+use super::{RowJob, RowOut};
 use crate::dtype::Logits;
 use crate::error::Result;
 use crate::gpu::context::GpuContext;
@@ -22,8 +22,7 @@ impl GpuContext {
             input: logits,
             second: Some(v.reborrow().into()),
             row_values: 0,
-            out_rows: true,
-            out_whole: 0,
+            out: Some(RowOut::Rows),
         })?;
         Ok(out.out_rows.expect("output rows"))
     }

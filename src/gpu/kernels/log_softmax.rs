@@ -1,33 +1,93 @@
-//! Row-wise log-softmax / softmax on the GPU (one workgroup per row, chunked like the logits).
+//! Row-wise log-softmax / softmax on the GPU (one workgroup per row, chunked like the logits),
+//! recorded through a [`LogSoftmaxPlan`]; the host API is built on the same plan.
 
 use ndarray::Array2;
 
-use super::RowJob;
+use super::{RowJob, RowOut, RowPlan};
 use crate::api::config::SoftmaxKind;
-use crate::dtype::Logits;
+use crate::dtype::{DType, Logits};
 use crate::error::{Result, XentError};
 use crate::gpu::context::GpuContext;
 use crate::gpu::params::{flags, Params};
 use crate::gpu::source::Shader;
 
+fn base(n: usize, v: usize, kind: SoftmaxKind) -> Result<Params> {
+    if v == 0 {
+        return Err(XentError::Shape(format!("logits [{n}, 0] have no classes")));
+    }
+    let f = if kind == SoftmaxKind::Softmax { flags::SOFTMAX } else { 0 };
+    Ok(Params { flags: f, ..Params::new(n, v) })
+}
+
+/// A reusable row-wise log-softmax (or softmax) of one shape, recorded into the caller's
+/// encoder: logits `[N, V]` of the plan's dtype in, f32 `[N, V]` out, both device slices.
+///
+/// ```no_run
+/// # fn main() -> xent::Result<()> {
+/// use xent::{DType, GpuContext, SoftmaxKind};
+/// let gpu = GpuContext::new()?;
+/// let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+/// let mk = |size| gpu.device().create_buffer(&wgpu::BufferDescriptor { label: None, size, usage, mapped_at_creation: false });
+/// let (logits, out) = (mk(64 * 1000 * 4), mk(64 * 1000 * 4));
+/// let plan = gpu.log_softmax_plan(64, 1000, DType::F32, SoftmaxKind::LogSoftmax)?;
+/// let mut enc = gpu.device().create_command_encoder(&Default::default());
+/// plan.record(&mut enc, logits.slice(..), out.slice(..))?;
+/// gpu.queue().submit([enc.finish()]);
+/// # Ok(()) }
+/// ```
+pub struct LogSoftmaxPlan {
+    plan: RowPlan,
+}
+
+impl std::fmt::Debug for LogSoftmaxPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogSoftmaxPlan").field("rows", &self.plan.n).field("classes", &self.plan.v).finish()
+    }
+}
+
+impl LogSoftmaxPlan {
+    /// Records the log-softmax of `logits` into `out` (f32; any 4-byte aligned offsets).
+    pub fn record(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        logits: wgpu::BufferSlice<'_>,
+        out: wgpu::BufferSlice<'_>,
+    ) -> Result<()> {
+        if self.plan.n == 0 {
+            return Ok(());
+        }
+        let l = self.plan.launch(logits, None, Some((out, RowOut::Rows)))?;
+        self.plan.record(enc, vec![l])
+    }
+}
+
 impl GpuContext {
+    /// A reusable log-softmax (or softmax) of `rows x classes` logits of `dtype`.
+    pub fn log_softmax_plan(
+        &self,
+        rows: usize,
+        classes: usize,
+        dtype: DType,
+        kind: SoftmaxKind,
+    ) -> Result<LogSoftmaxPlan> {
+        let base = base(rows, classes, kind)?;
+        Ok(LogSoftmaxPlan {
+            plan: RowPlan::new(self, Shader::LogSoftmax, base, (rows, classes), dtype, None, 0, false)?,
+        })
+    }
+
     /// Row-wise log-softmax (or softmax) of host logits `[N, V]` of any dtype (f32 output).
     pub fn log_softmax<'a>(&self, logits: impl Into<Logits<'a>>, kind: SoftmaxKind) -> Result<Array2<f32>> {
         let logits = logits.into();
         let (n, v) = logits.dim();
-        if v == 0 {
-            return Err(XentError::Shape(format!("logits [{n}, 0] have no classes")));
-        }
-        let f = if kind == SoftmaxKind::Softmax { flags::SOFTMAX } else { 0 };
-        let base = Params { flags: f, ..Params::new(n, v) };
+        let base = base(n, v, kind)?;
         let out = self.run_rows(RowJob {
             shader: Shader::LogSoftmax,
             base,
             input: logits,
             second: None,
             row_values: 0,
-            out_rows: true,
-            out_whole: 0,
+            out: Some(RowOut::Rows),
         })?;
         Ok(out.out_rows.expect("output rows"))
     }

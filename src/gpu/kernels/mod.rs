@@ -6,17 +6,158 @@ pub(crate) mod cross_entropy;
 pub(crate) mod divergence;
 pub(crate) mod hessian;
 pub(crate) mod log_softmax;
+pub(crate) mod row_sum;
 
 use ndarray::Array2;
 
 use crate::dtype::{DType, Logits};
-use crate::error::Result;
+use crate::error::{Result, XentError};
 use crate::gpu::context::GpuContext;
-use crate::gpu::launch::{Bind, Launch, Recorder, Skip};
+use crate::gpu::launch::{Bind, Launch, ParamsCache, Recorder, Skip};
 use crate::gpu::params::Params;
+use crate::gpu::pool::Pooled;
 use crate::gpu::source::{Shader, Variant};
 
 use wgpu::BufferUsages as U;
+
+/// Checks a device slice: usage, offset alignment, length.
+pub(crate) fn check_slice(s: wgpu::BufferSlice<'_>, need: u64, align: u64, what: &str) -> Result<()> {
+    let b = s.buffer();
+    if !b.usage().contains(U::STORAGE) {
+        return Err(XentError::InvalidOption(format!("{what} buffer lacks BufferUsages::STORAGE")));
+    }
+    if !s.offset().is_multiple_of(align) {
+        return Err(XentError::InvalidOption(format!(
+            "{what} starts at byte {}, not a multiple of {align}",
+            s.offset()
+        )));
+    }
+    let need4 = need.max(4).next_multiple_of(4);
+    if s.size() < need || b.size() - s.offset() < need4 {
+        return Err(XentError::Shape(format!(
+            "{what} slice has {} bytes, needs {need} (and {need4} bytes to the buffer's end)",
+            s.size()
+        )));
+    }
+    Ok(())
+}
+
+/// Where a row kernel's output (slot 8) goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RowOut {
+    /// f32 `[N, V]`, chunked with the input.
+    Rows,
+    /// f32 `[N, k]`, bound whole.
+    Whole(usize),
+}
+
+/// A one-workgroup-per-row kernel of one shape (`input` rows, optionally `second` rows of the
+/// same shape), recorded into a caller's encoder: the plan owns its per-row values and its
+/// parameter blocks. The host API (`run_rows`) and the public recorded plans are built on it.
+pub(crate) struct RowPlan {
+    pub ctx: GpuContext,
+    shader: Shader,
+    base: Params,
+    pub n: usize,
+    pub v: usize,
+    input: DType,
+    second: Option<DType>,
+    /// f32 values per row written to `row_values` (slot 6).
+    row_values: usize,
+    pub rows: Pooled,
+    params: ParamsCache,
+}
+
+impl RowPlan {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ctx: &GpuContext,
+        shader: Shader,
+        base: Params,
+        (n, v): (usize, usize),
+        input: DType,
+        second: Option<DType>,
+        row_values: usize,
+        pooled: bool,
+    ) -> Result<RowPlan> {
+        if v == 0 {
+            return Err(XentError::Shape(format!("[{n}, 0] rows have no classes")));
+        }
+        let bytes = ((n * row_values) as u64 * 4).max(4);
+        let usage = U::STORAGE | U::COPY_SRC;
+        let rows = if pooled { ctx.take(bytes, usage, "row values")? } else { ctx.owned(bytes, usage, "row values")? };
+        Ok(RowPlan {
+            ctx: ctx.clone(),
+            shader,
+            base: Params { n_rows: n as u32, ..base },
+            n,
+            v,
+            input,
+            second,
+            row_values,
+            rows,
+            params: ParamsCache::new(pooled),
+        })
+    }
+
+    /// The row kernel's launch over device slices (checked).
+    pub fn launch<'a>(
+        &'a self,
+        input: wgpu::BufferSlice<'a>,
+        second: Option<wgpu::BufferSlice<'a>>,
+        out: Option<(wgpu::BufferSlice<'a>, RowOut)>,
+    ) -> Result<Launch<'a>> {
+        let (n, v) = (self.n, self.v);
+        let nv = (n * v) as u64;
+        let elem = self.input.size() as u64;
+        check_slice(input, nv * elem, 4u64.max(elem), "input rows")?;
+        if let (Some(s), Some(d)) = (second, self.second) {
+            check_slice(s, nv * d.size() as u64, 4u64.max(d.size() as u64), "second rows")?;
+        } else if second.is_some() != self.second.is_some() {
+            return Err(XentError::InvalidOption("second rows given to a plan without them, or missing".into()));
+        }
+        let variant = Variant {
+            input: self.input,
+            second: self.second.unwrap_or(DType::F32),
+            vec4: matches!(self.shader, Shader::LogSoftmax | Shader::RowSum) && v % 4 == 0,
+            subgroup: self.ctx.subgroups,
+            grad: out.is_some(),
+            wg: self.ctx.ce_layout(n, v, true).0,
+            ..Default::default()
+        };
+        let kernel = self.ctx.kernel(self.shader, variant)?;
+        let mut l =
+            Launch::new(kernel, self.base, n, v).rows(1, input.buffer(), input.offset(), self.input.size(), Skip::X);
+        if let (Some(s), Some(d)) = (second, self.second) {
+            l = l.rows(9, s.buffer(), s.offset(), d.size(), Skip::Y);
+        }
+        if self.row_values > 0 {
+            l = l.bind(6, Bind::first(&self.rows, (n * self.row_values) as u64 * 4));
+        }
+        match out {
+            Some((o, RowOut::Rows)) => {
+                check_slice(o, nv * 4, 4, "output rows")?;
+                l = l.rows(8, o.buffer(), o.offset(), 4, Skip::O);
+            }
+            Some((o, RowOut::Whole(k))) => {
+                check_slice(o, (n * k) as u64 * 4, self.ctx.offset_align, "output")?;
+                l = l.bind(8, Bind::slice(o));
+            }
+            None => {}
+        }
+        Ok(l)
+    }
+
+    /// Records `launches` into one compute pass of `enc`.
+    pub fn record(&self, enc: &mut wgpu::CommandEncoder, launches: Vec<Launch<'_>>) -> Result<()> {
+        let mut rec = Recorder::new(&self.ctx);
+        for l in launches {
+            rec.push(l)?;
+        }
+        let params = self.params.get(&rec)?;
+        rec.record(enc, &params)
+    }
+}
 
 /// A one-workgroup-per-row kernel over host rows: `input` (and `second`) uploaded, results
 /// read back.
@@ -27,10 +168,8 @@ pub(crate) struct RowJob<'a> {
     pub second: Option<Logits<'a>>,
     /// f32 values per row written to `row_values` (slot 6).
     pub row_values: usize,
-    /// An f32 `[N, V]` output in slot 8, chunked like the input.
-    pub out_rows: bool,
-    /// Or this many f32 per row in slot 8, bound whole.
-    pub out_whole: usize,
+    /// An f32 output in slot 8.
+    pub out: Option<RowOut>,
 }
 
 /// What a [`RowJob`] returns.
@@ -41,68 +180,46 @@ pub(crate) struct RowResult {
 }
 
 impl GpuContext {
+    /// Uploads a [`RowJob`]'s rows, records it on a pooled [`RowPlan`], waits, reads back.
     pub(crate) fn run_rows(&self, job: RowJob<'_>) -> Result<RowResult> {
         let (n, v) = job.input.dim();
         if n == 0 {
             return Ok(RowResult {
                 row_values: vec![],
-                out_rows: job.out_rows.then(|| Array2::zeros((0, v))),
+                out_rows: (job.out == Some(RowOut::Rows)).then(|| Array2::zeros((0, v))),
                 out_whole: vec![],
             });
         }
-        let variant = Variant {
-            input: job.input.dtype(),
-            second: job.second.map_or(DType::F32, |s| s.dtype()),
-            vec4: job.shader == Shader::LogSoftmax && v % 4 == 0,
-            subgroup: self.subgroups,
-            grad: job.out_rows || job.out_whole > 0,
-            ..Default::default()
-        };
-        let kernel = self.kernel(job.shader, variant)?;
+        let second = job.second.map(|s| s.dtype());
+        let plan = RowPlan::new(self, job.shader, job.base, (n, v), job.input.dtype(), second, job.row_values, true)?;
         let xb = self.upload(&job.input.bytes(), U::STORAGE, "input rows")?;
         let yb = job.second.map(|s| self.upload(&s.bytes(), U::STORAGE, "second rows")).transpose()?;
-        let rv_bytes = (n * job.row_values) as u64 * 4;
-        let rb = self.take(rv_bytes.max(4), U::STORAGE | U::COPY_SRC, "row values")?;
-        let ow_bytes = (n * job.out_whole) as u64 * 4;
-        let out_bytes = if job.out_rows { (n * v) as u64 * 4 } else { ow_bytes };
-        let ob = (out_bytes > 0).then(|| self.take(out_bytes, U::STORAGE | U::COPY_SRC, "output")).transpose()?;
-        let mut l = Launch::new(kernel, Params { n_rows: n as u32, ..job.base }, n, v).rows(
-            1,
-            &xb,
-            0,
-            variant.input.size(),
-            Skip::X,
-        );
-        if let Some(y) = &yb {
-            l = l.rows(9, y, 0, variant.second.size(), Skip::Y);
-        }
-        if job.row_values > 0 {
-            l = l.bind(6, Bind::first(&rb, rv_bytes));
-        }
-        match (&ob, job.out_rows) {
-            (Some(o), true) => l = l.rows(8, o, 0, 4, Skip::O),
-            (Some(o), false) => l = l.bind(8, Bind::first(o, ow_bytes)),
-            (None, _) => {}
-        }
-        let mut rec = Recorder::new(self);
-        rec.push(l)?;
-        let params = rec.params_pooled()?;
+        let out_bytes = match job.out {
+            Some(RowOut::Rows) => (n * v) as u64 * 4,
+            Some(RowOut::Whole(k)) => (n * k) as u64 * 4,
+            None => 0,
+        };
+        let ob = job.out.map(|_| self.take(out_bytes, U::STORAGE | U::COPY_SRC, "output")).transpose()?;
+        let out = ob.as_ref().zip(job.out).map(|(o, k)| (o.slice(..out_bytes), k));
+        let launch = plan.launch(xb.slice(..), yb.as_ref().map(|y| y.slice(..)), out)?;
         let mut enc = self.device.create_command_encoder(&Default::default());
-        rec.record(&mut enc, &params)?;
+        plan.record(&mut enc, vec![launch])?;
         self.submit_wait(enc)?;
         let mut row_values = vec![0f32; n * job.row_values];
-        self.read_back(&rb, 0, bytemuck::cast_slice_mut(&mut row_values), None)?;
+        self.read_back(&plan.rows, 0, bytemuck::cast_slice_mut(&mut row_values), None)?;
         let mut out_rows = None;
         let mut out_whole = vec![];
-        if let Some(o) = &ob {
-            if job.out_rows {
+        match (&ob, job.out) {
+            (Some(o), Some(RowOut::Rows)) => {
                 let mut a = crate::alloc::zeros2::<f32>((n, v), "output")?;
                 self.read_back(o, 0, bytemuck::cast_slice_mut(a.as_slice_mut().expect("fresh")), None)?;
                 out_rows = Some(a);
-            } else {
-                out_whole = vec![0f32; n * job.out_whole];
+            }
+            (Some(o), Some(RowOut::Whole(k))) => {
+                out_whole = vec![0f32; n * k];
                 self.read_back(o, 0, bytemuck::cast_slice_mut(&mut out_whole), None)?;
             }
+            _ => {}
         }
         Ok(RowResult { row_values, out_rows, out_whole })
     }

@@ -1,0 +1,145 @@
+//! Burn's Flex CPU backend: xent's CPU kernels read the logits' storage in place and write the
+//! gradient straight into a new Flex tensor (no copies).
+
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::Flex;
+use burn::tensor::{DType as BurnDType, Shape, TensorData};
+use burn_flex::FlexTensor;
+use half::{bf16, f16};
+use ndarray::{ArrayView1, ArrayView2, ArrayViewMut2};
+use xent::{Logits, LogitsMut, Targets};
+
+use crate::ops::cpu_cross_entropy;
+use crate::{XentArgs, XentOps};
+
+/// Contiguous storage of a Flex tensor (copied only if it is a strided view).
+fn contiguous(t: FlexTensor) -> FlexTensor {
+    if t.is_contiguous() && t.layout().start_offset() == 0 {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+fn loss_tensor(values: Vec<f32>, shape: Shape, dtype: BurnDType) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape).convert_dtype(dtype))
+}
+
+fn run(logits: FlexTensor, targets: FlexTensor, args: &XentArgs, with_grad: bool) -> (FlexTensor, Option<FlexTensor>) {
+    let logits = contiguous(logits);
+    let targets = contiguous(targets);
+    let dims = logits.layout().shape().clone();
+    let (n, v) = (dims[0], dims[1]);
+    let dtype = logits.dtype();
+    let t64: Vec<i64>;
+    let t = match targets.dtype() {
+        BurnDType::I64 => Targets::I64(ArrayView1::from(targets.storage::<i64>())),
+        BurnDType::I32 => Targets::I32(ArrayView1::from(targets.storage::<i32>())),
+        _ => {
+            // Narrower or unsigned integer targets: widened once (N values).
+            let data = targets.clone().into_data().convert::<i64>();
+            // A failed conversion leaves no targets: xent's length check then reports it.
+            t64 = data.try_to_vec::<i64>().unwrap_or_default();
+            Targets::I64(ArrayView1::from(&t64[..]))
+        }
+    };
+    fn view(x: &FlexTensor, n: usize, v: usize) -> Logits<'_> {
+        match x.dtype() {
+            BurnDType::F16 => {
+                Logits::F16(ArrayView2::from_shape((n, v), x.storage::<f16>()).expect("contiguous [N, V]"))
+            }
+            BurnDType::BF16 => {
+                Logits::BF16(ArrayView2::from_shape((n, v), x.storage::<bf16>()).expect("contiguous [N, V]"))
+            }
+            _ => Logits::F32(ArrayView2::from_shape((n, v), x.storage::<f32>()).expect("contiguous [N, V]")),
+        }
+    }
+    let loss_shape = args.loss_shape(n);
+    if !with_grad {
+        let values = cpu_cross_entropy(view(&logits, n, v), t, args.cfg(), None);
+        return (loss_tensor(values, loss_shape, dtype), None);
+    }
+    // The gradient in a fresh zeroed vector (calloc: no fill pass), handed to Burn without a
+    // copy (`FlexTensor::empty` would copy it to realign).
+    let shape = Shape::new([n, v]);
+    let (values, grad) = match dtype {
+        BurnDType::F16 => {
+            let mut g = vec![f16::ZERO; n * v];
+            let values = cpu_cross_entropy(
+                view(&logits, n, v),
+                t,
+                args.cfg(),
+                Some(LogitsMut::F16(ArrayViewMut2::from_shape((n, v), &mut g).expect("[N, V]"))),
+            );
+            (values, FlexTensor::from_data(TensorData::new(g, shape)))
+        }
+        BurnDType::BF16 => {
+            let mut g = vec![bf16::ZERO; n * v];
+            let values = cpu_cross_entropy(
+                view(&logits, n, v),
+                t,
+                args.cfg(),
+                Some(LogitsMut::BF16(ArrayViewMut2::from_shape((n, v), &mut g).expect("[N, V]"))),
+            );
+            (values, FlexTensor::from_data(TensorData::new(g, shape)))
+        }
+        _ => {
+            let mut g = vec![0f32; n * v];
+            let values = cpu_cross_entropy(
+                view(&logits, n, v),
+                t,
+                args.cfg(),
+                Some(LogitsMut::F32(ArrayViewMut2::from_shape((n, v), &mut g).expect("[N, V]"))),
+            );
+            (values, FlexTensor::from_data(TensorData::new(g, shape)))
+        }
+    };
+    (loss_tensor(values, loss_shape, dtype), Some(grad))
+}
+
+impl XentOps for Flex {
+    fn xent_cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>, args: XentArgs) -> FloatTensor<Self> {
+        run(logits, targets, &args, false).0
+    }
+
+    fn xent_cross_entropy_with_grad(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        args: XentArgs,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (loss, grad) = run(logits, targets, &args, true);
+        (loss, grad.expect("a gradient was asked for"))
+    }
+
+    fn xent_cross_entropy_forward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        args: XentArgs,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        // The fused gradient is the state: the backward pass only scales it.
+        Self::xent_cross_entropy_with_grad(logits, targets, args)
+    }
+
+    fn xent_cross_entropy_backward(
+        _logits: FloatTensor<Self>,
+        _targets: IntTensor<Self>,
+        state: FloatTensor<Self>,
+        upstream: FloatTensor<Self>,
+        args: XentArgs,
+    ) -> FloatTensor<Self> {
+        // `loss.backward()` on the loss itself: an upstream gradient of exactly 1 leaves the
+        // fused gradient as it is (the common case: no [N, V] multiply).
+        let up = contiguous(upstream.clone());
+        let one = match up.dtype() {
+            BurnDType::F32 => up.storage::<f32>() == [1.0],
+            BurnDType::F16 => up.storage::<f16>() == [f16::ONE],
+            BurnDType::BF16 => up.storage::<bf16>() == [bf16::ONE],
+            _ => false,
+        };
+        if one && args.cfg().reduction != xent::Reduction::None {
+            return state;
+        }
+        let rows = state.layout().shape()[0];
+        crate::ops::scale_by_upstream::<Self>(state, upstream, args.cfg(), rows)
+    }
+}

@@ -1,0 +1,97 @@
+//! What the backends share: dtype mapping, the CPU computation (Flex, and the host fallback of
+//! cube devices xent does not share) and the record of device-side failures.
+
+use std::sync::{Mutex, OnceLock};
+
+use burn::backend::DispatchDevice;
+use burn::prelude::Device;
+use burn::tensor::DType as BurnDType;
+use xent::{Cpu, CrossEntropy, DType, Logits, LogitsMut, Reduction, Targets, XentError};
+
+/// True when `device` (autodiff or not) is a CPU backend: its tensors can be read directly.
+pub(crate) fn is_host(device: &Device) -> bool {
+    matches!(device.clone().inner().as_dispatch(), DispatchDevice::Flex(_))
+}
+
+/// xent's dtype for a Burn float dtype (callers checked that it is one of the three).
+pub(crate) fn xent_dtype(d: BurnDType) -> DType {
+    match d {
+        BurnDType::F16 => DType::F16,
+        BurnDType::BF16 => DType::BF16,
+        _ => DType::F32,
+    }
+}
+
+fn cpu() -> &'static Cpu {
+    static CPU: OnceLock<Cpu> = OnceLock::new();
+    CPU.get_or_init(Cpu::new)
+}
+
+static LAST_ERROR: Mutex<Option<XentError>> = Mutex::new(None);
+
+/// Records an error that a backend op cannot return (its outputs are NaN instead).
+pub(crate) fn record_error(e: XentError) {
+    *LAST_ERROR.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+}
+
+/// The last error that a loss call met after its checks had passed (device lost, out of
+/// memory, a target out of range on a CPU backend reached through the backend trait directly),
+/// taken: such a call cannot return it, so its outputs are NaN and the error waits here.
+pub fn take_error() -> Option<XentError> {
+    LAST_ERROR.lock().unwrap_or_else(|p| p.into_inner()).take()
+}
+
+/// The loss values of one call: `[N]` per-row losses for reduction `none`, else `[loss]`.
+pub(crate) fn loss_values(out: &xent::CeOutput, n: usize, cfg: &CrossEntropy) -> Vec<f32> {
+    match (cfg.reduction, &out.row_loss) {
+        (Reduction::None, Some(rows)) => rows.to_vec(),
+        (Reduction::None, None) => vec![f32::NAN; n],
+        _ => vec![out.loss as f32],
+    }
+}
+
+/// xent's CPU cross-entropy; on an error the loss (and `grad`) are NaN and the error is
+/// recorded for [`take_error`].
+pub(crate) fn cpu_cross_entropy(
+    x: Logits<'_>,
+    t: Targets<'_>,
+    cfg: &CrossEntropy,
+    grad: Option<LogitsMut<'_>>,
+) -> Vec<f32> {
+    let n = x.dim().0;
+    let cfg = CrossEntropy { per_row: cfg.reduction == Reduction::None, ..cfg.clone() };
+    let res = match grad {
+        Some(mut g) => cpu().cross_entropy_into(x, t, &cfg, g.reborrow()).map_err(|e| (e, Some(g))),
+        None => cpu().cross_entropy(x, t, &cfg).map_err(|e| (e, None)),
+    };
+    match res {
+        Ok(out) => loss_values(&out, n, &cfg),
+        Err((e, g)) => {
+            record_error(e);
+            if let Some(mut g) = g {
+                let (n, v) = g.dim();
+                g.assign_f32(ndarray::Array2::from_elem((n, v), f32::NAN).view());
+            }
+            vec![f32::NAN; if cfg.reduction == Reduction::None { n } else { 1 }]
+        }
+    }
+}
+
+/// `grad [N, V]` times the upstream gradient (`[1]`, or `[N]` with reduction `none`),
+/// broadcast over the rows, in the gradient's dtype.
+pub(crate) fn scale_by_upstream<B: burn::backend::Backend>(
+    grad: burn::backend::tensor::FloatTensor<B>,
+    upstream: burn::backend::tensor::FloatTensor<B>,
+    cfg: &CrossEntropy,
+    rows: usize,
+) -> burn::backend::tensor::FloatTensor<B> {
+    use burn::backend::TensorMetadata;
+    let shape = match cfg.reduction {
+        Reduction::None => burn::tensor::Shape::new([rows, 1]),
+        _ => burn::tensor::Shape::new([1, 1]),
+    };
+    let dtype = grad.dtype();
+    let up = B::float_reshape(upstream, shape);
+    let up = if up.dtype() == dtype { up } else { B::float_cast(up, dtype.into()) };
+    B::float_mul(grad, up)
+}

@@ -1,0 +1,165 @@
+//! xent's fused softmax cross-entropy as a differentiable loss for [Candle](https://github.com/huggingface/candle)
+//! tensors on the CPU, through Candle's `CustomOp2`.
+//!
+//! `candle_nn::loss::cross_entropy` is `log_softmax` + gather + mean: three passes with two
+//! `[N, V]` temporaries and no `ignore_index`, class weights or label smoothing. This loss runs
+//! xent's fused CPU kernel: the forward pass computes the loss and the gradient w.r.t. the logits
+//! together (f32 arithmetic for f32, f16 and bf16 logits) and keeps the gradient for the backward
+//! pass, which only scales it by the upstream gradient.
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use xent::{CrossEntropy, Reduction};
+//!
+//! let logits = Var::new(&[[2.0f32, 0.5, -1.0], [0.1, 0.2, 0.3]], &Device::Cpu)?;
+//! let targets = Tensor::new(&[0i64, -100], &Device::Cpu)?; // the second row is ignored
+//! let cfg = CrossEntropy { label_smoothing: 0.1, ..Default::default() };
+//! let loss = xent_candle::cross_entropy(logits.as_tensor(), &targets, &cfg)?;
+//! let grads = loss.backward()?;
+//! let g = grads.get(logits.as_tensor()).expect("a gradient");
+//! assert_eq!(g.dims(), &[2, 3]);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use ndarray::{ArrayView1, ArrayView2};
+use xent::{Cpu, CrossEntropy, Logits, Reduction, Targets, Tensor2};
+
+/// The loss op: options, the CPU backend, and the gradient its forward pass leaves for backward.
+struct XentLoss {
+    cfg: CrossEntropy,
+    cpu: Arc<Cpu>,
+    grad: Mutex<Option<Tensor>>,
+}
+
+fn err(e: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(format!("xent: {e}"))
+}
+
+/// A contiguous slice of `storage` as laid out by `layout`.
+fn slice<'a, T>(v: &'a [T], layout: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => Err(err(format!("{what} must be contiguous"))),
+    }
+}
+
+impl XentLoss {
+    fn run(&self, x: Logits<'_>, t: Targets<'_>) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, v) = x.dim();
+        let mut g = Tensor2::zeros(x.dtype(), (n, v));
+        let out = self.cpu.cross_entropy_into(x, t, &self.cfg, g.view_mut()).map_err(err)?;
+        let grad = match g {
+            Tensor2::F32(a) => Tensor::from_vec(a.into_raw_vec_and_offset().0, (n, v), &candle_core::Device::Cpu)?,
+            Tensor2::F16(a) => Tensor::from_vec(a.into_raw_vec_and_offset().0, (n, v), &candle_core::Device::Cpu)?,
+            Tensor2::BF16(a) => Tensor::from_vec(a.into_raw_vec_and_offset().0, (n, v), &candle_core::Device::Cpu)?,
+        };
+        *self.grad.lock().unwrap() = Some(grad);
+        Ok(match self.cfg.reduction {
+            Reduction::None => {
+                let rows = out.row_loss.expect("per-row losses for reduction none");
+                (CpuStorage::F32(rows.to_vec()), Shape::from(n))
+            }
+            _ => (CpuStorage::F32(vec![out.loss as f32]), Shape::from(())),
+        })
+    }
+}
+
+impl CustomOp2 for XentLoss {
+    fn name(&self) -> &'static str {
+        "xent-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = l1.shape().dims();
+        if dims.len() != 2 {
+            return Err(err(format!("logits must be [N, V], got {dims:?}")));
+        }
+        let (n, v) = (dims[0], dims[1]);
+        let shape = (n, v);
+        let view = |e| err(format!("logits layout: {e}"));
+        let t_i64: Vec<i64>;
+        let targets: Targets = match s2 {
+            CpuStorage::I64(t) => Targets::I64(ArrayView1::from(slice(t, l2, "targets")?)),
+            CpuStorage::I32(t) => Targets::I32(ArrayView1::from(slice(t, l2, "targets")?)),
+            CpuStorage::U32(t) => {
+                t_i64 = slice(t, l2, "targets")?.iter().map(|&y| y as i64).collect();
+                Targets::I64(ArrayView1::from(&t_i64[..]))
+            }
+            CpuStorage::U8(t) => {
+                t_i64 = slice(t, l2, "targets")?.iter().map(|&y| y as i64).collect();
+                Targets::I64(ArrayView1::from(&t_i64[..]))
+            }
+            CpuStorage::F32(p) => {
+                Targets::Probs(ArrayView2::from_shape(shape, slice(p, l2, "target probabilities")?).map_err(view)?)
+            }
+            other => {
+                return Err(err(format!(
+                    "targets must be integer class indices or f32 probabilities, got {:?}",
+                    other.dtype()
+                )))
+            }
+        };
+        match s1 {
+            CpuStorage::F32(x) => {
+                self.run(ArrayView2::from_shape(shape, slice(x, l1, "logits")?).map_err(view)?.into(), targets)
+            }
+            CpuStorage::F16(x) => {
+                self.run(ArrayView2::from_shape(shape, slice(x, l1, "logits")?).map_err(view)?.into(), targets)
+            }
+            CpuStorage::BF16(x) => {
+                self.run(ArrayView2::from_shape(shape, slice(x, l1, "logits")?).map_err(view)?.into(), targets)
+            }
+            other => Err(err(format!("logits must be f32, f16 or bf16, got {:?}", other.dtype()))),
+        }
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        _targets: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = self.grad.lock().unwrap().take().ok_or_else(|| err("backward ran twice, or without a forward pass"))?;
+        let up = grad_res.to_dtype(g.dtype())?;
+        let grad = match self.cfg.reduction {
+            Reduction::None => g.broadcast_mul(&up.unsqueeze(1)?)?,
+            // `loss.backward()` on the loss itself: the upstream gradient is 1 and the fused
+            // gradient is the answer (no [N, V] multiply). The scalar is on the CPU: no sync.
+            _ if grad_res.to_dtype(DType::F32)?.to_scalar::<f32>()? == 1.0 => g,
+            _ => g.broadcast_mul(&up)?,
+        };
+        Ok((Some(grad.to_dtype(logits.dtype())?), None))
+    }
+}
+
+/// Softmax cross-entropy of `logits [N, V]` (f32, f16 or bf16, on the CPU) against class
+/// indices `[N]` (i64, i32, u32 or u8; rows equal to `cfg.ignore_index` are ignored) or f32
+/// probability rows `[N, V]`, with every option of [`CrossEntropy`] (PyTorch's semantics).
+/// Returns the loss as a scalar (`Mean`, `Sum`) or per row (`None`), differentiable w.r.t. the
+/// logits: the gradient is computed in the same pass and scaled by the upstream gradient in
+/// backward.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, cfg: &CrossEntropy) -> candle_core::Result<Tensor> {
+    if !logits.device().is_cpu() {
+        return Err(err("xent-candle runs on Candle's CPU device"));
+    }
+    let cfg = CrossEntropy { per_row: cfg.per_row || cfg.reduction == Reduction::None, ..cfg.clone() };
+    logits.apply_op2(targets, XentLoss { cfg, cpu: shared_cpu(), grad: Mutex::new(None) })
+}
+
+/// One thread pool for every call (the machine's cores).
+fn shared_cpu() -> Arc<Cpu> {
+    use std::sync::OnceLock;
+    static CPU: OnceLock<Arc<Cpu>> = OnceLock::new();
+    CPU.get_or_init(|| Arc::new(Cpu::new())).clone()
+}

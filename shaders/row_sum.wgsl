@@ -1,0 +1,31 @@
+// Row sums, one workgroup per row reading it once: the read-only bandwidth probe of
+// `xent bench --op copy` (the access pattern of the cross-entropy row pass, no softmax).
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+#subgroup_args
+) {
+#subgroup_lets
+    let r = local_row(wid);
+    if (r >= P.chunk_rows) {
+        return;
+    }
+    let xb = x_row(r);
+    var acc = vec2<f32>(0.0, 0.0);
+#if VEC4
+    for (var q = lid; q < P.v / 4u; q += WG) {
+        let x = in4(xb / 4u + q);
+        acc += vec2<f32>(x.x + x.y, x.z + x.w);
+    }
+#else
+    for (var j = lid; j < P.v; j += WG) {
+        acc.x += in1(xb + j);
+    }
+#endif
+    let s = reduce_v2(acc, lid, lane, sg, nsg);
+    if (lid == 0u) {
+        row_values[P.row0 + r] = s.x + s.y;
+    }
+}

@@ -1,0 +1,45 @@
+//! Row sums of `[N, V]` logits (one workgroup per row, one read): the read-only half of the
+//! bandwidth ceiling `xent bench --op copy` measures beside a buffer-to-buffer copy.
+
+use super::RowPlan;
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::gpu::context::GpuContext;
+use crate::gpu::params::Params;
+use crate::gpu::source::Shader;
+
+/// A reusable row sum of one shape, recorded into the caller's encoder; the f32 sums `[N]`
+/// stay in [`Self::row_buffer`].
+pub struct RowSumPlan {
+    plan: RowPlan,
+}
+
+impl std::fmt::Debug for RowSumPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RowSumPlan").field("rows", &self.plan.n).field("classes", &self.plan.v).finish()
+    }
+}
+
+impl RowSumPlan {
+    /// Records the sums of the rows of `input` (the plan's dtype, any 4-byte aligned offset).
+    pub fn record(&self, enc: &mut wgpu::CommandEncoder, input: wgpu::BufferSlice<'_>) -> Result<()> {
+        if self.plan.n == 0 {
+            return Ok(());
+        }
+        let l = self.plan.launch(input, None, None)?;
+        self.plan.record(enc, vec![l])
+    }
+
+    /// The f32 row sums of the last record.
+    pub fn row_buffer(&self) -> &wgpu::Buffer {
+        &self.plan.rows
+    }
+}
+
+impl GpuContext {
+    /// A reusable row sum of `rows x classes` values of `dtype`.
+    pub fn row_sum_plan(&self, rows: usize, classes: usize, dtype: DType) -> Result<RowSumPlan> {
+        let base = Params::new(rows, classes);
+        Ok(RowSumPlan { plan: RowPlan::new(self, Shader::RowSum, base, (rows, classes), dtype, None, 1, false)? })
+    }
+}
