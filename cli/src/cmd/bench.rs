@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use xent::{workload, CrossEntropy, DType, Result, Tensor2, XentError};
+use xent::{workload, CrossEntropy, DType, Logits, Result, Tensor2, XentError};
 
 use crate::common::{cpu, emit, emitln, peak_rss, BackendKind, Obj};
 use crate::plot::{self, Point};
@@ -122,14 +122,25 @@ fn time(reps: usize, pb: &ProgressBar, mut f: impl FnMut() -> Result<()>) -> Res
 }
 
 /// The seeded workload in `dtype` (allocations checked: an impossible shape is an error).
+/// Rows are generated independently, so the first `m` rows are the workload of `m` rows.
 fn workload(n: usize, v: usize, dtype: DType) -> Result<(Tensor2, ndarray::Array1<i64>)> {
     let (x, t) = workload::try_synthetic(n, v, 2.0, 16, 42)?;
     let x = match dtype {
         DType::F32 => Tensor2::F32(x),
-        DType::F16 => Tensor2::F16(x.mapv(half::f16::from_f32)),
-        DType::BF16 => Tensor2::BF16(x.mapv(half::bf16::from_f32)),
+        DType::F16 => Tensor2::F16(ndarray::Zip::from(&x).par_map_collect(|&e| half::f16::from_f32(e))),
+        DType::BF16 => Tensor2::BF16(ndarray::Zip::from(&x).par_map_collect(|&e| half::bf16::from_f32(e))),
     };
     Ok((x, t))
+}
+
+/// The first `n` rows of `x`.
+fn head_rows(x: &Tensor2, n: usize) -> Logits<'_> {
+    use ndarray::s;
+    match x {
+        Tensor2::F32(a) => Logits::F32(a.slice(s![..n, ..])),
+        Tensor2::F16(a) => Logits::F16(a.slice(s![..n, ..])),
+        Tensor2::BF16(a) => Logits::BF16(a.slice(s![..n, ..])),
+    }
 }
 
 pub fn run(a: &BenchArgs) -> Result<()> {
@@ -185,27 +196,36 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     pb.set_style(ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} {msg}").expect("valid template"));
     let op = a.op.name();
     let mut rows = Vec::new();
+    // One workload per (V, dtype), of the most rows any shape with that V asks for.
+    let mut data: Option<(usize, DType, Tensor2, ndarray::Array1<i64>)> = None;
     for &(n, v) in &shapes {
         for &dtype in &dtypes {
-            pb.set_message(format!("{n}x{v} {dtype}: generating"));
-            let (x, t) = workload(n, v, dtype)?;
+            if data.as_ref().is_none_or(|d| d.0 != v || d.1 != dtype || d.2.dim().0 < n) {
+                drop(data.take()); // free the last one first
+                let most = shapes.iter().filter(|s| s.1 == v).map(|s| s.0).max().unwrap_or(n);
+                pb.set_message(format!("{most}x{v} {dtype}: generating"));
+                let (x, t) = workload(most, v, dtype)?;
+                data = Some((v, dtype, x, t));
+            }
+            let (_, _, all_x, all_t) = data.as_ref().expect("generated");
+            let x = head_rows(all_x, n);
+            let t = all_t.slice(ndarray::s![..n]);
             let elems = (n * v) as f64 * dtype.size() as f64;
             let traffic = if a.op == Op::FwdBwd { 2.0 * elems } else { elems };
             let bytes = elems;
             if let Some(c) = &cpu {
                 pb.set_message(format!("{n}x{v} {dtype}: cpu {op}"));
-                let (copy_s, read_s) = cpu_ceiling(&x, a.reps, &pb)?;
+                let (copy_s, read_s) = cpu_ceiling(x, a.reps, &pb)?;
                 let copy_gbps = 2.0 * bytes / copy_s / 1e9;
                 let (median, min, read_gbps) = match a.op {
                     Op::Copy => (copy_s, copy_s, Some(bytes / read_s / 1e9)),
                     Op::FwdBwd => {
                         let mut g = Tensor2::zeros(dtype, (n, v));
-                        let (m, mn) =
-                            time(a.reps, &pb, || c.cross_entropy_into(x.view(), &t, &cfg, g.view_mut()).map(drop))?;
+                        let (m, mn) = time(a.reps, &pb, || c.cross_entropy_into(x, t, &cfg, g.view_mut()).map(drop))?;
                         (m, mn, None)
                     }
                     Op::Fwd => {
-                        let (m, mn) = time(a.reps, &pb, || c.cross_entropy(x.view(), &t, &cfg).map(drop))?;
+                        let (m, mn) = time(a.reps, &pb, || c.cross_entropy(x, t, &cfg).map(drop))?;
                         (m, mn, None)
                     }
                 };
@@ -226,12 +246,12 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             #[cfg(feature = "gpu")]
             if let Some(g) = &gpu {
                 pb.set_message(format!("{n}x{v} {dtype}: gpu {op}"));
-                let (copy_s, read_s) = gpu_ceiling(g, &x, a.reps, &pb)?;
+                let (copy_s, read_s) = gpu_ceiling(g, x, a.reps, &pb)?;
                 let copy_gbps = 2.0 * bytes / copy_s / 1e9;
                 let (median, min, read_gbps) = if a.op == Op::Copy {
                     (copy_s, copy_s, Some(bytes / read_s / 1e9))
                 } else {
-                    let (m, mn) = gpu_time(g, &x, &t, &cfg, a.op, a.reps, &pb)?;
+                    let (m, mn) = gpu_time(g, x, t, &cfg, a.op, a.reps, &pb)?;
                     (m, mn, None)
                 };
                 let gbps = if a.op == Op::Copy { copy_gbps } else { traffic / median / 1e9 };
@@ -269,7 +289,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             if let Some(rd) = r.read_gbps {
                 o = o.num("read_gbps", rd);
             }
-            if let Some(d) = &device_name {
+            if let (Some(d), "gpu") = (&device_name, r.backend) {
                 o = o.set("device", d.as_str());
             }
             emitln(o.set("peak_rss_bytes", r.peak_rss).set("reps", a.reps).line());
@@ -328,9 +348,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
 }
 
 /// The CPU's ceiling over the logits' bytes: (copy seconds, read-only seconds), medians.
-fn cpu_ceiling(x: &Tensor2, reps: usize, pb: &ProgressBar) -> Result<(f64, f64)> {
+fn cpu_ceiling(x: Logits<'_>, reps: usize, pb: &ProgressBar) -> Result<(f64, f64)> {
     use rayon::prelude::*;
-    let src = x.view().bytes();
+    let src = x.bytes();
     let mut dst = xent::alloc::filled(src.len(), 0u8, "copy destination")?;
     const CHUNK: usize = 1 << 20;
     let copy = time(reps, pb, || {
@@ -354,12 +374,12 @@ fn cpu_ceiling(x: &Tensor2, reps: usize, pb: &ProgressBar) -> Result<(f64, f64)>
 /// The GPU's ceiling over the logits' bytes: a buffer-to-buffer copy and the row-sum kernel
 /// (same rows, same dtype), each submitted and waited for: (copy seconds, read-only seconds).
 #[cfg(feature = "gpu")]
-fn gpu_ceiling(g: &xent::GpuContext, x: &Tensor2, reps: usize, pb: &ProgressBar) -> Result<(f64, f64)> {
+fn gpu_ceiling(g: &xent::GpuContext, x: Logits<'_>, reps: usize, pb: &ProgressBar) -> Result<(f64, f64)> {
     use wgpu::BufferUsages as U;
     let (n, v) = x.dim();
     let bytes = (n * v * x.dtype().size()) as u64;
     let src = g.create_buffer(bytes, U::STORAGE | U::COPY_SRC | U::COPY_DST, "bench source")?;
-    g.write_buffer(&src, 0, &x.view().bytes())?;
+    g.write_buffer(&src, 0, &x.bytes())?;
     let dst = g.create_buffer(bytes, U::COPY_DST | U::COPY_SRC, "bench copy")?;
     let mut probe = [0u8; 4];
     let copy = time(reps, pb, || {
@@ -382,8 +402,8 @@ fn gpu_ceiling(g: &xent::GpuContext, x: &Tensor2, reps: usize, pb: &ProgressBar)
 #[cfg(feature = "gpu")]
 fn gpu_time(
     g: &xent::GpuContext,
-    x: &Tensor2,
-    t: &ndarray::Array1<i64>,
+    x: Logits<'_>,
+    t: ndarray::ArrayView1<'_, i64>,
     cfg: &CrossEntropy,
     op: Op,
     reps: usize,
@@ -394,7 +414,7 @@ fn gpu_time(
     let (n, v) = x.dim();
     let dtype = x.dtype();
     let lb = g.create_buffer((n * v * dtype.size()) as u64, U::STORAGE | U::COPY_DST, "bench logits")?;
-    g.write_buffer(&lb, 0, &x.view().bytes())?;
+    g.write_buffer(&lb, 0, &x.bytes())?;
     let ti: Vec<i32> = t.iter().map(|&y| if y == cfg.ignore_index { i32::MIN } else { y as i32 }).collect();
     let tb = g.create_buffer((n * 4) as u64, U::STORAGE | U::COPY_DST, "bench targets")?;
     g.write_buffer(&tb, 0, bytemuck::cast_slice(&ti))?;
