@@ -41,12 +41,12 @@ for v in 32000 128256 152064 256000; do
     done
 done
 
-# Long rows: split into segments, and wider workgroups (SWEEP=0 skips them).
+# Long rows split into segments, and narrower workgroups than the default (SWEEP=0 skips them).
 if [ "${SWEEP:-1}" != 0 ]; then
     for seg in 16384 65536; do
         bench fwd-bwd f32 1024x128256,4096x128256,1024x256000,4096x256000 --segment-len "$seg"
     done
-    for wg in 512 1024; do
+    for wg in 256 512; do
         bench fwd-bwd f32 4096x32000,4096x256000 --workgroup-size "$wg"
     done
 fi

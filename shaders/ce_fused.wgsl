@@ -65,24 +65,46 @@ fn visit(p: RowPart, z: f32, c: u32, y: f32, zt: f32) -> RowPart {
 }
 
 // This thread's share of columns [col0, col1) of row r (col0 a multiple of 4 with VEC4).
+fn visit4(p: RowPart, x: vec4<f32>, c: u32, y: vec4<f32>, zt: f32) -> RowPart {
+    var q = visit(p, tr(x.x), c, y.x, zt);
+    q = visit(q, tr(x.y), c + 1u, y.y, zt);
+    q = visit(q, tr(x.z), c + 2u, y.z, zt);
+    return visit(q, tr(x.w), c + 3u, y.w, zt);
+}
+
 fn row_part(r: u32, lid: u32, zt: f32, col0: u32, col1: u32) -> RowPart {
     var p = RowPart(Stat(P.neg_inf, 0.0), vec2<f32>(0.0, 0.0), 0.0);
     let xb = x_row(r);
 #if VEC4
-    for (var q = col0 / 4u + lid; q < col1 / 4u; q += WG) {
-        let x = in4(xb / 4u + q);
+    // Two vectors per iteration into two running statistics (merged below): two loads in
+    // flight per thread and two independent exp chains.
+    var p1 = p;
+    var q = col0 / 4u + lid;
+    let qe = col1 / 4u;
+    for (; q + WG < qe; q += 2u * WG) {
+        let x0 = in4(xb / 4u + q);
+        let x1 = in4(xb / 4u + q + WG);
+        var y0 = vec4<f32>(0.0);
+        var y1 = vec4<f32>(0.0);
+#if EXTRAS
+        if (has(F_SOFT)) {
+            y0 = sec4(y_row(r) / 4u + q);
+            y1 = sec4(y_row(r) / 4u + q + WG);
+        }
+#endif
+        p = visit4(p, x0, 4u * q, y0, zt);
+        p1 = visit4(p1, x1, 4u * (q + WG), y1, zt);
+    }
+    if (q < qe) {
         var y = vec4<f32>(0.0);
 #if EXTRAS
         if (has(F_SOFT)) {
             y = sec4(y_row(r) / 4u + q);
         }
 #endif
-        let c = 4u * q;
-        p = visit(p, tr(x.x), c, y.x, zt);
-        p = visit(p, tr(x.y), c + 1u, y.y, zt);
-        p = visit(p, tr(x.z), c + 2u, y.z, zt);
-        p = visit(p, tr(x.w), c + 3u, y.w, zt);
+        p = visit4(p, in4(xb / 4u + q), 4u * q, y, zt);
     }
+    p = RowPart(merge(p.st, p1.st), p.acc + p1.acc, p.above + p1.above);
 #else
     for (var j = col0 + lid; j < col1; j += WG) {
         var y = 0.0;
@@ -146,6 +168,25 @@ fn grad_at(gc: GradCoef, x: f32, c: u32, y: f32) -> f32 {
 #endif
     return (gc.k * e - gc.c0 * wc) * d;
 }
+
+#if VEC4
+// The gradient of elements 4q .. 4q + 3 of a row starting at xb (zero for a row not live).
+fn grad4(gc: GradCoef, live: bool, xb: u32, yb: u32, q: u32) -> vec4<f32> {
+    if (!live) {
+        return vec4<f32>(0.0);
+    }
+    var y = vec4<f32>(0.0);
+#if EXTRAS
+    if ((gc.fl & F_SOFT) != 0u) {
+        y = sec4(yb / 4u + q);
+    }
+#endif
+    let x = in4(xb / 4u + q);
+    // Unrolled: a loop indexing the vec4 would spill it on software rasterisers.
+    let c = 4u * q;
+    return vec4<f32>(grad_at(gc, x.x, c, y.x), grad_at(gc, x.y, c + 1u, y.y), grad_at(gc, x.z, c + 2u, y.z), grad_at(gc, x.w, c + 3u, y.w));
+}
+#endif
 
 // The target class's own gradient from its transformed logit z (= tr(x_t)):
 // p_t - 1 = (expm1(z_t - m) - s) / (1 + s), without cancellation when p_t ~ 1.
@@ -345,21 +386,18 @@ fn main(
     let xb = x_row(r);
     let ob = o_row(r);
 #if VEC4
-    for (var q = col0 / 4u + lid; q < col1 / 4u; q += WG) {
-        var g = vec4<f32>(0.0, 0.0, 0.0, 0.0);
-        if (live) {
-            var y = vec4<f32>(0.0);
-            let x = in4(xb / 4u + q);
-#if EXTRAS
-            if (soft) {
-                y = sec4(y_row(r) / 4u + q);
-            }
-#endif
-            // Unrolled: a loop indexing the vec4 would spill it on software rasterisers.
-            let c = 4u * q;
-            g = vec4<f32>(grad_at(gc, x.x, c, y.x), grad_at(gc, x.y, c + 1u, y.y), grad_at(gc, x.z, c + 2u, y.z), grad_at(gc, x.w, c + 3u, y.w));
-        }
-        put4(ob / 4u + q, g + bad);
+    // Two vectors per iteration: both loads issued before either store.
+    var q = col0 / 4u + lid;
+    let qe = col1 / 4u;
+    let yb = y_row(r);
+    for (; q + WG < qe; q += 2u * WG) {
+        let g0 = grad4(gc, live, xb, yb, q);
+        let g1 = grad4(gc, live, xb, yb, q + WG);
+        put4(ob / 4u + q, g0 + bad);
+        put4(ob / 4u + q + WG, g1 + bad);
+    }
+    if (q < qe) {
+        put4(ob / 4u + q, grad4(gc, live, xb, yb, q) + bad);
     }
 #elif OUT16
     // 16-bit words of the output row; the first and last may be shared with the neighbours.

@@ -1,5 +1,6 @@
 // Row sums, one workgroup per row reading it once: the read-only bandwidth probe of
 // `xent bench --op copy` (the access pattern of the cross-entropy row pass, no softmax).
+// With GRAD the rows are also copied to `output` (f32): the read-and-write probe.
 
 @compute @workgroup_size(WG)
 fn main(
@@ -18,10 +19,16 @@ fn main(
     for (var q = lid; q < P.v / 4u; q += WG) {
         let x = in4(xb / 4u + q);
         acc += vec2<f32>(x.x + x.y, x.z + x.w);
+#if GRAD
+        put4(o_row(r) / 4u + q, x);
+#endif
     }
 #else
     for (var j = lid; j < P.v; j += WG) {
         acc.x += in1(xb + j);
+#if GRAD
+        put1(o_row(r) + j, in1(xb + j));
+#endif
     }
 #endif
     let s = reduce_v2(acc, lid, lane, sg, nsg);

@@ -88,6 +88,8 @@ pub struct Inner {
     pub(crate) max_groups: u32,
     /// A software rasteriser (lavapipe): workgroups run as loops on CPU threads.
     pub(crate) software: bool,
+    /// The device's limit on invocations per workgroup.
+    pub(crate) max_invocations: u32,
     pub(crate) segment_len: Option<usize>,
     pub(crate) workgroup_size: Option<u16>,
     pipelines: Mutex<HashMap<(Shader, Variant), PipelineSlot>>,
@@ -200,6 +202,7 @@ impl GpuContext {
             max_buffer: limits.max_buffer_size,
             max_groups: limits.max_compute_workgroups_per_dimension,
             software,
+            max_invocations: limits.max_compute_invocations_per_workgroup.max(64),
             segment_len: opts.segment_len.map(|l| l.next_multiple_of(4)),
             workgroup_size: opts.workgroup_size,
             placeholders: Vec::new(),
@@ -264,7 +267,10 @@ impl GpuContext {
     pub(crate) fn ce_layout(&self, rows: usize, classes: usize, gaps: bool) -> (u16, usize) {
         // A software rasteriser runs each workgroup as a loop over SIMD-wide slices of lanes,
         // with barriers as coroutine switches: fewer lanes cost less per barrier.
-        let wg = self.workgroup_size.unwrap_or(if self.software { 64 } else { 256 });
+        // A GPU: enough invocations per row for several loads in flight per multiprocessor,
+        // about 16 elements each (1024 measured 2.8x faster than 256 at V = 32000 on an H200).
+        let hw = (classes / 16).next_power_of_two().clamp(64, self.max_invocations.min(1024) as usize) as u16;
+        let wg = self.workgroup_size.unwrap_or(if self.software { 64 } else { hw });
         let auto = if self.software || classes < 65536 || rows >= 2048 {
             classes
         } else {

@@ -136,9 +136,12 @@ impl Shader {
         let mut b = match self {
             Shader::CeWeights => vec![(2, true), (3, true), (4, true), (5, false)],
             // The split-row statistic pass reads only logits, targets and (extras) class weights.
-            Shader::CeFused if v.seg == Seg::Stat && v.extras => vec![(1, true), (2, true), (3, true), (6, false)],
+            Shader::CeFused if v.seg == Seg::Stat && v.extras && v.class_w => {
+                vec![(1, true), (2, true), (3, true), (6, false)]
+            }
             Shader::CeFused if v.seg == Seg::Stat => vec![(1, true), (2, true), (6, false)],
-            Shader::CeFused => vec![(1, !v.in_place), (2, true), (3, true), (4, true), (6, false)],
+            Shader::CeFused if v.class_w => vec![(1, !v.in_place), (2, true), (3, true), (4, true), (6, false)],
+            Shader::CeFused => vec![(1, !v.in_place), (2, true), (4, true), (6, false)],
             Shader::CeReduce => vec![(2, true), (5, false), (6, false)],
             Shader::LogSoftmax => vec![(1, true)],
             Shader::Bce => vec![(1, true), (3, true), (9, true), (10, true), (11, true), (6, false), (7, false)],
@@ -224,7 +227,7 @@ impl Shader {
                     && (!v.in_place || f32_only(v.output))
             }
             Shader::LogSoftmax => v.grad && !v.in_place && !v.extras && f32_only(v.second) && f32_only(v.output),
-            Shader::RowSum => !v.grad && !v.in_place && !v.extras && !v.odd && f32_only(v.second) && f32_only(v.output),
+            Shader::RowSum => !v.in_place && !v.extras && !v.odd && f32_only(v.second) && f32_only(v.output),
             Shader::Bce => {
                 !v.in_place
                     && !v.extras

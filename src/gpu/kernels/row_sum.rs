@@ -30,6 +30,21 @@ impl RowSumPlan {
         self.plan.record(enc, vec![l])
     }
 
+    /// Records the row sums and a copy of the rows, as f32, into `out` (`[N, V]` f32): the
+    /// read-and-write probe.
+    pub fn record_copy(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        input: wgpu::BufferSlice<'_>,
+        out: wgpu::BufferSlice<'_>,
+    ) -> Result<()> {
+        if self.plan.n == 0 {
+            return Ok(());
+        }
+        let l = self.plan.launch(input, None, Some((out, super::RowOut::Rows)))?;
+        self.plan.record(enc, vec![l])
+    }
+
     /// The f32 row sums of the last record.
     pub fn row_buffer(&self) -> &wgpu::Buffer {
         &self.plan.rows
