@@ -7,7 +7,7 @@
 #   scripts/gpu-bench.sh [OUT.json]            # builds the CLI unless XENT_BIN names one
 #
 # Sized for a few minutes of device time: at most 2.6e9 logits per shape (10.4 GB in f32),
-# five timed repetitions after a warm-up; each (V, dtype) workload is generated once per op.
+# twenty timed repetitions after a warm-up; each (V, dtype) workload is generated once per op.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu-bench.json}
@@ -16,7 +16,7 @@ if [ -z "$BIN" ]; then
     cargo build --release -p xent-cli
     BIN=target/release/xent
 fi
-REPS=${REPS:-5}
+REPS=${REPS:-20}
 MAX_ELEMS=${MAX_ELEMS:-2600000000}
 LINES=$(mktemp)
 trap 'rm -f "$LINES"' EXIT
@@ -46,8 +46,9 @@ if [ "${SWEEP:-1}" != 0 ]; then
     for seg in 16384 65536; do
         bench fwd-bwd f32 1024x128256,4096x128256,1024x256000,4096x256000 --segment-len "$seg"
     done
-    for wg in 256 512; do
-        bench fwd-bwd f32 4096x32000,4096x256000 --workgroup-size "$wg"
+    for wg in 256 512 1024; do
+        bench fwd f32,bf16 4096x32000,16384x32000 --workgroup-size "$wg"
+        bench fwd-bwd f32,bf16 4096x32000,16384x32000 --workgroup-size "$wg"
     done
 fi
 
