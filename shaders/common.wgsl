@@ -84,7 +84,17 @@ struct Params {
     den_n: f32,
     // Partials per row of a split cross-entropy row pass.
     parts: u32,
-    _pad1: u32,
+    // Matrix products (matmul.wgsl): C[m, n] (+)= A[m, k] B[k, n] (+ bias), A and B by their
+    // element strides, C row-major with row stride c_rs; mm_flags: 1 accumulate, 2 bias.
+    mm_m: u32,
+    mm_n: u32,
+    mm_k: u32,
+    a_rs: u32,
+    a_cs: u32,
+    b_rs: u32,
+    b_cs: u32,
+    c_rs: u32,
+    mm_flags: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: Params;

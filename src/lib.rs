@@ -43,6 +43,7 @@ pub use api::config::{
     Bce, BceOutput, BceWeight, CeOutput, CrossEntropy, Distill, DistillMode, DistillOutput, Measures, Reduction,
     SoftmaxKind, Totals,
 };
+pub use api::linear::{LinearCe, LinearCeOutput};
 pub use api::targets::Targets;
 pub use api::Backend;
 pub use api::{calibration, gaussian, preference, sequence};

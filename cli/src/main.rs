@@ -10,6 +10,9 @@ use clap::{Parser, Subcommand};
 use xent::Result;
 use xent_cli::{cmd, common};
 
+#[global_allocator]
+static HEAP: xent_cli::heap::Counting = xent_cli::heap::Counting;
+
 #[derive(Parser, Debug)]
 #[command(name = "xent", version, about = "Cross-entropy losses on the GPU (wgpu) and CPU")]
 struct Cli {

@@ -101,6 +101,59 @@ fn cases(backend: &str) -> usize {
                     assert_close_2d(&format!("{backend} {name} grad"), got.view(), want.view(), 1e-7, 2e-5);
                 }
             }
+            "linear_cross_entropy" => {
+                let files = ["gh", "gw", "gb", "rows"].map(|k| scratch(&format!("{backend}-{name}-{k}.npy")));
+                let mut args: Vec<String> = vec!["eval".into(), "--json".into(), "--backend".into(), backend.into()];
+                let mut add = |k: &str, v: String| {
+                    args.push(k.into());
+                    args.push(v);
+                };
+                add("--hidden", p(&inputs["hidden"]));
+                add("--weight", p(&inputs["weight"]));
+                add("--targets", p(&inputs["targets"]));
+                add("--reduction", params["reduction"].as_str().unwrap().into());
+                add("--ignore-index", params["ignore_index"].to_string());
+                add("--label-smoothing", params["label_smoothing"].to_string());
+                for (key, flag) in [("bias", "--bias"), ("class_weight", "--class-weight")] {
+                    if let Some(f) = inputs.get(key) {
+                        add(flag, p(f));
+                    }
+                }
+                if let Some(c) = params.get("softcap") {
+                    add("--softcap", c.to_string());
+                }
+                if let Some(z) = params.get("z_loss_scale") {
+                    add("--z-loss", z.to_string());
+                }
+                add("--grad-hidden-out", files[0].display().to_string());
+                add("--grad-weight-out", files[1].display().to_string());
+                if inputs.get("bias").is_some() {
+                    add("--grad-bias-out", files[2].display().to_string());
+                }
+                add("--loss-out", files[3].display().to_string());
+                // bf16 cases hold bf16 values exactly in f32: the f32 path gives PyTorch's answer too.
+                let out = run(&args);
+                match &expected["loss"] {
+                    Value::String(f) if f.ends_with(".npy") => {
+                        let want = read_f64(dir.join(f)).into_dimensionality().unwrap();
+                        let got = read_1d(&files[3]).mapv(|x| x as f32);
+                        assert_close_1d(&format!("{backend} {name} row loss"), got.view(), want.view(), 2e-6, 2e-6);
+                    }
+                    v => assert_scalar(&format!("{backend} {name} loss"), number(&out["loss"]), number(v), 2e-6, 2e-6),
+                }
+                for (key, file) in [("grad_hidden", &files[0]), ("grad_weight", &files[1])] {
+                    if let Some(g) = expected.get(key) {
+                        let want = read_f64(p(g)).into_dimensionality().unwrap();
+                        let got = read_2d(file).mapv(|x| x as f32);
+                        assert_close_2d(&format!("{backend} {name} {key}"), got.view(), want.view(), 1e-6, 2e-5);
+                    }
+                }
+                if let Some(g) = expected.get("grad_bias") {
+                    let want = read_f64(p(g)).into_dimensionality().unwrap();
+                    let got = read_1d(&files[2]).mapv(|x| x as f32);
+                    assert_close_1d(&format!("{backend} {name} grad_bias"), got.view(), want.view(), 1e-6, 2e-5);
+                }
+            }
             "cross_entropy_soft" => {
                 let grad = scratch(&format!("{backend}-{name}-grad.npy"));
                 let args = cli(
@@ -299,6 +352,7 @@ fn cases(backend: &str) -> usize {
                         | "distribution_measures"
                         | "perplexity"
                         | "preference"
+                        | "linear_cross_entropy"
                 )
             )
         })

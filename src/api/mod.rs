@@ -3,6 +3,7 @@
 pub mod calibration;
 pub mod config;
 pub mod gaussian;
+pub mod linear;
 pub mod preference;
 pub mod sequence;
 pub mod targets;

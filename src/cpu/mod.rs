@@ -6,6 +6,7 @@ mod convert;
 mod cross_entropy;
 pub(crate) mod divergence;
 mod hessian;
+mod linear;
 mod log_softmax;
 pub mod reference;
 mod simd;

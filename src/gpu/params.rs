@@ -34,7 +34,15 @@ pub(crate) struct Params {
     pub den_w: f32,
     pub den_n: f32,
     pub parts: u32,
-    pub _pad1: u32,
+    pub mm_m: u32,
+    pub mm_n: u32,
+    pub mm_k: u32,
+    pub a_rs: u32,
+    pub a_cs: u32,
+    pub b_rs: u32,
+    pub b_cs: u32,
+    pub c_rs: u32,
+    pub mm_flags: u32,
 }
 
 /// Scalars a cross-entropy pass leaves on the device; mirrors `Scalars` in `common.wgsl`.
@@ -139,7 +147,7 @@ mod tests {
         let module = naga::front::wgsl::parse_str(&src).unwrap();
         let params = fields!(Params: n_rows, v, row0, grid_x, chunk_rows, ignore_index, flags, neg_inf, smoothing,
             z_loss, softcap, inv_temp, grad_scale, x_off, y_off, o_off, part_off, v_total, class0, segs, seg_len,
-            mode, beta, den_w, den_n, parts, _pad1);
+            mode, beta, den_w, den_n, parts, mm_m, mm_n, mm_k, a_rs, a_cs, b_rs, b_cs, c_rs, mm_flags);
         let scalars = fields!(Scalars: weight_sum, count, loss_sum, lse2_sum, err_row, err_target, loss, upstream);
         for (name, rust, size) in
             [("Params", params, std::mem::size_of::<Params>()), ("Scalars", scalars, std::mem::size_of::<Scalars>())]

@@ -37,6 +37,8 @@ struct Free {
     /// Largest `in_use` in the current and the previous window of takes.
     peak_now: u64,
     peak_prev: u64,
+    /// Largest `in_use` ever.
+    peak_ever: u64,
 }
 
 pub(crate) struct PoolInner {
@@ -53,6 +55,8 @@ pub struct PoolStats {
     pub in_use_bytes: u64,
     /// The current budget of free bytes.
     pub budget_bytes: u64,
+    /// The most bytes ever handed out at once (pooled buffers: working sets of host-API calls).
+    pub peak_in_use_bytes: u64,
 }
 
 impl PoolInner {
@@ -120,6 +124,7 @@ impl Pool {
         let mut f = self.lock();
         f.in_use += bytes;
         f.peak_now = f.peak_now.max(f.in_use);
+        f.peak_ever = f.peak_ever.max(f.in_use);
         f.tick += 1;
         if f.tick.is_multiple_of(WINDOW) {
             f.peak_prev = f.peak_now;
@@ -134,7 +139,12 @@ impl Pool {
 
     pub fn stats(&self) -> PoolStats {
         let f = self.lock();
-        PoolStats { free_bytes: f.bytes, in_use_bytes: f.in_use, budget_bytes: self.inner.budget(&f) }
+        PoolStats {
+            free_bytes: f.bytes,
+            in_use_bytes: f.in_use,
+            budget_bytes: self.inner.budget(&f),
+            peak_in_use_bytes: f.peak_ever,
+        }
     }
 
     /// Drops every free buffer.

@@ -97,13 +97,15 @@ pub enum Shader {
     Hvp,
     /// Row sums (the read-only bandwidth probe).
     RowSum,
+    /// Strided matrix products (fused linear cross-entropy).
+    Matmul,
 }
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
 impl Shader {
     /// Every kernel, for tests.
-    pub const ALL: [Shader; 9] = [
+    pub const ALL: [Shader; 10] = [
         Shader::CeWeights,
         Shader::CeFused,
         Shader::CeReduce,
@@ -113,6 +115,7 @@ impl Shader {
         Shader::Dist,
         Shader::Hvp,
         Shader::RowSum,
+        Shader::Matmul,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -126,6 +129,7 @@ impl Shader {
             Shader::Dist => "dist",
             Shader::Hvp => "hvp",
             Shader::RowSum => "row_sum",
+            Shader::Matmul => "matmul",
         }
     }
 
@@ -148,6 +152,7 @@ impl Shader {
             Shader::Distill => vec![(1, true), (9, true), (6, false)],
             Shader::Dist | Shader::Hvp => vec![(1, true), (9, true)],
             Shader::RowSum => vec![(1, true), (6, false)],
+            Shader::Matmul => vec![(1, true), (9, true), (3, true)],
         };
         if v.grad {
             b.push((8, false));
@@ -228,6 +233,16 @@ impl Shader {
             }
             Shader::LogSoftmax => v.grad && !v.in_place && !v.extras && f32_only(v.second) && f32_only(v.output),
             Shader::RowSum => !v.in_place && !v.extras && !v.odd && f32_only(v.second) && f32_only(v.output),
+            Shader::Matmul => {
+                v.grad
+                    && !v.in_place
+                    && !v.extras
+                    && !v.odd
+                    && !v.vec4
+                    && !v.subgroup
+                    && f32_only(v.output)
+                    && v.wg == 0
+            }
             Shader::Bce => {
                 !v.in_place
                     && !v.extras
@@ -259,6 +274,7 @@ impl Shader {
             Shader::Dist => include_str!("../../shaders/dist.wgsl"),
             Shader::Hvp => include_str!("../../shaders/hvp.wgsl"),
             Shader::RowSum => include_str!("../../shaders/row_sum.wgsl"),
+            Shader::Matmul => include_str!("../../shaders/matmul.wgsl"),
         }
     }
 

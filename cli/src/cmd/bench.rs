@@ -28,6 +28,8 @@ pub enum Op {
     FwdBwd,
     /// The ceiling: a copy of the logits, and a read-only pass over them.
     Copy,
+    /// Fused linear cross-entropy, loss and all gradients (`--shapes NxDxV`).
+    LinearFwdBwd,
 }
 
 impl Op {
@@ -36,36 +38,42 @@ impl Op {
             Op::Fwd => "fwd",
             Op::FwdBwd => "fwd-bwd",
             Op::Copy => "copy",
+            Op::LinearFwdBwd => "linear-fwd-bwd",
         }
     }
 }
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
+    // Fields are read by `bench_linear` too.
     /// Backends, comma-separated.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "cpu,gpu")]
-    backend: Vec<BackendKind>,
+    pub(crate) backend: Vec<BackendKind>,
     /// Shapes NxV, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "4096x32000")]
-    shapes: Vec<String>,
+    pub(crate) shapes: Vec<String>,
     /// Logit dtypes (f32, f16, bf16), comma-separated; the gradient has the logits' dtype.
     #[arg(long, value_delimiter = ',', default_value = "f32")]
-    dtype: Vec<String>,
+    pub(crate) dtype: Vec<String>,
     /// Timed repetitions (after one warm-up).
     #[arg(long, default_value_t = 5)]
-    reps: usize,
+    pub(crate) reps: usize,
     /// What to time.
     #[arg(long, value_enum, default_value = "fwd-bwd")]
     op: Op,
     /// One JSON object per (backend, shape, dtype) line instead of a table.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     /// Draw throughput against V for each backend and dtype to this .svg or .png file.
     #[arg(long)]
     plot: Option<PathBuf>,
     /// CPU worker threads (default: one per core).
     #[arg(long)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
+    /// `--op linear-fwd-bwd`: bytes of logits the call may hold at once (default: the
+    /// library's, min(256 MiB, N V 4 / 8)).
+    #[arg(long)]
+    pub(crate) workspace_bytes: Option<usize>,
     /// GPU: invocations per workgroup of the row kernels (default: chosen from the adapter).
     #[arg(long)]
     workgroup_size: Option<u16>,
@@ -101,7 +109,7 @@ fn parse_shape(s: &str) -> Result<(usize, usize)> {
     Ok((n, v))
 }
 
-fn stats(mut t: Vec<Duration>) -> (f64, f64) {
+pub(crate) fn stats(mut t: Vec<Duration>) -> (f64, f64) {
     t.sort();
     let s: Vec<f64> = t.iter().map(Duration::as_secs_f64).collect();
     let m = s.len();
@@ -109,7 +117,7 @@ fn stats(mut t: Vec<Duration>) -> (f64, f64) {
     (median, s[0])
 }
 
-fn time(reps: usize, pb: &ProgressBar, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
+pub(crate) fn time(reps: usize, pb: &ProgressBar, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
     // Warm-up: pipelines, pages, caches; and, the first time in a process, a quarter second
     // of work, so that a GPU leaves its idle clocks before anything is timed.
     static FIRST: std::sync::Once = std::sync::Once::new();
@@ -155,6 +163,9 @@ fn head_rows(x: &Tensor2, n: usize) -> Logits<'_> {
 pub fn run(a: &BenchArgs) -> Result<()> {
     if a.reps == 0 {
         return Err(XentError::InvalidOption("--reps must be at least 1".into()));
+    }
+    if a.op == Op::LinearFwdBwd {
+        return crate::cmd::bench_linear::run(a);
     }
     let plot_out = match &a.plot {
         Some(p) => {
@@ -233,7 +244,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                         let (m, mn) = time(a.reps, &pb, || c.cross_entropy_into(x, t, &cfg, g.view_mut()).map(drop))?;
                         (m, mn, Some(bytes / read_s / 1e9))
                     }
-                    Op::Fwd => {
+                    Op::Fwd | Op::LinearFwdBwd => {
                         let (m, mn) = time(a.reps, &pb, || c.cross_entropy(x, t, &cfg).map(drop))?;
                         (m, mn, Some(bytes / read_s / 1e9))
                     }
@@ -446,7 +457,7 @@ fn gpu_time(
     g.write_buffer(&tb, 0, bytemuck::cast_slice(&ti))?;
     let gb = match op {
         Op::FwdBwd => Some(g.create_buffer((n * v * dtype.size()) as u64, U::STORAGE, "bench gradient")?),
-        Op::Fwd | Op::Copy => None,
+        Op::Fwd | Op::Copy | Op::LinearFwdBwd => None,
     };
     let plan_cfg = CrossEntropy { ignore_index: i32::MIN as i64, ..cfg.clone() };
     let plan = g.cross_entropy_plan(n, v, dtype, &plan_cfg)?;

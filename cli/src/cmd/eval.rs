@@ -15,8 +15,27 @@ use crate::io::{FileDType, TensorFile};
 #[derive(Args, Debug)]
 pub struct EvalArgs {
     /// Logits [N, V]: float32, float16 or bfloat16; .npy, .safetensors or file.safetensors:NAME.
-    #[arg(long)]
-    logits: PathBuf,
+    #[arg(long, required_unless_present = "hidden", conflicts_with = "hidden")]
+    logits: Option<PathBuf>,
+    /// Hidden states [N, D] (instead of --logits): the logits are hidden @ weight.T + bias, one
+    /// chunk of rows at a time (fused linear cross-entropy); f32, f16 or bf16.
+    #[arg(long, requires = "weight")]
+    hidden: Option<PathBuf>,
+    /// The unembedding [V, D], in the hidden states' dtype (with --hidden).
+    #[arg(long, requires = "hidden")]
+    weight: Option<PathBuf>,
+    /// The logits' bias, float32 [V] (with --hidden).
+    #[arg(long, requires = "hidden")]
+    bias: Option<PathBuf>,
+    /// Write d(loss)/d(hidden) [N, D] (with --hidden; dtype from --grad-dtype).
+    #[arg(long, requires = "hidden")]
+    grad_hidden_out: Option<PathBuf>,
+    /// Write d(loss)/d(weight) [V, D] (with --hidden; dtype from --grad-dtype).
+    #[arg(long, requires = "hidden")]
+    grad_weight_out: Option<PathBuf>,
+    /// Write d(loss)/d(bias), float32 [V] (with --bias).
+    #[arg(long, requires = "bias")]
+    grad_bias_out: Option<PathBuf>,
     /// Class indices, int64 or int32 [N].
     #[arg(long, required_unless_present = "target_probs", conflicts_with = "target_probs")]
     targets: Option<PathBuf>,
@@ -101,10 +120,14 @@ pub fn totals(t: &[i64], cfg: &CrossEntropy) -> Totals {
 }
 
 pub fn run_eval(a: &EvalArgs) -> Result<()> {
-    let (logits, dtype) = open_logits(&a.logits)?;
+    if let (Some(h), Some(w)) = (&a.hidden, &a.weight) {
+        return run_linear_eval(a, h, w);
+    }
+    let logits_path = a.logits.as_ref().expect("clap requires --logits or --hidden");
+    let (logits, dtype) = open_logits(logits_path)?;
     let (n, v) = (logits.shape[0], logits.shape[1]);
     let gfile = grad_file_dtype(&a.grad_dtype)?;
-    let mut inputs: Vec<&Path> = vec![&a.logits];
+    let mut inputs: Vec<&Path> = vec![logits_path];
     inputs.extend(a.targets.iter().map(PathBuf::as_path));
     inputs.extend(a.target_probs.iter().map(PathBuf::as_path));
     let outs: Vec<(&Path, &str)> = [(&a.grad_out, "--grad-out"), (&a.loss_out, "--loss-out")]
@@ -223,6 +246,80 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
     } else {
         obj
     };
+    obj.print(a.json);
+    Ok(())
+}
+
+/// The options of `eval` as a [`CrossEntropy`].
+fn ce_options(a: &EvalArgs) -> Result<CrossEntropy> {
+    Ok(CrossEntropy {
+        reduction: a.reduction.into(),
+        ignore_index: a.ignore_index,
+        label_smoothing: non_negative(a.label_smoothing, "--label-smoothing")?,
+        class_weight: a.class_weight.as_ref().map(|p| read_f32_1d(p, "class weights")).transpose()?,
+        sample_weight: a.sample_weight.as_ref().map(|p| read_f32_1d(p, "sample weights")).transpose()?,
+        z_loss: non_negative(a.z_loss, "--z-loss")?,
+        softcap: a.softcap,
+        temperature: a.temperature,
+        per_row: a.loss_out.is_some(),
+        ..Default::default()
+    })
+}
+
+/// `eval --hidden H --weight W`: fused linear cross-entropy.
+fn run_linear_eval(a: &EvalArgs, hidden: &Path, weight: &Path) -> Result<()> {
+    use super::linear::{eval, LinearInputs, LinearOutputs};
+    if a.target_probs.is_some() || a.grad_out.is_some() {
+        return Err(XentError::InvalidOption(
+            "--hidden takes class-index --targets and writes --grad-hidden-out / --grad-weight-out / --grad-bias-out"
+                .into(),
+        ));
+    }
+    let targets = a.targets.as_deref().expect("clap requires --targets without --target-probs");
+    let mut inputs_paths: Vec<&Path> = vec![hidden, weight, targets];
+    inputs_paths.extend(a.bias.as_deref());
+    let outs: Vec<(&Path, &str)> = [
+        (&a.grad_hidden_out, "--grad-hidden-out"),
+        (&a.grad_weight_out, "--grad-weight-out"),
+        (&a.grad_bias_out, "--grad-bias-out"),
+        (&a.loss_out, "--loss-out"),
+    ]
+    .into_iter()
+    .filter_map(|(p, w)| p.as_deref().map(|p| (p, w)))
+    .collect();
+    Outputs::check(&outs, &inputs_paths, false)?;
+    let ce = ce_options(a)?;
+    let reduction = ce.reduction;
+    let inputs = LinearInputs::read(hidden, weight, a.bias.as_deref(), targets, Some(a.ignore_index))?;
+    let (n, v) = (inputs.rows(), inputs.classes());
+    check::cross_entropy((n, v), &Targets::I64(inputs.targets.view()), &ce)?;
+    let loss_out = out_tensor(a.loss_out.as_deref(), FileDType::F32, &[n], "row losses")?;
+    let engine = a.backend.open()?;
+    let gdt = grad_file_dtype(&a.grad_dtype)?;
+    let paths = LinearOutputs {
+        hidden: a.grad_hidden_out.as_deref(),
+        weight: a.grad_weight_out.as_deref(),
+        bias: a.grad_bias_out.as_deref(),
+        dtype: gdt,
+    };
+    let (o, dtype) = eval(&inputs, ce, &paths, &engine)?;
+    if let (Some(f), Some(r)) = (loss_out, &o.row_loss) {
+        f.write(0, r.as_slice().expect("contiguous"))?;
+        f.commit()?;
+    }
+    let obj = Obj::default()
+        .set("loss", if reduction == Reduction::None { serde_json::Value::Null } else { num(o.loss) })
+        .set("rows", n)
+        .set("classes", v)
+        .set("d", inputs.hidden.dim().1)
+        .set("counted", o.counted)
+        .num("weight_sum", o.weight_sum)
+        .set("dtype", dtype.name())
+        .set("backend", engine.name())
+        .set("reduction", a.reduction.name())
+        .set("chunk_rows", o.chunk_rows)
+        .set("peak_rss_bytes", crate::common::peak_rss());
+    let obj = if reduction == Reduction::Mean { obj.num("perplexity", o.loss.exp()) } else { obj };
     obj.print(a.json);
     Ok(())
 }

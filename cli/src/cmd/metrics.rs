@@ -20,8 +20,18 @@ use crate::io::{FileDType, TensorFile};
 #[derive(Args, Debug)]
 pub struct PerplexityArgs {
     /// Logits [B*T, V] (rows in sequence order) or [B, T, V]: float32, float16 or bfloat16.
-    #[arg(long)]
-    logits: PathBuf,
+    #[arg(long, required_unless_present = "hidden", conflicts_with = "hidden")]
+    logits: Option<PathBuf>,
+    /// Hidden states [B*T, D] (instead of --logits): logits are hidden @ weight.T + bias, never
+    /// materialised (fused linear cross-entropy).
+    #[arg(long, requires = "weight")]
+    hidden: Option<PathBuf>,
+    /// The unembedding [V, D] (with --hidden).
+    #[arg(long, requires = "hidden")]
+    weight: Option<PathBuf>,
+    /// The logits' bias, float32 [V] (with --hidden).
+    #[arg(long, requires = "hidden")]
+    bias: Option<PathBuf>,
     /// Targets, int64 or int32 [B*T] or [B, T].
     #[arg(long)]
     targets: PathBuf,
@@ -59,7 +69,20 @@ fn open_rows(path: &Path) -> Result<(TensorFile, DType, usize, usize, Option<usi
 }
 
 pub fn run_perplexity(a: &PerplexityArgs) -> Result<()> {
-    let (logits, dtype, rows, v, seq3) = open_rows(&a.logits)?;
+    // The scores come from logits streamed in blocks, or from hidden states and a weight.
+    let linear = match (&a.hidden, &a.weight) {
+        (Some(h), Some(w)) => Some(crate::cmd::linear::LinearInputs::read(h, w, a.bias.as_deref(), &a.targets, None)?),
+        _ => None,
+    };
+    let logits_file = match (&linear, &a.logits) {
+        (None, Some(p)) => Some(open_rows(p)?),
+        _ => None,
+    };
+    let (dtype, rows, v, seq3) = match (&linear, &logits_file) {
+        (Some(l), _) => (l.hidden.dtype(), l.rows(), l.classes(), None),
+        (None, Some(f)) => (f.1, f.2, f.3, f.4),
+        (None, None) => unreachable!("clap requires --logits or --hidden"),
+    };
     let (targets, _) = read_targets(&a.targets, &[1, 2])?;
     if targets.len() != rows {
         return Err(XentError::Shape(format!("{} targets for {rows} logit rows", targets.len())));
@@ -107,8 +130,29 @@ pub fn run_perplexity(a: &PerplexityArgs) -> Result<()> {
     check_targets(&ndarray::Array1::from(t.clone()), v, CorpusEval::IGNORED)?;
     let cfg = CorpusEval::pass_config();
     let engine = a.backend.open()?;
+    let mut acc = CorpusEval::default();
+    if let Some(l) = &linear {
+        let lcfg =
+            xent::LinearCe { ce: cfg, grad_hidden: false, grad_weight: false, grad_bias: false, ..Default::default() };
+        let inputs = crate::cmd::linear::LinearInputs { targets: ndarray::Array1::from(t.clone()), ..l.clone() };
+        let o = inputs.run(&engine, &lcfg)?;
+        let scored = xent::CeOutput {
+            loss: o.loss,
+            counted: o.counted,
+            weight_sum: o.weight_sum,
+            row_loss: o.row_loss,
+            row_lse: o.row_lse,
+            grad: None,
+            row_max: None,
+            row_rank: o.row_rank,
+            row_gap: None,
+        };
+        acc.add_scored(&scored, ndarray::ArrayView1::from(&t), seq_len)?;
+        return report(&acc, b, dtype, &engine, a.json);
+    }
+    let logits = &logits_file.expect("logits").0;
     let job = CeJob {
-        logits: &logits,
+        logits,
         rows,
         classes: v,
         dtype,
@@ -117,8 +161,12 @@ pub fn run_perplexity(a: &PerplexityArgs) -> Result<()> {
         grad: None,
         block_rows: block_rows(rows, v, dtype.size(), a.block_rows, seq_len)?,
     };
-    let mut acc = CorpusEval::default();
     job.run(&engine, &mut |r, out| acc.add_scored(&out, ndarray::ArrayView1::from(&t[r]), seq_len))?;
+    report(&acc, b, dtype, &engine, a.json)
+}
+
+/// Prints a corpus's perplexity report.
+fn report(acc: &CorpusEval, b: usize, dtype: DType, engine: &Engine, json: bool) -> Result<()> {
     let r = acc.finish();
     let obj = Obj::default()
         .num("corpus_nll", r.corpus_nll)
@@ -132,7 +180,7 @@ pub fn run_perplexity(a: &PerplexityArgs) -> Result<()> {
         .num("top5_accuracy", r.top5)
         .set("dtype", dtype.name())
         .set("backend", engine.name());
-    obj.print(a.json);
+    obj.print(json);
     Ok(())
 }
 

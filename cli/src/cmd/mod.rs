@@ -2,9 +2,11 @@
 
 pub mod bce;
 pub mod bench;
+pub mod bench_linear;
 pub mod demo;
 pub mod divergence;
 pub mod eval;
+pub mod linear;
 pub mod metrics;
 
 use std::path::Path;

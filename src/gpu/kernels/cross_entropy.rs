@@ -183,6 +183,11 @@ impl GpuContext {
 }
 
 impl CePlan {
+    /// A plan whose buffers come from the pool (for host-API calls that wait before dropping it).
+    pub(crate) fn new_pooled(ctx: &GpuContext, n: usize, v: usize, dtype: DType, cfg: &CrossEntropy) -> Result<CePlan> {
+        CePlan::new(ctx, n, v, dtype, cfg, true)
+    }
+
     fn new(ctx: &GpuContext, n: usize, v: usize, dtype: DType, cfg: &CrossEntropy, pooled: bool) -> Result<CePlan> {
         let ignored: Targets = Targets::I32(ndarray::ArrayView1::from(&[][..]));
         crate::check::cross_entropy((0, v), &ignored, &CrossEntropy { sample_weight: None, ..cfg.clone() })?;

@@ -5,6 +5,7 @@ pub(crate) mod bce;
 pub(crate) mod cross_entropy;
 pub(crate) mod divergence;
 pub(crate) mod hessian;
+pub(crate) mod linear;
 pub(crate) mod log_softmax;
 pub(crate) mod row_sum;
 

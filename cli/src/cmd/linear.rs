@@ -1,0 +1,153 @@
+//! `xent eval --hidden H --weight W [--bias B] --targets T ...` and `xent perplexity --hidden H
+//! --weight W ...`: fused linear cross-entropy from files, the logits never materialised.
+
+use std::path::Path;
+
+use ndarray::{Array1, Array2};
+use xent::{CrossEntropy, DType, LinearCe, LinearCeOutput, Result, Tensor2, XentError};
+
+use super::out_tensor;
+use crate::common::Engine;
+use crate::io::out::Outputs;
+use crate::io::tensor::{read_f32_1d, read_targets};
+use crate::io::{FileDType, TensorFile};
+
+/// Hidden states `[N, D]` or the unembedding `[V, D]` (f32, f16 or bf16), read whole.
+fn read_matrix(path: &Path, what: &str) -> Result<Tensor2> {
+    let t = TensorFile::open(path, what)?;
+    t.want_rank(&[2], what)?;
+    let dim = (t.shape[0], t.shape[1]);
+    let bad = || XentError::Format {
+        path: path.display().to_string(),
+        message: format!("{what} must be float32, float16 or bfloat16, got {}", t.dtype.name()),
+    };
+    fn shape<T>(dim: (usize, usize), v: Vec<T>, what: &str) -> Result<Array2<T>> {
+        Array2::from_shape_vec(dim, v).map_err(|e| XentError::Shape(format!("{what}: {e}")))
+    }
+    Ok(match t.dtype.logits().ok_or_else(bad)? {
+        DType::F32 => Tensor2::F32(shape(dim, t.read_all::<f32>()?, what)?),
+        DType::F16 => Tensor2::F16(shape(dim, t.read_all::<half::f16>()?, what)?),
+        DType::BF16 => Tensor2::BF16(shape(dim, t.read_all::<half::bf16>()?, what)?),
+    })
+}
+
+/// The inputs of a fused linear cross-entropy from files.
+#[derive(Clone)]
+pub struct LinearInputs {
+    pub hidden: Tensor2,
+    pub weight: Tensor2,
+    pub bias: Option<Array1<f32>>,
+    pub targets: Array1<i64>,
+}
+
+impl LinearInputs {
+    /// Reads and checks the files (shapes, dtypes, and with `ignore_index` the targets' range)
+    /// before any work.
+    pub fn read(
+        hidden: &Path,
+        weight: &Path,
+        bias: Option<&Path>,
+        targets: &Path,
+        ignore_index: Option<i64>,
+    ) -> Result<LinearInputs> {
+        let hidden_t = read_matrix(hidden, "hidden states")?;
+        let weight_t = read_matrix(weight, "weight")?;
+        let ((n, d), (v, dw)) = (hidden_t.dim(), weight_t.dim());
+        if d != dw {
+            return Err(XentError::Shape(format!("hidden states are [{n}, {d}] but the weight is [{v}, {dw}]")));
+        }
+        if hidden_t.dtype() != weight_t.dtype() {
+            return Err(XentError::InvalidOption(format!(
+                "hidden states are {} but the weight is {}: give both in one dtype",
+                hidden_t.dtype(),
+                weight_t.dtype()
+            )));
+        }
+        let bias = bias.map(|b| read_f32_1d(b, "bias")).transpose()?;
+        if let Some(b) = &bias {
+            if b.len() != v {
+                return Err(XentError::Shape(format!("the bias has {} entries for {v} classes", b.len())));
+            }
+        }
+        let (targets, _) = read_targets(targets, &[1, 2])?;
+        if targets.len() != n {
+            return Err(XentError::Shape(format!("{} targets for {n} rows of hidden states", targets.len())));
+        }
+        if let Some(ignore) = ignore_index {
+            super::eval::check_targets(&targets, v, ignore)?;
+        }
+        Ok(LinearInputs { hidden: hidden_t, weight: weight_t, bias, targets })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.hidden.dim().0
+    }
+
+    pub fn classes(&self) -> usize {
+        self.weight.dim().0
+    }
+
+    /// Runs the fused linear cross-entropy on `engine`.
+    pub fn run(&self, engine: &Engine, cfg: &LinearCe) -> Result<LinearCeOutput> {
+        let (h, w, b, t) =
+            (self.hidden.view(), self.weight.view(), self.bias.as_ref().map(|b| b.view()), self.targets.view());
+        match engine {
+            Engine::Cpu(c) => c.linear_cross_entropy(h, w, b, t, cfg),
+            #[cfg(feature = "gpu")]
+            Engine::Gpu(g) => g.linear_cross_entropy(h, w, b, t, cfg),
+        }
+    }
+}
+
+/// Where `xent eval` writes the gradients of a fused linear cross-entropy.
+pub struct LinearOutputs<'a> {
+    pub hidden: Option<&'a Path>,
+    pub weight: Option<&'a Path>,
+    pub bias: Option<&'a Path>,
+    pub dtype: FileDType,
+}
+
+/// `xent eval` with hidden states and a weight: loss and gradients; returns the output and the
+/// input dtype.
+pub fn eval(
+    inputs: &LinearInputs,
+    ce: CrossEntropy,
+    outs: &LinearOutputs<'_>,
+    engine: &Engine,
+) -> Result<(LinearCeOutput, DType)> {
+    let (n, v) = (inputs.rows(), inputs.classes());
+    let d = inputs.hidden.dim().1;
+    if outs.bias.is_some() && inputs.bias.is_none() {
+        return Err(XentError::InvalidOption("--grad-bias-out needs --bias".into()));
+    }
+    let cfg = LinearCe {
+        ce,
+        grad_hidden: outs.hidden.is_some(),
+        grad_weight: outs.weight.is_some(),
+        grad_bias: outs.bias.is_some(),
+        grads_in_input_dtype: false,
+        workspace_bytes: None,
+    };
+    // Output files exist (as temporaries) before the work: a bad path fails first.
+    let gh = out_tensor(outs.hidden, outs.dtype, &[n, d], "grad_hidden")?;
+    let gw = out_tensor(outs.weight, outs.dtype, &[v, d], "grad_weight")?;
+    let gb = out_tensor(outs.bias, FileDType::F32, &[v], "grad_bias")?;
+    let o = inputs.run(engine, &cfg)?;
+    let mut done = Outputs::default();
+    for (file, grad) in [(gh, &o.grad_hidden), (gw, &o.grad_weight)] {
+        if let (Some(f), Some(g)) = (file, grad) {
+            match (outs.dtype, g.to_f32()) {
+                (FileDType::F16, a) => f.write(0, &a.iter().map(|&x| half::f16::from_f32(x)).collect::<Vec<_>>())?,
+                (FileDType::BF16, a) => f.write(0, &a.iter().map(|&x| half::bf16::from_f32(x)).collect::<Vec<_>>())?,
+                (_, a) => f.write(0, a.as_slice().expect("contiguous"))?,
+            }
+            done.tensors.push(f);
+        }
+    }
+    if let (Some(f), Some(g)) = (gb, &o.grad_bias) {
+        f.write(0, g.as_slice().expect("contiguous"))?;
+        done.tensors.push(f);
+    }
+    done.commit()?;
+    Ok((o, inputs.hidden.dtype()))
+}

@@ -1,0 +1,173 @@
+//! Fused linear cross-entropy: `F.cross_entropy(hidden @ weight.T + bias, targets)` and its
+//! gradients w.r.t. `hidden`, `weight` and `bias`, without an `[N, V]` tensor: the logits exist
+//! one row chunk at a time in a workspace of bounded size (see [`LinearCe::workspace_bytes`]).
+
+use ndarray::{Array1, ArrayView1};
+
+use crate::api::config::{CrossEntropy, Reduction, Totals};
+use crate::api::targets::Targets;
+use crate::dtype::{DType, Logits, Tensor2};
+use crate::error::{Result, XentError};
+
+/// Options of a fused linear cross-entropy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinearCe {
+    /// The cross-entropy of the logits `hidden @ weight.T + bias`: reduction, `ignore_index`,
+    /// class and sample weights, label smoothing, z-loss, softcap, temperature, `grad_scale`,
+    /// per-row results. (`totals` is set by the call itself.)
+    pub ce: CrossEntropy,
+    /// Return d(loss)/d(hidden) `[N, D]`.
+    pub grad_hidden: bool,
+    /// Return d(loss)/d(weight) `[V, D]` (accumulated in f32 over row chunks, in order).
+    pub grad_weight: bool,
+    /// Return d(loss)/d(bias) `[V]` (when a bias is given).
+    pub grad_bias: bool,
+    /// Gradients in the inputs' dtype (rounded once from f32) instead of f32.
+    pub grads_in_input_dtype: bool,
+    /// Bytes of logits the call may hold at once. `None`: 256 MiB or `N * V * 4 / 8`,
+    /// whichever is smaller (at least one row).
+    pub workspace_bytes: Option<usize>,
+}
+
+impl Default for LinearCe {
+    fn default() -> Self {
+        LinearCe {
+            ce: CrossEntropy::default(),
+            grad_hidden: true,
+            grad_weight: true,
+            grad_bias: true,
+            grads_in_input_dtype: false,
+            workspace_bytes: None,
+        }
+    }
+}
+
+impl LinearCe {
+    /// Rows of logits per chunk for `n x v` (the workspace bound over one row's bytes).
+    pub fn chunk_rows(&self, n: usize, v: usize) -> usize {
+        let row = v.max(1) * 4;
+        let default = (256usize << 20).min(n.saturating_mul(row) / 8);
+        let budget = self.workspace_bytes.unwrap_or(default);
+        (budget / row).clamp(1, n.max(1))
+    }
+}
+
+/// What a fused linear cross-entropy returns.
+#[derive(Debug, Clone)]
+pub struct LinearCeOutput {
+    /// The reduced loss (the sum of per-row losses for `Reduction::None`).
+    pub loss: f64,
+    /// Rows not ignored.
+    pub counted: u64,
+    /// Their weight sum (the mean's denominator).
+    pub weight_sum: f64,
+    /// Per-row losses (with `ce.per_row` or reduction `none`).
+    pub row_loss: Option<Array1<f32>>,
+    /// Per-row log-sum-exp (with `ce.per_row`).
+    pub row_lse: Option<Array1<f32>>,
+    /// Per-row rank of the target (`u32::MAX` for ignored rows), with `ce.ranks`.
+    pub row_rank: Option<Array1<u32>>,
+    /// d(loss)/d(hidden) `[N, D]`.
+    pub grad_hidden: Option<Tensor2>,
+    /// d(loss)/d(weight) `[V, D]`.
+    pub grad_weight: Option<Tensor2>,
+    /// d(loss)/d(bias) `[V]`.
+    pub grad_bias: Option<Array1<f32>>,
+    /// Rows of logits the call held at once.
+    pub chunk_rows: usize,
+}
+
+impl Totals {
+    /// Counted rows and their weight sum for class-index `targets` under `cfg` (probability
+    /// targets: every row counts, with its sample weight).
+    ///
+    /// ```
+    /// use xent::{CrossEntropy, Totals};
+    /// let t = Totals::of(&(&[0i64, -100, 2][..]).into(), &CrossEntropy::default());
+    /// assert_eq!((t.counted, t.weight_sum), (2, 2.0));
+    /// ```
+    pub fn of(targets: &Targets<'_>, cfg: &CrossEntropy) -> Totals {
+        let mut out = Totals::default();
+        let mut add = |r: usize, y: Option<i64>| {
+            let sw = cfg.sample_weight.as_ref().map_or(1.0, |w| w[r] as f64);
+            let cw = match (y, &cfg.class_weight) {
+                (Some(y), Some(w)) if y >= 0 && (y as usize) < w.len() => w[y as usize] as f64,
+                _ => 1.0,
+            };
+            out.counted += 1;
+            out.weight_sum += sw * cw;
+        };
+        match targets {
+            Targets::I64(t) => {
+                t.iter().enumerate().filter(|(_, &y)| y != cfg.ignore_index).for_each(|(r, &y)| add(r, Some(y)))
+            }
+            Targets::I32(t) => t
+                .iter()
+                .enumerate()
+                .filter(|(_, &y)| y as i64 != cfg.ignore_index)
+                .for_each(|(r, &y)| add(r, Some(y as i64))),
+            Targets::Probs(p) => (0..p.nrows()).for_each(|r| add(r, None)),
+        }
+        out
+    }
+}
+
+/// Checks a fused linear cross-entropy's inputs; returns `(n, d, v)`.
+pub(crate) fn check(
+    hidden: &Logits<'_>,
+    weight: &Logits<'_>,
+    bias: Option<ArrayView1<'_, f32>>,
+    targets: &Targets<'_>,
+    cfg: &LinearCe,
+) -> Result<(usize, usize, usize)> {
+    let (n, d) = hidden.dim();
+    let (v, dw) = weight.dim();
+    if d != dw {
+        return Err(XentError::Shape(format!(
+            "hidden is [{n}, {d}] but weight is [{v}, {dw}]: the inner dimensions differ"
+        )));
+    }
+    if hidden.dtype() != weight.dtype() {
+        return Err(XentError::InvalidOption(format!(
+            "hidden is {} but weight is {}: give both in one dtype",
+            hidden.dtype(),
+            weight.dtype()
+        )));
+    }
+    if let Some(b) = bias {
+        if b.len() != v {
+            return Err(XentError::Shape(format!("bias has {} entries for {v} classes", b.len())));
+        }
+    }
+    if matches!(targets, Targets::Probs(_)) {
+        return Err(XentError::InvalidOption("fused linear cross-entropy takes class-index targets".into()));
+    }
+    if cfg.ce.totals.is_some() {
+        return Err(XentError::InvalidOption("LinearCe computes its own totals: leave ce.totals unset".into()));
+    }
+    if cfg.workspace_bytes == Some(0) {
+        return Err(XentError::InvalidOption("workspace_bytes must be positive".into()));
+    }
+    crate::check::cross_entropy((n, v), targets, &cfg.ce)?;
+    crate::check::class_targets(targets, v, cfg.ce.ignore_index)?;
+    Ok((n, d, v))
+}
+
+/// The options of one chunk's cross-entropy: the whole batch's totals, its sample weights.
+pub(crate) fn chunk_cfg(cfg: &LinearCe, totals: Totals, rows: std::ops::Range<usize>) -> CrossEntropy {
+    CrossEntropy {
+        sample_weight: cfg.ce.sample_weight.as_ref().map(|w| w.slice(ndarray::s![rows]).to_owned()),
+        totals: (cfg.ce.reduction == Reduction::Mean).then_some(totals),
+        per_row: cfg.ce.per_row || cfg.ce.reduction == Reduction::None,
+        ..cfg.ce.clone()
+    }
+}
+
+/// The dtype gradients are returned in.
+pub(crate) fn grad_dtype(cfg: &LinearCe, input: DType) -> DType {
+    if cfg.grads_in_input_dtype {
+        input
+    } else {
+        DType::F32
+    }
+}

@@ -1,0 +1,292 @@
+//! Fused linear cross-entropy on the GPU: per chunk of rows, `Z = H_c W^T + b` by the tiled
+//! product kernel (`shaders/matmul.wgsl`) into a `[chunk, V]` f32 workspace, xent's fused
+//! cross-entropy over `Z` in place (a [`CePlan`] with the whole batch's mean denominators),
+//! then `grad_hidden[c] = G W`, `grad_weight += G^T H_c` and `grad_bias += 1^T G` by the same
+//! kernel. The vocabulary is walked in blocks that fit one storage binding, so the weight and
+//! its gradient may be larger than a binding; chunks and blocks run in order, so the result is
+//! the same bits on every run.
+
+use std::collections::HashMap;
+
+use ndarray::{Array1, ArrayView1};
+
+use super::cross_entropy::{CeInputs, CePlan, DeviceGrad, DeviceTargets, PendingCe};
+use crate::api::config::{Reduction, Totals};
+use crate::api::linear::{check, chunk_cfg, grad_dtype, LinearCe, LinearCeOutput};
+use crate::api::targets::Targets;
+use crate::dtype::{DType, Logits, Tensor2};
+use crate::error::{Result, XentError};
+use crate::gpu::context::GpuContext;
+use crate::gpu::launch::{Bind, Groups, Launch, Recorder};
+use crate::gpu::params::Params;
+use crate::gpu::pool::Pooled;
+use crate::gpu::source::{Shader, Variant};
+
+use wgpu::BufferUsages as U;
+
+/// Elements `first .. first + count` (of `elem` bytes) of `buf`, bound from an aligned offset:
+/// the binding and the element offset of `first` inside it.
+fn range(buf: &wgpu::Buffer, elem: u64, first: u64, count: u64, align: u64) -> (Bind<'_>, u32) {
+    let start = first * elem;
+    let off = start / align * align;
+    let size = ((start - off) + count * elem).max(4).next_multiple_of(4).min(buf.size() - off);
+    (Bind { buffer: buf, offset: off, size }, ((start - off) / elem) as u32)
+}
+
+/// One product `C[m, n] (+)= A B (+ bias)`: operands as (binding, element offset, row stride,
+/// column stride, dtype).
+struct Product<'a> {
+    mnk: (usize, usize, usize),
+    a: (Bind<'a>, u32, usize, usize, DType),
+    b: (Bind<'a>, u32, usize, usize, DType),
+    c: (Bind<'a>, u32, usize),
+    accumulate: bool,
+    bias: Option<(Bind<'a>, u32)>,
+}
+
+impl GpuContext {
+    fn product<'a>(&self, rec: &mut Recorder<'a>, p: Product<'a>) -> Result<()> {
+        let (m, n, k) = p.mnk;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let variant = Variant { input: p.a.4, second: p.b.4, grad: true, ..Default::default() };
+        let kernel = self.kernel(Shader::Matmul, variant)?;
+        let params = Params {
+            x_off: p.a.1,
+            y_off: p.b.1,
+            o_off: p.c.1,
+            class0: p.bias.as_ref().map_or(0, |b| b.1),
+            mm_m: m as u32,
+            mm_n: n as u32,
+            mm_k: k as u32,
+            a_rs: p.a.2 as u32,
+            a_cs: p.a.3 as u32,
+            b_rs: p.b.2 as u32,
+            b_cs: p.b.3 as u32,
+            c_rs: p.c.2 as u32,
+            mm_flags: u32::from(p.accumulate) | if p.bias.is_some() { 2 } else { 0 },
+            ..Params::new(1, 1)
+        };
+        let tiles = m.div_ceil(64) * n.div_ceil(64);
+        let mut l = Launch::new(kernel, params, 1, 1)
+            .groups(Groups::PerRowTimes(tiles))
+            .bind(1, p.a.0)
+            .bind(9, p.b.0)
+            .bind(8, p.c.0);
+        if let Some((b, _)) = p.bias {
+            l = l.bind(3, b);
+        }
+        rec.push(l)
+    }
+
+    /// Fused linear cross-entropy on the GPU: as [`crate::Cpu::linear_cross_entropy`]
+    /// (host arrays in, host arrays out; the logits exist one row chunk at a time, on the
+    /// device).
+    pub fn linear_cross_entropy<'a, 'b, 'c>(
+        &self,
+        hidden: impl Into<Logits<'a>>,
+        weight: impl Into<Logits<'b>>,
+        bias: Option<ArrayView1<'_, f32>>,
+        targets: impl Into<Targets<'c>>,
+        cfg: &LinearCe,
+    ) -> Result<LinearCeOutput> {
+        let (hidden, weight, targets) = (hidden.into(), weight.into(), targets.into());
+        let (n, d, v) = check(&hidden, &weight, bias, &targets, cfg)?;
+        // The device's targets are i32: an ignore_index outside i32 becomes i32::MIN there (the
+        // targets were checked: every other one is a class index).
+        let ignore_index = cfg.ce.ignore_index;
+        let dev_ignore = i32::try_from(ignore_index).unwrap_or(i32::MIN);
+        let totals = Totals::of(&targets, &cfg.ce);
+        let (dt, align, room) = (hidden.dtype(), self.offset_align, self.max_binding.saturating_sub(self.offset_align));
+        let es = dt.size() as u64;
+        let (v64, d64) = (v as u64, d as u64);
+        // Rows per chunk: the workspace budget, and one binding for the logits and hidden rows.
+        let rows = cfg.chunk_rows(n, v).min((room / (v64 * 4)) as usize).min((room / (d64 * 4)) as usize);
+        // Vocabulary rows per block: one binding for the weight and its f32 gradient.
+        let block = (room / (d64 * 4)) as usize;
+        if rows == 0 || block == 0 {
+            return Err(XentError::TooLarge {
+                what: format!("one row of {v} logits or {d} features"),
+                bytes: (v64.max(d64)) * 4,
+                limit: self.max_binding,
+            });
+        }
+        let per_row = cfg.ce.per_row || cfg.ce.reduction == Reduction::None;
+        let any_grad = cfg.grad_hidden || cfg.grad_weight || (cfg.grad_bias && bias.is_some());
+        let hb = self.upload(&hidden.bytes(), U::STORAGE, "hidden")?;
+        let wb = self.upload(&weight.bytes(), U::STORAGE, "weight")?;
+        let bb = bias.map(|b| self.upload(bytemuck::cast_slice(&b.to_vec()), U::STORAGE, "bias")).transpose()?;
+        let ti: Vec<i32> = match &targets {
+            Targets::I64(t) => t.iter().map(|&y| if y == ignore_index { dev_ignore } else { y as i32 }).collect(),
+            Targets::I32(t) => t.to_vec(),
+            Targets::Probs(_) => unreachable!("checked: class indices"),
+        };
+        let tb = self.upload(bytemuck::cast_slice(&ti), U::STORAGE | U::COPY_SRC, "targets")?;
+        let swb = cfg
+            .ce
+            .sample_weight
+            .as_ref()
+            .map(|w| self.upload(bytemuck::cast_slice(&w.to_vec()), U::STORAGE | U::COPY_SRC, "sample weights"))
+            .transpose()?;
+        let chunk = rows.min(n).max(1) as u64;
+        let z = self.take(chunk * v64 * 4, U::STORAGE | U::COPY_SRC, "linear workspace")?;
+        let tchunk = self.take(chunk * 4, U::STORAGE | U::COPY_DST, "targets chunk")?;
+        let swchunk =
+            swb.as_ref().map(|_| self.take(chunk * 4, U::STORAGE | U::COPY_DST, "sample weights chunk")).transpose()?;
+        let ones = self.upload(bytemuck::cast_slice(&vec![1f32; chunk as usize]), U::STORAGE, "ones")?;
+        let out = |what: &str, bytes: u64| self.take(bytes, U::STORAGE | U::COPY_SRC, what);
+        let gh = cfg.grad_hidden.then(|| out("grad_hidden", n as u64 * d64 * 4)).transpose()?;
+        let gw = cfg.grad_weight.then(|| out("grad_weight", v64 * d64 * 4)).transpose()?;
+        let gb = (cfg.grad_bias && bias.is_some()).then(|| out("grad_bias", v64 * 4)).transpose()?;
+        let mut plans: HashMap<usize, CePlan> = HashMap::new();
+        let mut pending: Vec<PendingCe> = Vec::new();
+        for r0 in (0..n).step_by(rows) {
+            let r1 = (r0 + rows).min(n);
+            let b = r1 - r0;
+            let (r0u, bu) = (r0 as u64, b as u64);
+            let ccfg = chunk_cfg(cfg, totals, r0..r1);
+            let plan = match plans.entry(b) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let plan_cfg =
+                        crate::CrossEntropy { sample_weight: None, ignore_index: dev_ignore as i64, ..ccfg.clone() };
+                    e.insert(CePlan::new_pooled(self, b, v, DType::F32, &plan_cfg)?)
+                }
+            };
+            let plan = &*plan;
+            let mut enc = self.device.create_command_encoder(&Default::default());
+            enc.copy_buffer_to_buffer(&tb, r0u * 4, &tchunk, 0, bu * 4);
+            if let (Some(src), Some(dst)) = (&swb, &swchunk) {
+                enc.copy_buffer_to_buffer(src, r0u * 4, dst, 0, bu * 4);
+            }
+            // Z = H_c W^T (+ b), block by block of the vocabulary.
+            let mut rec = Recorder::new(self);
+            let (h_bind, h_off) = range(&hb, es, r0u * d64, bu * d64, align);
+            for vb0 in (0..v).step_by(block) {
+                let nb = (vb0 + block).min(v) - vb0;
+                let (w_bind, w_off) = range(&wb, es, vb0 as u64 * d64, nb as u64 * d64, align);
+                self.product(
+                    &mut rec,
+                    Product {
+                        mnk: (b, nb, d),
+                        a: (h_bind, h_off, d, 1, dt),
+                        b: (w_bind, w_off, 1, d, dt),
+                        c: (Bind::all(&z), vb0 as u32, v),
+                        accumulate: false,
+                        bias: bb.as_ref().map(|bb| (Bind::all(bb), vb0 as u32)),
+                    },
+                )?;
+            }
+            let params = rec.params_pooled()?;
+            rec.record(&mut enc, &params)?;
+            // The cross-entropy over Z, its gradient over Z.
+            let inputs = CeInputs {
+                logits: z.slice(..bu * v64 * 4),
+                targets: DeviceTargets::Classes(tchunk.slice(..bu * 4)),
+                sample_weight: swchunk.as_ref().map(|s| s.slice(..bu * 4)),
+                grad: if any_grad { DeviceGrad::InPlace } else { DeviceGrad::None },
+            };
+            plan.record(&mut enc, inputs)?;
+            pending.push(plan.read_back(&mut enc, per_row)?);
+            // The products of the gradient, block by block.
+            let mut rec = Recorder::new(self);
+            for vb0 in (0..v).step_by(block) {
+                let nb = (vb0 + block).min(v) - vb0;
+                let g = (Bind::all(&z), vb0 as u32, v, 1, DType::F32);
+                let g_t = (Bind::all(&z), vb0 as u32, 1, v, DType::F32);
+                if let Some(gh) = &gh {
+                    let (w_bind, w_off) = range(&wb, es, vb0 as u64 * d64, nb as u64 * d64, align);
+                    let (c, c_off) = range(gh, 4, r0u * d64, bu * d64, align);
+                    let p = Product {
+                        mnk: (b, d, nb),
+                        a: g,
+                        b: (w_bind, w_off, d, 1, dt),
+                        c: (c, c_off, d),
+                        accumulate: vb0 > 0,
+                        bias: None,
+                    };
+                    self.product(&mut rec, p)?;
+                }
+                if let Some(gw) = &gw {
+                    let (c, c_off) = range(gw, 4, vb0 as u64 * d64, nb as u64 * d64, align);
+                    let p = Product {
+                        mnk: (nb, d, b),
+                        a: g_t,
+                        b: (h_bind, h_off, d, 1, dt),
+                        c: (c, c_off, d),
+                        accumulate: r0 > 0,
+                        bias: None,
+                    };
+                    self.product(&mut rec, p)?;
+                }
+                if let Some(gb) = &gb {
+                    let ones = (Bind::all(&ones), 0, 0, 1, DType::F32);
+                    let p = Product {
+                        mnk: (1, nb, b),
+                        a: ones,
+                        b: (Bind::all(&z), vb0 as u32, v, 1, DType::F32),
+                        c: (Bind::all(gb), vb0 as u32, 0),
+                        accumulate: r0 > 0,
+                        bias: None,
+                    };
+                    self.product(&mut rec, p)?;
+                }
+            }
+            let params = rec.params_pooled()?;
+            rec.record(&mut enc, &params)?;
+            // One submission per chunk, waited for: the workspace and plans are reused.
+            let idx = self.submit(enc)?;
+            self.wait(idx)?;
+        }
+        let mut loss = 0.0;
+        let mut row_loss = per_row.then(|| Vec::with_capacity(n));
+        let mut row_lse = cfg.ce.per_row.then(|| Vec::with_capacity(n));
+        let mut row_rank = cfg.ce.ranks.then(|| Vec::with_capacity(n));
+        for p in pending {
+            let o = p.wait()?;
+            loss += o.loss;
+            if let (Some(all), Some(part)) = (row_loss.as_mut(), o.row_loss.as_ref()) {
+                all.extend(part.iter());
+            }
+            if let (Some(all), Some(part)) = (row_lse.as_mut(), o.row_lse.as_ref()) {
+                all.extend(part.iter());
+            }
+            if let (Some(all), Some(part)) = (row_rank.as_mut(), o.row_rank.as_ref()) {
+                all.extend(part.iter());
+            }
+        }
+        let read2 = |buf: &Pooled, dim: (usize, usize)| -> Result<Tensor2> {
+            let mut a = crate::alloc::zeros2::<f32>(dim, "gradient")?;
+            self.read_back(buf, 0, bytemuck::cast_slice_mut(a.as_slice_mut().expect("fresh")), None)?;
+            let gdt = grad_dtype(cfg, dt);
+            Ok(match gdt {
+                DType::F32 => Tensor2::F32(a),
+                DType::F16 => Tensor2::F16(a.mapv(half::f16::from_f32)),
+                DType::BF16 => Tensor2::BF16(a.mapv(half::bf16::from_f32)),
+            })
+        };
+        let grad_hidden = gh.as_ref().map(|b| read2(b, (n, d))).transpose()?;
+        let grad_weight = gw.as_ref().map(|b| read2(b, (v, d))).transpose()?;
+        let grad_bias = gb
+            .as_ref()
+            .map(|b| -> Result<Array1<f32>> {
+                let mut out = vec![0f32; v];
+                self.read_back(b, 0, bytemuck::cast_slice_mut(&mut out), None)?;
+                Ok(Array1::from(out))
+            })
+            .transpose()?;
+        Ok(LinearCeOutput {
+            loss,
+            counted: totals.counted,
+            weight_sum: totals.weight_sum,
+            row_loss: row_loss.map(Array1::from),
+            row_lse: row_lse.map(Array1::from),
+            row_rank: row_rank.map(Array1::from),
+            grad_hidden,
+            grad_weight,
+            grad_bias,
+            chunk_rows: rows.min(n),
+        })
+    }
+}
