@@ -71,6 +71,14 @@ pub enum XentError {
         /// What went wrong.
         message: String,
     },
+    /// Another process of a distributed run failed (see [`crate::dist::agree`]).
+    #[error("rank {rank}: {message}")]
+    Remote {
+        /// The failing process's rank.
+        rank: usize,
+        /// Its error.
+        message: String,
+    },
 }
 
 /// Result alias used throughout xent.

@@ -33,6 +33,7 @@ pub mod alloc;
 pub mod api;
 pub mod check;
 pub mod cpu;
+pub mod dist;
 pub mod dtype;
 pub mod error;
 #[cfg(feature = "gpu")]

@@ -32,7 +32,8 @@ pub enum BlockTargets<'a> {
 /// One cross-entropy over a logits file.
 pub struct CeJob<'a> {
     pub logits: &'a TensorFile,
-    pub rows: usize,
+    /// The rows of the file this job scores (all of them, or one rank's share).
+    pub span: Range<usize>,
     pub classes: usize,
     pub dtype: DType,
     pub targets: BlockTargets<'a>,
@@ -136,7 +137,8 @@ fn grad_dtype(out: &TensorOut) -> DType {
 
 impl CeJob<'_> {
     fn ranges(&self) -> Vec<Range<usize>> {
-        (0..self.rows).step_by(self.block_rows.max(1)).map(|r0| r0..(r0 + self.block_rows).min(self.rows)).collect()
+        let end = self.span.end;
+        self.span.clone().step_by(self.block_rows.max(1)).map(|r0| r0..(r0 + self.block_rows).min(end)).collect()
     }
 
     fn block_cfg(&self, r: &Range<usize>) -> CrossEntropy {
@@ -150,7 +152,7 @@ impl CeJob<'_> {
     pub fn run(&self, engine: &Engine, each: &mut dyn FnMut(Range<usize>, CeOutput) -> Result<()>) -> Result<()> {
         let v = self.classes;
         let ranges = self.ranges();
-        let pb = progress(self.rows as u64, (v * self.dtype.size()) as f64);
+        let pb = progress(self.span.len() as u64, (v * self.dtype.size()) as f64);
         let started = Instant::now();
         let per_block = self.block_rows * v;
         // The reader runs one block ahead; buffers come back to it for reuse.

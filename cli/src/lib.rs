@@ -6,6 +6,7 @@
 pub mod blocks;
 pub mod cmd;
 pub mod common;
+pub mod dist;
 pub mod heap;
 pub mod io;
 pub mod plot;

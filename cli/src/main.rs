@@ -7,8 +7,9 @@
 //! quietly with status 141, as a SIGPIPE would.
 
 use clap::{Parser, Subcommand};
+use xent::dist::Collective;
 use xent::Result;
-use xent_cli::{cmd, common};
+use xent_cli::{cmd, common, dist};
 
 #[global_allocator]
 static HEAP: xent_cli::heap::Counting = xent_cli::heap::Counting;
@@ -44,17 +45,21 @@ enum Cmd {
     Demo(cmd::demo::DemoArgs),
 }
 
-fn run(cmd: Option<Cmd>) -> Result<()> {
+fn run(cmd: Option<Cmd>, comm: &dyn Collective) -> Result<()> {
+    match &cmd {
+        Some(Cmd::Eval(_)) | Some(Cmd::Perplexity(_)) => {}
+        _ => dist::single(comm, "this command")?,
+    }
     match cmd {
         None => cmd::demo::run(&cmd::demo::DemoArgs::default()),
         Some(Cmd::Demo(a)) => cmd::demo::run(&a),
-        Some(Cmd::Eval(a)) => cmd::eval::run_eval(&a),
+        Some(Cmd::Eval(a)) => cmd::eval::run_eval(&a, comm),
         Some(Cmd::LogSoftmax(a)) => cmd::eval::run_log_softmax(&a),
         Some(Cmd::Bench(a)) => cmd::bench::run(&a),
         Some(Cmd::Bce(a)) => cmd::bce::run(&a),
         Some(Cmd::Distill(a)) => cmd::divergence::run_distill(&a),
         Some(Cmd::Dist(a)) => cmd::divergence::run_dist(&a),
-        Some(Cmd::Perplexity(a)) => cmd::metrics::run_perplexity(&a),
+        Some(Cmd::Perplexity(a)) => cmd::metrics::run_perplexity(&a, comm),
         Some(Cmd::Calibrate(a)) => cmd::metrics::run_calibrate(&a),
         Some(Cmd::Preference(a)) => cmd::metrics::run_preference(&a),
     }
@@ -85,8 +90,29 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if let Err(e) = run(cli.cmd) {
-        common::error_line(&format!("error: {}", e.to_string().replace('\n', " ")));
+    let comm = match dist::world() {
+        Ok(c) => c,
+        Err(e) => {
+            common::error_line(&format!("error: {e}"));
+            std::process::exit(1);
+        }
+    };
+    let res = run(cli.cmd, &*comm);
+    if let Err(e) = &res {
+        // In a group, one message: rank 0's (its own error, or the failing rank's, which
+        // `xent::dist::agree` sent to every rank).
+        if comm.rank() == 0 {
+            common::error_line(&format!("error: {}", e.to_string().replace('\n', " ")));
+        }
+        // Every rank waits for that line before any exits: mpirun ends the whole job as soon
+        // as one process exits non-zero.
+        if comm.size() > 1 {
+            let _ = comm.all_reduce_max(&mut [0.0]);
+        }
+    }
+    // MPI is finalised here (process::exit runs no destructors).
+    drop(comm);
+    if res.is_err() {
         std::process::exit(1);
     }
 }

@@ -9,7 +9,9 @@ mod hessian;
 mod linear;
 mod log_softmax;
 pub mod reference;
+pub use vocab::VocabShard;
 mod simd;
+mod vocab;
 
 #[cfg(feature = "gpu")]
 pub(crate) use cross_entropy::reduce;

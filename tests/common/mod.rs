@@ -179,3 +179,46 @@ pub fn assert_scalar(what: &str, got: f64, want: f64, atol: f64, rtol: f64) {
         "{what}: got {got}, want {want} (atol {atol}, rtol {rtol})"
     );
 }
+
+/// Runs `program args` under `mpirun -n ranks` (as root too, more ranks than cores allowed),
+/// failing the test when `mpirun` is missing or the run does not end within two minutes: a
+/// distributed failure must end every rank, never hang.
+#[cfg(feature = "mpi")]
+pub fn mpirun(ranks: usize, program: &std::path::Path, args: &[&str]) -> std::process::Output {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let mut child = Command::new("mpirun")
+        .args(["-n", &ranks.to_string(), "--allow-run-as-root", "--oversubscribe"])
+        // Containers often forbid the cross-memory attach of OpenMPI's shared-memory transport.
+        .args(["--mca", "btl_vader_single_copy_mechanism", "none"])
+        .arg(program)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("mpirun (OpenMPI: apt-get install openmpi-bin) cannot start: {e}"));
+    // Drain the pipes on threads so a chatty run cannot block on a full pipe.
+    let (mut so, mut se) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let out_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        std::io::Read::read_to_end(&mut so, &mut b).unwrap();
+        b
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        std::io::Read::read_to_end(&mut se, &mut b).unwrap();
+        b
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("mpirun -n {ranks} {} {args:?} hung for two minutes", program.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::process::Output { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap() }
+}

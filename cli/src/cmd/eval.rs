@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
+use xent::dist::Collective;
 use xent::{check, CrossEntropy, DType, Reduction, Result, SoftmaxKind, Targets, Totals, XentError};
 
 use super::out_tensor;
@@ -119,10 +120,64 @@ pub fn totals(t: &[i64], cfg: &CrossEntropy) -> Totals {
     out
 }
 
-pub fn run_eval(a: &EvalArgs) -> Result<()> {
+/// What one process of `eval` found in its rows: loss sum, counted rows, weight sum, top-1
+/// hits (summed over ranks), and what the report names.
+struct EvalPart {
+    sums: [f64; 4],
+    n: usize,
+    v: usize,
+    dtype: DType,
+    backend: String,
+}
+
+pub fn run_eval(a: &EvalArgs, comm: &dyn Collective) -> Result<()> {
     if let (Some(h), Some(w)) = (&a.hidden, &a.weight) {
+        crate::dist::single(comm, "eval --hidden")?;
         return run_linear_eval(a, h, w);
     }
+    if comm.size() > 1 && (a.grad_out.is_some() || a.loss_out.is_some()) {
+        return Err(XentError::InvalidOption(
+            "--grad-out and --loss-out are written by one process; run them without mpirun".into(),
+        ));
+    }
+    // Each rank scores its share of the rows; every failure is agreed before the one merge.
+    let local = eval_rows(a, comm.rank(), comm.size());
+    let mut part = xent::dist::agree(comm, local)?;
+    comm.all_reduce_sum(&mut part.sums)?;
+    let mut rss = [crate::common::peak_rss() as f64];
+    comm.all_reduce_max(&mut rss)?;
+    let [mut loss, counted, weight_sum, hits] = part.sums;
+    let (n, v, reduction) = (part.n, part.v, Reduction::from(a.reduction));
+    if n == 0 && reduction == Reduction::Mean {
+        loss = f64::NAN;
+    }
+    if comm.rank() != 0 {
+        return Ok(());
+    }
+    let obj = Obj::default()
+        .set("loss", if reduction == Reduction::None { serde_json::Value::Null } else { num(loss) })
+        .set("rows", n)
+        .set("classes", v)
+        .set("counted", counted as u64)
+        .num("weight_sum", weight_sum)
+        .set("dtype", part.dtype.name())
+        .set("backend", part.backend)
+        .set("reduction", a.reduction.name())
+        .set("peak_rss_bytes", rss[0] as u64);
+    let obj = if comm.size() > 1 { obj.set("ranks", comm.size()) } else { obj };
+    let obj = if reduction == Reduction::Mean { obj.num("perplexity", loss.exp()) } else { obj };
+    // Top-1 accuracy over counted rows (class-index targets), from the same pass.
+    let obj = if a.targets.is_some() {
+        obj.num("accuracy", if counted == 0.0 { f64::NAN } else { hits / counted })
+    } else {
+        obj
+    };
+    obj.print(a.json);
+    Ok(())
+}
+
+/// `eval` over rank `rank` of `ranks`'s share of the rows (all of them in one process).
+fn eval_rows(a: &EvalArgs, rank: usize, ranks: usize) -> Result<EvalPart> {
     let logits_path = a.logits.as_ref().expect("clap requires --logits or --hidden");
     let (logits, dtype) = open_logits(logits_path)?;
     let (n, v) = (logits.shape[0], logits.shape[1]);
@@ -192,7 +247,7 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
     let engine = a.backend.open()?;
     let job = CeJob {
         logits: &logits,
-        rows: n,
+        span: xent::dist::row_range(n, rank, ranks),
         classes: v,
         dtype,
         targets: match (&classes, &probs) {
@@ -218,9 +273,6 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
         }
         Ok(())
     })?;
-    if n == 0 && reduction == Reduction::Mean {
-        loss = f64::NAN;
-    }
     if let Some(g) = grad {
         outputs.tensors.push(g);
     }
@@ -229,25 +281,13 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
         outputs.tensors.push(l);
     }
     outputs.commit()?;
-    let obj = Obj::default()
-        .set("loss", if reduction == Reduction::None { serde_json::Value::Null } else { num(loss) })
-        .set("rows", n)
-        .set("classes", v)
-        .set("counted", counted)
-        .num("weight_sum", weight_sum)
-        .set("dtype", dtype.name())
-        .set("backend", engine.name())
-        .set("reduction", a.reduction.name())
-        .set("peak_rss_bytes", crate::common::peak_rss());
-    let obj = if reduction == Reduction::Mean { obj.num("perplexity", loss.exp()) } else { obj };
-    // Top-1 accuracy over counted rows (class-index targets), from the same pass.
-    let obj = if classes.is_some() {
-        obj.num("accuracy", if counted == 0 { f64::NAN } else { hits as f64 / counted as f64 })
-    } else {
-        obj
-    };
-    obj.print(a.json);
-    Ok(())
+    Ok(EvalPart {
+        sums: [loss, counted as f64, weight_sum, hits as f64],
+        n,
+        v,
+        dtype,
+        backend: engine.name().to_string(),
+    })
 }
 
 /// The options of `eval` as a [`CrossEntropy`].

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use serde_json::Value;
 use xent::calibration::{fit_temperature_by, Calibration, CalibrationAcc};
+use xent::dist::{corpus::all_reduce_corpus, Collective};
 use xent::preference::{preference, Preference};
 use xent::sequence::CorpusEval;
 use xent::{CrossEntropy, DType, Reduction, Result, XentError};
@@ -68,7 +69,33 @@ fn open_rows(path: &Path) -> Result<(TensorFile, DType, usize, usize, Option<usi
     Ok((t, dtype, rows, v, seq))
 }
 
-pub fn run_perplexity(a: &PerplexityArgs) -> Result<()> {
+/// One process's share of `perplexity`: the accumulator of its sequences
+/// `first .. first + acc.sequences.len()` of `sequences`.
+struct PplPart {
+    acc: CorpusEval,
+    first: usize,
+    sequences: usize,
+    dtype: DType,
+    backend: String,
+}
+
+pub fn run_perplexity(a: &PerplexityArgs, comm: &dyn Collective) -> Result<()> {
+    if a.hidden.is_some() {
+        crate::dist::single(comm, "perplexity --hidden")?;
+    }
+    // Each rank scores whole sequences; the accumulators merge exactly (bit for bit one
+    // process's result), after every rank's failure, if any, is agreed.
+    let local = perplexity_rows(a, comm.rank(), comm.size());
+    let p = xent::dist::agree(comm, local)?;
+    let acc = all_reduce_corpus(comm, Ok(p.acc), p.first, p.sequences)?;
+    if comm.rank() == 0 {
+        report(&acc, p.sequences, p.dtype, &p.backend, comm.size(), a.json);
+    }
+    Ok(())
+}
+
+/// `perplexity` over rank `rank` of `ranks`'s share of the sequences.
+fn perplexity_rows(a: &PerplexityArgs, rank: usize, ranks: usize) -> Result<PplPart> {
     // The scores come from logits streamed in blocks, or from hidden states and a weight.
     let linear = match (&a.hidden, &a.weight) {
         (Some(h), Some(w)) => Some(crate::cmd::linear::LinearInputs::read(h, w, a.bias.as_deref(), &a.targets, None)?),
@@ -127,7 +154,13 @@ pub fn run_perplexity(a: &PerplexityArgs) -> Result<()> {
     }
     let t: Vec<i64> =
         (0..rows).map(|i| if counted(i / seq_len, i % seq_len) { targets[i] } else { CorpusEval::IGNORED }).collect();
-    check_targets(&ndarray::Array1::from(t.clone()), v, CorpusEval::IGNORED)?;
+    // This rank's whole sequences, and only their targets checked (it reads only their rows).
+    let seqs = xent::dist::row_range(b, rank, ranks);
+    let span = seqs.start * seq_len..seqs.end * seq_len;
+    let bad = t[span.clone()].iter().enumerate().find(|(_, &y)| y != CorpusEval::IGNORED && (y < 0 || y >= v as i64));
+    if let Some((k, &target)) = bad {
+        return Err(XentError::TargetOutOfRange { row: span.start + k, target, classes: v });
+    }
     let cfg = CorpusEval::pass_config();
     let engine = a.backend.open()?;
     let mut acc = CorpusEval::default();
@@ -148,12 +181,12 @@ pub fn run_perplexity(a: &PerplexityArgs) -> Result<()> {
             row_gap: None,
         };
         acc.add_scored(&scored, ndarray::ArrayView1::from(&t), seq_len)?;
-        return report(&acc, b, dtype, &engine, a.json);
+        return Ok(PplPart { acc, first: 0, sequences: b, dtype, backend: engine.name().to_string() });
     }
     let logits = &logits_file.expect("logits").0;
     let job = CeJob {
         logits,
-        rows,
+        span,
         classes: v,
         dtype,
         targets: BlockTargets::Classes(&t),
@@ -162,11 +195,11 @@ pub fn run_perplexity(a: &PerplexityArgs) -> Result<()> {
         block_rows: block_rows(rows, v, dtype.size(), a.block_rows, seq_len)?,
     };
     job.run(&engine, &mut |r, out| acc.add_scored(&out, ndarray::ArrayView1::from(&t[r]), seq_len))?;
-    report(&acc, b, dtype, &engine, a.json)
+    Ok(PplPart { acc, first: seqs.start, sequences: b, dtype, backend: engine.name().to_string() })
 }
 
 /// Prints a corpus's perplexity report.
-fn report(acc: &CorpusEval, b: usize, dtype: DType, engine: &Engine, json: bool) -> Result<()> {
+fn report(acc: &CorpusEval, b: usize, dtype: DType, backend: &str, ranks: usize, json: bool) {
     let r = acc.finish();
     let obj = Obj::default()
         .num("corpus_nll", r.corpus_nll)
@@ -179,9 +212,9 @@ fn report(acc: &CorpusEval, b: usize, dtype: DType, engine: &Engine, json: bool)
         .num("accuracy", r.top1)
         .num("top5_accuracy", r.top5)
         .set("dtype", dtype.name())
-        .set("backend", engine.name());
+        .set("backend", backend);
+    let obj = if ranks > 1 { obj.set("ranks", ranks) } else { obj };
     obj.print(json);
-    Ok(())
 }
 
 #[derive(Args, Debug)]
@@ -238,7 +271,7 @@ pub fn run_calibrate(a: &CalibrateArgs) -> Result<()> {
         let cfg = CrossEntropy { ignore_index: a.ignore_index, ..CalibrationAcc::pass_config(temperature, gaps) };
         let job = CeJob {
             logits: &logits,
-            rows,
+            span: 0..rows,
             classes: v,
             dtype,
             targets: BlockTargets::Classes(&t),

@@ -1,0 +1,130 @@
+//! Vocabulary-parallel cross-entropy over MPI: each rank holds a slice of a seeded workload's
+//! vocabulary (as a tensor-parallel model's output layer would), one all-reduce per batch
+//! merges the rows' statistics, and each rank writes its slice of the gradient. Every rank also
+//! computes the whole tensor in one process and compares its slice; rank 0 prints one JSON
+//! line, `{"ranks", "loss", "loss_single", "max_grad_diff", ...}`, and the exit status is
+//! non-zero when they differ beyond f32 tolerance.
+//!
+//! Run: `mpirun -n 2 target/release/examples/vocab_parallel [--rows N] [--classes V]
+//! [--smoothing E] [--z-loss Z] [--class-weights] [--ignore-every K] [--fail-rank R]`
+//! (build: `cargo build --release --features mpi --example vocab_parallel`).
+//! `--fail-rank R` gives rank R a gradient of the wrong shape: every rank must then stop with
+//! that one error, none waiting.
+
+use ndarray::{s, Array1, Array2};
+use xent::cpu::VocabShard;
+use xent::dist::{agree, mpi::MpiCollective, row_range, Collective};
+use xent::{workload, Cpu, CrossEntropy, Result, XentError};
+
+struct Args {
+    rows: usize,
+    classes: usize,
+    smoothing: f32,
+    z_loss: f32,
+    class_weights: bool,
+    ignore_every: usize,
+    fail_rank: Option<usize>,
+}
+
+fn args() -> Result<Args> {
+    let mut a = Args {
+        rows: 512,
+        classes: 32000,
+        smoothing: 0.0,
+        z_loss: 0.0,
+        class_weights: false,
+        ignore_every: 0,
+        fail_rank: None,
+    };
+    let mut it = std::env::args().skip(1);
+    let bad = |w: &str| XentError::InvalidOption(format!("bad value for {w}"));
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().ok_or_else(|| XentError::InvalidOption(format!("{flag} needs a value")));
+        match flag.as_str() {
+            "--rows" => a.rows = val()?.parse().map_err(|_| bad("--rows"))?,
+            "--classes" => a.classes = val()?.parse().map_err(|_| bad("--classes"))?,
+            "--smoothing" => a.smoothing = val()?.parse().map_err(|_| bad("--smoothing"))?,
+            "--z-loss" => a.z_loss = val()?.parse().map_err(|_| bad("--z-loss"))?,
+            "--ignore-every" => a.ignore_every = val()?.parse().map_err(|_| bad("--ignore-every"))?,
+            "--fail-rank" => a.fail_rank = Some(val()?.parse().map_err(|_| bad("--fail-rank"))?),
+            "--class-weights" => a.class_weights = true,
+            other => return Err(XentError::InvalidOption(format!("unknown argument {other}"))),
+        }
+    }
+    Ok(a)
+}
+
+fn run(comm: &MpiCollective) -> Result<()> {
+    let a = agree(comm, args())?;
+    let (n, v) = (a.rows, a.classes);
+    if comm.size() > v {
+        return Err(XentError::InvalidOption(format!("{} ranks for {v} classes", comm.size())));
+    }
+    // The same seeded workload on every rank; this rank keeps its columns.
+    let (x, t) = workload::try_synthetic(n, v, 4.0, a.ignore_every, 42)?;
+    let cfg = CrossEntropy {
+        label_smoothing: a.smoothing,
+        z_loss: a.z_loss,
+        class_weight: a.class_weights.then(|| Array1::from_shape_fn(v, |c| 0.25 + (c % 11) as f32 * 0.15)),
+        ..Default::default()
+    };
+    let cols = row_range(v, comm.rank(), comm.size());
+    let shard = x.slice(s![.., cols.clone()]).to_owned();
+    let gcols = if a.fail_rank == Some(comm.rank()) { cols.len() + 1 } else { cols.len() };
+    let mut grad = Array2::<f32>::zeros((n, gcols));
+    let cpu = Cpu::new();
+    let started = std::time::Instant::now();
+    let out = cpu.cross_entropy_vocab_parallel(
+        &shard,
+        t.view(),
+        VocabShard { class0: cols.start, classes: v },
+        &cfg,
+        comm,
+        Some((&mut grad).into()),
+    )?;
+    let seconds = started.elapsed().as_secs_f64();
+    // One process, the whole tensor: this rank's columns of its gradient against ours.
+    let single = cpu.cross_entropy_with_grad(&x, t.view(), &cfg)?;
+    let whole = single.grad.expect("asked for the gradient");
+    let mut diff =
+        [grad.iter().zip(whole.slice(s![.., cols]).iter()).fold(0.0f64, |m, (&a, &b)| m.max((a - b).abs() as f64))];
+    comm.all_reduce_max(&mut diff)?;
+    let rel = (out.loss - single.loss).abs() / single.loss.abs().max(1.0);
+    let ok = rel <= 1e-5 && diff[0] <= 1e-6;
+    if comm.rank() == 0 {
+        println!(
+            "{{\"ranks\": {}, \"loss\": {}, \"loss_single\": {}, \"max_grad_diff\": {:e}, \"rows\": {n}, \"classes\": {v}, \"seconds\": {seconds:.4}, \"ok\": {ok}}}",
+            comm.size(),
+            out.loss,
+            single.loss,
+            diff[0]
+        );
+    }
+    if !ok {
+        return Err(XentError::InvalidOption(format!(
+            "vocabulary-parallel result differs: loss {} vs {}, gradient by {:e}",
+            out.loss, single.loss, diff[0]
+        )));
+    }
+    Ok(())
+}
+
+fn main() {
+    let comm = match MpiCollective::init() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = run(&comm) {
+        // One message, from rank 0: its own error, or the failing rank's (`agree` sent it).
+        if comm.rank() == 0 {
+            eprintln!("error: {e}");
+        }
+        // Every rank waits for that line: mpirun ends the job when one process exits non-zero.
+        let _ = comm.all_reduce_max(&mut [0.0]);
+        drop(comm);
+        std::process::exit(1);
+    }
+}

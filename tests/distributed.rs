@@ -1,0 +1,241 @@
+//! Distributed runs with 1, 2 and 3 ranks (threads sharing an in-process collective;
+//! `scripts/test.sh` runs the MPI one under `mpirun`): vocabulary-parallel loss and gradients
+//! equal one process doing the whole tensor for every option, data-parallel corpus evaluation
+//! equals it bit for bit, and a failure on one rank stops every rank with its message.
+
+use std::sync::{Arc, Barrier, Mutex};
+
+use ndarray::{s, Array1, Array2};
+use xent::cpu::reference;
+use xent::cpu::VocabShard;
+use xent::dist::{agree, corpus::all_reduce_corpus, row_range, Collective, Merge, SingleProcess};
+use xent::sequence::{CorpusEval, SeqMask};
+use xent::*;
+
+/// Ranks as threads: each all-reduce gathers every rank's buffer behind a barrier, and every
+/// rank merges them in rank order.
+struct Threads {
+    rank: usize,
+    size: usize,
+    slots: Arc<Mutex<Vec<Vec<f64>>>>,
+    barrier: Arc<Barrier>,
+}
+
+impl Threads {
+    fn group(size: usize) -> Vec<Threads> {
+        let slots = Arc::new(Mutex::new(vec![Vec::new(); size]));
+        let barrier = Arc::new(Barrier::new(size));
+        (0..size).map(|rank| Threads { rank, size, slots: slots.clone(), barrier: barrier.clone() }).collect()
+    }
+
+    fn reduce(&self, data: &mut [f64], f: &dyn Fn(&[f64], &mut [f64])) {
+        self.slots.lock().unwrap()[self.rank] = data.to_vec();
+        self.barrier.wait();
+        let all = self.slots.lock().unwrap().clone();
+        data.copy_from_slice(&all[0]);
+        for other in &all[1..] {
+            f(other, data);
+        }
+        self.barrier.wait();
+    }
+}
+
+impl Collective for Threads {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn all_reduce_sum(&self, data: &mut [f64]) -> Result<()> {
+        self.reduce(data, &|x, acc| acc.iter_mut().zip(x).for_each(|(a, b)| *a += b));
+        Ok(())
+    }
+    fn all_reduce_max(&self, data: &mut [f64]) -> Result<()> {
+        self.reduce(data, &|x, acc| acc.iter_mut().zip(x).for_each(|(a, b)| *a = a.max(*b)));
+        Ok(())
+    }
+    fn all_reduce_with(&self, data: &mut [f64], width: usize, merge: Merge) -> Result<()> {
+        self.reduce(data, &|x, acc| x.chunks(width).zip(acc.chunks_mut(width)).for_each(|(a, b)| merge(a, b)));
+        Ok(())
+    }
+}
+
+/// Runs the shards of `x` on `ranks` threads; returns (loss of each rank, the gradient
+/// assembled from the shards).
+fn run(x: &Array2<f32>, t: &Array1<i64>, cfg: &CrossEntropy, ranks: usize) -> (Vec<f64>, Array2<f32>) {
+    let v = x.ncols();
+    let results: Vec<(f64, usize, Array2<f32>)> = std::thread::scope(|sc| {
+        let handles: Vec<_> = Threads::group(ranks)
+            .into_iter()
+            .map(|comm| {
+                sc.spawn(move || {
+                    let cols = row_range(v, comm.rank(), comm.size());
+                    let shard = x.slice(s![.., cols.clone()]).to_owned();
+                    let mut g = Array2::<f32>::zeros(shard.dim());
+                    let sh = VocabShard { class0: cols.start, classes: v };
+                    let o = Cpu::with_threads(1)
+                        .unwrap()
+                        .cross_entropy_vocab_parallel(&shard, t.view(), sh, cfg, &comm, Some((&mut g).into()))
+                        .unwrap();
+                    (o.loss, cols.start, g)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut grad = Array2::<f32>::zeros(x.dim());
+    for (_, c0, g) in &results {
+        grad.slice_mut(s![.., *c0..*c0 + g.ncols()]).assign(g);
+    }
+    (results.iter().map(|r| r.0).collect(), grad)
+}
+
+#[test]
+fn shards_equal_one_process_for_every_option() {
+    let (n, v) = (29, 301);
+    let (mut x, t) = workload::synthetic(n, v, 3.0, 5, 17);
+    x[[0, 7]] = 60.0; // a confident row
+    let cw = Array1::from_shape_fn(v, |c| 0.5 + (c % 7) as f32 * 0.2);
+    let sw = Array1::from_shape_fn(n, |i| 0.5 + (i % 3) as f32);
+    for cfg in [
+        CrossEntropy::default(),
+        CrossEntropy { class_weight: Some(cw.clone()), sample_weight: Some(sw), ..Default::default() },
+        CrossEntropy { label_smoothing: 0.1, class_weight: Some(cw), z_loss: 1e-3, ..Default::default() },
+        CrossEntropy {
+            reduction: Reduction::Sum,
+            softcap: Some(6.0),
+            temperature: 1.3,
+            label_smoothing: 0.2,
+            ..Default::default()
+        },
+    ] {
+        let r = reference::cross_entropy(&x, &t, &cfg).unwrap();
+        for ranks in [1, 2, 3] {
+            let (losses, g) = run(&x, &t, &cfg, ranks);
+            for l in &losses {
+                assert!((l - r.loss).abs() <= 2e-6 * r.loss.abs().max(1.0), "{ranks} ranks {cfg:?}: {l} vs {}", r.loss);
+            }
+            assert!(losses.iter().all(|l| l.to_bits() == losses[0].to_bits()), "every rank gets the same loss");
+            let worst = g.iter().zip(r.grad.iter()).fold(0.0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
+            assert!(worst < 1e-7, "{ranks} ranks {cfg:?}: gradient off by {worst}");
+        }
+    }
+}
+
+#[test]
+fn ignored_rows_and_bad_shards() {
+    let (x, _) = workload::synthetic(4, 10, 1.0, 0, 1);
+    let t = ndarray::array![-100i64, -100, -100, -100];
+    let o = Cpu::new()
+        .cross_entropy_vocab_parallel(
+            &x,
+            t.view(),
+            VocabShard { class0: 0, classes: 10 },
+            &CrossEntropy::default(),
+            &SingleProcess,
+            None,
+        )
+        .unwrap();
+    assert!(o.loss.is_nan(), "an all-ignored mean is NaN");
+    let bad = VocabShard { class0: 5, classes: 10 };
+    assert!(Cpu::new()
+        .cross_entropy_vocab_parallel(&x, t.view(), bad, &CrossEntropy::default(), &SingleProcess, None)
+        .is_err());
+    let out_of_range = ndarray::array![0i64, 1, 10, 2];
+    let sh = VocabShard { class0: 0, classes: 10 };
+    assert!(matches!(
+        Cpu::new().cross_entropy_vocab_parallel(
+            &x,
+            out_of_range.view(),
+            sh,
+            &CrossEntropy::default(),
+            &SingleProcess,
+            None
+        ),
+        Err(XentError::TargetOutOfRange { .. })
+    ));
+}
+
+/// Runs `f(comm)` on `ranks` threads, results in rank order.
+fn on_ranks<T: Send>(ranks: usize, f: impl Fn(&Threads) -> T + Sync) -> Vec<T> {
+    std::thread::scope(|sc| {
+        let f = &f;
+        let handles: Vec<_> = Threads::group(ranks).into_iter().map(|c| sc.spawn(move || f(&c))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn corpus_split_by_sequences_equals_one_process_bit_for_bit() {
+    let (b, tl, v) = (7, 5, 50);
+    let (x, t) = workload::synthetic(b * tl, v, 2.0, 0, 9);
+    let lengths = Array1::from_shape_fn(b, |s| ((s * 3) % (tl + 1)) as i64);
+    let cpu = Cpu::with_threads(1).unwrap();
+    let mut whole = CorpusEval::default();
+    whole.add_batch(&cpu, &x, t.view(), tl, SeqMask::Lengths(lengths.view())).unwrap();
+    for ranks in [1, 2, 3] {
+        let merged = on_ranks(ranks, |comm| {
+            let seqs = row_range(b, comm.rank(), comm.size());
+            let rows = seqs.start * tl..seqs.end * tl;
+            let mut acc = CorpusEval::default();
+            // Each rank in batches of one sequence: the split does not change the bits.
+            for s in seqs.clone() {
+                let r = s * tl..(s + 1) * tl;
+                acc.add_batch(
+                    &cpu,
+                    &x.slice(s![r.clone(), ..]),
+                    t.slice(s![r]),
+                    tl,
+                    SeqMask::Lengths(lengths.slice(s![s..s + 1])),
+                )
+                .unwrap();
+            }
+            assert_eq!(rows.len(), acc.sequences.len() * tl);
+            all_reduce_corpus(comm, Ok(acc), seqs.start, b).unwrap()
+        });
+        for m in &merged {
+            assert_eq!(m, &whole, "{ranks} ranks");
+            let (a, w) = (m.finish(), whole.finish());
+            assert_eq!(a.corpus_ppl.to_bits(), w.corpus_ppl.to_bits());
+        }
+    }
+}
+
+#[test]
+fn a_failing_rank_stops_every_rank_with_its_message() {
+    // Rank 1 fails before the collective; the others must get its message, not wait.
+    let out = on_ranks(3, |comm| {
+        let local: Result<u32> =
+            if comm.rank() == 1 { Err(XentError::Shape("rank one's file is short".into())) } else { Ok(7) };
+        agree(comm, local)
+    });
+    assert!(matches!(&out[1], Err(XentError::Shape(m)) if m.contains("short")));
+    for r in [0, 2] {
+        match &out[r] {
+            Err(XentError::Remote { rank: 1, message }) => {
+                assert!(message.contains("rank one's file is short"), "{message}")
+            }
+            other => panic!("rank {r}: {other:?}"),
+        }
+    }
+    // The same through the vocabulary-parallel call: rank 2's gradient has the wrong shape.
+    let (x, t) = workload::synthetic(6, 12, 1.0, 0, 2);
+    let out = on_ranks(3, |comm| {
+        let cols = row_range(12, comm.rank(), 3);
+        let shard = x.slice(s![.., cols.clone()]).to_owned();
+        let mut g = Array2::<f32>::zeros((6, if comm.rank() == 2 { 1 } else { cols.len() }));
+        let sh = VocabShard { class0: cols.start, classes: 12 };
+        Cpu::with_threads(1)
+            .unwrap()
+            .cross_entropy_vocab_parallel(&shard, t.view(), sh, &CrossEntropy::default(), comm, Some((&mut g).into()))
+            .map(|o| o.loss)
+    });
+    assert!(matches!(out[2], Err(XentError::Shape(_))));
+    assert!(
+        matches!(out[0], Err(XentError::Remote { rank: 2, .. }))
+            && matches!(out[1], Err(XentError::Remote { rank: 2, .. }))
+    );
+    // No failure: every rank goes on.
+    assert!(on_ranks(2, |comm| agree(comm, Ok(1))).iter().all(|r| r.is_ok()));
+}
