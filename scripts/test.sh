@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need when it is missing (Mesa's lavapipe, a
-# software Vulkan driver), then runs formatting, lints and the whole test suite with GPU tests
-# required: the workspace with default features, and the library without its `gpu` feature
-# (the CPU-only build must build and pass its tests without wgpu).
+# software Vulkan driver; OpenMPI and libclang for the `mpi` feature), then runs formatting,
+# lints and the whole test suite with GPU tests required: the workspace with the `mpi` feature
+# (its tests run `mpirun -n 2` and `-n 3`), and the library without its `gpu` feature (the
+# CPU-only build must build and pass its tests without wgpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json >/dev/null 2>&1 || need_apt+=(mesa-vulkan-drivers)
+command -v mpirun >/dev/null && command -v mpicc >/dev/null || need_apt+=(openmpi-bin libopenmpi-dev)
+ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/*/libclang*.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "installing ${need_apt[*]}"
@@ -27,8 +30,12 @@ if [ -z "${XDG_RUNTIME_DIR:-}" ] || [ ! -d "$XDG_RUNTIME_DIR" ]; then
     export XDG_RUNTIME_DIR
 fi
 
+# The distributed tests start several processes on however many cores there are.
+export OMPI_MCA_rmaps_base_oversubscribe=1
+
+MPI=(--features xent/mpi,xent-cli/mpi)
 cargo fmt --all --check
-cargo clippy --workspace --release --all-targets -- -D warnings
+cargo clippy --workspace --release --all-targets "${MPI[@]}" -- -D warnings
 cargo clippy -p xent --release --no-default-features --all-targets -- -D warnings
-cargo test --workspace --release
+cargo test --workspace --release "${MPI[@]}"
 cargo test -p xent --release --no-default-features

@@ -184,7 +184,7 @@ fn corpus_split_by_sequences_equals_one_process_bit_for_bit() {
                 let r = s * tl..(s + 1) * tl;
                 acc.add_batch(
                     &cpu,
-                    &x.slice(s![r.clone(), ..]),
+                    x.slice(s![r.clone(), ..]),
                     t.slice(s![r]),
                     tl,
                     SeqMask::Lengths(lengths.slice(s![s..s + 1])),
