@@ -6,10 +6,10 @@
 //! non-zero when they differ beyond f32 tolerance.
 //!
 //! Run: `mpirun -n 2 target/release/examples/vocab_parallel [--rows N] [--classes V]
-//! [--smoothing E] [--z-loss Z] [--class-weights] [--ignore-every K] [--fail-rank R]`
+//! [--smoothing E] [--z-loss Z] [--class-weights] [--ignore-every K] [--fail-rank R] [--gpu]`
 //! (build: `cargo build --release --features mpi --example vocab_parallel`).
 //! `--fail-rank R` gives rank R a gradient of the wrong shape: every rank must then stop with
-//! that one error, none waiting.
+//! that one error, none waiting. `--gpu` computes each rank's shard on its GPU (feature `gpu`).
 
 use ndarray::{s, Array1, Array2};
 use xent::cpu::VocabShard;
@@ -24,6 +24,7 @@ struct Args {
     class_weights: bool,
     ignore_every: usize,
     fail_rank: Option<usize>,
+    gpu: bool,
 }
 
 fn args() -> Result<Args> {
@@ -35,6 +36,7 @@ fn args() -> Result<Args> {
         class_weights: false,
         ignore_every: 0,
         fail_rank: None,
+        gpu: false,
     };
     let mut it = std::env::args().skip(1);
     let bad = |w: &str| XentError::InvalidOption(format!("bad value for {w}"));
@@ -48,6 +50,7 @@ fn args() -> Result<Args> {
             "--ignore-every" => a.ignore_every = val()?.parse().map_err(|_| bad("--ignore-every"))?,
             "--fail-rank" => a.fail_rank = Some(val()?.parse().map_err(|_| bad("--fail-rank"))?),
             "--class-weights" => a.class_weights = true,
+            "--gpu" => a.gpu = true,
             other => return Err(XentError::InvalidOption(format!("unknown argument {other}"))),
         }
     }
@@ -73,15 +76,13 @@ fn run(comm: &MpiCollective) -> Result<()> {
     let gcols = if a.fail_rank == Some(comm.rank()) { cols.len() + 1 } else { cols.len() };
     let mut grad = Array2::<f32>::zeros((n, gcols));
     let cpu = Cpu::new();
+    let sh = VocabShard { class0: cols.start, classes: v };
     let started = std::time::Instant::now();
-    let out = cpu.cross_entropy_vocab_parallel(
-        &shard,
-        t.view(),
-        VocabShard { class0: cols.start, classes: v },
-        &cfg,
-        comm,
-        Some((&mut grad).into()),
-    )?;
+    let out = if a.gpu {
+        gpu_shard(comm, &shard, &t, sh, &cfg, &mut grad)?
+    } else {
+        cpu.cross_entropy_vocab_parallel(&shard, t.view(), sh, &cfg, comm, Some((&mut grad).into()))?
+    };
     let seconds = started.elapsed().as_secs_f64();
     // One process, the whole tensor: this rank's columns of its gradient against ours.
     let single = cpu.cross_entropy_with_grad(&x, t.view(), &cfg)?;
@@ -90,14 +91,16 @@ fn run(comm: &MpiCollective) -> Result<()> {
         [grad.iter().zip(whole.slice(s![.., cols]).iter()).fold(0.0f64, |m, (&a, &b)| m.max((a - b).abs() as f64))];
     comm.all_reduce_max(&mut diff)?;
     let rel = (out.loss - single.loss).abs() / single.loss.abs().max(1.0);
-    let ok = rel <= 1e-5 && diff[0] <= 1e-6;
+    // f64 records on the CPU; f32 on the GPU.
+    let ok = rel <= 1e-5 && diff[0] <= if a.gpu { 1e-5 } else { 1e-6 };
     if comm.rank() == 0 {
         println!(
-            "{{\"ranks\": {}, \"loss\": {}, \"loss_single\": {}, \"max_grad_diff\": {:e}, \"rows\": {n}, \"classes\": {v}, \"seconds\": {seconds:.4}, \"ok\": {ok}}}",
+            "{{\"ranks\": {}, \"loss\": {}, \"loss_single\": {}, \"max_grad_diff\": {:e}, \"rows\": {n}, \"classes\": {v}, \"backend\": \"{}\", \"seconds\": {seconds:.4}, \"ok\": {ok}}}",
             comm.size(),
             out.loss,
             single.loss,
-            diff[0]
+            diff[0],
+            if a.gpu { "gpu" } else { "cpu" }
         );
     }
     if !ok {
@@ -107,6 +110,32 @@ fn run(comm: &MpiCollective) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// This rank's shard on its GPU (every rank agrees first that each has one).
+#[cfg(feature = "gpu")]
+fn gpu_shard(
+    comm: &MpiCollective,
+    shard: &Array2<f32>,
+    t: &Array1<i64>,
+    sh: VocabShard,
+    cfg: &CrossEntropy,
+    grad: &mut Array2<f32>,
+) -> Result<xent::CeOutput> {
+    let gpu = agree(comm, xent::GpuContext::new())?;
+    gpu.cross_entropy_vocab_parallel(shard, t.view(), sh, cfg, comm, Some(grad.into()))
+}
+
+#[cfg(not(feature = "gpu"))]
+fn gpu_shard(
+    _: &MpiCollective,
+    _: &Array2<f32>,
+    _: &Array1<i64>,
+    _: VocabShard,
+    _: &CrossEntropy,
+    _: &mut Array2<f32>,
+) -> Result<xent::CeOutput> {
+    Err(XentError::InvalidOption("--gpu needs the `gpu` feature".into()))
 }
 
 fn main() {

@@ -13,7 +13,7 @@ fn row_target(row: u32) -> i32 {
     if (t == P.ignore_index) {
         return -1;
     }
-    if (t < 0 || t >= i32(P.v)) {
+    if (t < 0 || t >= i32(P.v_total)) {
         // Out of range: flagged by the weights pass for the host; device-side consumers see a
         // NaN loss and gradient for the row rather than a plausible number.
         return -2;
@@ -29,10 +29,15 @@ struct RowPart {
     above: f32,
 }
 
+// The class weight of column c (of a vocabulary shard starting at P.class0).
 fn class_w(c: u32) -> f32 {
+    return class_w_global(P.class0 + c);
+}
+
+fn class_w_global(g: u32) -> f32 {
 #if CLASS_W
     if (has(F_CLASS_W)) {
-        return class_weight[c];
+        return class_weight[g];
     }
 #endif
     return 1.0;
@@ -40,7 +45,7 @@ fn class_w(c: u32) -> f32 {
 
 // Smoothed target probability q_c = (1 - eps) y_c + eps / V (F_SOFT).
 fn soft_q(y: f32) -> f32 {
-    return (1.0 - P.smoothing) * y + P.smoothing / f32(P.v);
+    return (1.0 - P.smoothing) * y + P.smoothing / f32(P.v_total);
 }
 
 // acc gathers (sum_c w_c z_c, sum_c w_c) where w_c is the class weight (label smoothing) or
@@ -226,6 +231,15 @@ fn main(
     if (!soft) {
         t = row_target(row);
     }
+    // tg: the global target (or -1 ignored, -2 out of range); t: its column here, -3 when
+    // another vocabulary shard holds it (the row still counts). Without shards t = tg.
+    let tg = t;
+    if (t >= 0) {
+        t = t - i32(P.class0);
+        if (t < 0 || t >= i32(P.v)) {
+            t = -3;
+        }
+    }
     // The target's logit, known before the pass so that the pass can rank it. A gradient pass
     // over one segment of a row reads it only if the segment holds it: with IN_PLACE another
     // segment's workgroup may be overwriting it.
@@ -272,7 +286,9 @@ fn main(
         row_values[b + 1u] = st.s;
         row_values[b + 2u] = acc.x;
         row_values[b + 3u] = acc.y;
-        row_values[b + 4u] = rank;
+        // A shard's record carries the target logit (from the segment holding it) for the host.
+        let here = t >= 0 && u32(t) >= col0 && u32(t) < col1;
+        row_values[b + 4u] = select(rank, select(0.0, zt, here), has(F_SHARD));
     }
     return;
 #else
@@ -301,14 +317,14 @@ fn main(
     }
 #endif
     let eps = P.smoothing;
-    let vf = f32(P.v);
+    let vf = f32(P.v_total);
     var swn = 1.0;
     if (has(F_SAMPLE_W)) {
         swn = sample_weight[row];
     }
     var w = 0.0;
-    if (t >= 0) {
-        w = swn * class_w(u32(t));
+    if (tg >= 0) {
+        w = swn * class_w_global(u32(tg));
     }
     var wtot = vf;
     if (has(F_CLASS_W)) {
@@ -379,9 +395,9 @@ fn main(
     if (soft) {
         k = (a * swn * acc.y + zc) / big_s;
     }
-    let live = t >= 0 || soft;
+    let live = tg >= 0 || soft;
     // A row with an out-of-range target gets a NaN gradient (see `row_target`).
-    let bad = select(0.0, nan_f32(), t == -2);
+    let bad = select(0.0, nan_f32(), tg == -2);
     let gc = GradCoef(m, s, big_s, hard, c0, k, u32(t), P.flags);
     let xb = x_row(r);
     let ob = o_row(r);

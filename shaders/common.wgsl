@@ -43,6 +43,8 @@ const F_UP_ROWS: u32 = 262144u;
 const F_SAVE: u32 = 524288u;
 // A split row's gradient pass reads the statistic saved by an earlier pass.
 const F_FROM_SAVED: u32 = 1048576u;
+// A vocabulary shard (P.class0, P.v of P.v_total classes): segment records carry the target logit.
+const F_SHARD: u32 = 2097152u;
 
 // Mirrored by `Params` in src/gpu/params.rs (a unit test compares the layouts through naga).
 struct Params {

@@ -12,6 +12,8 @@ use xent::dist::{agree, corpus::all_reduce_corpus, row_range, Collective, Merge,
 use xent::sequence::{CorpusEval, SeqMask};
 use xent::*;
 
+mod common;
+
 /// Ranks as threads: each all-reduce gathers every rank's buffer behind a barrier, and every
 /// rank merges them in rank order.
 struct Threads {
@@ -61,9 +63,31 @@ impl Collective for Threads {
     }
 }
 
+/// `x` rounded to `dtype`.
+fn cast(x: Array2<f32>, dtype: DType) -> Tensor2 {
+    let mut t = Tensor2::zeros(dtype, x.dim());
+    t.view_mut().assign_f32(x.view());
+    t
+}
+
+/// Which backend computes each rank's shard.
+#[derive(Clone, Copy, Debug)]
+enum On {
+    Cpu,
+    #[cfg(feature = "gpu")]
+    Gpu(&'static GpuContext),
+}
+
 /// Runs the shards of `x` on `ranks` threads; returns (loss of each rank, the gradient
 /// assembled from the shards).
-fn run(x: &Array2<f32>, t: &Array1<i64>, cfg: &CrossEntropy, ranks: usize) -> (Vec<f64>, Array2<f32>) {
+fn run_on(
+    on: On,
+    x: &Array2<f32>,
+    t: &Array1<i64>,
+    cfg: &CrossEntropy,
+    ranks: usize,
+    dtype: DType,
+) -> (Vec<f64>, Array2<f32>) {
     let v = x.ncols();
     let results: Vec<(f64, usize, Array2<f32>)> = std::thread::scope(|sc| {
         let handles: Vec<_> = Threads::group(ranks)
@@ -71,14 +95,29 @@ fn run(x: &Array2<f32>, t: &Array1<i64>, cfg: &CrossEntropy, ranks: usize) -> (V
             .map(|comm| {
                 sc.spawn(move || {
                     let cols = row_range(v, comm.rank(), comm.size());
-                    let shard = x.slice(s![.., cols.clone()]).to_owned();
-                    let mut g = Array2::<f32>::zeros(shard.dim());
+                    let shard = cast(x.slice(s![.., cols.clone()]).to_owned(), dtype);
+                    let mut g = Array2::<f32>::zeros((x.nrows(), cols.len()));
                     let sh = VocabShard { class0: cols.start, classes: v };
-                    let o = Cpu::with_threads(1)
-                        .unwrap()
-                        .cross_entropy_vocab_parallel(&shard, t.view(), sh, cfg, &comm, Some((&mut g).into()))
-                        .unwrap();
-                    (o.loss, cols.start, g)
+                    let o = match on {
+                        On::Cpu => Cpu::with_threads(1).unwrap().cross_entropy_vocab_parallel(
+                            shard.view(),
+                            t.view(),
+                            sh,
+                            cfg,
+                            &comm,
+                            Some((&mut g).into()),
+                        ),
+                        #[cfg(feature = "gpu")]
+                        On::Gpu(gpu) => gpu.cross_entropy_vocab_parallel(
+                            shard.view(),
+                            t.view(),
+                            sh,
+                            cfg,
+                            &comm,
+                            Some((&mut g).into()),
+                        ),
+                    };
+                    (o.unwrap().loss, cols.start, g)
                 })
             })
             .collect();
@@ -91,34 +130,59 @@ fn run(x: &Array2<f32>, t: &Array1<i64>, cfg: &CrossEntropy, ranks: usize) -> (V
     (results.iter().map(|r| r.0).collect(), grad)
 }
 
+fn backends() -> Vec<On> {
+    #[allow(unused_mut)]
+    let mut v = vec![On::Cpu];
+    #[cfg(feature = "gpu")]
+    {
+        // Whole rows, and rows split into segments (several records per row and rank).
+        v.extend(common::gpu().map(On::Gpu));
+        v.extend(common::gpu_segments().map(On::Gpu));
+    }
+    v
+}
+
 #[test]
 fn shards_equal_one_process_for_every_option() {
     let (n, v) = (29, 301);
-    let (mut x, t) = workload::synthetic(n, v, 3.0, 5, 17);
+    let (mut x, mut t) = workload::synthetic(n, v, 3.0, 5, 17);
     x[[0, 7]] = 60.0; // a confident row
+    t[0] = 7;
     let cw = Array1::from_shape_fn(v, |c| 0.5 + (c % 7) as f32 * 0.2);
     let sw = Array1::from_shape_fn(n, |i| 0.5 + (i % 3) as f32);
-    for cfg in [
-        CrossEntropy::default(),
-        CrossEntropy { class_weight: Some(cw.clone()), sample_weight: Some(sw), ..Default::default() },
-        CrossEntropy { label_smoothing: 0.1, class_weight: Some(cw), z_loss: 1e-3, ..Default::default() },
-        CrossEntropy {
-            reduction: Reduction::Sum,
-            softcap: Some(6.0),
-            temperature: 1.3,
-            label_smoothing: 0.2,
-            ..Default::default()
-        },
-    ] {
-        let r = reference::cross_entropy(&x, &t, &cfg).unwrap();
-        for ranks in [1, 2, 3] {
-            let (losses, g) = run(&x, &t, &cfg, ranks);
-            for l in &losses {
-                assert!((l - r.loss).abs() <= 2e-6 * r.loss.abs().max(1.0), "{ranks} ranks {cfg:?}: {l} vs {}", r.loss);
+    for on in backends() {
+        // The CPU shards compute in f64; the GPU in f32.
+        let (tol_l, tol_g) = if matches!(on, On::Cpu) { (2e-6, 1e-7) } else { (2e-5, 2e-6) };
+        for cfg in [
+            CrossEntropy::default(),
+            CrossEntropy { class_weight: Some(cw.clone()), sample_weight: Some(sw.clone()), ..Default::default() },
+            CrossEntropy { label_smoothing: 0.1, class_weight: Some(cw.clone()), z_loss: 1e-3, ..Default::default() },
+            CrossEntropy {
+                reduction: Reduction::Sum,
+                softcap: Some(6.0),
+                temperature: 1.3,
+                label_smoothing: 0.2,
+                ..Default::default()
+            },
+        ] {
+            for dtype in [DType::F32, DType::BF16] {
+                // The reference sees the logits as the shards hold them.
+                let xr = cast(x.clone(), dtype).to_f32();
+                let r = reference::cross_entropy(&xr, &t, &cfg).unwrap();
+                for ranks in [1, 2, 3] {
+                    let (losses, g) = run_on(on, &xr, &t, &cfg, ranks, dtype);
+                    for l in &losses {
+                        assert!(
+                            (l - r.loss).abs() <= tol_l * r.loss.abs().max(1.0),
+                            "{on:?} {dtype:?} {ranks} ranks {cfg:?}: {l} vs {}",
+                            r.loss
+                        );
+                    }
+                    assert!(losses.iter().all(|l| l.to_bits() == losses[0].to_bits()), "every rank gets the same loss");
+                    let worst = g.iter().zip(r.grad.iter()).fold(0.0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
+                    assert!(worst < tol_g, "{on:?} {dtype:?} {ranks} ranks {cfg:?}: gradient off by {worst}");
+                }
             }
-            assert!(losses.iter().all(|l| l.to_bits() == losses[0].to_bits()), "every rank gets the same loss");
-            let worst = g.iter().zip(r.grad.iter()).fold(0.0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
-            assert!(worst < 1e-7, "{ranks} ranks {cfg:?}: gradient off by {worst}");
         }
     }
 }

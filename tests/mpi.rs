@@ -1,6 +1,7 @@
 //! The vocabulary-parallel example under `mpirun -n 2` and `-n 3` (feature `mpi`; the test
-//! command installs OpenMPI): loss and gradient equal one process's for ignored rows, class
-//! weights, smoothing and z-loss, and a failing rank ends every rank with one message.
+//! command installs OpenMPI), on the CPU and on each rank's GPU: loss and gradient equal one
+//! process's for ignored rows, class weights, smoothing and z-loss, and a failing rank ends
+//! every rank with one message.
 #![cfg(feature = "mpi")]
 
 mod common;
@@ -51,6 +52,34 @@ fn vocabulary_parallel_equals_one_process_on_two_and_three_ranks() {
             assert!(j["max_grad_diff"].as_f64().unwrap() <= 1e-7, "{ranks} ranks {args:?}: {j}");
             assert_eq!(j["ok"], true);
         }
+    }
+}
+
+#[test]
+#[cfg(feature = "gpu")]
+fn vocabulary_parallel_on_each_ranks_gpu() {
+    if common::gpu().is_none() {
+        return; // no adapter and XENT_REQUIRE_GPU unset (set, `gpu()` fails the test)
+    }
+    for ranks in [2, 3] {
+        let args = [
+            "--gpu",
+            "--rows",
+            "96",
+            "--classes",
+            "5003",
+            "--ignore-every",
+            "4",
+            "--class-weights",
+            "--smoothing",
+            "0.1",
+            "--z-loss",
+            "1e-3",
+        ];
+        let j = json(&common::mpirun(ranks, &example(), &args));
+        assert_eq!(j["backend"], "gpu");
+        assert_eq!(j["ok"], true, "{ranks} ranks: {j}");
+        assert!(j["max_grad_diff"].as_f64().unwrap() <= 1e-5, "{j}");
     }
 }
 

@@ -9,7 +9,7 @@ mod hessian;
 mod linear;
 mod log_softmax;
 pub mod reference;
-pub use vocab::VocabShard;
+pub use crate::dist::vocab::VocabShard;
 mod simd;
 mod vocab;
 

@@ -1,52 +1,16 @@
-//! Vocabulary-parallel cross-entropy on the CPU (Megatron-LM's layout): each rank holds the
-//! logits of a slice of the vocabulary, `[N, V_local]`. Each row's shard gives a record
-//! `(max, sum, target logit, sum w_c z_c, sum w_c)`; **one** all-reduce with a merge function
-//! combines them (the `(max, sum)` pair merged as the kernels merge lanes, the rest summed), after
-//! which every rank knows each row's log-sum-exp over the whole vocabulary and writes its own
-//! slice of the gradient with no further communication. Label smoothing uses the global `V`
-//! and the global class-weight sum (exact, unlike a per-partition approximation).
+//! Vocabulary-parallel cross-entropy on the CPU: this shard's row records in f64, one
+//! all-reduce, and this shard's gradient (the shared logic is in [`crate::dist::vocab`]).
 
-use ndarray::{Array1, Axis};
+use ndarray::Axis;
 use rayon::prelude::*;
 
 use super::Cpu;
-use crate::api::config::{CeOutput, CrossEntropy, Reduction, Totals};
+use crate::api::config::{CeOutput, CrossEntropy, Reduction};
 use crate::api::targets::Targets;
+use crate::dist::vocab::{check, finish, merge, VocabShard, REC};
 use crate::dist::Collective;
 use crate::dtype::{Logits, LogitsMut};
-use crate::error::{Result, XentError};
-
-/// Where a rank's logit shard sits in the vocabulary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct VocabShard {
-    /// Global index of the shard's first class.
-    pub class0: usize,
-    /// Classes of the whole vocabulary (`V`).
-    pub classes: usize,
-}
-
-/// Floats per row record: max, sum (all but one occurrence of the max), target logit,
-/// sum of class-weighted logits, sum of class weights.
-const REC: usize = 5;
-
-/// Merges two row records (the all-reduce's operation).
-fn merge(x: &[f64], acc: &mut [f64]) {
-    let (am, asum, bm, bsum) = (acc[0], acc[1], x[0], x[1]);
-    let (m, s) = if bm == f64::NEG_INFINITY {
-        (am, asum + bsum)
-    } else if am == f64::NEG_INFINITY {
-        (bm, asum + bsum)
-    } else if am >= bm {
-        (am, asum + (bsum + 1.0) * (bm - am).exp())
-    } else {
-        (bm, bsum + (asum + 1.0) * (am - bm).exp())
-    };
-    acc[0] = m;
-    acc[1] = s;
-    for k in 2..REC {
-        acc[k] += x[k];
-    }
-}
+use crate::error::Result;
 
 /// `z = softcap(x / T)` and `dz/dx`.
 fn transform(x: f64, cfg: &CrossEntropy) -> (f64, f64) {
@@ -98,38 +62,10 @@ impl Cpu {
         comm.all_reduce_with(&mut rec, REC, merge)?;
         let cw = |c: usize| cfg.class_weight.as_ref().map_or(1.0, |w| w[c] as f64);
         let (smooth, c0) = (cfg.label_smoothing > 0.0, shard.class0);
-        let totals = Totals::of(&targets, cfg);
-        let (den_w, den_n) = match cfg.totals {
-            Some(t) => (t.weight_sum, t.counted as f64),
-            None => (totals.weight_sum, totals.counted as f64),
-        };
+        let fin = finish(&rec, &t, &targets, cfg, v);
+        let (den_w, den_n) = (fin.den_w, fin.den_n);
         let (eps, zl, vf) = (cfg.label_smoothing as f64, cfg.z_loss as f64, v as f64);
         let wtot_global = if cfg.class_weight.is_some() { None } else { Some(vf) };
-        let (mut loss_w, mut lse2) = (0.0, 0.0);
-        let mut row_loss = vec![0f32; n];
-        let mut row_lse = vec![0f32; n];
-        for (i, r) in rec.chunks(REC).enumerate() {
-            let y = t[i];
-            let lse = r[0] + r[1].ln_1p();
-            row_lse[i] = lse as f32;
-            if y == cfg.ignore_index {
-                continue;
-            }
-            let sw = cfg.sample_weight.as_ref().map_or(1.0, |w| w[i] as f64);
-            let w = sw * cw(y as usize);
-            let wtot = wtot_global.unwrap_or(r[4]);
-            let mut l = w * (1.0 - eps) * (lse - r[2]);
-            if smooth {
-                l += sw * (eps / vf) * (wtot * lse - r[3]);
-            }
-            loss_w += l;
-            lse2 += lse * lse;
-            row_loss[i] = (l + zl * lse * lse) as f32;
-        }
-        let loss = match cfg.reduction {
-            Reduction::Mean => loss_w / den_w + if zl > 0.0 { zl * lse2 / den_n } else { 0.0 },
-            _ => loss_w + zl * lse2,
-        };
         if let Some(g) = grad.as_mut() {
             let gs = cfg.grad_scale as f64;
             let (a, b) = match cfg.reduction {
@@ -172,18 +108,7 @@ impl Cpu {
             });
             g.assign_f32(out.view());
         }
-        let per_row = cfg.per_row || cfg.reduction == Reduction::None;
-        Ok(CeOutput {
-            loss,
-            counted: totals.counted,
-            weight_sum: totals.weight_sum,
-            row_loss: per_row.then(|| Array1::from(row_loss)),
-            row_lse: cfg.per_row.then(|| Array1::from(row_lse)),
-            grad: None,
-            row_max: None,
-            row_rank: None,
-            row_gap: None,
-        })
+        Ok(fin.out)
     }
 
     /// The checks of [`Self::cross_entropy_vocab_parallel`] and this shard's record of every row.
@@ -195,29 +120,8 @@ impl Cpu {
         cfg: &CrossEntropy,
         grad_dim: Option<(usize, usize)>,
     ) -> Result<(Vec<i64>, ndarray::Array2<f32>, Vec<f64>)> {
-        let (n, vl) = x.dim();
-        let v = shard.classes;
-        if shard.class0 + vl > v {
-            return Err(XentError::Shape(format!(
-                "a shard of {vl} classes at {} passes the vocabulary's {v}",
-                shard.class0
-            )));
-        }
-        if matches!(targets, Targets::Probs(_)) {
-            return Err(XentError::InvalidOption("vocabulary-parallel cross-entropy takes class-index targets".into()));
-        }
-        crate::check::cross_entropy((n, v), targets, cfg)?;
-        crate::check::class_targets(targets, v, cfg.ignore_index)?;
-        if let Some(g) = grad_dim {
-            if g != (n, vl) {
-                return Err(XentError::Shape(format!("gradient {g:?} and logit shard {:?} differ in shape", (n, vl))));
-            }
-        }
-        let t: Vec<i64> = match targets {
-            Targets::I64(t) => t.to_vec(),
-            Targets::I32(t) => t.iter().map(|&y| y as i64).collect(),
-            Targets::Probs(_) => unreachable!("checked"),
-        };
+        let n = x.dim().0;
+        let t = check(x.dim(), targets, shard, cfg, grad_dim)?;
         let cw = |c: usize| cfg.class_weight.as_ref().map_or(1.0, |w| w[c] as f64);
         let smooth = cfg.label_smoothing > 0.0;
         let xf = x.to_f32();

@@ -7,6 +7,9 @@
 use crate::error::{Result, XentError};
 
 pub mod corpus;
+pub mod vocab;
+
+pub use vocab::VocabShard;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 

@@ -91,6 +91,7 @@ pub(crate) mod flags {
     pub const UP_ROWS: u32 = 262144;
     pub const SAVE: u32 = 524288;
     pub const FROM_SAVED: u32 = 1048576;
+    pub const SHARD: u32 = 2097152;
 }
 
 /// Bytes between per-dispatch parameter blocks in the uniform buffer (the largest

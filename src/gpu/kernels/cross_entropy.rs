@@ -110,24 +110,26 @@ pub struct CeBackward<'a> {
 /// # Ok(()) }
 /// ```
 pub struct CePlan {
-    ctx: GpuContext,
-    n: usize,
-    v: usize,
-    dtype: DType,
-    cfg: CrossEntropy,
-    class_weight: Option<Pooled>,
-    sample_weight: Option<Pooled>,
-    scalars: Pooled,
-    scalars_init: Pooled,
-    rows: Pooled,
+    pub(crate) ctx: GpuContext,
+    pub(crate) n: usize,
+    pub(crate) v: usize,
+    pub(crate) dtype: DType,
+    pub(crate) cfg: CrossEntropy,
+    pub(crate) class_weight: Option<Pooled>,
+    pub(crate) sample_weight: Option<Pooled>,
+    pub(crate) scalars: Pooled,
+    pub(crate) scalars_init: Pooled,
+    pub(crate) rows: Pooled,
     /// Invocations per workgroup of the row pass.
-    wg: u16,
+    pub(crate) wg: u16,
     /// Columns per segment (`v`: whole rows) and segments per row.
-    seg_len: usize,
-    parts: usize,
+    pub(crate) seg_len: usize,
+    pub(crate) parts: usize,
     /// The last parameter blocks and their buffer (forward and backward passes).
     params: ParamsCache,
     backward_params: ParamsCache,
+    /// The vocabulary shard the plan's columns are (see `super::vocab`).
+    pub(crate) shard: Option<crate::dist::VocabShard>,
 }
 
 impl std::fmt::Debug for CePlan {
@@ -137,16 +139,16 @@ impl std::fmt::Debug for CePlan {
 }
 
 /// Per-row results a plan writes (loss, lse, max, rank, gap).
-const ROW_VECTORS: u64 = 5;
+pub(crate) const ROW_VECTORS: u64 = 5;
 /// Floats per row of the statistic a forward pass saves for a backward pass.
-const SAVED: u64 = 3;
+pub(crate) const SAVED: u64 = 3;
 
 /// Floats of a plan's row buffer: row vectors, saved statistics, segment partials.
-fn row_floats(n: usize, parts: usize) -> usize {
-    (ROW_VECTORS + SAVED) as usize * n.max(1) + if parts > 1 { 5 * n * parts } else { 0 }
+fn row_floats(n: usize, parts: usize, shard: bool) -> usize {
+    (ROW_VECTORS + SAVED) as usize * n.max(1) + if parts > 1 || shard { 5 * n * parts } else { 0 }
 }
 
-fn base_params(cfg: &CrossEntropy, n: usize, v: usize, ignore_index: i32, soft: bool) -> Params {
+pub(crate) fn base_params(cfg: &CrossEntropy, n: usize, v: usize, ignore_index: i32, soft: bool) -> Params {
     let mut f = if soft { flags::SOFT } else { 0 };
     let on = |c: bool, bit: u32| if c { bit } else { 0 };
     f |= on(cfg.class_weight.is_some(), flags::CLASS_W);
@@ -188,9 +190,36 @@ impl CePlan {
         CePlan::new(ctx, n, v, dtype, cfg, true)
     }
 
+    /// A pooled plan over `v` columns of a vocabulary shard (class weights are the global `[V]`).
+    pub(crate) fn new_shard(
+        ctx: &GpuContext,
+        n: usize,
+        v: usize,
+        dtype: DType,
+        cfg: &CrossEntropy,
+        shard: crate::dist::VocabShard,
+    ) -> Result<CePlan> {
+        let mut plan = CePlan::new_with(ctx, n, v, dtype, cfg, true, Some(shard))?;
+        plan.shard = Some(shard);
+        Ok(plan)
+    }
+
     fn new(ctx: &GpuContext, n: usize, v: usize, dtype: DType, cfg: &CrossEntropy, pooled: bool) -> Result<CePlan> {
+        CePlan::new_with(ctx, n, v, dtype, cfg, pooled, None)
+    }
+
+    fn new_with(
+        ctx: &GpuContext,
+        n: usize,
+        v: usize,
+        dtype: DType,
+        cfg: &CrossEntropy,
+        pooled: bool,
+        shard: Option<crate::dist::VocabShard>,
+    ) -> Result<CePlan> {
         let ignored: Targets = Targets::I32(ndarray::ArrayView1::from(&[][..]));
-        crate::check::cross_entropy((0, v), &ignored, &CrossEntropy { sample_weight: None, ..cfg.clone() })?;
+        let classes = shard.map_or(v, |s| s.classes);
+        crate::check::cross_entropy((0, classes), &ignored, &CrossEntropy { sample_weight: None, ..cfg.clone() })?;
         if let Some(w) = &cfg.sample_weight {
             if w.len() != n {
                 return Err(XentError::Shape(format!(
@@ -225,7 +254,7 @@ impl CePlan {
         let (wg, seg_len) = ctx.ce_layout(n, v, cfg.gaps);
         let parts = v.div_ceil(seg_len.max(1)).max(1);
         let usage = U::STORAGE | U::COPY_SRC | U::COPY_DST;
-        let rows = alloc((row_floats(n, parts) * 4) as u64, usage, "row results")?;
+        let rows = alloc((row_floats(n, parts, shard.is_some()) * 4) as u64, usage, "row results")?;
         Ok(CePlan {
             ctx: ctx.clone(),
             n,
@@ -242,6 +271,7 @@ impl CePlan {
             parts,
             params: ParamsCache::new(pooled),
             backward_params: ParamsCache::new(pooled),
+            shard,
         })
     }
 
@@ -269,8 +299,8 @@ impl CePlan {
     }
 
     /// Bytes of per-row results and segment partials.
-    fn rows_bytes(&self) -> u64 {
-        (row_floats(self.n, self.parts) * 4) as u64
+    pub(crate) fn rows_bytes(&self) -> u64 {
+        (row_floats(self.n, self.parts, self.shard.is_some()) * 4) as u64
     }
 
     /// Segments each row is split into (1: one workgroup per row).

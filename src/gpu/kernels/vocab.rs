@@ -1,0 +1,198 @@
+//! Vocabulary-parallel cross-entropy on the GPU (see [`crate::dist::vocab`]): the row pass's
+//! segment-statistic variant over this rank's shard writes each (row, segment) record (max,
+//! sum, smoothing sums, and the target logit from the segment that holds it); the host merges
+//! a row's segments and the ranks' records (one all-reduce) and finishes the loss; the
+//! gradient pass then runs from the merged statistic, as a backward pass runs from a saved
+//! one, with the global class count, class weights and denominators. Only 20 bytes per row
+//! and segment come back to the host; the logits are read twice on the device.
+
+use super::cross_entropy::{base_params, CePlan, ROW_VECTORS, SAVED};
+use crate::api::config::{CeOutput, CrossEntropy};
+use crate::api::targets::Targets;
+use crate::dist::vocab::{check, finish, merge, VocabShard, REC};
+use crate::dist::{agree, Collective};
+use crate::dtype::{DType, Logits, LogitsMut};
+use crate::error::Result;
+use crate::gpu::context::GpuContext;
+use crate::gpu::launch::{Bind, Groups, Launch, ParamsCache, Recorder, Skip};
+use crate::gpu::params::{flags, Params, SCALARS};
+use crate::gpu::pool::Pooled;
+use crate::gpu::source::{Seg, Shader, Variant};
+
+use wgpu::BufferUsages as U;
+
+/// The device side of one call: the shard's plan and its uploaded logits and targets.
+struct Shard {
+    plan: CePlan,
+    logits: Pooled,
+    targets: Pooled,
+}
+
+impl Shard {
+    /// The row pass over the shard (statistics, or the gradient from the merged statistic).
+    fn launch<'a>(&'a self, variant: Variant, params: Params, grad: Option<(&'a Pooled, DType)>) -> Result<Launch<'a>> {
+        let p = &self.plan;
+        let mut l = Launch::new(p.ctx.kernel(Shader::CeFused, variant)?, params, p.n, p.v)
+            .groups(Groups::PerRowTimes(p.parts))
+            .bind(5, Bind::first(&p.scalars, SCALARS))
+            .bind(6, Bind::first(&p.rows, p.rows_bytes()))
+            .rows(1, &self.logits, 0, p.dtype.size(), Skip::X)
+            .bind(2, Bind::first(&self.targets, p.n as u64 * 4));
+        if let Some(cw) = p.class_weight.as_deref() {
+            l = l.bind(3, Bind::all(cw));
+        }
+        if let Some(sw) = p.sample_weight.as_deref() {
+            l = l.bind(4, Bind::all(sw));
+        }
+        if let Some((g, d)) = grad {
+            l = l.rows(8, g, 0, d.size(), Skip::O);
+        }
+        Ok(l)
+    }
+
+    fn variant(&self, seg: Seg, grad: bool, output: DType) -> Variant {
+        let (p, cfg) = (&self.plan, &self.plan.cfg);
+        Variant {
+            input: p.dtype,
+            output,
+            vec4: p.v % 4 == 0,
+            odd: grad && p.v % 2 == 1 && output != DType::F32 && p.v % 4 != 0,
+            subgroup: p.ctx.subgroups,
+            grad,
+            extras: cfg.label_smoothing > 0.0,
+            wg: p.wg,
+            seg,
+            transform: cfg.temperature != 1.0 || cfg.softcap.is_some(),
+            class_w: cfg.class_weight.is_some(),
+            ..Default::default()
+        }
+    }
+
+    fn params(&self, extra: u32) -> Params {
+        let p = &self.plan;
+        let shard = p.shard.expect("a shard plan");
+        let mut base = base_params(&p.cfg, p.n, p.v, i32::MIN, false);
+        base.flags &= !(flags::RANK | flags::GAP | flags::SAVE);
+        base.flags |= flags::SHARD | extra;
+        let parts = p.parts as u32;
+        Params {
+            v_total: shard.classes as u32,
+            class0: shard.class0 as u32,
+            segs: parts,
+            seg_len: p.seg_len as u32,
+            parts,
+            ..base
+        }
+    }
+
+    /// This shard's record of every row (`REC` f64 each), its segments merged.
+    fn records(&self) -> Result<Vec<f64>> {
+        let p = &self.plan;
+        let (n, parts) = (p.n, p.parts);
+        let mut rec = vec![0f64; n * REC];
+        if n == 0 {
+            return Ok(rec);
+        }
+        let stat = self.launch(self.variant(Seg::Stat, false, DType::F32), self.params(0), None)?;
+        let mut r = Recorder::new(&p.ctx);
+        r.push(stat)?;
+        let params = ParamsCache::new(true).get(&r)?;
+        let mut enc = p.ctx.device.create_command_encoder(&Default::default());
+        r.record(&mut enc, &params)?;
+        // Segment records: 5 f32 per (row, segment) after the row vectors and saved statistics.
+        let mut raw = vec![0f32; 5 * n * parts];
+        let offset = (ROW_VECTORS + SAVED) * n as u64 * 4;
+        p.ctx.read_back(&p.rows, offset, bytemuck::cast_slice_mut(&mut raw), Some(enc))?;
+        for (row, out) in rec.chunks_mut(REC).enumerate() {
+            out.copy_from_slice(&[f64::NEG_INFINITY, 0.0, 0.0, 0.0, 0.0]);
+            for g in raw[5 * row * parts..5 * (row + 1) * parts].chunks(5) {
+                // Device order: max, sum, sum w z, sum w, target logit.
+                merge(&[g[0] as f64, g[1] as f64, g[4] as f64, g[2] as f64, g[3] as f64], out);
+            }
+        }
+        Ok(rec)
+    }
+}
+
+impl GpuContext {
+    /// Cross-entropy over a vocabulary split across the ranks of `comm`, on the GPU: this
+    /// rank's logits `[N, V_local]` (f32, f16 or bf16) cover classes `shard.class0 ..` of
+    /// `shard.classes`; `targets [N]` are global class indices. Semantics, options and result
+    /// are those of [`crate::Cpu::cross_entropy_vocab_parallel`]; the shard's gradient goes to
+    /// `grad` (any dtype). One all-reduce of five f64 per row.
+    ///
+    /// ```no_run
+    /// use ndarray::array;
+    /// use xent::{dist::{SingleProcess, VocabShard}, CrossEntropy, GpuContext};
+    /// let gpu = GpuContext::new()?;
+    /// let x = array![[2.0f32, 0.5, -1.0, 0.0]];
+    /// let shard = VocabShard { class0: 0, classes: 4 };
+    /// let out = gpu.cross_entropy_vocab_parallel(&x, &[0i64][..], shard, &CrossEntropy::default(), &SingleProcess, None)?;
+    /// # Ok::<(), xent::XentError>(())
+    /// ```
+    pub fn cross_entropy_vocab_parallel<'a, 'b>(
+        &self,
+        logits: impl Into<Logits<'a>>,
+        targets: impl Into<Targets<'b>>,
+        shard: VocabShard,
+        cfg: &CrossEntropy,
+        comm: &dyn Collective,
+        grad: Option<LogitsMut<'_>>,
+    ) -> Result<CeOutput> {
+        let (x, targets) = (logits.into(), targets.into());
+        let (n, vl) = x.dim();
+        // Checks, uploads and this shard's records; then one agreement, so that a rank that
+        // fails here does not leave the others waiting in the all-reduce.
+        let local = (|| -> Result<(Vec<i64>, Shard, Vec<f64>)> {
+            let t = check(x.dim(), &targets, shard, cfg, grad.as_ref().map(|g| g.dim()))?;
+            let plan_cfg =
+                CrossEntropy { ignore_index: i32::MIN as i64, ranks: false, gaps: false, totals: None, ..cfg.clone() };
+            let plan = CePlan::new_shard(self, n, vl, x.dtype(), &plan_cfg, shard)?;
+            let ti: Vec<i32> = t.iter().map(|&y| if y == cfg.ignore_index { i32::MIN } else { y as i32 }).collect();
+            let logits = self.upload(&x.bytes(), U::STORAGE, "logits shard")?;
+            let targets = self.upload(bytemuck::cast_slice(&ti), U::STORAGE, "targets")?;
+            let dev = Shard { plan, logits, targets };
+            let rec = dev.records()?;
+            Ok((t, dev, rec))
+        })();
+        let (t, dev, mut rec) = agree(comm, local)?;
+        comm.all_reduce_with(&mut rec, REC, merge)?;
+        for r in rec.chunks_mut(REC) {
+            if r[0] == f64::INFINITY {
+                r[1] = f64::NAN; // as one pass: a +inf logit makes the row NaN
+            }
+        }
+        let fin = finish(&rec, &t, &targets, cfg, shard.classes);
+        let Some(mut dst) = grad else { return Ok(fin.out) };
+        if n == 0 || vl == 0 {
+            return Ok(fin.out);
+        }
+        // The merged statistic where a backward pass finds a saved one: max, sum, weight sum.
+        let p = &dev.plan;
+        let saved: Vec<f32> = rec.chunks(REC).flat_map(|r| [r[0] as f32, r[1] as f32, r[4] as f32]).collect();
+        self.write(&p.rows, ROW_VECTORS * n as u64 * 4, bytemuck::cast_slice(&saved))?;
+        let gdtype = dst.dtype();
+        let gb = self.take((n * vl * gdtype.size()) as u64, U::STORAGE | U::COPY_SRC, "gradient shard")?;
+        let params = Params {
+            den_w: fin.den_w as f32,
+            den_n: fin.den_n as f32,
+            ..dev.params(flags::FROM_SAVED | flags::EXT_DENOM)
+        };
+        let l = dev.launch(dev.variant(Seg::Finish, true, gdtype), params, Some((&gb, gdtype)))?;
+        let mut r = Recorder::new(self);
+        r.push(l)?;
+        let pb = ParamsCache::new(true).get(&r)?;
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        r.record(&mut enc, &pb)?;
+        match dst.bytes_mut() {
+            Some(b) => self.read_back(&gb, 0, b, Some(enc))?,
+            None => {
+                // A strided destination: through a contiguous copy of its dtype.
+                let mut tmp = crate::dtype::Tensor2::zeros(gdtype, (n, vl));
+                self.read_back(&gb, 0, tmp.view_mut().bytes_mut().expect("fresh"), Some(enc))?;
+                dst.assign_f32(tmp.to_f32().view());
+            }
+        }
+        Ok(fin.out)
+    }
+}
