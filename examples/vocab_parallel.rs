@@ -6,15 +6,19 @@
 //! non-zero when they differ beyond f32 tolerance.
 //!
 //! Run: `mpirun -n 2 target/release/examples/vocab_parallel [--rows N] [--classes V]
-//! [--smoothing E] [--z-loss Z] [--class-weights] [--ignore-every K] [--fail-rank R] [--gpu]`
+//! [--smoothing E] [--z-loss Z] [--class-weights] [--ignore-every K] [--fail-rank R] [--gpu]
+//! [--linear D]`
 //! (build: `cargo build --release --features mpi --example vocab_parallel`).
 //! `--fail-rank R` gives rank R a gradient of the wrong shape: every rank must then stop with
 //! that one error, none waiting. `--gpu` computes each rank's shard on its GPU (feature `gpu`).
+//! `--linear D` shards a linear layer's weight `[V, D]` instead (fused linear cross-entropy
+//! from hidden states `[N, D]`): `max_grad_diff` then covers `grad_hidden` and this rank's
+//! rows of `grad_weight`.
 
 use ndarray::{s, Array1, Array2};
 use xent::cpu::VocabShard;
 use xent::dist::{agree, mpi::MpiCollective, row_range, Collective};
-use xent::{workload, Cpu, CrossEntropy, Result, XentError};
+use xent::{workload, Cpu, CrossEntropy, LinearCe, Result, XentError};
 
 struct Args {
     rows: usize,
@@ -25,6 +29,7 @@ struct Args {
     ignore_every: usize,
     fail_rank: Option<usize>,
     gpu: bool,
+    linear: Option<usize>,
 }
 
 fn args() -> Result<Args> {
@@ -37,6 +42,7 @@ fn args() -> Result<Args> {
         ignore_every: 0,
         fail_rank: None,
         gpu: false,
+        linear: None,
     };
     let mut it = std::env::args().skip(1);
     let bad = |w: &str| XentError::InvalidOption(format!("bad value for {w}"));
@@ -51,6 +57,7 @@ fn args() -> Result<Args> {
             "--fail-rank" => a.fail_rank = Some(val()?.parse().map_err(|_| bad("--fail-rank"))?),
             "--class-weights" => a.class_weights = true,
             "--gpu" => a.gpu = true,
+            "--linear" => a.linear = Some(val()?.parse().map_err(|_| bad("--linear"))?),
             other => return Err(XentError::InvalidOption(format!("unknown argument {other}"))),
         }
     }
@@ -63,14 +70,17 @@ fn run(comm: &MpiCollective) -> Result<()> {
     if comm.size() > v {
         return Err(XentError::InvalidOption(format!("{} ranks for {v} classes", comm.size())));
     }
-    // The same seeded workload on every rank; this rank keeps its columns.
-    let (x, t) = workload::try_synthetic(n, v, 4.0, a.ignore_every, 42)?;
     let cfg = CrossEntropy {
         label_smoothing: a.smoothing,
         z_loss: a.z_loss,
         class_weight: a.class_weights.then(|| Array1::from_shape_fn(v, |c| 0.25 + (c % 11) as f32 * 0.15)),
         ..Default::default()
     };
+    if let Some(d) = a.linear {
+        return run_linear(comm, &a, d, cfg);
+    }
+    // The same seeded workload on every rank; this rank keeps its columns.
+    let (x, t) = workload::try_synthetic(n, v, 4.0, a.ignore_every, 42)?;
     let cols = row_range(v, comm.rank(), comm.size());
     let shard = x.slice(s![.., cols.clone()]).to_owned();
     let gcols = if a.fail_rank == Some(comm.rank()) { cols.len() + 1 } else { cols.len() };
@@ -90,26 +100,67 @@ fn run(comm: &MpiCollective) -> Result<()> {
     let mut diff =
         [grad.iter().zip(whole.slice(s![.., cols]).iter()).fold(0.0f64, |m, (&a, &b)| m.max((a - b).abs() as f64))];
     comm.all_reduce_max(&mut diff)?;
-    let rel = (out.loss - single.loss).abs() / single.loss.abs().max(1.0);
     // f64 records on the CPU; f32 on the GPU.
-    let ok = rel <= 1e-5 && diff[0] <= if a.gpu { 1e-5 } else { 1e-6 };
+    let tol = if a.gpu { 1e-5 } else { 1e-6 };
+    report(comm, &a, if a.gpu { "gpu" } else { "cpu" }, (out.loss, single.loss), diff[0], tol, seconds)
+}
+
+/// Rank 0's JSON line; an error (on every rank) when the results differ beyond `tol`.
+fn report(
+    comm: &MpiCollective,
+    a: &Args,
+    backend: &str,
+    (loss, single): (f64, f64),
+    diff: f64,
+    tol: f64,
+    seconds: f64,
+) -> Result<()> {
+    let ok = (loss - single).abs() <= 1e-5 * single.abs().max(1.0) && diff <= tol;
     if comm.rank() == 0 {
         println!(
-            "{{\"ranks\": {}, \"loss\": {}, \"loss_single\": {}, \"max_grad_diff\": {:e}, \"rows\": {n}, \"classes\": {v}, \"backend\": \"{}\", \"seconds\": {seconds:.4}, \"ok\": {ok}}}",
+            "{{\"ranks\": {}, \"loss\": {loss}, \"loss_single\": {single}, \"max_grad_diff\": {diff:e}, \"rows\": {}, \"classes\": {}, \"backend\": \"{backend}\", \"seconds\": {seconds:.4}, \"ok\": {ok}}}",
             comm.size(),
-            out.loss,
-            single.loss,
-            diff[0],
-            if a.gpu { "gpu" } else { "cpu" }
+            a.rows,
+            a.classes
         );
     }
     if !ok {
         return Err(XentError::InvalidOption(format!(
-            "vocabulary-parallel result differs: loss {} vs {}, gradient by {:e}",
-            out.loss, single.loss, diff[0]
+            "vocabulary-parallel result differs: loss {loss} vs {single}, gradient by {diff:e}"
         )));
     }
     Ok(())
+}
+
+/// `--linear D`: the weight `[V, D]` split by rows (vocabulary) across the ranks.
+fn run_linear(comm: &MpiCollective, a: &Args, d: usize, cfg: CrossEntropy) -> Result<()> {
+    let (n, v) = (a.rows, a.classes);
+    let (h, _) = workload::try_synthetic(n, d, 1.0, 0, 7)?;
+    let (w, _) = workload::try_synthetic(v, d, 0.3, 0, 8)?;
+    let t = Array1::from_shape_fn(n, |i| {
+        if a.ignore_every > 0 && i % a.ignore_every == a.ignore_every - 1 {
+            -100
+        } else {
+            ((i * 7919) % v) as i64
+        }
+    });
+    let rows = row_range(v, comm.rank(), comm.size());
+    let ws = w.slice(s![rows.clone(), ..]).to_owned();
+    let cfg = LinearCe { ce: cfg, grad_bias: false, ..Default::default() };
+    let cpu = Cpu::new();
+    let sh = VocabShard { class0: rows.start, classes: v };
+    let started = std::time::Instant::now();
+    let out = cpu.linear_cross_entropy_vocab_parallel(&h, &ws, None, t.view(), sh, &cfg, comm)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let single = cpu.linear_cross_entropy(&h, &w, None, t.view(), &cfg)?;
+    let max_diff = |a: &Array2<f32>, b: ndarray::ArrayView2<f32>| {
+        a.iter().zip(b.iter()).fold(0.0f64, |m, (x, y)| m.max((x - y).abs() as f64))
+    };
+    let (gh, gw) = (out.grad_hidden.expect("asked").to_f32(), out.grad_weight.expect("asked").to_f32());
+    let (sh_gh, sh_gw) = (single.grad_hidden.expect("asked").to_f32(), single.grad_weight.expect("asked").to_f32());
+    let mut diff = [max_diff(&gh, sh_gh.view()).max(max_diff(&gw, sh_gw.slice(s![rows, ..])))];
+    comm.all_reduce_max(&mut diff)?;
+    report(comm, a, "cpu-linear", (out.loss, single.loss), diff[0], 1e-5, seconds)
 }
 
 /// This rank's shard on its GPU (every rank agrees first that each has one).

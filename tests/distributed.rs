@@ -303,3 +303,65 @@ fn a_failing_rank_stops_every_rank_with_its_message() {
     // No failure: every rank goes on.
     assert!(on_ranks(2, |comm| agree(comm, Ok(1))).iter().all(|r| r.is_ok()));
 }
+
+#[test]
+fn sharded_linear_layer_equals_one_process() {
+    let (n, d, v) = (37, 24, 203);
+    let (h, mut t) = workload::synthetic(n, d, 1.0, 0, 3);
+    let (w, _) = workload::synthetic(v, d, 0.5, 0, 4);
+    for (i, y) in t.iter_mut().enumerate() {
+        *y = if i % 6 == 5 { -100 } else { ((i * 29) % v) as i64 };
+    }
+    let bias = Array1::from_shape_fn(v, |c| (c % 5) as f32 * 0.1 - 0.2);
+    let cw = Array1::from_shape_fn(v, |c| 0.5 + (c % 7) as f32 * 0.2);
+    let cpu = Cpu::with_threads(2).unwrap();
+    for ce in [
+        CrossEntropy::default(),
+        CrossEntropy { label_smoothing: 0.1, class_weight: Some(cw), z_loss: 1e-3, ..Default::default() },
+        CrossEntropy { reduction: Reduction::Sum, softcap: Some(5.0), per_row: true, ..Default::default() },
+    ] {
+        // Small workspaces: several row chunks per pass.
+        let cfg = LinearCe { ce, workspace_bytes: Some(8 * 60 * 4), ..Default::default() };
+        let whole = cpu.linear_cross_entropy(&h, &w, Some(bias.view()), t.view(), &cfg).unwrap();
+        let whole_gw = whole.grad_weight.as_ref().unwrap().to_f32();
+        let whole_gh = whole.grad_hidden.as_ref().unwrap().to_f32();
+        for ranks in [1, 2, 3] {
+            let outs = on_ranks(ranks, |comm| {
+                let rows = row_range(v, comm.rank(), comm.size());
+                let ws = w.slice(s![rows.clone(), ..]).to_owned();
+                let bs = bias.slice(s![rows.clone()]).to_owned();
+                let sh = VocabShard { class0: rows.start, classes: v };
+                (
+                    rows.start,
+                    cpu.linear_cross_entropy_vocab_parallel(&h, &ws, Some(bs.view()), t.view(), sh, &cfg, comm)
+                        .unwrap(),
+                )
+            });
+            let mut gw = Array2::<f32>::zeros((v, d));
+            let mut gb = Array1::<f32>::zeros(v);
+            for (c0, o) in &outs {
+                assert!(
+                    (o.loss - whole.loss).abs() <= 1e-5 * whole.loss.abs().max(1.0),
+                    "{ranks} ranks: {} vs {}",
+                    o.loss,
+                    whole.loss
+                );
+                let gh = o.grad_hidden.as_ref().unwrap().to_f32();
+                let worst = gh.iter().zip(whole_gh.iter()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(worst < 2e-6, "{ranks} ranks: grad_hidden off by {worst}");
+                let g = o.grad_weight.as_ref().unwrap().to_f32();
+                gw.slice_mut(s![*c0..*c0 + g.nrows(), ..]).assign(&g);
+                let b = o.grad_bias.as_ref().unwrap();
+                gb.slice_mut(s![*c0..*c0 + b.len()]).assign(b);
+                if let (Some(a), Some(b)) = (&o.row_loss, &whole.row_loss) {
+                    let worst = a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+                    assert!(worst < 1e-5, "row losses off by {worst}");
+                }
+            }
+            let worst = gw.iter().zip(whole_gw.iter()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(worst < 2e-6, "{ranks} ranks: grad_weight off by {worst}");
+            let worst = gb.iter().zip(whole.grad_bias.as_ref().unwrap()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(worst < 2e-6, "{ranks} ranks: grad_bias off by {worst}");
+        }
+    }
+}

@@ -26,7 +26,7 @@ fn json(out: &std::process::Output) -> serde_json::Value {
 
 #[test]
 fn vocabulary_parallel_equals_one_process_on_two_and_three_ranks() {
-    let options: [&[&str]; 3] = [
+    let options: [&[&str]; 4] = [
         &["--rows", "300", "--classes", "4099"],
         &[
             "--rows",
@@ -42,6 +42,22 @@ fn vocabulary_parallel_equals_one_process_on_two_and_three_ranks() {
             "1e-3",
         ],
         &["--rows", "64", "--classes", "32000", "--smoothing", "0.05", "--ignore-every", "3"],
+        // A linear layer's weight split by vocabulary (grad_hidden summed over ranks).
+        &[
+            "--linear",
+            "64",
+            "--rows",
+            "200",
+            "--classes",
+            "3001",
+            "--class-weights",
+            "--smoothing",
+            "0.1",
+            "--z-loss",
+            "1e-3",
+            "--ignore-every",
+            "4",
+        ],
     ];
     for ranks in [2, 3] {
         for args in options {

@@ -20,13 +20,13 @@ use crate::error::Result;
 
 /// `dst[m, n] (+)= lhs[m, k] rhs[k, n]`, each operand given by (slice, row stride, column
 /// stride) in elements.
-struct Mat<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
+pub(super) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
 }
 
-fn matmul(
+pub(super) fn matmul(
     threads: usize,
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
@@ -71,7 +71,7 @@ fn matmul(
 }
 
 /// Row-major f32 values of `x` (borrowed when they already are).
-fn f32_rows<'a>(x: &'a Logits<'_>) -> Cow<'a, [f32]> {
+pub(super) fn f32_rows<'a>(x: &'a Logits<'_>) -> Cow<'a, [f32]> {
     match x {
         Logits::F32(a) if a.is_standard_layout() => Cow::Borrowed(a.as_slice().expect("standard layout")),
         other => Cow::Owned(other.to_f32().into_raw_vec_and_offset().0),
@@ -79,7 +79,7 @@ fn f32_rows<'a>(x: &'a Logits<'_>) -> Cow<'a, [f32]> {
 }
 
 /// Rows `r0..r1` of `x` as f32 into `out` (row-major).
-fn widen_rows(x: &Logits<'_>, r0: usize, r1: usize, out: &mut [f32]) {
+pub(super) fn widen_rows(x: &Logits<'_>, r0: usize, r1: usize, out: &mut [f32]) {
     fn go<T: Element>(a: &ArrayView2<'_, T>, r0: usize, r1: usize, out: &mut [f32]) {
         let d = a.ncols();
         let mut o = ArrayViewMut2::from_shape((r1 - r0, d), out).expect("chunk buffer");
@@ -92,7 +92,7 @@ fn widen_rows(x: &Logits<'_>, r0: usize, r1: usize, out: &mut [f32]) {
     }
 }
 
-fn in_dtype(a: Array2<f32>, dtype: DType) -> Tensor2 {
+pub(super) fn in_dtype(a: Array2<f32>, dtype: DType) -> Tensor2 {
     match dtype {
         DType::F32 => Tensor2::F32(a),
         DType::F16 => Tensor2::F16(a.mapv(half::f16::from_f32)),

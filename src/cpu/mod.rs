@@ -7,6 +7,7 @@ mod cross_entropy;
 pub(crate) mod divergence;
 mod hessian;
 mod linear;
+mod linear_vocab;
 mod log_softmax;
 pub mod reference;
 pub use crate::dist::vocab::VocabShard;

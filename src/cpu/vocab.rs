@@ -1,7 +1,9 @@
 //! Vocabulary-parallel cross-entropy on the CPU: this shard's row records in f64, one
 //! all-reduce, and this shard's gradient (the shared logic is in [`crate::dist::vocab`]).
+//! [`shard_records`] and [`shard_grad`] also serve the vocabulary-sharded linear
+//! cross-entropy (`cpu/linear_vocab.rs`), one row chunk at a time.
 
-use ndarray::Axis;
+use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
 use super::Cpu;
@@ -23,6 +25,96 @@ fn transform(x: f64, cfg: &CrossEntropy) -> (f64, f64) {
         d *= 1.0 - t * t;
     }
     (z, d)
+}
+
+/// This shard's record of each row of `x` (columns are classes `c0 ..`; `t` the rows' global
+/// targets), `REC` f64 per row, into `rec`.
+pub(crate) fn shard_records(x: ArrayView2<'_, f32>, t: &[i64], c0: usize, cfg: &CrossEntropy, rec: &mut [f64]) {
+    let cw = |c: usize| cfg.class_weight.as_ref().map_or(1.0, |w| w[c] as f64);
+    let smooth = cfg.label_smoothing > 0.0;
+    rec.par_chunks_mut(REC).zip(x.axis_iter(Axis(0)).into_par_iter()).zip(t.par_iter()).for_each(|((r, row), &y)| {
+        let (mut m, mut s) = (f64::NEG_INFINITY, 0.0);
+        let (mut zt, mut ax, mut ay) = (0.0, 0.0, 0.0);
+        for (j, &xv) in row.iter().enumerate() {
+            let (z, _) = transform(xv as f64, cfg);
+            if z == f64::NEG_INFINITY {
+                continue;
+            }
+            if z > m {
+                s = if m == f64::NEG_INFINITY { 0.0 } else { (s + 1.0) * (m - z).exp() };
+                m = z;
+            } else {
+                s += (z - m).exp();
+            }
+            if y >= 0 && (y as usize) == c0 + j {
+                zt = z;
+            }
+            if smooth {
+                let w = cw(c0 + j);
+                ax += w * z;
+                ay += w;
+            }
+        }
+        if m == f64::INFINITY {
+            s = f64::NAN;
+        }
+        r.copy_from_slice(&[m, s, zt, ax, ay]);
+    });
+}
+
+/// What [`shard_grad`] needs besides the rows: the shard, the merged records of the rows, the
+/// first row's index in the batch (for sample weights), and the mean's denominators.
+pub(crate) struct GradCtx<'a> {
+    pub cfg: &'a CrossEntropy,
+    pub shard: VocabShard,
+    pub rec: &'a [f64],
+    pub t: &'a [i64],
+    pub row0: usize,
+    pub den_w: f64,
+    pub den_n: f64,
+}
+
+/// Overwrites the logits `z` (rows `row0 ..` of the batch, this shard's columns) with the
+/// gradient of the batch's loss, from the rows' merged records.
+pub(crate) fn shard_grad(mut z: ArrayViewMut2<'_, f32>, g: &GradCtx<'_>) {
+    let cfg = g.cfg;
+    let cw = |c: usize| cfg.class_weight.as_ref().map_or(1.0, |w| w[c] as f64);
+    let (eps, zl, vf) = (cfg.label_smoothing as f64, cfg.z_loss as f64, g.shard.classes as f64);
+    let smooth = eps > 0.0;
+    let gs = cfg.grad_scale as f64;
+    let (a, b) = match cfg.reduction {
+        Reduction::Mean => (gs / g.den_w, gs / g.den_n),
+        _ => (gs, gs),
+    };
+    let c0 = g.shard.class0;
+    z.axis_iter_mut(Axis(0)).into_par_iter().enumerate().for_each(|(i, mut row)| {
+        let y = g.t[i];
+        if y == cfg.ignore_index {
+            row.fill(0.0);
+            return;
+        }
+        let r = &g.rec[i * REC..(i + 1) * REC];
+        let (m, s) = (r[0], r[1]);
+        let lse = m + s.ln_1p();
+        let sw = cfg.sample_weight.as_ref().map_or(1.0, |w| w[g.row0 + i] as f64);
+        let w = sw * cw(y as usize);
+        let wtot = if cfg.class_weight.is_some() { r[4] } else { vf };
+        let hard = a * w * (1.0 - eps);
+        let c_s = if smooth { a * sw * eps / vf } else { 0.0 };
+        let k = hard + c_s * wtot + b * 2.0 * zl * lse;
+        for (j, gv) in row.iter_mut().enumerate() {
+            let (zv, d) = transform(*gv as f64, cfg);
+            let c = c0 + j;
+            let p = (zv - lse).exp();
+            let mut gr = k * p - c_s * cw(c);
+            if c == y as usize {
+                // p_t - 1 = (expm1(z_t - m) - s) / (1 + s): no cancellation when p_t ~ 1.
+                let pm1 = ((zv - m).exp_m1() - s) / (1.0 + s);
+                gr = hard * pm1 + (k - hard) * p - c_s * cw(c);
+            }
+            *gv = (gr * d) as f32;
+        }
+    });
 }
 
 impl Cpu {
@@ -50,116 +142,25 @@ impl Cpu {
         shard: VocabShard,
         cfg: &CrossEntropy,
         comm: &dyn Collective,
-        mut grad: Option<LogitsMut<'_>>,
+        grad: Option<LogitsMut<'_>>,
     ) -> Result<CeOutput> {
         let (x, targets) = (logits.into(), targets.into());
-        let (n, vl) = x.dim();
-        let v = shard.classes;
         // Checks and this shard's records, then one agreement: a rank that fails here must
         // not leave the others waiting in the all-reduce.
-        let local = self.vocab_records(&x, &targets, shard, cfg, grad.as_ref().map(|g| g.dim()));
-        let (t, xf, mut rec) = crate::dist::agree(comm, local)?;
+        let local = check(x.dim(), &targets, shard, cfg, grad.as_ref().map(|g| g.dim())).map(|t| {
+            let xf = x.to_f32();
+            let mut rec = vec![0f64; t.len() * REC];
+            self.pool.install(|| shard_records(xf.view(), &t, shard.class0, cfg, &mut rec));
+            (t, xf, rec)
+        });
+        let (t, mut xf, mut rec) = crate::dist::agree(comm, local)?;
         comm.all_reduce_with(&mut rec, REC, merge)?;
-        let cw = |c: usize| cfg.class_weight.as_ref().map_or(1.0, |w| w[c] as f64);
-        let (smooth, c0) = (cfg.label_smoothing > 0.0, shard.class0);
-        let fin = finish(&rec, &t, &targets, cfg, v);
-        let (den_w, den_n) = (fin.den_w, fin.den_n);
-        let (eps, zl, vf) = (cfg.label_smoothing as f64, cfg.z_loss as f64, v as f64);
-        let wtot_global = if cfg.class_weight.is_some() { None } else { Some(vf) };
-        if let Some(g) = grad.as_mut() {
-            let gs = cfg.grad_scale as f64;
-            let (a, b) = match cfg.reduction {
-                Reduction::Mean => (gs / den_w, gs / den_n),
-                _ => (gs, gs),
-            };
-            let mut out = ndarray::Array2::<f32>::zeros((n, vl));
-            self.pool.install(|| {
-                out.axis_iter_mut(Axis(0))
-                    .into_par_iter()
-                    .zip(xf.axis_iter(Axis(0)).into_par_iter())
-                    .enumerate()
-                    .for_each(|(i, (mut go, row))| {
-                        let y = t[i];
-                        if y == cfg.ignore_index {
-                            return;
-                        }
-                        let r = &rec[i * REC..(i + 1) * REC];
-                        let (m, s) = (r[0], r[1]);
-                        let lse = m + s.ln_1p();
-                        let sw = cfg.sample_weight.as_ref().map_or(1.0, |w| w[i] as f64);
-                        let w = sw * cw(y as usize);
-                        let wtot = wtot_global.unwrap_or(r[4]);
-                        let hard = a * w * (1.0 - eps);
-                        let c_s = if smooth { a * sw * eps / vf } else { 0.0 };
-                        let k = hard + c_s * wtot + b * 2.0 * zl * lse;
-                        for (j, (gv, &xv)) in go.iter_mut().zip(row.iter()).enumerate() {
-                            let (z, d) = transform(xv as f64, cfg);
-                            let c = c0 + j;
-                            let p = (z - lse).exp();
-                            let mut gr = k * p - c_s * cw(c);
-                            if c == y as usize {
-                                // p_t - 1 = (expm1(z_t - m) - s) / (1 + s): no cancellation when p_t ~ 1.
-                                let pm1 = ((z - m).exp_m1() - s) / (1.0 + s);
-                                gr = hard * pm1 + (k - hard) * p - c_s * cw(c);
-                            }
-                            *gv = (gr * d) as f32;
-                        }
-                    })
-            });
-            g.assign_f32(out.view());
+        let fin = finish(&rec, &t, &targets, cfg, shard.classes);
+        if let Some(mut g) = grad {
+            let ctx = GradCtx { cfg, shard, rec: &rec, t: &t, row0: 0, den_w: fin.den_w, den_n: fin.den_n };
+            self.pool.install(|| shard_grad(xf.view_mut(), &ctx));
+            g.assign_f32(xf.view());
         }
         Ok(fin.out)
-    }
-
-    /// The checks of [`Self::cross_entropy_vocab_parallel`] and this shard's record of every row.
-    fn vocab_records(
-        &self,
-        x: &Logits<'_>,
-        targets: &Targets<'_>,
-        shard: VocabShard,
-        cfg: &CrossEntropy,
-        grad_dim: Option<(usize, usize)>,
-    ) -> Result<(Vec<i64>, ndarray::Array2<f32>, Vec<f64>)> {
-        let n = x.dim().0;
-        let t = check(x.dim(), targets, shard, cfg, grad_dim)?;
-        let cw = |c: usize| cfg.class_weight.as_ref().map_or(1.0, |w| w[c] as f64);
-        let smooth = cfg.label_smoothing > 0.0;
-        let xf = x.to_f32();
-        let c0 = shard.class0;
-        // This shard's record of every row.
-        let mut rec = vec![0f64; n * REC];
-        self.pool.install(|| {
-            rec.par_chunks_mut(REC).zip(xf.axis_iter(Axis(0)).into_par_iter()).zip(t.par_iter()).for_each(
-                |((r, row), &y)| {
-                    let (mut m, mut s) = (f64::NEG_INFINITY, 0.0);
-                    let (mut zt, mut ax, mut ay) = (0.0, 0.0, 0.0);
-                    for (j, &xv) in row.iter().enumerate() {
-                        let (z, _) = transform(xv as f64, cfg);
-                        if z == f64::NEG_INFINITY {
-                            continue;
-                        }
-                        if z > m {
-                            s = if m == f64::NEG_INFINITY { 0.0 } else { (s + 1.0) * (m - z).exp() };
-                            m = z;
-                        } else {
-                            s += (z - m).exp();
-                        }
-                        if y >= 0 && (y as usize) == c0 + j {
-                            zt = z;
-                        }
-                        if smooth {
-                            let w = cw(c0 + j);
-                            ax += w * z;
-                            ay += w;
-                        }
-                    }
-                    if m == f64::INFINITY {
-                        s = f64::NAN;
-                    }
-                    r.copy_from_slice(&[m, s, zt, ax, ay]);
-                },
-            )
-        });
-        Ok((t, xf, rec))
     }
 }

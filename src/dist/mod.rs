@@ -30,6 +30,19 @@ pub trait Collective {
     fn all_reduce_max(&self, data: &mut [f64]) -> Result<()>;
     /// Records of `width` f64 merged by `merge` over ranks, in place (records are never split).
     fn all_reduce_with(&self, data: &mut [f64], width: usize, merge: Merge) -> Result<()>;
+
+    /// Element-wise f32 sum over ranks, in place (e.g. the hidden-state gradient of a
+    /// vocabulary-sharded linear layer). By default through [`Self::all_reduce_sum`] in f64;
+    /// an engine with a native f32 reduction overrides it (half the traffic).
+    fn all_reduce_sum_f32(&self, data: &mut [f32]) -> Result<()> {
+        if self.size() == 1 {
+            return Ok(());
+        }
+        let mut wide: Vec<f64> = data.iter().map(|&x| x as f64).collect();
+        self.all_reduce_sum(&mut wide)?;
+        data.iter_mut().zip(wide).for_each(|(d, w)| *d = w as f32);
+        Ok(())
+    }
 }
 
 /// Bytes of an error message that travel to the other ranks in [`agree`].

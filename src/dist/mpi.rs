@@ -61,6 +61,11 @@ impl Collective for MpiCollective {
         self.comm.all_reduce_into(&send[..], data, SystemOperation::sum());
         Ok(())
     }
+    fn all_reduce_sum_f32(&self, data: &mut [f32]) -> Result<()> {
+        let send = data.to_vec();
+        self.comm.all_reduce_into(&send[..], data, SystemOperation::sum());
+        Ok(())
+    }
     fn all_reduce_max(&self, data: &mut [f64]) -> Result<()> {
         let send = data.to_vec();
         self.comm.all_reduce_into(&send[..], data, SystemOperation::max());

@@ -65,6 +65,9 @@ pub(crate) fn check(
     if matches!(targets, Targets::Probs(_)) {
         return Err(XentError::InvalidOption("vocabulary-parallel cross-entropy takes class-index targets".into()));
     }
+    if cfg.ranks || cfg.gaps {
+        return Err(XentError::InvalidOption("target ranks and gaps are not computed vocabulary-parallel".into()));
+    }
     crate::check::cross_entropy((n, v), targets, cfg)?;
     crate::check::class_targets(targets, v, cfg.ignore_index)?;
     if let Some(g) = grad_dim {

@@ -1,0 +1,196 @@
+//! Fused linear cross-entropy with the weight split by vocabulary across ranks (Megatron-LM's
+//! column-parallel output layer): every rank holds all of `hidden [N, D]` and the rows
+//! `class0 ..` of the weight. Logits exist one row chunk of this shard at a time: a first pass
+//! makes each row's record (`crate::dist::vocab`), one all-reduce merges them, and a second
+//! pass recomputes each chunk's logits, turns them into the gradient in place and takes the
+//! three products, as Cut Cross-Entropy recomputes rather than stores. `grad_hidden` is this
+//! shard's `G W` summed over ranks (a second collective, of `N x D` f32); `grad_weight` and
+//! `grad_bias` are this shard's rows.
+
+use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2};
+
+use super::linear::{f32_rows, in_dtype, matmul, widen_rows, Mat};
+use super::vocab::{shard_grad, shard_records, GradCtx};
+use super::Cpu;
+use crate::alloc::zeros2;
+use crate::api::linear::{grad_dtype, LinearCe, LinearCeOutput};
+use crate::api::targets::Targets;
+use crate::dist::vocab::{check, finish, merge, VocabShard, REC};
+use crate::dist::{agree, Collective};
+use crate::dtype::Logits;
+use crate::error::{Result, XentError};
+
+/// What the two passes share: the inputs as f32 rows and the workspaces.
+struct Passes<'p, 'h> {
+    cpu: &'p Cpu,
+    hidden: &'p Logits<'h>,
+    w: &'p [f32],
+    bias: Option<ArrayView1<'p, f32>>,
+    d: usize,
+    vl: usize,
+    rows: usize,
+}
+
+impl Passes<'_, '_> {
+    /// Logits of rows `r0..r1` of this shard into `z` (`[r1 - r0, V_local]`); the chunk's
+    /// hidden rows (as f32) are returned for the products.
+    fn logits<'h>(&self, r0: usize, r1: usize, z: &mut [f32], h_buf: &'h mut [f32]) -> &'h [f32] {
+        let (b, d, vl) = (r1 - r0, self.d, self.vl);
+        let h = &mut h_buf[..b * d];
+        widen_rows(self.hidden, r0, r1, h);
+        if let Some(bias) = self.bias {
+            for row in z.chunks_mut(vl) {
+                row.copy_from_slice(bias.as_slice().expect("contiguous bias"));
+            }
+        }
+        let threads = self.cpu.threads();
+        let wt = Mat { data: self.w, rs: 1, cs: d };
+        let hc: &[f32] = h;
+        self.cpu
+            .pool
+            .install(|| matmul(threads, (b, vl, d), z, vl, self.bias.is_some(), Mat { data: hc, rs: d, cs: 1 }, wt));
+        hc
+    }
+}
+
+impl Cpu {
+    /// Fused linear cross-entropy over a vocabulary split across the ranks of `comm`:
+    /// `hidden [N, D]` (the same on every rank), this rank's `weight [V_local, D]` and `bias
+    /// [V_local]` (classes `shard.class0 ..` of `shard.classes`), global `targets [N]`.
+    /// Returns the whole batch's loss on every rank, `grad_hidden [N, D]` summed over the
+    /// ranks, and this shard's `grad_weight [V_local, D]` and `grad_bias`. Options as
+    /// [`Self::linear_cross_entropy`] (class weights are the global `[V]`); per-row ranks are
+    /// not computed here. Collectives: one of five f64 per row, and one of `N x D` f32 when
+    /// `grad_hidden` is asked for.
+    ///
+    /// ```
+    /// use ndarray::array;
+    /// use xent::{dist::{SingleProcess, VocabShard}, Cpu, LinearCe};
+    /// let hidden = array![[1.0f32, 0.5], [-0.5, 2.0]];
+    /// let weight = array![[0.2f32, -0.1], [0.4, 0.3], [-0.3, 0.8]];
+    /// let shard = VocabShard { class0: 0, classes: 3 };
+    /// let t = [1i64, 2];
+    /// let sharded = Cpu::new().linear_cross_entropy_vocab_parallel(&hidden, &weight, None, &t[..], shard, &LinearCe::default(), &SingleProcess)?;
+    /// let whole = Cpu::new().linear_cross_entropy(&hidden, &weight, None, &t[..], &LinearCe::default())?;
+    /// assert!((sharded.loss - whole.loss).abs() < 1e-6);
+    /// # Ok::<(), xent::XentError>(())
+    /// ```
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_cross_entropy_vocab_parallel<'a, 'b, 'c>(
+        &self,
+        hidden: impl Into<Logits<'a>>,
+        weight: impl Into<Logits<'b>>,
+        bias: Option<ArrayView1<'_, f32>>,
+        targets: impl Into<Targets<'c>>,
+        shard: VocabShard,
+        cfg: &LinearCe,
+        comm: &dyn Collective,
+    ) -> Result<LinearCeOutput> {
+        let (hidden, weight, targets) = (hidden.into(), weight.into(), targets.into());
+        let (n, d) = hidden.dim();
+        let vl = weight.dim().0;
+        let wants = cfg.grad_hidden || cfg.grad_weight || (cfg.grad_bias && bias.is_some());
+        let w = f32_rows(&weight);
+        let bias_c = bias.map(|b| b.as_standard_layout().into_owned());
+        // Checks, workspaces and the first pass; then one agreement before any collective.
+        let local = (|| -> Result<_> {
+            if weight.dim().1 != d {
+                return Err(XentError::Shape(format!(
+                    "hidden is [{n}, {d}] but the weight shard is {:?}: the inner dimensions differ",
+                    weight.dim()
+                )));
+            }
+            if hidden.dtype() != weight.dtype() {
+                return Err(XentError::InvalidOption(format!(
+                    "hidden is {} but weight is {}: give both in one dtype",
+                    hidden.dtype(),
+                    weight.dtype()
+                )));
+            }
+            if let Some(b) = bias {
+                if b.len() != vl {
+                    return Err(XentError::Shape(format!("bias has {} entries for a shard of {vl} classes", b.len())));
+                }
+            }
+            if cfg.ce.totals.is_some() || cfg.workspace_bytes == Some(0) {
+                return Err(XentError::InvalidOption("leave ce.totals unset and give a positive workspace".into()));
+            }
+            let t = check((n, vl), &targets, shard, &cfg.ce, None)?;
+            let rows = cfg.chunk_rows(n, vl).min(n).max(1);
+            let mut z = zeros2::<f32>((rows, vl), "linear cross-entropy workspace")?;
+            let mut h_buf = zeros2::<f32>((rows, d), "hidden chunk")?;
+            let gh = if cfg.grad_hidden { Some(zeros2::<f32>((n, d), "grad_hidden")?) } else { None };
+            let gw = if cfg.grad_weight { Some(zeros2::<f32>((vl, d), "grad_weight")?) } else { None };
+            let p = Passes { cpu: self, hidden: &hidden, w: &w, bias: bias_c.as_ref().map(|b| b.view()), d, vl, rows };
+            let mut rec = vec![0f64; n * REC];
+            for r0 in (0..n).step_by(rows) {
+                let r1 = (r0 + rows).min(n);
+                let zc = &mut z.as_slice_mut().expect("fresh")[..(r1 - r0) * vl];
+                p.logits(r0, r1, zc, h_buf.as_slice_mut().expect("fresh"));
+                let zv = ArrayView2::from_shape((r1 - r0, vl), &*zc).expect("chunk");
+                self.pool
+                    .install(|| shard_records(zv, &t[r0..r1], shard.class0, &cfg.ce, &mut rec[r0 * REC..r1 * REC]));
+            }
+            Ok((p, t, z, h_buf, gh, gw, rec))
+        })();
+        let (p, t, mut z, mut h_buf, mut gh, mut gw, mut rec) = agree(comm, local)?;
+        comm.all_reduce_with(&mut rec, REC, merge)?;
+        let fin = finish(&rec, &t, &targets, &cfg.ce, shard.classes);
+        let mut gb = (cfg.grad_bias && bias.is_some()).then(|| vec![0f64; vl]);
+        if wants {
+            let threads = self.threads();
+            for r0 in (0..n).step_by(p.rows) {
+                let r1 = (r0 + p.rows).min(n);
+                let b = r1 - r0;
+                let zc = &mut z.as_slice_mut().expect("fresh")[..b * vl];
+                let h = p.logits(r0, r1, zc, h_buf.as_slice_mut().expect("fresh"));
+                let ctx = GradCtx {
+                    cfg: &cfg.ce,
+                    shard,
+                    rec: &rec[r0 * REC..r1 * REC],
+                    t: &t[r0..r1],
+                    row0: r0,
+                    den_w: fin.den_w,
+                    den_n: fin.den_n,
+                };
+                self.pool.install(|| shard_grad(ArrayViewMut2::from_shape((b, vl), &mut *zc).expect("chunk"), &ctx));
+                let g: &[f32] = zc;
+                if let Some(gh) = gh.as_mut() {
+                    let dst = &mut gh.as_slice_mut().expect("fresh")[r0 * d..r1 * d];
+                    let w_kn = Mat { data: &w, rs: d, cs: 1 };
+                    self.pool
+                        .install(|| matmul(threads, (b, d, vl), dst, d, false, Mat { data: g, rs: vl, cs: 1 }, w_kn));
+                }
+                if let Some(gw) = gw.as_mut() {
+                    let dst = gw.as_slice_mut().expect("fresh");
+                    let gt = Mat { data: g, rs: 1, cs: vl };
+                    self.pool
+                        .install(|| matmul(threads, (vl, d, b), dst, d, r0 > 0, gt, Mat { data: h, rs: d, cs: 1 }));
+                }
+                if let Some(gb) = gb.as_mut() {
+                    for row in g.chunks(vl) {
+                        gb.iter_mut().zip(row).for_each(|(s, &x)| *s += x as f64);
+                    }
+                }
+            }
+        }
+        // Every shard's share of d(loss)/d(hidden), summed.
+        if let Some(gh) = gh.as_mut() {
+            comm.all_reduce_sum_f32(gh.as_slice_mut().expect("fresh"))?;
+        }
+        let gdt = grad_dtype(cfg, hidden.dtype());
+        let o = fin.out;
+        Ok(LinearCeOutput {
+            loss: o.loss,
+            counted: o.counted,
+            weight_sum: o.weight_sum,
+            row_loss: o.row_loss,
+            row_lse: o.row_lse,
+            row_rank: None,
+            grad_hidden: gh.map(|a: Array2<f32>| in_dtype(a, gdt)),
+            grad_weight: gw.map(|a| in_dtype(a, gdt)),
+            grad_bias: gb.map(|b| b.into_iter().map(|x| x as f32).collect()),
+            chunk_rows: p.rows,
+        })
+    }
+}
