@@ -153,7 +153,8 @@ impl Cpu {
                     den_w: fin.den_w,
                     den_n: fin.den_n,
                 };
-                self.pool.install(|| shard_grad(ArrayViewMut2::from_shape((b, vl), &mut *zc).expect("chunk"), &ctx));
+                self.pool
+                    .install(|| shard_grad(ArrayViewMut2::from_shape((b, vl), &mut *zc).expect("chunk"), None, &ctx));
                 let g: &[f32] = zc;
                 if let Some(gh) = gh.as_mut() {
                     let dst = &mut gh.as_slice_mut().expect("fresh")[r0 * d..r1 * d];
