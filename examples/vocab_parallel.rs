@@ -152,7 +152,11 @@ fn run_linear(comm: &MpiCollective, a: &Args, d: usize, cfg: CrossEntropy) -> Re
     let cpu = Cpu::new();
     let sh = VocabShard { class0: rows.start, classes: v };
     let started = std::time::Instant::now();
-    let out = cpu.linear_cross_entropy_vocab_parallel(&h, &ws, None, t.view(), sh, &cfg, comm)?;
+    let out = if a.gpu {
+        gpu_linear(comm, &h, &ws, &t, sh, &cfg)?
+    } else {
+        cpu.linear_cross_entropy_vocab_parallel(&h, &ws, None, t.view(), sh, &cfg, comm)?
+    };
     let seconds = started.elapsed().as_secs_f64();
     let single = cpu.linear_cross_entropy(&h, &w, None, t.view(), &cfg)?;
     let max_diff = |a: &Array2<f32>, b: ndarray::ArrayView2<f32>| {
@@ -162,7 +166,8 @@ fn run_linear(comm: &MpiCollective, a: &Args, d: usize, cfg: CrossEntropy) -> Re
     let (sh_gh, sh_gw) = (single.grad_hidden.expect("asked").to_f32(), single.grad_weight.expect("asked").to_f32());
     let mut diff = [max_diff(&gh, sh_gh.view()).max(max_diff(&gw, sh_gw.slice(s![rows, ..])))];
     comm.all_reduce_max(&mut diff)?;
-    report(comm, a, "cpu-linear", (out.loss, single.loss), diff[0], 1e-5, seconds)
+    let backend = if a.gpu { "gpu-linear" } else { "cpu-linear" };
+    report(comm, a, backend, (out.loss, single.loss), diff[0], 1e-5, seconds)
 }
 
 /// This rank's shard on its GPU (every rank agrees first that each has one).
@@ -177,6 +182,32 @@ fn gpu_shard(
 ) -> Result<xent::CeOutput> {
     let gpu = agree(comm, xent::GpuContext::new())?;
     gpu.cross_entropy_vocab_parallel(shard, t.view(), sh, cfg, comm, Some(grad.into()))
+}
+
+/// `--gpu --linear`: this rank's weight shard on its GPU.
+#[cfg(feature = "gpu")]
+fn gpu_linear(
+    comm: &MpiCollective,
+    h: &Array2<f32>,
+    ws: &Array2<f32>,
+    t: &Array1<i64>,
+    sh: VocabShard,
+    cfg: &LinearCe,
+) -> Result<xent::LinearCeOutput> {
+    let gpu = agree(comm, xent::GpuContext::new())?;
+    gpu.linear_cross_entropy_vocab_parallel(h, ws, None, t.view(), sh, cfg, comm)
+}
+
+#[cfg(not(feature = "gpu"))]
+fn gpu_linear(
+    _: &MpiCollective,
+    _: &Array2<f32>,
+    _: &Array2<f32>,
+    _: &Array1<i64>,
+    _: VocabShard,
+    _: &LinearCe,
+) -> Result<xent::LinearCeOutput> {
+    Err(XentError::InvalidOption("--gpu needs the `gpu` feature".into()))
 }
 
 #[cfg(not(feature = "gpu"))]

@@ -96,6 +96,23 @@ fn vocabulary_parallel_on_each_ranks_gpu() {
         assert_eq!(j["backend"], "gpu");
         assert_eq!(j["ok"], true, "{ranks} ranks: {j}");
         assert!(j["max_grad_diff"].as_f64().unwrap() <= 1e-5, "{j}");
+        // The weight of a linear layer split by vocabulary, on each rank's GPU.
+        let args = [
+            "--gpu",
+            "--linear",
+            "32",
+            "--rows",
+            "150",
+            "--classes",
+            "2003",
+            "--smoothing",
+            "0.1",
+            "--ignore-every",
+            "5",
+        ];
+        let j = json(&common::mpirun(ranks, &example(), &args));
+        assert_eq!(j["backend"], "gpu-linear");
+        assert_eq!(j["ok"], true, "{ranks} ranks: {j}");
     }
 }
 

@@ -15,10 +15,10 @@ use super::Cpu;
 use crate::alloc::zeros2;
 use crate::api::linear::{grad_dtype, LinearCe, LinearCeOutput};
 use crate::api::targets::Targets;
-use crate::dist::vocab::{check, finish, merge, VocabShard, REC};
+use crate::dist::vocab::{check_linear, finish, merge, VocabShard, REC};
 use crate::dist::{agree, Collective};
 use crate::dtype::Logits;
-use crate::error::{Result, XentError};
+use crate::error::Result;
 
 /// What the two passes share: the inputs as f32 rows and the workspaces.
 struct Passes<'p, 'h> {
@@ -94,28 +94,7 @@ impl Cpu {
         let bias_c = bias.map(|b| b.as_standard_layout().into_owned());
         // Checks, workspaces and the first pass; then one agreement before any collective.
         let local = (|| -> Result<_> {
-            if weight.dim().1 != d {
-                return Err(XentError::Shape(format!(
-                    "hidden is [{n}, {d}] but the weight shard is {:?}: the inner dimensions differ",
-                    weight.dim()
-                )));
-            }
-            if hidden.dtype() != weight.dtype() {
-                return Err(XentError::InvalidOption(format!(
-                    "hidden is {} but weight is {}: give both in one dtype",
-                    hidden.dtype(),
-                    weight.dtype()
-                )));
-            }
-            if let Some(b) = bias {
-                if b.len() != vl {
-                    return Err(XentError::Shape(format!("bias has {} entries for a shard of {vl} classes", b.len())));
-                }
-            }
-            if cfg.ce.totals.is_some() || cfg.workspace_bytes == Some(0) {
-                return Err(XentError::InvalidOption("leave ce.totals unset and give a positive workspace".into()));
-            }
-            let t = check((n, vl), &targets, shard, &cfg.ce, None)?;
+            let (t, ..) = check_linear(&hidden, &weight, bias, &targets, shard, cfg)?;
             let rows = cfg.chunk_rows(n, vl).min(n).max(1);
             let mut z = zeros2::<f32>((rows, vl), "linear cross-entropy workspace")?;
             let mut h_buf = zeros2::<f32>((rows, d), "hidden chunk")?;

@@ -8,10 +8,12 @@
 //! the gradient with no further communication. Label smoothing uses the global `V` and the
 //! global class-weight sum (exact, unlike a per-partition approximation).
 
-use ndarray::Array1;
+use ndarray::{Array1, ArrayView1};
 
 use crate::api::config::{CeOutput, CrossEntropy, Reduction, Totals};
+use crate::api::linear::LinearCe;
 use crate::api::targets::Targets;
+use crate::dtype::Logits;
 use crate::error::{Result, XentError};
 
 /// Where a rank's logit shard sits in the vocabulary.
@@ -80,6 +82,42 @@ pub(crate) fn check(
         Targets::I32(t) => t.iter().map(|&y| y as i64).collect(),
         Targets::Probs(_) => unreachable!("checked"),
     })
+}
+
+/// The checks of a vocabulary-sharded fused linear cross-entropy (`hidden [N, D]`, this
+/// shard's `weight [V_local, D]` and `bias [V_local]`); the targets as i64 and `(n, d, vl)`.
+pub(crate) fn check_linear(
+    hidden: &Logits<'_>,
+    weight: &Logits<'_>,
+    bias: Option<ArrayView1<'_, f32>>,
+    targets: &Targets<'_>,
+    shard: VocabShard,
+    cfg: &LinearCe,
+) -> Result<(Vec<i64>, usize, usize, usize)> {
+    let (n, d) = hidden.dim();
+    let vl = weight.dim().0;
+    if weight.dim().1 != d {
+        return Err(XentError::Shape(format!(
+            "hidden is [{n}, {d}] but the weight shard is {:?}: the inner dimensions differ",
+            weight.dim()
+        )));
+    }
+    if hidden.dtype() != weight.dtype() {
+        return Err(XentError::InvalidOption(format!(
+            "hidden is {} but weight is {}: give both in one dtype",
+            hidden.dtype(),
+            weight.dtype()
+        )));
+    }
+    if let Some(b) = bias {
+        if b.len() != vl {
+            return Err(XentError::Shape(format!("bias has {} entries for a shard of {vl} classes", b.len())));
+        }
+    }
+    if cfg.ce.totals.is_some() || cfg.workspace_bytes == Some(0) {
+        return Err(XentError::InvalidOption("leave ce.totals unset and give a positive workspace".into()));
+    }
+    Ok((check((n, vl), targets, shard, &cfg.ce, None)?, n, d, vl))
 }
 
 /// The loss from the merged records, and what the gradient needs.

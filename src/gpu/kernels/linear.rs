@@ -79,7 +79,163 @@ impl GpuContext {
         }
         rec.push(l)
     }
+}
 
+/// The device inputs of a fused linear cross-entropy (hidden `[N, D]`, weight `[V, D]` and
+/// bias, uploaded) and how the vocabulary is walked (`block` weight rows per binding).
+pub(super) struct LinearDev {
+    pub hb: Pooled,
+    pub wb: Pooled,
+    pub bb: Option<Pooled>,
+    pub d: usize,
+    pub v: usize,
+    pub dt: DType,
+    pub block: usize,
+}
+
+/// Where the products of a chunk's gradient go.
+pub(super) struct GradOut<'a> {
+    pub gh: Option<&'a Pooled>,
+    pub gw: Option<&'a Pooled>,
+    pub gb: Option<&'a Pooled>,
+    /// `[chunk]` ones (the bias gradient is `1^T G`).
+    pub ones: &'a Pooled,
+}
+
+impl LinearDev {
+    /// Uploads the inputs; `rows` is what the caller's workspace allows.
+    pub fn new(
+        ctx: &GpuContext,
+        hidden: &Logits<'_>,
+        weight: &Logits<'_>,
+        bias: Option<ArrayView1<'_, f32>>,
+    ) -> Result<LinearDev> {
+        let (d, v) = (hidden.dim().1, weight.dim().0);
+        let room = ctx.max_binding.saturating_sub(ctx.offset_align);
+        // Vocabulary rows per block: one binding for the weight and its f32 gradient.
+        let block = (room / (d as u64 * 4).max(1)) as usize;
+        if block == 0 {
+            return Err(XentError::TooLarge {
+                what: format!("one row of {d} features"),
+                bytes: d as u64 * 4,
+                limit: ctx.max_binding,
+            });
+        }
+        Ok(LinearDev {
+            hb: ctx.upload(&hidden.bytes(), U::STORAGE, "hidden")?,
+            wb: ctx.upload(&weight.bytes(), U::STORAGE, "weight")?,
+            bb: bias.map(|b| ctx.upload(bytemuck::cast_slice(&b.to_vec()), U::STORAGE, "bias")).transpose()?,
+            d,
+            v,
+            dt: hidden.dtype(),
+            block,
+        })
+    }
+
+    /// Rows per chunk for a workspace budget: also one binding for the logits and hidden rows.
+    pub fn chunk_rows(&self, ctx: &GpuContext, budget_rows: usize) -> Result<usize> {
+        let room = ctx.max_binding.saturating_sub(ctx.offset_align);
+        let rows = budget_rows
+            .min((room / (self.v as u64 * 4).max(1)) as usize)
+            .min((room / (self.d as u64 * 4).max(1)) as usize);
+        if rows == 0 {
+            return Err(XentError::TooLarge {
+                what: format!("one row of {} logits", self.v),
+                bytes: self.v as u64 * 4,
+                limit: ctx.max_binding,
+            });
+        }
+        Ok(rows)
+    }
+
+    /// Records `Z = H[r0 .. r0 + b] W^T (+ bias)` into `z` (`[b, V]` f32), block by block.
+    pub fn record_logits<'a>(
+        &'a self,
+        ctx: &GpuContext,
+        rec: &mut Recorder<'a>,
+        z: &'a Pooled,
+        r0: usize,
+        b: usize,
+    ) -> Result<()> {
+        let (d, v, es, align) = (self.d, self.v, self.dt.size() as u64, ctx.offset_align);
+        let (h_bind, h_off) = range(&self.hb, es, (r0 * d) as u64, (b * d) as u64, align);
+        for vb0 in (0..v).step_by(self.block) {
+            let nb = (vb0 + self.block).min(v) - vb0;
+            let (w_bind, w_off) = range(&self.wb, es, (vb0 * d) as u64, (nb * d) as u64, align);
+            ctx.product(
+                rec,
+                Product {
+                    mnk: (b, nb, d),
+                    a: (h_bind, h_off, d, 1, self.dt),
+                    b: (w_bind, w_off, 1, d, self.dt),
+                    c: (Bind::all(z), vb0 as u32, v),
+                    accumulate: false,
+                    bias: self.bb.as_ref().map(|bb| (Bind::all(bb), vb0 as u32)),
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Records the products of the gradient `G` in `z` (rows `r0 .. r0 + b`):
+    /// `grad_hidden[rows] = G W`, `grad_weight (+)= G^T H`, `grad_bias (+)= 1^T G`.
+    pub fn record_grads<'a>(
+        &'a self,
+        ctx: &GpuContext,
+        rec: &mut Recorder<'a>,
+        z: &'a Pooled,
+        r0: usize,
+        b: usize,
+        out: &GradOut<'a>,
+    ) -> Result<()> {
+        let (d, v, es, align) = (self.d, self.v, self.dt.size() as u64, ctx.offset_align);
+        let (h_bind, h_off) = range(&self.hb, es, (r0 * d) as u64, (b * d) as u64, align);
+        for vb0 in (0..v).step_by(self.block) {
+            let nb = (vb0 + self.block).min(v) - vb0;
+            let g = (Bind::all(z), vb0 as u32, v, 1, DType::F32);
+            let g_t = (Bind::all(z), vb0 as u32, 1, v, DType::F32);
+            if let Some(gh) = out.gh {
+                let (w_bind, w_off) = range(&self.wb, es, (vb0 * d) as u64, (nb * d) as u64, align);
+                let (c, c_off) = range(gh, 4, (r0 * d) as u64, (b * d) as u64, align);
+                let p = Product {
+                    mnk: (b, d, nb),
+                    a: g,
+                    b: (w_bind, w_off, d, 1, self.dt),
+                    c: (c, c_off, d),
+                    accumulate: vb0 > 0,
+                    bias: None,
+                };
+                ctx.product(rec, p)?;
+            }
+            if let Some(gw) = out.gw {
+                let (c, c_off) = range(gw, 4, (vb0 * d) as u64, (nb * d) as u64, align);
+                let p = Product {
+                    mnk: (nb, d, b),
+                    a: g_t,
+                    b: (h_bind, h_off, d, 1, self.dt),
+                    c: (c, c_off, d),
+                    accumulate: r0 > 0,
+                    bias: None,
+                };
+                ctx.product(rec, p)?;
+            }
+            if let Some(gb) = out.gb {
+                let p = Product {
+                    mnk: (1, nb, b),
+                    a: (Bind::all(out.ones), 0, 0, 1, DType::F32),
+                    b: (Bind::all(z), vb0 as u32, v, 1, DType::F32),
+                    c: (Bind::all(gb), vb0 as u32, 0),
+                    accumulate: r0 > 0,
+                    bias: None,
+                };
+                ctx.product(rec, p)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl GpuContext {
     /// Fused linear cross-entropy on the GPU: as [`crate::Cpu::linear_cross_entropy`]
     /// (host arrays in, host arrays out; the logits exist one row chunk at a time, on the
     /// device).
@@ -98,25 +254,11 @@ impl GpuContext {
         let ignore_index = cfg.ce.ignore_index;
         let dev_ignore = i32::try_from(ignore_index).unwrap_or(i32::MIN);
         let totals = Totals::of(&targets, &cfg.ce);
-        let (dt, align, room) = (hidden.dtype(), self.offset_align, self.max_binding.saturating_sub(self.offset_align));
-        let es = dt.size() as u64;
-        let (v64, d64) = (v as u64, d as u64);
-        // Rows per chunk: the workspace budget, and one binding for the logits and hidden rows.
-        let rows = cfg.chunk_rows(n, v).min((room / (v64 * 4)) as usize).min((room / (d64 * 4)) as usize);
-        // Vocabulary rows per block: one binding for the weight and its f32 gradient.
-        let block = (room / (d64 * 4)) as usize;
-        if rows == 0 || block == 0 {
-            return Err(XentError::TooLarge {
-                what: format!("one row of {v} logits or {d} features"),
-                bytes: (v64.max(d64)) * 4,
-                limit: self.max_binding,
-            });
-        }
+        let dev = LinearDev::new(self, &hidden, &weight, bias)?;
+        let rows = dev.chunk_rows(self, cfg.chunk_rows(n, v))?;
+        let (dt, v64, d64) = (dev.dt, v as u64, d as u64);
         let per_row = cfg.ce.per_row || cfg.ce.reduction == Reduction::None;
         let any_grad = cfg.grad_hidden || cfg.grad_weight || (cfg.grad_bias && bias.is_some());
-        let hb = self.upload(&hidden.bytes(), U::STORAGE, "hidden")?;
-        let wb = self.upload(&weight.bytes(), U::STORAGE, "weight")?;
-        let bb = bias.map(|b| self.upload(bytemuck::cast_slice(&b.to_vec()), U::STORAGE, "bias")).transpose()?;
         let ti: Vec<i32> = match &targets {
             Targets::I64(t) => t.iter().map(|&y| if y == ignore_index { dev_ignore } else { y as i32 }).collect(),
             Targets::I32(t) => t.to_vec(),
@@ -160,24 +302,8 @@ impl GpuContext {
             if let (Some(src), Some(dst)) = (&swb, &swchunk) {
                 enc.copy_buffer_to_buffer(src, r0u * 4, dst, 0, bu * 4);
             }
-            // Z = H_c W^T (+ b), block by block of the vocabulary.
             let mut rec = Recorder::new(self);
-            let (h_bind, h_off) = range(&hb, es, r0u * d64, bu * d64, align);
-            for vb0 in (0..v).step_by(block) {
-                let nb = (vb0 + block).min(v) - vb0;
-                let (w_bind, w_off) = range(&wb, es, vb0 as u64 * d64, nb as u64 * d64, align);
-                self.product(
-                    &mut rec,
-                    Product {
-                        mnk: (b, nb, d),
-                        a: (h_bind, h_off, d, 1, dt),
-                        b: (w_bind, w_off, 1, d, dt),
-                        c: (Bind::all(&z), vb0 as u32, v),
-                        accumulate: false,
-                        bias: bb.as_ref().map(|bb| (Bind::all(bb), vb0 as u32)),
-                    },
-                )?;
-            }
+            dev.record_logits(self, &mut rec, &z, r0, b)?;
             let params = rec.params_pooled()?;
             rec.record(&mut enc, &params)?;
             // The cross-entropy over Z, its gradient over Z.
@@ -189,50 +315,9 @@ impl GpuContext {
             };
             plan.record(&mut enc, inputs)?;
             pending.push(plan.read_back(&mut enc, per_row)?);
-            // The products of the gradient, block by block.
             let mut rec = Recorder::new(self);
-            for vb0 in (0..v).step_by(block) {
-                let nb = (vb0 + block).min(v) - vb0;
-                let g = (Bind::all(&z), vb0 as u32, v, 1, DType::F32);
-                let g_t = (Bind::all(&z), vb0 as u32, 1, v, DType::F32);
-                if let Some(gh) = &gh {
-                    let (w_bind, w_off) = range(&wb, es, vb0 as u64 * d64, nb as u64 * d64, align);
-                    let (c, c_off) = range(gh, 4, r0u * d64, bu * d64, align);
-                    let p = Product {
-                        mnk: (b, d, nb),
-                        a: g,
-                        b: (w_bind, w_off, d, 1, dt),
-                        c: (c, c_off, d),
-                        accumulate: vb0 > 0,
-                        bias: None,
-                    };
-                    self.product(&mut rec, p)?;
-                }
-                if let Some(gw) = &gw {
-                    let (c, c_off) = range(gw, 4, vb0 as u64 * d64, nb as u64 * d64, align);
-                    let p = Product {
-                        mnk: (nb, d, b),
-                        a: g_t,
-                        b: (h_bind, h_off, d, 1, dt),
-                        c: (c, c_off, d),
-                        accumulate: r0 > 0,
-                        bias: None,
-                    };
-                    self.product(&mut rec, p)?;
-                }
-                if let Some(gb) = &gb {
-                    let ones = (Bind::all(&ones), 0, 0, 1, DType::F32);
-                    let p = Product {
-                        mnk: (1, nb, b),
-                        a: ones,
-                        b: (Bind::all(&z), vb0 as u32, v, 1, DType::F32),
-                        c: (Bind::all(gb), vb0 as u32, 0),
-                        accumulate: r0 > 0,
-                        bias: None,
-                    };
-                    self.product(&mut rec, p)?;
-                }
-            }
+            let outs = GradOut { gh: gh.as_ref(), gw: gw.as_ref(), gb: gb.as_ref(), ones: &ones };
+            dev.record_grads(self, &mut rec, &z, r0, b, &outs)?;
             let params = rec.params_pooled()?;
             rec.record(&mut enc, &params)?;
             // One submission per chunk, waited for: the workspace and plans are reused.

@@ -6,6 +6,7 @@ pub(crate) mod cross_entropy;
 pub(crate) mod divergence;
 pub(crate) mod hessian;
 pub(crate) mod linear;
+pub(crate) mod linear_vocab;
 pub(crate) mod log_softmax;
 pub(crate) mod row_sum;
 pub(crate) mod vocab;

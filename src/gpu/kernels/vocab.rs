@@ -22,13 +22,24 @@ use crate::gpu::source::{Seg, Shader, Variant};
 use wgpu::BufferUsages as U;
 
 /// The device side of one call: the shard's plan and its uploaded logits and targets.
-struct Shard {
-    plan: CePlan,
-    logits: Pooled,
-    targets: Pooled,
+/// The device side of one shard's pass over a block of rows: the plan (its results and
+/// uploaded weights) and the logits and targets it reads.
+pub(crate) struct Shard<'b> {
+    pub plan: CePlan,
+    pub logits: &'b wgpu::Buffer,
+    pub targets: &'b wgpu::Buffer,
+    /// Holds the last parameter blocks: they must outlive the submission that reads them
+    /// (a pooled buffer dropped before it would go to another thread's dispatch).
+    params: ParamsCache,
 }
 
-impl Shard {
+impl<'b> Shard<'b> {
+    pub fn new(plan: CePlan, logits: &'b wgpu::Buffer, targets: &'b wgpu::Buffer) -> Self {
+        Shard { plan, logits, targets, params: ParamsCache::new(true) }
+    }
+}
+
+impl Shard<'_> {
     /// The row pass over the shard (statistics, or the gradient from the merged statistic).
     fn launch<'a>(&'a self, variant: Variant, params: Params, grad: Option<(&'a Pooled, DType)>) -> Result<Launch<'a>> {
         let p = &self.plan;
@@ -36,8 +47,8 @@ impl Shard {
             .groups(Groups::PerRowTimes(p.parts))
             .bind(5, Bind::first(&p.scalars, SCALARS))
             .bind(6, Bind::first(&p.rows, p.rows_bytes()))
-            .rows(1, &self.logits, 0, p.dtype.size(), Skip::X)
-            .bind(2, Bind::first(&self.targets, p.n as u64 * 4));
+            .rows(1, self.logits, 0, p.dtype.size(), Skip::X)
+            .bind(2, Bind::first(self.targets, p.n as u64 * 4));
         if let Some(cw) = p.class_weight.as_deref() {
             l = l.bind(3, Bind::all(cw));
         }
@@ -50,15 +61,16 @@ impl Shard {
         Ok(l)
     }
 
-    fn variant(&self, seg: Seg, grad: bool, output: DType) -> Variant {
+    fn variant(&self, seg: Seg, grad: bool, in_place: bool, output: DType) -> Variant {
         let (p, cfg) = (&self.plan, &self.plan.cfg);
         Variant {
             input: p.dtype,
             output,
             vec4: p.v % 4 == 0,
-            odd: grad && p.v % 2 == 1 && output != DType::F32 && p.v % 4 != 0,
+            odd: (grad || in_place) && p.v % 2 == 1 && output != DType::F32 && p.v % 4 != 0,
             subgroup: p.ctx.subgroups,
             grad,
+            in_place,
             extras: cfg.label_smoothing > 0.0,
             wg: p.wg,
             seg,
@@ -85,19 +97,19 @@ impl Shard {
         }
     }
 
-    /// This shard's record of every row (`REC` f64 each), its segments merged.
-    fn records(&self) -> Result<Vec<f64>> {
+    /// Records the segment-statistic pass into `enc` (after what it holds), runs it, and
+    /// returns this shard's record of every row (`REC` f64 each), its segments merged.
+    pub fn records(&self, mut enc: wgpu::CommandEncoder) -> Result<Vec<f64>> {
         let p = &self.plan;
         let (n, parts) = (p.n, p.parts);
         let mut rec = vec![0f64; n * REC];
         if n == 0 {
             return Ok(rec);
         }
-        let stat = self.launch(self.variant(Seg::Stat, false, DType::F32), self.params(0), None)?;
+        let stat = self.launch(self.variant(Seg::Stat, false, false, DType::F32), self.params(0), None)?;
         let mut r = Recorder::new(&p.ctx);
         r.push(stat)?;
-        let params = ParamsCache::new(true).get(&r)?;
-        let mut enc = p.ctx.device.create_command_encoder(&Default::default());
+        let params = self.params.get(&r)?;
         r.record(&mut enc, &params)?;
         // Segment records: 5 f32 per (row, segment) after the row vectors and saved statistics.
         let mut raw = vec![0f32; 5 * n * parts];
@@ -111,6 +123,45 @@ impl Shard {
             }
         }
         Ok(rec)
+    }
+
+    /// Records into `enc` the gradient of the batch's loss for these rows, from their merged
+    /// records `rec` and the mean's denominators: into `dest` (a buffer and its dtype) or, with
+    /// `None`, over the logits.
+    pub fn record_grad(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        rec: &[f64],
+        (den_w, den_n): (f64, f64),
+        dest: Option<(&Pooled, DType)>,
+    ) -> Result<()> {
+        let p = &self.plan;
+        if p.n == 0 || p.v == 0 {
+            return Ok(());
+        }
+        // The merged statistic where a backward pass finds a saved one: max, sum, weight sum.
+        let saved: Vec<f32> = rec.chunks(REC).flat_map(|r| [r[0] as f32, r[1] as f32, r[4] as f32]).collect();
+        p.ctx.write(&p.rows, ROW_VECTORS * p.n as u64 * 4, bytemuck::cast_slice(&saved))?;
+        let params =
+            Params { den_w: den_w as f32, den_n: den_n as f32, ..self.params(flags::FROM_SAVED | flags::EXT_DENOM) };
+        let variant = match dest {
+            Some((_, d)) => self.variant(Seg::Finish, true, false, d),
+            None => self.variant(Seg::Finish, false, true, p.dtype),
+        };
+        let l = self.launch(variant, params, dest)?;
+        let mut r = Recorder::new(&p.ctx);
+        r.push(l)?;
+        let pb = self.params.get(&r)?;
+        r.record(enc, &pb)
+    }
+}
+
+/// As one pass: a +inf logit makes its row NaN (the merged sum carries it).
+pub(crate) fn poison_infinite(rec: &mut [f64]) {
+    for r in rec.chunks_mut(REC) {
+        if r[0] == f64::INFINITY {
+            r[1] = f64::NAN;
+        }
     }
 }
 
@@ -143,47 +194,41 @@ impl GpuContext {
         let (n, vl) = x.dim();
         // Checks, uploads and this shard's records; then one agreement, so that a rank that
         // fails here does not leave the others waiting in the all-reduce.
-        let local = (|| -> Result<(Vec<i64>, Shard, Vec<f64>)> {
+        let uploads = (|| -> Result<_> {
             let t = check(x.dim(), &targets, shard, cfg, grad.as_ref().map(|g| g.dim()))?;
-            let plan_cfg =
-                CrossEntropy { ignore_index: i32::MIN as i64, ranks: false, gaps: false, totals: None, ..cfg.clone() };
-            let plan = CePlan::new_shard(self, n, vl, x.dtype(), &plan_cfg, shard)?;
             let ti: Vec<i32> = t.iter().map(|&y| if y == cfg.ignore_index { i32::MIN } else { y as i32 }).collect();
             let logits = self.upload(&x.bytes(), U::STORAGE, "logits shard")?;
-            let targets = self.upload(bytemuck::cast_slice(&ti), U::STORAGE, "targets")?;
-            let dev = Shard { plan, logits, targets };
-            let rec = dev.records()?;
-            Ok((t, dev, rec))
+            let tb = self.upload(bytemuck::cast_slice(&ti), U::STORAGE, "targets")?;
+            Ok((t, logits, tb))
         })();
+        let local = match &uploads {
+            Err(e) => Err(e.clone()),
+            Ok((t, logits, tb)) => (|| {
+                let plan_cfg = CrossEntropy {
+                    ignore_index: i32::MIN as i64,
+                    ranks: false,
+                    gaps: false,
+                    totals: None,
+                    ..cfg.clone()
+                };
+                let plan = CePlan::new_shard(self, n, vl, x.dtype(), &plan_cfg, shard)?;
+                let dev = Shard::new(plan, logits, tb);
+                let rec = dev.records(self.device.create_command_encoder(&Default::default()))?;
+                Ok((t.clone(), dev, rec))
+            })(),
+        };
         let (t, dev, mut rec) = agree(comm, local)?;
         comm.all_reduce_with(&mut rec, REC, merge)?;
-        for r in rec.chunks_mut(REC) {
-            if r[0] == f64::INFINITY {
-                r[1] = f64::NAN; // as one pass: a +inf logit makes the row NaN
-            }
-        }
+        poison_infinite(&mut rec);
         let fin = finish(&rec, &t, &targets, cfg, shard.classes);
         let Some(mut dst) = grad else { return Ok(fin.out) };
         if n == 0 || vl == 0 {
             return Ok(fin.out);
         }
-        // The merged statistic where a backward pass finds a saved one: max, sum, weight sum.
-        let p = &dev.plan;
-        let saved: Vec<f32> = rec.chunks(REC).flat_map(|r| [r[0] as f32, r[1] as f32, r[4] as f32]).collect();
-        self.write(&p.rows, ROW_VECTORS * n as u64 * 4, bytemuck::cast_slice(&saved))?;
         let gdtype = dst.dtype();
         let gb = self.take((n * vl * gdtype.size()) as u64, U::STORAGE | U::COPY_SRC, "gradient shard")?;
-        let params = Params {
-            den_w: fin.den_w as f32,
-            den_n: fin.den_n as f32,
-            ..dev.params(flags::FROM_SAVED | flags::EXT_DENOM)
-        };
-        let l = dev.launch(dev.variant(Seg::Finish, true, gdtype), params, Some((&gb, gdtype)))?;
-        let mut r = Recorder::new(self);
-        r.push(l)?;
-        let pb = ParamsCache::new(true).get(&r)?;
         let mut enc = self.device.create_command_encoder(&Default::default());
-        r.record(&mut enc, &pb)?;
+        dev.record_grad(&mut enc, &rec, (fin.den_w, fin.den_n), Some((&gb, gdtype)))?;
         match dst.bytes_mut() {
             Some(b) => self.read_back(&gb, 0, b, Some(enc))?,
             None => {

@@ -1,0 +1,194 @@
+//! Fused linear cross-entropy with the weight split by vocabulary across ranks, on the GPU
+//! (the CPU's `cpu/linear_vocab.rs` on the device): per chunk of rows, `Z = H_c W_shard^T + b`
+//! by the tiled product kernel, then the shard's segment-statistic pass over `Z`
+//! (`super::vocab::Shard`); one all-reduce of the rows' records; then per chunk `Z` again, the
+//! gradient pass from the merged statistic over `Z` in place, and the three products.
+//! `grad_hidden` is summed over ranks (a second collective).
+
+use ndarray::{Array1, ArrayView1};
+
+use super::cross_entropy::CePlan;
+use super::linear::{GradOut, LinearDev};
+use super::vocab::{poison_infinite, Shard};
+use crate::api::config::CrossEntropy;
+use crate::api::linear::{chunk_cfg, grad_dtype, LinearCe, LinearCeOutput};
+use crate::api::targets::Targets;
+use crate::dist::vocab::{check_linear, finish, merge, VocabShard, REC};
+use crate::dist::{agree, Collective};
+use crate::dtype::{DType, Logits, Tensor2};
+use crate::error::Result;
+use crate::gpu::context::GpuContext;
+use crate::gpu::launch::Recorder;
+use crate::gpu::pool::Pooled;
+
+use wgpu::BufferUsages as U;
+
+/// What both passes use: inputs on the device, targets, workspace.
+struct Prep {
+    t: Vec<i64>,
+    n: usize,
+    vl: usize,
+    rows: usize,
+    dev: LinearDev,
+    tb: Pooled,
+    z: Pooled,
+    tchunk: Pooled,
+}
+
+impl GpuContext {
+    /// Fused linear cross-entropy over a vocabulary split across the ranks of `comm`, on the
+    /// GPU: as [`crate::Cpu::linear_cross_entropy_vocab_parallel`] (host arrays in and out).
+    ///
+    /// ```no_run
+    /// use ndarray::array;
+    /// use xent::{dist::{SingleProcess, VocabShard}, GpuContext, LinearCe};
+    /// let gpu = GpuContext::new()?;
+    /// let hidden = array![[1.0f32, 0.5], [-0.5, 2.0]];
+    /// let weight = array![[0.2f32, -0.1], [0.4, 0.3], [-0.3, 0.8]];
+    /// let shard = VocabShard { class0: 0, classes: 3 };
+    /// let out = gpu.linear_cross_entropy_vocab_parallel(&hidden, &weight, None, &[1i64, 2][..], shard, &LinearCe::default(), &SingleProcess)?;
+    /// # Ok::<(), xent::XentError>(())
+    /// ```
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_cross_entropy_vocab_parallel<'a, 'b, 'c>(
+        &self,
+        hidden: impl Into<Logits<'a>>,
+        weight: impl Into<Logits<'b>>,
+        bias: Option<ArrayView1<'_, f32>>,
+        targets: impl Into<Targets<'c>>,
+        shard: VocabShard,
+        cfg: &LinearCe,
+        comm: &dyn Collective,
+    ) -> Result<LinearCeOutput> {
+        let (hidden, weight, targets) = (hidden.into(), weight.into(), targets.into());
+        // Checks, uploads and the first pass; then one agreement before any collective.
+        let prep = (|| -> Result<Prep> {
+            let (t, n, _, vl) = check_linear(&hidden, &weight, bias, &targets, shard, cfg)?;
+            let dev = LinearDev::new(self, &hidden, &weight, bias)?;
+            let rows = dev.chunk_rows(self, cfg.chunk_rows(n, vl))?.min(n).max(1);
+            let ti: Vec<i32> = t.iter().map(|&y| if y == cfg.ce.ignore_index { i32::MIN } else { y as i32 }).collect();
+            let tb = self.upload(bytemuck::cast_slice(&ti), U::STORAGE | U::COPY_SRC, "targets")?;
+            let z = self.take((rows * vl.max(1) * 4) as u64, U::STORAGE | U::COPY_SRC, "linear workspace")?;
+            let tchunk = self.take((rows * 4) as u64, U::STORAGE | U::COPY_DST, "targets chunk")?;
+            Ok(Prep { t, n, vl, rows, dev, tb, z, tchunk })
+        })();
+        let local = match &prep {
+            Err(e) => Err(e.clone()),
+            Ok(p) => self.shard_pass(p, cfg, shard, None),
+        };
+        let mut rec = agree(comm, local)?;
+        let p = prep?;
+        comm.all_reduce_with(&mut rec, REC, merge)?;
+        poison_infinite(&mut rec);
+        let fin = finish(&rec, &p.t, &targets, &cfg.ce, shard.classes);
+        let (n, d, vl) = (p.n, p.dev.d, p.vl);
+        let out = |what: &str, bytes: usize| self.take(bytes.max(4) as u64, U::STORAGE | U::COPY_SRC, what);
+        let gh = cfg.grad_hidden.then(|| out("grad_hidden", n * d * 4)).transpose()?;
+        let gw = cfg.grad_weight.then(|| out("grad_weight", vl * d * 4)).transpose()?;
+        let gb = (cfg.grad_bias && bias.is_some()).then(|| out("grad_bias", vl * 4)).transpose()?;
+        if gh.is_some() || gw.is_some() || gb.is_some() {
+            let ones = self.upload(bytemuck::cast_slice(&vec![1f32; p.rows]), U::STORAGE, "ones")?;
+            let outs = GradOut { gh: gh.as_ref(), gw: gw.as_ref(), gb: gb.as_ref(), ones: &ones };
+            self.shard_pass(&p, cfg, shard, Some((&rec, (fin.den_w, fin.den_n), &outs)))?;
+        }
+        let read = |buf: &Pooled, len: usize| -> Result<Vec<f32>> {
+            let mut v = vec![0f32; len];
+            if len > 0 {
+                self.read_back(buf, 0, bytemuck::cast_slice_mut(&mut v), None)?;
+            }
+            Ok(v)
+        };
+        let gdt = grad_dtype(cfg, hidden.dtype());
+        let tensor = |v: Vec<f32>, dim: (usize, usize)| -> Tensor2 {
+            let a = ndarray::Array2::from_shape_vec(dim, v).expect("shape");
+            match gdt {
+                DType::F32 => Tensor2::F32(a),
+                DType::F16 => Tensor2::F16(a.mapv(half::f16::from_f32)),
+                DType::BF16 => Tensor2::BF16(a.mapv(half::bf16::from_f32)),
+            }
+        };
+        // Every shard's share of d(loss)/d(hidden), summed.
+        let grad_hidden = match &gh {
+            Some(b) => {
+                let mut v = read(b, n * d)?;
+                comm.all_reduce_sum_f32(&mut v)?;
+                Some(tensor(v, (n, d)))
+            }
+            None => None,
+        };
+        let grad_weight = gw.as_ref().map(|b| read(b, vl * d).map(|v| tensor(v, (vl, d)))).transpose()?;
+        let grad_bias = gb.as_ref().map(|b| read(b, vl).map(Array1::from)).transpose()?;
+        let o = fin.out;
+        Ok(LinearCeOutput {
+            loss: o.loss,
+            counted: o.counted,
+            weight_sum: o.weight_sum,
+            row_loss: o.row_loss,
+            row_lse: o.row_lse,
+            row_rank: None,
+            grad_hidden,
+            grad_weight,
+            grad_bias,
+            chunk_rows: p.rows,
+        })
+    }
+
+    /// One pass over the row chunks: `Z` for each, then its shard records (`grad: None`; the
+    /// records are returned) or, from the merged records, its gradient over `Z` and the
+    /// products (returns nothing).
+    #[allow(clippy::type_complexity)]
+    fn shard_pass(
+        &self,
+        p: &Prep,
+        cfg: &LinearCe,
+        shard: VocabShard,
+        grad: Option<(&[f64], (f64, f64), &GradOut<'_>)>,
+    ) -> Result<Vec<f64>> {
+        let (n, vl) = (p.n, p.vl);
+        let mut rec = Vec::new();
+        if vl == 0 {
+            // No classes here: each row's record is empty, and it adds no gradient.
+            if grad.is_none() {
+                rec = [f64::NEG_INFINITY, 0.0, 0.0, 0.0, 0.0].repeat(n);
+            }
+            return Ok(rec);
+        }
+        let totals = crate::Totals::default();
+        for r0 in (0..n).step_by(p.rows) {
+            let r1 = (r0 + p.rows).min(n);
+            let b = r1 - r0;
+            // This chunk's options: its sample weights; the loss and denominators come from
+            // the merged records, not the plan.
+            let ccfg = chunk_cfg(cfg, totals, r0..r1);
+            let plan_cfg = CrossEntropy {
+                ignore_index: i32::MIN as i64,
+                ranks: false,
+                gaps: false,
+                per_row: false,
+                totals: None,
+                ..ccfg
+            };
+            let plan = CePlan::new_shard(self, b, vl, DType::F32, &plan_cfg, shard)?;
+            let sh = Shard::new(plan, &p.z, &p.tchunk);
+            let mut enc = self.device.create_command_encoder(&Default::default());
+            enc.copy_buffer_to_buffer(&p.tb, (r0 * 4) as u64, &p.tchunk, 0, (b * 4) as u64);
+            let mut r = Recorder::new(self);
+            p.dev.record_logits(self, &mut r, &p.z, r0, b)?;
+            let params = r.params_pooled()?;
+            r.record(&mut enc, &params)?;
+            match grad {
+                None => rec.extend(sh.records(enc)?),
+                Some((merged, den, outs)) => {
+                    sh.record_grad(&mut enc, &merged[r0 * REC..r1 * REC], den, None)?;
+                    let mut r = Recorder::new(self);
+                    p.dev.record_grads(self, &mut r, &p.z, r0, b, outs)?;
+                    let params = r.params_pooled()?;
+                    r.record(&mut enc, &params)?;
+                    let idx = self.submit(enc)?;
+                    self.wait(idx)?;
+                }
+            }
+        }
+        Ok(rec)
+    }
+}
