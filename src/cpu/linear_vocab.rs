@@ -9,7 +9,7 @@
 
 use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2};
 
-use super::linear::{f32_rows, in_dtype, matmul, widen_rows, Mat};
+use super::linear::{f32_rows, hidden_grad_product, in_dtype, logits_product, weight_grad_product, widen_rows};
 use super::vocab::{shard_grad, shard_records, GradCtx};
 use super::Cpu;
 use crate::alloc::zeros2;
@@ -44,11 +44,8 @@ impl Passes<'_, '_> {
             }
         }
         let threads = self.cpu.threads();
-        let wt = Mat { data: self.w, rs: 1, cs: d };
         let hc: &[f32] = h;
-        self.cpu
-            .pool
-            .install(|| matmul(threads, (b, vl, d), z, vl, self.bias.is_some(), Mat { data: hc, rs: d, cs: 1 }, wt));
+        self.cpu.pool.install(|| logits_product(threads, (b, vl, d), z, self.bias.is_some(), hc, self.w));
         hc
     }
 }
@@ -137,15 +134,11 @@ impl Cpu {
                 let g: &[f32] = zc;
                 if let Some(gh) = gh.as_mut() {
                     let dst = &mut gh.as_slice_mut().expect("fresh")[r0 * d..r1 * d];
-                    let w_kn = Mat { data: &w, rs: d, cs: 1 };
-                    self.pool
-                        .install(|| matmul(threads, (b, d, vl), dst, d, false, Mat { data: g, rs: vl, cs: 1 }, w_kn));
+                    self.pool.install(|| hidden_grad_product(threads, (b, d, vl), dst, g, &w));
                 }
                 if let Some(gw) = gw.as_mut() {
                     let dst = gw.as_slice_mut().expect("fresh");
-                    let gt = Mat { data: g, rs: 1, cs: vl };
-                    self.pool
-                        .install(|| matmul(threads, (vl, d, b), dst, d, r0 > 0, gt, Mat { data: h, rs: d, cs: 1 }));
+                    self.pool.install(|| weight_grad_product(threads, (vl, d, b), dst, r0 > 0, g, h));
                 }
                 if let Some(gb) = gb.as_mut() {
                     for row in g.chunks(vl) {
