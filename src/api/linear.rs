@@ -120,6 +120,23 @@ pub(crate) fn check(
     targets: &Targets<'_>,
     cfg: &LinearCe,
 ) -> Result<(usize, usize, usize)> {
+    let (n, d, v) = check_operands(hidden, weight, bias, cfg)?;
+    if matches!(targets, Targets::Probs(_)) {
+        return Err(XentError::InvalidOption("fused linear cross-entropy takes class-index targets".into()));
+    }
+    crate::check::cross_entropy((n, v), targets, &cfg.ce)?;
+    crate::check::class_targets(targets, v, cfg.ce.ignore_index)?;
+    Ok((n, d, v))
+}
+
+/// The checks of the operands and options alone (also for a weight that is one vocabulary
+/// shard): `(n, d, v)`, `v` the weight's rows.
+pub(crate) fn check_operands(
+    hidden: &Logits<'_>,
+    weight: &Logits<'_>,
+    bias: Option<ArrayView1<'_, f32>>,
+    cfg: &LinearCe,
+) -> Result<(usize, usize, usize)> {
     let (n, d) = hidden.dim();
     let (v, dw) = weight.dim();
     if d != dw {
@@ -139,17 +156,12 @@ pub(crate) fn check(
             return Err(XentError::Shape(format!("bias has {} entries for {v} classes", b.len())));
         }
     }
-    if matches!(targets, Targets::Probs(_)) {
-        return Err(XentError::InvalidOption("fused linear cross-entropy takes class-index targets".into()));
-    }
     if cfg.ce.totals.is_some() {
         return Err(XentError::InvalidOption("LinearCe computes its own totals: leave ce.totals unset".into()));
     }
     if cfg.workspace_bytes == Some(0) {
         return Err(XentError::InvalidOption("workspace_bytes must be positive".into()));
     }
-    crate::check::cross_entropy((n, v), targets, &cfg.ce)?;
-    crate::check::class_targets(targets, v, cfg.ce.ignore_index)?;
     Ok((n, d, v))
 }
 

@@ -94,29 +94,7 @@ pub(crate) fn check_linear(
     shard: VocabShard,
     cfg: &LinearCe,
 ) -> Result<(Vec<i64>, usize, usize, usize)> {
-    let (n, d) = hidden.dim();
-    let vl = weight.dim().0;
-    if weight.dim().1 != d {
-        return Err(XentError::Shape(format!(
-            "hidden is [{n}, {d}] but the weight shard is {:?}: the inner dimensions differ",
-            weight.dim()
-        )));
-    }
-    if hidden.dtype() != weight.dtype() {
-        return Err(XentError::InvalidOption(format!(
-            "hidden is {} but weight is {}: give both in one dtype",
-            hidden.dtype(),
-            weight.dtype()
-        )));
-    }
-    if let Some(b) = bias {
-        if b.len() != vl {
-            return Err(XentError::Shape(format!("bias has {} entries for a shard of {vl} classes", b.len())));
-        }
-    }
-    if cfg.ce.totals.is_some() || cfg.workspace_bytes == Some(0) {
-        return Err(XentError::InvalidOption("leave ce.totals unset and give a positive workspace".into()));
-    }
+    let (n, d, vl) = crate::api::linear::check_operands(hidden, weight, bias, cfg)?;
     Ok((check((n, vl), targets, shard, &cfg.ce, None)?, n, d, vl))
 }
 
