@@ -446,3 +446,53 @@ fn ranks_max_and_gaps() {
         }
     }
 }
+
+/// 16-bit rows many vectors long per invocation (the row pass's unrolled loops, not only its
+/// tail), with V a multiple of 4 and not, soft targets and smoothing (the extras), and the
+/// gradient separate (in the logits' dtype) or over the logits.
+#[cfg(feature = "gpu")]
+#[test]
+fn sixteen_bit_long_rows() {
+    use half::{bf16, f16};
+    for (name, g) in gpus() {
+        for (n, v) in [(6, 5000), (5, 4099), (3, 8192)] {
+            let (mut x, t) = workload::synthetic(n, v, 3.0, 4, 21);
+            x[[0, 17]] = 40.0; // a confident row
+            for cfg in
+                [CrossEntropy::default(), CrossEntropy { label_smoothing: 0.1, ranks: true, ..Default::default() }]
+            {
+                // bf16: rounded logits, the reference on the rounded values.
+                let xb = x.mapv(bf16::from_f32);
+                let xr = xb.mapv(f32::from);
+                let r = reference::cross_entropy(&xr, &t, &cfg).unwrap();
+                let what = format!("{name} bf16 {n}x{v} smoothing {}", cfg.label_smoothing);
+                let mut gb = Array2::from_elem((n, v), bf16::ZERO);
+                let o = g.cross_entropy_into(&xb, &t, &cfg, &mut gb).unwrap();
+                assert_scalar(&format!("{what} loss"), o.loss, r.loss, 1e-6, 1e-5);
+                assert_close_2d(&format!("{what} grad"), gb.mapv(f32::from).view(), r.grad.view(), 1e-6, 8e-3);
+                let mut inplace = xb.clone();
+                let o2 = g.cross_entropy_in_place(&mut inplace, &t, &cfg).unwrap();
+                assert_scalar(&format!("{what} in-place loss"), o2.loss, r.loss, 1e-6, 1e-5);
+                assert_eq!(inplace, gb, "{what}: in place and separate write the same bits");
+                // f16 forward with ranks.
+                let xh = x.mapv(f16::from_f32);
+                let rh = reference::cross_entropy(&xh.mapv(f32::from), &t, &cfg).unwrap();
+                let oh = g.cross_entropy(&xh, &t, &cfg).unwrap();
+                assert_scalar(&format!("{name} f16 {n}x{v} loss"), oh.loss, rh.loss, 1e-6, 1e-5);
+            }
+            // Probability targets (the second rows read beside the logits).
+            let p = Array2::from_shape_fn((n, v), |(i, j)| if j == (i * 7) % v { 0.7 } else { 0.3 / (v - 1) as f32 });
+            let xb = x.mapv(bf16::from_f32);
+            let r = reference::cross_entropy(&xb.mapv(f32::from), &p, &CrossEntropy::default()).unwrap();
+            let o = g.cross_entropy_with_grad(&xb, &p, &CrossEntropy::default()).unwrap();
+            assert_scalar(&format!("{name} bf16 soft {n}x{v} loss"), o.loss, r.loss, 1e-6, 1e-5);
+            assert_close_2d(
+                &format!("{name} bf16 soft {n}x{v} grad"),
+                o.grad.unwrap().view(),
+                r.grad.view(),
+                1e-7,
+                1e-4,
+            );
+        }
+    }
+}
