@@ -8,9 +8,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json >/dev/null 2>&1 || need_apt+=(mesa-vulkan-drivers)
+# (`compgen -G`: either folder may hold the driver's manifest; `ls` of both fails if one is empty.)
+compgen -G '/usr/share/vulkan/icd.d/*.json' >/dev/null || compgen -G '/etc/vulkan/icd.d/*.json' >/dev/null ||
+    need_apt+=(mesa-vulkan-drivers)
 command -v mpirun >/dev/null && command -v mpicc >/dev/null || need_apt+=(openmpi-bin libopenmpi-dev)
-ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/*/libclang*.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
+# bindgen (for the mpi crate) needs libclang and clang's own headers.
+{ compgen -G '/usr/lib/llvm-*/lib/libclang*.so*' || compgen -G '/usr/lib/*/libclang*.so*'; } >/dev/null &&
+    compgen -G '/usr/lib/llvm-*/lib/clang/*/include/stddef.h' >/dev/null || need_apt+=(libclang-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "installing ${need_apt[*]}"
