@@ -368,6 +368,20 @@ impl Tensor2 {
             Tensor2::BF16(v) => LogitsMut::BF16(v.view_mut()),
         }
     }
+    /// `a` in `dtype`: moved as it is for f32, rounded once (to nearest even) for f16/bf16.
+    ///
+    /// ```
+    /// use xent::{DType, Tensor2};
+    /// let t = Tensor2::from_f32(ndarray::array![[1.0f32, 1.00390625]], DType::BF16);
+    /// assert_eq!(t.to_f32(), ndarray::array![[1.0f32, 1.0]]); // the tie rounds to even
+    /// ```
+    pub fn from_f32(a: Array2<f32>, dtype: DType) -> Tensor2 {
+        match dtype {
+            DType::F32 => Tensor2::F32(a),
+            DType::F16 => Tensor2::F16(a.mapv(f16::from_f32)),
+            DType::BF16 => Tensor2::BF16(a.mapv(bf16::from_f32)),
+        }
+    }
     /// Widened to f32.
     pub fn to_f32(&self) -> Array2<f32> {
         self.view().to_f32()

@@ -63,13 +63,6 @@ impl Collective for Threads {
     }
 }
 
-/// `x` rounded to `dtype`.
-fn cast(x: Array2<f32>, dtype: DType) -> Tensor2 {
-    let mut t = Tensor2::zeros(dtype, x.dim());
-    t.view_mut().assign_f32(x.view());
-    t
-}
-
 /// Which backend computes each rank's shard.
 #[derive(Clone, Copy, Debug)]
 enum On {
@@ -95,7 +88,7 @@ fn run_on(
             .map(|comm| {
                 sc.spawn(move || {
                     let cols = row_range(v, comm.rank(), comm.size());
-                    let shard = cast(x.slice(s![.., cols.clone()]).to_owned(), dtype);
+                    let shard = Tensor2::from_f32(x.slice(s![.., cols.clone()]).to_owned(), dtype);
                     let mut g = Array2::<f32>::zeros((x.nrows(), cols.len()));
                     let sh = VocabShard { class0: cols.start, classes: v };
                     let o = match on {
@@ -167,7 +160,7 @@ fn shards_equal_one_process_for_every_option() {
         ] {
             for dtype in [DType::F32, DType::BF16] {
                 // The reference sees the logits as the shards hold them.
-                let xr = cast(x.clone(), dtype).to_f32();
+                let xr = Tensor2::from_f32(x.clone(), dtype).to_f32();
                 let r = reference::cross_entropy(&xr, &t, &cfg).unwrap();
                 for ranks in [1, 2, 3] {
                     let (losses, g) = run_on(on, &xr, &t, &cfg, ranks, dtype);

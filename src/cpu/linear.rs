@@ -152,14 +152,6 @@ pub(super) fn widen_rows(x: &Logits<'_>, r0: usize, r1: usize, out: &mut [f32]) 
     }
 }
 
-pub(super) fn in_dtype(a: Array2<f32>, dtype: DType) -> Tensor2 {
-    match dtype {
-        DType::F32 => Tensor2::F32(a),
-        DType::F16 => Tensor2::F16(a.mapv(half::f16::from_f32)),
-        DType::BF16 => Tensor2::BF16(a.mapv(half::bf16::from_f32)),
-    }
-}
-
 impl Cpu {
     /// Fused linear cross-entropy: the loss of `F.cross_entropy(hidden @ weight.T + bias,
     /// targets)` (PyTorch's semantics, every [`crate::CrossEntropy`] option) and its gradients
@@ -264,8 +256,8 @@ impl Cpu {
             row_loss: row_loss.map(Array1::from),
             row_lse: row_lse.map(Array1::from),
             row_rank: row_rank.map(Array1::from),
-            grad_hidden: gh.map(|a| in_dtype(a, gdt)),
-            grad_weight: gw.map(|a| in_dtype(a, gdt)),
+            grad_hidden: gh.map(|a| Tensor2::from_f32(a, gdt)),
+            grad_weight: gw.map(|a| Tensor2::from_f32(a, gdt)),
             grad_bias: gb.map(|b| b.into_iter().map(|x| x as f32).collect()),
             chunk_rows: rows.min(n),
         })

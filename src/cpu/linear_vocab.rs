@@ -7,9 +7,9 @@
 //! shard's `G W` summed over ranks (a second collective, of `N x D` f32); `grad_weight` and
 //! `grad_bias` are this shard's rows.
 
-use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2};
+use ndarray::{ArrayView1, ArrayView2, ArrayViewMut2};
 
-use super::linear::{f32_rows, hidden_grad_product, in_dtype, logits_product, weight_grad_product, widen_rows};
+use super::linear::{f32_rows, hidden_grad_product, logits_product, weight_grad_product, widen_rows};
 use super::vocab::{shard_grad, shard_records, GradCtx};
 use super::Cpu;
 use crate::alloc::zeros2;
@@ -17,7 +17,7 @@ use crate::api::linear::{grad_dtype, LinearCe, LinearCeOutput};
 use crate::api::targets::Targets;
 use crate::dist::vocab::{check_linear, finish, merge, VocabShard, REC};
 use crate::dist::{agree, Collective};
-use crate::dtype::Logits;
+use crate::dtype::{Logits, Tensor2};
 use crate::error::Result;
 
 /// What the two passes share: the inputs as f32 rows and the workspaces.
@@ -160,8 +160,8 @@ impl Cpu {
             row_loss: o.row_loss,
             row_lse: o.row_lse,
             row_rank: None,
-            grad_hidden: gh.map(|a: Array2<f32>| in_dtype(a, gdt)),
-            grad_weight: gw.map(|a| in_dtype(a, gdt)),
+            grad_hidden: gh.map(|a| Tensor2::from_f32(a, gdt)),
+            grad_weight: gw.map(|a| Tensor2::from_f32(a, gdt)),
             grad_bias: gb.map(|b| b.into_iter().map(|x| x as f32).collect()),
             chunk_rows: p.rows,
         })

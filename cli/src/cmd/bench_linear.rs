@@ -29,11 +29,7 @@ fn inputs(n: usize, d: usize, v: usize, dtype: DType) -> Result<(Tensor2, Tensor
     let (w, _) = workload::try_synthetic(v, d, 1.0 / (d as f32).sqrt(), 0, 43)?;
     let b = Array1::from_shape_fn(v, |c| ((c % 13) as f32 - 6.0) * 0.01);
     let t = t.mapv(|y| if y < 0 { y } else { y % v as i64 });
-    let conv = |x: ndarray::Array2<f32>| match dtype {
-        DType::F32 => Tensor2::F32(x),
-        DType::F16 => Tensor2::F16(x.mapv(half::f16::from_f32)),
-        DType::BF16 => Tensor2::BF16(x.mapv(half::bf16::from_f32)),
-    };
+    let conv = |x| Tensor2::from_f32(x, dtype);
     Ok((conv(h), conv(w), b, t))
 }
 

@@ -344,12 +344,7 @@ impl GpuContext {
         let read2 = |buf: &Pooled, dim: (usize, usize)| -> Result<Tensor2> {
             let mut a = crate::alloc::zeros2::<f32>(dim, "gradient")?;
             self.read_back(buf, 0, bytemuck::cast_slice_mut(a.as_slice_mut().expect("fresh")), None)?;
-            let gdt = grad_dtype(cfg, dt);
-            Ok(match gdt {
-                DType::F32 => Tensor2::F32(a),
-                DType::F16 => Tensor2::F16(a.mapv(half::f16::from_f32)),
-                DType::BF16 => Tensor2::BF16(a.mapv(half::bf16::from_f32)),
-            })
+            Ok(Tensor2::from_f32(a, grad_dtype(cfg, dt)))
         };
         let grad_hidden = gh.as_ref().map(|b| read2(b, (n, d))).transpose()?;
         let grad_weight = gw.as_ref().map(|b| read2(b, (v, d))).transpose()?;

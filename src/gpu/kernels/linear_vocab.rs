@@ -99,14 +99,7 @@ impl GpuContext {
             Ok(v)
         };
         let gdt = grad_dtype(cfg, hidden.dtype());
-        let tensor = |v: Vec<f32>, dim: (usize, usize)| -> Tensor2 {
-            let a = ndarray::Array2::from_shape_vec(dim, v).expect("shape");
-            match gdt {
-                DType::F32 => Tensor2::F32(a),
-                DType::F16 => Tensor2::F16(a.mapv(half::f16::from_f32)),
-                DType::BF16 => Tensor2::BF16(a.mapv(half::bf16::from_f32)),
-            }
-        };
+        let tensor = |v: Vec<f32>, dim| Tensor2::from_f32(ndarray::Array2::from_shape_vec(dim, v).expect("shape"), gdt);
         // Every shard's share of d(loss)/d(hidden), summed.
         let grad_hidden = match &gh {
             Some(b) => {
