@@ -646,6 +646,23 @@ impl GpuContext {
         self.check_alive()
     }
 
+    /// Reads a tensor of `dst`'s shape and dtype from the start of `src` into `dst` (a strided
+    /// destination through a contiguous copy). `first` as for [`Self::read_back`].
+    pub(crate) fn read_back_into(
+        &self,
+        src: &wgpu::Buffer,
+        mut dst: crate::dtype::LogitsMut<'_>,
+        first: Option<wgpu::CommandEncoder>,
+    ) -> Result<()> {
+        if let Some(b) = dst.bytes_mut() {
+            return self.read_back(src, 0, b, first);
+        }
+        let mut tmp = crate::dtype::Tensor2::zeros(dst.dtype(), dst.dim());
+        self.read_back(src, 0, tmp.view_mut().bytes_mut().expect("fresh"), first)?;
+        dst.assign_f32(tmp.to_f32().view());
+        Ok(())
+    }
+
     /// Reads `out.len()` bytes of `src` from `offset` back to the host through a staging buffer
     /// of at most 64 MiB, piece by piece (bounded memory however large the tensor). `first`,
     /// when given, is an encoder whose commands must run before the first copy.

@@ -308,30 +308,41 @@ impl CePlan {
         self.parts
     }
 
-    /// Records the cross-entropy of `inputs` into `enc` (no submission, no wait).
-    pub fn record(&self, enc: &mut wgpu::CommandEncoder, inputs: CeInputs<'_>) -> Result<()> {
-        let (ctx, n, v, cfg) = (&self.ctx, self.n, self.v, &self.cfg);
-        if n == 0 {
-            return Ok(());
-        }
-        let elem = self.dtype.size() as u64;
-        let nv = (n * v) as u64;
-        let row_align = 4u64.max(elem);
-        check_slice(inputs.logits, nv * elem, row_align, "logits")?;
-        let soft = matches!(inputs.targets, DeviceTargets::Probs(_));
-        match inputs.targets {
-            DeviceTargets::Classes(t) => check_slice(t, n as u64 * 4, ctx.offset_align, "targets")?,
+    /// Checks the device inputs of a record against the plan's shape; whether the targets are
+    /// probability rows.
+    fn check_inputs(
+        &self,
+        logits: wgpu::BufferSlice<'_>,
+        targets: DeviceTargets<'_>,
+        sample_weight: Option<wgpu::BufferSlice<'_>>,
+    ) -> Result<bool> {
+        let (n, align) = (self.n as u64, self.ctx.offset_align);
+        let (nv, elem) = (n * self.v as u64, self.dtype.size() as u64);
+        check_slice(logits, nv * elem, 4u64.max(elem), "logits")?;
+        match targets {
+            DeviceTargets::Classes(t) => check_slice(t, n * 4, align, "targets")?,
             DeviceTargets::Probs(p) => check_slice(p, nv * 4, 4, "target probabilities")?,
         }
-        if let Some(sw) = inputs.sample_weight {
-            check_slice(sw, n as u64 * 4, ctx.offset_align, "sample_weight")?;
+        if let Some(sw) = sample_weight {
+            check_slice(sw, n * 4, align, "sample_weight")?;
         }
-        let (grad, in_place, gdtype) = match inputs.grad {
+        Ok(matches!(targets, DeviceTargets::Probs(_)))
+    }
+
+    /// The gradient's destination, checked (a separate one must not overlap the logits): the
+    /// separate slice, whether it is over the logits, and its dtype.
+    fn grad_dest<'a>(
+        &self,
+        logits: wgpu::BufferSlice<'_>,
+        grad: DeviceGrad<'a>,
+    ) -> Result<(Option<wgpu::BufferSlice<'a>>, bool, DType)> {
+        let (nv, elem) = ((self.n * self.v) as u64, self.dtype.size() as u64);
+        Ok(match grad {
             DeviceGrad::None => (None, false, DType::F32),
             DeviceGrad::Separate(g, d) => {
                 check_slice(g, nv * d.size() as u64, 4u64.max(d.size() as u64), "gradient")?;
-                if g.buffer() == inputs.logits.buffer() {
-                    let (a, b) = (g.offset(), inputs.logits.offset());
+                if g.buffer() == logits.buffer() {
+                    let (a, b) = (g.offset(), logits.offset());
                     if a < b + nv * elem && b < a + nv * d.size() as u64 {
                         return Err(XentError::InvalidOption(
                             "the gradient overlaps the logits: use DeviceGrad::InPlace".into(),
@@ -341,21 +352,40 @@ impl CePlan {
                 (Some(g), false, d)
             }
             DeviceGrad::InPlace => (None, true, self.dtype),
-        };
-        let variant = Variant {
+        })
+    }
+
+    /// The row pass's variant for this plan: gradient dtype, a separate gradient or one over
+    /// the logits, the per-element extras (smoothing sums, soft targets, ranks), the stage.
+    pub(crate) fn row_variant(&self, output: DType, grad: bool, in_place: bool, extras: bool, seg: Seg) -> Variant {
+        let (v, cfg) = (self.v, &self.cfg);
+        Variant {
             input: self.dtype,
-            output: gdtype,
+            output,
             vec4: v % 4 == 0,
-            odd: v % 2 == 1 && gdtype != DType::F32 && (grad.is_some() || in_place) && v % 4 != 0,
-            subgroup: ctx.subgroups,
-            grad: grad.is_some(),
+            odd: v % 2 == 1 && output != DType::F32 && (grad || in_place) && v % 4 != 0,
+            subgroup: self.ctx.subgroups,
+            grad,
             in_place,
-            extras: cfg.label_smoothing > 0.0 || cfg.ranks || soft,
+            extras,
             wg: self.wg,
+            seg,
             transform: cfg.temperature != 1.0 || cfg.softcap.is_some(),
             class_w: cfg.class_weight.is_some(),
             ..Default::default()
-        };
+        }
+    }
+
+    /// Records the cross-entropy of `inputs` into `enc` (no submission, no wait).
+    pub fn record(&self, enc: &mut wgpu::CommandEncoder, inputs: CeInputs<'_>) -> Result<()> {
+        let (ctx, n, v, cfg) = (&self.ctx, self.n, self.v, &self.cfg);
+        if n == 0 {
+            return Ok(());
+        }
+        let soft = self.check_inputs(inputs.logits, inputs.targets, inputs.sample_weight)?;
+        let (grad, in_place, gdtype) = self.grad_dest(inputs.logits, inputs.grad)?;
+        let extras = cfg.label_smoothing > 0.0 || cfg.ranks || soft;
+        let variant = self.row_variant(gdtype, grad.is_some(), in_place, extras, Seg::Whole);
         let split = self.parts > 1;
         let small = Variant { subgroup: ctx.subgroups, ..Default::default() };
         let mut base = base_params(cfg, n, v, cfg.ignore_index as i32, soft);
@@ -471,17 +501,7 @@ impl CePlan {
         if n == 0 {
             return Ok(());
         }
-        let elem = self.dtype.size() as u64;
-        let nv = (n * v) as u64;
-        check_slice(b.logits, nv * elem, 4u64.max(elem), "logits")?;
-        let soft = matches!(b.targets, DeviceTargets::Probs(_));
-        match b.targets {
-            DeviceTargets::Classes(t) => check_slice(t, n as u64 * 4, ctx.offset_align, "targets")?,
-            DeviceTargets::Probs(p) => check_slice(p, nv * 4, 4, "target probabilities")?,
-        }
-        if let Some(sw) = b.sample_weight {
-            check_slice(sw, n as u64 * 4, ctx.offset_align, "sample_weight")?;
-        }
+        let soft = self.check_inputs(b.logits, b.targets, b.sample_weight)?;
         let rows_up = cfg.reduction == Reduction::None;
         let up_bytes = if rows_up { n as u64 * 4 } else { 4 };
         for (s, need, what) in [(b.state, self.state_bytes(), "state"), (b.upstream, up_bytes, "upstream gradient")] {
@@ -491,39 +511,12 @@ impl CePlan {
                 )));
             }
         }
-        let (grad, in_place, gdtype) = match b.grad {
-            DeviceGrad::None => {
-                return Err(XentError::InvalidOption("a backward pass needs a gradient destination".into()))
-            }
-            DeviceGrad::Separate(g, d) => {
-                check_slice(g, nv * d.size() as u64, 4u64.max(d.size() as u64), "gradient")?;
-                if g.buffer() == b.logits.buffer() {
-                    let (x, y) = (g.offset(), b.logits.offset());
-                    if x < y + nv * elem && y < x + nv * d.size() as u64 {
-                        return Err(XentError::InvalidOption(
-                            "the gradient overlaps the logits: use DeviceGrad::InPlace".into(),
-                        ));
-                    }
-                }
-                (Some(g), false, d)
-            }
-            DeviceGrad::InPlace => (None, true, self.dtype),
-        };
-        let variant = Variant {
-            input: self.dtype,
-            output: gdtype,
-            vec4: v % 4 == 0,
-            odd: v % 2 == 1 && gdtype != DType::F32 && v % 4 != 0,
-            subgroup: ctx.subgroups,
-            grad: grad.is_some(),
-            in_place,
-            extras: cfg.label_smoothing > 0.0 || soft,
-            wg: self.wg,
-            seg: Seg::Finish,
-            second: DType::F32,
-            transform: cfg.temperature != 1.0 || cfg.softcap.is_some(),
-            class_w: cfg.class_weight.is_some(),
-        };
+        if matches!(b.grad, DeviceGrad::None) {
+            return Err(XentError::InvalidOption("a backward pass needs a gradient destination".into()));
+        }
+        let (grad, in_place, gdtype) = self.grad_dest(b.logits, b.grad)?;
+        let variant =
+            self.row_variant(gdtype, grad.is_some(), in_place, cfg.label_smoothing > 0.0 || soft, Seg::Finish);
         let mut base = base_params(cfg, n, v, cfg.ignore_index as i32, soft);
         base.flags &= !(flags::RANK | flags::GAP);
         base.flags |= flags::FROM_SAVED | flags::UPSTREAM | if rows_up { flags::UP_ROWS } else { 0 };
@@ -771,19 +764,7 @@ impl GpuContext {
         self.submit_wait(enc)?;
         let mut out = pending.wait()?;
         // The gradient comes back piece by piece, straight into its destination.
-        let read = |src: &Pooled, dst: LogitsMut<'_>| -> Result<()> {
-            let mut dst = dst;
-            match dst.bytes_mut() {
-                Some(b) => self.read_back(src, 0, b, None),
-                None => {
-                    // A strided destination: through a contiguous copy of its dtype.
-                    let mut tmp = crate::dtype::Tensor2::zeros(dst.dtype(), (n, v));
-                    self.read_back(src, 0, tmp.view_mut().bytes_mut().expect("fresh"), None)?;
-                    dst.assign_f32(tmp.to_f32().view());
-                    Ok(())
-                }
-            }
-        };
+        let read = |src: &Pooled, dst: LogitsMut<'_>| self.read_back_into(src, dst, None);
         match (dest, gb, in_place) {
             (HostGrad::New, Some(g), _) => {
                 let mut host = crate::alloc::zeros2::<f32>((n, v), "gradient")?;

@@ -62,22 +62,7 @@ impl Shard<'_> {
     }
 
     fn variant(&self, seg: Seg, grad: bool, in_place: bool, output: DType) -> Variant {
-        let (p, cfg) = (&self.plan, &self.plan.cfg);
-        Variant {
-            input: p.dtype,
-            output,
-            vec4: p.v % 4 == 0,
-            odd: (grad || in_place) && p.v % 2 == 1 && output != DType::F32 && p.v % 4 != 0,
-            subgroup: p.ctx.subgroups,
-            grad,
-            in_place,
-            extras: cfg.label_smoothing > 0.0,
-            wg: p.wg,
-            seg,
-            transform: cfg.temperature != 1.0 || cfg.softcap.is_some(),
-            class_w: cfg.class_weight.is_some(),
-            ..Default::default()
-        }
+        self.plan.row_variant(output, grad, in_place, self.plan.cfg.label_smoothing > 0.0, seg)
     }
 
     fn params(&self, extra: u32) -> Params {
@@ -221,7 +206,7 @@ impl GpuContext {
         comm.all_reduce_with(&mut rec, REC, merge)?;
         poison_infinite(&mut rec);
         let fin = finish(&rec, &t, &targets, cfg, shard.classes);
-        let Some(mut dst) = grad else { return Ok(fin.out) };
+        let Some(dst) = grad else { return Ok(fin.out) };
         if n == 0 || vl == 0 {
             return Ok(fin.out);
         }
@@ -229,15 +214,7 @@ impl GpuContext {
         let gb = self.take((n * vl * gdtype.size()) as u64, U::STORAGE | U::COPY_SRC, "gradient shard")?;
         let mut enc = self.device.create_command_encoder(&Default::default());
         dev.record_grad(&mut enc, &rec, (fin.den_w, fin.den_n), Some((&gb, gdtype)))?;
-        match dst.bytes_mut() {
-            Some(b) => self.read_back(&gb, 0, b, Some(enc))?,
-            None => {
-                // A strided destination: through a contiguous copy of its dtype.
-                let mut tmp = crate::dtype::Tensor2::zeros(gdtype, (n, vl));
-                self.read_back(&gb, 0, tmp.view_mut().bytes_mut().expect("fresh"), Some(enc))?;
-                dst.assign_f32(tmp.to_f32().view());
-            }
-        }
+        self.read_back_into(&gb, dst, Some(enc))?;
         Ok(fin.out)
     }
 }
