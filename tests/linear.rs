@@ -34,6 +34,15 @@ unsafe impl GlobalAlloc for Counting {
     }
 }
 
+/// The allocation counters are the process's: the test that measures them runs alone (write),
+/// the others beside each other (read).
+static MEASURING: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Held by every test that allocates while [`workspace_stays_within_its_budget`] could measure.
+fn not_measuring() -> std::sync::RwLockReadGuard<'static, ()> {
+    MEASURING.read().unwrap_or_else(|p| p.into_inner())
+}
+
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
@@ -100,6 +109,7 @@ fn runners() -> Vec<(&'static str, Run)> {
 
 #[test]
 fn matches_the_f64_reference_in_chunks() {
+    let _quiet = not_measuring();
     let (n, d, v) = (37, 24, 301);
     let (h, w, b, t) = inputs(n, d, v, 1);
     let cw = Array1::from_shape_fn(v, |c| 0.5 + (c % 5) as f32 * 0.3);
@@ -142,6 +152,7 @@ fn matches_the_f64_reference_in_chunks() {
 
 #[test]
 fn bf16_inputs_and_gradients_in_the_input_dtype() {
+    let _quiet = not_measuring();
     let (n, d, v) = (40, 32, 257);
     let (h, w, _, t) = inputs(n, d, v, 2);
     let (hb, wb) = (h.mapv(half::bf16::from_f32), w.mapv(half::bf16::from_f32));
@@ -161,6 +172,7 @@ fn bf16_inputs_and_gradients_in_the_input_dtype() {
 
 #[test]
 fn same_bits_on_every_run_and_thread_count() {
+    let _quiet = not_measuring();
     let (n, d, v) = (96, 48, 1000);
     let (h, w, b, t) = inputs(n, d, v, 3);
     let cfg = LinearCe {
@@ -195,6 +207,7 @@ fn same_bits_on_every_run_and_thread_count() {
 
 #[test]
 fn workspace_stays_within_its_budget() {
+    let _alone = MEASURING.write().unwrap_or_else(|p| p.into_inner());
     // N x V x 4 = 32 MiB of logits; the budget is a quarter of it.
     let (n, d, v) = (2048, 16, 4096);
     let (h, w, b, t) = inputs(n, d, v, 4);
@@ -218,6 +231,7 @@ fn workspace_stays_within_its_budget() {
 #[cfg(feature = "gpu")]
 #[test]
 fn gpu_workspace_stays_within_its_budget() {
+    let _quiet = not_measuring();
     let Some(g) = fresh_gpu() else { return };
     let (n, d, v) = (2048, 16, 4096);
     let (h, w, b, t) = inputs(n, d, v, 4);
@@ -232,6 +246,7 @@ fn gpu_workspace_stays_within_its_budget() {
 
 #[test]
 fn all_ignored_batch_and_bad_inputs() {
+    let _quiet = not_measuring();
     let (h, w, b, _) = inputs(5, 8, 20, 5);
     let cpu = Cpu::new();
     let ignored = Array1::from_elem(5, -100i64);
@@ -261,6 +276,7 @@ fn all_ignored_batch_and_bad_inputs() {
 /// PyTorch's float64 answers (`F.linear` + `F.cross_entropy`, backward for all three inputs).
 #[test]
 fn pytorch_golden_cases() {
+    let _quiet = not_measuring();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
     let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap().replace(": NaN", ": \"NaN\"");
     let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
