@@ -12,7 +12,7 @@
 
 use std::arch::x86_64::*;
 
-use super::simd::{BLOCK, EXP_POLY, LN2_HI, LN2_LO, LOG2E};
+use super::simd::{BLOCK, EXP_POLY, LN2_HI, LN2_LO, LOG2E, ROUND};
 
 /// Whether this CPU runs the kernels below.
 pub fn available() -> bool {
@@ -34,10 +34,10 @@ fn exp16(x: __m512) -> __m512 {
     // max(lo, x) keeps a NaN x (the second operand is returned when either is NaN) and turns
     // -inf into lo, whose exponential scales to exactly 0.
     let xc = _mm512_max_ps(_mm512_set1_ps(-110.0), x);
-    let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
-        xc,
-        _mm512_set1_ps(LOG2E),
-    ));
+    // Round x log2(e) to an integer by adding 1.5 * 2^23 (one FMA and a subtraction, where
+    // `vrndscaleps` after a product costs three instructions).
+    let round = _mm512_set1_ps(ROUND);
+    let t = _mm512_sub_ps(_mm512_fmadd_ps(xc, _mm512_set1_ps(LOG2E), round), round);
     let r = _mm512_fnmadd_ps(t, _mm512_set1_ps(LN2_HI), xc);
     let r = _mm512_fnmadd_ps(t, _mm512_set1_ps(LN2_LO), r);
     let mut q = _mm512_set1_ps(EXP_POLY[0]);
@@ -48,13 +48,14 @@ fn exp16(x: __m512) -> __m512 {
     _mm512_scalef_ps(p, t)
 }
 
-/// Adds `e` to `acc` except where `d == 0` (the max's own 1), and counts those in `cnt`.
+/// Adds `e` to `acc` except where `d == 0` (the max's own 1), and counts those in `cnt` (a
+/// vector count: one masked add, where a scalar popcount costs three instructions).
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn fold(d: __m512, e: __m512, acc: &mut __m512, cnt: &mut u32) {
+fn fold(d: __m512, e: __m512, acc: &mut __m512, cnt: &mut __m512) {
     let is_max = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(d, _mm512_setzero_ps());
     *acc = _mm512_mask_add_ps(*acc, !is_max, *acc, e);
-    *cnt += is_max.count_ones();
+    *cnt = _mm512_mask_add_ps(*cnt, is_max, *cnt, _mm512_set1_ps(1.0));
 }
 
 #[target_feature(enable = "avx512f")]
@@ -65,58 +66,171 @@ fn hsum(v: __m512) -> f64 {
     a.iter().map(|&x| x as f64).sum()
 }
 
+/// How the row loops below read their input: f32, or bf16/f16 widened in registers (the
+/// const parameter `K`), so that a 16-bit row is never copied into an f32 scratch row.
+pub const F32: u8 = 0;
+/// bf16: the high half of an f32.
+pub const BF16: u8 = 1;
+/// IEEE f16, widened exactly by `vcvtph2ps`.
+pub const F16: u8 = 2;
+
+/// 16 elements from `p` (element index `i`) as f32, in order.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn load<const K: u8>(p: *const u8, i: usize) -> __m512 {
+    // SAFETY (all arms): the caller guarantees 16 elements from i.
+    unsafe {
+        match K {
+            F32 => _mm512_loadu_ps((p as *const f32).add(i)),
+            BF16 => {
+                let h = _mm256_loadu_si256((p as *const u16).add(i) as *const __m256i);
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            }
+            _ => _mm512_cvtph_ps(_mm256_loadu_si256((p as *const u16).add(i) as *const __m256i)),
+        }
+    }
+}
+
+/// The first `n < 16` (or all 16) elements from `i` as f32, the other lanes `fill`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn load_part<const K: u8>(p: *const u8, i: usize, mask: __mmask16, fill: f32) -> __m512 {
+    let f = _mm512_set1_ps(fill);
+    // SAFETY (all arms): masked loads touch only the lanes in `mask`, which the caller owns.
+    unsafe {
+        match K {
+            F32 => _mm512_mask_loadu_ps(f, mask, (p as *const f32).add(i)),
+            BF16 => {
+                let h = _mm256_maskz_loadu_epi16(mask, (p as *const u16).add(i) as *const i16);
+                let v = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
+                _mm512_mask_blend_ps(mask, f, v)
+            }
+            _ => {
+                let h = _mm256_maskz_loadu_epi16(mask, (p as *const u16).add(i) as *const i16);
+                _mm512_mask_blend_ps(mask, f, _mm512_cvtph_ps(h))
+            }
+        }
+    }
+}
+
+/// 32 elements from `i` as two f32 vectors, in an order only a sum or a maximum may use: a
+/// bf16 pair shares one 32-bit lane, so one 64-byte load and a mask or a shift give both.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn load32_any_order<const K: u8>(p: *const u8, i: usize) -> (__m512, __m512) {
+    // SAFETY: the caller guarantees 32 elements from i.
+    unsafe {
+        if K == BF16 {
+            let w = _mm512_loadu_si512((p as *const u16).add(i) as *const __m512i);
+            let hi = _mm512_and_si512(w, _mm512_set1_epi32(0xffff_0000u32 as i32));
+            (_mm512_castsi512_ps(_mm512_slli_epi32::<16>(w)), _mm512_castsi512_ps(hi))
+        } else {
+            (load::<K>(p, i), load::<K>(p, i + 16))
+        }
+    }
+}
+
 /// The row maximum (NaN entries are skipped here and surface in [`exp_sum`]).
 #[target_feature(enable = "avx512f")]
 pub unsafe fn max(x: &[f32]) -> f32 {
+    // SAFETY: `x` holds x.len() f32 elements; AVX-512BW/VL come with the caller's check.
+    unsafe { max_k::<F32>(x.as_ptr() as *const u8, x.len()) }
+}
+
+/// The maximum of `n` elements of storage `K` at `p` (NaN skipped).
+///
+/// # Safety
+/// `p` holds `n` elements of storage `K`; the CPU has AVX-512F/BW/VL.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn max_k<const K: u8>(p: *const u8, n: usize) -> f32 {
     let mut m0 = _mm512_set1_ps(f32::NEG_INFINITY);
     let mut m1 = m0;
     let mut i = 0;
-    while i + 32 <= x.len() {
-        // SAFETY: i + 32 <= x.len().
-        unsafe {
-            // max_ps(v, m) returns m when v is NaN: NaN is skipped.
-            m0 = _mm512_max_ps(_mm512_loadu_ps(x.as_ptr().add(i)), m0);
-            m1 = _mm512_max_ps(_mm512_loadu_ps(x.as_ptr().add(i + 16)), m1);
-        }
+    while i + 32 <= n {
+        // SAFETY: i + 32 <= n.
+        let (a, b) = unsafe { load32_any_order::<K>(p, i) };
+        // max_ps(v, m) returns m when v is NaN: NaN is skipped.
+        m0 = _mm512_max_ps(a, m0);
+        m1 = _mm512_max_ps(b, m1);
         i += 32;
     }
-    let m = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
-    x[i..].iter().fold(m, |b, &v| if v > b { v } else { b })
+    while i < n {
+        let k = (n - i).min(16);
+        let mask: __mmask16 = if k == 16 { 0xffff } else { (1u16 << k) - 1 };
+        // SAFETY: the masked load touches only the k elements from i.
+        m0 = _mm512_max_ps(unsafe { load_part::<K>(p, i, mask, f32::NEG_INFINITY) }, m0);
+        i += k;
+    }
+    _mm512_reduce_max_ps(_mm512_max_ps(m0, m1))
 }
 
 /// `(sum of exp(x_j - m) over x_j != m, count of x_j == m)` in f64, storing each exponential in
 /// `out` when given. `ahead` (the next row's input) is prefetched into L2 along the way, so that
 /// its read from memory overlaps this row's exponentials.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn exp_sum(x: &[f32], m: f32, mut out: Option<&mut [f32]>, ahead: &[u8]) -> (f64, f64) {
-    // Cache lines of `ahead` per 32 elements of `x`, rounded up.
+pub unsafe fn exp_sum(x: &[f32], m: f32, out: Option<&mut [f32]>, ahead: &[u8]) -> (f64, f64) {
+    // SAFETY: `x` holds x.len() f32 elements; AVX-512BW/VL come with the caller's check.
+    unsafe { exp_sum_k::<F32>(x.as_ptr() as *const u8, x.len(), m, out, ahead) }
+}
+
+/// [`exp_sum`] over `n` elements of storage `K` at `p`.
+///
+/// # Safety
+/// `p` holds `n` elements of storage `K`, `out` (when given) has `n` elements; the CPU has
+/// AVX-512F/BW/VL.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn exp_sum_k<const K: u8>(
+    p: *const u8,
+    n: usize,
+    m: f32,
+    mut out: Option<&mut [f32]>,
+    ahead: &[u8],
+) -> (f64, f64) {
+    assert!(out.as_ref().is_none_or(|o| o.len() == n));
+    // Cache lines of `ahead` per 32 elements of the row, rounded up.
     let lines = ahead.len().div_ceil(64);
-    let per_step = lines.div_ceil(x.len().div_ceil(32).max(1)).max(1);
+    let per_step = lines.div_ceil(n.div_ceil(32).max(1)).max(1);
     let mut next = 0usize;
+    let mut prefetch = |steps: usize| {
+        for _ in 0..steps {
+            if next < lines {
+                // SAFETY: a prefetch never faults; the address is inside `ahead`.
+                unsafe { _mm_prefetch::<_MM_HINT_T1>(ahead.as_ptr().add(next * 64) as *const i8) };
+                next += 1;
+            }
+        }
+    };
     let mv = _mm512_set1_ps(m);
     let zero = _mm512_setzero_ps();
     let (mut total, mut ties) = (0.0f64, 0.0f64);
-    for (b, xb) in x.chunks(BLOCK).enumerate() {
-        let mut ob = out.as_deref_mut().map(|o| &mut o[b * BLOCK..b * BLOCK + xb.len()]);
-        let (mut a0, mut a1, mut c0, mut c1) = (zero, zero, 0u32, 0u32);
-        let full = xb.len() / 16 * 16;
+    let mut b0 = 0;
+    while b0 < n {
+        let len = (n - b0).min(BLOCK);
+        let mut ob = out.as_deref_mut().map(|o| &mut o[b0..b0 + len]);
+        let (mut a0, mut a1, mut c0, mut c1) = (zero, zero, zero, zero);
+        let full = len / 16 * 16;
         let mut i = 0;
         // Four vectors per iteration: independent polynomial chains hide FMA latency.
         while i + 64 <= full {
-            for _ in 0..2 * per_step {
-                if next < lines {
-                    // SAFETY: a prefetch never faults; the address is inside `ahead`.
-                    unsafe { _mm_prefetch::<_MM_HINT_T1>(ahead.as_ptr().add(next * 64) as *const i8) };
-                    next += 1;
-                }
-            }
-            // SAFETY: i + 64 <= xb.len(), and `o` has xb.len() elements.
+            prefetch(2 * per_step);
+            // SAFETY: b0 + i + 64 <= n, and `o` has len elements.
             unsafe {
-                let p = xb.as_ptr().add(i);
-                let d0 = _mm512_sub_ps(_mm512_loadu_ps(p), mv);
-                let d1 = _mm512_sub_ps(_mm512_loadu_ps(p.add(16)), mv);
-                let d2 = _mm512_sub_ps(_mm512_loadu_ps(p.add(32)), mv);
-                let d3 = _mm512_sub_ps(_mm512_loadu_ps(p.add(48)), mv);
+                let (v0, v1, v2, v3) = match ob {
+                    // The sum alone: any lane order will do.
+                    None => {
+                        let (v0, v1) = load32_any_order::<K>(p, b0 + i);
+                        let (v2, v3) = load32_any_order::<K>(p, b0 + i + 32);
+                        (v0, v1, v2, v3)
+                    }
+                    Some(_) => (
+                        load::<K>(p, b0 + i),
+                        load::<K>(p, b0 + i + 16),
+                        load::<K>(p, b0 + i + 32),
+                        load::<K>(p, b0 + i + 48),
+                    ),
+                };
+                let (d0, d1, d2, d3) =
+                    (_mm512_sub_ps(v0, mv), _mm512_sub_ps(v1, mv), _mm512_sub_ps(v2, mv), _mm512_sub_ps(v3, mv));
                 let (e0, e1, e2, e3) = (exp16(d0), exp16(d1), exp16(d2), exp16(d3));
                 fold(d0, e0, &mut a0, &mut c0);
                 fold(d1, e1, &mut a1, &mut c1);
@@ -132,36 +246,14 @@ pub unsafe fn exp_sum(x: &[f32], m: f32, mut out: Option<&mut [f32]>, ahead: &[u
             }
             i += 64;
         }
-        while i + 32 <= full {
-            for _ in 0..per_step {
-                if next < lines {
-                    // SAFETY: a prefetch never faults; the address is inside `ahead`.
-                    unsafe { _mm_prefetch::<_MM_HINT_T1>(ahead.as_ptr().add(next * 64) as *const i8) };
-                    next += 1;
-                }
-            }
-            // SAFETY: i + 32 <= xb.len(), and `o` has xb.len() elements.
-            unsafe {
-                let d0 = _mm512_sub_ps(_mm512_loadu_ps(xb.as_ptr().add(i)), mv);
-                let d1 = _mm512_sub_ps(_mm512_loadu_ps(xb.as_ptr().add(i + 16)), mv);
-                let (e0, e1) = (exp16(d0), exp16(d1));
-                fold(d0, e0, &mut a0, &mut c0);
-                fold(d1, e1, &mut a1, &mut c1);
-                if let Some(o) = ob.as_deref_mut() {
-                    _mm512_storeu_ps(o.as_mut_ptr().add(i), e0);
-                    _mm512_storeu_ps(o.as_mut_ptr().add(i + 16), e1);
-                }
-            }
-            i += 32;
-        }
         // The rest, 16 lanes at a time with the tail masked off (as -inf, whose exponential is 0).
-        while i < xb.len() {
-            let k = (xb.len() - i).min(16);
+        while i < len {
+            prefetch(per_step / 2 + 1);
+            let k = (len - i).min(16);
             let mask: __mmask16 = if k == 16 { 0xffff } else { (1u16 << k) - 1 };
-            // SAFETY: the masked load and store touch only the k elements from i.
+            // SAFETY: the masked load and store touch only the k elements from b0 + i.
             unsafe {
-                let v = _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), mask, xb.as_ptr().add(i));
-                let d = _mm512_sub_ps(v, mv);
+                let d = _mm512_sub_ps(load_part::<K>(p, b0 + i, mask, f32::NEG_INFINITY), mv);
                 let e = exp16(d);
                 fold(d, e, &mut a0, &mut c0);
                 if let Some(o) = ob.as_deref_mut() {
@@ -171,7 +263,8 @@ pub unsafe fn exp_sum(x: &[f32], m: f32, mut out: Option<&mut [f32]>, ahead: &[u
             i += k;
         }
         total += hsum(_mm512_add_ps(a0, a1));
-        ties += (c0 + c1) as f64;
+        ties += hsum(_mm512_add_ps(c0, c1));
+        b0 += len;
     }
     (total, ties)
 }
@@ -235,47 +328,99 @@ pub unsafe fn widen_f16_max(src: &[u16], dst: &mut [f32]) -> f32 {
     _mm512_reduce_max_ps(m)
 }
 
-/// Rounds f32 to bf16 (to nearest even; NaN stays a quiet NaN), as raw u16.
+/// f32 to bf16 bits, rounded to nearest even (NaN stays a quiet NaN), in the high half of
+/// each 32-bit lane.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn round_bf16(x: __m512) -> __m512i {
+    let b = _mm512_castps_si512(x);
+    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+    let rounded = _mm512_add_epi32(_mm512_add_epi32(b, lsb), _mm512_set1_epi32(0x7fff));
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+    _mm512_mask_or_epi32(rounded, nan, b, _mm512_set1_epi32(0x0040_0000))
+}
+
+/// Rounds `k src_j - c0` (with `SCALE`; else `src_j` itself) to bf16 (`K = BF16`: to nearest
+/// even, NaN stays a quiet NaN) or f16 (`K = F16`: IEEE rounding, overflow and subnormals) into
+/// `dst`, as raw u16: the last step of a 16-bit gradient row in one pass.
+///
+/// # Safety
+/// The CPU has AVX-512F/BW/VL.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub unsafe fn narrow_bf16(src: &[f32], dst: &mut [u16]) {
+pub unsafe fn narrow_k<const K: u8, const SCALE: bool>(src: &[f32], k: f32, c0: f32, dst: &mut [u16]) {
     assert_eq!(src.len(), dst.len());
-    let bias = _mm512_set1_epi32(0x7fff);
-    let one = _mm512_set1_epi32(1);
-    let quiet = _mm512_set1_epi32(0x40);
-    let mut i = 0;
-    while i < src.len() {
-        let n = (src.len() - i).min(16);
-        let mask: __mmask16 = if n == 16 { 0xffff } else { (1u16 << n) - 1 };
-        // SAFETY: masked loads and stores touch only the n elements from i.
+    let (kv, cv) = (_mm512_set1_ps(k), _mm512_set1_ps(-c0));
+    // Output word j of 32: the high half of lane j of the first vector, or of lane j - 16 of the
+    // second (index bit 5 picks the second).
+    let pick: [i16; 32] = std::array::from_fn(|j| (if j < 16 { 2 * j + 1 } else { 32 + 2 * (j - 16) + 1 }) as i16);
+    // SAFETY: `pick` has 32 lanes of 16 bits.
+    let pick = unsafe { _mm512_loadu_si512(pick.as_ptr() as *const __m512i) };
+    let (n, s, d) = (src.len(), src.as_ptr(), dst.as_mut_ptr());
+    // A long row goes to memory with streaming stores from its first 64-byte boundary on: the
+    // gradient is far bigger than the caches, and a normal store would first read each line.
+    let stream = n >= STREAM_MIN;
+    let head = if stream { ((64 - (d as usize % 64)) % 64 / 2).min(n) } else { 0 };
+    // SAFETY: head <= n elements from 0.
+    unsafe { narrow_part::<K, SCALE>(s, d, 0, head, kv, cv) };
+    let mut i = head;
+    while i + 32 <= n {
+        // SAFETY: i + 32 <= n for both slices; with `stream`, d + i is 64-byte aligned.
         unsafe {
-            let x = _mm512_maskz_loadu_ps(mask, src.as_ptr().add(i));
-            let b = _mm512_castps_si512(x);
-            let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), one);
-            let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, _mm512_add_epi32(bias, lsb)));
-            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
-            let q = _mm512_or_si512(_mm512_srli_epi32::<16>(b), quiet);
-            let r = _mm512_mask_blend_epi32(nan, rounded, q);
-            _mm256_mask_storeu_epi16(dst.as_mut_ptr().add(i) as *mut i16, mask, _mm512_cvtepi32_epi16(r));
+            let a = _mm512_loadu_ps(s.add(i));
+            let b = _mm512_loadu_ps(s.add(i + 16));
+            let (a, b) = if SCALE { (_mm512_fmadd_ps(a, kv, cv), _mm512_fmadd_ps(b, kv, cv)) } else { (a, b) };
+            let w = if K == BF16 {
+                _mm512_permutex2var_epi16(round_bf16(a), pick, round_bf16(b))
+            } else {
+                const R: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm512_cvtps_ph::<R>(a)), _mm512_cvtps_ph::<R>(b))
+            };
+            if stream {
+                _mm512_stream_si512(d.add(i) as *mut __m512i, w);
+            } else {
+                _mm512_storeu_si512(d.add(i) as *mut __m512i, w);
+            }
         }
-        i += n;
+        i += 32;
+    }
+    // SAFETY: i <= n.
+    unsafe { narrow_part::<K, SCALE>(s, d, i, n, kv, cv) };
+    if stream {
+        // Streaming stores are weakly ordered: fence them before the row is handed on.
+        _mm_sfence();
     }
 }
 
-/// Rounds f32 to f16 (to nearest even, IEEE overflow and subnormals), as raw u16.
+/// Rows at least this long (elements) are written with streaming stores.
+const STREAM_MIN: usize = 4096;
+
+/// [`narrow_k`] of elements `i0..i1`, 16 at a time with masked loads and stores.
+#[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub unsafe fn narrow_f16(src: &[f32], dst: &mut [u16]) {
-    assert_eq!(src.len(), dst.len());
-    let mut i = 0;
-    while i < src.len() {
-        let n = (src.len() - i).min(16);
-        let mask: __mmask16 = if n == 16 { 0xffff } else { (1u16 << n) - 1 };
-        // SAFETY: masked loads and stores touch only the n elements from i.
+unsafe fn narrow_part<const K: u8, const SCALE: bool>(
+    s: *const f32,
+    d: *mut u16,
+    i0: usize,
+    i1: usize,
+    kv: __m512,
+    cv: __m512,
+) {
+    let mut i = i0;
+    while i < i1 {
+        let m = (i1 - i).min(16);
+        let mask: __mmask16 = if m == 16 { 0xffff } else { (1u16 << m) - 1 };
+        // SAFETY: masked loads and stores touch only the m elements from i, which the caller owns.
         unsafe {
-            let x = _mm512_maskz_loadu_ps(mask, src.as_ptr().add(i));
-            let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
-            _mm256_mask_storeu_epi16(dst.as_mut_ptr().add(i) as *mut i16, mask, h);
+            let x = _mm512_maskz_loadu_ps(mask, s.add(i));
+            let x = if SCALE { _mm512_fmadd_ps(x, kv, cv) } else { x };
+            let h = if K == BF16 {
+                _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(round_bf16(x)))
+            } else {
+                _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x)
+            };
+            _mm256_mask_storeu_epi16(d.add(i) as *mut i16, mask, h);
         }
-        i += n;
+        i += m;
     }
 }
 
@@ -310,5 +455,92 @@ mod tests {
         let mut g = o.clone();
         unsafe { scale_shift(&mut g, 2.0, 0.5) };
         assert!(g.iter().zip(&o).all(|(g, e)| (g - (2.0 * e - 0.5)).abs() <= 1e-6));
+    }
+
+    /// Values exactly representable in bf16 and in f16, with ties of the maximum.
+    fn row16(n: usize) -> Vec<f32> {
+        (0..n).map(|i| if i % 97 == 5 { 3.0 } else { ((i * 7919) % 211) as f32 * -0.0625 }).collect()
+    }
+
+    #[test]
+    fn sixteen_bit_rows_read_in_registers_match_the_f32_loops() {
+        if !available() {
+            return;
+        }
+        for n in [0, 1, 15, 16, 17, 31, 33, 63, 64, 65, 511, 512, 513, 1000, 4099] {
+            let x = row16(n);
+            let b: Vec<u16> = x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+            let h: Vec<u16> = x.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+            // SAFETY: AVX-512 was just detected; each row holds n elements.
+            unsafe {
+                let m = max(&x);
+                assert_eq!(max_k::<BF16>(b.as_ptr() as *const u8, n), m, "bf16 max, n = {n}");
+                assert_eq!(max_k::<F16>(h.as_ptr() as *const u8, n), m, "f16 max, n = {n}");
+                let mut want = vec![0.0; n];
+                let (s, ties) = exp_sum(&x, m, Some(&mut want), &[]);
+                for (raw, k) in [(&b, BF16), (&h, F16)] {
+                    let p = raw.as_ptr() as *const u8;
+                    let mut got = vec![0.0; n];
+                    let (s1, t1) = if k == BF16 {
+                        exp_sum_k::<BF16>(p, n, m, Some(&mut got), &[])
+                    } else {
+                        exp_sum_k::<F16>(p, n, m, Some(&mut got), &[])
+                    };
+                    assert_eq!(got, want, "stored exponentials, n = {n}");
+                    assert_eq!((s1, t1), (s, ties), "sum with stores, n = {n}");
+                    // The sum alone reads lanes in another order: equal to f32 rounding.
+                    let (s2, t2) = if k == BF16 {
+                        exp_sum_k::<BF16>(p, n, m, None, &[])
+                    } else {
+                        exp_sum_k::<F16>(p, n, m, None, &[])
+                    };
+                    assert_eq!(t2, ties);
+                    assert!((s2 - s).abs() <= 1e-6 * s.abs(), "{s2} vs {s}, n = {n}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_scale_and_rounding_matches_half_on_streamed_rows() {
+        if !available() {
+            return;
+        }
+        let mut x: Vec<f32> = (0..9000).map(|i| ((i * 7919) % 4001) as f32 * 1.37e-4 - 0.2).collect();
+        x[17] = f32::NAN;
+        x[4500] = 1e-39;
+        x[4501] = -3e-39;
+        x[8999] = f32::INFINITY;
+        // Rounding alone (k = 1, c0 = 0 and no scaling) keeps the subnormals.
+        let mut plain = vec![0u16; x.len() + 1];
+        // SAFETY: AVX-512 was just detected.
+        unsafe { narrow_k::<BF16, false>(&x, 0.0, 0.0, &mut plain[1..]) };
+        for (j, &v) in x.iter().enumerate().filter(|(_, v)| !v.is_nan()) {
+            assert_eq!(plain[1 + j], half::bf16::from_f32(v).to_bits(), "bf16 of {v:e}");
+        }
+        let (k, c0) = (0.731f32, 0.0123f32);
+        // Offsets 0..3 put the first 64-byte boundary (where streaming starts) at every phase.
+        for off in 0..4 {
+            for n in [4095, 4096, 4097, 8999 - off] {
+                let src = &x[..n];
+                let mut buf = vec![0u16; n + off];
+                // SAFETY: AVX-512 was just detected.
+                unsafe { narrow_k::<BF16, true>(src, k, c0, &mut buf[off..]) };
+                let mut fb = vec![0u16; n + off];
+                unsafe { narrow_k::<F16, true>(src, k, c0, &mut fb[off..]) };
+                for (j, &v) in src.iter().enumerate() {
+                    let g = v.mul_add(k, -c0);
+                    let (wb, wh) = (half::bf16::from_f32(g), half::f16::from_f32(g));
+                    if g.is_nan() {
+                        assert!(
+                            half::bf16::from_bits(buf[off + j]).is_nan() && half::f16::from_bits(fb[off + j]).is_nan()
+                        );
+                    } else {
+                        assert_eq!(buf[off + j], wb.to_bits(), "bf16 at {j}, offset {off}, n {n}");
+                        assert_eq!(fb[off + j], wh.to_bits(), "f16 at {j}, offset {off}, n {n}");
+                    }
+                }
+            }
+        }
     }
 }

@@ -31,13 +31,32 @@ pub(crate) fn narrow<T: Element>(src: &[f32], dst: &mut [T]) {
         // SAFETY: AVX-512F/BW were just detected.
         unsafe {
             match T::DTYPE {
-                DType::BF16 => super::avx512::narrow_bf16(src, raw),
-                _ => super::avx512::narrow_f16(src, raw),
+                DType::BF16 => super::avx512::narrow_k::<{ super::avx512::BF16 }, false>(src, 1.0, 0.0, raw),
+                _ => super::avx512::narrow_k::<{ super::avx512::F16 }, false>(src, 1.0, 0.0, raw),
             }
         }
         return;
     }
     T::narrow(src, dst);
+}
+
+/// Rounds `k src_j - c0` into `dst` in one pass (the scaling of [`super::simd::scale_shift`]
+/// fused with [`narrow`], for 16-bit gradient rows).
+pub(crate) fn scale_narrow<T: Element>(src: &mut [f32], k: f32, c0: f32, dst: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx512::available() && T::DTYPE != DType::F32 {
+        let raw: &mut [u16] = bytemuck::cast_slice_mut(dst);
+        // SAFETY: AVX-512F/BW were just detected.
+        unsafe {
+            match T::DTYPE {
+                DType::BF16 => super::avx512::narrow_k::<{ super::avx512::BF16 }, true>(src, k, c0, raw),
+                _ => super::avx512::narrow_k::<{ super::avx512::F16 }, true>(src, k, c0, raw),
+            }
+        }
+        return;
+    }
+    super::simd::scale_shift(src, k, c0, None);
+    narrow(src, dst);
 }
 
 #[cfg(test)]

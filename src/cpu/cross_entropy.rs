@@ -8,7 +8,7 @@
 use ndarray::ArrayView2;
 use rayon::prelude::*;
 
-use super::simd;
+use super::simd::{self, RowIn};
 use crate::api::config::{CeOutput, CrossEntropy, Reduction};
 use crate::api::targets::{Targets, IGNORED};
 use crate::dtype::{Element, Logits, LogitsMut};
@@ -51,59 +51,92 @@ struct RowOut {
     rank: u32,
     /// E_p[z] - z_t; with `gaps`.
     gap: f64,
+    /// What remains of the gradient row when the row was asked to defer it.
+    finish: Finish,
+}
+
+/// The last step of a gradient row, left to the caller to fuse with rounding it to 16 bits.
+#[derive(Clone, Copy, Default)]
+enum Finish {
+    /// The f32 row is the gradient.
+    #[default]
+    Done,
+    /// The gradient row is zero (an ignored row).
+    Zero,
+    /// The f32 row holds exponentials `e_j`: the gradient is `k e_j - c0`, then `gy` at `y`.
+    Scale { k: f32, c0: f32, y: usize, gy: f32 },
 }
 
 impl RowCtx<'_> {
-    /// Loss (CE part, weighted) and lse of one row; writes the gradient row if given. `max`:
-    /// the row's maximum when the caller already has it (from widening).
+    /// Whether a 16-bit row may be read in registers ([`RowIn::Half`]): no option of this call
+    /// needs the whole row in f32 (transforms, probability targets, ranks, gaps, smoothing).
+    fn reads_half_rows(&self) -> bool {
+        let cfg = self.cfg;
+        !self.transform && self.probs.is_none() && !cfg.ranks && !cfg.gaps && cfg.label_smoothing == 0.0
+    }
+
+    /// Whether a row may leave its gradient's last step to the caller ([`Finish`]): the
+    /// gradient is `k e_j - c0` throughout (no class weights, transforms or soft targets).
+    fn defers(&self) -> bool {
+        self.cw.is_none() && !self.transform && self.probs.is_none()
+    }
+
+    /// Loss (CE part, weighted) and lse of one row; writes the gradient row if given (with
+    /// `defer`, only its exponentials, and says the rest in `RowOut::finish`). `max`: the row's
+    /// maximum when the caller already has it (from widening).
     #[allow(clippy::too_many_arguments)]
     fn row(
         &self,
-        x: &[f32],
+        x: RowIn<'_>,
         max: Option<f32>,
         ahead: &[u8],
         t: i32,
         r: usize,
         mut grad: Option<&mut [f32]>,
+        defer: bool,
         sc: &mut Scratch,
     ) -> RowOut {
         let cfg = self.cfg;
-        let z: &[f32] = if self.transform {
+        let z = if self.transform {
+            let x = f32_row(x);
             let inv_t = 1.0 / cfg.temperature;
             sc.z.clear();
             match cfg.softcap {
                 Some(c) => sc.z.extend(x.iter().map(|&v| c * (v * inv_t / c).tanh())),
                 None => sc.z.extend(x.iter().map(|&v| v * inv_t)),
             }
-            &sc.z
+            RowIn::F32(&sc.z)
         } else {
             x
         };
         let m = match max {
             Some(m) if !self.transform => m,
-            _ => simd::max(z),
+            _ => z.max(),
         };
         // s: sum of exp(z_j - m) over all but one occurrence of the max (ties add exact 1s).
-        let (s0, ties) = simd::exp_sum_ahead(z, m, grad.as_deref_mut(), ahead);
+        let (s0, ties) = z.exp_sum_ahead(m, grad.as_deref_mut(), ahead);
         let s = s0 + (ties - 1.0);
         let m64 = m as f64;
         let lse = m64 + s.ln_1p();
-        let mut out = RowOut { loss: 0.0, lse, max: m, rank: u32::MAX, gap: 0.0 };
+        let mut out = RowOut { loss: 0.0, lse, max: m, rank: u32::MAX, gap: 0.0, finish: Finish::Done };
         if let Some(pr) = self.probs {
-            out.loss = self.soft_row(z, &pr[r * self.v..(r + 1) * self.v], r, s, lse, grad);
+            out.loss = self.soft_row(f32_row(z), &pr[r * self.v..(r + 1) * self.v], r, s, lse, grad);
             return out;
         }
         if t == IGNORED {
-            if let Some(g) = grad {
-                g.fill(0.0);
+            match grad {
+                Some(_) if defer => out.finish = Finish::Zero,
+                Some(g) => g.fill(0.0),
+                None => {}
             }
             return out;
         }
         let y = t as usize;
         if cfg.ranks {
-            out.rank = simd::count_greater(z, z[y]) as u32;
+            out.rank = simd::count_greater(f32_row(z), z.at(y)) as u32;
         }
         if cfg.gaps {
+            let z = f32_row(z);
             // E_p[z] - z_y from the exponentials (in the gradient row when there is one).
             let e: &[f32] = match grad.as_deref() {
                 Some(g) => g,
@@ -120,10 +153,10 @@ impl RowCtx<'_> {
         let swn = self.sw.map_or(1.0, |w| w[r] as f64);
         let w = swn * self.cw.map_or(1.0, |w| w[y] as f64);
         let eps = cfg.label_smoothing as f64;
-        let zy = z[y] as f64;
+        let zy = z.at(y) as f64;
         let mut loss = w * (1.0 - eps) * ((m64 - zy) + s.ln_1p());
         if eps > 0.0 {
-            let (swz, _) = simd::weighted_sum(z, self.cw);
+            let (swz, _) = simd::weighted_sum(f32_row(z), self.cw);
             loss += swn * eps / self.v as f64 * (self.wtot * lse - swz);
         }
         if let Some(g) = grad {
@@ -131,12 +164,18 @@ impl RowCtx<'_> {
             let hard = self.a * w * (1.0 - eps);
             let c0 = self.a * swn * eps / self.v as f64;
             let k_coef = (hard + c0 * self.wtot + self.b * 2.0 * cfg.z_loss as f64 * lse) / big_s;
-            simd::scale_shift(g, k_coef as f32, c0 as f32, self.cw);
             let ey = (zy - m64).exp();
             let cwy = self.cw.map_or(1.0, |w| w[y] as f64);
             let gy = hard * (((zy - m64).exp_m1() - s) / big_s) + (k_coef - hard / big_s) * ey - c0 * cwy;
-            g[y] = gy as f32;
-            self.chain(g, z);
+            if defer {
+                out.finish = Finish::Scale { k: k_coef as f32, c0: c0 as f32, y, gy: gy as f32 };
+            } else {
+                simd::scale_shift(g, k_coef as f32, c0 as f32, self.cw);
+                g[y] = gy as f32;
+                if self.transform {
+                    self.chain(g, f32_row(z));
+                }
+            }
         }
         out.loss = loss;
         out
@@ -174,6 +213,24 @@ impl RowCtx<'_> {
             None => g.iter_mut().for_each(|g| *g *= inv_t),
         }
     }
+}
+
+/// Rounds a gradient row from scratch `g` into `dst`, with its last step ([`Finish`]) fused.
+fn finish<D: Element>(f: Finish, g: &mut [f32], dst: &mut [D]) {
+    match f {
+        Finish::Done => super::convert::narrow(g, dst),
+        Finish::Zero => dst.fill(D::from_f32(0.0)),
+        Finish::Scale { k, c0, y, gy } => {
+            super::convert::scale_narrow(g, k, c0, dst);
+            dst[y] = D::from_f32(gy);
+        }
+    }
+}
+
+/// The f32 row, for the options that need it ([`RowCtx::reads_half_rows`] keeps 16-bit rows
+/// read in registers away from them).
+fn f32_row(z: RowIn<'_>) -> &[f32] {
+    z.as_f32().expect("a 16-bit row read in registers reached an option that needs f32")
 }
 
 /// Counted rows and their weight sum, in f64.
@@ -388,6 +445,8 @@ fn run<T: Element, G: Element>(
         RowCtx { cfg, v, cw: cw.as_deref(), sw: sw.as_deref(), a, b, wtot, transform: cfg.transforms_logits(), probs };
     let in_place = matches!(src, Src::InPlace(_));
     let want_grad = in_place || grad.is_some();
+    let half_rows = ctx.reads_half_rows();
+    let defers = ctx.defers();
 
     let mut rows_out = vec![RowOut::default(); n];
     let rows_per_task = (n / (pool.current_num_threads() * 8)).clamp(1, 256);
@@ -440,28 +499,32 @@ fn run<T: Element, G: Element>(
                         }
                         Src::InPlace(x) => (&x[span.clone()], &[]),
                     };
-                    let (x32, m): (&[f32], Option<f32>) = match (as_f32(row_in), in_place) {
-                        (Some(s), false) => (s, None),
-                        _ => {
-                            xw.resize(v, 0.0);
-                            let m = super::convert::widen_max(row_in, &mut xw);
-                            (&xw, Some(m))
-                        }
+                    let (x32, m): (RowIn, Option<f32>) = match (as_f32(row_in), in_place) {
+                        (Some(s), false) => (RowIn::F32(s), None),
+                        _ => match RowIn::half(row_in).filter(|_| half_rows) {
+                            Some(h) => (h, None),
+                            None => {
+                                xw.resize(v, 0.0);
+                                let m = super::convert::widen_max(row_in, &mut xw);
+                                (RowIn::F32(&xw), Some(m))
+                            }
+                        },
                     };
                     let mut gw = std::mem::take(&mut sc.g);
                     *o = if !want_grad {
-                        ctx.row(x32, m, ahead, t[r], r, None, &mut sc)
+                        ctx.row(x32, m, ahead, t[r], r, None, false, &mut sc)
                     } else {
-                        // Gradient straight into an f32 destination, else into scratch then rounded.
+                        // Gradient straight into an f32 destination, else into scratch then rounded
+                        // (fused with the row's last step where it allows).
                         let direct = gs.as_deref_mut().and_then(|g| as_f32_mut(&mut g[span.clone()]));
                         match direct {
-                            Some(g) => ctx.row(x32, m, ahead, t[r], r, Some(g), &mut sc),
+                            Some(g) => ctx.row(x32, m, ahead, t[r], r, Some(g), false, &mut sc),
                             None => {
                                 gw.resize(v, 0.0);
-                                let o = ctx.row(x32, m, ahead, t[r], r, Some(&mut gw), &mut sc);
+                                let o = ctx.row(x32, m, ahead, t[r], r, Some(&mut gw), defers, &mut sc);
                                 match (&mut xs, gs.as_deref_mut()) {
-                                    (Src::InPlace(x), _) => super::convert::narrow(&gw, &mut x[span.clone()]),
-                                    (_, Some(g)) => super::convert::narrow(&gw, &mut g[span.clone()]),
+                                    (Src::InPlace(x), _) => finish(o.finish, &mut gw, &mut x[span.clone()]),
+                                    (_, Some(g)) => finish(o.finish, &mut gw, &mut g[span.clone()]),
                                     _ => {}
                                 }
                                 o

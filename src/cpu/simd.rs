@@ -1,8 +1,9 @@
 //! Row primitives of the fast CPU path, written as 8-lane loops that LLVM vectorises.
 //!
 //! Each primitive is compiled twice: once for the baseline target and once with AVX2+FMA, picked
-//! at run time; the hottest also have 16-lane AVX-512 versions (`super::avx512`). The exponential is a Cephes-style polynomial (max error about 1 ulp over the
-//! range used here), because `f32::exp` is a libm call that does not vectorise.
+//! at run time; the hottest also have 16-lane AVX-512 versions (`super::avx512`). The exponential
+//! is a minimax polynomial (max error about 2 ulp over the range used here), because `f32::exp`
+//! is a libm call that does not vectorise.
 
 const LANES: usize = 8;
 /// Lane partial sums are flushed into f64 every this many elements, so a long row is summed
@@ -21,16 +22,17 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 type V8 = [f32; LANES];
 
 // The exponential of both paths (portable `exp8` and `avx2::exp8`), so they agree lane for lane:
-// x = n ln2 + r with ln2 split in two for an exact product, then a Cephes degree-6 polynomial.
+// x = n ln2 + r with ln2 split in two for an exact product, then a degree-6 polynomial.
 pub(crate) const LOG2E: f32 = std::f32::consts::LOG2_E;
 pub(crate) const LN2_HI: f32 = 0.693_359_4;
 pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
 pub(crate) const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
 /// Below this the result is 0 (and 2^n would underflow).
 pub(crate) const EXP_MIN: f32 = -87.0;
-/// Polynomial coefficients, highest degree first, before the final `p r^2 + r + 1`.
-pub(crate) const EXP_POLY: [f32; 6] =
-    [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
+/// `exp(r) = 1 + r + r^2 q(r)` on |r| <= ln2/2 with q of degree 4, Horner from the highest
+/// coefficient: a minimax fit of relative error 3e-9, so the f32 result is as good as Cephes'
+/// degree-5 q (both within 2 ulp of exp, the rounding of the last steps) for one FMA less.
+pub(crate) const EXP_POLY: [f32; 5] = [1.381_574_9e-3, 8.368_710_1e-3, 4.166_836_7e-2, 1.666_652_1e-1, 0.499_999_94];
 
 /// exp(x) for x <= 0 (the max-subtracted logits), 8 lanes at a time; exactly 0 below the f32
 /// range and for -inf, NaN for NaN. Each step is a separate lane loop so that LLVM emits
@@ -286,6 +288,82 @@ pub fn exp_sum_ahead(x: &[f32], m: f32, out: Option<&mut [f32]>, ahead: &[u8]) -
         return unsafe { avx2::exp_sum(x, m, out) };
     }
     exp_sum_body::<false>(x, m, out)
+}
+
+/// One row as the row loops read it: f32, or 16-bit elements widened in registers by the
+/// AVX-512 loops (elsewhere a 16-bit row is widened into an f32 row first).
+#[derive(Clone, Copy)]
+pub(crate) enum RowIn<'a> {
+    F32(&'a [f32]),
+    /// Raw bf16 or f16 bits.
+    Half(&'a [u16], crate::DType),
+}
+
+impl<'a> RowIn<'a> {
+    /// A 16-bit row read in registers, where this CPU has the loops for it.
+    pub fn half<T: crate::dtype::Element>(x: &'a [T]) -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        if T::DTYPE != crate::DType::F32 && super::avx512::available() {
+            return Some(RowIn::Half(bytemuck::cast_slice(x), T::DTYPE));
+        }
+        let _ = x;
+        None
+    }
+
+    /// The f32 row (`None` for a 16-bit one).
+    pub fn as_f32(&self) -> Option<&'a [f32]> {
+        match *self {
+            RowIn::F32(x) => Some(x),
+            RowIn::Half(..) => None,
+        }
+    }
+
+    /// Element `j` as f32.
+    pub fn at(&self, j: usize) -> f32 {
+        match *self {
+            RowIn::F32(x) => x[j],
+            RowIn::Half(x, crate::DType::BF16) => half::bf16::from_bits(x[j]).to_f32(),
+            RowIn::Half(x, _) => half::f16::from_bits(x[j]).to_f32(),
+        }
+    }
+
+    /// The row maximum, as [`max`].
+    pub fn max(&self) -> f32 {
+        match *self {
+            RowIn::F32(x) => max(x),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `half` only builds this variant where AVX-512 was detected.
+            RowIn::Half(x, d) => unsafe {
+                use super::avx512::{max_k, BF16, F16};
+                match d {
+                    crate::DType::BF16 => max_k::<BF16>(x.as_ptr() as *const u8, x.len()),
+                    _ => max_k::<F16>(x.as_ptr() as *const u8, x.len()),
+                }
+            },
+            #[cfg(not(target_arch = "x86_64"))]
+            RowIn::Half(..) => unreachable!("16-bit rows are read in registers on x86-64 only"),
+        }
+    }
+
+    /// As [`exp_sum_ahead`].
+    pub fn exp_sum_ahead(&self, m: f32, out: Option<&mut [f32]>, ahead: &[u8]) -> (f64, f64) {
+        match *self {
+            RowIn::F32(x) => exp_sum_ahead(x, m, out, ahead),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `half` only builds this variant where AVX-512 was detected; the row loop
+            // checks `out`'s length.
+            RowIn::Half(x, d) => unsafe {
+                use super::avx512::{exp_sum_k, BF16, F16};
+                let p = x.as_ptr() as *const u8;
+                match d {
+                    crate::DType::BF16 => exp_sum_k::<BF16>(p, x.len(), m, out, ahead),
+                    _ => exp_sum_k::<F16>(p, x.len(), m, out, ahead),
+                }
+            },
+            #[cfg(not(target_arch = "x86_64"))]
+            RowIn::Half(..) => unreachable!("16-bit rows are read in registers on x86-64 only"),
+        }
+    }
 }
 
 /// Explicit AVX2+FMA versions of the two hot loops (LLVM does not reliably vectorise the
