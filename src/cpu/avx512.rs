@@ -60,10 +60,9 @@ fn fold(d: __m512, e: __m512, acc: &mut __m512, cnt: &mut __m512) {
 
 #[target_feature(enable = "avx512f")]
 fn hsum(v: __m512) -> f64 {
-    let mut a = [0f32; 16];
-    // SAFETY: `a` has room for 16 lanes.
-    unsafe { _mm512_storeu_ps(a.as_mut_ptr(), v) };
-    a.iter().map(|&x| x as f64).sum()
+    let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))));
+    _mm512_reduce_add_pd(_mm512_add_pd(lo, hi))
 }
 
 /// How the row loops below read their input: f32, or bf16/f16 widened in registers (the
@@ -201,72 +200,163 @@ pub unsafe fn exp_sum_k<const K: u8>(
         }
     };
     let mv = _mm512_set1_ps(m);
-    let zero = _mm512_setzero_ps();
     let (mut total, mut ties) = (0.0f64, 0.0f64);
     let mut b0 = 0;
     while b0 < n {
         let len = (n - b0).min(BLOCK);
-        let mut ob = out.as_deref_mut().map(|o| &mut o[b0..b0 + len]);
-        let (mut a0, mut a1, mut c0, mut c1) = (zero, zero, zero, zero);
-        let full = len / 16 * 16;
-        let mut i = 0;
-        // Four vectors per iteration: independent polynomial chains hide FMA latency.
-        while i + 64 <= full {
-            prefetch(2 * per_step);
-            // SAFETY: b0 + i + 64 <= n, and `o` has len elements.
-            unsafe {
-                let (v0, v1, v2, v3) = match ob {
-                    // The sum alone: any lane order will do.
-                    None => {
-                        let (v0, v1) = load32_any_order::<K>(p, b0 + i);
-                        let (v2, v3) = load32_any_order::<K>(p, b0 + i + 32);
-                        (v0, v1, v2, v3)
-                    }
-                    Some(_) => (
-                        load::<K>(p, b0 + i),
-                        load::<K>(p, b0 + i + 16),
-                        load::<K>(p, b0 + i + 32),
-                        load::<K>(p, b0 + i + 48),
-                    ),
-                };
-                let (d0, d1, d2, d3) =
-                    (_mm512_sub_ps(v0, mv), _mm512_sub_ps(v1, mv), _mm512_sub_ps(v2, mv), _mm512_sub_ps(v3, mv));
-                let (e0, e1, e2, e3) = (exp16(d0), exp16(d1), exp16(d2), exp16(d3));
-                fold(d0, e0, &mut a0, &mut c0);
-                fold(d1, e1, &mut a1, &mut c1);
-                fold(d2, e2, &mut a0, &mut c0);
-                fold(d3, e3, &mut a1, &mut c1);
-                if let Some(o) = ob.as_deref_mut() {
-                    let q = o.as_mut_ptr().add(i);
-                    _mm512_storeu_ps(q, e0);
-                    _mm512_storeu_ps(q.add(16), e1);
-                    _mm512_storeu_ps(q.add(32), e2);
-                    _mm512_storeu_ps(q.add(48), e3);
-                }
-            }
-            i += 64;
-        }
-        // The rest, 16 lanes at a time with the tail masked off (as -inf, whose exponential is 0).
-        while i < len {
-            prefetch(per_step / 2 + 1);
-            let k = (len - i).min(16);
-            let mask: __mmask16 = if k == 16 { 0xffff } else { (1u16 << k) - 1 };
-            // SAFETY: the masked load and store touch only the k elements from b0 + i.
-            unsafe {
-                let d = _mm512_sub_ps(load_part::<K>(p, b0 + i, mask, f32::NEG_INFINITY), mv);
-                let e = exp16(d);
-                fold(d, e, &mut a0, &mut c0);
-                if let Some(o) = ob.as_deref_mut() {
-                    _mm512_mask_storeu_ps(o.as_mut_ptr().add(i), mask, e);
-                }
-            }
-            i += k;
-        }
-        total += hsum(_mm512_add_ps(a0, a1));
-        ties += hsum(_mm512_add_ps(c0, c1));
+        let ob = out.as_deref_mut().map(|o| &mut o[b0..b0 + len]);
+        // SAFETY: b0 + len <= n, and `ob` has len elements.
+        let (t, c) = unsafe { block_sum::<K>(p, b0, len, mv, ob, &mut prefetch, per_step) };
+        total += t;
+        ties += c;
         b0 += len;
     }
     (total, ties)
+}
+
+/// One block of [`exp_sum_k`]: elements `b0..b0 + len` against the maximum `mv`, calling
+/// `prefetch` with a count of cache lines to fetch ahead (`per_step` per 32 elements).
+#[inline(always)]
+unsafe fn block_sum<const K: u8>(
+    p: *const u8,
+    b0: usize,
+    len: usize,
+    mv: __m512,
+    mut ob: Option<&mut [f32]>,
+    prefetch: &mut impl FnMut(usize),
+    per_step: usize,
+) -> (f64, f64) {
+    let zero = _mm512_setzero_ps();
+    let (mut a0, mut a1, mut c0, mut c1) = (zero, zero, zero, zero);
+    let full = len / 16 * 16;
+    let mut i = 0;
+    // Four vectors per iteration: independent polynomial chains hide FMA latency.
+    while i + 64 <= full {
+        prefetch(2 * per_step);
+        // SAFETY: b0 + i + 64 <= the caller's n, and `o` has len elements.
+        unsafe {
+            let (v0, v1, v2, v3) = match ob {
+                // The sum alone: any lane order will do.
+                None => {
+                    let (v0, v1) = load32_any_order::<K>(p, b0 + i);
+                    let (v2, v3) = load32_any_order::<K>(p, b0 + i + 32);
+                    (v0, v1, v2, v3)
+                }
+                Some(_) => (
+                    load::<K>(p, b0 + i),
+                    load::<K>(p, b0 + i + 16),
+                    load::<K>(p, b0 + i + 32),
+                    load::<K>(p, b0 + i + 48),
+                ),
+            };
+            let (d0, d1, d2, d3) =
+                (_mm512_sub_ps(v0, mv), _mm512_sub_ps(v1, mv), _mm512_sub_ps(v2, mv), _mm512_sub_ps(v3, mv));
+            let (e0, e1, e2, e3) = (exp16(d0), exp16(d1), exp16(d2), exp16(d3));
+            fold(d0, e0, &mut a0, &mut c0);
+            fold(d1, e1, &mut a1, &mut c1);
+            fold(d2, e2, &mut a0, &mut c0);
+            fold(d3, e3, &mut a1, &mut c1);
+            if let Some(o) = ob.as_deref_mut() {
+                let q = o.as_mut_ptr().add(i);
+                _mm512_storeu_ps(q, e0);
+                _mm512_storeu_ps(q.add(16), e1);
+                _mm512_storeu_ps(q.add(32), e2);
+                _mm512_storeu_ps(q.add(48), e3);
+            }
+        }
+        i += 64;
+    }
+    // The rest, 16 lanes at a time with the tail masked off (as -inf, whose exponential is 0).
+    while i < len {
+        prefetch(per_step / 2 + 1);
+        let k = (len - i).min(16);
+        let mask: __mmask16 = if k == 16 { 0xffff } else { (1u16 << k) - 1 };
+        // SAFETY: the masked load and store touch only the k elements from b0 + i.
+        unsafe {
+            let d = _mm512_sub_ps(load_part::<K>(p, b0 + i, mask, f32::NEG_INFINITY), mv);
+            let e = exp16(d);
+            fold(d, e, &mut a0, &mut c0);
+            if let Some(o) = ob.as_deref_mut() {
+                _mm512_mask_storeu_ps(o.as_mut_ptr().add(i), mask, e);
+            }
+        }
+        i += k;
+    }
+    (hsum(_mm512_add_ps(a0, a1)), hsum(_mm512_add_ps(c0, c1)))
+}
+
+/// The row maximum `m` with [`exp_sum`]'s `(sum of exp(x_j - m) over x_j != m, count of
+/// x_j == m)`, reading the row from memory once: each block's maximum `mb` is taken and its
+/// exponentials summed against it while the block is in L1, and blocks merge in f64 (a block
+/// below the running maximum adds `(sum + ties) exp(mb - m)`, its own maxima no longer being the
+/// row's), so a confident row keeps the precision of the two-pass form.
+///
+/// # Safety
+/// `p` holds `n` elements of storage `K`; the CPU has AVX-512F/BW/VL.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn lse_k<const K: u8>(p: *const u8, n: usize, ahead: &[u8]) -> (f32, f64, f64) {
+    let bytes = if K == F32 { 4 } else { 2 };
+    // Software prefetch a block and PREFETCH_DIST bytes ahead of the block being summed (on
+    // into the next row, `ahead`): the hardware prefetcher alone leaves the reads waiting on
+    // memory.
+    let row_bytes = n * bytes;
+    let mut next = ONLINE_BLOCK * bytes + PREFETCH_DIST;
+    let mut prefetch = |lines: usize| {
+        for _ in 0..lines {
+            // SAFETY: a prefetch never faults; the address is inside the row or `ahead`.
+            unsafe {
+                if next < row_bytes {
+                    _mm_prefetch::<_MM_HINT_T0>(p.add(next) as *const i8);
+                } else if next - row_bytes < ahead.len() {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.as_ptr().add(next - row_bytes) as *const i8);
+                }
+            }
+            next += 64;
+        }
+    };
+    // Cache lines per 32 elements.
+    let per_step = bytes / 2;
+    let (mut m, mut a, mut t) = (f32::NEG_INFINITY, 0.0f64, 0.0f64);
+    let mut b0 = 0;
+    while b0 < n {
+        let len = (n - b0).min(ONLINE_BLOCK);
+        // SAFETY: b0 + len <= n.
+        let mb = unsafe { max_k::<K>(p.add(b0 * bytes), len) };
+        // The block's exponentials against `mv`, flushed to f64 every BLOCK elements.
+        let mut sums = |mv: __m512| {
+            let (mut ab, mut tb) = (0.0, 0.0);
+            let mut i = 0;
+            while i < len {
+                let l = (len - i).min(BLOCK);
+                // SAFETY: b0 + i + l <= n.
+                let (x, c) = unsafe { block_sum::<K>(p, b0 + i, l, mv, None, &mut prefetch, per_step) };
+                (ab, tb) = (ab + x, tb + c);
+                i += l;
+            }
+            (ab, tb)
+        };
+        if mb == f32::NEG_INFINITY {
+            // Nothing but -inf (and NaN): it adds nothing, except a NaN.
+            a += sums(_mm512_setzero_ps()).0;
+        } else {
+            let (ab, tb) = sums(_mm512_set1_ps(mb));
+            if mb > m {
+                a = (a + t) * (m as f64 - mb as f64).exp() + ab;
+                (m, t) = (mb, tb);
+            } else if mb == m {
+                a += ab;
+                t += tb;
+            } else {
+                a += (ab + tb) * (mb as f64 - m as f64).exp();
+            }
+        }
+        b0 += len;
+    }
+    if m == f32::NEG_INFINITY {
+        // As the two-pass form: every x_j - m is NaN.
+        return (m, f64::NAN, 0.0);
+    }
+    (m, a, t)
 }
 
 /// `e_j <- k e_j - c0`.
@@ -346,9 +436,47 @@ fn round_bf16(x: __m512) -> __m512i {
 ///
 /// # Safety
 /// The CPU has AVX-512F/BW/VL.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub unsafe fn narrow_k<const K: u8, const SCALE: bool>(src: &[f32], k: f32, c0: f32, dst: &mut [u16]) {
     assert_eq!(src.len(), dst.len());
+    // SAFETY: the caller's AVX-512F/BW/VL, and AVX512-BF16/DQ where detected.
+    unsafe {
+        if K == BF16 && bf16_convert() {
+            narrow_ne::<SCALE>(src, k, c0, dst)
+        } else {
+            narrow_int::<K, SCALE>(src, k, c0, dst)
+        }
+    }
+}
+
+/// Whether the CPU converts f32 to bf16 in one instruction (`vcvtne2ps2bf16`, AVX512-BF16).
+fn bf16_convert() -> bool {
+    use std::sync::OnceLock;
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx512bf16") && std::arch::is_x86_feature_detected!("avx512dq")
+    })
+}
+
+/// [`narrow_k`] with the rounding in integer instructions.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn narrow_int<const K: u8, const SCALE: bool>(src: &[f32], k: f32, c0: f32, dst: &mut [u16]) {
+    // SAFETY: as the caller's.
+    unsafe { narrow_body::<K, SCALE, false>(src, k, c0, dst) }
+}
+
+/// [`narrow_k`] for bf16 with `vcvtne2ps2bf16`, which rounds 32 lanes to nearest even in one
+/// instruction but flushes subnormal inputs to zero: a 32-lane group holding one takes the
+/// integer rounding instead (`vfpclassps` finds them).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")]
+unsafe fn narrow_ne<const SCALE: bool>(src: &[f32], k: f32, c0: f32, dst: &mut [u16]) {
+    // SAFETY: as the caller's.
+    unsafe { narrow_body::<BF16, SCALE, true>(src, k, c0, dst) }
+}
+
+/// The loop of [`narrow_k`], inlined into a caller that enables its target features (`NE`:
+/// AVX512-BF16 and DQ as well).
+#[inline(always)]
+unsafe fn narrow_body<const K: u8, const SCALE: bool, const NE: bool>(src: &[f32], k: f32, c0: f32, dst: &mut [u16]) {
     let (kv, cv) = (_mm512_set1_ps(k), _mm512_set1_ps(-c0));
     // Output word j of 32: the high half of lane j of the first vector, or of lane j - 16 of the
     // second (index bit 5 picks the second).
@@ -369,7 +497,14 @@ pub unsafe fn narrow_k<const K: u8, const SCALE: bool>(src: &[f32], k: f32, c0: 
             let a = _mm512_loadu_ps(s.add(i));
             let b = _mm512_loadu_ps(s.add(i + 16));
             let (a, b) = if SCALE { (_mm512_fmadd_ps(a, kv, cv), _mm512_fmadd_ps(b, kv, cv)) } else { (a, b) };
-            let w = if K == BF16 {
+            let w = if K == BF16 && NE {
+                let sub = _mm512_fpclass_ps_mask::<0x20>(a) | _mm512_fpclass_ps_mask::<0x20>(b);
+                if sub == 0 {
+                    std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(b, a))
+                } else {
+                    _mm512_permutex2var_epi16(round_bf16(a), pick, round_bf16(b))
+                }
+            } else if K == BF16 {
                 _mm512_permutex2var_epi16(round_bf16(a), pick, round_bf16(b))
             } else {
                 const R: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
@@ -390,6 +525,12 @@ pub unsafe fn narrow_k<const K: u8, const SCALE: bool>(src: &[f32], k: f32, c0: 
         _mm_sfence();
     }
 }
+
+/// Elements per block of [`lse_k`] (in L1 between its two reads).
+const ONLINE_BLOCK: usize = 4 * BLOCK;
+
+/// How far beyond the next block [`lse_k`] prefetches, in bytes.
+const PREFETCH_DIST: usize = 2048;
 
 /// Rows at least this long (elements) are written with streaming stores.
 const STREAM_MIN: usize = 4096;
@@ -540,6 +681,56 @@ mod tests {
                         assert_eq!(fb[off + j], wh.to_bits(), "f16 at {j}, offset {off}, n {n}");
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn one_read_lse_matches_the_two_pass_form() {
+        if !available() {
+            return;
+        }
+        let two_pass = |x: &[f32]| {
+            // SAFETY: AVX-512 was just detected.
+            let m = unsafe { max(x) };
+            let (s, t) = unsafe { exp_sum(x, m, None, &[]) };
+            (m, s, t)
+        };
+        let mut rows: Vec<Vec<f32>> = Vec::new();
+        for n in [1, 16, 100, 2047, 2048, 2049, 5000, 9000] {
+            rows.push(row16(n));
+            // A confident row whose maximum sits in a late block, with ties in two blocks.
+            let mut c: Vec<f32> = (0..n).map(|i| -30.0 - (i % 13) as f32).collect();
+            c[n - 1] = 5.0;
+            c[n / 3] = 5.0;
+            rows.push(c);
+        }
+        // Whole blocks of -inf before and after the maximum; one with a NaN in it.
+        let mut inf: Vec<f32> = vec![f32::NEG_INFINITY; 7000];
+        inf[3000] = 1.0;
+        inf[3001] = -2.0;
+        rows.push(inf.clone());
+        inf[6500] = f32::NAN;
+        rows.push(inf);
+        rows.push(vec![f32::NEG_INFINITY; 3000]);
+        let mut pinf = row16(4000);
+        pinf[100] = f32::INFINITY;
+        rows.push(pinf);
+        for x in &rows {
+            let (m, s, t) = two_pass(x);
+            // SAFETY: AVX-512 was just detected; `x` holds x.len() f32 values.
+            let (m1, s1, t1) = unsafe { lse_k::<F32>(x.as_ptr() as *const u8, x.len(), &[]) };
+            assert_eq!((m1, t1), (m, t), "max and ties, n = {}", x.len());
+            if s.is_nan() {
+                assert!(s1.is_nan(), "NaN sum, n = {}", x.len());
+            } else {
+                assert!((s1 - s).abs() <= 2e-7 * s.abs(), "{s1} vs {s}, n = {}", x.len());
+            }
+            if x.iter().all(|v| v.is_nan() || half::bf16::from_f32(*v).to_f32() == *v) {
+                let b: Vec<u16> = x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+                let (m2, s2, t2) = unsafe { lse_k::<BF16>(b.as_ptr() as *const u8, b.len(), &[]) };
+                assert_eq!((m2, t2), (m, t));
+                assert!(s2 == s1 || (s2 - s1).abs() <= 2e-7 * s1.abs() || (s2.is_nan() && s1.is_nan()));
             }
         }
     }

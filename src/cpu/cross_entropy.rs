@@ -109,12 +109,19 @@ impl RowCtx<'_> {
         } else {
             x
         };
-        let m = match max {
-            Some(m) if !self.transform => m,
-            _ => z.max(),
+        let (m, s0, ties) = match (max, grad.is_none()) {
+            // Loss only: the row is read once.
+            (None, true) => z.lse_parts(ahead),
+            _ => {
+                let m = match max {
+                    Some(m) if !self.transform => m,
+                    _ => z.max(),
+                };
+                let (s0, ties) = z.exp_sum_ahead(m, grad.as_deref_mut(), ahead);
+                (m, s0, ties)
+            }
         };
         // s: sum of exp(z_j - m) over all but one occurrence of the max (ties add exact 1s).
-        let (s0, ties) = z.exp_sum_ahead(m, grad.as_deref_mut(), ahead);
         let s = s0 + (ties - 1.0);
         let m64 = m as f64;
         let lse = m64 + s.ln_1p();

@@ -345,6 +345,26 @@ impl<'a> RowIn<'a> {
         }
     }
 
+    /// The row maximum `m` and [`exp_sum`]'s pair against it, reading the row once where the
+    /// CPU has AVX-512 (else [`max`], then [`exp_sum`]).
+    pub fn lse_parts(&self, ahead: &[u8]) -> (f32, f64, f64) {
+        #[cfg(target_arch = "x86_64")]
+        if super::avx512::available() {
+            use super::avx512::{lse_k, BF16, F16, F32};
+            // SAFETY: AVX-512 was just detected; each pointer holds the row's elements.
+            return unsafe {
+                match *self {
+                    RowIn::F32(x) => lse_k::<F32>(x.as_ptr() as *const u8, x.len(), ahead),
+                    RowIn::Half(x, crate::DType::BF16) => lse_k::<BF16>(x.as_ptr() as *const u8, x.len(), ahead),
+                    RowIn::Half(x, _) => lse_k::<F16>(x.as_ptr() as *const u8, x.len(), ahead),
+                }
+            };
+        }
+        let m = self.max();
+        let (s, t) = self.exp_sum_ahead(m, None, ahead);
+        (m, s, t)
+    }
+
     /// As [`exp_sum_ahead`].
     pub fn exp_sum_ahead(&self, m: f32, out: Option<&mut [f32]>, ahead: &[u8]) -> (f64, f64) {
         match *self {
