@@ -529,6 +529,50 @@ unsafe fn narrow_body<const K: u8, const SCALE: bool, const NE: bool>(src: &[f32
 /// Elements per block of [`lse_k`] (in L1 between its two reads).
 const ONLINE_BLOCK: usize = 4 * BLOCK;
 
+/// `dst_j = k src_j - c0` in f32, with streaming stores for long rows (as [`narrow_k`]).
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn scale_store(src: &[f32], k: f32, c0: f32, dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len());
+    let (kv, cv) = (_mm512_set1_ps(k), _mm512_set1_ps(-c0));
+    let (n, s, d) = (src.len(), src.as_ptr(), dst.as_mut_ptr());
+    let stream = n >= STREAM_MIN;
+    let head = if stream { ((64 - (d as usize % 64)) % 64 / 4).min(n) } else { 0 };
+    let part = |i0: usize, i1: usize| {
+        let mut i = i0;
+        while i < i1 {
+            let m = (i1 - i).min(16);
+            let mask: __mmask16 = if m == 16 { 0xffff } else { (1u16 << m) - 1 };
+            // SAFETY: masked loads and stores touch only the m elements from i.
+            unsafe {
+                let x = _mm512_maskz_loadu_ps(mask, s.add(i));
+                _mm512_mask_storeu_ps(d.add(i), mask, _mm512_fmadd_ps(x, kv, cv));
+            }
+            i += m;
+        }
+    };
+    part(0, head);
+    let mut i = head;
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n; with `stream`, d + i is 64-byte aligned (f32 keeps 4-byte steps).
+        unsafe {
+            let y = _mm512_fmadd_ps(_mm512_loadu_ps(s.add(i)), kv, cv);
+            if stream && (d.add(i) as usize) % 64 == 0 {
+                _mm512_stream_ps(d.add(i), y);
+            } else {
+                _mm512_storeu_ps(d.add(i), y);
+            }
+        }
+        i += 16;
+    }
+    part(i, n);
+    if stream {
+        _mm_sfence();
+    }
+}
+
 /// How far beyond the next block [`lse_k`] prefetches, in bytes.
 const PREFETCH_DIST: usize = 2048;
 
@@ -669,6 +713,12 @@ mod tests {
                 unsafe { narrow_k::<BF16, true>(src, k, c0, &mut buf[off..]) };
                 let mut fb = vec![0u16; n + off];
                 unsafe { narrow_k::<F16, true>(src, k, c0, &mut fb[off..]) };
+                let mut f = vec![0f32; n + off];
+                unsafe { scale_store(src, k, c0, &mut f[off..]) };
+                for (j, &v) in src.iter().enumerate() {
+                    let g = v.mul_add(k, -c0);
+                    assert!(f[off + j].to_bits() == g.to_bits() || g.is_nan(), "f32 at {j}, offset {off}");
+                }
                 for (j, &v) in src.iter().enumerate() {
                     let g = v.mul_add(k, -c0);
                     let (wb, wh) = (half::bf16::from_f32(g), half::f16::from_f32(g));

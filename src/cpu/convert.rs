@@ -44,6 +44,12 @@ pub(crate) fn narrow<T: Element>(src: &[f32], dst: &mut [T]) {
 /// fused with [`narrow`], for 16-bit gradient rows).
 pub(crate) fn scale_narrow<T: Element>(src: &mut [f32], k: f32, c0: f32, dst: &mut [T]) {
     #[cfg(target_arch = "x86_64")]
+    if super::avx512::available() && T::DTYPE == DType::F32 {
+        // SAFETY: AVX-512F was just detected.
+        unsafe { super::avx512::scale_store(src, k, c0, bytemuck::cast_slice_mut(dst)) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if super::avx512::available() && T::DTYPE != DType::F32 {
         let raw: &mut [u16] = bytemuck::cast_slice_mut(dst);
         // SAFETY: AVX-512F/BW were just detected.

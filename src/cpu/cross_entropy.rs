@@ -523,7 +523,10 @@ fn run<T: Element, G: Element>(
                     } else {
                         // Gradient straight into an f32 destination, else into scratch then rounded
                         // (fused with the row's last step where it allows).
-                        let direct = gs.as_deref_mut().and_then(|g| as_f32_mut(&mut g[span.clone()]));
+                        // Where the row defers its last step, even an f32 gradient takes the
+                        // scratch row: the step then writes the destination once, streaming.
+                        let direct =
+                            gs.as_deref_mut().and_then(|g| as_f32_mut(&mut g[span.clone()])).filter(|_| !defers);
                         match direct {
                             Some(g) => ctx.row(x32, m, ahead, t[r], r, Some(g), false, &mut sc),
                             None => {
