@@ -559,7 +559,7 @@ pub unsafe fn scale_store(src: &[f32], k: f32, c0: f32, dst: &mut [f32]) {
         // SAFETY: i + 16 <= n; with `stream`, d + i is 64-byte aligned (f32 keeps 4-byte steps).
         unsafe {
             let y = _mm512_fmadd_ps(_mm512_loadu_ps(s.add(i)), kv, cv);
-            if stream && (d.add(i) as usize) % 64 == 0 {
+            if stream && (d.add(i) as usize).is_multiple_of(64) {
                 _mm512_stream_ps(d.add(i), y);
             } else {
                 _mm512_storeu_ps(d.add(i), y);
