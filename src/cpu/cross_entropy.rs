@@ -1,9 +1,13 @@
-//! Fast f32 cross-entropy on the CPU: rows in parallel, one exponential per element.
+//! Fast cross-entropy on the CPU: rows in parallel, one exponential per element, f32, bf16 or
+//! f16 logits with f32 arithmetic.
 //!
-//! Per row: (1) the max `m`; (2) `e_j = exp(z_j - m)`, written straight into the gradient row,
-//! summed in f64 blocks *without* the max's own 1, so that `s = sum e_j - 1` keeps its precision
-//! when the row is confident; (3) the gradient row is `K e_j - c0 w_j`, with the target
-//! element's `p_t - 1` computed as `(expm1(z_t - m) - s) / (1 + s)`.
+//! Per row: (1) the max `m`; (2) `e_j = exp(z_j - m)`, summed in f64 blocks *without* the max's
+//! own 1, so that `s = sum e_j - 1` keeps its precision when the row is confident (a loss-only
+//! row does (1) and (2) in one read, block by block); (3) the gradient row is `K e_j - c0 w_j`,
+//! with the target element's `p_t - 1` computed as `(expm1(z_t - m) - s) / (1 + s)`. Where no
+//! option needs more, the exponentials go to a scratch row and step (3) writes the destination
+//! once, rounded to its dtype in the same pass ([`Finish`]); 16-bit rows are read in registers
+//! ([`RowIn::Half`]).
 
 use ndarray::ArrayView2;
 use rayon::prelude::*;
