@@ -24,10 +24,28 @@ pub fn filled<T: Clone>(n: usize, x: T, what: &str) -> Result<Vec<T>> {
 }
 
 /// A zero-filled `[rows, cols]` array.
-pub fn zeros2<T: Clone + num_zero::Zero>(dim: (usize, usize), what: &str) -> Result<Array2<T>> {
+pub fn zeros2<T: bytemuck::Zeroable>(dim: (usize, usize), what: &str) -> Result<Array2<T>> {
     let n = dim.0.checked_mul(dim.1).ok_or_else(|| too_big(what, dim.0 as u128 * dim.1 as u128))?;
-    let v = filled(n, T::zero(), what)?;
+    let v = zeroed_vec(n, what)?;
     Ok(Array2::from_shape_vec(dim, v).expect("n = rows * cols"))
+}
+
+/// `n` zeros, from the allocator's zeroed memory: a large block is fresh pages that nothing
+/// has touched, so the caller's own writes are the first (no memset pass before them).
+pub fn zeroed_vec<T: bytemuck::Zeroable>(n: usize, what: &str) -> Result<Vec<T>> {
+    let size = std::mem::size_of::<T>();
+    if n == 0 || size == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<T>(n).map_err(|_| too_big(what, n as u128 * size as u128))?;
+    // SAFETY: the layout's size is not zero.
+    let p = unsafe { std::alloc::alloc_zeroed(layout) } as *mut T;
+    if p.is_null() {
+        return Err(too_big(what, layout.size() as u128));
+    }
+    // SAFETY: `p` comes from the global allocator with the layout of `n` T's, all bytes zero,
+    // which is a valid T (`Zeroable`).
+    Ok(unsafe { Vec::from_raw_parts(p, n, n) })
 }
 
 /// Zero values of the element types xent allocates.

@@ -333,11 +333,18 @@ impl LogitsMut<'_> {
 
 impl Tensor2 {
     /// An all-zero tensor of `dtype`.
+    ///
+    /// # Panics
+    /// When the allocation fails, as `Array2::zeros` ([`crate::alloc::zeros2`] is the fallible
+    /// form).
     pub fn zeros(dtype: DType, dim: (usize, usize)) -> Tensor2 {
+        fn z<T: bytemuck::Zeroable>(dim: (usize, usize)) -> Array2<T> {
+            crate::alloc::zeros2(dim, "tensor").unwrap_or_else(|e| panic!("{e}"))
+        }
         match dtype {
-            DType::F32 => Tensor2::F32(Array2::zeros(dim)),
-            DType::F16 => Tensor2::F16(Array2::from_elem(dim, f16::ZERO)),
-            DType::BF16 => Tensor2::BF16(Array2::from_elem(dim, bf16::ZERO)),
+            DType::F32 => Tensor2::F32(z(dim)),
+            DType::F16 => Tensor2::F16(z(dim)),
+            DType::BF16 => Tensor2::BF16(z(dim)),
         }
     }
     /// `(rows, classes)`.
