@@ -440,10 +440,11 @@ pub unsafe fn narrow_k<const K: u8, const SCALE: bool>(src: &[f32], k: f32, c0: 
     assert_eq!(src.len(), dst.len());
     // SAFETY: the caller's AVX-512F/BW/VL, and AVX512-BF16/DQ where detected.
     unsafe {
+        let d = dst.as_mut_ptr() as *mut u8;
         if K == BF16 && bf16_convert() {
-            narrow_ne::<SCALE>(src, k, c0, dst)
+            narrow_ne::<SCALE>(src, k, c0, d)
         } else {
-            narrow_int::<K, SCALE>(src, k, c0, dst)
+            narrow_int::<K, SCALE>(src, k, c0, d)
         }
     }
 }
@@ -457,9 +458,9 @@ fn bf16_convert() -> bool {
     })
 }
 
-/// [`narrow_k`] with the rounding in integer instructions.
+/// [`narrow_k`] with the rounding in integer instructions (`K = F32`: [`scale_store`]).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn narrow_int<const K: u8, const SCALE: bool>(src: &[f32], k: f32, c0: f32, dst: &mut [u16]) {
+unsafe fn narrow_int<const K: u8, const SCALE: bool>(src: &[f32], k: f32, c0: f32, dst: *mut u8) {
     // SAFETY: as the caller's.
     unsafe { narrow_body::<K, SCALE, false>(src, k, c0, dst) }
 }
@@ -468,26 +469,28 @@ unsafe fn narrow_int<const K: u8, const SCALE: bool>(src: &[f32], k: f32, c0: f3
 /// instruction but flushes subnormal inputs to zero: a 32-lane group holding one takes the
 /// integer rounding instead (`vfpclassps` finds them).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")]
-unsafe fn narrow_ne<const SCALE: bool>(src: &[f32], k: f32, c0: f32, dst: &mut [u16]) {
+unsafe fn narrow_ne<const SCALE: bool>(src: &[f32], k: f32, c0: f32, dst: *mut u8) {
     // SAFETY: as the caller's.
     unsafe { narrow_body::<BF16, SCALE, true>(src, k, c0, dst) }
 }
 
-/// The loop of [`narrow_k`], inlined into a caller that enables its target features (`NE`:
-/// AVX512-BF16 and DQ as well).
+/// The loop of [`narrow_k`] and [`scale_store`] (`dst` holds src.len() elements of storage
+/// `K`), inlined into a caller that enables its target features (`NE`: AVX512-BF16 and DQ as
+/// well).
 #[inline(always)]
-unsafe fn narrow_body<const K: u8, const SCALE: bool, const NE: bool>(src: &[f32], k: f32, c0: f32, dst: &mut [u16]) {
+unsafe fn narrow_body<const K: u8, const SCALE: bool, const NE: bool>(src: &[f32], k: f32, c0: f32, d: *mut u8) {
     let (kv, cv) = (_mm512_set1_ps(k), _mm512_set1_ps(-c0));
     // Output word j of 32: the high half of lane j of the first vector, or of lane j - 16 of the
     // second (index bit 5 picks the second).
     let pick: [i16; 32] = std::array::from_fn(|j| (if j < 16 { 2 * j + 1 } else { 32 + 2 * (j - 16) + 1 }) as i16);
     // SAFETY: `pick` has 32 lanes of 16 bits.
     let pick = unsafe { _mm512_loadu_si512(pick.as_ptr() as *const __m512i) };
-    let (n, s, d) = (src.len(), src.as_ptr(), dst.as_mut_ptr());
+    let (n, s) = (src.len(), src.as_ptr());
+    let bytes = if K == F32 { 4 } else { 2 };
     // A long row goes to memory with streaming stores from its first 64-byte boundary on: the
     // gradient is far bigger than the caches, and a normal store would first read each line.
     let stream = n >= STREAM_MIN;
-    let head = if stream { ((64 - (d as usize % 64)) % 64 / 2).min(n) } else { 0 };
+    let head = if stream { ((64 - (d as usize % 64)) % 64 / bytes).min(n) } else { 0 };
     // SAFETY: head <= n elements from 0.
     unsafe { narrow_part::<K, SCALE>(s, d, 0, head, kv, cv) };
     let mut i = head;
@@ -497,6 +500,18 @@ unsafe fn narrow_body<const K: u8, const SCALE: bool, const NE: bool>(src: &[f32
             let a = _mm512_loadu_ps(s.add(i));
             let b = _mm512_loadu_ps(s.add(i + 16));
             let (a, b) = if SCALE { (_mm512_fmadd_ps(a, kv, cv), _mm512_fmadd_ps(b, kv, cv)) } else { (a, b) };
+            if K == F32 {
+                let q = (d as *mut f32).add(i);
+                if stream {
+                    _mm512_stream_ps(q, a);
+                    _mm512_stream_ps(q.add(16), b);
+                } else {
+                    _mm512_storeu_ps(q, a);
+                    _mm512_storeu_ps(q.add(16), b);
+                }
+                i += 32;
+                continue;
+            }
             let w = if K == BF16 && NE {
                 let sub = _mm512_fpclass_ps_mask::<0x20>(a) | _mm512_fpclass_ps_mask::<0x20>(b);
                 if sub == 0 {
@@ -510,10 +525,11 @@ unsafe fn narrow_body<const K: u8, const SCALE: bool, const NE: bool>(src: &[f32
                 const R: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
                 _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm512_cvtps_ph::<R>(a)), _mm512_cvtps_ph::<R>(b))
             };
+            let q = (d as *mut u16).add(i) as *mut __m512i;
             if stream {
-                _mm512_stream_si512(d.add(i) as *mut __m512i, w);
+                _mm512_stream_si512(q, w);
             } else {
-                _mm512_storeu_si512(d.add(i) as *mut __m512i, w);
+                _mm512_storeu_si512(q, w);
             }
         }
         i += 32;
@@ -532,45 +548,11 @@ const ONLINE_BLOCK: usize = 4 * BLOCK;
 /// `dst_j = k src_j - c0` in f32, with streaming stores for long rows (as [`narrow_k`]).
 ///
 /// # Safety
-/// The CPU has AVX-512F.
-#[target_feature(enable = "avx512f")]
+/// The CPU has AVX-512F/BW/VL.
 pub unsafe fn scale_store(src: &[f32], k: f32, c0: f32, dst: &mut [f32]) {
     assert_eq!(src.len(), dst.len());
-    let (kv, cv) = (_mm512_set1_ps(k), _mm512_set1_ps(-c0));
-    let (n, s, d) = (src.len(), src.as_ptr(), dst.as_mut_ptr());
-    let stream = n >= STREAM_MIN;
-    let head = if stream { ((64 - (d as usize % 64)) % 64 / 4).min(n) } else { 0 };
-    let part = |i0: usize, i1: usize| {
-        let mut i = i0;
-        while i < i1 {
-            let m = (i1 - i).min(16);
-            let mask: __mmask16 = if m == 16 { 0xffff } else { (1u16 << m) - 1 };
-            // SAFETY: masked loads and stores touch only the m elements from i.
-            unsafe {
-                let x = _mm512_maskz_loadu_ps(mask, s.add(i));
-                _mm512_mask_storeu_ps(d.add(i), mask, _mm512_fmadd_ps(x, kv, cv));
-            }
-            i += m;
-        }
-    };
-    part(0, head);
-    let mut i = head;
-    while i + 16 <= n {
-        // SAFETY: i + 16 <= n; with `stream`, d + i is 64-byte aligned (f32 keeps 4-byte steps).
-        unsafe {
-            let y = _mm512_fmadd_ps(_mm512_loadu_ps(s.add(i)), kv, cv);
-            if stream && (d.add(i) as usize).is_multiple_of(64) {
-                _mm512_stream_ps(d.add(i), y);
-            } else {
-                _mm512_storeu_ps(d.add(i), y);
-            }
-        }
-        i += 16;
-    }
-    part(i, n);
-    if stream {
-        _mm_sfence();
-    }
+    // SAFETY: `dst` holds src.len() f32; the caller's CPU features.
+    unsafe { narrow_int::<F32, true>(src, k, c0, dst.as_mut_ptr() as *mut u8) }
 }
 
 /// How far beyond the next block [`lse_k`] prefetches, in bytes.
@@ -584,7 +566,7 @@ const STREAM_MIN: usize = 4096;
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn narrow_part<const K: u8, const SCALE: bool>(
     s: *const f32,
-    d: *mut u16,
+    d: *mut u8,
     i0: usize,
     i1: usize,
     kv: __m512,
@@ -598,12 +580,17 @@ unsafe fn narrow_part<const K: u8, const SCALE: bool>(
         unsafe {
             let x = _mm512_maskz_loadu_ps(mask, s.add(i));
             let x = if SCALE { _mm512_fmadd_ps(x, kv, cv) } else { x };
+            if K == F32 {
+                _mm512_mask_storeu_ps((d as *mut f32).add(i), mask, x);
+                i += m;
+                continue;
+            }
             let h = if K == BF16 {
                 _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(round_bf16(x)))
             } else {
                 _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x)
             };
-            _mm256_mask_storeu_epi16(d.add(i) as *mut i16, mask, h);
+            _mm256_mask_storeu_epi16((d as *mut i16).add(i), mask, h);
         }
         i += m;
     }

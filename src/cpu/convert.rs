@@ -41,22 +41,17 @@ pub(crate) fn narrow<T: Element>(src: &[f32], dst: &mut [T]) {
 }
 
 /// Rounds `k src_j - c0` into `dst` in one pass (the scaling of [`super::simd::scale_shift`]
-/// fused with [`narrow`], for 16-bit gradient rows).
+/// fused with [`narrow`], for gradient rows of every dtype; f32 ones are streamed too).
 pub(crate) fn scale_narrow<T: Element>(src: &mut [f32], k: f32, c0: f32, dst: &mut [T]) {
     #[cfg(target_arch = "x86_64")]
-    if super::avx512::available() && T::DTYPE == DType::F32 {
-        // SAFETY: AVX-512F was just detected.
-        unsafe { super::avx512::scale_store(src, k, c0, bytemuck::cast_slice_mut(dst)) };
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if super::avx512::available() && T::DTYPE != DType::F32 {
-        let raw: &mut [u16] = bytemuck::cast_slice_mut(dst);
-        // SAFETY: AVX-512F/BW were just detected.
+    if super::avx512::available() {
+        use super::avx512::{narrow_k, scale_store, BF16, F16};
+        // SAFETY: AVX-512F/BW/VL were just detected.
         unsafe {
             match T::DTYPE {
-                DType::BF16 => super::avx512::narrow_k::<{ super::avx512::BF16 }, true>(src, k, c0, raw),
-                _ => super::avx512::narrow_k::<{ super::avx512::F16 }, true>(src, k, c0, raw),
+                DType::F32 => scale_store(src, k, c0, bytemuck::cast_slice_mut(dst)),
+                DType::BF16 => narrow_k::<BF16, true>(src, k, c0, bytemuck::cast_slice_mut(dst)),
+                DType::F16 => narrow_k::<F16, true>(src, k, c0, bytemuck::cast_slice_mut(dst)),
             }
         }
         return;
