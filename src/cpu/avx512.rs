@@ -3,10 +3,16 @@
 //! maximum folded into the widening pass.
 //!
 //! The exponential uses the same reduction and polynomial as [`super::simd`]'s portable and AVX2
-//! versions (the paths agree to an ulp), with the power of two applied by `vscalefps`.
-//! Hand-written because LLVM keeps the autovectorised 8-lane loops at 256 bits. Rows are
-//! prefetched one ahead while the current row's exponentials are computed: this is what lets
-//! the f32 path run at memory bandwidth.
+//! versions (the paths agree to an ulp), with the power of two applied by `vscalefps`; where
+//! only a sum of exponentials is wanted (the loss, and gradient rows rounded to 16 bits) a
+//! cheaper reduction serves ([`exp16_for_sum`]). Hand-written because LLVM keeps the
+//! autovectorised 8-lane loops at 256 bits. Rows are prefetched one ahead while the current
+//! row's exponentials are computed: this is what lets the f32 path run at memory bandwidth.
+//!
+//! On the 16-bit paths the loops are bound by instruction count, not memory, so each step is
+//! counted: the row maximum compares raw 16-bit words, a bf16 row widens with one `vpermw`, the
+//! sum is masked with one compare, and eight vectors per iteration keep enough independent
+//! polynomial chains in the scheduler to issue two vector instructions per cycle.
 
 #![cfg(target_arch = "x86_64")]
 
@@ -44,25 +50,67 @@ fn exp16(x: __m512) -> __m512 {
     for c in &EXP_POLY[1..] {
         q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(*c));
     }
-    let p = _mm512_fmadd_ps(q, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+    let one = _mm512_set1_ps(1.0);
+    _mm512_scalef_ps(_mm512_fmadd_ps(_mm512_fmadd_ps(q, r, one), r, one), t)
+}
+
+/// exp(x) for x <= 0 where only a sum of them is wanted: [`exp16`]'s polynomial in Horner
+/// form with the reduction by one f32 ln 2 (two instructions fewer). The reduction's error,
+/// about `|x| 2.7e-9` relative, is below an ulp for `x > -10` and never matters to a sum
+/// against the maximum's 1: terms of `x < -10` are under 4.5e-5 each.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn exp16_for_sum(x: __m512) -> __m512 {
+    let xc = _mm512_max_ps(_mm512_set1_ps(-110.0), x);
+    let round = _mm512_set1_ps(ROUND);
+    let t = _mm512_sub_ps(_mm512_fmadd_ps(xc, _mm512_set1_ps(LOG2E), round), round);
+    let r = _mm512_fnmadd_ps(t, _mm512_set1_ps(std::f32::consts::LN_2), xc);
+    let mut q = _mm512_set1_ps(EXP_POLY[0]);
+    for c in &EXP_POLY[1..] {
+        q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(*c));
+    }
+    let one = _mm512_set1_ps(1.0);
+    let p = _mm512_fmadd_ps(_mm512_fmadd_ps(q, r, one), r, one);
     _mm512_scalef_ps(p, t)
 }
 
-/// Adds `e` to `acc` except where `d == 0` (the max's own 1), and counts those in `cnt` (a
-/// vector count: one masked add, where a scalar popcount costs three instructions).
+/// Adds `e` to `acc` except where `d == 0` (the max's own 1), and counts the others in `cnt`
+/// (the ties are the lanes less those). Masking with `d != 0` rather than with the negation of
+/// `d == 0` keeps the add one merge-masked instruction.
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn fold(d: __m512, e: __m512, acc: &mut __m512, cnt: &mut __m512) {
-    let is_max = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(d, _mm512_setzero_ps());
-    *acc = _mm512_mask_add_ps(*acc, !is_max, *acc, e);
-    *cnt = _mm512_mask_add_ps(*cnt, is_max, *cnt, _mm512_set1_ps(1.0));
+    // Unordered: a NaN is added (and is no tie).
+    let other = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(d, _mm512_setzero_ps());
+    *acc = _mm512_mask_add_ps(*acc, other, *acc, e);
+    *cnt = _mm512_mask_add_ps(*cnt, other, *cnt, _mm512_set1_ps(1.0));
 }
 
-#[target_feature(enable = "avx512f")]
-fn hsum(v: __m512) -> f64 {
-    let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-    let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))));
-    _mm512_reduce_add_pd(_mm512_add_pd(lo, hi))
+/// f64 lanes of a sum: f32 partial sums are added into them every [`BLOCK`] elements, and
+/// reduced once at the end of a row or block.
+#[derive(Clone, Copy)]
+struct Wide(__m512d, __m512d);
+
+impl Wide {
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn zero() -> Wide {
+        Wide(_mm512_setzero_pd(), _mm512_setzero_pd())
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn add(&mut self, v: __m512) {
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        self.0 = _mm512_add_pd(self.0, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+        self.1 = _mm512_add_pd(self.1, _mm512_cvtps_pd(hi));
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn total(self) -> f64 {
+        _mm512_reduce_add_pd(_mm512_add_pd(self.0, self.1))
+    }
 }
 
 /// How the row loops below read their input: f32, or bf16/f16 widened in registers (the
@@ -82,13 +130,24 @@ unsafe fn load<const K: u8>(p: *const u8, i: usize) -> __m512 {
         match K {
             F32 => _mm512_loadu_ps((p as *const f32).add(i)),
             BF16 => {
-                let h = _mm256_loadu_si256((p as *const u16).add(i) as *const __m256i);
-                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+                // One `vpermw` puts word j in the high half of lane j and zeroes the low
+                // halves, where widening and shifting take two instructions.
+                let h = _mm512_castsi256_si512(_mm256_loadu_si256((p as *const u16).add(i) as *const __m256i));
+                _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xaaaa_aaaa, BF16_SPREAD.0, h))
             }
             _ => _mm512_cvtph_ps(_mm256_loadu_si256((p as *const u16).add(i) as *const __m256i)),
         }
     }
 }
+
+/// `vpermw` indices for [`load`]: word `2j + 1` takes word `j` (the even words are masked to 0).
+struct Spread(__m512i);
+// SAFETY: the bit patterns are the `[u16; 32]` below, a valid `__m512i`.
+const BF16_SPREAD: Spread = Spread(unsafe {
+    std::mem::transmute::<[u16; 32], __m512i>([
+        0, 0, 0, 1, 0, 2, 0, 3, 0, 4, 0, 5, 0, 6, 0, 7, 0, 8, 0, 9, 0, 10, 0, 11, 0, 12, 0, 13, 0, 14, 0, 15,
+    ])
+});
 
 /// The first `n < 16` (or all 16) elements from `i` as f32, the other lanes `fill`.
 #[inline]
@@ -142,17 +201,28 @@ pub unsafe fn max(x: &[f32]) -> f32 {
 /// `p` holds `n` elements of storage `K`; the CPU has AVX-512F/BW/VL.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub unsafe fn max_k<const K: u8>(p: *const u8, n: usize) -> f32 {
+    if K != F32 {
+        // SAFETY: as the caller's.
+        if let Some(m) = unsafe { max16(p, n, if K == BF16 { 0x7f80 } else { 0x7c00 }) } {
+            return if K == BF16 { f32::from_bits((m as u32) << 16) } else { half::f16::from_bits(m).to_f32() };
+        }
+    }
     let mut m0 = _mm512_set1_ps(f32::NEG_INFINITY);
-    let mut m1 = m0;
+    let (mut m1, mut m2, mut m3) = (m0, m0, m0);
     let mut i = 0;
-    while i + 32 <= n {
-        // SAFETY: i + 32 <= n.
-        let (a, b) = unsafe { load32_any_order::<K>(p, i) };
+    // Four chains: one would wait on the latency of `vmaxps`.
+    while i + 64 <= n {
+        // SAFETY: i + 64 <= n.
+        let ((a, b), (c, d)) = unsafe { (load32_any_order::<K>(p, i), load32_any_order::<K>(p, i + 32)) };
         // max_ps(v, m) returns m when v is NaN: NaN is skipped.
         m0 = _mm512_max_ps(a, m0);
         m1 = _mm512_max_ps(b, m1);
-        i += 32;
+        m2 = _mm512_max_ps(c, m2);
+        m3 = _mm512_max_ps(d, m3);
+        i += 64;
     }
+    m0 = _mm512_max_ps(m0, m2);
+    m1 = _mm512_max_ps(m1, m3);
     while i < n {
         let k = (n - i).min(16);
         let mask: __mmask16 = if k == 16 { 0xffff } else { (1u16 << k) - 1 };
@@ -163,22 +233,64 @@ pub unsafe fn max_k<const K: u8>(p: *const u8, n: usize) -> f32 {
     _mm512_reduce_max_ps(_mm512_max_ps(m0, m1))
 }
 
+/// The bits of the largest of `n` bf16 or f16 values at `p` (`inf`: the storage's +inf bits),
+/// found on the raw 16-bit words: 32 per instruction, where widening to f32 first takes four
+/// instructions per 32. Both formats are sign and magnitude, so among non-negative values the
+/// largest signed word is the largest value, and among negative ones the smallest signed word
+/// (the smallest magnitude) is. `None` where a NaN could be the answer (NaN is skipped, as in
+/// the f32 loop, which the caller then runs) or `n == 0`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn max16(p: *const u8, n: usize, inf: u16) -> Option<u16> {
+    let q = p as *const i16;
+    let (mut hi0, mut lo0) = (_mm512_set1_epi16(i16::MIN), _mm512_set1_epi16(i16::MAX));
+    let (mut hi1, mut lo1) = (hi0, lo0);
+    let mut i = 0;
+    while i + 64 <= n {
+        // SAFETY: i + 64 <= n.
+        let (a, b) =
+            unsafe { (_mm512_loadu_si512(q.add(i) as *const _), _mm512_loadu_si512(q.add(i + 32) as *const _)) };
+        (hi0, lo0) = (_mm512_max_epi16(hi0, a), _mm512_min_epi16(lo0, a));
+        (hi1, lo1) = (_mm512_max_epi16(hi1, b), _mm512_min_epi16(lo1, b));
+        i += 64;
+    }
+    while i < n {
+        let k = (n - i).min(32);
+        let mask: __mmask32 = if k == 32 { u32::MAX } else { (1u32 << k) - 1 };
+        // SAFETY: the masked load touches only the k words from i.
+        let a = unsafe { _mm512_maskz_loadu_epi16(mask, q.add(i)) };
+        hi0 = _mm512_mask_max_epi16(hi0, mask, hi0, a);
+        lo0 = _mm512_mask_min_epi16(lo0, mask, lo0, a);
+        i += k;
+    }
+    let halves = |v: __m512i| {
+        (_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v)), _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(v)))
+    };
+    let ((a, b), (c, d)) = (halves(_mm512_max_epi16(hi0, hi1)), halves(_mm512_min_epi16(lo0, lo1)));
+    let hi = _mm512_reduce_max_epi32(_mm512_max_epi32(a, b));
+    let lo = _mm512_reduce_min_epi32(_mm512_min_epi32(c, d));
+    let m = if hi >= 0 { hi as u16 } else { lo as u16 };
+    (n > 0 && m & 0x7fff <= inf).then_some(m)
+}
+
 /// `(sum of exp(x_j - m) over x_j != m, count of x_j == m)` in f64, storing each exponential in
 /// `out` when given. `ahead` (the next row's input) is prefetched into L2 along the way, so that
 /// its read from memory overlaps this row's exponentials.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn exp_sum(x: &[f32], m: f32, out: Option<&mut [f32]>, ahead: &[u8]) -> (f64, f64) {
     // SAFETY: `x` holds x.len() f32 elements; AVX-512BW/VL come with the caller's check.
-    unsafe { exp_sum_k::<F32>(x.as_ptr() as *const u8, x.len(), m, out, ahead) }
+    unsafe { exp_sum_k::<F32, false>(x.as_ptr() as *const u8, x.len(), m, out, ahead) }
 }
 
-/// [`exp_sum`] over `n` elements of storage `K` at `p`.
+/// [`exp_sum`] over `n` elements of storage `K` at `p`. With `COARSE`, the stored exponentials
+/// are [`exp16_for_sum`]'s (within a few f32 ulp where `exp16` is within 1.3): enough for a
+/// gradient row that is then rounded to bf16 or f16, for one instruction fewer per 16 lanes.
 ///
 /// # Safety
 /// `p` holds `n` elements of storage `K`, `out` (when given) has `n` elements; the CPU has
 /// AVX-512F/BW/VL.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub unsafe fn exp_sum_k<const K: u8>(
+pub unsafe fn exp_sum_k<const K: u8, const COARSE: bool>(
     p: *const u8,
     n: usize,
     m: f32,
@@ -200,24 +312,25 @@ pub unsafe fn exp_sum_k<const K: u8>(
         }
     };
     let mv = _mm512_set1_ps(m);
-    let (mut total, mut ties) = (0.0f64, 0.0f64);
+    let (mut total, mut ties) = (Wide::zero(), Wide::zero());
     let mut b0 = 0;
     while b0 < n {
         let len = (n - b0).min(BLOCK);
         let ob = out.as_deref_mut().map(|o| &mut o[b0..b0 + len]);
         // SAFETY: b0 + len <= n, and `ob` has len elements.
-        let (t, c) = unsafe { block_sum::<K>(p, b0, len, mv, ob, &mut prefetch, per_step) };
-        total += t;
-        ties += c;
+        let (t, c) = unsafe { block_sum::<K, COARSE>(p, b0, len, mv, ob, &mut prefetch, per_step) };
+        total.add(t);
+        ties.add(c);
         b0 += len;
     }
-    (total, ties)
+    (total.total(), ties.total())
 }
 
 /// One block of [`exp_sum_k`]: elements `b0..b0 + len` against the maximum `mv`, calling
-/// `prefetch` with a count of cache lines to fetch ahead (`per_step` per 32 elements).
+/// `prefetch` with a count of cache lines to fetch ahead (`per_step` per 32 elements). Returns
+/// the sum and the tie count as f32 lanes (at most [`BLOCK`] elements, so f32 keeps them).
 #[inline(always)]
-unsafe fn block_sum<const K: u8>(
+unsafe fn block_sum<const K: u8, const COARSE: bool>(
     p: *const u8,
     b0: usize,
     len: usize,
@@ -225,47 +338,41 @@ unsafe fn block_sum<const K: u8>(
     mut ob: Option<&mut [f32]>,
     prefetch: &mut impl FnMut(usize),
     per_step: usize,
-) -> (f64, f64) {
+) -> (__m512, __m512) {
     let zero = _mm512_setzero_ps();
     let (mut a0, mut a1, mut c0, mut c1) = (zero, zero, zero, zero);
     let full = len / 16 * 16;
     let mut i = 0;
-    // Four vectors per iteration: independent polynomial chains hide FMA latency.
-    while i + 64 <= full {
-        prefetch(2 * per_step);
-        // SAFETY: b0 + i + 64 <= the caller's n, and `o` has len elements.
+    // Eight vectors per iteration: independent polynomial chains hide FMA latency.
+    while i + 128 <= full {
+        prefetch(4 * per_step);
+        // SAFETY: b0 + i + 128 <= the caller's n, and `o` has len elements.
         unsafe {
-            let (v0, v1, v2, v3) = match ob {
-                // The sum alone: any lane order will do.
-                None => {
-                    let (v0, v1) = load32_any_order::<K>(p, b0 + i);
-                    let (v2, v3) = load32_any_order::<K>(p, b0 + i + 32);
-                    (v0, v1, v2, v3)
-                }
-                Some(_) => (
-                    load::<K>(p, b0 + i),
-                    load::<K>(p, b0 + i + 16),
-                    load::<K>(p, b0 + i + 32),
-                    load::<K>(p, b0 + i + 48),
-                ),
-            };
-            let (d0, d1, d2, d3) =
-                (_mm512_sub_ps(v0, mv), _mm512_sub_ps(v1, mv), _mm512_sub_ps(v2, mv), _mm512_sub_ps(v3, mv));
-            let (e0, e1, e2, e3) = (exp16(d0), exp16(d1), exp16(d2), exp16(d3));
-            fold(d0, e0, &mut a0, &mut c0);
-            fold(d1, e1, &mut a1, &mut c1);
-            fold(d2, e2, &mut a0, &mut c0);
-            fold(d3, e3, &mut a1, &mut c1);
+            let mut v = [zero; 8];
+            for h in 0..4 {
+                (v[2 * h], v[2 * h + 1]) = match ob {
+                    // The sum alone: any lane order will do.
+                    None => load32_any_order::<K>(p, b0 + i + 32 * h),
+                    Some(_) => (load::<K>(p, b0 + i + 32 * h), load::<K>(p, b0 + i + 32 * h + 16)),
+                };
+            }
+            let d = v.map(|x| _mm512_sub_ps(x, mv));
+            let e = if COARSE || ob.is_none() { d.map(|x| exp16_for_sum(x)) } else { d.map(|x| exp16(x)) };
+            for h in 0..4 {
+                fold(d[2 * h], e[2 * h], &mut a0, &mut c0);
+                fold(d[2 * h + 1], e[2 * h + 1], &mut a1, &mut c1);
+            }
             if let Some(o) = ob.as_deref_mut() {
                 let q = o.as_mut_ptr().add(i);
-                _mm512_storeu_ps(q, e0);
-                _mm512_storeu_ps(q.add(16), e1);
-                _mm512_storeu_ps(q.add(32), e2);
-                _mm512_storeu_ps(q.add(48), e3);
+                for (j, &x) in e.iter().enumerate() {
+                    _mm512_storeu_ps(q.add(16 * j), x);
+                }
             }
         }
-        i += 64;
+        i += 128;
     }
+    // Every lane of the vectors so far (each lane position saw this many).
+    let mut vectors = i / 16;
     // The rest, 16 lanes at a time with the tail masked off (as -inf, whose exponential is 0).
     while i < len {
         prefetch(per_step / 2 + 1);
@@ -274,15 +381,17 @@ unsafe fn block_sum<const K: u8>(
         // SAFETY: the masked load and store touch only the k elements from b0 + i.
         unsafe {
             let d = _mm512_sub_ps(load_part::<K>(p, b0 + i, mask, f32::NEG_INFINITY), mv);
-            let e = exp16(d);
+            let e = if COARSE || ob.is_none() { exp16_for_sum(d) } else { exp16(d) };
             fold(d, e, &mut a0, &mut c0);
             if let Some(o) = ob.as_deref_mut() {
                 _mm512_mask_storeu_ps(o.as_mut_ptr().add(i), mask, e);
             }
         }
         i += k;
+        vectors += 1;
     }
-    (hsum(_mm512_add_ps(a0, a1)), hsum(_mm512_add_ps(c0, c1)))
+    let ties = _mm512_sub_ps(_mm512_set1_ps(vectors as f32), _mm512_add_ps(c0, c1));
+    (_mm512_add_ps(a0, a1), ties)
 }
 
 /// The row maximum `m` with [`exp_sum`]'s `(sum of exp(x_j - m) over x_j != m, count of
@@ -298,7 +407,7 @@ pub unsafe fn lse_k<const K: u8>(p: *const u8, n: usize, ahead: &[u8]) -> (f32, 
     let bytes = if K == F32 { 4 } else { 2 };
     // Software prefetch a block and PREFETCH_DIST bytes ahead of the block being summed (on
     // into the next row, `ahead`): the hardware prefetcher alone leaves the reads waiting on
-    // memory.
+    // memory. The cursor is a local the loops below keep in a register.
     let row_bytes = n * bytes;
     let mut next = ONLINE_BLOCK * bytes + PREFETCH_DIST;
     let mut prefetch = |lines: usize| {
@@ -322,24 +431,25 @@ pub unsafe fn lse_k<const K: u8>(p: *const u8, n: usize, ahead: &[u8]) -> (f32, 
         let len = (n - b0).min(ONLINE_BLOCK);
         // SAFETY: b0 + len <= n.
         let mb = unsafe { max_k::<K>(p.add(b0 * bytes), len) };
-        // The block's exponentials against `mv`, flushed to f64 every BLOCK elements.
-        let mut sums = |mv: __m512| {
-            let (mut ab, mut tb) = (0.0, 0.0);
-            let mut i = 0;
-            while i < len {
-                let l = (len - i).min(BLOCK);
-                // SAFETY: b0 + i + l <= n.
-                let (x, c) = unsafe { block_sum::<K>(p, b0 + i, l, mv, None, &mut prefetch, per_step) };
-                (ab, tb) = (ab + x, tb + c);
-                i += l;
-            }
-            (ab, tb)
-        };
+        // A block of nothing but -inf (and NaN) is summed against 0: it adds nothing, except a
+        // NaN.
+        let mv = if mb == f32::NEG_INFINITY { _mm512_setzero_ps() } else { _mm512_set1_ps(mb) };
+        // The block's exponentials against `mv`, f32 lanes flushed to f64 every BLOCK elements.
+        let (mut sum, mut ties) = (Wide::zero(), Wide::zero());
+        let mut i = 0;
+        while i < len {
+            let l = (len - i).min(BLOCK);
+            // SAFETY: b0 + i + l <= n.
+            let (x, c) = unsafe { block_sum::<K, true>(p, b0 + i, l, mv, None, &mut prefetch, per_step) };
+            sum.add(x);
+            ties.add(c);
+            i += l;
+        }
+        let ab = sum.total();
         if mb == f32::NEG_INFINITY {
-            // Nothing but -inf (and NaN): it adds nothing, except a NaN.
-            a += sums(_mm512_setzero_ps()).0;
+            a += ab;
         } else {
-            let (ab, tb) = sums(_mm512_set1_ps(mb));
+            let tb = ties.total();
             if mb > m {
                 a = (a + t) * (m as f64 - mb as f64).exp() + ab;
                 (m, t) = (mb, tb);
@@ -635,6 +745,48 @@ mod tests {
     }
 
     #[test]
+    fn sixteen_bit_max_on_raw_words_skips_nan_as_the_f32_loop() {
+        if !available() {
+            return;
+        }
+        let want = |x: &[f32]| x.iter().copied().filter(|v| !v.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+        let (inf, nan) = (f32::INFINITY, f32::NAN);
+        let cases: Vec<Vec<f32>> = vec![
+            vec![],
+            vec![-0.0],
+            vec![0.0, -0.0],
+            vec![-3.0, -0.5, -7.0],
+            vec![-3.0, 2.0, -7.0, 0.25],
+            vec![-inf, -inf],
+            vec![nan, -inf],
+            vec![-nan, -2.0],
+            vec![nan, 1.5, -nan],
+            vec![nan],
+            vec![-1e-40, -5.0],
+            vec![inf, nan, 3.0],
+        ];
+        for base in cases {
+            // Each case at several lengths and positions: the 64-word loop, the masked tail.
+            for (pad, at) in [(0, 0), (37, 5), (130, 100), (64, 63)] {
+                let mut x = vec![-100.0f32; pad];
+                for (j, &v) in base.iter().enumerate() {
+                    x.insert((at + j).min(x.len()), v);
+                }
+                let b: Vec<u16> = x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+                let h: Vec<u16> = x.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+                let wb = want(&b.iter().map(|&v| half::bf16::from_bits(v).to_f32()).collect::<Vec<_>>());
+                let wh = want(&h.iter().map(|&v| half::f16::from_bits(v).to_f32()).collect::<Vec<_>>());
+                // SAFETY: AVX-512 was just detected; each row holds x.len() elements.
+                let (mb, mh) = unsafe {
+                    (max_k::<BF16>(b.as_ptr() as *const u8, x.len()), max_k::<F16>(h.as_ptr() as *const u8, x.len()))
+                };
+                assert_eq!(mb, wb, "bf16 {x:?}");
+                assert_eq!(mh, wh, "f16 {x:?}");
+            }
+        }
+    }
+
+    #[test]
     fn sixteen_bit_rows_read_in_registers_match_the_f32_loops() {
         if !available() {
             return;
@@ -654,17 +806,17 @@ mod tests {
                     let p = raw.as_ptr() as *const u8;
                     let mut got = vec![0.0; n];
                     let (s1, t1) = if k == BF16 {
-                        exp_sum_k::<BF16>(p, n, m, Some(&mut got), &[])
+                        exp_sum_k::<BF16, false>(p, n, m, Some(&mut got), &[])
                     } else {
-                        exp_sum_k::<F16>(p, n, m, Some(&mut got), &[])
+                        exp_sum_k::<F16, false>(p, n, m, Some(&mut got), &[])
                     };
                     assert_eq!(got, want, "stored exponentials, n = {n}");
                     assert_eq!((s1, t1), (s, ties), "sum with stores, n = {n}");
                     // The sum alone reads lanes in another order: equal to f32 rounding.
                     let (s2, t2) = if k == BF16 {
-                        exp_sum_k::<BF16>(p, n, m, None, &[])
+                        exp_sum_k::<BF16, false>(p, n, m, None, &[])
                     } else {
-                        exp_sum_k::<F16>(p, n, m, None, &[])
+                        exp_sum_k::<F16, false>(p, n, m, None, &[])
                     };
                     assert_eq!(t2, ties);
                     assert!((s2 - s).abs() <= 1e-6 * s.abs(), "{s2} vs {s}, n = {n}");

@@ -33,6 +33,9 @@ struct RowCtx<'a> {
     transform: bool,
     /// Probability targets `[N, V]` (row-major) instead of class indices.
     probs: Option<&'a [f32]>,
+    /// The gradient rows are rounded to bf16 or f16 and nothing else reads their
+    /// exponentials: those may be a few f32 ulp off (`RowIn::exp_sum_ahead`'s `coarse`).
+    narrow_grad: bool,
 }
 
 /// Per-thread scratch rows: transformed logits, widened logits, exponentials, f32 gradient.
@@ -121,7 +124,7 @@ impl RowCtx<'_> {
                     Some(m) if !self.transform => m,
                     _ => z.max(),
                 };
-                let (s0, ties) = z.exp_sum_ahead(m, grad.as_deref_mut(), ahead);
+                let (s0, ties) = z.exp_sum_ahead(m, grad.as_deref_mut(), ahead, self.narrow_grad);
                 (m, s0, ties)
             }
         };
@@ -452,9 +455,21 @@ fn run<T: Element, G: Element>(
     let cw = cfg.class_weight.as_ref().map(|w| w.to_vec());
     let sw = cfg.sample_weight.as_ref().map(|w| w.to_vec());
     let wtot = cw.as_ref().map_or(v as f64, |w| w.iter().map(|&x| x as f64).sum());
-    let ctx =
-        RowCtx { cfg, v, cw: cw.as_deref(), sw: sw.as_deref(), a, b, wtot, transform: cfg.transforms_logits(), probs };
     let in_place = matches!(src, Src::InPlace(_));
+    let grad_dtype = if in_place { T::DTYPE } else { G::DTYPE };
+    let narrow_grad = grad_dtype != crate::DType::F32 && !cfg.gaps;
+    let ctx = RowCtx {
+        cfg,
+        v,
+        cw: cw.as_deref(),
+        sw: sw.as_deref(),
+        a,
+        b,
+        wtot,
+        transform: cfg.transforms_logits(),
+        probs,
+        narrow_grad,
+    };
     let want_grad = in_place || grad.is_some();
     let half_rows = ctx.reads_half_rows();
     let defers = ctx.defers();

@@ -9,6 +9,7 @@
 use std::borrow::Cow;
 
 use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Zip};
+use rayon::prelude::*;
 
 use super::Cpu;
 use crate::alloc::zeros2;
@@ -130,6 +131,28 @@ pub(super) fn weight_grad_product(
     }
 }
 
+/// Every `[V]` row of `z` set to `bias` (a contiguous copy; the rows in parallel), before the
+/// logits product accumulates onto it.
+pub(super) fn fill_bias(z: &mut [f32], bias: &[f32]) {
+    z.par_chunks_mut(bias.len().max(1)).for_each(|row| row.copy_from_slice(bias));
+}
+
+/// `gb[j] += sum over rows of g[., j]` in f64, rows in order for every column (the columns in
+/// parallel blocks, so the sums are the same bits on any thread count).
+pub(super) fn add_col_sums(gb: &mut [f64], g: &[f32]) {
+    const COLS_PER_TASK: usize = 1024;
+    let v = gb.len();
+    if v == 0 {
+        return;
+    }
+    gb.par_chunks_mut(COLS_PER_TASK).enumerate().for_each(|(i, acc)| {
+        let (c0, c1) = (i * COLS_PER_TASK, i * COLS_PER_TASK + acc.len());
+        for row in g.chunks_exact(v) {
+            acc.iter_mut().zip(&row[c0..c1]).for_each(|(s, &x)| *s += x as f64);
+        }
+    });
+}
+
 /// Row-major f32 values of `x` (borrowed when they already are).
 pub(super) fn f32_rows<'a>(x: &'a Logits<'_>) -> Cow<'a, [f32]> {
     match x {
@@ -181,6 +204,7 @@ impl Cpu {
         let totals = Totals::of(&targets, &cfg.ce);
         let rows = cfg.chunk_rows(n, v);
         let w = f32_rows(&weight);
+        let bias_c = bias.map(|b| b.to_vec());
         let mut z = zeros2::<f32>((rows.min(n).max(1), v), "linear cross-entropy workspace")?;
         let widen = hidden.dtype() != DType::F32 || !matches!(&hidden, Logits::F32(a) if a.is_standard_layout());
         let mut h_chunk =
@@ -205,10 +229,8 @@ impl Cpu {
                 &a.as_slice().expect("standard layout")[r0 * d..r1 * d]
             };
             let zc = &mut z.as_slice_mut().expect("fresh")[..b * v];
-            if let Some(bias) = bias {
-                for row in zc.chunks_mut(v) {
-                    row.iter_mut().zip(bias.iter()).for_each(|(z, &b)| *z = b);
-                }
+            if let Some(bias) = bias_c.as_ref() {
+                self.pool.install(|| fill_bias(zc, bias));
             }
             // Z = H_c W^T (+ b).
             self.pool.install(|| logits_product(threads, (b, v, d), zc, bias.is_some(), h, &w));
@@ -243,9 +265,7 @@ impl Cpu {
                 self.pool.install(|| weight_grad_product(threads, (v, d, b), dst, r0 > 0, g, h));
             }
             if let Some(gb) = gb.as_mut() {
-                for row in g.chunks(v) {
-                    gb.iter_mut().zip(row).for_each(|(s, &x)| *s += x as f64);
-                }
+                self.pool.install(|| add_col_sums(gb, g));
             }
         }
         let gdt = grad_dtype(cfg, hidden.dtype());

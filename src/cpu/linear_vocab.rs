@@ -9,7 +9,9 @@
 
 use ndarray::{ArrayView1, ArrayView2, ArrayViewMut2};
 
-use super::linear::{f32_rows, hidden_grad_product, logits_product, weight_grad_product, widen_rows};
+use super::linear::{
+    add_col_sums, f32_rows, fill_bias, hidden_grad_product, logits_product, weight_grad_product, widen_rows,
+};
 use super::vocab::{shard_grad, shard_records, GradCtx};
 use super::Cpu;
 use crate::alloc::zeros2;
@@ -25,7 +27,7 @@ struct Passes<'p, 'h> {
     cpu: &'p Cpu,
     hidden: &'p Logits<'h>,
     w: &'p [f32],
-    bias: Option<ArrayView1<'p, f32>>,
+    bias: Option<&'p [f32]>,
     d: usize,
     vl: usize,
     rows: usize,
@@ -39,9 +41,7 @@ impl Passes<'_, '_> {
         let h = &mut h_buf[..b * d];
         widen_rows(self.hidden, r0, r1, h);
         if let Some(bias) = self.bias {
-            for row in z.chunks_mut(vl) {
-                row.copy_from_slice(bias.as_slice().expect("contiguous bias"));
-            }
+            self.cpu.pool.install(|| fill_bias(z, bias));
         }
         let threads = self.cpu.threads();
         let hc: &[f32] = h;
@@ -88,7 +88,7 @@ impl Cpu {
         let vl = weight.dim().0;
         let wants = cfg.grad_hidden || cfg.grad_weight || (cfg.grad_bias && bias.is_some());
         let w = f32_rows(&weight);
-        let bias_c = bias.map(|b| b.as_standard_layout().into_owned());
+        let bias_c = bias.map(|b| b.to_vec());
         // Checks, workspaces and the first pass; then one agreement before any collective.
         let local = (|| -> Result<_> {
             let (t, ..) = check_linear(&hidden, &weight, bias, &targets, shard, cfg)?;
@@ -97,7 +97,7 @@ impl Cpu {
             let mut h_buf = zeros2::<f32>((rows, d), "hidden chunk")?;
             let gh = if cfg.grad_hidden { Some(zeros2::<f32>((n, d), "grad_hidden")?) } else { None };
             let gw = if cfg.grad_weight { Some(zeros2::<f32>((vl, d), "grad_weight")?) } else { None };
-            let p = Passes { cpu: self, hidden: &hidden, w: &w, bias: bias_c.as_ref().map(|b| b.view()), d, vl, rows };
+            let p = Passes { cpu: self, hidden: &hidden, w: &w, bias: bias_c.as_deref(), d, vl, rows };
             let mut rec = vec![0f64; n * REC];
             for r0 in (0..n).step_by(rows) {
                 let r1 = (r0 + rows).min(n);
@@ -141,9 +141,7 @@ impl Cpu {
                     self.pool.install(|| weight_grad_product(threads, (vl, d, b), dst, r0 > 0, g, h));
                 }
                 if let Some(gb) = gb.as_mut() {
-                    for row in g.chunks(vl) {
-                        gb.iter_mut().zip(row).for_each(|(s, &x)| *s += x as f64);
-                    }
+                    self.pool.install(|| add_col_sums(gb, g));
                 }
             }
         }
