@@ -216,3 +216,54 @@ proptest! {
         }
     }
 }
+
+/// Many rows per CPU task and long rows (the deferred, streamed last step of each gradient row,
+/// with the next row prefetched meanwhile): the batch must write the same bits as the rows one
+/// call at a time, for every gradient dtype, with ignored rows, -inf masks and a NaN row among
+/// them, and match the reference.
+#[test]
+fn cpu_batched_gradient_rows_match_row_by_row() {
+    let cpu = Cpu::new();
+    for (n, v) in [(160, 4099), (96, 5000)] {
+        let mut rng = Rng(7 + v as u64);
+        let mut x = rng.logits(n, v, 3.0);
+        for j in (0..v).step_by(3) {
+            x[[5, j]] = f32::NEG_INFINITY;
+        }
+        x[[9, 17]] = f32::NAN;
+        x[[12, 3]] = 40.0; // a confident row
+        let mut t = rng.targets(n, v, 0);
+        t[3] = -100;
+        t[40] = -100;
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            // Summed, so that a row's gradient does not depend on how many rows are counted.
+            let sum = CrossEntropy { reduction: Reduction::Sum, ..Default::default() };
+            for cfg in [sum.clone(), CrossEntropy { label_smoothing: 0.1, ..sum.clone() }] {
+                let xt = Tensor2::from_f32(x.clone(), dtype);
+                let mut g = Tensor2::zeros(dtype, (n, v));
+                let out = cpu.cross_entropy_into(xt.view(), &t, &cfg, g.view_mut()).unwrap();
+                let what = format!("{n}x{v} {dtype:?} smoothing {}", cfg.label_smoothing);
+                let r = reference::cross_entropy(&xt.to_f32(), &t, &cfg).unwrap();
+                assert!(out.loss.is_nan() && r.loss.is_nan(), "{what}: the NaN row makes the loss NaN");
+                let (gb, rows) = (g.to_f32(), xt.to_f32());
+                for i in 0..n {
+                    let xi = Tensor2::from_f32(rows.slice(ndarray::s![i..i + 1, ..]).to_owned(), dtype);
+                    let mut gi = Tensor2::zeros(dtype, (1, v));
+                    cpu.cross_entropy_into(xi.view(), t.slice(ndarray::s![i..i + 1]), &cfg, gi.view_mut()).unwrap();
+                    let (a, b) = (gb.row(i), gi.to_f32());
+                    assert!(
+                        a.iter().zip(b.row(0)).all(|(p, q)| p.to_bits() == q.to_bits()),
+                        "{what}: row {i} differs from the row alone"
+                    );
+                    if i != 9 {
+                        let scale = r.grad.row(i).iter().fold(0.0f64, |m, &w| m.max(w.abs()));
+                        for (j, (&gv, &w)) in a.iter().zip(r.grad.row(i)).enumerate() {
+                            let tol = 4e-6 * scale + 2e-5 * w.abs() + if dtype == DType::F32 { 0.0 } else { ulp(dtype, w) };
+                            assert!((gv as f64 - w).abs() <= tol, "{what}: grad[{i},{j}] {gv} want {w}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
