@@ -258,7 +258,8 @@ fn cpu_batched_gradient_rows_match_row_by_row() {
                     if i != 9 {
                         let scale = r.grad.row(i).iter().fold(0.0f64, |m, &w| m.max(w.abs()));
                         for (j, (&gv, &w)) in a.iter().zip(r.grad.row(i)).enumerate() {
-                            let tol = 4e-6 * scale + 2e-5 * w.abs() + if dtype == DType::F32 { 0.0 } else { ulp(dtype, w) };
+                            let tol =
+                                4e-6 * scale + 2e-5 * w.abs() + if dtype == DType::F32 { 0.0 } else { ulp(dtype, w) };
                             assert!((gv as f64 - w).abs() <= tol, "{what}: grad[{i},{j}] {gv} want {w}");
                         }
                     }
