@@ -119,6 +119,11 @@ fn matches_the_f64_reference_in_chunks() {
         CrossEntropy { label_smoothing: 0.1, class_weight: Some(cw), ..Default::default() },
         CrossEntropy { reduction: Reduction::Sum, z_loss: 1e-3, softcap: Some(5.0), ..Default::default() },
         CrossEntropy { reduction: Reduction::None, temperature: 1.7, grad_scale: 0.5, ..Default::default() },
+        // Sample weights follow their rows when the ignored ones are left out of the products.
+        CrossEntropy {
+            sample_weight: Some(Array1::from_shape_fn(n, |r| 0.5 + (r % 3) as f32 * 0.25)),
+            ..Default::default()
+        },
     ] {
         let r = reference(&h, &w, Some(&b), t.as_slice().unwrap(), &ce);
         // One chunk, a few chunks, one row per chunk.
@@ -167,6 +172,33 @@ fn bf16_inputs_and_gradients_in_the_input_dtype() {
         let gw = o.grad_weight.unwrap();
         assert_eq!(gw.dtype(), DType::BF16);
         assert!(worst(&gw.to_f32(), &r.gw) < 8e-3, "{name}: one bf16 rounding");
+    }
+}
+
+/// Ignored rows are left out of the CPU products, except when one holds a non-finite hidden
+/// state: then, as in PyTorch (whose zero gradient row times that state is NaN), `grad_weight`
+/// is NaN, while the loss and the other rows' `grad_hidden` are not.
+#[test]
+fn a_non_finite_ignored_row_reaches_grad_weight_as_in_pytorch() {
+    let _quiet = not_measuring();
+    let (n, d, v) = (12, 8, 50);
+    let (mut h, w, b, mut t) = inputs(n, d, v, 5);
+    t[3] = -100;
+    t[7] = -100;
+    let finite = Cpu::new().linear_cross_entropy(&h, &w, Some(b.view()), t.view(), &LinearCe::default()).unwrap();
+    let r = reference(&h, &w, Some(&b), t.as_slice().unwrap(), &CrossEntropy::default());
+    assert!((finite.loss - r.loss[0]).abs() <= 2e-6 * r.loss[0].abs());
+    assert!(worst(&f32s(finite.grad_weight.as_ref().unwrap()), &r.gw) < 1e-4);
+    h[[7, 2]] = f32::NAN;
+    for (name, run) in runners() {
+        let o = run((&h).into(), (&w).into(), Some(b.view()), t.view(), &LinearCe::default()).unwrap();
+        assert!(
+            (o.loss - r.loss[0]).abs() <= 2e-6 * r.loss[0].abs(),
+            "{name}: the ignored row adds nothing to the loss"
+        );
+        assert!(f32s(o.grad_weight.as_ref().unwrap()).iter().any(|x| x.is_nan()), "{name}: NaN reaches grad_weight");
+        let gh = f32s(o.grad_hidden.as_ref().unwrap());
+        assert!(gh.row(0).iter().all(|x| x.is_finite()), "{name}: a counted row's grad_hidden stays finite");
     }
 }
 

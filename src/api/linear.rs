@@ -167,8 +167,17 @@ pub(crate) fn check_operands(
 
 /// The options of one chunk's cross-entropy: the whole batch's totals, its sample weights.
 pub(crate) fn chunk_cfg(cfg: &LinearCe, totals: Totals, rows: std::ops::Range<usize>) -> CrossEntropy {
+    chunk_cfg_with(cfg, totals, cfg.ce.sample_weight.as_ref().map(|w| w.slice(ndarray::s![rows]).to_owned()))
+}
+
+/// [`chunk_cfg`] for a chunk of the batch rows `rows` (in that order).
+pub(crate) fn chunk_cfg_at(cfg: &LinearCe, totals: Totals, rows: &[usize]) -> CrossEntropy {
+    chunk_cfg_with(cfg, totals, cfg.ce.sample_weight.as_ref().map(|w| rows.iter().map(|&r| w[r]).collect()))
+}
+
+fn chunk_cfg_with(cfg: &LinearCe, totals: Totals, sample_weight: Option<ndarray::Array1<f32>>) -> CrossEntropy {
     CrossEntropy {
-        sample_weight: cfg.ce.sample_weight.as_ref().map(|w| w.slice(ndarray::s![rows]).to_owned()),
+        sample_weight,
         totals: (cfg.ce.reduction == Reduction::Mean).then_some(totals),
         per_row: cfg.ce.per_row || cfg.ce.reduction == Reduction::None,
         ..cfg.ce.clone()

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use super::Cpu;
 use crate::alloc::zeros2;
 use crate::api::config::Totals;
-use crate::api::linear::{check, chunk_cfg, grad_dtype, LinearCe, LinearCeOutput};
+use crate::api::linear::{check, chunk_cfg, chunk_cfg_at, grad_dtype, LinearCe, LinearCeOutput};
 use crate::api::targets::Targets;
 use crate::dtype::{DType, Element, Logits, Tensor2};
 use crate::error::Result;
@@ -153,6 +153,48 @@ pub(super) fn add_col_sums(gb: &mut [f64], g: &[f32]) {
     });
 }
 
+/// The batch rows a fused linear cross-entropy needs, when that is not all of them: rows whose
+/// target is ignored add nothing to the loss or to any gradient, so where no per-row output is
+/// asked for they are left out of the matrix products (as Cut Cross-Entropy filters ignored
+/// tokens). `None` means every row: none is ignored, per-row outputs are asked for, or an
+/// ignored row holds a non-finite hidden state, which the products would carry into
+/// `grad_weight` as NaN as PyTorch's do, or all rows are ignored.
+pub(super) fn counted_rows(hidden: &Logits<'_>, targets: &Targets<'_>, cfg: &LinearCe) -> Option<Vec<usize>> {
+    let ce = &cfg.ce;
+    if ce.per_row || ce.ranks || ce.reduction == crate::Reduction::None {
+        return None;
+    }
+    let ignored = |r: usize| match targets {
+        Targets::I64(t) => t[r] == ce.ignore_index,
+        Targets::I32(t) => t[r] as i64 == ce.ignore_index,
+        Targets::Probs(_) => false,
+    };
+    let n = hidden.dim().0;
+    let kept: Vec<usize> = (0..n).filter(|&r| !ignored(r)).collect();
+    let finite = |r: usize| match hidden {
+        Logits::F32(a) => a.row(r).iter().all(|x| x.is_finite()),
+        Logits::F16(a) => a.row(r).iter().all(|x| x.is_finite()),
+        Logits::BF16(a) => a.row(r).iter().all(|x| x.is_finite()),
+    };
+    // (An all-ignored batch keeps every row: its loss is the reduction's own 0/0 or 0.)
+    (!kept.is_empty() && kept.len() < n && (0..n).filter(|&r| ignored(r)).all(finite)).then_some(kept)
+}
+
+/// Batch rows `rows` of `x` as f32 into `out` (row-major, in that order).
+pub(super) fn gather_rows(x: &Logits<'_>, rows: &[usize], out: &mut [f32]) {
+    fn go<T: Element>(a: &ArrayView2<'_, T>, rows: &[usize], out: &mut [f32]) {
+        let d = a.ncols();
+        out.par_chunks_mut(d.max(1)).zip(rows.par_iter()).for_each(|(o, &r)| {
+            o.iter_mut().zip(a.row(r)).for_each(|(o, &v)| *o = v.to_f32());
+        });
+    }
+    match x {
+        Logits::F32(a) => go(a, rows, out),
+        Logits::F16(a) => go(a, rows, out),
+        Logits::BF16(a) => go(a, rows, out),
+    }
+}
+
 /// Row-major f32 values of `x` (borrowed when they already are).
 pub(super) fn f32_rows<'a>(x: &'a Logits<'_>) -> Cow<'a, [f32]> {
     match x {
@@ -203,13 +245,25 @@ impl Cpu {
         let threads = self.threads();
         let totals = Totals::of(&targets, &cfg.ce);
         let rows = cfg.chunk_rows(n, v);
+        // The rows the products run over: all, or the counted ones gathered chunk by chunk.
+        let kept = counted_rows(&hidden, &targets, cfg);
+        let m = kept.as_ref().map_or(n, |k| k.len());
         let w = f32_rows(&weight);
         let bias_c = bias.map(|b| b.to_vec());
         let mut z = zeros2::<f32>((rows.min(n).max(1), v), "linear cross-entropy workspace")?;
         let widen = hidden.dtype() != DType::F32 || !matches!(&hidden, Logits::F32(a) if a.is_standard_layout());
-        let mut h_chunk =
-            if widen { zeros2::<f32>((rows.min(n).max(1), d), "hidden chunk")? } else { Array2::zeros((0, 0)) };
+        let mut h_chunk = if widen || kept.is_some() {
+            zeros2::<f32>((rows.min(n).max(1), d), "hidden chunk")?
+        } else {
+            Array2::zeros((0, 0))
+        };
         let mut gh = if cfg.grad_hidden { Some(zeros2::<f32>((n, d), "grad_hidden")?) } else { None };
+        // Gathered rows' grad_hidden, scattered back after each chunk.
+        let mut gh_chunk = if cfg.grad_hidden && kept.is_some() {
+            zeros2::<f32>((rows.min(n).max(1), d), "grad_hidden chunk")?
+        } else {
+            Array2::zeros((0, 0))
+        };
         let mut gw = if cfg.grad_weight { Some(zeros2::<f32>((v, d), "grad_weight")?) } else { None };
         let mut gb = (cfg.grad_bias && bias.is_some()).then(|| vec![0f64; v]);
         let per_row = cfg.ce.per_row || cfg.ce.reduction == crate::Reduction::None;
@@ -217,16 +271,26 @@ impl Cpu {
         let mut row_lse = cfg.ce.per_row.then(|| Vec::with_capacity(n));
         let mut row_rank = cfg.ce.ranks.then(|| Vec::with_capacity(n));
         let mut loss = 0.0;
-        for r0 in (0..n).step_by(rows.max(1)) {
-            let r1 = (r0 + rows).min(n);
-            let b = r1 - r0;
-            let h: &[f32] = if widen {
-                let buf = &mut h_chunk.as_slice_mut().expect("fresh")[..b * d];
-                widen_rows(&hidden, r0, r1, buf);
-                buf
-            } else {
-                let Logits::F32(a) = &hidden else { unreachable!("f32 hidden") };
-                &a.as_slice().expect("standard layout")[r0 * d..r1 * d]
+        for c0 in (0..m).step_by(rows.max(1)) {
+            let c1 = (c0 + rows).min(m);
+            let b = c1 - c0;
+            // This chunk's batch rows: the range c0..c1, or these.
+            let idx = kept.as_ref().map(|k| &k[c0..c1]);
+            let h: &[f32] = match idx {
+                Some(ix) => {
+                    let buf = &mut h_chunk.as_slice_mut().expect("fresh")[..b * d];
+                    self.pool.install(|| gather_rows(&hidden, ix, buf));
+                    buf
+                }
+                None if widen => {
+                    let buf = &mut h_chunk.as_slice_mut().expect("fresh")[..b * d];
+                    widen_rows(&hidden, c0, c1, buf);
+                    buf
+                }
+                None => {
+                    let Logits::F32(a) = &hidden else { unreachable!("f32 hidden") };
+                    &a.as_slice().expect("standard layout")[c0 * d..c1 * d]
+                }
             };
             let zc = &mut z.as_slice_mut().expect("fresh")[..b * v];
             if let Some(bias) = bias_c.as_ref() {
@@ -234,11 +298,25 @@ impl Cpu {
             }
             // Z = H_c W^T (+ b).
             self.pool.install(|| logits_product(threads, (b, v, d), zc, bias.is_some(), h, &w));
-            let ccfg = chunk_cfg(cfg, totals, r0..r1);
-            let t = match &targets {
-                Targets::I64(t) => Targets::I64(t.slice(s![r0..r1])),
-                Targets::I32(t) => Targets::I32(t.slice(s![r0..r1])),
-                Targets::Probs(_) => unreachable!("checked: class indices"),
+            let (ccfg, t_owned) = match idx {
+                Some(ix) => {
+                    let t: Array1<i64> = ix
+                        .iter()
+                        .map(|&r| match &targets {
+                            Targets::I64(t) => t[r],
+                            Targets::I32(t) => t[r] as i64,
+                            Targets::Probs(_) => unreachable!("checked: class indices"),
+                        })
+                        .collect();
+                    (chunk_cfg_at(cfg, totals, ix), Some(t))
+                }
+                None => (chunk_cfg(cfg, totals, c0..c1), None),
+            };
+            let t = match (&t_owned, &targets) {
+                (Some(t), _) => Targets::I64(t.view()),
+                (None, Targets::I64(t)) => Targets::I64(t.slice(s![c0..c1])),
+                (None, Targets::I32(t)) => Targets::I32(t.slice(s![c0..c1])),
+                (None, Targets::Probs(_)) => unreachable!("checked: class indices"),
             };
             let out = if gh.is_some() || gw.is_some() || gb.is_some() {
                 self.cross_entropy_in_place(ArrayViewMut2::from_shape((b, v), &mut *zc).expect("chunk"), t, &ccfg)?
@@ -257,12 +335,24 @@ impl Cpu {
             }
             let g: &[f32] = zc;
             if let Some(gh) = gh.as_mut() {
-                let dst = &mut gh.as_slice_mut().expect("fresh")[r0 * d..r1 * d];
-                self.pool.install(|| hidden_grad_product(threads, (b, d, v), dst, g, &w));
+                let all = gh.as_slice_mut().expect("fresh");
+                match idx {
+                    Some(ix) => {
+                        let dst = &mut gh_chunk.as_slice_mut().expect("fresh")[..b * d];
+                        self.pool.install(|| hidden_grad_product(threads, (b, d, v), dst, g, &w));
+                        for (row, &r) in dst.chunks(d.max(1)).zip(ix) {
+                            all[r * d..(r + 1) * d].copy_from_slice(row);
+                        }
+                    }
+                    None => {
+                        let dst = &mut all[c0 * d..c1 * d];
+                        self.pool.install(|| hidden_grad_product(threads, (b, d, v), dst, g, &w));
+                    }
+                }
             }
             if let Some(gw) = gw.as_mut() {
                 let dst = gw.as_slice_mut().expect("fresh");
-                self.pool.install(|| weight_grad_product(threads, (v, d, b), dst, r0 > 0, g, h));
+                self.pool.install(|| weight_grad_product(threads, (v, d, b), dst, c0 > 0, g, h));
             }
             if let Some(gb) = gb.as_mut() {
                 self.pool.install(|| add_col_sums(gb, g));
