@@ -37,41 +37,45 @@ pub fn available() -> bool {
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn exp16(x: __m512) -> __m512 {
-    // max(lo, x) keeps a NaN x (the second operand is returned when either is NaN) and turns
-    // -inf into lo, whose exponential scales to exactly 0.
-    let xc = _mm512_max_ps(_mm512_set1_ps(-110.0), x);
-    // Round x log2(e) to an integer by adding 1.5 * 2^23 (one FMA and a subtraction, where
-    // `vrndscaleps` after a product costs three instructions).
-    let round = _mm512_set1_ps(ROUND);
-    let t = _mm512_sub_ps(_mm512_fmadd_ps(xc, _mm512_set1_ps(LOG2E), round), round);
-    let r = _mm512_fnmadd_ps(t, _mm512_set1_ps(LN2_HI), xc);
-    let r = _mm512_fnmadd_ps(t, _mm512_set1_ps(LN2_LO), r);
-    let mut q = _mm512_set1_ps(EXP_POLY[0]);
-    for c in &EXP_POLY[1..] {
-        q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(*c));
-    }
-    let one = _mm512_set1_ps(1.0);
-    _mm512_scalef_ps(_mm512_fmadd_ps(_mm512_fmadd_ps(q, r, one), r, one), t)
+    exp16_reduced::<true>(x)
 }
 
-/// exp(x) for x <= 0 where only a sum of them is wanted: [`exp16`]'s polynomial in Horner
-/// form with the reduction by one f32 ln 2 (two instructions fewer). The reduction's error,
-/// about `|x| 2.7e-9` relative, is below an ulp for `x > -10` and never matters to a sum
-/// against the maximum's 1: terms of `x < -10` are under 4.5e-5 each.
+/// exp(x) for x <= 0 where only a sum of them is wanted: [`exp16`] with the reduction by one
+/// f32 ln 2 (one instruction fewer). The reduction's error, about `|x| 2.7e-9` relative, is
+/// below an ulp for `x > -10` and never matters to a sum against the maximum's 1: terms of
+/// `x < -10` are under 4.5e-5 each.
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn exp16_for_sum(x: __m512) -> __m512 {
-    let xc = _mm512_max_ps(_mm512_set1_ps(-110.0), x);
-    let round = _mm512_set1_ps(ROUND);
-    let t = _mm512_sub_ps(_mm512_fmadd_ps(xc, _mm512_set1_ps(LOG2E), round), round);
-    let r = _mm512_fnmadd_ps(t, _mm512_set1_ps(std::f32::consts::LN_2), xc);
-    let mut q = _mm512_set1_ps(EXP_POLY[0]);
-    for c in &EXP_POLY[1..] {
-        q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(*c));
+    exp16_reduced::<false>(x)
+}
+
+/// The exponential of [`exp16`] (`SPLIT`: ln 2 in two parts, an exact product) and
+/// [`exp16_for_sum`].
+#[inline(always)]
+fn exp16_reduced<const SPLIT: bool>(x: __m512) -> __m512 {
+    // SAFETY: inlined into the two callers above, which enable AVX-512F.
+    unsafe {
+        // max(lo, x) keeps a NaN x (the second operand is returned when either is NaN) and
+        // turns -inf into lo, whose exponential scales to exactly 0.
+        let xc = _mm512_max_ps(_mm512_set1_ps(-110.0), x);
+        // Round x log2(e) to an integer by adding 1.5 * 2^23 (one FMA and a subtraction, where
+        // `vrndscaleps` after a product costs three instructions).
+        let round = _mm512_set1_ps(ROUND);
+        let t = _mm512_sub_ps(_mm512_fmadd_ps(xc, _mm512_set1_ps(LOG2E), round), round);
+        let r = if SPLIT {
+            let r = _mm512_fnmadd_ps(t, _mm512_set1_ps(LN2_HI), xc);
+            _mm512_fnmadd_ps(t, _mm512_set1_ps(LN2_LO), r)
+        } else {
+            _mm512_fnmadd_ps(t, _mm512_set1_ps(std::f32::consts::LN_2), xc)
+        };
+        let mut q = _mm512_set1_ps(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(*c));
+        }
+        let one = _mm512_set1_ps(1.0);
+        _mm512_scalef_ps(_mm512_fmadd_ps(_mm512_fmadd_ps(q, r, one), r, one), t)
     }
-    let one = _mm512_set1_ps(1.0);
-    let p = _mm512_fmadd_ps(_mm512_fmadd_ps(q, r, one), r, one);
-    _mm512_scalef_ps(p, t)
 }
 
 /// Adds `e` to `acc` except where `d == 0` (the max's own 1), and counts the others in `cnt`
