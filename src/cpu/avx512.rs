@@ -490,9 +490,13 @@ pub unsafe fn scale_shift(e: &mut [f32], k: f32, c0: f32) {
     }
 }
 
-/// Widens bf16 (as raw u16) to f32 and returns the maximum (NaN skipped).
+/// Widens bf16 or f16 (storage `K`, as raw u16) to f32, exactly, and returns the maximum (NaN
+/// skipped).
+///
+/// # Safety
+/// The CPU has AVX-512F/BW/VL.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub unsafe fn widen_bf16_max(src: &[u16], dst: &mut [f32]) -> f32 {
+pub unsafe fn widen_max_k<const K: u8>(src: &[u16], dst: &mut [f32]) -> f32 {
     assert_eq!(src.len(), dst.len());
     let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
     let mut i = 0;
@@ -501,29 +505,7 @@ pub unsafe fn widen_bf16_max(src: &[u16], dst: &mut [f32]) -> f32 {
         let mask: __mmask16 = if n == 16 { 0xffff } else { (1u16 << n) - 1 };
         // SAFETY: masked loads and stores touch only the n elements from i.
         unsafe {
-            let h = _mm256_maskz_loadu_epi16(mask, src.as_ptr().add(i) as *const i16);
-            let v = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
-            _mm512_mask_storeu_ps(dst.as_mut_ptr().add(i), mask, v);
-            m = _mm512_mask_max_ps(m, mask, v, m);
-        }
-        i += n;
-    }
-    _mm512_reduce_max_ps(m)
-}
-
-/// Widens f16 (as raw u16) to f32, exactly, and returns the maximum (NaN skipped).
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub unsafe fn widen_f16_max(src: &[u16], dst: &mut [f32]) -> f32 {
-    assert_eq!(src.len(), dst.len());
-    let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
-    let mut i = 0;
-    while i < src.len() {
-        let n = (src.len() - i).min(16);
-        let mask: __mmask16 = if n == 16 { 0xffff } else { (1u16 << n) - 1 };
-        // SAFETY: masked loads and stores touch only the n elements from i.
-        unsafe {
-            let h = _mm256_maskz_loadu_epi16(mask, src.as_ptr().add(i) as *const i16);
-            let v = _mm512_cvtph_ps(h);
+            let v = load_part::<K>(src.as_ptr() as *const u8, i, mask, f32::NEG_INFINITY);
             _mm512_mask_storeu_ps(dst.as_mut_ptr().add(i), mask, v);
             m = _mm512_mask_max_ps(m, mask, v, m);
         }

@@ -14,8 +14,8 @@ pub(crate) fn widen_max<T: Element>(src: &[T], dst: &mut [f32]) -> f32 {
         };
         // SAFETY: AVX-512F/BW were just detected.
         match T::DTYPE {
-            DType::BF16 => return unsafe { super::avx512::widen_bf16_max(raw, dst) },
-            DType::F16 => return unsafe { super::avx512::widen_f16_max(raw, dst) },
+            DType::BF16 => return unsafe { super::avx512::widen_max_k::<{ super::avx512::BF16 }>(raw, dst) },
+            DType::F16 => return unsafe { super::avx512::widen_max_k::<{ super::avx512::F16 }>(raw, dst) },
             DType::F32 => {}
         }
     }

@@ -6,6 +6,7 @@ use clap::Args;
 use xent::dist::Collective;
 use xent::{check, CrossEntropy, DType, Reduction, Result, SoftmaxKind, Targets, Totals, XentError};
 
+use super::linear::LinearArgs;
 use super::out_tensor;
 use crate::blocks::{block_rows, BlockTargets, CeJob};
 use crate::common::{emitln, non_negative, num, BackendArgs, Obj, ReductionArg};
@@ -18,16 +19,8 @@ pub struct EvalArgs {
     /// Logits [N, V]: float32, float16 or bfloat16; .npy, .safetensors or file.safetensors:NAME.
     #[arg(long, required_unless_present = "hidden", conflicts_with = "hidden")]
     logits: Option<PathBuf>,
-    /// Hidden states [N, D] (instead of --logits): the logits are hidden @ weight.T + bias, one
-    /// chunk of rows at a time (fused linear cross-entropy); f32, f16 or bf16.
-    #[arg(long, requires = "weight")]
-    hidden: Option<PathBuf>,
-    /// The unembedding [V, D], in the hidden states' dtype (with --hidden).
-    #[arg(long, requires = "hidden")]
-    weight: Option<PathBuf>,
-    /// The logits' bias, float32 [V] (with --hidden).
-    #[arg(long, requires = "hidden")]
-    bias: Option<PathBuf>,
+    #[command(flatten)]
+    linear: LinearArgs,
     /// Write d(loss)/d(hidden) [N, D] (with --hidden; dtype from --grad-dtype).
     #[arg(long, requires = "hidden")]
     grad_hidden_out: Option<PathBuf>,
@@ -131,7 +124,7 @@ struct EvalPart {
 }
 
 pub fn run_eval(a: &EvalArgs, comm: &dyn Collective) -> Result<()> {
-    if let (Some(h), Some(w)) = (&a.hidden, &a.weight) {
+    if let Some((h, w)) = a.linear.paths() {
         crate::dist::single(comm, "eval --hidden")?;
         return run_linear_eval(a, h, w);
     }
@@ -317,7 +310,7 @@ fn run_linear_eval(a: &EvalArgs, hidden: &Path, weight: &Path) -> Result<()> {
     }
     let targets = a.targets.as_deref().expect("clap requires --targets without --target-probs");
     let mut inputs_paths: Vec<&Path> = vec![hidden, weight, targets];
-    inputs_paths.extend(a.bias.as_deref());
+    inputs_paths.extend(a.linear.bias.as_deref());
     let outs: Vec<(&Path, &str)> = [
         (&a.grad_hidden_out, "--grad-hidden-out"),
         (&a.grad_weight_out, "--grad-weight-out"),
@@ -330,7 +323,7 @@ fn run_linear_eval(a: &EvalArgs, hidden: &Path, weight: &Path) -> Result<()> {
     Outputs::check(&outs, &inputs_paths, false)?;
     let ce = ce_options(a)?;
     let reduction = ce.reduction;
-    let inputs = LinearInputs::read(hidden, weight, a.bias.as_deref(), targets, Some(a.ignore_index))?;
+    let inputs = LinearInputs::read(hidden, weight, a.linear.bias.as_deref(), targets, Some(a.ignore_index))?;
     let (n, v) = (inputs.rows(), inputs.classes());
     check::cross_entropy((n, v), &Targets::I64(inputs.targets.view()), &ce)?;
     let loss_out = out_tensor(a.loss_out.as_deref(), FileDType::F32, &[n], "row losses")?;

@@ -1,8 +1,9 @@
 //! `xent eval --hidden H --weight W [--bias B] --targets T ...` and `xent perplexity --hidden H
 //! --weight W ...`: fused linear cross-entropy from files, the logits never materialised.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use clap::Args;
 use ndarray::{Array1, Array2};
 use xent::{CrossEntropy, DType, LinearCe, LinearCeOutput, Result, Tensor2, XentError};
 
@@ -11,6 +12,30 @@ use crate::common::Engine;
 use crate::io::out::Outputs;
 use crate::io::tensor::{read_f32_1d, read_targets};
 use crate::io::{FileDType, TensorFile};
+
+/// `--hidden`, `--weight` and `--bias`: the inputs of a fused linear cross-entropy, given
+/// instead of `--logits` (`eval` and `perplexity`).
+#[derive(Args, Debug)]
+pub struct LinearArgs {
+    /// Hidden states [N, D] (instead of --logits; rows in sequence order for perplexity): the
+    /// logits are hidden @ weight.T + bias, one chunk of rows at a time, never materialised
+    /// (fused linear cross-entropy); f32, f16 or bf16.
+    #[arg(long, requires = "weight")]
+    pub hidden: Option<PathBuf>,
+    /// The unembedding [V, D], in the hidden states' dtype (with --hidden).
+    #[arg(long, requires = "hidden")]
+    pub weight: Option<PathBuf>,
+    /// The logits' bias, float32 [V] (with --hidden).
+    #[arg(long, requires = "hidden")]
+    pub bias: Option<PathBuf>,
+}
+
+impl LinearArgs {
+    /// The hidden states' and weight's paths, when the logits come from them.
+    pub fn paths(&self) -> Option<(&Path, &Path)> {
+        self.hidden.as_deref().zip(self.weight.as_deref())
+    }
+}
 
 /// Hidden states `[N, D]` or the unembedding `[V, D]` (f32, f16 or bf16), read whole.
 fn read_matrix(path: &Path, what: &str) -> Result<Tensor2> {

@@ -23,16 +23,8 @@ pub struct PerplexityArgs {
     /// Logits [B*T, V] (rows in sequence order) or [B, T, V]: float32, float16 or bfloat16.
     #[arg(long, required_unless_present = "hidden", conflicts_with = "hidden")]
     logits: Option<PathBuf>,
-    /// Hidden states [B*T, D] (instead of --logits): logits are hidden @ weight.T + bias, never
-    /// materialised (fused linear cross-entropy).
-    #[arg(long, requires = "weight")]
-    hidden: Option<PathBuf>,
-    /// The unembedding [V, D] (with --hidden).
-    #[arg(long, requires = "hidden")]
-    weight: Option<PathBuf>,
-    /// The logits' bias, float32 [V] (with --hidden).
-    #[arg(long, requires = "hidden")]
-    bias: Option<PathBuf>,
+    #[command(flatten)]
+    linear: crate::cmd::linear::LinearArgs,
     /// Targets, int64 or int32 [B*T] or [B, T].
     #[arg(long)]
     targets: PathBuf,
@@ -80,7 +72,7 @@ struct PplPart {
 }
 
 pub fn run_perplexity(a: &PerplexityArgs, comm: &dyn Collective) -> Result<()> {
-    if a.hidden.is_some() {
+    if a.linear.hidden.is_some() {
         crate::dist::single(comm, "perplexity --hidden")?;
     }
     // Each rank scores whole sequences; the accumulators merge exactly (bit for bit one
@@ -97,9 +89,9 @@ pub fn run_perplexity(a: &PerplexityArgs, comm: &dyn Collective) -> Result<()> {
 /// `perplexity` over rank `rank` of `ranks`'s share of the sequences.
 fn perplexity_rows(a: &PerplexityArgs, rank: usize, ranks: usize) -> Result<PplPart> {
     // The scores come from logits streamed in blocks, or from hidden states and a weight.
-    let linear = match (&a.hidden, &a.weight) {
-        (Some(h), Some(w)) => Some(crate::cmd::linear::LinearInputs::read(h, w, a.bias.as_deref(), &a.targets, None)?),
-        _ => None,
+    let linear = match a.linear.paths() {
+        Some((h, w)) => Some(crate::cmd::linear::LinearInputs::read(h, w, a.linear.bias.as_deref(), &a.targets, None)?),
+        None => None,
     };
     let logits_file = match (&linear, &a.logits) {
         (None, Some(p)) => Some(open_rows(p)?),
