@@ -891,6 +891,19 @@ mod tests {
         let mut pinf = row16(4000);
         pinf[100] = f32::INFINITY;
         rows.push(pinf);
+        // Values far below their block's maximum, which the exponential must clamp: finite
+        // masks such as the format's lowest value, and non-negative values far below a large
+        // maximum. (All exact in bf16; the ones in f16's range exact there too.)
+        let lowest_bf16 = half::bf16::MIN.to_f32();
+        for (far, at) in [(lowest_bf16, 10), (-(2f32.powi(100)), 2100), (-992.0, 5), (-1008.0, 5), (-1048576.0, 4000)] {
+            let mut x = row16(4500);
+            x[at] = far;
+            rows.push(x);
+        }
+        let mut big = vec![0.5f32; 3000];
+        big[7] = 2f32.powi(127);
+        big[2500] = 2f32.powi(100);
+        rows.push(big);
         for x in &rows {
             let (m, s, t) = two_pass(x);
             // SAFETY: AVX-512 was just detected; `x` holds x.len() f32 values.
@@ -905,6 +918,12 @@ mod tests {
                 let b: Vec<u16> = x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
                 let (m2, s2, t2) = unsafe { lse_k::<BF16>(b.as_ptr() as *const u8, b.len(), &[]) };
                 assert_eq!((m2, t2), (m, t));
+                assert!(s2 == s1 || (s2 - s1).abs() <= 2e-7 * s1.abs() || (s2.is_nan() && s1.is_nan()));
+            }
+            if x.iter().all(|v| v.is_nan() || half::f16::from_f32(*v).to_f32() == *v) {
+                let h: Vec<u16> = x.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+                let (m2, s2, t2) = unsafe { lse_k::<F16>(h.as_ptr() as *const u8, h.len(), &[]) };
+                assert_eq!((m2, t2), (m, t), "f16, n = {}", x.len());
                 assert!(s2 == s1 || (s2 - s1).abs() <= 2e-7 * s1.abs() || (s2.is_nan() && s1.is_nan()));
             }
         }
