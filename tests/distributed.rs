@@ -307,11 +307,14 @@ fn sharded_linear_layer_equals_one_process() {
     }
     let bias = Array1::from_shape_fn(v, |c| (c % 5) as f32 * 0.1 - 0.2);
     let cw = Array1::from_shape_fn(v, |c| 0.5 + (c % 7) as f32 * 0.2);
+    let sw = Array1::from_shape_fn(n, |r| 0.25 + (r % 4) as f32 * 0.5);
     let cpu = Cpu::with_threads(2).unwrap();
     for ce in [
         CrossEntropy::default(),
         CrossEntropy { label_smoothing: 0.1, class_weight: Some(cw), z_loss: 1e-3, ..Default::default() },
         CrossEntropy { reduction: Reduction::Sum, softcap: Some(5.0), per_row: true, ..Default::default() },
+        // Each chunk's sample weights (one device plan serves every chunk of a size).
+        CrossEntropy { sample_weight: Some(sw), label_smoothing: 0.05, ..Default::default() },
     ] {
         // Small workspaces: several row chunks per pass.
         let cfg = LinearCe { ce, workspace_bytes: Some(8 * 60 * 4), ..Default::default() };

@@ -5,6 +5,8 @@
 //! gradient pass from the merged statistic over `Z` in place, and the three products.
 //! `grad_hidden` is summed over ranks (a second collective).
 
+use std::collections::hash_map::{Entry, HashMap};
+
 use ndarray::{Array1, ArrayView1};
 
 use super::cross_entropy::CePlan;
@@ -33,6 +35,8 @@ struct Prep {
     tb: Pooled,
     z: Pooled,
     tchunk: Pooled,
+    /// All sample weights, and a chunk's copy.
+    sw: Option<(Pooled, Pooled)>,
 }
 
 impl GpuContext {
@@ -70,7 +74,14 @@ impl GpuContext {
             let tb = self.upload(bytemuck::cast_slice(&ti), U::STORAGE | U::COPY_SRC, "targets")?;
             let z = self.take((rows * vl.max(1) * 4) as u64, U::STORAGE | U::COPY_SRC, "linear workspace")?;
             let tchunk = self.take((rows * 4) as u64, U::STORAGE | U::COPY_DST, "targets chunk")?;
-            Ok(Prep { t, n, vl, rows, dev, tb, z, tchunk })
+            let sw = match cfg.ce.sample_weight.as_ref() {
+                Some(w) => Some((
+                    self.upload(bytemuck::cast_slice(&w.to_vec()), U::STORAGE | U::COPY_SRC, "sample weights")?,
+                    self.take((rows * 4) as u64, U::STORAGE | U::COPY_DST, "sample weights chunk")?,
+                )),
+                None => None,
+            };
+            Ok(Prep { t, n, vl, rows, dev, tb, z, tchunk, sw })
         })();
         let local = match &prep {
             Err(e) => Err(e.clone()),
@@ -146,25 +157,34 @@ impl GpuContext {
             }
             return Ok(rec);
         }
-        let totals = crate::Totals::default();
+        // One plan per chunk size (the last chunk may be shorter), its sample weights bound per
+        // chunk: the loss and denominators come from the merged records, not the plan.
+        let plan_cfg = CrossEntropy {
+            ignore_index: i32::MIN as i64,
+            ranks: false,
+            gaps: false,
+            per_row: false,
+            totals: None,
+            sample_weight: None,
+            ..chunk_cfg(cfg, crate::Totals::default(), 0..0)
+        };
+        let mut shards: HashMap<usize, Shard<'_>> = HashMap::new();
         for r0 in (0..n).step_by(p.rows) {
             let r1 = (r0 + p.rows).min(n);
             let b = r1 - r0;
-            // This chunk's options: its sample weights; the loss and denominators come from
-            // the merged records, not the plan.
-            let ccfg = chunk_cfg(cfg, totals, r0..r1);
-            let plan_cfg = CrossEntropy {
-                ignore_index: i32::MIN as i64,
-                ranks: false,
-                gaps: false,
-                per_row: false,
-                totals: None,
-                ..ccfg
+            let sh = match shards.entry(b) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => {
+                    let plan = CePlan::new_shard(self, b, vl, DType::F32, &plan_cfg, shard)?;
+                    let sw = p.sw.as_ref().map(|(_, chunk)| &**chunk);
+                    e.insert(Shard::new(plan, &p.z, &p.tchunk).with_sample_weight(sw))
+                }
             };
-            let plan = CePlan::new_shard(self, b, vl, DType::F32, &plan_cfg, shard)?;
-            let sh = Shard::new(plan, &p.z, &p.tchunk);
             let mut enc = self.device.create_command_encoder(&Default::default());
             enc.copy_buffer_to_buffer(&p.tb, (r0 * 4) as u64, &p.tchunk, 0, (b * 4) as u64);
+            if let Some((all, chunk)) = &p.sw {
+                enc.copy_buffer_to_buffer(all, (r0 * 4) as u64, chunk, 0, (b * 4) as u64);
+            }
             let mut r = Recorder::new(self);
             p.dev.record_logits(self, &mut r, &p.z, r0, b)?;
             let params = r.params_pooled()?;

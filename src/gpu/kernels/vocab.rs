@@ -28,6 +28,9 @@ pub(crate) struct Shard<'b> {
     pub plan: CePlan,
     pub logits: &'b wgpu::Buffer,
     pub targets: &'b wgpu::Buffer,
+    /// Sample weights bound instead of the plan's (a chunk's, copied in before each pass), so
+    /// that one plan serves every chunk of its size.
+    sample_weight: Option<&'b wgpu::Buffer>,
     /// Holds the last parameter blocks: they must outlive the submission that reads them
     /// (a pooled buffer dropped before it would go to another thread's dispatch).
     params: ParamsCache,
@@ -35,7 +38,13 @@ pub(crate) struct Shard<'b> {
 
 impl<'b> Shard<'b> {
     pub fn new(plan: CePlan, logits: &'b wgpu::Buffer, targets: &'b wgpu::Buffer) -> Self {
-        Shard { plan, logits, targets, params: ParamsCache::new(true) }
+        Shard { plan, logits, targets, sample_weight: None, params: ParamsCache::new(true) }
+    }
+
+    /// Reads the sample weights from `sw` (at least the plan's rows), not from the plan.
+    pub fn with_sample_weight(mut self, sw: Option<&'b wgpu::Buffer>) -> Self {
+        self.sample_weight = sw;
+        self
     }
 }
 
@@ -52,7 +61,7 @@ impl Shard<'_> {
         if let Some(cw) = p.class_weight.as_deref() {
             l = l.bind(3, Bind::all(cw));
         }
-        if let Some(sw) = p.sample_weight.as_deref() {
+        if let Some(sw) = self.sample_weight.or(p.sample_weight.as_deref()) {
             l = l.bind(4, Bind::all(sw));
         }
         if let Some((g, d)) = grad {
@@ -71,6 +80,9 @@ impl Shard<'_> {
         let mut base = base_params(&p.cfg, p.n, p.v, i32::MIN, false);
         base.flags &= !(flags::RANK | flags::GAP | flags::SAVE);
         base.flags |= flags::SHARD | extra;
+        if self.sample_weight.is_some() {
+            base.flags |= flags::SAMPLE_W;
+        }
         let parts = p.parts as u32;
         Params {
             v_total: shard.classes as u32,
