@@ -12,7 +12,7 @@
 //! On the 16-bit paths the loops are bound by instruction count, not memory, so each step is
 //! counted: the row maximum compares raw 16-bit words, a bf16 row widens with one `vpermw`, the
 //! sum is masked with one compare, and eight vectors per iteration keep enough independent
-//! polynomial chains in the scheduler to issue two vector instructions per cycle.
+//! polynomial chains in the scheduler to issue close to two vector instructions per cycle.
 
 #![cfg(target_arch = "x86_64")]
 
