@@ -4,7 +4,8 @@
 //! `grad_hidden[c] = G W`, `grad_weight += G^T H_c` and `grad_bias += colsum(G)`: three matrix
 //! products of work and one `[chunk, V]` workspace. Chunks run in row order and each product's
 //! reduction order is fixed by its blocking, not by the thread count, so the results are the
-//! same bits on every run and thread count.
+//! same bits on every run and thread count. Rows whose target is ignored are left out of the
+//! chunks where nothing per row is asked for ([`counted_rows`]): padding costs nothing.
 
 use std::borrow::Cow;
 
@@ -156,9 +157,9 @@ pub(super) fn add_col_sums(gb: &mut [f64], g: &[f32]) {
 /// The batch rows a fused linear cross-entropy needs, when that is not all of them: rows whose
 /// target is ignored add nothing to the loss or to any gradient, so where no per-row output is
 /// asked for they are left out of the matrix products (as Cut Cross-Entropy filters ignored
-/// tokens). `None` means every row: none is ignored, per-row outputs are asked for, or an
-/// ignored row holds a non-finite hidden state, which the products would carry into
-/// `grad_weight` as NaN as PyTorch's do, or all rows are ignored.
+/// tokens). `None` (every row) where no row is ignored, all are, per-row outputs are asked
+/// for, or an ignored row holds a non-finite hidden state: the products then carry it into
+/// `grad_weight` as NaN, as PyTorch's do.
 pub(super) fn counted_rows(hidden: &Logits<'_>, targets: &Targets<'_>, cfg: &LinearCe) -> Option<Vec<usize>> {
     let ce = &cfg.ce;
     if ce.per_row || ce.ranks || ce.reduction == crate::Reduction::None {
