@@ -1,5 +1,5 @@
 //! Beyond one process: a [`Collective`] (the few all-reduces xent needs, on any engine), a
-//! single-process one, and with the `mpi` feature one over MPI ([`mpi::MpiCollective`], rsmpi).
+//! single-process one, and with the `mpi` feature one over MPI (`mpi::MpiCollective`, rsmpi).
 //! Built on it: vocabulary-parallel cross-entropy ([`crate::Cpu::cross_entropy_vocab_parallel`],
 //! Megatron's layout with exact label smoothing and one all-reduce per batch) and data-parallel
 //! corpus evaluation ([`corpus::all_reduce_corpus`], bit for bit one process's result).

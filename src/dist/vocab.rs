@@ -2,7 +2,7 @@
 //! layout, [`crate::Cpu::cross_entropy_vocab_parallel`] and, with the `gpu` feature,
 //! `GpuContext::cross_entropy_vocab_parallel`): each rank holds the logits of a slice of the
 //! vocabulary, `[N, V_local]`, and makes a record per row, `(max, sum, target logit,
-//! sum w_c z_c, sum w_c)`; **one** all-reduce with [`merge`] combines them (the `(max, sum)`
+//! sum w_c z_c, sum w_c)`; **one** all-reduce with `merge` combines them (the `(max, sum)`
 //! pair merged as the kernels merge lanes, the rest summed). Every rank then knows each row's
 //! log-sum-exp over the whole vocabulary, finishes the loss here, and writes its own slice of
 //! the gradient with no further communication. Label smoothing uses the global `V` and the
