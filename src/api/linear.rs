@@ -165,6 +165,77 @@ pub(crate) fn check_operands(
     Ok((n, d, v))
 }
 
+/// The batch rows a fused linear cross-entropy needs, when that is not all of them: rows whose
+/// target is ignored add nothing to the loss or to any gradient, so where no per-row output is
+/// asked for they are left out of the matrix products (as Cut Cross-Entropy filters ignored
+/// tokens). `None` (every row) where no row is ignored, all are, per-row outputs are asked
+/// for, or an ignored row holds a non-finite hidden state: the products then carry it into
+/// `grad_weight` as NaN, as PyTorch's do.
+pub(crate) fn counted_rows(hidden: &Logits<'_>, targets: &Targets<'_>, cfg: &LinearCe) -> Option<Vec<usize>> {
+    let ce = &cfg.ce;
+    if ce.per_row || ce.ranks || ce.reduction == crate::Reduction::None {
+        return None;
+    }
+    let ignored = |r: usize| match targets {
+        Targets::I64(t) => t[r] == ce.ignore_index,
+        Targets::I32(t) => t[r] as i64 == ce.ignore_index,
+        Targets::Probs(_) => false,
+    };
+    let n = hidden.dim().0;
+    let kept: Vec<usize> = (0..n).filter(|&r| !ignored(r)).collect();
+    let finite = |r: usize| match hidden {
+        Logits::F32(a) => a.row(r).iter().all(|x| x.is_finite()),
+        Logits::F16(a) => a.row(r).iter().all(|x| x.is_finite()),
+        Logits::BF16(a) => a.row(r).iter().all(|x| x.is_finite()),
+    };
+    // (An all-ignored batch keeps every row: its loss is the reduction's own 0/0 or 0.)
+    (!kept.is_empty() && kept.len() < n && (0..n).filter(|&r| ignored(r)).all(finite)).then_some(kept)
+}
+
+/// The counted rows `kept` of a batch as a batch of their own, for a backend that uploads its
+/// inputs whole: their hidden states (in their dtype), targets, and options with their sample
+/// weights.
+#[cfg(feature = "gpu")]
+pub(crate) fn gather_batch(
+    hidden: &Logits<'_>,
+    targets: &Targets<'_>,
+    cfg: &LinearCe,
+    kept: &[usize],
+) -> (Tensor2, Array1<i64>, LinearCe) {
+    let h = match hidden {
+        Logits::F32(a) => Tensor2::F32(a.select(ndarray::Axis(0), kept)),
+        Logits::F16(a) => Tensor2::F16(a.select(ndarray::Axis(0), kept)),
+        Logits::BF16(a) => Tensor2::BF16(a.select(ndarray::Axis(0), kept)),
+    };
+    let t = kept
+        .iter()
+        .map(|&r| match targets {
+            Targets::I64(t) => t[r],
+            Targets::I32(t) => t[r] as i64,
+            Targets::Probs(_) => unreachable!("checked: class indices"),
+        })
+        .collect();
+    let sample_weight = cfg.ce.sample_weight.as_ref().map(|w| kept.iter().map(|&r| w[r]).collect());
+    (h, t, LinearCe { ce: CrossEntropy { sample_weight, ..cfg.ce.clone() }, ..cfg.clone() })
+}
+
+/// `grad_hidden` of the counted rows `kept` placed in a batch of `n` rows (the others 0).
+#[cfg(feature = "gpu")]
+pub(crate) fn scatter_rows(g: Tensor2, kept: &[usize], n: usize) -> Result<Tensor2> {
+    fn go<T: Copy + bytemuck::Zeroable>(g: ndarray::Array2<T>, kept: &[usize], n: usize) -> Result<ndarray::Array2<T>> {
+        let mut out = crate::alloc::zeros2::<T>((n, g.ncols()), "grad_hidden")?;
+        for (row, &r) in g.rows().into_iter().zip(kept) {
+            out.row_mut(r).assign(&row);
+        }
+        Ok(out)
+    }
+    Ok(match g {
+        Tensor2::F32(a) => Tensor2::F32(go(a, kept, n)?),
+        Tensor2::F16(a) => Tensor2::F16(go(a, kept, n)?),
+        Tensor2::BF16(a) => Tensor2::BF16(go(a, kept, n)?),
+    })
+}
+
 /// The options of one chunk's cross-entropy: the whole batch's totals, its sample weights.
 pub(crate) fn chunk_cfg(cfg: &LinearCe, totals: Totals, rows: std::ops::Range<usize>) -> CrossEntropy {
     chunk_cfg_with(cfg, totals, cfg.ce.sample_weight.as_ref().map(|w| w.slice(ndarray::s![rows]).to_owned()))

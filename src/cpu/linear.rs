@@ -5,7 +5,7 @@
 //! products of work and one `[chunk, V]` workspace. Chunks run in row order and each product's
 //! reduction order is fixed by its blocking, not by the thread count, so the results are the
 //! same bits on every run and thread count. Rows whose target is ignored are left out of the
-//! chunks where nothing per row is asked for ([`counted_rows`]): padding costs nothing.
+//! chunks where nothing per row is asked for (`counted_rows`): padding costs nothing.
 
 use std::borrow::Cow;
 
@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use super::Cpu;
 use crate::alloc::zeros2;
 use crate::api::config::Totals;
-use crate::api::linear::{check, chunk_cfg, chunk_cfg_at, grad_dtype, LinearCe, LinearCeOutput};
+use crate::api::linear::{check, chunk_cfg, chunk_cfg_at, counted_rows, grad_dtype, LinearCe, LinearCeOutput};
 use crate::api::targets::Targets;
 use crate::dtype::{DType, Element, Logits, Tensor2};
 use crate::error::Result;
@@ -152,33 +152,6 @@ pub(super) fn add_col_sums(gb: &mut [f64], g: &[f32]) {
             acc.iter_mut().zip(&row[c0..c1]).for_each(|(s, &x)| *s += x as f64);
         }
     });
-}
-
-/// The batch rows a fused linear cross-entropy needs, when that is not all of them: rows whose
-/// target is ignored add nothing to the loss or to any gradient, so where no per-row output is
-/// asked for they are left out of the matrix products (as Cut Cross-Entropy filters ignored
-/// tokens). `None` (every row) where no row is ignored, all are, per-row outputs are asked
-/// for, or an ignored row holds a non-finite hidden state: the products then carry it into
-/// `grad_weight` as NaN, as PyTorch's do.
-pub(super) fn counted_rows(hidden: &Logits<'_>, targets: &Targets<'_>, cfg: &LinearCe) -> Option<Vec<usize>> {
-    let ce = &cfg.ce;
-    if ce.per_row || ce.ranks || ce.reduction == crate::Reduction::None {
-        return None;
-    }
-    let ignored = |r: usize| match targets {
-        Targets::I64(t) => t[r] == ce.ignore_index,
-        Targets::I32(t) => t[r] as i64 == ce.ignore_index,
-        Targets::Probs(_) => false,
-    };
-    let n = hidden.dim().0;
-    let kept: Vec<usize> = (0..n).filter(|&r| !ignored(r)).collect();
-    let finite = |r: usize| match hidden {
-        Logits::F32(a) => a.row(r).iter().all(|x| x.is_finite()),
-        Logits::F16(a) => a.row(r).iter().all(|x| x.is_finite()),
-        Logits::BF16(a) => a.row(r).iter().all(|x| x.is_finite()),
-    };
-    // (An all-ignored batch keeps every row: its loss is the reduction's own 0/0 or 0.)
-    (!kept.is_empty() && kept.len() < n && (0..n).filter(|&r| ignored(r)).all(finite)).then_some(kept)
 }
 
 /// Batch rows `rows` of `x` as f32 into `out` (row-major, in that order).

@@ -12,7 +12,9 @@ use ndarray::{Array1, ArrayView1};
 
 use super::cross_entropy::{CeInputs, CePlan, DeviceGrad, DeviceTargets, PendingCe};
 use crate::api::config::{Reduction, Totals};
-use crate::api::linear::{check, chunk_cfg, grad_dtype, LinearCe, LinearCeOutput};
+use crate::api::linear::{
+    check, chunk_cfg, counted_rows, gather_batch, grad_dtype, scatter_rows, LinearCe, LinearCeOutput,
+};
 use crate::api::targets::Targets;
 use crate::dtype::{DType, Logits, Tensor2};
 use crate::error::{Result, XentError};
@@ -249,6 +251,14 @@ impl GpuContext {
     ) -> Result<LinearCeOutput> {
         let (hidden, weight, targets) = (hidden.into(), weight.into(), targets.into());
         let (n, d, v) = check(&hidden, &weight, bias, &targets, cfg)?;
+        // Ignored rows cost nothing (as on the CPU): the counted ones go up as a batch of their
+        // own, and their grad_hidden rows come back to their places.
+        if let Some(kept) = counted_rows(&hidden, &targets, cfg) {
+            let (h, t, c) = gather_batch(&hidden, &targets, cfg, &kept);
+            let mut out = self.linear_cross_entropy(h.view(), weight, bias, t.view(), &c)?;
+            out.grad_hidden = out.grad_hidden.map(|g| scatter_rows(g, &kept, n)).transpose()?;
+            return Ok(out);
+        }
         // The device's targets are i32: an ignore_index outside i32 becomes i32::MIN there (the
         // targets were checked: every other one is a class index).
         let ignore_index = cfg.ce.ignore_index;
