@@ -47,32 +47,3 @@ pub fn zeroed_vec<T: bytemuck::Zeroable>(n: usize, what: &str) -> Result<Vec<T>>
     // which is a valid T (`Zeroable`).
     Ok(unsafe { Vec::from_raw_parts(p, n, n) })
 }
-
-/// Zero values of the element types xent allocates.
-pub mod num_zero {
-    /// A type with a zero.
-    pub trait Zero {
-        /// The zero.
-        fn zero() -> Self;
-    }
-    impl Zero for f32 {
-        fn zero() -> Self {
-            0.0
-        }
-    }
-    impl Zero for f64 {
-        fn zero() -> Self {
-            0.0
-        }
-    }
-    impl Zero for half::f16 {
-        fn zero() -> Self {
-            half::f16::ZERO
-        }
-    }
-    impl Zero for half::bf16 {
-        fn zero() -> Self {
-            half::bf16::ZERO
-        }
-    }
-}

@@ -176,11 +176,10 @@ pub(crate) fn counted_rows(hidden: &Logits<'_>, targets: &Targets<'_>, cfg: &Lin
     if ce.per_row || ce.ranks || ce.reduction == crate::Reduction::None {
         return None;
     }
-    let ignored = |r: usize| match targets {
-        Targets::I64(t) => t[r] == ce.ignore_index,
-        Targets::I32(t) => t[r] as i64 == ce.ignore_index,
-        Targets::Probs(_) => false,
-    };
+    if targets.is_probs() {
+        return None;
+    }
+    let ignored = |r: usize| targets.get(r) == ce.ignore_index;
     let n = hidden.dim().0;
     let kept: Vec<usize> = (0..n).filter(|&r| !ignored(r)).collect();
     let finite = |r: usize| match hidden {
@@ -207,14 +206,7 @@ pub(crate) fn gather_batch(
         Logits::F16(a) => Tensor2::F16(a.select(ndarray::Axis(0), kept)),
         Logits::BF16(a) => Tensor2::BF16(a.select(ndarray::Axis(0), kept)),
     };
-    let t = kept
-        .iter()
-        .map(|&r| match targets {
-            Targets::I64(t) => t[r],
-            Targets::I32(t) => t[r] as i64,
-            Targets::Probs(_) => unreachable!("checked: class indices"),
-        })
-        .collect();
+    let t = kept.iter().map(|&r| targets.get(r)).collect();
     let sample_weight = cfg.ce.sample_weight.as_ref().map(|w| kept.iter().map(|&r| w[r]).collect());
     (h, t, LinearCe { ce: CrossEntropy { sample_weight, ..cfg.ce.clone() }, ..cfg.clone() })
 }

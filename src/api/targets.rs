@@ -91,7 +91,8 @@ impl Targets<'_> {
         matches!(self, Targets::Probs(_))
     }
 
-    fn get(&self, i: usize) -> i64 {
+    /// Row `i`'s class index (0 for probability targets).
+    pub(crate) fn get(&self, i: usize) -> i64 {
         match self {
             Targets::I64(v) => v[i],
             Targets::I32(v) => v[i] as i64,

@@ -144,13 +144,30 @@ unsafe fn load<const K: u8>(p: *const u8, i: usize) -> __m512 {
     }
 }
 
-/// `vpermw` indices for [`load`]: word `2j + 1` takes word `j` (the even words are masked to 0).
+/// A constant vector of 16-bit permutation indices (a wrapper, so that it can be a `const`).
 struct Spread(__m512i);
+/// `vpermw` indices for [`load`]: word `2j + 1` takes word `j` (the even words are masked to 0).
 // SAFETY: the bit patterns are the `[u16; 32]` below, a valid `__m512i`.
 const BF16_SPREAD: Spread = Spread(unsafe {
     std::mem::transmute::<[u16; 32], __m512i>([
         0, 0, 0, 1, 0, 2, 0, 3, 0, 4, 0, 5, 0, 6, 0, 7, 0, 8, 0, 9, 0, 10, 0, 11, 0, 12, 0, 13, 0, 14, 0, 15,
     ])
+});
+
+/// `vpermt2w` indices for rounding to bf16: output word `j` of 32 is the high half of lane `j`
+/// of the first vector, or of lane `j - 16` of the second (index bit 5 picks the second), which
+/// is word `2j + 1` either way.
+// SAFETY: the bit patterns are a `[u16; 32]`, a valid `__m512i`.
+const BF16_PICK: Spread = Spread(unsafe {
+    std::mem::transmute::<[u16; 32], __m512i>({
+        let mut a = [0u16; 32];
+        let mut j = 0;
+        while j < 32 {
+            a[j] = (2 * j + 1) as u16;
+            j += 1;
+        }
+        a
+    })
 });
 
 /// The first `n < 16` (or all 16) elements from `i` as f32, the other lanes `fill`.
@@ -576,11 +593,7 @@ unsafe fn narrow_ne<const SCALE: bool>(src: &[f32], k: f32, c0: f32, dst: *mut u
 #[inline(always)]
 unsafe fn narrow_body<const K: u8, const SCALE: bool, const NE: bool>(src: &[f32], k: f32, c0: f32, d: *mut u8) {
     let (kv, cv) = (_mm512_set1_ps(k), _mm512_set1_ps(-c0));
-    // Output word j of 32: the high half of lane j of the first vector, or of lane j - 16 of the
-    // second (index bit 5 picks the second).
-    let pick: [i16; 32] = std::array::from_fn(|j| (if j < 16 { 2 * j + 1 } else { 32 + 2 * (j - 16) + 1 }) as i16);
-    // SAFETY: `pick` has 32 lanes of 16 bits.
-    let pick = unsafe { _mm512_loadu_si512(pick.as_ptr() as *const __m512i) };
+    let pick = BF16_PICK.0;
     let (n, s) = (src.len(), src.as_ptr());
     let bytes = if K == F32 { 4 } else { 2 };
     // A long row goes to memory with streaming stores from its first 64-byte boundary on: the

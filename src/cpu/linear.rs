@@ -274,14 +274,7 @@ impl Cpu {
             self.pool.install(|| logits_product(threads, (b, v, d), zc, bias.is_some(), h, &w));
             let (ccfg, t_owned) = match idx {
                 Some(ix) => {
-                    let t: Array1<i64> = ix
-                        .iter()
-                        .map(|&r| match &targets {
-                            Targets::I64(t) => t[r],
-                            Targets::I32(t) => t[r] as i64,
-                            Targets::Probs(_) => unreachable!("checked: class indices"),
-                        })
-                        .collect();
+                    let t: Array1<i64> = ix.iter().map(|&r| targets.get(r)).collect();
                     (chunk_cfg_at(cfg, totals, ix), Some(t))
                 }
                 None => (chunk_cfg(cfg, totals, c0..c1), None),
