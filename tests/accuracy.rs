@@ -144,3 +144,62 @@ fn large_logits_do_not_overflow() {
         assert_close_2d(&format!("{name} grad"), o.grad.unwrap().view(), r.grad.view(), 1e-7, 1e-5);
     }
 }
+
+/// Confident rows at LLM vocabulary sizes, where one 16-lane sum holds the maximum's 1 and
+/// hundreds of tiny terms: the loss (read once) and the gradient (two passes) must keep the
+/// tiny sum's precision in every logits dtype, wherever the maximum sits.
+#[test]
+fn confident_rows_at_llm_vocabularies_keep_their_tiny_loss_and_gradient() {
+    let cpu = Cpu::new();
+    let mut backends: Vec<(&str, &dyn Backend)> = vec![("cpu", &cpu)];
+    for (name, g) in gpus() {
+        backends.push((name, g));
+    }
+    for v in [4099usize, 32000] {
+        let (ds, spots) = ([22.0f32, 26.0], [0usize, 1777, v - 1]);
+        let n = ds.len() * spots.len();
+        let mut x = Array2::<f32>::zeros((n, v));
+        let mut t = Array1::<i64>::zeros(n);
+        for (r, (d, at)) in ds.iter().flat_map(|d| spots.iter().map(move |a| (d, a))).enumerate() {
+            // The others spread over a few values (exact in f16 and bf16), the target the maximum.
+            x.row_mut(r).iter_mut().enumerate().for_each(|(j, e)| *e = -d - (j % 4) as f32);
+            x[[r, *at]] = 0.0;
+            t[r] = *at as i64;
+        }
+        let cfg = CrossEntropy { reduction: Reduction::None, ..Default::default() };
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let xt = Tensor2::from_f32(x.clone(), dtype);
+            let r = reference::cross_entropy(&xt.to_f32(), &t, &cfg).unwrap();
+            for &(name, b) in &backends {
+                let loss_only = match b.cross_entropy(xt.view(), t.view().into(), &cfg) {
+                    // The backend that binds 64 KiB at most takes no row longer than that.
+                    Err(XentError::TooLarge { .. }) if name == "gpu-64KiB-bindings" => continue,
+                    r => r.unwrap().row_loss.unwrap(),
+                };
+                let mut g = Tensor2::zeros(dtype, (n, v));
+                let with_grad =
+                    b.cross_entropy_into(xt.view(), t.view().into(), &cfg, g.view_mut()).unwrap().row_loss.unwrap();
+                let g = g.to_f32();
+                for i in 0..n {
+                    let want = r.row_loss[i];
+                    assert!(want > 1e-9 && want < 1e-5, "row {i} must be confident: {want}");
+                    for (how, got) in [("loss only", loss_only[i]), ("with gradient", with_grad[i])] {
+                        let rel = (got as f64 - want).abs() / want;
+                        assert!(rel < 1e-5, "{name} {v} {dtype:?} {how} row {i}: loss {got} want {want}");
+                    }
+                    let y = t[i] as usize;
+                    let (gy, wy) = (g[[i, y]] as f64, r.grad[[i, y]]);
+                    // Rounded once to the gradient's dtype (the logits'), from f32: within one ulp
+                    // of it (f16's subnormal spacing is 2^-24).
+                    let ulp = match dtype {
+                        DType::F32 => 0.0,
+                        DType::BF16 => wy.abs() / 128.0,
+                        DType::F16 => (wy.abs() / 1024.0).max(2f64.powi(-24)),
+                    };
+                    let tol = 1e-5 * wy.abs() + ulp;
+                    assert!((gy - wy).abs() <= tol, "{name} {v} {dtype:?} row {i}: target gradient {gy} want {wy}");
+                }
+            }
+        }
+    }
+}

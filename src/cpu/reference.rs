@@ -46,6 +46,19 @@ fn transform(cfg: &CrossEntropy, x: f64) -> (f64, f64) {
     }
 }
 
+/// `m + ln(sum_j exp(z_j - m))` for the maximum `m` of `z`, with one occurrence of `m` kept
+/// out of the sum and added back by `ln_1p`: adding thousands of tiny terms to that 1 would
+/// round each to f64's ulp of 1, which leaves a confident row at a 4k vocabulary 1e-5 off.
+/// A non-finite `m` takes the plain form (its NaN or infinity as before).
+fn lse_of(z: impl Iterator<Item = f64> + Clone, m: f64) -> f64 {
+    if !m.is_finite() {
+        return m + z.map(|z| (z - m).exp()).sum::<f64>().ln();
+    }
+    let mut first = true;
+    let s: f64 = z.filter(|&z| !(z == m && std::mem::take(&mut first))).map(|z| (z - m).exp()).sum();
+    m + s.ln_1p()
+}
+
 /// Softmax cross-entropy in f64 (see [`CrossEntropy`] for the formula), with class-index or
 /// probability targets, from logits of any dtype (widened exactly to f64).
 pub fn cross_entropy<'a>(
@@ -93,8 +106,7 @@ pub fn cross_entropy<'a>(
     for (r, row) in logits.axis_iter(Axis(0)).enumerate() {
         let zd: Vec<(f64, f64)> = row.iter().map(|&x| transform(cfg, x as f64)).collect();
         let m = zd.iter().fold(f64::NEG_INFINITY, |m, &(z, _)| if z > m { z } else { m });
-        let se: f64 = zd.iter().map(|&(z, _)| (z - m).exp()).sum();
-        let lse = m + se.ln();
+        let lse = lse_of(zd.iter().map(|&(z, _)| z), m);
         row_lse[r] = lse;
         row_max[r] = m;
         if t[r] == IGNORED {
@@ -149,7 +161,7 @@ fn cross_entropy_soft(logits: ArrayView2<f32>, probs: ArrayView2<f32>, cfg: &Cro
     for r in 0..n {
         let zd: Vec<(f64, f64)> = logits.row(r).iter().map(|&x| transform(cfg, x as f64)).collect();
         let m = zd.iter().fold(f64::NEG_INFINITY, |m, &(z, _)| if z > m { z } else { m });
-        let lse = m + zd.iter().map(|&(z, _)| (z - m).exp()).sum::<f64>().ln();
+        let lse = lse_of(zd.iter().map(|&(z, _)| z), m);
         let q: Vec<f64> = (0..v).map(|c| cw(c) * ((1.0 - eps) * probs[[r, c]] as f64 + eps / v as f64)).collect();
         let sq: f64 = q.iter().sum();
         let l = sw(r) * (0..v).map(|c| q[c] * (lse - zd[c].0)).sum::<f64>();
@@ -180,7 +192,7 @@ pub fn log_softmax<'a>(logits: impl Into<Logits<'a>>, kind: SoftmaxKind) -> Resu
     let mut out = Array2::zeros((n, v));
     for (r, row) in logits.axis_iter(Axis(0)).enumerate() {
         let m = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
-        let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+        let lse = lse_of(row.iter().map(|&x| x as f64), m);
         for (c, &x) in row.iter().enumerate() {
             let ls = x as f64 - lse;
             out[[r, c]] = match kind {
