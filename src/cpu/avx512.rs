@@ -110,7 +110,7 @@ const EXP2_32NDS: Table32 = unsafe {
             1.383_91,
         ]),
         std::mem::transmute::<[f32; 16], __m512>([
-            1.414_213_5,
+            std::f32::consts::SQRT_2,
             1.445_180_8,
             1.476_826_2,
             1.509_164_5,
