@@ -10,6 +10,7 @@ use ndarray::{ArrayView1, ArrayView2, ArrayViewMut2};
 use xent::{Logits, LogitsMut, Targets};
 
 use crate::ops::cpu_cross_entropy;
+use crate::pool;
 use crate::{XentArgs, XentOps};
 
 /// Contiguous storage of a Flex tensor (copied only if it is a strided view).
@@ -59,41 +60,25 @@ fn run(logits: FlexTensor, targets: FlexTensor, args: &XentArgs, with_grad: bool
         let values = cpu_cross_entropy(view(&logits, n, v), t, args.cfg(), None);
         return (loss_tensor(values, loss_shape, dtype), None);
     }
-    // The gradient in a fresh zeroed vector (calloc: no fill pass), handed to Burn without a
-    // copy (`FlexTensor::empty` would copy it to realign).
+    // The gradient in a pooled buffer (the last one Burn dropped, of this size), handed to Burn
+    // without a copy; it returns to the pool when Burn drops the tensor.
     let shape = Shape::new([n, v]);
     let (values, grad) = match dtype {
-        BurnDType::F16 => {
-            let mut g = vec![f16::ZERO; n * v];
-            let values = cpu_cross_entropy(
-                view(&logits, n, v),
-                t,
-                args.cfg(),
-                Some(LogitsMut::F16(ArrayViewMut2::from_shape((n, v), &mut g).expect("[N, V]"))),
-            );
-            (values, FlexTensor::from_data(TensorData::new(g, shape)))
-        }
-        BurnDType::BF16 => {
-            let mut g = vec![bf16::ZERO; n * v];
-            let values = cpu_cross_entropy(
-                view(&logits, n, v),
-                t,
-                args.cfg(),
-                Some(LogitsMut::BF16(ArrayViewMut2::from_shape((n, v), &mut g).expect("[N, V]"))),
-            );
-            (values, FlexTensor::from_data(TensorData::new(g, shape)))
-        }
-        _ => {
-            let mut g = vec![0f32; n * v];
-            let values = cpu_cross_entropy(
-                view(&logits, n, v),
-                t,
-                args.cfg(),
-                Some(LogitsMut::F32(ArrayViewMut2::from_shape((n, v), &mut g).expect("[N, V]"))),
-            );
-            (values, FlexTensor::from_data(TensorData::new(g, shape)))
-        }
+        BurnDType::F16 => pool::filled(n * v, |g: &mut [f16]| {
+            let g = ArrayViewMut2::from_shape((n, v), g).expect("[N, V]");
+            cpu_cross_entropy(view(&logits, n, v), t, args.cfg(), Some(LogitsMut::F16(g)))
+        }),
+        BurnDType::BF16 => pool::filled(n * v, |g: &mut [bf16]| {
+            let g = ArrayViewMut2::from_shape((n, v), g).expect("[N, V]");
+            cpu_cross_entropy(view(&logits, n, v), t, args.cfg(), Some(LogitsMut::BF16(g)))
+        }),
+        _ => pool::filled(n * v, |g: &mut [f32]| {
+            let g = ArrayViewMut2::from_shape((n, v), g).expect("[N, V]");
+            cpu_cross_entropy(view(&logits, n, v), t, args.cfg(), Some(LogitsMut::F32(g)))
+        }),
     };
+    let grad_dtype = if matches!(dtype, BurnDType::F16 | BurnDType::BF16) { dtype } else { BurnDType::F32 };
+    let grad = FlexTensor::from_data(TensorData::from_bytes(grad, shape, grad_dtype));
     (loss_tensor(values, loss_shape, dtype), Some(grad))
 }
 

@@ -35,6 +35,7 @@ mod autodiff;
 mod cube;
 mod flex;
 mod ops;
+mod pool;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -46,6 +47,7 @@ use burn::prelude::*;
 use burn::tensor::DType as BurnDType;
 
 pub use ops::take_error;
+pub use pool::{pooled_bytes, release_pooled_buffers};
 pub use xent::{CrossEntropy, Reduction, XentError};
 
 #[cfg(feature = "wgpu")]
