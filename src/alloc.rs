@@ -43,7 +43,33 @@ pub fn zeroed_vec<T: bytemuck::Zeroable>(n: usize, what: &str) -> Result<Vec<T>>
     if p.is_null() {
         return Err(too_big(what, layout.size() as u128));
     }
+    huge_pages(p as *mut u8, layout.size());
     // SAFETY: `p` comes from the global allocator with the layout of `n` T's, all bytes zero,
     // which is a valid T (`Zeroable`).
     Ok(unsafe { Vec::from_raw_parts(p, n, n) })
 }
+
+/// Asks Linux to back a large fresh block with 2 MiB pages (`MADV_HUGEPAGE`, honoured where
+/// transparent huge pages are `madvise` or `always`): a block that large is a fresh mapping
+/// whose pages all fault in on the first write, and one fault per 2 MiB instead of per 4 KiB
+/// takes most of that cost away (a 524 MB gradient faulted in at 0.15-0.5 s on the
+/// development VM). Only whole 2 MiB pages inside the block are affected; advice that is not
+/// taken changes nothing.
+fn huge_pages(p: *mut u8, bytes: usize) {
+    #[cfg(target_os = "linux")]
+    if bytes >= HUGE_MIN {
+        const HUGE: usize = 2 << 20;
+        let start = (p as usize).next_multiple_of(HUGE);
+        let end = (p as usize + bytes) / HUGE * HUGE;
+        if end > start {
+            // SAFETY: the range lies inside the caller's fresh allocation; madvise only advises.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (p, bytes);
+}
+
+/// Blocks at least this large are advised to use huge pages.
+#[cfg(target_os = "linux")]
+const HUGE_MIN: usize = 64 << 20;
