@@ -315,35 +315,48 @@ pub unsafe fn max_k<const K: u8>(p: *const u8, n: usize) -> f32 {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn max16(p: *const u8, n: usize, inf: u16) -> Option<u16> {
+    if n == 0 {
+        return None;
+    }
     let q = p as *const i16;
-    let (mut hi0, mut lo0) = (_mm512_set1_epi16(i16::MIN), _mm512_set1_epi16(i16::MAX));
-    let (mut hi1, mut lo1) = (hi0, lo0);
+    // SAFETY (both): as the caller's. A non-negative largest word is the answer; only a run of
+    // negative values (the sign bit set in every word) needs the smallest word, in a second
+    // pass, so the common case compares each word once.
+    let hi = unsafe { extreme16::<true>(q, n) };
+    let m = if hi >= 0 { hi as u16 } else { (unsafe { extreme16::<false>(q, n) }) as u16 };
+    (m & 0x7fff <= inf).then_some(m)
+}
+
+/// The largest (`MAX`) or smallest signed 16-bit word of `n > 0` at `q`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn extreme16<const MAX: bool>(q: *const i16, n: usize) -> i32 {
+    let pick = |a: __m512i, b: __m512i| if MAX { _mm512_max_epi16(a, b) } else { _mm512_min_epi16(a, b) };
+    let init = _mm512_set1_epi16(if MAX { i16::MIN } else { i16::MAX });
+    let (mut e0, mut e1) = (init, init);
     let mut i = 0;
     while i + 64 <= n {
         // SAFETY: i + 64 <= n.
         let (a, b) =
             unsafe { (_mm512_loadu_si512(q.add(i) as *const _), _mm512_loadu_si512(q.add(i + 32) as *const _)) };
-        (hi0, lo0) = (_mm512_max_epi16(hi0, a), _mm512_min_epi16(lo0, a));
-        (hi1, lo1) = (_mm512_max_epi16(hi1, b), _mm512_min_epi16(lo1, b));
+        (e0, e1) = (pick(e0, a), pick(e1, b));
         i += 64;
     }
     while i < n {
         let k = (n - i).min(32);
         let mask: __mmask32 = if k == 32 { u32::MAX } else { (1u32 << k) - 1 };
-        // SAFETY: the masked load touches only the k words from i.
-        let a = unsafe { _mm512_maskz_loadu_epi16(mask, q.add(i)) };
-        hi0 = _mm512_mask_max_epi16(hi0, mask, hi0, a);
-        lo0 = _mm512_mask_min_epi16(lo0, mask, lo0, a);
+        // SAFETY: the masked load touches only the k words from i; the other lanes keep `e0`.
+        e0 = pick(e0, unsafe { _mm512_mask_loadu_epi16(e0, mask, q.add(i)) });
         i += k;
     }
-    let halves = |v: __m512i| {
-        (_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v)), _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(v)))
-    };
-    let ((a, b), (c, d)) = (halves(_mm512_max_epi16(hi0, hi1)), halves(_mm512_min_epi16(lo0, lo1)));
-    let hi = _mm512_reduce_max_epi32(_mm512_max_epi32(a, b));
-    let lo = _mm512_reduce_min_epi32(_mm512_min_epi32(c, d));
-    let m = if hi >= 0 { hi as u16 } else { lo as u16 };
-    (n > 0 && m & 0x7fff <= inf).then_some(m)
+    let v = pick(e0, e1);
+    let (a, b) =
+        (_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v)), _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(v)));
+    if MAX {
+        _mm512_reduce_max_epi32(_mm512_max_epi32(a, b))
+    } else {
+        _mm512_reduce_min_epi32(_mm512_min_epi32(a, b))
+    }
 }
 
 /// [`super::simd::exp_sum`]'s pair, storing each exponential in `out` when given: the maxima
