@@ -5,13 +5,14 @@
 //! The exponential uses the same reduction and polynomial as [`super::simd`]'s portable and AVX2
 //! versions (the paths agree to an ulp), with the power of two applied by `vscalefps`; where
 //! only a sum of exponentials is wanted (the loss, and gradient rows rounded to 16 bits) a
-//! cheaper reduction serves ([`exp16_for_sum`]). Hand-written because LLVM keeps the
+//! 32-entry table and a quadratic serve ([`exp16_for_sum`]). Hand-written because LLVM keeps the
 //! autovectorised 8-lane loops at 256 bits. Rows are prefetched one ahead while the current
 //! row's exponentials are computed: this is what lets the f32 path run at memory bandwidth.
 //!
 //! On the 16-bit paths the loops are bound by instruction count, not memory, so each step is
 //! counted: the row maximum compares raw 16-bit words, a bf16 row widens with one `vpermw`, the
-//! sum is masked with one compare, and eight vectors per iteration keep enough independent
+//! maximum's own 1 is summed with the others (left out in a second sum only where the total is
+//! small enough for it to matter), and eight vectors per iteration keep enough independent
 //! polynomial chains in the scheduler to issue close to two vector instructions per cycle.
 
 #![cfg(target_arch = "x86_64")]

@@ -21,8 +21,8 @@ const KEEP: usize = 2;
 
 static POOL: Mutex<Vec<Vec<u128>>> = Mutex::new(Vec::new());
 
-/// A zeroed buffer of at least `bytes` bytes, 16-byte aligned: a pooled one of the same size
-/// (its old contents left in place: callers overwrite every element) or a new one.
+/// A buffer of at least `bytes` bytes, 16-byte aligned: a pooled one of the same size (its old
+/// contents left in place: callers overwrite every element) or a new, zeroed one.
 fn take(bytes: usize) -> Vec<u128> {
     let words = bytes.div_ceil(16);
     let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
