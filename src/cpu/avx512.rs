@@ -401,17 +401,8 @@ pub unsafe fn exp_sum_k<const K: u8, const COARSE: bool>(
     };
     let mv = _mm512_set1_ps(m);
     // First with the maxima summed as the others (one add per 16 lanes).
-    let mut total = Wide::zero();
-    let mut b0 = 0;
-    while b0 < n {
-        let len = (n - b0).min(BLOCK);
-        let ob = out.as_deref_mut().map(|o| &mut o[b0..b0 + len]);
-        // SAFETY: b0 + len <= n, and `ob` has len elements.
-        let (t, _) = unsafe { block_sum::<K, COARSE, false>(p, b0, len, mv, ob, &mut prefetch, per_step) };
-        total.add(t);
-        b0 += len;
-    }
-    let s = total.total();
+    // SAFETY: the row holds n elements, and `out` (when given) n.
+    let (s, _) = unsafe { sum_blocks::<K, COARSE, false>(p, 0, n, mv, out.as_deref_mut(), &mut prefetch, per_step) };
     // Where the others sum to under 1 if the maximum occurs once, its 1 would round them off:
     // summed again with the maxima left out, from the stored exponentials where there are
     // some (an exponential is exactly 1 at the maximum, and a value it leaves out because it
@@ -421,19 +412,8 @@ pub unsafe fn exp_sum_k<const K: u8, const COARSE: bool>(
     }
     match out {
         Some(o) => sum_except_ones(o),
-        None => {
-            let (mut total, mut ties) = (Wide::zero(), Wide::zero());
-            let mut b0 = 0;
-            while b0 < n {
-                let len = (n - b0).min(BLOCK);
-                // SAFETY: b0 + len <= n; nothing more to prefetch.
-                let (t, c) = unsafe { block_sum::<K, COARSE, true>(p, b0, len, mv, None, &mut |_| {}, per_step) };
-                total.add(t);
-                ties.add(c);
-                b0 += len;
-            }
-            (total.total(), ties.total())
-        }
+        // SAFETY: as above; nothing more to prefetch.
+        None => unsafe { sum_blocks::<K, COARSE, true>(p, 0, n, mv, None, &mut |_| {}, per_step) },
     }
 }
 
@@ -588,13 +568,13 @@ pub unsafe fn lse_k<const K: u8>(p: *const u8, n: usize, ahead: &[u8]) -> (f32, 
         // The block's exponentials against `mv`, f32 lanes flushed to f64 every BLOCK elements,
         // first with its maxima summed as the others.
         // SAFETY: b0 + len <= n.
-        let (mut ab, mut tb) = unsafe { online_block::<K, false>(p, b0, len, mv, &mut prefetch, per_step) };
+        let (mut ab, mut tb) = unsafe { sum_blocks::<K, true, false>(p, b0, len, mv, None, &mut prefetch, per_step) };
         if mb > m && ab < 2.0 {
             // The block holds the row's maximum so far, and the others sum to under 1 if it
             // occurs once: summed again (from L1) with the maximum's 1 left out, so that a
             // confident row's tiny sum is not rounded against it.
             // SAFETY: as above; nothing more to prefetch.
-            (ab, tb) = unsafe { online_block::<K, true>(p, b0, len, mv, &mut |_| {}, per_step) };
+            (ab, tb) = unsafe { sum_blocks::<K, true, true>(p, b0, len, mv, None, &mut |_| {}, per_step) };
         }
         if mb == f32::NEG_INFINITY {
             a += ab;
@@ -618,13 +598,15 @@ pub unsafe fn lse_k<const K: u8>(p: *const u8, n: usize, ahead: &[u8]) -> (f32, 
     (m, a, t)
 }
 
-/// One block of [`lse_k`] as `(sum, ties)` in f64: [`block_sum`] over each [`BLOCK`] of it.
+/// [`block_sum`] over each [`BLOCK`] of elements `b0..b0 + len` (a row of [`exp_sum_k`], or a
+/// block of [`lse_k`]), as `(sum, ties)` in f64; `out` (when given) has `len` elements.
 #[inline(always)]
-unsafe fn online_block<const K: u8, const EXCLUDE: bool>(
+unsafe fn sum_blocks<const K: u8, const COARSE: bool, const EXCLUDE: bool>(
     p: *const u8,
     b0: usize,
     len: usize,
     mv: __m512,
+    mut out: Option<&mut [f32]>,
     prefetch: &mut impl FnMut(usize),
     per_step: usize,
 ) -> (f64, f64) {
@@ -632,8 +614,9 @@ unsafe fn online_block<const K: u8, const EXCLUDE: bool>(
     let mut i = 0;
     while i < len {
         let l = (len - i).min(BLOCK);
-        // SAFETY: the caller's block holds b0 + i + l elements.
-        let (x, c) = unsafe { block_sum::<K, true, EXCLUDE>(p, b0 + i, l, mv, None, prefetch, per_step) };
+        let ob = out.as_deref_mut().map(|o| &mut o[i..i + l]);
+        // SAFETY: the caller's range holds b0 + i + l elements, and `ob` has l.
+        let (x, c) = unsafe { block_sum::<K, COARSE, EXCLUDE>(p, b0 + i, l, mv, ob, prefetch, per_step) };
         sum.add(x);
         ties.add(c);
         i += l;
