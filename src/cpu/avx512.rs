@@ -143,6 +143,16 @@ fn fold(d: __m512, e: __m512, acc: &mut __m512, cnt: &mut __m512) {
     *cnt = _mm512_mask_add_ps(*cnt, other, *cnt, _mm512_set1_ps(1.0));
 }
 
+/// The mask of the first `k <= 16` lanes (a masked tail).
+#[inline(always)]
+fn lanes(k: usize) -> __mmask16 {
+    if k >= 16 {
+        0xffff
+    } else {
+        (1u16 << k) - 1
+    }
+}
+
 /// f64 lanes of a sum: f32 partial sums are added into them every [`BLOCK`] elements, and
 /// reduced once at the end of a row or block.
 #[derive(Clone, Copy)]
@@ -299,7 +309,7 @@ pub unsafe fn max_k<const K: u8>(p: *const u8, n: usize) -> f32 {
     m1 = _mm512_max_ps(m1, m3);
     while i < n {
         let k = (n - i).min(16);
-        let mask: __mmask16 = if k == 16 { 0xffff } else { (1u16 << k) - 1 };
+        let mask = lanes(k);
         // SAFETY: the masked load touches only the k elements from i.
         m0 = _mm512_max_ps(unsafe { load_part::<K>(p, i, mask, f32::NEG_INFINITY) }, m0);
         i += k;
@@ -447,7 +457,7 @@ fn sum_except_ones(e: &[f32]) -> (f64, f64) {
         let mut i = 0;
         while i < b.len() {
             let k = (b.len() - i).min(16);
-            let mask: __mmask16 = if k == 16 { 0xffff } else { (1u16 << k) - 1 };
+            let mask = lanes(k);
             // SAFETY: the masked load touches only the k elements from i.
             let v = unsafe { _mm512_mask_loadu_ps(one, mask, b.as_ptr().add(i)) };
             // The masked-off lanes load as 1: neither summed nor counted as others.
@@ -520,7 +530,7 @@ unsafe fn block_sum<const K: u8, const COARSE: bool, const EXCLUDE: bool>(
     while i < len {
         prefetch(per_step / 2 + 1);
         let k = (len - i).min(16);
-        let mask: __mmask16 = if k == 16 { 0xffff } else { (1u16 << k) - 1 };
+        let mask = lanes(k);
         // SAFETY: the masked load and store touch only the k elements from b0 + i.
         unsafe {
             let d = _mm512_sub_ps(load_part::<K>(p, b0 + i, mask, f32::NEG_INFINITY), mv);
@@ -651,7 +661,7 @@ pub unsafe fn scale_shift(e: &mut [f32], k: f32, c0: f32) {
     let mut i = 0;
     while i < e.len() {
         let n = (e.len() - i).min(16);
-        let mask: __mmask16 = if n == 16 { 0xffff } else { (1u16 << n) - 1 };
+        let mask = lanes(n);
         // SAFETY: the masked load and store touch only the n elements from i.
         unsafe {
             let p = e.as_mut_ptr().add(i);
@@ -673,7 +683,7 @@ pub unsafe fn widen_max_k<const K: u8>(src: &[u16], dst: &mut [f32]) -> f32 {
     let mut i = 0;
     while i < src.len() {
         let n = (src.len() - i).min(16);
-        let mask: __mmask16 = if n == 16 { 0xffff } else { (1u16 << n) - 1 };
+        let mask = lanes(n);
         // SAFETY: masked loads and stores touch only the n elements from i.
         unsafe {
             let v = load_part::<K>(src.as_ptr() as *const u8, i, mask, f32::NEG_INFINITY);
@@ -838,7 +848,7 @@ unsafe fn narrow_part<const K: u8, const SCALE: bool>(
     let mut i = i0;
     while i < i1 {
         let m = (i1 - i).min(16);
-        let mask: __mmask16 = if m == 16 { 0xffff } else { (1u16 << m) - 1 };
+        let mask = lanes(m);
         // SAFETY: masked loads and stores touch only the m elements from i, which the caller owns.
         unsafe {
             let x = _mm512_maskz_loadu_ps(mask, s.add(i));
