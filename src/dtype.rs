@@ -383,10 +383,17 @@ impl Tensor2 {
     /// assert_eq!(t.to_f32(), ndarray::array![[1.0f32, 1.0]]); // the tie rounds to even
     /// ```
     pub fn from_f32(a: Array2<f32>, dtype: DType) -> Tensor2 {
+        // Rounded in parallel into xent's allocator, as every tensor xent allocates (large
+        // blocks on huge pages where the OS gives them).
+        fn round<T: Element>(a: &Array2<f32>) -> Array2<T> {
+            let mut o = crate::alloc::zeros2(a.dim(), "tensor").unwrap_or_else(|e| panic!("{e}"));
+            ndarray::Zip::from(&mut o).and(a).par_for_each(|o, &x| *o = T::from_f32(x));
+            o
+        }
         match dtype {
             DType::F32 => Tensor2::F32(a),
-            DType::F16 => Tensor2::F16(a.mapv(f16::from_f32)),
-            DType::BF16 => Tensor2::BF16(a.mapv(bf16::from_f32)),
+            DType::F16 => Tensor2::F16(round(&a)),
+            DType::BF16 => Tensor2::BF16(round(&a)),
         }
     }
     /// Widened to f32.

@@ -142,21 +142,9 @@ pub(crate) fn time(reps: usize, pb: &ProgressBar, mut f: impl FnMut() -> Result<
 /// Rows are generated independently, so the first `m` rows are the workload of `m` rows.
 fn workload(n: usize, v: usize, dtype: DType) -> Result<(Tensor2, ndarray::Array1<i64>)> {
     let (x, t) = workload::try_synthetic(n, v, 2.0, 16, 42)?;
-    // Every dtype in memory from xent's allocator (as the f32 workload is: large blocks on
-    // huge pages where the OS gives them), so that the dtypes differ in bytes only.
-    let x = match dtype {
-        DType::F32 => Tensor2::F32(x),
-        _ => {
-            let mut h = Tensor2::zeros(dtype, (n, v));
-            match &mut h {
-                Tensor2::F16(a) => ndarray::Zip::from(a).and(&x).par_for_each(|o, &e| *o = half::f16::from_f32(e)),
-                Tensor2::BF16(a) => ndarray::Zip::from(a).and(&x).par_for_each(|o, &e| *o = half::bf16::from_f32(e)),
-                Tensor2::F32(_) => unreachable!("f32 is the arm above"),
-            }
-            h
-        }
-    };
-    Ok((x, t))
+    // Every dtype in xent's allocator (`Tensor2::from_f32`, as the f32 workload), so that the
+    // dtypes differ in bytes only.
+    Ok((Tensor2::from_f32(x, dtype), t))
 }
 
 /// The first `n` rows of `x`.
