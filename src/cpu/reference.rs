@@ -50,7 +50,7 @@ fn transform(cfg: &CrossEntropy, x: f64) -> (f64, f64) {
 /// out of the sum and added back by `ln_1p`: adding thousands of tiny terms to that 1 would
 /// round each to f64's ulp of 1, which leaves a confident row at a 4k vocabulary 1e-5 off.
 /// A non-finite `m` takes the plain form (its NaN or infinity as before).
-fn lse_of(z: impl Iterator<Item = f64> + Clone, m: f64) -> f64 {
+fn lse_of(z: impl Iterator<Item = f64>, m: f64) -> f64 {
     if !m.is_finite() {
         return m + z.map(|z| (z - m).exp()).sum::<f64>().ln();
     }
