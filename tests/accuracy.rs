@@ -161,9 +161,10 @@ fn confident_rows_at_llm_vocabularies_keep_their_tiny_loss_and_gradient() {
         let mut x = Array2::<f32>::zeros((n, v));
         let mut t = Array1::<i64>::zeros(n);
         for (r, (d, at)) in ds.iter().flat_map(|d| spots.iter().map(move |a| (d, a))).enumerate() {
-            // The others spread over a few values (exact in f16 and bf16), the target the maximum.
-            x.row_mut(r).iter_mut().enumerate().for_each(|(j, e)| *e = -d - (j % 4) as f32);
-            x[[r, *at]] = 0.0;
+            // The others spread over a few values (exact in f16 and bf16), the target the maximum
+            // (not 0, nor any multiple of ln 2).
+            x.row_mut(r).iter_mut().enumerate().for_each(|(j, e)| *e = 5.0 - d - (j % 4) as f32);
+            x[[r, *at]] = 5.0;
             t[r] = *at as i64;
         }
         let cfg = CrossEntropy { reduction: Reduction::None, ..Default::default() };
@@ -198,6 +199,19 @@ fn confident_rows_at_llm_vocabularies_keep_their_tiny_loss_and_gradient() {
                     };
                     let tol = 1e-5 * wy.abs() + ulp;
                     assert!((gy - wy).abs() <= tol, "{name} {v} {dtype:?} row {i}: target gradient {gy} want {wy}");
+                    // The others, tiny as they are, within the same rounding.
+                    for (j, (&gj, &wj)) in g.row(i).iter().zip(r.grad.row(i)).enumerate() {
+                        let ulp = match dtype {
+                            DType::F32 => 0.0,
+                            DType::BF16 => wj.abs() / 128.0,
+                            DType::F16 => (wj.abs() / 1024.0).max(2f64.powi(-24)),
+                        };
+                        let (gj, tol) = (gj as f64, 1e-5 * wj.abs() + ulp);
+                        assert!(
+                            (gj - wj).abs() <= tol,
+                            "{name} {v} {dtype:?} row {i} class {j}: gradient {gj} want {wj}"
+                        );
+                    }
                 }
             }
         }

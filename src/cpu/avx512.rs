@@ -56,28 +56,37 @@ fn exp16(x: __m512) -> __m512 {
 }
 
 /// exp(x) for x <= 0 where only a sum of them is wanted (the loss, and gradient rows later
-/// rounded to 16 bits): 2^(x log2 e) split as `2^n 2^(j/32) e^r`, with `2^(j/32)` from a
-/// 32-entry table in two registers (one `vpermt2ps`), so that `|r| <= ln 2 / 64` needs only a
-/// quadratic. Ten instructions per 16 lanes with the subtraction of the maximum, where
-/// [`exp16`]'s degree-6 polynomial takes twelve. Within 2.5e-7 relative (about 2 ulp; the
-/// quadratic's own error is 5.3e-8) for `x > -10`; the reduction by one f32 ln 2 adds about
-/// `|x| 2.7e-9` relative, which never matters to a sum against the maximum's 1 (terms of
-/// `x < -10` are under 4.5e-5 each).
+/// rounded to 16 bits): [`exp16_table`] with `x` clamped at -110 first, so that -inf (and any
+/// x far below the range) gives exactly 0. Ten instructions per 16 lanes with the subtraction
+/// of the maximum, where [`exp16`]'s degree-6 polynomial takes twelve.
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn exp16_for_sum(x: __m512) -> __m512 {
-    let xc = _mm512_max_ps(_mm512_set1_ps(-110.0), x);
+    exp16_table(_mm512_max_ps(_mm512_set1_ps(-110.0), x))
+}
+
+/// exp(x) as 2^(x log2 e) split into `2^n 2^(j/32) e^r`, with `2^(j/32)` from a 32-entry table
+/// in two registers (one `vpermt2ps`), so that `|r| <= ln 2 / 64` needs only a quadratic.
+/// Within 2.5e-7 relative (about 2 ulp; the quadratic's own error is 5.3e-8) plus `|x| 2.7e-9`
+/// (the reduction by one f32 ln 2), for x in [-87, 88] (below, subnormal and then 0). Far
+/// below (x under about -1e20, and -inf) the result is 0, inf or NaN, never a finite wrong
+/// value, as for a NaN x: callers either clamp ([`exp16_for_sum`]) or check the sum
+/// ([`PLAIN_LIMIT`]).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn exp16_table(x: __m512) -> __m512 {
     // Adding 1.5 * 2^18 rounds x log2(e) to a multiple of 1/32, whose 32nds land in the
     // low five mantissa bits of `y`: `vpermt2ps` reads exactly those as the table index,
     // and `vscalefps` takes the floor of `k`, the power of two left after the table's.
     let round = _mm512_set1_ps(ROUND_32ND);
-    let y = _mm512_fmadd_ps(xc, _mm512_set1_ps(LOG2E), round);
+    let y = _mm512_fmadd_ps(x, _mm512_set1_ps(LOG2E), round);
     let k = _mm512_sub_ps(y, round);
-    let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(std::f32::consts::LN_2), xc);
-    let q = _mm512_fmadd_ps(_mm512_set1_ps(EXP_QUAD[1]), r, _mm512_set1_ps(EXP_QUAD[0]));
-    let p = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0));
+    let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(std::f32::consts::LN_2), x);
     let t = _mm512_permutex2var_ps(EXP2_32NDS.0, _mm512_castps_si512(y), EXP2_32NDS.1);
-    _mm512_scalef_ps(_mm512_mul_ps(t, p), k)
+    // t e^r = t + (t r)(c1 + c2 r): no operand of an FMA is needed after it, so no register
+    // copies.
+    let q = _mm512_fmadd_ps(r, _mm512_set1_ps(EXP_QUAD[1]), _mm512_set1_ps(EXP_QUAD[0]));
+    _mm512_scalef_ps(_mm512_fmadd_ps(_mm512_mul_ps(t, r), q, t), k)
 }
 
 /// 1.5 * 2^18: adding it rounds to a multiple of 1/32 (the ulp at 2^18).
@@ -432,7 +441,8 @@ pub unsafe fn exp_sum_k<const K: u8, const COARSE: bool>(
     let mv = _mm512_set1_ps(m);
     // First with the maxima summed as the others (one add per 16 lanes).
     // SAFETY: the row holds n elements, and `out` (when given) n.
-    let (s, _) = unsafe { sum_blocks::<K, COARSE, false>(p, 0, n, mv, out.as_deref_mut(), &mut prefetch, per_step) };
+    let (s, _) =
+        unsafe { sum_blocks::<K, COARSE, false, false>(p, 0, n, mv, out.as_deref_mut(), &mut prefetch, per_step) };
     // Where the others sum to under 1 if the maximum occurs once, its 1 would round them off:
     // summed again with the maxima left out, from the stored exponentials where there are
     // some (an exponential is exactly 1 at the maximum, and a value it leaves out because it
@@ -443,7 +453,7 @@ pub unsafe fn exp_sum_k<const K: u8, const COARSE: bool>(
     match out {
         Some(o) => sum_except_ones(o),
         // SAFETY: as above; nothing more to prefetch.
-        None => unsafe { sum_blocks::<K, COARSE, true>(p, 0, n, mv, None, &mut |_| {}, per_step) },
+        None => unsafe { sum_blocks::<K, COARSE, true, false>(p, 0, n, mv, None, &mut |_| {}, per_step) },
     }
 }
 
@@ -476,9 +486,11 @@ fn sum_except_ones(e: &[f32]) -> (f64, f64) {
 /// the sum and the tie count as f32 lanes (at most [`BLOCK`] elements, so f32 keeps them).
 /// With `EXCLUDE` false the ties are summed as the others (one add per 16 lanes where
 /// [`fold`] takes three) and the count is 0: for a block whose maximum is not the row's, or
-/// whose sum is large enough that the maximum's 1 costs the others no precision.
+/// whose sum is large enough that the maximum's 1 costs the others no precision. With `PLAIN`,
+/// `mv` is ignored: the sum is of `exp(x_j)` themselves, with neither the subtraction nor the
+/// clamp ([`PLAIN_LIMIT`] says when that is safe, and the caller checks the sum is finite).
 #[inline(always)]
-unsafe fn block_sum<const K: u8, const COARSE: bool, const EXCLUDE: bool>(
+unsafe fn block_sum<const K: u8, const COARSE: bool, const EXCLUDE: bool, const PLAIN: bool>(
     p: *const u8,
     b0: usize,
     len: usize,
@@ -504,8 +516,14 @@ unsafe fn block_sum<const K: u8, const COARSE: bool, const EXCLUDE: bool>(
                     Some(_) => (load::<K>(p, b0 + i + 32 * h), load::<K>(p, b0 + i + 32 * h + 16)),
                 };
             }
-            let d = v.map(|x| _mm512_sub_ps(x, mv));
-            let e = if COARSE || ob.is_none() { d.map(|x| exp16_for_sum(x)) } else { d.map(|x| exp16(x)) };
+            let d = if PLAIN { v } else { v.map(|x| _mm512_sub_ps(x, mv)) };
+            let e = if PLAIN {
+                d.map(|x| exp16_table(x))
+            } else if COARSE || ob.is_none() {
+                d.map(|x| exp16_for_sum(x))
+            } else {
+                d.map(|x| exp16(x))
+            };
             for h in 0..4 {
                 if EXCLUDE {
                     fold(d[2 * h], e[2 * h], &mut a0, &mut c0);
@@ -526,19 +544,28 @@ unsafe fn block_sum<const K: u8, const COARSE: bool, const EXCLUDE: bool>(
     }
     // Every lane of the vectors so far (each lane position saw this many).
     let mut vectors = i / 16;
-    // The rest, 16 lanes at a time with the tail masked off (as -inf, whose exponential is 0).
+    // The rest, 16 lanes at a time with the tail masked off.
     while i < len {
         prefetch(per_step / 2 + 1);
         let k = (len - i).min(16);
         let mask = lanes(k);
         // SAFETY: the masked load and store touch only the k elements from b0 + i.
         unsafe {
-            let d = _mm512_sub_ps(load_part::<K>(p, b0 + i, mask, f32::NEG_INFINITY), mv);
-            let e = if COARSE || ob.is_none() { exp16_for_sum(d) } else { exp16(d) };
+            // The masked-off tail's lanes load as -inf (exponential 0), or -1000 unclamped
+            // (whose exponential is 0 too, where that of -inf is NaN).
+            let fill = if PLAIN { -1000.0 } else { f32::NEG_INFINITY };
+            let v = load_part::<K>(p, b0 + i, mask, fill);
+            let d = if PLAIN { v } else { _mm512_sub_ps(v, mv) };
+            let e = if PLAIN {
+                exp16_table(d)
+            } else if COARSE || ob.is_none() {
+                exp16_for_sum(d)
+            } else {
+                exp16(d)
+            };
             if EXCLUDE {
                 fold(d, e, &mut a0, &mut c0);
             } else {
-                // The masked-off tail's lanes are 0 (exp(-inf)).
                 a0 = _mm512_add_ps(a0, e);
             }
             if let Some(o) = ob.as_deref_mut() {
@@ -587,6 +614,7 @@ pub unsafe fn lse_k<const K: u8>(p: *const u8, n: usize, ahead: &[u8]) -> (f32, 
     // Cache lines per 32 elements.
     let per_step = bytes / 2;
     let (mut m, mut a, mut t) = (f32::NEG_INFINITY, 0.0f64, 0.0f64);
+    let mut plain = true;
     let mut b0 = 0;
     while b0 < n {
         let len = (n - b0).min(ONLINE_BLOCK);
@@ -596,15 +624,27 @@ pub unsafe fn lse_k<const K: u8>(p: *const u8, n: usize, ahead: &[u8]) -> (f32, 
         // NaN.
         let mv = if mb == f32::NEG_INFINITY { _mm512_setzero_ps() } else { _mm512_set1_ps(mb) };
         // The block's exponentials against `mv`, f32 lanes flushed to f64 every BLOCK elements,
-        // first with its maxima summed as the others.
+        // first with its maxima summed as the others: without subtracting `mb` where that is
+        // safe, scaled by exp(-mb) in f64 (a sum that is not finite means a NaN or a value far
+        // below the range in the block, which is then summed against `mv`, and so is the rest
+        // of the row).
+        let mut sum = None;
+        if plain && mb.abs() <= PLAIN_LIMIT {
+            // SAFETY: b0 + len <= n.
+            let (s, _) = unsafe { sum_blocks::<K, true, false, true>(p, b0, len, mv, None, &mut prefetch, per_step) };
+            plain = s.is_finite();
+            sum = plain.then(|| (s * (-(mb as f64)).exp(), 0.0));
+        }
         // SAFETY: b0 + len <= n.
-        let (mut ab, mut tb) = unsafe { sum_blocks::<K, true, false>(p, b0, len, mv, None, &mut prefetch, per_step) };
+        let (mut ab, mut tb) = sum.unwrap_or_else(|| unsafe {
+            sum_blocks::<K, true, false, false>(p, b0, len, mv, None, &mut prefetch, per_step)
+        });
         if mb > m && ab < 2.0 {
             // The block holds the row's maximum so far, and the others sum to under 1 if it
             // occurs once: summed again (from L1) with the maximum's 1 left out, so that a
             // confident row's tiny sum is not rounded against it.
             // SAFETY: as above; nothing more to prefetch.
-            (ab, tb) = unsafe { sum_blocks::<K, true, true>(p, b0, len, mv, None, &mut |_| {}, per_step) };
+            (ab, tb) = unsafe { sum_blocks::<K, true, true, false>(p, b0, len, mv, None, &mut |_| {}, per_step) };
         }
         if mb == f32::NEG_INFINITY {
             a += ab;
@@ -631,7 +671,7 @@ pub unsafe fn lse_k<const K: u8>(p: *const u8, n: usize, ahead: &[u8]) -> (f32, 
 /// [`block_sum`] over each [`BLOCK`] of elements `b0..b0 + len` (a row of [`exp_sum_k`], or a
 /// block of [`lse_k`]), as `(sum, ties)` in f64; `out` (when given) has `len` elements.
 #[inline(always)]
-unsafe fn sum_blocks<const K: u8, const COARSE: bool, const EXCLUDE: bool>(
+unsafe fn sum_blocks<const K: u8, const COARSE: bool, const EXCLUDE: bool, const PLAIN: bool>(
     p: *const u8,
     b0: usize,
     len: usize,
@@ -646,7 +686,7 @@ unsafe fn sum_blocks<const K: u8, const COARSE: bool, const EXCLUDE: bool>(
         let l = (len - i).min(BLOCK);
         let ob = out.as_deref_mut().map(|o| &mut o[i..i + l]);
         // SAFETY: the caller's range holds b0 + i + l elements, and `ob` has l.
-        let (x, c) = unsafe { block_sum::<K, COARSE, EXCLUDE>(p, b0 + i, l, mv, ob, prefetch, per_step) };
+        let (x, c) = unsafe { block_sum::<K, COARSE, EXCLUDE, PLAIN>(p, b0 + i, l, mv, ob, prefetch, per_step) };
         sum.add(x);
         ties.add(c);
         i += l;
@@ -815,6 +855,12 @@ unsafe fn narrow_body<const K: u8, const SCALE: bool, const NE: bool>(src: &[f32
     }
 }
 
+/// A block whose maximum is within this of 0 is summed as `exp(x_j)` (no subtraction, no clamp:
+/// two instructions fewer per 16 lanes), then scaled by `exp(-max)` in f64. Its terms stay
+/// normal f32 (no term that matters sits below `exp(-87)`, nor the sum of a block above
+/// `2048 exp(64)`), and the reduction's `|x| 2.7e-9` stays under 1.8e-7 relative.
+const PLAIN_LIMIT: f32 = 64.0;
+
 /// Elements per block of [`lse_k`] (in L1 between its two reads).
 const ONLINE_BLOCK: usize = 4 * BLOCK;
 
@@ -941,6 +987,23 @@ mod tests {
         assert!(worst > 5e-8, "the test reaches the worst case ({worst})");
         let nan: [f32; 16] = unsafe { std::mem::transmute(exp16_for_sum(_mm512_set1_ps(f32::NAN))) };
         assert!(nan.iter().all(|v| v.is_nan()));
+        // Unclamped, as a block within PLAIN_LIMIT sums it: the same bound over [-87, 88] in
+        // steps of 2^-10, and never a finite wrong value below the range.
+        let one = |x: f32| {
+            // SAFETY: AVX-512 was just detected.
+            let e: [f32; 16] = unsafe { std::mem::transmute(exp16_table(_mm512_set1_ps(x))) };
+            e[0]
+        };
+        for i in -(87 << 10)..=(88 << 10) {
+            let x = i as f32 / 1024.0;
+            let (e, w) = (one(x), (x as f64).exp());
+            assert!((e as f64 - w).abs() / w <= 2.5e-7 + 2.7e-9 * x.abs() as f64, "exp({x}) = {e}, want {w}");
+        }
+        for x in [-100.0, -1e3, -1e7, -1e20, -1e30, -2e38, f32::MIN, f32::NEG_INFINITY] {
+            let (e, w) = (one(x), (x as f64).exp());
+            assert!(!e.is_finite() || (e as f64 - w).abs() <= 2.0 * 1.4e-45, "exp({x}) = {e}");
+        }
+        assert!(one(f32::NAN).is_nan());
     }
 
     /// Values exactly representable in bf16 and in f16, with ties of the maximum.
@@ -1124,6 +1187,17 @@ mod tests {
         big[7] = 2f32.powi(127);
         big[2500] = 2f32.powi(100);
         rows.push(big);
+        // Maxima at both edges of PLAIN_LIMIT and past them; -inf masks and far values (whose
+        // unclamped exponentials may be inf or NaN) in a row summed without the subtraction.
+        for shift in [-70.0, -64.0, -40.0, 40.0, 60.75, 64.0, 64.5, 70.0] {
+            rows.push(row16(5000).iter().map(|v| v + shift).collect());
+        }
+        for far in [f32::NEG_INFINITY, -3e38, -1e30] {
+            let mut x = row16(7000);
+            x[2100] = far;
+            x[4500] = far;
+            rows.push(x);
+        }
         for x in &rows {
             let (m, s, t) = two_pass(x);
             // SAFETY: AVX-512 was just detected; `x` holds x.len() f32 values.
