@@ -635,7 +635,8 @@ pub unsafe fn lse_k<const K: u8>(p: *const u8, n: usize, ahead: &[u8]) -> (f32, 
             plain = s.is_finite();
             sum = plain.then(|| (s * (-(mb as f64)).exp(), 0.0));
         }
-        // SAFETY: b0 + len <= n.
+        // SAFETY: b0 + len <= n. (After a sum that was not finite, the prefetches run a block
+        // further ahead for the rest of the row.)
         let (mut ab, mut tb) = sum.unwrap_or_else(|| unsafe {
             sum_blocks::<K, true, false, false>(p, b0, len, mv, None, &mut prefetch, per_step)
         });
