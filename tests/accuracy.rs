@@ -162,7 +162,7 @@ fn confident_rows_at_llm_vocabularies_keep_their_tiny_loss_and_gradient() {
         let mut t = Array1::<i64>::zeros(n);
         for (r, (d, at)) in ds.iter().flat_map(|d| spots.iter().map(move |a| (d, a))).enumerate() {
             // The others spread over a few values (exact in f16 and bf16), the target the maximum
-            // (not 0, nor any multiple of ln 2).
+            // (not 0, so that the loss's unshifted block sums must be scaled by exp(-max)).
             x.row_mut(r).iter_mut().enumerate().for_each(|(j, e)| *e = 5.0 - d - (j % 4) as f32);
             x[[r, *at]] = 5.0;
             t[r] = *at as i64;
