@@ -502,6 +502,9 @@ unsafe fn block_sum<const K: u8, const COARSE: bool, const EXCLUDE: bool, const 
     let zero = _mm512_setzero_ps();
     let (mut a0, mut a1, mut c0, mut c1) = (zero, zero, zero, zero);
     let full = len / 16 * 16;
+    // Stored exponentials of an f32 gradient row take `exp16`; a sum, or a row rounded to 16
+    // bits later, the table exponential.
+    let precise = !COARSE && ob.is_some();
     let mut i = 0;
     // Eight vectors per iteration: independent polynomial chains hide FMA latency.
     while i + 128 <= full {
@@ -516,14 +519,8 @@ unsafe fn block_sum<const K: u8, const COARSE: bool, const EXCLUDE: bool, const 
                     Some(_) => (load::<K>(p, b0 + i + 32 * h), load::<K>(p, b0 + i + 32 * h + 16)),
                 };
             }
-            let d = if PLAIN { v } else { v.map(|x| _mm512_sub_ps(x, mv)) };
-            let e = if PLAIN {
-                d.map(|x| exp16_table(x))
-            } else if COARSE || ob.is_none() {
-                d.map(|x| exp16_for_sum(x))
-            } else {
-                d.map(|x| exp16(x))
-            };
+            let d = v.map(|x| shifted::<PLAIN>(x, mv));
+            let e = d.map(|x| exp_of::<PLAIN>(x, precise));
             for h in 0..4 {
                 if EXCLUDE {
                     fold(d[2 * h], e[2 * h], &mut a0, &mut c0);
@@ -554,15 +551,8 @@ unsafe fn block_sum<const K: u8, const COARSE: bool, const EXCLUDE: bool, const 
             // The masked-off tail's lanes load as -inf (exponential 0), or -1000 unclamped
             // (whose exponential is 0 too, where that of -inf is NaN).
             let fill = if PLAIN { -1000.0 } else { f32::NEG_INFINITY };
-            let v = load_part::<K>(p, b0 + i, mask, fill);
-            let d = if PLAIN { v } else { _mm512_sub_ps(v, mv) };
-            let e = if PLAIN {
-                exp16_table(d)
-            } else if COARSE || ob.is_none() {
-                exp16_for_sum(d)
-            } else {
-                exp16(d)
-            };
+            let d = shifted::<PLAIN>(load_part::<K>(p, b0 + i, mask, fill), mv);
+            let e = exp_of::<PLAIN>(d, precise);
             if EXCLUDE {
                 fold(d, e, &mut a0, &mut c0);
             } else {
@@ -577,6 +567,33 @@ unsafe fn block_sum<const K: u8, const COARSE: bool, const EXCLUDE: bool, const 
     }
     let ties = if EXCLUDE { _mm512_sub_ps(_mm512_set1_ps(vectors as f32), _mm512_add_ps(c0, c1)) } else { zero };
     (_mm512_add_ps(a0, a1), ties)
+}
+
+/// `x - mv`, or with `PLAIN` (see [`block_sum`]) `x` itself.
+#[inline(always)]
+unsafe fn shifted<const PLAIN: bool>(x: __m512, mv: __m512) -> __m512 {
+    // SAFETY: inlined into callers that enable AVX-512F.
+    if PLAIN {
+        x
+    } else {
+        unsafe { _mm512_sub_ps(x, mv) }
+    }
+}
+
+/// The exponential [`block_sum`] takes of `d`: unclamped with `PLAIN`, else [`exp16`] where
+/// `precise`, else [`exp16_for_sum`].
+#[inline(always)]
+unsafe fn exp_of<const PLAIN: bool>(d: __m512, precise: bool) -> __m512 {
+    // SAFETY: inlined into callers that enable AVX-512F.
+    unsafe {
+        if PLAIN {
+            exp16_table(d)
+        } else if precise {
+            exp16(d)
+        } else {
+            exp16_for_sum(d)
+        }
+    }
 }
 
 /// The row maximum `m` with a pair `(a, t)` like [`exp_sum`]'s, reading the row from memory
