@@ -2,7 +2,7 @@
 //! way. Public so that front ends (the `xent` command line, framework integrations) can check a
 //! call before they open a device or read a large file.
 
-use ndarray::ArrayView2;
+use ndarray::{ArrayView, ArrayView2, Dimension, IntoDimension};
 
 use crate::api::config::CrossEntropy;
 use crate::api::targets::Targets;
@@ -33,6 +33,7 @@ pub fn cross_entropy(shape: (usize, usize), targets: &Targets, cfg: &CrossEntrop
                 w.len()
             )));
         }
+        finite_values(w.view(), "sample_weight")?;
     }
     if v > i32::MAX as usize {
         return Err(XentError::Shape(format!("{v} classes do not fit 32-bit class indices")));
@@ -45,13 +46,65 @@ pub fn cross_entropy(shape: (usize, usize), targets: &Targets, cfg: &CrossEntrop
                 probs.dim()
             )));
         }
-        if let Some(((r, c), &p)) = probs.indexed_iter().find(|(_, &p)| !(p >= 0.0 && p.is_finite())) {
-            return Err(XentError::InvalidOption(format!(
-                "target probabilities must be finite and >= 0, got {p} at row {r}, class {c}"
-            )));
-        }
+        target_probabilities(probs.view(), 0, "target probabilities")?;
     }
     Ok(())
+}
+
+/// Checks that every entry of a weight tensor (class weights, sample weights, BCE weights) is
+/// finite, naming the first that is not as `input` and its index. Weights may be negative or
+/// zero, as in PyTorch; a NaN or infinite weight is refused on every backend rather than turned
+/// into a NaN loss.
+///
+/// ```
+/// use ndarray::array;
+/// use xent::check;
+/// assert!(check::finite_values(array![0.5f32, -1.0, 0.0].view(), "class_weight").is_ok());
+/// let e = check::finite_values(array![1.0f32, f32::INFINITY].view(), "--class-weight w.npy");
+/// assert_eq!(e.unwrap_err().to_string(), "--class-weight w.npy must be finite, got inf at index 1");
+/// ```
+pub fn finite_values<D: Dimension>(values: ArrayView<f32, D>, input: &str) -> Result<()> {
+    match values.indexed_iter().find(|(_, x)| !x.is_finite()) {
+        Some((at, &x)) => Err(XentError::InvalidValue {
+            input: input.to_string(),
+            domain: "finite".into(),
+            value: x as f64,
+            index: at.into_dimension().slice().to_vec(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Checks probability targets: every entry finite and `>= 0` (rows need not sum to 1, as in
+/// PyTorch). `first_row` is the row of `probs[0]` in the whole input (for a front end that
+/// checks a large file block by block), so the error names the row the user would look at.
+///
+/// ```
+/// use ndarray::array;
+/// use xent::check;
+/// let p = array![[0.5f32, 0.5], [0.2, f32::NAN]];
+/// let e = check::target_probabilities(p.view(), 10, "target probabilities").unwrap_err();
+/// assert_eq!(e.to_string(), "target probabilities must be finite and >= 0, got NaN at row 11, column 1");
+/// ```
+pub fn target_probabilities(probs: ArrayView2<f32>, first_row: usize, input: &str) -> Result<()> {
+    probabilities(probs.indexed_iter().map(|(at, &p)| (at, p as f64)), first_row, input)
+}
+
+/// The first entry of a probability matrix that is NaN, infinite or negative, as an error.
+fn probabilities(
+    mut entries: impl Iterator<Item = ((usize, usize), f64)>,
+    first_row: usize,
+    input: &str,
+) -> Result<()> {
+    match entries.find(|(_, p)| !(*p >= 0.0 && p.is_finite())) {
+        Some(((r, c), p)) => Err(XentError::InvalidValue {
+            input: input.to_string(),
+            domain: "finite and >= 0".into(),
+            value: p,
+            index: vec![first_row + r, c],
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Checks that every class-index target is in `[0, classes)` or equals `ignore_index` (the
@@ -116,7 +169,9 @@ pub fn bce_inputs(
         Some(BceWeight::PerElement(w)) if w.dim() != (n, c) => {
             return Err(XentError::Shape(format!("weight is {:?} but the inputs are [{n}, {c}]", w.dim())))
         }
-        _ => {}
+        Some(BceWeight::PerClass(w)) => finite_values(w.view(), "weight")?,
+        Some(BceWeight::PerElement(w)) => finite_values(w.view(), "weight")?,
+        None => {}
     }
     if let Some(pw) = &cfg.pos_weight {
         if pw.len() != c {
@@ -125,6 +180,7 @@ pub fn bce_inputs(
                 pw.len()
             )));
         }
+        finite_values(pw.view(), "pos_weight")?;
     }
     if !cfg.grad_scale.is_finite() {
         return Err(XentError::InvalidOption(format!("grad_scale must be finite, got {}", cfg.grad_scale)));
@@ -145,10 +201,5 @@ pub fn same_rows(a: (usize, usize), b: (usize, usize), what: &str) -> Result<()>
 
 /// Probability rows: finite and non-negative.
 pub fn probability_rows(p: ArrayView2<f64>, what: &str) -> Result<()> {
-    if let Some(((r, c), &v)) = p.indexed_iter().find(|(_, &v)| !(v >= 0.0 && v.is_finite())) {
-        return Err(XentError::InvalidOption(format!(
-            "{what} must be finite and >= 0, got {v} at row {r}, column {c}"
-        )));
-    }
-    Ok(())
+    probabilities(p.indexed_iter().map(|(at, &v)| (at, v)), 0, what)
 }

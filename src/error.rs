@@ -1,5 +1,7 @@
 //! The one public error type of xent.
 
+use std::sync::Arc;
+
 /// Everything that can go wrong in xent, as a typed value.
 ///
 /// Bad input is reported before any work starts; GPU failures (no adapter, validation errors,
@@ -23,6 +25,29 @@ pub enum XentError {
     /// An option is outside its domain (smoothing outside `[0, 1]`, temperature <= 0, ...).
     #[error("invalid option: {0}")]
     InvalidOption(String),
+    /// One entry of an input is outside its domain: a NaN or negative target probability, a
+    /// non-finite class or sample weight. Reported before any work starts, with the same words
+    /// on every backend; `input` is the name the caller knows the input by (the option's name
+    /// in the library, the flag and file on the command line).
+    ///
+    /// ```
+    /// use ndarray::array;
+    /// use xent::{check, XentError};
+    /// let e = check::finite_values(array![1.0f32, f32::NAN].view(), "class_weight").unwrap_err();
+    /// assert_eq!(e.to_string(), "class_weight must be finite, got NaN at index 1");
+    /// assert!(matches!(e, XentError::InvalidValue { ref index, .. } if index == &[1]));
+    /// ```
+    #[error("{input} must be {domain}, got {} at {}", shortest(*.value), position(.index))]
+    InvalidValue {
+        /// The input, in the caller's words.
+        input: String,
+        /// What its entries must be ("finite", "finite and >= 0").
+        domain: String,
+        /// The first bad entry.
+        value: f64,
+        /// Its position: `[i]` in a vector, `[row, column]` in a matrix.
+        index: Vec<usize>,
+    },
     /// A tensor is larger than the device can bind or allocate.
     #[error("{what} needs {bytes} bytes, over the device limit of {limit} bytes")]
     TooLarge {
@@ -62,6 +87,10 @@ pub enum XentError {
         path: String,
         /// What went wrong.
         message: String,
+        /// The operating system's error, when there was one (kept for `Error::source` and
+        /// its `kind()`).
+        #[source]
+        source: Option<IoSource>,
     },
     /// A file (`.npy`, safetensors) has a dtype, layout or header xent cannot use.
     #[error("{path}: {message}")]
@@ -79,6 +108,74 @@ pub enum XentError {
         /// Its error.
         message: String,
     },
+}
+
+impl XentError {
+    /// An [`XentError::Io`] for `path` that keeps `e` as its source.
+    ///
+    /// ```
+    /// use std::error::Error;
+    /// let e = xent::XentError::io("data.npy", std::io::Error::from(std::io::ErrorKind::NotFound));
+    /// assert!(e.to_string().starts_with("data.npy: "));
+    /// let source = e.source().unwrap().downcast_ref::<xent::error::IoSource>().unwrap();
+    /// assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+    /// ```
+    pub fn io(path: impl std::fmt::Display, e: std::io::Error) -> Self {
+        XentError::Io { path: path.to_string(), message: e.to_string(), source: Some(IoSource(Arc::new(e))) }
+    }
+}
+
+/// An [`std::io::Error`] kept as the source of an [`XentError::Io`].
+///
+/// Shared (`Arc`) so that `XentError` stays `Clone`: a distributed run hands one process's
+/// error to every phase that reports it, and callers keep and compare errors (`PartialEq`,
+/// here by kind and message, as `io::Error` has no equality of its own).
+#[derive(Debug, Clone)]
+pub struct IoSource(pub Arc<std::io::Error>);
+
+impl IoSource {
+    /// The error's kind.
+    pub fn kind(&self) -> std::io::ErrorKind {
+        self.0.kind()
+    }
+}
+
+impl PartialEq for IoSource {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.kind() == other.0.kind() && self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl std::fmt::Display for IoSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for IoSource {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+/// A value as the user wrote it: an f32 input's `-0.1` prints as `-0.1`, not as the f64
+/// `-0.10000000149011612` it widens to.
+fn shortest(value: f64) -> String {
+    let narrow = value as f32;
+    if narrow as f64 == value || value.is_nan() {
+        narrow.to_string()
+    } else {
+        value.to_string()
+    }
+}
+
+/// "index 3", "row 2, column 5": where an entry of a vector or matrix is, in words.
+fn position(index: &[usize]) -> String {
+    match index {
+        [i] => format!("index {i}"),
+        [r, c] => format!("row {r}, column {c}"),
+        _ => format!("{index:?}"),
+    }
 }
 
 /// Result alias used throughout xent.

@@ -128,12 +128,18 @@ fn bad_probability_targets() {
     each_backend(|name, b| {
         let y = array![[0.5f32, 0.5, 0.0], [0.2, -0.1, 0.9]];
         let e = b.cross_entropy(x.view().into(), y.view().into(), &CrossEntropy::default()).unwrap_err();
-        assert!(matches!(e, XentError::InvalidOption(ref m) if m.contains("row 1")), "{name}: {e}");
+        assert_eq!(
+            e.to_string(),
+            "target probabilities must be finite and >= 0, got -0.1 at row 1, column 1",
+            "{name}"
+        );
         let y = array![[0.5f32, f32::NAN, 0.0], [0.2, 0.1, 0.7]];
-        assert!(matches!(
-            b.cross_entropy(x.view().into(), y.view().into(), &CrossEntropy::default()),
-            Err(XentError::InvalidOption(_))
-        ));
+        let e = b.cross_entropy(x.view().into(), y.view().into(), &CrossEntropy::default()).unwrap_err();
+        assert!(
+            matches!(e, XentError::InvalidValue { ref input, ref index, value, .. }
+                if input == "target probabilities" && index == &[0, 1] && value.is_nan()),
+            "{name}: {e}"
+        );
         let y = Array2::<f32>::zeros((2, 4));
         let e = b.cross_entropy(x.view().into(), y.view().into(), &CrossEntropy::default()).unwrap_err();
         assert!(matches!(e, XentError::Shape(_)), "{name}: {e}");
@@ -181,7 +187,10 @@ fn bad_bce_distill_and_measure_inputs() {
         let p = array![[0.5f64, 0.5], [0.2, 0.8]];
         let neg = array![[0.5f64, 0.5], [1.2, -0.2]];
         let e = b.measures(p.view(), neg.view()).unwrap_err();
-        assert!(matches!(e, XentError::InvalidOption(ref m) if m.contains("row 1")), "{name}: {e}");
+        assert!(
+            matches!(e, XentError::InvalidValue { ref input, ref index, .. } if input == "q" && index == &[1, 1]),
+            "{name}: {e}"
+        );
         let wide = Array2::<f64>::zeros((2, 3));
         assert!(matches!(b.measures(p.view(), wide.view()), Err(XentError::Shape(_))), "{name}");
     });
@@ -213,5 +222,81 @@ fn bad_sequence_calibration_and_preference_inputs() {
         assert!(matches!(preference(b, c.view(), c.view(), &bad), Err(XentError::InvalidOption(_))));
         let v = Array2::<f32>::zeros((6, 3));
         assert!(matches!(b.hvp(x.view().into(), v.view()), Err(XentError::Shape(_))), "{name}");
+    });
+}
+
+/// Non-finite class or sample weights (issue 26): refused before any work with the same typed
+/// error on every backend, naming the option and the entry, for the logits loss, its
+/// sum/none reductions and the fused linear loss; unnormalised probability rows are accepted
+/// (as in PyTorch) with the same loss on every backend.
+#[test]
+fn non_finite_weights_are_named_the_same_on_every_backend() {
+    let x = Array2::from_shape_fn((3, 4), |(r, c)| (r as f32 - c as f32) * 0.3);
+    let t = array![0i64, 3, 1];
+    let mut cases = Vec::new();
+    for (k, bad) in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY].into_iter().enumerate() {
+        let mut cw = Array1::ones(4);
+        cw[k + 1] = bad;
+        let mut sw = Array1::ones(3);
+        sw[k] = bad;
+        for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+            let at_class = vec![k + 1];
+            let at_row = vec![k];
+            cases.push((
+                CrossEntropy { class_weight: Some(cw.clone()), reduction, ..Default::default() },
+                "class_weight",
+                at_class,
+                bad,
+            ));
+            cases.push((
+                CrossEntropy { sample_weight: Some(sw.clone()), reduction, ..Default::default() },
+                "sample_weight",
+                at_row,
+                bad,
+            ));
+        }
+    }
+    let expected = |input: &str, index: &[usize], bad: f32| {
+        let at = format!("index {}", index[0]);
+        format!("{input} must be finite, got {bad} at {at}")
+    };
+    each_backend(|name, b| {
+        for (cfg, input, index, bad) in &cases {
+            let e = b.cross_entropy(x.view().into(), t.view().into(), cfg).unwrap_err();
+            assert!(
+                matches!(e, XentError::InvalidValue { input: ref i, index: ref at, .. } if i == input && at == index),
+                "{name} {cfg:?}: {e}"
+            );
+            assert_eq!(e.to_string(), expected(input, index, *bad), "{name}");
+            let e = b.cross_entropy_with_grad(x.view().into(), t.view().into(), cfg).unwrap_err();
+            assert_eq!(e.to_string(), expected(input, index, *bad), "{name} with grad");
+        }
+    });
+    // The fused linear loss takes the same options and gives the same words.
+    let h = Array2::from_shape_fn((3, 2), |(r, c)| (r + c) as f32 * 0.1);
+    let w = Array2::from_shape_fn((4, 2), |(r, c)| (r as f32 - c as f32) * 0.2);
+    let linear: Vec<(&str, Box<dyn Fn(&LinearCe) -> Result<LinearCeOutput>>)> = {
+        let mut v: Vec<(&str, Box<dyn Fn(&LinearCe) -> Result<LinearCeOutput>>)> =
+            vec![("cpu", Box::new(|c| Cpu::new().linear_cross_entropy(&h, &w, None, t.view(), c)))];
+        #[cfg(feature = "gpu")]
+        for (name, g) in gpus() {
+            let (h, w, t) = (&h, &w, &t);
+            v.push((name, Box::new(move |c| g.linear_cross_entropy(h, w, None, t.view(), c))));
+        }
+        v
+    };
+    for (name, run) in &linear {
+        for (cfg, input, index, bad) in &cases {
+            let e = run(&LinearCe { ce: cfg.clone(), ..Default::default() }).err().expect("an error");
+            assert_eq!(e.to_string(), expected(input, index, *bad), "linear {name}");
+        }
+    }
+    // Probability rows that do not sum to 1 are PyTorch's business too: accepted, same loss.
+    let p = array![[0.5f32, 0.9, 0.0, 0.3], [0.0, 0.0, 0.0, 0.0], [2.0, 0.1, 0.0, 0.0]];
+    let cpu = Cpu::new().cross_entropy(x.view(), p.view(), &CrossEntropy::default()).unwrap();
+    assert!(cpu.loss.is_finite());
+    each_backend(|name, b| {
+        let out = b.cross_entropy(x.view().into(), p.view().into(), &CrossEntropy::default()).unwrap();
+        assert!((out.loss - cpu.loss).abs() <= 1e-6 * cpu.loss.abs().max(1.0), "{name}: {} vs {}", out.loss, cpu.loss);
     });
 }

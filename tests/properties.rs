@@ -268,3 +268,93 @@ fn cpu_batched_gradient_rows_match_row_by_row() {
         }
     }
 }
+
+/// One generated hostile call (issue 26): a well-formed problem with one input spoiled.
+#[derive(Debug, Clone)]
+struct Hostile {
+    n: usize,
+    v: usize,
+    /// 0 probability entry negative, 1 NaN, 2 +inf, 3 rows left unnormalised (accepted),
+    /// 4 class weight non-finite, 5 sample weight non-finite, 6 sample weights of the wrong
+    /// length, 7 probability rows of the wrong shape.
+    spoil: u8,
+    /// Which non-finite value: NaN, +inf or -inf.
+    bad: u8,
+    reduction: Reduction,
+    grad: bool,
+    seed: u64,
+}
+
+fn hostile() -> impl Strategy<Value = Hostile> {
+    let reduction = prop_oneof![Just(Reduction::Mean), Just(Reduction::Sum), Just(Reduction::None)];
+    (1usize..9, 1usize..300, 0u8..8, 0u8..3, reduction, any::<bool>(), any::<u64>())
+        .prop_map(|(n, v, spoil, bad, reduction, grad, seed)| Hostile { n, v, spoil, bad, reduction, grad, seed })
+}
+
+/// The call's result as something two backends can be compared on: the error's words, or the
+/// loss.
+fn outcome(h: &Hostile, b: &dyn Backend) -> std::result::Result<f64, String> {
+    let mut rng = Rng(h.seed);
+    let (n, v) = (h.n, h.v);
+    let x = Array2::from_shape_fn((n, v), |_| rng.normal() as f32);
+    let bad = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][h.bad as usize];
+    let (r, c) = (rng.below(n), rng.below(v));
+    let mut p = Array2::from_shape_fn((n, v), |_| rng.uniform() as f32);
+    p.rows_mut().into_iter().for_each(|mut row| {
+        let s: f32 = row.sum();
+        row.mapv_inplace(|q| q / s.max(1e-30));
+    });
+    let mut cfg = CrossEntropy { reduction: h.reduction, ..Default::default() };
+    let targets_classes = Array1::from_shape_fn(n, |_| rng.below(v) as i64);
+    let mut soft = true;
+    match h.spoil {
+        0 => p[(r, c)] = -0.25,
+        1 => p[(r, c)] = f32::NAN,
+        2 => p[(r, c)] = f32::INFINITY,
+        3 => p[(r, c)] += 3.0,
+        4 => {
+            soft = false;
+            let mut w = Array1::from_elem(v, 0.5f32);
+            w[c] = bad;
+            cfg.class_weight = Some(w);
+        }
+        5 => {
+            soft = false;
+            let mut w = Array1::from_elem(n, 2.0f32);
+            w[r] = bad;
+            cfg.sample_weight = Some(w);
+        }
+        6 => cfg.sample_weight = Some(Array1::ones(n + 1)),
+        _ => p = Array2::zeros((n, v + 1)),
+    }
+    let targets: Targets = if soft { p.view().into() } else { targets_classes.view().into() };
+    let out = if h.grad {
+        b.cross_entropy_with_grad(x.view().into(), targets, &cfg)
+    } else {
+        b.cross_entropy(x.view().into(), targets, &cfg)
+    };
+    out.map(|o| o.loss).map_err(|e| e.to_string())
+}
+
+proptest! {
+    #![proptest_config(Config { cases: 120, ..config() })]
+
+    /// CPU and every GPU context agree on accepting or refusing a hostile input, and on the
+    /// words of the refusal; what they accept, they score alike.
+    #[test]
+    fn backends_agree_on_hostile_inputs(h in hostile()) {
+        let cpu = outcome(&h, &Cpu::new());
+        // Spoiled entries and shapes are refused, unnormalised rows are not.
+        prop_assert_eq!(cpu.is_ok(), h.spoil == 3, "{:?}: {:?}", h, cpu);
+        for (name, g) in gpu_backends() {
+            let gpu = outcome(&h, g.as_ref());
+            match (&cpu, &gpu) {
+                (Err(a), Err(b)) => prop_assert_eq!(a, b, "{}: {:?}", name, h),
+                (Ok(a), Ok(b)) => {
+                    prop_assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{}: {} vs {} {:?}", name, a, b, h)
+                }
+                _ => prop_assert!(false, "{}: cpu {:?}, gpu {:?} for {:?}", name, cpu, gpu, h),
+            }
+        }
+    }
+}

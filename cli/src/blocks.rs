@@ -178,6 +178,11 @@ impl CeJob<'_> {
                         b.logits.read(self.logits, r.start * v, len)?;
                         if let (BlockTargets::Probs(p), Some(buf)) = (self.targets, b.probs.as_mut()) {
                             p.read_into(r.start * v, &mut buf[..len])?;
+                            // Checked here, before either backend sees the block, with the
+                            // library's check and the file's rows: the same words on both.
+                            let rows = ArrayView2::from_shape((r.len(), v), &buf[..len]).expect("shape");
+                            let name = format!("--target-probs {}", p.path.display());
+                            xent::check::target_probabilities(rows, r.start, &name)?;
                         }
                         b.range = r;
                         Ok(b)

@@ -202,3 +202,97 @@ fn hostile_files_through_the_binary() {
         }
     }
 }
+
+/// Issue 26: seeded spoiled inputs through the binary on every backend, which must agree on
+/// accepting or refusing each (exit status) and on the words (the error line, or the loss).
+/// Kinds: probability targets with a negative, NaN or infinite entry or left unnormalised,
+/// class or sample weights with a non-finite entry, and perplexity masks and lengths of a
+/// shape other than the batch's.
+#[test]
+fn spoiled_values_get_the_same_answer_on_every_backend() {
+    let backends: Vec<&str> = if gpu_ok() { vec!["cpu", "gpu"] } else { vec!["cpu"] };
+    let d = scratch_dir("spoiled");
+    let mut rng = Rng(0x5901);
+    for case in 0..24 {
+        let (b, t) = (1 + rng.below(3), 1 + rng.below(4));
+        let (n, v) = (b * t, 2 + rng.below(40));
+        let path = |name: &str| d.join(format!("{case}-{name}.npy")).display().to_string();
+        let (x, y) = (path("x"), path("y"));
+        let logits = rng.logits(n, v, 2.0);
+        write_npy(&x, &[n, v], logits.as_slice().unwrap());
+        let targets = rng.targets(n, v, 3);
+        write_npy(&y, &[n], targets.as_slice().unwrap());
+        let bad = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.5][rng.below(4)];
+        let kind = rng.below(6);
+        // Spoiled entries are refused; unnormalised rows and matching layouts are not.
+        let mut must_refuse = matches!(kind, 0 | 2 | 3);
+        let mut args: Vec<String> = ["eval", "--logits", &x, "--json"].iter().map(|s| s.to_string()).collect();
+        match kind {
+            0 | 1 => {
+                let mut p: Vec<f32> = (0..n * v).map(|_| rng.uniform() as f32).collect();
+                if kind == 0 {
+                    p[rng.below(n * v)] = bad;
+                }
+                let f = path("p");
+                write_npy(&f, &[n, v], &p);
+                args.extend(["--target-probs".into(), f, "--block-rows".into(), (1 + rng.below(n)).to_string()]);
+            }
+            2 | 3 => {
+                let (len, flag) = if kind == 2 { (v, "--class-weight") } else { (n, "--sample-weight") };
+                let mut w: Vec<f32> = (0..len).map(|_| rng.uniform() as f32).collect();
+                w[rng.below(len)] = if bad == -0.5 { f32::NAN } else { bad };
+                let f = path("w");
+                write_npy(&f, &[len], &w);
+                args.extend(["--targets".into(), y.clone(), flag.into(), f]);
+            }
+            _ => {
+                // A mask or lengths for [b, t], given with targets laid out as [b, t] or [t, b].
+                let y2 = path("y2");
+                let swapped = rng.below(2) == 0 && b != t;
+                let (tb, tt) = if swapped { (t, b) } else { (b, t) };
+                must_refuse = swapped;
+                // Every token counts under the mask, so no target is the ignore index here.
+                let every: Vec<i64> = (0..n).map(|_| rng.below(v) as i64).collect();
+                write_npy(&y2, &[tb, tt], &every);
+                args =
+                    ["perplexity", "--logits", &x, "--targets", &y2, "--json"].iter().map(|s| s.to_string()).collect();
+                let f = path("m");
+                if kind == 4 {
+                    write_npy(&f, &[b, t], &vec![1u8; n]);
+                    args.extend(["--mask".into(), f]);
+                } else {
+                    write_npy(&f, &[b], &vec![t as i64; b]);
+                    args.extend(["--lengths".into(), f]);
+                }
+            }
+        }
+        let mut seen: Option<std::result::Result<f64, String>> = None;
+        for be in &backends {
+            let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+            a.extend(["--backend", be]);
+            let out = xent(&a);
+            assert!(out.status.code().is_some_and(|c| c != 101), "{a:?}: {:?}", out.status);
+            assert_eq!(!out.status.success(), must_refuse, "{a:?}: {}", String::from_utf8_lossy(&out.stderr));
+            let said = if out.status.success() {
+                let line = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string();
+                let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+                Ok(number(&json[if kind >= 4 { "corpus_nll" } else { "loss" }]))
+            } else {
+                let err: Vec<String> = String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .filter(|l| !l.contains("XDG_RUNTIME_DIR"))
+                    .map(str::to_string)
+                    .collect();
+                assert_eq!(err.len(), 1, "{a:?}: {err:?}");
+                Err(err[0].clone())
+            };
+            match (&seen, &said) {
+                (None, _) => seen = Some(said),
+                (Some(Ok(first)), Ok(loss)) => {
+                    assert!((first - loss).abs() <= 1e-5 * first.abs().max(1.0), "{be}: {loss} vs {first}: {a:?}")
+                }
+                (Some(first), _) => assert_eq!(first, &said, "{be} differs from cpu: {a:?}"),
+            }
+        }
+    }
+}

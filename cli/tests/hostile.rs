@@ -329,3 +329,147 @@ fn bad_input_is_refused() {
     let e = xent_error(&["eval", "--logits", &s(&d), "--targets", &t, "--backend", "cpu"]);
     assert!(e.contains("is a directory"), "{e}");
 }
+
+/// Runs `args` on every backend; each must fail with one line, the same on all, containing
+/// every one of `needles`. Returns that line.
+fn refused_alike(args: &[&str], needles: &[&str]) -> String {
+    let mut first: Option<String> = None;
+    for b in backends() {
+        let mut with: Vec<&str> = args.to_vec();
+        with.extend(["--backend", b]);
+        let e = xent_error(&with);
+        for n in needles {
+            assert!(e.contains(n), "{b}: {e:?} lacks {n:?}");
+        }
+        match &first {
+            None => first = Some(e),
+            Some(f) => assert_eq!(&e, f, "{b} differs from cpu for {args:?}"),
+        }
+    }
+    first.expect("the CPU ran")
+}
+
+/// Issue 26: probability targets, non-finite weights and mis-shaped masks and lengths are
+/// refused by both backends with the same words, naming the flag, the file and the entry.
+#[test]
+fn both_backends_refuse_bad_values_in_the_users_words() {
+    let d = scratch_dir("values");
+    let (x, t) = problem(&d);
+    // Probability targets: a negative entry in a later block, a NaN, an infinity.
+    let p: Vec<f32> = (0..30).map(|i| if i % 5 == 0 { 0.6 } else { 0.1 }).collect();
+    for (k, (at, bad, shown)) in
+        [(27usize, -0.5f32, "-0.5"), (3, f32::NAN, "NaN"), (11, f32::INFINITY, "inf")].into_iter().enumerate()
+    {
+        let mut q = p.clone();
+        q[at] = bad;
+        let f = d.join(format!("p{k}.npy"));
+        write_npy(&f, &[6, 5], &q);
+        let e = refused_alike(
+            &["eval", "--logits", &x, "--target-probs", &s(&f), "--block-rows", "2"],
+            &["--target-probs", &s(&f), shown, &format!("row {}, column {}", at / 5, at % 5)],
+        );
+        assert!(e.contains("must be finite and >= 0"), "{e}");
+    }
+    // Rows that do not sum to 1 are accepted (as in PyTorch), with the same loss on both.
+    let f = d.join("unnormalised.npy");
+    write_npy(&f, &[6, 5], &p.iter().map(|q| q * 3.0).collect::<Vec<f32>>());
+    let losses: Vec<f64> = backends()
+        .into_iter()
+        .map(|b| {
+            number(&xent_json(&["eval", "--logits", &x, "--target-probs", &s(&f), "--json", "--backend", b])["loss"])
+        })
+        .collect();
+    assert!(losses.iter().all(|l| (l - losses[0]).abs() <= 1e-5 * losses[0].abs()), "{losses:?}");
+
+    // Non-finite class and sample weights, logits and hidden states alike.
+    let (h, w) = (d.join("h.npy"), d.join("w.npy"));
+    write_npy(&h, &[6, 3], &(0..18).map(|i| i as f32 * 0.1).collect::<Vec<f32>>());
+    write_npy(&w, &[5, 3], &(0..15).map(|i| 0.2 - i as f32 * 0.05).collect::<Vec<f32>>());
+    let (cw, sw) = (d.join("cw.npy"), d.join("sw.npy"));
+    write_npy(&cw, &[5], &[1.0f32, 0.5, f32::NAN, 2.0, 1.0]);
+    write_npy(&sw, &[6], &[1.0f32, 1.0, 1.0, 1.0, f32::NEG_INFINITY, 1.0]);
+    for reduction in ["mean", "sum", "none"] {
+        for input in [["--logits", x.as_str(), "", ""], ["--hidden", &s(&h), "--weight", &s(&w)]] {
+            let mut base = vec!["eval", "--targets", &t, "--reduction", reduction];
+            base.extend(input.iter().filter(|a| !a.is_empty()));
+            let cwf = s(&cw);
+            let mut a = base.clone();
+            a.extend(["--class-weight", &cwf]);
+            let e = refused_alike(&a, &[]);
+            assert_eq!(e, format!("error: --class-weight {cwf} must be finite, got NaN at index 2"));
+            let swf = s(&sw);
+            let mut a = base.clone();
+            a.extend(["--sample-weight", &swf]);
+            let e = refused_alike(&a, &[]);
+            assert_eq!(e, format!("error: --sample-weight {swf} must be finite, got -inf at index 4"));
+            assert!(!e.contains("totals") && !e.contains("weight_sum"), "{e}");
+        }
+    }
+    // BCE weights too.
+    let (bx, by, pw) = (d.join("bx.npy"), d.join("by.npy"), d.join("pw.npy"));
+    write_npy(&bx, &[2, 3], &[0.1f32, -0.2, 0.3, 0.0, 1.0, -1.0]);
+    write_npy(&by, &[2, 3], &[1.0f32, 0.0, 1.0, 0.0, 0.5, 1.0]);
+    write_npy(&pw, &[3], &[1.0f32, f32::INFINITY, 1.0]);
+    let pwf = s(&pw);
+    let e = refused_alike(&["bce", "--logits", &s(&bx), "--targets", &s(&by), "--pos-weight", &pwf], &[]);
+    assert_eq!(e, format!("error: --pos-weight {pwf} must be finite, got inf at index 1"));
+
+    // Perplexity: masks and lengths must match the batch's [B, T] exactly.
+    let (px, pt) = (d.join("px.npy"), d.join("pt.npy"));
+    write_npy(&px, &[8, 5], &(0..40).map(|i| (i % 7) as f32 * 0.2).collect::<Vec<f32>>());
+    write_npy(&pt, &[2, 4], &[0i64, 1, 2, 3, 4, 0, 1, 2]);
+    let (m_t, m_short, lens3) = (d.join("mt.npy"), d.join("ms.npy"), d.join("l3.npy"));
+    write_npy(&m_t, &[4, 2], &[1u8; 8]);
+    write_npy(&m_short, &[2, 3], &[1u8; 6]);
+    write_npy(&lens3, &[4], &[2i64, 2, 2, 2]);
+    let e = refused_alike(
+        &["perplexity", "--logits", &s(&px), "--targets", &s(&pt), "--mask", &s(&m_t)],
+        &["--mask", &s(&m_t), "[4, 2]", "[2, 4]"],
+    );
+    assert!(e.contains("shape mismatch"), "{e}");
+    refused_alike(
+        &["perplexity", "--logits", &s(&px), "--targets", &s(&pt), "--mask", &s(&m_short)],
+        &["--mask", "[2, 3]", "[2, 4]"],
+    );
+    refused_alike(
+        &["perplexity", "--logits", &s(&px), "--targets", &s(&pt), "--lengths", &s(&lens3)],
+        &["--lengths", "[4]", "[2]"],
+    );
+    // Logits [B, T, V] fix the layout even when the targets are flat.
+    let (px3, ptf) = (d.join("px3.npy"), d.join("ptf.npy"));
+    write_npy(&px3, &[2, 4, 5], &(0..40).map(|i| (i % 7) as f32 * 0.2).collect::<Vec<f32>>());
+    write_npy(&ptf, &[8], &[0i64, 1, 2, 3, 4, 0, 1, 2]);
+    refused_alike(
+        &["perplexity", "--logits", &s(&px3), "--targets", &s(&ptf), "--mask", &s(&m_t)],
+        &["--mask", "[4, 2]", "[2, 4]"],
+    );
+    // The matching mask is accepted, and flat inputs still take [B, T] from the mask.
+    let good = d.join("good.npy");
+    write_npy(&good, &[2, 4], &[1u8, 1, 1, 0, 1, 1, 0, 0]);
+    for b in backends() {
+        xent_json(&[
+            "perplexity",
+            "--logits",
+            &s(&px),
+            "--targets",
+            &s(&pt),
+            "--mask",
+            &s(&good),
+            "--json",
+            "--backend",
+            b,
+        ]);
+        xent_json(&[
+            "perplexity",
+            "--logits",
+            &s(&px),
+            "--targets",
+            &s(&ptf),
+            "--mask",
+            &s(&m_t),
+            "--json",
+            "--backend",
+            b,
+        ]);
+    }
+}

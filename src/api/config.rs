@@ -133,20 +133,21 @@ impl CrossEntropy {
         if !self.grad_scale.is_finite() {
             return bad(format!("grad_scale must be finite, got {}", self.grad_scale));
         }
-        if let Some(t) = self.totals {
-            if self.reduction != Reduction::Mean {
-                return bad("totals only apply to Reduction::Mean".into());
-            }
-            if !(t.weight_sum.is_finite()) {
-                return bad(format!("totals.weight_sum must be finite, got {}", t.weight_sum));
-            }
-        }
         if let Some(w) = &self.class_weight {
             if w.len() != classes {
                 return Err(XentError::Shape(format!(
                     "class_weight has {} entries but the logits have {classes} classes",
                     w.len()
                 )));
+            }
+            crate::check::finite_values(w.view(), "class_weight")?;
+        }
+        if let Some(t) = self.totals {
+            if self.reduction != Reduction::Mean {
+                return bad("totals only apply to Reduction::Mean".into());
+            }
+            if !(t.weight_sum.is_finite()) {
+                return bad(format!("totals.weight_sum must be finite, got {}", t.weight_sum));
             }
         }
         Ok(())

@@ -9,7 +9,7 @@ use xent::{Bce, BceWeight, Reduction, Result, XentError};
 use super::{commit_f32, out_tensor};
 use crate::common::{num, BackendArgs, Obj, ReductionArg};
 use crate::io::out::Outputs;
-use crate::io::tensor::read_f32_1d;
+use crate::io::tensor::read_weights;
 use crate::io::{FileDType, TensorFile};
 
 #[derive(Args, Debug)]
@@ -74,6 +74,11 @@ pub fn run(a: &BceArgs) -> Result<()> {
     let weight = match &a.weight {
         Some(p) => {
             let (w, wshape) = read_matrix(p, "weight")?;
+            let name = format!("--weight {}", p.display());
+            match wshape.len() {
+                1 => xent::check::finite_values(w.column(0), &name)?,
+                _ => xent::check::finite_values(w.view(), &name)?,
+            }
             Some(if wshape == shape && shape.len() == 2 || wshape.len() == 1 && shape.len() == 1 {
                 BceWeight::PerElement(w)
             } else if wshape.len() == 1 {
@@ -84,7 +89,7 @@ pub fn run(a: &BceArgs) -> Result<()> {
         }
         None => None,
     };
-    let pos_weight = a.pos_weight.as_ref().map(|p| read_f32_1d(p, "pos_weight")).transpose()?;
+    let pos_weight = a.pos_weight.as_ref().map(|p| read_weights(p, "--pos-weight", x.ncols(), "column")).transpose()?;
     let reduction = a.reduction.into();
     let cfg = Bce { reduction, weight, pos_weight, grad: a.grad_out.is_some(), grad_scale: 1.0 };
     let input = if from_probs { xent::check::BceInput::Probs } else { xent::check::BceInput::Logits };

@@ -11,71 +11,76 @@ use super::out_tensor;
 use crate::blocks::{block_rows, BlockTargets, CeJob};
 use crate::common::{emitln, non_negative, num, BackendArgs, Obj, ReductionArg};
 use crate::io::out::Outputs;
-use crate::io::tensor::{read_f32_1d, read_targets};
+use crate::io::tensor::{read_targets, read_weights};
 use crate::io::{FileDType, TensorFile};
 
 #[derive(Args, Debug)]
+#[command(after_help = "Examples:
+  xent eval --logits logits.npy --targets targets.npy
+  xent eval --logits logits.safetensors:logits --targets t.npy --label-smoothing 0.1 --grad-out g.safetensors --grad-dtype bf16
+  xent eval --hidden h.npy --weight w.npy --targets t.npy --grad-weight-out gw.npy --json
+  mpirun -n 4 xent eval --logits huge.npy --targets t.npy --backend cpu")]
 pub struct EvalArgs {
     /// Logits [N, V]: float32, float16 or bfloat16; .npy, .safetensors or file.safetensors:NAME.
-    #[arg(long, required_unless_present = "hidden", conflicts_with = "hidden")]
+    #[arg(long, required_unless_present = "hidden", conflicts_with = "hidden", help_heading = "Inputs")]
     logits: Option<PathBuf>,
     #[command(flatten)]
     linear: LinearArgs,
     /// Write d(loss)/d(hidden) [N, D] (with --hidden; dtype from --grad-dtype).
-    #[arg(long, requires = "hidden")]
+    #[arg(long, requires = "hidden", help_heading = "Outputs")]
     grad_hidden_out: Option<PathBuf>,
     /// Write d(loss)/d(weight) [V, D] (with --hidden; dtype from --grad-dtype).
-    #[arg(long, requires = "hidden")]
+    #[arg(long, requires = "hidden", help_heading = "Outputs")]
     grad_weight_out: Option<PathBuf>,
     /// Write d(loss)/d(bias), float32 [V] (with --bias).
-    #[arg(long, requires = "bias")]
+    #[arg(long, requires = "bias", help_heading = "Outputs")]
     grad_bias_out: Option<PathBuf>,
     /// Class indices, int64 or int32 [N].
-    #[arg(long, required_unless_present = "target_probs", conflicts_with = "target_probs")]
+    #[arg(long, required_unless_present = "target_probs", conflicts_with = "target_probs", help_heading = "Inputs")]
     targets: Option<PathBuf>,
     /// Target probabilities, float32 [N, V] (instead of --targets).
-    #[arg(long)]
+    #[arg(long, help_heading = "Inputs")]
     target_probs: Option<PathBuf>,
     #[command(flatten)]
     backend: BackendArgs,
     /// How row losses are combined.
-    #[arg(long, value_enum, default_value = "mean")]
+    #[arg(long, value_enum, default_value = "mean", help_heading = "Loss")]
     reduction: ReductionArg,
     /// Rows with this target are ignored.
-    #[arg(long, default_value_t = -100, allow_hyphen_values = true)]
+    #[arg(long, default_value_t = -100, allow_hyphen_values = true, help_heading = "Loss")]
     ignore_index: i64,
     /// Per-class weights, float32 [V].
-    #[arg(long)]
+    #[arg(long, help_heading = "Loss")]
     class_weight: Option<PathBuf>,
     /// Per-sample weights, float32 [N].
-    #[arg(long)]
+    #[arg(long, help_heading = "Loss")]
     sample_weight: Option<PathBuf>,
     /// Label smoothing in [0, 1].
-    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true, help_heading = "Loss")]
     label_smoothing: f32,
     /// z-loss coefficient (adds s * lse^2 per counted row).
-    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true, help_heading = "Loss")]
     z_loss: f32,
     /// Soft-cap the logits: c * tanh(x / c).
-    #[arg(long, allow_hyphen_values = true)]
+    #[arg(long, allow_hyphen_values = true, help_heading = "Loss")]
     softcap: Option<f32>,
     /// Divide the logits by this first.
-    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true, help_heading = "Loss")]
     temperature: f32,
     /// Write d(loss)/d(logits) [N, V] (.npy or .safetensors; for `none`: of the sum of row losses).
-    #[arg(long)]
+    #[arg(long, help_heading = "Outputs")]
     grad_out: Option<PathBuf>,
     /// The gradient's dtype: f32, or f16/bf16 rounded once from f32 (bf16 needs .safetensors).
-    #[arg(long, default_value = "f32")]
-    grad_dtype: String,
+    #[arg(long, value_enum, default_value = "f32", help_heading = "Outputs")]
+    grad_dtype: GradDType,
     /// Write per-row losses, float32 [N] (0 for ignored rows).
-    #[arg(long)]
+    #[arg(long, help_heading = "Outputs")]
     loss_out: Option<PathBuf>,
     /// Rows per block streamed through memory (default: about 32 MiB of logits).
-    #[arg(long)]
+    #[arg(long, help_heading = "Backend")]
     block_rows: Option<usize>,
     /// Print one JSON object on the last line.
-    #[arg(long)]
+    #[arg(long, help_heading = "Outputs")]
     json: bool,
 }
 
@@ -90,13 +95,25 @@ pub fn open_logits(path: &Path) -> Result<(TensorFile, DType)> {
     Ok((t, dtype))
 }
 
-/// The gradient dtype flag.
-pub fn grad_file_dtype(s: &str) -> Result<FileDType> {
-    Ok(match s.parse::<DType>()? {
-        DType::F32 => FileDType::F32,
-        DType::F16 => FileDType::F16,
-        DType::BF16 => FileDType::BF16,
-    })
+/// The dtype of a written gradient.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradDType {
+    /// float32, as computed.
+    F32,
+    /// float16, rounded once to nearest even from f32.
+    F16,
+    /// bfloat16, rounded once to nearest even from f32 (safetensors only: .npy has no bf16).
+    Bf16,
+}
+
+impl From<GradDType> for FileDType {
+    fn from(d: GradDType) -> FileDType {
+        match d {
+            GradDType::F32 => FileDType::F32,
+            GradDType::F16 => FileDType::F16,
+            GradDType::Bf16 => FileDType::BF16,
+        }
+    }
 }
 
 /// Counted rows and weight sum of class-index targets (the mean's denominators).
@@ -174,7 +191,7 @@ fn eval_rows(a: &EvalArgs, rank: usize, ranks: usize) -> Result<EvalPart> {
     let logits_path = a.logits.as_ref().expect("clap requires --logits or --hidden");
     let (logits, dtype) = open_logits(logits_path)?;
     let (n, v) = (logits.shape[0], logits.shape[1]);
-    let gfile = grad_file_dtype(&a.grad_dtype)?;
+    let gfile = FileDType::from(a.grad_dtype);
     let mut inputs: Vec<&Path> = vec![logits_path];
     inputs.extend(a.targets.iter().map(PathBuf::as_path));
     inputs.extend(a.target_probs.iter().map(PathBuf::as_path));
@@ -184,29 +201,15 @@ fn eval_rows(a: &EvalArgs, rank: usize, ranks: usize) -> Result<EvalPart> {
         .collect();
     Outputs::check(&outs, &inputs, true)?;
 
-    let class_weight = a.class_weight.as_ref().map(|p| read_f32_1d(p, "class weights")).transpose()?;
-    let sample_weight = a.sample_weight.as_ref().map(|p| read_f32_1d(p, "sample weights")).transpose()?;
     let reduction: Reduction = a.reduction.into();
-    let mut cfg = CrossEntropy {
-        reduction,
-        ignore_index: a.ignore_index,
-        label_smoothing: non_negative(a.label_smoothing, "--label-smoothing")?,
-        class_weight,
-        sample_weight,
-        z_loss: non_negative(a.z_loss, "--z-loss")?,
-        softcap: a.softcap,
-        temperature: a.temperature,
-        per_row: a.loss_out.is_some(),
-        ranks: true,
-        ..Default::default()
-    };
+    let mut cfg = CrossEntropy { ranks: true, ..ce_options(a, n, v)? };
     // Targets, and every check, before a device is opened or an output file created.
     let (classes, probs) = match (&a.targets, &a.target_probs) {
         (Some(t), _) => {
             let (t, _) = read_targets(t, &[1])?;
             check::cross_entropy((n, v), &Targets::I64(t.view()), &cfg)?;
             // Range checks up front: an error should not wait for the blocks to find it.
-            check_targets(&t, v, a.ignore_index)?;
+            check::class_targets(&Targets::I64(t.view()), v, a.ignore_index)?;
             (Some(t), None)
         }
         (None, Some(p)) => {
@@ -219,7 +222,8 @@ fn eval_rows(a: &EvalArgs, rank: usize, ranks: usize) -> Result<EvalPart> {
                     p.dtype.name()
                 )));
             }
-            // Shapes and options now; the probabilities themselves are checked block by block.
+            // Shapes and options now; the probabilities themselves are checked block by block,
+            // before either backend sees them (`CeJob::run`).
             check::cross_entropy((n, v), &Targets::I64(ndarray::Array1::zeros(n).view()), &cfg)?;
             (None, Some(p))
         }
@@ -283,14 +287,14 @@ fn eval_rows(a: &EvalArgs, rank: usize, ranks: usize) -> Result<EvalPart> {
     })
 }
 
-/// The options of `eval` as a [`CrossEntropy`].
-fn ce_options(a: &EvalArgs) -> Result<CrossEntropy> {
+/// The options of `eval` as a [`CrossEntropy`], for `n` rows of `v` classes.
+fn ce_options(a: &EvalArgs, n: usize, v: usize) -> Result<CrossEntropy> {
     Ok(CrossEntropy {
         reduction: a.reduction.into(),
         ignore_index: a.ignore_index,
         label_smoothing: non_negative(a.label_smoothing, "--label-smoothing")?,
-        class_weight: a.class_weight.as_ref().map(|p| read_f32_1d(p, "class weights")).transpose()?,
-        sample_weight: a.sample_weight.as_ref().map(|p| read_f32_1d(p, "sample weights")).transpose()?,
+        class_weight: a.class_weight.as_ref().map(|p| read_weights(p, "--class-weight", v, "class")).transpose()?,
+        sample_weight: a.sample_weight.as_ref().map(|p| read_weights(p, "--sample-weight", n, "row")).transpose()?,
         z_loss: non_negative(a.z_loss, "--z-loss")?,
         softcap: a.softcap,
         temperature: a.temperature,
@@ -321,14 +325,14 @@ fn run_linear_eval(a: &EvalArgs, hidden: &Path, weight: &Path) -> Result<()> {
     .filter_map(|(p, w)| p.as_deref().map(|p| (p, w)))
     .collect();
     Outputs::check(&outs, &inputs_paths, false)?;
-    let ce = ce_options(a)?;
-    let reduction = ce.reduction;
     let inputs = LinearInputs::read(hidden, weight, a.linear.bias.as_deref(), targets, Some(a.ignore_index))?;
     let (n, v) = (inputs.rows(), inputs.classes());
+    let ce = ce_options(a, n, v)?;
+    let reduction = ce.reduction;
     check::cross_entropy((n, v), &Targets::I64(inputs.targets.view()), &ce)?;
     let loss_out = out_tensor(a.loss_out.as_deref(), FileDType::F32, &[n], "row losses")?;
     let engine = a.backend.open()?;
-    let gdt = grad_file_dtype(&a.grad_dtype)?;
+    let gdt = FileDType::from(a.grad_dtype);
     let paths = LinearOutputs {
         hidden: a.grad_hidden_out.as_deref(),
         weight: a.grad_weight_out.as_deref(),
@@ -355,14 +359,6 @@ fn run_linear_eval(a: &EvalArgs, hidden: &Path, weight: &Path) -> Result<()> {
     let obj = if reduction == Reduction::Mean { obj.num("perplexity", o.loss.exp()) } else { obj };
     obj.print(a.json);
     Ok(())
-}
-
-/// Targets in range before any work.
-pub fn check_targets(t: &ndarray::Array1<i64>, v: usize, ignore_index: i64) -> Result<()> {
-    match t.iter().enumerate().find(|(_, &y)| y != ignore_index && (y < 0 || y >= v as i64)) {
-        Some((row, &target)) => Err(XentError::TargetOutOfRange { row, target, classes: v }),
-        None => Ok(()),
-    }
 }
 
 #[derive(Args, Debug)]

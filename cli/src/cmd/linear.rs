@@ -16,6 +16,7 @@ use crate::io::{FileDType, TensorFile};
 /// `--hidden`, `--weight` and `--bias`: the inputs of a fused linear cross-entropy, given
 /// instead of `--logits` (`eval` and `perplexity`).
 #[derive(Args, Debug)]
+#[command(next_help_heading = "Fused linear (logits from hidden states)")]
 pub struct LinearArgs {
     /// Hidden states [N, D] (instead of --logits; rows in sequence order for perplexity): the
     /// logits are hidden @ weight.T + bias, one chunk of rows at a time, never materialised
@@ -99,7 +100,7 @@ impl LinearInputs {
             return Err(XentError::Shape(format!("{} targets for {n} rows of hidden states", targets.len())));
         }
         if let Some(ignore) = ignore_index {
-            super::eval::check_targets(&targets, v, ignore)?;
+            xent::check::class_targets(&xent::Targets::I64(targets.view()), v, ignore)?;
         }
         Ok(LinearInputs { hidden: hidden_t, weight: weight_t, bias, targets })
     }

@@ -10,7 +10,6 @@ use xent::preference::{preference, Preference};
 use xent::sequence::CorpusEval;
 use xent::{CrossEntropy, DType, Reduction, Result, XentError};
 
-use super::eval::check_targets;
 use super::{commit_f32, out_tensor};
 use crate::blocks::{block_rows, BlockTargets, CeJob};
 use crate::common::{nums, BackendArgs, Engine, Obj};
@@ -97,21 +96,49 @@ fn perplexity_rows(a: &PerplexityArgs, rank: usize, ranks: usize) -> Result<PplP
         (None, Some(p)) => Some(open_rows(p)?),
         _ => None,
     };
-    let (dtype, rows, v, seq3) = match (&linear, &logits_file) {
-        (Some(l), _) => (l.hidden.dtype(), l.rows(), l.classes(), None),
-        (None, Some(f)) => (f.1, f.2, f.3, f.4),
+    let (dtype, rows, v) = match (&linear, &logits_file) {
+        (Some(l), _) => (l.hidden.dtype(), l.rows(), l.classes()),
+        (None, Some(f)) => (f.1, f.2, f.3),
         (None, None) => unreachable!("clap requires --logits or --hidden"),
     };
-    let (targets, _) = read_targets(&a.targets, &[1, 2])?;
+    let (targets, tshape) = read_targets(&a.targets, &[1, 2])?;
     if targets.len() != rows {
-        return Err(XentError::Shape(format!("{} targets for {rows} logit rows", targets.len())));
+        return Err(XentError::Shape(format!(
+            "--targets {}: {} targets for {rows} logit rows",
+            a.targets.display(),
+            targets.len()
+        )));
     }
+    // The batch's layout [B, T], where the logits ([B, T, V]) or the targets ([B, T]) give it;
+    // the mask or lengths must then match it exactly. Flat logits and targets take B from them.
+    let logits3 = logits_file.as_ref().filter(|f| f.0.shape.len() == 3).map(|f| (f.0.shape[0], f.0.shape[1]));
+    let layout = match (logits3, tshape.as_slice()) {
+        (Some((b3, t3)), [b, t]) if [*b, *t] != [b3, t3] => {
+            return Err(XentError::Shape(format!(
+                "--targets {} is [{b}, {t}] but the logits are [{b3}, {t3}, {v}]",
+                a.targets.display()
+            )))
+        }
+        (Some(bt), _) => Some(bt),
+        (None, [b, t]) => Some((*b, *t)),
+        (None, _) => None,
+    };
     // Which tokens count, as a [B, T] mask.
     let (b, counted): (usize, Box<dyn Fn(usize, usize) -> bool>) = match (&a.mask, &a.lengths) {
         (Some(m), _) => {
             let t = TensorFile::open(m, "mask")?;
             t.want_rank(&[2], "mask")?;
             let (b, tt) = (t.shape[0], t.shape[1]);
+            let expected = layout.map_or(b * tt == rows, |(lb, lt)| [lb, lt] == [b, tt]);
+            if !expected {
+                let want =
+                    layout.map_or(format!("[B, T] with B * T = {rows} logit rows"), |(lb, lt)| format!("[{lb}, {lt}]"));
+                return Err(XentError::Shape(format!(
+                    "--mask {} is {:?} but the batch is {want}",
+                    m.display(),
+                    t.shape
+                )));
+            }
             let m = t.read_ints("mask")?;
             (b, Box::new(move |s, k| m[s * tt + k] != 0))
         }
@@ -119,6 +146,16 @@ fn perplexity_rows(a: &PerplexityArgs, rank: usize, ranks: usize) -> Result<PplP
             let t = TensorFile::open(l, "lengths")?;
             t.want_rank(&[1], "lengths")?;
             let l = t.read_ints("lengths")?;
+            let fits = layout.map_or(!l.is_empty() && rows.is_multiple_of(l.len()), |(lb, _)| lb == l.len());
+            if !fits {
+                let want = layout
+                    .map_or(format!("B sequences of equal length ({rows} logit rows)"), |(lb, _)| format!("[{lb}]"));
+                return Err(XentError::Shape(format!(
+                    "--lengths {} is [{}] but the batch is {want}",
+                    t.path.display(),
+                    l.len()
+                )));
+            }
             (l.len(), Box::new(move |s, k| (k as i64) < l[s]))
         }
         (None, None) => unreachable!("clap requires --mask or --lengths"),
@@ -127,21 +164,13 @@ fn perplexity_rows(a: &PerplexityArgs, rank: usize, ranks: usize) -> Result<PplP
         return Err(XentError::Shape(format!("{rows} logit rows are not {b} sequences of equal length")));
     }
     let seq_len = rows / b;
-    if let Some(t3) = seq3 {
-        if t3 != seq_len {
-            return Err(XentError::Shape(format!("logits have {t3} tokens per sequence, the mask {seq_len}")));
-        }
-    }
-    if let Some(m) = &a.mask {
-        let shape = TensorFile::open(m, "mask")?.shape;
-        if shape != [b, seq_len] {
-            return Err(XentError::Shape(format!("mask is {shape:?} but the batch is [{b}, {seq_len}]")));
-        }
-    }
     if let Some(l) = &a.lengths {
         let lens = TensorFile::open(l, "lengths")?.read_ints("lengths")?;
         if let Some((i, &n)) = lens.iter().enumerate().find(|(_, &n)| n < 0 || n as usize > seq_len) {
-            return Err(XentError::InvalidOption(format!("length {n} of sequence {i} is outside 0..={seq_len}")));
+            return Err(XentError::InvalidOption(format!(
+                "--lengths {}: length {n} of sequence {i} is outside 0..={seq_len}",
+                l.display()
+            )));
         }
     }
     let t: Vec<i64> =
@@ -255,7 +284,7 @@ pub fn run_calibrate(a: &CalibrateArgs) -> Result<()> {
     if t.len() != rows {
         return Err(XentError::Shape(format!("logits have {rows} rows but targets have {}", t.len())));
     }
-    check_targets(&t, v, a.ignore_index)?;
+    xent::check::class_targets(&xent::Targets::I64(t.view()), v, a.ignore_index)?;
     let t = t.to_vec();
     let engine = a.backend.open()?;
     let br = block_rows(rows, v, dtype.size(), a.block_rows, 1)?;

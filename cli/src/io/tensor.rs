@@ -2,7 +2,6 @@
 
 use std::fs::File;
 use std::io::{Read, Seek};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
@@ -90,7 +89,7 @@ fn fmt_err(path: &Path, message: impl Into<String>) -> XentError {
 }
 
 pub(crate) fn io_err(path: &Path, e: std::io::Error) -> XentError {
-    XentError::Io { path: path.display().to_string(), message: e.to_string() }
+    XentError::io(path.display(), e)
 }
 
 /// An opened tensor: where its elements are in which file.
@@ -125,7 +124,11 @@ impl TensorFile {
         let (path, name) = split_spec(spec);
         let meta = std::fs::metadata(&path).map_err(|e| io_err(&path, e))?;
         if meta.is_dir() {
-            return Err(XentError::Io { path: path.display().to_string(), message: format!("{what}: is a directory") });
+            return Err(XentError::Io {
+                path: path.display().to_string(),
+                message: format!("{what}: is a directory"),
+                source: None,
+            });
         }
         let mut file = File::open(&path).map_err(|e| io_err(&path, e))?;
         let mut magic = [0u8; 8];
@@ -250,7 +253,7 @@ impl TensorFile {
     pub fn read_into<T: bytemuck::Pod>(&self, start: usize, out: &mut [T]) -> Result<()> {
         assert_eq!(std::mem::size_of::<T>(), self.dtype.size(), "element size");
         let pos = self.offset + (start * self.dtype.size()) as u64;
-        self.file.read_exact_at(bytemuck::cast_slice_mut(out), pos).map_err(|e| io_err(&self.path, e))
+        super::pos::read_exact_at(&self.file, bytemuck::cast_slice_mut(out), pos).map_err(|e| io_err(&self.path, e))
     }
 
     /// The whole tensor as `T` (after checking the size; Fortran order transposed to C order).
@@ -334,6 +337,19 @@ pub fn read_f32_1d(spec: &Path, what: &str) -> Result<ndarray::Array1<f32>> {
     let t = TensorFile::open(spec, what)?;
     t.want_rank(&[1], what)?;
     Ok(ndarray::Array1::from(t.read_f32(what)?))
+}
+
+/// Reads a float32 weight vector given by `flag`, one entry per `each` (`expected` of them),
+/// and checks with the library's own check that every entry is finite; an error names the
+/// flag, the file and the entry.
+pub fn read_weights(spec: &Path, flag: &str, expected: usize, each: &str) -> Result<ndarray::Array1<f32>> {
+    let w = read_f32_1d(spec, flag)?;
+    let name = format!("{flag} {}", spec.display());
+    if w.len() != expected {
+        return Err(XentError::Shape(format!("{name} has {} entries, expected {expected} (one per {each})", w.len())));
+    }
+    xent::check::finite_values(w.view(), &name)?;
+    Ok(w)
 }
 
 /// Reads integer class indices (int64, int32; floats are refused, not truncated) of one of the
