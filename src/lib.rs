@@ -56,6 +56,12 @@ pub use gpu::{
     CeBackward, CeInputs, CePlan, CounterSnapshot, DeviceGrad, DeviceTargets, DistillInputs, DistillPlan, GpuContext,
     GpuOptions, LogSoftmaxPlan, PendingCe, PendingLoss, RowSumPlan,
 };
+/// The `half` crate whose `f16`/`bf16` xent's tensors hold, so that callers name the same types.
+pub use half;
+/// The `wgpu` crate of xent's public GPU API (buffers, encoders, devices), so that callers
+/// record into xent's plans with the same version.
+#[cfg(feature = "gpu")]
+pub use wgpu;
 
 /// The README's Rust examples, compiled and run as doc tests.
 #[doc = include_str!("../README.md")]

@@ -16,11 +16,24 @@ pub enum BackendKind {
     Cpu,
 }
 
+/// Which backend runs a command, or `auto`: the GPU when an adapter exists, else the CPU.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// The GPU when this build has it and an adapter is found, else the CPU (the output's
+    /// `backend` field says which ran).
+    Auto,
+    /// The GPU (wgpu: Vulkan, Metal or DX12); an error when there is no adapter.
+    Gpu,
+    /// The CPU (AVX-512 / AVX2 / portable row kernels).
+    Cpu,
+}
+
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Backend")]
 pub struct BackendArgs {
     /// Backend to run on.
-    #[arg(long, value_enum, default_value = "gpu")]
-    pub backend: BackendKind,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendChoice,
     /// CPU worker threads (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -50,13 +63,23 @@ impl Engine {
 impl BackendArgs {
     pub fn open(&self) -> Result<Engine> {
         match self.backend {
-            BackendKind::Cpu => Ok(Engine::Cpu(cpu(self.threads)?)),
+            BackendChoice::Cpu => Ok(Engine::Cpu(cpu(self.threads)?)),
             #[cfg(feature = "gpu")]
-            BackendKind::Gpu => Ok(Engine::Gpu(xent::GpuContext::new()?)),
+            BackendChoice::Gpu => Ok(Engine::Gpu(xent::GpuContext::new()?)),
             #[cfg(not(feature = "gpu"))]
-            BackendKind::Gpu => {
+            BackendChoice::Gpu => {
                 Err(XentError::InvalidOption("this xent was built without the `gpu` feature: use --backend cpu".into()))
             }
+            // No adapter (or none that gives a device) means the CPU; any other GPU failure
+            // is reported, not hidden behind a silent fallback.
+            #[cfg(feature = "gpu")]
+            BackendChoice::Auto => match xent::GpuContext::new() {
+                Ok(g) => Ok(Engine::Gpu(g)),
+                Err(XentError::NoAdapter(_) | XentError::RequestDevice(_)) => Ok(Engine::Cpu(cpu(self.threads)?)),
+                Err(e) => Err(e),
+            },
+            #[cfg(not(feature = "gpu"))]
+            BackendChoice::Auto => Ok(Engine::Cpu(cpu(self.threads)?)),
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod plot;
 /// Ignores SIGXFSZ, so that a write over the process's file-size limit returns an error
 /// (reported, with the output's target untouched) instead of ending the process.
 pub fn ignore_sigxfsz() {
+    #[cfg(unix)]
     // SAFETY: setting a signal's disposition to SIG_IGN at start-up, before any thread exists,
     // has no memory-safety preconditions.
     unsafe {

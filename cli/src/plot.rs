@@ -83,7 +83,8 @@ where
 /// Draws `points` to `path` (.svg or .png).
 pub fn throughput(path: &Path, points: &[Point], title: &str) -> Result<()> {
     register_font();
-    let err = |m: String| XentError::Io { path: path.display().to_string(), message: format!("plot: {m}") };
+    let err =
+        |m: String| XentError::Io { path: path.display().to_string(), message: format!("plot: {m}"), source: None };
     let size = (900, 540);
     match path.extension().and_then(|e| e.to_str()) {
         Some("svg") => draw(SVGBackend::new(path, size).into_drawing_area(), points, title).map_err(err),

@@ -7,6 +7,7 @@
 //! file larger than memory stream through in row blocks at disk speed.
 
 pub mod out;
+pub mod pos;
 pub mod tensor;
 
 pub use out::OutFile;

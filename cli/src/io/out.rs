@@ -4,7 +4,6 @@
 //! was, also when the output path is the input path.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use xent::{Result, XentError};
@@ -22,7 +21,7 @@ pub struct OutFile {
 impl OutFile {
     /// Validates `target` and creates its temporary file.
     pub fn create(target: &Path, what: &str) -> Result<OutFile> {
-        let bad = |m: String| XentError::Io { path: target.display().to_string(), message: m };
+        let bad = |m: String| XentError::Io { path: target.display().to_string(), message: m, source: None };
         let name = target.file_name().ok_or_else(|| bad(format!("{what}: not a file name")))?;
         let dir = target.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         if !dir.is_dir() {
@@ -66,7 +65,7 @@ impl OutFile {
 
     /// Writes `bytes` at `offset`.
     pub fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<()> {
-        self.file().write_all_at(bytes, offset).map_err(|e| io_err(&self.target, e))
+        super::pos::write_all_at(self.file(), bytes, offset).map_err(|e| io_err(&self.target, e))
     }
 
     /// Sets the file's length (reserves the data region).
@@ -91,12 +90,13 @@ impl Drop for OutFile {
     }
 }
 
-/// Whether two paths name the same file (by device and inode when both exist).
+/// Whether two paths name the same file: by the file's identity when both exist (device and
+/// inode on Unix, volume and file index on Windows, through the `same-file` crate), else by
+/// their canonical directories and names.
 pub fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => {
+    match same_file::is_same_file(a, b) {
+        Ok(same) => same,
+        Err(_) => {
             let canon = |p: &Path| {
                 let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
                 std::fs::canonicalize(dir).ok().map(|d| d.join(p.file_name().unwrap_or_default()))
