@@ -45,7 +45,7 @@ pub use api::config::{
     SoftmaxKind, Totals,
 };
 pub use api::linear::{LinearCe, LinearCeOutput};
-pub use api::targets::Targets;
+pub use api::targets::{Targets, DEVICE_IGNORED};
 pub use api::Backend;
 pub use api::{calibration, gaussian, preference, sequence};
 pub use cpu::Cpu;

@@ -278,7 +278,8 @@ impl CeJob<'_> {
         let elem = self.dtype.size() as u64;
         let gdt = self.grad.map(grad_dtype);
         // Ignored rows become i32::MIN on the device (targets are checked on the host first).
-        let plan_cfg = CrossEntropy { sample_weight: None, ignore_index: i32::MIN as i64, ..self.cfg.clone() };
+        let plan_cfg =
+            CrossEntropy { sample_weight: None, ignore_index: xent::DEVICE_IGNORED as i64, ..self.cfg.clone() };
         let classes: &[i64] = match self.targets {
             BlockTargets::Classes(t) => t,
             BlockTargets::Probs(_) => &[],
@@ -343,10 +344,8 @@ impl CeJob<'_> {
             match &b.probs {
                 Some(p) => gpu.write_buffer(&s.targets, 0, bytemuck::cast_slice(&p[..rows * v]))?,
                 None => {
-                    let t: Vec<i32> = classes[b.range.clone()]
-                        .iter()
-                        .map(|&y| if y == self.cfg.ignore_index { i32::MIN } else { y as i32 })
-                        .collect();
+                    let t = Targets::I64(ArrayView1::from(&classes[b.range.clone()]))
+                        .device_classes(v, self.cfg.ignore_index)?;
                     gpu.write_buffer(&s.targets, 0, bytemuck::cast_slice(&t))?;
                 }
             }

@@ -68,8 +68,11 @@ impl<'a> From<&'a Array2<f32>> for Targets<'a> {
     }
 }
 
-/// The i32 value that marks an ignored row once targets are normalised.
-pub(crate) const IGNORED: i32 = i32::MIN;
+/// The i32 class index that marks an ignored row on a device (a value no class can have):
+/// GPU plans take class targets as i32 with ignored rows set to this, and are made with
+/// `ignore_index: DEVICE_IGNORED as i64` (see [`Targets::device_classes`]).
+pub const DEVICE_IGNORED: i32 = i32::MIN;
+pub(crate) const IGNORED: i32 = DEVICE_IGNORED;
 
 impl Targets<'_> {
     /// Number of rows.
@@ -98,6 +101,21 @@ impl Targets<'_> {
             Targets::I32(v) => v[i] as i64,
             Targets::Probs(_) => 0,
         }
+    }
+
+    /// Class indices as GPU plans take them (`DeviceTargets::Classes`): i32, each checked
+    /// against `classes` (the first out of range is [`XentError::TargetOutOfRange`]), rows
+    /// whose target is `ignore_index` as [`DEVICE_IGNORED`]. Probability targets give 0 for
+    /// every row.
+    ///
+    /// ```
+    /// use xent::{Targets, DEVICE_IGNORED};
+    /// let t = Targets::from(&[3i64, -100, 0][..]);
+    /// assert_eq!(t.device_classes(5, -100).unwrap(), vec![3, DEVICE_IGNORED, 0]);
+    /// assert!(t.device_classes(3, -100).is_err());
+    /// ```
+    pub fn device_classes(&self, classes: usize, ignore_index: i64) -> Result<Vec<i32>> {
+        self.normalise(classes, ignore_index)
     }
 
     /// Checks every class index against `classes` and maps ignored rows to [`IGNORED`].

@@ -160,12 +160,16 @@ fn device_resident(
     let (n, v) = x.dim();
     let logits = g.create_buffer((n * v * 4) as u64, U::STORAGE | U::COPY_DST, "demo logits")?;
     g.write_buffer(&logits, 0, bytemuck::cast_slice(x.as_slice().expect("standard layout")))?;
-    let ti: Vec<i32> = t.iter().map(|&y| if y == cfg.ignore_index { i32::MIN } else { y as i32 }).collect();
+    let ti = xent::Targets::I64(t.view()).device_classes(v, cfg.ignore_index)?;
     let targets = g.create_buffer((n * 4) as u64, U::STORAGE | U::COPY_DST, "demo targets")?;
     g.write_buffer(&targets, 0, bytemuck::cast_slice(&ti))?;
     let grad = g.create_buffer((n * v * 4) as u64, U::STORAGE, "demo gradient")?;
-    let plan =
-        g.cross_entropy_plan(n, v, DType::F32, &CrossEntropy { ignore_index: i32::MIN as i64, ..cfg.clone() })?;
+    let plan = g.cross_entropy_plan(
+        n,
+        v,
+        DType::F32,
+        &CrossEntropy { ignore_index: xent::DEVICE_IGNORED as i64, ..cfg.clone() },
+    )?;
     let inputs = CeInputs {
         logits: logits.slice(..),
         targets: DeviceTargets::Classes(targets.slice(..)),

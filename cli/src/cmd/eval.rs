@@ -116,20 +116,6 @@ impl From<GradDType> for FileDType {
     }
 }
 
-/// Counted rows and weight sum of class-index targets (the mean's denominators).
-pub fn totals(t: &[i64], cfg: &CrossEntropy) -> Totals {
-    let mut out = Totals::default();
-    for (r, &y) in t.iter().enumerate() {
-        if y != cfg.ignore_index {
-            out.counted += 1;
-            let sw = cfg.sample_weight.as_ref().map_or(1.0, |w| w[r] as f64);
-            let cw = cfg.class_weight.as_ref().map_or(1.0, |w| w[y as usize] as f64);
-            out.weight_sum += sw * cw;
-        }
-    }
-    out
-}
-
 /// What one process of `eval` found in its rows: loss sum, counted rows, weight sum, top-1
 /// hits (summed over ranks), and what the report names.
 struct EvalPart {
@@ -231,7 +217,7 @@ fn eval_rows(a: &EvalArgs, rank: usize, ranks: usize) -> Result<EvalPart> {
     };
     if reduction == Reduction::Mean {
         cfg.totals = Some(match &classes {
-            Some(t) => totals(t.as_slice().expect("contiguous"), &cfg),
+            Some(t) => Totals::of(&Targets::I64(t.view()), &cfg),
             None => Totals {
                 counted: n as u64,
                 weight_sum: cfg.sample_weight.as_ref().map_or(n as f64, |w| w.iter().map(|&x| x as f64).sum()),
