@@ -37,12 +37,19 @@ fn json_line(o: &Output) -> Value {
     serde_json::from_str(s.lines().last().unwrap()).unwrap()
 }
 
+/// The shared logits and targets, written once per process: the tests run in parallel, and a
+/// test rewriting the files (truncated, then filled) while another reads them read 0 bytes.
 fn fixture() -> (String, String) {
-    let (x, l) = (file("x.npy"), file("t.npy"));
-    let logits = ndarray::array![[1.0f32, 2.0, 3.0], [0.5, 0.5, 0.5], [3.0, -1.0, 0.0], [0.0, 1.0, 0.0]];
-    write_npy(&x, &[4, 3], logits.as_slice().unwrap());
-    write_i64(&l, &[2, -100, 0, 1]);
-    (x, l)
+    static FILES: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+    FILES
+        .get_or_init(|| {
+            let (x, l) = (file("x.npy"), file("t.npy"));
+            let logits = ndarray::array![[1.0f32, 2.0, 3.0], [0.5, 0.5, 0.5], [3.0, -1.0, 0.0], [0.0, 1.0, 0.0]];
+            write_npy(&x, &[4, 3], logits.as_slice().unwrap());
+            write_i64(&l, &[2, -100, 0, 1]);
+            (x, l)
+        })
+        .clone()
 }
 
 fn backends() -> Vec<&'static str> {
