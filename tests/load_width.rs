@@ -1,5 +1,5 @@
-//! 16-byte loads of 16-bit rows (`GpuOptions::wide_loads`, the default: eight bf16/f16 values
-//! per load where V is a multiple of 8) against the 8-byte loads of the earlier kernels (four
+//! 16-byte loads of 16-bit rows (`GpuOptions::wide_loads`, the default on GPUs: eight bf16/f16
+//! values per load where V is a multiple of 8) against the 8-byte loads of the earlier kernels (four
 //! values per load), in two contexts on one adapter, for the cross-entropy forward and
 //! gradient passes (whole and split rows), the backward pass, log-softmax, softmax, row sums
 //! and the copy kernel.
@@ -30,9 +30,10 @@ fn pairs() -> Vec<(&'static str, GpuContext, GpuContext)> {
         ("whole rows", GpuOptions::default()),
         ("split rows", GpuOptions { segment_len: Some(96), workgroup_size: Some(32), ..Default::default() }),
     ] {
-        let wide = gpu_with(GpuOptions { wide_loads: true, ..base.clone() });
-        let narrow = gpu_with(GpuOptions { wide_loads: false, ..base });
+        let wide = gpu_with(GpuOptions { wide_loads: Some(true), ..base.clone() });
+        let narrow = gpu_with(GpuOptions { wide_loads: Some(false), ..base });
         if let (Some(w), Some(n)) = (wide, narrow) {
+            assert!(w.wide_loads() && !n.wide_loads(), "{name}: the option reaches the context");
             out.push((name, w, n));
         }
     }
