@@ -224,8 +224,18 @@ fn grad8(gc: GradCoef, live: bool, xb: u32, yb: u32, o: u32) -> V8 {
 #endif
     let x = in8(xb / 8u + o);
     let c = 8u * o;
-    let lo = vec4<f32>(grad_at(gc, x.lo.x, c, y.lo.x), grad_at(gc, x.lo.y, c + 1u, y.lo.y), grad_at(gc, x.lo.z, c + 2u, y.lo.z), grad_at(gc, x.lo.w, c + 3u, y.lo.w));
-    let hi = vec4<f32>(grad_at(gc, x.hi.x, c + 4u, y.hi.x), grad_at(gc, x.hi.y, c + 5u, y.hi.y), grad_at(gc, x.hi.z, c + 6u, y.hi.z), grad_at(gc, x.hi.w, c + 7u, y.hi.w));
+    let lo = vec4<f32>(
+        grad_at(gc, x.lo.x, c, y.lo.x),
+        grad_at(gc, x.lo.y, c + 1u, y.lo.y),
+        grad_at(gc, x.lo.z, c + 2u, y.lo.z),
+        grad_at(gc, x.lo.w, c + 3u, y.lo.w),
+    );
+    let hi = vec4<f32>(
+        grad_at(gc, x.hi.x, c + 4u, y.hi.x),
+        grad_at(gc, x.hi.y, c + 5u, y.hi.y),
+        grad_at(gc, x.hi.z, c + 6u, y.hi.z),
+        grad_at(gc, x.hi.w, c + 7u, y.hi.w),
+    );
     return V8(lo, hi);
 }
 #elif VEC4

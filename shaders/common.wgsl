@@ -7,8 +7,9 @@
 // OUT16 / OUT_BF16 (output rows, slot 8; for IN_PLACE the input's dtype). 16-bit rows are read
 // from u32 words; all arithmetic is f32. VEC4: rows are a multiple of 4 elements and read 4 at a
 // time. VEC8 (with VEC4 and 16-bit input): rows are a multiple of 8 elements, start at 16-byte
-// boundaries, and are read 8 at a time, one 16-byte load of four words each. ODD: rows have an odd length, so a 16-bit word can hold the end of one row and the start
-// of the next; such edge words are written with atomic and/or on their own half only.
+// boundaries, and are read 8 at a time, one 16-byte load of four words each. ODD: rows have an
+// odd length, so a 16-bit word can hold the end of one row and the start of the next; such edge
+// words are written with atomic and/or on their own half only.
 
 const WG: u32 = 256u;
 

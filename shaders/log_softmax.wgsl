@@ -23,7 +23,9 @@ fn main(
         let x = in8(xb / 8u + o);
         let dl = x.lo - vec4<f32>(st.m);
         let dh = x.hi - vec4<f32>(st.m);
-        put8(ob + 8u * o, V8(select(dl - vec4<f32>(l1p), exp(dl) * inv, soft), select(dh - vec4<f32>(l1p), exp(dh) * inv, soft)));
+        let lo = select(dl - vec4<f32>(l1p), exp(dl) * inv, soft);
+        let hi = select(dh - vec4<f32>(l1p), exp(dh) * inv, soft);
+        put8(ob + 8u * o, V8(lo, hi));
     }
 #elif VEC4
     for (var q = lid; q < P.v / 4u; q += WG) {
