@@ -1,62 +1,184 @@
 #!/usr/bin/env bash
-# The GPU benchmark grid: xent's fused cross-entropy against the device's own copy rate, for
-# the vocabularies LLMs use, over row counts from 1k to 64k, f32 and bf16, forward and
-# forward + gradient; then the split-row and workgroup-size variants for long rows. Writes one
-# JSON file: {"date", "revision", "device", "rows": [one object per measurement]}.
+# The GPU benchmark grid, sized for at most five minutes on one NVIDIA H100 or H200 with nothing
+# else reachable. Writes one JSON file (rewritten after every step, so that a run cut short
+# keeps what it measured):
+#   {"date", "revision", "device", "mode", "elapsed_s", "notes": [...], "rows": [one per measurement]}
 #
-#   scripts/gpu-bench.sh [OUT.json]            # builds the CLI unless XENT_BIN names one
+#   scripts/gpu-bench.sh [--dry-run] [OUT.json]
 #
-# Sized for a few minutes of device time: at most 2.6e9 logits per shape (10.4 GB in f32),
-# twenty timed repetitions after a warm-up; each (V, dtype) workload is generated once per op.
+# Default OUT: benches/gpu-h100-<date>.json (gpu-h200-..., from nvidia-smi's name), or
+# target/gpu-bench-dry-run.json with --dry-run. XENT_REVISION names the revision where the
+# working tree has no .git (the device machine's copy).
+#
+# 1. Cross-entropy grid: V = 32000, 128256, 152064, 256000; N = 4096 and 16384 where N V <=
+#    MAX_ELEMS; ops copy (the ceiling: buffer copy, copy kernel, read-only row sum), fwd and
+#    fwd-bwd; f32 and bf16, bf16 with 16-byte and 8-byte loads in the same process
+#    (`--load-width 16,8`; each row carries "load_width").
+# 2. Fused linear cross-entropy (`--op linear-fwd-bwd`) at 8192x4096x32000 and 8192x2304x256000,
+#    bf16 and f32, with cooperative matrices on and off: `--matmul coop16|simt`. That flag comes
+#    from the branch adding the cooperative-matrix GpuOptions field; its name must match what
+#    that branch gives `xent bench`. A binary without it runs the products once per dtype with
+#    its default, and the JSON says so in "notes".
+# 3. SWEEP=1 only (not in the five minutes): segment lengths and workgroup sizes.
+#
+# The device machine has no Rust toolchain and no network: build here and carry the binary,
+#   cargo build --release -p xent-cli && mkdir -p .devbin && cp target/release/xent .devbin/
+# then there: XENT_BIN=.devbin/xent scripts/gpu-bench.sh "$OUT/gpu-h100-$(date +%F).json"
+# (with the Vulkan loader unpacked first if `ldconfig -p | grep libvulkan` finds none). Without
+# XENT_BIN the script builds with cargo (offline when there is no network), if cargo is there.
+#
+# --dry-run: small shapes (V still 32000 and 256000), two repetitions: every step end to end on
+# lavapipe in well under a minute. Not part of scripts/test.sh.
+#
+# Knobs: REPS (10), LINEAR_REPS (3), MAX_ELEMS (1.1e9 logits per shape), BUDGET_S (270: a step
+# not started by then is skipped and named in "notes"), SWEEP (0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-gpu-bench.json}
+
+DRY=0
+if [ "${1:-}" = --dry-run ]; then
+    DRY=1
+    shift
+fi
+START=$SECONDS
+BUDGET_S=${BUDGET_S:-270}
+
 BIN=${XENT_BIN:-}
 if [ -z "$BIN" ]; then
-    cargo build --release -p xent-cli
+    if ! command -v cargo >/dev/null; then
+        echo "gpu-bench: no XENT_BIN and no cargo: build xent-cli elsewhere and set XENT_BIN" >&2
+        exit 2
+    fi
+    cargo build --release -p xent-cli || cargo build --release --offline -p xent-cli
     BIN=target/release/xent
 fi
-REPS=${REPS:-20}
-MAX_ELEMS=${MAX_ELEMS:-2600000000}
-LINES=$(mktemp)
-trap 'rm -f "$LINES"' EXIT
+[ -x "$BIN" ] || { echo "gpu-bench: $BIN is not an executable" >&2; exit 2; }
 
-bench() { # bench OP DTYPES SHAPES [flags...] -- every line tagged with the flags used
-    local op=$1 dtypes=$2 shapes=$3
-    shift 3
-    local tag="${*:-default}"
-    "$BIN" bench --backend gpu --json --reps "$REPS" --op "$op" --dtype "$dtypes" --shapes "$shapes" "$@" |
-        sed "s/}\$/,\"variant\":\"$tag\"}/" | tee -a "$LINES"
+DEVICE=$( (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true) | head -1)
+if [ $DRY = 1 ]; then
+    MODE=dry-run
+else
+    # gpu-h100 / gpu-h200 from the device's name.
+    model=$( (echo "$DEVICE" | grep -oiE 'h100|h200' || true) | head -1 | tr 'A-Z' 'a-z')
+    TAG=gpu-${model:-unknown}
+    MODE=full
+fi
+if [ $DRY = 1 ]; then
+    OUT=${1:-target/gpu-bench-dry-run.json} # not a measurement to keep under benches/
+else
+    OUT=${1:-benches/${TAG}-$(date -u +%Y-%m-%d).json}
+fi
+[ -n "$DEVICE" ] || DEVICE=unknown
+
+if [ $DRY = 1 ]; then
+    REPS=${REPS:-2}
+    LINEAR_REPS=${LINEAR_REPS:-1}
+    CE_V="32000 256000"
+    CE_N="4 8"
+    MAX_ELEMS=${MAX_ELEMS:-1100000}
+    LINEAR_SHAPES="16x64x1000,8x32x2000"
+else
+    REPS=${REPS:-10}
+    LINEAR_REPS=${LINEAR_REPS:-3}
+    CE_V="32000 128256 152064 256000"
+    CE_N="4096 16384"
+    MAX_ELEMS=${MAX_ELEMS:-1100000000}
+    LINEAR_SHAPES="8192x4096x32000,8192x2304x256000"
+fi
+
+LINES=$(mktemp)
+NOTES=$(mktemp)
+ERR=$(mktemp)
+trap 'rm -f "$LINES" "$NOTES" "$ERR"' EXIT
+
+json_str() { # a JSON string literal of $1 (backslashes, quotes, control characters)
+    printf '"%s"' "$(printf '%s' "$1" | tr '\n\t\r' '   ' | sed 's/\\/\\\\/g; s/"/\\"/g')"
+}
+note() {
+    echo "gpu-bench: $1" >&2
+    json_str "$1" >>"$NOTES"
+    echo >>"$NOTES"
+}
+write_json() {
+    mkdir -p "$(dirname "$OUT")"
+    {
+        printf '{"date":"%s","revision":"%s","device":%s,"mode":"%s","elapsed_s":%d,"notes":[' \
+            "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+            "${XENT_REVISION:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
+            "$(json_str "$DEVICE")" "$MODE" $((SECONDS - START))
+        paste -sd, "$NOTES"
+        printf '],"rows":[\n'
+        paste -sd, "$LINES"
+        printf ']}\n'
+    } >"$OUT.tmp"
+    mv "$OUT.tmp" "$OUT"
 }
 
-for v in 32000 128256 152064 256000; do
+bench() { # bench TAG [xent bench arguments...]: one invocation, every line tagged "variant"
+    local tag=$1
+    shift
+    local left=$((BUDGET_S - (SECONDS - START)))
+    if [ $left -le 5 ]; then
+        note "skipped (time budget of ${BUDGET_S}s spent): $tag: $*"
+        return 0
+    fi
+    local t0=$SECONDS
+    if timeout "$left" "$BIN" bench --backend gpu --json "$@" 2>"$ERR" >"$LINES.part"; then
+        sed "s/}\$/,\"variant\":\"$tag\"}/" "$LINES.part" | tee -a "$LINES"
+        echo "gpu-bench: $tag: $((SECONDS - t0)) s" >&2
+    else
+        local rc=$?
+        sed "s/}\$/,\"variant\":\"$tag\"}/" "$LINES.part" >>"$LINES"
+        note "failed (exit $rc after $((SECONDS - t0)) s): $tag: $*: $(tail -c 400 "$ERR")"
+    fi
+    rm -f "$LINES.part"
+    write_json
+}
+
+note "mode $MODE, reps $REPS (linear $LINEAR_REPS), budget ${BUDGET_S}s, binary $BIN"
+write_json
+
+# 1. The cross-entropy grid, one invocation per (V, op): workloads generated once per dtype.
+for v in $CE_V; do
     shapes=()
-    for n in 1024 4096 16384 65536; do
+    for n in $CE_N; do
         if [ $((n * v)) -le "$MAX_ELEMS" ]; then shapes+=("${n}x${v}"); fi
     done
     [ ${#shapes[@]} -gt 0 ] || continue
     s=$(IFS=,; echo "${shapes[*]}")
     for op in copy fwd fwd-bwd; do
-        bench "$op" f32,bf16 "$s"
+        bench default --reps "$REPS" --op "$op" --dtype f32,bf16 --shapes "$s" --load-width 16,8
     done
 done
 
-# Long rows split into segments, and narrower workgroups than the default (SWEEP=0 skips them).
-if [ "${SWEEP:-1}" != 0 ]; then
-    for seg in 16384 65536; do
-        bench fwd-bwd f32 1024x128256,4096x128256,1024x256000,4096x256000 --segment-len "$seg"
+# 2. Fused linear cross-entropy with and without cooperative matrices.
+HELP=$("$BIN" bench --help 2>/dev/null || true)
+if grep -q -- '--matmul' <<<"$HELP"; then
+    for dtype in bf16 f32; do
+        for mm in coop16 simt; do
+            bench "matmul=$mm" --reps "$LINEAR_REPS" --op linear-fwd-bwd --dtype "$dtype" --shapes "$LINEAR_SHAPES" \
+                --matmul "$mm"
+        done
     done
-    for wg in 256 512 1024; do
-        bench fwd f32,bf16 4096x32000,16384x32000 --workgroup-size "$wg"
-        bench fwd-bwd f32,bf16 4096x32000,16384x32000 --workgroup-size "$wg"
+else
+    note "this xent bench has no --matmul flag: linear-fwd-bwd ran once per dtype with the library's default products"
+    for dtype in bf16 f32; do
+        bench "matmul=default" --reps "$LINEAR_REPS" --op linear-fwd-bwd --dtype "$dtype" --shapes "$LINEAR_SHAPES"
     done
 fi
 
-{
-    printf '{"date":"%s","revision":"%s","device":"%s","rows":[\n' \
-        "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${XENT_REVISION:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
-        "$( (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo unknown) | head -1)"
-    paste -sd, "$LINES"
-    printf ']}\n'
-} >"$OUT"
-echo "wrote $OUT ($(wc -l <"$LINES") measurements)"
+# 3. Long rows split into segments, and workgroup sizes (SWEEP=1).
+if [ "${SWEEP:-0}" != 0 ]; then
+    for seg in 16384 65536; do
+        bench "segment-len=$seg" --reps "$REPS" --op fwd-bwd --dtype f32,bf16 --shapes 4096x128256,4096x256000 \
+            --segment-len "$seg"
+    done
+    for wg in 256 512 1024; do
+        bench "workgroup-size=$wg" --reps "$REPS" --op fwd --dtype f32,bf16 --shapes 4096x32000,16384x32000 \
+            --workgroup-size "$wg"
+    done
+fi
+
+note "done in $((SECONDS - START)) s"
+write_json
+echo "wrote $OUT ($(wc -l <"$LINES") measurements, $((SECONDS - START)) s)"

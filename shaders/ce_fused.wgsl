@@ -77,10 +77,46 @@ fn visit4(p: RowPart, x: vec4<f32>, c: u32, y: vec4<f32>, zt: f32) -> RowPart {
     return visit(q, tr(x.w), c + 3u, y.w, zt);
 }
 
+#if VEC8
+// Columns c .. c + 7 (y: their target probabilities with F_SOFT).
+fn visit8(p: RowPart, x: V8, c: u32, y: V8, zt: f32) -> RowPart {
+    return visit4(visit4(p, x.lo, c, y.lo, zt), x.hi, c + 4u, y.hi, zt);
+}
+#endif
+
 fn row_part(r: u32, lid: u32, zt: f32, col0: u32, col1: u32) -> RowPart {
     var p = RowPart(Stat(P.neg_inf, 0.0), vec2<f32>(0.0, 0.0), 0.0);
     let xb = x_row(r);
-#if VEC4
+#if VEC8
+    // Two 16-byte loads (16 elements) per iteration into two running statistics, as below.
+    var p1 = p;
+    var o = col0 / 8u + lid;
+    let oe = col1 / 8u;
+    for (; o + WG < oe; o += 2u * WG) {
+        let x0 = in8(xb / 8u + o);
+        let x1 = in8(xb / 8u + o + WG);
+        var y0 = v8_splat(0.0);
+        var y1 = v8_splat(0.0);
+#if EXTRAS
+        if (has(F_SOFT)) {
+            y0 = sec8(y_row(r) + 8u * o);
+            y1 = sec8(y_row(r) + 8u * (o + WG));
+        }
+#endif
+        p = visit8(p, x0, 8u * o, y0, zt);
+        p1 = visit8(p1, x1, 8u * (o + WG), y1, zt);
+    }
+    if (o < oe) {
+        var y = v8_splat(0.0);
+#if EXTRAS
+        if (has(F_SOFT)) {
+            y = sec8(y_row(r) + 8u * o);
+        }
+#endif
+        p = visit8(p, in8(xb / 8u + o), 8u * o, y, zt);
+    }
+    p = RowPart(merge(p.st, p1.st), p.acc + p1.acc, p.above + p1.above);
+#elif VEC4
     // Two vectors per iteration into two running statistics (merged below): two loads in
     // flight per thread and two independent exp chains.
     var p1 = p;
@@ -174,7 +210,35 @@ fn grad_at(gc: GradCoef, x: f32, c: u32, y: f32) -> f32 {
     return (gc.k * e - gc.c0 * wc) * d;
 }
 
-#if VEC4
+#if VEC8
+// The gradient of elements 8o .. 8o + 7 of a row starting at xb (zero for a row not live).
+fn grad8(gc: GradCoef, live: bool, xb: u32, yb: u32, o: u32) -> V8 {
+    if (!live) {
+        return v8_splat(0.0);
+    }
+    var y = v8_splat(0.0);
+#if EXTRAS
+    if ((gc.fl & F_SOFT) != 0u) {
+        y = sec8(yb + 8u * o);
+    }
+#endif
+    let x = in8(xb / 8u + o);
+    let c = 8u * o;
+    let lo = vec4<f32>(
+        grad_at(gc, x.lo.x, c, y.lo.x),
+        grad_at(gc, x.lo.y, c + 1u, y.lo.y),
+        grad_at(gc, x.lo.z, c + 2u, y.lo.z),
+        grad_at(gc, x.lo.w, c + 3u, y.lo.w),
+    );
+    let hi = vec4<f32>(
+        grad_at(gc, x.hi.x, c + 4u, y.hi.x),
+        grad_at(gc, x.hi.y, c + 5u, y.hi.y),
+        grad_at(gc, x.hi.z, c + 6u, y.hi.z),
+        grad_at(gc, x.hi.w, c + 7u, y.hi.w),
+    );
+    return V8(lo, hi);
+}
+#elif VEC4
 // The gradient of elements 4q .. 4q + 3 of a row starting at xb (zero for a row not live).
 fn grad4(gc: GradCoef, live: bool, xb: u32, yb: u32, q: u32) -> vec4<f32> {
     if (!live) {
@@ -401,7 +465,21 @@ fn main(
     let gc = GradCoef(m, s, big_s, hard, c0, k, u32(t), P.flags);
     let xb = x_row(r);
     let ob = o_row(r);
-#if VEC4
+#if VEC8
+    // Two 16-byte loads per iteration, both issued before either store.
+    var o = col0 / 8u + lid;
+    let oe = col1 / 8u;
+    let yb = y_row(r);
+    for (; o + WG < oe; o += 2u * WG) {
+        let g0 = grad8(gc, live, xb, yb, o);
+        let g1 = grad8(gc, live, xb, yb, o + WG);
+        put8(ob + 8u * o, v8_add(g0, bad));
+        put8(ob + 8u * (o + WG), v8_add(g1, bad));
+    }
+    if (o < oe) {
+        put8(ob + 8u * o, v8_add(grad8(gc, live, xb, yb, o), bad));
+    }
+#elif VEC4
     // Two vectors per iteration: both loads issued before either store.
     var q = col0 / 4u + lid;
     let qe = col1 / 4u;

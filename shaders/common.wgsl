@@ -6,8 +6,10 @@
 // Stored dtypes: IN16 / IN_BF16 (input rows, slot 1), SEC16 / SEC_BF16 (second rows, slot 9),
 // OUT16 / OUT_BF16 (output rows, slot 8; for IN_PLACE the input's dtype). 16-bit rows are read
 // from u32 words; all arithmetic is f32. VEC4: rows are a multiple of 4 elements and read 4 at a
-// time. ODD: rows have an odd length, so a 16-bit word can hold the end of one row and the start
-// of the next; such edge words are written with atomic and/or on their own half only.
+// time. VEC8 (with VEC4 and 16-bit input): rows are a multiple of 8 elements, start at 16-byte
+// boundaries, and are read 8 at a time, one 16-byte load of four words each. ODD: rows have an
+// odd length, so a 16-bit word can hold the end of one row and the start of the next; such edge
+// words are written with atomic and/or on their own half only.
 
 const WG: u32 = 256u;
 
@@ -103,7 +105,13 @@ struct Params {
 
 // ---- slot 1: input rows (logits; student logits; q; BCE inputs) ----
 #if IN16
-#if VEC4
+#if VEC8
+#if IN_PLACE
+@group(0) @binding(1) var<storage, read_write> input: array<vec4<u32>>;
+#else
+@group(0) @binding(1) var<storage, read> input: array<vec4<u32>>;
+#endif
+#elif VEC4
 #if IN_PLACE
 @group(0) @binding(1) var<storage, read_write> input: array<vec2<u32>>;
 #else
@@ -160,7 +168,9 @@ struct Scalars {
 
 // ---- slot 8: output rows (gradient, log-softmax, Hessian-vector products, measures) ----
 #if OUT16
-#if VEC4
+#if VEC8
+@group(0) @binding(8) var<storage, read_write> output: array<vec4<u32>>;
+#elif VEC4
 @group(0) @binding(8) var<storage, read_write> output: array<vec2<u32>>;
 #elif ODD
 @group(0) @binding(8) var<storage, read_write> output: array<atomic<u32>>;
@@ -285,7 +295,10 @@ fn in_word(i: u32) -> u32 {
 
 // Input element e.
 fn in1(e: u32) -> f32 {
-#if IN16 && VEC4
+#if IN16 && VEC8
+    let h = in_unpack(input[e >> 3u][(e >> 1u) & 3u]);
+    return select(h.x, h.y, (e & 1u) == 1u);
+#elif IN16 && VEC4
     let h = in_unpack(input[e >> 2u][(e >> 1u) & 1u]);
     return select(h.x, h.y, (e & 1u) == 1u);
 #elif IN16
@@ -301,7 +314,11 @@ fn in1(e: u32) -> f32 {
 #if VEC4
 // Input elements 4q .. 4q + 3.
 fn in4(q: u32) -> vec4<f32> {
-#if IN16
+#if IN16 && VEC8
+    let w = input[q >> 1u];
+    let h = select(w.xy, w.zw, (q & 1u) == 1u);
+    return vec4<f32>(in_unpack(h.x), in_unpack(h.y));
+#elif IN16
     let w = input[q];
     return vec4<f32>(in_unpack(w.x), in_unpack(w.y));
 #else
@@ -317,6 +334,33 @@ fn sec4(q: u32) -> vec4<f32> {
 #else
     return second[q];
 #endif
+}
+#endif
+
+#if VEC8
+// Eight consecutive elements.
+struct V8 {
+    lo: vec4<f32>,
+    hi: vec4<f32>,
+}
+
+fn v8_splat(x: f32) -> V8 {
+    return V8(vec4<f32>(x), vec4<f32>(x));
+}
+
+fn v8_add(a: V8, x: f32) -> V8 {
+    return V8(a.lo + vec4<f32>(x), a.hi + vec4<f32>(x));
+}
+
+// Input elements 8o .. 8o + 7: one 16-byte load of four words.
+fn in8(o: u32) -> V8 {
+    let w = input[o];
+    return V8(vec4<f32>(in_unpack(w.x), in_unpack(w.y)), vec4<f32>(in_unpack(w.z), in_unpack(w.w)));
+}
+
+// Second elements e .. e + 7 (e a multiple of 4).
+fn sec8(e: u32) -> V8 {
+    return V8(sec4(e >> 2u), sec4((e >> 2u) + 1u));
 }
 #endif
 
@@ -353,7 +397,23 @@ fn o_row(r: u32) -> u32 {
 // ---- output stores (to the output binding, or over the input with IN_PLACE) ----
 
 #if GRAD || IN_PLACE
-#if VEC4
+#if VEC8
+// Output elements e .. e + 7 (e a multiple of 8 for 16-bit output, of 4 for f32): one 16-byte
+// store of four words, or two of f32 vectors.
+fn put8(e: u32, g: V8) {
+#if OUT16
+    let w = vec4<u32>(out_pack(g.lo.xy), out_pack(g.lo.zw), out_pack(g.hi.xy), out_pack(g.hi.zw));
+#if IN_PLACE
+    input[e >> 3u] = w;
+#else
+    output[e >> 3u] = w;
+#endif
+#else
+    output[e >> 2u] = g.lo;
+    output[(e >> 2u) + 1u] = g.hi;
+#endif
+}
+#elif VEC4
 // Output elements 4q .. 4q + 3.
 fn put4(q: u32, g: vec4<f32>) {
 #if OUT16 && IN_PLACE
@@ -419,7 +479,16 @@ fn put1(e: u32, g: f32) {
 // Output element e alone, by one invocation after the bulk writes of its row and a storage
 // barrier (read-modify-write of the vector or 16-bit word that holds it).
 fn put_one(e: u32, g: f32) {
-#if VEC4 && OUT16
+#if VEC8 && OUT16
+    let k = (e >> 1u) & 3u;
+    let keep = select(0xffff0000u, 0x0000ffffu, (e & 1u) == 1u);
+    let bits = out_pack(vec2<f32>(g, g)) & ~keep;
+#if IN_PLACE
+    input[e >> 3u][k] = (input[e >> 3u][k] & keep) | bits;
+#else
+    output[e >> 3u][k] = (output[e >> 3u][k] & keep) | bits;
+#endif
+#elif VEC4 && OUT16
     let k = (e >> 1u) & 1u;
     let keep = select(0xffff0000u, 0x0000ffffu, (e & 1u) == 1u);
     let bits = out_pack(vec2<f32>(g, g)) & ~keep;
@@ -650,7 +719,21 @@ fn reduce_v2(x: vec2<f32>, lid: u32, lane: u32, sg: u32, nsg: u32) -> vec2<f32> 
 fn row_stat_part(r: u32, lid: u32, scale: f32) -> Stat {
     var st = Stat(P.neg_inf, 0.0);
     let b = x_row(r);
-#if VEC4
+#if VEC8
+    for (var o = lid; o < P.v / 8u; o += WG) {
+        let x = in8(b / 8u + o);
+        let lo = x.lo * scale;
+        let hi = x.hi * scale;
+        st = push(st, lo.x);
+        st = push(st, lo.y);
+        st = push(st, lo.z);
+        st = push(st, lo.w);
+        st = push(st, hi.x);
+        st = push(st, hi.y);
+        st = push(st, hi.z);
+        st = push(st, hi.w);
+    }
+#elif VEC4
     for (var q = lid; q < P.v / 4u; q += WG) {
         let x = in4(b / 4u + q) * scale;
         st = push(st, x.x);

@@ -18,7 +18,16 @@ fn main(
     let soft = has(F_SOFTMAX);
     let xb = x_row(r);
     let ob = o_row(r);
-#if VEC4
+#if VEC8
+    for (var o = lid; o < P.v / 8u; o += WG) {
+        let x = in8(xb / 8u + o);
+        let dl = x.lo - vec4<f32>(st.m);
+        let dh = x.hi - vec4<f32>(st.m);
+        let lo = select(dl - vec4<f32>(l1p), exp(dl) * inv, soft);
+        let hi = select(dh - vec4<f32>(l1p), exp(dh) * inv, soft);
+        put8(ob + 8u * o, V8(lo, hi));
+    }
+#elif VEC4
     for (var q = lid; q < P.v / 4u; q += WG) {
         let d = in4(xb / 4u + q) - vec4<f32>(st.m);
         put4(ob / 4u + q, select(d - vec4<f32>(l1p), exp(d) * inv, soft));

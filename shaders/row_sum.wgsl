@@ -15,7 +15,16 @@ fn main(
     }
     let xb = x_row(r);
     var acc = vec2<f32>(0.0, 0.0);
-#if VEC4
+#if VEC8
+    // 16-bit rows, eight values per 16-byte load.
+    for (var o = lid; o < P.v / 8u; o += WG) {
+        let x = in8(xb / 8u + o);
+        acc += vec2<f32>((x.lo.x + x.lo.y) + (x.lo.z + x.lo.w), (x.hi.x + x.hi.y) + (x.hi.z + x.hi.w));
+#if GRAD
+        put8(o_row(r) + 8u * o, x);
+#endif
+    }
+#elif VEC4
     for (var q = lid; q < P.v / 4u; q += WG) {
         let x = in4(xb / 4u + q);
         acc += vec2<f32>(x.x + x.y, x.z + x.w);

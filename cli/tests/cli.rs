@@ -322,4 +322,17 @@ fn bench_command() {
     assert_one_line_error(&xent(&["bench", "--backend", "cpu", "--shapes", "8y100"], &[]), "8y100");
     assert_one_line_error(&xent(&["bench", "--backend", "cpu", "--plot", &file("x.jpg")], &[]), "SVG or PNG");
     assert_one_line_error(&xent(&["bench", "--backend", "cpu", "--reps", "0"], &[]), "--reps");
+    assert_one_line_error(&xent(&["bench", "--backend", "cpu", "--load-width", "4"], &[]), "--load-width");
+    if gpu_ok() {
+        // Both load widths in one run: 16-bit rows once per width, f32 rows once.
+        let args = ["bench", "--backend", "gpu", "--shapes", "4x1000", "--dtype", "f32,bf16", "--reps", "1", "--json"];
+        let o = xent(&[&args[..], &["--op", "fwd", "--load-width", "16,8"]].concat(), &[]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let lines: Vec<Value> =
+            String::from_utf8(o.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let seen: Vec<(String, Option<u64>)> =
+            lines.iter().map(|j| (j["dtype"].as_str().unwrap().to_string(), j["load_width"].as_u64())).collect();
+        let want = [("f32", None), ("bf16", Some(16)), ("bf16", Some(8))].map(|(d, w)| (d.to_string(), w));
+        assert_eq!(seen, want, "rows of --load-width 16,8");
+    }
 }

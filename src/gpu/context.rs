@@ -34,6 +34,14 @@ pub struct GpuOptions {
     /// Invocations per workgroup of the row kernels (a power of two, 32 to 1024). `None`:
     /// chosen from the adapter.
     pub workgroup_size: Option<u16>,
+    /// Read 16-bit (bf16/f16) rows with 16-byte loads of eight values where the rows allow it
+    /// (a multiple of 8 elements, every row tensor at a 16-byte aligned offset, segments a
+    /// multiple of 8 columns); other rows take the narrower loads. `Some(false)` keeps 8-byte
+    /// loads of four values everywhere (the earlier kernels, for side-by-side comparison),
+    /// `Some(true)` asks for the wide loads on any adapter. `None` (the default): wide loads on
+    /// GPUs, 8-byte loads on software rasterisers (lavapipe ran its row passes 2-3x slower with
+    /// the wide ones).
+    pub wide_loads: Option<bool>,
 }
 
 impl Default for GpuOptions {
@@ -45,6 +53,7 @@ impl Default for GpuOptions {
             pool_budget_bytes: None,
             segment_len: None,
             workgroup_size: None,
+            wide_loads: None,
         }
     }
 }
@@ -92,6 +101,8 @@ pub struct Inner {
     pub(crate) max_invocations: u32,
     pub(crate) segment_len: Option<usize>,
     pub(crate) workgroup_size: Option<u16>,
+    /// 16-byte loads of 16-bit rows where they apply ([`GpuOptions::wide_loads`]).
+    pub(crate) wide_loads: bool,
     pipelines: Mutex<HashMap<(Shader, Variant), PipelineSlot>>,
     pool: Pool,
     placeholders: Vec<wgpu::Buffer>,
@@ -205,6 +216,7 @@ impl GpuContext {
             max_invocations: limits.max_compute_invocations_per_workgroup.max(64),
             segment_len: opts.segment_len.map(|l| l.next_multiple_of(4)),
             workgroup_size: opts.workgroup_size,
+            wide_loads: opts.wide_loads.unwrap_or(!software),
             placeholders: Vec::new(),
             device,
             queue,
@@ -234,6 +246,12 @@ impl GpuContext {
         })?;
         Arc::get_mut(&mut ctx.inner).expect("not shared yet").placeholders = placeholders;
         Ok(ctx)
+    }
+
+    /// Whether 16-bit rows are read with 16-byte loads where they allow it
+    /// ([`GpuOptions::wide_loads`], resolved for this adapter).
+    pub fn wide_loads(&self) -> bool {
+        self.inner.wide_loads
     }
 
     /// Adapter name, backend and type.

@@ -17,6 +17,10 @@ pub struct Variant {
     pub output: DType,
     /// Rows are a multiple of 4 elements and read 4 at a time.
     pub vec4: bool,
+    /// With `vec4` and 16-bit input: rows are a multiple of 8 elements, start 16-byte aligned,
+    /// and are read 8 at a time (one 16-byte load of four words instead of two 8-byte loads);
+    /// a 16-bit output is written 8 at a time too.
+    pub vec8: bool,
     /// Rows have an odd number of elements (16-bit edge words are shared by two rows).
     pub odd: bool,
     /// Reductions use subgroup operations.
@@ -62,6 +66,7 @@ impl Variant {
             "OUT16" => (self.grad || self.in_place) && out != DType::F32,
             "OUT_BF16" => (self.grad || self.in_place) && out == DType::BF16,
             "VEC4" => self.vec4,
+            "VEC8" => self.vec8,
             "ODD" => self.odd,
             "SUBGROUP" => self.subgroup,
             "GRAD" => self.grad,
@@ -181,12 +186,15 @@ impl Shader {
                         if bits >= 64 && (second != DType::F32 || output != input) {
                             continue;
                         }
-                        for seg in [Seg::Whole, Seg::Stat, Seg::Finish] {
+                        for (seg, vec8) in
+                            [Seg::Whole, Seg::Stat, Seg::Finish].into_iter().flat_map(|s| [(s, false), (s, true)])
+                        {
                             let v = Variant {
                                 input,
                                 second,
                                 output,
                                 vec4: bits & 1 != 0,
+                                vec8,
                                 subgroup: bits & 2 != 0,
                                 grad: bits & 4 != 0,
                                 in_place: bits & 8 != 0,
@@ -215,6 +223,14 @@ impl Shader {
         let rows = !matches!(self, Shader::CeWeights | Shader::CeReduce);
         let f32_only = |d: DType| d == DType::F32;
         if v.grad && v.in_place || v.odd && v.vec4 {
+            return false;
+        }
+        // 16-byte loads of 16-bit rows, in the kernels that read rows vector-wise.
+        if v.vec8
+            && !(v.vec4
+                && v.input != DType::F32
+                && matches!(self, Shader::CeFused | Shader::RowSum | Shader::LogSoftmax))
+        {
             return false;
         }
         if v.seg != Seg::Whole && (self != Shader::CeFused || v.seg == Seg::Stat && (v.grad || v.in_place)) {

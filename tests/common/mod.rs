@@ -56,6 +56,11 @@ mod gpu {
         make(GpuOptions::default())
     }
 
+    /// A new private context with `opts` (failing as [`gpu`] does when a GPU is required).
+    pub fn gpu_with(opts: GpuOptions) -> Option<GpuContext> {
+        make(opts)
+    }
+
     fn make(opts: GpuOptions) -> Option<GpuContext> {
         match GpuContext::with_options(opts) {
             Ok(c) => Some(c),

@@ -2,6 +2,11 @@
 //! over shapes, dtypes and backends, the useful traffic in GB/s, that traffic as a fraction of
 //! the device's own copy rate measured in the same run, and the process's peak memory.
 //!
+//! `--load-width 16,8` runs the GPU once per width of the loads that read 16-bit rows (16: eight
+//! values per load where the rows allow it; 8: four, the earlier kernels), so that both are
+//! measured in one process; f32 rows are measured once. Without it the library chooses (16 on
+//! GPUs, 8 on software rasterisers).
+//!
 //! `--op copy` reports the ceiling itself: a buffer-to-buffer copy of the logits (GB/s of read
 //! plus written bytes) and a read-only row-sum kernel over the same bytes (GB/s read).
 //!
@@ -81,6 +86,12 @@ pub struct BenchArgs {
     /// chosen from the shape and the adapter).
     #[arg(long)]
     segment_len: Option<usize>,
+    /// GPU: bytes per load of 16-bit rows, comma-separated to measure several in one run: 16
+    /// (eight values per load where V is a multiple of 8) or 8 (four values per load, the
+    /// earlier kernels). f32 rows are measured with the first width only. Default: the
+    /// library's choice for the adapter.
+    #[arg(long, value_delimiter = ',')]
+    load_width: Vec<u8>,
 }
 
 /// One measured (backend, shape, dtype).
@@ -97,6 +108,9 @@ struct Row {
     /// Read-only rate (`--op copy`).
     read_gbps: Option<f64>,
     peak_rss: u64,
+    /// GPU, 16-bit rows: the widest load of the row kernels (`--load-width`, or the library's
+    /// choice).
+    load_width: Option<u8>,
 }
 
 fn parse_shape(s: &str) -> Result<(usize, usize)> {
@@ -178,37 +192,59 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     };
     let shapes = a.shapes.iter().map(|s| parse_shape(s)).collect::<Result<Vec<_>>>()?;
     let dtypes = a.dtype.iter().map(|s| s.parse::<DType>()).collect::<Result<Vec<_>>>()?;
+    // `None`: the library's choice.
+    let mut widths: Vec<Option<u8>> = Vec::new();
+    for &w in &a.load_width {
+        if w != 8 && w != 16 {
+            return Err(XentError::InvalidOption(format!("--load-width takes 8 or 16 (bytes per load), got {w}")));
+        }
+        if !widths.contains(&Some(w)) {
+            widths.push(Some(w));
+        }
+    }
+    if widths.is_empty() {
+        widths.push(None);
+    }
     let cpu = if a.backend.contains(&BackendKind::Cpu) { Some(cpu(a.threads)?) } else { None };
+    // One context per load width (the width is a context option).
     #[cfg(feature = "gpu")]
-    let gpu = if a.backend.contains(&BackendKind::Gpu) {
-        let opts =
-            xent::GpuOptions { workgroup_size: a.workgroup_size, segment_len: a.segment_len, ..Default::default() };
-        match xent::GpuContext::with_options(opts) {
-            Ok(g) => Some(g),
-            Err(e) if a.backend.len() == 1 => return Err(e),
-            Err(e) => {
-                eprintln!("gpu skipped: {e}");
-                None
+    let gpus: Vec<(u8, xent::GpuContext)> = if a.backend.contains(&BackendKind::Gpu) {
+        let mut out = Vec::new();
+        for &w in &widths {
+            let opts = xent::GpuOptions {
+                workgroup_size: a.workgroup_size,
+                segment_len: a.segment_len,
+                wide_loads: w.map(|w| w == 16),
+                ..Default::default()
+            };
+            match xent::GpuContext::with_options(opts) {
+                Ok(g) => out.push((if g.wide_loads() { 16 } else { 8 }, g)),
+                Err(e) if a.backend.len() == 1 => return Err(e),
+                Err(e) => {
+                    eprintln!("gpu skipped: {e}");
+                    break;
+                }
             }
         }
+        out
     } else {
-        None
+        Vec::new()
     };
     #[cfg(not(feature = "gpu"))]
-    let gpu: Option<()> = if a.backend.contains(&BackendKind::Gpu) {
-        eprintln!("gpu skipped: built without the `gpu` feature");
-        None
-    } else {
-        None
+    let gpus: Vec<(u8, ())> = {
+        if a.backend.contains(&BackendKind::Gpu) {
+            eprintln!("gpu skipped: built without the `gpu` feature");
+        }
+        Vec::new()
     };
     #[cfg(feature = "gpu")]
-    let device_name = gpu.as_ref().map(|g| g.adapter_name().to_string());
+    let device_name = gpus.first().map(|g| g.1.adapter_name().to_string());
     #[cfg(not(feature = "gpu"))]
     let device_name: Option<String> = None;
     let cfg = CrossEntropy::default();
     // Each measurement is timed reps times, the ceilings three times more.
     let per = if a.op == Op::Copy { 3 } else { 4 };
-    let runs = (shapes.len() * dtypes.len() * (cpu.is_some() as usize + gpu.is_some() as usize) * a.reps * per) as u64;
+    let runs = (shapes.len() * dtypes.len() * (cpu.is_some() as usize + gpus.len()) * a.reps * per) as u64;
     let pb = ProgressBar::new(runs);
     pb.set_style(ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} {msg}").expect("valid template"));
     let op = a.op.name();
@@ -258,11 +294,17 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     copy_gbps,
                     read_gbps,
                     peak_rss: peak_rss(),
+                    load_width: None,
                 });
             }
             #[cfg(feature = "gpu")]
-            if let Some(g) = &gpu {
-                pb.set_message(format!("{n}x{v} {dtype}: gpu {op}"));
+            for (k, (width, g)) in gpus.iter().enumerate() {
+                if dtype == DType::F32 && k > 0 {
+                    // The load width applies to 16-bit rows only.
+                    pb.inc((a.reps * per) as u64);
+                    continue;
+                }
+                pb.set_message(format!("{n}x{v} {dtype}: gpu {op}, {width}-byte loads"));
                 let (copy_s, read_s) = gpu_ceiling(g, x, a.reps, &pb)?;
                 let copy_gbps = 2.0 * bytes / copy_s / 1e9;
                 let (median, min, read_gbps) = if a.op == Op::Copy {
@@ -283,6 +325,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     copy_gbps,
                     read_gbps,
                     peak_rss: peak_rss(),
+                    load_width: (dtype != DType::F32).then_some(*width),
                 });
                 g.trim();
             }
@@ -313,6 +356,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             if let (Some(d), "gpu") = (&device_name, r.backend) {
                 o = o.set("device", d.as_str());
             }
+            if let Some(w) = r.load_width {
+                o = o.set("load_width", w);
+            }
             emitln(o.set("peak_rss_bytes", r.peak_rss).set("reps", a.reps).line());
         }
     } else {
@@ -321,7 +367,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             text.push_str(&format!("cpu: {} threads\n", c.threads()));
         }
         #[cfg(feature = "gpu")]
-        if let Some(g) = &gpu {
+        if let Some((_, g)) = gpus.first() {
             text.push_str(&format!("gpu: {} (device-resident)\n", g.adapter_name()));
         }
         text.push_str(&format!(
@@ -329,9 +375,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             "backend", "N", "V", "dtype", "op", "median s", "min s", "GB/s", "copy", "of copy", "peak MiB"
         ));
         for r in &rows {
+            let backend = match r.load_width {
+                Some(w) if widths.len() > 1 => format!("{}/{w}B", r.backend),
+                _ => r.backend.to_string(),
+            };
             text.push_str(&format!(
                 "{:<8} {:>8} {:>8} {:<5} {:<8} {:>10.4} {:>10.4} {:>8.2} {:>8.2} {:>7.0}% {:>10.0}\n",
-                r.backend,
+                backend,
                 r.n,
                 r.v,
                 r.dtype.name(),
@@ -346,7 +396,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             if let (Some(rd), Op::Copy) = (r.read_gbps, a.op) {
                 text.push_str(&format!(
                     "{:<8} {:>8} {:>8} {:<5} {:<8} read-only {rd:.2} GB/s\n",
-                    r.backend,
+                    backend,
                     r.n,
                     r.v,
                     r.dtype.name(),
@@ -359,7 +409,15 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if let Some(out) = plot_out {
         let points: Vec<Point> = rows
             .iter()
-            .map(|r| Point { series: format!("{} {}", r.backend, r.dtype.name()), v: r.v, gbps: r.gbps })
+            .map(|r| {
+                let series = match r.load_width {
+                    Some(w) if widths.len() > 1 => {
+                        format!("{}/{w}B {}", r.backend, r.dtype.name())
+                    }
+                    _ => format!("{} {}", r.backend, r.dtype.name()),
+                };
+                Point { series, v: r.v, gbps: r.gbps }
+            })
             .collect();
         // Drawn to the temporary file, then renamed over the target.
         plot::throughput(out.temp_path(), &points, &format!("xent cross-entropy {op}: throughput against V"))?;

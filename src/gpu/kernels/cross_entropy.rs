@@ -355,14 +355,31 @@ impl CePlan {
         })
     }
 
-    /// The row pass's variant for this plan: gradient dtype, a separate gradient or one over
-    /// the logits, the per-element extras (smoothing sums, soft targets, ranks), the stage.
+    /// The row pass's variant for this plan, its row tensors bound at offset 0: gradient
+    /// dtype, a separate gradient or one over the logits, the per-element extras (smoothing
+    /// sums, soft targets, ranks), the stage.
     pub(crate) fn row_variant(&self, output: DType, grad: bool, in_place: bool, extras: bool, seg: Seg) -> Variant {
+        self.row_variant_at(output, grad, in_place, extras, seg, &[(self.dtype, 0), (output, 0)])
+    }
+
+    /// [`Self::row_variant`] for row tensors at the given (dtype, byte offset)s, the logits
+    /// first: they decide whether rows are read as vectors (see `super::row_vectors`).
+    pub(crate) fn row_variant_at(
+        &self,
+        output: DType,
+        grad: bool,
+        in_place: bool,
+        extras: bool,
+        seg: Seg,
+        rows: &[(DType, u64)],
+    ) -> Variant {
         let (v, cfg) = (self.v, &self.cfg);
+        let (vec4, vec8) = super::row_vectors(self.ctx.wide_loads, v, self.seg_len, rows);
         Variant {
             input: self.dtype,
             output,
-            vec4: v % 4 == 0,
+            vec4,
+            vec8,
             odd: v % 2 == 1 && output != DType::F32 && (grad || in_place) && v % 4 != 0,
             subgroup: self.ctx.subgroups,
             grad,
@@ -376,6 +393,25 @@ impl CePlan {
         }
     }
 
+    /// The row tensors of a record as (dtype, byte offset): logits, probability targets, a
+    /// separate gradient.
+    fn row_tensors(
+        &self,
+        logits: wgpu::BufferSlice<'_>,
+        targets: DeviceTargets<'_>,
+        grad: Option<wgpu::BufferSlice<'_>>,
+        gdtype: DType,
+    ) -> Vec<(DType, u64)> {
+        let mut rows = vec![(self.dtype, logits.offset())];
+        if let DeviceTargets::Probs(p) = targets {
+            rows.push((DType::F32, p.offset()));
+        }
+        if let Some(g) = grad {
+            rows.push((gdtype, g.offset()));
+        }
+        rows
+    }
+
     /// Records the cross-entropy of `inputs` into `enc` (no submission, no wait).
     pub fn record(&self, enc: &mut wgpu::CommandEncoder, inputs: CeInputs<'_>) -> Result<()> {
         let (ctx, n, v, cfg) = (&self.ctx, self.n, self.v, &self.cfg);
@@ -385,7 +421,8 @@ impl CePlan {
         let soft = self.check_inputs(inputs.logits, inputs.targets, inputs.sample_weight)?;
         let (grad, in_place, gdtype) = self.grad_dest(inputs.logits, inputs.grad)?;
         let extras = cfg.label_smoothing > 0.0 || cfg.ranks || soft;
-        let variant = self.row_variant(gdtype, grad.is_some(), in_place, extras, Seg::Whole);
+        let rows = self.row_tensors(inputs.logits, inputs.targets, grad, gdtype);
+        let variant = self.row_variant_at(gdtype, grad.is_some(), in_place, extras, Seg::Whole, &rows);
         let split = self.parts > 1;
         let small = Variant { subgroup: ctx.subgroups, ..Default::default() };
         let mut base = base_params(cfg, n, v, cfg.ignore_index as i32, soft);
@@ -515,8 +552,15 @@ impl CePlan {
             return Err(XentError::InvalidOption("a backward pass needs a gradient destination".into()));
         }
         let (grad, in_place, gdtype) = self.grad_dest(b.logits, b.grad)?;
-        let variant =
-            self.row_variant(gdtype, grad.is_some(), in_place, cfg.label_smoothing > 0.0 || soft, Seg::Finish);
+        let rows = self.row_tensors(b.logits, b.targets, grad, gdtype);
+        let variant = self.row_variant_at(
+            gdtype,
+            grad.is_some(),
+            in_place,
+            cfg.label_smoothing > 0.0 || soft,
+            Seg::Finish,
+            &rows,
+        );
         let mut base = base_params(cfg, n, v, cfg.ignore_index as i32, soft);
         base.flags &= !(flags::RANK | flags::GAP);
         base.flags |= flags::FROM_SAVED | flags::UPSTREAM | if rows_up { flags::UP_ROWS } else { 0 };

@@ -45,6 +45,25 @@ pub(crate) fn check_slice(s: wgpu::BufferSlice<'_>, need: u64, align: u64, what:
     Ok(())
 }
 
+/// How a row kernel may read rows of `v` elements split into segments of `seg_len` columns
+/// (`v` for whole rows), given every row tensor it binds as (dtype, byte offset), the input
+/// first: `(vec4, vec8)`. Vectors of four need `v` and `seg_len` multiples of 4 and each tensor
+/// at an offset that is a multiple of four of its elements (the bound chunks then start rows on
+/// vector boundaries); 16-byte loads of eight 16-bit values (`wide`: the context's
+/// `wide_loads`) need 16-bit input, multiples of 8 and 16-byte aligned offsets.
+pub(crate) fn row_vectors(wide: bool, v: usize, seg_len: usize, rows: &[(DType, u64)]) -> (bool, bool) {
+    let vec4 = v.is_multiple_of(4)
+        && seg_len.is_multiple_of(4)
+        && rows.iter().all(|&(d, off)| off.is_multiple_of(4 * d.size() as u64));
+    let vec8 = vec4
+        && wide
+        && rows.first().is_some_and(|r| r.0 != DType::F32)
+        && v.is_multiple_of(8)
+        && seg_len.is_multiple_of(8)
+        && rows.iter().all(|&(_, off)| off.is_multiple_of(16));
+    (vec4, vec8)
+}
+
 /// Where a row kernel's output (slot 8) goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum RowOut {
@@ -119,10 +138,19 @@ impl RowPlan {
         } else if second.is_some() != self.second.is_some() {
             return Err(XentError::InvalidOption("second rows given to a plan without them, or missing".into()));
         }
+        // Vector reads in the row kernels that have them, where the tensors' offsets allow.
+        let mut rows = vec![(self.input, input.offset())];
+        rows.extend(second.zip(self.second).map(|(s, d)| (d, s.offset())));
+        if let Some((o, RowOut::Rows)) = out {
+            rows.push((DType::F32, o.offset()));
+        }
+        let (vec4, vec8) = row_vectors(self.ctx.wide_loads, v, v, &rows);
+        let vectors = matches!(self.shader, Shader::LogSoftmax | Shader::RowSum);
         let variant = Variant {
             input: self.input,
             second: self.second.unwrap_or(DType::F32),
-            vec4: matches!(self.shader, Shader::LogSoftmax | Shader::RowSum) && v % 4 == 0,
+            vec4: vectors && vec4,
+            vec8: vectors && vec8,
             subgroup: self.ctx.subgroups,
             grad: out.is_some(),
             wg: self.ctx.ce_layout(n, v, true).0,
@@ -225,5 +253,32 @@ impl GpuContext {
             _ => {}
         }
         Ok(RowResult { row_values, out_rows, out_whole })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::row_vectors;
+    use crate::dtype::DType::{BF16, F16, F32};
+
+    #[test]
+    fn row_vectors_need_lengths_and_offsets_that_fit() {
+        // 16-byte loads: 16-bit rows, V and segments multiples of 8, 16-byte aligned offsets.
+        assert_eq!(row_vectors(true, 32000, 32000, &[(BF16, 0)]), (true, true));
+        assert_eq!(row_vectors(true, 32000, 32000, &[(F16, 16), (F16, 48)]), (true, true));
+        assert_eq!(row_vectors(true, 32000, 32000, &[(BF16, 0), (F32, 32)]), (true, true));
+        assert_eq!(row_vectors(true, 32000, 4096, &[(BF16, 0)]), (true, true));
+        // ... and not otherwise: the option off, f32 input, V or a segment 4 mod 8, an offset.
+        assert_eq!(row_vectors(false, 32000, 32000, &[(BF16, 0)]), (true, false));
+        assert_eq!(row_vectors(true, 32000, 32000, &[(F32, 0)]), (true, false));
+        assert_eq!(row_vectors(true, 1004, 1004, &[(BF16, 0)]), (true, false));
+        assert_eq!(row_vectors(true, 32000, 100, &[(BF16, 0)]), (true, false));
+        assert_eq!(row_vectors(true, 32000, 32000, &[(BF16, 8)]), (true, false));
+        assert_eq!(row_vectors(true, 32000, 32000, &[(BF16, 0), (F32, 48), (BF16, 8)]), (true, false));
+        // Vectors of four need each tensor at a multiple of four of its elements.
+        assert_eq!(row_vectors(true, 32, 32, &[(F32, 12)]), (false, false));
+        assert_eq!(row_vectors(true, 32, 32, &[(BF16, 4)]), (false, false));
+        assert_eq!(row_vectors(true, 32, 32, &[(F32, 16), (BF16, 4)]), (false, false));
+        assert_eq!(row_vectors(true, 1002, 1002, &[(BF16, 0)]), (false, false));
     }
 }
