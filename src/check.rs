@@ -130,6 +130,7 @@ pub fn class_targets(targets: &Targets, classes: usize, ignore_index: i64) -> Re
 
 /// Whether BCE's input is logits or probabilities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BceInput {
     /// Logits (`binary_cross_entropy_with_logits`).
     Logits,

@@ -21,6 +21,11 @@ use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 use crate::error::{Result, XentError};
 
 /// Element type of a logit or gradient tensor.
+///
+/// Unlike xent's option and error enums, the element types (`DType`, [`Tensor2`], [`Logits`],
+/// [`LogitsMut`]) and [`crate::Targets`] are not `#[non_exhaustive]`: code that moves tensors
+/// matches every element type to pick a typed buffer, and a wildcard arm there could only
+/// fail at run time. A new element type is therefore a breaking change, made deliberately.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum DType {
     /// IEEE binary32.

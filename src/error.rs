@@ -8,6 +8,7 @@ use std::sync::Arc;
 /// device loss, buffers over the device's limits) are caught and turned into these variants
 /// instead of panicking.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum XentError {
     /// Two inputs disagree in shape, or an input has the wrong rank.
     #[error("shape mismatch: {0}")]

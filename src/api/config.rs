@@ -6,6 +6,7 @@ use crate::error::{Result, XentError};
 
 /// How per-row losses are combined, with PyTorch's semantics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Reduction {
     /// Per-row losses; `loss` in the output is their sum (the quantity the gradient is of).
     None,
@@ -204,6 +205,7 @@ impl CeOutput {
 
 /// Which row-wise normalisation `log_softmax` computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum SoftmaxKind {
     /// `x - lse(x)`.
     #[default]
@@ -214,6 +216,7 @@ pub enum SoftmaxKind {
 
 /// Weights of binary cross-entropy, broadcast like PyTorch's `weight`.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum BceWeight {
     /// One weight per class (last dimension) `[C]`.
     PerClass(Array1<f32>),
@@ -273,6 +276,7 @@ pub struct BceOutput {
 /// Which divergence distillation minimises (teacher `t`, student `s`, both softmaxed at the
 /// temperature).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[non_exhaustive]
 pub enum DistillMode {
     /// Forward KL(t || s) (Hinton et al.).
     #[default]
