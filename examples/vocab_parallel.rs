@@ -17,7 +17,7 @@
 
 use ndarray::{s, Array1, Array2};
 use xent::cpu::VocabShard;
-use xent::dist::{agree, mpi::MpiCollective, row_range, Collective};
+use xent::parallel::{agree, mpi::MpiCollective, row_range, Collective};
 use xent::{workload, Cpu, CrossEntropy, LinearCe, Result, XentError};
 
 struct Args {

@@ -101,7 +101,7 @@ pub enum XentError {
         /// What went wrong.
         message: String,
     },
-    /// Another process of a distributed run failed (see [`crate::dist::agree`]).
+    /// Another process of a distributed run failed (see [`crate::parallel::agree`]).
     #[error("rank {rank}: {message}")]
     Remote {
         /// The failing process's rank.

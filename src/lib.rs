@@ -33,11 +33,11 @@ pub mod alloc;
 pub mod api;
 pub mod check;
 pub mod cpu;
-pub mod dist;
 pub mod dtype;
 pub mod error;
 #[cfg(feature = "gpu")]
 pub mod gpu;
+pub mod parallel;
 pub mod workload;
 
 pub use api::config::{

@@ -2,7 +2,7 @@
 //! MPI launcher), MPI's world; otherwise one process. `eval` and `perplexity` split their rows
 //! across the group; other commands refuse to run in a group of more than one.
 
-use xent::dist::{Collective, SingleProcess};
+use xent::parallel::{Collective, SingleProcess};
 use xent::{Result, XentError};
 
 /// Whether an MPI launcher started this process (OpenMPI, MPICH/Hydra and PMIx set these).
@@ -15,7 +15,7 @@ fn launched_by_mpi() -> bool {
 pub fn world() -> Result<Box<dyn Collective>> {
     #[cfg(feature = "mpi")]
     if launched_by_mpi() {
-        return Ok(Box::new(xent::dist::mpi::MpiCollective::init()?));
+        return Ok(Box::new(xent::parallel::mpi::MpiCollective::init()?));
     }
     Ok(Box::new(SingleProcess))
 }

@@ -7,7 +7,7 @@
 //! quietly with status 141, as a SIGPIPE would.
 
 use clap::{Parser, Subcommand};
-use xent::dist::Collective;
+use xent::parallel::Collective;
 use xent::Result;
 use xent_cli::{cmd, common, dist};
 
@@ -100,7 +100,7 @@ fn main() {
     let res = run(cli.cmd, &*comm);
     if let Err(e) = &res {
         // In a group, one message: rank 0's (its own error, or the failing rank's, which
-        // `xent::dist::agree` sent to every rank).
+        // `xent::parallel::agree` sent to every rank).
         if comm.rank() == 0 {
             common::error_line(&format!("error: {}", e.to_string().replace('\n', " ")));
         }

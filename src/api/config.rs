@@ -154,6 +154,47 @@ impl CrossEntropy {
         Ok(())
     }
 
+    /// The reduced loss from a call's sums, the same on every backend: `sum_ce` (weighted CE
+    /// part of the row losses), `sum_lse2` (`lse^2` over counted rows, for the z-loss), and
+    /// this call's `counted` rows and `weight_sum` (replaced by [`CrossEntropy::totals`] when
+    /// set). `Mean` divides the CE part by the weight sum and the z-loss part by the counted
+    /// rows.
+    ///
+    /// ```
+    /// use xent::{CrossEntropy, Reduction};
+    /// let mean = CrossEntropy { z_loss: 0.5, ..Default::default() };
+    /// assert_eq!(mean.reduce(6.0, 4.0, 2, 3.0), 6.0 / 3.0 + 0.5 * 4.0 / 2.0);
+    /// let sum = CrossEntropy { reduction: Reduction::Sum, ..mean };
+    /// assert_eq!(sum.reduce(6.0, 4.0, 2, 3.0), 6.0 + 0.5 * 4.0);
+    /// ```
+    pub fn reduce(&self, sum_ce: f64, sum_lse2: f64, counted: u64, weight_sum: f64) -> f64 {
+        let z = self.z_loss as f64;
+        let (counted, weight_sum) = self.totals.map_or((counted, weight_sum), |t| (t.counted, t.weight_sum));
+        match self.reduction {
+            Reduction::Mean => {
+                let ce = sum_ce / weight_sum;
+                if z > 0.0 {
+                    ce + z * sum_lse2 / counted as f64
+                } else {
+                    ce
+                }
+            }
+            _ => sum_ce + z * sum_lse2,
+        }
+    }
+
+    /// The factors `(a, b)` by which the CE and z-loss parts of each row's gradient are
+    /// scaled (`grad_scale`, divided by the weight sum and the counted rows for `Mean`), the
+    /// same on every backend.
+    pub fn grad_coefficients(&self, counted: u64, weight_sum: f64) -> (f64, f64) {
+        let scale = self.grad_scale as f64;
+        let (counted, weight_sum) = self.totals.map_or((counted, weight_sum), |t| (t.counted, t.weight_sum));
+        match self.reduction {
+            Reduction::Mean => (scale / weight_sum, scale / counted as f64),
+            _ => (scale, scale),
+        }
+    }
+
     /// Whether logits are transformed (temperature or softcap) before the softmax.
     pub fn transforms_logits(&self) -> bool {
         self.softcap.is_some() || self.temperature != 1.0

@@ -262,33 +262,6 @@ pub(crate) fn weight_totals(t: &[i32], cfg: &CrossEntropy) -> (u64, f64) {
     (counted, ws)
 }
 
-/// Reduction coefficients `(a, b)` of the CE and z-loss parts of the gradient.
-pub(crate) fn grad_coefficients(cfg: &CrossEntropy, counted: u64, weight_sum: f64) -> (f64, f64) {
-    let scale = cfg.grad_scale as f64;
-    let (counted, weight_sum) = cfg.totals.map_or((counted, weight_sum), |t| (t.counted, t.weight_sum));
-    match cfg.reduction {
-        Reduction::Mean => (scale / weight_sum, scale / counted as f64),
-        _ => (scale, scale),
-    }
-}
-
-/// Combines the CE and z-loss sums into the reduced loss.
-pub(crate) fn reduce(cfg: &CrossEntropy, sum_ce: f64, sum_lse2: f64, counted: u64, weight_sum: f64) -> f64 {
-    let z = cfg.z_loss as f64;
-    let (counted, weight_sum) = cfg.totals.map_or((counted, weight_sum), |t| (t.counted, t.weight_sum));
-    match cfg.reduction {
-        Reduction::Mean => {
-            let ce = sum_ce / weight_sum;
-            if z > 0.0 {
-                ce + z * sum_lse2 / counted as f64
-            } else {
-                ce
-            }
-        }
-        _ => sum_ce + z * sum_lse2,
-    }
-}
-
 /// Where the gradient goes.
 pub(crate) enum GradDest<'a> {
     /// Loss only.
@@ -451,7 +424,7 @@ fn run<T: Element, G: Element>(
         Some(_) => (n as u64, cfg.sample_weight.as_ref().map_or(n as f64, |w| w.iter().map(|&x| x as f64).sum())),
         None => weight_totals(&t, cfg),
     };
-    let (a, b) = grad_coefficients(cfg, counted, weight_sum);
+    let (a, b) = cfg.grad_coefficients(counted, weight_sum);
     let cw = cfg.class_weight.as_ref().map(|w| w.to_vec());
     let sw = cfg.sample_weight.as_ref().map(|w| w.to_vec());
     let wtot = cw.as_ref().map_or(v as f64, |w| w.iter().map(|&x| x as f64).sum());
@@ -572,7 +545,7 @@ fn run<T: Element, G: Element>(
             .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1))
     });
 
-    let loss = reduce(cfg, sum_ce, sum_lse2, counted, weight_sum);
+    let loss = cfg.reduce(sum_ce, sum_lse2, counted, weight_sum);
     let per_row = cfg.per_row || cfg.reduction == Reduction::None;
     Ok(CeOutput {
         loss,

@@ -1,7 +1,7 @@
 //! Fused linear cross-entropy with the weight split by vocabulary across ranks (Megatron-LM's
 //! column-parallel output layer): every rank holds all of `hidden [N, D]` and the rows
 //! `class0 ..` of the weight. Logits exist one row chunk of this shard at a time: a first pass
-//! makes each row's record (`crate::dist::vocab`), one all-reduce merges them, and a second
+//! makes each row's record (`crate::parallel::vocab`), one all-reduce merges them, and a second
 //! pass recomputes each chunk's logits, turns them into the gradient in place and takes the
 //! three products, as Cut Cross-Entropy recomputes rather than stores. `grad_hidden` is this
 //! shard's `G W` summed over ranks (a second collective, of `N x D` f32); `grad_weight` and
@@ -17,10 +17,10 @@ use super::Cpu;
 use crate::alloc::zeros2;
 use crate::api::linear::{grad_dtype, LinearCe, LinearCeOutput};
 use crate::api::targets::Targets;
-use crate::dist::vocab::{check_linear, finish, merge, VocabShard, REC};
-use crate::dist::{agree, Collective};
 use crate::dtype::{Logits, Tensor2};
 use crate::error::Result;
+use crate::parallel::vocab::{check_linear, finish, merge, VocabShard, REC};
+use crate::parallel::{agree, Collective};
 
 /// What the two passes share: the inputs as f32 rows and the workspaces.
 struct Passes<'p, 'h> {
@@ -62,7 +62,7 @@ impl Cpu {
     ///
     /// ```
     /// use ndarray::array;
-    /// use xent::{dist::{SingleProcess, VocabShard}, Cpu, LinearCe};
+    /// use xent::{parallel::{SingleProcess, VocabShard}, Cpu, LinearCe};
     /// let hidden = array![[1.0f32, 0.5], [-0.5, 2.0]];
     /// let weight = array![[0.2f32, -0.1], [0.4, 0.3], [-0.3, 0.8]];
     /// let shard = VocabShard { class0: 0, classes: 3 };

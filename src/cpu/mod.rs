@@ -10,12 +10,11 @@ mod linear;
 mod linear_vocab;
 mod log_softmax;
 pub mod reference;
-pub use crate::dist::vocab::VocabShard;
+pub use crate::parallel::vocab::VocabShard;
 mod simd;
 mod vocab;
 
 #[cfg(feature = "gpu")]
-pub(crate) use cross_entropy::reduce;
 pub use hessian::{hessian, symmetric_eigenvalues};
 
 use ndarray::{Array2, ArrayView2};

@@ -1,5 +1,5 @@
 //! Vocabulary-parallel cross-entropy on the CPU: this shard's row records (the one-process
-//! row kernels: f32 elements, f64 sums), one all-reduce, and this shard's gradient (the shared logic is in [`crate::dist::vocab`]).
+//! row kernels: f32 elements, f64 sums), one all-reduce, and this shard's gradient (the shared logic is in [`crate::parallel::vocab`]).
 //! [`shard_records`] and [`shard_grad`] also serve the vocabulary-sharded linear
 //! cross-entropy (`cpu/linear_vocab.rs`), one row chunk at a time.
 
@@ -9,10 +9,10 @@ use rayon::prelude::*;
 use super::{simd, Cpu};
 use crate::api::config::{CeOutput, CrossEntropy, Reduction};
 use crate::api::targets::Targets;
-use crate::dist::vocab::{check, finish, merge, VocabShard, REC};
-use crate::dist::Collective;
 use crate::dtype::{Logits, LogitsMut};
 use crate::error::Result;
+use crate::parallel::vocab::{check, finish, merge, VocabShard, REC};
+use crate::parallel::Collective;
 
 /// `softcap(x / T)` of a row into `buf` (the row itself when there is no transform).
 fn transformed<'a>(x: &'a [f32], cfg: &CrossEntropy, buf: &'a mut Vec<f32>) -> &'a [f32] {
@@ -150,7 +150,7 @@ impl Cpu {
     ///
     /// ```
     /// use ndarray::array;
-    /// use xent::{dist::SingleProcess, cpu::VocabShard, Cpu, CrossEntropy};
+    /// use xent::{parallel::SingleProcess, cpu::VocabShard, Cpu, CrossEntropy};
     /// let x = array![[2.0f32, 0.5, -1.0], [0.1, 0.2, 0.3]];
     /// let shard = VocabShard { class0: 0, classes: 3 };
     /// let out = Cpu::new().cross_entropy_vocab_parallel(&x, &[0i64, 2][..], shard, &CrossEntropy::default(), &SingleProcess, None)?;
@@ -180,7 +180,7 @@ impl Cpu {
             self.pool.install(|| shard_records(xf.view(), &t, shard.class0, cfg, &mut rec));
             (t, xf, rec)
         });
-        let (t, xf, mut rec) = crate::dist::agree(comm, local)?;
+        let (t, xf, mut rec) = crate::parallel::agree(comm, local)?;
         comm.all_reduce_with(&mut rec, REC, merge)?;
         let fin = finish(&rec, &t, &targets, cfg, shard.classes);
         if let Some(mut g) = grad {

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use xent::dist::Collective;
+use xent::parallel::Collective;
 use xent::{check, CrossEntropy, DType, Reduction, Result, SoftmaxKind, Targets, Totals, XentError};
 
 use super::linear::LinearArgs;
@@ -138,7 +138,7 @@ pub fn run_eval(a: &EvalArgs, comm: &dyn Collective) -> Result<()> {
     }
     // Each rank scores its share of the rows; every failure is agreed before the one merge.
     let local = eval_rows(a, comm.rank(), comm.size());
-    let mut part = xent::dist::agree(comm, local)?;
+    let mut part = xent::parallel::agree(comm, local)?;
     comm.all_reduce_sum(&mut part.sums)?;
     let mut rss = [crate::common::peak_rss() as f64];
     comm.all_reduce_max(&mut rss)?;
@@ -230,7 +230,7 @@ fn eval_rows(a: &EvalArgs, rank: usize, ranks: usize) -> Result<EvalPart> {
     let engine = a.backend.open()?;
     let job = CeJob {
         logits: &logits,
-        span: xent::dist::row_range(n, rank, ranks),
+        span: xent::parallel::row_range(n, rank, ranks),
         classes: v,
         dtype,
         targets: match (&classes, &probs) {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use serde_json::Value;
 use xent::calibration::{fit_temperature_by, Calibration, CalibrationAcc};
-use xent::dist::{corpus::all_reduce_corpus, Collective};
+use xent::parallel::{corpus::all_reduce_corpus, Collective};
 use xent::preference::{preference, Preference};
 use xent::sequence::CorpusEval;
 use xent::{CrossEntropy, DType, Reduction, Result, XentError};
@@ -77,7 +77,7 @@ pub fn run_perplexity(a: &PerplexityArgs, comm: &dyn Collective) -> Result<()> {
     // Each rank scores whole sequences; the accumulators merge exactly (bit for bit one
     // process's result), after every rank's failure, if any, is agreed.
     let local = perplexity_rows(a, comm.rank(), comm.size());
-    let p = xent::dist::agree(comm, local)?;
+    let p = xent::parallel::agree(comm, local)?;
     let acc = all_reduce_corpus(comm, Ok(p.acc), p.first, p.sequences)?;
     if comm.rank() == 0 {
         report(&acc, p.sequences, p.dtype, &p.backend, comm.size(), a.json);
@@ -176,7 +176,7 @@ fn perplexity_rows(a: &PerplexityArgs, rank: usize, ranks: usize) -> Result<PplP
     let t: Vec<i64> =
         (0..rows).map(|i| if counted(i / seq_len, i % seq_len) { targets[i] } else { CorpusEval::IGNORED }).collect();
     // This rank's whole sequences, and only their targets checked (it reads only their rows).
-    let seqs = xent::dist::row_range(b, rank, ranks);
+    let seqs = xent::parallel::row_range(b, rank, ranks);
     let span = seqs.start * seq_len..seqs.end * seq_len;
     let bad = t[span.clone()].iter().enumerate().find(|(_, &y)| y != CorpusEval::IGNORED && (y < 0 || y >= v as i64));
     if let Some((k, &target)) = bad {

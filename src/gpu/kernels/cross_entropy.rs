@@ -14,7 +14,6 @@ use ndarray::Array1;
 use super::check_slice;
 use crate::api::config::{CeOutput, CrossEntropy, Reduction};
 use crate::api::targets::{Targets, IGNORED};
-use crate::cpu::reduce;
 use crate::dtype::{DType, Logits, LogitsMut};
 use crate::error::{Result, XentError};
 use crate::gpu::context::GpuContext;
@@ -129,7 +128,7 @@ pub struct CePlan {
     params: ParamsCache,
     backward_params: ParamsCache,
     /// The vocabulary shard the plan's columns are (see `super::vocab`).
-    pub(crate) shard: Option<crate::dist::VocabShard>,
+    pub(crate) shard: Option<crate::parallel::VocabShard>,
 }
 
 impl std::fmt::Debug for CePlan {
@@ -197,7 +196,7 @@ impl CePlan {
         v: usize,
         dtype: DType,
         cfg: &CrossEntropy,
-        shard: crate::dist::VocabShard,
+        shard: crate::parallel::VocabShard,
     ) -> Result<CePlan> {
         let mut plan = CePlan::new_with(ctx, n, v, dtype, cfg, true, Some(shard))?;
         plan.shard = Some(shard);
@@ -215,7 +214,7 @@ impl CePlan {
         dtype: DType,
         cfg: &CrossEntropy,
         pooled: bool,
-        shard: Option<crate::dist::VocabShard>,
+        shard: Option<crate::parallel::VocabShard>,
     ) -> Result<CePlan> {
         let ignored: Targets = Targets::I32(ndarray::ArrayView1::from(&[][..]));
         let classes = shard.map_or(v, |s| s.classes);
@@ -667,7 +666,7 @@ impl PendingCe {
         let per_row = cfg.per_row || cfg.reduction == Reduction::None;
         if n == 0 {
             return Ok(CeOutput {
-                loss: reduce(cfg, 0.0, 0.0, 0, 0.0),
+                loss: cfg.reduce(0.0, 0.0, 0, 0.0),
                 counted: 0,
                 weight_sum: 0.0,
                 row_loss: per_row.then(|| Array1::zeros(0)),
@@ -690,7 +689,7 @@ impl PendingCe {
         let weight_sum = sc.weight_sum as f64;
         let z = cfg.z_loss as f64;
         let lse2 = sc.lse2_sum as f64;
-        let loss = reduce(cfg, sc.loss_sum as f64 - z * lse2, lse2, counted, weight_sum);
+        let loss = cfg.reduce(sc.loss_sum as f64 - z * lse2, lse2, counted, weight_sum);
         let rows: &[f32] = if got { bytemuck::cast_slice(&head[SCALARS as usize..]) } else { &[] };
         let row = |k: usize| Array1::from(rows[k * n..(k + 1) * n].to_vec());
         Ok(CeOutput {

@@ -15,13 +15,13 @@ use super::vocab::{poison_infinite, Shard};
 use crate::api::config::CrossEntropy;
 use crate::api::linear::{chunk_cfg, grad_dtype, LinearCe, LinearCeOutput};
 use crate::api::targets::Targets;
-use crate::dist::vocab::{check_linear, finish, merge, VocabShard, REC};
-use crate::dist::{agree, Collective};
 use crate::dtype::{DType, Logits, Tensor2};
 use crate::error::Result;
 use crate::gpu::context::GpuContext;
 use crate::gpu::launch::Recorder;
 use crate::gpu::pool::Pooled;
+use crate::parallel::vocab::{check_linear, finish, merge, VocabShard, REC};
+use crate::parallel::{agree, Collective};
 
 use wgpu::BufferUsages as U;
 
@@ -45,7 +45,7 @@ impl GpuContext {
     ///
     /// ```no_run
     /// use ndarray::array;
-    /// use xent::{dist::{SingleProcess, VocabShard}, GpuContext, LinearCe};
+    /// use xent::{parallel::{SingleProcess, VocabShard}, GpuContext, LinearCe};
     /// let gpu = GpuContext::new()?;
     /// let hidden = array![[1.0f32, 0.5], [-0.5, 2.0]];
     /// let weight = array![[0.2f32, -0.1], [0.4, 0.3], [-0.3, 0.8]];

@@ -1,4 +1,4 @@
-//! Vocabulary-parallel cross-entropy on the GPU (see [`crate::dist::vocab`]): the row pass's
+//! Vocabulary-parallel cross-entropy on the GPU (see [`crate::parallel::vocab`]): the row pass's
 //! segment-statistic variant over this rank's shard writes each (row, segment) record (max,
 //! sum, smoothing sums, and the target logit from the segment that holds it); the host merges
 //! a row's segments and the ranks' records (one all-reduce) and finishes the loss; the
@@ -9,8 +9,6 @@
 use super::cross_entropy::{base_params, CePlan, ROW_VECTORS, SAVED};
 use crate::api::config::{CeOutput, CrossEntropy};
 use crate::api::targets::Targets;
-use crate::dist::vocab::{check, finish, merge, VocabShard, REC};
-use crate::dist::{agree, Collective};
 use crate::dtype::{DType, Logits, LogitsMut};
 use crate::error::Result;
 use crate::gpu::context::GpuContext;
@@ -18,6 +16,8 @@ use crate::gpu::launch::{Bind, Groups, Launch, ParamsCache, Recorder, Skip};
 use crate::gpu::params::{flags, Params, SCALARS};
 use crate::gpu::pool::Pooled;
 use crate::gpu::source::{Seg, Shader, Variant};
+use crate::parallel::vocab::{check, finish, merge, VocabShard, REC};
+use crate::parallel::{agree, Collective};
 
 use wgpu::BufferUsages as U;
 
@@ -171,7 +171,7 @@ impl GpuContext {
     ///
     /// ```no_run
     /// use ndarray::array;
-    /// use xent::{dist::{SingleProcess, VocabShard}, CrossEntropy, GpuContext};
+    /// use xent::{parallel::{SingleProcess, VocabShard}, CrossEntropy, GpuContext};
     /// let gpu = GpuContext::new()?;
     /// let x = array![[2.0f32, 0.5, -1.0, 0.0]];
     /// let shard = VocabShard { class0: 0, classes: 4 };

@@ -44,7 +44,7 @@ fn record(r: &mut [f64], nll: &ExactSum, counts: [u64; 3]) {
 /// [`agree`]) and none is left waiting.
 ///
 /// ```
-/// use xent::dist::{corpus::all_reduce_corpus, SingleProcess};
+/// use xent::parallel::{corpus::all_reduce_corpus, SingleProcess};
 /// use xent::sequence::CorpusEval;
 /// let merged = all_reduce_corpus(&SingleProcess, Ok(CorpusEval::default()), 0, 0)?;
 /// assert_eq!(merged.tokens, 0);

@@ -12,7 +12,7 @@ use crate::error::{Result, XentError};
 /// MPI's world communicator (or any other).
 ///
 /// ```no_run
-/// use xent::dist::{mpi::MpiCollective, Collective};
+/// use xent::parallel::{mpi::MpiCollective, Collective};
 /// let comm = MpiCollective::init()?; // MPI_Init; MPI_Finalize when dropped
 /// println!("rank {} of {}", comm.rank(), comm.size());
 /// # Ok::<(), xent::XentError>(())
