@@ -277,6 +277,7 @@ fn non_finite_weights_are_named_the_same_on_every_backend() {
     let w = Array2::from_shape_fn((4, 2), |(r, c)| (r as f32 - c as f32) * 0.2);
     type Run<'a> = Box<dyn Fn(&LinearCe) -> Result<LinearCeOutput> + 'a>;
     let linear: Vec<(&str, Run)> = {
+        #[cfg_attr(not(feature = "gpu"), allow(unused_mut))]
         let mut v: Vec<(&str, Run)> =
             vec![("cpu", Box::new(|c| Cpu::new().linear_cross_entropy(&h, &w, None, t.view(), c)))];
         #[cfg(feature = "gpu")]

@@ -19,7 +19,7 @@
 
 use std::arch::x86_64::*;
 
-use super::simd::{BLOCK, EXP_POLY, LN2_HI, LN2_LO, LOG2E, ROUND};
+use super::exp_consts::{BLOCK, EXP_POLY, LN2_HI, LN2_LO, LOG2E, ROUND};
 
 /// Whether this CPU runs the kernels below.
 pub fn available() -> bool {

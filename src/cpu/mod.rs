@@ -5,6 +5,7 @@ pub(crate) mod bce;
 mod convert;
 mod cross_entropy;
 pub(crate) mod divergence;
+mod exp_consts;
 mod hessian;
 mod linear;
 mod linear_vocab;
@@ -14,7 +15,6 @@ pub use crate::parallel::vocab::VocabShard;
 mod simd;
 mod vocab;
 
-#[cfg(feature = "gpu")]
 pub use hessian::{hessian, symmetric_eigenvalues};
 
 use ndarray::{Array2, ArrayView2};
