@@ -1,6 +1,21 @@
 //! Input checks shared by every backend, so that all of them reject the same inputs the same
 //! way. Public so that front ends (the `xent` command line, framework integrations) can check a
 //! call before they open a device or read a large file.
+//!
+//! What is refused, before any work and with the same [`XentError`] on the CPU and the GPU:
+//! - shapes that disagree (targets, sample weights, class weights, probability targets);
+//! - class indices outside `0..V` that are not the ignore index ([`XentError::TargetOutOfRange`]);
+//! - probability targets with a NaN, infinite or negative entry, and class, sample or BCE
+//!   weights with a NaN or infinite entry ([`XentError::InvalidValue`], which names the input
+//!   and the entry: `class_weight must be finite, got NaN at index 2`). PyTorch computes on and
+//!   returns NaN for these; xent refuses them, because a NaN loss hours into a run says neither
+//!   which input nor which entry was bad. A front end names the input in its own words (the
+//!   command line says `--class-weight w.npy`, and checks a large `--target-probs` file block
+//!   by block with [`target_probabilities`], giving the file's row).
+//!
+//! What is accepted, as in PyTorch: probability rows that do not sum to 1, negative or zero
+//! weights, and NaN or infinite logits (scored as PyTorch scores them: `-inf` masks a class, a
+//! NaN makes its row's loss NaN).
 
 use ndarray::{ArrayView, ArrayView2, Dimension, IntoDimension};
 
