@@ -204,9 +204,11 @@ pub(super) fn widen_rows(x: &Logits<'_>, r0: usize, r1: usize, out: &mut [f32]) 
 /// 1e-3 of an entry, over the bounds of the f64 and PyTorch float64 checks (`tests/linear.rs`);
 /// measured side by side in `docs/cpu-bf16-matmul.md`. `XENT_CPU_BF16_TERMS=gh,gw` (1 to 3
 /// each) sets them for such measurements.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(super) const GRAD_TERMS: (usize, usize) = (2, 2);
 
 /// [`GRAD_TERMS`], or `XENT_CPU_BF16_TERMS` when set.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(super) fn grad_terms() -> Result<(usize, usize)> {
     let Ok(s) = std::env::var("XENT_CPU_BF16_TERMS") else { return Ok(GRAD_TERMS) };
     let bad = || XentError::InvalidOption(format!("XENT_CPU_BF16_TERMS={s:?}: give two counts 1 to 3, as 2,1"));
@@ -230,7 +232,9 @@ pub(super) enum Weight<'w> {
 /// One chunk's hidden rows, row-major `[b, D]`: f32, or bf16 bits for the bf16 products.
 #[derive(Clone, Copy)]
 pub(super) enum Rows<'a> {
+    /// For [`Weight::F32`].
     F32(&'a [f32]),
+    /// For [`Weight::Bf16`].
     Bf16(&'a [u16]),
 }
 

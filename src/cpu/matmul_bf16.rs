@@ -21,9 +21,12 @@
 //! bf16 type, and its f16 path widens to f32 and runs the f32 kernels; `tract-linalg` has no x86
 //! bf16 kernels; oneDNN, which does, is a C++ library. The kernel here is the classic
 //! Goto/BLIS shape: the right operand packed once into panels of [`NR`] columns with pairs of
-//! `k` interleaved as `vdpbf16ps` wants them, the left operand packed per task into
-//! micro-panels of [`MR`] rows, a [`MR`] x [`NR`] register tile (24 accumulators), `k` in blocks
-//! of [`KC`].
+//! `k` interleaved as `vdpbf16ps` wants them, the left operand packed into micro-panels of
+//! [`MR`] rows (once for a bf16 one; an f32 one split into its terms by the task that uses
+//! it, 16 lanes at a time with `vcvtneps2bf16`), a [`MR`] x [`NR`] register tile (24
+//! accumulators), `k` in blocks of [`KC`]. Measured on a 2-core AMD EPYC (Zen 4), one thread,
+//! `512 x 512 x 32000` products: about 200 GFLOP/s per core with one term (the f32 `gemm`
+//! crate: 85-100), half that with two terms.
 //!
 //! Determinism: every output element is computed by one task, its `k` sum running in the same
 //! order (block by block of [`KC`], pair by pair, term by term) whatever the thread count or
