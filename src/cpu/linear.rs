@@ -6,19 +6,25 @@
 //! reduction order is fixed by its blocking, not by the thread count, so the results are the
 //! same bits on every run and thread count. Rows whose target is ignored are left out of the
 //! chunks where nothing per row is asked for (`counted_rows`): padding costs nothing.
+//!
+//! bf16 inputs on a CPU with AVX512-BF16 ([`CpuMatmul::Avx512Bf16`], chosen by cpuid,
+//! `XENT_CPU_MATMUL` or [`Cpu::with_matmul`]) take `super::matmul_bf16` instead: the bf16
+//! values multiplied as they are, f32 sums, and the f32 gradient `G` split into
+//! [`GRAD_TERMS`] bf16 terms per product (the bound is in that module and
+//! `docs/cpu-bf16-matmul.md`).
 
 use std::borrow::Cow;
 
 use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Zip};
 use rayon::prelude::*;
 
-use super::Cpu;
+use super::{Cpu, CpuMatmul};
 use crate::alloc::zeros2;
 use crate::api::config::Totals;
 use crate::api::linear::{check, chunk_cfg, chunk_cfg_at, counted_rows, grad_dtype, LinearCe, LinearCeOutput};
 use crate::api::targets::Targets;
 use crate::dtype::{DType, Element, Logits, Tensor2};
-use crate::error::Result;
+use crate::error::{Result, XentError};
 
 /// `dst[m, n] (+)= lhs[m, k] rhs[k, n]`, each operand given by (slice, row stride, column
 /// stride) in elements.
@@ -191,11 +197,169 @@ pub(super) fn widen_rows(x: &Logits<'_>, r0: usize, r1: usize, out: &mut [f32]) 
     }
 }
 
+/// bf16 terms of the f32 gradient `G` in `(grad_hidden = G W, grad_weight = G^T H)` on
+/// AVX512-BF16: two each, `|G - (g_1 + g_2)| <= 2^-16 |G|`, so each product is within
+/// `2^-16 sum |G| |X|` (+ f32 sums) of the exact one. One term (PyTorch's bf16 autograd:
+/// `G` rounded to bf16, `2^-8`) runs these products twice as fast but gives errors of a few
+/// 1e-3 of an entry, over the bounds of the f64 and PyTorch float64 checks (`tests/linear.rs`);
+/// measured side by side in `docs/cpu-bf16-matmul.md`. `XENT_CPU_BF16_TERMS=gh,gw` (1 to 3
+/// each) sets them for such measurements.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(super) const GRAD_TERMS: (usize, usize) = (2, 2);
+
+/// [`GRAD_TERMS`], or `XENT_CPU_BF16_TERMS` when set.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(super) fn grad_terms() -> Result<(usize, usize)> {
+    let Ok(s) = std::env::var("XENT_CPU_BF16_TERMS") else { return Ok(GRAD_TERMS) };
+    let bad = || XentError::InvalidOption(format!("XENT_CPU_BF16_TERMS={s:?}: give two counts 1 to 3, as 2,1"));
+    let parts: Vec<usize> = s.split(',').map(|p| p.trim().parse().map_err(|_| bad())).collect::<Result<_>>()?;
+    match parts[..] {
+        [gh, gw] if (1..=3).contains(&gh) && (1..=3).contains(&gw) => Ok((gh, gw)),
+        _ => Err(bad()),
+    }
+}
+
+/// The weight as the chosen products read it.
+pub(super) enum Weight<'w> {
+    /// f32 rows `[V, D]` for the `gemm` crate.
+    F32(Cow<'w, [f32]>),
+    /// bf16 panels for `vdpbf16ps`: of `W^T [D, V]` for the logits and, when `grad_hidden` is
+    /// asked for, of `W [V, D]`; and the terms of `G` per gradient product.
+    #[cfg(target_arch = "x86_64")]
+    Bf16 { fwd: super::matmul_bf16::PackedB, bwd: Option<super::matmul_bf16::PackedB>, terms: (usize, usize) },
+}
+
+/// One chunk's hidden rows, row-major `[b, D]`: f32, or bf16 bits for the bf16 products.
+#[derive(Clone, Copy)]
+pub(super) enum Rows<'a> {
+    /// For [`Weight::F32`].
+    F32(&'a [f32]),
+    /// For [`Weight::Bf16`].
+    Bf16(&'a [u16]),
+}
+
+impl<'w> Weight<'w> {
+    /// `weight [V, D]` for `path`'s products (`grad_hidden`: also the panels of `G W`).
+    pub(super) fn new(weight: &'w Logits<'_>, path: CpuMatmul, grad_hidden: bool) -> Result<Weight<'w>> {
+        match (path, weight) {
+            #[cfg(target_arch = "x86_64")]
+            (CpuMatmul::Avx512Bf16, Logits::BF16(a)) => {
+                use super::matmul_bf16::PackedB;
+                let terms = grad_terms()?;
+                let (v, d) = a.dim();
+                let std = a.as_standard_layout();
+                let bits: &[u16] = bytemuck::cast_slice(std.as_slice().expect("standard layout"));
+                // B[k = d, n = v] = W[v, d] and B[k = v, n = d] = W[v, d].
+                let fwd = PackedB::new(bits, (d, v), 1, d);
+                let bwd = grad_hidden.then(|| PackedB::new(bits, (v, d), d, 1));
+                Ok(Weight::Bf16 { fwd, bwd, terms })
+            }
+            _ => Ok(Weight::F32(f32_rows(weight))),
+        }
+    }
+
+    /// Whether the products take bf16 hidden rows ([`Rows::Bf16`]).
+    pub(super) fn bf16(&self) -> bool {
+        !matches!(self, Weight::F32(_))
+    }
+
+    /// `z[b, v] (+)= h[b, d] w[v, d]^T`.
+    pub(super) fn logits(
+        &self,
+        threads: usize,
+        (b, v, d): (usize, usize, usize),
+        z: &mut [f32],
+        accumulate: bool,
+        h: Rows<'_>,
+    ) {
+        match (self, h) {
+            (Weight::F32(w), Rows::F32(h)) => logits_product(threads, (b, v, d), z, accumulate, h, w),
+            #[cfg(target_arch = "x86_64")]
+            (Weight::Bf16 { fwd, .. }, Rows::Bf16(h)) => {
+                use super::matmul_bf16::{gemm, Lhs};
+                gemm(threads, (b, v, d), z, v, accumulate, Lhs::Bf16Rows { data: h, rs: d }, 1, fwd)
+            }
+            _ => unreachable!("hidden rows in the weight's form"),
+        }
+    }
+
+    /// `dst[b, d] = g[b, v] w[v, d]`.
+    pub(super) fn hidden_grad(&self, threads: usize, (b, d, v): (usize, usize, usize), dst: &mut [f32], g: &[f32]) {
+        match self {
+            Weight::F32(w) => hidden_grad_product(threads, (b, d, v), dst, g, w),
+            #[cfg(target_arch = "x86_64")]
+            Weight::Bf16 { bwd, terms, .. } => {
+                use super::matmul_bf16::{gemm, Lhs};
+                let bwd = bwd.as_ref().expect("packed for grad_hidden");
+                gemm(threads, (b, d, v), dst, d, false, Lhs::F32Rows { data: g, rs: v }, terms.0, bwd)
+            }
+        }
+    }
+
+    /// `dst[v, d] (+)= g[b, v]^T h[b, d]`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn weight_grad(
+        &self,
+        threads: usize,
+        (v, d, b): (usize, usize, usize),
+        dst: &mut [f32],
+        accumulate: bool,
+        g: &[f32],
+        h: Rows<'_>,
+    ) {
+        match (self, h) {
+            (Weight::F32(_), Rows::F32(h)) => weight_grad_product(threads, (v, d, b), dst, accumulate, g, h),
+            #[cfg(target_arch = "x86_64")]
+            (Weight::Bf16 { terms, .. }, Rows::Bf16(h)) => {
+                use super::matmul_bf16::{gemm, Lhs, PackedB};
+                // B[k = row, n = d] = h[row, d].
+                let hb = PackedB::new(h, (b, d), d, 1);
+                gemm(threads, (v, d, b), dst, d, accumulate, Lhs::F32Cols { data: g, cs: v }, terms.1, &hb)
+            }
+            _ => unreachable!("hidden rows in the weight's form"),
+        }
+    }
+}
+
+/// Rows of a batch: these, or the range `r0..r1`.
+#[derive(Clone, Copy)]
+pub(super) enum RowSel<'a> {
+    Rows(&'a [usize]),
+    Range(usize, usize),
+}
+
+/// bf16 rows of `x` (bf16): `rows` gathered, or the range `r0..r1` (borrowed when contiguous),
+/// into `buf` when copied.
+pub(super) fn bf16_rows<'a>(x: &'a Logits<'_>, sel: RowSel<'_>, buf: &'a mut Vec<u16>) -> &'a [u16] {
+    let Logits::BF16(a) = x else { unreachable!("bf16 hidden states") };
+    let d = a.ncols();
+    if let RowSel::Range(r0, r1) = sel {
+        if let Some(all) = a.as_slice() {
+            return bytemuck::cast_slice(&all[r0 * d..r1 * d]);
+        }
+    }
+    let n = match sel {
+        RowSel::Rows(ix) => ix.len(),
+        RowSel::Range(r0, r1) => r1 - r0,
+    };
+    buf.clear();
+    buf.resize(n * d, 0);
+    buf.par_chunks_mut(d.max(1)).enumerate().for_each(|(i, o)| {
+        let r = match sel {
+            RowSel::Rows(ix) => ix[i],
+            RowSel::Range(r0, _) => r0 + i,
+        };
+        o.iter_mut().zip(a.row(r)).for_each(|(o, v)| *o = v.to_bits());
+    });
+    buf
+}
+
 impl Cpu {
     /// Fused linear cross-entropy: the loss of `F.cross_entropy(hidden @ weight.T + bias,
     /// targets)` (PyTorch's semantics, every [`crate::CrossEntropy`] option) and its gradients
     /// w.r.t. `hidden [N, D]`, `weight [V, D]` (both f32, f16 or bf16, one dtype; products in
-    /// f32) and `bias [V]`, never holding more than [`LinearCe::chunk_rows`] rows of logits.
+    /// f32, or for bf16 on AVX512-BF16 with bf16 multiplies and f32 sums: see
+    /// [`Cpu::linear_matmul`]) and `bias [V]`, never holding more than [`LinearCe::chunk_rows`] rows of logits.
     ///
     /// ```
     /// use ndarray::array;
@@ -222,11 +386,13 @@ impl Cpu {
         // The rows the products run over: all, or the counted ones gathered chunk by chunk.
         let kept = counted_rows(&hidden, &targets, cfg);
         let m = kept.as_ref().map_or(n, |k| k.len());
-        let w = f32_rows(&weight);
+        let w = Weight::new(&weight, self.linear_matmul(hidden.dtype())?, cfg.grad_hidden)?;
         let bias_c = bias.map(|b| b.to_vec());
         let mut z = zeros2::<f32>((rows.min(n).max(1), v), "linear cross-entropy workspace")?;
         let widen = hidden.dtype() != DType::F32 || !matches!(&hidden, Logits::F32(a) if a.is_standard_layout());
-        let mut h_chunk = if widen || kept.is_some() {
+        // bf16 products: the chunk's rows as bf16 bits, copied when gathered or strided.
+        let mut hb_chunk = Vec::new();
+        let mut h_chunk = if !w.bf16() && (widen || kept.is_some()) {
             zeros2::<f32>((rows.min(n).max(1), d), "hidden chunk")?
         } else {
             Array2::zeros((0, 0))
@@ -250,20 +416,24 @@ impl Cpu {
             let b = c1 - c0;
             // This chunk's batch rows: the range c0..c1, or these.
             let idx = kept.as_ref().map(|k| &k[c0..c1]);
-            let h: &[f32] = match idx {
+            let h: Rows<'_> = match idx {
+                _ if w.bf16() => {
+                    let sel = idx.map_or(RowSel::Range(c0, c1), RowSel::Rows);
+                    Rows::Bf16(self.pool.install(|| bf16_rows(&hidden, sel, &mut hb_chunk)))
+                }
                 Some(ix) => {
                     let buf = &mut h_chunk.as_slice_mut().expect("fresh")[..b * d];
                     self.pool.install(|| gather_rows(&hidden, ix, buf));
-                    buf
+                    Rows::F32(buf)
                 }
                 None if widen => {
                     let buf = &mut h_chunk.as_slice_mut().expect("fresh")[..b * d];
                     widen_rows(&hidden, c0, c1, buf);
-                    buf
+                    Rows::F32(buf)
                 }
                 None => {
                     let Logits::F32(a) = &hidden else { unreachable!("f32 hidden") };
-                    &a.as_slice().expect("standard layout")[c0 * d..c1 * d]
+                    Rows::F32(&a.as_slice().expect("standard layout")[c0 * d..c1 * d])
                 }
             };
             let zc = &mut z.as_slice_mut().expect("fresh")[..b * v];
@@ -271,7 +441,7 @@ impl Cpu {
                 self.pool.install(|| fill_bias(zc, bias));
             }
             // Z = H_c W^T (+ b).
-            self.pool.install(|| logits_product(threads, (b, v, d), zc, bias.is_some(), h, &w));
+            self.pool.install(|| w.logits(threads, (b, v, d), zc, bias.is_some(), h));
             let (ccfg, t_owned) = match idx {
                 Some(ix) => {
                     let t: Array1<i64> = ix.iter().map(|&r| targets.get(r)).collect();
@@ -306,20 +476,20 @@ impl Cpu {
                 match idx {
                     Some(ix) => {
                         let dst = &mut gh_chunk.as_slice_mut().expect("fresh")[..b * d];
-                        self.pool.install(|| hidden_grad_product(threads, (b, d, v), dst, g, &w));
+                        self.pool.install(|| w.hidden_grad(threads, (b, d, v), dst, g));
                         for (row, &r) in dst.chunks(d.max(1)).zip(ix) {
                             all[r * d..(r + 1) * d].copy_from_slice(row);
                         }
                     }
                     None => {
                         let dst = &mut all[c0 * d..c1 * d];
-                        self.pool.install(|| hidden_grad_product(threads, (b, d, v), dst, g, &w));
+                        self.pool.install(|| w.hidden_grad(threads, (b, d, v), dst, g));
                     }
                 }
             }
             if let Some(gw) = gw.as_mut() {
                 let dst = gw.as_slice_mut().expect("fresh");
-                self.pool.install(|| weight_grad_product(threads, (v, d, b), dst, c0 > 0, g, h));
+                self.pool.install(|| w.weight_grad(threads, (v, d, b), dst, c0 > 0, g, h));
             }
             if let Some(gb) = gb.as_mut() {
                 self.pool.install(|| add_col_sums(gb, g));

@@ -7,11 +7,11 @@
 //! shard's `G W` summed over ranks (a second collective, of `N x D` f32); `grad_weight` and
 //! `grad_bias` are this shard's rows.
 
+use std::borrow::Cow;
+
 use ndarray::{ArrayView1, ArrayView2, ArrayViewMut2};
 
-use super::linear::{
-    add_col_sums, f32_rows, fill_bias, hidden_grad_product, logits_product, weight_grad_product, widen_rows,
-};
+use super::linear::{add_col_sums, bf16_rows, fill_bias, widen_rows, RowSel, Rows, Weight};
 use super::vocab::{shard_grad, shard_records, GradCtx};
 use super::Cpu;
 use crate::alloc::zeros2;
@@ -22,11 +22,11 @@ use crate::error::Result;
 use crate::parallel::vocab::{check_linear, finish, merge, VocabShard, REC};
 use crate::parallel::{agree, Collective};
 
-/// What the two passes share: the inputs as f32 rows and the workspaces.
+/// What the two passes share: the inputs as the products read them and the workspaces.
 struct Passes<'p, 'h> {
     cpu: &'p Cpu,
     hidden: &'p Logits<'h>,
-    w: &'p [f32],
+    w: &'p Weight<'p>,
     bias: Option<&'p [f32]>,
     d: usize,
     vl: usize,
@@ -35,18 +35,29 @@ struct Passes<'p, 'h> {
 
 impl Passes<'_, '_> {
     /// Logits of rows `r0..r1` of this shard into `z` (`[r1 - r0, V_local]`); the chunk's
-    /// hidden rows (as f32) are returned for the products.
-    fn logits<'h>(&self, r0: usize, r1: usize, z: &mut [f32], h_buf: &'h mut [f32]) -> &'h [f32] {
+    /// hidden rows (f32 in `h_buf`, or bf16 for the bf16 products) are returned for the products.
+    fn logits<'b>(
+        &'b self,
+        r0: usize,
+        r1: usize,
+        z: &mut [f32],
+        h_buf: &'b mut [f32],
+        hb: &'b mut Vec<u16>,
+    ) -> Rows<'b> {
         let (b, d, vl) = (r1 - r0, self.d, self.vl);
-        let h = &mut h_buf[..b * d];
-        widen_rows(self.hidden, r0, r1, h);
+        let h = if self.w.bf16() {
+            Rows::Bf16(self.cpu.pool.install(|| bf16_rows(self.hidden, RowSel::Range(r0, r1), hb)))
+        } else {
+            let h = &mut h_buf[..b * d];
+            widen_rows(self.hidden, r0, r1, h);
+            Rows::F32(h)
+        };
         if let Some(bias) = self.bias {
             self.cpu.pool.install(|| fill_bias(z, bias));
         }
         let threads = self.cpu.threads();
-        let hc: &[f32] = h;
-        self.cpu.pool.install(|| logits_product(threads, (b, vl, d), z, self.bias.is_some(), hc, self.w));
-        hc
+        self.cpu.pool.install(|| self.w.logits(threads, (b, vl, d), z, self.bias.is_some(), h));
+        h
     }
 }
 
@@ -87,14 +98,26 @@ impl Cpu {
         let (n, d) = hidden.dim();
         let vl = weight.dim().0;
         let wants = cfg.grad_hidden || cfg.grad_weight || (cfg.grad_bias && bias.is_some());
-        let w = f32_rows(&weight);
         let bias_c = bias.map(|b| b.to_vec());
         // Checks, workspaces and the first pass; then one agreement before any collective.
+        // The weight as the products read it (a bad XENT_CPU_MATMUL is this rank's error).
+        let mut w_err = None;
+        let w = self
+            .linear_matmul(hidden.dtype())
+            .and_then(|path| Weight::new(&weight, path, cfg.grad_hidden))
+            .unwrap_or_else(|e| {
+                w_err = Some(e);
+                Weight::F32(Cow::Borrowed(&[]))
+            });
         let local = (|| -> Result<_> {
+            if let Some(e) = w_err.take() {
+                return Err(e);
+            }
             let (t, ..) = check_linear(&hidden, &weight, bias, &targets, shard, cfg)?;
             let rows = cfg.chunk_rows(n, vl).min(n).max(1);
             let mut z = zeros2::<f32>((rows, vl), "linear cross-entropy workspace")?;
-            let mut h_buf = zeros2::<f32>((rows, d), "hidden chunk")?;
+            let mut h_buf = zeros2::<f32>((if w.bf16() { 0 } else { rows }, d), "hidden chunk")?;
+            let mut hb = Vec::new();
             let gh = if cfg.grad_hidden { Some(zeros2::<f32>((n, d), "grad_hidden")?) } else { None };
             let gw = if cfg.grad_weight { Some(zeros2::<f32>((vl, d), "grad_weight")?) } else { None };
             let p = Passes { cpu: self, hidden: &hidden, w: &w, bias: bias_c.as_deref(), d, vl, rows };
@@ -102,14 +125,14 @@ impl Cpu {
             for r0 in (0..n).step_by(rows) {
                 let r1 = (r0 + rows).min(n);
                 let zc = &mut z.as_slice_mut().expect("fresh")[..(r1 - r0) * vl];
-                p.logits(r0, r1, zc, h_buf.as_slice_mut().expect("fresh"));
+                p.logits(r0, r1, zc, h_buf.as_slice_mut().expect("fresh"), &mut hb);
                 let zv = ArrayView2::from_shape((r1 - r0, vl), &*zc).expect("chunk");
                 self.pool
                     .install(|| shard_records(zv, &t[r0..r1], shard.class0, &cfg.ce, &mut rec[r0 * REC..r1 * REC]));
             }
-            Ok((p, t, z, h_buf, gh, gw, rec))
+            Ok((p, t, z, h_buf, hb, gh, gw, rec))
         })();
-        let (p, t, mut z, mut h_buf, mut gh, mut gw, mut rec) = agree(comm, local)?;
+        let (p, t, mut z, mut h_buf, mut hb, mut gh, mut gw, mut rec) = agree(comm, local)?;
         comm.all_reduce_with(&mut rec, REC, merge)?;
         let fin = finish(&rec, &t, &targets, &cfg.ce, shard.classes);
         let mut gb = (cfg.grad_bias && bias.is_some()).then(|| vec![0f64; vl]);
@@ -119,7 +142,7 @@ impl Cpu {
                 let r1 = (r0 + p.rows).min(n);
                 let b = r1 - r0;
                 let zc = &mut z.as_slice_mut().expect("fresh")[..b * vl];
-                let h = p.logits(r0, r1, zc, h_buf.as_slice_mut().expect("fresh"));
+                let h = p.logits(r0, r1, zc, h_buf.as_slice_mut().expect("fresh"), &mut hb);
                 let ctx = GradCtx {
                     cfg: &cfg.ce,
                     shard,
@@ -134,11 +157,11 @@ impl Cpu {
                 let g: &[f32] = zc;
                 if let Some(gh) = gh.as_mut() {
                     let dst = &mut gh.as_slice_mut().expect("fresh")[r0 * d..r1 * d];
-                    self.pool.install(|| hidden_grad_product(threads, (b, d, vl), dst, g, &w));
+                    self.pool.install(|| w.hidden_grad(threads, (b, d, vl), dst, g));
                 }
                 if let Some(gw) = gw.as_mut() {
                     let dst = gw.as_slice_mut().expect("fresh");
-                    self.pool.install(|| weight_grad_product(threads, (vl, d, b), dst, r0 > 0, g, h));
+                    self.pool.install(|| w.weight_grad(threads, (vl, d, b), dst, r0 > 0, g, h));
                 }
                 if let Some(gb) = gb.as_mut() {
                     self.pool.install(|| add_col_sums(gb, g));

@@ -10,19 +10,22 @@ mod hessian;
 mod linear;
 mod linear_vocab;
 mod log_softmax;
+mod matmul;
+mod matmul_bf16;
 pub mod reference;
 pub use crate::parallel::vocab::VocabShard;
 mod simd;
 mod vocab;
 
 pub use hessian::{hessian, symmetric_eigenvalues};
+pub use matmul::CpuMatmul;
 
 use ndarray::{Array2, ArrayView2};
 
 use crate::api::config::{Bce, BceOutput, CeOutput, CrossEntropy, Distill, DistillOutput, Measures, SoftmaxKind};
 use crate::api::targets::Targets;
 use crate::check::BceInput;
-use crate::dtype::{Logits, LogitsMut};
+use crate::dtype::{DType, Logits, LogitsMut};
 use crate::error::{Result, XentError};
 use cross_entropy::GradDest;
 
@@ -38,6 +41,8 @@ use cross_entropy::GradDest;
 /// ```
 pub struct Cpu {
     pool: rayon::ThreadPool,
+    /// Matrix-product kernels set by [`Cpu::with_matmul`]; `None`: `XENT_CPU_MATMUL` or cpuid.
+    matmul: Option<CpuMatmul>,
 }
 
 impl Default for Cpu {
@@ -63,7 +68,34 @@ impl Cpu {
             .thread_name(|i| format!("xent-cpu-{i}"))
             .build()
             .map_err(|e| XentError::InvalidOption(format!("thread pool: {e}")))?;
-        Ok(Cpu { pool })
+        Ok(Cpu { pool, matmul: None })
+    }
+
+    /// This backend with its matrix products (those of [`Cpu::linear_cross_entropy`]) on
+    /// `matmul`'s kernels rather than the best the CPU has (or `XENT_CPU_MATMUL`'s); an
+    /// [`XentError::InvalidOption`] when this CPU lacks them.
+    ///
+    /// ```
+    /// use xent::{cpu::CpuMatmul, Cpu, DType};
+    /// let cpu = Cpu::new().with_matmul(CpuMatmul::F32)?;
+    /// assert_eq!(cpu.linear_matmul(DType::BF16)?, CpuMatmul::F32);
+    /// # Ok::<(), xent::XentError>(())
+    /// ```
+    pub fn with_matmul(mut self, matmul: CpuMatmul) -> Result<Self> {
+        self.matmul = Some(matmul.check()?);
+        Ok(self)
+    }
+
+    /// The kernels [`Cpu::linear_cross_entropy`] runs its products on for `dtype` inputs: those
+    /// of [`Cpu::with_matmul`], else `XENT_CPU_MATMUL`'s, else the best the CPU has
+    /// ([`CpuMatmul::detect`]), then [`CpuMatmul::F32`] for dtypes they do not take. A bad
+    /// `XENT_CPU_MATMUL` is an [`XentError::InvalidOption`].
+    pub fn linear_matmul(&self, dtype: DType) -> Result<CpuMatmul> {
+        let m = match self.matmul {
+            Some(m) => m,
+            None => CpuMatmul::from_env()?,
+        };
+        Ok(m.for_dtype(dtype))
     }
 
     /// Worker threads in use.

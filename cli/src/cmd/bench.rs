@@ -79,6 +79,10 @@ pub struct BenchArgs {
     /// library's, min(256 MiB, N V 4 / 8)).
     #[arg(long)]
     pub(crate) workspace_bytes: Option<usize>,
+    /// `--op linear-fwd-bwd`: CPU matrix-product kernels to time side by side, comma-separated
+    /// (`auto`: the best this CPU has, or XENT_CPU_MATMUL's; `f32`; `avx512-bf16`).
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    pub(crate) cpu_matmul: Vec<String>,
     /// GPU: invocations per workgroup of the row kernels (default: chosen from the adapter).
     #[arg(long)]
     workgroup_size: Option<u16>,

@@ -1,10 +1,13 @@
 //! `xent bench --op linear-fwd-bwd --shapes NxDxV`: fused linear cross-entropy, loss and the
 //! gradients w.r.t. hidden states, weight and bias, timed per backend: median and minimum
 //! seconds, GFLOP/s of its three matrix products (6 N D V), and the extra memory it held (CPU:
-//! peak heap growth over the inputs, gradients included; and the resident-set growth).
+//! peak heap growth over the inputs, gradients included; and the resident-set growth). CPU
+//! rows say which matrix-product kernels ran (`cpu_matmul`: `f32`, `avx512-bf16`), one row per
+//! `--cpu-matmul` choice.
 
 use indicatif::ProgressBar;
 use ndarray::Array1;
+use xent::cpu::CpuMatmul;
 use xent::{workload, DType, LinearCe, Result, Tensor2, XentError};
 
 use super::bench::{time, BenchArgs};
@@ -38,12 +41,22 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let dtypes = a.dtype.iter().map(|s| s.parse::<DType>()).collect::<Result<Vec<_>>>()?;
     let pb = ProgressBar::hidden();
     let cfg = LinearCe { workspace_bytes: a.workspace_bytes, ..Default::default() };
-    let mut text = String::from("backend        N      D        V dtype   median s      min s   GFLOP/s   heap MiB\n");
+    // `None`: the library's own choice (XENT_CPU_MATMUL, else cpuid).
+    let matmuls = a
+        .cpu_matmul
+        .iter()
+        .map(|s| if s.trim() == "auto" { Ok(None) } else { s.parse::<CpuMatmul>().map(Some) })
+        .collect::<Result<Vec<_>>>()?;
+    let mut text =
+        String::from("backend        N      D        V dtype   median s      min s   GFLOP/s   heap MiB  matmul\n");
     for &(n, d, v) in &shapes {
         for &dtype in &dtypes {
             let (h, w, b, t) = inputs(n, d, v, dtype)?;
             let flop = 6.0 * n as f64 * d as f64 * v as f64;
-            let mut report = |backend: &str, (median, min): (f64, f64), extra: Option<(u64, u64)>| {
+            let mut report = |backend: &str,
+                              (median, min): (f64, f64),
+                              extra: Option<(u64, u64)>,
+                              matmul: Option<CpuMatmul>| {
                 let gflops = flop / median / 1e9;
                 if a.json {
                     let mut o = Obj::default()
@@ -60,25 +73,33 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     if let Some((rss, heap)) = extra {
                         o = o.set("extra_rss_bytes", rss).set("extra_heap_bytes", heap);
                     }
+                    if let Some(m) = matmul {
+                        o = o.set("cpu_matmul", m.name());
+                    }
                     emitln(o.line());
                 } else {
                     let mib =
                         extra.map_or("-".to_string(), |(_, heap)| format!("{:.0}", heap as f64 / (1 << 20) as f64));
                     text.push_str(&format!(
-                        "{backend:<8} {n:>6} {d:>6} {v:>8} {:<5} {median:>10.4} {min:>10.4} {gflops:>9.1} {mib:>10}\n",
-                        dtype.name()
+                        "{backend:<8} {n:>6} {d:>6} {v:>8} {:<5} {median:>10.4} {min:>10.4} {gflops:>9.1} {mib:>10}  {}\n",
+                        dtype.name(),
+                        matmul.map_or("-", CpuMatmul::name),
                     ));
                 }
             };
-            if a.backend.contains(&BackendKind::Cpu) {
-                let c = cpu(a.threads)?;
+            for &matmul in matmuls.iter().filter(|_| a.backend.contains(&BackendKind::Cpu)) {
+                let c = match matmul {
+                    Some(m) => cpu(a.threads)?.with_matmul(m)?,
+                    None => cpu(a.threads)?,
+                };
+                let used = c.linear_matmul(dtype)?;
                 let before = peak_rss();
                 let live = crate::heap::reset_peak();
                 let times = time(a.reps, &pb, || {
                     c.linear_cross_entropy(h.view(), w.view(), Some(b.view()), t.view(), &cfg).map(drop)
                 })?;
                 let heap = crate::heap::peak().saturating_sub(live) as u64;
-                report("cpu", times, Some((peak_rss().saturating_sub(before), heap)));
+                report("cpu", times, Some((peak_rss().saturating_sub(before), heap)), Some(used));
             }
             #[cfg(feature = "gpu")]
             if a.backend.contains(&BackendKind::Gpu) {
@@ -86,7 +107,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 let times = time(a.reps, &pb, || {
                     g.linear_cross_entropy(h.view(), w.view(), Some(b.view()), t.view(), &cfg).map(drop)
                 })?;
-                report("gpu", times, None);
+                report("gpu", times, None, None);
             }
         }
     }

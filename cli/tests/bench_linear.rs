@@ -1,0 +1,42 @@
+//! `xent bench --op linear-fwd-bwd`: every CPU row says which matrix-product kernels ran
+//! (`cpu_matmul`), one row per `--cpu-matmul` choice; kernels the CPU lacks or an unknown name
+//! are one error line.
+
+mod support;
+
+use support::*;
+use xent::cpu::CpuMatmul;
+use xent::DType;
+
+#[test]
+fn cpu_rows_name_their_matrix_kernels() {
+    let args = ["bench", "--backend", "cpu", "--op", "linear-fwd-bwd", "--shapes", "9x16x40", "--reps", "1", "--json"];
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_xent"))
+        .args(args)
+        .args(["--dtype", "f32,bf16", "--cpu-matmul", "auto,f32"])
+        .env_remove("XENT_CPU_MATMUL")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let got: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| (r["dtype"].as_str().unwrap().to_string(), r["cpu_matmul"].as_str().unwrap().to_string()))
+        .collect();
+    let best_bf16 = CpuMatmul::detect().for_dtype(DType::BF16).name();
+    let want = [("f32", "f32"), ("f32", "f32"), ("bf16", best_bf16), ("bf16", "f32")];
+    assert_eq!(got, want.map(|(a, b)| (a.to_string(), b.to_string())));
+    for r in &rows {
+        assert!(number(&r["median_s"]) > 0.0);
+    }
+    let e = xent_error(&[&args[..], &["--cpu-matmul", "amx-bf16"]].concat());
+    assert!(e.contains("amx-bf16"), "{e}");
+    let e = xent_error(&[&args[..], &["--cpu-matmul", "bf17"]].concat());
+    assert!(e.contains("bf17"), "{e}");
+    if !CpuMatmul::Avx512Bf16.available() {
+        let e = xent_error(&[&args[..], &["--cpu-matmul", "avx512-bf16"]].concat());
+        assert!(e.contains("AVX512-BF16"), "{e}");
+        println!("this CPU lacks AVX512-BF16: checked that forcing it is refused");
+    }
+}
