@@ -203,6 +203,7 @@ pub fn non_negative(x: f32, flag: &str) -> Result<f32> {
 
 /// The first `bytes` bytes of a buffer, rounded up to whole 4-byte words.
 #[cfg(feature = "gpu")]
+#[cfg_attr(docsrs, doc(cfg(feature = "gpu")))]
 pub fn head(b: &wgpu::Buffer, bytes: u64) -> wgpu::BufferSlice<'_> {
     b.slice(..bytes.max(4).next_multiple_of(4))
 }

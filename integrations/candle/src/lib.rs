@@ -21,6 +21,8 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
