@@ -67,3 +67,10 @@ pub use gpu::{
 #[cfg(all(doctest, feature = "gpu"))]
 pub struct ReadmeDoctests;
 
+/// The Rust examples of the pages under `docs/`, compiled and run as doc tests.
+#[doc = include_str!("../docs/api.md")]
+#[doc = include_str!("../docs/losses.md")]
+#[doc = include_str!("../docs/distributed.md")]
+#[doc = include_str!("../docs/frameworks.md")]
+#[cfg(all(doctest, feature = "gpu"))]
+pub struct DocsDoctests;
