@@ -27,6 +27,7 @@
 
 // docs.rs (`--cfg docsrs`, nightly) marks the items that need a feature.
 #![cfg_attr(docsrs, feature(doc_cfg))]
+#![warn(missing_docs)]
 
 // GPU buffers and file data are little-endian and are cast, not converted.
 #[cfg(target_endian = "big")]

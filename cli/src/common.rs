@@ -12,10 +12,13 @@ use xent::{Backend, Cpu, Reduction, Result, XentError};
 /// Which backend runs a command.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackendKind {
+    /// A GPU through wgpu (Vulkan, Metal or DX12).
     Gpu,
+    /// xent's multi-threaded CPU path.
     Cpu,
 }
 
+/// The `--backend` and `--threads` options shared by the commands.
 #[derive(Args, Debug, Clone)]
 pub struct BackendArgs {
     /// Backend to run on.
@@ -28,12 +31,15 @@ pub struct BackendArgs {
 
 /// An opened backend.
 pub enum Engine {
+    /// The CPU backend.
     Cpu(Cpu),
+    /// A wgpu context on the default adapter.
     #[cfg(feature = "gpu")]
     Gpu(xent::GpuContext),
 }
 
 impl Engine {
+    /// The backend as xent's `Backend` trait.
     pub fn backend(&self) -> &dyn Backend {
         match self {
             Engine::Cpu(c) => c,
@@ -42,12 +48,15 @@ impl Engine {
         }
     }
 
+    /// The backend's name, as the JSON output reports it (`cpu` or `gpu`).
     pub fn name(&self) -> &'static str {
         self.backend().name()
     }
 }
 
 impl BackendArgs {
+    /// Opens the chosen backend: a CPU pool of `--threads` threads, or a GPU context (an error
+    /// naming the problem when there is no adapter, or in a build without the `gpu` feature).
     pub fn open(&self) -> Result<Engine> {
         match self.backend {
             BackendKind::Cpu => Ok(Engine::Cpu(cpu(self.threads)?)),
@@ -61,6 +70,7 @@ impl BackendArgs {
     }
 }
 
+/// A CPU backend with `threads` worker threads, or one per core.
 pub fn cpu(threads: Option<usize>) -> Result<Cpu> {
     match threads {
         Some(t) => Cpu::with_threads(t),
@@ -105,6 +115,7 @@ pub fn num(x: f64) -> Value {
     }
 }
 
+/// A JSON array of numbers, with non-finite values as strings (see [`num`]).
 pub fn nums(v: impl IntoIterator<Item = f64>) -> Value {
     Value::Array(v.into_iter().map(num).collect())
 }
@@ -114,13 +125,16 @@ pub fn nums(v: impl IntoIterator<Item = f64>) -> Value {
 pub struct Obj(pub Map<String, Value>);
 
 impl Obj {
+    /// Sets key `k` to `v`.
     pub fn set(mut self, k: &str, v: impl Into<Value>) -> Self {
         self.0.insert(k.into(), v.into());
         self
     }
+    /// Sets key `k` to the number `x` (non-finite values as strings, see [`num`]).
     pub fn num(self, k: &str, x: f64) -> Self {
         self.set(k, num(x))
     }
+    /// The object as one line of JSON.
     pub fn line(&self) -> String {
         Value::Object(self.0.clone()).to_string()
     }
@@ -136,10 +150,14 @@ impl Obj {
     }
 }
 
+/// The `--reduction` option.
 #[derive(ValueEnum, Clone, Copy, Debug)]
 pub enum ReductionArg {
+    /// The mean over counted rows (PyTorch's weighted mean).
     Mean,
+    /// The sum over rows.
     Sum,
+    /// One loss per row.
     None,
 }
 
@@ -154,6 +172,7 @@ impl From<ReductionArg> for Reduction {
 }
 
 impl ReductionArg {
+    /// The reduction's name as the output reports it.
     pub fn name(self) -> &'static str {
         match self {
             ReductionArg::Mean => "mean",

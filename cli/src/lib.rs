@@ -4,6 +4,7 @@
 //! of the `xent` library's public API.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
+#![warn(missing_docs)]
 
 pub mod blocks;
 pub mod cmd;

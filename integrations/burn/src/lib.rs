@@ -31,6 +31,7 @@
 //! ```
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
+#![warn(missing_docs)]
 
 mod autodiff;
 #[cfg(feature = "wgpu")]

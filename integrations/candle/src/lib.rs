@@ -22,6 +22,7 @@
 //! ```
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
+#![warn(missing_docs)]
 
 use std::sync::{Arc, Mutex};
 
