@@ -41,5 +41,6 @@ MPI=(--features xent/mpi,xent-cli/mpi)
 cargo fmt --all --check
 cargo clippy --workspace --release --all-targets "${MPI[@]}" -- -D warnings
 cargo clippy -p xent --release --no-default-features --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --release "${MPI[@]}"
 cargo test --workspace --release "${MPI[@]}"
 cargo test -p xent --release --no-default-features

@@ -25,6 +25,10 @@
 //! assert!(g.row(1).iter().all(|&x| x == 0.0));
 //! ```
 
+// docs.rs (`--cfg docsrs`, nightly) marks the items that need a feature.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![warn(missing_docs)]
+
 // GPU buffers and file data are little-endian and are cast, not converted.
 #[cfg(target_endian = "big")]
 compile_error!("xent assumes a little-endian host");
@@ -36,6 +40,7 @@ pub mod cpu;
 pub mod dtype;
 pub mod error;
 #[cfg(feature = "gpu")]
+#[cfg_attr(docsrs, doc(cfg(feature = "gpu")))]
 pub mod gpu;
 pub mod parallel;
 pub mod workload;
@@ -52,6 +57,7 @@ pub use cpu::Cpu;
 pub use dtype::{DType, Element, Logits, LogitsMut, Tensor2};
 pub use error::{Result, XentError};
 #[cfg(feature = "gpu")]
+#[cfg_attr(docsrs, doc(cfg(feature = "gpu")))]
 pub use gpu::{
     CeBackward, CeInputs, CePlan, CounterSnapshot, DeviceGrad, DeviceTargets, DistillInputs, DistillPlan, GpuContext,
     GpuOptions, LogSoftmaxPlan, PendingCe, PendingLoss, RowSumPlan,
@@ -67,3 +73,11 @@ pub use wgpu;
 #[doc = include_str!("../README.md")]
 #[cfg(all(doctest, feature = "gpu"))]
 pub struct ReadmeDoctests;
+
+/// The Rust examples of the pages under `docs/`, compiled and run as doc tests.
+#[doc = include_str!("../docs/api.md")]
+#[doc = include_str!("../docs/losses.md")]
+#[doc = include_str!("../docs/distributed.md")]
+#[doc = include_str!("../docs/frameworks.md")]
+#[cfg(all(doctest, feature = "gpu"))]
+pub struct DocsDoctests;

@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use ndarray::{Array1, Array2};
 use xent::cpu::{reference, CpuMatmul};
-use xent::dist::{SingleProcess, VocabShard};
+use xent::parallel::{SingleProcess, VocabShard};
 use xent::*;
 
 /// Every kernel `CpuMatmul` names.

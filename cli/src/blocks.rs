@@ -31,11 +31,15 @@ pub enum BlockTargets<'a> {
 
 /// One cross-entropy over a logits file.
 pub struct CeJob<'a> {
+    /// The logits file the rows are read from.
     pub logits: &'a TensorFile,
     /// The rows of the file this job scores (all of them, or one rank's share).
     pub span: Range<usize>,
+    /// The number of classes V (the file's last dimension).
     pub classes: usize,
+    /// The logits' element type in the file.
     pub dtype: DType,
+    /// The targets of the job's rows: class indices or probability rows.
     pub targets: BlockTargets<'a>,
     /// The options of the whole batch (`sample_weight` over all N rows; sliced per block).
     pub cfg: &'a CrossEntropy,

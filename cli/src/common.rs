@@ -12,7 +12,9 @@ use xent::{Backend, Cpu, Reduction, Result, XentError};
 /// Which backend runs a command.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackendKind {
+    /// A GPU through wgpu (Vulkan, Metal or DX12).
     Gpu,
+    /// xent's multi-threaded CPU path.
     Cpu,
 }
 
@@ -28,6 +30,7 @@ pub enum BackendChoice {
     Cpu,
 }
 
+/// The `--backend` and `--threads` options shared by the commands.
 #[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Backend")]
 pub struct BackendArgs {
@@ -41,12 +44,15 @@ pub struct BackendArgs {
 
 /// An opened backend.
 pub enum Engine {
+    /// The CPU backend.
     Cpu(Cpu),
+    /// A wgpu context on the default adapter.
     #[cfg(feature = "gpu")]
     Gpu(xent::GpuContext),
 }
 
 impl Engine {
+    /// The backend as xent's `Backend` trait.
     pub fn backend(&self) -> &dyn Backend {
         match self {
             Engine::Cpu(c) => c,
@@ -55,12 +61,15 @@ impl Engine {
         }
     }
 
+    /// The backend's name, as the JSON output reports it (`cpu` or `gpu`).
     pub fn name(&self) -> &'static str {
         self.backend().name()
     }
 }
 
 impl BackendArgs {
+    /// Opens the chosen backend: a CPU pool of `--threads` threads, or a GPU context (an error
+    /// naming the problem when there is no adapter, or in a build without the `gpu` feature).
     pub fn open(&self) -> Result<Engine> {
         match self.backend {
             BackendChoice::Cpu => Ok(Engine::Cpu(cpu(self.threads)?)),
@@ -84,6 +93,7 @@ impl BackendArgs {
     }
 }
 
+/// A CPU backend with `threads` worker threads, or one per core.
 pub fn cpu(threads: Option<usize>) -> Result<Cpu> {
     match threads {
         Some(t) => Cpu::with_threads(t),
@@ -128,6 +138,7 @@ pub fn num(x: f64) -> Value {
     }
 }
 
+/// A JSON array of numbers, with non-finite values as strings (see [`num`]).
 pub fn nums(v: impl IntoIterator<Item = f64>) -> Value {
     Value::Array(v.into_iter().map(num).collect())
 }
@@ -137,13 +148,16 @@ pub fn nums(v: impl IntoIterator<Item = f64>) -> Value {
 pub struct Obj(pub Map<String, Value>);
 
 impl Obj {
+    /// Sets key `k` to `v`.
     pub fn set(mut self, k: &str, v: impl Into<Value>) -> Self {
         self.0.insert(k.into(), v.into());
         self
     }
+    /// Sets key `k` to the number `x` (non-finite values as strings, see [`num`]).
     pub fn num(self, k: &str, x: f64) -> Self {
         self.set(k, num(x))
     }
+    /// The object as one line of JSON.
     pub fn line(&self) -> String {
         Value::Object(self.0.clone()).to_string()
     }
@@ -159,10 +173,14 @@ impl Obj {
     }
 }
 
+/// The `--reduction` option.
 #[derive(ValueEnum, Clone, Copy, Debug)]
 pub enum ReductionArg {
+    /// The mean over counted rows (PyTorch's weighted mean).
     Mean,
+    /// The sum over rows.
     Sum,
+    /// One loss per row.
     None,
 }
 
@@ -177,6 +195,7 @@ impl From<ReductionArg> for Reduction {
 }
 
 impl ReductionArg {
+    /// The reduction's name as the output reports it.
     pub fn name(self) -> &'static str {
         match self {
             ReductionArg::Mean => "mean",
@@ -226,6 +245,7 @@ pub fn non_negative(x: f32, flag: &str) -> Result<f32> {
 
 /// The first `bytes` bytes of a buffer, rounded up to whole 4-byte words.
 #[cfg(feature = "gpu")]
+#[cfg_attr(docsrs, doc(cfg(feature = "gpu")))]
 pub fn head(b: &wgpu::Buffer, bytes: u64) -> wgpu::BufferSlice<'_> {
     b.slice(..bytes.max(4).next_multiple_of(4))
 }

@@ -3,6 +3,9 @@
 //! arguments and calls into here; tests call the readers directly. Everything here is a client
 //! of the `xent` library's public API.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![warn(missing_docs)]
+
 pub mod blocks;
 pub mod cmd;
 pub mod common;

@@ -11,8 +11,11 @@ use xent::{Result, XentError};
 
 /// One measured point.
 pub struct Point {
+    /// The line the point belongs to (backend and dtype).
     pub series: String,
+    /// The number of classes V (the x axis).
     pub v: usize,
+    /// The measured throughput in GB/s (the y axis).
     pub gbps: f64,
 }
 

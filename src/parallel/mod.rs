@@ -11,6 +11,7 @@ pub mod vocab;
 
 pub use vocab::VocabShard;
 #[cfg(feature = "mpi")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mpi")))]
 pub mod mpi;
 
 /// A merge of two records of `width` f64 (`acc` becomes `acc` merged with `x`); commutative and

@@ -12,6 +12,7 @@ use crate::io::out::Outputs;
 use crate::io::tensor::read_weights;
 use crate::io::{FileDType, TensorFile};
 
+/// The arguments of `xent bce`.
 #[derive(Args, Debug)]
 pub struct BceArgs {
     /// Logits, float [N, C] (or [N]).
@@ -55,6 +56,8 @@ fn read_matrix(p: &Path, what: &str) -> Result<(Array2<f32>, Vec<usize>)> {
     Ok((Array2::from_shape_vec(dim, v).expect("shape matches data"), shape))
 }
 
+/// Runs `xent bce`: binary cross-entropy of logits or probabilities against targets in [0, 1],
+/// printing the loss and writing the requested outputs.
 pub fn run(a: &BceArgs) -> Result<()> {
     let (input_path, from_probs) = match (&a.logits, &a.probs) {
         (Some(l), _) => (l, false),

@@ -25,6 +25,7 @@ use xent::{workload, CrossEntropy, DType, Logits, Result, Tensor2, XentError};
 use crate::common::{cpu, emit, emitln, peak_rss, BackendKind, Obj};
 use crate::plot::{self, Point};
 
+/// The operation `xent bench --op` times.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
     /// Loss only.
@@ -48,6 +49,7 @@ impl Op {
     }
 }
 
+/// The arguments of `xent bench` (read by `bench_linear` for `--op linear-fwd-bwd` too).
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     // Fields are read by `bench_linear` too.
@@ -175,6 +177,8 @@ fn head_rows(x: &Tensor2, n: usize) -> Logits<'_> {
     }
 }
 
+/// Runs `xent bench`: times the chosen operation for every backend, shape and dtype, and prints a
+/// table or JSON lines (and a plot with `--plot`).
 pub fn run(a: &BenchArgs) -> Result<()> {
     if a.reps == 0 {
         return Err(XentError::InvalidOption("--reps must be at least 1".into()));

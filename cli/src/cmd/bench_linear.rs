@@ -36,6 +36,8 @@ fn inputs(n: usize, d: usize, v: usize, dtype: DType) -> Result<(Tensor2, Tensor
     Ok((conv(h), conv(w), b, t))
 }
 
+/// Runs `xent bench --op linear-fwd-bwd`: times the fused linear cross-entropy (loss and every
+/// gradient) on seeded `NxDxV` workloads for each backend and dtype.
 pub fn run(a: &BenchArgs) -> Result<()> {
     let shapes = a.shapes.iter().map(|s| parse(s)).collect::<Result<Vec<_>>>()?;
     let dtypes = a.dtype.iter().map(|s| s.parse::<DType>()).collect::<Result<Vec<_>>>()?;

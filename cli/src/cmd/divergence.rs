@@ -11,6 +11,7 @@ use crate::common::{nums, BackendArgs, Obj};
 use crate::io::out::Outputs;
 use crate::io::{FileDType, TensorFile};
 
+/// The divergence `xent distill --mode` minimises.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ModeArg {
     /// KL(teacher || student).
@@ -21,6 +22,7 @@ pub enum ModeArg {
     Jsd,
 }
 
+/// The arguments of `xent distill`.
 #[derive(Args, Debug)]
 pub struct DistillArgs {
     /// Student logits [N, V]: float32, float16 or bfloat16.
@@ -59,6 +61,8 @@ pub fn read_logits(p: &Path, what: &str) -> Result<Tensor2> {
     crate::blocks::read_block(&t, dtype, 0..t.shape[0], t.shape[1])
 }
 
+/// Runs `xent distill`: the distillation loss of student logits against teacher logits at a
+/// temperature, and optionally its gradient w.r.t. the student logits.
 pub fn run_distill(a: &DistillArgs) -> Result<()> {
     let outs: Vec<_> = a.grad_out.iter().map(|p| (p.as_path(), "--grad-out")).collect();
     Outputs::check(&outs, &[a.student.as_path(), a.teacher.as_path()], true)?;
@@ -89,6 +93,7 @@ pub fn run_distill(a: &DistillArgs) -> Result<()> {
     Ok(())
 }
 
+/// The arguments of `xent dist`.
 #[derive(Args, Debug)]
 pub struct DistArgs {
     /// Distribution p (rows), float [N, V].
@@ -114,6 +119,8 @@ fn read_real_2d(p: &Path, what: &str) -> Result<Array2<f64>> {
     Ok(Array2::from_shape_vec((t.shape[0], t.shape[1]), v).expect("shape matches data"))
 }
 
+/// Runs `xent dist`: entropy, cross-entropy, KL and Jensen-Shannon divergence per row of two
+/// distributions (probability rows, or the softmaxes of logits).
 pub fn run_dist(a: &DistArgs) -> Result<()> {
     let engine;
     let m = if a.logits {

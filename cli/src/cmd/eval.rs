@@ -14,6 +14,7 @@ use crate::io::out::Outputs;
 use crate::io::tensor::{read_targets, read_weights};
 use crate::io::{FileDType, TensorFile};
 
+/// The arguments of `xent eval`.
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:
   xent eval --logits logits.npy --targets targets.npy
@@ -126,6 +127,9 @@ struct EvalPart {
     backend: String,
 }
 
+/// Runs `xent eval`: cross-entropy of a logits file (or of hidden states and a weight) streamed in
+/// row blocks, with the rows split across the ranks of `comm`; prints the loss and writes the
+/// requested gradient and per-row outputs.
 pub fn run_eval(a: &EvalArgs, comm: &dyn Collective) -> Result<()> {
     if let Some((h, w)) = a.linear.paths() {
         crate::dist::single(comm, "eval --hidden")?;
@@ -347,6 +351,7 @@ fn run_linear_eval(a: &EvalArgs, hidden: &Path, weight: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The arguments of `xent log-softmax`.
 #[derive(Args, Debug)]
 pub struct LogSoftmaxArgs {
     /// Logits [N, V]: float32, float16 or bfloat16.
@@ -365,6 +370,7 @@ pub struct LogSoftmaxArgs {
     json: bool,
 }
 
+/// Runs `xent log-softmax`: row-wise log-softmax (or softmax) of a logits file into an output file.
 pub fn run_log_softmax(a: &LogSoftmaxArgs) -> Result<()> {
     let (logits, dtype) = open_logits(&a.logits)?;
     let (n, v) = (logits.shape[0], logits.shape[1]);

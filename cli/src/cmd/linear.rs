@@ -27,6 +27,8 @@ pub struct LinearArgs {
     #[arg(long, requires = "hidden")]
     pub weight: Option<PathBuf>,
     /// The logits' bias, float32 [V] (with --hidden).
+    // (`[V]` is a shape in clap's help text, not a rustdoc link.)
+    #[allow(rustdoc::broken_intra_doc_links)]
     #[arg(long, requires = "hidden")]
     pub bias: Option<PathBuf>,
 }
@@ -60,9 +62,13 @@ fn read_matrix(path: &Path, what: &str) -> Result<Tensor2> {
 /// The inputs of a fused linear cross-entropy from files.
 #[derive(Clone)]
 pub struct LinearInputs {
+    /// Hidden states `[N, D]`.
     pub hidden: Tensor2,
+    /// The unembedding `[V, D]`, in the hidden states' dtype.
     pub weight: Tensor2,
+    /// The logits' bias `[V]`, if any.
     pub bias: Option<Array1<f32>>,
+    /// Class-index targets `[N]`.
     pub targets: Array1<i64>,
 }
 
@@ -105,10 +111,12 @@ impl LinearInputs {
         Ok(LinearInputs { hidden: hidden_t, weight: weight_t, bias, targets })
     }
 
+    /// The number of rows N.
     pub fn rows(&self) -> usize {
         self.hidden.dim().0
     }
 
+    /// The number of classes V (the weight's rows).
     pub fn classes(&self) -> usize {
         self.weight.dim().0
     }
@@ -127,9 +135,13 @@ impl LinearInputs {
 
 /// Where `xent eval` writes the gradients of a fused linear cross-entropy.
 pub struct LinearOutputs<'a> {
+    /// Where `grad_hidden` goes (`--grad-hidden-out`), if anywhere.
     pub hidden: Option<&'a Path>,
+    /// Where `grad_weight` goes (`--grad-weight-out`), if anywhere.
     pub weight: Option<&'a Path>,
+    /// Where `grad_bias` goes (`--grad-bias-out`), if anywhere.
     pub bias: Option<&'a Path>,
+    /// The element type of the hidden-state and weight gradients (`--grad-dtype`).
     pub dtype: FileDType,
 }
 

@@ -17,6 +17,7 @@ use crate::io::out::Outputs;
 use crate::io::tensor::{read_f32_1d, read_targets};
 use crate::io::{FileDType, TensorFile};
 
+/// The arguments of `xent perplexity`.
 #[derive(Args, Debug)]
 pub struct PerplexityArgs {
     /// Logits [B*T, V] (rows in sequence order) or [B, T, V]: float32, float16 or bfloat16.
@@ -70,6 +71,9 @@ struct PplPart {
     backend: String,
 }
 
+/// Runs `xent perplexity`: token NLL, per-sequence and corpus perplexity and top-k accuracy of
+/// masked or length-delimited sequences, with whole sequences split across the ranks of `comm`
+/// and their exact accumulators merged.
 pub fn run_perplexity(a: &PerplexityArgs, comm: &dyn Collective) -> Result<()> {
     if a.linear.hidden.is_some() {
         crate::dist::single(comm, "perplexity --hidden")?;
@@ -238,6 +242,7 @@ fn report(acc: &CorpusEval, b: usize, dtype: DType, backend: &str, ranks: usize,
     obj.print(json);
 }
 
+/// The arguments of `xent calibrate`.
 #[derive(Args, Debug)]
 pub struct CalibrateArgs {
     /// Validation logits [N, V]: float32, float16 or bfloat16.
@@ -272,6 +277,8 @@ fn calibration_pass(job: &CeJob, engine: &Engine, bins: usize) -> Result<Calibra
     Ok(acc)
 }
 
+/// Runs `xent calibrate`: fits the temperature that minimises the validation NLL and reports the
+/// expected calibration error before and after.
 pub fn run_calibrate(a: &CalibrateArgs) -> Result<()> {
     if !(1..=100_000).contains(&a.bins) {
         return Err(XentError::InvalidOption(format!("--bins must be in 1..=100000, got {}", a.bins)));
@@ -336,6 +343,7 @@ pub fn run_calibrate(a: &CalibrateArgs) -> Result<()> {
     Ok(())
 }
 
+/// The arguments of `xent preference`.
 #[derive(Args, Debug)]
 pub struct PreferenceArgs {
     /// Scores of the chosen responses, float [N].
@@ -363,6 +371,8 @@ pub struct PreferenceArgs {
     json: bool,
 }
 
+/// Runs `xent preference`: the Bradley-Terry loss of chosen and rejected score pairs, and
+/// optionally its gradients.
 pub fn run_preference(a: &PreferenceArgs) -> Result<()> {
     let outs: Vec<_> = [(&a.grad_chosen_out, "--grad-chosen-out"), (&a.grad_rejected_out, "--grad-rejected-out")]
         .into_iter()

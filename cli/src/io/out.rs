@@ -109,11 +109,14 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
 /// The container a tensor output is written in, chosen by the file's extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Container {
+    /// NumPy's `.npy`.
     Npy,
+    /// A safetensors file holding one tensor.
     Safetensors,
 }
 
 impl Container {
+    /// The container for `path`'s extension (`.npy` or `.safetensors`), or an error naming the file.
     pub fn of(path: &Path) -> Result<Container> {
         match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
             Some("npy") => Ok(Container::Npy),
@@ -128,6 +131,7 @@ impl Container {
 pub struct TensorOut {
     file: OutFile,
     data_offset: u64,
+    /// The element type written.
     pub dtype: FileDType,
 }
 
@@ -154,6 +158,7 @@ impl TensorOut {
         self.file.write_at(self.data_offset + (start * self.dtype.size()) as u64, bytemuck::cast_slice(data))
     }
 
+    /// Finishes the output: flushes it to disk and renames the temporary file over the target.
     pub fn commit(self) -> Result<()> {
         self.file.commit()
     }
@@ -213,6 +218,7 @@ fn safetensors_header(name: &str, dtype: FileDType, shape: &[usize]) -> Result<V
 /// file, and each distinct from the inputs unless the command overwrites an input on purpose.
 #[derive(Debug, Default)]
 pub struct Outputs {
+    /// The tensor outputs, committed together by [`Outputs::commit`].
     pub tensors: Vec<TensorOut>,
 }
 

@@ -10,17 +10,26 @@ use xent::{Result, XentError};
 /// Element types a tensor file can hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileDType {
+    /// IEEE binary64 (`float64`).
     F64,
+    /// IEEE binary32 (`float32`).
     F32,
+    /// IEEE binary16 (`float16`).
     F16,
+    /// bfloat16: the top 16 bits of a binary32.
     BF16,
+    /// Signed 64-bit integers (`int64`).
     I64,
+    /// Signed 32-bit integers (`int32`).
     I32,
+    /// Unsigned bytes (`uint8`).
     U8,
+    /// Booleans, one byte each.
     Bool,
 }
 
 impl FileDType {
+    /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
             FileDType::F64 | FileDType::I64 => 8,
@@ -30,6 +39,7 @@ impl FileDType {
         }
     }
 
+    /// The dtype's name in messages (`float32`, `bfloat16`, `int64`, ...).
     pub fn name(self) -> &'static str {
         match self {
             FileDType::F64 => "float64",
@@ -95,8 +105,11 @@ pub(crate) fn io_err(path: &Path, e: std::io::Error) -> XentError {
 /// An opened tensor: where its elements are in which file.
 #[derive(Debug)]
 pub struct TensorFile {
+    /// The file, as given (named in error messages).
     pub path: PathBuf,
+    /// The element type.
     pub dtype: FileDType,
+    /// The dimensions, outermost first.
     pub shape: Vec<usize>,
     /// Fortran (column-major) order; read whole and transposed.
     pub fortran: bool,
@@ -277,6 +290,8 @@ impl TensorFile {
         Err(fmt_err(&self.path, format!("{what} must be {}, got {}", names.join(" or "), self.dtype.name())))
     }
 
+    /// Checks that the tensor has one of the numbers of dimensions in `rank`; the error names the
+    /// file, `what` and the shape.
     pub fn want_rank(&self, rank: &[usize], what: &str) -> Result<()> {
         if rank.contains(&self.shape.len()) {
             return Ok(());

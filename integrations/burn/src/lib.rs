@@ -30,6 +30,9 @@
 //! # Ok::<(), xent::XentError>(())
 //! ```
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![warn(missing_docs)]
+
 mod autodiff;
 #[cfg(feature = "wgpu")]
 mod cube;
@@ -51,6 +54,7 @@ pub use pool::{pooled_bytes, release_pooled_buffers};
 pub use xent::{CrossEntropy, Reduction, XentError};
 
 #[cfg(feature = "wgpu")]
+#[cfg_attr(docsrs, doc(cfg(feature = "wgpu")))]
 pub use cube::{share_wgpu, shared_counters, wgpu_device};
 
 /// The options of one loss call, as the backend extension carries them (cheap to clone).

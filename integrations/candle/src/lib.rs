@@ -21,6 +21,9 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![warn(missing_docs)]
+
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
