@@ -206,6 +206,9 @@ fn gpu_backend_without_adapter_is_an_error_with_advice() {
     // No Metal adapter exists on Linux: the instance finds nothing.
     let o = xent(&["eval", "--logits", &x, "--targets", &t, "--backend", "gpu"], &[("WGPU_BACKEND", "metal")]);
     assert_one_line_error(&o, "apt-get install mesa-vulkan-drivers");
+    // With --backend left out (auto), eval runs on the CPU and says so.
+    let o = xent(&["eval", "--logits", &x, "--targets", &t, "--json"], &[("WGPU_BACKEND", "metal")]);
+    assert_eq!(json_line(&o)["backend"], "cpu");
     // The default job falls back to its CPU part and says how to get a GPU.
     let o = xent(&["demo", "--rows", "64", "--classes", "1000"], &[("WGPU_BACKEND", "metal")]);
     assert!(o.status.success());
@@ -213,6 +216,13 @@ fn gpu_backend_without_adapter_is_an_error_with_advice() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("mesa-vulkan-drivers"), "{err}");
     assert!(out.contains("CPU") && out.contains("GPU: not run"), "{out}");
+}
+
+#[test]
+fn backend_left_out_takes_the_gpu_when_there_is_one() {
+    let (x, t) = fixture();
+    let j = json_line(&xent(&["eval", "--logits", &x, "--targets", &t, "--json"], &[]));
+    assert_eq!(j["backend"], if gpu_ok() { "gpu" } else { "cpu" });
 }
 
 #[test]
