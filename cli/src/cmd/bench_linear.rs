@@ -43,33 +43,38 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         for &dtype in &dtypes {
             let (h, w, b, t) = inputs(n, d, v, dtype)?;
             let flop = 6.0 * n as f64 * d as f64 * v as f64;
-            let mut report = |backend: &str, (median, min): (f64, f64), extra: Option<(u64, u64)>| {
-                let gflops = flop / median / 1e9;
-                if a.json {
-                    let mut o = Obj::default()
-                        .set("backend", backend)
-                        .set("op", "linear-fwd-bwd")
-                        .set("n", n)
-                        .set("d", d)
-                        .set("v", v)
-                        .set("dtype", dtype.name())
-                        .num("median_s", median)
-                        .num("min_s", min)
-                        .num("gflops", gflops)
-                        .set("reps", a.reps);
-                    if let Some((rss, heap)) = extra {
-                        o = o.set("extra_rss_bytes", rss).set("extra_heap_bytes", heap);
-                    }
-                    emitln(o.line());
-                } else {
-                    let mib =
-                        extra.map_or("-".to_string(), |(_, heap)| format!("{:.0}", heap as f64 / (1 << 20) as f64));
-                    text.push_str(&format!(
+            // `matmul`: which product kernel the GPU ran ("simt", "coop16", "coop8").
+            let mut report =
+                |backend: &str, (median, min): (f64, f64), extra: Option<(u64, u64)>, matmul: Option<&str>| {
+                    let gflops = flop / median / 1e9;
+                    if a.json {
+                        let mut o = Obj::default()
+                            .set("backend", backend)
+                            .set("op", "linear-fwd-bwd")
+                            .set("n", n)
+                            .set("d", d)
+                            .set("v", v)
+                            .set("dtype", dtype.name())
+                            .num("median_s", median)
+                            .num("min_s", min)
+                            .num("gflops", gflops)
+                            .set("reps", a.reps);
+                        if let Some((rss, heap)) = extra {
+                            o = o.set("extra_rss_bytes", rss).set("extra_heap_bytes", heap);
+                        }
+                        if let Some(kind) = matmul {
+                            o = o.set("matmul", kind);
+                        }
+                        emitln(o.line());
+                    } else {
+                        let mib =
+                            extra.map_or("-".to_string(), |(_, heap)| format!("{:.0}", heap as f64 / (1 << 20) as f64));
+                        text.push_str(&format!(
                         "{backend:<8} {n:>6} {d:>6} {v:>8} {:<5} {median:>10.4} {min:>10.4} {gflops:>9.1} {mib:>10}\n",
                         dtype.name()
                     ));
-                }
-            };
+                    }
+                };
             if a.backend.contains(&BackendKind::Cpu) {
                 let c = cpu(a.threads)?;
                 let before = peak_rss();
@@ -78,7 +83,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     c.linear_cross_entropy(h.view(), w.view(), Some(b.view()), t.view(), &cfg).map(drop)
                 })?;
                 let heap = crate::heap::peak().saturating_sub(live) as u64;
-                report("cpu", times, Some((peak_rss().saturating_sub(before), heap)));
+                report("cpu", times, Some((peak_rss().saturating_sub(before), heap)), None);
             }
             #[cfg(feature = "gpu")]
             if a.backend.contains(&BackendKind::Gpu) {
@@ -86,7 +91,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 let times = time(a.reps, &pb, || {
                     g.linear_cross_entropy(h.view(), w.view(), Some(b.view()), t.view(), &cfg).map(drop)
                 })?;
-                report("gpu", times, None);
+                report("gpu", times, None, Some(g.matmul_kind()));
             }
         }
     }
