@@ -125,6 +125,14 @@ fn main(
     let kfull = P.mm_k & ~3u;
     for (var k0 = 0u; k0 < kfull; k0 += 4u) {
         kstep(&acc, row0, col0, k0, 4u, fl);
+#if MM_NN
+        // G W has the vocabulary as k (thousands of rows of W): a barrier every 64 k keeps
+        // the invocations of a workgroup on the same rows of W, which a software rasteriser
+        // (running them one after another between barriers) then reads from cache.
+        if ((k0 & 63u) == 60u) {
+            workgroupBarrier();
+        }
+#endif
     }
     if (kfull < P.mm_k) {
         kstep(&acc, row0, col0, kfull, P.mm_k - kfull, fl);

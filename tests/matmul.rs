@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use ndarray::Array2;
 use xent::gpu::{MatmulArgs, MatmulLayout};
-use xent::{DType, Tensor2, XentError};
+use xent::{DType, GpuContext, GpuOptions, Tensor2, XentError};
 
 /// Deterministic values in [-1, 1), rounded to `dtype`.
 fn values(len: usize, seed: u32, dtype: DType) -> Tensor2 {
@@ -32,8 +32,10 @@ struct Case {
     bias: bool,
 }
 
-/// Runs `c` with `da` / `db` operands on `g` and compares with the f64 product.
+/// Runs `c` with `da` / `db` operands on `g` and compares with the f64 product: to f32
+/// accumulation tolerance, or (a cooperative-matrix context) to the bound of its f16 tiles.
 fn check(g: &xent::GpuContext, name: &str, c: &Case, da: DType, db: DType) {
+    let coop = g.matmul_kind() != "simt";
     let (m, n, k) = c.mnk;
     // Each operand's (strided rows, contiguous elements).
     let (sa, sb) = match c.layout {
@@ -96,8 +98,10 @@ fn check(g: &xent::GpuContext, name: &str, c: &Case, da: DType, db: DType) {
             want += old as f64;
             mag += (old as f64).abs();
         }
-        // f32 accumulation over k terms: a few ulps of the sum of magnitudes per term.
-        let tol = 2.0 * (k as f64 + 2.0) * f32::EPSILON as f64 * mag + 1e-30;
+        // f32 accumulation over k terms: a few ulps of the sum of magnitudes per term; f16
+        // tiles add 2^-10 of each rounded input's magnitude (2^-9 of each product).
+        let tile = if coop { 2f64.powi(-9) } else { 0.0 };
+        let tol = (2.0 * (k as f64 + 2.0) * f32::EPSILON as f64 + tile) * mag + 1e-30;
         let err = (gv as f64 - want).abs();
         assert!(err <= tol, "{name}: C[{i}, {j}] = {gv}, want {want} (error {err:.3e} > {tol:.3e})");
         worst = worst.max(err / mag.max(1e-30));
@@ -191,4 +195,67 @@ fn an_operand_shorter_than_its_extent_is_a_shape_error() {
         bias: None,
     };
     assert!(matches!(g.matmul_host(&args), Err(XentError::Shape(_))));
+}
+
+/// The cooperative-matrix kernel, where the adapter offers an f16 x f16 -> f32 configuration
+/// (tensor cores); elsewhere (lavapipe) it says that it skipped and why.
+#[test]
+fn cooperative_matrix_products_where_the_adapter_offers_them() {
+    let opts = GpuOptions { cooperative_matrix: true, ..Default::default() };
+    let g = match GpuContext::with_options(opts) {
+        Ok(g) => g,
+        Err(XentError::InvalidOption(msg)) if msg.contains("no cooperative matrix") => {
+            println!("skipped: adapter has no cooperative matrix f16 16x16x16 configuration ({msg})");
+            return;
+        }
+        Err(e @ XentError::NoAdapter(_)) if !gpu_required() => {
+            println!("skipped: {e}");
+            return;
+        }
+        Err(e) => panic!("cooperative_matrix context: {e}"),
+    };
+    assert!(g.matmul_kind().starts_with("coop"), "{}", g.matmul_kind());
+    for c in cases() {
+        for (da, db) in [(DType::F32, DType::F32), (DType::BF16, DType::BF16), (DType::F16, DType::F32)] {
+            let name = format!("{} {:?} {:?} {da:?}x{db:?}", g.matmul_kind(), c.layout, c.mnk);
+            check(&g, &name, &c, da, db);
+        }
+    }
+    // Magnitudes f16 cannot hold, scaled per tile: still within the bound.
+    let (m, n, k) = (24, 40, 33);
+    let a = Tensor2::from_f32(values(m * k, 7, DType::F32).to_f32().mapv(|x| x * 1e6), DType::F32);
+    let b = Tensor2::from_f32(values(n * k, 8, DType::F32).to_f32().mapv(|x| x * 1e-7), DType::F32);
+    let c0 = vec![0f32; m * n];
+    let got = g
+        .matmul_host(&MatmulArgs {
+            layout: MatmulLayout::Nt,
+            m,
+            n,
+            k,
+            a: a.view(),
+            a_first: 0,
+            a_rs: k,
+            b: b.view(),
+            b_first: 0,
+            b_rs: k,
+            c: &c0,
+            c_first: 0,
+            c_rs: n,
+            accumulate: false,
+            bias: None,
+        })
+        .unwrap();
+    let (af, bf) = (a.to_f32(), b.to_f32());
+    for i in 0..m {
+        for j in 0..n {
+            let (mut want, mut mag) = (0f64, 0f64);
+            for kk in 0..k {
+                let p = af[[0, i * k + kk]] as f64 * bf[[0, j * k + kk]] as f64;
+                want += p;
+                mag += p.abs();
+            }
+            let err = (got[i * n + j] as f64 - want).abs();
+            assert!(err <= 2f64.powi(-8) * mag, "scaled C[{i}, {j}] = {}, want {want}", got[i * n + j]);
+        }
+    }
 }

@@ -103,7 +103,7 @@ impl GpuContext {
             }
             None => {
                 // 4-wide reads need the alignment, and a binding of at least one such element.
-                let four = |o: &Operand<'_>| o.first % 4 == 0 && o.rs % 4 == 0 && o.bind.size >= 16;
+                let four = |o: &Operand<'_>| o.first.is_multiple_of(4) && o.rs.is_multiple_of(4) && o.bind.size >= 16;
                 let mm = Mm { layout: p.layout, a4: four(&p.a), b4: four(&p.b), ..Default::default() };
                 let variant = Variant {
                     input: p.a.dtype,
