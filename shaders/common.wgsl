@@ -88,8 +88,9 @@ struct Params {
     den_n: f32,
     // Partials per row of a split cross-entropy row pass.
     parts: u32,
-    // Matrix products (matmul.wgsl): C[m, n] (+)= A[m, k] B[k, n] (+ bias), A and B by their
-    // element strides, C row-major with row stride c_rs; mm_flags: 1 accumulate, 2 bias.
+    // Matrix products (matmul.wgsl, matmul_coop.wgsl): C[m, n] (+)= A B (+ bias), A and B by
+    // their row strides a_rs / b_rs along the layout's strided axis (a_cs and b_cs are 1, the
+    // contiguous axis), C row-major with row stride c_rs; mm_flags: 1 accumulate, 2 bias.
     mm_m: u32,
     mm_n: u32,
     mm_k: u32,

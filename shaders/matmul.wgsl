@@ -1,80 +1,159 @@
-// The matrix products of fused linear cross-entropy: C[m, n] (+)= sum_k A[m, k] B[k, n]
-// (+ bias[class0 + n]), with A (`input`, any dtype) and B (`second`, any dtype) addressed by
-// element strides (so one kernel does H W^T, G W and G^T H) and C (`output`, f32) row-major.
-// One workgroup per 64 x 64 tile of C, 4 x 4 outputs per invocation, K in steps of 16
-// through workgroup memory; f32 accumulation.
+// The matrix products of fused linear cross-entropy, C[m, n] (+)= sum_k A(m, k) B(k, n)
+// (+ bias[class0 + n]), one specialised kernel per layout (each operand's contiguous axis):
+//   MM_NT  A[m, k] at a_rs m + k, B(k, n) = W[n, k] at b_rs n + k   (Z = H W^T, vocab-sized)
+//   MM_NN  A[m, k] at a_rs m + k, B[k, n]        at b_rs k + n      (grad_hidden = G W)
+//   MM_TN  A(m, k) = G[k, m] at a_rs k + m, B[k, n] at b_rs k + n   (grad_weight = G^T H)
+// A (slot 12, the input dtype) and B (slot 13, the second dtype) are read 4 contiguous elements
+// at a time (A4 / B4: vec4<f32> or two 16-bit words; without them, 4 scalar loads); C (slot 14)
+// is f32, row-major with row stride c_rs. f32 accumulation, k in order.
+//
+// One workgroup computes an 8 x 256 tile of C: each of its 64 invocations owns 4 adjacent
+// columns of the same 8 rows (8 x 4 accumulators in registers) and reads B for them itself.
+// The 8 rows' A values are shared rather than re-read: with SUBGROUP, lane l of a subgroup (of 8
+// or more lanes; the host checks) loads one 4-element fragment of A and the others take it by
+// subgroupBroadcast; without, each invocation loads all 8 fragments. No workgroup memory: on a
+// software rasteriser every memory access is a per-lane loop, so staging tiles in workgroup
+// memory costs a store and a load more per element than reading the (cache-resident) operands;
+// see docs/gpu-matmul.md for what was measured.
+//
+// Full k-steps of 4 run without checks; the last partial step masks k >= K to 0. Rows past M
+// and columns past N are read clamped (or past the matrix's end, which WGSL's bounds checks
+// keep inside the binding) and never stored.
 
-const TM: u32 = 64u;
-const TN: u32 = 64u;
-const TK: u32 = 16u;
+const R: u32 = 8u;
+const TN: u32 = 256u;
 
-var<workgroup> a_tile: array<f32, 1024>;
-var<workgroup> b_tile: array<f32, 1024>;
+// Fragment f (0..7) of A for the k-step at k0: NT / NN: row f of the tile, k0 .. k0 + 3;
+// TN: k0 + f / 2, tile rows 4 (f % 2) .. + 3. `lim` (1..4) k values are valid; the rest are 0.
+fn frag(f: u32, row0: u32, k0: u32, lim: u32) -> vec4<f32> {
+#if MM_TN
+    let kk = f >> 1u;
+    let x = a4(P.x_off + min(k0 + kk, P.mm_k - 1u) * P.a_rs + row0 + (f & 1u) * 4u);
+    return select(vec4<f32>(0.0), x, kk < lim);
+#else
+    let x = a4(P.x_off + min(row0 + f, P.mm_m - 1u) * P.a_rs + k0);
+    return select(vec4<f32>(0.0), x, vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(lim));
+#endif
+}
 
-@compute @workgroup_size(256)
+// One k-step of 4 (the first `lim` valid): acc[r] += sum_j A(row0 + r, k0 + j) B(k0 + j, cols).
+fn kstep(acc: ptr<function, array<vec4<f32>, 8>>, row0: u32, col0: u32, k0: u32, lim: u32, fl: u32) {
+    // B for this invocation's 4 columns, one vec4 (over columns) per k.
+#if MM_NT
+    let n1 = P.mm_n - 1u;
+    let w0 = b4(P.y_off + min(col0, n1) * P.b_rs + k0);
+    let w1 = b4(P.y_off + min(col0 + 1u, n1) * P.b_rs + k0);
+    let w2 = b4(P.y_off + min(col0 + 2u, n1) * P.b_rs + k0);
+    let w3 = b4(P.y_off + min(col0 + 3u, n1) * P.b_rs + k0);
+    let z = vec4<f32>(0.0);
+    let b0 = vec4<f32>(w0.x, w1.x, w2.x, w3.x);
+    let b1 = select(z, vec4<f32>(w0.y, w1.y, w2.y, w3.y), 1u < lim);
+    let b2 = select(z, vec4<f32>(w0.z, w1.z, w2.z, w3.z), 2u < lim);
+    let b3 = select(z, vec4<f32>(w0.w, w1.w, w2.w, w3.w), 3u < lim);
+#else
+    let k1 = P.mm_k - 1u;
+    let z = vec4<f32>(0.0);
+    let b0 = b4(P.y_off + k0 * P.b_rs + col0);
+    let b1 = select(z, b4(P.y_off + min(k0 + 1u, k1) * P.b_rs + col0), 1u < lim);
+    let b2 = select(z, b4(P.y_off + min(k0 + 2u, k1) * P.b_rs + col0), 2u < lim);
+    let b3 = select(z, b4(P.y_off + min(k0 + 3u, k1) * P.b_rs + col0), 3u < lim);
+#endif
+    // The 8 fragments of A: loaded by lane f and broadcast, or each loaded here.
+#if SUBGROUP
+    let mine = frag(fl, row0, k0, lim);
+    let f0 = subgroupBroadcast(mine, 0u);
+    let f1 = subgroupBroadcast(mine, 1u);
+    let f2 = subgroupBroadcast(mine, 2u);
+    let f3 = subgroupBroadcast(mine, 3u);
+    let f4 = subgroupBroadcast(mine, 4u);
+    let f5 = subgroupBroadcast(mine, 5u);
+    let f6 = subgroupBroadcast(mine, 6u);
+    let f7 = subgroupBroadcast(mine, 7u);
+#else
+    let f0 = frag(0u, row0, k0, lim);
+    let f1 = frag(1u, row0, k0, lim);
+    let f2 = frag(2u, row0, k0, lim);
+    let f3 = frag(3u, row0, k0, lim);
+    let f4 = frag(4u, row0, k0, lim);
+    let f5 = frag(5u, row0, k0, lim);
+    let f6 = frag(6u, row0, k0, lim);
+    let f7 = frag(7u, row0, k0, lim);
+#endif
+    // Row r's four k values.
+#if MM_TN
+    var g = array<vec4<f32>, 8>(
+        vec4<f32>(f0.x, f2.x, f4.x, f6.x),
+        vec4<f32>(f0.y, f2.y, f4.y, f6.y),
+        vec4<f32>(f0.z, f2.z, f4.z, f6.z),
+        vec4<f32>(f0.w, f2.w, f4.w, f6.w),
+        vec4<f32>(f1.x, f3.x, f5.x, f7.x),
+        vec4<f32>(f1.y, f3.y, f5.y, f7.y),
+        vec4<f32>(f1.z, f3.z, f5.z, f7.z),
+        vec4<f32>(f1.w, f3.w, f5.w, f7.w),
+    );
+#else
+    var g = array<vec4<f32>, 8>(f0, f1, f2, f3, f4, f5, f6, f7);
+#endif
+    for (var r = 0u; r < R; r++) {
+        let a = g[r];
+        var c = (*acc)[r];
+        c = fma(vec4<f32>(a.x), b0, c);
+        c = fma(vec4<f32>(a.y), b1, c);
+        c = fma(vec4<f32>(a.z), b2, c);
+        c = fma(vec4<f32>(a.w), b3, c);
+        (*acc)[r] = c;
+    }
+}
+
+@compute @workgroup_size(64)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
+#subgroup_args
 ) {
+#subgroup_lets
     let g = local_row(wid);
-    let tiles_n = (P.mm_n + TN - 1u) / TN;
-    let row0 = (g / tiles_n) * TM;
-    let col0 = (g % tiles_n) * TN;
-    if (row0 >= P.mm_m) {
+    let tiles_m = (P.mm_m + R - 1u) / R;
+    if (g >= tiles_m * ((P.mm_n + TN - 1u) / TN)) {
         return;
     }
-    let tx = lid % 16u;
-    let ty = lid / 16u;
-    var acc: array<vec4<f32>, 4>;
-    for (var k0 = 0u; k0 < P.mm_k; k0 += TK) {
-        for (var i = 0u; i < 4u; i++) {
-            let e = lid + i * 256u;
-            // A tile, stored k-major: a_tile[kk * TM + mm].
-            let mm = e / TK;
-            let kk = e % TK;
-            var x = 0.0;
-            if (row0 + mm < P.mm_m && k0 + kk < P.mm_k) {
-                x = in1(P.x_off + (row0 + mm) * P.a_rs + (k0 + kk) * P.a_cs);
-            }
-            a_tile[kk * TM + mm] = x;
-            // B tile: b_tile[kk * TN + nn].
-            let kb = e / TN;
-            let nn = e % TN;
-            var y = 0.0;
-            if (k0 + kb < P.mm_k && col0 + nn < P.mm_n) {
-                y = sec1(P.y_off + (k0 + kb) * P.b_rs + (col0 + nn) * P.b_cs);
-            }
-            b_tile[kb * TN + nn] = y;
+    // Row tiles vary fastest: consecutive workgroups share their columns of B.
+    let row0 = (g % tiles_m) * R;
+    let col0 = (g / tiles_m) * TN + lid * 4u;
+    let fl = lane % R;
+    var acc: array<vec4<f32>, 8>;
+    let kfull = P.mm_k & ~3u;
+    for (var k0 = 0u; k0 < kfull; k0 += 4u) {
+        kstep(&acc, row0, col0, k0, 4u, fl);
+#if MM_NN
+        // G W has the vocabulary as k (thousands of rows of W): a barrier every 64 k keeps
+        // the invocations of a workgroup on the same rows of W, which a software rasteriser
+        // (running them one after another between barriers) then reads from cache.
+        if ((k0 & 63u) == 60u) {
+            workgroupBarrier();
         }
-        workgroupBarrier();
-        for (var kk = 0u; kk < TK; kk++) {
-            let ab = kk * TM + ty * 4u;
-            let bb = kk * TN + tx * 4u;
-            let b = vec4<f32>(b_tile[bb], b_tile[bb + 1u], b_tile[bb + 2u], b_tile[bb + 3u]);
-            acc[0] += a_tile[ab] * b;
-            acc[1] += a_tile[ab + 1u] * b;
-            acc[2] += a_tile[ab + 2u] * b;
-            acc[3] += a_tile[ab + 3u] * b;
-        }
-        workgroupBarrier();
+#endif
     }
-    for (var i = 0u; i < 4u; i++) {
-        let row = row0 + ty * 4u + i;
+    if (kfull < P.mm_k) {
+        kstep(&acc, row0, col0, kfull, P.mm_k - kfull, fl);
+    }
+    for (var r = 0u; r < R; r++) {
+        let row = row0 + r;
         if (row >= P.mm_m) {
             break;
         }
         for (var j = 0u; j < 4u; j++) {
-            let col = col0 + tx * 4u + j;
+            let col = col0 + j;
             if (col < P.mm_n) {
-                var c = acc[i][j];
+                var c = acc[r][j];
                 if ((P.mm_flags & 2u) != 0u) {
                     c += class_weight[P.class0 + col];
                 }
                 let o = P.o_off + row * P.c_rs + col;
                 if ((P.mm_flags & 1u) != 0u) {
-                    c += output[o];
+                    c += mm_c[o];
                 }
-                output[o] = c;
+                mm_c[o] = c;
             }
         }
     }

@@ -42,6 +42,15 @@ pub struct GpuOptions {
     /// GPUs, 8-byte loads on software rasterisers (lavapipe ran its row passes 2-3x slower with
     /// the wide ones).
     pub wide_loads: Option<bool>,
+    /// Run the matrix products of the fused linear losses on cooperative matrices (tensor
+    /// cores): f16 tiles, each scaled by a power of two so that nothing overflows, with f32
+    /// accumulation (relative error about 2^-10 of the sum of |a||b| per output, against
+    /// about 2^-24 per term in f32; see `shaders/matmul_coop.wgsl`). Only with
+    /// [`GpuContext::with_options`], and only where the adapter lists an f16 x f16 -> f32
+    /// configuration of 16 x 16 x 16 (or else 8 x 8 x 8) and has one subgroup size; otherwise
+    /// creating the context fails with [`XentError::InvalidOption`]. Off by default (the f32
+    /// SIMT kernel).
+    pub cooperative_matrix: bool,
 }
 
 impl Default for GpuOptions {
@@ -54,12 +63,13 @@ impl Default for GpuOptions {
             segment_len: None,
             workgroup_size: None,
             wide_loads: None,
+            cooperative_matrix: false,
         }
     }
 }
 
 /// Binding slots of the shared table in `shaders/common.wgsl` (0 is the parameter block).
-pub(crate) const SLOTS: usize = 12;
+pub(crate) const SLOTS: usize = 15;
 
 pub(crate) struct Kernel {
     pub pipeline: wgpu::ComputePipeline,
@@ -103,6 +113,11 @@ pub struct Inner {
     pub(crate) workgroup_size: Option<u16>,
     /// 16-byte loads of 16-bit rows where they apply ([`GpuOptions::wide_loads`]).
     pub(crate) wide_loads: bool,
+    /// The matrix product shares A fragments by subgroup broadcast (subgroups in use, and at
+    /// least 8 lanes in every subgroup).
+    pub(crate) mm_subgroup: bool,
+    /// Cooperative-matrix products: (tile size, subgroup size), when asked for and offered.
+    pub(crate) coop: Option<(u32, u32)>,
     pipelines: Mutex<HashMap<(Shader, Variant), PipelineSlot>>,
     pool: Pool,
     placeholders: Vec<wgpu::Buffer>,
@@ -144,6 +159,30 @@ pub const FEATURES: wgpu::Features = wgpu::Features::SUBGROUP
     .union(wgpu::Features::SHADER_F16)
     .union(wgpu::Features::TIMESTAMP_QUERY);
 
+/// The cooperative-matrix tile xent can use on `adapter` (16, else 8): an f16 x f16 -> f32
+/// configuration of that size, the features the kernel needs, and one subgroup size (the kernel
+/// is one subgroup per workgroup).
+fn coop_tile(adapter: &wgpu::Adapter) -> Option<u32> {
+    let need = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
+    let info = adapter.get_info();
+    if !adapter.features().contains(need)
+        || info.subgroup_min_size != info.subgroup_max_size
+        || !(8..=1024).contains(&info.subgroup_min_size)
+    {
+        return None;
+    }
+    let props = adapter.cooperative_matrix_properties();
+    [16, 8].into_iter().find(|&t| {
+        props.iter().any(|p| {
+            p.m_size == t
+                && p.n_size == t
+                && p.k_size == t
+                && p.ab_type == wgpu::CooperativeScalarType::F16
+                && p.cr_type == wgpu::CooperativeScalarType::F32
+        })
+    })
+}
+
 impl GpuContext {
     /// Picks the best adapter (honouring `WGPU_BACKEND` / `WGPU_ADAPTER_NAME`) with default options.
     pub fn new() -> Result<Self> {
@@ -160,18 +199,40 @@ impl GpuContext {
             ..Default::default()
         }))
         .map_err(|e| XentError::NoAdapter(e.to_string()))?;
+        let info = adapter.get_info();
+        let name = format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type);
+        let coop = if opts.cooperative_matrix {
+            let tile = coop_tile(&adapter).ok_or_else(|| {
+                XentError::InvalidOption(format!(
+                    "cooperative_matrix: adapter {name} has no cooperative matrix f16 16x16x16 (or 8x8x8) -> f32 \
+                     configuration with one subgroup size"
+                ))
+            })?;
+            Some((tile, info.subgroup_min_size))
+        } else {
+            None
+        };
+        let mut features = adapter.features() & FEATURES;
+        if coop.is_some() {
+            features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        }
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("xent"),
-            required_features: adapter.features() & FEATURES,
+            required_features: features,
             required_limits: adapter.limits(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            experimental_features: if coop.is_some() {
+                // SAFETY: wgpu asks callers of its experimental features to acknowledge that
+                // they may have bugs; only the cooperative-matrix kernel, which the caller
+                // opted into, uses it.
+                unsafe { wgpu::ExperimentalFeatures::enabled() }
+            } else {
+                wgpu::ExperimentalFeatures::disabled()
+            },
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
         .map_err(|e| XentError::RequestDevice(e.to_string()))?;
-        let info = adapter.get_info();
-        let name = format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type);
-        Self::build(device, queue, name, opts)
+        Self::build(device, queue, name, opts, coop)
     }
 
     /// Wraps a device the caller already has (a training loop sharing its device with xent).
@@ -182,10 +243,21 @@ impl GpuContext {
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue, opts: GpuOptions) -> Result<Self> {
         let info = device.adapter_info();
         let name = format!("{} ({:?}, {:?}, shared device)", info.name, info.backend, info.device_type);
-        Self::build(device, queue, name, opts)
+        if opts.cooperative_matrix {
+            return Err(XentError::InvalidOption(
+                "cooperative_matrix needs GpuContext::with_options (which reads the adapter's configurations)".into(),
+            ));
+        }
+        Self::build(device, queue, name, opts, None)
     }
 
-    fn build(device: wgpu::Device, queue: wgpu::Queue, adapter_name: String, opts: GpuOptions) -> Result<Self> {
+    fn build(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        adapter_name: String,
+        opts: GpuOptions,
+        coop: Option<(u32, u32)>,
+    ) -> Result<Self> {
         if let Some(wg) = opts.workgroup_size {
             if !wg.is_power_of_two()
                 || !(32..=1024).contains(&wg)
@@ -206,8 +278,11 @@ impl GpuContext {
         if let Some(cap) = opts.max_binding_bytes {
             max_binding = max_binding.min(cap.max(256));
         }
+        let subgroups = opts.subgroups && device.features().contains(wgpu::Features::SUBGROUP);
         let inner = Inner {
-            subgroups: opts.subgroups && device.features().contains(wgpu::Features::SUBGROUP),
+            subgroups,
+            mm_subgroup: subgroups && device.adapter_info().subgroup_min_size >= 8,
+            coop,
             max_binding,
             offset_align: (limits.min_storage_buffer_offset_alignment as u64).max(16),
             max_buffer: limits.max_buffer_size,

@@ -19,5 +19,8 @@ pub use context::{CounterSnapshot, GpuContext, GpuOptions};
 pub use kernels::cross_entropy::{CeBackward, CeInputs, CePlan, DeviceGrad, DeviceTargets, PendingCe};
 pub use kernels::divergence::{DistillInputs, DistillPlan, PendingLoss};
 pub use kernels::log_softmax::LogSoftmaxPlan;
+#[doc(hidden)]
+pub use kernels::matmul::MatmulArgs;
 pub use kernels::row_sum::RowSumPlan;
 pub use pool::PoolStats;
+pub use source::MatmulLayout;

@@ -41,6 +41,33 @@ pub struct Variant {
     pub class_w: bool,
     /// Invocations per workgroup; 0 means 256.
     pub wg: u16,
+    /// Matrix-product switches (the `Matmul` kernel only).
+    pub mm: Mm,
+}
+
+/// Which operand axis is contiguous in a matrix product `C = A B` (the `Matmul` kernel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum MatmulLayout {
+    /// `A[m, k]` rows and `B(k, n) = W[n, k]` rows contiguous in k: `H W^T`.
+    #[default]
+    Nt,
+    /// `A[m, k]` contiguous in k, `B[k, n]` contiguous in n: `G W`.
+    Nn,
+    /// `A(m, k) = G[k, m]` and `B[k, n]` contiguous in m and n: `G^T H`.
+    Tn,
+}
+
+/// Switches of the matrix-product kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Mm {
+    /// The operands' layout.
+    pub layout: MatmulLayout,
+    /// A is read 4 contiguous elements at a time (offset and row stride multiples of 4).
+    pub a4: bool,
+    /// B is read 4 contiguous elements at a time.
+    pub b4: bool,
+    /// Cooperative-matrix tiles of 8 x 8 rather than 16 x 16 (`MatmulCoop` only).
+    pub coop8: bool,
 }
 
 /// The passes of a cross-entropy whose rows are split across workgroups.
@@ -76,6 +103,12 @@ impl Variant {
             "TRANSFORM" => self.transform,
             "CLASS_W" => self.class_w,
             "SEG_FINISH" => self.seg == Seg::Finish,
+            "MM_NT" => self.mm.layout == MatmulLayout::Nt,
+            "MM_NN" => self.mm.layout == MatmulLayout::Nn,
+            "MM_TN" => self.mm.layout == MatmulLayout::Tn,
+            "A4" => self.mm.a4,
+            "B4" => self.mm.b4,
+            "COOP8" => self.mm.coop8,
             other => panic!("unknown shader define {other}"),
         }
     }
@@ -102,15 +135,19 @@ pub enum Shader {
     Hvp,
     /// Row sums (the read-only bandwidth probe).
     RowSum,
-    /// Strided matrix products (fused linear cross-entropy).
+    /// Matrix products of fused linear cross-entropy, one variant per operand layout.
     Matmul,
+    /// The same products on cooperative matrices (f16 tiles, f32 accumulation).
+    MatmulCoop,
 }
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
+/// Operand bindings and element access shared by the two matrix-product kernels.
+const MATMUL_IO: &str = include_str!("../../shaders/matmul_io.wgsl");
 
 impl Shader {
     /// Every kernel, for tests.
-    pub const ALL: [Shader; 10] = [
+    pub const ALL: [Shader; 11] = [
         Shader::CeWeights,
         Shader::CeFused,
         Shader::CeReduce,
@@ -121,6 +158,7 @@ impl Shader {
         Shader::Hvp,
         Shader::RowSum,
         Shader::Matmul,
+        Shader::MatmulCoop,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -135,6 +173,7 @@ impl Shader {
             Shader::Hvp => "hvp",
             Shader::RowSum => "row_sum",
             Shader::Matmul => "matmul",
+            Shader::MatmulCoop => "matmul_coop",
         }
     }
 
@@ -157,7 +196,7 @@ impl Shader {
             Shader::Distill => vec![(1, true), (9, true), (6, false)],
             Shader::Dist | Shader::Hvp => vec![(1, true), (9, true)],
             Shader::RowSum => vec![(1, true), (6, false)],
-            Shader::Matmul => vec![(1, true), (9, true), (3, true)],
+            Shader::Matmul | Shader::MatmulCoop => vec![(12, true), (13, true), (14, false), (3, true)],
         };
         if v.grad {
             b.push((8, false));
@@ -178,6 +217,36 @@ impl Shader {
     pub(crate) fn variants(self) -> Vec<Variant> {
         let dtypes = [DType::F32, DType::F16, DType::BF16];
         let mut out = Vec::new();
+        if self == Shader::Matmul || self == Shader::MatmulCoop {
+            // Every layout, load width (SIMT) or tile size (cooperative), dtype pair and
+            // reduction mode.
+            let coop = self == Shader::MatmulCoop;
+            for layout in [MatmulLayout::Nt, MatmulLayout::Nn, MatmulLayout::Tn] {
+                for bits in 0..8u32 {
+                    for &input in &dtypes {
+                        for &second in &dtypes {
+                            let mm = if coop {
+                                Mm { layout, coop8: bits & 1 != 0, ..Default::default() }
+                            } else {
+                                Mm { layout, a4: bits & 1 != 0, b4: bits & 2 != 0, ..Default::default() }
+                            };
+                            let v = Variant {
+                                input,
+                                second,
+                                subgroup: coop || bits & 4 != 0,
+                                wg: if coop { [32, 64][(bits >> 1) as usize & 1] } else { 0 },
+                                mm,
+                                ..Default::default()
+                            };
+                            if self.valid(v) {
+                                out.push(v);
+                            }
+                        }
+                    }
+                }
+            }
+            return out;
+        }
         for bits in 0..256u32 {
             for &input in &dtypes {
                 for &second in &dtypes {
@@ -205,6 +274,7 @@ impl Shader {
                                 class_w: bits & 128 != 0,
                                 // Workgroup sizes other than 256 in a few variants.
                                 wg: [0, 64, 1024][(bits as usize + seg as usize) % 3],
+                                mm: Mm::default(),
                             };
                             if self.valid(v) {
                                 out.push(v);
@@ -250,14 +320,27 @@ impl Shader {
             Shader::LogSoftmax => v.grad && !v.in_place && !v.extras && f32_only(v.second) && f32_only(v.output),
             Shader::RowSum => !v.in_place && !v.extras && !v.odd && f32_only(v.second) && f32_only(v.output),
             Shader::Matmul => {
-                v.grad
-                    && !v.in_place
-                    && !v.extras
-                    && !v.odd
-                    && !v.vec4
-                    && !v.subgroup
-                    && f32_only(v.output)
-                    && v.wg == 0
+                !v.mm.coop8
+                    && v == Variant {
+                        input: v.input,
+                        second: v.second,
+                        subgroup: v.subgroup,
+                        mm: v.mm,
+                        ..Default::default()
+                    }
+            }
+            Shader::MatmulCoop => {
+                v.subgroup
+                    && !v.mm.a4
+                    && !v.mm.b4
+                    && v == Variant {
+                        input: v.input,
+                        second: v.second,
+                        subgroup: true,
+                        wg: v.wg,
+                        mm: v.mm,
+                        ..Default::default()
+                    }
             }
             Shader::Bce => {
                 !v.in_place
@@ -291,13 +374,22 @@ impl Shader {
             Shader::Hvp => include_str!("../../shaders/hvp.wgsl"),
             Shader::RowSum => include_str!("../../shaders/row_sum.wgsl"),
             Shader::Matmul => include_str!("../../shaders/matmul.wgsl"),
+            Shader::MatmulCoop => include_str!("../../shaders/matmul_coop.wgsl"),
         }
     }
 
     /// The preprocessed WGSL of this kernel in `variant`.
     pub fn source(self, variant: Variant) -> String {
         let mut out = String::new();
-        for text in [COMMON, self.body()] {
+        let io = match self {
+            Shader::Matmul | Shader::MatmulCoop => MATMUL_IO,
+            _ => "",
+        };
+        if self == Shader::MatmulCoop {
+            // Enable directives come before every declaration.
+            out.push_str("enable f16;\nenable wgpu_cooperative_matrix;\n");
+        }
+        for text in [COMMON, io, self.body()] {
             preprocess(text, &|n| variant.defined(n), &mut out);
         }
         let wg = if variant.wg == 0 { 256 } else { variant.wg };
@@ -402,7 +494,12 @@ mod tests {
 
     pub(crate) fn validate(src: &str, subgroup: bool) -> Result<(naga::Module, naga::valid::ModuleInfo), String> {
         let module = naga::front::wgsl::parse_str(src).map_err(|e| e.emit_to_string(src))?;
-        let caps = if subgroup { naga::valid::Capabilities::SUBGROUP } else { naga::valid::Capabilities::empty() };
+        use naga::valid::Capabilities as C;
+        let mut caps = if subgroup { C::SUBGROUP } else { C::empty() };
+        if src.starts_with("enable f16;") {
+            // The cooperative-matrix kernel (f16 tiles).
+            caps |= C::SHADER_FLOAT16 | C::COOPERATIVE_MATRIX;
+        }
         let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
             .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
             .subgroup_operations(naga::valid::SubgroupOperationSet::all())

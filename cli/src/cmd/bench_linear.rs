@@ -58,7 +58,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             let mut report = |backend: &str,
                               (median, min): (f64, f64),
                               extra: Option<(u64, u64)>,
-                              matmul: Option<CpuMatmul>| {
+                              matmul: Option<CpuMatmul>,
+                              gpu_matmul: Option<&'static str>| {
                 let gflops = flop / median / 1e9;
                 if a.json {
                     let mut o = Obj::default()
@@ -78,6 +79,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     if let Some(m) = matmul {
                         o = o.set("cpu_matmul", m.name());
                     }
+                    // Which product kernel the GPU ran ("simt", "coop16", "coop8").
+                    if let Some(kind) = gpu_matmul {
+                        o = o.set("matmul", kind);
+                    }
                     emitln(o.line());
                 } else {
                     let mib =
@@ -85,7 +90,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     text.push_str(&format!(
                         "{backend:<8} {n:>6} {d:>6} {v:>8} {:<5} {median:>10.4} {min:>10.4} {gflops:>9.1} {mib:>10}  {}\n",
                         dtype.name(),
-                        matmul.map_or("-", CpuMatmul::name),
+                        matmul.map_or(gpu_matmul.unwrap_or("-"), CpuMatmul::name),
                     ));
                 }
             };
@@ -101,7 +106,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     c.linear_cross_entropy(h.view(), w.view(), Some(b.view()), t.view(), &cfg).map(drop)
                 })?;
                 let heap = crate::heap::peak().saturating_sub(live) as u64;
-                report("cpu", times, Some((peak_rss().saturating_sub(before), heap)), Some(used));
+                report("cpu", times, Some((peak_rss().saturating_sub(before), heap)), Some(used), None);
             }
             #[cfg(feature = "gpu")]
             if a.backend.contains(&BackendKind::Gpu) {
@@ -109,7 +114,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 let times = time(a.reps, &pb, || {
                     g.linear_cross_entropy(h.view(), w.view(), Some(b.view()), t.view(), &cfg).map(drop)
                 })?;
-                report("gpu", times, None, None);
+                report("gpu", times, None, None, Some(g.matmul_kind()));
             }
         }
     }

@@ -1,5 +1,5 @@
-//! Fused linear cross-entropy on the GPU: per chunk of rows, `Z = H_c W^T + b` by the tiled
-//! product kernel (`shaders/matmul.wgsl`) into a `[chunk, V]` f32 workspace, xent's fused
+//! Fused linear cross-entropy on the GPU: per chunk of rows, `Z = H_c W^T + b` by the
+//! product kernel (`super::matmul`, `shaders/matmul.wgsl`) into a `[chunk, V]` f32 workspace, xent's fused
 //! cross-entropy over `Z` in place (a [`CePlan`] with the whole batch's mean denominators),
 //! then `grad_hidden[c] = G W`, `grad_weight += G^T H_c` and `grad_bias += 1^T G` by the same
 //! kernel. The vocabulary is walked in blocks that fit one storage binding, so the weight and
@@ -19,69 +19,13 @@ use crate::api::targets::Targets;
 use crate::dtype::{DType, Logits, Tensor2};
 use crate::error::{Result, XentError};
 use crate::gpu::context::GpuContext;
-use crate::gpu::launch::{Bind, Groups, Launch, Recorder};
-use crate::gpu::params::Params;
+use crate::gpu::launch::{Bind, Recorder};
 use crate::gpu::pool::Pooled;
-use crate::gpu::source::{Shader, Variant};
+use crate::gpu::source::MatmulLayout;
+
+use super::matmul::{range, Operand, Product};
 
 use wgpu::BufferUsages as U;
-
-/// Elements `first .. first + count` (of `elem` bytes) of `buf`, bound from an aligned offset:
-/// the binding and the element offset of `first` inside it.
-fn range(buf: &wgpu::Buffer, elem: u64, first: u64, count: u64, align: u64) -> (Bind<'_>, u32) {
-    let start = first * elem;
-    let off = start / align * align;
-    let size = ((start - off) + count * elem).max(4).next_multiple_of(4).min(buf.size() - off);
-    (Bind { buffer: buf, offset: off, size }, ((start - off) / elem) as u32)
-}
-
-/// One product `C[m, n] (+)= A B (+ bias)`: operands as (binding, element offset, row stride,
-/// column stride, dtype).
-struct Product<'a> {
-    mnk: (usize, usize, usize),
-    a: (Bind<'a>, u32, usize, usize, DType),
-    b: (Bind<'a>, u32, usize, usize, DType),
-    c: (Bind<'a>, u32, usize),
-    accumulate: bool,
-    bias: Option<(Bind<'a>, u32)>,
-}
-
-impl GpuContext {
-    fn product<'a>(&self, rec: &mut Recorder<'a>, p: Product<'a>) -> Result<()> {
-        let (m, n, k) = p.mnk;
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
-        let variant = Variant { input: p.a.4, second: p.b.4, grad: true, ..Default::default() };
-        let kernel = self.kernel(Shader::Matmul, variant)?;
-        let params = Params {
-            x_off: p.a.1,
-            y_off: p.b.1,
-            o_off: p.c.1,
-            class0: p.bias.as_ref().map_or(0, |b| b.1),
-            mm_m: m as u32,
-            mm_n: n as u32,
-            mm_k: k as u32,
-            a_rs: p.a.2 as u32,
-            a_cs: p.a.3 as u32,
-            b_rs: p.b.2 as u32,
-            b_cs: p.b.3 as u32,
-            c_rs: p.c.2 as u32,
-            mm_flags: u32::from(p.accumulate) | if p.bias.is_some() { 2 } else { 0 },
-            ..Params::new(1, 1)
-        };
-        let tiles = m.div_ceil(64) * n.div_ceil(64);
-        let mut l = Launch::new(kernel, params, 1, 1)
-            .groups(Groups::PerRowTimes(tiles))
-            .bind(1, p.a.0)
-            .bind(9, p.b.0)
-            .bind(8, p.c.0);
-        if let Some((b, _)) = p.bias {
-            l = l.bind(3, b);
-        }
-        rec.push(l)
-    }
-}
 
 /// The device inputs of a fused linear cross-entropy (hidden `[N, D]`, weight `[V, D]` and
 /// bias, uploaded) and how the vocabulary is walked (`block` weight rows per binding).
@@ -115,7 +59,9 @@ impl LinearDev {
         let (d, v) = (hidden.dim().1, weight.dim().0);
         let room = ctx.max_binding.saturating_sub(ctx.offset_align);
         // Vocabulary rows per block: one binding for the weight and its f32 gradient.
+        // A multiple of 4 where it can be, so that every block starts 4-element aligned.
         let block = (room / (d as u64 * 4).max(1)) as usize;
+        let block = if block >= 4 { block / 4 * 4 } else { block };
         if block == 0 {
             return Err(XentError::TooLarge {
                 what: format!("one row of {d} features"),
@@ -167,9 +113,10 @@ impl LinearDev {
             ctx.product(
                 rec,
                 Product {
+                    layout: MatmulLayout::Nt,
                     mnk: (b, nb, d),
-                    a: (h_bind, h_off, d, 1, self.dt),
-                    b: (w_bind, w_off, 1, d, self.dt),
+                    a: Operand { bind: h_bind, first: h_off, rs: d, dtype: self.dt },
+                    b: Operand { bind: w_bind, first: w_off, rs: d, dtype: self.dt },
                     c: (Bind::all(z), vb0 as u32, v),
                     accumulate: false,
                     bias: self.bb.as_ref().map(|bb| (Bind::all(bb), vb0 as u32)),
@@ -194,15 +141,16 @@ impl LinearDev {
         let (h_bind, h_off) = range(&self.hb, es, (r0 * d) as u64, (b * d) as u64, align);
         for vb0 in (0..v).step_by(self.block) {
             let nb = (vb0 + self.block).min(v) - vb0;
-            let g = (Bind::all(z), vb0 as u32, v, 1, DType::F32);
-            let g_t = (Bind::all(z), vb0 as u32, 1, v, DType::F32);
+            // G (rows of z, the block's columns), read along its rows or its columns.
+            let g = Operand { bind: Bind::all(z), first: vb0 as u32, rs: v, dtype: DType::F32 };
             if let Some(gh) = out.gh {
                 let (w_bind, w_off) = range(&self.wb, es, (vb0 * d) as u64, (nb * d) as u64, align);
                 let (c, c_off) = range(gh, 4, (r0 * d) as u64, (b * d) as u64, align);
                 let p = Product {
+                    layout: MatmulLayout::Nn,
                     mnk: (b, d, nb),
                     a: g,
-                    b: (w_bind, w_off, d, 1, self.dt),
+                    b: Operand { bind: w_bind, first: w_off, rs: d, dtype: self.dt },
                     c: (c, c_off, d),
                     accumulate: vb0 > 0,
                     bias: None,
@@ -212,9 +160,10 @@ impl LinearDev {
             if let Some(gw) = out.gw {
                 let (c, c_off) = range(gw, 4, (vb0 * d) as u64, (nb * d) as u64, align);
                 let p = Product {
+                    layout: MatmulLayout::Tn,
                     mnk: (nb, d, b),
-                    a: g_t,
-                    b: (h_bind, h_off, d, 1, self.dt),
+                    a: g,
+                    b: Operand { bind: h_bind, first: h_off, rs: d, dtype: self.dt },
                     c: (c, c_off, d),
                     accumulate: r0 > 0,
                     bias: None,
@@ -223,9 +172,10 @@ impl LinearDev {
             }
             if let Some(gb) = out.gb {
                 let p = Product {
+                    layout: MatmulLayout::Nn,
                     mnk: (1, nb, b),
-                    a: (Bind::all(out.ones), 0, 0, 1, DType::F32),
-                    b: (Bind::all(z), vb0 as u32, v, 1, DType::F32),
+                    a: Operand { bind: Bind::all(out.ones), first: 0, rs: 0, dtype: DType::F32 },
+                    b: g,
                     c: (Bind::all(gb), vb0 as u32, 0),
                     accumulate: r0 > 0,
                     bias: None,
