@@ -40,3 +40,40 @@ fn cpu_rows_name_their_matrix_kernels() {
         println!("this CPU lacks AVX512-BF16: checked that forcing it is refused");
     }
 }
+
+/// GPU rows name the product kernel that ran (`matmul`), one row per `--matmul` choice; asking
+/// for cooperative matrices where the adapter has none is one error line, never a silent
+/// fallback to the SIMT kernel.
+#[test]
+fn gpu_rows_name_their_matrix_kernel() {
+    if !gpu_ok() {
+        println!("skipped: no GPU adapter (XENT_REQUIRE_GPU makes that a failure)");
+        return;
+    }
+    let args = ["bench", "--backend", "gpu", "--op", "linear-fwd-bwd", "--shapes", "9x16x40", "--reps", "1", "--json"];
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_xent")).args(args).args(["--matmul", "simt"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["matmul"], "simt");
+    let coop = std::process::Command::new(env!("CARGO_BIN_EXE_xent"))
+        .args(args)
+        .args(["--matmul", "simt,coop16"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&coop.stdout);
+    if coop.status.success() {
+        let kinds: Vec<String> = stdout
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["matmul"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(kinds[0], "simt");
+        assert!(kinds[1].starts_with("coop"), "{kinds:?}");
+    } else {
+        let e = xent_error(&[&args[..], &["--matmul", "coop16"]].concat());
+        assert!(e.contains("cooperative"), "{e}");
+        println!("this adapter has no cooperative matrices: checked that asking for them is refused ({e})");
+    }
+}

@@ -85,6 +85,12 @@ pub struct BenchArgs {
     /// (`auto`: the best this CPU has, or XENT_CPU_MATMUL's; `f32`; `avx512-bf16`).
     #[arg(long, value_delimiter = ',', default_value = "auto")]
     pub(crate) cpu_matmul: Vec<String>,
+    /// `--op linear-fwd-bwd`: GPU matrix-product kernels to time side by side, comma-separated:
+    /// `simt` (f32 FMA, every adapter) or `coop16` (cooperative matrices: f16 tiles, f32
+    /// accumulation, 16 x 16 x 16 or else 8 x 8 x 8 as the adapter offers; an error where it
+    /// offers neither). Each row's `matmul` names the kernel that ran.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "simt")]
+    pub(crate) matmul: Vec<GpuMatmul>,
     /// GPU: invocations per workgroup of the row kernels (default: chosen from the adapter).
     #[arg(long)]
     workgroup_size: Option<u16>,
@@ -98,6 +104,15 @@ pub struct BenchArgs {
     /// library's choice for the adapter.
     #[arg(long, value_delimiter = ',')]
     load_width: Vec<u8>,
+}
+
+/// The GPU matrix-product kernel of `--matmul`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuMatmul {
+    /// Register-tiled f32 FMA products (every adapter).
+    Simt,
+    /// Cooperative-matrix products (`GpuOptions::cooperative_matrix`).
+    Coop16,
 }
 
 /// One measured (backend, shape, dtype).

@@ -109,8 +109,12 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 report("cpu", times, Some((peak_rss().saturating_sub(before), heap)), Some(used), None);
             }
             #[cfg(feature = "gpu")]
-            if a.backend.contains(&BackendKind::Gpu) {
-                let g = xent::GpuContext::new()?;
+            for &mm in a.matmul.iter().filter(|_| a.backend.contains(&BackendKind::Gpu)) {
+                let coop = mm == super::bench::GpuMatmul::Coop16;
+                let g = xent::GpuContext::with_options(xent::GpuOptions {
+                    cooperative_matrix: coop,
+                    ..Default::default()
+                })?;
                 let times = time(a.reps, &pb, || {
                     g.linear_cross_entropy(h.view(), w.view(), Some(b.view()), t.view(), &cfg).map(drop)
                 })?;
