@@ -145,15 +145,7 @@ fn main(
         for (var j = 0u; j < 4u; j++) {
             let col = col0 + j;
             if (col < P.mm_n) {
-                var c = acc[r][j];
-                if ((P.mm_flags & 2u) != 0u) {
-                    c += class_weight[P.class0 + col];
-                }
-                let o = P.o_off + row * P.c_rs + col;
-                if ((P.mm_flags & 1u) != 0u) {
-                    c += mm_c[o];
-                }
-                mm_c[o] = c;
+                store_c(row, col, acc[r][j]);
             }
         }
     }

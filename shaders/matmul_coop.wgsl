@@ -122,15 +122,7 @@ fn main(
         let row = row0 + e / t2;
         let col = col0 + e % t2;
         if (row < P.mm_m && col < P.mm_n) {
-            var c = acc[e];
-            if ((P.mm_flags & 2u) != 0u) {
-                c += class_weight[P.class0 + col];
-            }
-            let o = P.o_off + row * P.c_rs + col;
-            if ((P.mm_flags & 1u) != 0u) {
-                c += mm_c[o];
-            }
-            mm_c[o] = c;
+            store_c(row, col, acc[e]);
         }
     }
 }

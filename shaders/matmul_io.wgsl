@@ -79,3 +79,16 @@ fn b4(e: u32) -> vec4<f32> {
 #endif
 }
 
+// Stores element (row, col) of C from its accumulated value: plus the bias (flag 2, read from
+// the class-weight binding at class0) and C's old value (flag 1, accumulate). Both kernels end here.
+fn store_c(row: u32, col: u32, acc: f32) {
+    var c = acc;
+    if ((P.mm_flags & 2u) != 0u) {
+        c += class_weight[P.class0 + col];
+    }
+    let o = P.o_off + row * P.c_rs + col;
+    if ((P.mm_flags & 1u) != 0u) {
+        c += mm_c[o];
+    }
+    mm_c[o] = c;
+}
