@@ -9,7 +9,7 @@ mod common;
 
 use common::*;
 use ndarray::{Array1, Array2};
-use xent::cpu::{reference, CpuMatmul};
+use xent::cpu::CpuMatmul;
 use xent::parallel::{SingleProcess, VocabShard};
 use xent::*;
 
@@ -42,12 +42,7 @@ struct Ref {
 }
 
 fn reference(h: &Array2<f32>, w: &Array2<f32>, b: Option<&Array1<f32>>, t: &[i64], cfg: &CrossEntropy) -> Ref {
-    let (h64, w64) = (h.mapv(f64::from), w.mapv(f64::from));
-    let mut z = h64.dot(&w64.t());
-    if let Some(b) = b {
-        z += &b.mapv(f64::from);
-    }
-    let r = reference::cross_entropy(&z.mapv(|x| x as f32), t, cfg).unwrap();
+    let (r, h64, w64) = linear_reference(h, w, b, t, cfg);
     let ga = r.grad.mapv(f64::abs);
     Ref {
         loss: r.loss,

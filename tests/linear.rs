@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::*;
 use ndarray::{Array1, Array2, ArrayView1};
-use xent::cpu::reference;
 use xent::*;
 
 /// Counts live and peak heap bytes (for the workspace-bound test).
@@ -56,12 +55,7 @@ struct Ref {
 }
 
 fn reference(h: &Array2<f32>, w: &Array2<f32>, b: Option<&Array1<f32>>, t: &[i64], cfg: &CrossEntropy) -> Ref {
-    let (h64, w64) = (h.mapv(f64::from), w.mapv(f64::from));
-    let mut z = h64.dot(&w64.t());
-    if let Some(b) = b {
-        z += &b.mapv(f64::from);
-    }
-    let r = reference::cross_entropy(&z.mapv(|x| x as f32), t, cfg).unwrap();
+    let (r, h64, w64) = linear_reference(h, w, b, t, cfg);
     let loss = if cfg.reduction == Reduction::None { r.row_loss.to_vec() } else { vec![r.loss] };
     Ref { loss, gh: r.grad.dot(&w64), gw: r.grad.t().dot(&h64), gb: r.grad.sum_axis(ndarray::Axis(0)) }
 }

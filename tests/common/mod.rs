@@ -227,3 +227,22 @@ pub fn mpirun(ranks: usize, program: &std::path::Path, args: &[&str]) -> std::pr
     };
     std::process::Output { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap() }
 }
+
+/// The f64 reference of fused linear cross-entropy: the logits `h w^T + b` formed in f64 and
+/// rounded to f32 (as the kernels see them), the reference loss and logits gradient on them, and
+/// `h`, `w` in f64 for the chain rule's products (`grad_hidden = G w`, `grad_weight = G^T h`).
+pub fn linear_reference(
+    h: &Array2<f32>,
+    w: &Array2<f32>,
+    b: Option<&Array1<f32>>,
+    t: &[i64],
+    cfg: &xent::CrossEntropy,
+) -> (xent::cpu::reference::RefCe, Array2<f64>, Array2<f64>) {
+    let (h64, w64) = (h.mapv(f64::from), w.mapv(f64::from));
+    let mut z = h64.dot(&w64.t());
+    if let Some(b) = b {
+        z += &b.mapv(f64::from);
+    }
+    let r = xent::cpu::reference::cross_entropy(&z.mapv(|x| x as f32), t, cfg).unwrap();
+    (r, h64, w64)
+}
