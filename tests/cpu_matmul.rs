@@ -283,3 +283,32 @@ fn a_bad_xent_cpu_matmul_is_an_error() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("1 passed"), "{text}{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `Bf16Grad::Rounded` (G rounded to bf16 once, as PyTorch's bf16 autograd): its gradients
+/// within the bound it states, `2^-8 sum |G| |X|` element-wise (plus f32 sums), and worse
+/// than 2^-14 of the scale somewhere (the default's two terms stay under 1e-5: so the option
+/// took effect); the loss and `grad_bias` as exact as the default's (they do not pass through
+/// the rounded products).
+#[test]
+fn rounded_gradient_within_its_bound() {
+    use xent::cpu::Bf16Grad;
+    let Some(cpu) = forced(CpuMatmul::Avx512Bf16, None) else { return };
+    let cpu = cpu.with_bf16_grad(Bf16Grad::Rounded);
+    assert_eq!(cpu.bf16_grad_terms().unwrap(), (1, 1));
+    let (n, d, v) = (96, 128, 1031);
+    let (hb, wb, h, w, b, t) = inputs(n, d, v, 5);
+    let r = reference(&h, &w, Some(&b), t.as_slice().unwrap(), &CrossEntropy::default());
+    let cfg = LinearCe { workspace_bytes: Some(40 * v * 4), ..Default::default() };
+    let o = cpu.linear_cross_entropy(&hb, &wb, Some(b.view()), t.view(), &cfg).unwrap();
+    assert!((o.loss - r.loss).abs() <= 2e-6 * r.loss.abs().max(1.0), "loss {} vs {}", o.loss, r.loss);
+    for (&a, &e) in o.grad_bias.as_ref().unwrap().iter().zip(r.gb.iter()) {
+        assert!((a as f64 - e).abs() <= 1e-6 * (1.0 + e.abs()), "grad_bias {a} vs {e}");
+    }
+    let gh = o.grad_hidden.as_ref().unwrap().to_f32();
+    let gw = o.grad_weight.as_ref().unwrap().to_f32();
+    let u = 2f64.powi(-8);
+    let gh_worst = within("rounded grad_hidden", &gh, &r.gh, &r.gh_scale, u, 1e-9);
+    let gw_worst = within("rounded grad_weight", &gw, &r.gw, &r.gw_scale, u, 1e-9);
+    println!("rounded {n}x{d}x{v}: worst err/scale grad_hidden {gh_worst:.2e}, grad_weight {gw_worst:.2e} (bound {u:.2e})");
+    assert!(gh_worst > 2f64.powi(-14) && gw_worst > 2f64.powi(-14), "the rounding took effect");
+}

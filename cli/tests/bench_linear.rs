@@ -77,3 +77,30 @@ fn gpu_rows_name_their_matrix_kernel() {
         println!("this adapter has no cooperative matrices: checked that asking for them is refused ({e})");
     }
 }
+
+/// `--bf16-grad split,rounded`: one row per form on bf16 kernels, each named (`bf16_grad`);
+/// rows on f32 kernels carry none; an unknown form is one error line.
+#[test]
+fn bf16_rows_name_their_gradient_form() {
+    let args = ["bench", "--backend", "cpu", "--op", "linear-fwd-bwd", "--shapes", "9x16x40", "--reps", "1", "--json"];
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_xent"))
+        .args(args)
+        .args(["--dtype", "bf16", "--cpu-matmul", "auto", "--bf16-grad", "split,rounded"])
+        .env_remove("XENT_CPU_MATMUL")
+        .env_remove("XENT_CPU_BF16_TERMS")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 2);
+    if CpuMatmul::Avx512Bf16.available() {
+        assert_eq!(rows[0]["bf16_grad"], "split");
+        assert_eq!(rows[1]["bf16_grad"], "rounded");
+    } else {
+        assert!(rows.iter().all(|r| r.get("bf16_grad").is_none()), "{rows:?}");
+        println!("this CPU lacks AVX512-BF16: checked that f32 rows name no gradient form");
+    }
+    let e = xent_error(&[&args[..], &["--bf16-grad", "halved"]].concat());
+    assert!(e.contains("halved") && e.contains("rounded"), "{e}");
+}

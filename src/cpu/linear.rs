@@ -198,12 +198,13 @@ pub(super) fn widen_rows(x: &Logits<'_>, r0: usize, r1: usize, out: &mut [f32]) 
 }
 
 /// bf16 terms of the f32 gradient `G` in `(grad_hidden = G W, grad_weight = G^T H)` on
-/// AVX512-BF16: two each, `|G - (g_1 + g_2)| <= 2^-16 |G|`, so each product is within
-/// `2^-16 sum |G| |X|` (+ f32 sums) of the exact one. One term (PyTorch's bf16 autograd:
-/// `G` rounded to bf16, `2^-8`) runs these products twice as fast but gives errors of a few
-/// 1e-3 of an entry, over the bounds of the f64 and PyTorch float64 checks (`tests/linear.rs`);
-/// measured side by side in `docs/cpu-bf16-matmul.md`. `XENT_CPU_BF16_TERMS=gh,gw` (1 to 3
-/// each) sets them for such measurements.
+/// AVX512-BF16 by default ([`super::Bf16Grad::Split`]): two each, `|G - (g_1 + g_2)| <= 2^-16
+/// |G|`, so each product is within `2^-16 sum |G| |X|` (+ f32 sums) of the exact one. One term
+/// ([`super::Bf16Grad::Rounded`], PyTorch's bf16 autograd: `G` rounded to bf16, `2^-8`) runs
+/// these products twice as fast but gives errors of a few 1e-3 of an entry, over the bounds of
+/// the f64 and PyTorch float64 checks (`tests/linear.rs`); measured side by side in
+/// `docs/cpu-bf16-matmul.md`. `XENT_CPU_BF16_TERMS=gh,gw` (1 to 3 each) sets them for such
+/// measurements.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(super) const GRAD_TERMS: (usize, usize) = (2, 2);
 
@@ -240,12 +241,18 @@ pub(super) enum Rows<'a> {
 
 impl<'w> Weight<'w> {
     /// `weight [V, D]` for `path`'s products (`grad_hidden`: also the panels of `G W`).
-    pub(super) fn new(weight: &'w Logits<'_>, path: CpuMatmul, grad_hidden: bool) -> Result<Weight<'w>> {
+    /// `terms`: of `G` per gradient product on bf16 kernels ([`Cpu::bf16_grad_terms`]).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    pub(super) fn new(
+        weight: &'w Logits<'_>,
+        path: CpuMatmul,
+        grad_hidden: bool,
+        terms: (usize, usize),
+    ) -> Result<Weight<'w>> {
         match (path, weight) {
             #[cfg(target_arch = "x86_64")]
             (CpuMatmul::Avx512Bf16, Logits::BF16(a)) => {
                 use super::matmul_bf16::PackedB;
-                let terms = grad_terms()?;
                 let (v, d) = a.dim();
                 let std = a.as_standard_layout();
                 let bits: &[u16] = bytemuck::cast_slice(std.as_slice().expect("standard layout"));
@@ -386,7 +393,7 @@ impl Cpu {
         // The rows the products run over: all, or the counted ones gathered chunk by chunk.
         let kept = counted_rows(&hidden, &targets, cfg);
         let m = kept.as_ref().map_or(n, |k| k.len());
-        let w = Weight::new(&weight, self.linear_matmul(hidden.dtype())?, cfg.grad_hidden)?;
+        let w = Weight::new(&weight, self.linear_matmul(hidden.dtype())?, cfg.grad_hidden, self.bf16_grad_terms()?)?;
         let bias_c = bias.map(|b| b.to_vec());
         let mut z = zeros2::<f32>((rows.min(n).max(1), v), "linear cross-entropy workspace")?;
         let widen = hidden.dtype() != DType::F32 || !matches!(&hidden, Logits::F32(a) if a.is_standard_layout());

@@ -104,7 +104,7 @@ impl Cpu {
         let mut w_err = None;
         let w = self
             .linear_matmul(hidden.dtype())
-            .and_then(|path| Weight::new(&weight, path, cfg.grad_hidden))
+            .and_then(|path| Weight::new(&weight, path, cfg.grad_hidden, self.bf16_grad_terms()?))
             .unwrap_or_else(|e| {
                 w_err = Some(e);
                 Weight::F32(Cow::Borrowed(&[]))

@@ -1,6 +1,7 @@
 //! Which kernels run the CPU's matrix products (those of the fused linear cross-entropy):
 //! chosen at run time from cpuid, overridable by [`crate::Cpu::with_matmul`] or the environment
-//! variable `XENT_CPU_MATMUL` (`f32`, `avx512-bf16`; `auto` or unset: the best this CPU has).
+//! variable `XENT_CPU_MATMUL` (`f32`, `avx512-bf16`; `auto` or unset: the best this CPU has);
+//! and how the bf16 products take the f32 gradient ([`Bf16Grad`]).
 
 use std::fmt;
 use std::str::FromStr;
@@ -114,6 +115,69 @@ impl FromStr for CpuMatmul {
             other => Err(XentError::InvalidOption(format!(
                 "unknown CPU matrix kernels {other:?}: use f32, avx512-bf16 or auto"
             ))),
+        }
+    }
+}
+
+/// How the bf16 products of the fused linear losses take the f32 gradient of the logits `G`
+/// (in `grad_hidden = G W` and `grad_weight = G^T H`), where they run on bf16 kernels
+/// ([`CpuMatmul::Avx512Bf16`]); other kernels ignore it. Set by [`crate::Cpu::with_bf16_grad`];
+/// `XENT_CPU_BF16_TERMS=gh,gw` (1 to 3 terms per product) overrides the default for
+/// measurement. The bounds are element-wise: `|product - exact| <= u sum_k |g_k x_k|` plus f32
+/// summation, tested in `tests/cpu_matmul.rs` and measured in `docs/cpu-bf16-matmul.md`.
+///
+/// ```
+/// use xent::cpu::Bf16Grad;
+/// assert_eq!("rounded".parse::<Bf16Grad>()?, Bf16Grad::Rounded);
+/// assert_eq!(Bf16Grad::default(), Bf16Grad::Split);
+/// # Ok::<(), xent::XentError>(())
+/// ```
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Bf16Grad {
+    /// `G` split into two bf16 terms per product, `u = 2^-16`: as accurate as the f32 products
+    /// to within the f32 gradient's own rounding (the default; passes the f64 and PyTorch
+    /// float64 golden checks unchanged).
+    #[default]
+    Split,
+    /// `G` rounded to bf16 once, `u = 2^-8`, as PyTorch's bf16 autograd does (its `grad_output`
+    /// of the bf16 `F.linear` is bf16): the two gradient products run twice as fast, with
+    /// errors of a few 1e-3 of an entry (relative l2 error about 2e-3), PyTorch's own precision.
+    Rounded,
+}
+
+impl Bf16Grad {
+    /// The name `xent bench --bf16-grad` uses: `split`, `rounded`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Bf16Grad::Split => "split",
+            Bf16Grad::Rounded => "rounded",
+        }
+    }
+
+    /// bf16 terms of `G` per gradient product `(G W, G^T H)`.
+    pub fn terms(self) -> (usize, usize) {
+        match self {
+            Bf16Grad::Split => (2, 2),
+            Bf16Grad::Rounded => (1, 1),
+        }
+    }
+}
+
+impl fmt::Display for Bf16Grad {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Bf16Grad {
+    type Err = XentError;
+
+    fn from_str(s: &str) -> Result<Bf16Grad> {
+        match s.trim() {
+            "split" => Ok(Bf16Grad::Split),
+            "rounded" => Ok(Bf16Grad::Rounded),
+            other => Err(XentError::InvalidOption(format!("unknown bf16 gradient form {other:?}: use split or rounded"))),
         }
     }
 }

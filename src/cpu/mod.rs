@@ -18,7 +18,7 @@ mod simd;
 mod vocab;
 
 pub use hessian::{hessian, symmetric_eigenvalues};
-pub use matmul::CpuMatmul;
+pub use matmul::{Bf16Grad, CpuMatmul};
 
 use ndarray::{Array2, ArrayView2};
 
@@ -43,6 +43,8 @@ pub struct Cpu {
     pool: rayon::ThreadPool,
     /// Matrix-product kernels set by [`Cpu::with_matmul`]; `None`: `XENT_CPU_MATMUL` or cpuid.
     matmul: Option<CpuMatmul>,
+    /// Set by [`Cpu::with_bf16_grad`]; `None`: `XENT_CPU_BF16_TERMS` or [`Bf16Grad::Split`].
+    bf16_grad: Option<Bf16Grad>,
 }
 
 impl Default for Cpu {
@@ -68,7 +70,7 @@ impl Cpu {
             .thread_name(|i| format!("xent-cpu-{i}"))
             .build()
             .map_err(|e| XentError::InvalidOption(format!("thread pool: {e}")))?;
-        Ok(Cpu { pool, matmul: None })
+        Ok(Cpu { pool, matmul: None, bf16_grad: None })
     }
 
     /// This backend with its matrix products (those of [`Cpu::linear_cross_entropy`]) on
@@ -96,6 +98,32 @@ impl Cpu {
             None => CpuMatmul::from_env()?,
         };
         Ok(m.for_dtype(dtype))
+    }
+
+    /// This backend with its bf16 gradient products taking the f32 gradient as `grad` says
+    /// ([`Bf16Grad::Rounded`]: rounded to bf16 as PyTorch's bf16 autograd does, faster and
+    /// about 2e-3 relative; the default [`Bf16Grad::Split`] keeps f32 accuracy). Only the bf16
+    /// kernels ([`CpuMatmul::Avx512Bf16`]) read it.
+    ///
+    /// ```
+    /// use xent::{cpu::Bf16Grad, Cpu};
+    /// let cpu = Cpu::new().with_bf16_grad(Bf16Grad::Rounded);
+    /// assert_eq!(cpu.bf16_grad_terms()?, (1, 1));
+    /// # Ok::<(), xent::XentError>(())
+    /// ```
+    pub fn with_bf16_grad(mut self, grad: Bf16Grad) -> Self {
+        self.bf16_grad = Some(grad);
+        self
+    }
+
+    /// bf16 terms of the gradient per product `(G W, G^T H)` on bf16 kernels: those of
+    /// [`Cpu::with_bf16_grad`], else `XENT_CPU_BF16_TERMS=gh,gw` (1 to 3 each; a bad value is an
+    /// [`XentError::InvalidOption`]), else [`Bf16Grad::Split`]'s.
+    pub fn bf16_grad_terms(&self) -> Result<(usize, usize)> {
+        match self.bf16_grad {
+            Some(g) => Ok(g.terms()),
+            None => linear::grad_terms(),
+        }
     }
 
     /// Worker threads in use.

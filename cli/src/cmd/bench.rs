@@ -85,6 +85,12 @@ pub struct BenchArgs {
     /// (`auto`: the best this CPU has, or XENT_CPU_MATMUL's; `f32`; `avx512-bf16`).
     #[arg(long, value_delimiter = ',', default_value = "auto")]
     pub(crate) cpu_matmul: Vec<String>,
+    /// `--op linear-fwd-bwd`, bf16 on bf16 CPU kernels: how the gradient products take the f32
+    /// gradient, comma-separated to time side by side: `split` (two bf16 terms, f32 accuracy),
+    /// `rounded` (rounded to bf16 as PyTorch's autograd does, faster), `auto` (the library's
+    /// choice: XENT_CPU_BF16_TERMS, else split). Rows say which ran (`bf16_grad`).
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    pub(crate) bf16_grad: Vec<String>,
     /// `--op linear-fwd-bwd`: GPU matrix-product kernels to time side by side, comma-separated:
     /// `simt` (f32 FMA, every adapter) or `coop16` (cooperative matrices: f16 tiles, f32
     /// accumulation, 16 x 16 x 16 or else 8 x 8 x 8 as the adapter offers; an error where it

@@ -3,11 +3,12 @@
 //! seconds, GFLOP/s of its three matrix products (6 N D V), and the extra memory it held (CPU:
 //! peak heap growth over the inputs, gradients included; and the resident-set growth). CPU
 //! rows say which matrix-product kernels ran (`cpu_matmul`: `f32`, `avx512-bf16`), one row per
-//! `--cpu-matmul` choice.
+//! `--cpu-matmul` choice, and how bf16 kernels took the gradient (`bf16_grad`: `split`,
+//! `rounded`), one row per `--bf16-grad` choice.
 
 use indicatif::ProgressBar;
 use ndarray::Array1;
-use xent::cpu::CpuMatmul;
+use xent::cpu::{Bf16Grad, CpuMatmul};
 use xent::{workload, DType, LinearCe, Result, Tensor2, XentError};
 
 use super::bench::{time, BenchArgs};
@@ -49,6 +50,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         .iter()
         .map(|s| if s.trim() == "auto" { Ok(None) } else { s.parse::<CpuMatmul>().map(Some) })
         .collect::<Result<Vec<_>>>()?;
+    let grads = a
+        .bf16_grad
+        .iter()
+        .map(|s| if s.trim() == "auto" { Ok(None) } else { s.parse::<Bf16Grad>().map(Some) })
+        .collect::<Result<Vec<_>>>()?;
     let mut text =
         String::from("backend        N      D        V dtype   median s      min s   GFLOP/s   heap MiB  matmul\n");
     for &(n, d, v) in &shapes {
@@ -58,7 +64,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             let mut report = |backend: &str,
                               (median, min): (f64, f64),
                               extra: Option<(u64, u64)>,
-                              matmul: Option<CpuMatmul>,
+                              matmul: Option<(CpuMatmul, Option<String>)>,
                               gpu_matmul: Option<&'static str>| {
                 let gflops = flop / median / 1e9;
                 if a.json {
@@ -76,8 +82,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     if let Some((rss, heap)) = extra {
                         o = o.set("extra_rss_bytes", rss).set("extra_heap_bytes", heap);
                     }
-                    if let Some(m) = matmul {
+                    if let Some((m, grad)) = &matmul {
                         o = o.set("cpu_matmul", m.name());
+                        if let Some(g) = grad {
+                            o = o.set("bf16_grad", g.as_str());
+                        }
                     }
                     // Which product kernel the GPU ran ("simt", "coop16", "coop8").
                     if let Some(kind) = gpu_matmul {
@@ -90,23 +99,40 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     text.push_str(&format!(
                         "{backend:<8} {n:>6} {d:>6} {v:>8} {:<5} {median:>10.4} {min:>10.4} {gflops:>9.1} {mib:>10}  {}\n",
                         dtype.name(),
-                        matmul.map_or(gpu_matmul.unwrap_or("-"), CpuMatmul::name),
+                        match &matmul {
+                            Some((m, Some(g))) => format!("{m} ({g})"),
+                            Some((m, None)) => m.to_string(),
+                            None => gpu_matmul.unwrap_or("-").to_string(),
+                        },
                     ));
                 }
             };
-            for &matmul in matmuls.iter().filter(|_| a.backend.contains(&BackendKind::Cpu)) {
-                let c = match matmul {
+            let cpu_runs = matmuls.iter().flat_map(|&m| grads.iter().map(move |&g| (m, g)));
+            for (matmul, grad) in cpu_runs.filter(|_| a.backend.contains(&BackendKind::Cpu)) {
+                let mut c = match matmul {
                     Some(m) => cpu(a.threads)?.with_matmul(m)?,
                     None => cpu(a.threads)?,
                 };
+                if let Some(g) = grad {
+                    c = c.with_bf16_grad(g);
+                }
                 let used = c.linear_matmul(dtype)?;
+                // How the bf16 kernels took the gradient (only they read it).
+                let grad_form = (used == CpuMatmul::Avx512Bf16).then(|| -> Result<String> {
+                    Ok(match c.bf16_grad_terms()? {
+                        t if t == Bf16Grad::Split.terms() => Bf16Grad::Split.to_string(),
+                        t if t == Bf16Grad::Rounded.terms() => Bf16Grad::Rounded.to_string(),
+                        (gh, gw) => format!("terms {gh},{gw}"),
+                    })
+                });
+                let grad_form = grad_form.transpose()?;
                 let before = peak_rss();
                 let live = crate::heap::reset_peak();
                 let times = time(a.reps, &pb, || {
                     c.linear_cross_entropy(h.view(), w.view(), Some(b.view()), t.view(), &cfg).map(drop)
                 })?;
                 let heap = crate::heap::peak().saturating_sub(live) as u64;
-                report("cpu", times, Some((peak_rss().saturating_sub(before), heap)), Some(used), None);
+                report("cpu", times, Some((peak_rss().saturating_sub(before), heap)), Some((used, grad_form)), None);
             }
             #[cfg(feature = "gpu")]
             for &mm in a.matmul.iter().filter(|_| a.backend.contains(&BackendKind::Gpu)) {
