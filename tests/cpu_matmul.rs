@@ -309,6 +309,8 @@ fn rounded_gradient_within_its_bound() {
     let u = 2f64.powi(-8);
     let gh_worst = within("rounded grad_hidden", &gh, &r.gh, &r.gh_scale, u, 1e-9);
     let gw_worst = within("rounded grad_weight", &gw, &r.gw, &r.gw_scale, u, 1e-9);
-    println!("rounded {n}x{d}x{v}: worst err/scale grad_hidden {gh_worst:.2e}, grad_weight {gw_worst:.2e} (bound {u:.2e})");
+    println!(
+        "rounded {n}x{d}x{v}: worst err/scale grad_hidden {gh_worst:.2e}, grad_weight {gw_worst:.2e} (bound {u:.2e})"
+    );
     assert!(gh_worst > 2f64.powi(-14) && gw_worst > 2f64.powi(-14), "the rounding took effect");
 }

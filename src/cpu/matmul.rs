@@ -177,7 +177,9 @@ impl FromStr for Bf16Grad {
         match s.trim() {
             "split" => Ok(Bf16Grad::Split),
             "rounded" => Ok(Bf16Grad::Rounded),
-            other => Err(XentError::InvalidOption(format!("unknown bf16 gradient form {other:?}: use split or rounded"))),
+            other => {
+                Err(XentError::InvalidOption(format!("unknown bf16 gradient form {other:?}: use split or rounded")))
+            }
         }
     }
 }

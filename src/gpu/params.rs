@@ -160,4 +160,42 @@ mod tests {
         }
         assert!(std::mem::size_of::<Params>() as u64 <= PARAM_STRIDE);
     }
+
+    /// Every flag bit of [`flags`] equals its `F_*` constant in `common.wgsl` (by name, as
+    /// naga parses it), and the shader has no `F_*` flag the Rust side lacks: the two lists
+    /// are written twice, once per language, and this test compares them.
+    #[test]
+    fn flag_bits_match_the_shader_constants() {
+        macro_rules! rust_flags {
+            ($($f:ident),*) => { vec![$((concat!("F_", stringify!($f)).to_string(), flags::$f)),*] };
+        }
+        let mut rust = rust_flags!(
+            CLASS_W, SAMPLE_W, SOFTCAP, TEMP, SMOOTH, MEAN, SOFTMAX, ZLOSS, SOFT, POS_W, PROBS, ELEM, LOGITS, RANK,
+            GAP, ELEM_W, EXT_DENOM, UPSTREAM, UP_ROWS, SAVE, FROM_SAVED, SHARD
+        );
+        let src = crate::gpu::source::Shader::CeFused
+            .source(crate::gpu::source::Variant { grad: true, ..Default::default() });
+        let module = naga::front::wgsl::parse_str(&src).unwrap();
+        let mut wgsl: Vec<(String, u32)> = module
+            .constants
+            .iter()
+            .filter_map(|(_, c)| {
+                let name = c.name.clone()?;
+                if !name.starts_with("F_") {
+                    return None;
+                }
+                match module.global_expressions[c.init] {
+                    naga::Expression::Literal(naga::Literal::U32(v)) => Some((name, v)),
+                    ref other => panic!("{name} is {other:?}, not a u32 literal"),
+                }
+            })
+            .collect();
+        rust.sort();
+        wgsl.sort();
+        assert_eq!(rust, wgsl, "flag bits (Rust flags:: vs common.wgsl F_*)");
+        let mut bits: Vec<u32> = rust.iter().map(|(_, b)| *b).collect();
+        bits.dedup();
+        assert!(bits.iter().all(|b| b.is_power_of_two()), "one bit per flag");
+        assert_eq!(bits.iter().fold(0, |acc, b| acc | b).count_ones() as usize, rust.len(), "distinct bits");
+    }
 }
