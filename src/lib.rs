@@ -50,6 +50,7 @@ pub use api::config::{
     SoftmaxKind, Totals,
 };
 pub use api::linear::{LinearCe, LinearCeOutput};
+pub use api::logprobs::{LinearLogprobs, LinearLogprobsOutput};
 pub use api::targets::{Targets, DEVICE_IGNORED};
 pub use api::Backend;
 pub use api::{calibration, gaussian, preference, sequence};
@@ -79,5 +80,6 @@ pub struct ReadmeDoctests;
 #[doc = include_str!("../docs/losses.md")]
 #[doc = include_str!("../docs/distributed.md")]
 #[doc = include_str!("../docs/frameworks.md")]
+#[doc = include_str!("../docs/rl-logprobs.md")]
 #[cfg(all(doctest, feature = "gpu"))]
 pub struct DocsDoctests;

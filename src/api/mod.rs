@@ -4,6 +4,7 @@ pub mod calibration;
 pub mod config;
 pub mod gaussian;
 pub mod linear;
+pub mod logprobs;
 pub mod preference;
 pub mod sequence;
 pub mod targets;

@@ -361,42 +361,56 @@ pub(super) fn bf16_rows<'a>(x: &'a Logits<'_>, sel: RowSel<'_>, buf: &'a mut Vec
     buf
 }
 
+/// What the chunk loop of the fused linear losses runs over, besides the operands.
+pub(super) struct ChunkRun<'k> {
+    /// Rows of logits per chunk.
+    pub rows: usize,
+    /// The batch rows the products run over, when not all of them (see `counted_rows`).
+    pub kept: Option<&'k [usize]>,
+    pub grad_hidden: bool,
+    pub grad_weight: bool,
+    pub grad_bias: bool,
+}
+
+impl ChunkRun<'_> {
+    /// Whether any gradient is asked for (the bias's only when there is a bias).
+    pub fn any_grad(&self, has_bias: bool) -> bool {
+        self.grad_hidden || self.grad_weight || (self.grad_bias && has_bias)
+    }
+}
+
+/// The f32 gradients a chunk loop accumulates (`bias` in f64).
+pub(super) struct ChunkGrads {
+    pub hidden: Option<Array2<f32>>,
+    pub weight: Option<Array2<f32>>,
+    pub bias: Option<Vec<f64>>,
+}
+
 impl Cpu {
-    /// Fused linear cross-entropy: the loss of `F.cross_entropy(hidden @ weight.T + bias,
-    /// targets)` (PyTorch's semantics, every [`crate::CrossEntropy`] option) and its gradients
-    /// w.r.t. `hidden [N, D]`, `weight [V, D]` (both f32, f16 or bf16, one dtype; products in
-    /// f32, or for bf16 on AVX512-BF16 with bf16 multiplies and f32 sums: see
-    /// [`Cpu::linear_matmul`]) and `bias [V]`, never holding more than [`LinearCe::chunk_rows`] rows of logits.
-    ///
-    /// ```
-    /// use ndarray::array;
-    /// use xent::{Cpu, LinearCe};
-    /// let hidden = array![[1.0f32, 0.5], [-0.5, 2.0], [0.0, 1.0]];
-    /// let weight = array![[0.2f32, -0.1], [0.4, 0.3], [-0.3, 0.8], [0.1, 0.1]];
-    /// let out = Cpu::new().linear_cross_entropy(&hidden, &weight, None, &[1i64, 2, -100][..], &LinearCe::default())?;
-    /// assert_eq!(out.grad_weight.unwrap().dim(), (4, 2));
-    /// # Ok::<(), xent::XentError>(())
-    /// ```
-    pub fn linear_cross_entropy<'a, 'b, 'c>(
+    /// The chunk loop of the fused linear losses: for each chunk of rows, `Z = H_c W^T + b`
+    /// into a `[chunk, V]` workspace, then `step(c0, c1, rows, Z)` (the chunk's batch rows:
+    /// the range `c0..c1` of the rows run over, and their batch indices when gathered), which
+    /// overwrites `Z` with `G = d loss / d Z` where gradients are asked for; then
+    /// `grad_hidden[c] = G W`, `grad_weight += G^T H_c` and `grad_bias += colsum(G)`. Chunks
+    /// run in order and each product's reduction order is fixed, so the results are the same
+    /// bits on every run.
+    pub(super) fn linear_chunks(
         &self,
-        hidden: impl Into<Logits<'a>>,
-        weight: impl Into<Logits<'b>>,
+        hidden: &Logits<'_>,
+        weight: &Logits<'_>,
         bias: Option<ArrayView1<'_, f32>>,
-        targets: impl Into<Targets<'c>>,
-        cfg: &LinearCe,
-    ) -> Result<LinearCeOutput> {
-        let (hidden, weight, targets) = (hidden.into(), weight.into(), targets.into());
-        let (n, d, v) = check(&hidden, &weight, bias, &targets, cfg)?;
+        run: &ChunkRun<'_>,
+        mut step: impl FnMut(usize, usize, Option<&[usize]>, &mut [f32]) -> Result<()>,
+    ) -> Result<ChunkGrads> {
+        let ((n, d), v) = (hidden.dim(), weight.dim().0);
         let threads = self.threads();
-        let totals = Totals::of(&targets, &cfg.ce);
-        let rows = cfg.chunk_rows(n, v);
-        // The rows the products run over: all, or the counted ones gathered chunk by chunk.
-        let kept = counted_rows(&hidden, &targets, cfg);
-        let m = kept.as_ref().map_or(n, |k| k.len());
-        let w = Weight::new(&weight, self.linear_matmul(hidden.dtype())?, cfg.grad_hidden, self.bf16_grad_terms()?)?;
+        let rows = run.rows;
+        let kept = run.kept;
+        let m = kept.map_or(n, |k| k.len());
+        let w = Weight::new(weight, self.linear_matmul(hidden.dtype())?, run.grad_hidden, self.bf16_grad_terms()?)?;
         let bias_c = bias.map(|b| b.to_vec());
         let mut z = zeros2::<f32>((rows.min(n).max(1), v), "linear cross-entropy workspace")?;
-        let widen = hidden.dtype() != DType::F32 || !matches!(&hidden, Logits::F32(a) if a.is_standard_layout());
+        let widen = hidden.dtype() != DType::F32 || !matches!(hidden, Logits::F32(a) if a.is_standard_layout());
         // bf16 products: the chunk's rows as bf16 bits, copied when gathered or strided.
         let mut hb_chunk = Vec::new();
         let mut h_chunk = if !w.bf16() && (widen || kept.is_some()) {
@@ -404,42 +418,37 @@ impl Cpu {
         } else {
             Array2::zeros((0, 0))
         };
-        let mut gh = if cfg.grad_hidden { Some(zeros2::<f32>((n, d), "grad_hidden")?) } else { None };
+        let mut gh = if run.grad_hidden { Some(zeros2::<f32>((n, d), "grad_hidden")?) } else { None };
         // Gathered rows' grad_hidden, scattered back after each chunk.
-        let mut gh_chunk = if cfg.grad_hidden && kept.is_some() {
+        let mut gh_chunk = if run.grad_hidden && kept.is_some() {
             zeros2::<f32>((rows.min(n).max(1), d), "grad_hidden chunk")?
         } else {
             Array2::zeros((0, 0))
         };
-        let mut gw = if cfg.grad_weight { Some(zeros2::<f32>((v, d), "grad_weight")?) } else { None };
-        let mut gb = (cfg.grad_bias && bias.is_some()).then(|| vec![0f64; v]);
-        let per_row = cfg.ce.per_row || cfg.ce.reduction == crate::Reduction::None;
-        let mut row_loss = per_row.then(|| Vec::with_capacity(n));
-        let mut row_lse = cfg.ce.per_row.then(|| Vec::with_capacity(n));
-        let mut row_rank = cfg.ce.ranks.then(|| Vec::with_capacity(n));
-        let mut loss = 0.0;
+        let mut gw = if run.grad_weight { Some(zeros2::<f32>((v, d), "grad_weight")?) } else { None };
+        let mut gb = (run.grad_bias && bias.is_some()).then(|| vec![0f64; v]);
         for c0 in (0..m).step_by(rows.max(1)) {
             let c1 = (c0 + rows).min(m);
             let b = c1 - c0;
             // This chunk's batch rows: the range c0..c1, or these.
-            let idx = kept.as_ref().map(|k| &k[c0..c1]);
+            let idx = kept.map(|k| &k[c0..c1]);
             let h: Rows<'_> = match idx {
                 _ if w.bf16() => {
                     let sel = idx.map_or(RowSel::Range(c0, c1), RowSel::Rows);
-                    Rows::Bf16(self.pool.install(|| bf16_rows(&hidden, sel, &mut hb_chunk)))
+                    Rows::Bf16(self.pool.install(|| bf16_rows(hidden, sel, &mut hb_chunk)))
                 }
                 Some(ix) => {
                     let buf = &mut h_chunk.as_slice_mut().expect("fresh")[..b * d];
-                    self.pool.install(|| gather_rows(&hidden, ix, buf));
+                    self.pool.install(|| gather_rows(hidden, ix, buf));
                     Rows::F32(buf)
                 }
                 None if widen => {
                     let buf = &mut h_chunk.as_slice_mut().expect("fresh")[..b * d];
-                    widen_rows(&hidden, c0, c1, buf);
+                    widen_rows(hidden, c0, c1, buf);
                     Rows::F32(buf)
                 }
                 None => {
-                    let Logits::F32(a) = &hidden else { unreachable!("f32 hidden") };
+                    let Logits::F32(a) = hidden else { unreachable!("f32 hidden") };
                     Rows::F32(&a.as_slice().expect("standard layout")[c0 * d..c1 * d])
                 }
             };
@@ -449,34 +458,7 @@ impl Cpu {
             }
             // Z = H_c W^T (+ b).
             self.pool.install(|| w.logits(threads, (b, v, d), zc, bias.is_some(), h));
-            let (ccfg, t_owned) = match idx {
-                Some(ix) => {
-                    let t: Array1<i64> = ix.iter().map(|&r| targets.get(r)).collect();
-                    (chunk_cfg_at(cfg, totals, ix), Some(t))
-                }
-                None => (chunk_cfg(cfg, totals, c0..c1), None),
-            };
-            let t = match (&t_owned, &targets) {
-                (Some(t), _) => Targets::I64(t.view()),
-                (None, Targets::I64(t)) => Targets::I64(t.slice(s![c0..c1])),
-                (None, Targets::I32(t)) => Targets::I32(t.slice(s![c0..c1])),
-                (None, Targets::Probs(_)) => unreachable!("checked: class indices"),
-            };
-            let out = if gh.is_some() || gw.is_some() || gb.is_some() {
-                self.cross_entropy_in_place(ArrayViewMut2::from_shape((b, v), &mut *zc).expect("chunk"), t, &ccfg)?
-            } else {
-                self.cross_entropy(ArrayView2::from_shape((b, v), &*zc).expect("chunk"), t, &ccfg)?
-            };
-            loss += out.loss;
-            if let (Some(all), Some(part)) = (row_loss.as_mut(), out.row_loss.as_ref()) {
-                all.extend(part.iter());
-            }
-            if let (Some(all), Some(part)) = (row_lse.as_mut(), out.row_lse.as_ref()) {
-                all.extend(part.iter());
-            }
-            if let (Some(all), Some(part)) = (row_rank.as_mut(), out.row_rank.as_ref()) {
-                all.extend(part.iter());
-            }
+            step(c0, c1, idx, zc)?;
             let g: &[f32] = zc;
             if let Some(gh) = gh.as_mut() {
                 let all = gh.as_slice_mut().expect("fresh");
@@ -502,6 +484,84 @@ impl Cpu {
                 self.pool.install(|| add_col_sums(gb, g));
             }
         }
+        Ok(ChunkGrads { hidden: gh, weight: gw, bias: gb })
+    }
+
+    /// Fused linear cross-entropy: the loss of `F.cross_entropy(hidden @ weight.T + bias,
+    /// targets)` (PyTorch's semantics, every [`crate::CrossEntropy`] option) and its gradients
+    /// w.r.t. `hidden [N, D]`, `weight [V, D]` (both f32, f16 or bf16, one dtype; products in
+    /// f32, or for bf16 on AVX512-BF16 with bf16 multiplies and f32 sums: see
+    /// [`Cpu::linear_matmul`]) and `bias [V]`, never holding more than [`LinearCe::chunk_rows`] rows of logits.
+    ///
+    /// ```
+    /// use ndarray::array;
+    /// use xent::{Cpu, LinearCe};
+    /// let hidden = array![[1.0f32, 0.5], [-0.5, 2.0], [0.0, 1.0]];
+    /// let weight = array![[0.2f32, -0.1], [0.4, 0.3], [-0.3, 0.8], [0.1, 0.1]];
+    /// let out = Cpu::new().linear_cross_entropy(&hidden, &weight, None, &[1i64, 2, -100][..], &LinearCe::default())?;
+    /// assert_eq!(out.grad_weight.unwrap().dim(), (4, 2));
+    /// # Ok::<(), xent::XentError>(())
+    /// ```
+    pub fn linear_cross_entropy<'a, 'b, 'c>(
+        &self,
+        hidden: impl Into<Logits<'a>>,
+        weight: impl Into<Logits<'b>>,
+        bias: Option<ArrayView1<'_, f32>>,
+        targets: impl Into<Targets<'c>>,
+        cfg: &LinearCe,
+    ) -> Result<LinearCeOutput> {
+        let (hidden, weight, targets) = (hidden.into(), weight.into(), targets.into());
+        let (n, _, v) = check(&hidden, &weight, bias, &targets, cfg)?;
+        let totals = Totals::of(&targets, &cfg.ce);
+        // The rows the products run over: all, or the counted ones gathered chunk by chunk.
+        let kept = counted_rows(&hidden, &targets, cfg);
+        let run = ChunkRun {
+            rows: cfg.chunk_rows(n, v),
+            kept: kept.as_deref(),
+            grad_hidden: cfg.grad_hidden,
+            grad_weight: cfg.grad_weight,
+            grad_bias: cfg.grad_bias,
+        };
+        let per_row = cfg.ce.per_row || cfg.ce.reduction == crate::Reduction::None;
+        let mut row_loss = per_row.then(|| Vec::with_capacity(n));
+        let mut row_lse = cfg.ce.per_row.then(|| Vec::with_capacity(n));
+        let mut row_rank = cfg.ce.ranks.then(|| Vec::with_capacity(n));
+        let mut loss = 0.0;
+        let any_grad = run.any_grad(bias.is_some());
+        let grads = self.linear_chunks(&hidden, &weight, bias, &run, |c0, c1, idx, zc| {
+            let b = c1 - c0;
+            let (ccfg, t_owned) = match idx {
+                Some(ix) => {
+                    let t: Array1<i64> = ix.iter().map(|&r| targets.get(r)).collect();
+                    (chunk_cfg_at(cfg, totals, ix), Some(t))
+                }
+                None => (chunk_cfg(cfg, totals, c0..c1), None),
+            };
+            let t = match (&t_owned, &targets) {
+                (Some(t), _) => Targets::I64(t.view()),
+                (None, Targets::I64(t)) => Targets::I64(t.slice(s![c0..c1])),
+                (None, Targets::I32(t)) => Targets::I32(t.slice(s![c0..c1])),
+                (None, Targets::Probs(_)) => unreachable!("checked: class indices"),
+            };
+            let out = if any_grad {
+                self.cross_entropy_in_place(ArrayViewMut2::from_shape((b, v), &mut *zc).expect("chunk"), t, &ccfg)?
+            } else {
+                self.cross_entropy(ArrayView2::from_shape((b, v), &*zc).expect("chunk"), t, &ccfg)?
+            };
+            loss += out.loss;
+            if let (Some(all), Some(part)) = (row_loss.as_mut(), out.row_loss.as_ref()) {
+                all.extend(part.iter());
+            }
+            if let (Some(all), Some(part)) = (row_lse.as_mut(), out.row_lse.as_ref()) {
+                all.extend(part.iter());
+            }
+            if let (Some(all), Some(part)) = (row_rank.as_mut(), out.row_rank.as_ref()) {
+                all.extend(part.iter());
+            }
+            Ok(())
+        })?;
+        let (gh, gw, gb) = (grads.hidden, grads.weight, grads.bias);
+        let rows = run.rows;
         let gdt = grad_dtype(cfg, hidden.dtype());
         Ok(LinearCeOutput {
             loss,

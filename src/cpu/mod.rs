@@ -10,6 +10,7 @@ mod hessian;
 mod linear;
 mod linear_vocab;
 mod log_softmax;
+mod logprobs;
 mod matmul;
 mod matmul_bf16;
 pub mod reference;

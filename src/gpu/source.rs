@@ -139,6 +139,8 @@ pub enum Shader {
     Matmul,
     /// The same products on cooperative matrices (f16 tiles, f32 accumulation).
     MatmulCoop,
+    /// Per-row log-prob and entropy of f32 logits, and their gradient in place (linear log-probs).
+    Logprobs,
 }
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
@@ -147,7 +149,7 @@ const MATMUL_IO: &str = include_str!("../../shaders/matmul_io.wgsl");
 
 impl Shader {
     /// Every kernel, for tests.
-    pub const ALL: [Shader; 11] = [
+    pub const ALL: [Shader; 12] = [
         Shader::CeWeights,
         Shader::CeFused,
         Shader::CeReduce,
@@ -159,6 +161,7 @@ impl Shader {
         Shader::RowSum,
         Shader::Matmul,
         Shader::MatmulCoop,
+        Shader::Logprobs,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -174,6 +177,7 @@ impl Shader {
             Shader::RowSum => "row_sum",
             Shader::Matmul => "matmul",
             Shader::MatmulCoop => "matmul_coop",
+            Shader::Logprobs => "logprobs",
         }
     }
 
@@ -197,6 +201,9 @@ impl Shader {
             Shader::Dist | Shader::Hvp => vec![(1, true), (9, true)],
             Shader::RowSum => vec![(1, true), (6, false)],
             Shader::Matmul | Shader::MatmulCoop => vec![(12, true), (13, true), (14, false), (3, true)],
+            // In place: the upstream gradient [a; b] in slot 4.
+            Shader::Logprobs if v.in_place => vec![(1, false), (2, true), (4, true), (6, false)],
+            Shader::Logprobs => vec![(1, true), (2, true), (6, false)],
         };
         if v.grad {
             b.push((8, false));
@@ -342,6 +349,9 @@ impl Shader {
                         ..Default::default()
                     }
             }
+            Shader::Logprobs => {
+                !v.grad && !v.extras && !v.vec4 && !v.odd && [v.input, v.second, v.output].iter().all(|&d| f32_only(d))
+            }
             Shader::Bce => {
                 !v.in_place
                     && !v.extras
@@ -375,6 +385,7 @@ impl Shader {
             Shader::RowSum => include_str!("../../shaders/row_sum.wgsl"),
             Shader::Matmul => include_str!("../../shaders/matmul.wgsl"),
             Shader::MatmulCoop => include_str!("../../shaders/matmul_coop.wgsl"),
+            Shader::Logprobs => include_str!("../../shaders/logprobs.wgsl"),
         }
     }
 

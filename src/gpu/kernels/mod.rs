@@ -8,6 +8,7 @@ pub(crate) mod hessian;
 pub(crate) mod linear;
 pub(crate) mod linear_vocab;
 pub(crate) mod log_softmax;
+pub(crate) mod logprobs;
 pub(crate) mod matmul;
 pub(crate) mod row_sum;
 pub(crate) mod vocab;
