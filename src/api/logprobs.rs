@@ -17,6 +17,7 @@
 
 use ndarray::{Array1, ArrayView1};
 
+use crate::api::config::CrossEntropy;
 use crate::api::linear::{check_operands, LinearCe};
 use crate::api::targets::Targets;
 use crate::dtype::{DType, Logits, Tensor2};
@@ -114,14 +115,17 @@ impl LinearLogprobs {
     /// The [`LinearCe`] options whose operand checks, chunking, gradient flags and gradient
     /// dtype this call shares (`grads`: whether an upstream gradient is given).
     pub(crate) fn linear_ce(&self, grads: bool) -> LinearCe {
-        let mut lc = LinearCe::default();
-        lc.grad_hidden = grads && self.grad_hidden;
-        lc.grad_weight = grads && self.grad_weight;
-        lc.grad_bias = grads && self.grad_bias;
+        // (`..Default::default()`: whatever options LinearCe gains keep their defaults.)
+        let mut lc = LinearCe {
+            // (For `counted_rows`: which rows the products may leave out.)
+            ce: CrossEntropy { ignore_index: self.ignore_index, ..Default::default() },
+            grad_hidden: grads && self.grad_hidden,
+            grad_weight: grads && self.grad_weight,
+            grad_bias: grads && self.grad_bias,
+            ..Default::default()
+        };
         lc.grads_in_input_dtype = self.grads_in_input_dtype;
         lc.workspace_bytes = self.workspace_bytes;
-        // (For `counted_rows`: which rows the products may leave out.)
-        lc.ce.ignore_index = self.ignore_index;
         lc
     }
 }
@@ -146,10 +150,12 @@ pub struct LinearLogprobsOutput {
     pub chunk_rows: usize,
 }
 
-/// A checked call: its sizes, the shared [`LinearCe`] options, and the upstream gradient.
+/// f32 gradients w.r.t. hidden, weight and bias, as a backend computed them.
+pub(crate) type Grads = (Option<ndarray::Array2<f32>>, Option<ndarray::Array2<f32>>, Option<Vec<f32>>);
+
+/// A checked call: its sizes (rows, classes), the shared [`LinearCe`] options, and the upstream gradient.
 pub(crate) struct Checked<'u> {
     pub n: usize,
-    pub d: usize,
     pub v: usize,
     pub lc: LinearCe,
     pub upstream: Option<(ArrayView1<'u, f32>, ArrayView1<'u, f32>)>,
@@ -167,7 +173,7 @@ pub(crate) fn check<'u>(
     upstream: Option<(ArrayView1<'u, f32>, ArrayView1<'u, f32>)>,
 ) -> Result<Checked<'u>> {
     let lc = cfg.linear_ce(upstream.is_some());
-    let (n, d, v) = check_operands(hidden, weight, bias, &lc)?;
+    let (n, _, v) = check_operands(hidden, weight, bias, &lc)?;
     if !(cfg.temperature > 0.0 && cfg.temperature.is_finite()) {
         return Err(XentError::InvalidOption(format!("temperature must be > 0, got {}", cfg.temperature)));
     }
@@ -186,7 +192,7 @@ pub(crate) fn check<'u>(
             crate::check::finite_values(x, name)?;
         }
     }
-    Ok(Checked { n, d, v, lc, upstream })
+    Ok(Checked { n, v, lc, upstream })
 }
 
 impl Checked<'_> {
@@ -205,7 +211,7 @@ impl Checked<'_> {
         &self,
         (logprob, entropy): (Vec<f32>, Vec<f32>),
         counted: u64,
-        (gh, gw, gb): (Option<ndarray::Array2<f32>>, Option<ndarray::Array2<f32>>, Option<Vec<f32>>),
+        (gh, gw, gb): Grads,
         dtype: DType,
         chunk_rows: usize,
     ) -> LinearLogprobsOutput {

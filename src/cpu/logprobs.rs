@@ -114,7 +114,7 @@ impl Cpu {
             grad_weight: c.lc.grad_weight,
             grad_bias: c.lc.grad_bias,
         };
-        let grads = run.any_grad(bias.is_some());
+        let grads = c.any_grad(bias.is_some());
         let inv_t = 1.0 / cfg.temperature;
         let (mut logp, mut ent) = (vec![0f32; n], vec![0f32; n]);
         let out = self.linear_chunks(&hidden, &weight, bias, &run, |c0, _, idx, zc| {

@@ -37,7 +37,7 @@ impl GpuContext {
     ) -> Result<LinearLogprobsOutput> {
         let (hidden, weight, targets) = (hidden.into(), weight.into(), targets.into());
         let c = check(&hidden, &weight, bias, &targets, cfg, upstream)?;
-        let (n, d, v) = (c.n, c.d, c.v);
+        let (n, d, v) = (c.n, hidden.dim().1, c.v);
         // Ignored rows cost nothing (as on the CPU): the counted ones go up as a batch of their
         // own, and their rows come back to their places.
         if let Some(kept) = counted_rows(&hidden, &targets, &c.lc) {
