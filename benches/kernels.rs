@@ -5,7 +5,10 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use wgpu::util::DeviceExt;
-use xent::{workload, CeInputs, Cpu, CrossEntropy, DType, DeviceGrad, DeviceTargets, GpuContext, SoftmaxKind};
+use xent::{
+    workload, CeInputs, Cpu, CrossEntropy, DType, DeviceGrad, DeviceTargets, GpuContext, LinearCe, LinearLogprobs,
+    SoftmaxKind,
+};
 
 const SHAPES: &[(usize, usize)] = &[(256, 4096), (1024, 32000), (4096, 32000)];
 
@@ -84,5 +87,43 @@ fn log_softmax(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, cross_entropy, log_softmax);
+/// Linear log-probs and entropies beside the fused linear cross-entropy on the same arrays
+/// (forward and every gradient): the same three products, a different row pass.
+fn linear_logprobs(c: &mut Criterion) {
+    let cpu = Cpu::new();
+    let gpu = GpuContext::new().ok();
+    let mut group = c.benchmark_group("linear_fwd_bwd");
+    group.sample_size(10);
+    for (dev, (n, d, v)) in [("cpu", (1024, 512, 32000)), ("gpu", (256, 256, 32000))] {
+        let h = workload::synthetic(n, d, 1.0, 0, 1).0;
+        let w = workload::synthetic(v, d, 0.05, 0, 2).0;
+        let t: Vec<i64> = (0..n).map(|i| ((i * 7919) % v) as i64).collect();
+        let (a, b) = (ndarray::Array1::<f32>::ones(n), ndarray::Array1::from_elem(n, 0.01f32));
+        let up = Some((a.view(), b.view()));
+        let (ce, lp) = (LinearCe::default(), LinearLogprobs::default());
+        let id = |what: &str| BenchmarkId::new(format!("{dev}-{what}"), format!("{n}x{d}x{v}"));
+        match (dev, &gpu) {
+            ("cpu", _) => {
+                group.bench_function(id("linear_ce"), |bn| {
+                    bn.iter(|| cpu.linear_cross_entropy(&h, &w, None, &t[..], &ce).unwrap())
+                });
+                group.bench_function(id("logprobs"), |bn| {
+                    bn.iter(|| cpu.linear_logprobs(&h, &w, None, &t[..], &lp, up).unwrap())
+                });
+            }
+            (_, Some(g)) => {
+                group.bench_function(id("linear_ce"), |bn| {
+                    bn.iter(|| g.linear_cross_entropy(&h, &w, None, &t[..], &ce).unwrap())
+                });
+                group.bench_function(id("logprobs"), |bn| {
+                    bn.iter(|| g.linear_logprobs(&h, &w, None, &t[..], &lp, up).unwrap())
+                });
+            }
+            _ => {}
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, cross_entropy, log_softmax, linear_logprobs);
 criterion_main!(benches);

@@ -24,10 +24,14 @@ fn centred_sum(z: &[f32], e: &[f32], m: f32) -> f64 {
     let mut total = 0.0f64;
     for (zb, eb) in z.chunks(BLOCK).zip(e.chunks(BLOCK)) {
         let mut acc = [0.0f32; 8];
-        for (i, (&zv, &ev)) in zb.iter().zip(eb).enumerate() {
-            acc[i % 8] += ev * (zv - m);
+        let (zc, ec) = (zb.chunks_exact(8), eb.chunks_exact(8));
+        let tail: f32 = zc.remainder().iter().zip(ec.remainder()).map(|(&zv, &ev)| ev * (zv - m)).sum();
+        for (z8, e8) in zc.zip(ec) {
+            for l in 0..8 {
+                acc[l] += e8[l] * (z8[l] - m);
+            }
         }
-        total += acc.iter().map(|&a| a as f64).sum::<f64>();
+        total += acc.iter().map(|&a| a as f64).sum::<f64>() + tail as f64;
     }
     total
 }
