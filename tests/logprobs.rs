@@ -421,3 +421,35 @@ fn agrees_with_linear_cross_entropy() {
         assert_grads(&format!("{name} vs LinearCe"), &o, &r, 2.0 * GRAD_TOL, 0.0);
     }
 }
+
+/// Ignored rows inside the row kernel (the products run over every row when an ignored row
+/// holds a non-finite hidden state, or every row is ignored): 0 and no gradient there, and, as
+/// `LinearCe` (and PyTorch), the non-finite state reaches `grad_weight`.
+#[test]
+fn ignored_rows_in_the_row_kernel() {
+    let (n, d, v) = (9, 6, 40);
+    let (mut h, w, b, mut t, up) = inputs(n, d, v, 13);
+    t.iter_mut().enumerate().for_each(|(i, y)| *y = if i % 3 == 1 { -100 } else { (i * 7 % v) as i64 });
+    let r = reference(&h, &w, Some(&b), t.as_slice().unwrap(), 1.0, &up);
+    h[[4, 2]] = f32::NAN;
+    let all_ignored = Array1::from_elem(n, -100i64);
+    for (name, run) in runners() {
+        let cfg = LinearLogprobs::default().with_workspace_bytes(Some(4 * v * 4));
+        let o = run((&h).into(), (&w).into(), Some(b.view()), t.view(), &cfg, up_view(&up)).unwrap();
+        assert_rows(name, &o, &r);
+        let gh = o.grad_hidden.as_ref().unwrap().to_f32();
+        for i in 0..n {
+            let finite = gh.row(i).iter().all(|x| x.is_finite());
+            assert!(finite, "{name}: row {i}'s grad_hidden is finite");
+            if t[i] == -100 {
+                assert!(gh.row(i).iter().all(|&x| x == 0.0), "{name}: ignored row {i} has a gradient");
+            }
+        }
+        assert!(o.grad_weight.as_ref().unwrap().to_f32().iter().any(|x| x.is_nan()), "{name}: NaN reaches grad_weight");
+        let o = run((&h).into(), (&w).into(), Some(b.view()), all_ignored.view(), &cfg, up_view(&up)).unwrap();
+        assert_eq!(o.counted, 0, "{name}");
+        assert!(o.logprob.iter().chain(o.entropy.iter()).all(|&x| x == 0.0), "{name}: all ignored");
+        assert!(o.grad_hidden.as_ref().unwrap().to_f32().iter().all(|&x| x == 0.0), "{name}: all ignored");
+        assert!(o.grad_bias.as_ref().unwrap().iter().all(|&x| x == 0.0), "{name}: all ignored");
+    }
+}
