@@ -3,7 +3,8 @@
 // log-prob of its target goes to row_values[row] and its entropy to row_values[n_rows + row]
 // (0 for an ignored row). With IN_PLACE the row then becomes G = d(a logp + b H) / dx, the
 // row's upstream (a, b) read from slot 4 as [a (n_rows); b (n_rows)]; 0 for an ignored row.
-// Three reads of the row: the (max, sum) statistic, sum_c e_c (z_c - m), and the gradient.
+// Three reads of the row: the (max, sum) statistic, sum_c e_c (z_c - m), and the gradient;
+// VEC4: four elements at a time (V a multiple of 4).
 
 @compute @workgroup_size(WG)
 fn main(
@@ -32,10 +33,19 @@ fn main(
     let inv_s = 1.0 / (1.0 + st.s);
     // sum_c e_c (z_c - m): every term <= 0.
     var c = 0.0;
+#if VEC4
+    var c4 = vec4<f32>(0.0);
+    for (var q = lid; q < P.v / 4u; q += WG) {
+        let d = in4(xb / 4u + q) * P.inv_temp - vec4<f32>(m);
+        c4 += exp(d) * d;
+    }
+    c = (c4.x + c4.y) + (c4.z + c4.w);
+#else
     for (var j = lid; j < P.v; j += WG) {
         let d = in1(xb + j) * P.inv_temp - m;
         c += exp(d) * d;
     }
+#endif
     // Reduced for every row (its barriers need uniform control flow), masked after.
     let mu_m = reduce_v2(vec2<f32>(c, 0.0), lid, lane, sg, nsg).x * inv_s;
     if (lid == 0u) {
@@ -48,11 +58,22 @@ fn main(
     // G_c = inv_t (a [c == y] - p_c (a + b ((z_c - m) - (mu - m)))), p_c = e_c / S.
     let k = -P.inv_temp * inv_s;
     let ka = P.inv_temp * a;
+#if VEC4
+    for (var q = lid; q < P.v / 4u; q += WG) {
+        let d = in4(xb / 4u + q) * P.inv_temp - vec4<f32>(m);
+        let cols = vec4<u32>(4u * q) + vec4<u32>(0u, 1u, 2u, 3u);
+        let at_y = cols == vec4<u32>(u32(y));
+        let g = k * exp(d) * (vec4<f32>(a) + b * (d - vec4<f32>(mu_m))) + select(vec4<f32>(0.0), vec4<f32>(ka), at_y);
+        // An ignored row's gradient is 0 whatever its logits hold.
+        put4(xb / 4u + q, select(vec4<f32>(0.0), g, counted));
+    }
+#else
     for (var j = lid; j < P.v; j += WG) {
         let d = in1(xb + j) * P.inv_temp - m;
         let g = k * exp(d) * (a + b * (d - mu_m)) + select(0.0, ka, i32(j) == y);
         // An ignored row's gradient is 0 whatever its logits hold.
         put1(xb + j, select(0.0, g, counted));
     }
+#endif
 #endif
 }

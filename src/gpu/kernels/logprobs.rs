@@ -101,6 +101,8 @@ impl GpuContext {
         let gb = out("grad_bias", gflags.2, v)?;
         let variant = Variant {
             input: DType::F32,
+            // Rows of the workspace start at element multiples of V: vectors of four where V is one.
+            vec4: super::row_vectors(self.wide_loads, v, v, &[(DType::F32, 0)]).0,
             subgroup: self.subgroups,
             in_place: up.is_some(),
             wg: self.ce_layout(rows.min(n), v, true).0,
