@@ -15,27 +15,6 @@ use crate::api::targets::Targets;
 use crate::dtype::Logits;
 use crate::error::Result;
 
-/// Elements per block of the f32 partial sums of [`centred_sum`] (folded into f64).
-const BLOCK: usize = 1024;
-
-/// `sum_c e_c (z_c - m)` (every term <= 0, so no cancellation): 8 f32 lanes per block of
-/// [`BLOCK`] elements, blocks summed in f64.
-fn centred_sum(z: &[f32], e: &[f32], m: f32) -> f64 {
-    let mut total = 0.0f64;
-    for (zb, eb) in z.chunks(BLOCK).zip(e.chunks(BLOCK)) {
-        let mut acc = [0.0f32; 8];
-        let (zc, ec) = (zb.chunks_exact(8), eb.chunks_exact(8));
-        let tail: f32 = zc.remainder().iter().zip(ec.remainder()).map(|(&zv, &ev)| ev * (zv - m)).sum();
-        for (z8, e8) in zc.zip(ec) {
-            for l in 0..8 {
-                acc[l] += e8[l] * (z8[l] - m);
-            }
-        }
-        total += acc.iter().map(|&a| a as f64).sum::<f64>() + tail as f64;
-    }
-    total
-}
-
 /// One row of logits `x` (overwritten): `(logp, H)` of `z = x * inv_t` for target `y`
 /// (`None`: an ignored row, `(0, 0)`), and with `up = Some((a, b))` the row becomes
 /// `G = d(a logp + b H) / dx` (0 for an ignored row). `e` is a scratch row of the same length.
@@ -61,14 +40,14 @@ pub(super) fn row_terms(
     let s = rest + ties;
     let log_s = s.ln();
     // mu - m = sum_c p_c (z_c - m) <= 0.
-    let mu_m = centred_sum(x, e, m) / s;
+    let mu_m = simd::centred_sum(x, e, m) / s;
     let logp = ((x[y] - m) as f64 - log_s) as f32;
     let entropy = (log_s - mu_m) as f32;
     if let Some((a, b)) = up {
         // G_c = inv_t (a [c == y] - p_c (a + b ((z_c - m) - (mu - m)))), p_c = e_c / S.
         let k = (-(inv_t as f64) / s) as f32;
         let mu_m = mu_m as f32;
-        x.iter_mut().zip(&*e).for_each(|(g, &ev)| *g = k * ev * (a + b * ((*g - m) - mu_m)));
+        simd::logprob_grad(x, e, m, k, a, b, mu_m);
         x[y] += inv_t * a;
     }
     (logp, entropy)

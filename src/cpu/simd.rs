@@ -217,6 +217,32 @@ fn count_greater_body(x: &[f32], t: f32) -> usize {
     c.iter().map(|&k| k as usize).sum()
 }
 
+/// `sum_j e_j (z_j - m)` in f32 lanes folded into f64 per [`BLOCK`] (every term <= 0 where
+/// `m` is the maximum: no cancellation).
+#[inline(always)]
+fn centred_sum_body(z: &[f32], e: &[f32], m: f32) -> f64 {
+    let mut total = 0.0f64;
+    for (zb, eb) in z.chunks(BLOCK).zip(e.chunks(BLOCK)) {
+        let mut acc = [0.0f32; LANES];
+        let (zc, ec) = (zb.chunks_exact(LANES), eb.chunks_exact(LANES));
+        let tail: f32 = zc.remainder().iter().zip(ec.remainder()).map(|(&zv, &ev)| ev * (zv - m)).sum();
+        for (z8, e8) in zc.zip(ec) {
+            for l in 0..LANES {
+                acc[l] += e8[l] * (z8[l] - m);
+            }
+        }
+        total += acc.iter().map(|&a| a as f64).sum::<f64>() + tail as f64;
+    }
+    total
+}
+
+#[inline(always)]
+fn logprob_grad_body<const FMA: bool>(g: &mut [f32], e: &[f32], m: f32, k: f32, a: f32, b: f32, mu_m: f32) {
+    for (g, &ev) in g.iter_mut().zip(e) {
+        *g = k * ev * madd::<FMA>(b, (*g - m) - mu_m, a);
+    }
+}
+
 macro_rules! multiversion {
     ($(#[$doc:meta])* pub fn $name:ident($($arg:ident : $ty:ty),*) -> $ret:ty => $body:ident $(::<$fma:tt>)?;) => {
         $(#[$doc])*
@@ -513,6 +539,15 @@ mod avx2 {
         }
         (total, ties)
     }
+}
+multiversion! {
+    /// `sum_j e_j (z_j - m)` in f64 (f32 lanes per block).
+    pub fn centred_sum(z: &[f32], e: &[f32], m: f32) -> f64 => centred_sum_body;
+}
+multiversion! {
+    /// `g_j <- k e_j (a + b ((g_j - m) - mu_m))`: logits to the gradient of `a logp + b H`
+    /// (`e_j = exp(g_j - m)`), the target's own term added by the caller.
+    pub fn logprob_grad(g: &mut [f32], e: &[f32], m: f32, k: f32, a: f32, b: f32, mu_m: f32) -> () => logprob_grad_body::<true>;
 }
 multiversion! {
     /// `(sum_j w_j x_j, sum_j w_j)` in f64 (w = 1 when `None`).
