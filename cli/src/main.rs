@@ -1,6 +1,6 @@
 //! The `xent` command line, a client of the `xent` library's public API: the default job,
-//! `eval`, `log-softmax`, `bce`, `distill`, `dist`, `perplexity`, `calibrate`, `preference`
-//! and `bench`.
+//! `eval`, `log-softmax`, `bce`, `distill`, `dist`, `score`, `perplexity`, `calibrate`,
+//! `preference` and `bench`.
 //!
 //! Every failure ends in one line on stderr, `error: ...`, and exit status 1 (2 for bad
 //! arguments); outputs are written atomically (see `io::out`); a closed stdout ends the process
@@ -33,6 +33,9 @@ enum Cmd {
     Distill(cmd::divergence::DistillArgs),
     /// Entropy, cross-entropy, KL and Jensen-Shannon per row of two distributions.
     Dist(cmd::divergence::DistArgs),
+    /// Per-token log-probs and entropies from hidden states and the unembedding (RL scoring),
+    /// any size.
+    Score(cmd::score::ScoreArgs),
     /// Corpus and per-sequence perplexity of masked token sequences, any size.
     Perplexity(cmd::metrics::PerplexityArgs),
     /// Fit the temperature that minimises validation NLL; ECE before and after.
@@ -60,6 +63,7 @@ fn run(cmd: Option<Cmd>, comm: &dyn Collective) -> Result<()> {
         Some(Cmd::Distill(a)) => cmd::divergence::run_distill(&a),
         Some(Cmd::Dist(a)) => cmd::divergence::run_dist(&a),
         Some(Cmd::Perplexity(a)) => cmd::metrics::run_perplexity(&a, comm),
+        Some(Cmd::Score(a)) => cmd::score::run(&a),
         Some(Cmd::Calibrate(a)) => cmd::metrics::run_calibrate(&a),
         Some(Cmd::Preference(a)) => cmd::metrics::run_preference(&a),
     }

@@ -41,7 +41,7 @@ impl LinearArgs {
 }
 
 /// Hidden states `[N, D]` or the unembedding `[V, D]` (f32, f16 or bf16), read whole.
-fn read_matrix(path: &Path, what: &str) -> Result<Tensor2> {
+pub(crate) fn read_matrix(path: &Path, what: &str) -> Result<Tensor2> {
     let t = TensorFile::open(path, what)?;
     t.want_rank(&[2], what)?;
     let dim = (t.shape[0], t.shape[1]);
@@ -57,6 +57,33 @@ fn read_matrix(path: &Path, what: &str) -> Result<Tensor2> {
         DType::F16 => Tensor2::F16(shape(dim, t.read_all::<half::f16>()?, what)?),
         DType::BF16 => Tensor2::BF16(shape(dim, t.read_all::<half::bf16>()?, what)?),
     })
+}
+
+/// Checks hidden states of shape `(n, d)` and `dtype` against the weight and bias read from
+/// files (inner dimensions, one dtype, one bias entry per class), in the files' words; returns
+/// the number of classes V.
+pub(crate) fn check_pair(
+    (n, d): (usize, usize),
+    dtype: DType,
+    weight: &Tensor2,
+    bias: Option<&Array1<f32>>,
+) -> Result<usize> {
+    let (v, dw) = weight.dim();
+    if d != dw {
+        return Err(XentError::Shape(format!("hidden states are [{n}, {d}] but the weight is [{v}, {dw}]")));
+    }
+    if dtype != weight.dtype() {
+        return Err(XentError::InvalidOption(format!(
+            "hidden states are {dtype} but the weight is {}: give both in one dtype",
+            weight.dtype()
+        )));
+    }
+    if let Some(b) = bias {
+        if b.len() != v {
+            return Err(XentError::Shape(format!("the bias has {} entries for {v} classes", b.len())));
+        }
+    }
+    Ok(v)
 }
 
 /// The inputs of a fused linear cross-entropy from files.
@@ -84,23 +111,9 @@ impl LinearInputs {
     ) -> Result<LinearInputs> {
         let hidden_t = read_matrix(hidden, "hidden states")?;
         let weight_t = read_matrix(weight, "weight")?;
-        let ((n, d), (v, dw)) = (hidden_t.dim(), weight_t.dim());
-        if d != dw {
-            return Err(XentError::Shape(format!("hidden states are [{n}, {d}] but the weight is [{v}, {dw}]")));
-        }
-        if hidden_t.dtype() != weight_t.dtype() {
-            return Err(XentError::InvalidOption(format!(
-                "hidden states are {} but the weight is {}: give both in one dtype",
-                hidden_t.dtype(),
-                weight_t.dtype()
-            )));
-        }
+        let n = hidden_t.dim().0;
         let bias = bias.map(|b| read_f32_1d(b, "bias")).transpose()?;
-        if let Some(b) = &bias {
-            if b.len() != v {
-                return Err(XentError::Shape(format!("the bias has {} entries for {v} classes", b.len())));
-            }
-        }
+        let v = check_pair(hidden_t.dim(), hidden_t.dtype(), &weight_t, bias.as_ref())?;
         let (targets, _) = read_targets(targets, &[1, 2])?;
         if targets.len() != n {
             return Err(XentError::Shape(format!("{} targets for {n} rows of hidden states", targets.len())));

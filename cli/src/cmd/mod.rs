@@ -8,6 +8,7 @@ pub mod divergence;
 pub mod eval;
 pub mod linear;
 pub mod metrics;
+pub mod score;
 
 use std::path::Path;
 
