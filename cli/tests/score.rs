@@ -62,8 +62,18 @@ fn score_matches_the_f64_reference_on_each_backend() {
         let (got_lp, got_ent) = (read_1d(&lp_out), read_1d(&ent_out));
         for r in 0..n {
             // f32 logits of magnitude ~5 and sums over 301 classes: 2e-5 absolute.
-            assert!((got_lp[r] - lp[r]).abs() <= 2e-5 * (1.0 + lp[r].abs()), "{backend} row {r}: logprob {} vs {}", got_lp[r], lp[r]);
-            assert!((got_ent[r] - ent[r]).abs() <= 2e-5 * (1.0 + ent[r]), "{backend} row {r}: entropy {} vs {}", got_ent[r], ent[r]);
+            assert!(
+                (got_lp[r] - lp[r]).abs() <= 2e-5 * (1.0 + lp[r].abs()),
+                "{backend} row {r}: logprob {} vs {}",
+                got_lp[r],
+                lp[r]
+            );
+            assert!(
+                (got_ent[r] - ent[r]).abs() <= 2e-5 * (1.0 + ent[r]),
+                "{backend} row {r}: entropy {} vs {}",
+                got_ent[r],
+                ent[r]
+            );
             if t[r] == -100 {
                 assert_eq!((got_lp[r], got_ent[r]), (0.0, 0.0), "{backend}: ignored row {r}");
             }
@@ -105,6 +115,7 @@ fn score_streams_a_large_file_in_bounded_memory() {
     } else {
         println!("peak RSS unknown on this OS: the bound is not checked");
     }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

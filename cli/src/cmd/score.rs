@@ -59,6 +59,7 @@ pub struct ScoreArgs {
     /// One JSON object on the last line: rows, counted, mean_logprob, mean_entropy, perplexity.
     #[arg(long)]
     pub json: bool,
+    /// Which backend runs it, and its CPU threads.
     #[command(flatten)]
     pub backend: BackendArgs,
 }
@@ -140,8 +141,10 @@ pub fn run(a: &ScoreArgs) -> Result<()> {
     // An empty first call checks the options (the temperature) with the library's words.
     let empty = read_block(&hidden, dtype, 0, 0, d)?;
     score_block(&engine, empty.view(), &weight, bias.as_ref(), targets.slice(ndarray::s![0..0]), &cfg)?;
-    let lp_out = a.logprobs_out.as_deref().map(|p| TensorOut::create(p, FileDType::F32, &[n], "logprobs")).transpose()?;
-    let ent_out = a.entropy_out.as_deref().map(|p| TensorOut::create(p, FileDType::F32, &[n], "entropy")).transpose()?;
+    let lp_out =
+        a.logprobs_out.as_deref().map(|p| TensorOut::create(p, FileDType::F32, &[n], "logprobs")).transpose()?;
+    let ent_out =
+        a.entropy_out.as_deref().map(|p| TensorOut::create(p, FileDType::F32, &[n], "entropy")).transpose()?;
     let block = a.block_rows.unwrap_or_else(|| ((64usize << 20) / (d.max(1) * dtype.size())).max(1)).min(n.max(1));
     // A Fortran-order file has no contiguous rows: it is read whole.
     let whole = hidden.fortran.then(|| read_matrix(&a.hidden, "hidden states")).transpose()?;
