@@ -201,7 +201,7 @@ fn an_operand_shorter_than_its_extent_is_a_shape_error() {
 /// (tensor cores); elsewhere (lavapipe) it says that it skipped and why.
 #[test]
 fn cooperative_matrix_products_where_the_adapter_offers_them() {
-    let opts = GpuOptions { cooperative_matrix: true, ..Default::default() };
+    let opts = GpuOptions::default().with_cooperative_matrix(true);
     let g = match GpuContext::with_options(opts) {
         Ok(g) => g,
         Err(XentError::InvalidOption(msg)) if msg.contains("no cooperative matrix") => {

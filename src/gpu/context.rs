@@ -16,7 +16,21 @@ use super::source::{Shader, Variant};
 use crate::error::{Result, XentError};
 
 /// Options for creating a [`GpuContext`].
-#[derive(Debug, Clone)]
+///
+/// Built from [`Default`] with the `with_*` builders or by assigning fields (the struct is
+/// `#[non_exhaustive]`, so that new options are not breaking changes):
+///
+/// ```
+/// use xent::GpuOptions;
+/// let opts = GpuOptions::default().with_subgroups(false).with_max_binding_bytes(1 << 20);
+/// let mut same = GpuOptions::default();
+/// same.subgroups = false;
+/// same.max_binding_bytes = Some(1 << 20);
+/// assert_eq!(opts, same);
+/// // let ctx = xent::GpuContext::with_options(opts)?;
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct GpuOptions {
     /// Use subgroup operations when the device has them (otherwise workgroup memory).
     pub subgroups: bool,
@@ -68,6 +82,17 @@ impl Default for GpuOptions {
     }
 }
 
+with_builders!(GpuOptions {
+    set with_subgroups => subgroups: bool,
+    some with_max_binding_bytes => max_binding_bytes: u64,
+    set with_power_preference => power_preference: wgpu::PowerPreference,
+    some with_pool_budget_bytes => pool_budget_bytes: u64,
+    some with_segment_len => segment_len: usize,
+    some with_workgroup_size => workgroup_size: u16,
+    some with_wide_loads => wide_loads: bool,
+    set with_cooperative_matrix => cooperative_matrix: bool,
+});
+
 /// Binding slots of the shared table in `shaders/common.wgsl` (0 is the parameter block).
 pub(crate) const SLOTS: usize = 15;
 
@@ -80,6 +105,7 @@ pub(crate) struct Kernel {
 
 /// A snapshot of what a context has created and holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CounterSnapshot {
     /// Compute pipelines compiled so far.
     pub pipelines: usize,

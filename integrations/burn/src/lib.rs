@@ -22,7 +22,7 @@
 //! let device = Device::flex().autodiff();
 //! let logits = Tensor::<2>::from_floats([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]], &device).require_grad();
 //! let targets = Tensor::<1, Int>::from_ints([0, -100], &device); // the second row is ignored
-//! let cfg = CrossEntropy { label_smoothing: 0.1, ..Default::default() };
+//! let cfg = CrossEntropy::default().with_label_smoothing(0.1);
 //! let loss = xent_burn::cross_entropy(logits.clone(), targets, &cfg)?;
 //! let grads = loss.backward();
 //! let g = logits.grad(&grads).expect("a gradient");
@@ -176,11 +176,7 @@ fn check(logits: &Tensor<2>, targets: &Tensor<1, Int>, cfg: &CrossEntropy) -> Re
         d => return Err(XentError::InvalidOption(format!("logits of {d:?}: xent reads f32, f16 and bf16"))),
     }
     let none = ndarray::ArrayView1::<i64>::from(&[][..]);
-    xent::check::cross_entropy(
-        (0, v),
-        &xent::Targets::I64(none),
-        &CrossEntropy { sample_weight: None, ..cfg.clone() },
-    )?;
+    xent::check::cross_entropy((0, v), &xent::Targets::I64(none), &cfg.clone().with_sample_weight(None))?;
     if let Some(w) = &cfg.sample_weight {
         if w.len() != n {
             return Err(XentError::Shape(format!("sample_weight has {} entries for {n} rows", w.len())));
