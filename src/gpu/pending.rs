@@ -51,7 +51,7 @@ impl PendingBytes {
             }
             self.map = Some(rx);
         }
-        let _ = self.ctx.device.poll(wgpu::PollType::Poll);
+        let _ = self.ctx.device().poll(wgpu::PollType::Poll);
         match self.map.as_ref().expect("mapping").try_recv() {
             Err(TryRecvError::Empty) => None,
             Err(e) => Some(Err(XentError::Gpu(format!("map callback dropped: {e}")))),
@@ -62,7 +62,7 @@ impl PendingBytes {
                     Err(e) => return Some(Err(XentError::Gpu(format!("mapped range: {e}")))),
                 };
                 staging.unmap();
-                self.ctx.bytes_to_host.fetch_add(self.len, std::sync::atomic::Ordering::Relaxed);
+                self.ctx.inner.bytes_to_host.fetch_add(self.len, std::sync::atomic::Ordering::Relaxed);
                 Some(Ok(bytes))
             }
         }
