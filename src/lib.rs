@@ -83,7 +83,7 @@ pub use api::Backend;
 pub use api::{calibration, gaussian, preference, sequence};
 pub use cpu::Cpu;
 pub use dtype::{DType, Element, Logits, LogitsMut, Tensor2};
-pub use error::{Result, XentError};
+pub use error::{GpuSource, IoSource, Result, XentError};
 #[cfg(feature = "gpu")]
 #[cfg_attr(docsrs, doc(cfg(feature = "gpu")))]
 pub use gpu::{

@@ -118,7 +118,7 @@ fn tensor_larger_than_any_buffer() {
 fn errors_print_one_line_messages() {
     let e = XentError::TargetOutOfRange { row: 2, target: 9, classes: 3 };
     assert_eq!(e.to_string(), "target 9 at row 2 is out of range: expected 0..3 or the ignore_index");
-    let e = XentError::NoAdapter("none found".into());
+    let e = XentError::NoAdapter { message: "none found".into(), source: None };
     assert!(e.to_string().contains("apt-get install mesa-vulkan-drivers"));
 }
 

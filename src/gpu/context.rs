@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use super::pool::{size_class, Pool, PoolStats, Pooled};
 use super::source::{Shader, Variant};
-use crate::error::{Result, XentError};
+use crate::error::{GpuSource, Result, XentError};
 
 /// Options for creating a [`GpuContext`].
 ///
@@ -218,7 +218,7 @@ impl GpuContext {
             force_fallback_adapter: false,
             ..Default::default()
         }))
-        .map_err(|e| XentError::NoAdapter(e.to_string()))?;
+        .map_err(|e| XentError::NoAdapter { message: e.to_string(), source: Some(GpuSource::new(e)) })?;
         let info = adapter.get_info();
         let name = format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type);
         let coop = if opts.cooperative_matrix {
@@ -251,7 +251,7 @@ impl GpuContext {
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
-        .map_err(|e| XentError::RequestDevice(e.to_string()))?;
+        .map_err(|e| XentError::RequestDevice { message: e.to_string(), source: Some(GpuSource::new(e)) })?;
         Self::build(device, queue, name, opts, coop)
     }
 
@@ -599,7 +599,7 @@ impl GpuContext {
                 Ok(v) => v,
                 Err(e) => {
                     self.probe_lost()?;
-                    return Err(XentError::Gpu(format!("{what}: {e}")));
+                    return Err(XentError::gpu(format!("{what}: {e}"), e));
                 }
             };
             view.slice(..data.len()).copy_from_slice(data);
@@ -654,8 +654,8 @@ impl GpuContext {
             return lost;
         }
         match e {
-            wgpu::Error::OutOfMemory { .. } => XentError::Gpu(format!("out of GPU memory: {text}")),
-            _ => XentError::Gpu(text),
+            wgpu::Error::OutOfMemory { .. } => XentError::gpu(format!("out of GPU memory: {text}"), e),
+            _ => XentError::gpu(text, e),
         }
     }
 
@@ -710,7 +710,7 @@ impl GpuContext {
         if let Err(e) = self.device().poll(wgpu::PollType::Wait { submission_index: Some(idx), timeout: None }) {
             // A submission to a lost device never happened: say so rather than "wrong index".
             self.probe_lost()?;
-            return Err(XentError::Gpu(e.to_string()));
+            return Err(XentError::gpu(e.to_string(), e));
         }
         self.check_alive()
     }
@@ -738,20 +738,20 @@ impl GpuContext {
         let result = loop {
             if let Err(e) = self.device().poll(wgpu::PollType::wait_indefinitely()) {
                 self.probe_lost()?;
-                return Err(XentError::Gpu(e.to_string()));
+                return Err(XentError::gpu(e.to_string(), e));
             }
             match rx.recv_timeout(std::time::Duration::from_millis(1)) {
                 Ok(r) => break r,
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => self.check_alive()?,
-                Err(e) => return Err(XentError::Gpu(format!("map callback dropped: {e}"))),
+                Err(e) => return Err(XentError::gpu(format!("map callback dropped: {e}"), e)),
             }
         };
         if let Err(e) = result {
             self.probe_lost()?;
-            return Err(XentError::Gpu(format!("map failed: {e}")));
+            return Err(XentError::gpu(format!("map failed: {e}"), e));
         }
         {
-            let view = staging.get_mapped_range(0..len).map_err(|e| XentError::Gpu(format!("mapped range: {e}")))?;
+            let view = staging.get_mapped_range(0..len).map_err(|e| XentError::gpu(format!("mapped range: {e}"), e))?;
             out.copy_from_slice(&view[..out.len()]);
         }
         staging.unmap();

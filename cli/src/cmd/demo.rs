@@ -130,7 +130,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
                     max_abs_diff(gg, cg)
                 );
             }
-            Err(XentError::NoAdapter(why)) => {
+            Err(XentError::NoAdapter { message: why, .. }) => {
                 pb.suspend(|| {
                     eprintln!("no GPU adapter ({why}): running the CPU part only.");
                     eprintln!("  `apt-get install mesa-vulkan-drivers` gives a software Vulkan driver (lavapipe).");
