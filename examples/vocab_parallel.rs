@@ -16,7 +16,7 @@
 //! rows of `grad_weight`.
 
 use ndarray::{s, Array1, Array2};
-use xent::cpu::VocabShard;
+use xent::parallel::VocabShard;
 use xent::parallel::{agree, mpi::MpiCollective, row_range, Collective};
 use xent::{workload, Cpu, CrossEntropy, LinearCe, Result, XentError};
 

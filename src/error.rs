@@ -149,7 +149,7 @@ impl XentError {
     /// use std::error::Error;
     /// let e = xent::XentError::io("data.npy", std::io::Error::from(std::io::ErrorKind::NotFound));
     /// assert!(e.to_string().starts_with("data.npy: "));
-    /// let source = e.source().unwrap().downcast_ref::<xent::error::IoSource>().unwrap();
+    /// let source = e.source().unwrap().downcast_ref::<xent::IoSource>().unwrap();
     /// assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
     /// ```
     pub fn io(path: impl std::fmt::Display, e: std::io::Error) -> Self {
@@ -163,7 +163,7 @@ impl XentError {
     /// use std::error::Error;
     /// let e = xent::XentError::gpu("map failed", std::fmt::Error);
     /// assert_eq!(e.to_string(), "GPU error: map failed");
-    /// let source = e.source().unwrap().downcast_ref::<xent::error::GpuSource>().unwrap();
+    /// let source = e.source().unwrap().downcast_ref::<xent::GpuSource>().unwrap();
     /// assert!(source.downcast_ref::<std::fmt::Error>().is_some());
     /// ```
     pub fn gpu(message: impl std::fmt::Display, e: impl std::error::Error + Send + Sync + 'static) -> Self {

@@ -62,11 +62,11 @@ macro_rules! with_builders {
 }
 
 pub mod alloc;
-pub mod api;
+mod api;
 pub mod check;
 pub mod cpu;
-pub mod dtype;
-pub mod error;
+mod dtype;
+mod error;
 #[cfg(feature = "gpu")]
 #[cfg_attr(docsrs, doc(cfg(feature = "gpu")))]
 pub mod gpu;
@@ -81,14 +81,19 @@ pub use api::linear::{LinearCe, LinearCeOutput};
 pub use api::targets::{Targets, DEVICE_IGNORED};
 pub use api::Backend;
 pub use api::{calibration, gaussian, preference, sequence};
-pub use cpu::Cpu;
+pub use cpu::backend::Cpu;
 pub use dtype::{DType, Element, Logits, LogitsMut, Tensor2};
 pub use error::{GpuSource, IoSource, Result, XentError};
 #[cfg(feature = "gpu")]
 #[cfg_attr(docsrs, doc(cfg(feature = "gpu")))]
-pub use gpu::{
-    CeBackward, CeInputs, CePlan, CounterSnapshot, DeviceGrad, DeviceTargets, DistillInputs, DistillPlan, GpuContext,
-    GpuOptions, LogSoftmaxPlan, PendingCe, PendingLoss, RowSumPlan,
+pub use gpu::context::{CounterSnapshot, GpuContext, GpuOptions};
+#[cfg(feature = "gpu")]
+#[cfg_attr(docsrs, doc(cfg(feature = "gpu")))]
+pub use gpu::kernels::{
+    cross_entropy::{CeBackward, CeInputs, CePlan, DeviceGrad, DeviceTargets, PendingCe},
+    divergence::{DistillInputs, DistillPlan, PendingLoss},
+    log_softmax::LogSoftmaxPlan,
+    row_sum::RowSumPlan,
 };
 /// The `half` crate whose `f16`/`bf16` xent's tensors hold, so that callers name the same types.
 pub use half;

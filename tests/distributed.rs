@@ -7,7 +7,7 @@ use std::sync::{Arc, Barrier, Mutex};
 
 use ndarray::{s, Array1, Array2};
 use xent::cpu::reference;
-use xent::cpu::VocabShard;
+use xent::parallel::VocabShard;
 use xent::parallel::{agree, corpus::all_reduce_corpus, row_range, Collective, Merge, SingleProcess};
 use xent::sequence::{CorpusEval, SeqMask};
 use xent::*;

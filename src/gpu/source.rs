@@ -147,6 +147,7 @@ const MATMUL_IO: &str = include_str!("../../shaders/matmul_io.wgsl");
 
 impl Shader {
     /// Every kernel, for tests.
+    #[cfg(test)]
     pub const ALL: [Shader; 11] = [
         Shader::CeWeights,
         Shader::CeFused,
