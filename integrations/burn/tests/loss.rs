@@ -13,12 +13,12 @@ use xent::{CrossEntropy, Reduction};
 
 /// Burn's wgpu device shared with xent, or `None` (a printed notice) when there is no adapter
 /// and `XENT_REQUIRE_GPU` is not set; with it set, a missing adapter fails the test.
-#[cfg(not(feature = "wgpu"))]
+#[cfg(not(feature = "gpu"))]
 fn wgpu() -> Option<Device> {
     None
 }
 
-#[cfg(feature = "wgpu")]
+#[cfg(feature = "gpu")]
 fn wgpu() -> Option<Device> {
     match xent_burn::wgpu_device() {
         Ok(d) => Some(d),
@@ -234,7 +234,7 @@ fn sliced_and_strided_logits() {
 /// Several training steps on Burn's wgpu device: the logits and gradient never leave the device
 /// (xent's counters show no readback; the only uploads are the plans' parameter blocks), and
 /// the host fallback is never taken.
-#[cfg(feature = "wgpu")]
+#[cfg(feature = "gpu")]
 #[test]
 fn wgpu_steps_move_no_logits_or_gradients_through_the_host() {
     let Some(device) = wgpu() else { return };
@@ -269,7 +269,7 @@ fn wgpu_steps_move_no_logits_or_gradients_through_the_host() {
 }
 
 /// The plain cube backend (no fusion wrapper), reached through Burn's backend trait directly.
-#[cfg(feature = "wgpu")]
+#[cfg(feature = "gpu")]
 #[test]
 fn plain_cube_backend_without_fusion() {
     use burn::backend::ops::{FloatTensorOps, IntTensorOps};
