@@ -16,7 +16,7 @@
 //! rows of `grad_weight`.
 
 use ndarray::{s, Array1, Array2};
-use xent::cpu::VocabShard;
+use xent::parallel::VocabShard;
 use xent::parallel::{agree, mpi::MpiCollective, row_range, Collective};
 use xent::{workload, Cpu, CrossEntropy, LinearCe, Result, XentError};
 
@@ -70,12 +70,10 @@ fn run(comm: &MpiCollective) -> Result<()> {
     if comm.size() > v {
         return Err(XentError::InvalidOption(format!("{} ranks for {v} classes", comm.size())));
     }
-    let cfg = CrossEntropy {
-        label_smoothing: a.smoothing,
-        z_loss: a.z_loss,
-        class_weight: a.class_weights.then(|| Array1::from_shape_fn(v, |c| 0.25 + (c % 11) as f32 * 0.15)),
-        ..Default::default()
-    };
+    let cfg = CrossEntropy::default()
+        .with_label_smoothing(a.smoothing)
+        .with_z_loss(a.z_loss)
+        .with_class_weight(a.class_weights.then(|| Array1::from_shape_fn(v, |c| 0.25 + (c % 11) as f32 * 0.15)));
     if let Some(d) = a.linear {
         return run_linear(comm, &a, d, cfg);
     }
@@ -148,7 +146,7 @@ fn run_linear(comm: &MpiCollective, a: &Args, d: usize, cfg: CrossEntropy) -> Re
     });
     let rows = row_range(v, comm.rank(), comm.size());
     let ws = w.slice(s![rows.clone(), ..]).to_owned();
-    let cfg = LinearCe { ce: cfg, grad_bias: false, ..Default::default() };
+    let cfg = LinearCe::default().with_ce(cfg).with_grad_bias(false);
     let cpu = Cpu::new();
     let sh = VocabShard { class0: rows.start, classes: v };
     let started = std::time::Instant::now();

@@ -6,7 +6,17 @@ use std::sync::Arc;
 ///
 /// Bad input is reported before any work starts; GPU failures (no adapter, validation errors,
 /// device loss, buffers over the device's limits) are caught and turned into these variants
-/// instead of panicking.
+/// instead of panicking. Errors from the operating system and from wgpu are kept as the
+/// variant's `source` ([`IoSource`], [`GpuSource`]), reachable through
+/// [`std::error::Error::source`], and their text is in the message.
+///
+/// `XentError` is `Clone` (and `PartialEq`) because one error is used in more than one place:
+/// a vocabulary-parallel step hands a copy of its local error to the agreement with the other
+/// ranks ([`crate::parallel::agree`]) while it still holds the buffers of the step, and callers
+/// keep errors, pass them on and compare them (front ends, tests, a training loop's log). `Clone`
+/// was public before the sources were kept, so removing it would break those callers. The
+/// sources are therefore shared (`Arc`) rather than owned, which is why they are wrapped in
+/// [`IoSource`] and [`GpuSource`] instead of appearing as `io::Error` and `wgpu::Error`.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum XentError {
@@ -61,15 +71,36 @@ pub enum XentError {
     },
     /// No GPU adapter could be found.
     #[error(
-        "no GPU adapter found ({0}); `apt-get install mesa-vulkan-drivers` gives a software Vulkan driver (lavapipe)"
+        "no GPU adapter found ({message}); `apt-get install mesa-vulkan-drivers` gives a software Vulkan driver \
+         (lavapipe)"
     )]
-    NoAdapter(String),
+    NoAdapter {
+        /// Why (wgpu's words).
+        message: String,
+        /// wgpu's error (`wgpu::RequestAdapterError`), when there was one.
+        #[source]
+        source: Option<GpuSource>,
+    },
     /// The adapter refused to create a device.
-    #[error("could not create a GPU device: {0}")]
-    RequestDevice(String),
-    /// wgpu reported a validation or out-of-memory error.
-    #[error("GPU error: {0}")]
-    Gpu(String),
+    #[error("could not create a GPU device: {message}")]
+    RequestDevice {
+        /// Why (wgpu's words).
+        message: String,
+        /// wgpu's error (`wgpu::RequestDeviceError`), when there was one.
+        #[source]
+        source: Option<GpuSource>,
+    },
+    /// wgpu reported a validation, internal or out-of-memory error, or a buffer could not be
+    /// mapped or waited for.
+    #[error("GPU error: {message}")]
+    Gpu {
+        /// What went wrong, with wgpu's words.
+        message: String,
+        /// wgpu's error (`wgpu::Error`, `wgpu::BufferAsyncError`, `wgpu::PollError`, ...), when
+        /// there was one.
+        #[source]
+        source: Option<GpuSource>,
+    },
     /// The device was lost (driver reset, destroyed, ...).
     #[error("GPU device lost: {0}")]
     DeviceLost(String),
@@ -118,11 +149,74 @@ impl XentError {
     /// use std::error::Error;
     /// let e = xent::XentError::io("data.npy", std::io::Error::from(std::io::ErrorKind::NotFound));
     /// assert!(e.to_string().starts_with("data.npy: "));
-    /// let source = e.source().unwrap().downcast_ref::<xent::error::IoSource>().unwrap();
+    /// let source = e.source().unwrap().downcast_ref::<xent::IoSource>().unwrap();
     /// assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
     /// ```
     pub fn io(path: impl std::fmt::Display, e: std::io::Error) -> Self {
         XentError::Io { path: path.to_string(), message: e.to_string(), source: Some(IoSource(Arc::new(e))) }
+    }
+
+    /// An [`XentError::Gpu`] with `message` that keeps `e` (a wgpu error, or a framework's) as
+    /// its source.
+    ///
+    /// ```
+    /// use std::error::Error;
+    /// let e = xent::XentError::gpu("map failed", std::fmt::Error);
+    /// assert_eq!(e.to_string(), "GPU error: map failed");
+    /// let source = e.source().unwrap().downcast_ref::<xent::GpuSource>().unwrap();
+    /// assert!(source.downcast_ref::<std::fmt::Error>().is_some());
+    /// ```
+    pub fn gpu(message: impl std::fmt::Display, e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        XentError::Gpu { message: message.to_string(), source: Some(GpuSource::new(e)) }
+    }
+
+    /// An [`XentError::Gpu`] with `message` and no source.
+    pub fn gpu_message(message: impl std::fmt::Display) -> Self {
+        XentError::Gpu { message: message.to_string(), source: None }
+    }
+}
+
+/// A wgpu error (or a GPU framework's) kept as the source of an [`XentError`] (`Gpu`,
+/// `NoAdapter`, `RequestDevice`).
+///
+/// Shared (`Arc`) so that `XentError` stays `Clone` (see [`XentError`]); compared by message.
+/// [`GpuSource::downcast_ref`] reaches the error itself (`wgpu::Error`,
+/// `wgpu::RequestAdapterError`, ...).
+#[derive(Debug, Clone)]
+pub struct GpuSource(Arc<dyn std::error::Error + Send + Sync + 'static>);
+
+impl GpuSource {
+    /// Keeps `e`.
+    pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        GpuSource(Arc::new(e))
+    }
+
+    /// The error.
+    pub fn get_ref(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.0
+    }
+
+    /// The error as `E`, when it is one.
+    pub fn downcast_ref<E: std::error::Error + 'static>(&self) -> Option<&E> {
+        self.0.downcast_ref::<E>()
+    }
+}
+
+impl PartialEq for GpuSource {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl std::fmt::Display for GpuSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for GpuSource {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
     }
 }
 

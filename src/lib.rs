@@ -17,7 +17,7 @@
 //!
 //! let logits = array![[2.0f32, 0.5, -1.0], [0.1, 0.2, 0.3]];
 //! let targets = [0i64, -100]; // the second row is ignored
-//! let cfg = CrossEntropy { reduction: Reduction::Mean, ..Default::default() };
+//! let cfg = CrossEntropy::default().with_reduction(Reduction::Mean);
 //! let out = Cpu::new().cross_entropy_with_grad(&logits, &targets[..], &cfg).unwrap();
 //! assert_eq!(out.counted, 1);
 //! assert!((out.loss - 0.24131).abs() < 1e-4);
@@ -33,12 +33,40 @@
 #[cfg(target_endian = "big")]
 compile_error!("xent assumes a little-endian host");
 
+/// `with_*` builders of an option struct: one consuming setter per field, so that callers
+/// outside the crate (where `#[non_exhaustive]` forbids struct literals) build options in one
+/// expression. `set name => field: T` sets the field to the value; `some name => field: T` sets
+/// an `Option<T>` field from a `T` (`Some`) or an `Option<T>`.
+macro_rules! with_builders {
+    ($ty:ident { $($kind:ident $name:ident => $field:ident : $t:ty),* $(,)? }) => {
+        impl $ty {
+            $(with_builders!(@$kind $ty, $name, $field, $t);)*
+        }
+    };
+    (@set $ty:ident, $name:ident, $field:ident, $t:ty) => {
+        #[doc = concat!("Sets [`", stringify!($ty), "::", stringify!($field), "`] (builder).")]
+        #[must_use]
+        pub fn $name(mut self, $field: $t) -> Self {
+            self.$field = $field;
+            self
+        }
+    };
+    (@some $ty:ident, $name:ident, $field:ident, $t:ty) => {
+        #[doc = concat!("Sets [`", stringify!($ty), "::", stringify!($field), "`] (builder): a value sets `Some(value)`, an `Option` is taken as it is.")]
+        #[must_use]
+        pub fn $name(mut self, $field: impl Into<Option<$t>>) -> Self {
+            self.$field = $field.into();
+            self
+        }
+    };
+}
+
 pub mod alloc;
-pub mod api;
+mod api;
 pub mod check;
 pub mod cpu;
-pub mod dtype;
-pub mod error;
+mod dtype;
+mod error;
 #[cfg(feature = "gpu")]
 #[cfg_attr(docsrs, doc(cfg(feature = "gpu")))]
 pub mod gpu;
@@ -54,14 +82,19 @@ pub use api::logprobs::{LinearLogprobs, LinearLogprobsOutput};
 pub use api::targets::{Targets, DEVICE_IGNORED};
 pub use api::Backend;
 pub use api::{calibration, gaussian, preference, sequence};
-pub use cpu::Cpu;
+pub use cpu::backend::Cpu;
 pub use dtype::{DType, Element, Logits, LogitsMut, Tensor2};
-pub use error::{Result, XentError};
+pub use error::{GpuSource, IoSource, Result, XentError};
 #[cfg(feature = "gpu")]
 #[cfg_attr(docsrs, doc(cfg(feature = "gpu")))]
-pub use gpu::{
-    CeBackward, CeInputs, CePlan, CounterSnapshot, DeviceGrad, DeviceTargets, DistillInputs, DistillPlan, GpuContext,
-    GpuOptions, LogSoftmaxPlan, PendingCe, PendingLoss, RowSumPlan,
+pub use gpu::context::{CounterSnapshot, GpuContext, GpuOptions};
+#[cfg(feature = "gpu")]
+#[cfg_attr(docsrs, doc(cfg(feature = "gpu")))]
+pub use gpu::kernels::{
+    cross_entropy::{CeBackward, CeInputs, CePlan, DeviceGrad, DeviceTargets, PendingCe},
+    divergence::{DistillInputs, DistillPlan, PendingLoss},
+    log_softmax::LogSoftmaxPlan,
+    row_sum::RowSumPlan,
 };
 /// The `half` crate whose `f16`/`bf16` xent's tensors hold, so that callers name the same types.
 pub use half;

@@ -37,7 +37,7 @@ fn all_backends() -> Vec<(String, Run)> {
 #[test]
 fn confident_rows_keep_their_tiny_loss_and_gradient() {
     let (x, t) = confident_rows();
-    let cfg = CrossEntropy { reduction: Reduction::None, ..Default::default() };
+    let cfg = CrossEntropy::default().with_reduction(Reduction::None);
     let r = reference::cross_entropy(&x, &t, &cfg).unwrap();
     for (name, run) in all_backends() {
         let o = run(&x, &t, &cfg);
@@ -84,7 +84,7 @@ fn masked_vocabulary_and_all_masked_rows() {
         [ninf, ninf, ninf, ninf, ninf]  // all masked: NaN, as in PyTorch
     ];
     let t = array![2i64, 2, 1, 0];
-    let none = CrossEntropy { reduction: Reduction::None, ..Default::default() };
+    let none = CrossEntropy::default().with_reduction(Reduction::None);
     let r = reference::cross_entropy(&x, &t, &none).unwrap();
     assert!(r.row_loss[2].is_infinite() && r.row_loss[3].is_nan());
     for (name, run) in all_backends() {
@@ -122,12 +122,12 @@ fn all_ignored_batch() {
     let x = array![[1.0f32, 2.0], [3.0, 4.0]];
     let t = array![-100i64, -100];
     for (name, run) in all_backends() {
-        let cfg = CrossEntropy { ..Default::default() };
+        let cfg = CrossEntropy::default();
         let m = run(&x, &t, &cfg);
         assert!(m.loss.is_nan(), "{name}: all-ignored mean must be NaN, got {}", m.loss);
         assert_eq!(m.counted, 0);
         assert!(m.grad.unwrap().iter().all(|&g| g == 0.0), "{name}: all-ignored gradient must be zero");
-        let s = run(&x, &t, &CrossEntropy { reduction: Reduction::Sum, ..cfg });
+        let s = run(&x, &t, &cfg.with_reduction(Reduction::Sum));
         assert_eq!(s.loss, 0.0, "{name}: all-ignored sum");
     }
 }
@@ -136,7 +136,7 @@ fn all_ignored_batch() {
 fn large_logits_do_not_overflow() {
     let x = array![[1e4f32, -1e4, 0.0], [-3e38, 3e38, 0.0], [88.0, 89.0, 90.0]];
     let t = array![1i64, 1, 0];
-    let cfg = CrossEntropy { reduction: Reduction::None, ..Default::default() };
+    let cfg = CrossEntropy::default().with_reduction(Reduction::None);
     let r = reference::cross_entropy(&x, &t, &cfg).unwrap();
     for (name, run) in all_backends() {
         let o = run(&x, &t, &cfg);
@@ -167,7 +167,7 @@ fn confident_rows_at_llm_vocabularies_keep_their_tiny_loss_and_gradient() {
             x[[r, *at]] = 5.0;
             t[r] = *at as i64;
         }
-        let cfg = CrossEntropy { reduction: Reduction::None, ..Default::default() };
+        let cfg = CrossEntropy::default().with_reduction(Reduction::None);
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let xt = Tensor2::from_f32(x.clone(), dtype);
             let r = reference::cross_entropy(&xt.to_f32(), &t, &cfg).unwrap();

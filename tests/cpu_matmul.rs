@@ -114,15 +114,15 @@ fn every_kernel_matches_the_f64_reference_within_its_bound() {
         let cw = Array1::from_shape_fn(v, |c| 0.5 + (c % 5) as f32 * 0.3);
         for ce in [
             CrossEntropy::default(),
-            CrossEntropy { label_smoothing: 0.1, class_weight: Some(cw.clone()), ..Default::default() },
-            CrossEntropy { reduction: Reduction::None, z_loss: 1e-3, softcap: Some(5.0), ..Default::default() },
+            CrossEntropy::default().with_label_smoothing(0.1).with_class_weight(cw.clone()),
+            CrossEntropy::default().with_reduction(Reduction::None).with_z_loss(1e-3).with_softcap(5.0),
         ] {
             let r = reference(&h, &w, Some(&b), t.as_slice().unwrap(), &ce);
             for m in ALL {
                 let Some(cpu) = forced(m, None) else { continue };
                 // One chunk, chunks of 7 rows (edges inside and at the end), one row per chunk.
                 for rows in [n, 7, 1] {
-                    let cfg = LinearCe { ce: ce.clone(), workspace_bytes: Some(rows * v * 4), ..Default::default() };
+                    let cfg = LinearCe::default().with_ce(ce.clone()).with_workspace_bytes(rows * v * 4);
                     let o = cpu.linear_cross_entropy(&hb, &wb, Some(b.view()), t.view(), &cfg).unwrap();
                     let what = format!("{m} {n}x{d}x{v} {ce:?} rows {rows}");
                     if ce.reduction == Reduction::None {
@@ -160,7 +160,7 @@ fn errors_at_a_realistic_shape() {
     };
     for m in ALL {
         let Some(cpu) = forced(m, None) else { continue };
-        let cfg = LinearCe { workspace_bytes: Some(64 * v * 4), ..Default::default() };
+        let cfg = LinearCe::default().with_workspace_bytes(64 * v * 4);
         let o = cpu.linear_cross_entropy(&hb, &wb, Some(b.view()), t.view(), &cfg).unwrap();
         let gh = o.grad_hidden.as_ref().unwrap().to_f32();
         let gw = o.grad_weight.as_ref().unwrap().to_f32();
@@ -181,7 +181,7 @@ fn errors_at_a_realistic_shape() {
 fn same_bits_on_every_thread_count() {
     let (n, d, v) = (96, 48, 1000);
     let (hb, wb, _, _, b, t) = inputs(n, d, v, 3);
-    let cfg = LinearCe { workspace_bytes: Some(16 * v * 4), ..Default::default() };
+    let cfg = LinearCe::default().with_workspace_bytes(16 * v * 4);
     for m in ALL {
         let bits = |threads| {
             let cpu = forced(m, Some(threads))?;
@@ -211,7 +211,7 @@ fn vocabulary_parallel_and_strided_inputs() {
     let strided = wide.slice(ndarray::s![.., ..d]);
     assert!(!strided.is_standard_layout());
     let (gh_terms, gw_terms) = terms();
-    let cfg = LinearCe { workspace_bytes: Some(8 * v * 4), ..Default::default() };
+    let cfg = LinearCe::default().with_workspace_bytes(8 * v * 4);
     for m in ALL {
         let Some(cpu) = forced(m, None) else { continue };
         let shard = VocabShard { class0: 0, classes: v };
@@ -298,7 +298,7 @@ fn rounded_gradient_within_its_bound() {
     let (n, d, v) = (96, 128, 1031);
     let (hb, wb, h, w, b, t) = inputs(n, d, v, 5);
     let r = reference(&h, &w, Some(&b), t.as_slice().unwrap(), &CrossEntropy::default());
-    let cfg = LinearCe { workspace_bytes: Some(40 * v * 4), ..Default::default() };
+    let cfg = LinearCe::default().with_workspace_bytes(40 * v * 4);
     let o = cpu.linear_cross_entropy(&hb, &wb, Some(b.view()), t.view(), &cfg).unwrap();
     assert!((o.loss - r.loss).abs() <= 2e-6 * r.loss.abs().max(1.0), "loss {} vs {}", o.loss, r.loss);
     for (&a, &e) in o.grad_bias.as_ref().unwrap().iter().zip(r.gb.iter()) {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Barrier, Mutex};
 
 use ndarray::{s, Array1, Array2};
 use xent::cpu::reference;
-use xent::cpu::VocabShard;
+use xent::parallel::VocabShard;
 use xent::parallel::{agree, corpus::all_reduce_corpus, row_range, Collective, Merge, SingleProcess};
 use xent::sequence::{CorpusEval, SeqMask};
 use xent::*;
@@ -148,15 +148,13 @@ fn shards_equal_one_process_for_every_option() {
         let (tol_l, tol_g) = if matches!(on, On::Cpu) { (2e-6, 1e-7) } else { (2e-5, 2e-6) };
         for cfg in [
             CrossEntropy::default(),
-            CrossEntropy { class_weight: Some(cw.clone()), sample_weight: Some(sw.clone()), ..Default::default() },
-            CrossEntropy { label_smoothing: 0.1, class_weight: Some(cw.clone()), z_loss: 1e-3, ..Default::default() },
-            CrossEntropy {
-                reduction: Reduction::Sum,
-                softcap: Some(6.0),
-                temperature: 1.3,
-                label_smoothing: 0.2,
-                ..Default::default()
-            },
+            CrossEntropy::default().with_class_weight(cw.clone()).with_sample_weight(sw.clone()),
+            CrossEntropy::default().with_label_smoothing(0.1).with_class_weight(cw.clone()).with_z_loss(1e-3),
+            CrossEntropy::default()
+                .with_reduction(Reduction::Sum)
+                .with_softcap(6.0)
+                .with_temperature(1.3)
+                .with_label_smoothing(0.2),
         ] {
             for dtype in [DType::F32, DType::BF16] {
                 // The reference sees the logits as the shards hold them.
@@ -311,13 +309,13 @@ fn sharded_linear_layer_equals_one_process() {
     let cpu = Cpu::with_threads(2).unwrap();
     for ce in [
         CrossEntropy::default(),
-        CrossEntropy { label_smoothing: 0.1, class_weight: Some(cw), z_loss: 1e-3, ..Default::default() },
-        CrossEntropy { reduction: Reduction::Sum, softcap: Some(5.0), per_row: true, ..Default::default() },
+        CrossEntropy::default().with_label_smoothing(0.1).with_class_weight(cw).with_z_loss(1e-3),
+        CrossEntropy::default().with_reduction(Reduction::Sum).with_softcap(5.0).with_per_row(true),
         // Each chunk's sample weights (one device plan serves every chunk of a size).
-        CrossEntropy { sample_weight: Some(sw), label_smoothing: 0.05, ..Default::default() },
+        CrossEntropy::default().with_sample_weight(sw).with_label_smoothing(0.05),
     ] {
         // Small workspaces: several row chunks per pass.
-        let cfg = LinearCe { ce, workspace_bytes: Some(8 * 60 * 4), ..Default::default() };
+        let cfg = LinearCe::default().with_ce(ce).with_workspace_bytes(8 * 60 * 4);
         let whole = cpu.linear_cross_entropy(&h, &w, Some(bias.view()), t.view(), &cfg).unwrap();
         let whole_gw = whole.grad_weight.as_ref().unwrap().to_f32();
         let whole_gh = whole.grad_hidden.as_ref().unwrap().to_f32();

@@ -21,10 +21,10 @@ fn shape_mismatches() {
         let e = b.cross_entropy(x.view().into(), t.view().into(), &CrossEntropy::default()).unwrap_err();
         assert!(matches!(e, XentError::Shape(ref m) if m.contains("3 rows") && m.contains("2")), "{name}: {e}");
         let t = array![0i64, 1, 2];
-        let cfg = CrossEntropy { class_weight: Some(Array1::ones(5)), ..Default::default() };
+        let cfg = CrossEntropy::default().with_class_weight(Array1::ones(5));
         let e = b.cross_entropy(x.view().into(), t.view().into(), &cfg).unwrap_err();
         assert!(matches!(e, XentError::Shape(ref m) if m.contains("class_weight")), "{name}: {e}");
-        let cfg = CrossEntropy { sample_weight: Some(Array1::ones(2)), ..Default::default() };
+        let cfg = CrossEntropy::default().with_sample_weight(Array1::ones(2));
         let e = b.cross_entropy(x.view().into(), t.view().into(), &cfg).unwrap_err();
         assert!(matches!(e, XentError::Shape(ref m) if m.contains("sample_weight")), "{name}: {e}");
         let empty = Array2::<f32>::zeros((3, 0));
@@ -57,15 +57,15 @@ fn bad_options() {
     let x = Array2::<f32>::zeros((2, 3));
     let t = array![0i64, 1];
     let bad = [
-        CrossEntropy { label_smoothing: 1.5, ..Default::default() },
-        CrossEntropy { label_smoothing: -0.1, ..Default::default() },
-        CrossEntropy { label_smoothing: f32::NAN, ..Default::default() },
-        CrossEntropy { temperature: 0.0, ..Default::default() },
-        CrossEntropy { temperature: -1.0, ..Default::default() },
-        CrossEntropy { softcap: Some(0.0), ..Default::default() },
-        CrossEntropy { softcap: Some(f32::INFINITY), ..Default::default() },
-        CrossEntropy { z_loss: -1e-4, ..Default::default() },
-        CrossEntropy { grad_scale: f32::NAN, ..Default::default() },
+        CrossEntropy::default().with_label_smoothing(1.5),
+        CrossEntropy::default().with_label_smoothing(-0.1),
+        CrossEntropy::default().with_label_smoothing(f32::NAN),
+        CrossEntropy::default().with_temperature(0.0),
+        CrossEntropy::default().with_temperature(-1.0),
+        CrossEntropy::default().with_softcap(0.0),
+        CrossEntropy::default().with_softcap(f32::INFINITY),
+        CrossEntropy::default().with_z_loss(-1e-4),
+        CrossEntropy::default().with_grad_scale(f32::NAN),
     ];
     each_backend(|name, b| {
         for cfg in &bad {
@@ -118,7 +118,7 @@ fn tensor_larger_than_any_buffer() {
 fn errors_print_one_line_messages() {
     let e = XentError::TargetOutOfRange { row: 2, target: 9, classes: 3 };
     assert_eq!(e.to_string(), "target 9 at row 2 is out of range: expected 0..3 or the ignore_index");
-    let e = XentError::NoAdapter("none found".into());
+    let e = XentError::NoAdapter { message: "none found".into(), source: None };
     assert!(e.to_string().contains("apt-get install mesa-vulkan-drivers"));
 }
 
@@ -156,9 +156,9 @@ fn bad_bce_distill_and_measure_inputs() {
         assert!(matches!(e, XentError::InvalidOption(ref m) if m.contains("[0, 1]")), "{name}: {e}");
         let bad_p = array![[0.5f32, -0.1, 0.0], [0.0, 0.0, 0.0]];
         assert!(matches!(b.bce(bad_p.view(), y.view(), &Bce::default()), Err(XentError::InvalidOption(_))), "{name}");
-        let pw = Bce { pos_weight: Some(Array1::ones(3)), ..Default::default() };
+        let pw = Bce::default().with_pos_weight(Array1::ones(3));
         assert!(matches!(b.bce(y.view(), y.view(), &pw), Err(XentError::InvalidOption(_))), "{name}");
-        let w = Bce { weight: Some(BceWeight::PerClass(Array1::ones(4))), ..Default::default() };
+        let w = Bce::default().with_weight(BceWeight::PerClass(Array1::ones(4)));
         assert!(matches!(b.bce_with_logits(x.view(), y.view(), &w), Err(XentError::Shape(_))), "{name}");
         let short = Array2::<f32>::zeros((2, 2));
         assert!(
@@ -167,9 +167,9 @@ fn bad_bce_distill_and_measure_inputs() {
         );
 
         for cfg in [
-            Distill { temperature: 0.0, ..Default::default() },
-            Distill { temperature: f32::NAN, ..Default::default() },
-            Distill { mode: DistillMode::Jsd { beta: 1.5 }, ..Default::default() },
+            Distill::default().with_temperature(0.0),
+            Distill::default().with_temperature(f32::NAN),
+            Distill::default().with_mode(DistillMode::Jsd { beta: 1.5 }),
         ] {
             assert!(
                 matches!(b.distill(x.view().into(), x.view().into(), &cfg, false), Err(XentError::InvalidOption(_))),
@@ -218,7 +218,7 @@ fn bad_sequence_calibration_and_preference_inputs() {
         assert!(matches!(preference(b, c.view(), r.view(), &Preference::default()), Err(XentError::Shape(_))));
         let r = array![0.0f32, f32::NAN];
         assert!(matches!(preference(b, c.view(), r.view(), &Preference::default()), Err(XentError::InvalidOption(_))));
-        let bad = Preference { beta: 0.0, ..Default::default() };
+        let bad = Preference::default().with_beta(0.0);
         assert!(matches!(preference(b, c.view(), c.view(), &bad), Err(XentError::InvalidOption(_))));
         let v = Array2::<f32>::zeros((6, 3));
         assert!(matches!(b.hvp(x.view().into(), v.view()), Err(XentError::Shape(_))), "{name}");
@@ -243,13 +243,13 @@ fn non_finite_weights_are_named_the_same_on_every_backend() {
             let at_class = vec![k + 1];
             let at_row = vec![k];
             cases.push((
-                CrossEntropy { class_weight: Some(cw.clone()), reduction, ..Default::default() },
+                CrossEntropy::default().with_class_weight(cw.clone()).with_reduction(reduction),
                 "class_weight",
                 at_class,
                 bad,
             ));
             cases.push((
-                CrossEntropy { sample_weight: Some(sw.clone()), reduction, ..Default::default() },
+                CrossEntropy::default().with_sample_weight(sw.clone()).with_reduction(reduction),
                 "sample_weight",
                 at_row,
                 bad,
@@ -289,7 +289,7 @@ fn non_finite_weights_are_named_the_same_on_every_backend() {
     };
     for (name, run) in &linear {
         for (cfg, input, index, bad) in &cases {
-            let e = run(&LinearCe { ce: cfg.clone(), ..Default::default() }).map(|_| ()).expect_err("an error");
+            let e = run(&LinearCe::default().with_ce(cfg.clone())).map(|_| ()).expect_err("an error");
             assert_eq!(e.to_string(), expected(input, index, *bad), "linear {name}");
         }
     }

@@ -55,7 +55,7 @@ fn shapes_and_reductions() {
             let x = rng.logits(n, v, 3.0);
             let t = rng.targets(n, v, 4);
             for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
-                let cfg = CrossEntropy { reduction, per_row: true, ..Default::default() };
+                let cfg = CrossEntropy::default().with_reduction(reduction).with_per_row(true);
                 check(b.as_ref(), &name, &x, &t, &cfg, true);
             }
         }
@@ -70,26 +70,24 @@ fn every_option_together_and_apart() {
     let t = rng.targets(n, v, 5);
     let cw = Array1::from_shape_fn(v, |_| (0.2 + rng.uniform()) as f32);
     let sw = Array1::from_shape_fn(n, |_| (0.5 + rng.uniform()) as f32);
-    let base = CrossEntropy { per_row: true, ..Default::default() };
+    let base = CrossEntropy::default().with_per_row(true);
     let variants = vec![
-        CrossEntropy { label_smoothing: 0.1, ..base.clone() },
-        CrossEntropy { class_weight: Some(cw.clone()), ..base.clone() },
-        CrossEntropy { sample_weight: Some(sw.clone()), ..base.clone() },
-        CrossEntropy { z_loss: 1e-3, ..base.clone() },
-        CrossEntropy { softcap: Some(5.0), ..base.clone() },
-        CrossEntropy { temperature: 2.5, ..base.clone() },
-        CrossEntropy { grad_scale: 0.25, ..base.clone() },
-        CrossEntropy { ignore_index: 3, ..base.clone() },
-        CrossEntropy {
-            label_smoothing: 0.2,
-            class_weight: Some(cw.clone()),
-            sample_weight: Some(sw.clone()),
-            z_loss: 1e-4,
-            softcap: Some(8.0),
-            temperature: 0.7,
-            grad_scale: 3.0,
-            ..base.clone()
-        },
+        base.clone().with_label_smoothing(0.1),
+        base.clone().with_class_weight(cw.clone()),
+        base.clone().with_sample_weight(sw.clone()),
+        base.clone().with_z_loss(1e-3),
+        base.clone().with_softcap(5.0),
+        base.clone().with_temperature(2.5),
+        base.clone().with_grad_scale(0.25),
+        base.clone().with_ignore_index(3),
+        base.clone()
+            .with_label_smoothing(0.2)
+            .with_class_weight(cw.clone())
+            .with_sample_weight(sw.clone())
+            .with_z_loss(1e-4)
+            .with_softcap(8.0)
+            .with_temperature(0.7)
+            .with_grad_scale(3.0),
     ];
     // Under ignore_index = 3 the ignored rows carry 3 instead of -100.
     let t3 = t.mapv(|y| if y == -100 { 3 } else { y });
@@ -97,7 +95,7 @@ fn every_option_together_and_apart() {
         for cfg in &variants {
             let t = if cfg.ignore_index == 3 { &t3 } else { &t };
             for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
-                let cfg = CrossEntropy { reduction, ..cfg.clone() };
+                let cfg = cfg.clone().with_reduction(reduction);
                 check(b.as_ref(), &name, &x, t, &cfg, true);
             }
         }
@@ -111,7 +109,7 @@ fn more_rows_than_one_dispatch_dimension() {
     let (n, v) = (70_000, 12);
     let x = rng.logits(n, v, 2.0);
     let t = rng.targets(n, v, 7);
-    let cfg = CrossEntropy { per_row: true, ..Default::default() };
+    let cfg = CrossEntropy::default().with_per_row(true);
     for (name, g) in gpu_backends() {
         check(g.as_ref(), name, &x, &t, &cfg, true);
     }
@@ -124,7 +122,7 @@ fn tensor_over_the_real_binding_limit() {
     // ~141 MB of logits: more than lavapipe's 128 MiB binding, so the default context chunks too.
     let (n, v) = (1100, 32_000);
     let (x, t) = workload::synthetic(n, v, 2.0, 9, 5);
-    let cfg = CrossEntropy { per_row: true, ..Default::default() };
+    let cfg = CrossEntropy::default().with_per_row(true);
     let c = Cpu::new().cross_entropy_with_grad(&x, &t, &cfg).unwrap();
     if let Some(g) = gpu() {
         assert!(g.max_binding_bytes() < (n * v * 4) as u64 || g.max_binding_bytes() > 1 << 30);
@@ -144,7 +142,7 @@ fn vocabulary_of_a_million_classes() {
     let (n, v) = (3, (1 << 20) + 3);
     let x = rng.logits(n, v, 1.0);
     let t = Array1::from(vec![0i64, (v - 1) as i64, 12345]);
-    let cfg = CrossEntropy { per_row: true, label_smoothing: 0.05, ..Default::default() };
+    let cfg = CrossEntropy::default().with_per_row(true).with_label_smoothing(0.05);
     // A 4 MiB row cannot fit the 64 KiB test bindings (errors.rs checks that it says so).
     for (name, b) in backends().into_iter().filter(|(n, _)| !n.contains("64KiB")) {
         check(b.as_ref(), &name, &x, &t, &cfg, true);
@@ -172,7 +170,7 @@ fn in_place_gradient_matches_separate() {
     let (n, v) = (37, 333);
     let x = rng.logits(n, v, 3.0);
     let t = rng.targets(n, v, 6);
-    let cfg = CrossEntropy { label_smoothing: 0.1, z_loss: 1e-3, ..Default::default() };
+    let cfg = CrossEntropy::default().with_label_smoothing(0.1).with_z_loss(1e-3);
     let r = reference::cross_entropy(&x, &t, &cfg).unwrap();
     for (name, b) in backends() {
         let mut y = x.clone();
@@ -217,16 +215,16 @@ fn probability_targets() {
         }
         let cw = Array1::from_shape_fn(v, |_| (0.5 + rng.uniform()) as f32);
         let sw = Array1::from_shape_fn(n, |_| (0.5 + rng.uniform()) as f32);
-        let base = CrossEntropy { per_row: true, ..Default::default() };
+        let base = CrossEntropy::default().with_per_row(true);
         let cfgs = [
             base.clone(),
-            CrossEntropy { label_smoothing: 0.2, ..base.clone() },
-            CrossEntropy { class_weight: Some(cw.clone()), sample_weight: Some(sw.clone()), ..base.clone() },
-            CrossEntropy { z_loss: 1e-3, softcap: Some(4.0), temperature: 1.5, ..base.clone() },
+            base.clone().with_label_smoothing(0.2),
+            base.clone().with_class_weight(cw.clone()).with_sample_weight(sw.clone()),
+            base.clone().with_z_loss(1e-3).with_softcap(4.0).with_temperature(1.5),
         ];
         for cfg in &cfgs {
             for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
-                let cfg = CrossEntropy { reduction, ..cfg.clone() };
+                let cfg = cfg.clone().with_reduction(reduction);
                 let r = reference::cross_entropy(&x, &y, &cfg).unwrap();
                 for (name, b) in backends() {
                     let o = b.cross_entropy_with_grad((&x).into(), (&y).into(), &cfg).unwrap();
@@ -254,7 +252,7 @@ fn probability_targets() {
         // One-hot probabilities reproduce class-index targets.
         let t = rng.targets(n, v, 0);
         let onehot = Array2::from_shape_fn((n, v), |(i, c)| if t[i] == c as i64 { 1.0f32 } else { 0.0 });
-        let cfg = CrossEntropy { label_smoothing: 0.1, ..base.clone() };
+        let cfg = base.clone().with_label_smoothing(0.1);
         for (name, b) in backends() {
             let h = b.cross_entropy((&x).into(), (&t).into(), &cfg).unwrap();
             let s = b.cross_entropy((&x).into(), (&onehot).into(), &cfg).unwrap();
@@ -293,20 +291,19 @@ fn binary_cross_entropy() {
         let pw = Array1::from_shape_fn(c, |_| (0.2 + 3.0 * rng.uniform()) as f32);
         for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
             let cfgs = [
-                Bce { reduction, grad: true, ..Default::default() },
-                Bce {
-                    reduction,
-                    grad: true,
-                    weight: Some(BceWeight::PerClass(wc.clone())),
-                    pos_weight: Some(pw.clone()),
-                    grad_scale: 2.0,
-                },
-                Bce { reduction, grad: true, weight: Some(BceWeight::PerElement(we.clone())), ..Default::default() },
+                Bce::default().with_reduction(reduction).with_grad(true),
+                Bce::default()
+                    .with_reduction(reduction)
+                    .with_grad(true)
+                    .with_weight(BceWeight::PerClass(wc.clone()))
+                    .with_pos_weight(pw.clone())
+                    .with_grad_scale(2.0),
+                Bce::default().with_reduction(reduction).with_grad(true).with_weight(BceWeight::PerElement(we.clone())),
             ];
             for cfg in &cfgs {
                 let want = cpu.bce_with_logits(x.view(), y.view(), cfg).unwrap();
                 assert!(want.loss.is_finite());
-                let want_p = cpu.bce(p.view(), y.view(), &Bce { pos_weight: None, ..cfg.clone() }).unwrap();
+                let want_p = cpu.bce(p.view(), y.view(), &cfg.clone().with_pos_weight(None)).unwrap();
                 for (name, g) in gpus() {
                     let what = format!("{name} bce {n}x{c} {reduction:?}");
                     let got = g.bce_with_logits(x.view(), y.view(), cfg).unwrap();
@@ -326,7 +323,7 @@ fn binary_cross_entropy() {
                             2e-6,
                         );
                     }
-                    let got = g.bce(p.view(), y.view(), &Bce { pos_weight: None, ..cfg.clone() }).unwrap();
+                    let got = g.bce(p.view(), y.view(), &cfg.clone().with_pos_weight(None)).unwrap();
                     assert_scalar(&format!("{what} probs loss"), got.loss, want_p.loss, 1e-6, 1e-5);
                     let wg = want_p.grad.as_ref().unwrap().mapv(f64::from);
                     let scale = wg.iter().fold(0.0f64, |m, &v| m.max(v.abs()));
@@ -354,7 +351,7 @@ fn distillation_and_measures() {
         let mut tm = t.clone();
         if v > 1 {
             tm[[0, 0]] = f32::NEG_INFINITY;
-            let rev = Distill { mode: DistillMode::ReverseKl, ..Default::default() };
+            let rev = Distill::default().with_mode(DistillMode::ReverseKl);
             assert_eq!(cpu.distill(&s, &tm, &rev).unwrap().loss, f64::INFINITY);
         }
         for mode in
@@ -362,7 +359,7 @@ fn distillation_and_measures() {
         {
             let t = if mode == DistillMode::ReverseKl { &t } else { &tm };
             for temperature in [1.0, 2.0, 4.0] {
-                let cfg = Distill { temperature, mode, grad_scale: 1.5 };
+                let cfg = Distill::default().with_temperature(temperature).with_mode(mode).with_grad_scale(1.5);
                 let want = cpu.distill_with_grad(&s, t, &cfg).unwrap();
                 assert!(want.loss.is_finite() && want.loss >= 0.0, "{mode:?}: {}", want.loss);
                 for (name, g) in gpus().into_iter().filter(|(n, _)| v < 16_000 || !n.contains("64KiB")) {
@@ -416,8 +413,8 @@ fn ranks_max_and_gaps() {
             x[[0, (y + 1) % v]] = x[[0, y]];
         }
         for cfg in [
-            CrossEntropy { ranks: true, gaps: true, ..Default::default() },
-            CrossEntropy { ranks: true, gaps: true, temperature: 2.0, ..Default::default() },
+            CrossEntropy::default().with_ranks(true).with_gaps(true),
+            CrossEntropy::default().with_ranks(true).with_gaps(true).with_temperature(2.0),
         ] {
             let r = reference::cross_entropy(&x, &t, &cfg).unwrap();
             for (name, b) in backends() {
@@ -458,9 +455,7 @@ fn sixteen_bit_long_rows() {
         for (n, v) in [(6, 5000), (5, 4099), (3, 8192)] {
             let (mut x, t) = workload::synthetic(n, v, 3.0, 4, 21);
             x[[0, 17]] = 40.0; // a confident row
-            for cfg in
-                [CrossEntropy::default(), CrossEntropy { label_smoothing: 0.1, ranks: true, ..Default::default() }]
-            {
+            for cfg in [CrossEntropy::default(), CrossEntropy::default().with_label_smoothing(0.1).with_ranks(true)] {
                 // bf16: rounded logits, the reference on the rounded values.
                 let xb = x.mapv(bf16::from_f32);
                 let xr = xb.mapv(f32::from);

@@ -110,19 +110,16 @@ fn matches_the_f64_reference_in_chunks() {
     let runs = runners();
     for ce in [
         CrossEntropy::default(),
-        CrossEntropy { label_smoothing: 0.1, class_weight: Some(cw), ..Default::default() },
-        CrossEntropy { reduction: Reduction::Sum, z_loss: 1e-3, softcap: Some(5.0), ..Default::default() },
-        CrossEntropy { reduction: Reduction::None, temperature: 1.7, grad_scale: 0.5, ..Default::default() },
+        CrossEntropy::default().with_label_smoothing(0.1).with_class_weight(cw),
+        CrossEntropy::default().with_reduction(Reduction::Sum).with_z_loss(1e-3).with_softcap(5.0),
+        CrossEntropy::default().with_reduction(Reduction::None).with_temperature(1.7).with_grad_scale(0.5),
         // Sample weights follow their rows when the ignored ones are left out of the products.
-        CrossEntropy {
-            sample_weight: Some(Array1::from_shape_fn(n, |r| 0.5 + (r % 3) as f32 * 0.25)),
-            ..Default::default()
-        },
+        CrossEntropy::default().with_sample_weight(Array1::from_shape_fn(n, |r| 0.5 + (r % 3) as f32 * 0.25)),
     ] {
         let r = reference(&h, &w, Some(&b), t.as_slice().unwrap(), &ce);
         // One chunk, a few chunks, one row per chunk.
         for ((name, run), rows) in runs.iter().flat_map(|r| [n, 10, 1].map(|rows| (r, rows))) {
-            let cfg = LinearCe { ce: ce.clone(), workspace_bytes: Some(rows * v * 4), ..Default::default() };
+            let cfg = LinearCe::default().with_ce(ce.clone()).with_workspace_bytes(rows * v * 4);
             let o = run((&h).into(), (&w).into(), Some(b.view()), t.view(), &cfg).unwrap();
             assert!(o.chunk_rows <= rows, "{name}");
             let got = o
@@ -161,7 +158,7 @@ fn bf16_inputs_and_gradients_in_the_input_dtype() {
         assert!((o.loss - r.loss[0]).abs() < 2e-6 * r.loss[0], "{name}");
         assert!(worst(&f32s(o.grad_hidden.as_ref().unwrap()), &r.gh) < 1e-4, "{name}");
         assert_eq!(o.grad_bias, None, "{name}: no bias given");
-        let cfg = LinearCe { grads_in_input_dtype: true, ..Default::default() };
+        let cfg = LinearCe::default().with_grads_in_input_dtype(true);
         let o = run((&hb).into(), (&wb).into(), None, t.view(), &cfg).unwrap();
         let gw = o.grad_weight.unwrap();
         assert_eq!(gw.dtype(), DType::BF16);
@@ -201,11 +198,9 @@ fn same_bits_on_every_run_and_thread_count() {
     let _quiet = not_measuring();
     let (n, d, v) = (96, 48, 1000);
     let (h, w, b, t) = inputs(n, d, v, 3);
-    let cfg = LinearCe {
-        ce: CrossEntropy { label_smoothing: 0.05, ..Default::default() },
-        workspace_bytes: Some(16 * v * 4),
-        ..Default::default()
-    };
+    let cfg = LinearCe::default()
+        .with_ce(CrossEntropy::default().with_label_smoothing(0.05))
+        .with_workspace_bytes(16 * v * 4);
     let run = |threads| {
         Cpu::with_threads(threads).unwrap().linear_cross_entropy(&h, &w, Some(b.view()), t.view(), &cfg).unwrap()
     };
@@ -238,7 +233,7 @@ fn workspace_stays_within_its_budget() {
     let (n, d, v) = (2048, 16, 4096);
     let (h, w, b, t) = inputs(n, d, v, 4);
     let budget = 8usize << 20;
-    let cfg = LinearCe { workspace_bytes: Some(budget), ..Default::default() };
+    let cfg = LinearCe::default().with_workspace_bytes(budget);
     let cpu = Cpu::new();
     cpu.linear_cross_entropy(&h, &w, Some(b.view()), t.view(), &cfg).unwrap(); // threads and pools warm
     let base = LIVE.load(Ordering::Relaxed);
@@ -262,7 +257,7 @@ fn gpu_workspace_stays_within_its_budget() {
     let (n, d, v) = (2048, 16, 4096);
     let (h, w, b, t) = inputs(n, d, v, 4);
     let budget = 8usize << 20;
-    let cfg = LinearCe { workspace_bytes: Some(budget), ..Default::default() };
+    let cfg = LinearCe::default().with_workspace_bytes(budget);
     g.linear_cross_entropy(&h, &w, Some(b.view()), t.view(), &cfg).unwrap();
     let peak = g.counters().pool.peak_in_use_bytes as usize;
     let inputs_and_grads = 2 * (n * d + v * d) * 4 + (v + 2 * n) * 4;
@@ -295,7 +290,7 @@ fn all_ignored_batch_and_bad_inputs() {
     ));
     let hb = h.mapv(half::bf16::from_f32);
     assert!(matches!(cpu.linear_cross_entropy(&hb, &w, None, t.view(), &cfg), Err(XentError::InvalidOption(_))));
-    let zero = LinearCe { workspace_bytes: Some(0), ..Default::default() };
+    let zero = LinearCe::default().with_workspace_bytes(0);
     assert!(cpu.linear_cross_entropy(&h, &w, None, t.view(), &zero).is_err());
 }
 
@@ -329,20 +324,18 @@ fn pytorch_golden_cases() {
         let (h, w) = (arr(&i["hidden"]), arr(&i["weight"]));
         let t: Vec<i64> = read(&i["targets"]).1.iter().map(|&x| x as i64).collect();
         let b: Option<Array1<f32>> = i.get("bias").map(|f| read(f).1.iter().map(|&x| x as f32).collect());
-        let ce = CrossEntropy {
-            reduction: match p["reduction"].as_str().unwrap() {
+        let ce = CrossEntropy::default()
+            .with_reduction(match p["reduction"].as_str().unwrap() {
                 "sum" => Reduction::Sum,
                 "none" => Reduction::None,
                 _ => Reduction::Mean,
-            },
-            ignore_index: p["ignore_index"].as_i64().unwrap(),
-            label_smoothing: p["label_smoothing"].as_f64().unwrap() as f32,
-            class_weight: i.get("class_weight").map(|f| read(f).1.iter().map(|&x| x as f32).collect()),
-            z_loss: p.get("z_loss_scale").map_or(0.0, |z| z.as_f64().unwrap() as f32),
-            softcap: p.get("softcap").map(|c| c.as_f64().unwrap() as f32),
-            ..Default::default()
-        };
-        let cfg = LinearCe { ce, workspace_bytes: Some(7 * w.nrows() * 4), ..Default::default() };
+            })
+            .with_ignore_index(p["ignore_index"].as_i64().unwrap())
+            .with_label_smoothing(p["label_smoothing"].as_f64().unwrap() as f32)
+            .with_class_weight(i.get("class_weight").map(|f| read(f).1.iter().map(|&x| x as f32).collect()))
+            .with_z_loss(p.get("z_loss_scale").map_or(0.0, |z| z.as_f64().unwrap() as f32))
+            .with_softcap(p.get("softcap").map(|c| c.as_f64().unwrap() as f32));
+        let cfg = LinearCe::default().with_ce(ce).with_workspace_bytes(7 * w.nrows() * 4);
         let bias = b.as_ref().map(|b| b.view());
         for (backend, run) in &runs {
             let name = format!("{backend} {name}");

@@ -28,10 +28,10 @@ fn pairs() -> Vec<(&'static str, GpuContext, GpuContext)> {
     let mut out = Vec::new();
     for (name, base) in [
         ("whole rows", GpuOptions::default()),
-        ("split rows", GpuOptions { segment_len: Some(96), workgroup_size: Some(32), ..Default::default() }),
+        ("split rows", GpuOptions::default().with_segment_len(96).with_workgroup_size(32)),
     ] {
-        let wide = gpu_with(GpuOptions { wide_loads: Some(true), ..base.clone() });
-        let narrow = gpu_with(GpuOptions { wide_loads: Some(false), ..base });
+        let wide = gpu_with(base.clone().with_wide_loads(true));
+        let narrow = gpu_with(base.with_wide_loads(false));
         if let (Some(w), Some(n)) = (wide, narrow) {
             assert!(w.wide_loads() && !n.wide_loads(), "{name}: the option reaches the context");
             out.push((name, w, n));
@@ -87,7 +87,7 @@ fn cross_entropy_equals_the_eight_byte_kernels() {
             let what = |s: &str| format!("{ctx} {n}x{v} {s}");
             for cfg in [
                 CrossEntropy::default(),
-                CrossEntropy { label_smoothing: 0.1, ranks: true, reduction: Reduction::Sum, ..Default::default() },
+                CrossEntropy::default().with_label_smoothing(0.1).with_ranks(true).with_reduction(Reduction::Sum),
             ] {
                 let tag = if cfg.label_smoothing > 0.0 { "smoothing+ranks" } else { "plain" };
                 // bf16: loss and a bf16 gradient, separate and in place, and the f32 gradient.
@@ -167,8 +167,7 @@ fn backward_pass_equals_the_eight_byte_kernels() {
             let ti: Vec<i32> = t.iter().map(|&y| y as i32).collect();
             let targets = mk(bytemuck::cast_slice(&ti));
             let grad = mk(&vec![0u8; n * v * 2]);
-            let plan =
-                g.cross_entropy_plan(n, v, DType::BF16, &CrossEntropy { ignore_index: -100, ..cfg.clone() }).unwrap();
+            let plan = g.cross_entropy_plan(n, v, DType::BF16, &cfg.clone().with_ignore_index(-100)).unwrap();
             let state = mk(&vec![0u8; plan.state_bytes() as usize]);
             let upstream = mk(bytemuck::cast_slice(&[0.5f32]));
             let mut enc = g.device().create_command_encoder(&Default::default());
@@ -336,7 +335,7 @@ fn misaligned_offsets_fall_back_to_narrower_loads() {
             let ti: Vec<i32> = t.iter().map(|&y| y as i32).collect();
             let targets = mk(bytemuck::cast_slice(&ti));
             let grad = mk(&vec![0u8; goff + n * v * 4]);
-            let plan = g.cross_entropy_plan(n, v, dtype, &CrossEntropy { ignore_index: -100, ..cfg.clone() }).unwrap();
+            let plan = g.cross_entropy_plan(n, v, dtype, &cfg.clone().with_ignore_index(-100)).unwrap();
             let mut enc = g.device().create_command_encoder(&Default::default());
             plan.record(
                 &mut enc,

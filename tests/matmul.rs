@@ -201,14 +201,14 @@ fn an_operand_shorter_than_its_extent_is_a_shape_error() {
 /// (tensor cores); elsewhere (lavapipe) it says that it skipped and why.
 #[test]
 fn cooperative_matrix_products_where_the_adapter_offers_them() {
-    let opts = GpuOptions { cooperative_matrix: true, ..Default::default() };
+    let opts = GpuOptions::default().with_cooperative_matrix(true);
     let g = match GpuContext::with_options(opts) {
         Ok(g) => g,
         Err(XentError::InvalidOption(msg)) if msg.contains("no cooperative matrix") => {
             println!("skipped: adapter has no cooperative matrix f16 16x16x16 configuration ({msg})");
             return;
         }
-        Err(e @ XentError::NoAdapter(_)) if !gpu_required() => {
+        Err(e @ XentError::NoAdapter { .. }) if !gpu_required() => {
             println!("skipped: {e}");
             return;
         }

@@ -151,9 +151,7 @@ fn s18_fitted_temperature_beats_the_seed_grid() {
     let x = array![[5.0f32, 0.8, -1.0], [4.5, 0.3, -0.2], [3.8, 1.1, -0.1], [0.2, 1.7, 0.1], [1.0, 0.7, 0.4]];
     let y = array![0i64, 0, 1, 1, 2];
     let nll = |t: f64| {
-        reference::cross_entropy(x.view(), y.view(), &CrossEntropy { temperature: t as f32, ..Default::default() })
-            .unwrap()
-            .loss
+        reference::cross_entropy(x.view(), y.view(), &CrossEntropy::default().with_temperature(t as f32)).unwrap().loss
     };
     let grid_best = (0..150).map(|i| 0.5 + 2.5 * i as f64 / 149.0).map(nll).fold(f64::INFINITY, f64::min);
     for (name, b) in backends() {
@@ -195,13 +193,9 @@ fn hessian_vector_products_match_finite_differences() {
         // (g(x + h v) - g(x - h v)) / 2h with the f64 reference gradient of the summed loss.
         let h = 1e-3f32;
         let g = |xx: &Array2<f32>| {
-            reference::cross_entropy(
-                xx.view(),
-                t.view(),
-                &CrossEntropy { reduction: Reduction::Sum, ..Default::default() },
-            )
-            .unwrap()
-            .grad
+            reference::cross_entropy(xx.view(), t.view(), &CrossEntropy::default().with_reduction(Reduction::Sum))
+                .unwrap()
+                .grad
         };
         let (xp, xm) = (&x + &dv.mapv(|e| e * h), &x - &dv.mapv(|e| e * h));
         let fd = (g(&xp) - g(&xm)) / (2.0 * h as f64);
@@ -241,7 +235,7 @@ fn s21_preference_loss_is_stable_with_correct_gradients() {
     let want = |d: f64| (1.0 + (-d).exp()).ln(); // -log sigmoid(d), d = c - r - margin
     for (name, b) in backends() {
         for margin in [0.0f32, 0.5] {
-            let cfg = Preference { margin, grad: true, ..Default::default() };
+            let cfg = Preference::default().with_margin(margin).with_grad(true);
             let out = preference(b, c.view(), r.view(), &cfg).unwrap();
             let d: Vec<f64> = c.iter().zip(&r).map(|(a, q)| (*a as f64) - (*q as f64) - margin as f64).collect();
             let expect = d.iter().map(|&d| if d < -30.0 { -d } else { want(d) }).sum::<f64>() / 6.0;
@@ -256,8 +250,7 @@ fn s21_preference_loss_is_stable_with_correct_gradients() {
         // DPO is preference on policy-minus-reference log-probabilities, scaled by beta.
         let (pc, pr, rc, rr) =
             (array![-1.0f32, -2.0], array![-1.5f32, -1.0], array![-1.2f32, -2.2], array![-1.4f32, -1.1]);
-        let d = dpo(b, pc.view(), pr.view(), rc.view(), rr.view(), &Preference { beta: 0.1, ..Default::default() })
-            .unwrap();
+        let d = dpo(b, pc.view(), pr.view(), rc.view(), rr.view(), &Preference::default().with_beta(0.1)).unwrap();
         let want_dpo = [(0.2f64, -0.1f64), (0.2, 0.1)].iter().map(|&(a, q)| want(0.1 * (a - q))).sum::<f64>() / 2.0;
         assert_scalar(&format!("{name} dpo"), d.loss, want_dpo, 1e-6, 1e-6);
     }

@@ -108,17 +108,15 @@ fn data(c: &Case) -> (Tensor2, Array2<f32>, Array1<i64>, Array2<f32>, CrossEntro
         let s: f32 = row.sum();
         row.mapv_inplace(|p| p / s);
     }
-    let cfg = CrossEntropy {
-        reduction: c.reduction,
-        label_smoothing: if c.smoothing { 0.1 } else { 0.0 },
-        z_loss: if c.zloss { 1e-3 } else { 0.0 },
-        class_weight: c.class_w.then(|| Array1::from_shape_fn(c.v, |_| (0.3 + rng.uniform()) as f32)),
-        sample_weight: c.sample_w.then(|| Array1::from_shape_fn(c.n, |_| (0.5 + rng.uniform()) as f32)),
-        softcap: c.softcap.then_some(6.0),
-        temperature: c.temperature,
-        per_row: true,
-        ..Default::default()
-    };
+    let cfg = CrossEntropy::default()
+        .with_reduction(c.reduction)
+        .with_label_smoothing(if c.smoothing { 0.1 } else { 0.0 })
+        .with_z_loss(if c.zloss { 1e-3 } else { 0.0 })
+        .with_class_weight(c.class_w.then(|| Array1::from_shape_fn(c.v, |_| (0.3 + rng.uniform()) as f32)))
+        .with_sample_weight(c.sample_w.then(|| Array1::from_shape_fn(c.n, |_| (0.5 + rng.uniform()) as f32)))
+        .with_softcap(c.softcap.then_some(6.0))
+        .with_temperature(c.temperature)
+        .with_per_row(true);
     (t, x32, targets, probs, cfg)
 }
 
@@ -237,8 +235,8 @@ fn cpu_batched_gradient_rows_match_row_by_row() {
         t[40] = -100;
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             // Summed, so that a row's gradient does not depend on how many rows are counted.
-            let sum = CrossEntropy { reduction: Reduction::Sum, ..Default::default() };
-            for cfg in [sum.clone(), CrossEntropy { label_smoothing: 0.1, ..sum.clone() }] {
+            let sum = CrossEntropy::default().with_reduction(Reduction::Sum);
+            for cfg in [sum.clone(), sum.clone().with_label_smoothing(0.1)] {
                 let xt = Tensor2::from_f32(x.clone(), dtype);
                 let mut g = Tensor2::zeros(dtype, (n, v));
                 let out = cpu.cross_entropy_into(xt.view(), &t, &cfg, g.view_mut()).unwrap();
@@ -304,7 +302,7 @@ fn outcome(h: &Hostile, b: &dyn Backend) -> std::result::Result<f64, String> {
         let s: f32 = row.sum();
         row.mapv_inplace(|q| q / s.max(1e-30));
     });
-    let mut cfg = CrossEntropy { reduction: h.reduction, ..Default::default() };
+    let mut cfg = CrossEntropy::default().with_reduction(h.reduction);
     let targets_classes = Array1::from_shape_fn(n, |_| rng.below(v) as i64);
     let mut soft = true;
     match h.spoil {

@@ -58,7 +58,7 @@ fn s02_minimum_at_the_true_distribution() {
     let qs = Array2::from_shape_fn((250, 1), |(i, _)| (0.01 + 0.98 * i as f64 / 249.0) as f32);
     let y = Array2::from_elem((250, 1), 0.8f32);
     for (name, b) in backends() {
-        let out = b.bce(qs.view(), y.view(), &Bce { reduction: Reduction::None, ..Default::default() }).unwrap();
+        let out = b.bce(qs.view(), y.view(), &Bce::default().with_reduction(Reduction::None)).unwrap();
         let l = out.elem_loss.unwrap();
         let best = (0..250).min_by(|&i, &j| l[[i, 0]].total_cmp(&l[[j, 0]])).unwrap();
         assert!((qs[[best, 0]] - 0.8).abs() < 1e-2, "{name}: minimum at {}", qs[[best, 0]]);
@@ -108,8 +108,7 @@ fn s09_stable_bce_from_logits() {
     let z = array![[-20.0f32], [-5.0], [0.0], [5.0], [20.0]];
     let y = Array2::from_elem((5, 1), 1.0f32);
     for (name, b) in backends() {
-        let out =
-            b.bce_with_logits(z.view(), y.view(), &Bce { reduction: Reduction::None, ..Default::default() }).unwrap();
+        let out = b.bce_with_logits(z.view(), y.view(), &Bce::default().with_reduction(Reduction::None)).unwrap();
         let l = out.elem_loss.unwrap();
         for (i, &zi) in z.iter().enumerate() {
             let want = (1.0 + (-(zi as f64)).exp()).ln(); // softplus(-z), exact in f64
@@ -150,11 +149,7 @@ fn s11_s12_soft_targets_and_label_smoothing() {
         let e0 = b.measures(hard.view(), hard.view()).unwrap().entropy[0];
         assert!(e > e0 && e0 == 0.0, "{name}: smoothing must raise entropy ({e0} -> {e})");
         let by_option = b
-            .cross_entropy(
-                x5.view().into(),
-                (&[2i64][..]).into(),
-                &CrossEntropy { label_smoothing: eps, ..Default::default() },
-            )
+            .cross_entropy(x5.view().into(), (&[2i64][..]).into(), &CrossEntropy::default().with_label_smoothing(eps))
             .unwrap()
             .loss;
         let by_target = b
@@ -179,12 +174,7 @@ fn s13_distillation_with_temperature() {
             let m = b.measures_from_logits(ts.view().into(), ss.view().into()).unwrap();
             assert!((kd_ce - (m.entropy[0] + m.kl[0])).abs() < 2e-6, "{name} tau={tau}");
             let d = b
-                .distill(
-                    student.view().into(),
-                    teacher.view().into(),
-                    &Distill { temperature: tau, ..Default::default() },
-                    false,
-                )
+                .distill(student.view().into(), teacher.view().into(), &Distill::default().with_temperature(tau), false)
                 .unwrap();
             let want = (tau * tau) as f64 * m.kl[0];
             assert!((d.loss - want).abs() <= 2e-6 * want.max(1.0), "{name} tau={tau}: {} vs {want}", d.loss);
@@ -235,11 +225,7 @@ fn s17_strictly_proper_scoring_rule() {
     let qs = Array2::from_shape_fn((400, 1), |(i, _)| (0.01 + 0.98 * i as f64 / 399.0) as f32);
     let y = Array2::from_elem((400, 1), 0.73f32);
     for (name, b) in backends() {
-        let l = b
-            .bce(qs.view(), y.view(), &Bce { reduction: Reduction::None, ..Default::default() })
-            .unwrap()
-            .elem_loss
-            .unwrap();
+        let l = b.bce(qs.view(), y.view(), &Bce::default().with_reduction(Reduction::None)).unwrap().elem_loss.unwrap();
         let best = (0..400).min_by(|&i, &j| l[[i, 0]].total_cmp(&l[[j, 0]])).unwrap();
         assert!((qs[[best, 0]] - 0.73).abs() < 5e-3, "{name}: {}", qs[[best, 0]]);
     }
@@ -262,8 +248,7 @@ fn s19_weighted_and_masked_losses() {
     let want_weighted = per.iter().zip(w.iter()).map(|(l, &w)| l * w as f64).sum::<f64>() / w.sum() as f64;
     for (name, b) in backends() {
         let plain = b.bce(probs.view(), labels.view(), &Bce::default()).unwrap().loss;
-        let cfg =
-            Bce { reduction: Reduction::Sum, weight: Some(BceWeight::PerElement(w.clone())), ..Default::default() };
+        let cfg = Bce::default().with_reduction(Reduction::Sum).with_weight(BceWeight::PerElement(w.clone()));
         let weighted = b.bce(probs.view(), labels.view(), &cfg).unwrap().loss / w.sum() as f64;
         assert_scalar(&format!("{name} plain"), plain, want_plain, 1e-6, 1e-6);
         assert_scalar(&format!("{name} weighted"), weighted, want_weighted, 1e-6, 1e-6);
@@ -281,11 +266,7 @@ fn s19_weighted_and_masked_losses() {
         let m = b.cross_entropy(x.view().into(), t.view().into(), &CrossEntropy::default()).unwrap().loss;
         assert_scalar(&format!("{name} masked mean"), m, 0.55, 1e-6, 0.0);
         let naive = b
-            .cross_entropy(
-                x.view().into(),
-                t.view().into(),
-                &CrossEntropy { reduction: Reduction::Sum, ..Default::default() },
-            )
+            .cross_entropy(x.view().into(), t.view().into(), &CrossEntropy::default().with_reduction(Reduction::Sum))
             .unwrap()
             .loss
             / 6.0;

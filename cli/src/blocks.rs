@@ -146,10 +146,9 @@ impl CeJob<'_> {
     }
 
     fn block_cfg(&self, r: &Range<usize>) -> CrossEntropy {
-        CrossEntropy {
-            sample_weight: self.cfg.sample_weight.as_ref().map(|w| w.slice(ndarray::s![r.clone()]).to_owned()),
-            ..self.cfg.clone()
-        }
+        self.cfg
+            .clone()
+            .with_sample_weight(self.cfg.sample_weight.as_ref().map(|w| w.slice(ndarray::s![r.clone()]).to_owned()))
     }
 
     /// Runs the job, handing each block's results (in order) to `each`.
@@ -282,8 +281,7 @@ impl CeJob<'_> {
         let elem = self.dtype.size() as u64;
         let gdt = self.grad.map(grad_dtype);
         // Ignored rows become i32::MIN on the device (targets are checked on the host first).
-        let plan_cfg =
-            CrossEntropy { sample_weight: None, ignore_index: xent::DEVICE_IGNORED as i64, ..self.cfg.clone() };
+        let plan_cfg = self.cfg.clone().with_sample_weight(None).with_ignore_index(xent::DEVICE_IGNORED as i64);
         let classes: &[i64] = match self.targets {
             BlockTargets::Classes(t) => t,
             BlockTargets::Probs(_) => &[],

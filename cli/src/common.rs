@@ -84,7 +84,9 @@ impl BackendArgs {
             #[cfg(feature = "gpu")]
             BackendChoice::Auto => match xent::GpuContext::new() {
                 Ok(g) => Ok(Engine::Gpu(g)),
-                Err(XentError::NoAdapter(_) | XentError::RequestDevice(_)) => Ok(Engine::Cpu(cpu(self.threads)?)),
+                Err(XentError::NoAdapter { .. } | XentError::RequestDevice { .. }) => {
+                    Ok(Engine::Cpu(cpu(self.threads)?))
+                }
                 Err(e) => Err(e),
             },
             #[cfg(not(feature = "gpu"))]

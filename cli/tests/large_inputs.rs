@@ -177,13 +177,11 @@ fn streaming_in_blocks_equals_one_pass() {
                 runs.push((number(&j["loss"]), read_2d(&g), read_1d(&r)));
             }
             let (l0, g0, r0) = &runs[2];
-            let cfg = CrossEntropy {
-                reduction: if reduction == "mean" { Reduction::Mean } else { Reduction::Sum },
-                z_loss: 1e-3,
-                label_smoothing: 0.1,
-                sample_weight: Some(Array1::from_shape_fn(n, |i| 0.5 + (i % 3) as f32 * 0.25)),
-                ..Default::default()
-            };
+            let cfg = CrossEntropy::default()
+                .with_reduction(if reduction == "mean" { Reduction::Mean } else { Reduction::Sum })
+                .with_z_loss(1e-3)
+                .with_label_smoothing(0.1)
+                .with_sample_weight(Array1::from_shape_fn(n, |i| 0.5 + (i % 3) as f32 * 0.25));
             let want = reference::cross_entropy(&x, &t, &cfg).unwrap();
             assert!(
                 (l0 - want.loss).abs() <= 1e-6 * want.loss.abs().max(1.0),

@@ -9,6 +9,7 @@ use crate::error::{Result, XentError};
 
 /// One equal-width confidence bin.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Bin {
     /// Lower edge (inclusive, except the first bin includes 0).
     pub lower: f64,
@@ -24,6 +25,7 @@ pub struct Bin {
 
 /// Calibration of one set of predictions.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Calibration {
     /// Mean NLL over counted rows.
     pub nll: f64,
@@ -183,6 +185,7 @@ pub fn calibrate<'a, 'b>(
 
 /// Result of temperature scaling.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct TemperatureFit {
     /// The temperature T minimising mean NLL of `softmax(logits / T)`.
     pub temperature: f64,

@@ -43,12 +43,27 @@ impl std::str::FromStr for Reduction {
 /// `z_loss * lse_n^2` is added per counted row and, for `Mean`, averaged over counted rows
 /// (unweighted, as in Liger-Kernel).
 ///
+/// Built from [`Default`] with the `with_*` builders (or by assigning fields: the struct is
+/// `#[non_exhaustive]`, so that new options are not breaking changes):
+///
 /// ```
+/// use ndarray::array;
 /// use xent::{CrossEntropy, Reduction};
-/// let cfg = CrossEntropy { reduction: Reduction::Sum, ignore_index: -1, ..Default::default() };
-/// assert!(cfg.validate(10).is_ok());
+/// let cfg = CrossEntropy::default()
+///     .with_reduction(Reduction::Sum)
+///     .with_ignore_index(-1)
+///     .with_label_smoothing(0.1)
+///     .with_class_weight(array![1.0f32, 2.0, 1.0]);
+/// assert!(cfg.validate(3).is_ok());
+/// let mut same = CrossEntropy::default();
+/// same.reduction = Reduction::Sum;
+/// same.ignore_index = -1;
+/// same.label_smoothing = 0.1;
+/// same.class_weight = Some(array![1.0f32, 2.0, 1.0]);
+/// assert_eq!(cfg, same);
 /// ```
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct CrossEntropy {
     /// How rows are combined.
     pub reduction: Reduction,
@@ -113,6 +128,22 @@ impl Default for CrossEntropy {
     }
 }
 
+with_builders!(CrossEntropy {
+    set with_reduction => reduction: Reduction,
+    set with_ignore_index => ignore_index: i64,
+    set with_label_smoothing => label_smoothing: f32,
+    some with_class_weight => class_weight: Array1<f32>,
+    some with_sample_weight => sample_weight: Array1<f32>,
+    set with_z_loss => z_loss: f32,
+    some with_softcap => softcap: f32,
+    set with_temperature => temperature: f32,
+    set with_grad_scale => grad_scale: f32,
+    set with_per_row => per_row: bool,
+    set with_ranks => ranks: bool,
+    set with_gaps => gaps: bool,
+    some with_totals => totals: Totals,
+});
+
 impl CrossEntropy {
     /// Checks the options against a row length of `classes`.
     pub fn validate(&self, classes: usize) -> Result<()> {
@@ -162,9 +193,9 @@ impl CrossEntropy {
     ///
     /// ```
     /// use xent::{CrossEntropy, Reduction};
-    /// let mean = CrossEntropy { z_loss: 0.5, ..Default::default() };
+    /// let mean = CrossEntropy::default().with_z_loss(0.5);
     /// assert_eq!(mean.reduce(6.0, 4.0, 2, 3.0), 6.0 / 3.0 + 0.5 * 4.0 / 2.0);
-    /// let sum = CrossEntropy { reduction: Reduction::Sum, ..mean };
+    /// let sum = mean.with_reduction(Reduction::Sum);
     /// assert_eq!(sum.reduce(6.0, 4.0, 2, 3.0), 6.0 + 0.5 * 4.0);
     /// ```
     pub fn reduce(&self, sum_ce: f64, sum_lse2: f64, counted: u64, weight_sum: f64) -> f64 {
@@ -201,8 +232,9 @@ impl CrossEntropy {
     }
 }
 
-/// Result of a cross-entropy evaluation.
+/// Result of a cross-entropy evaluation (`#[non_exhaustive]`: later versions may return more).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct CeOutput {
     /// The reduced loss (for `Reduction::None`, the sum of the per-row losses).
     pub loss: f64,
@@ -231,7 +263,7 @@ impl CeOutput {
     /// use ndarray::array;
     /// use xent::{Cpu, CrossEntropy};
     /// let x = array![[3.0f32, 1.0, 2.0], [0.0, 5.0, 1.0]];
-    /// let cfg = CrossEntropy { ranks: true, ..Default::default() };
+    /// let cfg = CrossEntropy::default().with_ranks(true);
     /// let out = Cpu::new().cross_entropy(&x, &[2i64, 1][..], &cfg).unwrap();
     /// assert_eq!(out.accuracy(1), Some(0.5));
     /// assert_eq!(out.accuracy(2), Some(1.0));
@@ -276,12 +308,25 @@ pub enum BceWeight {
 /// stable for any |x|. From probabilities `p`: `l = -w [y max(log p, -100) + (1-y) max(log(1-p), -100)]`.
 /// `Mean` averages over all elements.
 ///
+/// Built from [`Default`] with the `with_*` builders or by assigning fields
+/// (`#[non_exhaustive]`):
+///
 /// ```
-/// use xent::{Bce, Reduction};
-/// let cfg = Bce { reduction: Reduction::Sum, grad: true, ..Default::default() };
+/// use ndarray::array;
+/// use xent::{Bce, BceWeight, Reduction};
+/// let cfg = Bce::default()
+///     .with_reduction(Reduction::Sum)
+///     .with_grad(true)
+///     .with_weight(BceWeight::PerClass(array![1.0f32, 0.5]));
 /// assert!(cfg.pos_weight.is_none());
+/// let mut same = Bce::default();
+/// same.reduction = Reduction::Sum;
+/// same.grad = true;
+/// same.weight = Some(BceWeight::PerClass(array![1.0f32, 0.5]));
+/// assert_eq!(cfg, same);
 /// ```
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Bce {
     /// How elements are combined.
     pub reduction: Reduction,
@@ -301,8 +346,17 @@ impl Default for Bce {
     }
 }
 
-/// Result of a binary cross-entropy evaluation.
+with_builders!(Bce {
+    set with_reduction => reduction: Reduction,
+    some with_weight => weight: BceWeight,
+    some with_pos_weight => pos_weight: Array1<f32>,
+    set with_grad => grad: bool,
+    set with_grad_scale => grad_scale: f32,
+});
+
+/// Result of a binary cross-entropy evaluation (`#[non_exhaustive]`).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct BceOutput {
     /// Reduced loss (for `Reduction::None`, the sum of the element losses).
     pub loss: f64,
@@ -335,12 +389,20 @@ pub enum DistillMode {
 /// Options of knowledge distillation: `loss = T^2 * mean over rows of D(teacher_T, student_T)`
 /// (`batchmean`, Hinton's `T^2` keeps gradient magnitudes comparable across temperatures).
 ///
+/// Built from [`Default`] with the `with_*` builders or by assigning fields
+/// (`#[non_exhaustive]`):
+///
 /// ```
 /// use xent::{Distill, DistillMode};
-/// let cfg = Distill { temperature: 2.0, mode: DistillMode::Jsd { beta: 0.5 }, ..Default::default() };
+/// let cfg = Distill::default().with_temperature(2.0).with_mode(DistillMode::Jsd { beta: 0.5 });
 /// assert!(cfg.validate().is_ok());
+/// let mut same = Distill::default();
+/// same.temperature = 2.0;
+/// same.mode = DistillMode::Jsd { beta: 0.5 };
+/// assert_eq!(cfg, same);
 /// ```
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Distill {
     /// Temperature T > 0 dividing both logits.
     pub temperature: f32,
@@ -355,6 +417,12 @@ impl Default for Distill {
         Distill { temperature: 1.0, mode: DistillMode::Kl, grad_scale: 1.0 }
     }
 }
+
+with_builders!(Distill {
+    set with_temperature => temperature: f32,
+    set with_mode => mode: DistillMode,
+    set with_grad_scale => grad_scale: f32,
+});
 
 impl Distill {
     /// Checks the options.
@@ -383,8 +451,9 @@ impl Distill {
     }
 }
 
-/// Result of a distillation evaluation.
+/// Result of a distillation evaluation (`#[non_exhaustive]`).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct DistillOutput {
     /// `T^2` times the mean over rows of the divergence.
     pub loss: f64,
@@ -394,8 +463,10 @@ pub struct DistillOutput {
     pub grad: Option<ndarray::Array2<f32>>,
 }
 
-/// Per-row entropy, cross-entropy, KL and Jensen-Shannon divergence of two distributions (nats).
+/// Per-row entropy, cross-entropy, KL and Jensen-Shannon divergence of two distributions (nats)
+/// (`#[non_exhaustive]`).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Measures {
     /// H(p).
     pub entropy: Array1<f64>,

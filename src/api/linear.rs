@@ -4,13 +4,31 @@
 
 use ndarray::{Array1, ArrayView1};
 
-use crate::api::config::{CrossEntropy, Reduction, Totals};
+use crate::api::config::{CeOutput, CrossEntropy, Reduction, Totals};
 use crate::api::targets::Targets;
 use crate::dtype::{DType, Logits, Tensor2};
 use crate::error::{Result, XentError};
 
 /// Options of a fused linear cross-entropy.
+///
+/// Built from [`Default`] with the `with_*` builders or by assigning fields (the struct is
+/// `#[non_exhaustive]`, so that new options are not breaking changes):
+///
+/// ```
+/// use xent::{CrossEntropy, LinearCe, Reduction};
+/// let cfg = LinearCe::default()
+///     .with_ce(CrossEntropy::default().with_reduction(Reduction::Sum))
+///     .with_grad_bias(false)
+///     .with_workspace_bytes(1 << 20);
+/// let mut same = LinearCe::default();
+/// same.ce.reduction = Reduction::Sum;
+/// same.grad_bias = false;
+/// same.workspace_bytes = Some(1 << 20);
+/// assert_eq!(cfg, same);
+/// assert_eq!(cfg.chunk_rows(1000, 1024), 256); // 1 MiB of 4 KiB rows
+/// ```
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct LinearCe {
     /// The cross-entropy of the logits `hidden @ weight.T + bias`: reduction, `ignore_index`,
     /// class and sample weights, label smoothing, z-loss, softcap, temperature, `grad_scale`,
@@ -42,6 +60,15 @@ impl Default for LinearCe {
     }
 }
 
+with_builders!(LinearCe {
+    set with_ce => ce: CrossEntropy,
+    set with_grad_hidden => grad_hidden: bool,
+    set with_grad_weight => grad_weight: bool,
+    set with_grad_bias => grad_bias: bool,
+    set with_grads_in_input_dtype => grads_in_input_dtype: bool,
+    some with_workspace_bytes => workspace_bytes: usize,
+});
+
 impl LinearCe {
     /// Rows of logits per chunk for `n x v` (the workspace bound over one row's bytes).
     pub fn chunk_rows(&self, n: usize, v: usize) -> usize {
@@ -52,8 +79,10 @@ impl LinearCe {
     }
 }
 
-/// What a fused linear cross-entropy returns.
+/// What a fused linear cross-entropy returns (`#[non_exhaustive]`: later versions may return
+/// more).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct LinearCeOutput {
     /// The reduced loss (the sum of per-row losses for `Reduction::None`).
     pub loss: f64,
@@ -75,6 +104,25 @@ pub struct LinearCeOutput {
     pub grad_bias: Option<Array1<f32>>,
     /// Rows of logits the call held at once.
     pub chunk_rows: usize,
+}
+
+impl From<LinearCeOutput> for CeOutput {
+    /// The scored rows of a fused linear cross-entropy as a [`CeOutput`] (loss, counts, per-row
+    /// losses, log-sum-exps and ranks; no gradient), for code that consumes cross-entropy
+    /// results (`sequence::CorpusEval::add_scored`).
+    fn from(o: LinearCeOutput) -> CeOutput {
+        CeOutput {
+            loss: o.loss,
+            counted: o.counted,
+            weight_sum: o.weight_sum,
+            row_loss: o.row_loss,
+            row_lse: o.row_lse,
+            grad: None,
+            row_max: None,
+            row_rank: o.row_rank,
+            row_gap: None,
+        }
+    }
 }
 
 impl Totals {

@@ -10,7 +10,19 @@ use crate::api::Backend;
 use crate::error::{Result, XentError};
 
 /// Options of the pairwise preference loss.
+///
+/// Built from [`Default`] with the `with_*` builders or by assigning fields (the struct is
+/// `#[non_exhaustive]`, so that new options are not breaking changes):
+///
+/// ```
+/// use xent::{preference::Preference, Reduction};
+/// let cfg = Preference::default().with_beta(0.1).with_margin(0.5).with_reduction(Reduction::Sum).with_grad(true);
+/// let mut same = Preference::default();
+/// (same.beta, same.margin, same.reduction, same.grad) = (0.1, 0.5, Reduction::Sum, true);
+/// assert_eq!(cfg, same);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct Preference {
     /// Scale of the score difference (DPO's beta).
     pub beta: f32,
@@ -28,8 +40,16 @@ impl Default for Preference {
     }
 }
 
-/// Result of a preference loss.
+with_builders!(Preference {
+    set with_beta => beta: f32,
+    set with_margin => margin: f32,
+    set with_reduction => reduction: Reduction,
+    set with_grad => grad: bool,
+});
+
+/// Result of a preference loss (`#[non_exhaustive]`).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct PreferenceOutput {
     /// The reduced loss (sum of pair losses for `None`).
     pub loss: f64,

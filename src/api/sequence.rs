@@ -170,6 +170,7 @@ impl ExactSum {
 
 /// One sequence's totals.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SeqTotals {
     /// Sum of token NLLs.
     pub nll: ExactSum,
@@ -192,6 +193,7 @@ pub struct SeqTotals {
 /// assert!((r.corpus_ppl - 8.0).abs() < 1e-4); // uniform over 8 classes
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CorpusEval {
     /// Corpus NLL sum.
     pub nll: ExactSum,
@@ -207,6 +209,7 @@ pub struct CorpusEval {
 
 /// Corpus results.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct CorpusReport {
     /// Token-weighted mean NLL (nats per token); NaN with no tokens.
     pub corpus_nll: f64,

@@ -12,6 +12,7 @@ use crate::error::{Result, XentError};
 
 /// Cross-entropy results in f64.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RefCe {
     /// Reduced loss (sum of row losses for `Reduction::None`).
     pub loss: f64,

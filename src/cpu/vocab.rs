@@ -150,7 +150,7 @@ impl Cpu {
     ///
     /// ```
     /// use ndarray::array;
-    /// use xent::{parallel::SingleProcess, cpu::VocabShard, Cpu, CrossEntropy};
+    /// use xent::{parallel::{SingleProcess, VocabShard}, Cpu, CrossEntropy};
     /// let x = array![[2.0f32, 0.5, -1.0], [0.1, 0.2, 0.3]];
     /// let shard = VocabShard { class0: 0, classes: 3 };
     /// let out = Cpu::new().cross_entropy_vocab_parallel(&x, &[0i64, 2][..], shard, &CrossEntropy::default(), &SingleProcess, None)?;

@@ -13,10 +13,24 @@ use std::sync::{Arc, Mutex};
 
 use super::pool::{size_class, Pool, PoolStats, Pooled};
 use super::source::{Shader, Variant};
-use crate::error::{Result, XentError};
+use crate::error::{GpuSource, Result, XentError};
 
 /// Options for creating a [`GpuContext`].
-#[derive(Debug, Clone)]
+///
+/// Built from [`Default`] with the `with_*` builders or by assigning fields (the struct is
+/// `#[non_exhaustive]`, so that new options are not breaking changes):
+///
+/// ```
+/// use xent::GpuOptions;
+/// let opts = GpuOptions::default().with_subgroups(false).with_max_binding_bytes(1 << 20);
+/// let mut same = GpuOptions::default();
+/// same.subgroups = false;
+/// same.max_binding_bytes = Some(1 << 20);
+/// assert_eq!(opts, same);
+/// // let ctx = xent::GpuContext::with_options(opts)?;
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct GpuOptions {
     /// Use subgroup operations when the device has them (otherwise workgroup memory).
     pub subgroups: bool,
@@ -68,6 +82,17 @@ impl Default for GpuOptions {
     }
 }
 
+with_builders!(GpuOptions {
+    set with_subgroups => subgroups: bool,
+    some with_max_binding_bytes => max_binding_bytes: u64,
+    set with_power_preference => power_preference: wgpu::PowerPreference,
+    some with_pool_budget_bytes => pool_budget_bytes: u64,
+    some with_segment_len => segment_len: usize,
+    some with_workgroup_size => workgroup_size: u16,
+    some with_wide_loads => wide_loads: bool,
+    set with_cooperative_matrix => cooperative_matrix: bool,
+});
+
 /// Binding slots of the shared table in `shaders/common.wgsl` (0 is the parameter block).
 pub(crate) const SLOTS: usize = 15;
 
@@ -80,6 +105,7 @@ pub(crate) struct Kernel {
 
 /// A snapshot of what a context has created and holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CounterSnapshot {
     /// Compute pipelines compiled so far.
     pub pipelines: usize,
@@ -95,8 +121,9 @@ pub struct CounterSnapshot {
 
 type PipelineSlot = Arc<Mutex<Option<Arc<Kernel>>>>;
 
-#[doc(hidden)]
-pub struct Inner {
+/// What a [`GpuContext`] shares between its clones (private: callers use the context's
+/// accessors).
+pub(crate) struct Inner {
     pub(crate) device: wgpu::Device,
     pub(crate) queue: wgpu::Queue,
     adapter_name: String,
@@ -140,16 +167,9 @@ pub struct GpuContext {
     pub(crate) inner: Arc<Inner>,
 }
 
-impl std::ops::Deref for GpuContext {
-    type Target = Inner;
-    fn deref(&self) -> &Inner {
-        &self.inner
-    }
-}
-
 impl std::fmt::Debug for GpuContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GpuContext").field("adapter", &self.adapter_name).finish()
+        f.debug_struct("GpuContext").field("adapter", &self.inner.adapter_name).finish()
     }
 }
 
@@ -198,7 +218,7 @@ impl GpuContext {
             force_fallback_adapter: false,
             ..Default::default()
         }))
-        .map_err(|e| XentError::NoAdapter(e.to_string()))?;
+        .map_err(|e| XentError::NoAdapter { message: e.to_string(), source: Some(GpuSource::new(e)) })?;
         let info = adapter.get_info();
         let name = format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type);
         let coop = if opts.cooperative_matrix {
@@ -231,7 +251,7 @@ impl GpuContext {
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
-        .map_err(|e| XentError::RequestDevice(e.to_string()))?;
+        .map_err(|e| XentError::RequestDevice { message: e.to_string(), source: Some(GpuSource::new(e)) })?;
         Self::build(device, queue, name, opts, coop)
     }
 
@@ -310,7 +330,7 @@ impl GpuContext {
         let placeholders = ctx.scoped(|| {
             (0..SLOTS)
                 .map(|i| {
-                    ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                    ctx.device().create_buffer(&wgpu::BufferDescriptor {
                         label: Some(&format!("xent placeholder {i}")),
                         size: 256,
                         usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::UNIFORM,
@@ -331,12 +351,12 @@ impl GpuContext {
 
     /// Adapter name, backend and type.
     pub fn adapter_name(&self) -> &str {
-        &self.adapter_name
+        &self.inner.adapter_name
     }
 
     /// Whether reductions use subgroup operations.
     pub fn uses_subgroups(&self) -> bool {
-        self.subgroups
+        self.inner.subgroups
     }
 
     /// The device, for callers that create their own buffers.
@@ -351,7 +371,7 @@ impl GpuContext {
 
     /// Largest storage binding used (the device limit, or the cap from [`GpuOptions`]).
     pub fn max_binding_bytes(&self) -> u64 {
-        self.max_binding
+        self.inner.max_binding
     }
 
     /// How the cross-entropy row pass runs for `rows x classes`: invocations per workgroup and
@@ -362,33 +382,33 @@ impl GpuContext {
         // with barriers as coroutine switches: fewer lanes cost less per barrier.
         // A GPU: enough invocations per row for several loads in flight per multiprocessor,
         // about 16 elements each (1024 measured 2.8x faster than 256 at V = 32000 on an H200).
-        let hw = (classes / 16).next_power_of_two().clamp(64, self.max_invocations.min(1024) as usize) as u16;
-        let wg = self.workgroup_size.unwrap_or(if self.software { 64 } else { hw });
-        let auto = if self.software || classes < 65536 || rows >= 2048 {
+        let hw = (classes / 16).next_power_of_two().clamp(64, self.inner.max_invocations.min(1024) as usize) as u16;
+        let wg = self.inner.workgroup_size.unwrap_or(if self.inner.software { 64 } else { hw });
+        let auto = if self.inner.software || classes < 65536 || rows >= 2048 {
             classes
         } else {
             // Few long rows: enough workgroups to fill a GPU.
             32768
         };
-        let seg = if gaps { classes } else { self.segment_len.unwrap_or(auto) };
+        let seg = if gaps { classes } else { self.inner.segment_len.unwrap_or(auto) };
         (wg, seg.clamp(4, classes.max(4)).next_multiple_of(4).min(classes.max(1)))
     }
 
     /// The alignment that offsets of recorded inputs must have (the device's
     /// `min_storage_buffer_offset_alignment`, at least 16 bytes).
     pub fn offset_alignment(&self) -> u64 {
-        self.offset_align
+        self.inner.offset_align
     }
 
     /// How many pipelines and buffers have been created so far, what the pool holds, and how
     /// many bytes have crossed between host and device.
     pub fn counters(&self) -> CounterSnapshot {
         CounterSnapshot {
-            pipelines: self.pipelines_built.load(Ordering::Relaxed),
-            buffers: self.buffers_built.load(Ordering::Relaxed),
-            pool: self.pool.stats(),
-            bytes_to_device: self.bytes_to_device.load(Ordering::Relaxed),
-            bytes_to_host: self.bytes_to_host.load(Ordering::Relaxed),
+            pipelines: self.inner.pipelines_built.load(Ordering::Relaxed),
+            buffers: self.inner.buffers_built.load(Ordering::Relaxed),
+            pool: self.inner.pool.stats(),
+            bytes_to_device: self.inner.bytes_to_device.load(Ordering::Relaxed),
+            bytes_to_host: self.inner.bytes_to_host.load(Ordering::Relaxed),
         }
     }
 
@@ -449,30 +469,30 @@ impl GpuContext {
 
     /// Drops every pooled buffer (frees GPU memory held for reuse).
     pub fn trim(&self) {
-        self.pool.clear();
+        self.inner.pool.clear();
     }
 
     pub(crate) fn placeholder(&self, slot: usize) -> &wgpu::Buffer {
-        &self.placeholders[slot]
+        &self.inner.placeholders[slot]
     }
 
     /// The compiled pipeline of `shader` in `variant`, compiled on first use. Two threads that
     /// miss at once compile it once: the second waits on the first.
     pub(crate) fn kernel(&self, shader: Shader, variant: Variant) -> Result<Arc<Kernel>> {
-        let slot = self.pipelines.lock().unwrap().entry((shader, variant)).or_default().clone();
+        let slot = self.inner.pipelines.lock().unwrap().entry((shader, variant)).or_default().clone();
         let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(k) = guard.as_ref() {
             return Ok(k.clone());
         }
         let kernel = Arc::new(self.scoped(|| self.compile(shader, variant))?);
-        self.pipelines_built.fetch_add(1, Ordering::Relaxed);
+        self.inner.pipelines_built.fetch_add(1, Ordering::Relaxed);
         *guard = Some(kernel.clone());
         Ok(kernel)
     }
 
     fn compile(&self, shader: Shader, variant: Variant) -> Kernel {
         let src = shader.source(variant);
-        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        let module = self.device().create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(shader.name()),
             source: wgpu::ShaderSource::Wgsl(src.into()),
         });
@@ -486,16 +506,16 @@ impl GpuContext {
         let entries: Vec<_> = std::iter::once(entry(0, wgpu::BufferBindingType::Uniform))
             .chain(bindings.iter().map(|&(b, read_only)| entry(b, wgpu::BufferBindingType::Storage { read_only })))
             .collect();
-        let layout = self.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        let layout = self.device().create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
             label: Some(shader.name()),
             entries: &entries,
         });
-        let pl = self.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+        let pl = self.device().create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
             label: Some(shader.name()),
             bind_group_layouts: &[Some(&layout)],
             immediate_size: 0,
         });
-        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        let pipeline = self.device().create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(shader.name()),
             layout: Some(&pl),
             module: &module,
@@ -511,18 +531,18 @@ impl GpuContext {
     }
 
     fn create(&self, size: u64, usage: wgpu::BufferUsages, what: &str) -> Result<wgpu::Buffer> {
-        if size > self.max_buffer {
-            return Err(XentError::TooLarge { what: what.into(), bytes: size, limit: self.max_buffer });
+        if size > self.inner.max_buffer {
+            return Err(XentError::TooLarge { what: what.into(), bytes: size, limit: self.inner.max_buffer });
         }
         let buf = self.scoped(|| {
-            self.device.create_buffer(&wgpu::BufferDescriptor {
+            self.device().create_buffer(&wgpu::BufferDescriptor {
                 label: Some(what),
                 size,
                 usage,
                 mapped_at_creation: false,
             })
         })?;
-        self.buffers_built.fetch_add(1, Ordering::Relaxed);
+        self.inner.buffers_built.fetch_add(1, Ordering::Relaxed);
         Ok(buf)
     }
 
@@ -530,13 +550,13 @@ impl GpuContext {
     pub(crate) fn take(&self, size: u64, usage: wgpu::BufferUsages, what: &str) -> Result<Pooled> {
         let class = size_class(size);
         // A class above the device limit falls back to the exact (4-byte rounded) size.
-        let class = if class > self.max_buffer { size.max(4).next_multiple_of(4) } else { class };
-        if let Some(b) = self.pool.take(class, usage) {
+        let class = if class > self.inner.max_buffer { size.max(4).next_multiple_of(4) } else { class };
+        if let Some(b) = self.inner.pool.take(class, usage) {
             return Ok(b);
         }
         let buf = self.create(class, usage, what)?;
-        self.pool.note_taken(class);
-        Ok(self.pool.wrap(buf))
+        self.inner.pool.note_taken(class);
+        Ok(self.inner.pool.wrap(buf))
     }
 
     /// A buffer owned for its holder's lifetime (a plan's), freed rather than pooled on drop:
@@ -548,16 +568,16 @@ impl GpuContext {
     /// Writes `data` at `offset` through the queue (ordered before the next submission), padded
     /// to the 4-byte copy alignment.
     pub(crate) fn write(&self, buf: &wgpu::Buffer, offset: u64, data: &[u8]) -> Result<()> {
-        self.bytes_to_device.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.inner.bytes_to_device.fetch_add(data.len() as u64, Ordering::Relaxed);
         self.scoped(|| {
             let whole = data.len() / 4 * 4;
             if whole > 0 {
-                self.queue.write_buffer(buf, offset, &data[..whole]);
+                self.queue().write_buffer(buf, offset, &data[..whole]);
             }
             if whole < data.len() {
                 let mut tail = [0u8; 4];
                 tail[..data.len() - whole].copy_from_slice(&data[whole..]);
-                self.queue.write_buffer(buf, offset + whole as u64, &tail);
+                self.queue().write_buffer(buf, offset + whole as u64, &tail);
             }
         })
     }
@@ -567,7 +587,7 @@ impl GpuContext {
     pub(crate) fn buffer_init(&self, data: &[u8], usage: wgpu::BufferUsages, what: &str) -> Result<wgpu::Buffer> {
         let size = (data.len() as u64).max(4).next_multiple_of(4);
         let buf = self.scoped(|| {
-            self.device.create_buffer(&wgpu::BufferDescriptor {
+            self.device().create_buffer(&wgpu::BufferDescriptor {
                 label: Some(what),
                 size,
                 usage,
@@ -579,14 +599,14 @@ impl GpuContext {
                 Ok(v) => v,
                 Err(e) => {
                     self.probe_lost()?;
-                    return Err(XentError::Gpu(format!("{what}: {e}")));
+                    return Err(XentError::gpu(format!("{what}: {e}"), e));
                 }
             };
             view.slice(..data.len()).copy_from_slice(data);
         }
         buf.unmap();
-        self.bytes_to_device.fetch_add(data.len() as u64, Ordering::Relaxed);
-        self.buffers_built.fetch_add(1, Ordering::Relaxed);
+        self.inner.bytes_to_device.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.inner.buffers_built.fetch_add(1, Ordering::Relaxed);
         Ok(buf)
     }
 
@@ -606,7 +626,7 @@ impl GpuContext {
         }
         for (i, piece) in data.chunks(PIECE).enumerate() {
             self.write(buf, offset + (i * PIECE) as u64, piece)?;
-            let idx = self.scoped(|| self.queue.submit([]))?;
+            let idx = self.scoped(|| self.queue().submit([]))?;
             self.wait(idx)?;
         }
         Ok(())
@@ -614,7 +634,7 @@ impl GpuContext {
 
     /// Fails if device loss was seen before.
     pub(crate) fn check_alive(&self) -> Result<()> {
-        match self.lost.lock().unwrap().clone() {
+        match self.inner.lost.lock().unwrap().clone() {
             Some(msg) => Err(XentError::DeviceLost(msg)),
             None => Ok(()),
         }
@@ -634,8 +654,8 @@ impl GpuContext {
             return lost;
         }
         match e {
-            wgpu::Error::OutOfMemory { .. } => XentError::Gpu(format!("out of GPU memory: {text}")),
-            _ => XentError::Gpu(text),
+            wgpu::Error::OutOfMemory { .. } => XentError::gpu(format!("out of GPU memory: {text}"), e),
+            _ => XentError::gpu(text, e),
         }
     }
 
@@ -643,8 +663,8 @@ impl GpuContext {
     /// creation. Loss is remembered, so later calls fail at once with the same error.
     fn probe_lost(&self) -> Result<()> {
         self.check_alive()?;
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+        let scope = self.device().push_error_scope(wgpu::ErrorFilter::Validation);
+        let buf = self.device().create_buffer(&wgpu::BufferDescriptor {
             label: Some("xent probe"),
             size: 4,
             usage: wgpu::BufferUsages::MAP_WRITE,
@@ -659,7 +679,7 @@ impl GpuContext {
             return Ok(());
         }
         let msg = "the device was lost (destroyed, reset or removed)".to_string();
-        *self.lost.lock().unwrap() = Some(msg.clone());
+        *self.inner.lost.lock().unwrap() = Some(msg.clone());
         Err(XentError::DeviceLost(msg))
     }
 
@@ -667,9 +687,9 @@ impl GpuContext {
     /// they caught (scopes are per thread, so concurrent callers do not see each other's errors).
     pub(crate) fn scoped<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
         self.check_alive()?;
-        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let internal = self.device.push_error_scope(wgpu::ErrorFilter::Internal);
-        let val = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom = self.device().push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let internal = self.device().push_error_scope(wgpu::ErrorFilter::Internal);
+        let val = self.device().push_error_scope(wgpu::ErrorFilter::Validation);
         let out = f();
         let v = pollster::block_on(val.pop());
         let i = pollster::block_on(internal.pop());
@@ -682,15 +702,15 @@ impl GpuContext {
 
     /// Submits `encoder` (inside error scopes) and returns its index.
     pub(crate) fn submit(&self, encoder: wgpu::CommandEncoder) -> Result<wgpu::SubmissionIndex> {
-        self.scoped(|| self.queue.submit([encoder.finish()]))
+        self.scoped(|| self.queue().submit([encoder.finish()]))
     }
 
     /// Waits for a submission.
     pub(crate) fn wait(&self, idx: wgpu::SubmissionIndex) -> Result<()> {
-        if let Err(e) = self.device.poll(wgpu::PollType::Wait { submission_index: Some(idx), timeout: None }) {
+        if let Err(e) = self.device().poll(wgpu::PollType::Wait { submission_index: Some(idx), timeout: None }) {
             // A submission to a lost device never happened: say so rather than "wrong index".
             self.probe_lost()?;
-            return Err(XentError::Gpu(e.to_string()));
+            return Err(XentError::gpu(e.to_string(), e));
         }
         self.check_alive()
     }
@@ -716,26 +736,26 @@ impl GpuContext {
             })
         })?;
         let result = loop {
-            if let Err(e) = self.device.poll(wgpu::PollType::wait_indefinitely()) {
+            if let Err(e) = self.device().poll(wgpu::PollType::wait_indefinitely()) {
                 self.probe_lost()?;
-                return Err(XentError::Gpu(e.to_string()));
+                return Err(XentError::gpu(e.to_string(), e));
             }
             match rx.recv_timeout(std::time::Duration::from_millis(1)) {
                 Ok(r) => break r,
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => self.check_alive()?,
-                Err(e) => return Err(XentError::Gpu(format!("map callback dropped: {e}"))),
+                Err(e) => return Err(XentError::gpu(format!("map callback dropped: {e}"), e)),
             }
         };
         if let Err(e) = result {
             self.probe_lost()?;
-            return Err(XentError::Gpu(format!("map failed: {e}")));
+            return Err(XentError::gpu(format!("map failed: {e}"), e));
         }
         {
-            let view = staging.get_mapped_range(0..len).map_err(|e| XentError::Gpu(format!("mapped range: {e}")))?;
+            let view = staging.get_mapped_range(0..len).map_err(|e| XentError::gpu(format!("mapped range: {e}"), e))?;
             out.copy_from_slice(&view[..out.len()]);
         }
         staging.unmap();
-        self.bytes_to_host.fetch_add(out.len() as u64, Ordering::Relaxed);
+        self.inner.bytes_to_host.fetch_add(out.len() as u64, Ordering::Relaxed);
         self.check_alive()
     }
 
@@ -773,7 +793,7 @@ impl GpuContext {
         let mut first = first;
         let mut done = 0u64;
         while done < total || first.is_some() {
-            let mut enc = first.take().unwrap_or_else(|| self.device.create_command_encoder(&Default::default()));
+            let mut enc = first.take().unwrap_or_else(|| self.device().create_command_encoder(&Default::default()));
             let n = (total - done).min(piece);
             let copy = n.next_multiple_of(4);
             if n > 0 {

@@ -114,7 +114,7 @@ pub(crate) struct Recorder<'a> {
 
 /// Workgroup grid `(x, y)` covering `groups` workgroups.
 fn grid(ctx: &GpuContext, groups: usize) -> Result<(u32, u32)> {
-    let max = ctx.max_groups as usize;
+    let max = ctx.inner.max_groups as usize;
     let x = groups.clamp(1, max);
     let y = groups.div_ceil(x);
     if y > max {
@@ -136,18 +136,18 @@ impl<'a> Recorder<'a> {
     pub fn push(&mut self, l: Launch<'a>) -> Result<()> {
         let ctx = self.ctx;
         let (n, v) = (l.n, l.v);
-        let align = ctx.offset_align;
+        let align = ctx.inner.offset_align;
         let elem = l.rows.iter().map(|r| r.elem).max().unwrap_or(0);
         let row_bytes = v as u64 * elem;
-        let per = if row_bytes == 0 || row_bytes * n as u64 + align <= ctx.max_binding {
+        let per = if row_bytes == 0 || row_bytes * n as u64 + align <= ctx.inner.max_binding {
             n.max(1)
         } else {
-            let per = ctx.max_binding.saturating_sub(align) / row_bytes;
+            let per = ctx.inner.max_binding.saturating_sub(align) / row_bytes;
             if per == 0 {
                 return Err(XentError::TooLarge {
                     what: format!("one row of {v} elements"),
                     bytes: row_bytes + align,
-                    limit: ctx.max_binding,
+                    limit: ctx.inner.max_binding,
                 });
             }
             per as usize
@@ -259,7 +259,7 @@ impl<'a> Recorder<'a> {
                                 },
                             }));
                             block += 1;
-                            ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                            ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
                                 label: None,
                                 layout: &l.kernel.layout,
                                 entries: &entries,

@@ -51,18 +51,18 @@ impl PendingBytes {
             }
             self.map = Some(rx);
         }
-        let _ = self.ctx.device.poll(wgpu::PollType::Poll);
+        let _ = self.ctx.device().poll(wgpu::PollType::Poll);
         match self.map.as_ref().expect("mapping").try_recv() {
             Err(TryRecvError::Empty) => None,
-            Err(e) => Some(Err(XentError::Gpu(format!("map callback dropped: {e}")))),
-            Ok(Err(e)) => Some(Err(XentError::Gpu(format!("map failed: {e}")))),
+            Err(e) => Some(Err(XentError::gpu(format!("map callback dropped: {e}"), e))),
+            Ok(Err(e)) => Some(Err(XentError::gpu(format!("map failed: {e}"), e))),
             Ok(Ok(())) => {
                 let bytes = match staging.get_mapped_range(0..self.len) {
                     Ok(view) => view.to_vec(),
-                    Err(e) => return Some(Err(XentError::Gpu(format!("mapped range: {e}")))),
+                    Err(e) => return Some(Err(XentError::gpu(format!("mapped range: {e}"), e))),
                 };
                 staging.unmap();
-                self.ctx.bytes_to_host.fetch_add(self.len, std::sync::atomic::Ordering::Relaxed);
+                self.ctx.inner.bytes_to_host.fetch_add(self.len, std::sync::atomic::Ordering::Relaxed);
                 Some(Ok(bytes))
             }
         }

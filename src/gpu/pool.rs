@@ -48,6 +48,7 @@ pub(crate) struct PoolInner {
 
 /// Counters of the pool (see [`crate::GpuContext::counters`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct PoolStats {
     /// Bytes held in free buffers.
     pub free_bytes: u64,

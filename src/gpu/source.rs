@@ -149,6 +149,7 @@ const MATMUL_IO: &str = include_str!("../../shaders/matmul_io.wgsl");
 
 impl Shader {
     /// Every kernel, for tests.
+    #[cfg(test)]
     pub const ALL: [Shader; 12] = [
         Shader::CeWeights,
         Shader::CeFused,

@@ -7,7 +7,7 @@
 use crate::error::{Result, XentError};
 
 pub mod corpus;
-pub mod vocab;
+pub(crate) mod vocab;
 
 pub use vocab::VocabShard;
 #[cfg(feature = "mpi")]

@@ -58,21 +58,19 @@ pub fn cases() -> Vec<GoldenCe> {
         let (shape, logits) = read(inputs["logits"].as_str().unwrap());
         let targets = read(inputs["targets"].as_str().unwrap()).1.iter().map(|&t| t as i64).collect();
         let f = |k: &str| p.get(k).and_then(|x| x.as_f64());
-        let cfg = CrossEntropy {
-            reduction: match p["reduction"].as_str().unwrap() {
+        let cfg = CrossEntropy::default()
+            .with_reduction(match p["reduction"].as_str().unwrap() {
                 "sum" => Reduction::Sum,
                 "none" => Reduction::None,
                 _ => Reduction::Mean,
-            },
-            ignore_index: p["ignore_index"].as_i64().unwrap(),
-            label_smoothing: f("label_smoothing").unwrap_or(0.0) as f32,
-            class_weight: inputs
-                .get("class_weight")
-                .map(|w| read(w.as_str().unwrap()).1.iter().map(|&v| v as f32).collect()),
-            softcap: f("softcap").map(|c| c as f32),
-            z_loss: f("z_loss_scale").unwrap_or(0.0) as f32,
-            ..Default::default()
-        };
+            })
+            .with_ignore_index(p["ignore_index"].as_i64().unwrap())
+            .with_label_smoothing(f("label_smoothing").unwrap_or(0.0) as f32)
+            .with_class_weight(
+                inputs.get("class_weight").map(|w| read(w.as_str().unwrap()).1.iter().map(|&v| v as f32).collect()),
+            )
+            .with_softcap(f("softcap").map(|c| c as f32))
+            .with_z_loss(f("z_loss_scale").unwrap_or(0.0) as f32);
         let loss = match &expected["loss"] {
             serde_json::Value::String(s) if s == "NaN" => vec![f64::NAN],
             serde_json::Value::String(file) => read(file).1,

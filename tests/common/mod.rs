@@ -29,26 +29,25 @@ mod gpu {
     /// A context that reduces in workgroup memory (no subgroup operations).
     pub fn gpu_no_subgroups() -> Option<&'static GpuContext> {
         static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
-        CTX.get_or_init(|| make(GpuOptions { subgroups: false, ..Default::default() })).as_ref()
+        CTX.get_or_init(|| make(GpuOptions::default().with_subgroups(false))).as_ref()
     }
 
     /// A context whose storage bindings are capped at 64 KiB, so small tensors span many chunks.
     pub fn gpu_small_bindings() -> Option<&'static GpuContext> {
         static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
-        CTX.get_or_init(|| make(GpuOptions { max_binding_bytes: Some(64 << 10), ..Default::default() })).as_ref()
+        CTX.get_or_init(|| make(GpuOptions::default().with_max_binding_bytes(64 << 10))).as_ref()
     }
 
     /// A context that splits rows into segments of 96 columns (two dispatches per row pass)
     /// with 32-invocation workgroups: the split-row path.
     pub fn gpu_segments() -> Option<&'static GpuContext> {
         static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
-        CTX.get_or_init(|| make(GpuOptions { segment_len: Some(96), workgroup_size: Some(32), ..Default::default() }))
-            .as_ref()
+        CTX.get_or_init(|| make(GpuOptions::default().with_segment_len(96).with_workgroup_size(32))).as_ref()
     }
 
     /// Split rows in small chunks: segments of 40 columns and 16 KiB bindings.
     pub fn gpu_segments_chunked() -> Option<GpuContext> {
-        make(GpuOptions { segment_len: Some(40), max_binding_bytes: Some(16 << 10), ..Default::default() })
+        make(GpuOptions::default().with_segment_len(40).with_max_binding_bytes(16 << 10))
     }
 
     /// A new private context (for tests that count its allocations or destroy its device).

@@ -94,7 +94,12 @@ pub fn run(a: &BceArgs) -> Result<()> {
     };
     let pos_weight = a.pos_weight.as_ref().map(|p| read_weights(p, "--pos-weight", x.ncols(), "column")).transpose()?;
     let reduction = a.reduction.into();
-    let cfg = Bce { reduction, weight, pos_weight, grad: a.grad_out.is_some(), grad_scale: 1.0 };
+    let cfg = Bce::default()
+        .with_reduction(reduction)
+        .with_weight(weight)
+        .with_pos_weight(pos_weight)
+        .with_grad(a.grad_out.is_some())
+        .with_grad_scale(1.0);
     let input = if from_probs { xent::check::BceInput::Probs } else { xent::check::BceInput::Logits };
     xent::check::bce_inputs(x.view(), y.view(), &cfg, input)?;
     let grad_out = out_tensor(a.grad_out.as_deref(), FileDType::F32, &shape, "gradient")?;
@@ -113,7 +118,7 @@ pub fn run(a: &BceArgs) -> Result<()> {
         (None, _) => None,
         (Some(_), Some(e)) => Some(e.clone()),
         // Element losses for any reduction: evaluate once more without reducing.
-        (Some(_), None) => run(&Bce { reduction: Reduction::None, grad: false, ..cfg.clone() })?.elem_loss,
+        (Some(_), None) => run(&cfg.clone().with_reduction(Reduction::None).with_grad(false))?.elem_loss,
     };
     commit_f32(grad_out, out.grad.as_ref().and_then(|g| g.as_slice()))?;
     commit_f32(loss_out, elem.as_ref().and_then(|e| e.as_slice()))?;

@@ -240,12 +240,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let gpus: Vec<(u8, xent::GpuContext)> = if a.backend.contains(&BackendKind::Gpu) {
         let mut out = Vec::new();
         for &w in &widths {
-            let opts = xent::GpuOptions {
-                workgroup_size: a.workgroup_size,
-                segment_len: a.segment_len,
-                wide_loads: w.map(|w| w == 16),
-                ..Default::default()
-            };
+            let opts = xent::GpuOptions::default()
+                .with_workgroup_size(a.workgroup_size)
+                .with_segment_len(a.segment_len)
+                .with_wide_loads(w.map(|w| w == 16));
             match xent::GpuContext::with_options(opts) {
                 Ok(g) => out.push((if g.wide_loads() { 16 } else { 8 }, g)),
                 Err(e) if a.backend.len() == 1 => return Err(e),
@@ -543,7 +541,7 @@ fn gpu_time(
         Op::FwdBwd => Some(g.create_buffer((n * v * dtype.size()) as u64, U::STORAGE, "bench gradient")?),
         Op::Fwd | Op::Copy | Op::LinearFwdBwd => None,
     };
-    let plan_cfg = CrossEntropy { ignore_index: i32::MIN as i64, ..cfg.clone() };
+    let plan_cfg = cfg.clone().with_ignore_index(i32::MIN as i64);
     let plan = g.cross_entropy_plan(n, v, dtype, &plan_cfg)?;
     let inputs = CeInputs {
         logits: crate::common::head(&lb, (n * v * dtype.size()) as u64),

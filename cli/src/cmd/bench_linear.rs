@@ -43,7 +43,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let shapes = a.shapes.iter().map(|s| parse(s)).collect::<Result<Vec<_>>>()?;
     let dtypes = a.dtype.iter().map(|s| s.parse::<DType>()).collect::<Result<Vec<_>>>()?;
     let pb = ProgressBar::hidden();
-    let cfg = LinearCe { workspace_bytes: a.workspace_bytes, ..Default::default() };
+    let cfg = LinearCe::default().with_workspace_bytes(a.workspace_bytes);
     // `None`: the library's own choice (XENT_CPU_MATMUL, else cpuid).
     let matmuls = a
         .cpu_matmul
@@ -137,10 +137,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             #[cfg(feature = "gpu")]
             for &mm in a.matmul.iter().filter(|_| a.backend.contains(&BackendKind::Gpu)) {
                 let coop = mm == super::bench::GpuMatmul::Coop16;
-                let g = xent::GpuContext::with_options(xent::GpuOptions {
-                    cooperative_matrix: coop,
-                    ..Default::default()
-                })?;
+                let g = xent::GpuContext::with_options(xent::GpuOptions::default().with_cooperative_matrix(coop))?;
                 let times = time(a.reps, &pb, || {
                     g.linear_cross_entropy(h.view(), w.view(), Some(b.view()), t.view(), &cfg).map(drop)
                 })?;

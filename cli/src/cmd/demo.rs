@@ -130,7 +130,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
                     max_abs_diff(gg, cg)
                 );
             }
-            Err(XentError::NoAdapter(why)) => {
+            Err(XentError::NoAdapter { message: why, .. }) => {
                 pb.suspend(|| {
                     eprintln!("no GPU adapter ({why}): running the CPU part only.");
                     eprintln!("  `apt-get install mesa-vulkan-drivers` gives a software Vulkan driver (lavapipe).");
@@ -167,12 +167,7 @@ fn device_resident(
     let targets = g.create_buffer((n * 4) as u64, U::STORAGE | U::COPY_DST, "demo targets")?;
     g.write_buffer(&targets, 0, bytemuck::cast_slice(&ti))?;
     let grad = g.create_buffer((n * v * 4) as u64, U::STORAGE, "demo gradient")?;
-    let plan = g.cross_entropy_plan(
-        n,
-        v,
-        DType::F32,
-        &CrossEntropy { ignore_index: xent::DEVICE_IGNORED as i64, ..cfg.clone() },
-    )?;
+    let plan = g.cross_entropy_plan(n, v, DType::F32, &cfg.clone().with_ignore_index(xent::DEVICE_IGNORED as i64))?;
     let inputs = CeInputs {
         logits: logits.slice(..),
         targets: DeviceTargets::Classes(targets.slice(..)),

@@ -73,7 +73,7 @@ pub fn run_distill(a: &DistillArgs) -> Result<()> {
         ModeArg::ReverseKl => DistillMode::ReverseKl,
         ModeArg::Jsd => DistillMode::Jsd { beta: a.beta },
     };
-    let cfg = Distill { temperature: a.temperature, mode, grad_scale: 1.0 };
+    let cfg = Distill::default().with_temperature(a.temperature).with_mode(mode).with_grad_scale(1.0);
     cfg.validate()?;
     xent::check::same_rows(s.dim(), t.dim(), "student and teacher logits")?;
     let (n, v) = s.dim();

@@ -192,7 +192,7 @@ fn eval_rows(a: &EvalArgs, rank: usize, ranks: usize) -> Result<EvalPart> {
     Outputs::check(&outs, &inputs, true)?;
 
     let reduction: Reduction = a.reduction.into();
-    let mut cfg = CrossEntropy { ranks: true, ..ce_options(a, n, v)? };
+    let mut cfg = ce_options(a, n, v)?.with_ranks(true);
     // Targets, and every check, before a device is opened or an output file created.
     let (classes, probs) = match (&a.targets, &a.target_probs) {
         (Some(t), _) => {
@@ -279,18 +279,16 @@ fn eval_rows(a: &EvalArgs, rank: usize, ranks: usize) -> Result<EvalPart> {
 
 /// The options of `eval` as a [`CrossEntropy`], for `n` rows of `v` classes.
 fn ce_options(a: &EvalArgs, n: usize, v: usize) -> Result<CrossEntropy> {
-    Ok(CrossEntropy {
-        reduction: a.reduction.into(),
-        ignore_index: a.ignore_index,
-        label_smoothing: non_negative(a.label_smoothing, "--label-smoothing")?,
-        class_weight: a.class_weight.as_ref().map(|p| read_weights(p, "--class-weight", v, "class")).transpose()?,
-        sample_weight: a.sample_weight.as_ref().map(|p| read_weights(p, "--sample-weight", n, "row")).transpose()?,
-        z_loss: non_negative(a.z_loss, "--z-loss")?,
-        softcap: a.softcap,
-        temperature: a.temperature,
-        per_row: a.loss_out.is_some(),
-        ..Default::default()
-    })
+    Ok(CrossEntropy::default()
+        .with_reduction(a.reduction.into())
+        .with_ignore_index(a.ignore_index)
+        .with_label_smoothing(non_negative(a.label_smoothing, "--label-smoothing")?)
+        .with_class_weight(a.class_weight.as_ref().map(|p| read_weights(p, "--class-weight", v, "class")).transpose()?)
+        .with_sample_weight(a.sample_weight.as_ref().map(|p| read_weights(p, "--sample-weight", n, "row")).transpose()?)
+        .with_z_loss(non_negative(a.z_loss, "--z-loss")?)
+        .with_softcap(a.softcap)
+        .with_temperature(a.temperature)
+        .with_per_row(a.loss_out.is_some()))
 }
 
 /// `eval --hidden H --weight W`: fused linear cross-entropy.

@@ -171,14 +171,12 @@ pub fn eval(
     if outs.bias.is_some() && inputs.bias.is_none() {
         return Err(XentError::InvalidOption("--grad-bias-out needs --bias".into()));
     }
-    let cfg = LinearCe {
-        ce,
-        grad_hidden: outs.hidden.is_some(),
-        grad_weight: outs.weight.is_some(),
-        grad_bias: outs.bias.is_some(),
-        grads_in_input_dtype: false,
-        workspace_bytes: None,
-    };
+    let cfg = LinearCe::default()
+        .with_ce(ce)
+        .with_grad_hidden(outs.hidden.is_some())
+        .with_grad_weight(outs.weight.is_some())
+        .with_grad_bias(outs.bias.is_some())
+        .with_grads_in_input_dtype(false);
     // Output files exist (as temporaries) before the work: a bad path fails first.
     let gh = out_tensor(outs.hidden, outs.dtype, &[n, d], "grad_hidden")?;
     let gw = out_tensor(outs.weight, outs.dtype, &[v, d], "grad_weight")?;

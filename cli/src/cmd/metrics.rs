@@ -8,7 +8,7 @@ use xent::calibration::{fit_temperature_by, Calibration, CalibrationAcc};
 use xent::parallel::{corpus::all_reduce_corpus, Collective};
 use xent::preference::{preference, Preference};
 use xent::sequence::CorpusEval;
-use xent::{CrossEntropy, DType, Reduction, Result, XentError};
+use xent::{DType, Reduction, Result, XentError};
 
 use super::{commit_f32, out_tensor};
 use crate::blocks::{block_rows, BlockTargets, CeJob};
@@ -190,21 +190,14 @@ fn perplexity_rows(a: &PerplexityArgs, rank: usize, ranks: usize) -> Result<PplP
     let engine = a.backend.open()?;
     let mut acc = CorpusEval::default();
     if let Some(l) = &linear {
-        let lcfg =
-            xent::LinearCe { ce: cfg, grad_hidden: false, grad_weight: false, grad_bias: false, ..Default::default() };
+        let lcfg = xent::LinearCe::default()
+            .with_ce(cfg)
+            .with_grad_hidden(false)
+            .with_grad_weight(false)
+            .with_grad_bias(false);
         let inputs = crate::cmd::linear::LinearInputs { targets: ndarray::Array1::from(t.clone()), ..l.clone() };
         let o = inputs.run(&engine, &lcfg)?;
-        let scored = xent::CeOutput {
-            loss: o.loss,
-            counted: o.counted,
-            weight_sum: o.weight_sum,
-            row_loss: o.row_loss,
-            row_lse: o.row_lse,
-            grad: None,
-            row_max: None,
-            row_rank: o.row_rank,
-            row_gap: None,
-        };
+        let scored = xent::CeOutput::from(o);
         acc.add_scored(&scored, ndarray::ArrayView1::from(&t), seq_len)?;
         return Ok(PplPart { acc, first: 0, sequences: b, dtype, backend: engine.name().to_string() });
     }
@@ -296,7 +289,7 @@ pub fn run_calibrate(a: &CalibrateArgs) -> Result<()> {
     let engine = a.backend.open()?;
     let br = block_rows(rows, v, dtype.size(), a.block_rows, 1)?;
     let fit = fit_temperature_by(&mut |temperature, gaps| {
-        let cfg = CrossEntropy { ignore_index: a.ignore_index, ..CalibrationAcc::pass_config(temperature, gaps) };
+        let cfg = CalibrationAcc::pass_config(temperature, gaps).with_ignore_index(a.ignore_index);
         let job = CeJob {
             logits: &logits,
             span: 0..rows,
@@ -382,7 +375,8 @@ pub fn run_preference(a: &PreferenceArgs) -> Result<()> {
     let c = read_f32_1d(&a.chosen, "chosen scores")?;
     let r = read_f32_1d(&a.rejected, "rejected scores")?;
     let grad = a.grad_chosen_out.is_some() || a.grad_rejected_out.is_some();
-    let cfg = Preference { beta: a.beta, margin: a.margin, reduction: Reduction::Mean, grad };
+    let cfg =
+        Preference::default().with_beta(a.beta).with_margin(a.margin).with_reduction(Reduction::Mean).with_grad(grad);
     let gc = out_tensor(a.grad_chosen_out.as_deref(), FileDType::F32, &[c.len()], "gradient")?;
     let gr = out_tensor(a.grad_rejected_out.as_deref(), FileDType::F32, &[c.len()], "gradient")?;
     let engine = a.backend.open()?;

@@ -25,8 +25,8 @@ use burn_cubecl::{CubeBackend, CubeDevice};
 use cubecl::server::Handle;
 use cubecl::wgpu::{AutoCompiler, AutoGraphicsApi, RuntimeOptions, WgpuDevice, WgpuServer, WgpuSetup};
 use xent::{
-    CeBackward, CeInputs, CePlan, CrossEntropy, DeviceGrad, DeviceTargets, GpuContext, GpuOptions, Logits, Tensor2,
-    XentError,
+    CeBackward, CeInputs, CePlan, CrossEntropy, DeviceGrad, DeviceTargets, GpuContext, GpuOptions, GpuSource, Logits,
+    Tensor2, XentError,
 };
 
 use crate::count_host_transfer;
@@ -64,7 +64,7 @@ fn shared(device: &CubeDevice) -> Option<Arc<Shared>> {
 
 fn register(setup: WgpuSetup, device: Device) -> Result<Device, XentError> {
     let DispatchDevice::Cube(key) = device.as_dispatch() else {
-        return Err(XentError::Gpu("Burn did not return a wgpu device".into()));
+        return Err(XentError::gpu_message("Burn did not return a wgpu device"));
     };
     let ctx = GpuContext::from_device(setup.device, setup.queue, GpuOptions::default())?;
     let mut all = SHARED.lock().unwrap_or_else(|p| p.into_inner());
@@ -87,8 +87,10 @@ pub fn wgpu_device() -> Result<Device, XentError> {
     if let Some(d) = slot.as_ref() {
         return Ok(d.clone());
     }
-    let setup = cubecl::wgpu::try_init_setup::<AutoGraphicsApi>(&WgpuDevice::default(), RuntimeOptions::default())
-        .map_err(|e| XentError::NoAdapter(format!("Burn's wgpu runtime: {e}")))?;
+    let setup =
+        cubecl::wgpu::try_init_setup::<AutoGraphicsApi>(&WgpuDevice::default(), RuntimeOptions::default()).map_err(
+            |e| XentError::NoAdapter { message: format!("Burn's wgpu runtime: {e}"), source: Some(GpuSource::new(e)) },
+        )?;
     let device = register(setup, Device::wgpu(DeviceKind::DefaultDevice))?;
     *slot = Some(device.clone());
     Ok(device)
@@ -98,10 +100,10 @@ pub fn wgpu_device() -> Result<Device, XentError> {
 /// .setup(..)`) and with xent, and returns the Burn device. The device must have the features
 /// Burn's compiler needs (see Burn's `WgpuOptions::setup`).
 pub fn share_wgpu(setup: WgpuSetup) -> Result<Device, XentError> {
-    let device = Device::wgpu_options()
-        .setup(setup.clone())
-        .init()
-        .map_err(|e| XentError::RequestDevice(format!("Burn's wgpu runtime: {e}")))?;
+    let device = Device::wgpu_options().setup(setup.clone()).init().map_err(|e| XentError::RequestDevice {
+        message: format!("Burn's wgpu runtime: {e}"),
+        source: Some(GpuSource::new(e)),
+    })?;
     register(setup, device)
 }
 
@@ -153,7 +155,7 @@ impl Shared {
         let in_place = matches!(job, Job::Backward { in_place: true, .. });
         let grad = (matches!(job, Job::LossGrad) || backward && !in_place).then(|| client.empty(n * v * dtype.size()));
         let state = matches!(job, Job::LossState).then(|| client.empty(plan.state_bytes() as usize));
-        let gpu = |e: cubecl::server::ServerError| XentError::Gpu(format!("Burn's wgpu runtime: {e}"));
+        let gpu = |e: cubecl::server::ServerError| XentError::gpu(format!("Burn's wgpu runtime: {e}"), e);
         // Burn's recorded work (which wrote the inputs) goes to the queue before ours.
         client.flush().map_err(gpu)?;
         let res = |h: &Handle| client.get_resource::<Server>(h.clone()).map_err(gpu);
@@ -286,7 +288,7 @@ fn run_host(
     count_host_transfer();
     let xv = ndarray::ArrayView2::from_shape((n, v), &x[..]);
     let Ok(xv) = xv else {
-        record_error(XentError::Gpu("logits could not be read back".into()));
+        record_error(XentError::gpu_message("logits could not be read back"));
         return nan_outputs(logits, args.loss_shape(n), with_grad);
     };
     let tv = xent::Targets::I64(ndarray::ArrayView1::from(&t[..]));

@@ -7,7 +7,7 @@
 //! sample weights, label smoothing, z-loss, softcap, temperature), keeps the gradient for the
 //! backward pass, and there only multiplies it by the upstream gradient.
 //!
-//! - **wgpu** (feature `wgpu`, on by default): on a device made by [`wgpu_device`] (or
+//! - **wgpu** (feature `gpu`, on by default): on a device made by [`wgpu_device`] (or
 //!   [`share_wgpu`]) xent's WGSL kernels run on Burn's own wgpu device and queue, reading the
 //!   logits from Burn's buffer and writing the gradient into a buffer Burn owns: no copy and no
 //!   host round trip. Burn's fusion wrapper (the default) and the plain `CubeBackend` are both
@@ -22,7 +22,7 @@
 //! let device = Device::flex().autodiff();
 //! let logits = Tensor::<2>::from_floats([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]], &device).require_grad();
 //! let targets = Tensor::<1, Int>::from_ints([0, -100], &device); // the second row is ignored
-//! let cfg = CrossEntropy { label_smoothing: 0.1, ..Default::default() };
+//! let cfg = CrossEntropy::default().with_label_smoothing(0.1);
 //! let loss = xent_burn::cross_entropy(logits.clone(), targets, &cfg)?;
 //! let grads = loss.backward();
 //! let g = logits.grad(&grads).expect("a gradient");
@@ -34,7 +34,7 @@
 #![warn(missing_docs)]
 
 mod autodiff;
-#[cfg(feature = "wgpu")]
+#[cfg(feature = "gpu")]
 mod cube;
 mod flex;
 mod ops;
@@ -53,8 +53,8 @@ pub use ops::take_error;
 pub use pool::{pooled_bytes, release_pooled_buffers};
 pub use xent::{CrossEntropy, Reduction, XentError};
 
-#[cfg(feature = "wgpu")]
-#[cfg_attr(docsrs, doc(cfg(feature = "wgpu")))]
+#[cfg(feature = "gpu")]
+#[cfg_attr(docsrs, doc(cfg(feature = "gpu")))]
 pub use cube::{share_wgpu, shared_counters, wgpu_device};
 
 /// The options of one loss call, as the backend extension carries them (cheap to clone).
@@ -93,13 +93,13 @@ fn fused_meta(logits: &TensorSpec, targets: &TensorSpec, args: &XentArgs) -> (Te
 }
 
 /// The lazy (fusion) backends are cube ones: their state is the cube backend's.
-#[cfg(feature = "wgpu")]
+#[cfg(feature = "gpu")]
 fn forward_meta(logits: &TensorSpec, targets: &TensorSpec, args: &XentArgs) -> (TensorSpec, TensorSpec) {
     let state = Shape::new([cube::state_len(logits.shape[0])]);
     (loss_meta(logits, targets, args), TensorSpec::new(state, BurnDType::F32))
 }
 
-#[cfg(not(feature = "wgpu"))]
+#[cfg(not(feature = "gpu"))]
 fn forward_meta(logits: &TensorSpec, targets: &TensorSpec, args: &XentArgs) -> (TensorSpec, TensorSpec) {
     fused_meta(logits, targets, args)
 }
@@ -110,7 +110,7 @@ fn backward_meta(logits: &TensorSpec, _t: &TensorSpec, _s: &TensorSpec, _u: &Ten
 
 /// xent's cross-entropy as a Burn backend extension. [`cross_entropy`] is the way to call it;
 /// the trait is public so that other backends can implement it.
-#[backend_extension(Cube: cfg(feature = "wgpu"), Fusion: cfg(feature = "wgpu"), Flex, Autodiff)]
+#[backend_extension(Cube: cfg(feature = "gpu"), Fusion: cfg(feature = "gpu"), Flex, Autodiff)]
 pub trait XentOps: Backend {
     /// The loss of `logits [N, V]` against class indices `targets [N]` (`[N]` with reduction
     /// `none`, else `[1]`), in the logits' dtype. Differentiable under autodiff.
@@ -176,11 +176,7 @@ fn check(logits: &Tensor<2>, targets: &Tensor<1, Int>, cfg: &CrossEntropy) -> Re
         d => return Err(XentError::InvalidOption(format!("logits of {d:?}: xent reads f32, f16 and bf16"))),
     }
     let none = ndarray::ArrayView1::<i64>::from(&[][..]);
-    xent::check::cross_entropy(
-        (0, v),
-        &xent::Targets::I64(none),
-        &CrossEntropy { sample_weight: None, ..cfg.clone() },
-    )?;
+    xent::check::cross_entropy((0, v), &xent::Targets::I64(none), &cfg.clone().with_sample_weight(None))?;
     if let Some(w) = &cfg.sample_weight {
         if w.len() != n {
             return Err(XentError::Shape(format!("sample_weight has {} entries for {n} rows", w.len())));

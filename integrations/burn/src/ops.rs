@@ -59,7 +59,7 @@ pub(crate) fn cpu_cross_entropy(
     grad: Option<LogitsMut<'_>>,
 ) -> Vec<f32> {
     let n = x.dim().0;
-    let cfg = CrossEntropy { per_row: cfg.reduction == Reduction::None, ..cfg.clone() };
+    let cfg = cfg.clone().with_per_row(cfg.reduction == Reduction::None);
     let res = match grad {
         Some(mut g) => cpu().cross_entropy_into(x, t, &cfg, g.reborrow()).map_err(|e| (e, Some(g))),
         None => cpu().cross_entropy(x, t, &cfg).map_err(|e| (e, None)),

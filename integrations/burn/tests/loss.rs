@@ -13,12 +13,12 @@ use xent::{CrossEntropy, Reduction};
 
 /// Burn's wgpu device shared with xent, or `None` (a printed notice) when there is no adapter
 /// and `XENT_REQUIRE_GPU` is not set; with it set, a missing adapter fails the test.
-#[cfg(not(feature = "wgpu"))]
+#[cfg(not(feature = "gpu"))]
 fn wgpu() -> Option<Device> {
     None
 }
 
-#[cfg(feature = "wgpu")]
+#[cfg(feature = "gpu")]
 fn wgpu() -> Option<Device> {
     match xent_burn::wgpu_device() {
         Ok(d) => Some(d),
@@ -86,11 +86,8 @@ fn equals_burns_own_cross_entropy_with_pad_rows_and_smoothing() {
             let theirs = burn_cfg.init(&ad).forward(logits.clone(), targets_of(&t, &ad));
             let g = theirs.backward();
             let (loss_ref, grad_ref) = (host(theirs)[0], host(logits.grad(&g).unwrap()));
-            let cfg = CrossEntropy {
-                ignore_index: pad as i64,
-                label_smoothing: smoothing.unwrap_or(0.0),
-                ..Default::default()
-            };
+            let cfg =
+                CrossEntropy::default().with_ignore_index(pad as i64).with_label_smoothing(smoothing.unwrap_or(0.0));
             let (loss, grad) = xent_loss_grad(&x, &t, &cfg, &device);
             assert!(
                 (loss[0] - loss_ref).abs() <= 2e-6 * loss_ref.abs(),
@@ -136,15 +133,10 @@ fn options_match_the_f64_reference() {
     let cw = ndarray::Array1::from_shape_fn(v, |c| 0.5 + (c % 7) as f32 * 0.1);
     let sw = ndarray::Array1::from_shape_fn(n, |i| 0.25 + (i % 5) as f32 * 0.5);
     let configs = [
-        CrossEntropy { sample_weight: Some(sw.clone()), class_weight: Some(cw.clone()), ..Default::default() },
-        CrossEntropy { z_loss: 1e-3, softcap: Some(6.0), temperature: 1.5, ..Default::default() },
-        CrossEntropy { reduction: Reduction::Sum, label_smoothing: 0.2, grad_scale: 0.5, ..Default::default() },
-        CrossEntropy {
-            reduction: Reduction::None,
-            class_weight: Some(cw),
-            label_smoothing: 0.05,
-            ..Default::default()
-        },
+        CrossEntropy::default().with_sample_weight(sw.clone()).with_class_weight(cw.clone()),
+        CrossEntropy::default().with_z_loss(1e-3).with_softcap(6.0).with_temperature(1.5),
+        CrossEntropy::default().with_reduction(Reduction::Sum).with_label_smoothing(0.2).with_grad_scale(0.5),
+        CrossEntropy::default().with_reduction(Reduction::None).with_class_weight(cw).with_label_smoothing(0.05),
     ];
     for (name, device) in devices() {
         for cfg in &configs {
@@ -168,7 +160,7 @@ fn all_ignored_batch_and_out_of_range_targets() {
         assert!(loss[0].is_nan(), "{name}: an all-ignored mean is NaN, as in PyTorch");
         assert!(grad.iter().all(|&g| g == 0.0), "{name}: ignored rows have zero gradient");
         let (loss, _) =
-            xent_loss_grad(&x, &[-100; 4], &CrossEntropy { reduction: Reduction::Sum, ..Default::default() }, &device);
+            xent_loss_grad(&x, &[-100; 4], &CrossEntropy::default().with_reduction(Reduction::Sum), &device);
         assert_eq!(loss[0], 0.0, "{name}: an all-ignored sum is 0");
 
         let ad = device.clone().autodiff();
@@ -183,9 +175,9 @@ fn all_ignored_batch_and_out_of_range_targets() {
         }
         let short = xent_burn::cross_entropy(logits_of(&x, &ad), targets_of(&[0, 1], &ad), &CrossEntropy::default());
         assert!(matches!(short, Err(xent::XentError::Shape(_))), "{name}: {short:?}");
-        let sw = CrossEntropy { sample_weight: Some(ndarray::Array1::ones(3)), ..Default::default() };
+        let sw = CrossEntropy::default().with_sample_weight(ndarray::Array1::ones(3));
         assert!(xent_burn::cross_entropy(logits_of(&x, &ad), targets_of(&[0, 1, 2, 3], &ad), &sw).is_err());
-        let eps = CrossEntropy { label_smoothing: 1.5, ..Default::default() };
+        let eps = CrossEntropy::default().with_label_smoothing(1.5);
         assert!(xent_burn::cross_entropy(logits_of(&x, &ad), targets_of(&[0, 1, 2, 3], &ad), &eps).is_err());
     }
 }
@@ -242,7 +234,7 @@ fn sliced_and_strided_logits() {
 /// Several training steps on Burn's wgpu device: the logits and gradient never leave the device
 /// (xent's counters show no readback; the only uploads are the plans' parameter blocks), and
 /// the host fallback is never taken.
-#[cfg(feature = "wgpu")]
+#[cfg(feature = "gpu")]
 #[test]
 fn wgpu_steps_move_no_logits_or_gradients_through_the_host() {
     let Some(device) = wgpu() else { return };
@@ -277,7 +269,7 @@ fn wgpu_steps_move_no_logits_or_gradients_through_the_host() {
 }
 
 /// The plain cube backend (no fusion wrapper), reached through Burn's backend trait directly.
-#[cfg(feature = "wgpu")]
+#[cfg(feature = "gpu")]
 #[test]
 fn plain_cube_backend_without_fusion() {
     use burn::backend::ops::{FloatTensorOps, IntTensorOps};
@@ -290,7 +282,7 @@ fn plain_cube_backend_without_fusion() {
     let logits =
         CubeBackend::float_from_data(TensorData::new(x.iter().copied().collect::<Vec<f32>>(), [20, 333]), cube);
     let targets = CubeBackend::int_from_data(TensorData::new(t.to_vec(), [20]), cube);
-    let cfg = CrossEntropy { label_smoothing: 0.1, ..Default::default() };
+    let cfg = CrossEntropy::default().with_label_smoothing(0.1);
     let (loss, grad) = CubeBackend::xent_cross_entropy_with_grad(logits, targets, XentArgs::new(&cfg));
     let read = |p| burn_cubecl::ops::into_data_sync(p).convert::<f32>().try_to_vec::<f32>().unwrap();
     let r = reference::cross_entropy(&x, t.view(), &cfg).unwrap();

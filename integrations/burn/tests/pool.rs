@@ -10,7 +10,7 @@ fn flex_gradient_buffers_return_to_the_pool_and_are_rewritten_in_full() {
     let (n, v) = (37usize, 1009usize);
     let bytes = (n * v * 4).div_ceil(16) * 16;
     let device = Device::flex().autodiff();
-    let cfg = CrossEntropy { reduction: Reduction::Sum, ..Default::default() };
+    let cfg = CrossEntropy::default().with_reduction(Reduction::Sum);
     // Loss and gradient, with the bytes pooled while the gradient is alive.
     let run = |x: &ndarray::Array2<f32>, t: &[i64]| {
         let logits = Tensor::<2>::from_data(TensorData::new(x.iter().copied().collect::<Vec<f32>>(), [n, v]), &device)

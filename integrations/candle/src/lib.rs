@@ -13,7 +13,7 @@
 //!
 //! let logits = Var::new(&[[2.0f32, 0.5, -1.0], [0.1, 0.2, 0.3]], &Device::Cpu)?;
 //! let targets = Tensor::new(&[0i64, -100], &Device::Cpu)?; // the second row is ignored
-//! let cfg = CrossEntropy { label_smoothing: 0.1, ..Default::default() };
+//! let cfg = CrossEntropy::default().with_label_smoothing(0.1);
 //! let loss = xent_candle::cross_entropy(logits.as_tensor(), &targets, &cfg)?;
 //! let grads = loss.backward()?;
 //! let g = grads.get(logits.as_tensor()).expect("a gradient");
@@ -156,7 +156,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, cfg: &CrossEntropy) -> c
     if !logits.device().is_cpu() {
         return Err(err("xent-candle runs on Candle's CPU device"));
     }
-    let cfg = CrossEntropy { per_row: cfg.per_row || cfg.reduction == Reduction::None, ..cfg.clone() };
+    let cfg = cfg.clone().with_per_row(cfg.per_row || cfg.reduction == Reduction::None);
     logits.apply_op2(targets, XentLoss { cfg, cpu: shared_cpu(), grad: Mutex::new(None) })
 }
 

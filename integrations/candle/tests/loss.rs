@@ -50,10 +50,10 @@ fn options_candle_lacks_match_the_reference() {
     let targets = Tensor::new(t.as_slice(), &Device::Cpu).unwrap();
     let cw = ndarray::Array1::from_shape_fn(333, |c| 0.5 + (c % 7) as f32 * 0.1);
     for cfg in [
-        CrossEntropy { label_smoothing: 0.1, ..Default::default() },
-        CrossEntropy { class_weight: Some(cw.clone()), z_loss: 1e-3, ..Default::default() },
-        CrossEntropy { reduction: Reduction::Sum, softcap: Some(5.0), ..Default::default() },
-        CrossEntropy { reduction: Reduction::None, label_smoothing: 0.2, ..Default::default() },
+        CrossEntropy::default().with_label_smoothing(0.1),
+        CrossEntropy::default().with_class_weight(cw.clone()).with_z_loss(1e-3),
+        CrossEntropy::default().with_reduction(Reduction::Sum).with_softcap(5.0),
+        CrossEntropy::default().with_reduction(Reduction::None).with_label_smoothing(0.2),
     ] {
         let logits = var(&x);
         let loss = xent_candle::cross_entropy(logits.as_tensor(), &targets, &cfg).unwrap();

@@ -31,7 +31,8 @@ impl GpuContext {
                 grad: cfg.grad.then(|| Array2::zeros((n, c))),
             });
         }
-        let k = self.kernel(Shader::Bce, Variant { subgroup: self.subgroups, grad: cfg.grad, ..Default::default() })?;
+        let k =
+            self.kernel(Shader::Bce, Variant { subgroup: self.inner.subgroups, grad: cfg.grad, ..Default::default() })?;
         let mut f = if input == BceInput::Probs { flags::PROBS } else { 0 };
         if none {
             f |= flags::ELEM;
@@ -95,7 +96,7 @@ impl GpuContext {
         let total_groups: usize = rec.blocks().last().map_or(0, |p| p.part_off as usize)
             + rec.blocks().last().map_or(0, |p| (p.chunk_rows as usize * c).div_ceil(PER_GROUP));
         let params = rec.params_pooled()?;
-        let mut enc = self.device.create_command_encoder(&Default::default());
+        let mut enc = self.device().create_command_encoder(&Default::default());
         rec.record(&mut enc, &params)?;
         self.submit_wait(enc)?;
         let mut partials = vec![0f32; total_groups];

@@ -315,7 +315,7 @@ impl CePlan {
         targets: DeviceTargets<'_>,
         sample_weight: Option<wgpu::BufferSlice<'_>>,
     ) -> Result<bool> {
-        let (n, align) = (self.n as u64, self.ctx.offset_align);
+        let (n, align) = (self.n as u64, self.ctx.inner.offset_align);
         let (nv, elem) = (n * self.v as u64, self.dtype.size() as u64);
         check_slice(logits, nv * elem, 4u64.max(elem), "logits")?;
         match targets {
@@ -373,14 +373,14 @@ impl CePlan {
         rows: &[(DType, u64)],
     ) -> Variant {
         let (v, cfg) = (self.v, &self.cfg);
-        let (vec4, vec8) = super::row_vectors(self.ctx.wide_loads, v, self.seg_len, rows);
+        let (vec4, vec8) = super::row_vectors(self.ctx.inner.wide_loads, v, self.seg_len, rows);
         Variant {
             input: self.dtype,
             output,
             vec4,
             vec8,
             odd: v % 2 == 1 && output != DType::F32 && (grad || in_place) && v % 4 != 0,
-            subgroup: self.ctx.subgroups,
+            subgroup: self.ctx.inner.subgroups,
             grad,
             in_place,
             extras,
@@ -423,7 +423,7 @@ impl CePlan {
         let rows = self.row_tensors(inputs.logits, inputs.targets, grad, gdtype);
         let variant = self.row_variant_at(gdtype, grad.is_some(), in_place, extras, Seg::Whole, &rows);
         let split = self.parts > 1;
-        let small = Variant { subgroup: ctx.subgroups, ..Default::default() };
+        let small = Variant { subgroup: ctx.inner.subgroups, ..Default::default() };
         let mut base = base_params(cfg, n, v, cfg.ignore_index as i32, soft);
         if inputs.sample_weight.is_some() {
             base.flags |= flags::SAMPLE_W;
@@ -756,7 +756,7 @@ impl GpuContext {
         let want_rows = cfg.per_row || cfg.ranks || cfg.gaps || cfg.reduction == Reduction::None;
         if n == 0 {
             let mut out =
-                plan.read_back(&mut self.device.create_command_encoder(&Default::default()), want_rows)?.wait()?;
+                plan.read_back(&mut self.device().create_command_encoder(&Default::default()), want_rows)?.wait()?;
             if matches!(dest, HostGrad::New) {
                 out.grad = Some(ndarray::Array2::zeros((0, v)));
             }
@@ -784,7 +784,7 @@ impl GpuContext {
             HostGrad::None => None,
             _ => Some(self.take(nv * gdtype.size() as u64, U::STORAGE | U::COPY_SRC, "gradient")?),
         };
-        let mut enc = self.device.create_command_encoder(&Default::default());
+        let mut enc = self.device().create_command_encoder(&Default::default());
         fn nb(b: &Pooled, bytes: u64) -> wgpu::BufferSlice<'_> {
             b.slice(..bytes.max(4).next_multiple_of(4).min(b.size()))
         }

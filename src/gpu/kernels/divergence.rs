@@ -67,7 +67,7 @@ impl DistillPlan {
         let distill = self.plan.launch(inputs.student, Some(inputs.teacher), rows)?;
         // The sum of row divergences (Kahan and a tree) divided by N / T^2: cross-entropy's
         // reduce pass with an external mean denominator.
-        let small = Variant { subgroup: ctx.subgroups, ..Default::default() };
+        let small = Variant { subgroup: ctx.inner.subgroups, ..Default::default() };
         let base = Params {
             flags: flags::MEAN | flags::EXT_DENOM,
             den_w: self.den,

@@ -57,7 +57,7 @@ impl LinearDev {
         bias: Option<ArrayView1<'_, f32>>,
     ) -> Result<LinearDev> {
         let (d, v) = (hidden.dim().1, weight.dim().0);
-        let room = ctx.max_binding.saturating_sub(ctx.offset_align);
+        let room = ctx.inner.max_binding.saturating_sub(ctx.inner.offset_align);
         // Vocabulary rows per block: one binding for the weight and its f32 gradient.
         // A multiple of 4 where it can be, so that every block starts 4-element aligned.
         let block = (room / (d as u64 * 4).max(1)) as usize;
@@ -66,7 +66,7 @@ impl LinearDev {
             return Err(XentError::TooLarge {
                 what: format!("one row of {d} features"),
                 bytes: d as u64 * 4,
-                limit: ctx.max_binding,
+                limit: ctx.inner.max_binding,
             });
         }
         Ok(LinearDev {
@@ -82,7 +82,7 @@ impl LinearDev {
 
     /// Rows per chunk for a workspace budget: also one binding for the logits and hidden rows.
     pub fn chunk_rows(&self, ctx: &GpuContext, budget_rows: usize) -> Result<usize> {
-        let room = ctx.max_binding.saturating_sub(ctx.offset_align);
+        let room = ctx.inner.max_binding.saturating_sub(ctx.inner.offset_align);
         let rows = budget_rows
             .min((room / (self.v as u64 * 4).max(1)) as usize)
             .min((room / (self.d as u64 * 4).max(1)) as usize);
@@ -90,7 +90,7 @@ impl LinearDev {
             return Err(XentError::TooLarge {
                 what: format!("one row of {} logits", self.v),
                 bytes: self.v as u64 * 4,
-                limit: ctx.max_binding,
+                limit: ctx.inner.max_binding,
             });
         }
         Ok(rows)
@@ -105,7 +105,7 @@ impl LinearDev {
         r0: usize,
         b: usize,
     ) -> Result<()> {
-        let (d, v, es, align) = (self.d, self.v, self.dt.size() as u64, ctx.offset_align);
+        let (d, v, es, align) = (self.d, self.v, self.dt.size() as u64, ctx.inner.offset_align);
         let (h_bind, h_off) = range(&self.hb, es, (r0 * d) as u64, (b * d) as u64, align);
         for vb0 in (0..v).step_by(self.block) {
             let nb = (vb0 + self.block).min(v) - vb0;
@@ -137,7 +137,7 @@ impl LinearDev {
         b: usize,
         out: &GradOut<'a>,
     ) -> Result<()> {
-        let (d, v, es, align) = (self.d, self.v, self.dt.size() as u64, ctx.offset_align);
+        let (d, v, es, align) = (self.d, self.v, self.dt.size() as u64, ctx.inner.offset_align);
         let (h_bind, h_off) = range(&self.hb, es, (r0 * d) as u64, (b * d) as u64, align);
         for vb0 in (0..v).step_by(self.block) {
             let nb = (vb0 + self.block).min(v) - vb0;
@@ -257,7 +257,7 @@ impl GpuContext {
                 }
             };
             let plan = &*plan;
-            let mut enc = self.device.create_command_encoder(&Default::default());
+            let mut enc = self.device().create_command_encoder(&Default::default());
             enc.copy_buffer_to_buffer(&tb, r0u * 4, &tchunk, 0, bu * 4);
             if let (Some(src), Some(dst)) = (&swb, &swchunk) {
                 enc.copy_buffer_to_buffer(src, r0u * 4, dst, 0, bu * 4);

@@ -180,7 +180,7 @@ impl GpuContext {
                     e.insert(Shard::new(plan, &p.z, &p.tchunk).with_sample_weight(sw))
                 }
             };
-            let mut enc = self.device.create_command_encoder(&Default::default());
+            let mut enc = self.device().create_command_encoder(&Default::default());
             enc.copy_buffer_to_buffer(&p.tb, (r0 * 4) as u64, &p.tchunk, 0, (b * 4) as u64);
             if let Some((all, chunk)) = &p.sw {
                 enc.copy_buffer_to_buffer(all, (r0 * 4) as u64, chunk, 0, (b * 4) as u64);

@@ -102,8 +102,8 @@ impl GpuContext {
         let variant = Variant {
             input: DType::F32,
             // Rows of the workspace start at element multiples of V: vectors of four where V is one.
-            vec4: super::row_vectors(self.wide_loads, v, v, &[(DType::F32, 0)]).0,
-            subgroup: self.subgroups,
+            vec4: super::row_vectors(self.inner.wide_loads, v, v, &[(DType::F32, 0)]).0,
+            subgroup: self.inner.subgroups,
             in_place: up.is_some(),
             wg: self.ce_layout(rows.min(n), v, true).0,
             ..Default::default()
@@ -112,7 +112,7 @@ impl GpuContext {
         for r0 in (0..n).step_by(rows) {
             let b = rows.min(n - r0);
             let (r0u, bu) = (r0 as u64, b as u64);
-            let mut enc = self.device.create_command_encoder(&Default::default());
+            let mut enc = self.inner.device.create_command_encoder(&Default::default());
             enc.copy_buffer_to_buffer(&tb, r0u * 4, &tchunk, 0, bu * 4);
             if let Some((whole, part)) = &up {
                 enc.copy_buffer_to_buffer(whole, r0u * 4, part, 0, bu * 4);

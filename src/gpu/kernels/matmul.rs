@@ -74,7 +74,7 @@ impl GpuContext {
     /// kernel), or `"coop16"` / `"coop8"` (cooperative matrices of that tile size, with
     /// [`crate::GpuOptions::cooperative_matrix`]).
     pub fn matmul_kind(&self) -> &'static str {
-        match self.coop {
+        match self.inner.coop {
             None => "simt",
             Some((16, _)) => "coop16",
             Some(_) => "coop8",
@@ -87,7 +87,7 @@ impl GpuContext {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        let (kernel, tile) = match self.coop {
+        let (kernel, tile) = match self.inner.coop {
             Some((t, lanes)) => {
                 let mm = Mm { layout: p.layout, coop8: t == 8, ..Default::default() };
                 let variant = Variant {
@@ -108,7 +108,7 @@ impl GpuContext {
                 let variant = Variant {
                     input: p.a.dtype,
                     second: p.b.dtype,
-                    subgroup: self.mm_subgroup,
+                    subgroup: self.inner.mm_subgroup,
                     mm,
                     ..Default::default()
                 };
@@ -205,7 +205,7 @@ impl GpuContext {
         let bb = self.upload(&x.b.bytes(), U::STORAGE, "matmul B")?;
         let cb = self.upload(bytemuck::cast_slice(x.c), U::STORAGE | U::COPY_SRC, "matmul C")?;
         let bias = x.bias.map(|(b, _)| self.upload(bytemuck::cast_slice(b), U::STORAGE, "matmul bias")).transpose()?;
-        let align = self.offset_align;
+        let align = self.inner.offset_align;
         let (a_bind, a_first) =
             range(&ab, x.a.dtype().size() as u64, x.a_first as u64, (len(&x.a) - x.a_first) as u64, align);
         let (b_bind, b_first) =
@@ -225,7 +225,7 @@ impl GpuContext {
             },
         )?;
         let params = rec.params_pooled()?;
-        let mut enc = self.device.create_command_encoder(&Default::default());
+        let mut enc = self.device().create_command_encoder(&Default::default());
         rec.record(&mut enc, &params)?;
         let mut out = vec![0f32; x.c.len()];
         self.read_back(&cb, 0, bytemuck::cast_slice_mut(&mut out), Some(enc))?;
@@ -276,7 +276,7 @@ impl GpuContext {
         let mut times = Vec::with_capacity(reps);
         for i in 0..=reps {
             let t0 = std::time::Instant::now();
-            let mut enc = self.device.create_command_encoder(&Default::default());
+            let mut enc = self.device().create_command_encoder(&Default::default());
             rec.record(&mut enc, &params)?;
             self.submit_wait(enc)?;
             if i > 0 {

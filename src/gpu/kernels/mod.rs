@@ -146,14 +146,14 @@ impl RowPlan {
         if let Some((o, RowOut::Rows)) = out {
             rows.push((DType::F32, o.offset()));
         }
-        let (vec4, vec8) = row_vectors(self.ctx.wide_loads, v, v, &rows);
+        let (vec4, vec8) = row_vectors(self.ctx.inner.wide_loads, v, v, &rows);
         let vectors = matches!(self.shader, Shader::LogSoftmax | Shader::RowSum);
         let variant = Variant {
             input: self.input,
             second: self.second.unwrap_or(DType::F32),
             vec4: vectors && vec4,
             vec8: vectors && vec8,
-            subgroup: self.ctx.subgroups,
+            subgroup: self.ctx.inner.subgroups,
             grad: out.is_some(),
             wg: self.ctx.ce_layout(n, v, true).0,
             ..Default::default()
@@ -173,7 +173,7 @@ impl RowPlan {
                 l = l.rows(8, o.buffer(), o.offset(), 4, Skip::O);
             }
             Some((o, RowOut::Whole(k))) => {
-                check_slice(o, (n * k) as u64 * 4, self.ctx.offset_align, "output")?;
+                check_slice(o, (n * k) as u64 * 4, self.ctx.inner.offset_align, "output")?;
                 l = l.bind(8, Bind::slice(o));
             }
             None => {}
@@ -235,7 +235,7 @@ impl GpuContext {
         let ob = job.out.map(|_| self.take(out_bytes, U::STORAGE | U::COPY_SRC, "output")).transpose()?;
         let out = ob.as_ref().zip(job.out).map(|(o, k)| (o.slice(..out_bytes), k));
         let launch = plan.launch(xb.slice(..), yb.as_ref().map(|y| y.slice(..)), out)?;
-        let mut enc = self.device.create_command_encoder(&Default::default());
+        let mut enc = self.device().create_command_encoder(&Default::default());
         plan.record(&mut enc, vec![launch])?;
         self.submit_wait(enc)?;
         let mut row_values = vec![0f32; n * job.row_values];

@@ -210,7 +210,7 @@ impl GpuContext {
                 };
                 let plan = CePlan::new_shard(self, n, vl, x.dtype(), &plan_cfg, shard)?;
                 let dev = Shard::new(plan, logits, tb);
-                let rec = dev.records(self.device.create_command_encoder(&Default::default()))?;
+                let rec = dev.records(self.device().create_command_encoder(&Default::default()))?;
                 Ok((t.clone(), dev, rec))
             })(),
         };
@@ -224,7 +224,7 @@ impl GpuContext {
         }
         let gdtype = dst.dtype();
         let gb = self.take((n * vl * gdtype.size()) as u64, U::STORAGE | U::COPY_SRC, "gradient shard")?;
-        let mut enc = self.device.create_command_encoder(&Default::default());
+        let mut enc = self.device().create_command_encoder(&Default::default());
         dev.record_grad(&mut enc, &rec, (fin.den_w, fin.den_n), Some((&gb, gdtype)))?;
         self.read_back_into(&gb, dst, Some(enc))?;
         Ok(fin.out)

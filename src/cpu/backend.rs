@@ -1,0 +1,259 @@
+//! The [`Cpu`] backend type (public at the crate root as `xent::Cpu`).
+
+use ndarray::{Array2, ArrayView2};
+
+use super::cross_entropy::GradDest;
+use super::{bce, cross_entropy, divergence, hessian, linear, log_softmax, Bf16Grad, CpuMatmul};
+use crate::api::config::{Bce, BceOutput, CeOutput, CrossEntropy, Distill, DistillOutput, Measures, SoftmaxKind};
+use crate::api::targets::Targets;
+use crate::check::BceInput;
+use crate::dtype::{DType, Logits, LogitsMut};
+use crate::error::{Result, XentError};
+
+/// The CPU backend. Owns a thread pool (one thread per core by default).
+///
+/// ```
+/// use ndarray::array;
+/// use xent::{Cpu, CrossEntropy};
+/// let cpu = Cpu::new();
+/// let logits = array![[2.0f32, 0.5, -1.0], [0.0, 0.0, 0.0]];
+/// let out = cpu.cross_entropy(&logits, &[0i64, 2][..], &CrossEntropy::default()).unwrap();
+/// assert!((out.loss - 0.669_962).abs() < 1e-5);
+/// ```
+pub struct Cpu {
+    pub(super) pool: rayon::ThreadPool,
+    /// Matrix-product kernels set by [`Cpu::with_matmul`]; `None`: `XENT_CPU_MATMUL` or cpuid.
+    pub(super) matmul: Option<CpuMatmul>,
+    /// Set by [`Cpu::with_bf16_grad`]; `None`: `XENT_CPU_BF16_TERMS` or [`Bf16Grad::Split`].
+    pub(super) bf16_grad: Option<Bf16Grad>,
+}
+
+impl Default for Cpu {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Cpu {
+    /// A backend with one thread per available core.
+    pub fn new() -> Self {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::with_threads(n).expect("a thread pool with the machine's core count")
+    }
+
+    /// A backend with exactly `threads` worker threads.
+    pub fn with_threads(threads: usize) -> Result<Self> {
+        if threads == 0 {
+            return Err(XentError::InvalidOption("threads must be at least 1".into()));
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("xent-cpu-{i}"))
+            .build()
+            .map_err(|e| XentError::InvalidOption(format!("thread pool: {e}")))?;
+        Ok(Cpu { pool, matmul: None, bf16_grad: None })
+    }
+
+    /// This backend with its matrix products (those of [`Cpu::linear_cross_entropy`]) on
+    /// `matmul`'s kernels rather than the best the CPU has (or `XENT_CPU_MATMUL`'s); an
+    /// [`XentError::InvalidOption`] when this CPU lacks them.
+    ///
+    /// ```
+    /// use xent::{cpu::CpuMatmul, Cpu, DType};
+    /// let cpu = Cpu::new().with_matmul(CpuMatmul::F32)?;
+    /// assert_eq!(cpu.linear_matmul(DType::BF16)?, CpuMatmul::F32);
+    /// # Ok::<(), xent::XentError>(())
+    /// ```
+    pub fn with_matmul(mut self, matmul: CpuMatmul) -> Result<Self> {
+        self.matmul = Some(matmul.check()?);
+        Ok(self)
+    }
+
+    /// The kernels [`Cpu::linear_cross_entropy`] runs its products on for `dtype` inputs: those
+    /// of [`Cpu::with_matmul`], else `XENT_CPU_MATMUL`'s, else the best the CPU has
+    /// ([`CpuMatmul::detect`]), then [`CpuMatmul::F32`] for dtypes they do not take. A bad
+    /// `XENT_CPU_MATMUL` is an [`XentError::InvalidOption`].
+    pub fn linear_matmul(&self, dtype: DType) -> Result<CpuMatmul> {
+        let m = match self.matmul {
+            Some(m) => m,
+            None => CpuMatmul::from_env()?,
+        };
+        Ok(m.for_dtype(dtype))
+    }
+
+    /// This backend with its bf16 gradient products taking the f32 gradient as `grad` says
+    /// ([`Bf16Grad::Rounded`]: rounded to bf16 as PyTorch's bf16 autograd does, faster and
+    /// about 2e-3 relative; the default [`Bf16Grad::Split`] keeps f32 accuracy). Only the bf16
+    /// kernels ([`CpuMatmul::Avx512Bf16`]) read it.
+    ///
+    /// ```
+    /// use xent::{cpu::Bf16Grad, Cpu};
+    /// let cpu = Cpu::new().with_bf16_grad(Bf16Grad::Rounded);
+    /// assert_eq!(cpu.bf16_grad_terms()?, (1, 1));
+    /// # Ok::<(), xent::XentError>(())
+    /// ```
+    pub fn with_bf16_grad(mut self, grad: Bf16Grad) -> Self {
+        self.bf16_grad = Some(grad);
+        self
+    }
+
+    /// bf16 terms of the gradient per product `(G W, G^T H)` on bf16 kernels: those of
+    /// [`Cpu::with_bf16_grad`], else `XENT_CPU_BF16_TERMS=gh,gw` (1 to 3 each; a bad value is an
+    /// [`XentError::InvalidOption`]), else [`Bf16Grad::Split`]'s.
+    pub fn bf16_grad_terms(&self) -> Result<(usize, usize)> {
+        match self.bf16_grad {
+            Some(g) => Ok(g.terms()),
+            None => linear::grad_terms(),
+        }
+    }
+
+    /// Worker threads in use.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// Softmax cross-entropy of logits `[N, V]` (f32, f16 or bf16) against class indices or
+    /// probability rows (see [`CrossEntropy`]); the loss only.
+    ///
+    /// With probability targets `y [N, V]` (soft labels, PyTorch's float target):
+    ///
+    /// ```text
+    /// q_nc = (1 - eps) y_nc + eps / V
+    /// L_n  = sample_weight[n] sum_c class_weight[c] q_nc (lse_n - z_nc)  (+ z_loss lse_n^2)
+    /// ```
+    ///
+    /// `Mean` then divides by the number of rows (by the sum of sample weights when given) and
+    /// `ignore_index` does not apply.
+    ///
+    /// ```
+    /// use ndarray::array;
+    /// use xent::{Cpu, CrossEntropy};
+    /// let x = array![[1.0f32, 2.0, 3.0]];
+    /// let cpu = Cpu::new();
+    /// let hard = cpu.cross_entropy(&x, &[2i64][..], &CrossEntropy::default()).unwrap();
+    /// let soft = cpu.cross_entropy(&x, &array![[0.0f32, 0.0, 1.0]], &CrossEntropy::default()).unwrap();
+    /// assert!((hard.loss - soft.loss).abs() < 1e-6);
+    /// ```
+    pub fn cross_entropy<'a, 'b>(
+        &self,
+        logits: impl Into<Logits<'a>>,
+        targets: impl Into<Targets<'b>>,
+        cfg: &CrossEntropy,
+    ) -> Result<CeOutput> {
+        cross_entropy::cross_entropy(&self.pool, logits.into(), targets.into(), cfg, GradDest::None)
+    }
+
+    /// Cross-entropy and its gradient w.r.t. the logits, as a new f32 array in
+    /// [`CeOutput::grad`].
+    pub fn cross_entropy_with_grad<'a, 'b>(
+        &self,
+        logits: impl Into<Logits<'a>>,
+        targets: impl Into<Targets<'b>>,
+        cfg: &CrossEntropy,
+    ) -> Result<CeOutput> {
+        cross_entropy::cross_entropy(&self.pool, logits.into(), targets.into(), cfg, GradDest::New)
+    }
+
+    /// Cross-entropy whose gradient is written into `grad`, a caller-owned `[N, V]` tensor of
+    /// any dtype (f32, or the logits' f16/bf16, rounded once from f32): a training loop reuses
+    /// it and allocates nothing per call.
+    ///
+    /// ```
+    /// use ndarray::{array, Array2};
+    /// use xent::{Cpu, CrossEntropy};
+    /// let cpu = Cpu::new();
+    /// let x = array![[1.0f32, 2.0, 3.0]];
+    /// let mut g = Array2::<f32>::zeros((1, 3));
+    /// cpu.cross_entropy_into(&x, &[2i64][..], &CrossEntropy::default(), &mut g).unwrap();
+    /// assert!(g[[0, 2]] < 0.0 && g[[0, 0]] > 0.0);
+    /// ```
+    pub fn cross_entropy_into<'a, 'b, 'c>(
+        &self,
+        logits: impl Into<Logits<'a>>,
+        targets: impl Into<Targets<'b>>,
+        cfg: &CrossEntropy,
+        grad: impl Into<LogitsMut<'c>>,
+    ) -> Result<CeOutput> {
+        cross_entropy::cross_entropy(&self.pool, logits.into(), targets.into(), cfg, GradDest::Into(grad.into()))
+    }
+
+    /// Cross-entropy that overwrites `logits` (any dtype) with the gradient.
+    pub fn cross_entropy_in_place<'a, 'b>(
+        &self,
+        logits: impl Into<LogitsMut<'a>>,
+        targets: impl Into<Targets<'b>>,
+        cfg: &CrossEntropy,
+    ) -> Result<CeOutput> {
+        cross_entropy::cross_entropy_in_place(&self.pool, logits.into(), targets.into(), cfg)
+    }
+
+    /// Binary cross-entropy from logits `[N, C]` with targets in `[0, 1]` (see [`Bce`]).
+    ///
+    /// ```
+    /// use ndarray::array;
+    /// use xent::{Bce, Cpu};
+    /// let out = Cpu::new().bce_with_logits(array![[0.0f32]].view(), array![[1.0f32]].view(), &Bce::default()).unwrap();
+    /// assert!((out.loss - std::f64::consts::LN_2).abs() < 1e-12);
+    /// ```
+    pub fn bce_with_logits(&self, logits: ArrayView2<f32>, targets: ArrayView2<f32>, cfg: &Bce) -> Result<BceOutput> {
+        bce::bce(&self.pool, logits, targets, cfg, BceInput::Logits)
+    }
+
+    /// Binary cross-entropy from probabilities `[N, C]` in `[0, 1]` (logs clamped at -100).
+    pub fn bce(&self, probs: ArrayView2<f32>, targets: ArrayView2<f32>, cfg: &Bce) -> Result<BceOutput> {
+        bce::bce(&self.pool, probs, targets, cfg, BceInput::Probs)
+    }
+
+    /// Knowledge distillation of `student` towards `teacher` logits `[N, V]` (see [`Distill`]).
+    ///
+    /// ```
+    /// use ndarray::array;
+    /// use xent::{Cpu, Distill};
+    /// let x = array![[1.0f32, 2.0, 3.0]];
+    /// let same = Cpu::new().distill(&x, &x, &Distill::default()).unwrap();
+    /// assert!(same.loss.abs() < 1e-12);
+    /// ```
+    pub fn distill<'a, 'b>(
+        &self,
+        student: impl Into<Logits<'a>>,
+        teacher: impl Into<Logits<'b>>,
+        cfg: &Distill,
+    ) -> Result<DistillOutput> {
+        divergence::distill(&self.pool, student.into(), teacher.into(), cfg, false)
+    }
+
+    /// Distillation and its gradient w.r.t. the student logits ([`DistillOutput::grad`]).
+    pub fn distill_with_grad<'a, 'b>(
+        &self,
+        student: impl Into<Logits<'a>>,
+        teacher: impl Into<Logits<'b>>,
+        cfg: &Distill,
+    ) -> Result<DistillOutput> {
+        divergence::distill(&self.pool, student.into(), teacher.into(), cfg, true)
+    }
+
+    /// Entropy, cross-entropy, KL and JS per row of probability rows `p`, `q` (f64).
+    pub fn measures(&self, p: ArrayView2<f64>, q: ArrayView2<f64>) -> Result<Measures> {
+        divergence::measures(&self.pool, p, q)
+    }
+
+    /// The same measures of `softmax(p_logits)` and `softmax(q_logits)`.
+    pub fn measures_from_logits<'a, 'b>(
+        &self,
+        p_logits: impl Into<Logits<'a>>,
+        q_logits: impl Into<Logits<'b>>,
+    ) -> Result<Measures> {
+        divergence::measures_from_logits(&self.pool, p_logits.into(), q_logits.into())
+    }
+
+    /// Per-row Hessian-vector products `(diag(p) - p p^T) v` of softmax cross-entropy w.r.t.
+    /// the logits, without forming the Hessian.
+    pub fn hvp<'a>(&self, logits: impl Into<Logits<'a>>, v: ArrayView2<f32>) -> Result<Array2<f32>> {
+        hessian::hvp(&self.pool, logits.into(), v)
+    }
+
+    /// Row-wise log-softmax or softmax (f32 output) of logits of any dtype.
+    pub fn log_softmax<'a>(&self, logits: impl Into<Logits<'a>>, kind: SoftmaxKind) -> Result<Array2<f32>> {
+        log_softmax::log_softmax(&self.pool, logits.into(), kind)
+    }
+}
