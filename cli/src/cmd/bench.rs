@@ -534,14 +534,14 @@ fn gpu_time(
     let dtype = x.dtype();
     let lb = g.create_buffer((n * v * dtype.size()) as u64, U::STORAGE | U::COPY_DST, "bench logits")?;
     g.write_buffer(&lb, 0, &x.bytes())?;
-    let ti: Vec<i32> = t.iter().map(|&y| if y == cfg.ignore_index { i32::MIN } else { y as i32 }).collect();
+    let ti = xent::Targets::I64(t).device_classes(v, cfg.ignore_index)?;
     let tb = g.create_buffer((n * 4) as u64, U::STORAGE | U::COPY_DST, "bench targets")?;
     g.write_buffer(&tb, 0, bytemuck::cast_slice(&ti))?;
     let gb = match op {
         Op::FwdBwd => Some(g.create_buffer((n * v * dtype.size()) as u64, U::STORAGE, "bench gradient")?),
         Op::Fwd | Op::Copy | Op::LinearFwdBwd => None,
     };
-    let plan_cfg = cfg.clone().with_ignore_index(i32::MIN as i64);
+    let plan_cfg = cfg.clone().with_ignore_index(xent::DEVICE_IGNORED as i64);
     let plan = g.cross_entropy_plan(n, v, dtype, &plan_cfg)?;
     let inputs = CeInputs {
         logits: crate::common::head(&lb, (n * v * dtype.size()) as u64),

@@ -13,7 +13,7 @@ use ndarray::Array1;
 
 use super::check_slice;
 use crate::api::config::{CeOutput, CrossEntropy, Reduction};
-use crate::api::targets::{Targets, IGNORED};
+use crate::api::targets::{Targets, DEVICE_IGNORED};
 use crate::dtype::{DType, Logits, LogitsMut};
 use crate::error::{Result, XentError};
 use crate::gpu::context::GpuContext;
@@ -748,10 +748,9 @@ impl GpuContext {
                 )));
             }
         }
-        let t = targets.normalise(v, cfg.ignore_index)?;
         // Ignored rows carry a value no class can have.
-        let t: Vec<i32> = t.into_iter().map(|y| if y == IGNORED { i32::MIN } else { y }).collect();
-        let plan_cfg = CrossEntropy { ignore_index: i32::MIN as i64, ..cfg.clone() };
+        let t = targets.device_classes(v, cfg.ignore_index)?;
+        let plan_cfg = cfg.clone().with_ignore_index(DEVICE_IGNORED as i64);
         let plan = CePlan::new(self, n, v, dtype, &plan_cfg, true)?;
         let want_rows = cfg.per_row || cfg.ranks || cfg.gaps || cfg.reduction == Reduction::None;
         if n == 0 {

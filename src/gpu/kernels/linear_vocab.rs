@@ -14,7 +14,7 @@ use super::linear::{GradOut, LinearDev};
 use super::vocab::{poison_infinite, Shard};
 use crate::api::config::CrossEntropy;
 use crate::api::linear::{chunk_cfg, grad_dtype, LinearCe, LinearCeOutput};
-use crate::api::targets::Targets;
+use crate::api::targets::{Targets, DEVICE_IGNORED};
 use crate::dtype::{DType, Logits, Tensor2};
 use crate::error::Result;
 use crate::gpu::context::GpuContext;
@@ -70,7 +70,7 @@ impl GpuContext {
             let (t, n, _, vl) = check_linear(&hidden, &weight, bias, &targets, shard, cfg)?;
             let dev = LinearDev::new(self, &hidden, &weight, bias)?;
             let rows = dev.chunk_rows(self, cfg.chunk_rows(n, vl))?.min(n).max(1);
-            let ti: Vec<i32> = t.iter().map(|&y| if y == cfg.ce.ignore_index { i32::MIN } else { y as i32 }).collect();
+            let ti = targets.device_classes(shard.classes, cfg.ce.ignore_index)?;
             let tb = self.upload(bytemuck::cast_slice(&ti), U::STORAGE | U::COPY_SRC, "targets")?;
             let z = self.take((rows * vl.max(1) * 4) as u64, U::STORAGE | U::COPY_SRC, "linear workspace")?;
             let tchunk = self.take((rows * 4) as u64, U::STORAGE | U::COPY_DST, "targets chunk")?;
@@ -160,7 +160,7 @@ impl GpuContext {
         // One plan per chunk size (the last chunk may be shorter), its sample weights bound per
         // chunk: the loss and denominators come from the merged records, not the plan.
         let plan_cfg = CrossEntropy {
-            ignore_index: i32::MIN as i64,
+            ignore_index: DEVICE_IGNORED as i64,
             ranks: false,
             gaps: false,
             per_row: false,

@@ -8,7 +8,7 @@
 
 use super::cross_entropy::{base_params, CePlan, ROW_VECTORS, SAVED};
 use crate::api::config::{CeOutput, CrossEntropy};
-use crate::api::targets::Targets;
+use crate::api::targets::{Targets, DEVICE_IGNORED};
 use crate::dtype::{DType, Logits, LogitsMut};
 use crate::error::Result;
 use crate::gpu::context::GpuContext;
@@ -77,7 +77,7 @@ impl Shard<'_> {
     fn params(&self, extra: u32) -> Params {
         let p = &self.plan;
         let shard = p.shard.expect("a shard plan");
-        let mut base = base_params(&p.cfg, p.n, p.v, i32::MIN, false);
+        let mut base = base_params(&p.cfg, p.n, p.v, DEVICE_IGNORED, false);
         base.flags &= !(flags::RANK | flags::GAP | flags::SAVE);
         base.flags |= flags::SHARD | extra;
         if self.sample_weight.is_some() {
@@ -193,7 +193,7 @@ impl GpuContext {
         // fails here does not leave the others waiting in the all-reduce.
         let uploads = (|| -> Result<_> {
             let t = check(x.dim(), &targets, shard, cfg, grad.as_ref().map(|g| g.dim()))?;
-            let ti: Vec<i32> = t.iter().map(|&y| if y == cfg.ignore_index { i32::MIN } else { y as i32 }).collect();
+            let ti = targets.device_classes(shard.classes, cfg.ignore_index)?;
             let logits = self.upload(&x.bytes(), U::STORAGE, "logits shard")?;
             let tb = self.upload(bytemuck::cast_slice(&ti), U::STORAGE, "targets")?;
             Ok((t, logits, tb))
@@ -202,7 +202,7 @@ impl GpuContext {
             Err(e) => Err(e.clone()),
             Ok((t, logits, tb)) => (|| {
                 let plan_cfg = CrossEntropy {
-                    ignore_index: i32::MIN as i64,
+                    ignore_index: DEVICE_IGNORED as i64,
                     ranks: false,
                     gaps: false,
                     totals: None,
