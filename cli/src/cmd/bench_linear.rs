@@ -11,7 +11,7 @@ use ndarray::Array1;
 use xent::cpu::{Bf16Grad, CpuMatmul};
 use xent::{workload, DType, LinearCe, Result, Tensor2, XentError};
 
-use super::bench::{time, BenchArgs};
+use super::bench_args::{time, BenchArgs, GpuMatmul};
 use crate::common::{cpu, emit, emitln, peak_rss, BackendKind, Obj};
 
 fn parse(s: &str) -> Result<(usize, usize, usize)> {
@@ -136,7 +136,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             }
             #[cfg(feature = "gpu")]
             for &mm in a.matmul.iter().filter(|_| a.backend.contains(&BackendKind::Gpu)) {
-                let coop = mm == super::bench::GpuMatmul::Coop16;
+                let coop = mm == GpuMatmul::Coop16;
                 let g = xent::GpuContext::with_options(xent::GpuOptions::default().with_cooperative_matrix(coop))?;
                 let times = time(a.reps, &pb, || {
                     g.linear_cross_entropy(h.view(), w.view(), Some(b.view()), t.view(), &cfg).map(drop)

@@ -2,6 +2,7 @@
 
 pub mod bce;
 pub mod bench;
+pub mod bench_args;
 pub mod bench_linear;
 pub mod demo;
 pub mod divergence;
