@@ -26,6 +26,18 @@ use crate::error::{Result, XentError};
 /// Options of [`crate::Cpu::linear_logprobs`] (and the GPU's): per-row log-probabilities of the
 /// targets and entropies of `softmax((hidden @ weight.T + bias) / temperature)`.
 ///
+/// Per row, with `p = softmax(z)`, `lse = log sum_c exp(z_c)` and `mu = sum_c p_c z_c`:
+///
+/// - `logp = z_y - lse`, `H = lse - mu`;
+/// - `d logp / d z_c = [c == y] - p_c`, `d H / d z_c = -p_c (z_c - mu)`;
+/// - for upstream `(a, b)`, the gradient of `sum_n a_n logp_n + b_n H_n` w.r.t. the logits
+///   `x = z T` is `G_c = (a ([c == y] - p_c) - b p_c (z_c - mu)) / T`, and w.r.t. hidden,
+///   weight and bias `G W`, `G^T H` and `1^T G` (the products of [`crate::LinearCe`]).
+///
+/// Both backends compute the row statistic after subtracting the row maximum `m`: with
+/// `e_c = exp(z_c - m)` and `S = sum_c e_c`, `lse = m + log S`, `logp = (z_y - m) - log S`,
+/// `H = log S - sum_c e_c (z_c - m) / S` (no cancellation: `H >= 0`).
+///
 /// ```
 /// use xent::LinearLogprobs;
 /// let cfg = LinearLogprobs::default().with_temperature(0.7).with_grad_weight(false);

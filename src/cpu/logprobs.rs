@@ -2,7 +2,7 @@
 //! cross-entropy (`super::linear`: `Z = H_c W^T + b`, then `G W`, `G^T H_c`, `colsum(G)`) with
 //! a row kernel of its own in place of the cross-entropy: per row, the log-prob of the target
 //! and the entropy, and (with an upstream gradient) `Z` overwritten by `G = d loss / d Z`.
-//! The math is in [`crate::api::logprobs`].
+//! The math is in [`LinearLogprobs`].
 
 use ndarray::ArrayView1;
 use rayon::prelude::*;
@@ -61,7 +61,7 @@ impl Cpu {
     /// [`LinearLogprobs::chunk_rows`] rows of logits. With `upstream = Some((a, b))` (`[N]`
     /// each, finite) the gradients of `sum_n a_n logp_n + b_n H_n` w.r.t. hidden, weight and
     /// bias are returned as the options ask; with `None`, none. Rows whose target is
-    /// `ignore_index` give 0 and no gradient. The math is in [`crate::api::logprobs`].
+    /// `ignore_index` give 0 and no gradient. The math is in [`LinearLogprobs`].
     ///
     /// ```
     /// use ndarray::array;
