@@ -269,8 +269,8 @@ impl LinearOp {
         // z-loss with several upstream values: one pass per value, summed in f32.
         let (want_h, want_w, want_b) = (cfg.grad_hidden, cfg.grad_weight, cfg.grad_bias && bias.is_some());
         cfg.grads_in_input_dtype = false;
-        let (mut gh, mut gw, mut gb): (Option<Array2<f32>>, Option<Array2<f32>>, Option<Array1<f32>>) =
-            (None, None, None);
+        let (mut gh, mut gw): (Option<Array2<f32>>, Option<Array2<f32>>) = (None, None);
+        let mut gb: Option<Array1<f32>> = None;
         let base = cfg.ce.grad_scale;
         let mut t = vec![ce.ignore_index; n];
         for (bits, rows) in groups {
@@ -478,7 +478,7 @@ mod tests {
     fn matrix_rejects_other_dtypes() {
         let s = CpuStorage::F64(vec![0.0; 4]);
         let l = Layout::contiguous((2, 2));
-        let e = matrix(&s, &l, "hidden").err().expect("an error");
+        let Err(e) = matrix(&s, &l, "hidden") else { panic!("f64 hidden states accepted") };
         assert!(matches!(crate::xent_error(&e), Some(XentError::InvalidOption(_))));
     }
 }
