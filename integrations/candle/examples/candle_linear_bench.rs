@@ -14,9 +14,10 @@
 //! peak during the step minus the bytes live when it starts), `rss_bytes_*` the growth of the
 //! process's peak RSS (`/proc/self/clear_refs` + `VmHWM`, as the rust-peers programs measure).
 //!
-//! `cargo run --release -p xent-candle --example candle_linear_bench [-- --bench N D V] [--reps R]`
+//! `cargo run --release -p xent-candle --example candle_linear_bench [-- --bench N D V] [--reps R]
+//! [--dtype f32|f16|bf16]` (hidden and weight in that dtype for all three; default f32)
 //!
-//! The last line is one JSON object: `framework`, `backend`, `n`, `d`, `v`, `step_s_xent`,
+//! The last line is one JSON object: `framework`, `backend`, `n`, `d`, `v`, `dtype`, `step_s_xent`,
 //! `step_s_ref`, `step_s_native`, `peak_bytes_xent`, `peak_bytes_ref`, `peak_bytes_native`,
 //! `rss_bytes_xent`, `rss_bytes_ref`, `rss_bytes_native`, `loss_xent`, `loss_ref`,
 //! `loss_native`, `max_grad_diff` (largest difference between the xent and ref gradients over
@@ -26,7 +27,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
 
-use candle_core::{Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var};
+use xent::half::{bf16, f16};
+use xent::Tensor2;
 use xent::{Cpu, LinearCe};
 
 /// The system allocator, counting the bytes live and their peak.
@@ -109,14 +112,32 @@ fn main() -> Result<()> {
         None => (4096, 512, 32000),
     };
     let reps = args.iter().position(|a| a == "--reps").map_or(3, |i| num(i + 1, 3)).max(1);
+    let dtype = match args.iter().position(|a| a == "--dtype").and_then(|i| args.get(i + 1)).map(String::as_str) {
+        None | Some("f32") => DType::F32,
+        Some("f16") => DType::F16,
+        Some("bf16") => DType::BF16,
+        Some(other) => {
+            eprintln!("--dtype takes f32, f16 or bf16, not {other}");
+            std::process::exit(2);
+        }
+    };
 
     // hidden ~ N(0, 1), weight ~ N(0, 1/D) (an initialised unembedding), targets uniform.
     let (ha, t) = xent::workload::synthetic(n, d, 1.0, 0, 1);
     let (wa, _) = xent::workload::synthetic(v, d, 1.0 / (d as f32).sqrt(), 0, 2);
     let t: Vec<i64> = t.iter().enumerate().map(|(i, &y)| (y * 7919 + i as i64 * 31) % v as i64).collect();
     let dev = Device::Cpu;
-    let h = Var::from_tensor(&Tensor::from_slice(ha.as_slice().expect("standard layout"), (n, d), &dev)?)?;
-    let w = Var::from_tensor(&Tensor::from_slice(wa.as_slice().expect("standard layout"), (v, d), &dev)?)?;
+    let h =
+        Var::from_tensor(&Tensor::from_slice(ha.as_slice().expect("standard layout"), (n, d), &dev)?.to_dtype(dtype)?)?;
+    let w =
+        Var::from_tensor(&Tensor::from_slice(wa.as_slice().expect("standard layout"), (v, d), &dev)?.to_dtype(dtype)?)?;
+    // The same (rounded) values for xent's own call.
+    let typed = |a: ndarray::Array2<f32>| match dtype {
+        DType::BF16 => Tensor2::BF16(a.mapv(bf16::from_f32)),
+        DType::F16 => Tensor2::F16(a.mapv(f16::from_f32)),
+        _ => Tensor2::F32(a),
+    };
+    let (ha, wa) = (typed(ha), typed(wa));
     let targets = Tensor::from_vec(t.iter().map(|&y| y as u32).collect::<Vec<u32>>(), n, &dev)?;
     let cfg = LinearCe::default();
     let cpu = Cpu::new();
@@ -124,16 +145,18 @@ fn main() -> Result<()> {
     let xent_step = || -> Result<(f32, Tensor, Tensor)> {
         let loss = xent_candle::linear_cross_entropy(&h, &w, None, &targets, &cfg)?;
         let g = loss.backward()?;
-        Ok((loss.to_scalar::<f32>()?, g.get(&h).expect("grad").clone(), g.get(&w).expect("grad").clone()))
+        let l = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        Ok((l, g.get(&h).expect("grad").clone(), g.get(&w).expect("grad").clone()))
     };
     let ref_step = || -> Result<(f32, Tensor, Tensor)> {
         let logits = h.matmul(&w.t()?)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
         let g = loss.backward()?;
-        Ok((loss.to_scalar::<f32>()?, g.get(&h).expect("grad").clone(), g.get(&w).expect("grad").clone()))
+        let l = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        Ok((l, g.get(&h).expect("grad").clone(), g.get(&w).expect("grad").clone()))
     };
     let native_step = || -> Result<xent::LinearCeOutput> {
-        cpu.linear_cross_entropy(&ha, &wa, None, &t[..], &cfg).map_err(candle_core::Error::wrap)
+        cpu.linear_cross_entropy(ha.view(), wa.view(), None, &t[..], &cfg).map_err(candle_core::Error::wrap)
     };
 
     // Warm-up (thread pools, first-touch of the allocator's pages), and the answers compared.
@@ -142,8 +165,9 @@ fn main() -> Result<()> {
     let l_n = native_step()?.loss as f32;
     let mut max_grad_diff = 0f32;
     for (a, b) in [(&gh_x, &gh_r), (&gw_x, &gw_r)] {
+        let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
         let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let diff = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         max_grad_diff = max_grad_diff.max(diff / scale);
     }
     drop((gh_x, gw_x, gh_r, gw_r));
@@ -174,11 +198,12 @@ fn main() -> Result<()> {
         step_x / step_n
     );
     println!(
-        "{{\"framework\": \"candle\", \"backend\": \"cpu\", \"n\": {n}, \"d\": {d}, \"v\": {v}, \"reps\": {reps}, \
+        "{{\"framework\": \"candle\", \"backend\": \"cpu\", \"n\": {n}, \"d\": {d}, \"v\": {v}, \"dtype\": \"{}\", \"reps\": {reps}, \
          \"step_s_xent\": {step_x}, \"step_s_ref\": {step_r}, \"step_s_native\": {step_n}, \
          \"peak_bytes_xent\": {px}, \"peak_bytes_ref\": {pr}, \"peak_bytes_native\": {pn}, \
          \"rss_bytes_xent\": {rx}, \"rss_bytes_ref\": {rr}, \"rss_bytes_native\": {rn}, \
-         \"loss_xent\": {l_x}, \"loss_ref\": {l_r}, \"loss_native\": {l_n}, \"max_grad_diff\": {max_grad_diff:e}}}"
+         \"loss_xent\": {l_x}, \"loss_ref\": {l_r}, \"loss_native\": {l_n}, \"max_grad_diff\": {max_grad_diff:e}}}",
+        dtype.as_str()
     );
     Ok(())
 }
