@@ -20,6 +20,13 @@
 //! assert_eq!(g.dims(), &[2, 3]);
 //! # Ok::<(), candle_core::Error>(())
 //! ```
+//!
+//! [`linear_cross_entropy`] takes the hidden states and the output layer's weight instead of
+//! the logits: the loss of `hidden @ weight.T + bias` as one fused op, so that a model never
+//! materialises the `[N, V]` logits or their gradient.
+//!
+//! Errors are `candle_core::Error`s that keep xent's typed [`XentError`] (its variant, row and
+//! value); [`xent_error`] returns it.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs)]
@@ -29,7 +36,10 @@ use std::sync::{Arc, Mutex};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use ndarray::{ArrayView1, ArrayView2};
-use xent::{Cpu, CrossEntropy, Logits, Reduction, Targets, Tensor2};
+use xent::{Cpu, CrossEntropy, Logits, Reduction, Targets, Tensor2, XentError};
+
+mod linear;
+pub use linear::linear_cross_entropy;
 
 /// The loss op: options, the CPU backend, and the gradient its forward pass leaves for backward.
 struct XentLoss {
@@ -38,15 +48,41 @@ struct XentLoss {
     grad: Mutex<Option<Tensor>>,
 }
 
-fn err(e: impl std::fmt::Display) -> candle_core::Error {
-    candle_core::Error::Msg(format!("xent: {e}"))
+/// A Candle error holding xent's typed error: `Error::WrappedContext`, whose `wrapped` is the
+/// [`XentError`] itself ([`xent_error`] finds it; `candle_core::Error::wrap` would keep only its
+/// text, as a `dyn Display`).
+fn err(e: XentError) -> candle_core::Error {
+    candle_core::Error::WrappedContext { wrapped: Box::new(e), context: "xent-candle".into() }.bt()
+}
+
+/// The [`XentError`] inside a Candle error returned by this crate (through Candle's backtrace,
+/// context and path wrappers), or `None` for Candle's own errors.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use xent::{LinearCe, XentError};
+/// let hidden = Tensor::zeros((2, 3), candle_core::DType::F32, &Device::Cpu)?;
+/// let weight = Tensor::zeros((5, 4), candle_core::DType::F32, &Device::Cpu)?; // D differs
+/// let targets = Tensor::new(&[0u32, 1], &Device::Cpu)?;
+/// let e = xent_candle::linear_cross_entropy(&hidden, &weight, None, &targets, &LinearCe::default())
+///     .unwrap_err();
+/// assert!(matches!(xent_candle::xent_error(&e), Some(XentError::Shape(_))));
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn xent_error(e: &candle_core::Error) -> Option<&XentError> {
+    use candle_core::Error as E;
+    match e {
+        E::WrappedContext { wrapped, .. } => wrapped.downcast_ref::<XentError>(),
+        E::WithBacktrace { inner, .. } | E::Context { inner, .. } | E::WithPath { inner, .. } => xent_error(inner),
+        _ => None,
+    }
 }
 
 /// A contiguous slice of `storage` as laid out by `layout`.
 fn slice<'a, T>(v: &'a [T], layout: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
-        None => Err(err(format!("{what} must be contiguous"))),
+        None => Err(err(XentError::InvalidOption(format!("{what} must be contiguous")))),
     }
 }
 
@@ -85,11 +121,11 @@ impl CustomOp2 for XentLoss {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = l1.shape().dims();
         if dims.len() != 2 {
-            return Err(err(format!("logits must be [N, V], got {dims:?}")));
+            return Err(err(XentError::Shape(format!("logits must be [N, V], got {dims:?}"))));
         }
         let (n, v) = (dims[0], dims[1]);
         let shape = (n, v);
-        let view = |e| err(format!("logits layout: {e}"));
+        let view = |e: ndarray::ShapeError| err(XentError::Shape(format!("logits layout: {e}")));
         let t_i64: Vec<i64>;
         let targets: Targets = match s2 {
             CpuStorage::I64(t) => Targets::I64(ArrayView1::from(slice(t, l2, "targets")?)),
@@ -106,10 +142,10 @@ impl CustomOp2 for XentLoss {
                 Targets::Probs(ArrayView2::from_shape(shape, slice(p, l2, "target probabilities")?).map_err(view)?)
             }
             other => {
-                return Err(err(format!(
+                return Err(err(XentError::InvalidOption(format!(
                     "targets must be integer class indices or f32 probabilities, got {:?}",
                     other.dtype()
-                )))
+                ))))
             }
         };
         match s1 {
@@ -122,7 +158,9 @@ impl CustomOp2 for XentLoss {
             CpuStorage::BF16(x) => {
                 self.run(ArrayView2::from_shape(shape, slice(x, l1, "logits")?).map_err(view)?.into(), targets)
             }
-            other => Err(err(format!("logits must be f32, f16 or bf16, got {:?}", other.dtype()))),
+            other => {
+                Err(err(XentError::InvalidOption(format!("logits must be f32, f16 or bf16, got {:?}", other.dtype()))))
+            }
         }
     }
 
@@ -133,7 +171,12 @@ impl CustomOp2 for XentLoss {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = self.grad.lock().unwrap().take().ok_or_else(|| err("backward ran twice, or without a forward pass"))?;
+        let g = self
+            .grad
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| err(XentError::InvalidOption("backward ran twice, or without a forward pass".into())))?;
         let up = grad_res.to_dtype(g.dtype())?;
         let grad = match self.cfg.reduction {
             Reduction::None => g.broadcast_mul(&up.unsqueeze(1)?)?,
@@ -154,7 +197,7 @@ impl CustomOp2 for XentLoss {
 /// backward.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, cfg: &CrossEntropy) -> candle_core::Result<Tensor> {
     if !logits.device().is_cpu() {
-        return Err(err("xent-candle runs on Candle's CPU device"));
+        return Err(err(XentError::InvalidOption("xent-candle runs on Candle's CPU device".into())));
     }
     let cfg = cfg.clone().with_per_row(cfg.per_row || cfg.reduction == Reduction::None);
     logits.apply_op2(targets, XentLoss { cfg, cpu: shared_cpu(), grad: Mutex::new(None) })
