@@ -15,6 +15,12 @@
 //!   [`host_transfers`]).
 //! - **Flex** (Burn's CPU backend): xent's CPU kernels read Burn's tensor storage in place.
 //!
+//! From hidden states, [`linear_cross_entropy`] fuses the output head's product with the loss
+//! (xent's [`LinearCe`]): the `[N, V]` logits and their gradient never exist, only row chunks of
+//! them; [`LinearCrossEntropyConfig`] makes a module (weight `[V, D]`, optional bias) that a
+//! model's output head can own in place of `Linear` + `CrossEntropyLoss`. On Flex (Burn's CPU
+//! backend) for now: on wgpu it returns an error.
+//!
 //! ```
 //! use burn::prelude::*;
 //! use xent::CrossEntropy;
@@ -37,6 +43,8 @@ mod autodiff;
 #[cfg(feature = "gpu")]
 mod cube;
 mod flex;
+mod linear;
+mod module;
 mod ops;
 mod pool;
 
@@ -49,9 +57,11 @@ use burn::backend::{backend_extension, Backend, Dispatch};
 use burn::prelude::*;
 use burn::tensor::DType as BurnDType;
 
+pub use linear::{linear_cross_entropy, linear_cross_entropy_with_grads, XentLinearArgs, XentLinearOps};
+pub use module::{LinearCrossEntropy, LinearCrossEntropyConfig};
 pub use ops::take_error;
 pub use pool::{pooled_bytes, release_pooled_buffers};
-pub use xent::{CrossEntropy, Reduction, XentError};
+pub use xent::{CrossEntropy, LinearCe, Reduction, XentError};
 
 #[cfg(feature = "gpu")]
 #[cfg_attr(docsrs, doc(cfg(feature = "gpu")))]

@@ -22,7 +22,7 @@ pub(crate) fn xent_dtype(d: BurnDType) -> DType {
     }
 }
 
-fn cpu() -> &'static Cpu {
+pub(crate) fn cpu() -> &'static Cpu {
     static CPU: OnceLock<Cpu> = OnceLock::new();
     CPU.get_or_init(Cpu::new)
 }

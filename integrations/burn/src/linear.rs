@@ -1,0 +1,548 @@
+//! Fused linear cross-entropy from hidden states: `cross_entropy(hidden @ weight^T + bias,
+//! targets)` as one differentiable Burn function, so that neither the `[N, V]` logits nor their
+//! gradient exists as a tensor (xent's [`LinearCe`] computes the logits one row chunk at a time).
+//!
+//! Under autodiff with reduction `mean` or `sum` the forward pass computes the loss and the
+//! gradients of `hidden`, `weight` and `bias` in one pass (those the graph tracks), keeps them
+//! as the op's state, and the backward pass only multiplies them by the upstream scalar (not
+//! at all when it is exactly 1, as after `loss.backward()`). With reduction `none` the
+//! upstream gradient has one value per row, which the forward pass cannot know: the forward
+//! pass then computes the per-row losses alone and the backward pass runs the fused pass again
+//! with the upstream values folded into the sample weights and reduction `sum` (the gradient of
+//! `sum_n u_n loss_n`).
+
+use std::sync::Arc;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::Autodiff;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{backend_extension, AutodiffBackend, Backend, Dispatch, Flex};
+use burn::prelude::*;
+use burn::tensor::DType as BurnDType;
+use burn_flex::FlexTensor;
+use half::{bf16, f16};
+use ndarray::{ArrayView1, ArrayView2};
+use xent::{LinearCe, Logits, Reduction, Targets, Tensor2, XentError};
+
+use crate::ops::{cpu, is_host, record_error};
+
+/// The options of one fused linear cross-entropy call, as the backend extension carries them
+/// (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct XentLinearArgs {
+    cfg: Arc<LinearCe>,
+}
+
+impl XentLinearArgs {
+    /// Wraps `cfg`.
+    pub fn new(cfg: &LinearCe) -> XentLinearArgs {
+        XentLinearArgs { cfg: Arc::new(cfg.clone()) }
+    }
+
+    /// The options.
+    pub fn cfg(&self) -> &LinearCe {
+        &self.cfg
+    }
+
+    /// The loss's shape for `rows` rows: `[N]` with reduction `none`, else `[1]`.
+    pub fn loss_shape(&self, rows: usize) -> Shape {
+        match self.cfg.ce.reduction {
+            Reduction::None => Shape::new([rows]),
+            _ => Shape::new([1]),
+        }
+    }
+}
+
+/// xent's fused linear cross-entropy as a Burn backend extension, on Flex (Burn's CPU backend)
+/// and under autodiff. [`linear_cross_entropy`] is the way to call it; the trait is public so
+/// that other backends can implement it.
+#[backend_extension(Flex, Autodiff)]
+pub trait XentLinearOps: Backend {
+    /// The loss of `hidden [N, D] @ weight[V, D]^T + bias [V]` against class indices
+    /// `targets [N]`: `[N]` with reduction `none`, else `[1]`, in f32. Differentiable under
+    /// autodiff w.r.t. hidden, weight and bias. No bias: a bias of no elements (`[0]`).
+    fn xent_linear_cross_entropy(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        args: XentLinearArgs,
+    ) -> FloatTensor<Self>;
+
+    /// The loss and the gradients the options ask for (`grad_hidden`, `grad_weight`,
+    /// `grad_bias`; in the inputs' dtype), in one pass. With a `row_scale` of `N` values the
+    /// gradients are those of `sum_n row_scale_n loss_n` (the options' sample weights times
+    /// `row_scale`, reduction `sum`), and so is the loss; a `row_scale` of no elements leaves
+    /// the options as they are. No bias: a bias of no elements. Not differentiable.
+    #[allow(clippy::type_complexity)]
+    fn xent_linear_cross_entropy_with_grads(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        row_scale: FloatTensor<Self>,
+        args: XentLinearArgs,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>, Option<FloatTensor<Self>>, Option<FloatTensor<Self>>);
+
+    /// `grad` times the scalar `upstream` (`[1]`), in `grad`'s dtype; `grad` itself when
+    /// `upstream` is exactly 1.
+    fn xent_linear_scale(grad: FloatTensor<Self>, upstream: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flex
+
+/// Contiguous storage of a Flex tensor (copied only if it is a strided view).
+fn contiguous(t: FlexTensor) -> FlexTensor {
+    if t.is_contiguous() && t.layout().start_offset() == 0 {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+fn view(x: &FlexTensor) -> Logits<'_> {
+    let dims = x.layout().shape().clone();
+    let (r, c) = (dims[0], dims[1]);
+    match x.dtype() {
+        BurnDType::F16 => Logits::F16(ArrayView2::from_shape((r, c), x.storage::<f16>()).expect("contiguous 2-d")),
+        BurnDType::BF16 => Logits::BF16(ArrayView2::from_shape((r, c), x.storage::<bf16>()).expect("contiguous 2-d")),
+        _ => Logits::F32(ArrayView2::from_shape((r, c), x.storage::<f32>()).expect("contiguous 2-d")),
+    }
+}
+
+/// The values of a 1-d float Flex tensor as f32 (copied: V or N values).
+fn f32_values(t: FlexTensor) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default()
+}
+
+fn f32_tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+/// A gradient from xent as a Flex tensor (no copy).
+fn grad_tensor(g: Tensor2) -> FlexTensor {
+    fn vec<T: Clone>(a: ndarray::Array2<T>) -> (Vec<T>, [usize; 2]) {
+        let dims = [a.nrows(), a.ncols()];
+        let a = if a.is_standard_layout() { a } else { a.as_standard_layout().into_owned() };
+        (a.into_raw_vec_and_offset().0, dims)
+    }
+    match g {
+        Tensor2::F32(a) => {
+            let (v, s) = vec(a);
+            FlexTensor::from_data(TensorData::new(v, s))
+        }
+        Tensor2::F16(a) => {
+            let (v, s) = vec(a);
+            FlexTensor::from_data(TensorData::new(v, s))
+        }
+        Tensor2::BF16(a) => {
+            let (v, s) = vec(a);
+            FlexTensor::from_data(TensorData::new(v, s))
+        }
+    }
+}
+
+type Grads<T> = (T, Option<T>, Option<T>, Option<T>);
+
+fn flex_run(
+    hidden: FlexTensor,
+    weight: FlexTensor,
+    bias: FlexTensor,
+    targets: FlexTensor,
+    row_scale: FlexTensor,
+    args: &XentLinearArgs,
+    with_grads: bool,
+) -> Grads<FlexTensor> {
+    let hidden = contiguous(hidden);
+    let weight = contiguous(weight);
+    let targets = contiguous(targets);
+    let n = hidden.layout().shape()[0];
+    let (v, d) = (weight.layout().shape()[0], weight.layout().shape()[1]);
+    let in_dtype = hidden.dtype();
+    let bias = (bias.layout().shape().num_elements() > 0).then(|| f32_values(bias));
+    let t64: Vec<i64>;
+    let t = match targets.dtype() {
+        BurnDType::I64 => Targets::I64(ArrayView1::from(targets.storage::<i64>())),
+        BurnDType::I32 => Targets::I32(ArrayView1::from(targets.storage::<i32>())),
+        _ => {
+            // Narrower or unsigned integer targets: widened once (N values).
+            t64 = targets.clone().into_data().convert::<i64>().try_to_vec::<i64>().unwrap_or_default();
+            Targets::I64(ArrayView1::from(&t64[..]))
+        }
+    };
+    let mut cfg = args.cfg().clone();
+    cfg.grads_in_input_dtype = true;
+    if !with_grads {
+        cfg.grad_hidden = false;
+        cfg.grad_weight = false;
+        cfg.grad_bias = false;
+    }
+    if row_scale.layout().shape().num_elements() > 0 {
+        let scale = f32_values(row_scale);
+        let w: ndarray::Array1<f32> = match &cfg.ce.sample_weight {
+            Some(sw) => sw.iter().zip(&scale).map(|(a, b)| a * b).collect(),
+            None => scale.into(),
+        };
+        cfg.ce.sample_weight = Some(w);
+        cfg.ce.reduction = Reduction::Sum;
+    }
+    let loss_shape = XentLinearArgs::new(&cfg).loss_shape(n);
+    let res = cpu().linear_cross_entropy(
+        view(&hidden),
+        view(&weight),
+        bias.as_deref().map(ArrayView1::from),
+        t,
+        &cfg,
+    );
+    match res {
+        Ok(out) => {
+            let loss = match (cfg.ce.reduction, out.row_loss) {
+                (Reduction::None, Some(rows)) => rows.to_vec(),
+                (Reduction::None, None) => vec![f32::NAN; n],
+                _ => vec![out.loss as f32],
+            };
+            (
+                f32_tensor(loss, loss_shape),
+                out.grad_hidden.map(grad_tensor),
+                out.grad_weight.map(grad_tensor),
+                out.grad_bias.map(|b| {
+                    let b = FlexTensor::from_data(TensorData::new(b.to_vec(), [v]));
+                    if in_dtype == BurnDType::F32 {
+                        b
+                    } else {
+                        FlexTensor::from_data(b.into_data().convert_dtype(in_dtype))
+                    }
+                }),
+            )
+        }
+        Err(e) => {
+            // The public function checked everything it could: an error here (out of memory,
+            // or a call through the trait directly) leaves NaN outputs and waits in take_error.
+            record_error(e);
+            let nan = |shape: Shape| FlexTensor::from_data(TensorData::new(vec![f32::NAN; shape.num_elements()], shape).convert_dtype(in_dtype));
+            (
+                f32_tensor(vec![f32::NAN; loss_shape.num_elements()], loss_shape),
+                cfg.grad_hidden.then(|| nan(Shape::new([n, d]))),
+                cfg.grad_weight.then(|| nan(Shape::new([v, d]))),
+                (cfg.grad_bias && bias.is_some()).then(|| nan(Shape::new([v]))),
+            )
+        }
+    }
+}
+
+fn empty_flex() -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(Vec::<f32>::new(), [0]))
+}
+
+fn mul<B: Backend>(a: FloatTensor<B>, b: FloatTensor<B>) -> FloatTensor<B> {
+    B::float_mul(a, b)
+}
+
+impl XentLinearOps for Flex {
+    fn xent_linear_cross_entropy(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        args: XentLinearArgs,
+    ) -> FloatTensor<Self> {
+        flex_run(hidden, weight, bias, targets, empty_flex(), &args, false).0
+    }
+
+    fn xent_linear_cross_entropy_with_grads(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        row_scale: FloatTensor<Self>,
+        args: XentLinearArgs,
+    ) -> Grads<FloatTensor<Self>> {
+        flex_run(hidden, weight, bias, targets, row_scale, &args, true)
+    }
+
+    fn xent_linear_scale(grad: FloatTensor<Self>, upstream: FloatTensor<Self>) -> FloatTensor<Self> {
+        let up = f32_values(upstream);
+        if up == [1.0] {
+            return grad;
+        }
+        let dtype = grad.dtype();
+        let shape = if grad.layout().shape().num_dims() == 1 { Shape::new([1]) } else { Shape::new([1, 1]) };
+        let s = FlexTensor::from_data(TensorData::new(up, shape).convert_dtype(dtype));
+        mul::<Flex>(grad, s)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Autodiff
+
+/// What the backward pass needs: the gradients themselves (reduction `mean`/`sum`), or the
+/// inputs to run the fused pass again with per-row upstream values (reduction `none`).
+#[derive(Debug, Clone)]
+enum LinearState<B: Backend> {
+    Grads(Option<FloatTensor<B>>, Option<FloatTensor<B>>, Option<FloatTensor<B>>),
+    Inputs(FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, IntTensor<B>),
+}
+
+/// The backward step; its parents are hidden, weight and bias (a bias of no elements, never
+/// tracked, when there is none).
+#[derive(Debug)]
+struct LinearBackward {
+    args: XentLinearArgs,
+}
+
+impl<B: XentLinearOps> Backward<B, 3> for LinearBackward {
+    type State = LinearState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [ph, pw, pb] = ops.parents;
+        let upstream = grads.consume::<B>(&ops.node);
+        let (gh, gw, gb) = match ops.state {
+            LinearState::Grads(gh, gw, gb) => {
+                let scale = |g: Option<FloatTensor<B>>| g.map(|g| B::xent_linear_scale(g, upstream.clone()));
+                (scale(gh), scale(gw), scale(gb))
+            }
+            LinearState::Inputs(h, w, b, t) => {
+                let (_, gh, gw, gb) = B::xent_linear_cross_entropy_with_grads(h, w, b, t, upstream, self.args);
+                (gh, gw, gb)
+            }
+        };
+        for (parent, g) in [(ph, gh), (pw, gw), (pb, gb)] {
+            if let (Some(node), Some(g)) = (parent, g) {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+impl<B: XentLinearOps, C: CheckpointStrategy> XentLinearOps for Autodiff<B, C> {
+    fn xent_linear_cross_entropy(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        args: XentLinearArgs,
+    ) -> FloatTensor<Self> {
+        let (th, tw, tb) = (hidden.is_tracked(), weight.is_tracked(), bias.is_tracked());
+        let (h, nh) = hidden.into_parts();
+        let (w, nw) = weight.into_parts();
+        let (b, nb) = bias.into_parts();
+        let op = LinearBackward { args: args.clone() };
+        match op.prepare::<C>([nh, nw, nb]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) if args.cfg().ce.reduction == Reduction::None => {
+                // Per-row upstream values come in the backward pass: keep the inputs.
+                let loss = B::xent_linear_cross_entropy(h.clone(), w.clone(), b.clone(), targets.clone(), args);
+                prep.finish(LinearState::Inputs(h, w, b, targets), loss)
+            }
+            OpsKind::Tracked(prep) => {
+                // One fused pass: the loss and the gradients the graph tracks.
+                let mut cfg = args.cfg().clone();
+                cfg.grad_hidden = th;
+                cfg.grad_weight = tw;
+                cfg.grad_bias = tb;
+                let empty = B::float_zeros(Shape::new([0]), &burn::backend::TensorMetadata::device(&h), burn::tensor::FloatDType::F32);
+                let (loss, gh, gw, gb) =
+                    B::xent_linear_cross_entropy_with_grads(h, w, b, targets, empty, XentLinearArgs::new(&cfg));
+                prep.finish(LinearState::Grads(gh, gw, gb), loss)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::xent_linear_cross_entropy(h, w, b, targets, args)),
+        }
+    }
+
+    fn xent_linear_cross_entropy_with_grads(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        row_scale: FloatTensor<Self>,
+        args: XentLinearArgs,
+    ) -> Grads<FloatTensor<Self>> {
+        let (loss, gh, gw, gb) = B::xent_linear_cross_entropy_with_grads(
+            Self::inner(hidden),
+            Self::inner(weight),
+            Self::inner(bias),
+            targets,
+            Self::inner(row_scale),
+            args,
+        );
+        (Self::from_inner(loss), gh.map(Self::from_inner), gw.map(Self::from_inner), gb.map(Self::from_inner))
+    }
+
+    fn xent_linear_scale(grad: FloatTensor<Self>, upstream: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::from_inner(B::xent_linear_scale(Self::inner(grad), Self::inner(upstream)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The public function
+
+fn float_dtype(what: &str, d: BurnDType) -> Result<(), XentError> {
+    match d {
+        BurnDType::F32 | BurnDType::F16 | BurnDType::BF16 => Ok(()),
+        d => Err(XentError::InvalidOption(format!("{what} of {d:?}: xent reads f32, f16 and bf16"))),
+    }
+}
+
+/// Checks everything that is known before the call; targets are read (CPU device).
+fn check(
+    hidden: &Tensor<2>,
+    weight: &Tensor<2>,
+    bias: Option<&Tensor<1>>,
+    targets: &Tensor<1, Int>,
+    cfg: &LinearCe,
+) -> Result<(), XentError> {
+    let [n, d] = hidden.dims();
+    let [v, dw] = weight.dims();
+    let [nt] = targets.dims();
+    let device = hidden.device();
+    if weight.device() != device
+        || targets.device() != device
+        || bias.is_some_and(|b| b.device() != device)
+    {
+        return Err(XentError::InvalidOption("hidden, weight, bias and targets are on different devices".into()));
+    }
+    if !is_host(&device) {
+        return Err(XentError::InvalidOption(
+            "linear_cross_entropy on Burn's wgpu (cube) backend is not implemented yet; use Flex (Device::flex())"
+                .into(),
+        ));
+    }
+    if d != dw {
+        return Err(XentError::Shape(format!(
+            "hidden is [{n}, {d}] but weight is [{v}, {dw}]: the inner dimensions differ"
+        )));
+    }
+    if nt != n {
+        return Err(XentError::Shape(format!("hidden has {n} rows but targets have {nt}")));
+    }
+    float_dtype("hidden", hidden.dtype())?;
+    if weight.dtype() != hidden.dtype() {
+        return Err(XentError::InvalidOption(format!(
+            "hidden is {:?} but weight is {:?}: give both in one dtype",
+            hidden.dtype(),
+            weight.dtype()
+        )));
+    }
+    if let Some(b) = bias {
+        float_dtype("bias", b.dtype())?;
+        let [vb] = b.dims();
+        if vb != v {
+            return Err(XentError::Shape(format!("bias has {vb} entries for {v} classes")));
+        }
+    }
+    if cfg.ce.totals.is_some() {
+        return Err(XentError::InvalidOption("LinearCe computes its own totals: leave ce.totals unset".into()));
+    }
+    if cfg.workspace_bytes == Some(0) {
+        return Err(XentError::InvalidOption("workspace_bytes must be positive".into()));
+    }
+    let mut ce = cfg.ce.clone();
+    ce.sample_weight = None;
+    let none = ArrayView1::<i64>::from(&[][..]);
+    xent::check::cross_entropy((0, v), &Targets::I64(none), &ce)?;
+    if let Some(w) = &cfg.ce.sample_weight {
+        if w.len() != n {
+            return Err(XentError::Shape(format!("sample_weight has {} entries for {n} rows", w.len())));
+        }
+    }
+    let t: Vec<i64> = targets
+        .to_data()
+        .convert::<i64>()
+        .try_to_vec::<i64>()
+        .map_err(|e| XentError::InvalidOption(format!("targets: {e:?}")))?;
+    xent::check::class_targets(&Targets::I64(ArrayView1::from(&t)), v, cfg.ce.ignore_index)?;
+    Ok(())
+}
+
+/// Fused linear cross-entropy: the cross-entropy of the logits `hidden @ weight^T + bias`
+/// (`hidden [N, D]`, `weight [V, D]`, `bias [V]`) against class indices `targets [N]`, with
+/// every option of [`LinearCe`] (reduction, `ignore_index`, class and sample weights, label
+/// smoothing, z-loss, softcap, temperature, workspace bound) and PyTorch's semantics, without
+/// ever holding the `[N, V]` logits or their gradient: xent computes them one row chunk at a
+/// time. Returns `[N]` per-row losses with `Reduction::None`, else a `[1]` tensor, in f32
+/// (hidden and weight may be f32, f16 or bf16, in one dtype; arithmetic in f32).
+///
+/// Under autodiff it is differentiable w.r.t. `hidden`, `weight` and `bias`, whichever the graph
+/// tracks. With reduction `mean` or `sum` the gradients are computed in the forward pass (one
+/// fused pass) and kept until the backward pass, which scales them by the upstream gradient:
+/// the state is `[N, D] + [V, D] + [V]` values, never `[N, V]`. With reduction `none` the
+/// backward pass runs the fused pass again, with the upstream per-row gradient folded into the
+/// sample weights and reduction `sum`. Gradients come back in the inputs' dtype; `cfg`'s
+/// `grad_*` flags are decided by what the graph tracks, and `grads_in_input_dtype` is implied.
+///
+/// Backends: Burn's Flex (CPU) backend, plain or under autodiff: xent's CPU kernels read
+/// Flex's storage in place. **Burn's wgpu (cube) backend is not implemented yet**: a call with
+/// tensors on it returns [`XentError::InvalidOption`] (the logits-level [`crate::cross_entropy`]
+/// runs there).
+///
+/// Shapes, dtypes, devices, options and the targets' range are checked here: bad input is an
+/// error, never a panic.
+///
+/// ```
+/// use burn::prelude::*;
+/// use xent::LinearCe;
+///
+/// let device = Device::flex().autodiff();
+/// let hidden = Tensor::<2>::from_floats([[0.5, -1.0], [2.0, 0.25], [0.0, 1.0]], &device).require_grad();
+/// let weight = Tensor::<2>::from_floats([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.5]], &device).require_grad();
+/// let bias = Tensor::<1>::from_floats([0.1, 0.0, -0.1, 0.2], &device).require_grad();
+/// let targets = Tensor::<1, Int>::from_ints([3, -100, 1], &device); // the second row is ignored
+/// let loss = xent_burn::linear_cross_entropy(hidden.clone(), weight.clone(), Some(bias.clone()), targets, &LinearCe::default())?;
+/// let grads = loss.backward();
+/// assert_eq!(hidden.grad(&grads).expect("d hidden").dims(), [3, 2]);
+/// assert_eq!(weight.grad(&grads).expect("d weight").dims(), [4, 2]);
+/// assert_eq!(bias.grad(&grads).expect("d bias").dims(), [4]);
+/// # Ok::<(), xent::XentError>(())
+/// ```
+pub fn linear_cross_entropy(
+    hidden: Tensor<2>,
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+    targets: Tensor<1, Int>,
+    cfg: &LinearCe,
+) -> Result<Tensor<1>, XentError> {
+    check(&hidden, &weight, bias.as_ref(), &targets, cfg)?;
+    let bias = bias.unwrap_or_else(|| Tensor::empty([0], &hidden.device()));
+    let out = Dispatch::xent_linear_cross_entropy(
+        hidden.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        targets.into_dispatch(),
+        XentLinearArgs::new(cfg),
+    );
+    Ok(Tensor::from_dispatch(out))
+}
+
+/// The loss (as [`linear_cross_entropy`]) and its gradients w.r.t. hidden `[N, D]`, weight
+/// `[V, D]` and bias `[V]` (when given), in one fused pass outside autodiff: for hand-written
+/// backward passes and for measuring. Gradients in the inputs' dtype; those `cfg` turns off
+/// are `None`. With reduction `none` the gradients are those of the sum of the per-row losses.
+#[allow(clippy::type_complexity)]
+pub fn linear_cross_entropy_with_grads(
+    hidden: Tensor<2>,
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+    targets: Tensor<1, Int>,
+    cfg: &LinearCe,
+) -> Result<(Tensor<1>, Option<Tensor<2>>, Option<Tensor<2>>, Option<Tensor<1>>), XentError> {
+    check(&hidden, &weight, bias.as_ref(), &targets, cfg)?;
+    let device = hidden.device();
+    let bias = bias.unwrap_or_else(|| Tensor::empty([0], &device));
+    let (loss, gh, gw, gb) = Dispatch::xent_linear_cross_entropy_with_grads(
+        hidden.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        targets.into_dispatch(),
+        Tensor::<1>::empty([0], &device).into_dispatch(),
+        XentLinearArgs::new(cfg),
+    );
+    Ok((
+        Tensor::from_dispatch(loss),
+        gh.map(Tensor::from_dispatch),
+        gw.map(Tensor::from_dispatch),
+        gb.map(Tensor::from_dispatch),
+    ))
+}

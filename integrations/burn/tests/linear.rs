@@ -1,0 +1,371 @@
+//! xent-burn's fused linear cross-entropy against Burn's own composition (`hidden @ weight^T +
+//! bias`, then `CrossEntropyLoss`) under `Autodiff<Flex>`: the loss and the gradients of hidden,
+//! weight and bias through `loss.backward()`; ignored rows against Burn's pad tokens and against
+//! xent's own `Cpu::linear_cross_entropy`; reduction `none` with a non-uniform upstream
+//! gradient; the module; errors (bad input, and Burn's wgpu backend, not implemented yet).
+
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::prelude::*;
+use ndarray::{Array1, Array2};
+use xent::{Cpu, LinearCe, Reduction, XentError};
+use xent_burn::{linear_cross_entropy, LinearCrossEntropyConfig};
+
+/// Deterministic values in `[-scale, scale)`.
+fn values(len: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+struct Case {
+    n: usize,
+    d: usize,
+    v: usize,
+    h: Vec<f32>,
+    w: Vec<f32>,
+    b: Vec<f32>,
+    t: Vec<i64>,
+}
+
+fn case(n: usize, d: usize, v: usize, seed: u64) -> Case {
+    let t = values(n, seed + 3, 1.0).iter().map(|x| ((x + 1.0) * 0.5 * v as f32) as i64 % v as i64).collect();
+    Case {
+        n,
+        d,
+        v,
+        h: values(n * d, seed, 2.0),
+        w: values(v * d, seed + 1, 1.0 / (d as f32).sqrt() * 2.0),
+        b: values(v, seed + 2, 0.5),
+        t,
+    }
+}
+
+fn t2(x: &[f32], shape: [usize; 2], device: &Device) -> Tensor<2> {
+    Tensor::from_data(TensorData::new(x.to_vec(), shape), device)
+}
+
+fn t1(x: &[f32], device: &Device) -> Tensor<1> {
+    Tensor::from_data(TensorData::new(x.to_vec(), [x.len()]), device)
+}
+
+fn ti(t: &[i64], device: &Device) -> Tensor<1, Int> {
+    Tensor::from_data(TensorData::new(t.to_vec(), [t.len()]), device)
+}
+
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+}
+
+/// Loss and gradients (hidden, weight, bias) of one differentiable loss function.
+struct Out {
+    loss: Vec<f32>,
+    gh: Vec<f32>,
+    gw: Vec<f32>,
+    gb: Option<Vec<f32>>,
+}
+
+fn run(c: &Case, bias: bool, f: impl Fn(Tensor<2>, Tensor<2>, Option<Tensor<1>>, Tensor<1, Int>) -> Tensor<1>) -> Out {
+    let device = Device::flex().autodiff();
+    let h = t2(&c.h, [c.n, c.d], &device).require_grad();
+    let w = t2(&c.w, [c.v, c.d], &device).require_grad();
+    let b = bias.then(|| t1(&c.b, &device).require_grad());
+    let loss = f(h.clone(), w.clone(), b.clone(), ti(&c.t, &device));
+    let grads = loss.backward();
+    Out {
+        loss: host(loss),
+        gh: host(h.grad(&grads).expect("d hidden")),
+        gw: host(w.grad(&grads).expect("d weight")),
+        gb: b.map(|b| host(b.grad(&grads).expect("d bias"))),
+    }
+}
+
+/// Burn's own composition: `hidden @ weight^T + bias`, then `CrossEntropyLoss` (mean; `sum`
+/// as the mean times the counted rows), with `pad` as its pad token.
+fn burn_ref(c: &Case, bias: bool, reduction: Reduction, pad: Option<usize>) -> Out {
+    let counted = c.t.iter().filter(|&&t| pad.is_none_or(|p| t != p as i64)).count() as f32;
+    run(c, bias, |h, w, b, t| {
+        let device = h.device();
+        let mut z = h.matmul(w.transpose());
+        if let Some(b) = b {
+            z = z + b.unsqueeze_dim(0);
+        }
+        let loss = CrossEntropyLossConfig::new().with_pad_tokens(pad.map(|p| vec![p])).init(&device).forward(z, t);
+        match reduction {
+            Reduction::Sum => loss * counted,
+            _ => loss,
+        }
+    })
+}
+
+fn xent_run(c: &Case, bias: bool, cfg: &LinearCe) -> Out {
+    run(c, bias, |h, w, b, t| linear_cross_entropy(h, w, b, t, cfg).expect("linear_cross_entropy"))
+}
+
+#[track_caller]
+fn close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-3);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol * scale + tol * w.abs(), "{what}[{i}]: {g} vs {w} (scale {scale})");
+    }
+}
+
+fn compare(what: &str, got: &Out, want: &Out) {
+    close(&format!("{what} loss"), &got.loss, &want.loss, 2e-5);
+    close(&format!("{what} d hidden"), &got.gh, &want.gh, 1e-4);
+    close(&format!("{what} d weight"), &got.gw, &want.gw, 1e-4);
+    match (&got.gb, &want.gb) {
+        (Some(g), Some(w)) => close(&format!("{what} d bias"), g, w, 1e-4),
+        (None, None) => {}
+        _ => panic!("{what}: a bias gradient on one side only"),
+    }
+}
+
+fn cfg(reduction: Reduction) -> LinearCe {
+    let mut cfg = LinearCe::default();
+    cfg.ce.reduction = reduction;
+    cfg
+}
+
+#[test]
+fn equals_burns_composition_mean_and_sum_with_and_without_bias() {
+    let c = case(37, 24, 301, 1);
+    for reduction in [Reduction::Mean, Reduction::Sum] {
+        for bias in [true, false] {
+            let want = burn_ref(&c, bias, reduction, None);
+            let got = xent_run(&c, bias, &cfg(reduction));
+            compare(&format!("{reduction:?} bias={bias}"), &got, &want);
+        }
+    }
+}
+
+#[test]
+fn several_row_chunks_equal_burns_composition() {
+    // A workspace of 5 rows of logits: 8 chunks over 37 rows.
+    let c = case(37, 16, 257, 2);
+    let mut cfg = cfg(Reduction::Mean);
+    cfg.workspace_bytes = Some(5 * 257 * 4);
+    compare("chunked", &xent_run(&c, true, &cfg), &burn_ref(&c, true, Reduction::Mean, None));
+}
+
+#[test]
+fn pad_tokens_equal_burns_pad_token_option() {
+    let mut c = case(40, 16, 200, 3);
+    for r in (0..c.n).step_by(3) {
+        c.t[r] = 7;
+    }
+    let mut cfg = cfg(Reduction::Mean);
+    cfg.ce.ignore_index = 7;
+    compare("pad", &xent_run(&c, true, &cfg), &burn_ref(&c, true, Reduction::Mean, Some(7)));
+}
+
+#[test]
+fn ignored_rows_equal_xents_own_linear_cross_entropy() {
+    let mut c = case(33, 16, 150, 4);
+    for r in (1..c.n).step_by(4) {
+        c.t[r] = -100;
+    }
+    for reduction in [Reduction::Mean, Reduction::Sum] {
+        let cfg = cfg(reduction);
+        let got = xent_run(&c, true, &cfg);
+        let h = Array2::from_shape_vec((c.n, c.d), c.h.clone()).unwrap();
+        let w = Array2::from_shape_vec((c.v, c.d), c.w.clone()).unwrap();
+        let b = Array1::from(c.b.clone());
+        let t = Array1::from(c.t.clone());
+        let out = Cpu::new().linear_cross_entropy(h.view(), w.view(), Some(b.view()), t.view(), &cfg).unwrap();
+        let f = |g: Option<xent::Tensor2>| g.expect("a gradient").to_f32().iter().copied().collect::<Vec<f32>>();
+        let want = Out {
+            loss: vec![out.loss as f32],
+            gh: f(out.grad_hidden),
+            gw: f(out.grad_weight),
+            gb: Some(out.grad_bias.expect("d bias").to_vec()),
+        };
+        compare(&format!("ignored {reduction:?}"), &got, &want);
+        // Ignored rows get no gradient at all.
+        for r in (1..c.n).step_by(4) {
+            assert!(got.gh[r * c.d..(r + 1) * c.d].iter().all(|&x| x == 0.0), "row {r} ignored");
+        }
+    }
+}
+
+#[test]
+fn reduction_none_with_a_per_row_upstream_gradient() {
+    let mut c = case(21, 12, 90, 5);
+    c.t[4] = -100;
+    let up: Vec<f32> = values(c.n, 99, 1.0);
+    let got = run(&c, true, |h, w, b, t| {
+        let device = h.device();
+        let rows = linear_cross_entropy(h, w, b, t, &cfg(Reduction::None)).unwrap();
+        (rows * t1(&up, &device)).sum()
+    });
+    let want = run(&c, true, |h, w, b, t| {
+        let device = h.device();
+        let mut z = h.matmul(w.transpose());
+        if let Some(b) = b {
+            z = z + b.unsqueeze_dim(0);
+        }
+        // Per-row losses from Burn's ops: -log_softmax(z)[y], 0 for the ignored row.
+        let n = t.dims()[0];
+        let keep: Vec<f32> = c.t.iter().map(|&y| if y == -100 { 0.0 } else { 1.0 }).collect();
+        let safe = t.clone().clamp_min(0);
+        let rows = -burn::tensor::activation::log_softmax(z, 1).gather(1, safe.reshape([n, 1])).reshape([n]);
+        (rows * t1(&keep, &device) * t1(&up, &device)).sum()
+    });
+    compare("none", &got, &want);
+    // The per-row losses themselves.
+    let device = Device::flex();
+    let rows = linear_cross_entropy(
+        t2(&c.h, [c.n, c.d], &device),
+        t2(&c.w, [c.v, c.d], &device),
+        Some(t1(&c.b, &device)),
+        ti(&c.t, &device),
+        &cfg(Reduction::None),
+    )
+    .unwrap();
+    assert_eq!(rows.dims(), [c.n]);
+    assert_eq!(host(rows)[4], 0.0);
+}
+
+#[test]
+fn upstream_scalar_scales_the_gradients() {
+    let c = case(17, 8, 60, 6);
+    let got = run(&c, true, |h, w, b, t| linear_cross_entropy(h, w, b, t, &cfg(Reduction::Mean)).unwrap() * 2.5);
+    let want = run(&c, true, |h, w, b, t| linear_cross_entropy(h, w, b, t, &cfg(Reduction::Mean)).unwrap());
+    let x = |v: &[f32]| v.iter().map(|x| x * 2.5).collect::<Vec<f32>>();
+    close("scaled d hidden", &got.gh, &x(&want.gh), 1e-6);
+    close("scaled d weight", &got.gw, &x(&want.gw), 1e-6);
+    close("scaled d bias", got.gb.as_ref().unwrap(), &x(want.gb.as_ref().unwrap()), 1e-6);
+}
+
+#[test]
+fn only_tracked_inputs_get_gradients_and_flex_without_autodiff_works() {
+    let c = case(9, 8, 30, 7);
+    let device = Device::flex().autodiff();
+    let h = t2(&c.h, [c.n, c.d], &device); // not tracked
+    let w = t2(&c.w, [c.v, c.d], &device).require_grad();
+    let loss = linear_cross_entropy(h.clone(), w.clone(), None, ti(&c.t, &device), &cfg(Reduction::Mean)).unwrap();
+    let grads = loss.backward();
+    assert!(h.grad(&grads).is_none());
+    let want = burn_ref(&c, false, Reduction::Mean, None);
+    close("weight only", &host(w.grad(&grads).unwrap()), &want.gw, 1e-4);
+    // Plain Flex: the loss alone.
+    let flex = Device::flex();
+    let loss = linear_cross_entropy(
+        t2(&c.h, [c.n, c.d], &flex),
+        t2(&c.w, [c.v, c.d], &flex),
+        None,
+        ti(&c.t, &flex),
+        &cfg(Reduction::Mean),
+    )
+    .unwrap();
+    close("plain flex loss", &host(loss), &want.loss, 2e-5);
+}
+
+#[test]
+fn with_grads_outside_autodiff() {
+    let c = case(11, 8, 40, 8);
+    let flex = Device::flex();
+    let (loss, gh, gw, gb) = xent_burn::linear_cross_entropy_with_grads(
+        t2(&c.h, [c.n, c.d], &flex),
+        t2(&c.w, [c.v, c.d], &flex),
+        Some(t1(&c.b, &flex)),
+        ti(&c.t, &flex),
+        &cfg(Reduction::Mean),
+    )
+    .unwrap();
+    let want = burn_ref(&c, true, Reduction::Mean, None);
+    let got = Out { loss: host(loss), gh: host(gh.unwrap()), gw: host(gw.unwrap()), gb: gb.map(host) };
+    compare("with_grads", &got, &want);
+}
+
+#[test]
+fn module_forward_backward_equals_linear_and_cross_entropy() {
+    let (n, d, v) = (13, 16, 120);
+    let device = Device::flex().autodiff();
+    for bias in [true, false] {
+        let head = LinearCrossEntropyConfig::new(d, v).with_bias(bias).init(&device);
+        assert_eq!(head.weight.dims(), [v, d]);
+        assert_eq!(head.bias.as_ref().map(|b| b.dims()), bias.then_some([v]));
+        let c = case(n, d, v, 9);
+        let h = t2(&c.h, [n, d], &device).require_grad();
+        let loss = head.forward(h.clone(), ti(&c.t, &device)).unwrap();
+        let grads = loss.backward();
+        let got = Out {
+            loss: host(loss),
+            gh: host(h.grad(&grads).unwrap()),
+            gw: host(head.weight.grad(&grads).unwrap()),
+            gb: head.bias.as_ref().map(|b| host(b.grad(&grads).unwrap())),
+        };
+        // The same parameters through Burn's ops and loss.
+        let h2 = t2(&c.h, [n, d], &device).require_grad();
+        let logits = head.logits(h2.clone());
+        let loss2 = CrossEntropyLossConfig::new().init(&device).forward(logits, ti(&c.t, &device));
+        let grads2 = loss2.backward();
+        let want = Out {
+            loss: host(loss2),
+            gh: host(h2.grad(&grads2).unwrap()),
+            gw: host(head.weight.grad(&grads2).unwrap()),
+            gb: head.bias.as_ref().map(|b| host(b.grad(&grads2).unwrap())),
+        };
+        compare(&format!("module bias={bias}"), &got, &want);
+    }
+    // Initialised as Burn's Linear: U(-1/sqrt(d), 1/sqrt(d)).
+    let head = LinearCrossEntropyConfig::new(d, v).init(&device);
+    let bound = 1.0 / (d as f32).sqrt();
+    assert!(host(head.weight.val()).iter().all(|x| x.abs() <= bound));
+}
+
+#[test]
+fn bad_input_is_a_typed_error() {
+    let c = case(6, 4, 10, 10);
+    let device = Device::flex().autodiff();
+    let h = t2(&c.h, [c.n, c.d], &device);
+    let w = t2(&c.w, [c.v, c.d], &device);
+    let t = ti(&c.t, &device);
+    let m = cfg(Reduction::Mean);
+    let wrong_w = Tensor::<2>::zeros([c.v, c.d + 1], &device);
+    assert!(matches!(linear_cross_entropy(h.clone(), wrong_w, None, t.clone(), &m), Err(XentError::Shape(_))));
+    let wrong_b = Tensor::<1>::zeros([c.v + 1], &device);
+    assert!(matches!(linear_cross_entropy(h.clone(), w.clone(), Some(wrong_b), t.clone(), &m), Err(XentError::Shape(_))));
+    let short_t = ti(&c.t[..3], &device);
+    assert!(matches!(linear_cross_entropy(h.clone(), w.clone(), None, short_t, &m), Err(XentError::Shape(_))));
+    let mut bad_t = c.t.clone();
+    bad_t[2] = c.v as i64;
+    assert!(linear_cross_entropy(h.clone(), w.clone(), None, ti(&bad_t, &device), &m).is_err());
+    let mut bad_cfg = m.clone();
+    bad_cfg.ce.label_smoothing = 2.0;
+    assert!(linear_cross_entropy(h.clone(), w.clone(), None, t.clone(), &bad_cfg).is_err());
+    let mut bad_cfg = m.clone();
+    bad_cfg.workspace_bytes = Some(0);
+    assert!(matches!(linear_cross_entropy(h, w, None, t, &bad_cfg), Err(XentError::InvalidOption(_))));
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_is_a_typed_error_not_a_panic() {
+    let device = match xent_burn::wgpu_device() {
+        Ok(d) => d,
+        Err(e) if std::env::var("XENT_REQUIRE_GPU").is_ok_and(|v| !v.is_empty() && v != "0") => {
+            panic!("XENT_REQUIRE_GPU is set but Burn's wgpu device is unusable: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED wgpu test: {e} (set XENT_REQUIRE_GPU=1 to make this a failure)");
+            return;
+        }
+    };
+    for device in [device.clone(), device.autodiff()] {
+        let h = Tensor::<2>::zeros([2, 3], &device);
+        let w = Tensor::<2>::zeros([4, 3], &device);
+        let t = Tensor::<1, Int>::zeros([2], &device);
+        match linear_cross_entropy(h, w, None, t, &LinearCe::default()) {
+            Err(XentError::InvalidOption(m)) => assert!(m.contains("not implemented"), "{m}"),
+            other => panic!("expected InvalidOption, got {other:?}"),
+        }
+    }
+}
