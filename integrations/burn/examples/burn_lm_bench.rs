@@ -88,7 +88,8 @@ fn main() {
     let (h, t) = xent::workload::synthetic(n, d, 1.0, 0, 1);
     let (w, _) = xent::workload::synthetic(v, d, 1.0 / (d as f32).sqrt(), 0, 2);
     // Targets spread over the whole vocabulary.
-    let t: Array1<i64> = t.iter().enumerate().map(|(i, &y)| ((y.unsigned_abs() as usize * 61 + i * 7919) % v) as i64).collect();
+    let t: Array1<i64> =
+        t.iter().enumerate().map(|(i, &y)| ((y.unsigned_abs() as usize * 61 + i * 7919) % v) as i64).collect();
     let b: Array1<f32> = (0..v).map(|i| ((i % 17) as f32 - 8.0) * 0.01).collect();
     let h: Array2<f32> = h.as_standard_layout().into_owned();
     let w: Array2<f32> = w.as_standard_layout().into_owned();
@@ -118,6 +119,7 @@ fn main() {
         let gh = hh.grad(&grads).expect("d hidden");
         let gw = ww.grad(&grads).expect("d weight");
         let gb = bbb.grad(&grads).expect("d bias");
+        #[allow(clippy::single_range_in_vec_init)] // Burn's slice of one axis
         let probe: f32 = gh.slice([0..1, 0..1]).into_scalar::<f32>()
             + gw.slice([0..1, 0..1]).into_scalar::<f32>()
             + gb.slice([0..1]).into_scalar::<f32>();

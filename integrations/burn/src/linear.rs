@@ -191,13 +191,7 @@ fn flex_run(
         cfg.ce.reduction = Reduction::Sum;
     }
     let loss_shape = XentLinearArgs::new(&cfg).loss_shape(n);
-    let res = cpu().linear_cross_entropy(
-        view(&hidden),
-        view(&weight),
-        bias.as_deref().map(ArrayView1::from),
-        t,
-        &cfg,
-    );
+    let res = cpu().linear_cross_entropy(view(&hidden), view(&weight), bias.as_deref().map(ArrayView1::from), t, &cfg);
     match res {
         Ok(out) => {
             let loss = match (cfg.ce.reduction, out.row_loss) {
@@ -223,7 +217,11 @@ fn flex_run(
             // The public function checked everything it could: an error here (out of memory,
             // or a call through the trait directly) leaves NaN outputs and waits in take_error.
             record_error(e);
-            let nan = |shape: Shape| FlexTensor::from_data(TensorData::new(vec![f32::NAN; shape.num_elements()], shape).convert_dtype(in_dtype));
+            let nan = |shape: Shape| {
+                FlexTensor::from_data(
+                    TensorData::new(vec![f32::NAN; shape.num_elements()], shape).convert_dtype(in_dtype),
+                )
+            };
             (
                 f32_tensor(vec![f32::NAN; loss_shape.num_elements()], loss_shape),
                 cfg.grad_hidden.then(|| nan(Shape::new([n, d]))),
@@ -343,7 +341,11 @@ impl<B: XentLinearOps, C: CheckpointStrategy> XentLinearOps for Autodiff<B, C> {
                 cfg.grad_hidden = th;
                 cfg.grad_weight = tw;
                 cfg.grad_bias = tb;
-                let empty = B::float_zeros(Shape::new([0]), &burn::backend::TensorMetadata::device(&h), burn::tensor::FloatDType::F32);
+                let empty = B::float_zeros(
+                    Shape::new([0]),
+                    &burn::backend::TensorMetadata::device(&h),
+                    burn::tensor::FloatDType::F32,
+                );
                 let (loss, gh, gw, gb) =
                     B::xent_linear_cross_entropy_with_grads(h, w, b, targets, empty, XentLinearArgs::new(&cfg));
                 prep.finish(LinearState::Grads(gh, gw, gb), loss)
@@ -398,10 +400,7 @@ fn check(
     let [v, dw] = weight.dims();
     let [nt] = targets.dims();
     let device = hidden.device();
-    if weight.device() != device
-        || targets.device() != device
-        || bias.is_some_and(|b| b.device() != device)
-    {
+    if weight.device() != device || targets.device() != device || bias.is_some_and(|b| b.device() != device) {
         return Err(XentError::InvalidOption("hidden, weight, bias and targets are on different devices".into()));
     }
     if !is_host(&device) {

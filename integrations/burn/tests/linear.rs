@@ -332,7 +332,10 @@ fn bad_input_is_a_typed_error() {
     let wrong_w = Tensor::<2>::zeros([c.v, c.d + 1], &device);
     assert!(matches!(linear_cross_entropy(h.clone(), wrong_w, None, t.clone(), &m), Err(XentError::Shape(_))));
     let wrong_b = Tensor::<1>::zeros([c.v + 1], &device);
-    assert!(matches!(linear_cross_entropy(h.clone(), w.clone(), Some(wrong_b), t.clone(), &m), Err(XentError::Shape(_))));
+    assert!(matches!(
+        linear_cross_entropy(h.clone(), w.clone(), Some(wrong_b), t.clone(), &m),
+        Err(XentError::Shape(_))
+    ));
     let short_t = ti(&c.t[..3], &device);
     assert!(matches!(linear_cross_entropy(h.clone(), w.clone(), None, short_t, &m), Err(XentError::Shape(_))));
     let mut bad_t = c.t.clone();
