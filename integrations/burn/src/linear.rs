@@ -163,6 +163,8 @@ fn flex_run(
     let n = hidden.layout().shape()[0];
     let (v, d) = (weight.layout().shape()[0], weight.layout().shape()[1]);
     let in_dtype = hidden.dtype();
+    // The bias's gradient comes back in the bias's own dtype.
+    let bias_dtype = bias.dtype();
     let bias = (bias.layout().shape().num_elements() > 0).then(|| f32_values(bias));
     let t64: Vec<i64>;
     let t = match targets.dtype() {
@@ -205,10 +207,10 @@ fn flex_run(
                 out.grad_weight.map(grad_tensor),
                 out.grad_bias.map(|b| {
                     let b = FlexTensor::from_data(TensorData::new(b.to_vec(), [v]));
-                    if in_dtype == BurnDType::F32 {
+                    if bias_dtype == BurnDType::F32 {
                         b
                     } else {
-                        FlexTensor::from_data(b.into_data().convert_dtype(in_dtype))
+                        FlexTensor::from_data(b.into_data().convert_dtype(bias_dtype))
                     }
                 }),
             )

@@ -322,6 +322,30 @@ fn module_forward_backward_equals_linear_and_cross_entropy() {
 }
 
 #[test]
+fn bf16_and_f16_inputs_get_gradients_in_their_dtype() {
+    use burn::tensor::DType;
+    let c = case(19, 16, 70, 11);
+    let want = xent_run(&c, true, &cfg(Reduction::Mean));
+    for dtype in [DType::BF16, DType::F16] {
+        let device = Device::flex().autodiff();
+        let h = t2(&c.h, [c.n, c.d], &device).cast(dtype).require_grad();
+        let w = t2(&c.w, [c.v, c.d], &device).cast(dtype).require_grad();
+        let b = t1(&c.b, &device).require_grad(); // an f32 bias beside half-precision operands
+        let loss =
+            linear_cross_entropy(h.clone(), w.clone(), Some(b.clone()), ti(&c.t, &device), &cfg(Reduction::Mean))
+                .unwrap();
+        let grads = loss.backward();
+        let (gh, gw, gb) = (h.grad(&grads).unwrap(), w.grad(&grads).unwrap(), b.grad(&grads).unwrap());
+        assert_eq!((gh.dtype(), gw.dtype(), gb.dtype()), (dtype, dtype, DType::F32), "{dtype:?}");
+        // Inputs rounded to 8 (bf16) or 11 (f16) bits: a loose tolerance against f32.
+        close(&format!("{dtype:?} loss"), &host(loss), &want.loss, 2e-2);
+        close(&format!("{dtype:?} d hidden"), &host(gh), &want.gh, 5e-2);
+        close(&format!("{dtype:?} d weight"), &host(gw), &want.gw, 5e-2);
+        close(&format!("{dtype:?} d bias"), &host(gb), want.gb.as_ref().unwrap(), 5e-2);
+    }
+}
+
+#[test]
 fn bad_input_is_a_typed_error() {
     let c = case(6, 4, 10, 10);
     let device = Device::flex().autodiff();
