@@ -373,7 +373,7 @@ fn bad_input_is_a_typed_error() {
     assert!(matches!(linear_cross_entropy(h, w, None, t, &bad_cfg), Err(XentError::InvalidOption(_))));
 }
 
-#[cfg(feature = "wgpu")]
+#[cfg(feature = "gpu")]
 #[test]
 fn wgpu_is_a_typed_error_not_a_panic() {
     let device = match xent_burn::wgpu_device() {
