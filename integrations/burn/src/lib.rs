@@ -51,6 +51,7 @@ mod pool;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+#[cfg(feature = "gpu")]
 use burn::backend::fusion::custom::TensorSpec;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{backend_extension, Backend, Dispatch};
@@ -94,10 +95,12 @@ impl XentArgs {
     }
 }
 
+#[cfg(feature = "gpu")]
 fn loss_meta(logits: &TensorSpec, _targets: &TensorSpec, args: &XentArgs) -> TensorSpec {
     TensorSpec::new(args.loss_shape(logits.shape[0]), logits.dtype)
 }
 
+#[cfg(feature = "gpu")]
 fn fused_meta(logits: &TensorSpec, targets: &TensorSpec, args: &XentArgs) -> (TensorSpec, TensorSpec) {
     (loss_meta(logits, targets, args), logits.clone())
 }
@@ -109,11 +112,7 @@ fn forward_meta(logits: &TensorSpec, targets: &TensorSpec, args: &XentArgs) -> (
     (loss_meta(logits, targets, args), TensorSpec::new(state, BurnDType::F32))
 }
 
-#[cfg(not(feature = "gpu"))]
-fn forward_meta(logits: &TensorSpec, targets: &TensorSpec, args: &XentArgs) -> (TensorSpec, TensorSpec) {
-    fused_meta(logits, targets, args)
-}
-
+#[cfg(feature = "gpu")]
 fn backward_meta(logits: &TensorSpec, _t: &TensorSpec, _s: &TensorSpec, _u: &TensorSpec, _a: &XentArgs) -> TensorSpec {
     logits.clone()
 }
@@ -167,6 +166,7 @@ pub fn host_transfers() -> u64 {
     HOST_TRANSFERS.load(Ordering::Relaxed)
 }
 
+#[cfg(feature = "gpu")]
 pub(crate) fn count_host_transfer() {
     HOST_TRANSFERS.fetch_add(1, Ordering::Relaxed);
 }

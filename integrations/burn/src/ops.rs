@@ -5,8 +5,7 @@ use std::sync::{Mutex, OnceLock};
 
 use burn::backend::DispatchDevice;
 use burn::prelude::Device;
-use burn::tensor::DType as BurnDType;
-use xent::{Cpu, CrossEntropy, DType, Logits, LogitsMut, Reduction, Targets, XentError};
+use xent::{Cpu, CrossEntropy, Logits, LogitsMut, Reduction, Targets, XentError};
 
 /// True when `device` (autodiff or not) is a CPU backend: its tensors can be read directly.
 pub(crate) fn is_host(device: &Device) -> bool {
@@ -14,11 +13,12 @@ pub(crate) fn is_host(device: &Device) -> bool {
 }
 
 /// xent's dtype for a Burn float dtype (callers checked that it is one of the three).
-pub(crate) fn xent_dtype(d: BurnDType) -> DType {
+#[cfg(feature = "gpu")]
+pub(crate) fn xent_dtype(d: burn::tensor::DType) -> xent::DType {
     match d {
-        BurnDType::F16 => DType::F16,
-        BurnDType::BF16 => DType::BF16,
-        _ => DType::F32,
+        burn::tensor::DType::F16 => xent::DType::F16,
+        burn::tensor::DType::BF16 => xent::DType::BF16,
+        _ => xent::DType::F32,
     }
 }
 
