@@ -10,7 +10,8 @@
 //! cargo run --release -p xent-burn --example burn_lm_bench -- --bench-flex 4096 512 32000 [REPS]
 //! ```
 //!
-//! Each way runs once to warm up, then `REPS` times (default 3); the median step time is
+//! Each way runs once to warm up, then `REPS` rounds (default 3) run each way once in turn, so
+//! that a change in the machine's load falls on all three alike; the median step time is
 //! reported. Peak memory growth of a step is measured the same way for each: the process's
 //! resident-set high-water mark (`VmHWM`, reset through `/proc/self/clear_refs`) minus the
 //! resident set before the step, the largest over the timed steps. Prints the per-step times to
@@ -45,24 +46,38 @@ fn rss_growth(mark: u64) -> u64 {
     (status_kib("VmHWM:") * 1024).saturating_sub(mark)
 }
 
-/// Median step time and largest memory growth of `reps` timed runs after one warm-up run.
-fn measure(what: &str, reps: usize, mut step: impl FnMut() -> f32) -> (f64, u64, f32) {
+/// One timed step: its time and memory growth.
+fn timed(step: &mut dyn FnMut() -> f32) -> (f64, u64, f32) {
+    let mark = rss_mark();
     let t0 = Instant::now();
-    let warm = step();
-    eprintln!("{what}: warm-up {:.3}s, loss {warm}", t0.elapsed().as_secs_f64());
-    let mut times = Vec::new();
-    let mut peak = 0;
-    let mut loss = f32::NAN;
-    for _ in 0..reps {
-        let mark = rss_mark();
-        let t0 = Instant::now();
-        loss = step();
-        times.push(t0.elapsed().as_secs_f64());
-        peak = peak.max(rss_growth(mark));
+    let loss = step();
+    (t0.elapsed().as_secs_f64(), rss_growth(mark), loss)
+}
+
+/// Each way once to warm up, then `reps` rounds that run every way once in turn (so that a
+/// change in the machine's load falls on all of them alike): per way the median step time,
+/// the largest memory growth and the last loss.
+fn measure(reps: usize, ways: &mut [(&str, &mut dyn FnMut() -> f32)]) -> Vec<(f64, u64, f32)> {
+    for (what, step) in ways.iter_mut() {
+        let (t, _, loss) = timed(*step);
+        eprintln!("{what}: warm-up {t:.3}s, loss {loss}");
     }
-    eprintln!("{what}: step times {times:?}, peak growth {:.1} MB", peak as f64 / 1e6);
-    times.sort_by(f64::total_cmp);
-    (times[times.len() / 2], peak, loss)
+    let mut runs = vec![Vec::new(); ways.len()];
+    for _ in 0..reps {
+        for (i, (_, step)) in ways.iter_mut().enumerate() {
+            runs[i].push(timed(*step));
+        }
+    }
+    ways.iter()
+        .zip(runs)
+        .map(|((what, _), r)| {
+            let mut times: Vec<f64> = r.iter().map(|x| x.0).collect();
+            let peak = r.iter().map(|x| x.1).max().unwrap_or(0);
+            eprintln!("{what}: step times {times:?}, peak growth {:.1} MB", peak as f64 / 1e6);
+            times.sort_by(f64::total_cmp);
+            (times[times.len() / 2], peak, r.last().map_or(f32::NAN, |x| x.2))
+        })
+        .collect()
 }
 
 fn main() {
@@ -128,13 +143,17 @@ fn main() {
     };
 
     let cpu = Cpu::new();
-    let (s_native, p_native, l_native) = measure("native", reps, || {
+    let mut native = || {
         let out = cpu.linear_cross_entropy(h.view(), w.view(), Some(b.view()), t.view(), &cfg).expect("LinearCe");
         assert!(out.grad_hidden.is_some() && out.grad_weight.is_some() && out.grad_bias.is_some());
         out.loss as f32
-    });
-    let (s_xent, p_xent, l_xent) = measure("xent-burn", reps, || burn_step(true));
-    let (s_ref, p_ref, l_ref) = measure("burn ref", reps, || burn_step(false));
+    };
+    let mut fused = || burn_step(true);
+    let mut composed = || burn_step(false);
+    let r = measure(reps, &mut [("native", &mut native), ("xent-burn", &mut fused), ("burn ref", &mut composed)]);
+    let [(s_native, p_native, l_native), (s_xent, p_xent, l_xent), (s_ref, p_ref, l_ref)] = r[..] else {
+        unreachable!("three ways")
+    };
 
     println!(
         "{{\"framework\":\"burn\",\"backend\":\"flex\",\"n\":{n},\"d\":{d},\"v\":{v},\"reps\":{reps},\
