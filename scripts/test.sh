@@ -41,6 +41,8 @@ MPI=(--features xent/mpi,xent-cli/mpi)
 cargo fmt --all --check
 cargo clippy --workspace --release --all-targets "${MPI[@]}" -- -D warnings
 cargo clippy -p xent --release --no-default-features --all-targets -- -D warnings
+# xent-burn without its `gpu` feature (Flex only) must build too.
+cargo clippy -p xent-burn --release --no-default-features --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --release "${MPI[@]}"
 cargo test --workspace --release "${MPI[@]}"
 cargo test -p xent --release --no-default-features
