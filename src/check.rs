@@ -20,7 +20,9 @@
 use ndarray::{ArrayView, ArrayView2, Dimension, IntoDimension};
 
 use crate::api::config::CrossEntropy;
+use crate::api::linear::LinearCe;
 use crate::api::targets::Targets;
+use crate::dtype::DType;
 use crate::error::{Result, XentError};
 
 /// Checks a cross-entropy call: logits of `shape = (N, V)` with at least one class, targets
@@ -218,4 +220,48 @@ pub fn same_rows(a: (usize, usize), b: (usize, usize), what: &str) -> Result<()>
 /// Probability rows: finite and non-negative.
 pub fn probability_rows(p: ArrayView2<f64>, what: &str) -> Result<()> {
     probabilities(p.indexed_iter().map(|(at, &v)| (at, v)), 0, what)
+}
+
+/// Checks the operands and options of a fused linear loss before any work: `hidden [N, D]`
+/// and `weight [V, D]` (each its shape and dtype; a vocabulary shard's weight is `[V_local, D]`)
+/// with one inner dimension and one dtype, a bias of `bias_len = V` entries, no preset
+/// `totals`, a positive `workspace_bytes`. Returns `(N, D, V)`. The library's linear losses
+/// call it; a framework integration calls it on its tensors' shapes before it reads them.
+///
+/// ```
+/// use xent::{check, DType, LinearCe};
+/// let cfg = LinearCe::default();
+/// assert_eq!(check::linear_operands(((4, 8), DType::F32), ((10, 8), DType::F32), Some(10), &cfg)?, (4, 8, 10));
+/// let e = check::linear_operands(((4, 8), DType::F32), ((10, 7), DType::F32), None, &cfg).unwrap_err();
+/// assert!(e.to_string().contains("inner dimensions differ"));
+/// # Ok::<(), xent::XentError>(())
+/// ```
+pub fn linear_operands(
+    ((n, d), hidden_dtype): ((usize, usize), DType),
+    ((v, dw), weight_dtype): ((usize, usize), DType),
+    bias_len: Option<usize>,
+    cfg: &LinearCe,
+) -> Result<(usize, usize, usize)> {
+    if d != dw {
+        return Err(XentError::Shape(format!(
+            "hidden is [{n}, {d}] but weight is [{v}, {dw}]: the inner dimensions differ"
+        )));
+    }
+    if hidden_dtype != weight_dtype {
+        return Err(XentError::InvalidOption(format!(
+            "hidden is {hidden_dtype} but weight is {weight_dtype}: give both in one dtype"
+        )));
+    }
+    if let Some(b) = bias_len {
+        if b != v {
+            return Err(XentError::Shape(format!("bias has {b} entries for {v} classes")));
+        }
+    }
+    if cfg.ce.totals.is_some() {
+        return Err(XentError::InvalidOption("LinearCe computes its own totals: leave ce.totals unset".into()));
+    }
+    if cfg.workspace_bytes == Some(0) {
+        return Err(XentError::InvalidOption("workspace_bytes must be positive".into()));
+    }
+    Ok((n, d, v))
 }

@@ -178,39 +178,19 @@ pub(crate) fn check(
 }
 
 /// The checks of the operands and options alone (also for a weight that is one vocabulary
-/// shard): `(n, d, v)`, `v` the weight's rows.
+/// shard): `(n, d, v)`, `v` the weight's rows ([`crate::check::linear_operands`]).
 pub(crate) fn check_operands(
     hidden: &Logits<'_>,
     weight: &Logits<'_>,
     bias: Option<ArrayView1<'_, f32>>,
     cfg: &LinearCe,
 ) -> Result<(usize, usize, usize)> {
-    let (n, d) = hidden.dim();
-    let (v, dw) = weight.dim();
-    if d != dw {
-        return Err(XentError::Shape(format!(
-            "hidden is [{n}, {d}] but weight is [{v}, {dw}]: the inner dimensions differ"
-        )));
-    }
-    if hidden.dtype() != weight.dtype() {
-        return Err(XentError::InvalidOption(format!(
-            "hidden is {} but weight is {}: give both in one dtype",
-            hidden.dtype(),
-            weight.dtype()
-        )));
-    }
-    if let Some(b) = bias {
-        if b.len() != v {
-            return Err(XentError::Shape(format!("bias has {} entries for {v} classes", b.len())));
-        }
-    }
-    if cfg.ce.totals.is_some() {
-        return Err(XentError::InvalidOption("LinearCe computes its own totals: leave ce.totals unset".into()));
-    }
-    if cfg.workspace_bytes == Some(0) {
-        return Err(XentError::InvalidOption("workspace_bytes must be positive".into()));
-    }
-    Ok((n, d, v))
+    crate::check::linear_operands(
+        (hidden.dim(), hidden.dtype()),
+        (weight.dim(), weight.dtype()),
+        bias.map(|b| b.len()),
+        cfg,
+    )
 }
 
 /// The batch rows a fused linear cross-entropy needs, when that is not all of them: rows whose

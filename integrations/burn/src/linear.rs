@@ -383,9 +383,12 @@ impl<B: XentLinearOps, C: CheckpointStrategy> XentLinearOps for Autodiff<B, C> {
 // ---------------------------------------------------------------------------------------------
 // The public function
 
-fn float_dtype(what: &str, d: BurnDType) -> Result<(), XentError> {
+/// xent's dtype of a Burn float dtype xent reads (f32, f16, bf16), else a typed error.
+fn float_dtype(what: &str, d: BurnDType) -> Result<xent::DType, XentError> {
     match d {
-        BurnDType::F32 | BurnDType::F16 | BurnDType::BF16 => Ok(()),
+        BurnDType::F32 => Ok(xent::DType::F32),
+        BurnDType::F16 => Ok(xent::DType::F16),
+        BurnDType::BF16 => Ok(xent::DType::BF16),
         d => Err(XentError::InvalidOption(format!("{what} of {d:?}: xent reads f32, f16 and bf16"))),
     }
 }
@@ -411,35 +414,22 @@ fn check(
                 .into(),
         ));
     }
-    if d != dw {
-        return Err(XentError::Shape(format!(
-            "hidden is [{n}, {d}] but weight is [{v}, {dw}]: the inner dimensions differ"
-        )));
-    }
     if nt != n {
         return Err(XentError::Shape(format!("hidden has {n} rows but targets have {nt}")));
     }
-    float_dtype("hidden", hidden.dtype())?;
-    if weight.dtype() != hidden.dtype() {
-        return Err(XentError::InvalidOption(format!(
-            "hidden is {:?} but weight is {:?}: give both in one dtype",
-            hidden.dtype(),
-            weight.dtype()
-        )));
-    }
-    if let Some(b) = bias {
-        float_dtype("bias", b.dtype())?;
-        let [vb] = b.dims();
-        if vb != v {
-            return Err(XentError::Shape(format!("bias has {vb} entries for {v} classes")));
+    let bias_len = match bias {
+        Some(b) => {
+            float_dtype("bias", b.dtype())?;
+            Some(b.dims()[0])
         }
-    }
-    if cfg.ce.totals.is_some() {
-        return Err(XentError::InvalidOption("LinearCe computes its own totals: leave ce.totals unset".into()));
-    }
-    if cfg.workspace_bytes == Some(0) {
-        return Err(XentError::InvalidOption("workspace_bytes must be positive".into()));
-    }
+        None => None,
+    };
+    xent::check::linear_operands(
+        ((n, d), float_dtype("hidden", hidden.dtype())?),
+        ((v, dw), float_dtype("weight", weight.dtype())?),
+        bias_len,
+        cfg,
+    )?;
     let mut ce = cfg.ce.clone();
     ce.sample_weight = None;
     let none = ArrayView1::<i64>::from(&[][..]);
