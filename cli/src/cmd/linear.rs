@@ -60,29 +60,16 @@ pub(crate) fn read_matrix(path: &Path, what: &str) -> Result<Tensor2> {
 }
 
 /// Checks hidden states of shape `(n, d)` and `dtype` against the weight and bias read from
-/// files (inner dimensions, one dtype, one bias entry per class), in the files' words; returns
-/// the number of classes V.
+/// files (the library's [`xent::check::linear_operands`]: inner dimensions, one dtype, one bias
+/// entry per class); returns the number of classes V.
 pub(crate) fn check_pair(
     (n, d): (usize, usize),
     dtype: DType,
     weight: &Tensor2,
     bias: Option<&Array1<f32>>,
 ) -> Result<usize> {
-    let (v, dw) = weight.dim();
-    if d != dw {
-        return Err(XentError::Shape(format!("hidden states are [{n}, {d}] but the weight is [{v}, {dw}]")));
-    }
-    if dtype != weight.dtype() {
-        return Err(XentError::InvalidOption(format!(
-            "hidden states are {dtype} but the weight is {}: give both in one dtype",
-            weight.dtype()
-        )));
-    }
-    if let Some(b) = bias {
-        if b.len() != v {
-            return Err(XentError::Shape(format!("the bias has {} entries for {v} classes", b.len())));
-        }
-    }
+    let operands = ((weight.dim(), weight.dtype()), bias.map(|b| b.len()));
+    let (_, _, v) = xent::check::linear_operands(((n, d), dtype), operands.0, operands.1, &LinearCe::default())?;
     Ok(v)
 }
 
