@@ -1,10 +1,10 @@
 // The matrix products of fused linear cross-entropy, C[m, n] (+)= sum_k A(m, k) B(k, n)
-// (+ bias[class0 + n]), one specialised kernel per layout (each operand's contiguous axis):
+// (+ bias[bias0 + n]), one specialised kernel per layout (each operand's contiguous axis):
 //   MM_NT  A[m, k] at a_rs m + k, B(k, n) = W[n, k] at b_rs n + k   (Z = H W^T, vocab-sized)
 //   MM_NN  A[m, k] at a_rs m + k, B[k, n]        at b_rs k + n      (grad_hidden = G W)
 //   MM_TN  A(m, k) = G[k, m] at a_rs k + m, B[k, n] at b_rs k + n   (grad_weight = G^T H)
-// A (slot 12, the input dtype) and B (slot 13, the second dtype) are read 4 contiguous elements
-// at a time (A4 / B4: vec4<f32> or two 16-bit words; without them, 4 scalar loads); C (slot 14)
+// A (slot 1, the input dtype) and B (slot 2, the second dtype) are read 4 contiguous elements
+// at a time (A4 / B4: vec4<f32> or two 16-bit words; without them, 4 scalar loads); C (slot 3)
 // is f32, row-major with row stride c_rs. f32 accumulation, k in order.
 //
 // One workgroup computes an 8 x 256 tile of C: each of its 64 invocations owns 4 adjacent
@@ -28,10 +28,10 @@ const TN: u32 = 256u;
 fn frag(f: u32, row0: u32, k0: u32, lim: u32) -> vec4<f32> {
 #if MM_TN
     let kk = f >> 1u;
-    let x = a4(P.x_off + min(k0 + kk, P.mm_k - 1u) * P.a_rs + row0 + (f & 1u) * 4u);
+    let x = a4(P.x_off + min(k0 + kk, P.k - 1u) * P.a_rs + row0 + (f & 1u) * 4u);
     return select(vec4<f32>(0.0), x, kk < lim);
 #else
-    let x = a4(P.x_off + min(row0 + f, P.mm_m - 1u) * P.a_rs + k0);
+    let x = a4(P.x_off + min(row0 + f, P.m - 1u) * P.a_rs + k0);
     return select(vec4<f32>(0.0), x, vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(lim));
 #endif
 }
@@ -40,7 +40,7 @@ fn frag(f: u32, row0: u32, k0: u32, lim: u32) -> vec4<f32> {
 fn kstep(acc: ptr<function, array<vec4<f32>, 8>>, row0: u32, col0: u32, k0: u32, lim: u32, fl: u32) {
     // B for this invocation's 4 columns, one vec4 (over columns) per k.
 #if MM_NT
-    let n1 = P.mm_n - 1u;
+    let n1 = P.n - 1u;
     let w0 = b4(P.y_off + min(col0, n1) * P.b_rs + k0);
     let w1 = b4(P.y_off + min(col0 + 1u, n1) * P.b_rs + k0);
     let w2 = b4(P.y_off + min(col0 + 2u, n1) * P.b_rs + k0);
@@ -51,7 +51,7 @@ fn kstep(acc: ptr<function, array<vec4<f32>, 8>>, row0: u32, col0: u32, k0: u32,
     let b2 = select(z, vec4<f32>(w0.z, w1.z, w2.z, w3.z), 2u < lim);
     let b3 = select(z, vec4<f32>(w0.w, w1.w, w2.w, w3.w), 3u < lim);
 #else
-    let k1 = P.mm_k - 1u;
+    let k1 = P.k - 1u;
     let z = vec4<f32>(0.0);
     let b0 = b4(P.y_off + k0 * P.b_rs + col0);
     let b1 = select(z, b4(P.y_off + min(k0 + 1u, k1) * P.b_rs + col0), 1u < lim);
@@ -113,8 +113,8 @@ fn main(
 ) {
 #subgroup_lets
     let g = local_row(wid);
-    let tiles_m = (P.mm_m + R - 1u) / R;
-    if (g >= tiles_m * ((P.mm_n + TN - 1u) / TN)) {
+    let tiles_m = (P.m + R - 1u) / R;
+    if (g >= tiles_m * ((P.n + TN - 1u) / TN)) {
         return;
     }
     // Row tiles vary fastest: consecutive workgroups share their columns of B.
@@ -122,7 +122,7 @@ fn main(
     let col0 = (g / tiles_m) * TN + lid * 4u;
     let fl = lane % R;
     var acc: array<vec4<f32>, 8>;
-    let kfull = P.mm_k & ~3u;
+    let kfull = P.k & ~3u;
     for (var k0 = 0u; k0 < kfull; k0 += 4u) {
         kstep(&acc, row0, col0, k0, 4u, fl);
 #if MM_NN
@@ -134,17 +134,17 @@ fn main(
         }
 #endif
     }
-    if (kfull < P.mm_k) {
-        kstep(&acc, row0, col0, kfull, P.mm_k - kfull, fl);
+    if (kfull < P.k) {
+        kstep(&acc, row0, col0, kfull, P.k - kfull, fl);
     }
     for (var r = 0u; r < R; r++) {
         let row = row0 + r;
-        if (row >= P.mm_m) {
+        if (row >= P.m) {
             break;
         }
         for (var j = 0u; j < 4u; j++) {
             let col = col0 + j;
-            if (col < P.mm_n) {
+            if (col < P.n) {
                 store_c(row, col, acc[r][j]);
             }
         }

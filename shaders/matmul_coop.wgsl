@@ -30,7 +30,7 @@ var<workgroup> acc: array<f32, 1024>;
 
 // A(m, k), 0 outside the matrix.
 fn a_at(m: u32, k: u32) -> f32 {
-    if (m >= P.mm_m || k >= P.mm_k) {
+    if (m >= P.m || k >= P.k) {
         return 0.0;
     }
 #if MM_TN
@@ -42,7 +42,7 @@ fn a_at(m: u32, k: u32) -> f32 {
 
 // B(k, n), 0 outside the matrix.
 fn b_at(k: u32, n: u32) -> f32 {
-    if (k >= P.mm_k || n >= P.mm_n) {
+    if (k >= P.k || n >= P.n) {
         return 0.0;
     }
 #if MM_NT
@@ -73,14 +73,14 @@ fn main(
     // the last tile (a folded grid's remainder) has col0 >= N, reads zeros and stores nothing.
     let g = local_row(wid);
     let t2 = 2u * T;
-    let tiles_m = (P.mm_m + t2 - 1u) / t2;
+    let tiles_m = (P.m + t2 - 1u) / t2;
     let row0 = (g % tiles_m) * t2;
     let col0 = (g / tiles_m) * t2;
     let area = t2 * t2;
     for (var e = lid; e < area; e += WG) {
         acc[e] = 0.0;
     }
-    for (var k0 = 0u; k0 < P.mm_k; k0 += T) {
+    for (var k0 = 0u; k0 < P.k; k0 += T) {
         // A: 2T rows x T k (row-major, stride T); B: T k x 2T columns (stride 2T).
         var ma = 0.0;
         var mb = 0.0;
@@ -121,7 +121,7 @@ fn main(
     for (var e = lid; e < area; e += WG) {
         let row = row0 + e / t2;
         let col = col0 + e % t2;
-        if (row < P.mm_m && col < P.mm_n) {
+        if (row < P.m && col < P.n) {
             store_c(row, col, acc[e]);
         }
     }

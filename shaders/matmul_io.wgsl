@@ -1,29 +1,55 @@
-// Operand bindings and element access of the matrix-product kernels (matmul.wgsl,
-// matmul_coop.wgsl): A in slot 12 (the input dtype), B in slot 13 (the second dtype), C in
-// slot 14 (f32). A4 / B4: the operand is read as vec4<f32> or pairs of 16-bit words, so that
-// 4 contiguous elements starting at a multiple of 4 are one load.
+// The matrix-product family's interface (matmul.wgsl, matmul_coop.wgsl): its parameters, flag
+// bits, bindings and element access, mirrored by src/gpu/kernels/matmul.rs (`MatmulParams`,
+// `mm_flags`, `slot`; a unit test compares them through naga). A in slot 1 (the input dtype),
+// B in slot 2 (the second dtype), C in slot 3 (f32), the bias in slot 4 (f32). A4 / B4: the
+// operand is read as vec4<f32> or pairs of 16-bit words, so that 4 contiguous elements starting
+// at a multiple of 4 are one load.
+
+// C (+)= A B: add C's old value.
+const MM_ACCUMULATE: u32 = 1u;
+// Add bias[bias0 + column].
+const MM_BIAS: u32 = 2u;
+
+// C[m, n] (+)= sum_k A(m, k) B(k, n) (+ bias): A and B from element x_off / y_off of their
+// bindings with row strides a_rs / b_rs along the layout's strided axis (the other axis is
+// contiguous), C from element o_off, row-major with row stride c_rs.
+struct MatmulParams {
+#chunk_header
+    m: u32,
+    n: u32,
+    k: u32,
+    a_rs: u32,
+    b_rs: u32,
+    c_rs: u32,
+    flags: u32,
+    // The bias entry of column 0.
+    bias0: u32,
+}
+
+@group(0) @binding(0) var<uniform> P: MatmulParams;
 
 #if A4 && IN16
-@group(0) @binding(12) var<storage, read> mm_a: array<vec2<u32>>;
+@group(0) @binding(1) var<storage, read> mm_a: array<vec2<u32>>;
 #elif A4
-@group(0) @binding(12) var<storage, read> mm_a: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> mm_a: array<vec4<f32>>;
 #elif IN16
-@group(0) @binding(12) var<storage, read> mm_a: array<u32>;
+@group(0) @binding(1) var<storage, read> mm_a: array<u32>;
 #else
-@group(0) @binding(12) var<storage, read> mm_a: array<f32>;
+@group(0) @binding(1) var<storage, read> mm_a: array<f32>;
 #endif
 
 #if B4 && SEC16
-@group(0) @binding(13) var<storage, read> mm_b: array<vec2<u32>>;
+@group(0) @binding(2) var<storage, read> mm_b: array<vec2<u32>>;
 #elif B4
-@group(0) @binding(13) var<storage, read> mm_b: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> mm_b: array<vec4<f32>>;
 #elif SEC16
-@group(0) @binding(13) var<storage, read> mm_b: array<u32>;
+@group(0) @binding(2) var<storage, read> mm_b: array<u32>;
 #else
-@group(0) @binding(13) var<storage, read> mm_b: array<f32>;
+@group(0) @binding(2) var<storage, read> mm_b: array<f32>;
 #endif
 
-@group(0) @binding(14) var<storage, read_write> mm_c: array<f32>;
+@group(0) @binding(3) var<storage, read_write> mm_c: array<f32>;
+@group(0) @binding(4) var<storage, read> mm_bias: array<f32>;
 
 // Element e of A.
 fn a1(e: u32) -> f32 {
@@ -79,15 +105,15 @@ fn b4(e: u32) -> vec4<f32> {
 #endif
 }
 
-// Stores element (row, col) of C from its accumulated value: plus the bias (flag 2, read from
-// the class-weight binding at class0) and C's old value (flag 1, accumulate). Both kernels end here.
+// Stores element (row, col) of C from its accumulated value: plus the bias (MM_BIAS) and C's
+// old value (MM_ACCUMULATE). Both kernels end here.
 fn store_c(row: u32, col: u32, acc: f32) {
     var c = acc;
-    if ((P.mm_flags & 2u) != 0u) {
-        c += class_weight[P.class0 + col];
+    if ((P.flags & MM_BIAS) != 0u) {
+        c += mm_bias[P.bias0 + col];
     }
     let o = P.o_off + row * P.c_rs + col;
-    if ((P.mm_flags & 1u) != 0u) {
+    if ((P.flags & MM_ACCUMULATE) != 0u) {
         c += mm_c[o];
     }
     mm_c[o] = c;

@@ -1,4 +1,5 @@
-//! The one way a kernel is launched. A [`Launch`] names a kernel variant, its base parameters,
+//! The one way a kernel is launched. A [`Launch`] names a kernel variant, its base parameters
+//! (any family's [`Block`]: the launch rewrites only the chunk [`Header`] it starts with),
 //! its whole-call bindings (targets, weights, scalars) and its row bindings (tensors of `[N, V]`
 //! elements of some dtype); a [`Recorder`] splits every launch into row chunks that each fit
 //! one storage binding (bound at offsets rounded down to the device's alignment, the remainder
@@ -9,7 +10,7 @@
 use std::sync::Arc;
 
 use super::context::{GpuContext, Kernel, SLOTS};
-use super::params::{Params, PARAM_STRIDE};
+use super::params::{Block, Header, PARAM_STRIDE};
 use crate::error::{Result, XentError};
 
 /// A byte range of a buffer bound whole.
@@ -66,7 +67,10 @@ pub(crate) enum Groups {
 /// One kernel dispatch (split into chunks when its rows exceed a binding).
 pub(crate) struct Launch<'a> {
     kernel: Arc<Kernel>,
-    base: Params,
+    /// The base block's header, rewritten per chunk.
+    head: Header,
+    /// The base block's bytes after its header (the family's own parameters), as they are.
+    tail: Vec<u8>,
     n: usize,
     v: usize,
     whole: Vec<(usize, Bind<'a>)>,
@@ -75,9 +79,27 @@ pub(crate) struct Launch<'a> {
 }
 
 impl<'a> Launch<'a> {
-    /// A launch of `kernel` over `n` rows of `v` elements with parameters `base`.
-    pub fn new(kernel: Arc<Kernel>, base: Params, n: usize, v: usize) -> Self {
-        Launch { kernel, base, n, v, whole: Vec::new(), rows: Vec::new(), groups: Groups::PerRow }
+    /// A launch of `kernel` over `n` rows of `v` elements with parameters `base` (the
+    /// kernel's family's block).
+    pub fn new<B: Block>(kernel: Arc<Kernel>, base: B, n: usize, v: usize) -> Self {
+        let bytes = bytemuck::bytes_of(&base);
+        let h = std::mem::size_of::<Header>();
+        debug_assert_eq!(&bytes[..h], bytemuck::bytes_of(base.head()), "a block starts with its header");
+        Launch {
+            kernel,
+            head: *base.head(),
+            tail: bytes[h..].to_vec(),
+            n,
+            v,
+            whole: Vec::new(),
+            rows: Vec::new(),
+            groups: Groups::PerRow,
+        }
+    }
+
+    /// Bytes of this launch's parameter block.
+    fn block_size(&self) -> u64 {
+        (std::mem::size_of::<Header>() + self.tail.len()) as u64
     }
 
     /// Binds a byte range to `slot` for every chunk.
@@ -99,9 +121,9 @@ impl<'a> Launch<'a> {
     }
 }
 
-/// A chunk of a launch: its parameter block, the binding range of each row tensor, its grid.
+/// A chunk of a launch: its header, the binding range of each row tensor, its grid.
 struct Planned {
-    params: Params,
+    head: Header,
     ranges: Vec<(u64, u64)>,
     grid: (u32, u32),
 }
@@ -157,7 +179,7 @@ impl<'a> Recorder<'a> {
         let mut row0 = 0usize;
         loop {
             let rows = per.min(n - row0);
-            let mut params = Params { row0: row0 as u32, chunk_rows: rows as u32, ..l.base };
+            let mut head = Header { row0: row0 as u32, chunk_rows: rows as u32, ..l.head };
             let mut ranges = Vec::new();
             for rb in &l.rows {
                 let start = rb.offset + (row0 * v) as u64 * rb.elem;
@@ -166,9 +188,9 @@ impl<'a> Recorder<'a> {
                 let size = ((start - off) + (rows * v) as u64 * rb.elem).max(4).next_multiple_of(4);
                 let size = size.min(rb.buffer.size() - off);
                 match rb.skip {
-                    Skip::X => params.x_off = skip,
-                    Skip::Y => params.y_off = skip,
-                    Skip::O => params.o_off = skip,
+                    Skip::X => head.x_off = skip,
+                    Skip::Y => head.y_off = skip,
+                    Skip::O => head.o_off = skip,
                 }
                 ranges.push((off, size));
             }
@@ -179,10 +201,10 @@ impl<'a> Recorder<'a> {
                 Groups::One => 1,
             };
             let g = grid(ctx, groups)?;
-            params.grid_x = g.0;
-            params.part_off = part_off as u32;
+            head.grid_x = g.0;
+            head.part_off = part_off as u32;
             part_off += groups;
-            planned.push(Planned { params, ranges, grid: g });
+            planned.push(Planned { head, ranges, grid: g });
             row0 += rows;
             if row0 >= n || l.rows.is_empty() {
                 break;
@@ -192,18 +214,22 @@ impl<'a> Recorder<'a> {
         Ok(())
     }
 
-    /// Every parameter block, in dispatch order.
-    pub fn blocks(&self) -> Vec<Params> {
-        self.runs.iter().flat_map(|(_, p)| p.iter().map(|c| c.params)).collect()
+    /// Every chunk's header, in dispatch order.
+    pub fn headers(&self) -> Vec<Header> {
+        self.runs.iter().flat_map(|(_, p)| p.iter().map(|c| c.head)).collect()
     }
 
-    /// The blocks laid out `PARAM_STRIDE` apart, as the uniform buffer holds them.
+    /// The blocks laid out `PARAM_STRIDE` apart, as the uniform buffer holds them: each
+    /// chunk's header followed by its launch's own parameters.
     pub fn block_bytes(&self) -> Vec<u8> {
-        let blocks = self.blocks();
-        let mut bytes = vec![0u8; PARAM_STRIDE as usize * blocks.len().max(1)];
-        for (i, p) in blocks.iter().enumerate() {
+        let count: usize = self.runs.iter().map(|(_, p)| p.len()).sum();
+        let mut bytes = vec![0u8; PARAM_STRIDE as usize * count.max(1)];
+        let h = std::mem::size_of::<Header>();
+        let chunks = self.runs.iter().flat_map(|(l, p)| p.iter().map(move |c| (l, c)));
+        for (i, (l, c)) in chunks.enumerate() {
             let o = i * PARAM_STRIDE as usize;
-            bytes[o..o + std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(p));
+            bytes[o..o + h].copy_from_slice(bytemuck::bytes_of(&c.head));
+            bytes[o + h..o + h + l.tail.len()].copy_from_slice(&l.tail);
         }
         bytes
     }
@@ -224,7 +250,6 @@ impl<'a> Recorder<'a> {
     /// `params` (laid out as [`Self::block_bytes`]).
     pub fn record(&self, enc: &mut wgpu::CommandEncoder, params: &wgpu::Buffer) -> Result<()> {
         let ctx = self.ctx;
-        let psize = std::mem::size_of::<Params>() as u64;
         let groups: Vec<Vec<wgpu::BindGroup>> = ctx.scoped(|| {
             let mut block = 0u64;
             self.runs
@@ -249,7 +274,11 @@ impl<'a> Recorder<'a> {
                             }
                             let mut entries = vec![wgpu::BindGroupEntry {
                                 binding: 0,
-                                resource: resource(Bind { buffer: params, offset: block * PARAM_STRIDE, size: psize }),
+                                resource: resource(Bind {
+                                    buffer: params,
+                                    offset: block * PARAM_STRIDE,
+                                    size: l.block_size(),
+                                }),
                             }];
                             entries.extend(l.kernel.bindings.iter().map(|&i| wgpu::BindGroupEntry {
                                 binding: i as u32,

@@ -1,62 +1,153 @@
-//! Rust mirrors of the WGSL structs the host writes or reads (`Params`, `Scalars` in
-//! `shaders/common.wgsl`), the flag bits, and a unit test that checks every field's name,
-//! offset and size against naga's layout of the shader structs.
+//! The chunk header every kernel family's parameters start with ([`Header`], [`Block`]); the
+//! row kernels' family's mirrors of the WGSL structs the host writes or reads (`Params`,
+//! `Scalars` in `shaders/rows.wgsl`) and its flag bits; and the unit tests that check every
+//! field's name, offset and size, and every flag, against naga's view of the shaders. Other
+//! families (the matrix products: `kernels/matmul.rs`) declare their own block beside their
+//! kernel and check it with [`tests::check_block`].
 
 use bytemuck::{Pod, Zeroable};
 
-/// Kernel parameters; mirrors `Params` in `shaders/common.wgsl`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
-pub(crate) struct Params {
-    pub n_rows: u32,
-    pub v: u32,
-    pub row0: u32,
-    pub grid_x: u32,
-    pub chunk_rows: u32,
-    pub ignore_index: i32,
-    pub flags: u32,
-    pub neg_inf: f32,
-    pub smoothing: f32,
-    pub z_loss: f32,
-    pub softcap: f32,
-    pub inv_temp: f32,
-    pub grad_scale: f32,
-    pub x_off: u32,
-    pub y_off: u32,
-    pub o_off: u32,
-    pub part_off: u32,
-    pub v_total: u32,
-    pub class0: u32,
-    pub segs: u32,
-    pub seg_len: u32,
-    pub mode: i32,
-    pub beta: f32,
-    pub den_w: f32,
-    pub den_n: f32,
-    pub parts: u32,
-    pub mm_m: u32,
-    pub mm_n: u32,
-    pub mm_k: u32,
-    pub a_rs: u32,
-    pub a_cs: u32,
-    pub b_rs: u32,
-    pub b_cs: u32,
-    pub c_rs: u32,
-    pub mm_flags: u32,
+/// Declares a `#[repr(C)]` Rust mirror of a WGSL struct (Pod, so it is written to a buffer as
+/// it is) and, for the unit tests, its field list (name, offset, size) taken from the same
+/// declaration: a field added here is compared with the shader with no other edit.
+macro_rules! mirror {
+    ($(#[$m:meta])* $vis:vis struct $name:ident { $($(#[$fm:meta])* $fvis:vis $f:ident : $t:ty),* $(,)? }) => {
+        $(#[$m])*
+        #[repr(C)]
+        #[derive(Debug, Clone, Copy, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+        $vis struct $name { $($(#[$fm])* $fvis $f: $t),* }
+
+        #[cfg(test)]
+        impl crate::gpu::params::Mirror for $name {
+            fn fields() -> Vec<(&'static str, u32, u32)> {
+                vec![$((stringify!($f), std::mem::offset_of!($name, $f) as u32, std::mem::size_of::<$t>() as u32)),*]
+            }
+        }
+    };
+}
+pub(crate) use mirror;
+
+/// Declares a kernel family's flag bits as `u32` constants in a module, with the list of
+/// (WGSL name, bit) the family's unit test compares with the shader's constants (the WGSL
+/// name is the prefix followed by the Rust name).
+macro_rules! flag_bits {
+    ($(#[$m:meta])* $vis:vis mod $module:ident ($prefix:literal) { $($(#[$fm:meta])* $f:ident = $bit:expr),* $(,)? }) => {
+        $(#[$m])*
+        $vis mod $module {
+            $($(#[$fm])* pub const $f: u32 = $bit;)*
+            /// Every flag as (its WGSL constant's name, its bit).
+            #[cfg(test)]
+            pub const ALL: &[(&str, u32)] = &[$((concat!($prefix, stringify!($f)), $f)),*];
+            /// The WGSL constants' common prefix.
+            #[cfg(test)]
+            pub const PREFIX: &str = $prefix;
+        }
+    };
+}
+pub(crate) use flag_bits;
+
+/// A mirrored struct's fields (name, offset, size), from [`mirror!`].
+#[cfg(test)]
+pub(crate) trait Mirror {
+    fn fields() -> Vec<(&'static str, u32, u32)>;
 }
 
-/// Scalars a cross-entropy pass leaves on the device; mirrors `Scalars` in `common.wgsl`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
-pub(crate) struct Scalars {
-    pub weight_sum: f32,
-    pub count: u32,
-    pub loss_sum: f32,
-    pub lse2_sum: f32,
-    pub err_row: u32,
-    pub err_target: i32,
-    pub loss: f32,
-    pub upstream: f32,
+mirror! {
+    /// The chunk header every kernel family's parameter block starts with: the call's rows and
+    /// row length, and what [`crate::gpu::launch::Recorder`] writes per chunk (first row, rows,
+    /// grid width, element offsets of the chunked bindings, first partial-sum slot). A family's
+    /// WGSL struct begins with `#chunk_header`, which the preprocessor expands to
+    /// [`HEADER_WGSL`]; its Rust mirror begins with `head: Header` and implements [`Block`].
+    pub(crate) struct Header {
+        pub n_rows: u32,
+        pub v: u32,
+        pub row0: u32,
+        pub grid_x: u32,
+        pub chunk_rows: u32,
+        pub x_off: u32,
+        pub y_off: u32,
+        pub o_off: u32,
+        pub part_off: u32,
+    }
+}
+
+/// The WGSL fields of [`Header`], in order (what `#chunk_header` expands to).
+pub(crate) const HEADER_WGSL: &str =
+    "    // Rows of the whole call (row_values and reductions index 0..n_rows); elements per row.
+    n_rows: u32,
+    v: u32,
+    // First row of this chunk, the folded grid's width, rows in this chunk.
+    row0: u32,
+    grid_x: u32,
+    chunk_rows: u32,
+    // Elements between the start of the chunked bindings and the chunk's first element
+    // (chunks are bound at offsets rounded down to the device's alignment).
+    x_off: u32,
+    y_off: u32,
+    o_off: u32,
+    // First partial-sum slot of this chunk.
+    part_off: u32,
+";
+
+impl Header {
+    /// The header of a call over `n` rows of `v` elements.
+    pub fn new(n: usize, v: usize) -> Header {
+        Header { n_rows: n as u32, v: v as u32, ..Zeroable::zeroed() }
+    }
+}
+
+/// A kernel family's parameter block: a `#[repr(C)]` struct whose first field is its
+/// [`Header`] (so its first bytes are the header's), mirrored by a WGSL struct that begins with
+/// `#chunk_header`. [`crate::gpu::launch::Launch`] takes any block and rewrites the header per
+/// chunk; the family's unit test compares the rest with the shader through naga
+/// ([`tests::check_block`]).
+pub(crate) trait Block: Pod {
+    /// The header this block starts with.
+    fn head(&self) -> &Header;
+}
+
+mirror! {
+    /// The row kernels' parameters; mirrors `Params` in `shaders/rows.wgsl`.
+    pub(crate) struct Params {
+        pub head: Header,
+        pub ignore_index: i32,
+        pub flags: u32,
+        pub neg_inf: f32,
+        pub smoothing: f32,
+        pub z_loss: f32,
+        pub softcap: f32,
+        pub inv_temp: f32,
+        pub grad_scale: f32,
+        pub v_total: u32,
+        pub class0: u32,
+        pub segs: u32,
+        pub seg_len: u32,
+        pub mode: i32,
+        pub beta: f32,
+        pub den_w: f32,
+        pub den_n: f32,
+        pub parts: u32,
+    }
+}
+
+impl Block for Params {
+    fn head(&self) -> &Header {
+        &self.head
+    }
+}
+
+mirror! {
+    /// Scalars a cross-entropy pass leaves on the device; mirrors `Scalars` in `rows.wgsl`.
+    pub(crate) struct Scalars {
+        pub weight_sum: f32,
+        pub count: u32,
+        pub loss_sum: f32,
+        pub lse2_sum: f32,
+        pub err_row: u32,
+        pub err_target: i32,
+        pub loss: f32,
+        pub upstream: f32,
+    }
 }
 
 /// Bytes of [`Scalars`].
@@ -69,29 +160,32 @@ impl Scalars {
     }
 }
 
-pub(crate) mod flags {
-    pub const CLASS_W: u32 = 1;
-    pub const SAMPLE_W: u32 = 2;
-    pub const SOFTCAP: u32 = 4;
-    pub const TEMP: u32 = 8;
-    pub const SMOOTH: u32 = 16;
-    pub const MEAN: u32 = 32;
-    pub const SOFTMAX: u32 = 64;
-    pub const ZLOSS: u32 = 128;
-    pub const SOFT: u32 = 256;
-    pub const POS_W: u32 = 512;
-    pub const PROBS: u32 = 1024;
-    pub const ELEM: u32 = 2048;
-    pub const LOGITS: u32 = 4096;
-    pub const RANK: u32 = 8192;
-    pub const GAP: u32 = 16384;
-    pub const ELEM_W: u32 = 32768;
-    pub const EXT_DENOM: u32 = 65536;
-    pub const UPSTREAM: u32 = 131072;
-    pub const UP_ROWS: u32 = 262144;
-    pub const SAVE: u32 = 524288;
-    pub const FROM_SAVED: u32 = 1048576;
-    pub const SHARD: u32 = 2097152;
+flag_bits! {
+    /// The row kernels' flag bits (`F_*` in `shaders/rows.wgsl`).
+    pub(crate) mod flags("F_") {
+        CLASS_W = 1,
+        SAMPLE_W = 2,
+        SOFTCAP = 4,
+        TEMP = 8,
+        SMOOTH = 16,
+        MEAN = 32,
+        SOFTMAX = 64,
+        ZLOSS = 128,
+        SOFT = 256,
+        POS_W = 512,
+        PROBS = 1024,
+        ELEM = 2048,
+        LOGITS = 4096,
+        RANK = 8192,
+        GAP = 16384,
+        ELEM_W = 32768,
+        EXT_DENOM = 65536,
+        UPSTREAM = 131072,
+        UP_ROWS = 262144,
+        SAVE = 524288,
+        FROM_SAVED = 1048576,
+        SHARD = 2097152,
+    }
 }
 
 /// Bytes between per-dispatch parameter blocks in the uniform buffer (the largest
@@ -102,8 +196,7 @@ impl Params {
     /// Parameters of a kernel over `n` rows of `v`: no flags, no transform, unit scale.
     pub fn new(n: usize, v: usize) -> Params {
         Params {
-            n_rows: n as u32,
-            v: v as u32,
+            head: Header::new(n, v),
             v_total: v as u32,
             neg_inf: f32::NEG_INFINITY,
             softcap: 1.0,
@@ -118,16 +211,10 @@ impl Params {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    /// (name, offset, size) of each field of a Rust mirror.
-    macro_rules! fields {
-        ($t:ty: $($f:ident),*) => {
-            vec![$((stringify!($f), std::mem::offset_of!($t, $f) as u32, std::mem::size_of_val(&<$t as Zeroable>::zeroed().$f) as u32)),*]
-        };
-    }
-
+    /// (name, offset, size) of each member of the WGSL struct `name`, and its size.
     fn wgsl_struct(module: &naga::Module, name: &str) -> (Vec<(String, u32, u32)>, u32) {
         let (_, ty) = module.types.iter().find(|(_, t)| t.name.as_deref() == Some(name)).expect("struct in shader");
         match &ty.inner {
@@ -141,47 +228,44 @@ mod tests {
         }
     }
 
-    #[test]
-    fn rust_mirrors_match_the_shader_layouts() {
-        let src = crate::gpu::source::Shader::CeFused
-            .source(crate::gpu::source::Variant { grad: true, ..Default::default() });
-        let module = naga::front::wgsl::parse_str(&src).unwrap();
-        let params = fields!(Params: n_rows, v, row0, grid_x, chunk_rows, ignore_index, flags, neg_inf, smoothing,
-            z_loss, softcap, inv_temp, grad_scale, x_off, y_off, o_off, part_off, v_total, class0, segs, seg_len,
-            mode, beta, den_w, den_n, parts, mm_m, mm_n, mm_k, a_rs, a_cs, b_rs, b_cs, c_rs, mm_flags);
-        let scalars = fields!(Scalars: weight_sum, count, loss_sum, lse2_sum, err_row, err_target, loss, upstream);
-        for (name, rust, size) in
-            [("Params", params, std::mem::size_of::<Params>()), ("Scalars", scalars, std::mem::size_of::<Scalars>())]
-        {
-            let (wgsl, span) = wgsl_struct(&module, name);
-            let wgsl: Vec<(&str, u32, u32)> = wgsl.iter().map(|(n, o, s)| (n.as_str(), *o, *s)).collect();
-            assert_eq!(rust, wgsl, "{name}: fields (name, offset, size)");
-            assert_eq!(size as u32, span, "{name}: size");
+    /// Checks the Rust mirror `T` against the WGSL struct `name` of `module`: every field's
+    /// name, offset and size, and the struct's size. A leading `head: Header` field stands for
+    /// the header's fields (`#chunk_header` in the shader).
+    pub(crate) fn check_struct<T: Mirror>(module: &naga::Module, name: &str) {
+        let mut rust = Vec::new();
+        for (f, off, size) in T::fields() {
+            if f == "head" {
+                assert_eq!((off, size), (0, std::mem::size_of::<Header>() as u32), "{name}: head first");
+                rust.extend(Header::fields());
+            } else {
+                rust.push((f, off, size));
+            }
         }
-        assert!(std::mem::size_of::<Params>() as u64 <= PARAM_STRIDE);
+        let (wgsl, span) = wgsl_struct(module, name);
+        let wgsl: Vec<(&str, u32, u32)> = wgsl.iter().map(|(n, o, s)| (n.as_str(), *o, *s)).collect();
+        assert_eq!(rust, wgsl, "{name}: fields (name, offset, size)");
+        assert_eq!(std::mem::size_of::<T>() as u32, span, "{name}: size");
     }
 
-    /// Every flag bit of [`flags`] equals its `F_*` constant in `common.wgsl` (by name, as
-    /// naga parses it), and the shader has no `F_*` flag the Rust side lacks: the two lists
-    /// are written twice, once per language, and this test compares them.
-    #[test]
-    fn flag_bits_match_the_shader_constants() {
-        macro_rules! rust_flags {
-            ($($f:ident),*) => { vec![$((concat!("F_", stringify!($f)).to_string(), flags::$f)),*] };
-        }
-        let mut rust = rust_flags!(
-            CLASS_W, SAMPLE_W, SOFTCAP, TEMP, SMOOTH, MEAN, SOFTMAX, ZLOSS, SOFT, POS_W, PROBS, ELEM, LOGITS, RANK,
-            GAP, ELEM_W, EXT_DENOM, UPSTREAM, UP_ROWS, SAVE, FROM_SAVED, SHARD
-        );
-        let src = crate::gpu::source::Shader::CeFused
-            .source(crate::gpu::source::Variant { grad: true, ..Default::default() });
-        let module = naga::front::wgsl::parse_str(&src).unwrap();
+    /// Checks a family's parameter block `T` against its WGSL struct `name` (see
+    /// [`check_struct`]), that it starts with the header, and that it fits one block.
+    pub(crate) fn check_block<T: Mirror + Block>(module: &naga::Module, name: &str) {
+        assert_eq!(T::fields().first().map(|f| f.0), Some("head"), "{name}: a block starts with its header");
+        check_struct::<T>(module, name);
+        assert!(std::mem::size_of::<T>() as u64 <= PARAM_STRIDE, "{name}: larger than a parameter block");
+    }
+
+    /// Checks a family's flag bits (`ALL`, from [`flag_bits!`]) against the u32 constants of
+    /// `module` whose names start with `prefix`: the same names and bits, none missing on
+    /// either side, one distinct bit each.
+    pub(crate) fn check_flags(module: &naga::Module, prefix: &str, all: &[(&str, u32)]) {
+        let mut rust: Vec<(String, u32)> = all.iter().map(|&(n, b)| (n.to_string(), b)).collect();
         let mut wgsl: Vec<(String, u32)> = module
             .constants
             .iter()
             .filter_map(|(_, c)| {
                 let name = c.name.clone()?;
-                if !name.starts_with("F_") {
+                if !name.starts_with(prefix) {
                     return None;
                 }
                 match module.global_expressions[c.init] {
@@ -192,10 +276,29 @@ mod tests {
             .collect();
         rust.sort();
         wgsl.sort();
-        assert_eq!(rust, wgsl, "flag bits (Rust flags:: vs common.wgsl F_*)");
-        let mut bits: Vec<u32> = rust.iter().map(|(_, b)| *b).collect();
-        bits.dedup();
+        assert_eq!(rust, wgsl, "flag bits (Rust vs WGSL {prefix}*)");
+        let bits: Vec<u32> = rust.iter().map(|(_, b)| *b).collect();
         assert!(bits.iter().all(|b| b.is_power_of_two()), "one bit per flag");
         assert_eq!(bits.iter().fold(0, |acc, b| acc | b).count_ones() as usize, rust.len(), "distinct bits");
+    }
+
+    fn rows_module() -> naga::Module {
+        let src = crate::gpu::source::Shader::CeFused
+            .source(crate::gpu::source::Variant { grad: true, ..Default::default() });
+        naga::front::wgsl::parse_str(&src).unwrap()
+    }
+
+    #[test]
+    fn rust_mirrors_match_the_shader_layouts() {
+        let module = rows_module();
+        check_block::<Params>(&module, "Params");
+        check_struct::<Scalars>(&module, "Scalars");
+    }
+
+    /// Every flag bit of [`flags`] equals its `F_*` constant in `rows.wgsl` (by name, as naga
+    /// parses it), and the shader has no `F_*` flag the Rust side lacks.
+    #[test]
+    fn flag_bits_match_the_shader_constants() {
+        check_flags(&rows_module(), flags::PREFIX, flags::ALL);
     }
 }

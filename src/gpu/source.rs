@@ -1,10 +1,14 @@
-//! WGSL sources and their variants. Each kernel is `common.wgsl` + its own file, run through a
-//! small preprocessor (`#if A && !B || C`, `#elif`, `#else`, `#endif`, and `#subgroup_args` /
+//! WGSL sources and their variants. Each kernel is `common.wgsl` (helpers) + its family's
+//! interface (`rows.wgsl`, or `matmul_io.wgsl` for the matrix products) + its own file, run
+//! through a small preprocessor (`#if A && !B || C`, `#elif`, `#else`, `#endif`,
+//! `#chunk_header` for the header every family's parameters start with, and `#subgroup_args` /
 //! `#subgroup_lets` for the reduction's lane builtins). Every variant a kernel can be built in
 //! is parsed and validated by naga in a unit test, which also checks that the binding list the
 //! host declares is exactly what the shader uses.
 
 use crate::dtype::DType;
+use crate::gpu::kernels::matmul::{self, Mm};
+use crate::gpu::params::HEADER_WGSL;
 
 /// Compile-time switches of a kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -41,33 +45,9 @@ pub struct Variant {
     pub class_w: bool,
     /// Invocations per workgroup; 0 means 256.
     pub wg: u16,
-    /// Matrix-product switches (the `Matmul` kernel only).
+    /// Matrix-product switches (the matrix-product family only; it owns them:
+    /// `kernels/matmul.rs`).
     pub mm: Mm,
-}
-
-/// Which operand axis is contiguous in a matrix product `C = A B` (the `Matmul` kernel).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum MatmulLayout {
-    /// `A[m, k]` rows and `B(k, n) = W[n, k]` rows contiguous in k: `H W^T`.
-    #[default]
-    Nt,
-    /// `A[m, k]` contiguous in k, `B[k, n]` contiguous in n: `G W`.
-    Nn,
-    /// `A(m, k) = G[k, m]` and `B[k, n]` contiguous in m and n: `G^T H`.
-    Tn,
-}
-
-/// Switches of the matrix-product kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Mm {
-    /// The operands' layout.
-    pub layout: MatmulLayout,
-    /// A is read 4 contiguous elements at a time (offset and row stride multiples of 4).
-    pub a4: bool,
-    /// B is read 4 contiguous elements at a time.
-    pub b4: bool,
-    /// Cooperative-matrix tiles of 8 x 8 rather than 16 x 16 (`MatmulCoop` only).
-    pub coop8: bool,
 }
 
 /// The passes of a cross-entropy whose rows are split across workgroups.
@@ -103,13 +83,7 @@ impl Variant {
             "TRANSFORM" => self.transform,
             "CLASS_W" => self.class_w,
             "SEG_FINISH" => self.seg == Seg::Finish,
-            "MM_NT" => self.mm.layout == MatmulLayout::Nt,
-            "MM_NN" => self.mm.layout == MatmulLayout::Nn,
-            "MM_TN" => self.mm.layout == MatmulLayout::Tn,
-            "A4" => self.mm.a4,
-            "B4" => self.mm.b4,
-            "COOP8" => self.mm.coop8,
-            other => panic!("unknown shader define {other}"),
+            other => self.mm.defined(other).unwrap_or_else(|| panic!("unknown shader define {other}")),
         }
     }
 }
@@ -143,9 +117,10 @@ pub enum Shader {
     Logprobs,
 }
 
+/// Helpers of every family (no bindings, no family parameters).
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
-/// Operand bindings and element access shared by the two matrix-product kernels.
-const MATMUL_IO: &str = include_str!("../../shaders/matmul_io.wgsl");
+/// The row kernels' family: parameters, flags, bindings, element access, reductions.
+const ROWS: &str = include_str!("../../shaders/rows.wgsl");
 
 impl Shader {
     /// Every kernel, for tests.
@@ -201,7 +176,7 @@ impl Shader {
             Shader::Distill => vec![(1, true), (9, true), (6, false)],
             Shader::Dist | Shader::Hvp => vec![(1, true), (9, true)],
             Shader::RowSum => vec![(1, true), (6, false)],
-            Shader::Matmul | Shader::MatmulCoop => vec![(12, true), (13, true), (14, false), (3, true)],
+            Shader::Matmul | Shader::MatmulCoop => matmul::BINDINGS.iter().map(|&(s, ro, _)| (s as u32, ro)).collect(),
             // In place: the upstream gradient [a; b] in slot 4.
             Shader::Logprobs if v.in_place => vec![(1, false), (2, true), (4, true), (6, false)],
             Shader::Logprobs => vec![(1, true), (2, true), (6, false)],
@@ -226,34 +201,7 @@ impl Shader {
         let dtypes = [DType::F32, DType::F16, DType::BF16];
         let mut out = Vec::new();
         if self == Shader::Matmul || self == Shader::MatmulCoop {
-            // Every layout, load width (SIMT) or tile size (cooperative), dtype pair and
-            // reduction mode.
-            let coop = self == Shader::MatmulCoop;
-            for layout in [MatmulLayout::Nt, MatmulLayout::Nn, MatmulLayout::Tn] {
-                for bits in 0..8u32 {
-                    for &input in &dtypes {
-                        for &second in &dtypes {
-                            let mm = if coop {
-                                Mm { layout, coop8: bits & 1 != 0, ..Default::default() }
-                            } else {
-                                Mm { layout, a4: bits & 1 != 0, b4: bits & 2 != 0, ..Default::default() }
-                            };
-                            let v = Variant {
-                                input,
-                                second,
-                                subgroup: coop || bits & 4 != 0,
-                                wg: if coop { [32, 64][(bits >> 1) as usize & 1] } else { 0 },
-                                mm,
-                                ..Default::default()
-                            };
-                            if self.valid(v) {
-                                out.push(v);
-                            }
-                        }
-                    }
-                }
-            }
-            return out;
+            return matmul::variants(self == Shader::MatmulCoop);
         }
         for bits in 0..256u32 {
             for &input in &dtypes {
@@ -327,29 +275,7 @@ impl Shader {
             }
             Shader::LogSoftmax => v.grad && !v.in_place && !v.extras && f32_only(v.second) && f32_only(v.output),
             Shader::RowSum => !v.in_place && !v.extras && !v.odd && f32_only(v.second) && f32_only(v.output),
-            Shader::Matmul => {
-                !v.mm.coop8
-                    && v == Variant {
-                        input: v.input,
-                        second: v.second,
-                        subgroup: v.subgroup,
-                        mm: v.mm,
-                        ..Default::default()
-                    }
-            }
-            Shader::MatmulCoop => {
-                v.subgroup
-                    && !v.mm.a4
-                    && !v.mm.b4
-                    && v == Variant {
-                        input: v.input,
-                        second: v.second,
-                        subgroup: true,
-                        wg: v.wg,
-                        mm: v.mm,
-                        ..Default::default()
-                    }
-            }
+            Shader::Matmul | Shader::MatmulCoop => matmul::valid(self == Shader::MatmulCoop, v),
             Shader::Logprobs => {
                 !v.grad && !v.extras && !v.vec4 && !v.odd && [v.input, v.second, v.output].iter().all(|&d| f32_only(d))
             }
@@ -393,15 +319,15 @@ impl Shader {
     /// The preprocessed WGSL of this kernel in `variant`.
     pub fn source(self, variant: Variant) -> String {
         let mut out = String::new();
-        let io = match self {
-            Shader::Matmul | Shader::MatmulCoop => MATMUL_IO,
-            _ => "",
+        let family = match self {
+            Shader::Matmul | Shader::MatmulCoop => matmul::WGSL,
+            _ => ROWS,
         };
         if self == Shader::MatmulCoop {
             // Enable directives come before every declaration.
             out.push_str("enable f16;\nenable wgpu_cooperative_matrix;\n");
         }
-        for text in [COMMON, io, self.body()] {
+        for text in [COMMON, family, self.body()] {
             preprocess(text, &|n| variant.defined(n), &mut out);
         }
         let wg = if variant.wg == 0 { 256 } else { variant.wg };
@@ -441,7 +367,11 @@ fn preprocess(text: &str, defined: &dyn Fn(&str) -> bool, out: &mut String) {
     let active = |stack: &Vec<(bool, bool)>| stack.iter().all(|&(a, _)| a);
     for line in text.lines() {
         let t = line.trim();
-        if t == "#subgroup_args" {
+        if t == "#chunk_header" {
+            if active(&stack) {
+                out.push_str(HEADER_WGSL);
+            }
+        } else if t == "#subgroup_args" {
             if active(&stack) && defined("SUBGROUP") {
                 out.push_str(SUBGROUP_ARGS);
             }
@@ -470,7 +400,7 @@ fn preprocess(text: &str, defined: &dyn Fn(&str) -> bool, out: &mut String) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]

@@ -93,8 +93,8 @@ impl GpuContext {
         }
         let mut rec = Recorder::new(self);
         rec.push(l)?;
-        let total_groups: usize = rec.blocks().last().map_or(0, |p| p.part_off as usize)
-            + rec.blocks().last().map_or(0, |p| (p.chunk_rows as usize * c).div_ceil(PER_GROUP));
+        let total_groups: usize = rec.headers().last().map_or(0, |h| h.part_off as usize)
+            + rec.headers().last().map_or(0, |h| (h.chunk_rows as usize * c).div_ceil(PER_GROUP));
         let params = rec.params_pooled()?;
         let mut enc = self.device().create_command_encoder(&Default::default());
         rec.record(&mut enc, &params)?;

@@ -19,9 +19,9 @@ use crate::api::targets::Targets;
 use crate::dtype::{DType, Logits, Tensor2};
 use crate::error::{Result, XentError};
 use crate::gpu::context::GpuContext;
+use crate::gpu::kernels::matmul::MatmulLayout;
 use crate::gpu::launch::{Bind, Recorder};
 use crate::gpu::pool::Pooled;
-use crate::gpu::source::MatmulLayout;
 
 use super::matmul::{range, Operand, Product};
 

@@ -1,17 +1,166 @@
-//! The matrix products of fused linear cross-entropy (`shaders/matmul.wgsl`): one kernel
-//! variant per operand layout ([`MatmulLayout`]), 4-wide loads where an operand's offset and
-//! row stride allow them, f32 accumulation. [`Product`] is what `linear.rs` records; the hidden
+//! The matrix products of fused linear cross-entropy (`shaders/matmul.wgsl`, and
+//! `shaders/matmul_coop.wgsl` on cooperative matrices): one kernel variant per operand layout
+//! ([`MatmulLayout`]), 4-wide loads where an operand's offset and row stride allow them, f32
+//! accumulation. [`Product`] is what `linear.rs` records; the hidden
 //! [`GpuContext::matmul_host`] and [`GpuContext::bench_matmul`] run one product from the host
 //! for tests and benchmarks.
+//!
+//! This family owns its interface, declared here beside its kernels and checked against
+//! `shaders/matmul_io.wgsl` by the unit tests through naga: its parameter block
+//! ([`MatmulParams`]: the chunk header, then the product's sizes, strides, flags and bias
+//! offset), its flag bits ([`mm_flags`]), its bindings by name and slot ([`BINDINGS`]), and its
+//! compile-time switches ([`Mm`]: layout, load widths, cooperative tile size). An option of
+//! the products is added here and in the family's WGSL, nowhere else.
 
 use crate::dtype::{DType, Logits};
 use crate::error::{Result, XentError};
 use crate::gpu::context::GpuContext;
 use crate::gpu::launch::{Bind, Groups, Launch, Recorder};
-use crate::gpu::params::Params;
-use crate::gpu::source::{MatmulLayout, Mm, Shader, Variant};
+use crate::gpu::params::{flag_bits, mirror, Block, Header};
+use crate::gpu::source::{Shader, Variant};
 
 use wgpu::BufferUsages as U;
+
+/// Which operand axis is contiguous in a matrix product `C = A B` (the `Matmul` kernel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum MatmulLayout {
+    /// `A[m, k]` rows and `B(k, n) = W[n, k]` rows contiguous in k: `H W^T`.
+    #[default]
+    Nt,
+    /// `A[m, k]` contiguous in k, `B[k, n]` contiguous in n: `G W`.
+    Nn,
+    /// `A(m, k) = G[k, m]` and `B[k, n]` contiguous in m and n: `G^T H`.
+    Tn,
+}
+
+/// Compile-time switches of the matrix-product family (its part of a kernel [`Variant`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Mm {
+    /// The operands' layout.
+    pub layout: MatmulLayout,
+    /// A is read 4 contiguous elements at a time (offset and row stride multiples of 4).
+    pub a4: bool,
+    /// B is read 4 contiguous elements at a time.
+    pub b4: bool,
+    /// Cooperative-matrix tiles of 8 x 8 rather than 16 x 16 (`MatmulCoop` only).
+    pub coop8: bool,
+}
+
+impl Mm {
+    /// The value of a preprocessor name this family owns (`MM_NT`, `MM_NN`, `MM_TN`, `A4`,
+    /// `B4`, `COOP8`); `None` for any other name.
+    pub(crate) fn defined(&self, name: &str) -> Option<bool> {
+        Some(match name {
+            "MM_NT" => self.layout == MatmulLayout::Nt,
+            "MM_NN" => self.layout == MatmulLayout::Nn,
+            "MM_TN" => self.layout == MatmulLayout::Tn,
+            "A4" => self.a4,
+            "B4" => self.b4,
+            "COOP8" => self.coop8,
+            _ => return None,
+        })
+    }
+}
+
+/// The family's WGSL interface (parameters, flags, bindings, element access), put between
+/// `common.wgsl` and the kernel's own file.
+pub(crate) const WGSL: &str = include_str!("../../../shaders/matmul_io.wgsl");
+
+mirror! {
+    /// Parameters of one product; mirrors `MatmulParams` in `shaders/matmul_io.wgsl`.
+    /// `C[m, n] (+)= sum_k A(m, k) B(k, n) (+ bias)`: A and B from elements `x_off` / `y_off`
+    /// (header) of their bindings with row strides `a_rs` / `b_rs` along the layout's strided
+    /// axis, C from element `o_off` with row stride `c_rs`, the bias from entry `bias0`.
+    pub(crate) struct MatmulParams {
+        pub head: Header,
+        pub m: u32,
+        pub n: u32,
+        pub k: u32,
+        pub a_rs: u32,
+        pub b_rs: u32,
+        pub c_rs: u32,
+        pub flags: u32,
+        pub bias0: u32,
+    }
+}
+
+impl Block for MatmulParams {
+    fn head(&self) -> &Header {
+        &self.head
+    }
+}
+
+flag_bits! {
+    /// Flag bits of [`MatmulParams::flags`] (`MM_*` constants in `matmul_io.wgsl`).
+    pub(crate) mod mm_flags("MM_") {
+        /// Add C's old value (products accumulated over row chunks).
+        ACCUMULATE = 1,
+        /// Add `bias[bias0 + column]`.
+        BIAS = 2,
+    }
+}
+
+/// The family's binding slots (`@binding(n)` in `matmul_io.wgsl`).
+pub(crate) mod slot {
+    /// The left operand A (the input dtype).
+    pub const A: usize = 1;
+    /// The right operand B (the second dtype).
+    pub const B: usize = 2;
+    /// The f32 result C.
+    pub const C: usize = 3;
+    /// The f32 bias, added per column.
+    pub const BIAS: usize = 4;
+}
+
+/// Every kernel of the family binds these, as (slot, read-only, WGSL name).
+pub(crate) const BINDINGS: [(usize, bool, &str); 4] =
+    [(slot::A, true, "mm_a"), (slot::B, true, "mm_b"), (slot::C, false, "mm_c"), (slot::BIAS, true, "mm_bias")];
+
+/// Whether the host ever builds the SIMT (`coop` false) or cooperative kernel in `v`.
+#[cfg(test)]
+pub(crate) fn valid(coop: bool, v: Variant) -> bool {
+    // Only the dtypes, the subgroup switch, the workgroup size (cooperative) and `mm` apply.
+    let own = Variant { input: v.input, second: v.second, subgroup: v.subgroup, mm: v.mm, ..Default::default() };
+    if coop {
+        v.subgroup && !v.mm.a4 && !v.mm.b4 && v == Variant { wg: v.wg, ..own }
+    } else {
+        !v.mm.coop8 && v == own
+    }
+}
+
+/// Every variant the family's kernels are built in (for the validation tests): every layout,
+/// load width (SIMT) or tile size and subgroup width (cooperative), dtype pair and subgroup
+/// switch.
+#[cfg(test)]
+pub(crate) fn variants(coop: bool) -> Vec<Variant> {
+    use DType::*;
+    let mut out = Vec::new();
+    for layout in [MatmulLayout::Nt, MatmulLayout::Nn, MatmulLayout::Tn] {
+        for bits in 0..8u32 {
+            for input in [F32, F16, BF16] {
+                for second in [F32, F16, BF16] {
+                    let mm = if coop {
+                        Mm { layout, coop8: bits & 1 != 0, ..Default::default() }
+                    } else {
+                        Mm { layout, a4: bits & 1 != 0, b4: bits & 2 != 0, ..Default::default() }
+                    };
+                    let v = Variant {
+                        input,
+                        second,
+                        subgroup: coop || bits & 4 != 0,
+                        wg: if coop { [32, 64][(bits >> 1) as usize & 1] } else { 0 },
+                        mm,
+                        ..Default::default()
+                    };
+                    if valid(coop, v) {
+                        out.push(v);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
 
 /// Rows and columns of C per workgroup of the SIMT kernel (`R` and `TN` in the shader).
 const TILE: (usize, usize) = (8, 256);
@@ -115,30 +264,27 @@ impl GpuContext {
                 (self.kernel(Shader::Matmul, variant)?, TILE)
             }
         };
-        let params = Params {
-            x_off: p.a.first,
-            y_off: p.b.first,
-            o_off: p.c.1,
-            class0: p.bias.as_ref().map_or(0, |b| b.1),
-            mm_m: m as u32,
-            mm_n: n as u32,
-            mm_k: k as u32,
+        let flags =
+            if p.accumulate { mm_flags::ACCUMULATE } else { 0 } | if p.bias.is_some() { mm_flags::BIAS } else { 0 };
+        let params = MatmulParams {
+            head: Header { x_off: p.a.first, y_off: p.b.first, o_off: p.c.1, ..Header::new(1, 1) },
+            m: m as u32,
+            n: n as u32,
+            k: k as u32,
             a_rs: p.a.rs as u32,
-            a_cs: 1,
             b_rs: p.b.rs as u32,
-            b_cs: 1,
             c_rs: p.c.2 as u32,
-            mm_flags: u32::from(p.accumulate) | if p.bias.is_some() { 2 } else { 0 },
-            ..Params::new(1, 1)
+            flags,
+            bias0: p.bias.as_ref().map_or(0, |b| b.1),
         };
         let tiles = m.div_ceil(tile.0) * n.div_ceil(tile.1);
         let mut l = Launch::new(kernel, params, 1, 1)
             .groups(Groups::PerRowTimes(tiles))
-            .bind(12, p.a.bind)
-            .bind(13, p.b.bind)
-            .bind(14, p.c.0);
+            .bind(slot::A, p.a.bind)
+            .bind(slot::B, p.b.bind)
+            .bind(slot::C, p.c.0);
         if let Some((b, _)) = p.bias {
-            l = l.bind(3, b);
+            l = l.bind(slot::BIAS, b);
         }
         rec.push(l)
     }
@@ -291,6 +437,40 @@ impl GpuContext {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gpu::params::tests::{check_block, check_flags};
+    use crate::gpu::source::tests::validate;
+
+    /// The family's interface declared in Rust (parameter block, flag bits, bindings by name
+    /// and slot) is what `matmul_io.wgsl` declares, in both kernels and every layout.
+    #[test]
+    fn the_family_interface_matches_its_wgsl() {
+        for (shader, coop) in [(Shader::Matmul, false), (Shader::MatmulCoop, true)] {
+            for layout in [MatmulLayout::Nt, MatmulLayout::Nn, MatmulLayout::Tn] {
+                let v = *variants(coop).iter().find(|v| v.mm.layout == layout).expect("a variant per layout");
+                let src = shader.source(v);
+                let (module, info) = validate(&src, v.subgroup).unwrap_or_else(|e| panic!("{v:?}: {e}"));
+                check_block::<MatmulParams>(&module, "MatmulParams");
+                check_flags(&module, mm_flags::PREFIX, mm_flags::ALL);
+                let ep = info.get_entry_point(0);
+                let mut used: Vec<(usize, bool, String)> = module
+                    .global_variables
+                    .iter()
+                    .filter(|(h, g)| !ep[*h].is_empty() && g.binding.as_ref().is_some_and(|b| b.binding != 0))
+                    .map(|(_, g)| {
+                        let read_only = match g.space {
+                            naga::AddressSpace::Storage { access } => !access.contains(naga::StorageAccess::STORE),
+                            _ => true,
+                        };
+                        (g.binding.as_ref().unwrap().binding as usize, read_only, g.name.clone().unwrap_or_default())
+                    })
+                    .collect();
+                used.sort();
+                let declared: Vec<(usize, bool, String)> =
+                    BINDINGS.iter().map(|&(s, ro, name)| (s, ro, name.to_string())).collect();
+                assert_eq!(used, declared, "{} {v:?}: bindings (slot, read-only, name)", shader.name());
+            }
+        }
+    }
 
     /// Deterministic values spanning `2^lo .. 2^hi` in magnitude, both signs, some zeros.
     fn spread(len: usize, lo: i32, hi: i32, seed: u64) -> Vec<f32> {

@@ -19,7 +19,7 @@ use crate::dtype::{DType, Logits};
 use crate::error::{Result, XentError};
 use crate::gpu::context::GpuContext;
 use crate::gpu::launch::{Bind, Launch, ParamsCache, Recorder, Skip};
-use crate::gpu::params::Params;
+use crate::gpu::params::{Header, Params};
 use crate::gpu::pool::Pooled;
 use crate::gpu::source::{Shader, Variant};
 
@@ -113,7 +113,7 @@ impl RowPlan {
         Ok(RowPlan {
             ctx: ctx.clone(),
             shader,
-            base: Params { n_rows: n as u32, ..base },
+            base: Params { head: Header { n_rows: n as u32, ..base.head }, ..base },
             n,
             v,
             input,
