@@ -1,8 +1,31 @@
 // Binary cross-entropy, elementwise over a chunk of [rows, C]: from logits (stable softplus
 // form, any |x|) or from probabilities (logs clamped at -100, as PyTorch). Each workgroup takes
-// WG * PER_THREAD consecutive elements, writes their gradients (GRAD) and losses (F_ELEM), and
+// WG * PER_THREAD consecutive elements, writes their gradients (GRAD) and losses (BCE_ELEM), and
 // one Kahan partial sum of its losses to row_values[P.part_off + group]; the host adds the
 // partials in f64.
+
+// Flag bits (`bce_flags` in src/gpu/kernels/bce.rs): per-class weights (slot 3), pos_weight
+// (slot 10), inputs are probabilities, element losses wanted, per-element weights (slot 11).
+const BCE_CLASS_W: u32 = 1u;
+const BCE_POS_W: u32 = 2u;
+const BCE_PROBS: u32 = 4u;
+const BCE_ELEM: u32 = 8u;
+const BCE_ELEM_W: u32 = 16u;
+
+// Mirrored by `BceParams` in src/gpu/kernels/bce.rs.
+struct BceParams {
+#chunk_header
+    // The loss's scale (1 / count for a mean) times the caller's gradient scale.
+    grad_scale: f32,
+}
+
+@group(0) @binding(0) var<uniform> P: BceParams;
+// Per-element losses (BCE_ELEM), chunked like the input.
+@group(0) @binding(7) var<storage, read_write> elem_loss: array<f32>;
+// pos_weight [C] (BCE_POS_W).
+@group(0) @binding(10) var<storage, read> pos_weight: array<f32>;
+// Per-element weights (BCE_ELEM_W), chunked like the input.
+@group(0) @binding(11) var<storage, read> elem_weight: array<f32>;
 
 const PER_THREAD: u32 = 8u;
 
@@ -43,22 +66,22 @@ fn main(
             let x = in1(i);
             let y = sec1(i);
             var w = 1.0;
-            if (has(F_CLASS_W)) {
+            if (has(BCE_CLASS_W)) {
                 w = w * class_weight[c];
             }
-            if (has(F_ELEM_W)) {
+            if (has(BCE_ELEM_W)) {
                 w = w * elem_weight[i];
             }
             var l = 0.0;
             var g = 0.0;
-            if (has(F_PROBS)) {
+            if (has(BCE_PROBS)) {
                 let lp = max(log(x), -100.0);
                 let lq = max(log1p_(-x), -100.0);
                 l = -w * (y * lp + (1.0 - y) * lq);
                 g = w * (x - y) / max((1.0 - x) * x, 1e-12);
             } else {
                 var pw = 1.0;
-                if (has(F_POS_W)) {
+                if (has(BCE_POS_W)) {
                     pw = pos_weight[c];
                 }
                 // -log sigmoid(x) = softplus(-x); -log(1 - sigmoid(x)) = softplus(x) = softplus(-x) + x.
@@ -70,7 +93,7 @@ fn main(
             let tot = acc + t;
             comp = (tot - acc) - t;
             acc = tot;
-            if (has(F_ELEM)) {
+            if (has(BCE_ELEM)) {
                 elem_loss[i] = l;
             }
 #if GRAD

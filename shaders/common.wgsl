@@ -7,6 +7,12 @@
 
 const WG: u32 = 256u;
 
+// The parameters of a kernel that needs nothing beyond the header (`Header` in
+// src/gpu/params.rs): log-softmax, measures, Hessian-vector products, row sums.
+struct ChunkHeader {
+#chunk_header
+}
+
 // ---- 16-bit conversions ----
 
 fn unpack_bf16(w: u32) -> vec2<f32> {

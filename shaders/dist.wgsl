@@ -1,6 +1,11 @@
 // Distribution measures per row, one workgroup per row: `second` = p, `input` = q, as
-// probabilities or (F_LOGITS) as logits. Writes output[4 row + k] = (H(p), H(p, q), KL(p || q), JS(p, q)), with
+// probabilities or (DIST_LOGITS) as logits. Writes output[4 row + k] = (H(p), H(p, q), KL(p || q), JS(p, q)), with
 // 0 log 0 = 0 and +inf where p > 0 but q = 0.
+
+// Flag bit (`dist_flags` in src/gpu/kernels/divergence.rs): the rows are logits.
+const DIST_LOGITS: u32 = 1u;
+
+@group(0) @binding(0) var<uniform> P: ChunkHeader;
 
 @compute @workgroup_size(WG)
 fn main(
@@ -16,7 +21,7 @@ fn main(
     let row = P.row0 + r;
     let xb = x_row(r);
     let yb = y_row(r);
-    let logits = has(F_LOGITS);
+    let logits = has(DIST_LOGITS);
     var lse_q = 0.0;
     var lse_p = 0.0;
     if (logits) {

@@ -4,6 +4,18 @@
 // beta 0 and 1 are the two KLs). The row loss (before T^2 and the batch mean) goes to
 // row_values; with GRAD the gradient w.r.t. the student logits, times P.grad_scale, to `output`.
 
+// Mirrored by `DistillParams` in src/gpu/kernels/divergence.rs.
+struct DistillParams {
+#chunk_header
+    inv_temp: f32,
+    grad_scale: f32,
+    // 0 forward KL, 1 reverse KL, 2 generalised JSD with beta.
+    mode: i32,
+    beta: f32,
+}
+
+@group(0) @binding(0) var<uniform> P: DistillParams;
+
 @compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,

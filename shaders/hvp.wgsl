@@ -2,6 +2,8 @@
 // H = diag(p) - p p^T, so H v = p * v - p (p . v), with `input` = logits and `second` = v.
 // Three reads of the row (statistic, p . v, output), no V x V matrix.
 
+@group(0) @binding(0) var<uniform> P: ChunkHeader;
+
 @compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,

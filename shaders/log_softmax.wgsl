@@ -1,5 +1,10 @@
-// Row-wise log-softmax (or softmax with F_SOFTMAX), one workgroup per row: statistic in one
+// Row-wise log-softmax (or softmax with LS_SOFTMAX), one workgroup per row: statistic in one
 // read, f32 output in a second.
+
+// Flag bit (`ls_flags` in src/gpu/kernels/log_softmax.rs): softmax rather than log-softmax.
+const LS_SOFTMAX: u32 = 1u;
+
+@group(0) @binding(0) var<uniform> P: ChunkHeader;
 
 @compute @workgroup_size(WG)
 fn main(
@@ -15,7 +20,7 @@ fn main(
     let st = reduce_stat(row_stat_part(r, lid, 1.0), lid, lane, sg, nsg);
     let l1p = log1p_(st.s);
     let inv = 1.0 / (1.0 + st.s);
-    let soft = has(F_SOFTMAX);
+    let soft = has(LS_SOFTMAX);
     let xb = x_row(r);
     let ob = o_row(r);
 #if VEC8

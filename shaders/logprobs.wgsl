@@ -6,6 +6,15 @@
 // Three reads of the row: the (max, sum) statistic, sum_c e_c (z_c - m), and the gradient;
 // VEC4: four elements at a time (V a multiple of 4).
 
+// Mirrored by `LogprobsParams` in src/gpu/kernels/logprobs.rs.
+struct LogprobsParams {
+#chunk_header
+    ignore_index: i32,
+    inv_temp: f32,
+}
+
+@group(0) @binding(0) var<uniform> P: LogprobsParams;
+
 @compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,

@@ -21,7 +21,6 @@ struct MatmulParams {
     a_rs: u32,
     b_rs: u32,
     c_rs: u32,
-    flags: u32,
     // The bias entry of column 0.
     bias0: u32,
 }

@@ -2,6 +2,8 @@
 // `xent bench --op copy` (the access pattern of the cross-entropy row pass, no softmax).
 // With GRAD the rows are also copied to `output` (f32): the read-and-write probe.
 
+@group(0) @binding(0) var<uniform> P: ChunkHeader;
+
 @compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,

@@ -1,7 +1,7 @@
-// The row kernels' family (cross-entropy, log-softmax, distillation, measures, Hessian-vector
-// products, row sums, binary cross-entropy, log-probs): their parameters, flag bits, binding
-// table, dtype-aware element access, the online (max, sum) statistic, and workgroup reductions
-// (subgroup operations when available, workgroup memory otherwise).
+// What the row kernels (cross-entropy, log-softmax, distillation, measures, Hessian-vector
+// products, row sums, binary cross-entropy, log-probs) share: their binding table, dtype-aware
+// element access, the online (max, sum) statistic, and workgroup reductions (subgroup
+// operations when available, workgroup memory otherwise).
 //
 // Stored dtypes: IN16 / IN_BF16 (input rows, slot 1), SEC16 / SEC_BF16 (second rows, slot 9),
 // OUT16 / OUT_BF16 (output rows, slot 8; for IN_PLACE the input's dtype). 16-bit rows are read
@@ -11,70 +11,10 @@
 // odd length, so a 16-bit word can hold the end of one row and the start of the next; such edge
 // words are written with atomic and/or on their own half only.
 
-const F_CLASS_W: u32 = 1u;
-const F_SAMPLE_W: u32 = 2u;
-const F_SOFTCAP: u32 = 4u;
-const F_TEMP: u32 = 8u;
-const F_SMOOTH: u32 = 16u;
-const F_MEAN: u32 = 32u;
-const F_SOFTMAX: u32 = 64u;
-const F_ZLOSS: u32 = 128u;
-// Probability targets in `second` instead of class indices in `targets`.
-const F_SOFT: u32 = 256u;
-// Binary cross-entropy: pos_weight given, inputs are probabilities, element losses wanted.
-const F_POS_W: u32 = 512u;
-const F_PROBS: u32 = 1024u;
-const F_ELEM: u32 = 2048u;
-// Distribution measures of logits rather than probabilities.
-const F_LOGITS: u32 = 4096u;
-// Cross-entropy row statistics: the target's rank (classes with a strictly larger logit) and
-// the row max; the expected logit gap E_p[z] - z_t (temperature fitting).
-const F_RANK: u32 = 8192u;
-const F_GAP: u32 = 16384u;
-// Binary cross-entropy with one weight per element (slot 11) rather than per class.
-const F_ELEM_W: u32 = 32768u;
-// The mean's denominators come from P.den_w / P.den_n (the whole batch) instead of this call.
-const F_EXT_DENOM: u32 = 65536u;
-// A backward pass scales the gradient by the upstream gradient: scalars.upstream, or
-// (F_UP_ROWS) one value per row in row vector 4.
-const F_UPSTREAM: u32 = 131072u;
-const F_UP_ROWS: u32 = 262144u;
-// A row pass also saves its row statistic (for a later gradient or backward pass).
-const F_SAVE: u32 = 524288u;
-// A split row's gradient pass reads the statistic saved by an earlier pass.
-const F_FROM_SAVED: u32 = 1048576u;
-// A vocabulary shard (P.class0, P.v of P.v_total classes): segment records carry the target logit.
-const F_SHARD: u32 = 2097152u;
-
-// Mirrored by `Params` in src/gpu/params.rs (a unit test compares the layouts through naga).
-struct Params {
-#chunk_header
-    ignore_index: i32,
-    flags: u32,
-    // -inf has no WGSL literal; the host passes it.
-    neg_inf: f32,
-    smoothing: f32,
-    z_loss: f32,
-    softcap: f32,
-    inv_temp: f32,
-    grad_scale: f32,
-    // Global class count and the global index of column 0 (vocabulary shards).
-    v_total: u32,
-    class0: u32,
-    // Segments per row and elements per segment (split rows).
-    segs: u32,
-    seg_len: u32,
-    // Distillation mode (0 KL, 1 reverse KL, 2 JSD) and its beta.
-    mode: i32,
-    beta: f32,
-    // The whole batch's weight sum and counted rows, with F_EXT_DENOM.
-    den_w: f32,
-    den_n: f32,
-    // Partials per row of a split cross-entropy row pass.
-    parts: u32,
-}
-
-@group(0) @binding(0) var<uniform> P: Params;
+// Each family declares its own parameters, which begin with the chunk header (`#chunk_header`),
+// as `P` at binding 0: `CeParams` (ce_io.wgsl), `BceParams` (bce.wgsl), `DistillParams`
+// (distill.wgsl), `LogprobsParams` (logprobs.wgsl), or the header alone (`ChunkHeader`, in
+// common.wgsl). What is here reads only the header's fields.
 
 // ---- slot 1: input rows (logits; student logits; q; BCE inputs) ----
 #if IN16
@@ -118,26 +58,11 @@ struct Params {
 // Sample weights [n_rows].
 @group(0) @binding(4) var<storage, read> sample_weight: array<f32>;
 
-struct Scalars {
-    weight_sum: f32,
-    count: u32,
-    loss_sum: f32,
-    lse2_sum: f32,
-    // First row whose target is out of range (0xffffffff when none) and its value.
-    err_row: atomic<u32>,
-    err_target: i32,
-    // The reduced loss, as the host API reports it.
-    loss: f32,
-    // d(total)/d(loss) for a recorded backward pass of a reduced loss (F_UPSTREAM).
-    upstream: f32,
-}
-
-@group(0) @binding(5) var<storage, read_write> scalars: Scalars;
 // Per-row results: cross-entropy writes loss at [row], lse at [n_rows + row], max, rank and gap
 // after them; other kernels write their row values or partial sums here.
 @group(0) @binding(6) var<storage, read_write> row_values: array<f32>;
-// Per-element losses of binary cross-entropy, chunked like the input.
-@group(0) @binding(7) var<storage, read_write> elem_loss: array<f32>;
+// Slots 5 (cross-entropy's scalars, ce_io.wgsl), 7, 10 and 11 (binary cross-entropy's element
+// losses, pos_weight and element weights, bce.wgsl) belong to one family each.
 
 // ---- slot 8: output rows (gradient, log-softmax, Hessian-vector products, measures) ----
 #if OUT16
@@ -169,10 +94,6 @@ struct Scalars {
 @group(0) @binding(9) var<storage, read> second: array<f32>;
 #endif
 
-// pos_weight of binary cross-entropy [C].
-@group(0) @binding(10) var<storage, read> pos_weight: array<f32>;
-// Per-element weights of binary cross-entropy, chunked like the input.
-@group(0) @binding(11) var<storage, read> elem_weight: array<f32>;
 
 fn has(flag: u32) -> bool {
     return (P.flags & flag) != 0u;
@@ -409,24 +330,6 @@ fn put_one(e: u32, g: f32) {
 }
 #endif
 
-// Temperature, then soft-capping: the logits the softmax sees.
-// Compiled in only for the TRANSFORM variant: SIMD lanes (lavapipe) run even uniform branches
-// masked, so plain logits must not pay for a tanh per element.
-fn tr(x: f32) -> f32 {
-#if TRANSFORM
-    var z = x;
-    if (has(F_TEMP)) {
-        z = z * P.inv_temp;
-    }
-    if (has(F_SOFTCAP)) {
-        z = P.softcap * tanh(z / P.softcap);
-    }
-    return z;
-#else
-    return x;
-#endif
-}
-
 // Running softmax statistic: m = max so far, s = sum of exp(x - m) over every element
 // except one occurrence of the max. Keeping the max's 1 out of s is what lets
 // log1p(s) resolve confident rows whose s is below f32's epsilon.
@@ -603,10 +506,3 @@ fn row_stat_part(r: u32, lid: u32, scale: f32) -> Stat {
     return st;
 }
 
-// Denominators (weight sum, counted rows) of a mean.
-fn denominators() -> vec2<f32> {
-    if (has(F_EXT_DENOM)) {
-        return vec2<f32>(P.den_w, P.den_n);
-    }
-    return vec2<f32>(scalars.weight_sum, f32(scalars.count));
-}

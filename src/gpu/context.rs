@@ -93,7 +93,8 @@ with_builders!(GpuOptions {
     set with_cooperative_matrix => cooperative_matrix: bool,
 });
 
-/// Binding slots of the shared table in `shaders/common.wgsl` (0 is the parameter block).
+/// Binding slots a kernel may use (0 is the parameter block; the row kernels' table is in
+/// `shaders/rows.wgsl`, the matrix products' in `shaders/matmul_io.wgsl`).
 pub(crate) const SLOTS: usize = 15;
 
 pub(crate) struct Kernel {

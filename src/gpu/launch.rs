@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use super::context::{GpuContext, Kernel, SLOTS};
-use super::params::{Block, Header, PARAM_STRIDE};
+use super::params::{AnyBlock, Header, PARAM_STRIDE};
 use crate::error::{Result, XentError};
 
 /// A byte range of a buffer bound whole.
@@ -67,10 +67,8 @@ pub(crate) enum Groups {
 /// One kernel dispatch (split into chunks when its rows exceed a binding).
 pub(crate) struct Launch<'a> {
     kernel: Arc<Kernel>,
-    /// The base block's header, rewritten per chunk.
-    head: Header,
-    /// The base block's bytes after its header (the family's own parameters), as they are.
-    tail: Vec<u8>,
+    /// The base block (its header rewritten per chunk).
+    base: AnyBlock,
     n: usize,
     v: usize,
     whole: Vec<(usize, Bind<'a>)>,
@@ -81,25 +79,8 @@ pub(crate) struct Launch<'a> {
 impl<'a> Launch<'a> {
     /// A launch of `kernel` over `n` rows of `v` elements with parameters `base` (the
     /// kernel's family's block).
-    pub fn new<B: Block>(kernel: Arc<Kernel>, base: B, n: usize, v: usize) -> Self {
-        let bytes = bytemuck::bytes_of(&base);
-        let h = std::mem::size_of::<Header>();
-        debug_assert_eq!(&bytes[..h], bytemuck::bytes_of(base.head()), "a block starts with its header");
-        Launch {
-            kernel,
-            head: *base.head(),
-            tail: bytes[h..].to_vec(),
-            n,
-            v,
-            whole: Vec::new(),
-            rows: Vec::new(),
-            groups: Groups::PerRow,
-        }
-    }
-
-    /// Bytes of this launch's parameter block.
-    fn block_size(&self) -> u64 {
-        (std::mem::size_of::<Header>() + self.tail.len()) as u64
+    pub fn new(kernel: Arc<Kernel>, base: impl Into<AnyBlock>, n: usize, v: usize) -> Self {
+        Launch { kernel, base: base.into(), n, v, whole: Vec::new(), rows: Vec::new(), groups: Groups::PerRow }
     }
 
     /// Binds a byte range to `slot` for every chunk.
@@ -179,7 +160,7 @@ impl<'a> Recorder<'a> {
         let mut row0 = 0usize;
         loop {
             let rows = per.min(n - row0);
-            let mut head = Header { row0: row0 as u32, chunk_rows: rows as u32, ..l.head };
+            let mut head = Header { row0: row0 as u32, chunk_rows: rows as u32, ..l.base.head };
             let mut ranges = Vec::new();
             for rb in &l.rows {
                 let start = rb.offset + (row0 * v) as u64 * rb.elem;
@@ -229,7 +210,7 @@ impl<'a> Recorder<'a> {
         for (i, (l, c)) in chunks.enumerate() {
             let o = i * PARAM_STRIDE as usize;
             bytes[o..o + h].copy_from_slice(bytemuck::bytes_of(&c.head));
-            bytes[o + h..o + h + l.tail.len()].copy_from_slice(&l.tail);
+            bytes[o + h..o + h + l.base.tail().len()].copy_from_slice(l.base.tail());
         }
         bytes
     }
@@ -277,7 +258,7 @@ impl<'a> Recorder<'a> {
                                 resource: resource(Bind {
                                     buffer: params,
                                     offset: block * PARAM_STRIDE,
-                                    size: l.block_size(),
+                                    size: l.base.size(),
                                 }),
                             }];
                             entries.extend(l.kernel.bindings.iter().map(|&i| wgpu::BindGroupEntry {

@@ -1,9 +1,9 @@
-//! The chunk header every kernel family's parameters start with ([`Header`], [`Block`]); the
-//! row kernels' family's mirrors of the WGSL structs the host writes or reads (`Params`,
-//! `Scalars` in `shaders/rows.wgsl`) and its flag bits; and the unit tests that check every
-//! field's name, offset and size, and every flag, against naga's view of the shaders. Other
-//! families (the matrix products: `kernels/matmul.rs`) declare their own block beside their
-//! kernel and check it with [`tests::check_block`].
+//! The chunk header every kernel family's parameters start with ([`Header`], [`Block`]), the
+//! macros a family declares its parameters and flag bits with ([`mirror!`], [`flag_bits!`]),
+//! and the unit-test helpers that
+//! check a family's declarations against naga's view of its WGSL ([`tests::check_block`],
+//! [`tests::check_flags`]). Each family declares its own block and flags beside its kernel
+//! (`kernels/cross_entropy.rs`: `CeParams`; `kernels/matmul.rs`: `MatmulParams`; ...).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -54,8 +54,9 @@ pub(crate) trait Mirror {
 
 mirror! {
     /// The chunk header every kernel family's parameter block starts with: the call's rows and
-    /// row length, and what [`crate::gpu::launch::Recorder`] writes per chunk (first row, rows,
-    /// grid width, element offsets of the chunked bindings, first partial-sum slot). A family's
+    /// row length, what [`crate::gpu::launch::Recorder`] writes per chunk (first row, rows,
+    /// grid width, element offsets of the chunked bindings, first partial-sum slot), the
+    /// family's flag bits (each family names its own, [`flag_bits!`]) and -inf. A family's
     /// WGSL struct begins with `#chunk_header`, which the preprocessor expands to
     /// [`HEADER_WGSL`]; its Rust mirror begins with `head: Header` and implements [`Block`].
     pub(crate) struct Header {
@@ -68,6 +69,8 @@ mirror! {
         pub y_off: u32,
         pub o_off: u32,
         pub part_off: u32,
+        pub flags: u32,
+        pub neg_inf: f32,
     }
 }
 
@@ -87,12 +90,15 @@ pub(crate) const HEADER_WGSL: &str =
     o_off: u32,
     // First partial-sum slot of this chunk.
     part_off: u32,
+    // The family's flag bits (each family declares its own), and -inf (no WGSL literal).
+    flags: u32,
+    neg_inf: f32,
 ";
 
 impl Header {
-    /// The header of a call over `n` rows of `v` elements.
+    /// The header of a call over `n` rows of `v` elements, no flags.
     pub fn new(n: usize, v: usize) -> Header {
-        Header { n_rows: n as u32, v: v as u32, ..Zeroable::zeroed() }
+        Header { n_rows: n as u32, v: v as u32, neg_inf: f32::NEG_INFINITY, ..Zeroable::zeroed() }
     }
 }
 
@@ -106,109 +112,54 @@ pub(crate) trait Block: Pod {
     fn head(&self) -> &Header;
 }
 
-mirror! {
-    /// The row kernels' parameters; mirrors `Params` in `shaders/rows.wgsl`.
-    pub(crate) struct Params {
-        pub head: Header,
-        pub ignore_index: i32,
-        pub flags: u32,
-        pub neg_inf: f32,
-        pub smoothing: f32,
-        pub z_loss: f32,
-        pub softcap: f32,
-        pub inv_temp: f32,
-        pub grad_scale: f32,
-        pub v_total: u32,
-        pub class0: u32,
-        pub segs: u32,
-        pub seg_len: u32,
-        pub mode: i32,
-        pub beta: f32,
-        pub den_w: f32,
-        pub den_n: f32,
-        pub parts: u32,
-    }
-}
-
-impl Block for Params {
+/// A kernel whose parameters are the header alone (`ChunkHeader` in `common.wgsl`).
+impl Block for Header {
     fn head(&self) -> &Header {
-        &self.head
+        self
     }
 }
 
-mirror! {
-    /// Scalars a cross-entropy pass leaves on the device; mirrors `Scalars` in `rows.wgsl`.
-    pub(crate) struct Scalars {
-        pub weight_sum: f32,
-        pub count: u32,
-        pub loss_sum: f32,
-        pub lse2_sum: f32,
-        pub err_row: u32,
-        pub err_target: i32,
-        pub loss: f32,
-        pub upstream: f32,
+/// Bytes a family may add after the header in one parameter block.
+const TAIL_MAX: usize = PARAM_STRIDE as usize - std::mem::size_of::<Header>();
+
+/// Any family's block, its type erased: the header (rewritten per chunk) and the family's own
+/// bytes after it, as they are (held inline, so that a block is `Copy` and costs no
+/// allocation per launch). What [`crate::gpu::launch::Launch`] and the row plans hold.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct AnyBlock {
+    pub head: Header,
+    tail: [u8; TAIL_MAX],
+    tail_len: usize,
+}
+
+impl<B: Block> From<B> for AnyBlock {
+    fn from(b: B) -> AnyBlock {
+        let bytes = bytemuck::bytes_of(&b);
+        let h = std::mem::size_of::<Header>();
+        debug_assert_eq!(&bytes[..h], bytemuck::bytes_of(b.head()), "a block starts with its header");
+        let rest = &bytes[h..];
+        assert!(rest.len() <= TAIL_MAX, "a parameter block larger than {PARAM_STRIDE} bytes");
+        let mut tail = [0u8; TAIL_MAX];
+        tail[..rest.len()].copy_from_slice(rest);
+        AnyBlock { head: *b.head(), tail, tail_len: rest.len() }
     }
 }
 
-/// Bytes of [`Scalars`].
-pub(crate) const SCALARS: u64 = std::mem::size_of::<Scalars>() as u64;
-
-impl Scalars {
-    /// The state a pass starts from: no target error seen.
-    pub fn initial() -> Scalars {
-        Scalars { err_row: u32::MAX, ..Zeroable::zeroed() }
+impl AnyBlock {
+    /// The family's bytes after the header.
+    pub fn tail(&self) -> &[u8] {
+        &self.tail[..self.tail_len]
     }
-}
 
-flag_bits! {
-    /// The row kernels' flag bits (`F_*` in `shaders/rows.wgsl`).
-    pub(crate) mod flags("F_") {
-        CLASS_W = 1,
-        SAMPLE_W = 2,
-        SOFTCAP = 4,
-        TEMP = 8,
-        SMOOTH = 16,
-        MEAN = 32,
-        SOFTMAX = 64,
-        ZLOSS = 128,
-        SOFT = 256,
-        POS_W = 512,
-        PROBS = 1024,
-        ELEM = 2048,
-        LOGITS = 4096,
-        RANK = 8192,
-        GAP = 16384,
-        ELEM_W = 32768,
-        EXT_DENOM = 65536,
-        UPSTREAM = 131072,
-        UP_ROWS = 262144,
-        SAVE = 524288,
-        FROM_SAVED = 1048576,
-        SHARD = 2097152,
+    /// Bytes of the whole block.
+    pub fn size(&self) -> u64 {
+        (std::mem::size_of::<Header>() + self.tail_len) as u64
     }
 }
 
 /// Bytes between per-dispatch parameter blocks in the uniform buffer (the largest
 /// `min_uniform_buffer_offset_alignment` any adapter asks for).
 pub(crate) const PARAM_STRIDE: u64 = 256;
-
-impl Params {
-    /// Parameters of a kernel over `n` rows of `v`: no flags, no transform, unit scale.
-    pub fn new(n: usize, v: usize) -> Params {
-        Params {
-            head: Header::new(n, v),
-            v_total: v as u32,
-            neg_inf: f32::NEG_INFINITY,
-            softcap: 1.0,
-            inv_temp: 1.0,
-            grad_scale: 1.0,
-            segs: 1,
-            seg_len: v as u32,
-            parts: 1,
-            ..Zeroable::zeroed()
-        }
-    }
-}
 
 #[cfg(test)]
 pub(crate) mod tests {
@@ -282,23 +233,33 @@ pub(crate) mod tests {
         assert_eq!(bits.iter().fold(0, |acc, b| acc | b).count_ones() as usize, rust.len(), "distinct bits");
     }
 
-    fn rows_module() -> naga::Module {
-        let src = crate::gpu::source::Shader::CeFused
-            .source(crate::gpu::source::Variant { grad: true, ..Default::default() });
-        naga::front::wgsl::parse_str(&src).unwrap()
+    /// Checks a family's declarations against `shader` (its first test variant): the block `T`
+    /// against the WGSL struct `name` ([`check_block`]; `Header` itself for `ChunkHeader`), and
+    /// the flag bits `(prefix, all)` from [`flag_bits!`] against its constants.
+    pub(crate) fn check_family<T: Mirror + Block>(
+        shader: crate::gpu::source::Shader,
+        name: &str,
+        flags: Option<(&str, &[(&str, u32)])>,
+    ) {
+        let v = shader.variants()[0];
+        let src = shader.source(v);
+        let (module, _) = crate::gpu::source::tests::validate(&src, v.subgroup).unwrap();
+        if name == "ChunkHeader" {
+            check_struct::<T>(&module, name);
+        } else {
+            check_block::<T>(&module, name);
+        }
+        if let Some((prefix, all)) = flags {
+            check_flags(&module, prefix, all);
+        }
     }
 
+    /// The header as the shaders declare it (`ChunkHeader`).
     #[test]
     fn rust_mirrors_match_the_shader_layouts() {
-        let module = rows_module();
-        check_block::<Params>(&module, "Params");
-        check_struct::<Scalars>(&module, "Scalars");
-    }
-
-    /// Every flag bit of [`flags`] equals its `F_*` constant in `rows.wgsl` (by name, as naga
-    /// parses it), and the shader has no `F_*` flag the Rust side lacks.
-    #[test]
-    fn flag_bits_match_the_shader_constants() {
-        check_flags(&rows_module(), flags::PREFIX, flags::ALL);
+        let src = crate::gpu::source::Shader::CeFused
+            .source(crate::gpu::source::Variant { grad: true, ..Default::default() });
+        let module = naga::front::wgsl::parse_str(&src).unwrap();
+        check_struct::<Header>(&module, "ChunkHeader");
     }
 }

@@ -7,6 +7,7 @@
 //! host declares is exactly what the shader uses.
 
 use crate::dtype::DType;
+use crate::gpu::kernels::cross_entropy;
 use crate::gpu::kernels::matmul::{self, Mm};
 use crate::gpu::params::HEADER_WGSL;
 
@@ -119,7 +120,9 @@ pub enum Shader {
 
 /// Helpers of every family (no bindings, no family parameters).
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
-/// The row kernels' family: parameters, flags, bindings, element access, reductions.
+/// What the row kernels share: bindings, element access, the statistic, reductions (each
+/// row family's parameters are its own: `kernels/cross_entropy.rs`'s `WGSL`, or in the
+/// kernel's file).
 const ROWS: &str = include_str!("../../shaders/rows.wgsl");
 
 impl Shader {
@@ -319,15 +322,16 @@ impl Shader {
     /// The preprocessed WGSL of this kernel in `variant`.
     pub fn source(self, variant: Variant) -> String {
         let mut out = String::new();
-        let family = match self {
-            Shader::Matmul | Shader::MatmulCoop => matmul::WGSL,
-            _ => ROWS,
+        let family: &[&str] = match self {
+            Shader::Matmul | Shader::MatmulCoop => &[matmul::WGSL],
+            Shader::CeWeights | Shader::CeFused | Shader::CeReduce => &[ROWS, cross_entropy::WGSL],
+            _ => &[ROWS],
         };
         if self == Shader::MatmulCoop {
             // Enable directives come before every declaration.
             out.push_str("enable f16;\nenable wgpu_cooperative_matrix;\n");
         }
-        for text in [COMMON, family, self.body()] {
+        for text in std::iter::once(COMMON).chain(family.iter().copied()).chain([self.body()]) {
             preprocess(text, &|n| variant.defined(n), &mut out);
         }
         let wg = if variant.wg == 0 { 256 } else { variant.wg };

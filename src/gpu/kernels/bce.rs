@@ -8,10 +8,40 @@ use crate::check::{bce_inputs, BceInput};
 use crate::error::Result;
 use crate::gpu::context::GpuContext;
 use crate::gpu::launch::{Bind, Groups, Launch, Recorder, Skip};
-use crate::gpu::params::{flags, Params};
+use crate::gpu::params::{flag_bits, mirror, Block, Header};
 use crate::gpu::source::{Shader, Variant};
 
 use wgpu::BufferUsages as U;
+
+flag_bits! {
+    /// Binary cross-entropy's flag bits (`BCE_*` in `shaders/bce.wgsl`).
+    pub(crate) mod bce_flags("BCE_") {
+        /// Per-class weights (slot 3).
+        CLASS_W = 1,
+        /// `pos_weight` (slot 10).
+        POS_W = 2,
+        /// The inputs are probabilities, not logits.
+        PROBS = 4,
+        /// Element losses wanted (`reduction = none`).
+        ELEM = 8,
+        /// Per-element weights (slot 11).
+        ELEM_W = 16,
+    }
+}
+
+mirror! {
+    /// Binary cross-entropy's parameters; mirrors `BceParams` in `shaders/bce.wgsl`.
+    pub(crate) struct BceParams {
+        pub head: Header,
+        pub grad_scale: f32,
+    }
+}
+
+impl Block for BceParams {
+    fn head(&self) -> &Header {
+        &self.head
+    }
+}
 
 /// Elements per workgroup (`WG * PER_THREAD` in `shaders/bce.wgsl`).
 const PER_GROUP: usize = 256 * 8;
@@ -33,20 +63,20 @@ impl GpuContext {
         }
         let k =
             self.kernel(Shader::Bce, Variant { subgroup: self.inner.subgroups, grad: cfg.grad, ..Default::default() })?;
-        let mut f = if input == BceInput::Probs { flags::PROBS } else { 0 };
+        let mut f = if input == BceInput::Probs { bce_flags::PROBS } else { 0 };
         if none {
-            f |= flags::ELEM;
+            f |= bce_flags::ELEM;
         }
         match &cfg.weight {
-            Some(BceWeight::PerClass(_)) => f |= flags::CLASS_W,
-            Some(BceWeight::PerElement(_)) => f |= flags::ELEM_W,
+            Some(BceWeight::PerClass(_)) => f |= bce_flags::CLASS_W,
+            Some(BceWeight::PerElement(_)) => f |= bce_flags::ELEM_W,
             None => {}
         }
         if cfg.pos_weight.is_some() {
-            f |= flags::POS_W;
+            f |= bce_flags::POS_W;
         }
         let scale = cfg.grad_scale as f64 / if cfg.reduction == Reduction::Mean { count } else { 1.0 };
-        let base = Params { flags: f, grad_scale: scale as f32, ..Params::new(n, c) };
+        let base = BceParams { head: Header { flags: f, ..Header::new(n, c) }, grad_scale: scale as f32 };
         let up = |a: ArrayView2<f32>, what: &str| {
             let s = a.as_standard_layout();
             self.upload(bytemuck::cast_slice(s.as_slice().expect("standard layout")), U::STORAGE, what)
@@ -123,5 +153,17 @@ impl GpuContext {
     /// Binary cross-entropy from probabilities `[N, C]` (logs clamped at -100).
     pub fn bce(&self, probs: ArrayView2<f32>, targets: ArrayView2<f32>, cfg: &Bce) -> Result<BceOutput> {
         self.bce_run(probs, targets, cfg, BceInput::Probs)
+    }
+}
+
+#[cfg(test)]
+mod interface_tests {
+    use super::*;
+    use crate::gpu::params::tests::check_family;
+
+    /// The family's parameters and flag bits declared here are what its WGSL declares.
+    #[test]
+    fn the_family_interface_matches_its_wgsl() {
+        check_family::<BceParams>(Shader::Bce, "BceParams", Some((bce_flags::PREFIX, bce_flags::ALL)));
     }
 }

@@ -18,7 +18,7 @@ use crate::dtype::{DType, Logits, LogitsMut};
 use crate::error::{Result, XentError};
 use crate::gpu::context::GpuContext;
 use crate::gpu::launch::{Bind, Groups, Launch, ParamsCache, Recorder, Skip};
-use crate::gpu::params::{flags, Params, Scalars, SCALARS};
+use crate::gpu::params::{flag_bits, mirror, Block, Header};
 use crate::gpu::pending::PendingBytes;
 use crate::gpu::pool::Pooled;
 use crate::gpu::source::{Seg, Shader, Variant};
@@ -147,7 +147,111 @@ fn row_floats(n: usize, parts: usize, shard: bool) -> usize {
     (ROW_VECTORS + SAVED) as usize * n.max(1) + if parts > 1 || shard { 5 * n * parts } else { 0 }
 }
 
-pub(crate) fn base_params(cfg: &CrossEntropy, n: usize, v: usize, ignore_index: i32, soft: bool) -> Params {
+/// The family's WGSL interface (`shaders/ce_io.wgsl`: flags, [`CeParams`], the helpers that
+/// read them), put between the row kernels' shared code and each kernel's own file.
+pub(crate) const WGSL: &str = include_str!("../../../shaders/ce_io.wgsl");
+
+flag_bits! {
+    /// Cross-entropy's flag bits (`F_*` in `shaders/ce_io.wgsl`), in its header's `flags`.
+    pub(crate) mod flags("F_") {
+        CLASS_W = 1,
+        SAMPLE_W = 2,
+        SOFTCAP = 4,
+        TEMP = 8,
+        SMOOTH = 16,
+        MEAN = 32,
+        ZLOSS = 128,
+        SOFT = 256,
+        RANK = 8192,
+        GAP = 16384,
+        EXT_DENOM = 65536,
+        UPSTREAM = 131072,
+        UP_ROWS = 262144,
+        SAVE = 524288,
+        FROM_SAVED = 1048576,
+        SHARD = 2097152,
+    }
+}
+
+mirror! {
+    /// Cross-entropy's parameters; mirrors `CeParams` in `shaders/ce_io.wgsl`.
+    pub(crate) struct CeParams {
+        pub head: Header,
+        pub ignore_index: i32,
+        pub smoothing: f32,
+        pub z_loss: f32,
+        pub softcap: f32,
+        pub inv_temp: f32,
+        pub grad_scale: f32,
+        pub v_total: u32,
+        pub class0: u32,
+        pub segs: u32,
+        pub seg_len: u32,
+        pub den_w: f32,
+        pub den_n: f32,
+        pub parts: u32,
+    }
+}
+
+impl Block for CeParams {
+    fn head(&self) -> &Header {
+        &self.head
+    }
+}
+
+mirror! {
+    /// Scalars a cross-entropy pass leaves on the device; mirrors `Scalars` in `ce_io.wgsl`.
+    pub(crate) struct Scalars {
+        pub weight_sum: f32,
+        pub count: u32,
+        pub loss_sum: f32,
+        pub lse2_sum: f32,
+        pub err_row: u32,
+        pub err_target: i32,
+        pub loss: f32,
+        pub upstream: f32,
+    }
+}
+
+/// Bytes of [`Scalars`].
+pub(crate) const SCALARS: u64 = std::mem::size_of::<Scalars>() as u64;
+
+impl Scalars {
+    /// The state a pass starts from: no target error seen.
+    pub fn initial() -> Scalars {
+        Scalars { err_row: u32::MAX, ..bytemuck::Zeroable::zeroed() }
+    }
+}
+
+impl CeParams {
+    /// Parameters over `n` rows of `v`: no flags, no transform, unit scale, whole rows.
+    pub fn new(n: usize, v: usize) -> CeParams {
+        CeParams {
+            head: Header::new(n, v),
+            ignore_index: 0,
+            smoothing: 0.0,
+            z_loss: 0.0,
+            softcap: 1.0,
+            inv_temp: 1.0,
+            grad_scale: 1.0,
+            v_total: v as u32,
+            class0: 0,
+            segs: 1,
+            seg_len: v as u32,
+            den_w: 0.0,
+            den_n: 0.0,
+            parts: 1,
+        }
+    }
+
+    /// These parameters with the flag bits `f`.
+    pub fn with_flags(mut self, f: u32) -> CeParams {
+        self.head.flags = f;
+        self
+    }
+}
+
+pub(crate) fn base_params(cfg: &CrossEntropy, n: usize, v: usize, ignore_index: i32, soft: bool) -> CeParams {
     let mut f = if soft { flags::SOFT } else { 0 };
     let on = |c: bool, bit: u32| if c { bit } else { 0 };
     f |= on(cfg.class_weight.is_some(), flags::CLASS_W);
@@ -161,17 +265,16 @@ pub(crate) fn base_params(cfg: &CrossEntropy, n: usize, v: usize, ignore_index: 
     f |= on(cfg.gaps, flags::GAP);
     f |= on(cfg.totals.is_some(), flags::EXT_DENOM);
     let t = cfg.totals.unwrap_or_default();
-    Params {
+    CeParams {
         den_w: t.weight_sum as f32,
         den_n: t.counted as f32,
         ignore_index,
-        flags: f,
         smoothing: cfg.label_smoothing,
         z_loss: cfg.z_loss,
         softcap: cfg.softcap.unwrap_or(1.0),
         inv_temp: 1.0 / cfg.temperature,
         grad_scale: cfg.grad_scale,
-        ..Params::new(n, v)
+        ..CeParams::new(n, v).with_flags(f)
     }
 }
 
@@ -426,16 +529,16 @@ impl CePlan {
         let small = Variant { subgroup: ctx.inner.subgroups, ..Default::default() };
         let mut base = base_params(cfg, n, v, cfg.ignore_index as i32, soft);
         if inputs.sample_weight.is_some() {
-            base.flags |= flags::SAMPLE_W;
+            base.head.flags |= flags::SAMPLE_W;
         }
         // Every forward pass leaves the row statistic a later backward pass needs.
-        base.flags |= flags::SAVE;
+        base.head.flags |= flags::SAVE;
         let sw = inputs.sample_weight.map(Bind::slice).or(self.sample_weight.as_deref().map(Bind::all));
         let scalars = Bind::first(&self.scalars, SCALARS);
         let rows = Bind::first(&self.rows, self.rows_bytes());
         let class_weight = self.class_weight.as_deref().map(Bind::all);
         // A row pass with what every row pass reads bound.
-        let row_pass = |variant: Variant, params: Params, groups: Groups| -> Result<Launch<'_>> {
+        let row_pass = |variant: Variant, params: CeParams, groups: Groups| -> Result<Launch<'_>> {
             let mut l = Launch::new(ctx.kernel(Shader::CeFused, variant)?, params, n, v)
                 .groups(groups)
                 .bind(5, scalars)
@@ -479,19 +582,19 @@ impl CePlan {
             // partials (one workgroup per row, which saves the merged statistic); then the
             // gradient per segment from the saved statistic.
             let parts = self.parts as u32;
-            let seg_base = Params { segs: parts, seg_len: self.seg_len as u32, parts, ..base };
+            let seg_base = CeParams { segs: parts, seg_len: self.seg_len as u32, parts, ..base };
             let loss_only = Variant { grad: false, in_place: false, odd: false, output: DType::F32, ..variant };
             rec.push(row_pass(Variant { seg: Seg::Stat, ..loss_only }, seg_base, Groups::PerRowTimes(self.parts))?)?;
             rec.push(row_pass(
                 Variant { seg: Seg::Finish, ..loss_only },
-                Params { segs: 1, ..seg_base },
+                CeParams { segs: 1, ..seg_base },
                 Groups::PerRow,
             )?)?;
             if variant.grad || variant.in_place {
-                let flags = (seg_base.flags & !flags::SAVE) | flags::FROM_SAVED;
+                let f = (seg_base.head.flags & !flags::SAVE) | flags::FROM_SAVED;
                 rec.push(row_pass(
                     Variant { seg: Seg::Finish, ..variant },
-                    Params { flags, ..seg_base },
+                    seg_base.with_flags(f),
                     Groups::PerRowTimes(self.parts),
                 )?)?;
             }
@@ -561,14 +664,14 @@ impl CePlan {
             &rows,
         );
         let mut base = base_params(cfg, n, v, cfg.ignore_index as i32, soft);
-        base.flags &= !(flags::RANK | flags::GAP);
-        base.flags |= flags::FROM_SAVED | flags::UPSTREAM | if rows_up { flags::UP_ROWS } else { 0 };
+        base.head.flags &= !(flags::RANK | flags::GAP);
+        base.head.flags |= flags::FROM_SAVED | flags::UPSTREAM | if rows_up { flags::UP_ROWS } else { 0 };
         if b.sample_weight.is_some() {
-            base.flags |= flags::SAMPLE_W;
+            base.head.flags |= flags::SAMPLE_W;
         }
         // No reduction left to do: rows split into the plan's segments for parallelism.
         let segs = self.parts as u32;
-        let base = Params { segs, seg_len: self.seg_len as u32, parts: segs, ..base };
+        let base = CeParams { segs, seg_len: self.seg_len as u32, parts: segs, ..base };
         let mut l = Launch::new(ctx.kernel(Shader::CeFused, variant)?, base, n, v)
             .groups(Groups::PerRowTimes(self.parts))
             .bind(5, Bind::first(&self.scalars, SCALARS))
@@ -862,5 +965,20 @@ impl GpuContext {
         cfg: &CrossEntropy,
     ) -> Result<CeOutput> {
         self.host_ce(HostLogits::InPlace(logits.into()), targets.into(), cfg, HostGrad::None)
+    }
+}
+
+#[cfg(test)]
+mod interface_tests {
+    use super::*;
+    use crate::gpu::params::tests::check_family;
+
+    /// The family's parameters and flag bits declared here are what its WGSL declares.
+    #[test]
+    fn the_family_interface_matches_its_wgsl() {
+        check_family::<CeParams>(Shader::CeFused, "CeParams", Some((flags::PREFIX, flags::ALL)));
+        let v = Variant { grad: true, ..Default::default() };
+        let module = naga::front::wgsl::parse_str(&Shader::CeFused.source(v)).unwrap();
+        crate::gpu::params::tests::check_struct::<Scalars>(&module, "Scalars");
     }
 }

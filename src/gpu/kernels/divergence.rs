@@ -4,6 +4,7 @@
 
 use ndarray::{Array1, ArrayView2};
 
+use super::cross_entropy::{flags, CeParams, Scalars, SCALARS};
 use super::{RowJob, RowOut, RowPlan, RowResult};
 use crate::api::config::{Distill, DistillOutput, Measures};
 use crate::check::{probability_rows, same_rows};
@@ -11,20 +12,45 @@ use crate::dtype::{DType, Logits};
 use crate::error::Result;
 use crate::gpu::context::GpuContext;
 use crate::gpu::launch::{Bind, Groups, Launch};
-use crate::gpu::params::{flags, Params, Scalars, SCALARS};
+use crate::gpu::params::{flag_bits, mirror, Block, Header};
 use crate::gpu::pending::PendingBytes;
 use crate::gpu::pool::Pooled;
 use crate::gpu::source::{Shader, Variant};
 
 use wgpu::BufferUsages as U;
 
+mirror! {
+    /// Distillation's parameters; mirrors `DistillParams` in `shaders/distill.wgsl`.
+    pub(crate) struct DistillParams {
+        pub head: Header,
+        pub inv_temp: f32,
+        pub grad_scale: f32,
+        pub mode: i32,
+        pub beta: f32,
+    }
+}
+
+impl Block for DistillParams {
+    fn head(&self) -> &Header {
+        &self.head
+    }
+}
+
+flag_bits! {
+    /// The distribution measures' flag bit (`DIST_*` in `shaders/dist.wgsl`).
+    pub(crate) mod dist_flags("DIST_") {
+        /// The rows are logits, not probabilities.
+        LOGITS = 1,
+    }
+}
+
 /// The distillation kernel's parameters: d(T^2 mean_n D_n)/dx = T / N dD/dz.
-fn distill_params(n: usize, v: usize, cfg: &Distill) -> Result<Params> {
+fn distill_params(n: usize, v: usize, cfg: &Distill) -> Result<DistillParams> {
     cfg.validate()?;
     let t = cfg.temperature as f64;
     let (mode, beta) = cfg.mode_code();
     let coef = cfg.grad_scale as f64 * t / n.max(1) as f64;
-    Ok(Params { mode, beta, inv_temp: (1.0 / t) as f32, grad_scale: coef as f32, ..Params::new(n, v) })
+    Ok(DistillParams { head: Header::new(n, v), inv_temp: (1.0 / t) as f32, grad_scale: coef as f32, mode, beta })
 }
 
 /// The device tensors of one recorded distillation: student and teacher logits `[N, V]` of the
@@ -68,12 +94,8 @@ impl DistillPlan {
         // The sum of row divergences (Kahan and a tree) divided by N / T^2: cross-entropy's
         // reduce pass with an external mean denominator.
         let small = Variant { subgroup: ctx.inner.subgroups, ..Default::default() };
-        let base = Params {
-            flags: flags::MEAN | flags::EXT_DENOM,
-            den_w: self.den,
-            den_n: 1.0,
-            ..Params::new(n, self.plan.v)
-        };
+        let base = CeParams { den_w: self.den, den_n: 1.0, ..CeParams::new(n, self.plan.v) }
+            .with_flags(flags::MEAN | flags::EXT_DENOM);
         let reduce = Launch::new(ctx.kernel(Shader::CeReduce, small)?, base, n, self.plan.v)
             .groups(Groups::One)
             .bind(5, Bind::first(&self.scalars, SCALARS))
@@ -167,7 +189,7 @@ impl GpuContext {
         let base = distill_params(n, v, cfg)?;
         let out = self.run_rows(RowJob {
             shader: Shader::Distill,
-            base,
+            base: base.into(),
             input: student,
             second: Some(teacher),
             row_values: 1,
@@ -214,14 +236,14 @@ impl GpuContext {
     ) -> Result<Measures> {
         let (p, q) = (p_logits.into().reborrow(), q_logits.into().reborrow());
         same_rows(p.dim(), q.dim(), "p and q logits")?;
-        self.measures_run(p, q, flags::LOGITS)
+        self.measures_run(p, q, dist_flags::LOGITS)
     }
 
     fn measures_run<'a>(&self, p: Logits<'a>, q: Logits<'a>, f: u32) -> Result<Measures> {
         let (n, v) = q.dim();
         let RowResult { out_whole, .. } = self.run_rows(RowJob {
             shader: Shader::Dist,
-            base: Params { flags: f, ..Params::new(n, v) },
+            base: Header { flags: f, ..Header::new(n, v) }.into(),
             input: q,
             second: Some(p),
             row_values: 0,
@@ -229,5 +251,22 @@ impl GpuContext {
         })?;
         let col = |k: usize| out_whole.chunks(4).map(|r| r[k] as f64).collect::<Array1<f64>>();
         Ok(Measures { entropy: col(0), cross_entropy: col(1), kl: col(2), js: col(3) })
+    }
+}
+
+#[cfg(test)]
+mod interface_tests {
+    use super::*;
+    use crate::gpu::params::tests::check_family;
+
+    /// The family's parameters and flag bits declared here are what its WGSL declares.
+    #[test]
+    fn the_family_interface_matches_its_wgsl() {
+        check_family::<DistillParams>(Shader::Distill, "DistillParams", None);
+    }
+
+    #[test]
+    fn the_measures_flags_match_the_shader() {
+        check_family::<Header>(Shader::Dist, "ChunkHeader", Some((dist_flags::PREFIX, dist_flags::ALL)));
     }
 }

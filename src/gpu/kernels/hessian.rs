@@ -6,7 +6,7 @@ use super::{RowJob, RowOut};
 use crate::dtype::Logits;
 use crate::error::Result;
 use crate::gpu::context::GpuContext;
-use crate::gpu::params::Params;
+use crate::gpu::params::Header;
 use crate::gpu::source::Shader;
 
 impl GpuContext {
@@ -18,7 +18,7 @@ impl GpuContext {
         let (n, c) = logits.dim();
         let out = self.run_rows(RowJob {
             shader: Shader::Hvp,
-            base: Params::new(n, c),
+            base: Header::new(n, c).into(),
             input: logits,
             second: Some(v.reborrow().into()),
             row_values: 0,

@@ -8,15 +8,23 @@ use crate::api::config::SoftmaxKind;
 use crate::dtype::{DType, Logits};
 use crate::error::{Result, XentError};
 use crate::gpu::context::GpuContext;
-use crate::gpu::params::{flags, Params};
+use crate::gpu::params::{flag_bits, Header};
 use crate::gpu::source::Shader;
 
-fn base(n: usize, v: usize, kind: SoftmaxKind) -> Result<Params> {
+flag_bits! {
+    /// Log-softmax's flag bit (`LS_*` in `shaders/log_softmax.wgsl`).
+    pub(crate) mod ls_flags("LS_") {
+        /// Softmax rather than log-softmax.
+        SOFTMAX = 1,
+    }
+}
+
+fn base(n: usize, v: usize, kind: SoftmaxKind) -> Result<Header> {
     if v == 0 {
         return Err(XentError::Shape(format!("logits [{n}, 0] have no classes")));
     }
-    let f = if kind == SoftmaxKind::Softmax { flags::SOFTMAX } else { 0 };
-    Ok(Params { flags: f, ..Params::new(n, v) })
+    let f = if kind == SoftmaxKind::Softmax { ls_flags::SOFTMAX } else { 0 };
+    Ok(Header { flags: f, ..Header::new(n, v) })
 }
 
 /// A reusable row-wise log-softmax (or softmax) of one shape, recorded into the caller's
@@ -83,12 +91,24 @@ impl GpuContext {
         let base = base(n, v, kind)?;
         let out = self.run_rows(RowJob {
             shader: Shader::LogSoftmax,
-            base,
+            base: base.into(),
             input: logits,
             second: None,
             row_values: 0,
             out: Some(RowOut::Rows),
         })?;
         Ok(out.out_rows.expect("output rows"))
+    }
+}
+
+#[cfg(test)]
+mod interface_tests {
+    use super::*;
+    use crate::gpu::params::tests::check_family;
+
+    /// The family's parameters and flag bits declared here are what its WGSL declares.
+    #[test]
+    fn the_family_interface_matches_its_wgsl() {
+        check_family::<Header>(Shader::LogSoftmax, "ChunkHeader", Some((ls_flags::PREFIX, ls_flags::ALL)));
     }
 }

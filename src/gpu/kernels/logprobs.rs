@@ -16,11 +16,26 @@ use crate::dtype::{DType, Logits};
 use crate::error::Result;
 use crate::gpu::context::GpuContext;
 use crate::gpu::launch::{Bind, Launch, Recorder, Skip};
-use crate::gpu::params::Params;
+use crate::gpu::params::{mirror, Block, Header};
 use crate::gpu::pool::Pooled;
 use crate::gpu::source::{Shader, Variant};
 
 use wgpu::BufferUsages as U;
+
+mirror! {
+    /// The log-probs row pass's parameters; mirrors `LogprobsParams` in `shaders/logprobs.wgsl`.
+    pub(crate) struct LogprobsParams {
+        pub head: Header,
+        pub ignore_index: i32,
+        pub inv_temp: f32,
+    }
+}
+
+impl Block for LogprobsParams {
+    fn head(&self) -> &Header {
+        &self.head
+    }
+}
 
 impl GpuContext {
     /// Per-row log-probabilities and entropies from hidden states on the GPU: as
@@ -120,7 +135,7 @@ impl GpuContext {
             }
             let mut rec = Recorder::new(self);
             dev.record_logits(self, &mut rec, &z, r0, b)?;
-            let base = Params { ignore_index: -1, inv_temp: 1.0 / cfg.temperature, ..Params::new(b, v) };
+            let base = LogprobsParams { head: Header::new(b, v), ignore_index: -1, inv_temp: 1.0 / cfg.temperature };
             let mut l = Launch::new(kernel.clone(), base, b, v)
                 .rows(1, &z, 0, 4, Skip::X)
                 .bind(2, Bind::first(&tchunk, bu * 4))
@@ -154,5 +169,17 @@ impl GpuContext {
         };
         let g = (mat(gh.as_ref(), (n, d))?, mat(gw.as_ref(), (v, d))?, gb.as_ref().map(|b| read(b, v)).transpose()?);
         Ok(c.output((lp, ent), count, g, dt, rows))
+    }
+}
+
+#[cfg(test)]
+mod interface_tests {
+    use super::*;
+    use crate::gpu::params::tests::check_family;
+
+    /// The family's parameters and flag bits declared here are what its WGSL declares.
+    #[test]
+    fn the_family_interface_matches_its_wgsl() {
+        check_family::<LogprobsParams>(Shader::Logprobs, "LogprobsParams", None);
     }
 }

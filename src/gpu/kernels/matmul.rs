@@ -7,8 +7,8 @@
 //!
 //! This family owns its interface, declared here beside its kernels and checked against
 //! `shaders/matmul_io.wgsl` by the unit tests through naga: its parameter block
-//! ([`MatmulParams`]: the chunk header, then the product's sizes, strides, flags and bias
-//! offset), its flag bits ([`mm_flags`]), its bindings by name and slot ([`BINDINGS`]), and its
+//! ([`MatmulParams`]: the chunk header, then the product's sizes, strides and bias offset),
+//! its flag bits ([`mm_flags`]), its bindings by name and slot ([`BINDINGS`]), and its
 //! compile-time switches ([`Mm`]: layout, load widths, cooperative tile size). An option of
 //! the products is added here and in the family's WGSL, nowhere else.
 
@@ -79,7 +79,6 @@ mirror! {
         pub a_rs: u32,
         pub b_rs: u32,
         pub c_rs: u32,
-        pub flags: u32,
         pub bias0: u32,
     }
 }
@@ -91,7 +90,7 @@ impl Block for MatmulParams {
 }
 
 flag_bits! {
-    /// Flag bits of [`MatmulParams::flags`] (`MM_*` constants in `matmul_io.wgsl`).
+    /// Flag bits of a product (in its header's `flags`; `MM_*` constants in `matmul_io.wgsl`).
     pub(crate) mod mm_flags("MM_") {
         /// Add C's old value (products accumulated over row chunks).
         ACCUMULATE = 1,
@@ -267,14 +266,13 @@ impl GpuContext {
         let flags =
             if p.accumulate { mm_flags::ACCUMULATE } else { 0 } | if p.bias.is_some() { mm_flags::BIAS } else { 0 };
         let params = MatmulParams {
-            head: Header { x_off: p.a.first, y_off: p.b.first, o_off: p.c.1, ..Header::new(1, 1) },
+            head: Header { x_off: p.a.first, y_off: p.b.first, o_off: p.c.1, flags, ..Header::new(1, 1) },
             m: m as u32,
             n: n as u32,
             k: k as u32,
             a_rs: p.a.rs as u32,
             b_rs: p.b.rs as u32,
             c_rs: p.c.2 as u32,
-            flags,
             bias0: p.bias.as_ref().map_or(0, |b| b.1),
         };
         let tiles = m.div_ceil(tile.0) * n.div_ceil(tile.1);

@@ -19,7 +19,7 @@ use crate::dtype::{DType, Logits};
 use crate::error::{Result, XentError};
 use crate::gpu::context::GpuContext;
 use crate::gpu::launch::{Bind, Launch, ParamsCache, Recorder, Skip};
-use crate::gpu::params::{Header, Params};
+use crate::gpu::params::AnyBlock;
 use crate::gpu::pool::Pooled;
 use crate::gpu::source::{Shader, Variant};
 
@@ -81,7 +81,7 @@ pub(crate) enum RowOut {
 pub(crate) struct RowPlan {
     pub ctx: GpuContext,
     shader: Shader,
-    base: Params,
+    base: AnyBlock,
     pub n: usize,
     pub v: usize,
     input: DType,
@@ -97,7 +97,7 @@ impl RowPlan {
     pub fn new(
         ctx: &GpuContext,
         shader: Shader,
-        base: Params,
+        base: impl Into<AnyBlock>,
         (n, v): (usize, usize),
         input: DType,
         second: Option<DType>,
@@ -113,7 +113,11 @@ impl RowPlan {
         Ok(RowPlan {
             ctx: ctx.clone(),
             shader,
-            base: Params { head: Header { n_rows: n as u32, ..base.head }, ..base },
+            base: {
+                let mut base = base.into();
+                base.head.n_rows = n as u32;
+                base
+            },
             n,
             v,
             input,
@@ -196,7 +200,7 @@ impl RowPlan {
 /// read back.
 pub(crate) struct RowJob<'a> {
     pub shader: Shader,
-    pub base: Params,
+    pub base: AnyBlock,
     pub input: Logits<'a>,
     pub second: Option<Logits<'a>>,
     /// f32 values per row written to `row_values` (slot 6).

@@ -5,7 +5,7 @@ use super::RowPlan;
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::gpu::context::GpuContext;
-use crate::gpu::params::Params;
+use crate::gpu::params::Header;
 use crate::gpu::source::Shader;
 
 /// A reusable row sum of one shape, recorded into the caller's encoder; the f32 sums `[N]`
@@ -54,7 +54,7 @@ impl RowSumPlan {
 impl GpuContext {
     /// A reusable row sum of `rows x classes` values of `dtype`.
     pub fn row_sum_plan(&self, rows: usize, classes: usize, dtype: DType) -> Result<RowSumPlan> {
-        let base = Params::new(rows, classes);
+        let base = Header::new(rows, classes);
         Ok(RowSumPlan { plan: RowPlan::new(self, Shader::RowSum, base, (rows, classes), dtype, None, 1, false)? })
     }
 }

@@ -6,14 +6,14 @@
 //! one, with the global class count, class weights and denominators. Only 20 bytes per row
 //! and segment come back to the host; the logits are read twice on the device.
 
-use super::cross_entropy::{base_params, CePlan, ROW_VECTORS, SAVED};
+use super::cross_entropy::{base_params, flags, CeParams, CePlan, ROW_VECTORS, SAVED, SCALARS};
 use crate::api::config::{CeOutput, CrossEntropy};
 use crate::api::targets::{Targets, DEVICE_IGNORED};
 use crate::dtype::{DType, Logits, LogitsMut};
 use crate::error::Result;
 use crate::gpu::context::GpuContext;
 use crate::gpu::launch::{Bind, Groups, Launch, ParamsCache, Recorder, Skip};
-use crate::gpu::params::{flags, Params, SCALARS};
+
 use crate::gpu::pool::Pooled;
 use crate::gpu::source::{Seg, Shader, Variant};
 use crate::parallel::vocab::{check, finish, merge, VocabShard, REC};
@@ -50,7 +50,12 @@ impl<'b> Shard<'b> {
 
 impl Shard<'_> {
     /// The row pass over the shard (statistics, or the gradient from the merged statistic).
-    fn launch<'a>(&'a self, variant: Variant, params: Params, grad: Option<(&'a Pooled, DType)>) -> Result<Launch<'a>> {
+    fn launch<'a>(
+        &'a self,
+        variant: Variant,
+        params: CeParams,
+        grad: Option<(&'a Pooled, DType)>,
+    ) -> Result<Launch<'a>> {
         let p = &self.plan;
         let mut l = Launch::new(p.ctx.kernel(Shader::CeFused, variant)?, params, p.n, p.v)
             .groups(Groups::PerRowTimes(p.parts))
@@ -74,17 +79,17 @@ impl Shard<'_> {
         self.plan.row_variant(output, grad, in_place, self.plan.cfg.label_smoothing > 0.0, seg)
     }
 
-    fn params(&self, extra: u32) -> Params {
+    fn params(&self, extra: u32) -> CeParams {
         let p = &self.plan;
         let shard = p.shard.expect("a shard plan");
         let mut base = base_params(&p.cfg, p.n, p.v, DEVICE_IGNORED, false);
-        base.flags &= !(flags::RANK | flags::GAP | flags::SAVE);
-        base.flags |= flags::SHARD | extra;
+        base.head.flags &= !(flags::RANK | flags::GAP | flags::SAVE);
+        base.head.flags |= flags::SHARD | extra;
         if self.sample_weight.is_some() {
-            base.flags |= flags::SAMPLE_W;
+            base.head.flags |= flags::SAMPLE_W;
         }
         let parts = p.parts as u32;
-        Params {
+        CeParams {
             v_total: shard.classes as u32,
             class0: shard.class0 as u32,
             segs: parts,
@@ -140,7 +145,7 @@ impl Shard<'_> {
         let saved: Vec<f32> = rec.chunks(REC).flat_map(|r| [r[0] as f32, r[1] as f32, r[4] as f32]).collect();
         p.ctx.write(&p.rows, ROW_VECTORS * p.n as u64 * 4, bytemuck::cast_slice(&saved))?;
         let params =
-            Params { den_w: den_w as f32, den_n: den_n as f32, ..self.params(flags::FROM_SAVED | flags::EXT_DENOM) };
+            CeParams { den_w: den_w as f32, den_n: den_n as f32, ..self.params(flags::FROM_SAVED | flags::EXT_DENOM) };
         let variant = match dest {
             Some((_, d)) => self.variant(Seg::Finish, true, false, d),
             None => self.variant(Seg::Finish, false, true, p.dtype),
