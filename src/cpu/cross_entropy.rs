@@ -56,7 +56,7 @@ struct RowOut {
     max: f32,
     /// Target rank (u32::MAX when ignored); with `ranks`.
     rank: u32,
-    /// E_p[z] - z_t; with `gaps`.
+    /// E_p\[z\] - z_t; with `gaps`.
     gap: f64,
     /// What remains of the gradient row when the row was asked to defer it.
     finish: Finish,

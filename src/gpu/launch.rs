@@ -1,5 +1,5 @@
 //! The one way a kernel is launched. A [`Launch`] names a kernel variant, its base parameters
-//! (any family's [`Block`]: the launch rewrites only the chunk [`Header`] it starts with),
+//! (any family's [`Block`](super::params::Block): the launch rewrites only the chunk [`Header`] it starts with),
 //! its whole-call bindings (targets, weights, scalars) and its row bindings (tensors of `[N, V]`
 //! elements of some dtype); a [`Recorder`] splits every launch into row chunks that each fit
 //! one storage binding (bound at offsets rounded down to the device's alignment, the remainder

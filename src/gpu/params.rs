@@ -1,8 +1,8 @@
 //! The chunk header every kernel family's parameters start with ([`Header`], [`Block`]), the
 //! macros a family declares its parameters and flag bits with ([`mirror!`], [`flag_bits!`]),
 //! and the unit-test helpers that
-//! check a family's declarations against naga's view of its WGSL ([`tests::check_block`],
-//! [`tests::check_flags`]). Each family declares its own block and flags beside its kernel
+//! check a family's declarations against naga's view of its WGSL (`tests::check_block`,
+//! `tests::check_flags`). Each family declares its own block and flags beside its kernel
 //! (`kernels/cross_entropy.rs`: `CeParams`; `kernels/matmul.rs`: `MatmulParams`; ...).
 
 use bytemuck::{Pod, Zeroable};
@@ -106,7 +106,7 @@ impl Header {
 /// [`Header`] (so its first bytes are the header's), mirrored by a WGSL struct that begins with
 /// `#chunk_header`. [`crate::gpu::launch::Launch`] takes any block and rewrites the header per
 /// chunk; the family's unit test compares the rest with the shader through naga
-/// ([`tests::check_block`]).
+/// (`tests::check_block`).
 pub(crate) trait Block: Pod {
     /// The header this block starts with.
     fn head(&self) -> &Header;
