@@ -23,5 +23,5 @@ pub(crate) use context::GpuContext;
 pub use context::FEATURES;
 #[doc(hidden)]
 pub use kernels::matmul::MatmulArgs;
-pub use kernels::matmul::MatmulLayout;
+pub use kernels::matmul_io::MatmulLayout;
 pub use pool::PoolStats;

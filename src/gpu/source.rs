@@ -7,8 +7,8 @@
 //! host declares is exactly what the shader uses.
 
 use crate::dtype::DType;
-use crate::gpu::kernels::cross_entropy;
-use crate::gpu::kernels::matmul::{self, Mm};
+use crate::gpu::kernels::ce_io;
+use crate::gpu::kernels::matmul_io::{self, Mm};
 use crate::gpu::params::HEADER_WGSL;
 
 /// Compile-time switches of a kernel.
@@ -179,7 +179,9 @@ impl Shader {
             Shader::Distill => vec![(1, true), (9, true), (6, false)],
             Shader::Dist | Shader::Hvp => vec![(1, true), (9, true)],
             Shader::RowSum => vec![(1, true), (6, false)],
-            Shader::Matmul | Shader::MatmulCoop => matmul::BINDINGS.iter().map(|&(s, ro, _)| (s as u32, ro)).collect(),
+            Shader::Matmul | Shader::MatmulCoop => {
+                matmul_io::BINDINGS.iter().map(|&(s, ro, _)| (s as u32, ro)).collect()
+            }
             // In place: the upstream gradient [a; b] in slot 4.
             Shader::Logprobs if v.in_place => vec![(1, false), (2, true), (4, true), (6, false)],
             Shader::Logprobs => vec![(1, true), (2, true), (6, false)],
@@ -204,7 +206,8 @@ impl Shader {
         let dtypes = [DType::F32, DType::F16, DType::BF16];
         let mut out = Vec::new();
         if self == Shader::Matmul || self == Shader::MatmulCoop {
-            return matmul::variants(self == Shader::MatmulCoop);
+            // The matrix-product family enumerates and validates its own (kernels/matmul.rs).
+            return Vec::new();
         }
         for bits in 0..256u32 {
             for &input in &dtypes {
@@ -278,7 +281,7 @@ impl Shader {
             }
             Shader::LogSoftmax => v.grad && !v.in_place && !v.extras && f32_only(v.second) && f32_only(v.output),
             Shader::RowSum => !v.in_place && !v.extras && !v.odd && f32_only(v.second) && f32_only(v.output),
-            Shader::Matmul | Shader::MatmulCoop => matmul::valid(self == Shader::MatmulCoop, v),
+            Shader::Matmul | Shader::MatmulCoop => unreachable!("the matrix products enumerate their own variants"),
             Shader::Logprobs => {
                 !v.grad && !v.extras && !v.vec4 && !v.odd && [v.input, v.second, v.output].iter().all(|&d| f32_only(d))
             }
@@ -323,8 +326,8 @@ impl Shader {
     pub fn source(self, variant: Variant) -> String {
         let mut out = String::new();
         let family: &[&str] = match self {
-            Shader::Matmul | Shader::MatmulCoop => &[matmul::WGSL],
-            Shader::CeWeights | Shader::CeFused | Shader::CeReduce => &[ROWS, cross_entropy::WGSL],
+            Shader::Matmul | Shader::MatmulCoop => &[matmul_io::WGSL],
+            Shader::CeWeights | Shader::CeFused | Shader::CeReduce => &[ROWS, ce_io::WGSL],
             _ => &[ROWS],
         };
         if self == Shader::MatmulCoop {

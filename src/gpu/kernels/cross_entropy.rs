@@ -11,6 +11,7 @@
 
 use ndarray::Array1;
 
+use super::ce_io::{flags, CeParams, Scalars, SCALARS};
 use super::check_slice;
 use crate::api::config::{CeOutput, CrossEntropy, Reduction};
 use crate::api::targets::{Targets, DEVICE_IGNORED};
@@ -18,7 +19,6 @@ use crate::dtype::{DType, Logits, LogitsMut};
 use crate::error::{Result, XentError};
 use crate::gpu::context::GpuContext;
 use crate::gpu::launch::{Bind, Groups, Launch, ParamsCache, Recorder, Skip};
-use crate::gpu::params::{flag_bits, mirror, Block, Header};
 use crate::gpu::pending::PendingBytes;
 use crate::gpu::pool::Pooled;
 use crate::gpu::source::{Seg, Shader, Variant};
@@ -145,110 +145,6 @@ pub(crate) const SAVED: u64 = 3;
 /// Floats of a plan's row buffer: row vectors, saved statistics, segment partials.
 fn row_floats(n: usize, parts: usize, shard: bool) -> usize {
     (ROW_VECTORS + SAVED) as usize * n.max(1) + if parts > 1 || shard { 5 * n * parts } else { 0 }
-}
-
-/// The family's WGSL interface (`shaders/ce_io.wgsl`: flags, [`CeParams`], the helpers that
-/// read them), put between the row kernels' shared code and each kernel's own file.
-pub(crate) const WGSL: &str = include_str!("../../../shaders/ce_io.wgsl");
-
-flag_bits! {
-    /// Cross-entropy's flag bits (`F_*` in `shaders/ce_io.wgsl`), in its header's `flags`.
-    pub(crate) mod flags("F_") {
-        CLASS_W = 1,
-        SAMPLE_W = 2,
-        SOFTCAP = 4,
-        TEMP = 8,
-        SMOOTH = 16,
-        MEAN = 32,
-        ZLOSS = 128,
-        SOFT = 256,
-        RANK = 8192,
-        GAP = 16384,
-        EXT_DENOM = 65536,
-        UPSTREAM = 131072,
-        UP_ROWS = 262144,
-        SAVE = 524288,
-        FROM_SAVED = 1048576,
-        SHARD = 2097152,
-    }
-}
-
-mirror! {
-    /// Cross-entropy's parameters; mirrors `CeParams` in `shaders/ce_io.wgsl`.
-    pub(crate) struct CeParams {
-        pub head: Header,
-        pub ignore_index: i32,
-        pub smoothing: f32,
-        pub z_loss: f32,
-        pub softcap: f32,
-        pub inv_temp: f32,
-        pub grad_scale: f32,
-        pub v_total: u32,
-        pub class0: u32,
-        pub segs: u32,
-        pub seg_len: u32,
-        pub den_w: f32,
-        pub den_n: f32,
-        pub parts: u32,
-    }
-}
-
-impl Block for CeParams {
-    fn head(&self) -> &Header {
-        &self.head
-    }
-}
-
-mirror! {
-    /// Scalars a cross-entropy pass leaves on the device; mirrors `Scalars` in `ce_io.wgsl`.
-    pub(crate) struct Scalars {
-        pub weight_sum: f32,
-        pub count: u32,
-        pub loss_sum: f32,
-        pub lse2_sum: f32,
-        pub err_row: u32,
-        pub err_target: i32,
-        pub loss: f32,
-        pub upstream: f32,
-    }
-}
-
-/// Bytes of [`Scalars`].
-pub(crate) const SCALARS: u64 = std::mem::size_of::<Scalars>() as u64;
-
-impl Scalars {
-    /// The state a pass starts from: no target error seen.
-    pub fn initial() -> Scalars {
-        Scalars { err_row: u32::MAX, ..bytemuck::Zeroable::zeroed() }
-    }
-}
-
-impl CeParams {
-    /// Parameters over `n` rows of `v`: no flags, no transform, unit scale, whole rows.
-    pub fn new(n: usize, v: usize) -> CeParams {
-        CeParams {
-            head: Header::new(n, v),
-            ignore_index: 0,
-            smoothing: 0.0,
-            z_loss: 0.0,
-            softcap: 1.0,
-            inv_temp: 1.0,
-            grad_scale: 1.0,
-            v_total: v as u32,
-            class0: 0,
-            segs: 1,
-            seg_len: v as u32,
-            den_w: 0.0,
-            den_n: 0.0,
-            parts: 1,
-        }
-    }
-
-    /// These parameters with the flag bits `f`.
-    pub fn with_flags(mut self, f: u32) -> CeParams {
-        self.head.flags = f;
-        self
-    }
 }
 
 pub(crate) fn base_params(cfg: &CrossEntropy, n: usize, v: usize, ignore_index: i32, soft: bool) -> CeParams {
@@ -971,6 +867,7 @@ impl GpuContext {
 #[cfg(test)]
 mod interface_tests {
     use super::*;
+    use crate::gpu::kernels::ce_io::{flags, CeParams, Scalars};
     use crate::gpu::params::tests::check_family;
 
     /// The family's parameters and flag bits declared here are what its WGSL declares.

@@ -4,7 +4,7 @@
 
 use ndarray::{Array1, ArrayView2};
 
-use super::cross_entropy::{flags, CeParams, Scalars, SCALARS};
+use super::ce_io::{flags, CeParams, Scalars, SCALARS};
 use super::{RowJob, RowOut, RowPlan, RowResult};
 use crate::api::config::{Distill, DistillOutput, Measures};
 use crate::check::{probability_rows, same_rows};

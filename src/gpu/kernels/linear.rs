@@ -19,7 +19,7 @@ use crate::api::targets::Targets;
 use crate::dtype::{DType, Logits, Tensor2};
 use crate::error::{Result, XentError};
 use crate::gpu::context::GpuContext;
-use crate::gpu::kernels::matmul::MatmulLayout;
+use crate::gpu::kernels::matmul_io::MatmulLayout;
 use crate::gpu::launch::{Bind, Recorder};
 use crate::gpu::pool::Pooled;
 

@@ -5,115 +5,19 @@
 //! [`GpuContext::matmul_host`] and [`GpuContext::bench_matmul`] run one product from the host
 //! for tests and benchmarks.
 //!
-//! This family owns its interface, declared here beside its kernels and checked against
-//! `shaders/matmul_io.wgsl` by the unit tests through naga: its parameter block
-//! ([`MatmulParams`]: the chunk header, then the product's sizes, strides and bias offset),
-//! its flag bits ([`mm_flags`]), its bindings by name and slot ([`BINDINGS`]), and its
-//! compile-time switches ([`Mm`]: layout, load widths, cooperative tile size). An option of
-//! the products is added here and in the family's WGSL, nowhere else.
+//! The family's interface (switches, parameter block, flags, bindings) is in `matmul_io.rs`
+//! beside this file; this file's tests validate every variant the family builds and compare
+//! that interface with `shaders/matmul_io.wgsl` through naga.
 
+use super::matmul_io::{mm_flags, slot, MatmulLayout, MatmulParams, Mm};
 use crate::dtype::{DType, Logits};
 use crate::error::{Result, XentError};
 use crate::gpu::context::GpuContext;
 use crate::gpu::launch::{Bind, Groups, Launch, Recorder};
-use crate::gpu::params::{flag_bits, mirror, Block, Header};
+use crate::gpu::params::Header;
 use crate::gpu::source::{Shader, Variant};
 
 use wgpu::BufferUsages as U;
-
-/// Which operand axis is contiguous in a matrix product `C = A B` (the `Matmul` kernel).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum MatmulLayout {
-    /// `A[m, k]` rows and `B(k, n) = W[n, k]` rows contiguous in k: `H W^T`.
-    #[default]
-    Nt,
-    /// `A[m, k]` contiguous in k, `B[k, n]` contiguous in n: `G W`.
-    Nn,
-    /// `A(m, k) = G[k, m]` and `B[k, n]` contiguous in m and n: `G^T H`.
-    Tn,
-}
-
-/// Compile-time switches of the matrix-product family (its part of a kernel [`Variant`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Mm {
-    /// The operands' layout.
-    pub layout: MatmulLayout,
-    /// A is read 4 contiguous elements at a time (offset and row stride multiples of 4).
-    pub a4: bool,
-    /// B is read 4 contiguous elements at a time.
-    pub b4: bool,
-    /// Cooperative-matrix tiles of 8 x 8 rather than 16 x 16 (`MatmulCoop` only).
-    pub coop8: bool,
-}
-
-impl Mm {
-    /// The value of a preprocessor name this family owns (`MM_NT`, `MM_NN`, `MM_TN`, `A4`,
-    /// `B4`, `COOP8`); `None` for any other name.
-    pub(crate) fn defined(&self, name: &str) -> Option<bool> {
-        Some(match name {
-            "MM_NT" => self.layout == MatmulLayout::Nt,
-            "MM_NN" => self.layout == MatmulLayout::Nn,
-            "MM_TN" => self.layout == MatmulLayout::Tn,
-            "A4" => self.a4,
-            "B4" => self.b4,
-            "COOP8" => self.coop8,
-            _ => return None,
-        })
-    }
-}
-
-/// The family's WGSL interface (parameters, flags, bindings, element access), put between
-/// `common.wgsl` and the kernel's own file.
-pub(crate) const WGSL: &str = include_str!("../../../shaders/matmul_io.wgsl");
-
-mirror! {
-    /// Parameters of one product; mirrors `MatmulParams` in `shaders/matmul_io.wgsl`.
-    /// `C[m, n] (+)= sum_k A(m, k) B(k, n) (+ bias)`: A and B from elements `x_off` / `y_off`
-    /// (header) of their bindings with row strides `a_rs` / `b_rs` along the layout's strided
-    /// axis, C from element `o_off` with row stride `c_rs`, the bias from entry `bias0`.
-    pub(crate) struct MatmulParams {
-        pub head: Header,
-        pub m: u32,
-        pub n: u32,
-        pub k: u32,
-        pub a_rs: u32,
-        pub b_rs: u32,
-        pub c_rs: u32,
-        pub bias0: u32,
-    }
-}
-
-impl Block for MatmulParams {
-    fn head(&self) -> &Header {
-        &self.head
-    }
-}
-
-flag_bits! {
-    /// Flag bits of a product (in its header's `flags`; `MM_*` constants in `matmul_io.wgsl`).
-    pub(crate) mod mm_flags("MM_") {
-        /// Add C's old value (products accumulated over row chunks).
-        ACCUMULATE = 1,
-        /// Add `bias[bias0 + column]`.
-        BIAS = 2,
-    }
-}
-
-/// The family's binding slots (`@binding(n)` in `matmul_io.wgsl`).
-pub(crate) mod slot {
-    /// The left operand A (the input dtype).
-    pub const A: usize = 1;
-    /// The right operand B (the second dtype).
-    pub const B: usize = 2;
-    /// The f32 result C.
-    pub const C: usize = 3;
-    /// The f32 bias, added per column.
-    pub const BIAS: usize = 4;
-}
-
-/// Every kernel of the family binds these, as (slot, read-only, WGSL name).
-pub(crate) const BINDINGS: [(usize, bool, &str); 4] =
-    [(slot::A, true, "mm_a"), (slot::B, true, "mm_b"), (slot::C, false, "mm_c"), (slot::BIAS, true, "mm_bias")];
 
 /// Whether the host ever builds the SIMT (`coop` false) or cooperative kernel in `v`.
 #[cfg(test)]
@@ -438,13 +342,17 @@ mod tests {
     use crate::gpu::params::tests::{check_block, check_flags};
     use crate::gpu::source::tests::validate;
 
-    /// The family's interface declared in Rust (parameter block, flag bits, bindings by name
-    /// and slot) is what `matmul_io.wgsl` declares, in both kernels and every layout.
+    /// Every variant the family builds parses and validates, and the family's interface
+    /// declared in Rust (parameter block, flag bits, bindings by name and slot) is what
+    /// `matmul_io.wgsl` declares, in both kernels and every variant.
     #[test]
     fn the_family_interface_matches_its_wgsl() {
+        use super::super::matmul_io::BINDINGS;
+        let declared: Vec<(usize, bool, String)> =
+            BINDINGS.iter().map(|&(s, ro, name)| (s, ro, name.to_string())).collect();
+        let mut count = 0;
         for (shader, coop) in [(Shader::Matmul, false), (Shader::MatmulCoop, true)] {
-            for layout in [MatmulLayout::Nt, MatmulLayout::Nn, MatmulLayout::Tn] {
-                let v = *variants(coop).iter().find(|v| v.mm.layout == layout).expect("a variant per layout");
+            for v in variants(coop) {
                 let src = shader.source(v);
                 let (module, info) = validate(&src, v.subgroup).unwrap_or_else(|e| panic!("{v:?}: {e}"));
                 check_block::<MatmulParams>(&module, "MatmulParams");
@@ -463,11 +371,11 @@ mod tests {
                     })
                     .collect();
                 used.sort();
-                let declared: Vec<(usize, bool, String)> =
-                    BINDINGS.iter().map(|&(s, ro, name)| (s, ro, name.to_string())).collect();
                 assert_eq!(used, declared, "{} {v:?}: bindings (slot, read-only, name)", shader.name());
+                count += 1;
             }
         }
+        assert!(count >= 100, "only {count} variants");
     }
 
     /// Deterministic values spanning `2^lo .. 2^hi` in magnitude, both signs, some zeros.

@@ -2,6 +2,7 @@
 //! launching itself is [`crate::gpu::launch`].
 
 pub(crate) mod bce;
+pub(crate) mod ce_io;
 pub(crate) mod cross_entropy;
 pub(crate) mod divergence;
 pub(crate) mod hessian;
@@ -10,6 +11,7 @@ pub(crate) mod linear_vocab;
 pub(crate) mod log_softmax;
 pub(crate) mod logprobs;
 pub(crate) mod matmul;
+pub(crate) mod matmul_io;
 pub(crate) mod row_sum;
 pub(crate) mod vocab;
 

@@ -6,7 +6,8 @@
 //! one, with the global class count, class weights and denominators. Only 20 bytes per row
 //! and segment come back to the host; the logits are read twice on the device.
 
-use super::cross_entropy::{base_params, flags, CeParams, CePlan, ROW_VECTORS, SAVED, SCALARS};
+use super::ce_io::{flags, CeParams, SCALARS};
+use super::cross_entropy::{base_params, CePlan, ROW_VECTORS, SAVED};
 use crate::api::config::{CeOutput, CrossEntropy};
 use crate::api::targets::{Targets, DEVICE_IGNORED};
 use crate::dtype::{DType, Logits, LogitsMut};
