@@ -11,7 +11,6 @@ pub mod targets;
 
 use ndarray::{Array2, ArrayView2};
 
-use crate::cpu::Cpu;
 use crate::dtype::{Logits, LogitsMut};
 use crate::error::Result;
 use config::{Bce, BceOutput, CeOutput, CrossEntropy, Distill, DistillOutput, Measures, SoftmaxKind};
@@ -70,9 +69,15 @@ pub trait Backend {
     fn hvp(&self, logits: Logits<'_>, v: ArrayView2<f32>) -> Result<Array2<f32>>;
 }
 
-/// Implements [`Backend`] by forwarding to the type's inherent methods of the same names.
+/// Implements [`Backend`] by forwarding to the type's inherent methods of the same names
+/// (invoked beside each backend: `cpu/backend.rs`, `gpu/context.rs`).
 macro_rules! forward_backend {
     ($ty:ty, $name:literal) => {
+        #[rustfmt::skip]
+        const _: () = {
+        use ndarray::{Array2, ArrayView2};
+        use $crate::{Backend, Bce, BceOutput, CeOutput, CrossEntropy, Distill, DistillOutput, Logits, LogitsMut,
+            Measures, Result, SoftmaxKind, Targets};
         impl Backend for $ty {
             fn name(&self) -> &'static str {
                 $name
@@ -121,9 +126,7 @@ macro_rules! forward_backend {
                 <$ty>::hvp(self, l, v)
             }
         }
+        };
     };
 }
-
-forward_backend!(Cpu, "cpu");
-#[cfg(feature = "gpu")]
-forward_backend!(crate::gpu::GpuContext, "gpu");
+pub(crate) use forward_backend;

@@ -257,3 +257,5 @@ impl Cpu {
         log_softmax::log_softmax(&self.pool, logits.into(), kind)
     }
 }
+
+crate::api::forward_backend!(Cpu, "cpu");

@@ -817,3 +817,5 @@ impl GpuContext {
         Ok(())
     }
 }
+
+crate::api::forward_backend!(GpuContext, "gpu");

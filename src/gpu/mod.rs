@@ -16,9 +16,6 @@ mod pending;
 pub(crate) mod pool;
 pub(crate) mod source;
 
-// Public at the crate root (`xent::GpuContext`, `xent::CePlan`, ...), their one path.
-pub(crate) use context::GpuContext;
-
 // Public here (`xent::gpu::...`).
 pub use context::FEATURES;
 #[doc(hidden)]
