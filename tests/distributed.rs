@@ -295,9 +295,12 @@ fn a_failing_rank_stops_every_rank_with_its_message() {
     assert!(on_ranks(2, |comm| agree(comm, Ok(1))).iter().all(|r| r.is_ok()));
 }
 
-#[test]
-fn sharded_linear_layer_equals_one_process() {
-    let (n, d, v) = (37, 24, 203);
+/// Hidden states, weight, bias, targets, class and sample weights.
+type LinearLayer = (Array2<f32>, Array2<f32>, Array1<f32>, Array1<i64>, Array1<f32>, Array1<f32>);
+
+/// The inputs of the sharded linear layer tests: hidden states, weight, bias, targets (every
+/// sixth row ignored), class and sample weights.
+fn linear_layer((n, d, v): (usize, usize, usize)) -> LinearLayer {
     let (h, mut t) = workload::synthetic(n, d, 1.0, 0, 3);
     let (w, _) = workload::synthetic(v, d, 0.5, 0, 4);
     for (i, y) in t.iter_mut().enumerate() {
@@ -306,6 +309,54 @@ fn sharded_linear_layer_equals_one_process() {
     let bias = Array1::from_shape_fn(v, |c| (c % 5) as f32 * 0.1 - 0.2);
     let cw = Array1::from_shape_fn(v, |c| 0.5 + (c % 7) as f32 * 0.2);
     let sw = Array1::from_shape_fn(n, |r| 0.25 + (r % 4) as f32 * 0.5);
+    (h, w, bias, t, cw, sw)
+}
+
+/// Runs `shard(on, comm, rows of the vocabulary)` on 1, 2 and 3 ranks of every backend and
+/// checks each rank's loss, per-row losses and gradients against one process's `whole` (the
+/// shards' `grad_weight` and `grad_bias` assembled).
+fn sharded_equal_whole(
+    whole: &LinearCeOutput,
+    (d, v): (usize, usize),
+    shard: impl Fn(On, &Threads, std::ops::Range<usize>) -> Result<LinearCeOutput> + Sync,
+) {
+    let whole_gw = whole.grad_weight.as_ref().unwrap().to_f32();
+    let whole_gh = whole.grad_hidden.as_ref().unwrap().to_f32();
+    for (on, ranks) in backends().into_iter().flat_map(|on| [1, 2, 3].map(|r| (on, r))) {
+        // The GPU's products and statistics are f32 throughout.
+        let tol = if matches!(on, On::Cpu) { 2e-6 } else { 2e-5 };
+        let outs = on_ranks(ranks, |comm| {
+            let rows = row_range(v, comm.rank(), comm.size());
+            (rows.start, shard(on, comm, rows).unwrap())
+        });
+        let mut gw = Array2::<f32>::zeros((v, d));
+        let mut gb = Array1::<f32>::zeros(v);
+        for (c0, o) in &outs {
+            let (l, want) = (o.loss, whole.loss);
+            assert!((l - want).abs() <= 1e-5 * want.abs().max(1.0), "{on:?} {ranks} ranks: {l} vs {want}");
+            let gh = o.grad_hidden.as_ref().unwrap().to_f32();
+            let worst = gh.iter().zip(whole_gh.iter()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(worst < tol, "{on:?} {ranks} ranks: grad_hidden off by {worst}");
+            let g = o.grad_weight.as_ref().unwrap().to_f32();
+            gw.slice_mut(s![*c0..*c0 + g.nrows(), ..]).assign(&g);
+            let b = o.grad_bias.as_ref().unwrap();
+            gb.slice_mut(s![*c0..*c0 + b.len()]).assign(b);
+            if let (Some(a), Some(b)) = (&o.row_loss, &whole.row_loss) {
+                let worst = a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(worst < 1e-5, "{on:?}: row losses off by {worst}");
+            }
+        }
+        let worst = gw.iter().zip(whole_gw.iter()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst < tol, "{on:?} {ranks} ranks: grad_weight off by {worst}");
+        let worst = gb.iter().zip(whole.grad_bias.as_ref().unwrap()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst < tol, "{on:?} {ranks} ranks: grad_bias off by {worst}");
+    }
+}
+
+#[test]
+fn sharded_linear_layer_equals_one_process() {
+    let (n, d, v) = (37, 24, 203);
+    let (h, w, bias, t, cw, sw) = linear_layer((n, d, v));
     let cpu = Cpu::with_threads(2).unwrap();
     for ce in [
         CrossEntropy::default(),
@@ -317,48 +368,46 @@ fn sharded_linear_layer_equals_one_process() {
         // Small workspaces: several row chunks per pass.
         let cfg = LinearCe::default().with_ce(ce).with_workspace_bytes(8 * 60 * 4);
         let whole = cpu.linear_cross_entropy(&h, &w, Some(bias.view()), t.view(), &cfg).unwrap();
-        let whole_gw = whole.grad_weight.as_ref().unwrap().to_f32();
-        let whole_gh = whole.grad_hidden.as_ref().unwrap().to_f32();
-        for (on, ranks) in backends().into_iter().flat_map(|on| [1, 2, 3].map(|r| (on, r))) {
-            // The GPU's products and statistics are f32 throughout.
-            let tol = if matches!(on, On::Cpu) { 2e-6 } else { 2e-5 };
-            let outs = on_ranks(ranks, |comm| {
-                let rows = row_range(v, comm.rank(), comm.size());
-                let ws = w.slice(s![rows.clone(), ..]).to_owned();
-                let bs = bias.slice(s![rows.clone()]).to_owned();
-                let sh = VocabShard { class0: rows.start, classes: v };
-                let o = match on {
-                    On::Cpu => {
-                        cpu.linear_cross_entropy_vocab_parallel(&h, &ws, Some(bs.view()), t.view(), sh, &cfg, comm)
-                    }
-                    #[cfg(feature = "gpu")]
-                    On::Gpu(g) => {
-                        g.linear_cross_entropy_vocab_parallel(&h, &ws, Some(bs.view()), t.view(), sh, &cfg, comm)
-                    }
-                };
-                (rows.start, o.unwrap())
-            });
-            let mut gw = Array2::<f32>::zeros((v, d));
-            let mut gb = Array1::<f32>::zeros(v);
-            for (c0, o) in &outs {
-                let (l, want) = (o.loss, whole.loss);
-                assert!((l - want).abs() <= 1e-5 * want.abs().max(1.0), "{on:?} {ranks} ranks: {l} vs {want}");
-                let gh = o.grad_hidden.as_ref().unwrap().to_f32();
-                let worst = gh.iter().zip(whole_gh.iter()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-                assert!(worst < tol, "{on:?} {ranks} ranks: grad_hidden off by {worst}");
-                let g = o.grad_weight.as_ref().unwrap().to_f32();
-                gw.slice_mut(s![*c0..*c0 + g.nrows(), ..]).assign(&g);
-                let b = o.grad_bias.as_ref().unwrap();
-                gb.slice_mut(s![*c0..*c0 + b.len()]).assign(b);
-                if let (Some(a), Some(b)) = (&o.row_loss, &whole.row_loss) {
-                    let worst = a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
-                    assert!(worst < 1e-5, "{on:?}: row losses off by {worst}");
-                }
+        sharded_equal_whole(&whole, (d, v), |on, comm, rows| {
+            let ws = w.slice(s![rows.clone(), ..]).to_owned();
+            let bs = bias.slice(s![rows.clone()]).to_owned();
+            let sh = VocabShard { class0: rows.start, classes: v };
+            match on {
+                On::Cpu => cpu.linear_cross_entropy_vocab_parallel(&h, &ws, Some(bs.view()), t.view(), sh, &cfg, comm),
+                #[cfg(feature = "gpu")]
+                On::Gpu(g) => g.linear_cross_entropy_vocab_parallel(&h, &ws, Some(bs.view()), t.view(), sh, &cfg, comm),
             }
-            let worst = gw.iter().zip(whole_gw.iter()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(worst < tol, "{on:?} {ranks} ranks: grad_weight off by {worst}");
-            let worst = gb.iter().zip(whole.grad_bias.as_ref().unwrap()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(worst < tol, "{on:?} {ranks} ranks: grad_bias off by {worst}");
-        }
+        });
+    }
+}
+
+/// With reduction `none` and a per-row upstream gradient (mixed signs, zeros; z-loss, which
+/// sample weights do not scale): the shards' gradients of `sum_n u_n loss_n` equal one
+/// process's.
+#[test]
+fn sharded_linear_layer_with_upstream_equals_one_process() {
+    let (n, d, v) = (37, 24, 203);
+    let (h, w, bias, t, cw, sw) = linear_layer((n, d, v));
+    let u = Array1::from_shape_fn(n, |r| [1.5f32, -0.75, 0.0, 0.25][r % 4]);
+    let cpu = Cpu::with_threads(2).unwrap();
+    let none = CrossEntropy::default().with_reduction(Reduction::None);
+    for ce in [
+        none.clone().with_label_smoothing(0.1).with_class_weight(cw).with_sample_weight(sw).with_z_loss(0.05),
+        none.with_softcap(5.0).with_temperature(1.3).with_z_loss(1e-3).with_grad_scale(2.0),
+    ] {
+        let cfg = LinearCe::default().with_ce(ce).with_workspace_bytes(8 * 60 * 4);
+        let whole =
+            cpu.linear_cross_entropy_with_upstream(&h, &w, Some(bias.view()), t.view(), u.view(), &cfg).unwrap();
+        sharded_equal_whole(&whole, (d, v), |on, comm, rows| {
+            let ws = w.slice(s![rows.clone(), ..]).to_owned();
+            let bs = bias.slice(s![rows.clone()]).to_owned();
+            let sh = VocabShard { class0: rows.start, classes: v };
+            let (b, t, u) = (Some(bs.view()), t.view(), u.view());
+            match on {
+                On::Cpu => cpu.linear_cross_entropy_vocab_parallel_with_upstream(&h, &ws, b, t, u, sh, &cfg, comm),
+                #[cfg(feature = "gpu")]
+                On::Gpu(g) => g.linear_cross_entropy_vocab_parallel_with_upstream(&h, &ws, b, t, u, sh, &cfg, comm),
+            }
+        });
     }
 }

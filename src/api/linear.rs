@@ -160,21 +160,42 @@ impl Totals {
     }
 }
 
-/// Checks a fused linear cross-entropy's inputs; returns `(n, d, v)`.
+/// Checks a fused linear cross-entropy's inputs (and a per-row upstream gradient, see
+/// [`check_upstream`]); returns `(n, d, v)`.
 pub(crate) fn check(
     hidden: &Logits<'_>,
     weight: &Logits<'_>,
     bias: Option<ArrayView1<'_, f32>>,
     targets: &Targets<'_>,
+    upstream: Option<ArrayView1<'_, f32>>,
     cfg: &LinearCe,
 ) -> Result<(usize, usize, usize)> {
     let (n, d, v) = check_operands(hidden, weight, bias, cfg)?;
+    check_upstream(upstream, n, cfg)?;
     if matches!(targets, Targets::Probs(_)) {
         return Err(XentError::InvalidOption("fused linear cross-entropy takes class-index targets".into()));
     }
     crate::check::cross_entropy((n, v), targets, &cfg.ce)?;
     crate::check::class_targets(targets, v, cfg.ce.ignore_index)?;
     Ok((n, d, v))
+}
+
+/// Checks a per-row upstream gradient `u [N]` of a fused linear cross-entropy (every backend,
+/// one-process and vocabulary-parallel): only with reduction `none` (the gradient is then that
+/// of `sum_n u_n loss_n`), `N` entries, all finite. `None` passes.
+pub(crate) fn check_upstream(upstream: Option<ArrayView1<'_, f32>>, n: usize, cfg: &LinearCe) -> Result<()> {
+    let Some(u) = upstream else { return Ok(()) };
+    if cfg.ce.reduction != Reduction::None {
+        let r = if cfg.ce.reduction == Reduction::Sum { "sum" } else { "mean" };
+        return Err(XentError::InvalidOption(format!(
+            "a per-row upstream gradient needs reduction none (per-row losses), not {r}: \
+             scale a mean or sum with grad_scale"
+        )));
+    }
+    if u.len() != n {
+        return Err(XentError::Shape(format!("the upstream gradient has {} entries for {n} rows", u.len())));
+    }
+    crate::check::finite_values(u, "upstream gradient")
 }
 
 /// The checks of the operands and options alone (also for a weight that is one vocabulary

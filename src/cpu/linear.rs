@@ -160,6 +160,14 @@ pub(super) fn add_col_sums(gb: &mut [f64], g: &[f32]) {
     });
 }
 
+/// Row `i` of `g` (rows of `v`) times `scale(i)`, the rows in parallel.
+fn scale_rows(g: &mut [f32], v: usize, scale: impl Fn(usize) -> f32 + Sync) {
+    g.par_chunks_mut(v.max(1)).enumerate().for_each(|(i, row)| {
+        let s = scale(i);
+        row.iter_mut().for_each(|x| *x *= s);
+    });
+}
+
 /// Batch rows `rows` of `x` as f32 into `out` (row-major, in that order).
 pub(super) fn gather_rows(x: &Logits<'_>, rows: &[usize], out: &mut [f32]) {
     fn go<T: Element>(a: &ArrayView2<'_, T>, rows: &[usize], out: &mut [f32]) {
@@ -510,8 +518,67 @@ impl Cpu {
         targets: impl Into<Targets<'c>>,
         cfg: &LinearCe,
     ) -> Result<LinearCeOutput> {
-        let (hidden, weight, targets) = (hidden.into(), weight.into(), targets.into());
-        let (n, _, v) = check(&hidden, &weight, bias, &targets, cfg)?;
+        self.linear_ce(hidden.into(), weight.into(), bias, targets.into(), None, cfg)
+    }
+
+    /// [`Self::linear_cross_entropy`] with reduction `none` and a per-row upstream gradient
+    /// `upstream [N]` (`d(total)/d(loss_n)`, what a framework's backward pass hands down): the
+    /// gradients are those of `grad_scale * sum_n upstream[n] * loss_n`, `loss_n` the row's
+    /// loss as PyTorch's `reduction='none'` returns it (sample and class weights, smoothing,
+    /// z-loss, softcap and temperature included; ignored rows add nothing). The losses returned
+    /// are unchanged (`loss` is their plain sum). Folding `upstream` into the sample weights
+    /// instead is wrong with z-loss, which sample weights do not scale.
+    ///
+    /// Errors (the same on every backend): another reduction is
+    /// [`XentError::InvalidOption`], `upstream` not of `N` entries [`XentError::Shape`], a
+    /// non-finite entry [`XentError::InvalidValue`].
+    ///
+    /// ```
+    /// use ndarray::array;
+    /// use xent::{Cpu, CrossEntropy, LinearCe, Reduction};
+    /// let hidden = array![[1.0f32, 0.5], [-0.5, 2.0], [0.0, 1.0]];
+    /// let weight = array![[0.2f32, -0.1], [0.4, 0.3], [-0.3, 0.8], [0.1, 0.1]];
+    /// let t = [1i64, 2, 0];
+    /// let ce = CrossEntropy::default().with_reduction(Reduction::None).with_z_loss(1e-2);
+    /// let cfg = LinearCe::default().with_ce(ce);
+    /// let cpu = Cpu::new();
+    /// // The gradient of 2 * loss_0 + 0 * loss_1 - loss_2 ...
+    /// let up = array![2.0f32, 0.0, -1.0];
+    /// let out = cpu.linear_cross_entropy_with_upstream(&hidden, &weight, None, &t[..], up.view(), &cfg)?;
+    /// // ... is, row by row, the rows' own gradients scaled (row 1 gets none).
+    /// let plain = cpu.linear_cross_entropy(&hidden, &weight, None, &t[..], &cfg)?;
+    /// let (g, g1) = (out.grad_hidden.unwrap().to_f32(), plain.grad_hidden.unwrap().to_f32());
+    /// for r in 0..3 {
+    ///     for k in 0..2 {
+    ///         assert!((g[[r, k]] - up[r] * g1[[r, k]]).abs() < 1e-6);
+    ///     }
+    /// }
+    /// assert_eq!(out.loss, plain.loss);
+    /// # Ok::<(), xent::XentError>(())
+    /// ```
+    pub fn linear_cross_entropy_with_upstream<'a, 'b, 'c>(
+        &self,
+        hidden: impl Into<Logits<'a>>,
+        weight: impl Into<Logits<'b>>,
+        bias: Option<ArrayView1<'_, f32>>,
+        targets: impl Into<Targets<'c>>,
+        upstream: ArrayView1<'_, f32>,
+        cfg: &LinearCe,
+    ) -> Result<LinearCeOutput> {
+        self.linear_ce(hidden.into(), weight.into(), bias, targets.into(), Some(upstream), cfg)
+    }
+
+    /// Both of the above: the gradient of the losses, or of `sum_n upstream[n] * loss_n`.
+    fn linear_ce(
+        &self,
+        hidden: Logits<'_>,
+        weight: Logits<'_>,
+        bias: Option<ArrayView1<'_, f32>>,
+        targets: Targets<'_>,
+        upstream: Option<ArrayView1<'_, f32>>,
+        cfg: &LinearCe,
+    ) -> Result<LinearCeOutput> {
+        let (n, _, v) = check(&hidden, &weight, bias, &targets, upstream, cfg)?;
         let totals = Totals::of(&targets, &cfg.ce);
         // The rows the products run over: all, or the counted ones gathered chunk by chunk.
         let kept = counted_rows(&hidden, &targets, cfg);
@@ -544,7 +611,13 @@ impl Cpu {
                 (None, Targets::Probs(_)) => unreachable!("checked: class indices"),
             };
             let out = if any_grad {
-                self.cross_entropy_in_place(ArrayViewMut2::from_shape((b, v), &mut *zc).expect("chunk"), t, &ccfg)?
+                let out =
+                    self.cross_entropy_in_place(ArrayViewMut2::from_shape((b, v), &mut *zc).expect("chunk"), t, &ccfg)?;
+                // Reduction none: row r of G is d(loss_r)/dZ, so the upstream scales it.
+                if let Some(u) = upstream {
+                    self.pool.install(|| scale_rows(zc, v, |i| u[idx.map_or(c0 + i, |ix| ix[i])]));
+                }
+                out
             } else {
                 self.cross_entropy(ArrayView2::from_shape((b, v), &*zc).expect("chunk"), t, &ccfg)?
             };

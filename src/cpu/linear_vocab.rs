@@ -94,7 +94,57 @@ impl Cpu {
         cfg: &LinearCe,
         comm: &dyn Collective,
     ) -> Result<LinearCeOutput> {
-        let (hidden, weight, targets) = (hidden.into(), weight.into(), targets.into());
+        self.linear_ce_vocab(hidden.into(), weight.into(), bias, targets.into(), None, shard, cfg, comm)
+    }
+
+    /// [`Self::linear_cross_entropy_vocab_parallel`] with reduction `none` and a per-row
+    /// upstream gradient `upstream [N]` (the same on every rank): the gradients of
+    /// `grad_scale * sum_n upstream[n] * loss_n`, as
+    /// [`Self::linear_cross_entropy_with_upstream`] (its semantics and errors).
+    ///
+    /// ```
+    /// use ndarray::array;
+    /// use xent::{parallel::{SingleProcess, VocabShard}, Cpu, CrossEntropy, LinearCe, Reduction};
+    /// let hidden = array![[1.0f32, 0.5], [-0.5, 2.0]];
+    /// let weight = array![[0.2f32, -0.1], [0.4, 0.3], [-0.3, 0.8]];
+    /// let shard = VocabShard { class0: 0, classes: 3 };
+    /// let (t, up) = ([1i64, 2], array![0.5f32, -2.0]);
+    /// let cfg = LinearCe::default().with_ce(CrossEntropy::default().with_reduction(Reduction::None).with_z_loss(1e-3));
+    /// let cpu = Cpu::new();
+    /// let sharded = cpu.linear_cross_entropy_vocab_parallel_with_upstream(&hidden, &weight, None, &t[..], up.view(), shard, &cfg, &SingleProcess)?;
+    /// let whole = cpu.linear_cross_entropy_with_upstream(&hidden, &weight, None, &t[..], up.view(), &cfg)?;
+    /// let (a, b) = (sharded.grad_weight.unwrap().to_f32(), whole.grad_weight.unwrap().to_f32());
+    /// assert!(a.iter().zip(b.iter()).all(|(x, y)| (x - y).abs() < 1e-6));
+    /// # Ok::<(), xent::XentError>(())
+    /// ```
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_cross_entropy_vocab_parallel_with_upstream<'a, 'b, 'c>(
+        &self,
+        hidden: impl Into<Logits<'a>>,
+        weight: impl Into<Logits<'b>>,
+        bias: Option<ArrayView1<'_, f32>>,
+        targets: impl Into<Targets<'c>>,
+        upstream: ArrayView1<'_, f32>,
+        shard: VocabShard,
+        cfg: &LinearCe,
+        comm: &dyn Collective,
+    ) -> Result<LinearCeOutput> {
+        self.linear_ce_vocab(hidden.into(), weight.into(), bias, targets.into(), Some(upstream), shard, cfg, comm)
+    }
+
+    /// Both of the above.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_ce_vocab(
+        &self,
+        hidden: Logits<'_>,
+        weight: Logits<'_>,
+        bias: Option<ArrayView1<'_, f32>>,
+        targets: Targets<'_>,
+        upstream: Option<ArrayView1<'_, f32>>,
+        shard: VocabShard,
+        cfg: &LinearCe,
+        comm: &dyn Collective,
+    ) -> Result<LinearCeOutput> {
         let (n, d) = hidden.dim();
         let vl = weight.dim().0;
         let wants = cfg.grad_hidden || cfg.grad_weight || (cfg.grad_bias && bias.is_some());
@@ -113,7 +163,7 @@ impl Cpu {
             if let Some(e) = w_err.take() {
                 return Err(e);
             }
-            let (t, ..) = check_linear(&hidden, &weight, bias, &targets, shard, cfg)?;
+            let (t, ..) = check_linear(&hidden, &weight, bias, &targets, upstream, shard, cfg)?;
             let rows = cfg.chunk_rows(n, vl).min(n).max(1);
             let mut z = zeros2::<f32>((rows, vl), "linear cross-entropy workspace")?;
             let mut h_buf = zeros2::<f32>((if w.bf16() { 0 } else { rows }, d), "hidden chunk")?;
@@ -151,6 +201,7 @@ impl Cpu {
                     row0: r0,
                     den_w: fin.den_w,
                     den_n: fin.den_n,
+                    upstream,
                 };
                 self.pool
                     .install(|| shard_grad(ArrayViewMut2::from_shape((b, vl), &mut *zc).expect("chunk"), None, &ctx));

@@ -68,6 +68,9 @@ pub(crate) struct GradCtx<'a> {
     pub row0: usize,
     pub den_w: f64,
     pub den_n: f64,
+    /// A per-row upstream gradient of the whole batch (reduction `none`): row `row0 + i`'s
+    /// gradient is scaled by its entry.
+    pub upstream: Option<ndarray::ArrayView1<'a, f32>>,
 }
 
 /// Writes into `z` (rows `row0 ..` of the batch, this shard's columns) the gradient of the
@@ -104,6 +107,8 @@ pub(crate) fn shard_grad(mut z: ArrayViewMut2<'_, f32>, src: Option<ArrayView2<'
                 row.fill(0.0);
                 return;
             }
+            let up = g.upstream.map_or(1.0, |u| u[g.row0 + i] as f64);
+            let (a, b) = (a * up, b * up);
             let r = &g.rec[i * REC..(i + 1) * REC];
             let (m, s) = (r[0], r[1]);
             let lse = m + s.ln_1p();
@@ -184,7 +189,8 @@ impl Cpu {
         comm.all_reduce_with(&mut rec, REC, merge)?;
         let fin = finish(&rec, &t, &targets, cfg, shard.classes);
         if let Some(mut g) = grad {
-            let ctx = GradCtx { cfg, shard, rec: &rec, t: &t, row0: 0, den_w: fin.den_w, den_n: fin.den_n };
+            let ctx =
+                GradCtx { cfg, shard, rec: &rec, t: &t, row0: 0, den_w: fin.den_w, den_n: fin.den_n, upstream: None };
             match &mut g {
                 // Straight into an f32 destination in standard layout.
                 LogitsMut::F32(dst) if dst.is_standard_layout() => {

@@ -85,16 +85,19 @@ pub(crate) fn check(
 }
 
 /// The checks of a vocabulary-sharded fused linear cross-entropy (`hidden [N, D]`, this
-/// shard's `weight [V_local, D]` and `bias [V_local]`); the targets as i64 and `(n, d, vl)`.
+/// shard's `weight [V_local, D]` and `bias [V_local]`, a per-row upstream gradient); the
+/// targets as i64 and `(n, d, vl)`.
 pub(crate) fn check_linear(
     hidden: &Logits<'_>,
     weight: &Logits<'_>,
     bias: Option<ArrayView1<'_, f32>>,
     targets: &Targets<'_>,
+    upstream: Option<ArrayView1<'_, f32>>,
     shard: VocabShard,
     cfg: &LinearCe,
 ) -> Result<(Vec<i64>, usize, usize, usize)> {
     let (n, d, vl) = crate::api::linear::check_operands(hidden, weight, bias, cfg)?;
+    crate::api::linear::check_upstream(upstream, n, cfg)?;
     Ok((check((n, vl), targets, shard, &cfg.ce, None)?, n, d, vl))
 }
 

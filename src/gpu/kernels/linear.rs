@@ -10,7 +10,8 @@ use std::collections::HashMap;
 
 use ndarray::{Array1, ArrayView1};
 
-use super::cross_entropy::{CeInputs, CePlan, DeviceGrad, DeviceTargets, PendingCe};
+use super::ce_io::SCALARS;
+use super::cross_entropy::{CeBackward, CeInputs, CePlan, DeviceGrad, DeviceTargets, PendingCe, SAVED};
 use crate::api::config::{Reduction, Totals};
 use crate::api::linear::{
     check, chunk_cfg, counted_rows, gather_batch, grad_dtype, scatter_rows, LinearCe, LinearCeOutput,
@@ -199,10 +200,52 @@ impl GpuContext {
         targets: impl Into<Targets<'c>>,
         cfg: &LinearCe,
     ) -> Result<LinearCeOutput> {
-        let (hidden, weight, targets) = (hidden.into(), weight.into(), targets.into());
-        let (n, d, v) = check(&hidden, &weight, bias, &targets, cfg)?;
+        self.linear_ce(hidden.into(), weight.into(), bias, targets.into(), None, cfg)
+    }
+
+    /// Fused linear cross-entropy with reduction `none` and a per-row upstream gradient on the
+    /// GPU: as [`crate::Cpu::linear_cross_entropy_with_upstream`] (the gradients of
+    /// `grad_scale * sum_n upstream[n] * loss_n`; the same errors). Each chunk's gradient pass
+    /// is the cross-entropy's backward pass ([`CePlan::record_backward`]) reading the chunk's
+    /// upstream values.
+    ///
+    /// ```no_run
+    /// use ndarray::array;
+    /// use xent::{CrossEntropy, GpuContext, LinearCe, Reduction};
+    /// let gpu = GpuContext::new()?;
+    /// let hidden = array![[1.0f32, 0.5], [-0.5, 2.0]];
+    /// let weight = array![[0.2f32, -0.1], [0.4, 0.3], [-0.3, 0.8]];
+    /// let cfg = LinearCe::default().with_ce(CrossEntropy::default().with_reduction(Reduction::None));
+    /// let up = array![1.0f32, 0.25];
+    /// let out = gpu.linear_cross_entropy_with_upstream(&hidden, &weight, None, &[1i64, 2][..], up.view(), &cfg)?;
+    /// # Ok::<(), xent::XentError>(())
+    /// ```
+    pub fn linear_cross_entropy_with_upstream<'a, 'b, 'c>(
+        &self,
+        hidden: impl Into<Logits<'a>>,
+        weight: impl Into<Logits<'b>>,
+        bias: Option<ArrayView1<'_, f32>>,
+        targets: impl Into<Targets<'c>>,
+        upstream: ArrayView1<'_, f32>,
+        cfg: &LinearCe,
+    ) -> Result<LinearCeOutput> {
+        self.linear_ce(hidden.into(), weight.into(), bias, targets.into(), Some(upstream), cfg)
+    }
+
+    /// Both of the above.
+    fn linear_ce(
+        &self,
+        hidden: Logits<'_>,
+        weight: Logits<'_>,
+        bias: Option<ArrayView1<'_, f32>>,
+        targets: Targets<'_>,
+        upstream: Option<ArrayView1<'_, f32>>,
+        cfg: &LinearCe,
+    ) -> Result<LinearCeOutput> {
+        let (n, d, v) = check(&hidden, &weight, bias, &targets, upstream, cfg)?;
         // Ignored rows cost nothing (as on the CPU): the counted ones go up as a batch of their
-        // own, and their grad_hidden rows come back to their places.
+        // own, and their grad_hidden rows come back to their places (never with an upstream
+        // gradient: that is reduction none, which keeps every row).
         if let Some(kept) = counted_rows(&hidden, &targets, cfg) {
             let (h, t, c) = gather_batch(&hidden, &targets, cfg, &kept);
             let mut out = self.linear_cross_entropy(h.view(), weight, bias, t.view(), &c)?;
@@ -241,6 +284,16 @@ impl GpuContext {
         let gh = cfg.grad_hidden.then(|| out("grad_hidden", n as u64 * d64 * 4)).transpose()?;
         let gw = cfg.grad_weight.then(|| out("grad_weight", v64 * d64 * 4)).transpose()?;
         let gb = (cfg.grad_bias && bias.is_some()).then(|| out("grad_bias", v64 * 4)).transpose()?;
+        // With an upstream gradient: all of it (the chunk's part is read by the backward pass),
+        // and the room for a chunk's saved state between the loss and the backward pass.
+        let up = match upstream.filter(|_| any_grad && n > 0) {
+            Some(u) => {
+                let ub = self.upload(bytemuck::cast_slice(&u.to_vec()), U::COPY_SRC, "upstream")?;
+                let state = self.take(SCALARS + SAVED * chunk * 4, U::COPY_SRC | U::COPY_DST, "loss state")?;
+                Some((ub, state))
+            }
+            None => None,
+        };
         let mut plans: HashMap<usize, CePlan> = HashMap::new();
         let mut pending: Vec<PendingCe> = Vec::new();
         for r0 in (0..n).step_by(rows) {
@@ -267,14 +320,20 @@ impl GpuContext {
             let params = rec.params_pooled()?;
             rec.record(&mut enc, &params)?;
             // The cross-entropy over Z, its gradient over Z.
-            let inputs = CeInputs {
-                logits: z.slice(..bu * v64 * 4),
-                targets: DeviceTargets::Classes(tchunk.slice(..bu * 4)),
-                sample_weight: swchunk.as_ref().map(|s| s.slice(..bu * 4)),
-                grad: if any_grad { DeviceGrad::InPlace } else { DeviceGrad::None },
-            };
-            plan.record(&mut enc, inputs)?;
+            let (logits, targets) = (z.slice(..bu * v64 * 4), DeviceTargets::Classes(tchunk.slice(..bu * 4)));
+            let sample_weight = swchunk.as_ref().map(|s| s.slice(..bu * 4));
+            let grad = if any_grad && up.is_none() { DeviceGrad::InPlace } else { DeviceGrad::None };
+            plan.record(&mut enc, CeInputs { logits, targets, sample_weight, grad })?;
             pending.push(plan.read_back(&mut enc, per_row)?);
+            if let Some((ub, state)) = &up {
+                // Reduction none: the backward pass from the saved statistic, each row's
+                // gradient scaled by its upstream value (`UP_ROWS`).
+                let state = state.slice(..plan.state_bytes());
+                plan.save_state(&mut enc, state)?;
+                let upstream = ub.slice(r0u * 4..r1 as u64 * 4);
+                let back = CeBackward { logits, targets, sample_weight, state, upstream, grad: DeviceGrad::InPlace };
+                plan.record_backward(&mut enc, back)?;
+            }
             let mut rec = Recorder::new(self);
             let outs = GradOut { gh: gh.as_ref(), gw: gw.as_ref(), gb: gb.as_ref(), ones: &ones };
             dev.record_grads(self, &mut rec, &z, r0, b, &outs)?;

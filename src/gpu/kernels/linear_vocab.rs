@@ -37,6 +37,8 @@ struct Prep {
     tchunk: Pooled,
     /// All sample weights, and a chunk's copy.
     sw: Option<(Pooled, Pooled)>,
+    /// The per-row upstream gradient (reduction `none`).
+    up: Option<Vec<f32>>,
 }
 
 impl GpuContext {
@@ -64,10 +66,56 @@ impl GpuContext {
         cfg: &LinearCe,
         comm: &dyn Collective,
     ) -> Result<LinearCeOutput> {
-        let (hidden, weight, targets) = (hidden.into(), weight.into(), targets.into());
+        self.linear_ce_vocab(hidden.into(), weight.into(), bias, targets.into(), None, shard, cfg, comm)
+    }
+
+    /// Fused linear cross-entropy over a vocabulary split across ranks with reduction `none`
+    /// and a per-row upstream gradient, on the GPU: as
+    /// [`crate::Cpu::linear_cross_entropy_vocab_parallel_with_upstream`].
+    ///
+    /// ```no_run
+    /// use ndarray::array;
+    /// use xent::{parallel::{SingleProcess, VocabShard}, CrossEntropy, GpuContext, LinearCe, Reduction};
+    /// let gpu = GpuContext::new()?;
+    /// let hidden = array![[1.0f32, 0.5], [-0.5, 2.0]];
+    /// let weight = array![[0.2f32, -0.1], [0.4, 0.3], [-0.3, 0.8]];
+    /// let shard = VocabShard { class0: 0, classes: 3 };
+    /// let cfg = LinearCe::default().with_ce(CrossEntropy::default().with_reduction(Reduction::None));
+    /// let up = array![1.0f32, -0.5];
+    /// let out = gpu.linear_cross_entropy_vocab_parallel_with_upstream(&hidden, &weight, None, &[1i64, 2][..], up.view(), shard, &cfg, &SingleProcess)?;
+    /// # Ok::<(), xent::XentError>(())
+    /// ```
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_cross_entropy_vocab_parallel_with_upstream<'a, 'b, 'c>(
+        &self,
+        hidden: impl Into<Logits<'a>>,
+        weight: impl Into<Logits<'b>>,
+        bias: Option<ArrayView1<'_, f32>>,
+        targets: impl Into<Targets<'c>>,
+        upstream: ArrayView1<'_, f32>,
+        shard: VocabShard,
+        cfg: &LinearCe,
+        comm: &dyn Collective,
+    ) -> Result<LinearCeOutput> {
+        self.linear_ce_vocab(hidden.into(), weight.into(), bias, targets.into(), Some(upstream), shard, cfg, comm)
+    }
+
+    /// Both of the above.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_ce_vocab(
+        &self,
+        hidden: Logits<'_>,
+        weight: Logits<'_>,
+        bias: Option<ArrayView1<'_, f32>>,
+        targets: Targets<'_>,
+        upstream: Option<ArrayView1<'_, f32>>,
+        shard: VocabShard,
+        cfg: &LinearCe,
+        comm: &dyn Collective,
+    ) -> Result<LinearCeOutput> {
         // Checks, uploads and the first pass; then one agreement before any collective.
         let prep = (|| -> Result<Prep> {
-            let (t, n, _, vl) = check_linear(&hidden, &weight, bias, &targets, shard, cfg)?;
+            let (t, n, _, vl) = check_linear(&hidden, &weight, bias, &targets, upstream, shard, cfg)?;
             let dev = LinearDev::new(self, &hidden, &weight, bias)?;
             let rows = dev.chunk_rows(self, cfg.chunk_rows(n, vl))?.min(n).max(1);
             let ti = targets.device_classes(shard.classes, cfg.ce.ignore_index)?;
@@ -81,7 +129,8 @@ impl GpuContext {
                 )),
                 None => None,
             };
-            Ok(Prep { t, n, vl, rows, dev, tb, z, tchunk, sw })
+            let up = upstream.map(|u| u.to_vec());
+            Ok(Prep { t, n, vl, rows, dev, tb, z, tchunk, sw, up })
         })();
         let local = match &prep {
             Err(e) => Err(e.clone()),
@@ -192,7 +241,8 @@ impl GpuContext {
             match grad {
                 None => rec.extend(sh.records(enc)?),
                 Some((merged, den, outs)) => {
-                    sh.record_grad(&mut enc, &merged[r0 * REC..r1 * REC], den, None)?;
+                    let up = p.up.as_ref().map(|u| &u[r0..r1]);
+                    sh.record_grad(&mut enc, &merged[r0 * REC..r1 * REC], den, None, up)?;
                     let mut r = Recorder::new(self);
                     p.dev.record_grads(self, &mut r, &p.z, r0, b, outs)?;
                     let params = r.params_pooled()?;

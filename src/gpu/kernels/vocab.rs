@@ -130,13 +130,15 @@ impl Shard<'_> {
 
     /// Records into `enc` the gradient of the batch's loss for these rows, from their merged
     /// records `rec` and the mean's denominators: into `dest` (a buffer and its dtype) or, with
-    /// `None`, over the logits.
+    /// `None`, over the logits. `upstream`: these rows' upstream gradient (reduction `none`),
+    /// which scales each row's gradient as a backward pass's does (`UP_ROWS`).
     pub fn record_grad(
         &self,
         enc: &mut wgpu::CommandEncoder,
         rec: &[f64],
         (den_w, den_n): (f64, f64),
         dest: Option<(&Pooled, DType)>,
+        upstream: Option<&[f32]>,
     ) -> Result<()> {
         let p = &self.plan;
         if p.n == 0 || p.v == 0 {
@@ -145,8 +147,13 @@ impl Shard<'_> {
         // The merged statistic where a backward pass finds a saved one: max, sum, weight sum.
         let saved: Vec<f32> = rec.chunks(REC).flat_map(|r| [r[0] as f32, r[1] as f32, r[4] as f32]).collect();
         p.ctx.write(&p.rows, ROW_VECTORS * p.n as u64 * 4, bytemuck::cast_slice(&saved))?;
-        let params =
-            CeParams { den_w: den_w as f32, den_n: den_n as f32, ..self.params(flags::FROM_SAVED | flags::EXT_DENOM) };
+        let mut extra = flags::FROM_SAVED | flags::EXT_DENOM;
+        if let Some(u) = upstream {
+            // Where a backward pass finds per-row upstream values: row vector 4.
+            p.ctx.write(&p.rows, 4 * p.n as u64 * 4, bytemuck::cast_slice(u))?;
+            extra |= flags::UPSTREAM | flags::UP_ROWS;
+        }
+        let params = CeParams { den_w: den_w as f32, den_n: den_n as f32, ..self.params(extra) };
         let variant = match dest {
             Some((_, d)) => self.variant(Seg::Finish, true, false, d),
             None => self.variant(Seg::Finish, false, true, p.dtype),
@@ -231,7 +238,7 @@ impl GpuContext {
         let gdtype = dst.dtype();
         let gb = self.take((n * vl * gdtype.size()) as u64, U::STORAGE | U::COPY_SRC, "gradient shard")?;
         let mut enc = self.device().create_command_encoder(&Default::default());
-        dev.record_grad(&mut enc, &rec, (fin.den_w, fin.den_n), Some((&gb, gdtype)))?;
+        dev.record_grad(&mut enc, &rec, (fin.den_w, fin.den_n), Some((&gb, gdtype)), None)?;
         self.read_back_into(&gb, dst, Some(enc))?;
         Ok(fin.out)
     }
