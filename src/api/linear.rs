@@ -160,18 +160,47 @@ impl Totals {
     }
 }
 
+/// The operands of one fused linear cross-entropy call, as every backend and form (one
+/// process, vocabulary-parallel) takes them: hidden states, weight, bias, class-index targets
+/// and, with reduction `none`, a per-row upstream gradient.
+pub(crate) struct LinearCall<'a> {
+    pub hidden: Logits<'a>,
+    pub weight: Logits<'a>,
+    pub bias: Option<ArrayView1<'a, f32>>,
+    pub targets: Targets<'a>,
+    pub upstream: Option<ArrayView1<'a, f32>>,
+}
+
+impl<'a> LinearCall<'a> {
+    /// The operands of a public method, converted (and their borrows shortened to one).
+    pub fn new<'h: 'a, 'w: 'a, 'b: 'a, 't: 'a, 'u: 'a>(
+        hidden: impl Into<Logits<'h>>,
+        weight: impl Into<Logits<'w>>,
+        bias: Option<ArrayView1<'b, f32>>,
+        targets: impl Into<Targets<'t>>,
+        upstream: Option<ArrayView1<'u, f32>>,
+    ) -> Self {
+        let targets = match targets.into() {
+            Targets::I64(t) => Targets::I64(t.reborrow()),
+            Targets::I32(t) => Targets::I32(t.reborrow()),
+            Targets::Probs(p) => Targets::Probs(p.reborrow()),
+        };
+        LinearCall {
+            hidden: hidden.into().reborrow(),
+            weight: weight.into().reborrow(),
+            bias: bias.map(|b| b.reborrow()),
+            targets,
+            upstream: upstream.map(|u| u.reborrow()),
+        }
+    }
+}
+
 /// Checks a fused linear cross-entropy's inputs (and a per-row upstream gradient, see
 /// [`check_upstream`]); returns `(n, d, v)`.
-pub(crate) fn check(
-    hidden: &Logits<'_>,
-    weight: &Logits<'_>,
-    bias: Option<ArrayView1<'_, f32>>,
-    targets: &Targets<'_>,
-    upstream: Option<ArrayView1<'_, f32>>,
-    cfg: &LinearCe,
-) -> Result<(usize, usize, usize)> {
-    let (n, d, v) = check_operands(hidden, weight, bias, cfg)?;
-    check_upstream(upstream, n, cfg)?;
+pub(crate) fn check(call: &LinearCall<'_>, cfg: &LinearCe) -> Result<(usize, usize, usize)> {
+    let LinearCall { hidden, weight, bias, targets, upstream } = call;
+    let (n, d, v) = check_operands(hidden, weight, *bias, cfg)?;
+    check_upstream(*upstream, n, cfg)?;
     if matches!(targets, Targets::Probs(_)) {
         return Err(XentError::InvalidOption("fused linear cross-entropy takes class-index targets".into()));
     }

@@ -21,7 +21,9 @@ use rayon::prelude::*;
 use super::{Cpu, CpuMatmul};
 use crate::alloc::zeros2;
 use crate::api::config::Totals;
-use crate::api::linear::{check, chunk_cfg, chunk_cfg_at, counted_rows, grad_dtype, LinearCe, LinearCeOutput};
+use crate::api::linear::{
+    check, chunk_cfg, chunk_cfg_at, counted_rows, grad_dtype, LinearCall, LinearCe, LinearCeOutput,
+};
 use crate::api::targets::Targets;
 use crate::dtype::{DType, Element, Logits, Tensor2};
 use crate::error::{Result, XentError};
@@ -518,7 +520,7 @@ impl Cpu {
         targets: impl Into<Targets<'c>>,
         cfg: &LinearCe,
     ) -> Result<LinearCeOutput> {
-        self.linear_ce(hidden.into(), weight.into(), bias, targets.into(), None, cfg)
+        self.linear_ce(LinearCall::new(hidden, weight, bias, targets, None), cfg)
     }
 
     /// [`Self::linear_cross_entropy`] with reduction `none` and a per-row upstream gradient
@@ -565,20 +567,13 @@ impl Cpu {
         upstream: ArrayView1<'_, f32>,
         cfg: &LinearCe,
     ) -> Result<LinearCeOutput> {
-        self.linear_ce(hidden.into(), weight.into(), bias, targets.into(), Some(upstream), cfg)
+        self.linear_ce(LinearCall::new(hidden, weight, bias, targets, Some(upstream)), cfg)
     }
 
     /// Both of the above: the gradient of the losses, or of `sum_n upstream[n] * loss_n`.
-    fn linear_ce(
-        &self,
-        hidden: Logits<'_>,
-        weight: Logits<'_>,
-        bias: Option<ArrayView1<'_, f32>>,
-        targets: Targets<'_>,
-        upstream: Option<ArrayView1<'_, f32>>,
-        cfg: &LinearCe,
-    ) -> Result<LinearCeOutput> {
-        let (n, _, v) = check(&hidden, &weight, bias, &targets, upstream, cfg)?;
+    fn linear_ce(&self, call: LinearCall<'_>, cfg: &LinearCe) -> Result<LinearCeOutput> {
+        let (n, _, v) = check(&call, cfg)?;
+        let LinearCall { hidden, weight, bias, targets, upstream } = call;
         let totals = Totals::of(&targets, &cfg.ce);
         // The rows the products run over: all, or the counted ones gathered chunk by chunk.
         let kept = counted_rows(&hidden, &targets, cfg);

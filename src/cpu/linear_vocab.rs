@@ -15,7 +15,7 @@ use super::linear::{add_col_sums, bf16_rows, fill_bias, widen_rows, RowSel, Rows
 use super::vocab::{shard_grad, shard_records, GradCtx};
 use super::Cpu;
 use crate::alloc::zeros2;
-use crate::api::linear::{grad_dtype, LinearCe, LinearCeOutput};
+use crate::api::linear::{grad_dtype, LinearCall, LinearCe, LinearCeOutput};
 use crate::api::targets::Targets;
 use crate::dtype::{Logits, Tensor2};
 use crate::error::Result;
@@ -94,7 +94,7 @@ impl Cpu {
         cfg: &LinearCe,
         comm: &dyn Collective,
     ) -> Result<LinearCeOutput> {
-        self.linear_ce_vocab(hidden.into(), weight.into(), bias, targets.into(), None, shard, cfg, comm)
+        self.linear_ce_vocab(LinearCall::new(hidden, weight, bias, targets, None), shard, cfg, comm)
     }
 
     /// [`Self::linear_cross_entropy_vocab_parallel`] with reduction `none` and a per-row
@@ -129,22 +129,19 @@ impl Cpu {
         cfg: &LinearCe,
         comm: &dyn Collective,
     ) -> Result<LinearCeOutput> {
-        self.linear_ce_vocab(hidden.into(), weight.into(), bias, targets.into(), Some(upstream), shard, cfg, comm)
+        self.linear_ce_vocab(LinearCall::new(hidden, weight, bias, targets, Some(upstream)), shard, cfg, comm)
     }
 
     /// Both of the above.
-    #[allow(clippy::too_many_arguments)]
     fn linear_ce_vocab(
         &self,
-        hidden: Logits<'_>,
-        weight: Logits<'_>,
-        bias: Option<ArrayView1<'_, f32>>,
-        targets: Targets<'_>,
-        upstream: Option<ArrayView1<'_, f32>>,
+        call: LinearCall<'_>,
         shard: VocabShard,
         cfg: &LinearCe,
         comm: &dyn Collective,
     ) -> Result<LinearCeOutput> {
+        let LinearCall { hidden, weight, bias, targets, upstream } = &call;
+        let (bias, upstream) = (*bias, *upstream);
         let (n, d) = hidden.dim();
         let vl = weight.dim().0;
         let wants = cfg.grad_hidden || cfg.grad_weight || (cfg.grad_bias && bias.is_some());
@@ -154,7 +151,7 @@ impl Cpu {
         let mut w_err = None;
         let w = self
             .linear_matmul(hidden.dtype())
-            .and_then(|path| Weight::new(&weight, path, cfg.grad_hidden, self.bf16_grad_terms()?))
+            .and_then(|path| Weight::new(weight, path, cfg.grad_hidden, self.bf16_grad_terms()?))
             .unwrap_or_else(|e| {
                 w_err = Some(e);
                 Weight::F32(Cow::Borrowed(&[]))
@@ -163,14 +160,14 @@ impl Cpu {
             if let Some(e) = w_err.take() {
                 return Err(e);
             }
-            let (t, ..) = check_linear(&hidden, &weight, bias, &targets, upstream, shard, cfg)?;
+            let (t, ..) = check_linear(&call, shard, cfg)?;
             let rows = cfg.chunk_rows(n, vl).min(n).max(1);
             let mut z = zeros2::<f32>((rows, vl), "linear cross-entropy workspace")?;
             let mut h_buf = zeros2::<f32>((if w.bf16() { 0 } else { rows }, d), "hidden chunk")?;
             let mut hb = Vec::new();
             let gh = if cfg.grad_hidden { Some(zeros2::<f32>((n, d), "grad_hidden")?) } else { None };
             let gw = if cfg.grad_weight { Some(zeros2::<f32>((vl, d), "grad_weight")?) } else { None };
-            let p = Passes { cpu: self, hidden: &hidden, w: &w, bias: bias_c.as_deref(), d, vl, rows };
+            let p = Passes { cpu: self, hidden, w: &w, bias: bias_c.as_deref(), d, vl, rows };
             let mut rec = vec![0f64; n * REC];
             for r0 in (0..n).step_by(rows) {
                 let r1 = (r0 + rows).min(n);
@@ -184,7 +181,7 @@ impl Cpu {
         })();
         let (p, t, mut z, mut h_buf, mut hb, mut gh, mut gw, mut rec) = agree(comm, local)?;
         comm.all_reduce_with(&mut rec, REC, merge)?;
-        let fin = finish(&rec, &t, &targets, &cfg.ce, shard.classes);
+        let fin = finish(&rec, &t, targets, &cfg.ce, shard.classes);
         let mut gb = (cfg.grad_bias && bias.is_some()).then(|| vec![0f64; vl]);
         if wants {
             let threads = self.threads();

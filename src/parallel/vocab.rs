@@ -8,12 +8,11 @@
 //! the gradient with no further communication. Label smoothing uses the global `V` and the
 //! global class-weight sum (exact, unlike a per-partition approximation).
 
-use ndarray::{Array1, ArrayView1};
+use ndarray::Array1;
 
 use crate::api::config::{CeOutput, CrossEntropy, Reduction, Totals};
-use crate::api::linear::LinearCe;
+use crate::api::linear::{LinearCall, LinearCe};
 use crate::api::targets::Targets;
-use crate::dtype::Logits;
 use crate::error::{Result, XentError};
 
 /// Where a rank's logit shard sits in the vocabulary.
@@ -88,17 +87,13 @@ pub(crate) fn check(
 /// shard's `weight [V_local, D]` and `bias [V_local]`, a per-row upstream gradient); the
 /// targets as i64 and `(n, d, vl)`.
 pub(crate) fn check_linear(
-    hidden: &Logits<'_>,
-    weight: &Logits<'_>,
-    bias: Option<ArrayView1<'_, f32>>,
-    targets: &Targets<'_>,
-    upstream: Option<ArrayView1<'_, f32>>,
+    call: &LinearCall<'_>,
     shard: VocabShard,
     cfg: &LinearCe,
 ) -> Result<(Vec<i64>, usize, usize, usize)> {
-    let (n, d, vl) = crate::api::linear::check_operands(hidden, weight, bias, cfg)?;
-    crate::api::linear::check_upstream(upstream, n, cfg)?;
-    Ok((check((n, vl), targets, shard, &cfg.ce, None)?, n, d, vl))
+    let (n, d, vl) = crate::api::linear::check_operands(&call.hidden, &call.weight, call.bias, cfg)?;
+    crate::api::linear::check_upstream(call.upstream, n, cfg)?;
+    Ok((check((n, vl), &call.targets, shard, &cfg.ce, None)?, n, d, vl))
 }
 
 /// The loss from the merged records, and what the gradient needs.

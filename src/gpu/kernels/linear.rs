@@ -14,7 +14,7 @@ use super::ce_io::SCALARS;
 use super::cross_entropy::{CeBackward, CeInputs, CePlan, DeviceGrad, DeviceTargets, PendingCe, SAVED};
 use crate::api::config::{Reduction, Totals};
 use crate::api::linear::{
-    check, chunk_cfg, counted_rows, gather_batch, grad_dtype, scatter_rows, LinearCe, LinearCeOutput,
+    check, chunk_cfg, counted_rows, gather_batch, grad_dtype, scatter_rows, LinearCall, LinearCe, LinearCeOutput,
 };
 use crate::api::targets::Targets;
 use crate::dtype::{DType, Logits, Tensor2};
@@ -200,7 +200,7 @@ impl GpuContext {
         targets: impl Into<Targets<'c>>,
         cfg: &LinearCe,
     ) -> Result<LinearCeOutput> {
-        self.linear_ce(hidden.into(), weight.into(), bias, targets.into(), None, cfg)
+        self.linear_ce(LinearCall::new(hidden, weight, bias, targets, None), cfg)
     }
 
     /// Fused linear cross-entropy with reduction `none` and a per-row upstream gradient on the
@@ -229,20 +229,13 @@ impl GpuContext {
         upstream: ArrayView1<'_, f32>,
         cfg: &LinearCe,
     ) -> Result<LinearCeOutput> {
-        self.linear_ce(hidden.into(), weight.into(), bias, targets.into(), Some(upstream), cfg)
+        self.linear_ce(LinearCall::new(hidden, weight, bias, targets, Some(upstream)), cfg)
     }
 
     /// Both of the above.
-    fn linear_ce(
-        &self,
-        hidden: Logits<'_>,
-        weight: Logits<'_>,
-        bias: Option<ArrayView1<'_, f32>>,
-        targets: Targets<'_>,
-        upstream: Option<ArrayView1<'_, f32>>,
-        cfg: &LinearCe,
-    ) -> Result<LinearCeOutput> {
-        let (n, d, v) = check(&hidden, &weight, bias, &targets, upstream, cfg)?;
+    fn linear_ce(&self, call: LinearCall<'_>, cfg: &LinearCe) -> Result<LinearCeOutput> {
+        let (n, d, v) = check(&call, cfg)?;
+        let LinearCall { hidden, weight, bias, targets, upstream } = call;
         // Ignored rows cost nothing (as on the CPU): the counted ones go up as a batch of their
         // own, and their grad_hidden rows come back to their places (never with an upstream
         // gradient: that is reduction none, which keeps every row).

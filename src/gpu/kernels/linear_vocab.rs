@@ -13,7 +13,7 @@ use super::cross_entropy::CePlan;
 use super::linear::{GradOut, LinearDev};
 use super::vocab::{poison_infinite, Shard};
 use crate::api::config::CrossEntropy;
-use crate::api::linear::{chunk_cfg, grad_dtype, LinearCe, LinearCeOutput};
+use crate::api::linear::{chunk_cfg, grad_dtype, LinearCall, LinearCe, LinearCeOutput};
 use crate::api::targets::{Targets, DEVICE_IGNORED};
 use crate::dtype::{DType, Logits, Tensor2};
 use crate::error::Result;
@@ -66,7 +66,7 @@ impl GpuContext {
         cfg: &LinearCe,
         comm: &dyn Collective,
     ) -> Result<LinearCeOutput> {
-        self.linear_ce_vocab(hidden.into(), weight.into(), bias, targets.into(), None, shard, cfg, comm)
+        self.linear_ce_vocab(LinearCall::new(hidden, weight, bias, targets, None), shard, cfg, comm)
     }
 
     /// Fused linear cross-entropy over a vocabulary split across ranks with reduction `none`
@@ -97,26 +97,23 @@ impl GpuContext {
         cfg: &LinearCe,
         comm: &dyn Collective,
     ) -> Result<LinearCeOutput> {
-        self.linear_ce_vocab(hidden.into(), weight.into(), bias, targets.into(), Some(upstream), shard, cfg, comm)
+        self.linear_ce_vocab(LinearCall::new(hidden, weight, bias, targets, Some(upstream)), shard, cfg, comm)
     }
 
     /// Both of the above.
-    #[allow(clippy::too_many_arguments)]
     fn linear_ce_vocab(
         &self,
-        hidden: Logits<'_>,
-        weight: Logits<'_>,
-        bias: Option<ArrayView1<'_, f32>>,
-        targets: Targets<'_>,
-        upstream: Option<ArrayView1<'_, f32>>,
+        call: LinearCall<'_>,
         shard: VocabShard,
         cfg: &LinearCe,
         comm: &dyn Collective,
     ) -> Result<LinearCeOutput> {
+        let LinearCall { hidden, weight, bias, targets, upstream } = &call;
+        let (bias, upstream) = (*bias, *upstream);
         // Checks, uploads and the first pass; then one agreement before any collective.
         let prep = (|| -> Result<Prep> {
-            let (t, n, _, vl) = check_linear(&hidden, &weight, bias, &targets, upstream, shard, cfg)?;
-            let dev = LinearDev::new(self, &hidden, &weight, bias)?;
+            let (t, n, _, vl) = check_linear(&call, shard, cfg)?;
+            let dev = LinearDev::new(self, hidden, weight, bias)?;
             let rows = dev.chunk_rows(self, cfg.chunk_rows(n, vl))?.min(n).max(1);
             let ti = targets.device_classes(shard.classes, cfg.ce.ignore_index)?;
             let tb = self.upload(bytemuck::cast_slice(&ti), U::STORAGE | U::COPY_SRC, "targets")?;
@@ -140,7 +137,7 @@ impl GpuContext {
         let p = prep?;
         comm.all_reduce_with(&mut rec, REC, merge)?;
         poison_infinite(&mut rec);
-        let fin = finish(&rec, &p.t, &targets, &cfg.ce, shard.classes);
+        let fin = finish(&rec, &p.t, targets, &cfg.ce, shard.classes);
         let (n, d, vl) = (p.n, p.dev.d, p.vl);
         let out = |what: &str, bytes: usize| self.take(bytes.max(4) as u64, U::STORAGE | U::COPY_SRC, what);
         let gh = cfg.grad_hidden.then(|| out("grad_hidden", n * d * 4)).transpose()?;
