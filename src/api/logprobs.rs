@@ -184,8 +184,25 @@ pub(crate) fn check<'u>(
     cfg: &LinearLogprobs,
     upstream: Option<(ArrayView1<'u, f32>, ArrayView1<'u, f32>)>,
 ) -> Result<Checked<'u>> {
+    check_shard(hidden, weight, bias, targets, cfg, upstream, None)
+}
+
+/// [`check`] for a weight that is the vocabulary shard `shard` (targets are global class
+/// indices); `v` of the result is the shard's classes.
+pub(crate) fn check_shard<'u>(
+    hidden: &Logits<'_>,
+    weight: &Logits<'_>,
+    bias: Option<ArrayView1<'_, f32>>,
+    targets: &Targets<'_>,
+    cfg: &LinearLogprobs,
+    upstream: Option<(ArrayView1<'u, f32>, ArrayView1<'u, f32>)>,
+    shard: Option<crate::parallel::VocabShard>,
+) -> Result<Checked<'u>> {
     let lc = cfg.linear_ce(upstream.is_some());
     let (n, _, v) = check_operands(hidden, weight, bias, &lc)?;
+    if let Some(sh) = shard {
+        crate::parallel::vocab::check_fits(v, sh)?;
+    }
     if !(cfg.temperature > 0.0 && cfg.temperature.is_finite()) {
         return Err(XentError::InvalidOption(format!("temperature must be > 0, got {}", cfg.temperature)));
     }
@@ -195,7 +212,7 @@ pub(crate) fn check<'u>(
     if targets.len() != n {
         return Err(XentError::Shape(format!("{} targets for {n} rows of hidden states", targets.len())));
     }
-    crate::check::class_targets(targets, v, cfg.ignore_index)?;
+    crate::check::class_targets(targets, shard.map_or(v, |s| s.classes), cfg.ignore_index)?;
     if let Some((a, b)) = upstream {
         for (x, name) in [(a, "upstream logprob"), (b, "upstream entropy")] {
             if x.len() != n {

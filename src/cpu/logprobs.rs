@@ -8,12 +8,15 @@ use ndarray::ArrayView1;
 use rayon::prelude::*;
 
 use super::linear::ChunkRun;
+use super::linear_vocab::ShardSteps;
 use super::{simd, Cpu};
 use crate::api::linear::counted_rows;
-use crate::api::logprobs::{check, counted, LinearLogprobs, LinearLogprobsOutput};
+use crate::api::logprobs::{check, check_shard, counted, LinearLogprobs, LinearLogprobsOutput};
 use crate::api::targets::Targets;
 use crate::dtype::Logits;
 use crate::error::Result;
+use crate::parallel::vocab::{logprob_row, merge_logprobs, VocabShard, LP_REC};
+use crate::parallel::Collective;
 
 /// One row of logits `x` (overwritten): `(logp, H)` of `z = x * inv_t` for target `y`
 /// (`None`: an ignored row, `(0, 0)`), and with `up = Some((a, b))` the row becomes
@@ -31,26 +34,41 @@ pub(super) fn row_terms(
         }
         return (0.0, 0.0);
     };
+    let (logp, entropy, stat) = logprob_row(&row_record(x, e, Some(y), inv_t));
+    if let Some(up) = up {
+        row_grad(x, e, Some(y), inv_t, stat, up);
+    }
+    (logp, entropy)
+}
+
+/// The record ([`LP_REC`]) of a row of logits `x` (a whole row or a vocabulary shard's part;
+/// `y`: the target's column here, if here), leaving `z = x * inv_t` in `x` and
+/// `exp(z_c - m)` in `e`.
+fn row_record(x: &mut [f32], e: &mut [f32], y: Option<usize>, inv_t: f32) -> [f64; LP_REC] {
     if inv_t != 1.0 {
         x.iter_mut().for_each(|v| *v *= inv_t);
     }
     let m = simd::max(x);
-    // S = sum_c exp(z_c - m): the sum over all but the max's occurrences, plus their count.
+    if x.is_empty() || m == f32::NEG_INFINITY {
+        return [f64::NEG_INFINITY, 0.0, 0.0, y.map_or(0.0, |y| x[y] as f64)];
+    }
+    // sum_c exp(z_c - m) - 1: the sum over all but the max's occurrences, plus their count - 1.
     let (rest, ties) = simd::exp_sum(x, m, Some(&mut *e));
-    let s = rest + ties;
-    let log_s = s.ln();
-    // mu - m = sum_c p_c (z_c - m) <= 0.
-    let mu_m = simd::centred_sum(x, e, m) / s;
-    let logp = ((x[y] - m) as f64 - log_s) as f32;
-    let entropy = (log_s - mu_m) as f32;
-    if let Some((a, b)) = up {
-        // G_c = inv_t (a [c == y] - p_c (a + b ((z_c - m) - (mu - m)))), p_c = e_c / S.
-        let k = (-(inv_t as f64) / s) as f32;
-        let mu_m = mu_m as f32;
-        simd::logprob_grad(x, e, m, k, a, b, mu_m);
+    let s = if m == f32::INFINITY { f64::NAN } else { rest + (ties - 1.0) };
+    let c = simd::centred_sum(x, e, m);
+    [m as f64, s, c, y.map_or(0.0, |y| x[y] as f64)]
+}
+
+/// `G = d(a logp + b H) / dx` over a row (or a shard's part) holding `z = x * inv_t` and
+/// `e_c = exp(z_c - m)`, from the row's `(m, S, mu - m)` (see `logprob_row`); `y`: the
+/// target's column here, if here.
+fn row_grad(x: &mut [f32], e: &[f32], y: Option<usize>, inv_t: f32, (m, s, mu_m): (f64, f64, f64), (a, b): (f32, f32)) {
+    // G_c = inv_t (a [c == y] - p_c (a + b ((z_c - m) - (mu - m)))), p_c = e_c / S.
+    let k = (-(inv_t as f64) / s) as f32;
+    simd::logprob_grad(x, e, m as f32, k, a, b, mu_m as f32);
+    if let Some(y) = y {
         x[y] += inv_t * a;
     }
-    (logp, entropy)
 }
 
 impl Cpu {
@@ -125,5 +143,98 @@ impl Cpu {
         let gb = out.bias.map(|b| b.into_iter().map(|x| x as f32).collect());
         let count = counted(&targets, cfg.ignore_index);
         Ok(c.output((logp, ent), count, (out.hidden, out.weight, gb), hidden.dtype(), run.rows))
+    }
+
+    /// [`Self::linear_logprobs`] over a vocabulary split across the ranks of `comm` (as
+    /// [`Self::linear_cross_entropy_vocab_parallel`]): `hidden [N, D]` the same on every rank,
+    /// this rank's `weight [V_local, D]` and `bias [V_local]` (classes `shard.class0 ..` of
+    /// `shard.classes`), global `targets [N]` and the upstream gradient `(a, b)` (the same on
+    /// every rank). Each rank's row records of its shard (`max`, exponential sum, centred sum
+    /// and target logit, `crate::parallel::vocab`) are merged in one all-reduce of four f64
+    /// per row; every rank returns the whole batch's log-probs and entropies, `grad_hidden`
+    /// summed over the ranks (a second collective, `N x D` f32, with an upstream gradient),
+    /// and its own shard's `grad_weight` and `grad_bias`.
+    ///
+    /// ```
+    /// use ndarray::array;
+    /// use xent::{parallel::{SingleProcess, VocabShard}, Cpu, LinearLogprobs};
+    /// let hidden = array![[1.0f32, 0.5], [-0.5, 2.0]];
+    /// let weight = array![[0.2f32, -0.1], [0.4, 0.3], [-0.3, 0.8]];
+    /// let shard = VocabShard { class0: 0, classes: 3 };
+    /// let (t, cfg, cpu) = ([1i64, 2], LinearLogprobs::default(), Cpu::new());
+    /// let sharded = cpu.linear_logprobs_vocab_parallel(&hidden, &weight, None, &t[..], shard, &cfg, None, &SingleProcess)?;
+    /// let whole = cpu.linear_logprobs(&hidden, &weight, None, &t[..], &cfg, None)?;
+    /// assert!((sharded.logprob[1] - whole.logprob[1]).abs() < 1e-6);
+    /// # Ok::<(), xent::XentError>(())
+    /// ```
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_logprobs_vocab_parallel<'a, 'b, 'c>(
+        &self,
+        hidden: impl Into<Logits<'a>>,
+        weight: impl Into<Logits<'b>>,
+        bias: Option<ArrayView1<'_, f32>>,
+        targets: impl Into<Targets<'c>>,
+        shard: VocabShard,
+        cfg: &LinearLogprobs,
+        upstream: Option<(ArrayView1<'_, f32>, ArrayView1<'_, f32>)>,
+        comm: &dyn Collective,
+    ) -> Result<LinearLogprobsOutput> {
+        let (hidden, weight, targets) = (hidden.into(), weight.into(), targets.into());
+        let checked = check_shard(&hidden, &weight, bias, &targets, cfg, upstream, Some(shard));
+        let lc = cfg.linear_ce(upstream.is_some());
+        let (vl, inv_t) = (weight.dim().0, 1.0 / cfg.temperature);
+        // The target's column in this shard, if here (None also for an ignored row).
+        let local = |r: usize| {
+            let y = targets.get(r);
+            (y != cfg.ignore_index && y >= shard.class0 as i64 && ((y as usize) - shard.class0) < vl)
+                .then(|| y as usize - shard.class0)
+        };
+        let records = |_: &_, z: &mut [f32], r0: usize, rec: &mut [f64]| {
+            if vl == 0 {
+                // No classes here: every row's record is empty.
+                return rec.chunks_mut(LP_REC).for_each(|r| r.copy_from_slice(&[f64::NEG_INFINITY, 0.0, 0.0, 0.0]));
+            }
+            self.pool.install(|| {
+                rec.par_chunks_mut(LP_REC).zip(z.par_chunks_mut(vl.max(1))).enumerate().for_each_init(
+                    || vec![0f32; vl],
+                    |e, (i, (out, x))| out.copy_from_slice(&row_record(x, e, local(r0 + i), inv_t)),
+                )
+            })
+        };
+        let finish = |_: &_, rec: &[f64]| -> (Vec<f32>, Vec<f32>) {
+            let row = |(r, x): (usize, &[f64])| {
+                let (logp, entropy, _) = logprob_row(x);
+                if targets.get(r) == cfg.ignore_index {
+                    (0.0, 0.0)
+                } else {
+                    (logp, entropy)
+                }
+            };
+            rec.chunks(LP_REC).enumerate().map(row).unzip()
+        };
+        let grad = |c: &crate::api::logprobs::Checked<'_>, _: &_, rec: &[f64], z: &mut [f32], r0: usize| {
+            self.pool.install(|| {
+                z.par_chunks_mut(vl.max(1)).zip(rec.par_chunks(LP_REC)).enumerate().for_each_init(
+                    || vec![0f32; vl],
+                    |e, (i, (x, r))| {
+                        let row = r0 + i;
+                        if targets.get(row) == cfg.ignore_index {
+                            return x.fill(0.0);
+                        }
+                        let stat = logprob_row(r).2;
+                        if inv_t != 1.0 {
+                            x.iter_mut().for_each(|v| *v *= inv_t);
+                        }
+                        simd::exp_sum(x, stat.0 as f32, Some(&mut *e));
+                        row_grad(x, e, local(row), inv_t, stat, c.upstream_at(row));
+                    },
+                )
+            })
+        };
+        let steps = ShardSteps { width: LP_REC, merge: merge_logprobs, records, finish, grad };
+        let (c, (logp, ent), g, rows) = self.vocab_passes((&hidden, &weight, bias), &lc, checked, comm, steps)?;
+        let gb = g.bias.map(|b| b.into_iter().map(|x| x as f32).collect());
+        let count = counted(&targets, cfg.ignore_index);
+        Ok(c.output((logp, ent), count, (g.hidden, g.weight, gb), hidden.dtype(), rows))
     }
 }

@@ -30,8 +30,16 @@ pub(crate) const REC: usize = 5;
 
 /// Merges two row records (the all-reduce's operation).
 pub(crate) fn merge(x: &[f64], acc: &mut [f64]) {
-    let (am, asum, bm, bsum) = (acc[0], acc[1], x[0], x[1]);
-    let (m, s) = if bm == f64::NEG_INFINITY {
+    (acc[0], acc[1]) = merge_stat((acc[0], acc[1]), (x[0], x[1]));
+    for k in 2..REC {
+        acc[k] += x[k];
+    }
+}
+
+/// Two `(max, sum of exp(z - max) over all but one occurrence of the max)` pairs merged
+/// (`-inf`: no classes).
+fn merge_stat((am, asum): (f64, f64), (bm, bsum): (f64, f64)) -> (f64, f64) {
+    if bm == f64::NEG_INFINITY {
         (am, asum + bsum)
     } else if am == f64::NEG_INFINITY {
         (bm, asum + bsum)
@@ -39,12 +47,53 @@ pub(crate) fn merge(x: &[f64], acc: &mut [f64]) {
         (am, asum + (bsum + 1.0) * (bm - am).exp())
     } else {
         (bm, bsum + (asum + 1.0) * (am - bm).exp())
-    };
-    acc[0] = m;
-    acc[1] = s;
-    for k in 2..REC {
-        acc[k] += x[k];
     }
+}
+
+/// Floats per row record of vocabulary-parallel log-probs and entropies
+/// ([`crate::Cpu::linear_logprobs_vocab_parallel`]), of `z = x / T` over a shard: max `m`,
+/// `s = sum_c exp(z_c - m) - 1` (as [`REC`]'s), `c = sum_c exp(z_c - m) (z_c - m)`, and the
+/// target's `z` (from the shard that holds it; 0 elsewhere). A shard of no classes: `(-inf,
+/// 0, 0, 0)`.
+pub(crate) const LP_REC: usize = 4;
+
+/// Merges two log-prob row records: `(m, s)` as [`merge`]'s, `c` moved to the merged max
+/// (`sum e^(z - M) (z - M) = e^(m - M) (c + (m - M) (s + 1))`), target logits summed.
+pub(crate) fn merge_logprobs(x: &[f64], acc: &mut [f64]) {
+    let big = acc[0].max(x[0]);
+    let moved = |r: &[f64]| {
+        if r[0] == f64::NEG_INFINITY {
+            0.0
+        } else {
+            (r[0] - big).exp() * (r[2] + (r[0] - big) * (r[1] + 1.0))
+        }
+    };
+    acc[2] = moved(acc) + moved(x);
+    (acc[0], acc[1]) = merge_stat((acc[0], acc[1]), (x[0], x[1]));
+    acc[3] += x[3];
+}
+
+/// A row's log-prob and entropy from its (merged) record, and what its gradient needs:
+/// `(logp, H, (m, S, mu - m))` with `S = sum_c exp(z_c - m)` and `mu = sum_c p_c z_c`
+/// (`H = log S - (mu - m) >= 0`: every term of `c` is `<= 0`).
+pub(crate) fn logprob_row(r: &[f64]) -> (f32, f32, (f64, f64, f64)) {
+    let (m, s, c, zt) = (r[0], r[1], r[2], r[3]);
+    let l1p = s.ln_1p();
+    let big_s = 1.0 + s;
+    let mu_m = c / big_s;
+    (((zt - m) - l1p) as f32, (l1p - mu_m) as f32, (m, big_s, mu_m))
+}
+
+/// Checks that a shard of `vl` classes fits the vocabulary.
+pub(crate) fn check_fits(vl: usize, shard: VocabShard) -> Result<()> {
+    let v = shard.classes;
+    if shard.class0 + vl > v {
+        return Err(XentError::Shape(format!(
+            "a shard of {vl} classes at {} passes the vocabulary's {v}",
+            shard.class0
+        )));
+    }
+    Ok(())
 }
 
 /// The checks of a vocabulary-parallel call; the targets as i64.
@@ -57,12 +106,7 @@ pub(crate) fn check(
 ) -> Result<Vec<i64>> {
     let (n, vl) = dim;
     let v = shard.classes;
-    if shard.class0 + vl > v {
-        return Err(XentError::Shape(format!(
-            "a shard of {vl} classes at {} passes the vocabulary's {v}",
-            shard.class0
-        )));
-    }
+    check_fits(vl, shard)?;
     if matches!(targets, Targets::Probs(_)) {
         return Err(XentError::InvalidOption("vocabulary-parallel cross-entropy takes class-index targets".into()));
     }
