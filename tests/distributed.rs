@@ -412,8 +412,8 @@ fn sharded_linear_layer_with_upstream_equals_one_process() {
     }
 }
 
-/// Vocabulary-parallel log-probs and entropies on 1, 2 and 3 ranks (and an empty shard) equal
-/// one process's, with and without an upstream gradient.
+/// Vocabulary-parallel log-probs and entropies on 1, 2 and 3 ranks (and an empty shard) of
+/// every backend equal one process's, with and without an upstream gradient.
 #[test]
 fn sharded_logprobs_equal_one_process() {
     let (n, d, v) = (37, 24, 203);
@@ -425,36 +425,45 @@ fn sharded_logprobs_equal_one_process() {
     for up in [None, Some((a.view(), b.view()))] {
         let whole = cpu.linear_logprobs(&h, &w, Some(bias.view()), t.view(), &cfg, up).unwrap();
         // 1, 2, 3 ranks, and 2 ranks of which the second holds no classes.
-        for cuts in [&[0, v][..], &[0, 90, v], &[0, 70, 140, v], &[0, v, v]] {
+        let cuts = [&[0, v][..], &[0, 90, v], &[0, 70, 140, v], &[0, v, v]];
+        for (on, cuts) in backends().into_iter().flat_map(|on| cuts.map(|c| (on, c))) {
             let shards: Vec<_> = cuts.windows(2).map(|c| c[0]..c[1]).collect();
+            // The GPU's records and sums are f32.
+            let tol = if matches!(on, On::Cpu) { 2e-6 } else { 2e-5 };
             let outs = on_ranks(shards.len(), |comm| {
                 let rows = shards[comm.rank()].clone();
                 let (ws, bs) = (w.slice(s![rows.clone(), ..]).to_owned(), bias.slice(s![rows.clone()]).to_owned());
                 let sh = VocabShard { class0: rows.start, classes: v };
-                cpu.linear_logprobs_vocab_parallel(&h, &ws, Some(bs.view()), t.view(), sh, &cfg, up, comm).unwrap()
+                let (b, t) = (Some(bs.view()), t.view());
+                match on {
+                    On::Cpu => cpu.linear_logprobs_vocab_parallel(&h, &ws, b, t, sh, &cfg, up, comm),
+                    #[cfg(feature = "gpu")]
+                    On::Gpu(g) => g.linear_logprobs_vocab_parallel(&h, &ws, b, t, sh, &cfg, up, comm),
+                }
+                .unwrap()
             });
-            let what = format!("{} ranks, upstream {}", shards.len(), up.is_some());
+            let what = format!("{on:?} {} ranks, upstream {}", shards.len(), up.is_some());
             let diff =
                 |x: &Array1<f32>, y: &Array1<f32>| x.iter().zip(y).fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
             let mut gw = Array2::<f32>::zeros((v, d));
             let mut gb = Array1::<f32>::zeros(v);
             for (rows, o) in shards.iter().zip(&outs) {
-                assert!(diff(&o.logprob, &whole.logprob) < 1e-5, "{what}: logprob");
-                assert!(diff(&o.entropy, &whole.entropy) < 1e-5, "{what}: entropy");
+                assert!(diff(&o.logprob, &whole.logprob) < 5.0 * tol, "{what}: logprob");
+                assert!(diff(&o.entropy, &whole.entropy) < 5.0 * tol, "{what}: entropy");
                 assert_eq!(o.counted, whole.counted, "{what}");
                 assert_eq!(o.grad_hidden.is_some(), up.is_some(), "{what}: gradients only with an upstream one");
                 if let (Some(g), Some(want)) = (&o.grad_hidden, &whole.grad_hidden) {
                     let worst =
                         g.to_f32().iter().zip(want.to_f32().iter()).fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
-                    assert!(worst < 2e-6, "{what}: grad_hidden off by {worst}");
+                    assert!(worst < tol, "{what}: grad_hidden off by {worst}");
                     gw.slice_mut(s![rows.clone(), ..]).assign(&o.grad_weight.as_ref().unwrap().to_f32());
                     gb.slice_mut(s![rows.clone()]).assign(o.grad_bias.as_ref().unwrap());
                 }
             }
             if let (Some(want_w), Some(want_b)) = (&whole.grad_weight, &whole.grad_bias) {
                 let worst = gw.iter().zip(want_w.to_f32().iter()).fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
-                assert!(worst < 2e-6, "{what}: grad_weight off by {worst}");
-                assert!(diff(&gb, want_b) < 2e-6, "{what}: grad_bias");
+                assert!(worst < tol, "{what}: grad_weight off by {worst}");
+                assert!(diff(&gb, want_b) < tol, "{what}: grad_bias");
             }
         }
     }

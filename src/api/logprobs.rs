@@ -175,21 +175,9 @@ pub(crate) struct Checked<'u> {
 
 /// Checks a linear log-prob call (the same errors on every backend): the operands as
 /// [`LinearCe`]'s, class-index targets in range, the temperature, and an upstream gradient of
-/// `N` finite entries per array.
+/// `N` finite entries per array. With `shard`, the weight is that vocabulary shard (targets are
+/// global class indices) and `v` of the result is the shard's classes.
 pub(crate) fn check<'u>(
-    hidden: &Logits<'_>,
-    weight: &Logits<'_>,
-    bias: Option<ArrayView1<'_, f32>>,
-    targets: &Targets<'_>,
-    cfg: &LinearLogprobs,
-    upstream: Option<(ArrayView1<'u, f32>, ArrayView1<'u, f32>)>,
-) -> Result<Checked<'u>> {
-    check_shard(hidden, weight, bias, targets, cfg, upstream, None)
-}
-
-/// [`check`] for a weight that is the vocabulary shard `shard` (targets are global class
-/// indices); `v` of the result is the shard's classes.
-pub(crate) fn check_shard<'u>(
     hidden: &Logits<'_>,
     weight: &Logits<'_>,
     bias: Option<ArrayView1<'_, f32>>,

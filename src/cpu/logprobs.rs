@@ -11,7 +11,7 @@ use super::linear::ChunkRun;
 use super::linear_vocab::ShardSteps;
 use super::{simd, Cpu};
 use crate::api::linear::counted_rows;
-use crate::api::logprobs::{check, check_shard, counted, LinearLogprobs, LinearLogprobsOutput};
+use crate::api::logprobs::{check, counted, LinearLogprobs, LinearLogprobsOutput};
 use crate::api::targets::Targets;
 use crate::dtype::Logits;
 use crate::error::Result;
@@ -104,7 +104,7 @@ impl Cpu {
         upstream: Option<(ArrayView1<'_, f32>, ArrayView1<'_, f32>)>,
     ) -> Result<LinearLogprobsOutput> {
         let (hidden, weight, targets) = (hidden.into(), weight.into(), targets.into());
-        let c = check(&hidden, &weight, bias, &targets, cfg, upstream)?;
+        let c = check(&hidden, &weight, bias, &targets, cfg, upstream, None)?;
         let (n, v) = (c.n, c.v);
         // Ignored rows are left out of the products (as LinearCe's are).
         let kept = counted_rows(&hidden, &targets, &c.lc);
@@ -180,7 +180,7 @@ impl Cpu {
         comm: &dyn Collective,
     ) -> Result<LinearLogprobsOutput> {
         let (hidden, weight, targets) = (hidden.into(), weight.into(), targets.into());
-        let checked = check_shard(&hidden, &weight, bias, &targets, cfg, upstream, Some(shard));
+        let checked = check(&hidden, &weight, bias, &targets, cfg, upstream, Some(shard));
         let lc = cfg.linear_ce(upstream.is_some());
         let (vl, inv_t) = (weight.dim().0, 1.0 / cfg.temperature);
         // The target's column in this shard, if here (None also for an ignored row).
