@@ -467,13 +467,22 @@ fn sharded_logprobs_equal_one_process() {
             }
         }
     }
-    // A shard past the vocabulary, a target outside it: typed errors.
-    let sh = VocabShard { class0: 10, classes: v };
-    let e = cpu.linear_logprobs_vocab_parallel(&h, &w, None, t.view(), sh, &cfg, None, &SingleProcess).unwrap_err();
-    assert!(matches!(e, XentError::Shape(_)), "{e:?}");
+    // A shard past the vocabulary, a target outside it: the same typed errors on every backend.
     let mut bad = t.clone();
     bad[0] = v as i64;
-    let sh = VocabShard { class0: 0, classes: v };
-    let e = cpu.linear_logprobs_vocab_parallel(&h, &w, None, bad.view(), sh, &cfg, None, &SingleProcess).unwrap_err();
-    assert!(matches!(e, XentError::TargetOutOfRange { .. }), "{e:?}");
+    let cases = [(VocabShard { class0: 10, classes: v }, &t), (VocabShard { class0: 0, classes: v }, &bad)];
+    for (on, (sh, t)) in backends().into_iter().flat_map(|on| cases.map(|c| (on, c))) {
+        let e = match on {
+            On::Cpu => cpu.linear_logprobs_vocab_parallel(&h, &w, None, t.view(), sh, &cfg, None, &SingleProcess),
+            #[cfg(feature = "gpu")]
+            On::Gpu(g) => g.linear_logprobs_vocab_parallel(&h, &w, None, t.view(), sh, &cfg, None, &SingleProcess),
+        }
+        .unwrap_err();
+        let ok = if sh.class0 == 10 {
+            matches!(e, XentError::Shape(_))
+        } else {
+            matches!(e, XentError::TargetOutOfRange { row: 0, .. })
+        };
+        assert!(ok, "{on:?}: {e:?}");
+    }
 }
