@@ -241,7 +241,6 @@ fn main() {
 
     // Memory: training steps of copies of both models (and optimiser states) on the last
     // batch, alternating, with freed memory handed back at once (see `return_freed_memory`).
-    lm_bench::return_freed_memory();
     let (x, y) = batch(steps - 1);
     let (mut xm2, mut xo2, mut rm2, mut ro2) = (xm.clone(), xo.clone(), rm.clone(), ro.clone());
     let mut probe_x = || {
@@ -256,8 +255,8 @@ fn main() {
         rm2 = ro2.step(lr, rm2.clone(), grads);
         loss.into_scalar::<f32>()
     };
-    let r = lm_bench::measure(3, &mut [("xent-burn memory", &mut probe_x), ("burn memory", &mut probe_r)]);
-    let (peak_x, peak_r) = (r[0].1, r[1].1);
+    let peaks = lm_bench::measure_memory(3, &mut [("xent-burn memory", &mut probe_x), ("burn memory", &mut probe_r)]);
+    let (peak_x, peak_r) = (peaks[0], peaks[1]);
     eprintln!("step times (s): xent {times_x:.3?}, burn {times_r:.3?}");
 
     println!(

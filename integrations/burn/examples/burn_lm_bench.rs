@@ -14,8 +14,11 @@
 //! that a change in the machine's load falls on all three alike; the median step time is
 //! reported. Peak memory growth of a step is measured the same way for each: the process's
 //! resident-set high-water mark (`VmHWM`, reset through `/proc/self/clear_refs`) minus the
-//! resident set before the step, the largest over the timed steps. Prints the per-step times to
-//! stderr and one JSON line: `{"framework":"burn","backend":"flex","n","d","v","step_s_xent",
+//! resident set before the step, the largest over further rounds (min(REPS, 2), after a
+//! warm-up) run once the timing is done, with glibc's allocator set to hand freed blocks back
+//! to the system at once (otherwise a step could reuse what an earlier way's step freed and
+//! show no growth at all; the setting slows steps, hence the separate rounds). Prints the
+//! per-step times to stderr and one JSON line: `{"framework":"burn","backend":"flex","n","d","v","step_s_xent",
 //! "step_s_ref","step_s_native","peak_bytes_xent","peak_bytes_ref","peak_bytes_native",
 //! "loss_xent","loss_ref","loss_native"}`.
 

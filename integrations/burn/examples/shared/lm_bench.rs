@@ -3,8 +3,6 @@
 //! loss forward + backward of an output head three ways on the same arrays (`--bench-flex` of
 //! `burn_lm_bench`, `--bench` of `burn_lm`).
 
-#![allow(dead_code)] // each example uses its part
-
 use std::time::Instant;
 
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -47,6 +45,13 @@ pub fn return_freed_memory() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 10);
         libc::malloc_trim(0);
     }
+}
+
+/// The largest resident-set growth of a step per way, after [`return_freed_memory`] (so
+/// measured after the steps are timed): as [`measure`], with `reps` rounds.
+pub fn measure_memory(reps: usize, ways: &mut [(&str, &mut dyn FnMut() -> f32)]) -> Vec<u64> {
+    return_freed_memory();
+    measure(reps, ways).into_iter().map(|r| r.1).collect()
 }
 
 /// One timed step: its time and memory growth.
@@ -138,10 +143,11 @@ pub fn bench_flex(n: usize, d: usize, v: usize, reps: usize) -> String {
     };
     let mut fused = || burn_step(true);
     let mut composed = || burn_step(false);
-    let r = measure(reps, &mut [("native", &mut native), ("xent-burn", &mut fused), ("burn ref", &mut composed)]);
-    let [(s_native, p_native, l_native), (s_xent, p_xent, l_xent), (s_ref, p_ref, l_ref)] = r[..] else {
-        unreachable!("three ways")
-    };
+    let mut ways: [(&str, &mut dyn FnMut() -> f32); 3] =
+        [("native", &mut native), ("xent-burn", &mut fused), ("burn ref", &mut composed)];
+    let r = measure(reps, &mut ways);
+    let [(s_native, _, l_native), (s_xent, _, l_xent), (s_ref, _, l_ref)] = r[..] else { unreachable!("three ways") };
+    let [p_native, p_xent, p_ref] = measure_memory(reps.min(2), &mut ways)[..] else { unreachable!("three ways") };
 
     format!(
         "{{\"framework\":\"burn\",\"backend\":\"flex\",\"n\":{n},\"d\":{d},\"v\":{v},\"reps\":{reps},\
