@@ -290,9 +290,12 @@ fn split(out: Tensor<2>, n: usize) -> (Tensor<1>, Tensor<1>) {
 ///
 /// Under autodiff both outputs are differentiable w.r.t. `hidden`, `weight` and `bias`
 /// (whichever the graph tracks; gradients in the inputs' dtype, `cfg`'s `grad_*` flags decided
-/// by the graph). Internally the op is one `[2, N]` tensor whose two rows are returned (see
-/// the [module docs](self)); its backward step receives both upstream gradients
-/// `(d loss / d logp, d loss / d entropy)` at once and makes one fused xent call with them.
+/// by the graph). Internally the op is one `[2, N]` tensor (row 0 the log-probs, row 1 the
+/// entropies) whose two rows are returned: Burn's autodiff sums the gradients of both into the
+/// op's `[2, N]` upstream gradient, so its backward step receives `(d loss / d logp, d loss /
+/// d entropy)` at once and makes one fused xent call with them (no Burn ops on `[N, V]`). The
+/// forward pass keeps only its inputs; the backward pass computes the logits' row chunks again
+/// inside xent, since the upstream values are unknown before it.
 ///
 /// Backends: Burn's Flex (CPU) backend, plain or under autodiff. **Burn's wgpu (cube) backend
 /// is not implemented yet**: a call with tensors on it returns [`XentError::InvalidOption`]
