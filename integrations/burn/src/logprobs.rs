@@ -274,8 +274,9 @@ fn check(
 
 /// The `[2, N]` result's two rows as `[N]` tensors.
 fn split(out: Tensor<2>, n: usize) -> (Tensor<1>, Tensor<1>) {
-    let logp = out.clone().slice([0..1, 0..n]).reshape([n]);
-    let entropy = out.slice([1..2, 0..n]).reshape([n]);
+    // (squeeze_dim, not reshape: Burn's reshape reads a 0 as "keep this axis".)
+    let logp = out.clone().slice([0..1, 0..n]).squeeze_dim(0);
+    let entropy = out.slice([1..2, 0..n]).squeeze_dim(0);
     (logp, entropy)
 }
 
@@ -360,6 +361,9 @@ pub fn linear_logprobs_with_grads(
 ) -> Result<(Tensor<1>, Tensor<1>, Option<Tensor<2>>, Option<Tensor<2>>, Option<Tensor<1>>), XentError> {
     let n = check(&hidden, &weight, bias.as_ref(), &targets, cfg)?;
     let device = hidden.device();
+    // The upstream values are read here (N each; a CPU device) to be checked, and go to the op
+    // as one `[2, N]` tensor.
+    let mut up = Vec::with_capacity(2 * n);
     for (u, name) in [(&upstream.0, "upstream logprob"), (&upstream.1, "upstream entropy")] {
         if u.device() != device {
             return Err(XentError::InvalidOption(format!("{name} is on another device than hidden")));
@@ -374,8 +378,9 @@ pub fn linear_logprobs_with_grads(
             .try_to_vec::<f32>()
             .map_err(|e| XentError::InvalidOption(format!("{name}: {e:?}")))?;
         xent::check::finite_values(ArrayView1::from(&x), name)?;
+        up.extend(x);
     }
-    let up = Tensor::stack::<2>(vec![upstream.0, upstream.1], 0);
+    let up = Tensor::<2>::from_data(TensorData::new(up, [2, n]), &device);
     let bias = bias.unwrap_or_else(|| Tensor::empty([0], &device));
     let (out, gh, gw, gb) = Dispatch::xent_linear_logprobs_with_grads(
         hidden.into_dispatch(),

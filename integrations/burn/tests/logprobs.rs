@@ -380,3 +380,29 @@ fn wgpu_is_a_typed_error_not_a_panic() {
         }
     }
 }
+
+#[test]
+fn an_empty_batch_gives_empty_outputs() {
+    let device = Device::flex().autodiff();
+    let h = Tensor::<2>::zeros([0, 4], &device).require_grad();
+    let w = Tensor::<2>::ones([10, 4], &device).require_grad();
+    let t = Tensor::<1, Int>::zeros([0], &device);
+    let (logp, entropy) = linear_logprobs(h, w, None, t, &LinearLogprobs::default()).unwrap();
+    assert_eq!((logp.dims(), entropy.dims()), ([0], [0]));
+    // Outside autodiff: zero gradients of the right shapes.
+    let flex = Device::flex();
+    let none = || Tensor::<1>::zeros([0], &flex);
+    let (logp, _, gh, gw, _) = linear_logprobs_with_grads(
+        Tensor::<2>::zeros([0, 4], &flex),
+        Tensor::<2>::ones([10, 4], &flex),
+        None,
+        Tensor::<1, Int>::zeros([0], &flex),
+        (none(), none()),
+        &LinearLogprobs::default(),
+    )
+    .unwrap();
+    assert_eq!((logp.dims(), gh.unwrap().dims()), ([0], [0, 4]));
+    let gw = gw.unwrap();
+    assert_eq!(gw.dims(), [10, 4]);
+    assert!(host(gw).iter().all(|&x| x == 0.0));
+}
