@@ -21,6 +21,11 @@
 //! model's output head can own in place of `Linear` + `CrossEntropyLoss`. On Flex (Burn's CPU
 //! backend) for now: on wgpu it returns an error.
 //!
+//! For RL scoring (PPO/GRPO), [`linear_logprobs`] returns the per-row log-probabilities of the
+//! targets and the softmax entropies from the same operands (xent's [`LinearLogprobs`], with a
+//! temperature), both differentiable: one fused xent call in the backward pass takes the
+//! upstream gradients of both outputs. Flex only, as [`linear_cross_entropy`].
+//!
 //! ```
 //! use burn::prelude::*;
 //! use xent::CrossEntropy;
@@ -44,6 +49,7 @@ mod autodiff;
 mod cube;
 mod flex;
 mod linear;
+mod logprobs;
 mod module;
 mod ops;
 mod pool;
@@ -59,10 +65,11 @@ use burn::prelude::*;
 use burn::tensor::DType as BurnDType;
 
 pub use linear::{linear_cross_entropy, linear_cross_entropy_with_grads, XentLinearArgs, XentLinearOps};
+pub use logprobs::{linear_logprobs, linear_logprobs_with_grads, XentLogprobsArgs, XentLogprobsOps};
 pub use module::{LinearCrossEntropy, LinearCrossEntropyConfig};
 pub use ops::take_error;
 pub use pool::{pooled_bytes, release_pooled_buffers};
-pub use xent::{CrossEntropy, LinearCe, Reduction, XentError};
+pub use xent::{CrossEntropy, LinearCe, LinearLogprobs, Reduction, XentError};
 
 #[cfg(feature = "gpu")]
 #[cfg_attr(docsrs, doc(cfg(feature = "gpu")))]

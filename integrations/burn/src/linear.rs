@@ -96,7 +96,7 @@ pub trait XentLinearOps: Backend {
 // Flex
 
 /// Contiguous storage of a Flex tensor (copied only if it is a strided view).
-fn contiguous(t: FlexTensor) -> FlexTensor {
+pub(crate) fn contiguous(t: FlexTensor) -> FlexTensor {
     if t.is_contiguous() && t.layout().start_offset() == 0 {
         t
     } else {
@@ -104,7 +104,7 @@ fn contiguous(t: FlexTensor) -> FlexTensor {
     }
 }
 
-fn view(x: &FlexTensor) -> Logits<'_> {
+pub(crate) fn view(x: &FlexTensor) -> Logits<'_> {
     let dims = x.layout().shape().clone();
     let (r, c) = (dims[0], dims[1]);
     match x.dtype() {
@@ -115,16 +115,16 @@ fn view(x: &FlexTensor) -> Logits<'_> {
 }
 
 /// The values of a 1-d float Flex tensor as f32 (copied: V or N values).
-fn f32_values(t: FlexTensor) -> Vec<f32> {
+pub(crate) fn f32_values(t: FlexTensor) -> Vec<f32> {
     t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default()
 }
 
-fn f32_tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
+pub(crate) fn f32_tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
 
 /// A gradient from xent as a Flex tensor (no copy).
-fn grad_tensor(g: Tensor2) -> FlexTensor {
+pub(crate) fn grad_tensor(g: Tensor2) -> FlexTensor {
     fn vec<T: Clone>(a: ndarray::Array2<T>) -> (Vec<T>, [usize; 2]) {
         let dims = [a.nrows(), a.ncols()];
         let a = if a.is_standard_layout() { a } else { a.as_standard_layout().into_owned() };
@@ -143,6 +143,31 @@ fn grad_tensor(g: Tensor2) -> FlexTensor {
             let (v, s) = vec(a);
             FlexTensor::from_data(TensorData::new(v, s))
         }
+    }
+}
+
+/// Class-index targets of a contiguous Flex int tensor, read in place when they are i64 or
+/// i32 (else widened once into `widened`: N values).
+pub(crate) fn targets_view<'a>(targets: &'a FlexTensor, widened: &'a mut Vec<i64>) -> Targets<'a> {
+    match targets.dtype() {
+        BurnDType::I64 => Targets::I64(ArrayView1::from(targets.storage::<i64>())),
+        BurnDType::I32 => Targets::I32(ArrayView1::from(targets.storage::<i32>())),
+        _ => {
+            // Narrower or unsigned integer targets: widened once (N values).
+            *widened = targets.clone().into_data().convert::<i64>().try_to_vec::<i64>().unwrap_or_default();
+            Targets::I64(ArrayView1::from(&widened[..]))
+        }
+    }
+}
+
+/// A bias gradient (f32 from xent) as a Flex tensor in the bias's own dtype.
+pub(crate) fn bias_tensor(grad: Vec<f32>, dtype: BurnDType) -> FlexTensor {
+    let len = grad.len();
+    let b = FlexTensor::from_data(TensorData::new(grad, [len]));
+    if dtype == BurnDType::F32 {
+        b
+    } else {
+        FlexTensor::from_data(b.into_data().convert_dtype(dtype))
     }
 }
 
@@ -166,16 +191,8 @@ fn flex_run(
     // The bias's gradient comes back in the bias's own dtype.
     let bias_dtype = bias.dtype();
     let bias = (bias.layout().shape().num_elements() > 0).then(|| f32_values(bias));
-    let t64: Vec<i64>;
-    let t = match targets.dtype() {
-        BurnDType::I64 => Targets::I64(ArrayView1::from(targets.storage::<i64>())),
-        BurnDType::I32 => Targets::I32(ArrayView1::from(targets.storage::<i32>())),
-        _ => {
-            // Narrower or unsigned integer targets: widened once (N values).
-            t64 = targets.clone().into_data().convert::<i64>().try_to_vec::<i64>().unwrap_or_default();
-            Targets::I64(ArrayView1::from(&t64[..]))
-        }
-    };
+    let mut t64 = Vec::new();
+    let t = targets_view(&targets, &mut t64);
     let mut cfg = args.cfg().clone();
     cfg.grads_in_input_dtype = true;
     if !with_grads {
@@ -205,14 +222,7 @@ fn flex_run(
                 f32_tensor(loss, loss_shape),
                 out.grad_hidden.map(grad_tensor),
                 out.grad_weight.map(grad_tensor),
-                out.grad_bias.map(|b| {
-                    let b = FlexTensor::from_data(TensorData::new(b.to_vec(), [v]));
-                    if bias_dtype == BurnDType::F32 {
-                        b
-                    } else {
-                        FlexTensor::from_data(b.into_data().convert_dtype(bias_dtype))
-                    }
-                }),
+                out.grad_bias.map(|b| bias_tensor(b.to_vec(), bias_dtype)),
             )
         }
         Err(e) => {
@@ -234,7 +244,7 @@ fn flex_run(
     }
 }
 
-fn empty_flex() -> FlexTensor {
+pub(crate) fn empty_flex() -> FlexTensor {
     FlexTensor::from_data(TensorData::new(Vec::<f32>::new(), [0]))
 }
 
@@ -384,7 +394,7 @@ impl<B: XentLinearOps, C: CheckpointStrategy> XentLinearOps for Autodiff<B, C> {
 // The public function
 
 /// xent's dtype of a Burn float dtype xent reads (f32, f16, bf16), else a typed error.
-fn float_dtype(what: &str, d: BurnDType) -> Result<xent::DType, XentError> {
+pub(crate) fn float_dtype(what: &str, d: BurnDType) -> Result<xent::DType, XentError> {
     match d {
         BurnDType::F32 => Ok(xent::DType::F32),
         BurnDType::F16 => Ok(xent::DType::F16),
@@ -393,14 +403,17 @@ fn float_dtype(what: &str, d: BurnDType) -> Result<xent::DType, XentError> {
     }
 }
 
-/// Checks everything that is known before the call; targets are read (CPU device).
-fn check(
+/// Checks the operands of a fused linear op (`op` names it in the wgpu error): one device, a
+/// Flex one; `N` targets; shapes and dtypes as [`xent::check::linear_operands`] (`lc`: its
+/// workspace bound). Returns `(N, D, V)`.
+pub(crate) fn check_operands(
+    op: &str,
     hidden: &Tensor<2>,
     weight: &Tensor<2>,
     bias: Option<&Tensor<1>>,
     targets: &Tensor<1, Int>,
-    cfg: &LinearCe,
-) -> Result<(), XentError> {
+    lc: &LinearCe,
+) -> Result<(usize, usize, usize), XentError> {
     let [n, d] = hidden.dims();
     let [v, dw] = weight.dims();
     let [nt] = targets.dims();
@@ -409,10 +422,9 @@ fn check(
         return Err(XentError::InvalidOption("hidden, weight, bias and targets are on different devices".into()));
     }
     if !is_host(&device) {
-        return Err(XentError::InvalidOption(
-            "linear_cross_entropy on Burn's wgpu (cube) backend is not implemented yet; use Flex (Device::flex())"
-                .into(),
-        ));
+        return Err(XentError::InvalidOption(format!(
+            "{op} on Burn's wgpu (cube) backend is not implemented yet; use Flex (Device::flex())"
+        )));
     }
     if nt != n {
         return Err(XentError::Shape(format!("hidden has {n} rows but targets have {nt}")));
@@ -428,8 +440,29 @@ fn check(
         ((n, d), float_dtype("hidden", hidden.dtype())?),
         ((v, dw), float_dtype("weight", weight.dtype())?),
         bias_len,
-        cfg,
-    )?;
+        lc,
+    )
+}
+
+/// Checks class-index targets against `v` classes (read: a CPU device).
+pub(crate) fn check_targets(targets: &Tensor<1, Int>, v: usize, ignore_index: i64) -> Result<(), XentError> {
+    let t: Vec<i64> = targets
+        .to_data()
+        .convert::<i64>()
+        .try_to_vec::<i64>()
+        .map_err(|e| XentError::InvalidOption(format!("targets: {e:?}")))?;
+    xent::check::class_targets(&Targets::I64(ArrayView1::from(&t)), v, ignore_index)
+}
+
+/// Checks everything that is known before the call; targets are read (CPU device).
+fn check(
+    hidden: &Tensor<2>,
+    weight: &Tensor<2>,
+    bias: Option<&Tensor<1>>,
+    targets: &Tensor<1, Int>,
+    cfg: &LinearCe,
+) -> Result<(), XentError> {
+    let (n, _, v) = check_operands("linear_cross_entropy", hidden, weight, bias, targets, cfg)?;
     let mut ce = cfg.ce.clone();
     ce.sample_weight = None;
     let none = ArrayView1::<i64>::from(&[][..]);
@@ -439,13 +472,7 @@ fn check(
             return Err(XentError::Shape(format!("sample_weight has {} entries for {n} rows", w.len())));
         }
     }
-    let t: Vec<i64> = targets
-        .to_data()
-        .convert::<i64>()
-        .try_to_vec::<i64>()
-        .map_err(|e| XentError::InvalidOption(format!("targets: {e:?}")))?;
-    xent::check::class_targets(&Targets::I64(ArrayView1::from(&t)), v, cfg.ce.ignore_index)?;
-    Ok(())
+    check_targets(targets, v, cfg.ce.ignore_index)
 }
 
 /// Fused linear cross-entropy: the cross-entropy of the logits `hidden @ weight^T + bias`
