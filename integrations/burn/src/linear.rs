@@ -73,10 +73,10 @@ pub trait XentLinearOps: Backend {
     ) -> FloatTensor<Self>;
 
     /// The loss and the gradients the options ask for (`grad_hidden`, `grad_weight`,
-    /// `grad_bias`; in the inputs' dtype), in one pass. With a `row_scale` of `N` values the
-    /// gradients are those of `sum_n row_scale_n loss_n` (the options' sample weights times
-    /// `row_scale`, reduction `sum`), and so is the loss; a `row_scale` of no elements leaves
-    /// the options as they are. No bias: a bias of no elements. Not differentiable.
+    /// `grad_bias`; in the inputs' dtype), in one pass. With a `row_scale` `u` of `N` values
+    /// the gradients are those of `sum_n u_n L_n`, `L_n` the per-row losses of reduction
+    /// `none` with every option (xent's `linear_cross_entropy_with_upstream`), and the loss is
+    /// that sum (`[1]`); a `row_scale` of no elements leaves the options as they are. No bias: a bias of no elements. Not differentiable.
     #[allow(clippy::type_complexity)]
     fn xent_linear_cross_entropy_with_grads(
         hidden: FloatTensor<Self>,
@@ -200,22 +200,29 @@ fn flex_run(
         cfg.grad_weight = false;
         cfg.grad_bias = false;
     }
-    if row_scale.layout().shape().num_elements() > 0 {
-        let scale = f32_values(row_scale);
-        let w: ndarray::Array1<f32> = match &cfg.ce.sample_weight {
-            Some(sw) => sw.iter().zip(&scale).map(|(a, b)| a * b).collect(),
-            None => scale.into(),
-        };
-        cfg.ce.sample_weight = Some(w);
-        cfg.ce.reduction = Reduction::Sum;
+    // A per-row upstream: the gradients of sum_n u_n L_n, L_n the per-row losses (every option,
+    // the z-loss included, which folding u into the sample weights would miss).
+    let scale = (row_scale.layout().shape().num_elements() > 0).then(|| f32_values(row_scale));
+    if scale.is_some() {
+        cfg.ce.reduction = Reduction::None;
     }
-    let loss_shape = XentLinearArgs::new(&cfg).loss_shape(n);
-    let res = cpu().linear_cross_entropy(view(&hidden), view(&weight), bias.as_deref().map(ArrayView1::from), t, &cfg);
+    let bias_view = bias.as_deref().map(ArrayView1::from);
+    let (h, w) = (view(&hidden), view(&weight));
+    let res = match &scale {
+        Some(u) => cpu().linear_cross_entropy_with_upstream(h, w, bias_view, t, ArrayView1::from(&u[..]), &cfg),
+        None => cpu().linear_cross_entropy(h, w, bias_view, t, &cfg),
+    };
+    // With an upstream the loss is sum_n u_n L_n, one value.
+    let loss_shape = if scale.is_some() { Shape::new([1]) } else { XentLinearArgs::new(&cfg).loss_shape(n) };
     match res {
         Ok(out) => {
-            let loss = match (cfg.ce.reduction, out.row_loss) {
-                (Reduction::None, Some(rows)) => rows.to_vec(),
-                (Reduction::None, None) => vec![f32::NAN; n],
+            let loss = match (&scale, cfg.ce.reduction, out.row_loss) {
+                (Some(u), _, Some(rows)) => {
+                    vec![rows.iter().zip(u).map(|(l, u)| (*l as f64) * (*u as f64)).sum::<f64>() as f32]
+                }
+                (Some(_), _, None) => vec![f32::NAN],
+                (None, Reduction::None, Some(rows)) => rows.to_vec(),
+                (None, Reduction::None, None) => vec![f32::NAN; n],
                 _ => vec![out.loss as f32],
             };
             (

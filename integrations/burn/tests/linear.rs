@@ -232,6 +232,42 @@ fn reduction_none_with_a_per_row_upstream_gradient() {
     assert_eq!(host(rows)[4], 0.0);
 }
 
+/// With a z-loss (`z lse_n^2` per counted row, not scaled by sample weights) the per-row
+/// upstream must scale it too: the gradients of `sum_n u_n L_n` against Burn's composition of
+/// `lse - z_y + z lse^2`, with sample weights on the cross-entropy term.
+#[test]
+fn reduction_none_upstream_with_z_loss_and_sample_weights() {
+    let mut c = case(17, 10, 70, 8);
+    c.t[3] = -100;
+    let up: Vec<f32> = values(c.n, 77, 1.0);
+    let sw: Vec<f32> = values(c.n, 78, 1.0).iter().map(|x| 0.5 + x.abs()).collect();
+    let z = 0.05f32;
+    let mut lc = cfg(Reduction::None);
+    lc.ce.z_loss = z;
+    lc.ce.sample_weight = Some(sw.clone().into());
+    let got = run(&c, true, |h, w, b, t| {
+        let device = h.device();
+        let rows = linear_cross_entropy(h, w, b, t, &lc).unwrap();
+        (rows * t1(&up, &device)).sum()
+    });
+    let want = run(&c, true, |h, w, b, t| {
+        let device = h.device();
+        let mut logits = h.matmul(w.transpose());
+        if let Some(b) = b {
+            logits = logits + b.unsqueeze_dim(0);
+        }
+        let n = t.dims()[0];
+        let keep: Vec<f32> = c.t.iter().map(|&y| if y == -100 { 0.0 } else { 1.0 }).collect();
+        let safe = t.clone().clamp_min(0);
+        let lse = burn::tensor::activation::log_softmax(logits.clone(), 1).neg() + logits.clone();
+        let lse = lse.slice([0..n, 0..1]).reshape([n]);
+        let zy = logits.gather(1, safe.reshape([n, 1])).reshape([n]);
+        let rows = (lse.clone() - zy) * t1(&sw, &device) + lse.clone() * lse * z;
+        (rows * t1(&keep, &device) * t1(&up, &device)).sum()
+    });
+    compare("none + z-loss", &got, &want);
+}
+
 #[test]
 fn upstream_scalar_scales_the_gradients() {
     let c = case(17, 8, 60, 6);
