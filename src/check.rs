@@ -17,10 +17,10 @@
 //! weights, and NaN or infinite logits (scored as PyTorch scores them: `-inf` masks a class, a
 //! NaN makes its row's loss NaN).
 
-use ndarray::{ArrayView, ArrayView2, Dimension, IntoDimension};
+use ndarray::{ArrayView, ArrayView2, Dimension};
 
 use crate::api::config::CrossEntropy;
-use crate::api::linear::LinearCe;
+use crate::api::config::LinearCe;
 use crate::api::targets::Targets;
 use crate::dtype::DType;
 use crate::error::{Result, XentError};
@@ -81,15 +81,7 @@ pub fn cross_entropy(shape: (usize, usize), targets: &Targets, cfg: &CrossEntrop
 /// assert_eq!(e.unwrap_err().to_string(), "--class-weight w.npy must be finite, got inf at index 1");
 /// ```
 pub fn finite_values<D: Dimension>(values: ArrayView<f32, D>, input: &str) -> Result<()> {
-    match values.indexed_iter().find(|(_, x)| !x.is_finite()) {
-        Some((at, &x)) => Err(XentError::InvalidValue {
-            input: input.to_string(),
-            domain: "finite".into(),
-            value: x as f64,
-            index: at.into_dimension().slice().to_vec(),
-        }),
-        None => Ok(()),
-    }
+    crate::error::finite(values, input)
 }
 
 /// Checks probability targets: every entry finite and `>= 0` (rows need not sum to 1, as in

@@ -275,3 +275,19 @@ fn position(index: &[usize]) -> String {
 
 /// Result alias used throughout xent.
 pub type Result<T, E = XentError> = std::result::Result<T, E>;
+
+/// `Ok` when every value is finite, else [`XentError::InvalidValue`] naming `input` and the
+/// first offending entry (the body of [`crate::check::finite_values`], here so that the option
+/// types' own checks need not import `check`).
+pub(crate) fn finite<D: ndarray::Dimension>(values: ndarray::ArrayView<f32, D>, input: &str) -> Result<()> {
+    use ndarray::IntoDimension;
+    match values.indexed_iter().find(|(_, x)| !x.is_finite()) {
+        Some((at, &x)) => Err(XentError::InvalidValue {
+            input: input.to_string(),
+            domain: "finite".into(),
+            value: x as f64,
+            index: at.into_dimension().slice().to_vec(),
+        }),
+        None => Ok(()),
+    }
+}

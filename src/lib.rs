@@ -73,11 +73,12 @@ pub mod gpu;
 pub mod parallel;
 pub mod workload;
 
+pub use api::config::LinearCe;
 pub use api::config::{
     Bce, BceOutput, BceWeight, CeOutput, CrossEntropy, Distill, DistillMode, DistillOutput, Measures, Reduction,
     SoftmaxKind, Totals,
 };
-pub use api::linear::{LinearCe, LinearCeOutput};
+pub use api::linear::LinearCeOutput;
 pub use api::logprobs::{LinearLogprobs, LinearLogprobsOutput};
 pub use api::targets::{Targets, DEVICE_IGNORED};
 pub use api::Backend;

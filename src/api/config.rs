@@ -172,7 +172,7 @@ impl CrossEntropy {
                     w.len()
                 )));
             }
-            crate::check::finite_values(w.view(), "class_weight")?;
+            crate::error::finite(w.view(), "class_weight")?;
         }
         if let Some(t) = self.totals {
             if self.reduction != Reduction::Mean {
@@ -476,4 +476,74 @@ pub struct Measures {
     pub kl: Array1<f64>,
     /// JS(p, q) = KL(p || m)/2 + KL(q || m)/2, m = (p + q)/2 (always finite, at most ln 2).
     pub js: Array1<f64>,
+}
+
+/// Options of a fused linear cross-entropy.
+///
+/// Built from [`Default`] with the `with_*` builders or by assigning fields (the struct is
+/// `#[non_exhaustive]`, so that new options are not breaking changes):
+///
+/// ```
+/// use xent::{CrossEntropy, LinearCe, Reduction};
+/// let cfg = LinearCe::default()
+///     .with_ce(CrossEntropy::default().with_reduction(Reduction::Sum))
+///     .with_grad_bias(false)
+///     .with_workspace_bytes(1 << 20);
+/// let mut same = LinearCe::default();
+/// same.ce.reduction = Reduction::Sum;
+/// same.grad_bias = false;
+/// same.workspace_bytes = Some(1 << 20);
+/// assert_eq!(cfg, same);
+/// assert_eq!(cfg.chunk_rows(1000, 1024), 256); // 1 MiB of 4 KiB rows
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct LinearCe {
+    /// The cross-entropy of the logits `hidden @ weight.T + bias`: reduction, `ignore_index`,
+    /// class and sample weights, label smoothing, z-loss, softcap, temperature, `grad_scale`,
+    /// per-row results. (`totals` is set by the call itself.)
+    pub ce: CrossEntropy,
+    /// Return d(loss)/d(hidden) `[N, D]`.
+    pub grad_hidden: bool,
+    /// Return d(loss)/d(weight) `[V, D]` (accumulated in f32 over row chunks, in order).
+    pub grad_weight: bool,
+    /// Return d(loss)/d(bias) `[V]` (when a bias is given).
+    pub grad_bias: bool,
+    /// Gradients in the inputs' dtype (rounded once from f32) instead of f32.
+    pub grads_in_input_dtype: bool,
+    /// Bytes of logits the call may hold at once. `None`: 256 MiB or `N * V * 4 / 8`,
+    /// whichever is smaller (at least one row).
+    pub workspace_bytes: Option<usize>,
+}
+
+impl Default for LinearCe {
+    fn default() -> Self {
+        LinearCe {
+            ce: CrossEntropy::default(),
+            grad_hidden: true,
+            grad_weight: true,
+            grad_bias: true,
+            grads_in_input_dtype: false,
+            workspace_bytes: None,
+        }
+    }
+}
+
+with_builders!(LinearCe {
+    set with_ce => ce: CrossEntropy,
+    set with_grad_hidden => grad_hidden: bool,
+    set with_grad_weight => grad_weight: bool,
+    set with_grad_bias => grad_bias: bool,
+    set with_grads_in_input_dtype => grads_in_input_dtype: bool,
+    some with_workspace_bytes => workspace_bytes: usize,
+});
+
+impl LinearCe {
+    /// Rows of logits per chunk for `n x v` (the workspace bound over one row's bytes).
+    pub fn chunk_rows(&self, n: usize, v: usize) -> usize {
+        let row = v.max(1) * 4;
+        let default = (256usize << 20).min(n.saturating_mul(row) / 8);
+        let budget = self.workspace_bytes.unwrap_or(default);
+        (budget / row).clamp(1, n.max(1))
+    }
 }
