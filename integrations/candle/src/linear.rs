@@ -77,7 +77,7 @@ pub(crate) fn storage_in(values: Vec<f32>, dtype: xent::DType) -> CpuStorage {
 }
 
 /// An owned ndarray matrix as a Candle tensor (no copy for the standard layout xent returns).
-pub(crate) fn array_tensor<T: WithDType>(a: Array2<T>) -> candle_core::Result<Tensor> {
+fn array_tensor<T: WithDType>(a: Array2<T>) -> candle_core::Result<Tensor> {
     let dim = a.dim();
     let a = if a.is_standard_layout() { a } else { a.as_standard_layout().into_owned() };
     let (v, off) = a.into_raw_vec_and_offset();
