@@ -23,7 +23,9 @@
 //!
 //! [`linear_cross_entropy`] takes the hidden states and the output layer's weight instead of
 //! the logits: the loss of `hidden @ weight.T + bias` as one fused op, so that a model never
-//! materialises the `[N, V]` logits or their gradient.
+//! materialises the `[N, V]` logits or their gradient. [`linear_logprobs`] returns the per-row
+//! log-probabilities of the targets and the softmax entropies from the same inputs (RL
+//! scoring), differentiable through both.
 //!
 //! Errors are `candle_core::Error`s that keep xent's typed [`XentError`] (its variant, row and
 //! value); [`xent_error`] returns it.
@@ -39,7 +41,9 @@ use ndarray::{ArrayView1, ArrayView2};
 use xent::{Cpu, CrossEntropy, Logits, Reduction, Targets, Tensor2, XentError};
 
 mod linear;
+mod logprobs;
 pub use linear::linear_cross_entropy;
+pub use logprobs::linear_logprobs;
 
 /// The loss op: options, the CPU backend, and the gradient its forward pass leaves for backward.
 struct XentLoss {

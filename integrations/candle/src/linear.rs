@@ -30,7 +30,7 @@ struct LinearOp {
 }
 
 /// A `[rows, cols]` matrix of Candle's CPU storage as xent's typed view.
-fn matrix<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Logits<'a>> {
+pub(crate) fn matrix<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Logits<'a>> {
     let &[r, c] = l.shape().dims() else {
         return Err(err(XentError::Shape(format!("{what} must be a matrix, got shape {:?}", l.shape().dims()))));
     };
@@ -49,7 +49,7 @@ fn matrix<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<
 }
 
 /// The bias `[V]` widened to f32 (xent takes an f32 bias).
-fn bias_f32(s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<f32>> {
+pub(crate) fn bias_f32(s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<f32>> {
     if l.shape().rank() != 1 {
         return Err(err(XentError::Shape(format!("bias must be a vector [V], got shape {:?}", l.shape().dims()))));
     }
@@ -68,7 +68,7 @@ fn bias_f32(s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<f32>> {
 }
 
 /// f32 values as Candle storage of `dtype` (the loss in the hidden states' dtype).
-fn storage_in(values: Vec<f32>, dtype: xent::DType) -> CpuStorage {
+pub(crate) fn storage_in(values: Vec<f32>, dtype: xent::DType) -> CpuStorage {
     match dtype {
         xent::DType::F32 => CpuStorage::F32(values),
         xent::DType::F16 => CpuStorage::F16(values.into_iter().map(f16::from_f32).collect()),
@@ -85,7 +85,7 @@ fn array_tensor<T: WithDType>(a: Array2<T>) -> candle_core::Result<Tensor> {
     Tensor::from_vec(v, dim, &Device::Cpu)
 }
 
-fn tensor2(t: Tensor2) -> candle_core::Result<Tensor> {
+pub(crate) fn tensor2(t: Tensor2) -> candle_core::Result<Tensor> {
     match t {
         Tensor2::F32(a) => array_tensor(a),
         Tensor2::F16(a) => array_tensor(a),
@@ -104,7 +104,10 @@ impl Grads {
 }
 
 /// Runs `f` on the CPU storage of `t`.
-fn with_cpu<R>(t: &Tensor, f: impl FnOnce(&CpuStorage, &Layout) -> candle_core::Result<R>) -> candle_core::Result<R> {
+pub(crate) fn with_cpu<R>(
+    t: &Tensor,
+    f: impl FnOnce(&CpuStorage, &Layout) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
     let (s, l) = t.storage_and_layout();
     match &*s {
         Storage::Cpu(c) => f(c, l),
@@ -359,8 +362,8 @@ impl CustomOp3 for LinearOp {
     }
 }
 
-/// Class indices `[N]` of any integer dtype as i64.
-fn class_indices(targets: &Tensor) -> candle_core::Result<Vec<i64>> {
+/// Class indices `[N]` of any integer dtype as i64 (`what`: the loss, for the error).
+pub(crate) fn class_indices(targets: &Tensor, what: &str) -> candle_core::Result<Vec<i64>> {
     if targets.rank() != 1 {
         return Err(err(XentError::Shape(format!("targets must be a vector [N], got shape {:?}", targets.dims()))));
     }
@@ -370,9 +373,9 @@ fn class_indices(targets: &Tensor) -> candle_core::Result<Vec<i64>> {
         DType::I32 => Ok(targets.to_vec1::<i32>()?.into_iter().map(i64::from).collect()),
         DType::I16 => Ok(targets.to_vec1::<i16>()?.into_iter().map(i64::from).collect()),
         DType::U8 => Ok(targets.to_vec1::<u8>()?.into_iter().map(i64::from).collect()),
-        other => Err(err(XentError::InvalidOption(format!(
-            "the fused linear cross-entropy takes integer class indices as targets, got {other:?}"
-        )))),
+        other => {
+            Err(err(XentError::InvalidOption(format!("{what} takes integer class indices as targets, got {other:?}"))))
+        }
     }
 }
 
@@ -444,7 +447,7 @@ pub fn linear_cross_entropy(
     if ![Some(hidden), Some(weight), bias, Some(targets)].into_iter().flatten().all(|t| t.device().is_cpu()) {
         return Err(err(XentError::InvalidOption("xent-candle runs on Candle's CPU device".into())));
     }
-    let targets = class_indices(targets)?;
+    let targets = class_indices(targets, "the fused linear cross-entropy")?;
     let mut cfg = cfg.clone();
     // Gradients only for what Candle's backward will ask for.
     cfg.grad_hidden &= hidden.track_op();
