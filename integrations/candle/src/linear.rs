@@ -1,12 +1,11 @@
 //! Fused linear cross-entropy as a Candle op: the loss of `hidden @ weight.T (+ bias)` without
 //! the `[N, V]` logits or their gradient.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor, WithDType};
-use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
+use ndarray::{Array2, ArrayView1, ArrayView2};
 use xent::half::{bf16, f16};
 use xent::{Cpu, LinearCe, LinearCeOutput, Logits, Reduction, Targets, Tensor2, XentError};
 
@@ -124,22 +123,18 @@ impl LinearOp {
         b: Option<(&CpuStorage, &Layout)>,
         targets: &[i64],
         cfg: &LinearCe,
+        upstream: Option<&[f32]>,
     ) -> candle_core::Result<(LinearCeOutput, xent::DType)> {
         let hidden = matrix(h.0, h.1, "hidden")?;
         let weight = matrix(w.0, w.1, "weight")?;
         let bias = b.map(|(s, l)| bias_f32(s, l)).transpose()?;
         let dtype = hidden.dtype();
-        let out = self
-            .cpu
-            .linear_cross_entropy(
-                hidden,
-                weight,
-                bias.as_deref().map(ArrayView1::from),
-                Targets::I64(ArrayView1::from(targets)),
-                cfg,
-            )
-            .map_err(err)?;
-        Ok((out, dtype))
+        let (bias, t) = (bias.as_deref().map(ArrayView1::from), Targets::I64(ArrayView1::from(targets)));
+        let out = match upstream {
+            Some(u) => self.cpu.linear_cross_entropy_with_upstream(hidden, weight, bias, t, ArrayView1::from(u), cfg),
+            None => self.cpu.linear_cross_entropy(hidden, weight, bias, t, cfg),
+        };
+        Ok((out.map_err(err)?, dtype))
     }
 
     /// The same pass on the op's argument tensors (backward).
@@ -150,13 +145,14 @@ impl LinearOp {
         bias: Option<&Tensor>,
         targets: &[i64],
         cfg: &LinearCe,
+        upstream: Option<&[f32]>,
     ) -> candle_core::Result<LinearCeOutput> {
         with_cpu(hidden, |hs, hl| {
             with_cpu(weight, |ws, wl| match bias {
                 Some(bias) => {
-                    with_cpu(bias, |bs, bl| Ok(self.run((hs, hl), (ws, wl), Some((bs, bl)), targets, cfg)?.0))
+                    with_cpu(bias, |bs, bl| Ok(self.run((hs, hl), (ws, wl), Some((bs, bl)), targets, cfg, upstream)?.0))
                 }
-                None => Ok(self.run((hs, hl), (ws, wl), None, targets, cfg)?.0),
+                None => Ok(self.run((hs, hl), (ws, wl), None, targets, cfg, upstream)?.0),
             })
         })
     }
@@ -173,7 +169,7 @@ impl LinearOp {
             // Per-row losses only: backward runs its own weighted pass.
             (cfg.grad_hidden, cfg.grad_weight, cfg.grad_bias) = (false, false, false);
         }
-        let (mut out, dtype) = self.run(h, w, b, &self.targets, &cfg)?;
+        let (mut out, dtype) = self.run(h, w, b, &self.targets, &cfg, None)?;
         if none {
             let rows = out.row_loss.take().expect("per-row losses for reduction none");
             let n = rows.len();
@@ -202,7 +198,7 @@ impl LinearOp {
             let grads = match cached {
                 Some(g) => g,
                 // A second backward (or one after the cache was taken): the pass again.
-                None => Grads::of(&mut self.run_tensors(hidden, weight, bias, &self.targets, &self.cfg)?)?,
+                None => Grads::of(&mut self.run_tensors(hidden, weight, bias, &self.targets, &self.cfg, None)?)?,
             };
             // `loss.backward()` on the loss itself: the upstream gradient is 1 and the fused
             // gradients are the answer. The scalar is on the CPU: no sync.
@@ -221,11 +217,8 @@ impl LinearOp {
     /// Backward of `reduction = none`: the gradient of `sum_n g_n loss_n` for the upstream
     /// per-row gradient `g`, as PyTorch's backward through `reduction='none'` computes it.
     ///
-    /// Every term of a row's loss except the z-loss is proportional to its sample weight, so
-    /// without z-loss one `Sum` pass with sample weights `sample_weight[n] * g[n]` gives it.
-    /// The z-loss term is not sample-weighted: with z-loss the rows are grouped by their
-    /// upstream value and each group runs as a `Sum` pass with `grad_scale` times that value
-    /// (the other rows ignored, so each row's products run once in all).
+    /// One pass of xent's `linear_cross_entropy_with_upstream` (every option, the z-loss
+    /// included, which folding `g` into the sample weights would miss).
     fn weighted_backward(
         &self,
         hidden: &Tensor,
@@ -250,59 +243,11 @@ impl LinearOp {
                 index: vec![r],
             }));
         }
+        // One pass with the per-row upstream (ignored rows' entries, which may be anything, as 0).
         let mut cfg = self.cfg.clone();
-        cfg.ce.reduction = Reduction::Sum;
         (cfg.ce.per_row, cfg.ce.ranks, cfg.ce.gaps) = (false, false, false);
-        let sw = |r: usize| ce.sample_weight.as_ref().map_or(1.0, |w| w[r]);
-        let mut groups: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-        for r in (0..n).filter(counted) {
-            groups.entry(g[r].to_bits()).or_default().push(r);
-        }
-        if ce.z_loss == 0.0 || groups.len() <= 1 {
-            match groups.keys().next() {
-                // One upstream value (`loss.sum()`, `loss.mean()`): it scales the gradients.
-                Some(&bits) if groups.len() == 1 => cfg.ce.grad_scale *= f32::from_bits(bits),
-                _ => {
-                    let w: Array1<f32> = (0..n).map(|r| if counted(&r) { sw(r) * g[r] } else { sw(r) }).collect();
-                    cfg.ce.sample_weight = Some(w);
-                }
-            }
-            return Grads::of(&mut self.run_tensors(hidden, weight, bias, &self.targets, &cfg)?);
-        }
-        // z-loss with several upstream values: one pass per value, summed in f32.
-        let (want_h, want_w, want_b) = (cfg.grad_hidden, cfg.grad_weight, cfg.grad_bias && bias.is_some());
-        cfg.grads_in_input_dtype = false;
-        let (mut gh, mut gw): (Option<Array2<f32>>, Option<Array2<f32>>) = (None, None);
-        let mut gb: Option<Array1<f32>> = None;
-        let base = cfg.ce.grad_scale;
-        let mut t = vec![ce.ignore_index; n];
-        for (bits, rows) in groups {
-            rows.iter().for_each(|&r| t[r] = self.targets[r]);
-            cfg.ce.grad_scale = base * f32::from_bits(bits);
-            let out = self.run_tensors(hidden, weight, bias, &t, &cfg)?;
-            rows.iter().for_each(|&r| t[r] = ce.ignore_index);
-            let add = |acc: &mut Option<Array2<f32>>, x: Option<Tensor2>| {
-                if let Some(Tensor2::F32(x)) = x {
-                    match acc {
-                        Some(a) => *a += &x,
-                        None => *acc = Some(x),
-                    }
-                }
-            };
-            add(&mut gh, out.grad_hidden);
-            add(&mut gw, out.grad_weight);
-            if let Some(x) = out.grad_bias {
-                match &mut gb {
-                    Some(a) => *a += &x,
-                    None => gb = Some(x),
-                }
-            }
-        }
-        Ok(Grads {
-            hidden: gh.filter(|_| want_h).map(array_tensor).transpose()?,
-            weight: gw.filter(|_| want_w).map(array_tensor).transpose()?,
-            bias: gb.filter(|_| want_b).map(|b| Tensor::from_vec(b.to_vec(), b.len(), &Device::Cpu)).transpose()?,
-        })
+        let u: Vec<f32> = (0..n).map(|r| if counted(&r) { g[r] } else { 0.0 }).collect();
+        Grads::of(&mut self.run_tensors(hidden, weight, bias, &self.targets, &cfg, Some(&u))?)
     }
 }
 
@@ -409,10 +354,8 @@ pub(crate) fn class_indices(targets: &Tensor, what: &str) -> candle_core::Result
 ///
 /// **Backward, `None`.** The forward computes the per-row losses alone. Backward receives
 /// the upstream gradient `g [N]` of the per-row losses and returns the gradient of
-/// `sum_n g_n loss_n`, as PyTorch's backward through `reduction='none'` does: one `Sum` pass
-/// with `g` folded into the sample weights (with z-loss, which sample weights do not scale, one
-/// pass per distinct value of `g` over its rows). A non-finite `g_n` on a counted row is an
-/// error.
+/// `sum_n g_n loss_n`, as PyTorch's backward through `reduction='none'` does: one pass with
+/// `g` as xent's per-row upstream gradient. A non-finite `g_n` on a counted row is an error.
 ///
 /// Errors are `candle_core::Error`s holding a typed [`XentError`]: [`crate::xent_error`]
 /// returns it.
