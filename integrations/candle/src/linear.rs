@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, Device, Layout, Shape, Storage, Tensor, WithDType};
 use ndarray::{Array2, ArrayView1, ArrayView2};
 use xent::half::{bf16, f16};
 use xent::{Cpu, LinearCe, LinearCeOutput, Logits, Reduction, Targets, Tensor2, XentError};
@@ -251,61 +251,76 @@ impl LinearOp {
     }
 }
 
-impl CustomOp2 for LinearOp {
-    fn name(&self) -> &'static str {
-        "xent-linear-cross-entropy"
-    }
+/// `CustomOp2` (hidden, weight) and `CustomOp3` (hidden, weight, bias) for an op type with
+/// inherent `fwd(h, w, Option<b>)` and `bwd(hidden, weight, Option<&bias>, grad)`: the one
+/// forward and backward of the fused linear ops, with and without a bias.
+macro_rules! linear_custom_ops {
+    ($op:ty, $name:literal) => {
+        impl candle_core::CustomOp2 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.fwd((s1, l1), (s2, l2), None)
-    }
+            fn cpu_fwd(
+                &self,
+                s1: &candle_core::CpuStorage,
+                l1: &candle_core::Layout,
+                s2: &candle_core::CpuStorage,
+                l2: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                self.fwd((s1, l1), (s2, l2), None)
+            }
 
-    fn bwd(
-        &self,
-        hidden: &Tensor,
-        weight: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (h, w, _) = LinearOp::bwd(self, hidden, weight, None, grad_res)?;
-        Ok((h, w))
-    }
+            fn bwd(
+                &self,
+                hidden: &candle_core::Tensor,
+                weight: &candle_core::Tensor,
+                _res: &candle_core::Tensor,
+                grad_res: &candle_core::Tensor,
+            ) -> candle_core::Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)> {
+                let (h, w, _) = <$op>::bwd(self, hidden, weight, None, grad_res)?;
+                Ok((h, w))
+            }
+        }
+
+        impl candle_core::CustomOp3 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                s1: &candle_core::CpuStorage,
+                l1: &candle_core::Layout,
+                s2: &candle_core::CpuStorage,
+                l2: &candle_core::Layout,
+                s3: &candle_core::CpuStorage,
+                l3: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                self.fwd((s1, l1), (s2, l2), Some((s3, l3)))
+            }
+
+            #[allow(clippy::type_complexity)]
+            fn bwd(
+                &self,
+                hidden: &candle_core::Tensor,
+                weight: &candle_core::Tensor,
+                bias: &candle_core::Tensor,
+                _res: &candle_core::Tensor,
+                grad_res: &candle_core::Tensor,
+            ) -> candle_core::Result<(
+                Option<candle_core::Tensor>,
+                Option<candle_core::Tensor>,
+                Option<candle_core::Tensor>,
+            )> {
+                <$op>::bwd(self, hidden, weight, Some(bias), grad_res)
+            }
+        }
+    };
 }
+pub(crate) use linear_custom_ops;
 
-impl CustomOp3 for LinearOp {
-    fn name(&self) -> &'static str {
-        "xent-linear-cross-entropy"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.fwd((s1, l1), (s2, l2), Some((s3, l3)))
-    }
-
-    fn bwd(
-        &self,
-        hidden: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        LinearOp::bwd(self, hidden, weight, Some(bias), grad_res)
-    }
-}
+linear_custom_ops!(LinearOp, "xent-linear-cross-entropy");
 
 /// Class indices `[N]` of any integer dtype as i64 (`what`: the loss, for the error).
 pub(crate) fn class_indices(targets: &Tensor, what: &str) -> candle_core::Result<Vec<i64>> {

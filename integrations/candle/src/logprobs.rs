@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Device, Layout, Shape, Tensor};
 use ndarray::ArrayView1;
 use xent::{Cpu, LinearLogprobs, LinearLogprobsOutput, Targets, XentError};
 
@@ -104,61 +104,7 @@ impl LogprobsOp {
     }
 }
 
-impl CustomOp2 for LogprobsOp {
-    fn name(&self) -> &'static str {
-        "xent-linear-logprobs"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.fwd((s1, l1), (s2, l2), None)
-    }
-
-    fn bwd(
-        &self,
-        hidden: &Tensor,
-        weight: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (h, w, _) = LogprobsOp::bwd(self, hidden, weight, None, grad_res)?;
-        Ok((h, w))
-    }
-}
-
-impl CustomOp3 for LogprobsOp {
-    fn name(&self) -> &'static str {
-        "xent-linear-logprobs"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.fwd((s1, l1), (s2, l2), Some((s3, l3)))
-    }
-
-    fn bwd(
-        &self,
-        hidden: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        LogprobsOp::bwd(self, hidden, weight, Some(bias), grad_res)
-    }
-}
+crate::linear::linear_custom_ops!(LogprobsOp, "xent-linear-logprobs");
 
 /// Per-row log-probabilities of the targets and entropies of
 /// `softmax((hidden @ weight.T + bias) / cfg.temperature)`, as two differentiable `[N]`
