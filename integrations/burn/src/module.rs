@@ -8,7 +8,7 @@ use xent::{LinearCe, XentError};
 
 /// The configuration of a [`LinearCrossEntropy`] output head: `d_model` inputs, `vocab`
 /// classes, a bias or not, the weights' initializer (Burn's `Linear`'s by default), and the
-/// loss's `ignore_index` and label smoothing (more options through
+/// loss's `ignore_index`, label smoothing and class weights (more options through
 /// [`LinearCrossEntropy::with_loss`]).
 ///
 /// ```
@@ -40,6 +40,10 @@ pub struct LinearCrossEntropyConfig {
     /// Label smoothing in `[0, 1]`.
     #[config(default = 0.0)]
     pub label_smoothing: f32,
+    /// Per-class weights `[V]` (PyTorch's `weight`; Burn's `CrossEntropyLossConfig::weights`),
+    /// or `None`. A mean divides by the summed weights of the counted rows.
+    #[config(default = "None")]
+    pub weights: Option<Vec<f32>>,
     /// The weights' initializer: Burn's `Linear`'s default (Kaiming uniform, gain `1/sqrt(3)`,
     /// that is `U(-1/sqrt(d_model), 1/sqrt(d_model))`).
     #[config(default = "Initializer::KaimingUniform{gain:1.0 / 3.0f64.sqrt(), fan_out_only:false}")]
@@ -73,6 +77,7 @@ impl LinearCrossEntropyConfig {
             let mut loss = LinearCe::default();
             loss.ce.ignore_index = self.ignore_index;
             loss.ce.label_smoothing = self.label_smoothing;
+            loss.ce.class_weight = self.weights.clone().map(ndarray::Array1::from);
             loss
         };
         LinearCrossEntropy { weight, bias, loss }
@@ -93,6 +98,27 @@ impl LinearCrossEntropy {
     /// now; bad shapes, targets or options are an error, not a panic.
     pub fn forward(&self, hidden: Tensor<2>, targets: Tensor<1, Int>) -> Result<Tensor<1>, XentError> {
         crate::linear_cross_entropy(hidden, self.weight.val(), self.bias.as_ref().map(|b| b.val()), targets, &self.loss)
+    }
+
+    /// [`Self::forward`] with per-row sample weights `sample_weight [N]` (a Burn tensor of the
+    /// head's device, read once; not differentiated): row `n`'s loss is scaled by
+    /// `sample_weight[n]`, and a mean divides by the summed weights of the counted rows, as
+    /// xent's `CrossEntropy::sample_weight`. A length other than `N` or a non-finite weight is
+    /// an error.
+    pub fn forward_weighted(
+        &self,
+        hidden: Tensor<2>,
+        targets: Tensor<1, Int>,
+        sample_weight: Tensor<1>,
+    ) -> Result<Tensor<1>, XentError> {
+        let w: Vec<f32> = sample_weight
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| XentError::InvalidOption(format!("sample weights: {e:?}")))?;
+        let mut loss = self.loss.clone();
+        loss.ce.sample_weight = Some(ndarray::Array1::from(w));
+        crate::linear_cross_entropy(hidden, self.weight.val(), self.bias.as_ref().map(|b| b.val()), targets, &loss)
     }
 
     /// The logits `hidden @ weight^T + bias` (`[N, V]`), with Burn's own ops: for inference

@@ -357,6 +357,46 @@ fn module_forward_backward_equals_linear_and_cross_entropy() {
     assert!(host(head.weight.val()).iter().all(|x| x.abs() <= bound));
 }
 
+/// Class weights from the module's config equal Burn's `CrossEntropyLoss` with the same
+/// `weights`; sample weights (a Burn tensor) equal Burn's per-row composition.
+#[test]
+fn module_class_and_sample_weights_equal_burns() {
+    let (n, d, v) = (11, 8, 40);
+    let device = Device::flex().autodiff();
+    let cw: Vec<f32> = values(v, 31, 1.0).iter().map(|x| 0.25 + x.abs()).collect();
+    let head = LinearCrossEntropyConfig::new(d, v).with_weights(Some(cw.clone())).init(&device);
+    let c = case(n, d, v, 12);
+    let grads_of = |loss: Tensor<1>, h: Tensor<2>| {
+        let g = loss.backward();
+        Out {
+            loss: host(loss),
+            gh: host(h.grad(&g).unwrap()),
+            gw: host(head.weight.grad(&g).unwrap()),
+            gb: head.bias.as_ref().map(|b| host(b.grad(&g).unwrap())),
+        }
+    };
+    let h = t2(&c.h, [n, d], &device).require_grad();
+    let got = grads_of(head.forward(h.clone(), ti(&c.t, &device)).unwrap(), h);
+    let h2 = t2(&c.h, [n, d], &device).require_grad();
+    let logits = head.logits(h2.clone());
+    let burn_loss = CrossEntropyLossConfig::new().with_weights(Some(cw.clone())).init(&device);
+    let want = grads_of(burn_loss.forward(logits, ti(&c.t, &device)), h2);
+    compare("class weights", &got, &want);
+    // Sample weights: sum_n s_n cw_y ce_n / sum_n s_n cw_y.
+    let sw: Vec<f32> = values(n, 32, 1.0).iter().map(|x| 0.5 + x.abs()).collect();
+    let h = t2(&c.h, [n, d], &device).require_grad();
+    let got = grads_of(head.forward_weighted(h.clone(), ti(&c.t, &device), t1(&sw, &device)).unwrap(), h);
+    let h2 = t2(&c.h, [n, d], &device).require_grad();
+    let logits = head.logits(h2.clone());
+    let t = ti(&c.t, &device);
+    let ce = -burn::tensor::activation::log_softmax(logits, 1).gather(1, t.reshape([n, 1])).reshape([n]);
+    let w: Vec<f32> = c.t.iter().zip(&sw).map(|(&y, s)| s * cw[y as usize]).collect();
+    let total: f32 = w.iter().sum();
+    let want = grads_of((ce * t1(&w, &device)).sum() / total, h2);
+    compare("sample weights", &got, &want);
+    assert!(head.forward_weighted(t2(&c.h, [n, d], &device), ti(&c.t, &device), t1(&sw[1..], &device)).is_err());
+}
+
 #[test]
 fn bf16_and_f16_inputs_get_gradients_in_their_dtype() {
     use burn::tensor::DType;
