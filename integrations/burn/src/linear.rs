@@ -173,6 +173,67 @@ pub(crate) fn bias_tensor(grad: Vec<f32>, dtype: BurnDType) -> FlexTensor {
 
 type Grads<T> = (T, Option<T>, Option<T>, Option<T>);
 
+/// The Flex operands of a fused linear op (cross-entropy or log-probs), read once: contiguous
+/// hidden, weight and targets, their sizes, and the bias as f32 values. Gradients go back in
+/// the inputs' dtype, the bias's in its own.
+pub(crate) struct FlexOperands {
+    pub hidden: FlexTensor,
+    pub weight: FlexTensor,
+    pub targets: FlexTensor,
+    pub bias: Option<Vec<f32>>,
+    /// Rows `N`, classes `V`, width `D`.
+    pub n: usize,
+    pub v: usize,
+    pub d: usize,
+    in_dtype: BurnDType,
+    bias_dtype: BurnDType,
+}
+
+impl FlexOperands {
+    /// The operands (a bias of no elements: none).
+    pub fn new(hidden: FlexTensor, weight: FlexTensor, bias: FlexTensor, targets: FlexTensor) -> Self {
+        let (hidden, weight, targets) = (contiguous(hidden), contiguous(weight), contiguous(targets));
+        let n = hidden.layout().shape()[0];
+        let (v, d) = (weight.layout().shape()[0], weight.layout().shape()[1]);
+        let (in_dtype, bias_dtype) = (hidden.dtype(), bias.dtype());
+        let bias = (bias.layout().shape().num_elements() > 0).then(|| f32_values(bias));
+        FlexOperands { hidden, weight, targets, bias, n, v, d, in_dtype, bias_dtype }
+    }
+
+    /// The bias values as xent reads them.
+    pub fn bias_view(&self) -> Option<ArrayView1<'_, f32>> {
+        self.bias.as_deref().map(ArrayView1::from)
+    }
+
+    /// xent's gradients as Flex tensors.
+    pub fn grads(
+        &self,
+        hidden: Option<Tensor2>,
+        weight: Option<Tensor2>,
+        bias: Option<ndarray::Array1<f32>>,
+    ) -> (Option<FlexTensor>, Option<FlexTensor>, Option<FlexTensor>) {
+        (hidden.map(grad_tensor), weight.map(grad_tensor), bias.map(|b| bias_tensor(b.to_vec(), self.bias_dtype)))
+    }
+
+    /// NaN gradients of the inputs whose flag is set (the bias's only when there is one):
+    /// what a failed call returns while its error waits in [`crate::take_error`].
+    pub fn nan_grads(
+        &self,
+        hidden: bool,
+        weight: bool,
+        bias: bool,
+    ) -> (Option<FlexTensor>, Option<FlexTensor>, Option<FlexTensor>) {
+        let nan = |shape: Shape, dtype: BurnDType| {
+            FlexTensor::from_data(TensorData::new(vec![f32::NAN; shape.num_elements()], shape).convert_dtype(dtype))
+        };
+        (
+            hidden.then(|| nan(Shape::new([self.n, self.d]), self.in_dtype)),
+            weight.then(|| nan(Shape::new([self.v, self.d]), self.in_dtype)),
+            (bias && self.bias.is_some()).then(|| nan(Shape::new([self.v]), self.bias_dtype)),
+        )
+    }
+}
+
 fn flex_run(
     hidden: FlexTensor,
     weight: FlexTensor,
@@ -182,17 +243,10 @@ fn flex_run(
     args: &XentLinearArgs,
     with_grads: bool,
 ) -> Grads<FlexTensor> {
-    let hidden = contiguous(hidden);
-    let weight = contiguous(weight);
-    let targets = contiguous(targets);
-    let n = hidden.layout().shape()[0];
-    let (v, d) = (weight.layout().shape()[0], weight.layout().shape()[1]);
-    let in_dtype = hidden.dtype();
-    // The bias's gradient comes back in the bias's own dtype.
-    let bias_dtype = bias.dtype();
-    let bias = (bias.layout().shape().num_elements() > 0).then(|| f32_values(bias));
+    let ops = FlexOperands::new(hidden, weight, bias, targets);
+    let n = ops.n;
     let mut t64 = Vec::new();
-    let t = targets_view(&targets, &mut t64);
+    let t = targets_view(&ops.targets, &mut t64);
     let mut cfg = args.cfg().clone();
     cfg.grads_in_input_dtype = true;
     if !with_grads {
@@ -206,8 +260,8 @@ fn flex_run(
     if scale.is_some() {
         cfg.ce.reduction = Reduction::None;
     }
-    let bias_view = bias.as_deref().map(ArrayView1::from);
-    let (h, w) = (view(&hidden), view(&weight));
+    let bias_view = ops.bias_view();
+    let (h, w) = (view(&ops.hidden), view(&ops.weight));
     let res = match &scale {
         Some(u) => cpu().linear_cross_entropy_with_upstream(h, w, bias_view, t, ArrayView1::from(&u[..]), &cfg),
         None => cpu().linear_cross_entropy(h, w, bias_view, t, &cfg),
@@ -225,28 +279,15 @@ fn flex_run(
                 (None, Reduction::None, None) => vec![f32::NAN; n],
                 _ => vec![out.loss as f32],
             };
-            (
-                f32_tensor(loss, loss_shape),
-                out.grad_hidden.map(grad_tensor),
-                out.grad_weight.map(grad_tensor),
-                out.grad_bias.map(|b| bias_tensor(b.to_vec(), bias_dtype)),
-            )
+            let (gh, gw, gb) = ops.grads(out.grad_hidden, out.grad_weight, out.grad_bias);
+            (f32_tensor(loss, loss_shape), gh, gw, gb)
         }
         Err(e) => {
             // The public function checked everything it could: an error here (out of memory,
             // or a call through the trait directly) leaves NaN outputs and waits in take_error.
             record_error(e);
-            let nan = |shape: Shape| {
-                FlexTensor::from_data(
-                    TensorData::new(vec![f32::NAN; shape.num_elements()], shape).convert_dtype(in_dtype),
-                )
-            };
-            (
-                f32_tensor(vec![f32::NAN; loss_shape.num_elements()], loss_shape),
-                cfg.grad_hidden.then(|| nan(Shape::new([n, d]))),
-                cfg.grad_weight.then(|| nan(Shape::new([v, d]))),
-                (cfg.grad_bias && bias.is_some()).then(|| nan(Shape::new([v]))),
-            )
+            let (gh, gw, gb) = ops.nan_grads(cfg.grad_hidden, cfg.grad_weight, cfg.grad_bias);
+            (f32_tensor(vec![f32::NAN; loss_shape.num_elements()], loss_shape), gh, gw, gb)
         }
     }
 }

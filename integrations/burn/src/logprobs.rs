@@ -29,9 +29,7 @@ use burn_flex::FlexTensor;
 use ndarray::ArrayView1;
 use xent::{LinearCe, LinearLogprobs, XentError};
 
-use crate::linear::{
-    bias_tensor, check_operands, check_targets, contiguous, f32_tensor, f32_values, grad_tensor, targets_view, view,
-};
+use crate::linear::{check_operands, check_targets, f32_tensor, f32_values, targets_view, view, FlexOperands};
 use crate::ops::{cpu, record_error};
 
 /// The options of one linear log-prob call, as the backend extension carries them (cheap to
@@ -101,16 +99,10 @@ fn flex_run(
     upstream: Option<FlexTensor>,
     args: &XentLogprobsArgs,
 ) -> Out<FlexTensor> {
-    let hidden = contiguous(hidden);
-    let weight = contiguous(weight);
-    let targets = contiguous(targets);
-    let n = hidden.layout().shape()[0];
-    let (v, d) = (weight.layout().shape()[0], weight.layout().shape()[1]);
-    let in_dtype = hidden.dtype();
-    let bias_dtype = bias.dtype();
-    let bias = (bias.layout().shape().num_elements() > 0).then(|| f32_values(bias));
+    let ops = FlexOperands::new(hidden, weight, bias, targets);
+    let n = ops.n;
     let mut t64 = Vec::new();
-    let t = targets_view(&targets, &mut t64);
+    let t = targets_view(&ops.targets, &mut t64);
     let mut cfg = args.cfg().clone();
     cfg.grads_in_input_dtype = true;
     // Row 0 of the upstream gradient is `a`, row 1 `b` (a wrong length is xent's Shape error).
@@ -118,9 +110,9 @@ fn flex_run(
     let up = up.as_deref().map(|u| u.split_at(n.min(u.len())));
     let with_grads = up.is_some();
     let res = cpu().linear_logprobs(
-        view(&hidden),
-        view(&weight),
-        bias.as_deref().map(ArrayView1::from),
+        view(&ops.hidden),
+        view(&ops.weight),
+        ops.bias_view(),
         t,
         &cfg,
         up.map(|(a, b)| (ArrayView1::from(a), ArrayView1::from(b))),
@@ -129,27 +121,17 @@ fn flex_run(
         Ok(out) => {
             let mut values = out.logprob.to_vec();
             values.extend(out.entropy.iter());
-            (
-                f32_tensor(values, Shape::new([2, n])),
-                out.grad_hidden.map(grad_tensor),
-                out.grad_weight.map(grad_tensor),
-                out.grad_bias.map(|b| bias_tensor(b.to_vec(), bias_dtype)),
-            )
+            let (gh, gw, gb) = ops.grads(out.grad_hidden, out.grad_weight, out.grad_bias);
+            (f32_tensor(values, Shape::new([2, n])), gh, gw, gb)
         }
         Err(e) => {
             record_error(e);
-            let nan = |shape: Shape| {
-                FlexTensor::from_data(
-                    TensorData::new(vec![f32::NAN; shape.num_elements()], shape).convert_dtype(in_dtype),
-                )
-            };
-            (
-                f32_tensor(vec![f32::NAN; 2 * n], Shape::new([2, n])),
-                (with_grads && cfg.grad_hidden).then(|| nan(Shape::new([n, d]))),
-                (with_grads && cfg.grad_weight).then(|| nan(Shape::new([v, d]))),
-                (with_grads && cfg.grad_bias && bias.is_some())
-                    .then(|| FlexTensor::from_data(TensorData::new(vec![f32::NAN; v], [v]).convert_dtype(bias_dtype))),
-            )
+            let (gh, gw, gb) = ops.nan_grads(
+                with_grads && cfg.grad_hidden,
+                with_grads && cfg.grad_weight,
+                with_grads && cfg.grad_bias,
+            );
+            (f32_tensor(vec![f32::NAN; 2 * n], Shape::new([2, n])), gh, gw, gb)
         }
     }
 }
