@@ -412,6 +412,20 @@ pub fn linear_cross_entropy(
     cfg.grad_weight &= weight.track_op();
     cfg.grad_bias &= bias.is_some_and(|b| b.track_op());
     let op = LinearOp { cfg, targets, cpu: shared_cpu(), cache: Mutex::new(None) };
+    apply_linear(hidden, weight, bias, op)
+}
+
+/// Applies a fused linear op to contiguous hidden and weight, and the bias when there is one
+/// (its `CustomOp3` form; `CustomOp2` without).
+pub(crate) fn apply_linear<O>(
+    hidden: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    op: O,
+) -> candle_core::Result<Tensor>
+where
+    O: candle_core::CustomOp2 + candle_core::CustomOp3 + Send + Sync + 'static,
+{
     let (hidden, weight) = (hidden.contiguous()?, weight.contiguous()?);
     match bias {
         Some(b) => hidden.apply_op3(&weight, &b.contiguous()?, op),

@@ -180,11 +180,7 @@ pub fn linear_logprobs(
         .with_grad_weight(cfg.grad_weight && weight.track_op())
         .with_grad_bias(cfg.grad_bias && bias.is_some_and(|b| b.track_op()));
     let op = LogprobsOp { cfg, targets, cpu: shared_cpu() };
-    let (hidden, weight) = (hidden.contiguous()?, weight.contiguous()?);
-    let both = match bias {
-        Some(b) => hidden.apply_op3(&weight, &b.contiguous()?, op)?,
-        None => hidden.apply_op2(&weight, op)?,
-    };
+    let both = crate::linear::apply_linear(hidden, weight, bias, op)?;
     Ok((both.get(0)?, both.get(1)?))
 }
 
