@@ -10,18 +10,8 @@ use ndarray::{Array1, Array2};
 use xent::{Cpu, LinearCe, Reduction, XentError};
 use xent_burn::{linear_cross_entropy, LinearCrossEntropyConfig};
 
-/// Deterministic values in `[-scale, scale)`.
-fn values(len: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
+mod common;
+use common::{host, t1, t2, ti, values};
 
 struct Case {
     n: usize,
@@ -44,22 +34,6 @@ fn case(n: usize, d: usize, v: usize, seed: u64) -> Case {
         b: values(v, seed + 2, 0.5),
         t,
     }
-}
-
-fn t2(x: &[f32], shape: [usize; 2], device: &Device) -> Tensor<2> {
-    Tensor::from_data(TensorData::new(x.to_vec(), shape), device)
-}
-
-fn t1(x: &[f32], device: &Device) -> Tensor<1> {
-    Tensor::from_data(TensorData::new(x.to_vec(), [x.len()]), device)
-}
-
-fn ti(t: &[i64], device: &Device) -> Tensor<1, Int> {
-    Tensor::from_data(TensorData::new(t.to_vec(), [t.len()]), device)
-}
-
-fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
 }
 
 /// Loss and gradients (hidden, weight, bias) of one differentiable loss function.
