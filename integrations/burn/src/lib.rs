@@ -45,6 +45,7 @@
 #![warn(missing_docs)]
 
 mod autodiff;
+mod compose;
 #[cfg(feature = "gpu")]
 mod cube;
 mod flex;

@@ -19,7 +19,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{backend_extension, AutodiffBackend, Backend, Dispatch, Flex};
+use burn::backend::{backend_extension, AutodiffBackend, Backend, Dispatch, Flex, TensorMetadata};
 use burn::prelude::*;
 use burn::tensor::DType as BurnDType;
 use burn_flex::FlexTensor;
@@ -28,6 +28,7 @@ use ndarray::{ArrayView1, ArrayView2};
 use xent::{LinearCe, Logits, Reduction, Targets, Tensor2, XentError};
 
 use crate::ops::{cpu, is_host, record_error};
+use crate::XentOps;
 
 /// The options of one fused linear cross-entropy call, as the backend extension carries them
 /// (cheap to clone).
@@ -56,21 +57,27 @@ impl XentLinearArgs {
     }
 }
 
-/// xent's fused linear cross-entropy as a Burn backend extension, on Flex (Burn's CPU backend)
-/// and under autodiff. [`linear_cross_entropy`] is the way to call it; the trait is public so
-/// that other backends can implement it.
-#[backend_extension(Flex, Autodiff)]
-pub trait XentLinearOps: Backend {
+/// xent's fused linear cross-entropy as a Burn backend extension: on Flex (Burn's CPU backend)
+/// xent's own CPU kernel; on Burn's wgpu backends (cube and fusion) the default methods, which
+/// compose the backend's matrix products with xent's fused logits-level kernel one row chunk at
+/// a time (see the crate docs); and under autodiff. [`linear_cross_entropy`] is the way to call
+/// it; the trait is public so that other backends can implement it (or take the defaults).
+#[backend_extension(Cube: cfg(feature = "gpu"), Fusion: cfg(feature = "gpu"), Flex, Autodiff)]
+pub trait XentLinearOps: XentOps {
     /// The loss of `hidden [N, D] @ weight[V, D]^T + bias [V]` against class indices
     /// `targets [N]`: `[N]` with reduction `none`, else `[1]`, in f32. Differentiable under
     /// autodiff w.r.t. hidden, weight and bias. No bias: a bias of no elements (`[0]`).
+    #[fusion(default)]
     fn xent_linear_cross_entropy(
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
         targets: IntTensor<Self>,
         args: XentLinearArgs,
-    ) -> FloatTensor<Self>;
+    ) -> FloatTensor<Self> {
+        let none = Self::float_zeros(Shape::new([0]), &hidden.device(), burn::tensor::FloatDType::F32);
+        crate::compose::linear_ce::<Self>(hidden, weight, bias, targets, none, &args, false).0
+    }
 
     /// The loss and the gradients the options ask for (`grad_hidden`, `grad_weight`,
     /// `grad_bias`; in the inputs' dtype), in one pass. With a `row_scale` `u` of `N` values
@@ -78,6 +85,7 @@ pub trait XentLinearOps: Backend {
     /// `none` with every option (xent's `linear_cross_entropy_with_upstream`), and the loss is
     /// that sum (`[1]`); a `row_scale` of no elements leaves the options as they are. No bias: a bias of no elements. Not differentiable.
     #[allow(clippy::type_complexity)]
+    #[fusion(default)]
     fn xent_linear_cross_entropy_with_grads(
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -85,11 +93,20 @@ pub trait XentLinearOps: Backend {
         targets: IntTensor<Self>,
         row_scale: FloatTensor<Self>,
         args: XentLinearArgs,
-    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>, Option<FloatTensor<Self>>, Option<FloatTensor<Self>>);
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>, Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
+        crate::compose::linear_ce::<Self>(hidden, weight, bias, targets, row_scale, &args, true)
+    }
 
     /// `grad` times the scalar `upstream` (`[1]`), in `grad`'s dtype; `grad` itself when
-    /// `upstream` is exactly 1.
-    fn xent_linear_scale(grad: FloatTensor<Self>, upstream: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `upstream` is exactly 1 (known on a CPU backend; a device multiplies).
+    #[fusion(default)]
+    fn xent_linear_scale(grad: FloatTensor<Self>, upstream: FloatTensor<Self>) -> FloatTensor<Self> {
+        let dtype = grad.dtype();
+        let shape = if grad.shape().num_dims() == 1 { Shape::new([1]) } else { Shape::new([1, 1]) };
+        let up = Self::float_reshape(upstream, shape);
+        let up = if up.dtype() == dtype { up } else { Self::float_cast(up, dtype.into()) };
+        Self::float_mul(grad, up)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -452,10 +469,11 @@ pub(crate) fn float_dtype(what: &str, d: BurnDType) -> Result<xent::DType, XentE
 }
 
 /// Checks the operands of a fused linear op (`op` names it in the wgpu error): one device, a
-/// Flex one; `N` targets; shapes and dtypes as [`xent::check::linear_operands`] (`lc`: its
-/// workspace bound). Returns `(N, D, V)`.
+/// Flex one unless `on_gpu` (the op runs on Burn's wgpu backends too); `N` targets; shapes and
+/// dtypes as [`xent::check::linear_operands`] (`lc`: its workspace bound). Returns `(N, D, V)`.
 pub(crate) fn check_operands(
     op: &str,
+    on_gpu: bool,
     hidden: &Tensor<2>,
     weight: &Tensor<2>,
     bias: Option<&Tensor<1>>,
@@ -469,7 +487,7 @@ pub(crate) fn check_operands(
     if weight.device() != device || targets.device() != device || bias.is_some_and(|b| b.device() != device) {
         return Err(XentError::InvalidOption("hidden, weight, bias and targets are on different devices".into()));
     }
-    if !is_host(&device) {
+    if !on_gpu && !is_host(&device) {
         return Err(XentError::InvalidOption(format!(
             "{op} on Burn's wgpu (cube) backend is not implemented yet; use Flex (Device::flex())"
         )));
@@ -510,7 +528,7 @@ fn check(
     targets: &Tensor<1, Int>,
     cfg: &LinearCe,
 ) -> Result<(), XentError> {
-    let (n, _, v) = check_operands("linear_cross_entropy", hidden, weight, bias, targets, cfg)?;
+    let (n, _, v) = check_operands("linear_cross_entropy", cfg!(feature = "gpu"), hidden, weight, bias, targets, cfg)?;
     let mut ce = cfg.ce.clone();
     ce.sample_weight = None;
     let none = ArrayView1::<i64>::from(&[][..]);
@@ -519,6 +537,11 @@ fn check(
         if w.len() != n {
             return Err(XentError::Shape(format!("sample_weight has {} entries for {n} rows", w.len())));
         }
+    }
+    if !is_host(&hidden.device()) {
+        // Burn's wgpu backends: the targets stay on the device (reading them would wait for
+        // the queue), so a target out of range gives NaN there, as in `cross_entropy`.
+        return crate::compose::unsupported(cfg).map_or(Ok(()), Err);
     }
     check_targets(targets, v, cfg.ce.ignore_index)
 }

@@ -246,7 +246,7 @@ fn check(
 ) -> Result<usize, XentError> {
     let mut lc = LinearCe::default();
     lc.workspace_bytes = cfg.workspace_bytes;
-    let (n, _, v) = check_operands("linear_logprobs", hidden, weight, bias, targets, &lc)?;
+    let (n, _, v) = check_operands("linear_logprobs", false, hidden, weight, bias, targets, &lc)?;
     if !(cfg.temperature > 0.0 && cfg.temperature.is_finite()) {
         return Err(XentError::InvalidOption(format!("temperature must be > 0, got {}", cfg.temperature)));
     }
