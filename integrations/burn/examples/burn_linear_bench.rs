@@ -1,13 +1,15 @@
 //! Fused linear cross-entropy beside Burn's composed one, in one process: Burn's `matmul` +
 //! `CrossEntropyLoss` forward + backward on Burn's wgpu device (as the peer program
-//! `burn_linear_ce` times it), Burn's `matmul` alone (`H W^T`), xent's GPU `LinearCe` forward +
-//! backward, and xent's forward product alone (`H W^T`, device-resident).
+//! `burn_linear_ce` times it), xent-burn's `linear_cross_entropy` forward + backward through
+//! Burn's autodiff on the same device, Burn's `matmul` alone (`H W^T`), xent's GPU `LinearCe`
+//! forward + backward, and xent's forward product alone (`H W^T`, device-resident).
 //!
 //! ```text
 //! cargo run --release -p xent-burn --example burn_linear_bench -- 512 256 8000 5
 //! ```
 //!
-//! Arguments: `N D V REPS`. One JSON line per measurement: `what`, `n`, `d`, `v`, `median_s`,
+//! Arguments: `N D V REPS [WORKSPACE_MIB]` (the linear losses' logits workspace; default: xent's,
+//! an eighth of the logits up to 256 MiB). One JSON line per measurement: `what`, `n`, `d`, `v`, `median_s`,
 //! `min_s`, `gflops` (6 N D V flop for forward + backward, 2 N D V for a product alone); the
 //! losses of both forward + backward runs are printed to stderr, to compare.
 
@@ -46,8 +48,8 @@ fn report(what: &str, [n, d, v]: [usize; 3], flop: f64, (median, min): (f64, f64
 
 fn main() {
     let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().expect("N D V REPS: positive numbers")).collect();
-    let [n, d, v, reps] = args[..] else {
-        eprintln!("usage: burn_linear_bench N D V REPS");
+    let (&[n, d, v, reps], workspace) = (&args[..4.min(args.len())], args.get(4)) else {
+        eprintln!("usage: burn_linear_bench N D V REPS [WORKSPACE_MIB]");
         std::process::exit(2);
     };
     let ndv = [n, d, v];
@@ -82,6 +84,26 @@ fn main() {
         assert!(a.is_finite() && b.is_finite(), "non-finite gradient");
     });
     report("burn-matmul+cross-entropy-fwd-bwd", ndv, 3.0 * flop, burn);
+    // xent-burn's fused linear loss on the same device, through Burn's autodiff: Burn's products
+    // around xent's fused kernel, one row chunk at a time.
+    let mut cfg = LinearCe::default();
+    cfg.workspace_bytes = workspace.map(|m| m << 20);
+    let mut xb_loss = 0.0;
+    let xb = time(reps, || {
+        let hg = hb.clone().autodiff().require_grad();
+        let wg = wb.clone().autodiff().require_grad();
+        let loss = xent_burn::linear_cross_entropy(hg.clone(), wg.clone(), None, targets.clone(), &cfg)
+            .expect("xent-burn linear CE");
+        let grads = loss.backward();
+        let gh = hg.grad(&grads).expect("grad hidden");
+        let gw = wg.grad(&grads).expect("grad weight");
+        xb_loss = loss.into_scalar();
+        device.sync().expect("sync");
+        let a: f32 = gh.slice([0..1, 0..1]).into_scalar();
+        let b: f32 = gw.slice([0..1, 0..1]).into_scalar();
+        assert!(a.is_finite() && b.is_finite(), "non-finite gradient");
+    });
+    report("xent-burn-linear-ce-fwd-bwd", ndv, 3.0 * flop, xb);
     let burn_mm = time(reps, || {
         let z = hb.clone().matmul(wb.clone().transpose());
         inner.sync().expect("sync");
@@ -91,7 +113,6 @@ fn main() {
 
     // xent: its own context on the same adapter.
     let gpu = xent::GpuContext::new().expect("a GPU adapter");
-    let cfg = LinearCe::default();
     let mut xent_loss = 0.0;
     let xent = time(reps, || {
         let out = gpu.linear_cross_entropy(h.view(), w.view(), None, t.view(), &cfg).expect("xent linear CE");
@@ -100,5 +121,5 @@ fn main() {
     report(&format!("xent-linear-ce-fwd-bwd-{}", gpu.matmul_kind()), ndv, 3.0 * flop, xent);
     let product = gpu.bench_matmul(MatmulLayout::Nt, (n, v, d), DType::F32, reps.max(1)).expect("xent product");
     report(&format!("xent-product-{}", gpu.matmul_kind()), ndv, flop, product);
-    eprintln!("losses: burn {burn_loss}, xent {xent_loss}");
+    eprintln!("losses: burn {burn_loss}, xent-burn {xb_loss}, xent {xent_loss}");
 }

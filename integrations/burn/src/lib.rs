@@ -18,13 +18,14 @@
 //! From hidden states, [`linear_cross_entropy`] fuses the output head's product with the loss
 //! (xent's [`LinearCe`]): the `[N, V]` logits and their gradient never exist, only row chunks of
 //! them; [`LinearCrossEntropyConfig`] makes a module (weight `[V, D]`, optional bias) that a
-//! model's output head can own in place of `Linear` + `CrossEntropyLoss`. On Flex (Burn's CPU
-//! backend) for now: on wgpu it returns an error.
+//! model's output head can own in place of `Linear` + `CrossEntropyLoss`. On Flex xent's own CPU
+//! kernel runs; on Burn's wgpu backends (fusion or plain cube) Burn's matrix products run around
+//! xent's fused logits kernel, one row chunk at a time, on the device (no host transfer).
 //!
 //! For RL scoring (PPO/GRPO), [`linear_logprobs`] returns the per-row log-probabilities of the
 //! targets and the softmax entropies from the same operands (xent's [`LinearLogprobs`], with a
 //! temperature), both differentiable: one fused xent call in the backward pass takes the
-//! upstream gradients of both outputs. Flex only, as [`linear_cross_entropy`].
+//! upstream gradients of both outputs. Flex only for now (on wgpu: a typed error).
 //!
 //! ```
 //! use burn::prelude::*;

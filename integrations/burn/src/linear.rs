@@ -562,13 +562,19 @@ fn check(
 /// sample weights and reduction `sum`. Gradients come back in the inputs' dtype; `cfg`'s
 /// `grad_*` flags are decided by what the graph tracks, and `grads_in_input_dtype` is implied.
 ///
-/// Backends: Burn's Flex (CPU) backend, plain or under autodiff: xent's CPU kernels read
-/// Flex's storage in place. **Burn's wgpu (cube) backend is not implemented yet**: a call with
-/// tensors on it returns [`XentError::InvalidOption`] (the logits-level [`crate::cross_entropy`]
-/// runs there).
-///
-/// Shapes, dtypes, devices, options and the targets' range are checked here: bad input is an
-/// error, never a panic.
+/// Backends, plain or under autodiff:
+/// - Burn's Flex (CPU) backend: xent's CPU kernel reads Flex's storage in place.
+/// - Burn's wgpu backends (feature `gpu`; fusion or plain cube, on a device from
+///   [`crate::wgpu_device`]): per row chunk, Burn's own matrix product makes the chunk's
+///   logits, xent's fused kernel their per-row losses and gradient, and Burn's products the
+///   gradients' parts, all on the device and queue (no host transfer, no wait). Arithmetic in
+///   f32 (f16 operands are converted once). Chunks are at least 1024 rows unless
+///   `workspace_bytes` is set. Targets stay on the device: one out of range gives NaN there
+///   instead of an error. A z-loss together with sample weights, or with class weights and
+///   reduction `mean`, is [`XentError::InvalidOption`] there (use Flex).
+
+/// Shapes, dtypes, devices, options and (on Flex) the targets' range are checked here: bad
+/// input is an error, never a panic.
 ///
 /// ```
 /// use burn::prelude::*;

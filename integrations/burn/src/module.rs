@@ -94,8 +94,9 @@ impl LinearCrossEntropy {
 
     /// The loss of `hidden [N, D]` against `targets [N]`, as [`crate::linear_cross_entropy`]
     /// with this head's weight, bias and options (a `[1]` tensor for `mean`/`sum`, `[N]` for
-    /// `none`; f32). Differentiable w.r.t. `hidden` and the parameters. Flex devices only for
-    /// now; bad shapes, targets or options are an error, not a panic.
+    /// `none`; f32). Differentiable w.r.t. `hidden` and the parameters. On Flex and on Burn's
+    /// wgpu device (see [`crate::linear_cross_entropy`]); bad shapes, targets or options are an
+    /// error, not a panic.
     pub fn forward(&self, hidden: Tensor<2>, targets: Tensor<1, Int>) -> Result<Tensor<1>, XentError> {
         crate::linear_cross_entropy(hidden, self.weight.val(), self.bias.as_ref().map(|b| b.val()), targets, &self.loss)
     }
@@ -104,7 +105,8 @@ impl LinearCrossEntropy {
     /// head's device, read once; not differentiated): row `n`'s loss is scaled by
     /// `sample_weight[n]`, and a mean divides by the summed weights of the counted rows, as
     /// xent's `CrossEntropy::sample_weight`. A length other than `N` or a non-finite weight is
-    /// an error.
+    /// an error. On a wgpu device reading the weights waits for the device (the one wait of
+    /// this call); a z-loss with sample weights is an error there.
     pub fn forward_weighted(
         &self,
         hidden: Tensor<2>,

@@ -568,8 +568,42 @@ fn wgpu_errors_and_grads_outside_autodiff() {
         let (l, gh, gw, gb) = xent_burn::linear_cross_entropy_with_grads(h, w, Some(b), t, &cfg(Reduction::Sum)).unwrap();
         Out { loss: host(l), gh: host(gh.unwrap()), gw: host(gw.unwrap()), gb: Some(host(gb.unwrap())) }
     };
-    let _ = (h, w, b, t);
+    drop((h, w, b, t));
     compare_loose("with grads", &on(&gpu), &on(&flex));
+}
+
+/// The plain cube backend (no fusion wrapper), through Burn's backend trait directly: the
+/// trait's default (composed) method, against Flex.
+#[cfg(feature = "gpu")]
+#[test]
+fn wgpu_plain_cube_backend_without_fusion() {
+    use burn::backend::ops::{FloatTensorOps, IntTensorOps};
+    use burn::backend::DispatchDevice;
+    use burn_cubecl::CubeBackend;
+    use xent_burn::{XentLinearArgs, XentLinearOps};
+    let Some(gpu) = wgpu() else { return };
+    let DispatchDevice::Cube(cube) = gpu.as_dispatch() else { panic!("a cube device") };
+    let mut c = case(23, 16, 130, 14);
+    c.t[5] = -100;
+    let mut lc = cfg(Reduction::Mean);
+    lc.ce.label_smoothing = 0.1;
+    lc.workspace_bytes = Some(6 * c.v * 4);
+    let f = |x: &[f32], shape: Vec<usize>| CubeBackend::float_from_data(TensorData::new(x.to_vec(), shape), cube);
+    let (loss, gh, gw, gb) = CubeBackend::xent_linear_cross_entropy_with_grads(
+        f(&c.h, vec![c.n, c.d]),
+        f(&c.w, vec![c.v, c.d]),
+        f(&c.b, vec![c.v]),
+        CubeBackend::int_from_data(TensorData::new(c.t.clone(), [c.n]), cube),
+        f(&[], vec![0]),
+        XentLinearArgs::new(&lc),
+    );
+    let read = |p| burn_cubecl::ops::into_data_sync(p).convert::<f32>().try_to_vec::<f32>().unwrap();
+    let got = Out { loss: read(loss), gh: read(gh.unwrap()), gw: read(gw.unwrap()), gb: Some(read(gb.unwrap())) };
+    let d = Device::flex();
+    let (h, w, b, t) = (t2(&c.h, [c.n, c.d], &d), t2(&c.w, [c.v, c.d], &d), t1(&c.b, &d), ti(&c.t, &d));
+    let (l, gh, gw, gb) = xent_burn::linear_cross_entropy_with_grads(h, w, Some(b), t, &lc).unwrap();
+    let want = Out { loss: host(l), gh: host(gh.unwrap()), gw: host(gw.unwrap()), gb: Some(host(gb.unwrap())) };
+    compare_loose("plain cube", &got, &want);
 }
 
 /// [`compare`] with the tolerance of two different product orders (Burn's cubecl kernels).
