@@ -512,7 +512,8 @@ pub struct LinearCe {
     /// Gradients in the inputs' dtype (rounded once from f32) instead of f32.
     pub grads_in_input_dtype: bool,
     /// Bytes of logits the call may hold at once. `None`: 256 MiB or `N * V * 4 / 8`,
-    /// whichever is smaller (at least one row).
+    /// whichever is smaller (at least one row); on a GPU at least 1024 rows within 256 MiB
+    /// ([`Self::device_chunk_rows`]).
     pub workspace_bytes: Option<usize>,
 }
 
@@ -546,4 +547,32 @@ impl LinearCe {
         let budget = self.workspace_bytes.unwrap_or(default);
         (budget / row).clamp(1, n.max(1))
     }
+
+    /// Rows of logits per chunk where the products run on a GPU: the workspace bound when
+    /// `workspace_bytes` is set; else [`Self::chunk_rows`]'s default, but at least
+    /// [`Self::DEVICE_MIN_ROWS`] rows as long as their f32 logits fit in 256 MiB. A GPU matrix
+    /// product needs tall operands to reach its speed: on lavapipe, xent's own products over
+    /// 64-row chunks made the fused loss at 512 x 256 x 8000 1.4x slower than one 512-row
+    /// chunk, and Burn's (cubecl's) over 128 rows 1.3x slower than over 1024 (see
+    /// `docs/gpu-matmul.md`). Memory: `[rows, V]` f32, at most 256 MiB unless `N * V * 4 / 8`
+    /// is larger.
+    ///
+    /// ```
+    /// use xent::LinearCe;
+    /// assert_eq!(LinearCe::default().chunk_rows(4096, 32000), 512); // an eighth
+    /// assert_eq!(LinearCe::default().device_chunk_rows(4096, 32000), 1024);
+    /// assert_eq!(LinearCe::default().device_chunk_rows(4096, 256000), 262); // 256 MiB
+    /// assert_eq!(LinearCe::default().with_workspace_bytes(1 << 20).device_chunk_rows(4096, 1024), 256);
+    /// ```
+    pub fn device_chunk_rows(&self, n: usize, v: usize) -> usize {
+        let rows = self.chunk_rows(n, v);
+        if self.workspace_bytes.is_some() {
+            return rows;
+        }
+        let fit = (256usize << 20) / (4 * v.max(1));
+        rows.max(fit.clamp(1, Self::DEVICE_MIN_ROWS)).clamp(1, n.max(1))
+    }
+
+    /// The fewest rows a chunk gets by default on a GPU ([`Self::device_chunk_rows`]).
+    pub const DEVICE_MIN_ROWS: usize = 1024;
 }

@@ -62,7 +62,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub(crate) threads: Option<usize>,
     /// `--op linear-fwd-bwd`: bytes of logits the call may hold at once (default: the
-    /// library's, min(256 MiB, N V 4 / 8)).
+    /// library's, min(256 MiB, N V 4 / 8); on the GPU at least 1024 rows within 256 MiB).
     #[arg(long)]
     pub(crate) workspace_bytes: Option<usize>,
     /// `--op linear-fwd-bwd`: CPU matrix-product kernels to time side by side, comma-separated

@@ -8,7 +8,8 @@
 //! the products are the framework's, autotuned for the device by cubecl, and xent contributes
 //! the pass over the logits. Everything stays on the device and on the backend's queue: no host
 //! transfer and no wait, and the `[N, V]` logits never exist, only `[chunk, V]` of them (twice:
-//! the logits and their gradient; at least 1024 rows a chunk by default, see [`chunk_rows`]).
+//! the logits and their gradient; at least 1024 rows a chunk by default: the products are
+//! the backend's, and tall operands are what they need, `LinearCe::device_chunk_rows`).
 //!
 //! The loss's definition is xent's ([`xent::LinearCe`]) and is kept exact by splitting it into
 //! the per-row part the kernel computes and a per-row weight applied outside: the chunk runs with
@@ -55,24 +56,6 @@ pub(crate) fn unsupported(cfg: &LinearCe) -> Option<XentError> {
         )
     })
 }
-
-/// Rows per chunk: the workspace bound when the options set one; else xent's default (an
-/// eighth of the logits) but at least [`MIN_ROWS`] rows where `[rows, V]` f32 logits fit in 256
-/// MiB. The products here are the backend's, and a general matrix product needs tall operands
-/// to reach its speed: on lavapipe, cubecl's products over 128-row chunks ran 1.3x slower than
-/// over 1024 rows (N=1024, D=256, V=32000), which made the whole loss slower than Burn's own
-/// composition, and faster with one chunk (`docs/burn-linear.md`).
-fn chunk_rows(cfg: &LinearCe, n: usize, v: usize) -> usize {
-    let rows = cfg.chunk_rows(n, v);
-    if cfg.workspace_bytes.is_some() {
-        return rows;
-    }
-    let fit = (256usize << 20) / (4 * v.max(1));
-    rows.max(fit.clamp(1, MIN_ROWS)).clamp(1, n.max(1))
-}
-
-/// The fewest rows a chunk gets by default (see [`chunk_rows`]).
-const MIN_ROWS: usize = 1024;
 
 fn range(a: usize, b: usize) -> Slice {
     Slice::new(a as isize, Some(b as isize), 1)
@@ -158,7 +141,8 @@ pub(crate) fn linear_ce<B: XentOps>(
     let r = any_grad.then(|| {
         let mut r = row_w.clone().unwrap_or_else(ones);
         if let Some(den) = &den {
-            let zero = B::float_equal_elem(den.clone(), Scalar::Float(0.0), get_device_settings::<B>(&device).bool_dtype);
+            let zero =
+                B::float_equal_elem(den.clone(), Scalar::Float(0.0), get_device_settings::<B>(&device).bool_dtype);
             let inv = B::float_mask_fill(B::float_recip(den.clone()), zero, Scalar::Float(0.0));
             r = B::float_mul(r, inv);
         }
@@ -177,7 +161,7 @@ pub(crate) fn linear_ce<B: XentOps>(
     chunk_cfg.ranks = false;
     chunk_cfg.gaps = false;
     let chunk_args = XentArgs::new(&chunk_cfg);
-    let rows = chunk_rows(cfg, n, v);
+    let rows = cfg.device_chunk_rows(n, v);
     let mut losses = Vec::new();
     let mut gh_parts = Vec::new();
     let mut gw: Option<FloatTensor<B>> = None;

@@ -565,7 +565,8 @@ fn wgpu_errors_and_grads_outside_autodiff() {
     let flex = Device::flex();
     let on = |d: &Device| {
         let (h, w, b, t) = (t2(&c.h, [c.n, c.d], d), t2(&c.w, [c.v, c.d], d), t1(&c.b, d), ti(&c.t, d));
-        let (l, gh, gw, gb) = xent_burn::linear_cross_entropy_with_grads(h, w, Some(b), t, &cfg(Reduction::Sum)).unwrap();
+        let (l, gh, gw, gb) =
+            xent_burn::linear_cross_entropy_with_grads(h, w, Some(b), t, &cfg(Reduction::Sum)).unwrap();
         Out { loss: host(l), gh: host(gh.unwrap()), gw: host(gw.unwrap()), gb: Some(host(gb.unwrap())) }
     };
     drop((h, w, b, t));

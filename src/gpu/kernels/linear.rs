@@ -251,7 +251,7 @@ impl GpuContext {
         let dev_ignore = i32::try_from(ignore_index).unwrap_or(i32::MIN);
         let totals = Totals::of(&targets, &cfg.ce);
         let dev = LinearDev::new(self, &hidden, &weight, bias)?;
-        let rows = dev.chunk_rows(self, cfg.chunk_rows(n, v))?;
+        let rows = dev.chunk_rows(self, cfg.device_chunk_rows(n, v))?;
         let (dt, v64, d64) = (dev.dt, v as u64, d as u64);
         let per_row = cfg.ce.per_row || cfg.ce.reduction == Reduction::None;
         let any_grad = cfg.grad_hidden || cfg.grad_weight || (cfg.grad_bias && bias.is_some());

@@ -114,7 +114,7 @@ impl GpuContext {
         let prep = (|| -> Result<Prep> {
             let (t, n, _, vl) = check_linear(&call, shard, cfg)?;
             let dev = LinearDev::new(self, hidden, weight, bias)?;
-            let rows = dev.chunk_rows(self, cfg.chunk_rows(n, vl))?.min(n).max(1);
+            let rows = dev.chunk_rows(self, cfg.device_chunk_rows(n, vl))?.min(n).max(1);
             let ti = targets.device_classes(shard.classes, cfg.ce.ignore_index)?;
             let tb = self.upload(bytemuck::cast_slice(&ti), U::STORAGE | U::COPY_SRC, "targets")?;
             let z = self.take((rows * vl.max(1) * 4) as u64, U::STORAGE | U::COPY_SRC, "linear workspace")?;

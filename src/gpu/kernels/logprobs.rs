@@ -100,10 +100,10 @@ impl GpuContext {
             let z = |dim: (usize, usize), on: bool| on.then(|| Array2::zeros(dim));
             let gb = gflags.2.then(|| vec![0f32; v]);
             let g = (z((n, d), gflags.0), z((v, d), gflags.1), gb);
-            return Ok(c.output((vec![0.0; n], vec![0.0; n]), count, g, dt, c.lc.chunk_rows(n, v)));
+            return Ok(c.output((vec![0.0; n], vec![0.0; n]), count, g, dt, c.lc.device_chunk_rows(n, v)));
         }
         let dev = LinearDev::new(self, &hidden, &weight, bias)?;
-        let rows = dev.chunk_rows(self, c.lc.chunk_rows(n, v))?;
+        let rows = dev.chunk_rows(self, c.lc.device_chunk_rows(n, v))?;
         let chunk = rows.min(n) as u64;
         // Targets as i32, ignored rows -1 (every other one was checked to be a class index).
         let ti: Vec<i32> =
@@ -233,7 +233,7 @@ impl GpuContext {
             // No rows or no classes here: no device work (records of no classes, no gradient).
             let dev = (n > 0 && vl > 0).then(|| LinearDev::new(self, &hidden, &weight, bias)).transpose()?;
             let rows = match &dev {
-                Some(dev) => dev.chunk_rows(self, c.lc.chunk_rows(n, vl))?.min(n),
+                Some(dev) => dev.chunk_rows(self, c.lc.device_chunk_rows(n, vl))?.min(n),
                 None => n.max(1),
             };
             let tb = self.upload(bytemuck::cast_slice(&ti), U::STORAGE | U::COPY_SRC, "targets")?;
