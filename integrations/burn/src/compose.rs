@@ -33,7 +33,7 @@
 
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{get_device_settings, Scalar, Slice, TensorMetadata};
-use burn::tensor::{DType as BurnDType, FloatDType, Shape, TensorData};
+use burn::tensor::{DType as BurnDType, FloatDType, IndexingUpdateOp, Shape, TensorData};
 use xent::{CrossEntropy, LinearCe, Reduction, XentError};
 
 use crate::linear::XentLinearArgs;
@@ -61,7 +61,7 @@ fn range(a: usize, b: usize) -> Slice {
     Slice::new(a as isize, Some(b as isize), 1)
 }
 
-fn to_f32<B: XentOps>(t: FloatTensor<B>) -> FloatTensor<B> {
+fn to_f32<B: burn::backend::Backend>(t: FloatTensor<B>) -> FloatTensor<B> {
     if t.dtype() == BurnDType::F32 {
         t
     } else {
@@ -69,7 +69,7 @@ fn to_f32<B: XentOps>(t: FloatTensor<B>) -> FloatTensor<B> {
     }
 }
 
-fn to_dtype<B: XentOps>(t: FloatTensor<B>, dtype: BurnDType) -> FloatTensor<B> {
+fn to_dtype<B: burn::backend::Backend>(t: FloatTensor<B>, dtype: BurnDType) -> FloatTensor<B> {
     match dtype {
         BurnDType::F16 => B::float_cast(t, FloatDType::F16),
         BurnDType::BF16 => B::float_cast(t, FloatDType::BF16),
@@ -78,7 +78,7 @@ fn to_dtype<B: XentOps>(t: FloatTensor<B>, dtype: BurnDType) -> FloatTensor<B> {
 }
 
 /// Values on the device as an f32 tensor of `shape`.
-fn upload<B: XentOps>(values: Vec<f32>, shape: Shape, device: &B::Device) -> FloatTensor<B> {
+fn upload<B: burn::backend::Backend>(values: Vec<f32>, shape: Shape, device: &B::Device) -> FloatTensor<B> {
     B::float_from_data(TensorData::new(values, shape), device)
 }
 
@@ -233,4 +233,120 @@ pub(crate) fn linear_ce<B: XentOps>(
         to_dtype::<B>(g, bias_dtype)
     });
     (loss, gh, gw, gb)
+}
+
+/// Per-row log-probs and entropies of `softmax((hidden @ weight^T + bias) / T)` and, with an
+/// upstream `[2, N]` (`a`, `b`), the gradients of `sum_n a_n logp_n + b_n H_n`, as
+/// [`crate::XentLogprobsOps::xent_linear_logprobs_with_grads`], composed per row chunk from the
+/// backend's own ops: Burn's products as in [`linear_ce`], and the row statistics in Burn's
+/// element-wise ops (max-subtracted, f32), which its fusion backend fuses. The chunk's gradient
+/// over the logits is `(a (onehot(y) - p) - b p (log p + H)) / T`; ignored rows give 0 and no
+/// gradient; a target out of range (not ignored) gives NaN in its row, since reading the
+/// targets to check them would wait for the device.
+pub(crate) fn linear_logprobs<B: burn::backend::Backend>(
+    hidden: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bias: FloatTensor<B>,
+    targets: IntTensor<B>,
+    upstream: Option<FloatTensor<B>>,
+    cfg: &xent::LinearLogprobs,
+) -> Grads<FloatTensor<B>> {
+    let device = hidden.device();
+    let (n, d) = (hidden.shape()[0], hidden.shape()[1]);
+    let v = weight.shape()[0];
+    let (in_dtype, bias_dtype) = (hidden.dtype(), bias.dtype());
+    let has_bias = bias.shape().num_elements() > 0;
+    let with_grads = upstream.is_some();
+    let (g_h, g_w, g_b) =
+        (with_grads && cfg.grad_hidden, with_grads && cfg.grad_weight, with_grads && cfg.grad_bias && has_bias);
+    let bool_dtype = get_device_settings::<B>(&device).bool_dtype;
+    let h = to_f32::<B>(hidden);
+    let w = to_f32::<B>(weight);
+    let wt = B::float_transpose(w.clone());
+    let b = has_bias.then(|| B::float_reshape(to_f32::<B>(bias), Shape::new([1, v])));
+    let inv_t = 1.0 / cfg.temperature as f64;
+    let up = upstream.map(|u| to_f32::<B>(u));
+    let mut lc = LinearCe::default();
+    lc.workspace_bytes = cfg.workspace_bytes;
+    let rows = lc.device_chunk_rows(n, v);
+    let (mut logps, mut ents, mut gh_parts) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut gw, mut gb): (Option<FloatTensor<B>>, Option<FloatTensor<B>>) = (None, None);
+    for r0 in (0..n).step_by(rows.max(1)) {
+        let r1 = (r0 + rows).min(n);
+        let bn = r1 - r0;
+        let hc = B::float_slice(h.clone(), &[range(r0, r1), range(0, d)]);
+        let tc = B::int_slice(targets.clone(), &[range(r0, r1)]);
+        let mut z = B::float_matmul(hc.clone(), wt.clone());
+        if let Some(b) = &b {
+            z = B::float_add(z, b.clone());
+        }
+        let z = B::float_mul_scalar(z, Scalar::Float(inv_t));
+        // log p = s - log sum exp s, s = z - max z.
+        let s = B::float_sub(z.clone(), B::float_max_dim(z, 1));
+        let lsm = B::float_sub(s.clone(), B::float_log(B::float_sum_dim(B::float_exp(s), 1)));
+        let p = B::float_exp(lsm.clone());
+        // Rows: counted (not ignored), and of those the ones whose target is out of range.
+        let ignored = B::int_equal_elem(tc.clone(), Scalar::Int(cfg.ignore_index), bool_dtype);
+        let low = B::int_lower_elem(tc.clone(), Scalar::Int(0), bool_dtype);
+        let high = B::int_greater_equal_elem(tc.clone(), Scalar::Int(v as i64), bool_dtype);
+        let out_of_range = B::bool_and(B::bool_or(low, high), B::bool_not(ignored.clone()));
+        let keep = B::float_reshape(B::bool_into_float(B::bool_not(ignored), FloatDType::F32), Shape::new([bn, 1]));
+        let idx = B::int_reshape(
+            B::int_clamp(tc, Scalar::Int(0), Scalar::Int(v.saturating_sub(1) as i64)),
+            Shape::new([bn, 1]),
+        );
+        let logp = B::float_mul(B::float_gather(1, lsm.clone(), idx.clone()), keep.clone());
+        let logp = B::float_mask_fill(B::float_reshape(logp, Shape::new([bn])), out_of_range, Scalar::Float(f64::NAN));
+        let ent = B::float_neg(B::float_sum_dim(B::float_mul(p.clone(), lsm.clone()), 1)); // [bn, 1]
+        logps.push(logp);
+        ents.push(B::float_reshape(B::float_mul(ent.clone(), keep.clone()), Shape::new([bn])));
+        let Some(up) = &up else { continue };
+        let col = |row: usize| {
+            let u = B::float_slice(up.clone(), &[range(row, row + 1), range(r0, r1)]);
+            B::float_mul(B::float_reshape(u, Shape::new([bn, 1])), keep.clone())
+        };
+        let (a, bb) = (col(0), col(1));
+        // G = (a (onehot - p) - b p (log p + H)) / T.
+        let mut g =
+            B::float_neg(B::float_mul(p.clone(), B::float_add(a.clone(), B::float_mul(bb, B::float_add(lsm, ent)))));
+        g = B::float_scatter(1, g, idx, a, IndexingUpdateOp::Add);
+        let g = B::float_mul_scalar(g, Scalar::Float(inv_t));
+        if g_h {
+            gh_parts.push(B::float_matmul(g.clone(), w.clone()));
+        }
+        if g_w {
+            let part = B::float_matmul(B::float_transpose(g.clone()), hc);
+            gw = Some(match gw {
+                Some(acc) => B::float_add(acc, part),
+                None => part,
+            });
+        }
+        if g_b {
+            let part = B::float_sum_dim(g, 0);
+            gb = Some(match gb {
+                Some(acc) => B::float_add(acc, part),
+                None => part,
+            });
+        }
+    }
+    let zeros = |shape: Shape| B::float_zeros(shape, &device, FloatDType::F32);
+    let cat = |mut parts: Vec<FloatTensor<B>>, empty: Shape| match parts.len() {
+        0 => zeros(empty),
+        1 => parts.pop().expect("one"),
+        _ => B::float_cat(parts, 0),
+    };
+    let values = B::float_cat(
+        vec![
+            B::float_reshape(cat(logps, Shape::new([0])), Shape::new([1, n])),
+            B::float_reshape(cat(ents, Shape::new([0])), Shape::new([1, n])),
+        ],
+        0,
+    );
+    let gh = g_h.then(|| to_dtype::<B>(cat(gh_parts, Shape::new([0, d])), in_dtype));
+    let gw = g_w.then(|| to_dtype::<B>(gw.unwrap_or_else(|| zeros(Shape::new([v, d]))), in_dtype));
+    let gb = g_b.then(|| {
+        let g = gb.map(|g| B::float_reshape(g, Shape::new([v]))).unwrap_or_else(|| zeros(Shape::new([v])));
+        to_dtype::<B>(g, bias_dtype)
+    });
+    (values, gh, gw, gb)
 }

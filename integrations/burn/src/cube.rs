@@ -31,7 +31,7 @@ use xent::{
 
 use crate::count_host_transfer;
 use crate::ops::{cpu_cross_entropy, record_error, xent_dtype};
-use crate::{XentArgs, XentLinearOps, XentOps};
+use crate::{XentArgs, XentLinearOps, XentLogprobsOps, XentOps};
 
 /// Plans kept per shared device (shapes and options of recent calls).
 const PLANS: usize = 8;
@@ -421,6 +421,10 @@ impl XentOps for CubeBackend {
 /// The fused linear cross-entropy on Burn's cube backend: the trait's default methods (the
 /// backend's products around xent's fused kernel, one row chunk at a time: `crate::compose`).
 impl XentLinearOps for CubeBackend {}
+
+/// Linear log-probs and entropies on Burn's cube backend: the trait's default methods (the
+/// backend's own products and element-wise ops, one row chunk at a time: `crate::compose`).
+impl XentLogprobsOps for CubeBackend {}
 
 /// xent's counters for a device it shares with Burn (plan buffers, bytes moved between host and
 /// device); `None` for a device xent does not share.

@@ -25,7 +25,8 @@
 //! For RL scoring (PPO/GRPO), [`linear_logprobs`] returns the per-row log-probabilities of the
 //! targets and the softmax entropies from the same operands (xent's [`LinearLogprobs`], with a
 //! temperature), both differentiable: one fused xent call in the backward pass takes the
-//! upstream gradients of both outputs. Flex only for now (on wgpu: a typed error).
+//! upstream gradients of both outputs; on Flex and on Burn's wgpu backends (there composed from
+//! Burn's own ops per row chunk, on the device).
 //!
 //! ```
 //! use burn::prelude::*;

@@ -468,12 +468,9 @@ pub(crate) fn float_dtype(what: &str, d: BurnDType) -> Result<xent::DType, XentE
     }
 }
 
-/// Checks the operands of a fused linear op (`op` names it in the wgpu error): one device, a
-/// Flex one unless `on_gpu` (the op runs on Burn's wgpu backends too); `N` targets; shapes and
-/// dtypes as [`xent::check::linear_operands`] (`lc`: its workspace bound). Returns `(N, D, V)`.
+/// Checks the operands of a fused linear op: one device; `N` targets; shapes and dtypes as
+/// [`xent::check::linear_operands`] (`lc`: its workspace bound). Returns `(N, D, V)`.
 pub(crate) fn check_operands(
-    op: &str,
-    on_gpu: bool,
     hidden: &Tensor<2>,
     weight: &Tensor<2>,
     bias: Option<&Tensor<1>>,
@@ -486,11 +483,6 @@ pub(crate) fn check_operands(
     let device = hidden.device();
     if weight.device() != device || targets.device() != device || bias.is_some_and(|b| b.device() != device) {
         return Err(XentError::InvalidOption("hidden, weight, bias and targets are on different devices".into()));
-    }
-    if !on_gpu && !is_host(&device) {
-        return Err(XentError::InvalidOption(format!(
-            "{op} on Burn's wgpu (cube) backend is not implemented yet; use Flex (Device::flex())"
-        )));
     }
     if nt != n {
         return Err(XentError::Shape(format!("hidden has {n} rows but targets have {nt}")));
@@ -528,7 +520,7 @@ fn check(
     targets: &Tensor<1, Int>,
     cfg: &LinearCe,
 ) -> Result<(), XentError> {
-    let (n, _, v) = check_operands("linear_cross_entropy", cfg!(feature = "gpu"), hidden, weight, bias, targets, cfg)?;
+    let (n, _, v) = check_operands(hidden, weight, bias, targets, cfg)?;
     let mut ce = cfg.ce.clone();
     ce.sample_weight = None;
     let none = ArrayView1::<i64>::from(&[][..]);
@@ -572,7 +564,7 @@ fn check(
 ///   `workspace_bytes` is set. Targets stay on the device: one out of range gives NaN there
 ///   instead of an error. A z-loss together with sample weights, or with class weights and
 ///   reduction `mean`, is [`XentError::InvalidOption`] there (use Flex).
-
+///
 /// Shapes, dtypes, devices, options and (on Flex) the targets' range are checked here: bad
 /// input is an error, never a panic.
 ///

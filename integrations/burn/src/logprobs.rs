@@ -51,28 +51,34 @@ impl XentLogprobsArgs {
     }
 }
 
-/// xent's linear log-probs and entropies as a Burn backend extension, on Flex (Burn's CPU
-/// backend) and under autodiff. [`linear_logprobs`] is the way to call it; the trait is public
-/// so that other backends can implement it.
-#[backend_extension(Flex, Autodiff)]
+/// xent's linear log-probs and entropies as a Burn backend extension: on Flex (Burn's CPU
+/// backend) xent's own CPU kernel; on Burn's wgpu backends (cube and fusion) the default
+/// methods, composed per row chunk from the backend's own products and element-wise ops (see
+/// [`linear_logprobs`]); and under autodiff. [`linear_logprobs`] is the way to call it; the trait
+/// is public so that other backends can implement it (or take the defaults).
+#[backend_extension(Cube: cfg(feature = "gpu"), Fusion: cfg(feature = "gpu"), Flex, Autodiff)]
 pub trait XentLogprobsOps: Backend {
     /// Per-row log-probs (row 0) and entropies (row 1) of `softmax((hidden [N, D] @ weight
     /// [V, D]^T + bias [V]) / temperature)` for class indices `targets [N]`: one `[2, N]` f32
     /// tensor; 0 in both rows for an ignored row. Differentiable under autodiff w.r.t. hidden,
     /// weight and bias. No bias: a bias of no elements (`[0]`).
+    #[fusion(default)]
     fn xent_linear_logprobs(
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
         targets: IntTensor<Self>,
         args: XentLogprobsArgs,
-    ) -> FloatTensor<Self>;
+    ) -> FloatTensor<Self> {
+        crate::compose::linear_logprobs::<Self>(hidden, weight, bias, targets, None, args.cfg()).0
+    }
 
     /// The `[2, N]` values (as [`Self::xent_linear_logprobs`]) and, for the upstream gradient
     /// `upstream [2, N]` (row 0 `a`, row 1 `b`), the gradients of `sum_n a_n logp_n + b_n H_n`
     /// w.r.t. hidden, weight and bias that the options ask for (`grad_hidden`, `grad_weight`,
     /// `grad_bias`; in the inputs' dtype), in one fused pass. Not differentiable.
     #[allow(clippy::type_complexity)]
+    #[fusion(default)]
     fn xent_linear_logprobs_with_grads(
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -80,7 +86,9 @@ pub trait XentLogprobsOps: Backend {
         targets: IntTensor<Self>,
         upstream: FloatTensor<Self>,
         args: XentLogprobsArgs,
-    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>, Option<FloatTensor<Self>>, Option<FloatTensor<Self>>);
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>, Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
+        crate::compose::linear_logprobs::<Self>(hidden, weight, bias, targets, Some(upstream), args.cfg())
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -246,11 +254,15 @@ fn check(
 ) -> Result<usize, XentError> {
     let mut lc = LinearCe::default();
     lc.workspace_bytes = cfg.workspace_bytes;
-    let (n, _, v) = check_operands("linear_logprobs", false, hidden, weight, bias, targets, &lc)?;
+    let (n, _, v) = check_operands(hidden, weight, bias, targets, &lc)?;
     if !(cfg.temperature > 0.0 && cfg.temperature.is_finite()) {
         return Err(XentError::InvalidOption(format!("temperature must be > 0, got {}", cfg.temperature)));
     }
-    check_targets(targets, v, cfg.ignore_index)?;
+    // On Burn's wgpu backends the targets stay on the device (reading them would wait): a
+    // target out of range gives NaN in its row there.
+    if crate::ops::is_host(&hidden.device()) {
+        check_targets(targets, v, cfg.ignore_index)?;
+    }
     Ok(n)
 }
 
@@ -280,12 +292,16 @@ fn split(out: Tensor<2>, n: usize) -> (Tensor<1>, Tensor<1>) {
 /// forward pass keeps only its inputs; the backward pass computes the logits' row chunks again
 /// inside xent, since the upstream values are unknown before it.
 ///
-/// Backends: Burn's Flex (CPU) backend, plain or under autodiff. **Burn's wgpu (cube) backend
-/// is not implemented yet**: a call with tensors on it returns [`XentError::InvalidOption`]
-/// (as [`crate::linear_cross_entropy`] does), never a panic.
+/// Backends, plain or under autodiff:
+/// - Burn's Flex (CPU) backend: xent's CPU kernel reads Flex's storage in place.
+/// - Burn's wgpu backends (feature `gpu`; fusion or plain cube): per row chunk, Burn's own
+///   products and element-wise ops (max-subtracted log-softmax in f32, fused by Burn's fusion
+///   backend), all on the device (no host transfer, no wait); at least 1024 rows a chunk unless
+///   `workspace_bytes` is set. The targets stay on the device: one out of range gives NaN in its
+///   row there instead of an error.
 ///
-/// Shapes, dtypes, devices, the temperature, the workspace bound and the targets' range are
-/// checked here: bad input is a typed error.
+/// Shapes, dtypes, devices, the temperature, the workspace bound and (on Flex) the targets'
+/// range are checked here: bad input is a typed error.
 ///
 /// ```
 /// use burn::prelude::*;
