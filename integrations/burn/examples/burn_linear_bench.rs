@@ -68,41 +68,34 @@ fn main() {
     let wb = Tensor::<2>::from_data(TensorData::new(w.iter().copied().collect::<Vec<_>>(), [v, d]), &inner);
     let targets = Tensor::<1, Int>::from_data(TensorData::new(t.to_vec(), [n]), &device);
     inner.sync().expect("sync");
-    let ce = CrossEntropyLossConfig::new().init(&device);
-    let mut burn_loss = 0.0;
-    let burn = time(reps, || {
+    // One step through Burn's autodiff with `loss_of(hidden, weight)`: the loss, the gradients
+    // of hidden and weight, read back; returns the loss.
+    let step = |loss_of: &dyn Fn(Tensor<2>, Tensor<2>) -> Tensor<1>| -> f32 {
         let hg = hb.clone().autodiff().require_grad();
         let wg = wb.clone().autodiff().require_grad();
-        let loss = ce.forward(hg.clone().matmul(wg.clone().transpose()), targets.clone());
+        let loss = loss_of(hg.clone(), wg.clone());
         let grads = loss.backward();
         let gh = hg.grad(&grads).expect("grad hidden");
         let gw = wg.grad(&grads).expect("grad weight");
-        burn_loss = loss.into_scalar();
+        let value = loss.into_scalar();
         device.sync().expect("sync");
         let a: f32 = gh.slice([0..1, 0..1]).into_scalar();
         let b: f32 = gw.slice([0..1, 0..1]).into_scalar();
         assert!(a.is_finite() && b.is_finite(), "non-finite gradient");
-    });
+        value
+    };
+    let ce = CrossEntropyLossConfig::new().init(&device);
+    let burn_of = |h: Tensor<2>, w: Tensor<2>| ce.forward(h.matmul(w.transpose()), targets.clone());
+    let mut burn_loss = 0.0;
+    let burn = time(reps, || burn_loss = step(&burn_of));
     report("burn-matmul+cross-entropy-fwd-bwd", ndv, 3.0 * flop, burn);
     // xent-burn's fused linear loss on the same device, through Burn's autodiff: Burn's products
     // around xent's fused kernel, one row chunk at a time.
     let mut cfg = LinearCe::default();
     cfg.workspace_bytes = workspace.map(|m| m << 20);
+    let xb_of = |h, w| xent_burn::linear_cross_entropy(h, w, None, targets.clone(), &cfg).expect("xent-burn linear CE");
     let mut xb_loss = 0.0;
-    let xb = time(reps, || {
-        let hg = hb.clone().autodiff().require_grad();
-        let wg = wb.clone().autodiff().require_grad();
-        let loss = xent_burn::linear_cross_entropy(hg.clone(), wg.clone(), None, targets.clone(), &cfg)
-            .expect("xent-burn linear CE");
-        let grads = loss.backward();
-        let gh = hg.grad(&grads).expect("grad hidden");
-        let gw = wg.grad(&grads).expect("grad weight");
-        xb_loss = loss.into_scalar();
-        device.sync().expect("sync");
-        let a: f32 = gh.slice([0..1, 0..1]).into_scalar();
-        let b: f32 = gw.slice([0..1, 0..1]).into_scalar();
-        assert!(a.is_finite() && b.is_finite(), "non-finite gradient");
-    });
+    let xb = time(reps, || xb_loss = step(&xb_of));
     report("xent-burn-linear-ce-fwd-bwd", ndv, 3.0 * flop, xb);
     let burn_mm = time(reps, || {
         let z = hb.clone().matmul(wb.clone().transpose());
