@@ -5,6 +5,7 @@ pub mod config;
 pub mod gaussian;
 pub mod linear;
 pub mod logprobs;
+pub(crate) mod methods;
 pub mod preference;
 pub mod sequence;
 pub mod targets;

@@ -497,81 +497,8 @@ impl Cpu {
         Ok(ChunkGrads { hidden: gh, weight: gw, bias: gb })
     }
 
-    /// Fused linear cross-entropy: the loss of `F.cross_entropy(hidden @ weight.T + bias,
-    /// targets)` (PyTorch's semantics, every [`crate::CrossEntropy`] option) and its gradients
-    /// w.r.t. `hidden [N, D]`, `weight [V, D]` (both f32, f16 or bf16, one dtype; products in
-    /// f32, or for bf16 on AVX512-BF16 with bf16 multiplies and f32 sums: see
-    /// [`Cpu::linear_matmul`]) and `bias [V]`, never holding more than [`LinearCe::chunk_rows`] rows of logits.
-    ///
-    /// ```
-    /// use ndarray::array;
-    /// use xent::{Cpu, LinearCe};
-    /// let hidden = array![[1.0f32, 0.5], [-0.5, 2.0], [0.0, 1.0]];
-    /// let weight = array![[0.2f32, -0.1], [0.4, 0.3], [-0.3, 0.8], [0.1, 0.1]];
-    /// let out = Cpu::new().linear_cross_entropy(&hidden, &weight, None, &[1i64, 2, -100][..], &LinearCe::default())?;
-    /// assert_eq!(out.grad_weight.unwrap().dim(), (4, 2));
-    /// # Ok::<(), xent::XentError>(())
-    /// ```
-    pub fn linear_cross_entropy<'a, 'b, 'c>(
-        &self,
-        hidden: impl Into<Logits<'a>>,
-        weight: impl Into<Logits<'b>>,
-        bias: Option<ArrayView1<'_, f32>>,
-        targets: impl Into<Targets<'c>>,
-        cfg: &LinearCe,
-    ) -> Result<LinearCeOutput> {
-        self.linear_ce(LinearCall::new(hidden, weight, bias, targets, None), cfg)
-    }
-
-    /// [`Self::linear_cross_entropy`] with reduction `none` and a per-row upstream gradient
-    /// `upstream [N]` (`d(total)/d(loss_n)`, what a framework's backward pass hands down): the
-    /// gradients are those of `grad_scale * sum_n upstream[n] * loss_n`, `loss_n` the row's
-    /// loss as PyTorch's `reduction='none'` returns it (sample and class weights, smoothing,
-    /// z-loss, softcap and temperature included; ignored rows add nothing). The losses returned
-    /// are unchanged (`loss` is their plain sum). Folding `upstream` into the sample weights
-    /// instead is wrong with z-loss, which sample weights do not scale.
-    ///
-    /// Errors (the same on every backend): another reduction is
-    /// [`XentError::InvalidOption`], `upstream` not of `N` entries [`XentError::Shape`], a
-    /// non-finite entry [`XentError::InvalidValue`].
-    ///
-    /// ```
-    /// use ndarray::array;
-    /// use xent::{Cpu, CrossEntropy, LinearCe, Reduction};
-    /// let hidden = array![[1.0f32, 0.5], [-0.5, 2.0], [0.0, 1.0]];
-    /// let weight = array![[0.2f32, -0.1], [0.4, 0.3], [-0.3, 0.8], [0.1, 0.1]];
-    /// let t = [1i64, 2, 0];
-    /// let ce = CrossEntropy::default().with_reduction(Reduction::None).with_z_loss(1e-2);
-    /// let cfg = LinearCe::default().with_ce(ce);
-    /// let cpu = Cpu::new();
-    /// // The gradient of 2 * loss_0 + 0 * loss_1 - loss_2 ...
-    /// let up = array![2.0f32, 0.0, -1.0];
-    /// let out = cpu.linear_cross_entropy_with_upstream(&hidden, &weight, None, &t[..], up.view(), &cfg)?;
-    /// // ... is, row by row, the rows' own gradients scaled (row 1 gets none).
-    /// let plain = cpu.linear_cross_entropy(&hidden, &weight, None, &t[..], &cfg)?;
-    /// let (g, g1) = (out.grad_hidden.unwrap().to_f32(), plain.grad_hidden.unwrap().to_f32());
-    /// for r in 0..3 {
-    ///     for k in 0..2 {
-    ///         assert!((g[[r, k]] - up[r] * g1[[r, k]]).abs() < 1e-6);
-    ///     }
-    /// }
-    /// assert_eq!(out.loss, plain.loss);
-    /// # Ok::<(), xent::XentError>(())
-    /// ```
-    pub fn linear_cross_entropy_with_upstream<'a, 'b, 'c>(
-        &self,
-        hidden: impl Into<Logits<'a>>,
-        weight: impl Into<Logits<'b>>,
-        bias: Option<ArrayView1<'_, f32>>,
-        targets: impl Into<Targets<'c>>,
-        upstream: ArrayView1<'_, f32>,
-        cfg: &LinearCe,
-    ) -> Result<LinearCeOutput> {
-        self.linear_ce(LinearCall::new(hidden, weight, bias, targets, Some(upstream)), cfg)
-    }
-
     /// Both of the above: the gradient of the losses, or of `sum_n upstream[n] * loss_n`.
-    fn linear_ce(&self, call: LinearCall<'_>, cfg: &LinearCe) -> Result<LinearCeOutput> {
+    pub(crate) fn linear_ce(&self, call: LinearCall<'_>, cfg: &LinearCe) -> Result<LinearCeOutput> {
         let (n, _, v) = check(&call, cfg)?;
         let LinearCall { hidden, weight, bias, targets, upstream } = call;
         let totals = Totals::of(&targets, &cfg.ce);

@@ -16,7 +16,6 @@ use super::vocab::{shard_grad, shard_records, GradCtx};
 use super::Cpu;
 use crate::alloc::zeros2;
 use crate::api::linear::{grad_dtype, LinearCall, LinearCe, LinearCeOutput};
-use crate::api::targets::Targets;
 use crate::dtype::{Logits, Tensor2};
 use crate::error::Result;
 use crate::parallel::vocab::{check_linear, finish, merge, Finished, VocabShard, REC};
@@ -163,78 +162,8 @@ impl Cpu {
         Ok((t, fin, ChunkGrads { hidden: gh, weight: gw, bias: gb }, p.rows))
     }
 
-    /// Fused linear cross-entropy over a vocabulary split across the ranks of `comm`:
-    /// `hidden [N, D]` (the same on every rank), this rank's `weight [V_local, D]` and `bias
-    /// [V_local]` (classes `shard.class0 ..` of `shard.classes`), global `targets [N]`.
-    /// Returns the whole batch's loss on every rank, `grad_hidden [N, D]` summed over the
-    /// ranks, and this shard's `grad_weight [V_local, D]` and `grad_bias`. Options as
-    /// [`Self::linear_cross_entropy`] (class weights are the global `[V]`); per-row ranks are
-    /// not computed here. Collectives: one of five f64 per row, and one of `N x D` f32 when
-    /// `grad_hidden` is asked for.
-    ///
-    /// ```
-    /// use ndarray::array;
-    /// use xent::{parallel::{SingleProcess, VocabShard}, Cpu, LinearCe};
-    /// let hidden = array![[1.0f32, 0.5], [-0.5, 2.0]];
-    /// let weight = array![[0.2f32, -0.1], [0.4, 0.3], [-0.3, 0.8]];
-    /// let shard = VocabShard { class0: 0, classes: 3 };
-    /// let t = [1i64, 2];
-    /// let sharded = Cpu::new().linear_cross_entropy_vocab_parallel(&hidden, &weight, None, &t[..], shard, &LinearCe::default(), &SingleProcess)?;
-    /// let whole = Cpu::new().linear_cross_entropy(&hidden, &weight, None, &t[..], &LinearCe::default())?;
-    /// assert!((sharded.loss - whole.loss).abs() < 1e-6);
-    /// # Ok::<(), xent::XentError>(())
-    /// ```
-    #[allow(clippy::too_many_arguments)]
-    pub fn linear_cross_entropy_vocab_parallel<'a, 'b, 'c>(
-        &self,
-        hidden: impl Into<Logits<'a>>,
-        weight: impl Into<Logits<'b>>,
-        bias: Option<ArrayView1<'_, f32>>,
-        targets: impl Into<Targets<'c>>,
-        shard: VocabShard,
-        cfg: &LinearCe,
-        comm: &dyn Collective,
-    ) -> Result<LinearCeOutput> {
-        self.linear_ce_vocab(LinearCall::new(hidden, weight, bias, targets, None), shard, cfg, comm)
-    }
-
-    /// [`Self::linear_cross_entropy_vocab_parallel`] with reduction `none` and a per-row
-    /// upstream gradient `upstream [N]` (the same on every rank): the gradients of
-    /// `grad_scale * sum_n upstream[n] * loss_n`, as
-    /// [`Self::linear_cross_entropy_with_upstream`] (its semantics and errors).
-    ///
-    /// ```
-    /// use ndarray::array;
-    /// use xent::{parallel::{SingleProcess, VocabShard}, Cpu, CrossEntropy, LinearCe, Reduction};
-    /// let hidden = array![[1.0f32, 0.5], [-0.5, 2.0]];
-    /// let weight = array![[0.2f32, -0.1], [0.4, 0.3], [-0.3, 0.8]];
-    /// let shard = VocabShard { class0: 0, classes: 3 };
-    /// let (t, up) = ([1i64, 2], array![0.5f32, -2.0]);
-    /// let cfg = LinearCe::default().with_ce(CrossEntropy::default().with_reduction(Reduction::None).with_z_loss(1e-3));
-    /// let cpu = Cpu::new();
-    /// let sharded = cpu.linear_cross_entropy_vocab_parallel_with_upstream(&hidden, &weight, None, &t[..], up.view(), shard, &cfg, &SingleProcess)?;
-    /// let whole = cpu.linear_cross_entropy_with_upstream(&hidden, &weight, None, &t[..], up.view(), &cfg)?;
-    /// let (a, b) = (sharded.grad_weight.unwrap().to_f32(), whole.grad_weight.unwrap().to_f32());
-    /// assert!(a.iter().zip(b.iter()).all(|(x, y)| (x - y).abs() < 1e-6));
-    /// # Ok::<(), xent::XentError>(())
-    /// ```
-    #[allow(clippy::too_many_arguments)]
-    pub fn linear_cross_entropy_vocab_parallel_with_upstream<'a, 'b, 'c>(
-        &self,
-        hidden: impl Into<Logits<'a>>,
-        weight: impl Into<Logits<'b>>,
-        bias: Option<ArrayView1<'_, f32>>,
-        targets: impl Into<Targets<'c>>,
-        upstream: ArrayView1<'_, f32>,
-        shard: VocabShard,
-        cfg: &LinearCe,
-        comm: &dyn Collective,
-    ) -> Result<LinearCeOutput> {
-        self.linear_ce_vocab(LinearCall::new(hidden, weight, bias, targets, Some(upstream)), shard, cfg, comm)
-    }
-
     /// Both of the above.
-    fn linear_ce_vocab(
+    pub(crate) fn linear_ce_vocab(
         &self,
         call: LinearCall<'_>,
         shard: VocabShard,

@@ -72,38 +72,16 @@ fn row_grad(x: &mut [f32], e: &[f32], y: Option<usize>, inv_t: f32, (m, s, mu_m)
 }
 
 impl Cpu {
-    /// Per-row log-probabilities of the targets and softmax entropies of
-    /// `z = (hidden @ weight.T + bias) / temperature`, from hidden states `[N, D]` and the
-    /// unembedding `weight [V, D]` (f32, f16 or bf16, one dtype; the products as in
-    /// [`Cpu::linear_cross_entropy`]), never holding more than
-    /// [`LinearLogprobs::chunk_rows`] rows of logits. With `upstream = Some((a, b))` (`[N]`
-    /// each, finite) the gradients of `sum_n a_n logp_n + b_n H_n` w.r.t. hidden, weight and
-    /// bias are returned as the options ask; with `None`, none. Rows whose target is
-    /// `ignore_index` give 0 and no gradient. The math is in [`LinearLogprobs`].
-    ///
-    /// ```
-    /// use ndarray::array;
-    /// use xent::{Cpu, LinearLogprobs};
-    /// let hidden = array![[1.0f32, 0.5], [-0.5, 2.0], [0.0, 1.0]];
-    /// let weight = array![[0.2f32, -0.1], [0.4, 0.3], [-0.3, 0.8], [0.1, 0.1]];
-    /// let cfg = LinearLogprobs::default().with_temperature(0.8);
-    /// let (a, b) = (array![1.0f32, 1.0, 1.0], array![0.0f32, 0.01, 0.0]);
-    /// let out = Cpu::new().linear_logprobs(&hidden, &weight, None, &[1i64, 2, -100][..], &cfg, Some((a.view(), b.view())))?;
-    /// assert!(out.logprob[0] < 0.0 && out.entropy[0] > 0.0 && out.entropy[0] < 4f32.ln());
-    /// assert_eq!((out.logprob[2], out.counted), (0.0, 2));
-    /// assert_eq!(out.grad_weight.unwrap().dim(), (4, 2));
-    /// # Ok::<(), xent::XentError>(())
-    /// ```
-    pub fn linear_logprobs<'a, 'b, 'c>(
+    /// [`Self::linear_logprobs`]'s work here (the public method: `crate::api::methods`).
+    pub(crate) fn logprobs_run(
         &self,
-        hidden: impl Into<Logits<'a>>,
-        weight: impl Into<Logits<'b>>,
+        hidden: Logits<'_>,
+        weight: Logits<'_>,
         bias: Option<ArrayView1<'_, f32>>,
-        targets: impl Into<Targets<'c>>,
+        targets: Targets<'_>,
         cfg: &LinearLogprobs,
         upstream: Option<(ArrayView1<'_, f32>, ArrayView1<'_, f32>)>,
     ) -> Result<LinearLogprobsOutput> {
-        let (hidden, weight, targets) = (hidden.into(), weight.into(), targets.into());
         let c = check(&hidden, &weight, bias, &targets, cfg, upstream, None)?;
         let (n, v) = (c.n, c.v);
         // Ignored rows are left out of the products (as LinearCe's are).
@@ -145,41 +123,20 @@ impl Cpu {
         Ok(c.output((logp, ent), count, (out.hidden, out.weight, gb), hidden.dtype(), run.rows))
     }
 
-    /// [`Self::linear_logprobs`] over a vocabulary split across the ranks of `comm` (as
-    /// [`Self::linear_cross_entropy_vocab_parallel`]): `hidden [N, D]` the same on every rank,
-    /// this rank's `weight [V_local, D]` and `bias [V_local]` (classes `shard.class0 ..` of
-    /// `shard.classes`), global `targets [N]` and the upstream gradient `(a, b)` (the same on
-    /// every rank). Each rank's row records of its shard (`max`, exponential sum, centred sum
-    /// and target logit, `crate::parallel::vocab`) are merged in one all-reduce of four f64
-    /// per row; every rank returns the whole batch's log-probs and entropies, `grad_hidden`
-    /// summed over the ranks (a second collective, `N x D` f32, with an upstream gradient),
-    /// and its own shard's `grad_weight` and `grad_bias`.
-    ///
-    /// ```
-    /// use ndarray::array;
-    /// use xent::{parallel::{SingleProcess, VocabShard}, Cpu, LinearLogprobs};
-    /// let hidden = array![[1.0f32, 0.5], [-0.5, 2.0]];
-    /// let weight = array![[0.2f32, -0.1], [0.4, 0.3], [-0.3, 0.8]];
-    /// let shard = VocabShard { class0: 0, classes: 3 };
-    /// let (t, cfg, cpu) = ([1i64, 2], LinearLogprobs::default(), Cpu::new());
-    /// let sharded = cpu.linear_logprobs_vocab_parallel(&hidden, &weight, None, &t[..], shard, &cfg, None, &SingleProcess)?;
-    /// let whole = cpu.linear_logprobs(&hidden, &weight, None, &t[..], &cfg, None)?;
-    /// assert!((sharded.logprob[1] - whole.logprob[1]).abs() < 1e-6);
-    /// # Ok::<(), xent::XentError>(())
-    /// ```
+    /// [`Self::linear_logprobs_vocab_parallel`]'s work here (the public method:
+    /// `crate::api::methods`).
     #[allow(clippy::too_many_arguments)]
-    pub fn linear_logprobs_vocab_parallel<'a, 'b, 'c>(
+    pub(crate) fn logprobs_vocab_run(
         &self,
-        hidden: impl Into<Logits<'a>>,
-        weight: impl Into<Logits<'b>>,
+        hidden: Logits<'_>,
+        weight: Logits<'_>,
         bias: Option<ArrayView1<'_, f32>>,
-        targets: impl Into<Targets<'c>>,
+        targets: Targets<'_>,
         shard: VocabShard,
         cfg: &LinearLogprobs,
         upstream: Option<(ArrayView1<'_, f32>, ArrayView1<'_, f32>)>,
         comm: &dyn Collective,
     ) -> Result<LinearLogprobsOutput> {
-        let (hidden, weight, targets) = (hidden.into(), weight.into(), targets.into());
         let checked = check(&hidden, &weight, bias, &targets, cfg, upstream, Some(shard));
         let lc = cfg.linear_ce(upstream.is_some());
         let (vl, inv_t) = (weight.dim().0, 1.0 / cfg.temperature);

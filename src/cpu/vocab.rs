@@ -146,33 +146,17 @@ pub(crate) fn shard_grad(mut z: ArrayViewMut2<'_, f32>, src: Option<ArrayView2<'
 }
 
 impl Cpu {
-    /// Cross-entropy over a vocabulary split across the ranks of `comm`: this rank's logits
-    /// `[N, V_local]` cover classes `shard.class0 ..` of `shard.classes`; `targets [N]` are
-    /// global class indices (the same on every rank). Every [`CrossEntropy`] option with class
-    /// targets applies (class weights are the global `[V]`). Returns the whole batch's loss on
-    /// every rank and, into `grad` (this rank's `[N, V_local]`), this shard's gradient. One
-    /// all-reduce of five f64 per row.
-    ///
-    /// ```
-    /// use ndarray::array;
-    /// use xent::{parallel::{SingleProcess, VocabShard}, Cpu, CrossEntropy};
-    /// let x = array![[2.0f32, 0.5, -1.0], [0.1, 0.2, 0.3]];
-    /// let shard = VocabShard { class0: 0, classes: 3 };
-    /// let out = Cpu::new().cross_entropy_vocab_parallel(&x, &[0i64, 2][..], shard, &CrossEntropy::default(), &SingleProcess, None)?;
-    /// let whole = Cpu::new().cross_entropy(&x, &[0i64, 2][..], &CrossEntropy::default())?;
-    /// assert!((out.loss - whole.loss).abs() < 1e-6);
-    /// # Ok::<(), xent::XentError>(())
-    /// ```
-    pub fn cross_entropy_vocab_parallel<'a, 'b>(
+    /// [`Self::cross_entropy_vocab_parallel`]'s work here (the public method:
+    /// `crate::api::methods`).
+    pub(crate) fn ce_vocab_run(
         &self,
-        logits: impl Into<Logits<'a>>,
-        targets: impl Into<Targets<'b>>,
+        x: Logits<'_>,
+        targets: Targets<'_>,
         shard: VocabShard,
         cfg: &CrossEntropy,
         comm: &dyn Collective,
         grad: Option<LogitsMut<'_>>,
     ) -> Result<CeOutput> {
-        let (x, targets) = (logits.into(), targets.into());
         // Checks and this shard's records, then one agreement: a rank that fails here must
         // not leave the others waiting in the all-reduce.
         let local = check(x.dim(), &targets, shard, cfg, grad.as_ref().map(|g| g.dim())).map(|t| {

@@ -819,3 +819,10 @@ impl GpuContext {
 }
 
 crate::api::forward_backend!(GpuContext, "gpu");
+crate::api::methods::backend_methods!(
+    GpuContext,
+    "GpuContext",
+    "GpuContext::new()?",
+    "```no_run",
+    "On the GPU: host arrays in and out, the work on the device; the linear forms hold their logits there one row chunk at a time ([`LinearCe::device_chunk_rows`] rows by default), their products by the kernel [`crate::GpuContext::matmul_kind`] names."
+);

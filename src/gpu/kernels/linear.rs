@@ -189,51 +189,8 @@ impl LinearDev {
 }
 
 impl GpuContext {
-    /// Fused linear cross-entropy on the GPU: as [`crate::Cpu::linear_cross_entropy`]
-    /// (host arrays in, host arrays out; the logits exist one row chunk at a time, on the
-    /// device).
-    pub fn linear_cross_entropy<'a, 'b, 'c>(
-        &self,
-        hidden: impl Into<Logits<'a>>,
-        weight: impl Into<Logits<'b>>,
-        bias: Option<ArrayView1<'_, f32>>,
-        targets: impl Into<Targets<'c>>,
-        cfg: &LinearCe,
-    ) -> Result<LinearCeOutput> {
-        self.linear_ce(LinearCall::new(hidden, weight, bias, targets, None), cfg)
-    }
-
-    /// Fused linear cross-entropy with reduction `none` and a per-row upstream gradient on the
-    /// GPU: as [`crate::Cpu::linear_cross_entropy_with_upstream`] (the gradients of
-    /// `grad_scale * sum_n upstream[n] * loss_n`; the same errors). Each chunk's gradient pass
-    /// is the cross-entropy's backward pass ([`CePlan::record_backward`]) reading the chunk's
-    /// upstream values.
-    ///
-    /// ```no_run
-    /// use ndarray::array;
-    /// use xent::{CrossEntropy, GpuContext, LinearCe, Reduction};
-    /// let gpu = GpuContext::new()?;
-    /// let hidden = array![[1.0f32, 0.5], [-0.5, 2.0]];
-    /// let weight = array![[0.2f32, -0.1], [0.4, 0.3], [-0.3, 0.8]];
-    /// let cfg = LinearCe::default().with_ce(CrossEntropy::default().with_reduction(Reduction::None));
-    /// let up = array![1.0f32, 0.25];
-    /// let out = gpu.linear_cross_entropy_with_upstream(&hidden, &weight, None, &[1i64, 2][..], up.view(), &cfg)?;
-    /// # Ok::<(), xent::XentError>(())
-    /// ```
-    pub fn linear_cross_entropy_with_upstream<'a, 'b, 'c>(
-        &self,
-        hidden: impl Into<Logits<'a>>,
-        weight: impl Into<Logits<'b>>,
-        bias: Option<ArrayView1<'_, f32>>,
-        targets: impl Into<Targets<'c>>,
-        upstream: ArrayView1<'_, f32>,
-        cfg: &LinearCe,
-    ) -> Result<LinearCeOutput> {
-        self.linear_ce(LinearCall::new(hidden, weight, bias, targets, Some(upstream)), cfg)
-    }
-
     /// Both of the above.
-    fn linear_ce(&self, call: LinearCall<'_>, cfg: &LinearCe) -> Result<LinearCeOutput> {
+    pub(crate) fn linear_ce(&self, call: LinearCall<'_>, cfg: &LinearCe) -> Result<LinearCeOutput> {
         let (n, d, v) = check(&call, cfg)?;
         let LinearCall { hidden, weight, bias, targets, upstream } = call;
         // Ignored rows cost nothing (as on the CPU): the counted ones go up as a batch of their

@@ -7,15 +7,15 @@
 
 use std::collections::hash_map::{Entry, HashMap};
 
-use ndarray::{Array1, ArrayView1};
+use ndarray::Array1;
 
 use super::cross_entropy::CePlan;
 use super::linear::{GradOut, LinearDev};
 use super::vocab::{poison_infinite, Shard};
 use crate::api::config::CrossEntropy;
 use crate::api::linear::{chunk_cfg, grad_dtype, LinearCall, LinearCe, LinearCeOutput};
-use crate::api::targets::{Targets, DEVICE_IGNORED};
-use crate::dtype::{DType, Logits, Tensor2};
+use crate::api::targets::DEVICE_IGNORED;
+use crate::dtype::{DType, Tensor2};
 use crate::error::Result;
 use crate::gpu::context::GpuContext;
 use crate::gpu::launch::Recorder;
@@ -42,66 +42,8 @@ struct Prep {
 }
 
 impl GpuContext {
-    /// Fused linear cross-entropy over a vocabulary split across the ranks of `comm`, on the
-    /// GPU: as [`crate::Cpu::linear_cross_entropy_vocab_parallel`] (host arrays in and out).
-    ///
-    /// ```no_run
-    /// use ndarray::array;
-    /// use xent::{parallel::{SingleProcess, VocabShard}, GpuContext, LinearCe};
-    /// let gpu = GpuContext::new()?;
-    /// let hidden = array![[1.0f32, 0.5], [-0.5, 2.0]];
-    /// let weight = array![[0.2f32, -0.1], [0.4, 0.3], [-0.3, 0.8]];
-    /// let shard = VocabShard { class0: 0, classes: 3 };
-    /// let out = gpu.linear_cross_entropy_vocab_parallel(&hidden, &weight, None, &[1i64, 2][..], shard, &LinearCe::default(), &SingleProcess)?;
-    /// # Ok::<(), xent::XentError>(())
-    /// ```
-    #[allow(clippy::too_many_arguments)]
-    pub fn linear_cross_entropy_vocab_parallel<'a, 'b, 'c>(
-        &self,
-        hidden: impl Into<Logits<'a>>,
-        weight: impl Into<Logits<'b>>,
-        bias: Option<ArrayView1<'_, f32>>,
-        targets: impl Into<Targets<'c>>,
-        shard: VocabShard,
-        cfg: &LinearCe,
-        comm: &dyn Collective,
-    ) -> Result<LinearCeOutput> {
-        self.linear_ce_vocab(LinearCall::new(hidden, weight, bias, targets, None), shard, cfg, comm)
-    }
-
-    /// Fused linear cross-entropy over a vocabulary split across ranks with reduction `none`
-    /// and a per-row upstream gradient, on the GPU: as
-    /// [`crate::Cpu::linear_cross_entropy_vocab_parallel_with_upstream`].
-    ///
-    /// ```no_run
-    /// use ndarray::array;
-    /// use xent::{parallel::{SingleProcess, VocabShard}, CrossEntropy, GpuContext, LinearCe, Reduction};
-    /// let gpu = GpuContext::new()?;
-    /// let hidden = array![[1.0f32, 0.5], [-0.5, 2.0]];
-    /// let weight = array![[0.2f32, -0.1], [0.4, 0.3], [-0.3, 0.8]];
-    /// let shard = VocabShard { class0: 0, classes: 3 };
-    /// let cfg = LinearCe::default().with_ce(CrossEntropy::default().with_reduction(Reduction::None));
-    /// let up = array![1.0f32, -0.5];
-    /// let out = gpu.linear_cross_entropy_vocab_parallel_with_upstream(&hidden, &weight, None, &[1i64, 2][..], up.view(), shard, &cfg, &SingleProcess)?;
-    /// # Ok::<(), xent::XentError>(())
-    /// ```
-    #[allow(clippy::too_many_arguments)]
-    pub fn linear_cross_entropy_vocab_parallel_with_upstream<'a, 'b, 'c>(
-        &self,
-        hidden: impl Into<Logits<'a>>,
-        weight: impl Into<Logits<'b>>,
-        bias: Option<ArrayView1<'_, f32>>,
-        targets: impl Into<Targets<'c>>,
-        upstream: ArrayView1<'_, f32>,
-        shard: VocabShard,
-        cfg: &LinearCe,
-        comm: &dyn Collective,
-    ) -> Result<LinearCeOutput> {
-        self.linear_ce_vocab(LinearCall::new(hidden, weight, bias, targets, Some(upstream)), shard, cfg, comm)
-    }
-
     /// Both of the above.
-    fn linear_ce_vocab(
+    pub(crate) fn linear_ce_vocab(
         &self,
         call: LinearCall<'_>,
         shard: VocabShard,

@@ -53,19 +53,16 @@ impl Block for LogprobsParams {
 }
 
 impl GpuContext {
-    /// Per-row log-probabilities and entropies from hidden states on the GPU: as
-    /// [`crate::Cpu::linear_logprobs`] (host arrays in, host arrays out; the logits exist one
-    /// row chunk at a time, on the device).
-    pub fn linear_logprobs<'a, 'b, 'c>(
+    /// [`Self::linear_logprobs`]'s work here (the public method: `crate::api::methods`).
+    pub(crate) fn logprobs_run(
         &self,
-        hidden: impl Into<Logits<'a>>,
-        weight: impl Into<Logits<'b>>,
+        hidden: Logits<'_>,
+        weight: Logits<'_>,
         bias: Option<ArrayView1<'_, f32>>,
-        targets: impl Into<Targets<'c>>,
+        targets: Targets<'_>,
         cfg: &LinearLogprobs,
         upstream: Option<(ArrayView1<'_, f32>, ArrayView1<'_, f32>)>,
     ) -> Result<LinearLogprobsOutput> {
-        let (hidden, weight, targets) = (hidden.into(), weight.into(), targets.into());
         let c = check(&hidden, &weight, bias, &targets, cfg, upstream, None)?;
         let (n, d, v) = (c.n, hidden.dim().1, c.v);
         // Ignored rows cost nothing (as on the CPU): the counted ones go up as a batch of their
@@ -195,36 +192,20 @@ impl GpuContext {
         Ok(Some((whole, self.take(2 * chunk * 4, U::STORAGE | U::COPY_DST, "upstream chunk")?)))
     }
 
-    /// Linear log-probs and entropies over a vocabulary split across ranks, on the GPU: as
-    /// [`crate::Cpu::linear_logprobs_vocab_parallel`] (host arrays in and out). Per chunk of
-    /// rows `Z = H_c W_shard^T + b`, the row kernel's records of the shard (`F_SHARD`); one
-    /// all-reduce of the records; then per chunk `Z` again, the gradient from the merged
-    /// records (`F_FROM_SAVED`) over it, and the products.
-    ///
-    /// ```no_run
-    /// use ndarray::array;
-    /// use xent::{parallel::{SingleProcess, VocabShard}, GpuContext, LinearLogprobs};
-    /// let gpu = GpuContext::new()?;
-    /// let hidden = array![[1.0f32, 0.5], [-0.5, 2.0]];
-    /// let weight = array![[0.2f32, -0.1], [0.4, 0.3], [-0.3, 0.8]];
-    /// let shard = VocabShard { class0: 0, classes: 3 };
-    /// let cfg = LinearLogprobs::default();
-    /// let out = gpu.linear_logprobs_vocab_parallel(&hidden, &weight, None, &[1i64, 2][..], shard, &cfg, None, &SingleProcess)?;
-    /// # Ok::<(), xent::XentError>(())
-    /// ```
+    /// [`Self::linear_logprobs_vocab_parallel`]'s work here (the public method:
+    /// `crate::api::methods`).
     #[allow(clippy::too_many_arguments)]
-    pub fn linear_logprobs_vocab_parallel<'a, 'b, 'c>(
+    pub(crate) fn logprobs_vocab_run(
         &self,
-        hidden: impl Into<Logits<'a>>,
-        weight: impl Into<Logits<'b>>,
+        hidden: Logits<'_>,
+        weight: Logits<'_>,
         bias: Option<ArrayView1<'_, f32>>,
-        targets: impl Into<Targets<'c>>,
+        targets: Targets<'_>,
         shard: VocabShard,
         cfg: &LinearLogprobs,
         upstream: Option<(ArrayView1<'_, f32>, ArrayView1<'_, f32>)>,
         comm: &dyn Collective,
     ) -> Result<LinearLogprobsOutput> {
-        let (hidden, weight, targets) = (hidden.into(), weight.into(), targets.into());
         // Checks, uploads and the first pass; then one agreement before any collective.
         let prep = (|| -> Result<_> {
             let c = check(&hidden, &weight, bias, &targets, cfg, upstream, Some(shard))?;

@@ -176,31 +176,17 @@ pub(crate) fn poison_infinite(rec: &mut [f64]) {
 }
 
 impl GpuContext {
-    /// Cross-entropy over a vocabulary split across the ranks of `comm`, on the GPU: this
-    /// rank's logits `[N, V_local]` (f32, f16 or bf16) cover classes `shard.class0 ..` of
-    /// `shard.classes`; `targets [N]` are global class indices. Semantics, options and result
-    /// are those of [`crate::Cpu::cross_entropy_vocab_parallel`]; the shard's gradient goes to
-    /// `grad` (any dtype). One all-reduce of five f64 per row.
-    ///
-    /// ```no_run
-    /// use ndarray::array;
-    /// use xent::{parallel::{SingleProcess, VocabShard}, CrossEntropy, GpuContext};
-    /// let gpu = GpuContext::new()?;
-    /// let x = array![[2.0f32, 0.5, -1.0, 0.0]];
-    /// let shard = VocabShard { class0: 0, classes: 4 };
-    /// let out = gpu.cross_entropy_vocab_parallel(&x, &[0i64][..], shard, &CrossEntropy::default(), &SingleProcess, None)?;
-    /// # Ok::<(), xent::XentError>(())
-    /// ```
-    pub fn cross_entropy_vocab_parallel<'a, 'b>(
+    /// [`Self::cross_entropy_vocab_parallel`]'s work here (the public method:
+    /// `crate::api::methods`).
+    pub(crate) fn ce_vocab_run(
         &self,
-        logits: impl Into<Logits<'a>>,
-        targets: impl Into<Targets<'b>>,
+        x: Logits<'_>,
+        targets: Targets<'_>,
         shard: VocabShard,
         cfg: &CrossEntropy,
         comm: &dyn Collective,
         grad: Option<LogitsMut<'_>>,
     ) -> Result<CeOutput> {
-        let (x, targets) = (logits.into(), targets.into());
         let (n, vl) = x.dim();
         // Checks, uploads and this shard's records; then one agreement, so that a rank that
         // fails here does not leave the others waiting in the all-reduce.
