@@ -388,26 +388,28 @@ fn module_class_and_sample_weights_equal_burns() {
 
 #[test]
 fn bf16_and_f16_inputs_get_gradients_in_their_dtype() {
-    use burn::tensor::DType;
+    for dtype in [burn::tensor::DType::BF16, burn::tensor::DType::F16] {
+        half_inputs(&Device::flex().autodiff(), dtype);
+    }
+}
+
+/// Hidden and weight in `dtype` (an f32 bias beside them) on `device` (autodiff): gradients in
+/// their own dtypes, close to the f32 run (the inputs rounded to 8 (bf16) or 11 (f16) bits).
+fn half_inputs(device: &Device, dtype: burn::tensor::DType) {
     let c = case(19, 16, 70, 11);
     let want = xent_run(&c, true, &cfg(Reduction::Mean));
-    for dtype in [DType::BF16, DType::F16] {
-        let device = Device::flex().autodiff();
-        let h = t2(&c.h, [c.n, c.d], &device).cast(dtype).require_grad();
-        let w = t2(&c.w, [c.v, c.d], &device).cast(dtype).require_grad();
-        let b = t1(&c.b, &device).require_grad(); // an f32 bias beside half-precision operands
-        let loss =
-            linear_cross_entropy(h.clone(), w.clone(), Some(b.clone()), ti(&c.t, &device), &cfg(Reduction::Mean))
-                .unwrap();
-        let grads = loss.backward();
-        let (gh, gw, gb) = (h.grad(&grads).unwrap(), w.grad(&grads).unwrap(), b.grad(&grads).unwrap());
-        assert_eq!((gh.dtype(), gw.dtype(), gb.dtype()), (dtype, dtype, DType::F32), "{dtype:?}");
-        // Inputs rounded to 8 (bf16) or 11 (f16) bits: a loose tolerance against f32.
-        close(&format!("{dtype:?} loss"), &host(loss), &want.loss, 2e-2);
-        close(&format!("{dtype:?} d hidden"), &host(gh), &want.gh, 5e-2);
-        close(&format!("{dtype:?} d weight"), &host(gw), &want.gw, 5e-2);
-        close(&format!("{dtype:?} d bias"), &host(gb), want.gb.as_ref().unwrap(), 5e-2);
-    }
+    let h = t2(&c.h, [c.n, c.d], device).cast(dtype).require_grad();
+    let w = t2(&c.w, [c.v, c.d], device).cast(dtype).require_grad();
+    let b = t1(&c.b, device).require_grad();
+    let loss =
+        linear_cross_entropy(h.clone(), w.clone(), Some(b.clone()), ti(&c.t, device), &cfg(Reduction::Mean)).unwrap();
+    let grads = loss.backward();
+    let (gh, gw, gb) = (h.grad(&grads).unwrap(), w.grad(&grads).unwrap(), b.grad(&grads).unwrap());
+    assert_eq!((gh.dtype(), gw.dtype(), gb.dtype()), (dtype, dtype, burn::tensor::DType::F32), "{dtype:?}");
+    close(&format!("{dtype:?} loss"), &host(loss), &want.loss, 2e-2);
+    close(&format!("{dtype:?} d hidden"), &host(gh), &want.gh, 5e-2);
+    close(&format!("{dtype:?} d weight"), &host(gw), &want.gw, 5e-2);
+    close(&format!("{dtype:?} d bias"), &host(gb), want.gb.as_ref().unwrap(), 5e-2);
 }
 
 #[test]
@@ -525,24 +527,8 @@ fn wgpu_equals_flex_for_every_option() {
 #[cfg(feature = "gpu")]
 #[test]
 fn wgpu_f16_inputs() {
-    use burn::tensor::DType;
     let Some(gpu) = wgpu() else { return };
-    let c = case(19, 16, 70, 11);
-    let want = xent_run(&c, true, &cfg(Reduction::Mean));
-    let device = gpu.autodiff();
-    let dtype = DType::F16;
-    let h = t2(&c.h, [c.n, c.d], &device).cast(dtype).require_grad();
-    let w = t2(&c.w, [c.v, c.d], &device).cast(dtype).require_grad();
-    let b = t1(&c.b, &device).require_grad();
-    let loss =
-        linear_cross_entropy(h.clone(), w.clone(), Some(b.clone()), ti(&c.t, &device), &cfg(Reduction::Mean)).unwrap();
-    let grads = loss.backward();
-    let (gh, gw, gb) = (h.grad(&grads).unwrap(), w.grad(&grads).unwrap(), b.grad(&grads).unwrap());
-    assert_eq!((gh.dtype(), gw.dtype(), gb.dtype()), (dtype, dtype, DType::F32), "{dtype:?}");
-    close(&format!("{dtype:?} loss"), &host(loss), &want.loss, 2e-2);
-    close(&format!("{dtype:?} d hidden"), &host(gh), &want.gh, 5e-2);
-    close(&format!("{dtype:?} d weight"), &host(gw), &want.gw, 5e-2);
-    close(&format!("{dtype:?} d bias"), &host(gb), want.gb.as_ref().unwrap(), 5e-2);
+    half_inputs(&gpu.autodiff(), burn::tensor::DType::F16);
 }
 
 /// What the wgpu path cannot express is a typed error before anything runs; the gradients
