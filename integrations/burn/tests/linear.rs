@@ -72,8 +72,13 @@ fn run_on(
 /// Burn's own composition: `hidden @ weight^T + bias`, then `CrossEntropyLoss` (mean; `sum`
 /// as the mean times the counted rows), with `pad` as its pad token.
 fn burn_ref(c: &Case, bias: bool, reduction: Reduction, pad: Option<usize>) -> Out {
+    burn_ref_on(&Device::flex().autodiff(), c, bias, reduction, pad)
+}
+
+/// [`burn_ref`] on `device` (an autodiff one).
+fn burn_ref_on(device: &Device, c: &Case, bias: bool, reduction: Reduction, pad: Option<usize>) -> Out {
     let counted = c.t.iter().filter(|&&t| pad.is_none_or(|p| t != p as i64)).count() as f32;
-    run(c, bias, |h, w, b, t| {
+    run_on(device, c, bias, |h, w, b, t| {
         let device = h.device();
         let mut z = h.matmul(w.transpose());
         if let Some(b) = b {
@@ -461,7 +466,7 @@ fn wgpu() -> Option<Device> {
 /// Burn's composition) for every option it takes: reductions, bias or none, several chunks,
 /// ignored rows, class weights with label smoothing, z-loss with softcap and temperature,
 /// sample weights, a per-row upstream (with a z-loss), a scalar upstream, and a gradient scale;
-/// with no host transfer.
+/// and Burn's own composition on the same device; with no host transfer.
 #[cfg(feature = "gpu")]
 #[test]
 fn wgpu_equals_flex_for_every_option() {
@@ -519,6 +524,16 @@ fn wgpu_equals_flex_for_every_option() {
         host(linear_cross_entropy(h, w, Some(b), t, &none).expect("rows"))
     };
     close("none rows", &rows(&gpu), &rows(&Device::flex()), 1e-4);
+    // And against Burn's own composition on the same wgpu device (`matmul` + `CrossEntropyLoss`).
+    let plain = case(40, 16, 230, 22);
+    for reduction in [Reduction::Mean, Reduction::Sum] {
+        for bias in [true, false] {
+            let want = burn_ref_on(&gpu.clone().autodiff(), &plain, bias, reduction, None);
+            let f = |h, w, b, t| linear_cross_entropy(h, w, b, t, &cfg(reduction)).expect("linear_cross_entropy");
+            let got = run_on(&gpu.clone().autodiff(), &plain, bias, f);
+            compare_tol(&format!("Burn's own, wgpu, {reduction:?} bias={bias}"), &got, &want, 1e-4, 2e-4);
+        }
+    }
     assert_eq!(xent_burn::host_transfers(), before, "the wgpu path moved logits or a gradient through the host");
 }
 

@@ -99,8 +99,13 @@ fn run_on(device: &Device, c: &Case, bias: bool, used: Use, f: &LogprobsFn<'_>) 
 /// Burn's own composition: `z = (hidden @ weight^T + bias) / T`, `log_softmax`, the gather of
 /// the targets, `-sum(p log p)`; ignored rows multiplied by 0.
 fn burn_ref(c: &Case, bias: bool, temperature: f32, used: Use) -> Out {
+    burn_ref_on(&Device::flex().autodiff(), c, bias, temperature, used)
+}
+
+/// [`burn_ref`] on `device` (an autodiff one).
+fn burn_ref_on(device: &Device, c: &Case, bias: bool, temperature: f32, used: Use) -> Out {
     let keep: Vec<f32> = c.t.iter().map(|&y| if y == -100 { 0.0 } else { 1.0 }).collect();
-    run(c, bias, used, &|h, w, b, t| {
+    run_on(device, c, bias, used, &|h, w, b, t| {
         let device = h.device();
         let n = t.dims()[0];
         let mut z = h.matmul(w.transpose());
@@ -130,12 +135,17 @@ fn close(what: &str, got: &[f32], want: &[f32], tol: f32) {
 }
 
 fn compare(what: &str, got: &Out, want: &Out) {
-    close(&format!("{what} logp"), &got.logp, &want.logp, 2e-5);
-    close(&format!("{what} entropy"), &got.entropy, &want.entropy, 2e-5);
-    close(&format!("{what} d hidden"), &got.gh, &want.gh, 1e-4);
-    close(&format!("{what} d weight"), &got.gw, &want.gw, 1e-4);
+    compare_tol(what, got, want, 2e-5, 1e-4);
+}
+
+/// [`compare`] with tolerances for the values and the gradients (relative to the largest entry).
+fn compare_tol(what: &str, got: &Out, want: &Out, tol: f32, grad_tol: f32) {
+    close(&format!("{what} logp"), &got.logp, &want.logp, tol);
+    close(&format!("{what} entropy"), &got.entropy, &want.entropy, tol);
+    close(&format!("{what} d hidden"), &got.gh, &want.gh, grad_tol);
+    close(&format!("{what} d weight"), &got.gw, &want.gw, grad_tol);
     match (&got.gb, &want.gb) {
-        (Some(g), Some(w)) => close(&format!("{what} d bias"), g, w, 1e-4),
+        (Some(g), Some(w)) => close(&format!("{what} d bias"), g, w, grad_tol),
         (None, None) => {}
         _ => panic!("{what}: a bias gradient on one side only"),
     }
@@ -369,14 +379,13 @@ fn wgpu_equals_flex() {
         let what = format!("T={temperature} bias={bias} {used:?} {workspace:?}");
         let want = run(&c, bias, used, &f);
         let got = run_on(&gpu, &c, bias, used, &f);
-        close(&format!("{what} logp"), &got.logp, &want.logp, 1e-5);
-        close(&format!("{what} entropy"), &got.entropy, &want.entropy, 1e-5);
-        close(&format!("{what} d hidden"), &got.gh, &want.gh, 2e-4);
-        close(&format!("{what} d weight"), &got.gw, &want.gw, 2e-4);
-        if let (Some(g), Some(w)) = (&got.gb, &want.gb) {
-            close(&format!("{what} d bias"), g, w, 2e-4);
-        }
+        compare_tol(&what, &got, &want, 1e-5, 2e-4);
     }
+    // And against Burn's own composition on the same wgpu device.
+    let want = burn_ref_on(&gpu, &c, true, 1.3, Use::Both);
+    let cfg = LinearLogprobs::default().with_temperature(1.3);
+    let got = run_on(&gpu, &c, true, Use::Both, &|h, w, b, t| linear_logprobs(h, w, b, t, &cfg).expect("logprobs"));
+    compare_tol("Burn's own, wgpu", &got, &want, 1e-5, 2e-4);
     assert_eq!(xent_burn::host_transfers(), before, "the wgpu path moved data through the host");
     // A target out of range: NaN in its row only.
     let mut bad = c.t.clone();
