@@ -576,3 +576,13 @@ impl LinearCe {
     /// The fewest rows a chunk gets by default on a GPU ([`Self::device_chunk_rows`]).
     pub const DEVICE_MIN_ROWS: usize = 1024;
 }
+
+/// Where a cross-entropy call puts the gradient (both backends).
+pub(crate) enum GradDest<'a> {
+    /// Loss only.
+    None,
+    /// A new f32 array, returned in `CeOutput::grad`.
+    New,
+    /// A caller-owned `[N, V]` tensor of any dtype.
+    Into(crate::dtype::LogitsMut<'a>),
+}

@@ -1,7 +1,8 @@
 //! The public methods that [`crate::Cpu`] and [`crate::GpuContext`] both offer with the same
 //! signature and meaning, written once: [`backend_methods!`] expands them on each backend
-//! around the backend's own `pub(crate)` implementation of each (`linear_ce`,
-//! `linear_ce_vocab`, `logprobs_run`, `logprobs_vocab_run`, `ce_vocab_run`). The docs name the
+//! around the backend's own `pub(crate)` implementation of each (`ce_run`, `ce_in_place`,
+//! `distill_run`, `linear_ce`, `linear_ce_vocab`, `logprobs_run`, `logprobs_vocab_run`,
+//! `ce_vocab_run`). The docs name the
 //! backend and its constructor, and carry one note about what the backend does differently;
 //! the examples run on the CPU and are compiled (`no_run`) for the GPU.
 
@@ -15,10 +16,118 @@ macro_rules! backend_methods {
         use ndarray::ArrayView1;
         use $crate::api::linear::LinearCall;
         use $crate::parallel::{Collective, VocabShard};
-        use $crate::{CeOutput, CrossEntropy, LinearCe, LinearCeOutput, LinearLogprobs, LinearLogprobsOutput, Logits,
-            LogitsMut, Result, Targets};
+        use $crate::api::config::GradDest;
+        use $crate::{CeOutput, CrossEntropy, Distill, DistillOutput, LinearCe, LinearCeOutput, LinearLogprobs,
+            LinearLogprobsOutput, Logits, LogitsMut, Result, Targets};
 
         impl $ty {
+            #[doc = concat!("Softmax cross-entropy of logits `[N, V]` (f32, f16 or bf16) against class indices or
+probability rows (see [`CrossEntropy`]); the loss only. ", $note, "
+
+With probability targets `y [N, V]` (soft labels, PyTorch's float target):
+
+```text
+q_nc = (1 - eps) y_nc + eps / V
+L_n  = sample_weight[n] sum_c class_weight[c] q_nc (lse_n - z_nc)  (+ z_loss lse_n^2)
+```
+
+`Mean` then divides by the number of rows (by the sum of sample weights when given) and
+`ignore_index` does not apply.
+
+", $fence, "
+use ndarray::array;
+use xent::{", $name, ", CrossEntropy};
+let x = array![[1.0f32, 2.0, 3.0]];
+let be = ", $ctor, ";
+let hard = be.cross_entropy(&x, &[2i64][..], &CrossEntropy::default())?;
+let soft = be.cross_entropy(&x, &array![[0.0f32, 0.0, 1.0]], &CrossEntropy::default())?;
+assert!((hard.loss - soft.loss).abs() < 1e-6);
+# Ok::<(), xent::XentError>(())
+```")]
+            pub fn cross_entropy<'a, 'b>(
+                &self,
+                logits: impl Into<Logits<'a>>,
+                targets: impl Into<Targets<'b>>,
+                cfg: &CrossEntropy,
+            ) -> Result<CeOutput> {
+                self.ce_run(logits.into(), targets.into(), cfg, GradDest::None)
+            }
+
+            /// Cross-entropy and its gradient w.r.t. the logits, as a new f32 array in
+            /// [`CeOutput::grad`].
+            pub fn cross_entropy_with_grad<'a, 'b>(
+                &self,
+                logits: impl Into<Logits<'a>>,
+                targets: impl Into<Targets<'b>>,
+                cfg: &CrossEntropy,
+            ) -> Result<CeOutput> {
+                self.ce_run(logits.into(), targets.into(), cfg, GradDest::New)
+            }
+
+            #[doc = concat!("Cross-entropy whose gradient is written into `grad`, a caller-owned `[N, V]` tensor of
+any dtype (f32, or the logits' f16/bf16, rounded once from f32): a training loop reuses it and
+allocates nothing per call.
+
+", $fence, "
+use ndarray::{array, Array2};
+use xent::{", $name, ", CrossEntropy};
+let be = ", $ctor, ";
+let x = array![[1.0f32, 2.0, 3.0]];
+let mut g = Array2::<f32>::zeros((1, 3));
+be.cross_entropy_into(&x, &[2i64][..], &CrossEntropy::default(), &mut g)?;
+assert!(g[[0, 2]] < 0.0 && g[[0, 0]] > 0.0);
+# Ok::<(), xent::XentError>(())
+```")]
+            pub fn cross_entropy_into<'a, 'b, 'c>(
+                &self,
+                logits: impl Into<Logits<'a>>,
+                targets: impl Into<Targets<'b>>,
+                cfg: &CrossEntropy,
+                grad: impl Into<LogitsMut<'c>>,
+            ) -> Result<CeOutput> {
+                self.ce_run(logits.into(), targets.into(), cfg, GradDest::Into(grad.into()))
+            }
+
+            /// Cross-entropy that overwrites `logits` (any dtype) with the gradient.
+            pub fn cross_entropy_in_place<'a, 'b>(
+                &self,
+                logits: impl Into<LogitsMut<'a>>,
+                targets: impl Into<Targets<'b>>,
+                cfg: &CrossEntropy,
+            ) -> Result<CeOutput> {
+                self.ce_in_place(logits.into(), targets.into(), cfg)
+            }
+
+            #[doc = concat!("Knowledge distillation of `student` towards `teacher` logits `[N, V]` (any dtypes; see
+[`Distill`]).
+
+", $fence, "
+use ndarray::array;
+use xent::{", $name, ", Distill};
+let x = array![[1.0f32, 2.0, 3.0]];
+let same = ", $ctor, ".distill(&x, &x, &Distill::default())?;
+assert!(same.loss.abs() < 1e-12);
+# Ok::<(), xent::XentError>(())
+```")]
+            pub fn distill<'a, 'b>(
+                &self,
+                student: impl Into<Logits<'a>>,
+                teacher: impl Into<Logits<'b>>,
+                cfg: &Distill,
+            ) -> Result<DistillOutput> {
+                self.distill_run(student.into().reborrow(), teacher.into().reborrow(), cfg, false)
+            }
+
+            /// Distillation and its f32 gradient w.r.t. the student logits ([`DistillOutput::grad`]).
+            pub fn distill_with_grad<'a, 'b>(
+                &self,
+                student: impl Into<Logits<'a>>,
+                teacher: impl Into<Logits<'b>>,
+                cfg: &Distill,
+            ) -> Result<DistillOutput> {
+                self.distill_run(student.into().reborrow(), teacher.into().reborrow(), cfg, true)
+            }
+
             #[doc = concat!("Fused linear cross-entropy: the loss of `F.cross_entropy(hidden @ weight.T + bias,
 targets)` (PyTorch's semantics, every [`CrossEntropy`] option) and its gradients w.r.t.
 `hidden [N, D]`, `weight [V, D]` (both f32, f16 or bf16, one dtype) and `bias [V]`, never

@@ -2,8 +2,8 @@
 
 use ndarray::{Array2, ArrayView2};
 
-use super::cross_entropy::GradDest;
 use super::{bce, cross_entropy, divergence, hessian, linear, log_softmax, Bf16Grad, CpuMatmul};
+use crate::api::config::GradDest;
 use crate::api::config::{Bce, BceOutput, CeOutput, CrossEntropy, Distill, DistillOutput, Measures, SoftmaxKind};
 use crate::api::targets::Targets;
 use crate::check::BceInput;
@@ -112,79 +112,21 @@ impl Cpu {
         self.pool.current_num_threads()
     }
 
-    /// Softmax cross-entropy of logits `[N, V]` (f32, f16 or bf16) against class indices or
-    /// probability rows (see [`CrossEntropy`]); the loss only.
-    ///
-    /// With probability targets `y [N, V]` (soft labels, PyTorch's float target):
-    ///
-    /// ```text
-    /// q_nc = (1 - eps) y_nc + eps / V
-    /// L_n  = sample_weight[n] sum_c class_weight[c] q_nc (lse_n - z_nc)  (+ z_loss lse_n^2)
-    /// ```
-    ///
-    /// `Mean` then divides by the number of rows (by the sum of sample weights when given) and
-    /// `ignore_index` does not apply.
-    ///
-    /// ```
-    /// use ndarray::array;
-    /// use xent::{Cpu, CrossEntropy};
-    /// let x = array![[1.0f32, 2.0, 3.0]];
-    /// let cpu = Cpu::new();
-    /// let hard = cpu.cross_entropy(&x, &[2i64][..], &CrossEntropy::default()).unwrap();
-    /// let soft = cpu.cross_entropy(&x, &array![[0.0f32, 0.0, 1.0]], &CrossEntropy::default()).unwrap();
-    /// assert!((hard.loss - soft.loss).abs() < 1e-6);
-    /// ```
-    pub fn cross_entropy<'a, 'b>(
+    /// The cross-entropy's work here, the gradient to `g` (the public methods:
+    /// `crate::api::methods`).
+    pub(crate) fn ce_run(
         &self,
-        logits: impl Into<Logits<'a>>,
-        targets: impl Into<Targets<'b>>,
+        x: Logits<'_>,
+        t: Targets<'_>,
         cfg: &CrossEntropy,
+        g: GradDest<'_>,
     ) -> Result<CeOutput> {
-        cross_entropy::cross_entropy(&self.pool, logits.into(), targets.into(), cfg, GradDest::None)
+        cross_entropy::cross_entropy(&self.pool, x, t, cfg, g)
     }
 
-    /// Cross-entropy and its gradient w.r.t. the logits, as a new f32 array in
-    /// [`CeOutput::grad`].
-    pub fn cross_entropy_with_grad<'a, 'b>(
-        &self,
-        logits: impl Into<Logits<'a>>,
-        targets: impl Into<Targets<'b>>,
-        cfg: &CrossEntropy,
-    ) -> Result<CeOutput> {
-        cross_entropy::cross_entropy(&self.pool, logits.into(), targets.into(), cfg, GradDest::New)
-    }
-
-    /// Cross-entropy whose gradient is written into `grad`, a caller-owned `[N, V]` tensor of
-    /// any dtype (f32, or the logits' f16/bf16, rounded once from f32): a training loop reuses
-    /// it and allocates nothing per call.
-    ///
-    /// ```
-    /// use ndarray::{array, Array2};
-    /// use xent::{Cpu, CrossEntropy};
-    /// let cpu = Cpu::new();
-    /// let x = array![[1.0f32, 2.0, 3.0]];
-    /// let mut g = Array2::<f32>::zeros((1, 3));
-    /// cpu.cross_entropy_into(&x, &[2i64][..], &CrossEntropy::default(), &mut g).unwrap();
-    /// assert!(g[[0, 2]] < 0.0 && g[[0, 0]] > 0.0);
-    /// ```
-    pub fn cross_entropy_into<'a, 'b, 'c>(
-        &self,
-        logits: impl Into<Logits<'a>>,
-        targets: impl Into<Targets<'b>>,
-        cfg: &CrossEntropy,
-        grad: impl Into<LogitsMut<'c>>,
-    ) -> Result<CeOutput> {
-        cross_entropy::cross_entropy(&self.pool, logits.into(), targets.into(), cfg, GradDest::Into(grad.into()))
-    }
-
-    /// Cross-entropy that overwrites `logits` (any dtype) with the gradient.
-    pub fn cross_entropy_in_place<'a, 'b>(
-        &self,
-        logits: impl Into<LogitsMut<'a>>,
-        targets: impl Into<Targets<'b>>,
-        cfg: &CrossEntropy,
-    ) -> Result<CeOutput> {
-        cross_entropy::cross_entropy_in_place(&self.pool, logits.into(), targets.into(), cfg)
+    /// [`Self::cross_entropy_in_place`]'s work here.
+    pub(crate) fn ce_in_place(&self, x: LogitsMut<'_>, t: Targets<'_>, cfg: &CrossEntropy) -> Result<CeOutput> {
+        cross_entropy::cross_entropy_in_place(&self.pool, x, t, cfg)
     }
 
     /// Binary cross-entropy from logits `[N, C]` with targets in `[0, 1]` (see [`Bce`]).
@@ -204,32 +146,9 @@ impl Cpu {
         bce::bce(&self.pool, probs, targets, cfg, BceInput::Probs)
     }
 
-    /// Knowledge distillation of `student` towards `teacher` logits `[N, V]` (see [`Distill`]).
-    ///
-    /// ```
-    /// use ndarray::array;
-    /// use xent::{Cpu, Distill};
-    /// let x = array![[1.0f32, 2.0, 3.0]];
-    /// let same = Cpu::new().distill(&x, &x, &Distill::default()).unwrap();
-    /// assert!(same.loss.abs() < 1e-12);
-    /// ```
-    pub fn distill<'a, 'b>(
-        &self,
-        student: impl Into<Logits<'a>>,
-        teacher: impl Into<Logits<'b>>,
-        cfg: &Distill,
-    ) -> Result<DistillOutput> {
-        divergence::distill(&self.pool, student.into(), teacher.into(), cfg, false)
-    }
-
-    /// Distillation and its gradient w.r.t. the student logits ([`DistillOutput::grad`]).
-    pub fn distill_with_grad<'a, 'b>(
-        &self,
-        student: impl Into<Logits<'a>>,
-        teacher: impl Into<Logits<'b>>,
-        cfg: &Distill,
-    ) -> Result<DistillOutput> {
-        divergence::distill(&self.pool, student.into(), teacher.into(), cfg, true)
+    /// Distillation's work here (the public methods: `crate::api::methods`).
+    pub(crate) fn distill_run(&self, s: Logits<'_>, t: Logits<'_>, cfg: &Distill, grad: bool) -> Result<DistillOutput> {
+        divergence::distill(&self.pool, s, t, cfg, grad)
     }
 
     /// Entropy, cross-entropy, KL and JS per row of probability rows `p`, `q` (f64).

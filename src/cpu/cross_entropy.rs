@@ -13,7 +13,7 @@ use ndarray::ArrayView2;
 use rayon::prelude::*;
 
 use super::simd::{self, RowIn};
-use crate::api::config::{CeOutput, CrossEntropy, Reduction};
+use crate::api::config::{CeOutput, CrossEntropy, GradDest, Reduction};
 use crate::api::targets::{Targets, IGNORED};
 use crate::dtype::{Element, Logits, LogitsMut};
 use crate::error::Result;
@@ -260,16 +260,6 @@ pub(crate) fn weight_totals(t: &[i32], cfg: &CrossEntropy) -> (u64, f64) {
         }
     }
     (counted, ws)
-}
-
-/// Where the gradient goes.
-pub(crate) enum GradDest<'a> {
-    /// Loss only.
-    None,
-    /// A new f32 array, returned in `CeOutput::grad`.
-    New,
-    /// A caller-owned `[N, V]` tensor of any dtype.
-    Into(LogitsMut<'a>),
 }
 
 /// Row-major element storage of one task's rows.

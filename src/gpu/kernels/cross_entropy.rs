@@ -13,7 +13,7 @@ use ndarray::Array1;
 
 use super::ce_io::{flags, CeParams, Scalars, SCALARS};
 use super::check_slice;
-use crate::api::config::{CeOutput, CrossEntropy, Reduction};
+use crate::api::config::{CeOutput, CrossEntropy, GradDest, Reduction};
 use crate::api::targets::{Targets, DEVICE_IGNORED};
 use crate::dtype::{DType, Logits, LogitsMut};
 use crate::error::{Result, XentError};
@@ -711,13 +711,6 @@ enum HostLogits<'a> {
     InPlace(LogitsMut<'a>),
 }
 
-/// Where the host API puts the gradient.
-enum HostGrad<'a> {
-    None,
-    New,
-    Into(LogitsMut<'a>),
-}
-
 impl GpuContext {
     /// Uploads host tensors, records on a plan, waits, and reads back what was asked for.
     fn host_ce(
@@ -725,7 +718,7 @@ impl GpuContext {
         src: HostLogits<'_>,
         targets: Targets<'_>,
         cfg: &CrossEntropy,
-        dest: HostGrad<'_>,
+        dest: GradDest<'_>,
     ) -> Result<CeOutput> {
         let (logits, in_place) = match src {
             HostLogits::Read(l) => (Some(l), None),
@@ -738,7 +731,7 @@ impl GpuContext {
         };
         let (n, v) = dim;
         crate::check::cross_entropy((n, v), &targets, cfg)?;
-        if let HostGrad::Into(g) = &dest {
+        if let GradDest::Into(g) = &dest {
             if g.dim() != (n, v) {
                 return Err(XentError::Shape(format!(
                     "gradient {:?} and logits {:?} differ in shape",
@@ -755,7 +748,7 @@ impl GpuContext {
         if n == 0 {
             let mut out =
                 plan.read_back(&mut self.device().create_command_encoder(&Default::default()), want_rows)?.wait()?;
-            if matches!(dest, HostGrad::New) {
+            if matches!(dest, GradDest::New) {
                 out.grad = Some(ndarray::Array2::zeros((0, v)));
             }
             return Ok(out);
@@ -774,12 +767,12 @@ impl GpuContext {
             _ => (Some(self.upload(bytemuck::cast_slice(&t), U::STORAGE, "targets")?), None),
         };
         let gdtype = match &dest {
-            HostGrad::Into(g) => g.dtype(),
+            GradDest::Into(g) => g.dtype(),
             _ => DType::F32,
         };
         let nv = (n * v) as u64;
         let gb = match dest {
-            HostGrad::None => None,
+            GradDest::None => None,
             _ => Some(self.take(nv * gdtype.size() as u64, U::STORAGE | U::COPY_SRC, "gradient")?),
         };
         let mut enc = self.device().create_command_encoder(&Default::default());
@@ -807,60 +800,34 @@ impl GpuContext {
         // The gradient comes back piece by piece, straight into its destination.
         let read = |src: &Pooled, dst: LogitsMut<'_>| self.read_back_into(src, dst, None);
         match (dest, gb, in_place) {
-            (HostGrad::New, Some(g), _) => {
+            (GradDest::New, Some(g), _) => {
                 let mut host = crate::alloc::zeros2::<f32>((n, v), "gradient")?;
                 read(&g, (&mut host).into())?;
                 out.grad = Some(host);
             }
-            (HostGrad::Into(dst), Some(g), _) => read(&g, dst)?,
+            (GradDest::Into(dst), Some(g), _) => read(&g, dst)?,
             (_, None, Some(x)) => read(&lb, x)?,
             _ => {}
         }
         Ok(out)
     }
 
-    /// Softmax cross-entropy of host logits `[N, V]` (f32, f16 or bf16) against class indices
-    /// or probability rows (see [`CrossEntropy`]); the loss only.
-    pub fn cross_entropy<'a, 'b>(
+    /// The cross-entropy's work here, the gradient to `g` (the public methods:
+    /// `crate::api::methods`).
+    pub(crate) fn ce_run(
         &self,
-        logits: impl Into<Logits<'a>>,
-        targets: impl Into<Targets<'b>>,
+        x: Logits<'_>,
+        t: Targets<'_>,
         cfg: &CrossEntropy,
+        g: GradDest<'_>,
     ) -> Result<CeOutput> {
-        self.host_ce(HostLogits::Read(logits.into()), targets.into(), cfg, HostGrad::None)
+        self.host_ce(HostLogits::Read(x), t, cfg, g)
     }
 
-    /// Cross-entropy and its f32 gradient, read back into [`CeOutput::grad`].
-    pub fn cross_entropy_with_grad<'a, 'b>(
-        &self,
-        logits: impl Into<Logits<'a>>,
-        targets: impl Into<Targets<'b>>,
-        cfg: &CrossEntropy,
-    ) -> Result<CeOutput> {
-        self.host_ce(HostLogits::Read(logits.into()), targets.into(), cfg, HostGrad::New)
-    }
-
-    /// Cross-entropy with the gradient read back into `grad` (f32, f16 or bf16, rounded once
-    /// on the device from f32).
-    pub fn cross_entropy_into<'a, 'b, 'c>(
-        &self,
-        logits: impl Into<Logits<'a>>,
-        targets: impl Into<Targets<'b>>,
-        cfg: &CrossEntropy,
-        grad: impl Into<LogitsMut<'c>>,
-    ) -> Result<CeOutput> {
-        self.host_ce(HostLogits::Read(logits.into()), targets.into(), cfg, HostGrad::Into(grad.into()))
-    }
-
-    /// Cross-entropy that overwrites `logits` with the gradient (computed in place on the GPU,
-    /// so no separate gradient buffer is allocated).
-    pub fn cross_entropy_in_place<'a, 'b>(
-        &self,
-        logits: impl Into<LogitsMut<'a>>,
-        targets: impl Into<Targets<'b>>,
-        cfg: &CrossEntropy,
-    ) -> Result<CeOutput> {
-        self.host_ce(HostLogits::InPlace(logits.into()), targets.into(), cfg, HostGrad::None)
+    /// [`Self::cross_entropy_in_place`]'s work here: the gradient computed in place on the
+    /// device, so no separate gradient buffer is allocated.
+    pub(crate) fn ce_in_place(&self, x: LogitsMut<'_>, t: Targets<'_>, cfg: &CrossEntropy) -> Result<CeOutput> {
+        self.host_ce(HostLogits::InPlace(x), t, cfg, GradDest::None)
     }
 }
 

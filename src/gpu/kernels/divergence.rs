@@ -176,7 +176,7 @@ impl GpuContext {
         Ok(DistillPlan { plan, den: (rows as f64 / (t * t)) as f32, scalars, scalars_init })
     }
 
-    fn distill_run<'a>(
+    pub(crate) fn distill_run<'a>(
         &self,
         student: Logits<'a>,
         teacher: Logits<'a>,
@@ -197,26 +197,6 @@ impl GpuContext {
         })?;
         let sum: f64 = out.row_values.iter().map(|&d| d as f64).sum();
         Ok(DistillOutput { loss: t * t * sum / n as f64, row_loss: Array1::from(out.row_values), grad: out.out_rows })
-    }
-
-    /// Knowledge distillation of `student` towards `teacher` logits (any dtypes; see [`Distill`]).
-    pub fn distill<'a, 'b>(
-        &self,
-        student: impl Into<Logits<'a>>,
-        teacher: impl Into<Logits<'b>>,
-        cfg: &Distill,
-    ) -> Result<DistillOutput> {
-        self.distill_run(student.into().reborrow(), teacher.into().reborrow(), cfg, false)
-    }
-
-    /// Distillation and its f32 gradient w.r.t. the student logits.
-    pub fn distill_with_grad<'a, 'b>(
-        &self,
-        student: impl Into<Logits<'a>>,
-        teacher: impl Into<Logits<'b>>,
-        cfg: &Distill,
-    ) -> Result<DistillOutput> {
-        self.distill_run(student.into().reborrow(), teacher.into().reborrow(), cfg, true)
     }
 
     /// Entropy, cross-entropy, KL and JS per row of probability rows `p`, `q` (computed in f32).
