@@ -264,3 +264,61 @@ pub(crate) fn grad_dtype(cfg: &LinearCe, input: DType) -> DType {
         DType::F32
     }
 }
+
+/// The loss and per-row results of a chunked linear call, gathered chunk by chunk in row order
+/// (on both backends).
+pub(crate) struct ChunkOutputs {
+    loss: f64,
+    row_loss: Option<Vec<f32>>,
+    row_lse: Option<Vec<f32>>,
+    row_rank: Option<Vec<u32>>,
+}
+
+impl ChunkOutputs {
+    /// Room for what `cfg` asks of `n` rows.
+    pub fn new(cfg: &LinearCe, n: usize) -> Self {
+        let per_row = cfg.ce.per_row || cfg.ce.reduction == Reduction::None;
+        ChunkOutputs {
+            loss: 0.0,
+            row_loss: per_row.then(|| Vec::with_capacity(n)),
+            row_lse: cfg.ce.per_row.then(|| Vec::with_capacity(n)),
+            row_rank: cfg.ce.ranks.then(|| Vec::with_capacity(n)),
+        }
+    }
+
+    /// The next chunk's results.
+    pub fn add(&mut self, out: &CeOutput) {
+        self.loss += out.loss;
+        if let (Some(all), Some(part)) = (self.row_loss.as_mut(), out.row_loss.as_ref()) {
+            all.extend(part.iter());
+        }
+        if let (Some(all), Some(part)) = (self.row_lse.as_mut(), out.row_lse.as_ref()) {
+            all.extend(part.iter());
+        }
+        if let (Some(all), Some(part)) = (self.row_rank.as_mut(), out.row_rank.as_ref()) {
+            all.extend(part.iter());
+        }
+    }
+
+    /// The call's output: these results, the batch's `totals`, the gradients (hidden, weight,
+    /// bias) and the rows a chunk held.
+    pub fn finish(
+        self,
+        totals: Totals,
+        (grad_hidden, grad_weight, grad_bias): (Option<Tensor2>, Option<Tensor2>, Option<Array1<f32>>),
+        chunk_rows: usize,
+    ) -> LinearCeOutput {
+        LinearCeOutput {
+            loss: self.loss,
+            counted: totals.counted,
+            weight_sum: totals.weight_sum,
+            row_loss: self.row_loss.map(Array1::from),
+            row_lse: self.row_lse.map(Array1::from),
+            row_rank: self.row_rank.map(Array1::from),
+            grad_hidden,
+            grad_weight,
+            grad_bias,
+            chunk_rows,
+        }
+    }
+}

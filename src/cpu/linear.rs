@@ -22,7 +22,7 @@ use super::{Cpu, CpuMatmul};
 use crate::alloc::zeros2;
 use crate::api::config::Totals;
 use crate::api::linear::{
-    check, chunk_cfg, chunk_cfg_at, counted_rows, grad_dtype, LinearCall, LinearCe, LinearCeOutput,
+    check, chunk_cfg, chunk_cfg_at, counted_rows, grad_dtype, ChunkOutputs, LinearCall, LinearCe, LinearCeOutput,
 };
 use crate::api::targets::Targets;
 use crate::dtype::{DType, Element, Logits, Tensor2};
@@ -511,11 +511,7 @@ impl Cpu {
             grad_weight: cfg.grad_weight,
             grad_bias: cfg.grad_bias,
         };
-        let per_row = cfg.ce.per_row || cfg.ce.reduction == crate::Reduction::None;
-        let mut row_loss = per_row.then(|| Vec::with_capacity(n));
-        let mut row_lse = cfg.ce.per_row.then(|| Vec::with_capacity(n));
-        let mut row_rank = cfg.ce.ranks.then(|| Vec::with_capacity(n));
-        let mut loss = 0.0;
+        let mut outs = ChunkOutputs::new(cfg, n);
         let any_grad = run.any_grad(bias.is_some());
         let grads = self.linear_chunks(&hidden, &weight, bias, &run, |c0, c1, idx, zc| {
             let b = c1 - c0;
@@ -543,32 +539,17 @@ impl Cpu {
             } else {
                 self.cross_entropy(ArrayView2::from_shape((b, v), &*zc).expect("chunk"), t, &ccfg)?
             };
-            loss += out.loss;
-            if let (Some(all), Some(part)) = (row_loss.as_mut(), out.row_loss.as_ref()) {
-                all.extend(part.iter());
-            }
-            if let (Some(all), Some(part)) = (row_lse.as_mut(), out.row_lse.as_ref()) {
-                all.extend(part.iter());
-            }
-            if let (Some(all), Some(part)) = (row_rank.as_mut(), out.row_rank.as_ref()) {
-                all.extend(part.iter());
-            }
+            outs.add(&out);
             Ok(())
         })?;
         let (gh, gw, gb) = (grads.hidden, grads.weight, grads.bias);
         let rows = run.rows;
         let gdt = grad_dtype(cfg, hidden.dtype());
-        Ok(LinearCeOutput {
-            loss,
-            counted: totals.counted,
-            weight_sum: totals.weight_sum,
-            row_loss: row_loss.map(Array1::from),
-            row_lse: row_lse.map(Array1::from),
-            row_rank: row_rank.map(Array1::from),
-            grad_hidden: gh.map(|a| Tensor2::from_f32(a, gdt)),
-            grad_weight: gw.map(|a| Tensor2::from_f32(a, gdt)),
-            grad_bias: gb.map(|b| b.into_iter().map(|x| x as f32).collect()),
-            chunk_rows: rows.min(n),
-        })
+        let grads = (
+            gh.map(|a| Tensor2::from_f32(a, gdt)),
+            gw.map(|a| Tensor2::from_f32(a, gdt)),
+            gb.map(|b| b.into_iter().map(|x| x as f32).collect()),
+        );
+        Ok(outs.finish(totals, grads, rows.min(n)))
     }
 }

@@ -14,7 +14,8 @@ use super::ce_io::SCALARS;
 use super::cross_entropy::{CeBackward, CeInputs, CePlan, DeviceGrad, DeviceTargets, PendingCe, SAVED};
 use crate::api::config::{Reduction, Totals};
 use crate::api::linear::{
-    check, chunk_cfg, counted_rows, gather_batch, grad_dtype, scatter_rows, LinearCall, LinearCe, LinearCeOutput,
+    check, chunk_cfg, counted_rows, gather_batch, grad_dtype, scatter_rows, ChunkOutputs, LinearCall, LinearCe,
+    LinearCeOutput,
 };
 use crate::api::targets::Targets;
 use crate::dtype::{DType, Logits, Tensor2};
@@ -293,22 +294,9 @@ impl GpuContext {
             let idx = self.submit(enc)?;
             self.wait(idx)?;
         }
-        let mut loss = 0.0;
-        let mut row_loss = per_row.then(|| Vec::with_capacity(n));
-        let mut row_lse = cfg.ce.per_row.then(|| Vec::with_capacity(n));
-        let mut row_rank = cfg.ce.ranks.then(|| Vec::with_capacity(n));
+        let mut outs = ChunkOutputs::new(cfg, n);
         for p in pending {
-            let o = p.wait()?;
-            loss += o.loss;
-            if let (Some(all), Some(part)) = (row_loss.as_mut(), o.row_loss.as_ref()) {
-                all.extend(part.iter());
-            }
-            if let (Some(all), Some(part)) = (row_lse.as_mut(), o.row_lse.as_ref()) {
-                all.extend(part.iter());
-            }
-            if let (Some(all), Some(part)) = (row_rank.as_mut(), o.row_rank.as_ref()) {
-                all.extend(part.iter());
-            }
+            outs.add(&p.wait()?);
         }
         let read2 = |buf: &Pooled, dim: (usize, usize)| -> Result<Tensor2> {
             let mut a = crate::alloc::zeros2::<f32>(dim, "gradient")?;
@@ -325,17 +313,6 @@ impl GpuContext {
                 Ok(Array1::from(out))
             })
             .transpose()?;
-        Ok(LinearCeOutput {
-            loss,
-            counted: totals.counted,
-            weight_sum: totals.weight_sum,
-            row_loss: row_loss.map(Array1::from),
-            row_lse: row_lse.map(Array1::from),
-            row_rank: row_rank.map(Array1::from),
-            grad_hidden,
-            grad_weight,
-            grad_bias,
-            chunk_rows: rows.min(n),
-        })
+        Ok(outs.finish(totals, (grad_hidden, grad_weight, grad_bias), rows.min(n)))
     }
 }
