@@ -36,7 +36,6 @@ use burn::backend::{get_device_settings, Scalar, Slice, TensorMetadata};
 use burn::tensor::{DType as BurnDType, FloatDType, IndexingUpdateOp, Shape, TensorData};
 use xent::{CrossEntropy, LinearCe, Reduction, XentError};
 
-use crate::linear::XentLinearArgs;
 use crate::{XentArgs, XentOps};
 
 /// The loss and the gradients of hidden, weight and bias.
@@ -91,10 +90,9 @@ pub(crate) fn linear_ce<B: XentOps>(
     bias: FloatTensor<B>,
     targets: IntTensor<B>,
     row_scale: FloatTensor<B>,
-    args: &XentLinearArgs,
+    cfg: &LinearCe,
     with_grads: bool,
 ) -> Grads<FloatTensor<B>> {
-    let cfg = args.cfg();
     let ce = &cfg.ce;
     let device = hidden.device();
     let (n, d) = (hidden.shape()[0], hidden.shape()[1]);

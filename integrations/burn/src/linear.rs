@@ -76,7 +76,7 @@ pub trait XentLinearOps: XentOps {
         args: XentLinearArgs,
     ) -> FloatTensor<Self> {
         let none = Self::float_zeros(Shape::new([0]), &hidden.device(), burn::tensor::FloatDType::F32);
-        crate::compose::linear_ce::<Self>(hidden, weight, bias, targets, none, &args, false).0
+        crate::compose::linear_ce::<Self>(hidden, weight, bias, targets, none, args.cfg(), false).0
     }
 
     /// The loss and the gradients the options ask for (`grad_hidden`, `grad_weight`,
@@ -94,7 +94,7 @@ pub trait XentLinearOps: XentOps {
         row_scale: FloatTensor<Self>,
         args: XentLinearArgs,
     ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>, Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
-        crate::compose::linear_ce::<Self>(hidden, weight, bias, targets, row_scale, &args, true)
+        crate::compose::linear_ce::<Self>(hidden, weight, bias, targets, row_scale, args.cfg(), true)
     }
 
     /// `grad` times the scalar `upstream` (`[1]`), in `grad`'s dtype; `grad` itself when
