@@ -94,6 +94,9 @@ pub(crate) fn linear_ce<B: XentOps>(
     with_grads: bool,
 ) -> Grads<FloatTensor<B>> {
     let ce = &cfg.ce;
+    // What has no exact split here (the public function refused it already; a call through the
+    // trait gets NaN outputs and the error in `take_error`, never wrong numbers).
+    let refused = unsupported(cfg).map(crate::ops::record_error).is_some();
     let device = hidden.device();
     let (n, d) = (hidden.shape()[0], hidden.shape()[1]);
     let v = weight.shape()[0];
@@ -217,18 +220,20 @@ pub(crate) fn linear_ce<B: XentOps>(
             }
         }
     };
+    let nan = |t: FloatTensor<B>| if refused { B::float_mul_scalar(t, Scalar::Float(f64::NAN)) } else { t };
+    let loss = nan(loss);
     let gh = g_h.then(|| {
         let g = match gh_parts.len() {
             0 => zeros(Shape::new([0, d])),
             1 => gh_parts.pop().expect("one"),
             _ => B::float_cat(gh_parts, 0),
         };
-        to_dtype::<B>(g, in_dtype)
+        to_dtype::<B>(nan(g), in_dtype)
     });
-    let gw = g_w.then(|| to_dtype::<B>(gw.unwrap_or_else(|| zeros(Shape::new([v, d]))), in_dtype));
+    let gw = g_w.then(|| to_dtype::<B>(nan(gw.unwrap_or_else(|| zeros(Shape::new([v, d])))), in_dtype));
     let gb = g_b.then(|| {
         let g = gb.map(|g| B::float_reshape(g, Shape::new([v]))).unwrap_or_else(|| zeros(Shape::new([v])));
-        to_dtype::<B>(g, bias_dtype)
+        to_dtype::<B>(nan(g), bias_dtype)
     });
     (loss, gh, gw, gb)
 }

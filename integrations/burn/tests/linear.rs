@@ -609,4 +609,19 @@ fn wgpu_plain_cube_backend_without_fusion() {
     let (l, gh, gw, gb) = xent_burn::linear_cross_entropy_with_grads(h, w, Some(b), t, &lc).unwrap();
     let want = Out { loss: host(l), gh: host(gh.unwrap()), gw: host(gw.unwrap()), gb: Some(host(gb.unwrap())) };
     compare_tol("plain cube", &got, &want, 1e-4, 2e-4);
+    // What the composition cannot express, reached through the trait (no public check): NaN
+    // outputs and the error waiting in take_error, never wrong numbers.
+    let mut both = lc.clone();
+    both.ce.z_loss = 1e-3;
+    both.ce.sample_weight = Some(vec![1.0; c.n].into());
+    let (loss, gh, _, _) = CubeBackend::xent_linear_cross_entropy_with_grads(
+        f(&c.h, vec![c.n, c.d]),
+        f(&c.w, vec![c.v, c.d]),
+        f(&c.b, vec![c.v]),
+        CubeBackend::int_from_data(TensorData::new(c.t.clone(), [c.n]), cube),
+        f(&[], vec![0]),
+        XentLinearArgs::new(&both),
+    );
+    assert!(read(loss)[0].is_nan() && read(gh.unwrap()).iter().all(|x| x.is_nan()));
+    assert!(matches!(xent_burn::take_error(), Some(XentError::InvalidOption(m)) if m.contains("z_loss")));
 }
