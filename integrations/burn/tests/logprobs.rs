@@ -3,8 +3,8 @@
 //! log-probs, `-sum(p log p)` for the entropies, and Burn's backward pass for the gradients of
 //! hidden, weight and bias, through losses that use both outputs with random per-row
 //! coefficients (and one output alone); ignored rows; several row chunks; against xent's own
-//! `Cpu::linear_logprobs` with the same upstream gradient; errors (bad input, and Burn's wgpu
-//! backend, not implemented yet).
+//! `Cpu::linear_logprobs` with the same upstream gradient; errors; and Burn's wgpu backend
+//! (lavapipe in CI) against the Flex path and Burn's own composition there.
 
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
