@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor, D};
 use xent::{LinearCe, Reduction, XentError};
 
 mod common;
-use common::{f32s, inputs, rel_diff, targets_tensor, var, DEV};
+use common::{assert_grads_close, f32s, inputs, rel_diff, targets_tensor, var, DEV};
 
 /// Candle's own composition: logits, then per-row losses `-log softmax(z)_y` (0 for ignored
 /// rows) plus `z_loss * lse^2` on counted rows, and the mask of counted rows.
@@ -59,10 +59,9 @@ fn equals_candle_nn_linear_and_cross_entropy_f32() {
             let what = format!("bias {with_bias}, {reduction:?}");
             assert!((a - e).abs() <= 2e-6 * e.abs(), "{what}: loss {a} vs {e}");
             let (ga, ge) = (ours.backward().unwrap(), theirs.backward().unwrap());
-            assert!(rel_diff(ga.get(&h).unwrap(), ge.get(&h).unwrap()) < 1e-5, "{what}: grad hidden");
-            assert!(rel_diff(ga.get(&w).unwrap(), ge.get(&w).unwrap()) < 1e-5, "{what}: grad weight");
+            assert_grads_close(&what, &ga, &ge, &[&h, &w], 1e-5);
             match bias {
-                Some(b) => assert!(rel_diff(ga.get(b).unwrap(), ge.get(b).unwrap()) < 1e-5, "{what}: grad bias"),
+                Some(b) => assert_grads_close(&what, &ga, &ge, &[b], 1e-5),
                 None => assert!(ga.get(&b).is_none(), "{what}: no bias, no gradient"),
             }
         }
@@ -128,9 +127,7 @@ fn ignored_rows_equal_the_masked_composition() {
         let (a, e) = (ours.to_scalar::<f32>().unwrap(), theirs.to_scalar::<f32>().unwrap());
         assert!((a - e).abs() <= 2e-6 * e.abs(), "{reduction:?}: loss {a} vs {e}");
         let (ga, ge) = (ours.backward().unwrap(), theirs.backward().unwrap());
-        for x in [&h, &w, &b] {
-            assert!(rel_diff(ga.get(x).unwrap(), ge.get(x).unwrap()) < 1e-5, "{reduction:?}: {:?}", x.dims());
-        }
+        assert_grads_close(&format!("{reduction:?}"), &ga, &ge, &[&h, &w, &b], 1e-5);
         let gh = ga.get(&h).unwrap().to_vec2::<f32>().unwrap();
         for (r, &y) in t.iter().enumerate() {
             if y == -100 {
@@ -165,10 +162,7 @@ fn reduction_none_with_per_row_upstream_gradients() {
                 _ => x.mean_all().unwrap(),
             };
             let (ga, ge) = (total(&ours).backward().unwrap(), total(&rows).backward().unwrap());
-            for x in [&h, &w, &b] {
-                let diff = rel_diff(ga.get(x).unwrap(), ge.get(x).unwrap());
-                assert!(diff < 1e-5, "z_loss {z_loss}, {upstream}: {:?} differs by {diff}", x.dims());
-            }
+            assert_grads_close(&format!("z_loss {z_loss}, {upstream}"), &ga, &ge, &[&h, &w, &b], 1e-5);
         }
     }
 }

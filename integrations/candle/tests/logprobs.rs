@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor, D};
 use xent::{LinearLogprobs, XentError};
 
 mod common;
-use common::{f32s, inputs, rel_diff, targets_tensor, var, DEV};
+use common::{assert_grads_close, f32s, inputs, rel_diff, targets_tensor, var, DEV};
 
 /// Random upstream weights `[n]` (N(0, 1)), as f32 tensors.
 fn upstream(n: usize, seed: u64) -> Tensor {
@@ -70,15 +70,9 @@ fn f32_equals_the_candle_composition_for_a_mixed_loss() {
             }
             let (ga, ge) =
                 (mixed(&lp, &ent, &a, &b).backward().unwrap(), mixed(&lp_c, &ent_c, &a, &b).backward().unwrap());
-            for (name, x) in [("hidden", &h), ("weight", &w)] {
-                let diff = rel_diff(ga.get(x).unwrap(), ge.get(x).unwrap());
-                assert!(diff < 1e-5, "{what}: grad {name} differs by {diff}");
-            }
+            assert_grads_close(&what, &ga, &ge, &[&h, &w], 1e-5);
             match bias {
-                Some(bt) => {
-                    let diff = rel_diff(ga.get(bt).unwrap(), ge.get(bt).unwrap());
-                    assert!(diff < 1e-5, "{what}: grad bias differs by {diff}");
-                }
+                Some(bt) => assert_grads_close(&what, &ga, &ge, &[bt], 1e-5),
                 None => assert!(ga.get(&bv).is_none(), "{what}: no bias, no gradient"),
             }
             let gh = ga.get(&h).unwrap().to_vec2::<f32>().unwrap();
@@ -109,10 +103,7 @@ fn losses_of_one_output_or_the_same_output_twice() {
         let (lp, ent) = xent_candle::linear_logprobs(&h, &w, Some(&bv), &targets, &cfg).unwrap();
         let (lp_c, ent_c) = composition(&h, &w, Some(&bv), &t, 1.3);
         let (ga, ge) = (loss(&lp, &ent).backward().unwrap(), loss(&lp_c, &ent_c).backward().unwrap());
-        for x in [&h, &w, &bv] {
-            let diff = rel_diff(ga.get(x).unwrap(), ge.get(x).unwrap());
-            assert!(diff < 1e-5, "{case}: {:?} differs by {diff}", x.dims());
-        }
+        assert_grads_close(case, &ga, &ge, &[&h, &w, &bv], 1e-5);
     }
 }
 

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 
 pub const DEV: Device = Device::Cpu;
@@ -38,6 +39,15 @@ pub fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(f32::MIN_POSITIVE);
     a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+/// Asserts that the gradient of each of `xs` in `got` is within `tol` of the one in `want`
+/// (relative to its largest entry); `what` names the case.
+pub fn assert_grads_close(what: &str, got: &GradStore, want: &GradStore, xs: &[&Tensor], tol: f32) {
+    for x in xs {
+        let diff = rel_diff(got.get(x).expect("a gradient"), want.get(x).expect("a gradient"));
+        assert!(diff < tol, "{what}: gradient of {:?} differs by {diff}", x.dims());
+    }
 }
 
 pub fn targets_tensor(t: &[i64]) -> Tensor {
