@@ -594,14 +594,18 @@ fn wgpu_plain_cube_backend_without_fusion() {
     lc.ce.label_smoothing = 0.1;
     lc.workspace_bytes = Some(6 * c.v * 4);
     let f = |x: &[f32], shape: Vec<usize>| CubeBackend::float_from_data(TensorData::new(x.to_vec(), shape), cube);
-    let (loss, gh, gw, gb) = CubeBackend::xent_linear_cross_entropy_with_grads(
-        f(&c.h, vec![c.n, c.d]),
-        f(&c.w, vec![c.v, c.d]),
-        f(&c.b, vec![c.v]),
-        CubeBackend::int_from_data(TensorData::new(c.t.clone(), [c.n]), cube),
-        f(&[], vec![0]),
-        XentLinearArgs::new(&lc),
-    );
+    // The case's operands through the trait, with the options `lc`.
+    let with_grads = |lc: &LinearCe| {
+        CubeBackend::xent_linear_cross_entropy_with_grads(
+            f(&c.h, vec![c.n, c.d]),
+            f(&c.w, vec![c.v, c.d]),
+            f(&c.b, vec![c.v]),
+            CubeBackend::int_from_data(TensorData::new(c.t.clone(), [c.n]), cube),
+            f(&[], vec![0]),
+            XentLinearArgs::new(lc),
+        )
+    };
+    let (loss, gh, gw, gb) = with_grads(&lc);
     let read = |p| burn_cubecl::ops::into_data_sync(p).convert::<f32>().try_to_vec::<f32>().unwrap();
     let got = Out { loss: read(loss), gh: read(gh.unwrap()), gw: read(gw.unwrap()), gb: Some(read(gb.unwrap())) };
     let d = Device::flex();
@@ -614,14 +618,7 @@ fn wgpu_plain_cube_backend_without_fusion() {
     let mut both = lc.clone();
     both.ce.z_loss = 1e-3;
     both.ce.sample_weight = Some(vec![1.0; c.n].into());
-    let (loss, gh, _, _) = CubeBackend::xent_linear_cross_entropy_with_grads(
-        f(&c.h, vec![c.n, c.d]),
-        f(&c.w, vec![c.v, c.d]),
-        f(&c.b, vec![c.v]),
-        CubeBackend::int_from_data(TensorData::new(c.t.clone(), [c.n]), cube),
-        f(&[], vec![0]),
-        XentLinearArgs::new(&both),
-    );
+    let (loss, gh, _, _) = with_grads(&both);
     assert!(read(loss)[0].is_nan() && read(gh.unwrap()).iter().all(|x| x.is_nan()));
     assert!(matches!(xent_burn::take_error(), Some(XentError::InvalidOption(m)) if m.contains("z_loss")));
 }
