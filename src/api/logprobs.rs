@@ -124,6 +124,13 @@ impl LinearLogprobs {
         self.linear_ce(false).chunk_rows(n, v)
     }
 
+    /// Rows of logits per chunk where the products run on a GPU (as
+    /// [`LinearCe::device_chunk_rows`]: at least 1024 rows within 256 MiB unless
+    /// `workspace_bytes` is set).
+    pub fn device_chunk_rows(&self, n: usize, v: usize) -> usize {
+        self.linear_ce(false).device_chunk_rows(n, v)
+    }
+
     /// The [`LinearCe`] options whose operand checks, chunking, gradient flags and gradient
     /// dtype this call shares (`grads`: whether an upstream gradient is given).
     pub(crate) fn linear_ce(&self, grads: bool) -> LinearCe {

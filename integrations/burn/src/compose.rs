@@ -123,8 +123,8 @@ pub(crate) fn linear_ce<B: XentOps>(
     let ones = || upload::<B>(vec![1.0; n], Shape::new([n]), &device);
     // A mean's denominator: the weights of the counted rows, summed on the device.
     let mean = ce.reduction == Reduction::Mean && upstream.is_none();
+    let bool_dtype = get_device_settings::<B>(&device).bool_dtype;
     let den = mean.then(|| {
-        let bool_dtype = get_device_settings::<B>(&device).bool_dtype;
         let counted = B::int_not_equal_elem(targets.clone(), Scalar::Int(ce.ignore_index), bool_dtype);
         let mut wts = B::bool_into_float(counted, FloatDType::F32);
         if let Some(s) = &sw {
@@ -142,8 +142,7 @@ pub(crate) fn linear_ce<B: XentOps>(
     let r = any_grad.then(|| {
         let mut r = row_w.clone().unwrap_or_else(ones);
         if let Some(den) = &den {
-            let zero =
-                B::float_equal_elem(den.clone(), Scalar::Float(0.0), get_device_settings::<B>(&device).bool_dtype);
+            let zero = B::float_equal_elem(den.clone(), Scalar::Float(0.0), bool_dtype);
             let inv = B::float_mask_fill(B::float_recip(den.clone()), zero, Scalar::Float(0.0));
             r = B::float_mul(r, inv);
         }
@@ -269,9 +268,7 @@ pub(crate) fn linear_logprobs<B: burn::backend::Backend>(
     let b = has_bias.then(|| B::float_reshape(to_f32::<B>(bias), Shape::new([1, v])));
     let inv_t = 1.0 / cfg.temperature as f64;
     let up = upstream.map(|u| to_f32::<B>(u));
-    let mut lc = LinearCe::default();
-    lc.workspace_bytes = cfg.workspace_bytes;
-    let rows = lc.device_chunk_rows(n, v);
+    let rows = cfg.device_chunk_rows(n, v);
     let (mut logps, mut ents, mut gh_parts) = (Vec::new(), Vec::new(), Vec::new());
     let (mut gw, mut gb): (Option<FloatTensor<B>>, Option<FloatTensor<B>>) = (None, None);
     for r0 in (0..n).step_by(rows.max(1)) {
