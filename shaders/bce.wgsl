@@ -20,6 +20,8 @@ struct BceParams {
 }
 
 @group(0) @binding(0) var<uniform> P: BceParams;
+// Per-class weights [C] (BCE_CLASS_W).
+@group(0) @binding(3) var<storage, read> class_weight: array<f32>;
 // Per-element losses (BCE_ELEM), chunked like the input.
 @group(0) @binding(7) var<storage, read_write> elem_loss: array<f32>;
 // pos_weight [C] (BCE_POS_W).

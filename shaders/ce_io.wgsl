@@ -52,6 +52,13 @@ struct CeParams {
 
 @group(0) @binding(0) var<uniform> P: CeParams;
 
+// Class indices (i32; ignored rows hold the ignore index).
+@group(0) @binding(2) var<storage, read> targets: array<i32>;
+// Class weights [v_total].
+@group(0) @binding(3) var<storage, read> class_weight: array<f32>;
+// Sample weights [n_rows].
+@group(0) @binding(4) var<storage, read> sample_weight: array<f32>;
+
 // What a pass leaves on the device for the next (mirrored by `Scalars` in
 // src/gpu/kernels/cross_entropy.rs).
 struct Scalars {

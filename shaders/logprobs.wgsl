@@ -23,6 +23,10 @@ struct LogprobsParams {
 }
 
 @group(0) @binding(0) var<uniform> P: LogprobsParams;
+// Class indices (i32; ignored rows hold P.ignore_index).
+@group(0) @binding(2) var<storage, read> targets: array<i32>;
+// The upstream gradient [a (n_rows); b (n_rows)] (IN_PLACE).
+@group(0) @binding(4) var<storage, read> upstream: array<f32>;
 
 @compute @workgroup_size(WG)
 fn main(
@@ -76,8 +80,8 @@ fn main(
         }
     }
 #if IN_PLACE
-    let a = sample_weight[row];
-    let b = sample_weight[P.n_rows + row];
+    let a = upstream[row];
+    let b = upstream[P.n_rows + row];
     // G_c = inv_t (a [c == y] - p_c (a + b ((z_c - m) - (mu - m)))), p_c = e_c / S.
     let k = -P.inv_temp * inv_s;
     let ka = P.inv_temp * a;

@@ -1,7 +1,8 @@
 // What the row kernels (cross-entropy, log-softmax, distillation, measures, Hessian-vector
-// products, row sums, binary cross-entropy, log-probs) share: their binding table, dtype-aware
-// element access, the online (max, sum) statistic, and workgroup reductions (subgroup
-// operations when available, workgroup memory otherwise).
+// products, row sums, binary cross-entropy, log-probs) share: the row tensors' bindings
+// (slots 1, 6, 8 and 9: `kernels/rows.rs`), dtype-aware element access, the online (max, sum)
+// statistic, and workgroup reductions (subgroup operations when available, workgroup memory
+// otherwise).
 //
 // Stored dtypes: IN16 / IN_BF16 (input rows, slot 1), SEC16 / SEC_BF16 (second rows, slot 9),
 // OUT16 / OUT_BF16 (output rows, slot 8; for IN_PLACE the input's dtype). 16-bit rows are read
@@ -51,18 +52,12 @@
 #endif
 #endif
 
-// Class indices (i32; ignored rows hold the ignore index).
-@group(0) @binding(2) var<storage, read> targets: array<i32>;
-// Class weights [V_total] (cross-entropy) or per-class BCE weights [C].
-@group(0) @binding(3) var<storage, read> class_weight: array<f32>;
-// Sample weights [n_rows].
-@group(0) @binding(4) var<storage, read> sample_weight: array<f32>;
-
 // Per-row results: cross-entropy writes loss at [row], lse at [n_rows + row], max, rank and gap
 // after them; other kernels write their row values or partial sums here.
 @group(0) @binding(6) var<storage, read_write> row_values: array<f32>;
-// Slots 5 (cross-entropy's scalars, ce_io.wgsl), 7, 10 and 11 (binary cross-entropy's element
-// losses, pos_weight and element weights, bce.wgsl) belong to one family each.
+// Every other slot belongs to one family, which declares it in its own WGSL and names it in
+// its Rust module's binding list: 2-5 (targets, class and sample weights, scalars) in
+// ce_io.wgsl, 2 and 4 (targets, upstream) in logprobs.wgsl, 3, 7, 10 and 11 in bce.wgsl.
 
 // ---- slot 8: output rows (gradient, log-softmax, Hessian-vector products, measures) ----
 #if OUT16

@@ -505,7 +505,7 @@ impl GpuContext {
         };
         let bindings = shader.bindings(variant);
         let entries: Vec<_> = std::iter::once(entry(0, wgpu::BufferBindingType::Uniform))
-            .chain(bindings.iter().map(|&(b, read_only)| entry(b, wgpu::BufferBindingType::Storage { read_only })))
+            .chain(bindings.iter().map(|&(b, read_only, _)| entry(b, wgpu::BufferBindingType::Storage { read_only })))
             .collect();
         let layout = self.device().create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
             label: Some(shader.name()),

@@ -1,17 +1,22 @@
 //! WGSL sources and their variants. Each kernel is `common.wgsl` (helpers) + its family's
-//! interface (`rows.wgsl`, or `matmul_io.wgsl` for the matrix products) + its own file, run
-//! through a small preprocessor (`#if A && !B || C`, `#elif`, `#else`, `#endif`,
-//! `#chunk_header` for the header every family's parameters start with, and `#subgroup_args` /
-//! `#subgroup_lets` for the reduction's lane builtins). Every variant a kernel can be built in
-//! is parsed and validated by naga in a unit test, which also checks that the binding list the
-//! host declares is exactly what the shader uses.
+//! interface (the row kernels' `rows.wgsl` and the family's own, e.g. `ce_io.wgsl`; or
+//! `matmul_io.wgsl` for the matrix products) + its own file, run through a small preprocessor
+//! (`#if A && !B || C`, `#elif`, `#else`, `#endif`, `#chunk_header` for the header every
+//! family's parameters start with, and `#subgroup_args` / `#subgroup_lets` for the reduction's
+//! lane builtins). Each family declares its interface WGSL, bindings and variants in its own
+//! module ([`Family`]); this file only maps kernels to families and files. Every variant a
+//! kernel can be built in is parsed and validated by naga in a unit test, which also checks
+//! that the bindings its family declares (slot, access, name) are exactly what the shader uses.
 
 use crate::dtype::DType;
-use crate::gpu::kernels::ce_io;
+use crate::gpu::kernels::ce_io::{self, CeSwitches};
 use crate::gpu::kernels::matmul_io::{self, Mm};
+use crate::gpu::kernels::{bce, divergence, hessian, log_softmax, logprobs, row_sum};
 use crate::gpu::params::HEADER_WGSL;
 
-/// Compile-time switches of a kernel.
+/// Compile-time switches of a kernel: those of the row interface every row family shares
+/// (`kernels/rows.rs`: dtypes, vector reads, subgroups, output, workgroup size), and each
+/// family's own, which that family's module declares ([`CeSwitches`], [`Mm`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Variant {
     /// Stored type of the input rows (slot 1).
@@ -34,33 +39,13 @@ pub struct Variant {
     pub grad: bool,
     /// The gradient overwrites the input.
     pub in_place: bool,
-    /// Per-element extras of the softmax pass: label smoothing or class-weighted sums,
-    /// probability targets, target ranks. Off, the pass is max/sum only.
-    pub extras: bool,
-    /// Which pass of a row split into segments (cross-entropy only).
-    pub seg: Seg,
-    /// Per-element temperature / soft-capping code (cross-entropy): off, the logits are used
-    /// as they are (a software rasteriser runs uniform branches masked, paying for both sides).
-    pub transform: bool,
-    /// Per-element class-weight reads (cross-entropy).
-    pub class_w: bool,
     /// Invocations per workgroup; 0 means 256.
     pub wg: u16,
+    /// Cross-entropy's switches (the cross-entropy family only; it owns them: `kernels/ce_io.rs`).
+    pub ce: CeSwitches,
     /// Matrix-product switches (the matrix-product family only; it owns them:
-    /// `kernels/matmul.rs`).
+    /// `kernels/matmul_io.rs`).
     pub mm: Mm,
-}
-
-/// The passes of a cross-entropy whose rows are split across workgroups.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Seg {
-    /// One workgroup per row.
-    #[default]
-    Whole,
-    /// Partial statistics per segment.
-    Stat,
-    /// Merged statistics, the row's loss, and each segment's gradient.
-    Finish,
 }
 
 impl Variant {
@@ -79,14 +64,35 @@ impl Variant {
             "SUBGROUP" => self.subgroup,
             "GRAD" => self.grad,
             "IN_PLACE" => self.in_place,
-            "EXTRAS" => self.extras,
-            "SEG_STAT" => self.seg == Seg::Stat,
-            "TRANSFORM" => self.transform,
-            "CLASS_W" => self.class_w,
-            "SEG_FINISH" => self.seg == Seg::Finish,
-            other => self.mm.defined(other).unwrap_or_else(|| panic!("unknown shader define {other}")),
+            other => self
+                .ce
+                .defined(other)
+                .or_else(|| self.mm.defined(other))
+                .unwrap_or_else(|| panic!("unknown shader define {other}")),
         }
     }
+}
+
+/// A binding of a kernel variant, uniform slot 0 aside: (slot, read-only, the WGSL variable's
+/// name).
+pub(crate) type Binding = (u32, bool, &'static str);
+
+/// What a kernel family declares about its kernels beside its parameter block (which its
+/// module declares with `mirror!`): the interface WGSL that goes between `common.wgsl` and each
+/// kernel's own file, each variant's bindings by slot, access and name (in the shader's
+/// order), and, for the tests, every variant the host builds. Each family's module holds one
+/// (`ce_io::FAMILY`, `matmul_io::FAMILY`, `bce::FAMILY`, ...); the naga test in this file
+/// checks every family's bindings against its WGSL.
+pub(crate) struct Family {
+    /// The family's interface WGSL, in order.
+    pub io: &'static [&'static str],
+    /// The bindings a kernel of the family uses in a variant. Kept to at most 8 storage
+    /// buffers, WebGPU's default per-stage limit, so that xent runs on devices created with
+    /// default limits.
+    pub bindings: fn(Shader, &Variant) -> Vec<Binding>,
+    /// Every variant the host builds a kernel of the family in (for the validation tests).
+    #[cfg(test)]
+    pub variants: fn(Shader) -> Vec<Variant>,
 }
 
 /// The kernels xent ships.
@@ -120,10 +126,6 @@ pub enum Shader {
 
 /// Helpers of every family (no bindings, no family parameters).
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
-/// What the row kernels share: bindings, element access, the statistic, reductions (each
-/// row family's parameters are its own: `kernels/cross_entropy.rs`'s `WGSL`, or in the
-/// kernel's file).
-const ROWS: &str = include_str!("../../shaders/rows.wgsl");
 
 impl Shader {
     /// Every kernel, for tests.
@@ -160,149 +162,29 @@ impl Shader {
         }
     }
 
-    /// The bindings this kernel variant uses, as (slot, read-only), the uniform slot 0 aside.
-    /// Kept to at most 8 storage buffers, WebGPU's default per-stage limit, so that xent runs
-    /// on devices created with default limits.
-    pub(crate) fn bindings(self, v: Variant) -> Vec<(u32, bool)> {
-        let mut b = match self {
-            Shader::CeWeights => vec![(2, true), (3, true), (4, true), (5, false)],
-            // The split-row statistic pass reads only logits, targets and (extras) class weights.
-            Shader::CeFused if v.seg == Seg::Stat && v.extras && v.class_w => {
-                vec![(1, true), (2, true), (3, true), (6, false)]
-            }
-            Shader::CeFused if v.seg == Seg::Stat => vec![(1, true), (2, true), (6, false)],
-            Shader::CeFused if v.class_w => vec![(1, !v.in_place), (2, true), (3, true), (4, true), (6, false)],
-            Shader::CeFused => vec![(1, !v.in_place), (2, true), (4, true), (6, false)],
-            Shader::CeReduce => vec![(2, true), (5, false), (6, false)],
-            Shader::LogSoftmax => vec![(1, true)],
-            Shader::Bce => vec![(1, true), (3, true), (9, true), (10, true), (11, true), (6, false), (7, false)],
-            Shader::Distill => vec![(1, true), (9, true), (6, false)],
-            Shader::Dist | Shader::Hvp => vec![(1, true), (9, true)],
-            Shader::RowSum => vec![(1, true), (6, false)],
-            Shader::Matmul | Shader::MatmulCoop => {
-                matmul_io::BINDINGS.iter().map(|&(s, ro, _)| (s as u32, ro)).collect()
-            }
-            // In place: the upstream gradient [a; b] in slot 4.
-            Shader::Logprobs if v.in_place => vec![(1, false), (2, true), (4, true), (6, false)],
-            Shader::Logprobs => vec![(1, true), (2, true), (6, false)],
-        };
-        if v.grad {
-            b.push((8, false));
+    /// The family this kernel belongs to, which declares its interface.
+    pub(crate) fn family(self) -> &'static Family {
+        match self {
+            Shader::CeWeights | Shader::CeFused | Shader::CeReduce => &ce_io::FAMILY,
+            Shader::LogSoftmax => &log_softmax::FAMILY,
+            Shader::Bce => &bce::FAMILY,
+            Shader::Distill | Shader::Dist => &divergence::FAMILY,
+            Shader::Hvp => &hessian::FAMILY,
+            Shader::RowSum => &row_sum::FAMILY,
+            Shader::Matmul | Shader::MatmulCoop => &matmul_io::FAMILY,
+            Shader::Logprobs => &logprobs::FAMILY,
         }
-        if v.extras && self == Shader::CeFused && (v.seg != Seg::Finish || v.grad || v.in_place) {
-            // Probability targets in the second rows (not read by a split row's loss-only finish).
-            b.push((9, true));
-        }
-        if (v.grad || v.in_place) && self == Shader::CeFused {
-            // The gradient's mean coefficient comes from the scalars of the weights pass.
-            b.push((5, false));
-        }
-        b
     }
 
-    /// The variants this kernel is built in (for the validation test): which switches apply.
+    /// The bindings this kernel uses in `v` (its family's list).
+    pub(crate) fn bindings(self, v: Variant) -> Vec<Binding> {
+        (self.family().bindings)(self, &v)
+    }
+
+    /// The variants this kernel is built in (its family's list, for the validation tests).
     #[cfg(test)]
     pub(crate) fn variants(self) -> Vec<Variant> {
-        let dtypes = [DType::F32, DType::F16, DType::BF16];
-        let mut out = Vec::new();
-        if self == Shader::Matmul || self == Shader::MatmulCoop {
-            // The matrix-product family enumerates and validates its own (kernels/matmul.rs).
-            return Vec::new();
-        }
-        for bits in 0..256u32 {
-            for &input in &dtypes {
-                for &second in &dtypes {
-                    for &output in &dtypes {
-                        // The last two switches are dtype-independent: one dtype pairing.
-                        if bits >= 64 && (second != DType::F32 || output != input) {
-                            continue;
-                        }
-                        for (seg, vec8) in
-                            [Seg::Whole, Seg::Stat, Seg::Finish].into_iter().flat_map(|s| [(s, false), (s, true)])
-                        {
-                            let v = Variant {
-                                input,
-                                second,
-                                output,
-                                vec4: bits & 1 != 0,
-                                vec8,
-                                subgroup: bits & 2 != 0,
-                                grad: bits & 4 != 0,
-                                in_place: bits & 8 != 0,
-                                extras: bits & 16 != 0,
-                                odd: bits & 32 != 0,
-                                seg,
-                                transform: bits & 64 != 0,
-                                class_w: bits & 128 != 0,
-                                // Workgroup sizes other than 256 in a few variants.
-                                wg: [0, 64, 1024][(bits as usize + seg as usize) % 3],
-                                mm: Mm::default(),
-                            };
-                            if self.valid(v) {
-                                out.push(v);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    /// Whether the host ever builds this kernel in `v`.
-    #[cfg(test)]
-    fn valid(self, v: Variant) -> bool {
-        let rows = !matches!(self, Shader::CeWeights | Shader::CeReduce);
-        let f32_only = |d: DType| d == DType::F32;
-        if v.grad && v.in_place || v.odd && v.vec4 {
-            return false;
-        }
-        // 16-byte loads of 16-bit rows, in the kernels that read rows vector-wise.
-        if v.vec8
-            && !(v.vec4
-                && v.input != DType::F32
-                && matches!(self, Shader::CeFused | Shader::RowSum | Shader::LogSoftmax))
-        {
-            return false;
-        }
-        if v.seg != Seg::Whole && (self != Shader::CeFused || v.seg == Seg::Stat && (v.grad || v.in_place)) {
-            return false;
-        }
-        if (v.transform || v.class_w) && self != Shader::CeFused {
-            return false;
-        }
-        match self {
-            Shader::CeWeights | Shader::CeReduce => v == Variant { subgroup: v.subgroup, ..Default::default() },
-            Shader::CeFused => {
-                // Soft targets are f32; the output dtype only matters with an output.
-                f32_only(v.second)
-                    && (v.grad || v.in_place || f32_only(v.output))
-                    && (!v.in_place || f32_only(v.output))
-            }
-            Shader::LogSoftmax => v.grad && !v.in_place && !v.extras && f32_only(v.second) && f32_only(v.output),
-            Shader::RowSum => !v.in_place && !v.extras && !v.odd && f32_only(v.second) && f32_only(v.output),
-            Shader::Matmul | Shader::MatmulCoop => unreachable!("the matrix products enumerate their own variants"),
-            Shader::Logprobs => {
-                !v.grad && !v.extras && !v.vec4 && !v.odd && [v.input, v.second, v.output].iter().all(|&d| f32_only(d))
-            }
-            Shader::Bce => {
-                !v.in_place
-                    && !v.extras
-                    && !v.vec4
-                    && !v.odd
-                    && [v.input, v.second, v.output].iter().all(|&d| f32_only(d))
-            }
-            Shader::Distill | Shader::Dist | Shader::Hvp => {
-                let grad_ok = if self == Shader::Distill { true } else { v.grad };
-                rows && grad_ok
-                    && !v.in_place
-                    && !v.extras
-                    && !v.vec4
-                    && !v.odd
-                    && f32_only(v.output)
-                    && (self != Shader::Hvp || f32_only(v.second))
-            }
-        }
+        (self.family().variants)(self)
     }
 
     fn body(self) -> &'static str {
@@ -325,16 +207,11 @@ impl Shader {
     /// The preprocessed WGSL of this kernel in `variant`.
     pub fn source(self, variant: Variant) -> String {
         let mut out = String::new();
-        let family: &[&str] = match self {
-            Shader::Matmul | Shader::MatmulCoop => &[matmul_io::WGSL],
-            Shader::CeWeights | Shader::CeFused | Shader::CeReduce => &[ROWS, ce_io::WGSL],
-            _ => &[ROWS],
-        };
         if self == Shader::MatmulCoop {
             // Enable directives come before every declaration.
             out.push_str("enable f16;\nenable wgpu_cooperative_matrix;\n");
         }
-        for text in std::iter::once(COMMON).chain(family.iter().copied()).chain([self.body()]) {
+        for text in std::iter::once(COMMON).chain(self.family().io.iter().copied()).chain([self.body()]) {
             preprocess(text, &|n| variant.defined(n), &mut out);
         }
         let wg = if variant.wg == 0 { 256 } else { variant.wg };
@@ -457,6 +334,8 @@ pub(crate) mod tests {
         Ok((module, info))
     }
 
+    /// Every variant of every family's kernels parses and validates, and uses exactly the
+    /// bindings its family declares.
     #[test]
     fn every_variant_parses_and_validates() {
         let mut count = 0;
@@ -470,28 +349,29 @@ pub(crate) mod tests {
                 count += 1;
                 let (module, info) =
                     validate(&src, v.subgroup).unwrap_or_else(|e| panic!("{} {v:?}: {e}", shader.name()));
-                // The declared binding list is exactly what the entry point uses.
+                // The declared binding list is exactly what the entry point uses, by slot,
+                // access and name.
                 let ep = info.get_entry_point(0);
-                let mut used: Vec<(u32, bool)> = module
+                let mut used: Vec<(u32, bool, String)> = module
                     .global_variables
                     .iter()
-                    .filter(|(h, g)| !ep[*h].is_empty() && g.binding.is_some())
-                    .filter(|(_, g)| g.binding.as_ref().unwrap().binding != 0)
+                    .filter(|(h, g)| !ep[*h].is_empty() && g.binding.as_ref().is_some_and(|b| b.binding != 0))
                     .map(|(_, g)| {
                         let read_only = match g.space {
                             naga::AddressSpace::Storage { access } => !access.contains(naga::StorageAccess::STORE),
                             _ => true,
                         };
-                        (g.binding.as_ref().unwrap().binding, read_only)
+                        (g.binding.as_ref().unwrap().binding, read_only, g.name.clone().unwrap_or_default())
                     })
                     .collect();
                 used.sort();
-                let mut declared = shader.bindings(v);
+                let mut declared: Vec<(u32, bool, String)> =
+                    shader.bindings(v).into_iter().map(|(s, ro, name)| (s, ro, name.to_string())).collect();
                 declared.sort();
-                assert_eq!(used, declared, "{} {v:?}: bindings", shader.name());
+                assert_eq!(used, declared, "{} {v:?}: bindings (slot, read-only, name)", shader.name());
                 assert!(declared.len() <= 8, "{} {v:?}: more than 8 storage buffers", shader.name());
             }
         }
-        assert!(count > 100, "only {count} distinct variants validated");
+        assert!(count > 1000, "only {count} distinct variants validated");
     }
 }

@@ -9,7 +9,9 @@ use crate::error::Result;
 use crate::gpu::context::GpuContext;
 use crate::gpu::launch::{Bind, Groups, Launch, Recorder, Skip};
 use crate::gpu::params::{flag_bits, mirror, Block, Header};
-use crate::gpu::source::{Shader, Variant};
+use crate::gpu::source::{Binding, Family, Shader, Variant};
+
+use super::rows;
 
 use wgpu::BufferUsages as U;
 
@@ -45,6 +47,22 @@ impl Block for BceParams {
 
 /// Elements per workgroup (`WG * PER_THREAD` in `shaders/bce.wgsl`).
 const PER_GROUP: usize = 256 * 8;
+
+/// The binary cross-entropy kernel: f32 inputs (slot 1) and targets (second rows), the
+/// family's weights and element losses, partial sums in the row values, the gradient as output
+/// rows.
+pub(crate) const FAMILY: Family = Family {
+    io: &[rows::WGSL],
+    bindings: |_, v| {
+        const OWN: [Binding; 4] =
+            [(3, true, "class_weight"), (7, false, "elem_loss"), (10, true, "pos_weight"), (11, true, "elem_weight")];
+        let mut b = vec![rows::input(v), rows::SECOND, rows::ROW_VALUES];
+        b.extend(OWN);
+        rows::with_output(v, b)
+    },
+    #[cfg(test)]
+    variants: |_| rows::keep(|v| !v.in_place && rows::f32_scalar(v)),
+};
 
 impl GpuContext {
     fn bce_run(&self, x: ArrayView2<f32>, y: ArrayView2<f32>, cfg: &Bce, input: BceInput) -> Result<BceOutput> {

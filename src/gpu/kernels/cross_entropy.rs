@@ -11,7 +11,7 @@
 
 use ndarray::Array1;
 
-use super::ce_io::{flags, CeParams, Scalars, SCALARS};
+use super::ce_io::{flags, CeParams, CeSwitches, Scalars, Seg, SCALARS};
 use super::check_slice;
 use crate::api::config::{CeOutput, CrossEntropy, GradDest, Reduction};
 use crate::api::targets::{Targets, DEVICE_IGNORED};
@@ -21,7 +21,7 @@ use crate::gpu::context::GpuContext;
 use crate::gpu::launch::{Bind, Groups, Launch, ParamsCache, Recorder, Skip};
 use crate::gpu::pending::PendingBytes;
 use crate::gpu::pool::Pooled;
-use crate::gpu::source::{Seg, Shader, Variant};
+use crate::gpu::source::{Shader, Variant};
 
 use wgpu::BufferUsages as U;
 
@@ -382,11 +382,13 @@ impl CePlan {
             subgroup: self.ctx.inner.subgroups,
             grad,
             in_place,
-            extras,
             wg: self.wg,
-            seg,
-            transform: cfg.temperature != 1.0 || cfg.softcap.is_some(),
-            class_w: cfg.class_weight.is_some(),
+            ce: CeSwitches {
+                extras,
+                seg,
+                transform: cfg.temperature != 1.0 || cfg.softcap.is_some(),
+                class_w: cfg.class_weight.is_some(),
+            },
             ..Default::default()
         }
     }
@@ -480,16 +482,12 @@ impl CePlan {
             let parts = self.parts as u32;
             let seg_base = CeParams { segs: parts, seg_len: self.seg_len as u32, parts, ..base };
             let loss_only = Variant { grad: false, in_place: false, odd: false, output: DType::F32, ..variant };
-            rec.push(row_pass(Variant { seg: Seg::Stat, ..loss_only }, seg_base, Groups::PerRowTimes(self.parts))?)?;
-            rec.push(row_pass(
-                Variant { seg: Seg::Finish, ..loss_only },
-                CeParams { segs: 1, ..seg_base },
-                Groups::PerRow,
-            )?)?;
+            rec.push(row_pass(loss_only.with_seg(Seg::Stat), seg_base, Groups::PerRowTimes(self.parts))?)?;
+            rec.push(row_pass(loss_only.with_seg(Seg::Finish), CeParams { segs: 1, ..seg_base }, Groups::PerRow)?)?;
             if variant.grad || variant.in_place {
                 let f = (seg_base.head.flags & !flags::SAVE) | flags::FROM_SAVED;
                 rec.push(row_pass(
-                    Variant { seg: Seg::Finish, ..variant },
+                    variant.with_seg(Seg::Finish),
                     seg_base.with_flags(f),
                     Groups::PerRowTimes(self.parts),
                 )?)?;

@@ -5,7 +5,7 @@
 use ndarray::{Array1, ArrayView2};
 
 use super::ce_io::{flags, CeParams, Scalars, SCALARS};
-use super::{RowJob, RowOut, RowPlan, RowResult};
+use super::{rows, RowJob, RowOut, RowPlan, RowResult};
 use crate::api::config::{Distill, DistillOutput, Measures};
 use crate::check::{probability_rows, same_rows};
 use crate::dtype::{DType, Logits};
@@ -15,7 +15,7 @@ use crate::gpu::launch::{Bind, Groups, Launch};
 use crate::gpu::params::{flag_bits, mirror, Block, Header};
 use crate::gpu::pending::PendingBytes;
 use crate::gpu::pool::Pooled;
-use crate::gpu::source::{Shader, Variant};
+use crate::gpu::source::{Family, Shader, Variant};
 
 use wgpu::BufferUsages as U;
 
@@ -81,6 +81,30 @@ impl std::fmt::Debug for DistillPlan {
         f.debug_struct("DistillPlan").field("rows", &self.plan.n).field("classes", &self.plan.v).finish()
     }
 }
+
+/// The distillation kernel (student and teacher rows, one divergence per row, the student's
+/// gradient) and the measures kernel (entropy, cross-entropy, KL and JS per row pair, as
+/// output rows of 4): any input dtypes, f32 out.
+pub(crate) const FAMILY: Family = Family {
+    io: &[rows::WGSL],
+    bindings: |shader, v| {
+        let mut b = vec![rows::input(v), rows::SECOND];
+        if shader == Shader::Distill {
+            b.push(rows::ROW_VALUES);
+        }
+        rows::with_output(v, b)
+    },
+    #[cfg(test)]
+    variants: |shader| {
+        rows::keep(|v| {
+            (shader == Shader::Distill || v.grad)
+                && !v.in_place
+                && !v.vec4
+                && !v.odd
+                && v.output == crate::dtype::DType::F32
+        })
+    },
+};
 
 impl DistillPlan {
     /// Records the distillation of `inputs` into `enc` (no submission, no wait).

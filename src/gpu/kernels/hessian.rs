@@ -2,12 +2,22 @@
 
 use ndarray::{Array2, ArrayView2};
 
+use super::rows;
 use super::{RowJob, RowOut};
 use crate::dtype::Logits;
 use crate::error::Result;
 use crate::gpu::context::GpuContext;
 use crate::gpu::params::Header;
-use crate::gpu::source::Shader;
+use crate::gpu::source::{Family, Shader};
+
+/// The Hessian-vector product kernel: the logits (slot 1), `v` (second rows) and the products
+/// (output rows), f32 out.
+pub(crate) const FAMILY: Family = Family {
+    io: &[rows::WGSL],
+    bindings: |_, v| rows::with_output(v, vec![rows::input(v), rows::SECOND]),
+    #[cfg(test)]
+    variants: |_| rows::keep(|v| v.grad && !v.in_place && !v.vec4 && !v.odd && rows::f32_second_and_output(v)),
+};
 
 impl GpuContext {
     /// Per-row Hessian-vector products `H_n v_n` of softmax cross-entropy w.r.t. the logits,

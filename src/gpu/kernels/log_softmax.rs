@@ -3,13 +3,14 @@
 
 use ndarray::Array2;
 
+use super::rows;
 use super::{RowJob, RowOut, RowPlan};
 use crate::api::config::SoftmaxKind;
 use crate::dtype::{DType, Logits};
 use crate::error::{Result, XentError};
 use crate::gpu::context::GpuContext;
 use crate::gpu::params::{flag_bits, Header};
-use crate::gpu::source::Shader;
+use crate::gpu::source::{Family, Shader};
 
 flag_bits! {
     /// Log-softmax's flag bit (`LS_*` in `shaders/log_softmax.wgsl`).
@@ -68,6 +69,15 @@ impl LogSoftmaxPlan {
         self.plan.record(enc, vec![l])
     }
 }
+
+/// The log-softmax kernel: input rows in any dtype, f32 output rows (vectors where the rows
+/// allow).
+pub(crate) const FAMILY: Family = Family {
+    io: &[rows::WGSL],
+    bindings: |_, v| rows::with_output(v, vec![rows::input(v)]),
+    #[cfg(test)]
+    variants: |_| rows::keep(|v| v.grad && !v.in_place && rows::f32_second_and_output(v)),
+};
 
 impl GpuContext {
     /// A reusable log-softmax (or softmax) of `rows x classes` logits of `dtype`.

@@ -9,6 +9,7 @@
 use ndarray::{Array1, Array2, ArrayView1};
 
 use super::linear::{GradOut, LinearDev};
+use super::rows;
 use crate::api::linear::{counted_rows, gather_batch, scatter_rows};
 use crate::api::logprobs::{check, counted, LinearLogprobs, LinearLogprobsOutput};
 use crate::api::targets::{Targets, DEVICE_IGNORED};
@@ -18,7 +19,7 @@ use crate::gpu::context::{GpuContext, Kernel};
 use crate::gpu::launch::{Bind, Launch, Recorder, Skip};
 use crate::gpu::params::{flag_bits, mirror, Block, Header};
 use crate::gpu::pool::Pooled;
-use crate::gpu::source::{Shader, Variant};
+use crate::gpu::source::{Binding, Family, Shader, Variant};
 use crate::parallel::vocab::{logprob_row, merge_logprobs, VocabShard, LP_REC};
 use crate::parallel::{agree, Collective};
 
@@ -51,6 +52,25 @@ impl Block for LogprobsParams {
         &self.head
     }
 }
+
+/// The log-probs kernel: f32 logits (slot 1; the gradient over them in place), the targets,
+/// the per-row log-prob and entropy (or shard records) in the row values, and in place the
+/// upstream `[a; b]`.
+pub(crate) const FAMILY: Family = Family {
+    io: &[rows::WGSL],
+    bindings: |_, v| {
+        const TARGETS: Binding = (2, true, "targets");
+        const UPSTREAM: Binding = (4, true, "upstream");
+        let mut b = vec![rows::input(v), TARGETS, rows::ROW_VALUES];
+        if v.in_place {
+            b.push(UPSTREAM);
+        }
+        b
+    },
+    // Vectors of four where V is a multiple of 4 (`logprobs_kernel`).
+    #[cfg(test)]
+    variants: |_| rows::keep(|v| !v.grad && !v.odd && v.input == DType::F32 && rows::f32_second_and_output(v)),
+};
 
 impl GpuContext {
     /// [`Self::linear_logprobs`]'s work here (the public method: `crate::api::methods`).

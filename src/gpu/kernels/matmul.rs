@@ -339,43 +339,17 @@ impl GpuContext {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::params::tests::{check_block, check_flags};
-    use crate::gpu::source::tests::validate;
+    use crate::gpu::params::tests::check_family;
 
-    /// Every variant the family builds parses and validates, and the family's interface
-    /// declared in Rust (parameter block, flag bits, bindings by name and slot) is what
-    /// `matmul_io.wgsl` declares, in both kernels and every variant.
+    /// The family's parameter block and flag bits declared in Rust are what `matmul_io.wgsl`
+    /// declares, in both kernels (their every variant and bindings by slot and name:
+    /// `source.rs`'s validation test).
     #[test]
     fn the_family_interface_matches_its_wgsl() {
-        use super::super::matmul_io::BINDINGS;
-        let declared: Vec<(usize, bool, String)> =
-            BINDINGS.iter().map(|&(s, ro, name)| (s, ro, name.to_string())).collect();
-        let mut count = 0;
-        for (shader, coop) in [(Shader::Matmul, false), (Shader::MatmulCoop, true)] {
-            for v in variants(coop) {
-                let src = shader.source(v);
-                let (module, info) = validate(&src, v.subgroup).unwrap_or_else(|e| panic!("{v:?}: {e}"));
-                check_block::<MatmulParams>(&module, "MatmulParams");
-                check_flags(&module, mm_flags::PREFIX, mm_flags::ALL);
-                let ep = info.get_entry_point(0);
-                let mut used: Vec<(usize, bool, String)> = module
-                    .global_variables
-                    .iter()
-                    .filter(|(h, g)| !ep[*h].is_empty() && g.binding.as_ref().is_some_and(|b| b.binding != 0))
-                    .map(|(_, g)| {
-                        let read_only = match g.space {
-                            naga::AddressSpace::Storage { access } => !access.contains(naga::StorageAccess::STORE),
-                            _ => true,
-                        };
-                        (g.binding.as_ref().unwrap().binding as usize, read_only, g.name.clone().unwrap_or_default())
-                    })
-                    .collect();
-                used.sort();
-                assert_eq!(used, declared, "{} {v:?}: bindings (slot, read-only, name)", shader.name());
-                count += 1;
-            }
+        for shader in [Shader::Matmul, Shader::MatmulCoop] {
+            check_family::<MatmulParams>(shader, "MatmulParams", Some((mm_flags::PREFIX, mm_flags::ALL)));
         }
-        assert!(count >= 100, "only {count} variants");
+        assert!(variants(false).len() + variants(true).len() >= 100);
     }
 
     /// Deterministic values spanning `2^lo .. 2^hi` in magnitude, both signs, some zeros.

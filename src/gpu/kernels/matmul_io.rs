@@ -2,11 +2,13 @@
 //! against it by naga (in `matmul.rs`'s tests): the compile-time switches ([`Mm`]: layout,
 //! load widths, cooperative tile size) and the preprocessor names they define, the parameter
 //! block ([`MatmulParams`]: the chunk header, then the product's sizes, strides and bias
-//! offset), the flag bits ([`mm_flags`]) and the bindings by slot and name ([`BINDINGS`]). An
+//! offset), the flag bits ([`mm_flags`]) and the bindings by slot and name ([`BINDINGS`],
+//! [`FAMILY`]). An
 //! option of the products is added here, in `matmul.rs` where it is set, and in the family's
 //! WGSL.
 
 use crate::gpu::params::{flag_bits, mirror, Block, Header};
+use crate::gpu::source::{Binding, Family};
 
 /// Which operand axis is contiguous in a matrix product `C = A B` (the `Matmul` kernel).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -99,5 +101,18 @@ pub(crate) mod slot {
 }
 
 /// Every kernel of the family binds these, as (slot, read-only, WGSL name).
-pub(crate) const BINDINGS: [(usize, bool, &str); 4] =
-    [(slot::A, true, "mm_a"), (slot::B, true, "mm_b"), (slot::C, false, "mm_c"), (slot::BIAS, true, "mm_bias")];
+pub(crate) const BINDINGS: [Binding; 4] = [
+    (slot::A as u32, true, "mm_a"),
+    (slot::B as u32, true, "mm_b"),
+    (slot::C as u32, false, "mm_c"),
+    (slot::BIAS as u32, true, "mm_bias"),
+];
+
+/// The family's kernels (the SIMT and the cooperative product): their interface WGSL,
+/// bindings (the same in every variant) and variants (`matmul.rs`).
+pub(crate) const FAMILY: Family = Family {
+    io: &[WGSL],
+    bindings: |_, _| BINDINGS.to_vec(),
+    #[cfg(test)]
+    variants: |shader| super::matmul::variants(shader == crate::gpu::source::Shader::MatmulCoop),
+};

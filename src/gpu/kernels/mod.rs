@@ -13,6 +13,7 @@ pub(crate) mod logprobs;
 pub(crate) mod matmul;
 pub(crate) mod matmul_io;
 pub(crate) mod row_sum;
+pub(crate) mod rows;
 pub(crate) mod vocab;
 
 use ndarray::Array2;

@@ -1,12 +1,13 @@
 //! Row sums of `[N, V]` logits (one workgroup per row, one read): the read-only half of the
 //! bandwidth ceiling `xent bench --op copy` measures beside a buffer-to-buffer copy.
 
+use super::rows;
 use super::RowPlan;
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::gpu::context::GpuContext;
 use crate::gpu::params::Header;
-use crate::gpu::source::Shader;
+use crate::gpu::source::{Family, Shader};
 
 /// A reusable row sum of one shape, recorded into the caller's encoder; the f32 sums `[N]`
 /// stay in [`Self::row_buffer`].
@@ -50,6 +51,15 @@ impl RowSumPlan {
         &self.plan.rows
     }
 }
+
+/// The row-sum kernel: input rows in any dtype, one f32 per row, and (`grad`) an f32 copy of
+/// the rows (the copy probe).
+pub(crate) const FAMILY: Family = Family {
+    io: &[rows::WGSL],
+    bindings: |_, v| rows::with_output(v, vec![rows::input(v), rows::ROW_VALUES]),
+    #[cfg(test)]
+    variants: |_| rows::keep(|v| !v.in_place && !v.odd && rows::f32_second_and_output(v)),
+};
 
 impl GpuContext {
     /// A reusable row sum of `rows x classes` values of `dtype`.

@@ -6,7 +6,7 @@
 //! one, with the global class count, class weights and denominators. Only 20 bytes per row
 //! and segment come back to the host; the logits are read twice on the device.
 
-use super::ce_io::{flags, CeParams, SCALARS};
+use super::ce_io::{flags, CeParams, Seg, SCALARS};
 use super::cross_entropy::{base_params, CePlan, ROW_VECTORS, SAVED};
 use crate::api::config::{CeOutput, CrossEntropy};
 use crate::api::targets::{Targets, DEVICE_IGNORED};
@@ -16,7 +16,7 @@ use crate::gpu::context::GpuContext;
 use crate::gpu::launch::{Bind, Groups, Launch, ParamsCache, Recorder, Skip};
 
 use crate::gpu::pool::Pooled;
-use crate::gpu::source::{Seg, Shader, Variant};
+use crate::gpu::source::{Shader, Variant};
 use crate::parallel::vocab::{check, finish, merge, VocabShard, REC};
 use crate::parallel::{agree, Collective};
 
