@@ -2,6 +2,7 @@
 
 use ndarray::Array1;
 
+use crate::api::targets::Targets;
 use crate::error::{Result, XentError};
 
 /// How per-row losses are combined, with PyTorch's semantics.
@@ -575,6 +576,44 @@ impl LinearCe {
 
     /// The fewest rows a chunk gets by default on a GPU ([`Self::device_chunk_rows`]).
     pub const DEVICE_MIN_ROWS: usize = 1024;
+}
+
+/// The operands of one cross-entropy call as every backend and form (one process,
+/// vocabulary-parallel) takes them: the logits (read, or overwritten by their gradient), the
+/// targets, and where the gradient goes.
+pub(crate) struct CeCall<'a> {
+    pub logits: CeLogits<'a>,
+    pub targets: Targets<'a>,
+    pub grad: GradDest<'a>,
+}
+
+impl<'a> CeCall<'a> {
+    /// The operands of a public method (the targets' borrow shortened to the call's).
+    pub fn new<'t: 'a>(logits: CeLogits<'a>, targets: impl Into<Targets<'t>>, grad: GradDest<'a>) -> Self {
+        CeCall { logits, targets: targets.into().reborrow(), grad }
+    }
+
+    /// The read-only logits and given gradient destination of a form that offers no other
+    /// (vocabulary-parallel).
+    pub fn read_into(self) -> Result<(crate::dtype::Logits<'a>, Targets<'a>, Option<crate::dtype::LogitsMut<'a>>)> {
+        let grad = match self.grad {
+            GradDest::None => None,
+            GradDest::Into(g) => Some(g),
+            GradDest::New => {
+                return Err(XentError::InvalidOption("this form writes its gradient into a given tensor".into()))
+            }
+        };
+        match self.logits {
+            CeLogits::Read(x) => Ok((x, self.targets, grad)),
+            CeLogits::InPlace(_) => Err(XentError::InvalidOption("this form does not overwrite its logits".into())),
+        }
+    }
+}
+
+/// A cross-entropy call's logits: read, or overwritten by their gradient.
+pub(crate) enum CeLogits<'a> {
+    Read(crate::dtype::Logits<'a>),
+    InPlace(crate::dtype::LogitsMut<'a>),
 }
 
 /// Where a cross-entropy call puts the gradient (both backends).

@@ -111,16 +111,11 @@ impl<'a> LinearCall<'a> {
         targets: impl Into<Targets<'t>>,
         upstream: Option<ArrayView1<'u, f32>>,
     ) -> Self {
-        let targets = match targets.into() {
-            Targets::I64(t) => Targets::I64(t.reborrow()),
-            Targets::I32(t) => Targets::I32(t.reborrow()),
-            Targets::Probs(p) => Targets::Probs(p.reborrow()),
-        };
         LinearCall {
             hidden: hidden.into().reborrow(),
             weight: weight.into().reborrow(),
             bias: bias.map(|b| b.reborrow()),
-            targets,
+            targets: targets.into().reborrow(),
             upstream: upstream.map(|u| u.reborrow()),
         }
     }

@@ -180,19 +180,39 @@ pub(crate) struct Checked<'u> {
     pub upstream: Option<(ArrayView1<'u, f32>, ArrayView1<'u, f32>)>,
 }
 
+/// The operands and options of one linear log-probs call, as every backend and form (one
+/// process, vocabulary-parallel) takes them.
+#[derive(Clone, Copy)]
+pub(crate) struct LogprobsCall<'a> {
+    pub hidden: Logits<'a>,
+    pub weight: Logits<'a>,
+    pub bias: Option<ArrayView1<'a, f32>>,
+    pub targets: Targets<'a>,
+    pub cfg: &'a LinearLogprobs,
+    /// The upstream gradient `(a, b)` w.r.t. (log-prob, entropy) per row.
+    pub upstream: Option<(ArrayView1<'a, f32>, ArrayView1<'a, f32>)>,
+}
+
+impl<'a> LogprobsCall<'a> {
+    /// The operands of a public method, converted (and their borrows shortened to one).
+    pub fn new<'u: 'a>(
+        operands: crate::api::linear::LinearCall<'a>,
+        cfg: &'a LinearLogprobs,
+        upstream: Option<(ArrayView1<'u, f32>, ArrayView1<'u, f32>)>,
+    ) -> Self {
+        let crate::api::linear::LinearCall { hidden, weight, bias, targets, .. } = operands;
+        let upstream = upstream.map(|(a, b)| (a.reborrow(), b.reborrow()));
+        LogprobsCall { hidden, weight, bias, targets, cfg, upstream }
+    }
+}
+
 /// Checks a linear log-prob call (the same errors on every backend): the operands as
 /// [`LinearCe`]'s, class-index targets in range, the temperature, and an upstream gradient of
 /// `N` finite entries per array. With `shard`, the weight is that vocabulary shard (targets are
 /// global class indices) and `v` of the result is the shard's classes.
-pub(crate) fn check<'u>(
-    hidden: &Logits<'_>,
-    weight: &Logits<'_>,
-    bias: Option<ArrayView1<'_, f32>>,
-    targets: &Targets<'_>,
-    cfg: &LinearLogprobs,
-    upstream: Option<(ArrayView1<'u, f32>, ArrayView1<'u, f32>)>,
-    shard: Option<crate::parallel::VocabShard>,
-) -> Result<Checked<'u>> {
+pub(crate) fn check<'u>(call: &LogprobsCall<'u>, shard: Option<crate::parallel::VocabShard>) -> Result<Checked<'u>> {
+    let LogprobsCall { hidden, weight, bias, targets, cfg, upstream } = call;
+    let (bias, upstream) = (*bias, *upstream);
     let lc = cfg.linear_ce(upstream.is_some());
     let (n, _, v) = check_operands(hidden, weight, bias, &lc)?;
     if let Some(sh) = shard {

@@ -1,10 +1,11 @@
 //! The public methods that [`crate::Cpu`] and [`crate::GpuContext`] both offer with the same
 //! signature and meaning, written once: [`backend_methods!`] expands them on each backend
-//! around the backend's own `pub(crate)` implementation of each (`ce_run`, `ce_in_place`,
-//! `distill_run`, `linear_ce`, `linear_ce_vocab`, `logprobs_run`, `logprobs_vocab_run`,
-//! `ce_vocab_run`). The docs name the
-//! backend and its constructor, and carry one note about what the backend does differently;
-//! the examples run on the CPU and are compiled (`no_run`) for the GPU.
+//! around the backend's own `pub(crate)` implementation of each (`ce_run`, `ce_vocab`,
+//! `distill_run`, `linear_ce`, `linear_vocab`, `logprobs_run`, `logprobs_vocab`), which
+//! take their operands as one call struct (`CeCall`, `LinearCall`, `LogprobsCall`) and a
+//! vocabulary shard as `Sharded`. The docs name the backend and its constructor, and carry one
+//! note about what the backend does differently; the examples run on the CPU and are compiled
+//! (`no_run`) for the GPU.
 
 /// Expands the shared public methods on `$ty`: `$name` (the type's name in the examples),
 /// `$ctor` (an expression that makes one, in a function returning `Result`), `$fence` (the
@@ -15,8 +16,10 @@ macro_rules! backend_methods {
         const _: () = {
         use ndarray::ArrayView1;
         use $crate::api::linear::LinearCall;
+        use $crate::api::logprobs::LogprobsCall;
         use $crate::parallel::{Collective, VocabShard};
-        use $crate::api::config::GradDest;
+        use $crate::parallel::vocab::Sharded;
+        use $crate::api::config::{CeCall, CeLogits, GradDest};
         use $crate::{CeOutput, CrossEntropy, Distill, DistillOutput, LinearCe, LinearCeOutput, LinearLogprobs,
             LinearLogprobsOutput, Logits, LogitsMut, Result, Targets};
 
@@ -50,7 +53,7 @@ assert!((hard.loss - soft.loss).abs() < 1e-6);
                 targets: impl Into<Targets<'b>>,
                 cfg: &CrossEntropy,
             ) -> Result<CeOutput> {
-                self.ce_run(logits.into(), targets.into(), cfg, GradDest::None)
+                self.ce_run(CeCall::new(CeLogits::Read(logits.into().reborrow()), targets, GradDest::None), cfg)
             }
 
             /// Cross-entropy and its gradient w.r.t. the logits, as a new f32 array in
@@ -61,7 +64,7 @@ assert!((hard.loss - soft.loss).abs() < 1e-6);
                 targets: impl Into<Targets<'b>>,
                 cfg: &CrossEntropy,
             ) -> Result<CeOutput> {
-                self.ce_run(logits.into(), targets.into(), cfg, GradDest::New)
+                self.ce_run(CeCall::new(CeLogits::Read(logits.into().reborrow()), targets, GradDest::New), cfg)
             }
 
             #[doc = concat!("Cross-entropy whose gradient is written into `grad`, a caller-owned `[N, V]` tensor of
@@ -85,7 +88,9 @@ assert!(g[[0, 2]] < 0.0 && g[[0, 0]] > 0.0);
                 cfg: &CrossEntropy,
                 grad: impl Into<LogitsMut<'c>>,
             ) -> Result<CeOutput> {
-                self.ce_run(logits.into(), targets.into(), cfg, GradDest::Into(grad.into()))
+                let mut grad = grad.into();
+                let call = CeCall::new(CeLogits::Read(logits.into().reborrow()), targets, GradDest::Into(grad.reborrow()));
+                self.ce_run(call, cfg)
             }
 
             /// Cross-entropy that overwrites `logits` (any dtype) with the gradient.
@@ -95,7 +100,8 @@ assert!(g[[0, 2]] < 0.0 && g[[0, 0]] > 0.0);
                 targets: impl Into<Targets<'b>>,
                 cfg: &CrossEntropy,
             ) -> Result<CeOutput> {
-                self.ce_in_place(logits.into(), targets.into(), cfg)
+                let mut logits = logits.into();
+                self.ce_run(CeCall::new(CeLogits::InPlace(logits.reborrow()), targets, GradDest::None), cfg)
             }
 
             #[doc = concat!("Knowledge distillation of `student` towards `teacher` logits `[N, V]` (any dtypes; see
@@ -232,7 +238,7 @@ assert!((sharded.loss - whole.loss).abs() < 1e-6);
                 cfg: &LinearCe,
                 comm: &dyn Collective,
             ) -> Result<LinearCeOutput> {
-                self.linear_ce_vocab(LinearCall::new(hidden, weight, bias, targets, None), shard, cfg, comm)
+                self.linear_vocab(LinearCall::new(hidden, weight, bias, targets, None), Sharded { shard, comm }, cfg)
             }
 
             #[doc = concat!("[`Self::linear_cross_entropy_vocab_parallel`] with reduction `none` and a per-row
@@ -267,7 +273,8 @@ assert!(a.iter().zip(b.iter()).all(|(x, y)| (x - y).abs() < 1e-6));
                 cfg: &LinearCe,
                 comm: &dyn Collective,
             ) -> Result<LinearCeOutput> {
-                self.linear_ce_vocab(LinearCall::new(hidden, weight, bias, targets, Some(upstream)), shard, cfg, comm)
+                let call = LinearCall::new(hidden, weight, bias, targets, Some(upstream));
+                self.linear_vocab(call, Sharded { shard, comm }, cfg)
             }
 
             #[doc = concat!("Per-row log-probabilities of the targets and softmax entropies of
@@ -300,7 +307,7 @@ assert_eq!(out.grad_weight.unwrap().dim(), (4, 2));
                 cfg: &LinearLogprobs,
                 upstream: Option<(ArrayView1<'_, f32>, ArrayView1<'_, f32>)>,
             ) -> Result<LinearLogprobsOutput> {
-                self.logprobs_run(hidden.into(), weight.into(), bias, targets.into(), cfg, upstream)
+                self.logprobs_run(LogprobsCall::new(LinearCall::new(hidden, weight, bias, targets, None), cfg, upstream))
             }
 
             #[doc = concat!("[`Self::linear_logprobs`] over a vocabulary split across the ranks of `comm`:
@@ -336,7 +343,8 @@ assert!((sharded.logprob[1] - whole.logprob[1]).abs() < 1e-6);
                 upstream: Option<(ArrayView1<'_, f32>, ArrayView1<'_, f32>)>,
                 comm: &dyn Collective,
             ) -> Result<LinearLogprobsOutput> {
-                self.logprobs_vocab_run(hidden.into(), weight.into(), bias, targets.into(), shard, cfg, upstream, comm)
+                let call = LogprobsCall::new(LinearCall::new(hidden, weight, bias, targets, None), cfg, upstream);
+                self.logprobs_vocab(call, Sharded { shard, comm })
             }
 
             #[doc = concat!("Cross-entropy over a vocabulary split across the ranks of `comm`: this rank's
@@ -366,7 +374,10 @@ assert!((out.loss - whole.loss).abs() < 1e-6);
                 comm: &dyn Collective,
                 grad: Option<LogitsMut<'_>>,
             ) -> Result<CeOutput> {
-                self.ce_vocab_run(logits.into(), targets.into(), shard, cfg, comm, grad)
+                let mut grad = grad;
+                let grad = grad.as_mut().map_or(GradDest::None, |g| GradDest::Into(g.reborrow()));
+                let call = CeCall::new(CeLogits::Read(logits.into().reborrow()), targets, grad);
+                self.ce_vocab(call, Sharded { shard, comm }, cfg)
             }
         }
         };

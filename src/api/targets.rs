@@ -74,7 +74,19 @@ impl<'a> From<&'a Array2<f32>> for Targets<'a> {
 pub const DEVICE_IGNORED: i32 = i32::MIN;
 pub(crate) const IGNORED: i32 = DEVICE_IGNORED;
 
-impl Targets<'_> {
+impl<'a> Targets<'a> {
+    /// The same view with a shorter lifetime (ndarray views are invariant in their lifetime).
+    pub(crate) fn reborrow<'b>(self) -> Targets<'b>
+    where
+        'a: 'b,
+    {
+        match self {
+            Targets::I64(t) => Targets::I64(t.reborrow()),
+            Targets::I32(t) => Targets::I32(t.reborrow()),
+            Targets::Probs(p) => Targets::Probs(p.reborrow()),
+        }
+    }
+
     /// Number of rows.
     pub fn len(&self) -> usize {
         match self {

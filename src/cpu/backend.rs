@@ -3,11 +3,10 @@
 use ndarray::{Array2, ArrayView2};
 
 use super::{bce, cross_entropy, divergence, hessian, linear, log_softmax, Bf16Grad, CpuMatmul};
-use crate::api::config::GradDest;
 use crate::api::config::{Bce, BceOutput, CeOutput, CrossEntropy, Distill, DistillOutput, Measures, SoftmaxKind};
-use crate::api::targets::Targets;
+use crate::api::config::{CeCall, CeLogits};
 use crate::check::BceInput;
-use crate::dtype::{DType, Logits, LogitsMut};
+use crate::dtype::{DType, Logits};
 use crate::error::{Result, XentError};
 
 /// The CPU backend. Owns a thread pool (one thread per core by default).
@@ -112,21 +111,14 @@ impl Cpu {
         self.pool.current_num_threads()
     }
 
-    /// The cross-entropy's work here, the gradient to `g` (the public methods:
+    /// The cross-entropy on the thread pool, rows in parallel: read logits with the gradient
+    /// where `call` says, or logits overwritten by their gradient (the public methods:
     /// `crate::api::methods`).
-    pub(crate) fn ce_run(
-        &self,
-        x: Logits<'_>,
-        t: Targets<'_>,
-        cfg: &CrossEntropy,
-        g: GradDest<'_>,
-    ) -> Result<CeOutput> {
-        cross_entropy::cross_entropy(&self.pool, x, t, cfg, g)
-    }
-
-    /// [`Self::cross_entropy_in_place`]'s work here.
-    pub(crate) fn ce_in_place(&self, x: LogitsMut<'_>, t: Targets<'_>, cfg: &CrossEntropy) -> Result<CeOutput> {
-        cross_entropy::cross_entropy_in_place(&self.pool, x, t, cfg)
+    pub(crate) fn ce_run(&self, call: CeCall<'_>, cfg: &CrossEntropy) -> Result<CeOutput> {
+        match call.logits {
+            CeLogits::Read(x) => cross_entropy::cross_entropy(&self.pool, x, call.targets, cfg, call.grad),
+            CeLogits::InPlace(x) => cross_entropy::cross_entropy_in_place(&self.pool, x, call.targets, cfg),
+        }
     }
 
     /// Binary cross-entropy from logits `[N, C]` with targets in `[0, 1]` (see [`Bce`]).

@@ -18,7 +18,7 @@ use crate::alloc::zeros2;
 use crate::api::linear::{grad_dtype, LinearCall, LinearCe, LinearCeOutput};
 use crate::dtype::{Logits, Tensor2};
 use crate::error::Result;
-use crate::parallel::vocab::{check_linear, finish, merge, Finished, VocabShard, REC};
+use crate::parallel::vocab::{check_linear, finish, merge, Finished, Sharded, REC};
 use crate::parallel::{agree, Collective, Merge};
 
 /// What the two passes share: the inputs as the products read them and the workspaces.
@@ -162,14 +162,9 @@ impl Cpu {
         Ok((t, fin, ChunkGrads { hidden: gh, weight: gw, bias: gb }, p.rows))
     }
 
-    /// Both of the above.
-    pub(crate) fn linear_ce_vocab(
-        &self,
-        call: LinearCall<'_>,
-        shard: VocabShard,
-        cfg: &LinearCe,
-        comm: &dyn Collective,
-    ) -> Result<LinearCeOutput> {
+    /// Both of the above: each chunk's products and shard records on the thread pool.
+    pub(crate) fn linear_vocab(&self, call: LinearCall<'_>, sh: Sharded<'_>, cfg: &LinearCe) -> Result<LinearCeOutput> {
+        let Sharded { shard, comm } = sh;
         let LinearCall { hidden, weight, bias, targets, upstream } = &call;
         let (bias, upstream) = (*bias, *upstream);
         let checked = check_linear(&call, shard, cfg).map(|(t, ..)| t);
@@ -198,18 +193,7 @@ impl Cpu {
         let (_, fin, g, rows) = self.vocab_passes((hidden, weight, bias), cfg, checked, comm, steps)?;
         let (gh, gw, gb) = (g.hidden, g.weight, g.bias);
         let gdt = grad_dtype(cfg, hidden.dtype());
-        let o = fin.out;
-        Ok(LinearCeOutput {
-            loss: o.loss,
-            counted: o.counted,
-            weight_sum: o.weight_sum,
-            row_loss: o.row_loss,
-            row_lse: o.row_lse,
-            row_rank: None,
-            grad_hidden: gh.map(|a| Tensor2::from_f32(a, gdt)),
-            grad_weight: gw.map(|a| Tensor2::from_f32(a, gdt)),
-            grad_bias: gb.map(|b| b.into_iter().map(|x| x as f32).collect()),
-            chunk_rows: rows,
-        })
+        let gb = gb.map(|b| b.into_iter().map(|x| x as f32).collect());
+        Ok(fin.linear_output((gh.map(|a| Tensor2::from_f32(a, gdt)), gw.map(|a| Tensor2::from_f32(a, gdt)), gb), rows))
     }
 }

@@ -4,19 +4,15 @@
 //! and the entropy, and (with an upstream gradient) `Z` overwritten by `G = d loss / d Z`.
 //! The math is in [`LinearLogprobs`].
 
-use ndarray::ArrayView1;
 use rayon::prelude::*;
 
 use super::linear::ChunkRun;
 use super::linear_vocab::ShardSteps;
 use super::{simd, Cpu};
 use crate::api::linear::counted_rows;
-use crate::api::logprobs::{check, counted, LinearLogprobs, LinearLogprobsOutput};
-use crate::api::targets::Targets;
-use crate::dtype::Logits;
+use crate::api::logprobs::{check, counted, LinearLogprobsOutput, LogprobsCall};
 use crate::error::Result;
-use crate::parallel::vocab::{logprob_row, merge_logprobs, VocabShard, LP_REC};
-use crate::parallel::Collective;
+use crate::parallel::vocab::{logprob_row, merge_logprobs, Sharded, LP_REC};
 
 /// One row of logits `x` (overwritten): `(logp, H)` of `z = x * inv_t` for target `y`
 /// (`None`: an ignored row, `(0, 0)`), and with `up = Some((a, b))` the row becomes
@@ -73,16 +69,9 @@ fn row_grad(x: &mut [f32], e: &[f32], y: Option<usize>, inv_t: f32, (m, s, mu_m)
 
 impl Cpu {
     /// [`Self::linear_logprobs`]'s work here (the public method: `crate::api::methods`).
-    pub(crate) fn logprobs_run(
-        &self,
-        hidden: Logits<'_>,
-        weight: Logits<'_>,
-        bias: Option<ArrayView1<'_, f32>>,
-        targets: Targets<'_>,
-        cfg: &LinearLogprobs,
-        upstream: Option<(ArrayView1<'_, f32>, ArrayView1<'_, f32>)>,
-    ) -> Result<LinearLogprobsOutput> {
-        let c = check(&hidden, &weight, bias, &targets, cfg, upstream, None)?;
+    pub(crate) fn logprobs_run(&self, call: LogprobsCall<'_>) -> Result<LinearLogprobsOutput> {
+        let c = check(&call, None)?;
+        let LogprobsCall { hidden, weight, bias, targets, cfg, .. } = call;
         let (n, v) = (c.n, c.v);
         // Ignored rows are left out of the products (as LinearCe's are).
         let kept = counted_rows(&hidden, &targets, &c.lc);
@@ -125,19 +114,9 @@ impl Cpu {
 
     /// [`Self::linear_logprobs_vocab_parallel`]'s work here (the public method:
     /// `crate::api::methods`).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn logprobs_vocab_run(
-        &self,
-        hidden: Logits<'_>,
-        weight: Logits<'_>,
-        bias: Option<ArrayView1<'_, f32>>,
-        targets: Targets<'_>,
-        shard: VocabShard,
-        cfg: &LinearLogprobs,
-        upstream: Option<(ArrayView1<'_, f32>, ArrayView1<'_, f32>)>,
-        comm: &dyn Collective,
-    ) -> Result<LinearLogprobsOutput> {
-        let checked = check(&hidden, &weight, bias, &targets, cfg, upstream, Some(shard));
+    pub(crate) fn logprobs_vocab(&self, call: LogprobsCall<'_>, sh: Sharded<'_>) -> Result<LinearLogprobsOutput> {
+        let (LogprobsCall { hidden, weight, bias, targets, cfg, upstream }, Sharded { shard, comm }) = (call, sh);
+        let checked = check(&call, Some(shard));
         let lc = cfg.linear_ce(upstream.is_some());
         let (vl, inv_t) = (weight.dim().0, 1.0 / cfg.temperature);
         // The target's column in this shard, if here (None also for an ignored row).

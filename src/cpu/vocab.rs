@@ -7,12 +7,10 @@ use ndarray::{ArrayView2, ArrayViewMut2, Axis, CowArray, Ix2};
 use rayon::prelude::*;
 
 use super::{simd, Cpu};
-use crate::api::config::{CeOutput, CrossEntropy, Reduction};
-use crate::api::targets::Targets;
+use crate::api::config::{CeCall, CeOutput, CrossEntropy, Reduction};
 use crate::dtype::{Logits, LogitsMut};
 use crate::error::Result;
-use crate::parallel::vocab::{check, finish, merge, VocabShard, REC};
-use crate::parallel::Collective;
+use crate::parallel::vocab::{check, finish, merge, Sharded, VocabShard, REC};
 
 /// `softcap(x / T)` of a row into `buf` (the row itself when there is no transform).
 fn transformed<'a>(x: &'a [f32], cfg: &CrossEntropy, buf: &'a mut Vec<f32>) -> &'a [f32] {
@@ -148,15 +146,8 @@ pub(crate) fn shard_grad(mut z: ArrayViewMut2<'_, f32>, src: Option<ArrayView2<'
 impl Cpu {
     /// [`Self::cross_entropy_vocab_parallel`]'s work here (the public method:
     /// `crate::api::methods`).
-    pub(crate) fn ce_vocab_run(
-        &self,
-        x: Logits<'_>,
-        targets: Targets<'_>,
-        shard: VocabShard,
-        cfg: &CrossEntropy,
-        comm: &dyn Collective,
-        grad: Option<LogitsMut<'_>>,
-    ) -> Result<CeOutput> {
+    pub(crate) fn ce_vocab(&self, call: CeCall<'_>, sh: Sharded<'_>, cfg: &CrossEntropy) -> Result<CeOutput> {
+        let ((x, targets, grad), Sharded { shard, comm }) = (call.read_into()?, sh);
         // Checks and this shard's records, then one agreement: a rank that fails here must
         // not leave the others waiting in the all-reduce.
         let local = check(x.dim(), &targets, shard, cfg, grad.as_ref().map(|g| g.dim())).map(|t| {

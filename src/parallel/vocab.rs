@@ -24,6 +24,14 @@ pub struct VocabShard {
     pub classes: usize,
 }
 
+/// This rank's part of a vocabulary-parallel call, as each backend's implementation takes it:
+/// where its shard sits in the vocabulary and the collective that joins the ranks.
+#[derive(Clone, Copy)]
+pub(crate) struct Sharded<'a> {
+    pub shard: VocabShard,
+    pub comm: &'a dyn super::Collective,
+}
+
 /// Floats per row record: max, sum (all but one occurrence of the max), target logit,
 /// sum of class-weighted logits, sum of class weights.
 pub(crate) const REC: usize = 5;
@@ -147,6 +155,29 @@ pub(crate) struct Finished {
     pub den_w: f64,
     pub den_n: f64,
 }
+
+impl Finished {
+    /// A vocabulary-parallel linear call's output: this loss, the gradients (hidden, this
+    /// shard's weight and bias) and the rows of logits held at once.
+    pub fn linear_output(self, grads: LinearGrads, chunk_rows: usize) -> crate::api::linear::LinearCeOutput {
+        let (o, (grad_hidden, grad_weight, grad_bias)) = (self.out, grads);
+        crate::api::linear::LinearCeOutput {
+            loss: o.loss,
+            counted: o.counted,
+            weight_sum: o.weight_sum,
+            row_loss: o.row_loss,
+            row_lse: o.row_lse,
+            row_rank: None,
+            grad_hidden,
+            grad_weight,
+            grad_bias,
+            chunk_rows,
+        }
+    }
+}
+
+/// The gradients of a linear call as it returns them: hidden, weight, bias.
+pub(crate) type LinearGrads = (Option<crate::dtype::Tensor2>, Option<crate::dtype::Tensor2>, Option<Array1<f32>>);
 
 /// Finishes the loss of the batch from the merged records (every rank, the same bits).
 pub(crate) fn finish(rec: &[f64], t: &[i64], targets: &Targets<'_>, cfg: &CrossEntropy, v: usize) -> Finished {

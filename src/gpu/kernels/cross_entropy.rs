@@ -13,9 +13,9 @@ use ndarray::Array1;
 
 use super::ce_io::{flags, CeParams, CeSwitches, Scalars, Seg, SCALARS};
 use super::check_slice;
-use crate::api::config::{CeOutput, CrossEntropy, GradDest, Reduction};
+use crate::api::config::{CeCall, CeLogits, CeOutput, CrossEntropy, GradDest, Reduction};
 use crate::api::targets::{Targets, DEVICE_IGNORED};
-use crate::dtype::{DType, Logits, LogitsMut};
+use crate::dtype::{DType, LogitsMut};
 use crate::error::{Result, XentError};
 use crate::gpu::context::GpuContext;
 use crate::gpu::launch::{Bind, Groups, Launch, ParamsCache, Recorder, Skip};
@@ -703,24 +703,14 @@ impl PendingCe {
     }
 }
 
-/// Host logits, read or overwritten by their gradient.
-enum HostLogits<'a> {
-    Read(Logits<'a>),
-    InPlace(LogitsMut<'a>),
-}
-
 impl GpuContext {
-    /// Uploads host tensors, records on a plan, waits, and reads back what was asked for.
-    fn host_ce(
-        &self,
-        src: HostLogits<'_>,
-        targets: Targets<'_>,
-        cfg: &CrossEntropy,
-        dest: GradDest<'_>,
-    ) -> Result<CeOutput> {
-        let (logits, in_place) = match src {
-            HostLogits::Read(l) => (Some(l), None),
-            HostLogits::InPlace(x) => (None, Some(x)),
+    /// The cross-entropy of host tensors: uploads them, records on a plan, waits, and reads
+    /// back what was asked for (the public methods: `crate::api::methods`).
+    pub(crate) fn ce_run(&self, call: CeCall<'_>, cfg: &CrossEntropy) -> Result<CeOutput> {
+        let CeCall { logits, targets, grad: dest } = call;
+        let (logits, in_place) = match logits {
+            CeLogits::Read(l) => (Some(l), None),
+            CeLogits::InPlace(x) => (None, Some(x)),
         };
         let (dim, dtype) = match (&logits, &in_place) {
             (Some(l), _) => (l.dim(), l.dtype()),
@@ -808,24 +798,6 @@ impl GpuContext {
             _ => {}
         }
         Ok(out)
-    }
-
-    /// The cross-entropy's work here, the gradient to `g` (the public methods:
-    /// `crate::api::methods`).
-    pub(crate) fn ce_run(
-        &self,
-        x: Logits<'_>,
-        t: Targets<'_>,
-        cfg: &CrossEntropy,
-        g: GradDest<'_>,
-    ) -> Result<CeOutput> {
-        self.host_ce(HostLogits::Read(x), t, cfg, g)
-    }
-
-    /// [`Self::cross_entropy_in_place`]'s work here: the gradient computed in place on the
-    /// device, so no separate gradient buffer is allocated.
-    pub(crate) fn ce_in_place(&self, x: LogitsMut<'_>, t: Targets<'_>, cfg: &CrossEntropy) -> Result<CeOutput> {
-        self.host_ce(HostLogits::InPlace(x), t, cfg, GradDest::None)
     }
 }
 

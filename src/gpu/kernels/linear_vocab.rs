@@ -20,8 +20,8 @@ use crate::error::Result;
 use crate::gpu::context::GpuContext;
 use crate::gpu::launch::Recorder;
 use crate::gpu::pool::Pooled;
-use crate::parallel::vocab::{check_linear, finish, merge, VocabShard, REC};
-use crate::parallel::{agree, Collective};
+use crate::parallel::agree;
+use crate::parallel::vocab::{check_linear, finish, merge, Sharded, VocabShard, REC};
 
 use wgpu::BufferUsages as U;
 
@@ -42,14 +42,10 @@ struct Prep {
 }
 
 impl GpuContext {
-    /// Both of the above.
-    pub(crate) fn linear_ce_vocab(
-        &self,
-        call: LinearCall<'_>,
-        shard: VocabShard,
-        cfg: &LinearCe,
-        comm: &dyn Collective,
-    ) -> Result<LinearCeOutput> {
+    /// Both of the above: each chunk's logits and records on the device, the collectives on
+    /// the host.
+    pub(crate) fn linear_vocab(&self, call: LinearCall<'_>, sh: Sharded<'_>, cfg: &LinearCe) -> Result<LinearCeOutput> {
+        let Sharded { shard, comm } = sh;
         let LinearCall { hidden, weight, bias, targets, upstream } = &call;
         let (bias, upstream) = (*bias, *upstream);
         // Checks, uploads and the first pass; then one agreement before any collective.
@@ -110,19 +106,7 @@ impl GpuContext {
         };
         let grad_weight = gw.as_ref().map(|b| read(b, vl * d).map(|v| tensor(v, (vl, d)))).transpose()?;
         let grad_bias = gb.as_ref().map(|b| read(b, vl).map(Array1::from)).transpose()?;
-        let o = fin.out;
-        Ok(LinearCeOutput {
-            loss: o.loss,
-            counted: o.counted,
-            weight_sum: o.weight_sum,
-            row_loss: o.row_loss,
-            row_lse: o.row_lse,
-            row_rank: None,
-            grad_hidden,
-            grad_weight,
-            grad_bias,
-            chunk_rows: p.rows,
-        })
+        Ok(fin.linear_output((grad_hidden, grad_weight, grad_bias), p.rows))
     }
 
     /// One pass over the row chunks: `Z` for each, then its shard records (`grad: None`; the

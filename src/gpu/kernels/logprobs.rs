@@ -11,17 +11,17 @@ use ndarray::{Array1, Array2, ArrayView1};
 use super::linear::{GradOut, LinearDev};
 use super::rows;
 use crate::api::linear::{counted_rows, gather_batch, scatter_rows};
-use crate::api::logprobs::{check, counted, LinearLogprobs, LinearLogprobsOutput};
-use crate::api::targets::{Targets, DEVICE_IGNORED};
-use crate::dtype::{DType, Logits};
+use crate::api::logprobs::{check, counted, LinearLogprobs, LinearLogprobsOutput, LogprobsCall};
+use crate::api::targets::DEVICE_IGNORED;
+use crate::dtype::DType;
 use crate::error::Result;
 use crate::gpu::context::{GpuContext, Kernel};
 use crate::gpu::launch::{Bind, Launch, Recorder, Skip};
 use crate::gpu::params::{flag_bits, mirror, Block, Header};
 use crate::gpu::pool::Pooled;
 use crate::gpu::source::{Binding, Family, Shader, Variant};
-use crate::parallel::vocab::{logprob_row, merge_logprobs, VocabShard, LP_REC};
-use crate::parallel::{agree, Collective};
+use crate::parallel::agree;
+use crate::parallel::vocab::{logprob_row, merge_logprobs, Sharded, VocabShard, LP_REC};
 
 use wgpu::BufferUsages as U;
 
@@ -74,16 +74,9 @@ pub(crate) const FAMILY: Family = Family {
 
 impl GpuContext {
     /// [`Self::linear_logprobs`]'s work here (the public method: `crate::api::methods`).
-    pub(crate) fn logprobs_run(
-        &self,
-        hidden: Logits<'_>,
-        weight: Logits<'_>,
-        bias: Option<ArrayView1<'_, f32>>,
-        targets: Targets<'_>,
-        cfg: &LinearLogprobs,
-        upstream: Option<(ArrayView1<'_, f32>, ArrayView1<'_, f32>)>,
-    ) -> Result<LinearLogprobsOutput> {
-        let c = check(&hidden, &weight, bias, &targets, cfg, upstream, None)?;
+    pub(crate) fn logprobs_run(&self, call: LogprobsCall<'_>) -> Result<LinearLogprobsOutput> {
+        let c = check(&call, None)?;
+        let LogprobsCall { hidden, weight, bias, targets, cfg, .. } = call;
         let (n, d, v) = (c.n, hidden.dim().1, c.v);
         // Ignored rows cost nothing (as on the CPU): the counted ones go up as a batch of their
         // own, and their rows come back to their places.
@@ -214,21 +207,11 @@ impl GpuContext {
 
     /// [`Self::linear_logprobs_vocab_parallel`]'s work here (the public method:
     /// `crate::api::methods`).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn logprobs_vocab_run(
-        &self,
-        hidden: Logits<'_>,
-        weight: Logits<'_>,
-        bias: Option<ArrayView1<'_, f32>>,
-        targets: Targets<'_>,
-        shard: VocabShard,
-        cfg: &LinearLogprobs,
-        upstream: Option<(ArrayView1<'_, f32>, ArrayView1<'_, f32>)>,
-        comm: &dyn Collective,
-    ) -> Result<LinearLogprobsOutput> {
+    pub(crate) fn logprobs_vocab(&self, call: LogprobsCall<'_>, sh: Sharded<'_>) -> Result<LinearLogprobsOutput> {
+        let (LogprobsCall { hidden, weight, bias, targets, cfg, upstream: _ }, Sharded { shard, comm }) = (call, sh);
         // Checks, uploads and the first pass; then one agreement before any collective.
         let prep = (|| -> Result<_> {
-            let c = check(&hidden, &weight, bias, &targets, cfg, upstream, Some(shard))?;
+            let c = check(&call, Some(shard))?;
             let (n, vl) = (c.n, c.v);
             let ti = targets.device_classes(shard.classes, cfg.ignore_index)?;
             // No rows or no classes here: no device work (records of no classes, no gradient).

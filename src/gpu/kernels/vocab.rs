@@ -8,17 +8,17 @@
 
 use super::ce_io::{flags, CeParams, Seg, SCALARS};
 use super::cross_entropy::{base_params, CePlan, ROW_VECTORS, SAVED};
-use crate::api::config::{CeOutput, CrossEntropy};
-use crate::api::targets::{Targets, DEVICE_IGNORED};
-use crate::dtype::{DType, Logits, LogitsMut};
+use crate::api::config::{CeCall, CeOutput, CrossEntropy};
+use crate::api::targets::DEVICE_IGNORED;
+use crate::dtype::DType;
 use crate::error::Result;
 use crate::gpu::context::GpuContext;
 use crate::gpu::launch::{Bind, Groups, Launch, ParamsCache, Recorder, Skip};
 
 use crate::gpu::pool::Pooled;
 use crate::gpu::source::{Shader, Variant};
-use crate::parallel::vocab::{check, finish, merge, VocabShard, REC};
-use crate::parallel::{agree, Collective};
+use crate::parallel::agree;
+use crate::parallel::vocab::{check, finish, merge, Sharded, REC};
 
 use wgpu::BufferUsages as U;
 
@@ -178,15 +178,8 @@ pub(crate) fn poison_infinite(rec: &mut [f64]) {
 impl GpuContext {
     /// [`Self::cross_entropy_vocab_parallel`]'s work here (the public method:
     /// `crate::api::methods`).
-    pub(crate) fn ce_vocab_run(
-        &self,
-        x: Logits<'_>,
-        targets: Targets<'_>,
-        shard: VocabShard,
-        cfg: &CrossEntropy,
-        comm: &dyn Collective,
-        grad: Option<LogitsMut<'_>>,
-    ) -> Result<CeOutput> {
+    pub(crate) fn ce_vocab(&self, call: CeCall<'_>, sh: Sharded<'_>, cfg: &CrossEntropy) -> Result<CeOutput> {
+        let ((x, targets, grad), Sharded { shard, comm }) = (call.read_into()?, sh);
         let (n, vl) = x.dim();
         // Checks, uploads and this shard's records; then one agreement, so that a rank that
         // fails here does not leave the others waiting in the all-reduce.
