@@ -19,8 +19,8 @@
 
 use ndarray::{ArrayView, ArrayView2, Dimension};
 
-use crate::api::config::CrossEntropy;
 use crate::api::config::LinearCe;
+use crate::api::config::{CallData, CrossEntropy};
 use crate::api::targets::Targets;
 use crate::dtype::DType;
 use crate::error::{Result, XentError};
@@ -36,6 +36,37 @@ use crate::error::{Result, XentError};
 /// assert!(check::cross_entropy((3, 5), &(&[0i64, 4][..]).into(), &cfg).is_err());
 /// ```
 pub fn cross_entropy(shape: (usize, usize), targets: &Targets, cfg: &CrossEntropy) -> Result<()> {
+    ce_call(shape, targets, cfg, &cfg.call_data())
+}
+
+/// The checks of [`cross_entropy`] that depend on the options and the number of classes only
+/// (not on the rows, their targets or their sample weights): for a caller that checks the
+/// options once and its rows' data per call.
+///
+/// ```
+/// use xent::{check, CrossEntropy};
+/// assert!(check::cross_entropy_options(5, &CrossEntropy::default().with_label_smoothing(0.1)).is_ok());
+/// assert!(check::cross_entropy_options(5, &CrossEntropy::default().with_label_smoothing(2.0)).is_err());
+/// assert!(check::cross_entropy_options(0, &CrossEntropy::default()).is_err());
+/// ```
+pub fn cross_entropy_options(classes: usize, cfg: &CrossEntropy) -> Result<()> {
+    if classes == 0 {
+        return Err(XentError::Shape("logits have no classes".into()));
+    }
+    definition(classes, cfg)?;
+    cfg.call_data().validate(cfg)
+}
+
+/// The definition's checks against `classes` (not 0).
+fn definition(classes: usize, cfg: &CrossEntropy) -> Result<()> {
+    if classes > i32::MAX as usize {
+        return Err(XentError::Shape(format!("{classes} classes do not fit 32-bit class indices")));
+    }
+    cfg.validate_definition(classes)
+}
+
+/// [`cross_entropy`]'s checks of a call whose data is given apart from the definition `cfg`.
+pub(crate) fn ce_call(shape: (usize, usize), targets: &Targets, cfg: &CrossEntropy, call: &CallData<'_>) -> Result<()> {
     let (n, v) = shape;
     if v == 0 {
         return Err(XentError::Shape(format!("logits [{n}, 0] have no classes")));
@@ -43,7 +74,7 @@ pub fn cross_entropy(shape: (usize, usize), targets: &Targets, cfg: &CrossEntrop
     if targets.len() != n {
         return Err(XentError::Shape(format!("logits have {n} rows but targets have {}", targets.len())));
     }
-    if let Some(w) = &cfg.sample_weight {
+    if let Some(w) = &call.sample_weight {
         if w.len() != n {
             return Err(XentError::Shape(format!(
                 "sample_weight has {} entries but the logits have {n} rows",
@@ -52,10 +83,8 @@ pub fn cross_entropy(shape: (usize, usize), targets: &Targets, cfg: &CrossEntrop
         }
         finite_values(w.view(), "sample_weight")?;
     }
-    if v > i32::MAX as usize {
-        return Err(XentError::Shape(format!("{v} classes do not fit 32-bit class indices")));
-    }
-    cfg.validate(v)?;
+    definition(v, cfg)?;
+    call.validate(cfg)?;
     if let Targets::Probs(probs) = targets {
         if probs.dim() != (n, v) {
             return Err(XentError::Shape(format!(
@@ -249,7 +278,7 @@ pub fn linear_operands(
             return Err(XentError::Shape(format!("bias has {b} entries for {v} classes")));
         }
     }
-    if cfg.ce.totals.is_some() {
+    if cfg.ce.data.totals.is_some() {
         return Err(XentError::InvalidOption("LinearCe computes its own totals: leave ce.totals unset".into()));
     }
     if cfg.workspace_bytes == Some(0) {

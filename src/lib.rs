@@ -75,8 +75,8 @@ pub mod workload;
 
 pub use api::config::LinearCe;
 pub use api::config::{
-    Bce, BceOutput, BceWeight, CeOutput, CrossEntropy, Distill, DistillMode, DistillOutput, Measures, Reduction,
-    SoftmaxKind, Totals,
+    Bce, BceOutput, BceWeight, CeData, CeOutput, CeOutputs, CrossEntropy, Distill, DistillMode, DistillOutput,
+    Measures, Reduction, SoftmaxKind, Totals,
 };
 pub use api::linear::LinearCeOutput;
 pub use api::logprobs::{LinearLogprobs, LinearLogprobsOutput};

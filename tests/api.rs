@@ -32,20 +32,27 @@ fn cross_entropy_builders_equal_field_assignment() {
     assigned.ignore_index = -1;
     assigned.label_smoothing = 0.1;
     assigned.class_weight = Some(array![1.0f32, 2.0]);
-    assigned.sample_weight = Some(array![0.5f32]);
+    assigned.data.sample_weight = Some(array![0.5f32]);
     assigned.z_loss = 1e-4;
     assigned.softcap = Some(30.0);
     assigned.temperature = 2.0;
     assigned.grad_scale = 0.5;
-    assigned.per_row = true;
-    assigned.ranks = true;
-    assigned.gaps = true;
-    assigned.totals = Some(totals);
+    assigned.outputs.per_row = true;
+    assigned.outputs.ranks = true;
+    assigned.outputs.gaps = true;
+    assigned.data.totals = Some(totals);
     assert_eq!(built, assigned);
     // Every field differs from its default, so each builder was seen to set its own field.
     let d = CrossEntropy::default();
     assert!(d.ignore_index != -1 && d.label_smoothing == 0.0 && d.class_weight.is_none() && d.softcap.is_none());
-    assert!(d.temperature == 1.0 && d.grad_scale == 1.0 && !d.per_row && !d.ranks && !d.gaps && d.totals.is_none());
+    assert!(
+        d.temperature == 1.0
+            && d.grad_scale == 1.0
+            && !d.outputs.per_row
+            && !d.outputs.ranks
+            && !d.outputs.gaps
+            && d.data.totals.is_none()
+    );
     // An `Option` clears a field again.
     assert_eq!(built.clone().with_softcap(None).softcap, None);
     assert_eq!(built.with_reduction(Reduction::Sum).reduction, Reduction::Sum);

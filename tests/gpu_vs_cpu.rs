@@ -23,11 +23,11 @@ fn check(backend: &dyn Backend, label: &str, x: &Array2<f32>, t: &Array1<i64>, c
     assert_scalar(&format!("{what} loss"), o.loss, r.loss, 1e-6, 1e-5);
     assert_eq!(o.counted, r.counted, "{what} counted");
     assert_scalar(&format!("{what} weight_sum"), o.weight_sum, r.weight_sum, 1e-6, 1e-6);
-    if cfg.per_row || cfg.reduction == Reduction::None {
+    if cfg.outputs.per_row || cfg.reduction == Reduction::None {
         let rows = o.row_loss.as_ref().expect("per-row losses");
         assert_close_1d(&format!("{what} row loss"), rows.view(), r.row_loss.view(), 1e-5, 1e-5);
     }
-    if cfg.per_row {
+    if cfg.outputs.per_row {
         let lse = o.row_lse.as_ref().expect("per-row lse");
         assert_close_1d(&format!("{what} lse"), lse.view(), r.row_lse.view(), 1e-5, 1e-6);
     }

@@ -182,7 +182,7 @@ fn upstream_gradients_match_finite_differences() {
     };
     let cfg = LinearCe::default().with_ce(ce.clone());
     // The fold: reduction sum with sample weights sw * u (right only without z-loss).
-    let sw = ce.sample_weight.as_ref().unwrap();
+    let sw = ce.data.sample_weight.as_ref().unwrap();
     let folded_ce = ce.clone().with_reduction(Reduction::Sum).with_sample_weight(sw * &u);
     let folded = Cpu::new()
         .linear_cross_entropy(&h, &w, Some(b.view()), t.view(), &cfg.clone().with_ce(folded_ce))

@@ -320,9 +320,9 @@ fn outcome(h: &Hostile, b: &dyn Backend) -> std::result::Result<f64, String> {
             soft = false;
             let mut w = Array1::from_elem(n, 2.0f32);
             w[r] = bad;
-            cfg.sample_weight = Some(w);
+            cfg.data.sample_weight = Some(w);
         }
-        6 => cfg.sample_weight = Some(Array1::ones(n + 1)),
+        6 => cfg.data.sample_weight = Some(Array1::ones(n + 1)),
         _ => p = Array2::zeros((n, v + 1)),
     }
     let targets: Targets = if soft { p.view().into() } else { targets_classes.view().into() };

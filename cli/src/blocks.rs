@@ -146,9 +146,9 @@ impl CeJob<'_> {
     }
 
     fn block_cfg(&self, r: &Range<usize>) -> CrossEntropy {
-        self.cfg
-            .clone()
-            .with_sample_weight(self.cfg.sample_weight.as_ref().map(|w| w.slice(ndarray::s![r.clone()]).to_owned()))
+        self.cfg.clone().with_sample_weight(
+            self.cfg.data.sample_weight.as_ref().map(|w| w.slice(ndarray::s![r.clone()]).to_owned()),
+        )
     }
 
     /// Runs the job, handing each block's results (in order) to `each`.
@@ -280,8 +280,9 @@ impl CeJob<'_> {
         let br = self.block_rows;
         let elem = self.dtype.size() as u64;
         let gdt = self.grad.map(grad_dtype);
-        // Ignored rows become i32::MIN on the device (targets are checked on the host first).
-        let plan_cfg = self.cfg.clone().with_sample_weight(None).with_ignore_index(xent::DEVICE_IGNORED as i64);
+        // The plans take each block's sample weights at the call; ignored rows become
+        // DEVICE_IGNORED on the device (targets are checked on the host first).
+        let plan_cfg = self.cfg.clone().with_sample_weight(None);
         let classes: &[i64] = match self.targets {
             BlockTargets::Classes(t) => t,
             BlockTargets::Probs(_) => &[],
@@ -303,7 +304,7 @@ impl CeJob<'_> {
                     U::STORAGE | U::COPY_DST,
                     "targets block",
                 )?,
-                sw: match self.cfg.sample_weight {
+                sw: match self.cfg.data.sample_weight {
                     Some(_) => Some(gpu.create_buffer(br as u64 * 4, U::STORAGE | U::COPY_DST, "sample weights")?),
                     None => None,
                 },
@@ -338,7 +339,7 @@ impl CeJob<'_> {
             let k = i % 2;
             let rows = b.range.len();
             if !plans.iter().any(|(r, _)| *r == rows) {
-                plans.push((rows, gpu.cross_entropy_plan(rows, v, self.dtype, &plan_cfg)?));
+                plans.push((rows, gpu.cross_entropy_plan_device_classes(rows, v, self.dtype, &plan_cfg)?));
             }
             let plan = &plans.iter().find(|(r, _)| *r == rows).expect("plan").1;
             let s = &sets[k];
@@ -351,7 +352,7 @@ impl CeJob<'_> {
                     gpu.write_buffer(&s.targets, 0, bytemuck::cast_slice(&t))?;
                 }
             }
-            if let (Some(w), Some(buf)) = (&self.cfg.sample_weight, &s.sw) {
+            if let (Some(w), Some(buf)) = (&self.cfg.data.sample_weight, &s.sw) {
                 let w: Vec<f32> = w.slice(ndarray::s![b.range.clone()]).to_vec();
                 gpu.write_buffer(buf, 0, bytemuck::cast_slice(&w))?;
             }

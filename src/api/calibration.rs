@@ -67,7 +67,10 @@ impl CalibrationAcc {
 
     /// The options of a pass that [`Self::add`] can use, at `temperature`.
     pub fn pass_config(temperature: f32, gaps: bool) -> CrossEntropy {
-        CrossEntropy { reduction: Reduction::Sum, temperature, per_row: true, ranks: true, gaps, ..Default::default() }
+        CrossEntropy { reduction: Reduction::Sum, temperature, ..Default::default() }
+            .with_per_row(true)
+            .with_ranks(true)
+            .with_gaps(gaps)
     }
 
     /// Adds a block's results, from a pass with [`Self::pass_config`].

@@ -31,7 +31,11 @@ impl std::str::FromStr for Reduction {
     }
 }
 
-/// Options of softmax cross-entropy with class-index targets.
+/// Options of softmax cross-entropy: the loss's definition (the fields below), this call's
+/// data ([`Self::data`]: sample weights, a larger batch's totals) and the per-row results it
+/// returns ([`Self::outputs`]). A call made of parts (row chunks of a linear loss, blocks
+/// streamed from a file, vocabulary shards) keeps the definition and makes the data of each
+/// part.
 ///
 /// Row `n` with target `y` has weight `w_n = sample_weight[n] * class_weight[y]` and loss
 ///
@@ -62,6 +66,10 @@ impl std::str::FromStr for Reduction {
 /// same.label_smoothing = 0.1;
 /// same.class_weight = Some(array![1.0f32, 2.0, 1.0]);
 /// assert_eq!(cfg, same);
+/// // The call's data and output requests are their own parts.
+/// let weighted = cfg.clone().with_sample_weight(array![1.0f32, 0.5]).with_per_row(true);
+/// assert_eq!(weighted.data.sample_weight, Some(array![1.0f32, 0.5]));
+/// assert!(weighted.outputs.per_row && !weighted.outputs.ranks);
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -74,8 +82,6 @@ pub struct CrossEntropy {
     pub label_smoothing: f32,
     /// Optional per-class weights `[V]`.
     pub class_weight: Option<Array1<f32>>,
-    /// Optional per-sample weights `[N]`.
-    pub sample_weight: Option<Array1<f32>>,
     /// z-loss coefficient `s` (PaLM): adds `s * lse^2` per counted row. 0 disables it.
     pub z_loss: f32,
     /// Logit soft-capping `c * tanh(x / c)` (Gemma 2); `None` disables it.
@@ -84,14 +90,20 @@ pub struct CrossEntropy {
     pub temperature: f32,
     /// Upstream gradient d(total)/d(loss) multiplied into the gradient.
     pub grad_scale: f32,
-    /// Also return per-row losses and log-sum-exp values.
-    pub per_row: bool,
-    /// Also return each row's max logit and the target's rank (classes with a strictly larger
-    /// logit: rank < k means a top-k hit), computed in the same pass.
-    pub ranks: bool,
-    /// Also return each row's expected logit gap `E_p[z] - z_target`; `-gap` is the derivative
-    /// of the row's NLL w.r.t. log(temperature) (temperature fitting).
-    pub gaps: bool,
+    /// This call's data: per-sample weights, and a larger batch's totals (see [`CeData`]).
+    /// Kept apart from the definition above, which a chunked, streamed or sharded call passes
+    /// on unchanged while it makes the data of each part.
+    pub data: CeData,
+    /// What the call returns besides the loss and gradient (see [`CeOutputs`]).
+    pub outputs: CeOutputs,
+}
+
+/// A cross-entropy call's data, apart from the loss's definition ([`CrossEntropy::data`]).
+#[derive(Debug, Clone, PartialEq, Default)]
+#[non_exhaustive]
+pub struct CeData {
+    /// Optional per-sample weights `[N]`.
+    pub sample_weight: Option<Array1<f32>>,
     /// The denominators of `Reduction::Mean` when this call sees one block of a larger batch
     /// (rows streamed from a file in blocks, or split across processes): the whole batch's
     /// counted rows and weight sum. The gradient is then that of the whole batch's mean, and
@@ -100,7 +112,90 @@ pub struct CrossEntropy {
     pub totals: Option<Totals>,
 }
 
-/// Counted rows and their weight sum: the denominators of a mean (see [`CrossEntropy::totals`]).
+/// Per-row results a cross-entropy call returns besides the loss, computed in the same pass
+/// ([`CrossEntropy::outputs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct CeOutputs {
+    /// Also return per-row losses and log-sum-exp values.
+    pub per_row: bool,
+    /// Also return each row's max logit and the target's rank (classes with a strictly larger
+    /// logit: rank < k means a top-k hit).
+    pub ranks: bool,
+    /// Also return each row's expected logit gap `E_p[z] - z_target`; `-gap` is the derivative
+    /// of the row's NLL w.r.t. log(temperature) (temperature fitting).
+    pub gaps: bool,
+}
+
+/// A call's data and output requests as the kernels take them, beside the definition (the
+/// rest of a [`CrossEntropy`], which they read nothing else from): the public methods make it
+/// from the options ([`CrossEntropy::call_data`]); a chunked, streamed or sharded call makes
+/// one per part (its rows' sample weights, the batch's totals) and never copies or patches the
+/// definition.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CallData<'a> {
+    pub sample_weight: Option<ndarray::CowArray<'a, f32, ndarray::Ix1>>,
+    pub totals: Option<Totals>,
+    pub outputs: CeOutputs,
+}
+
+impl CallData<'_> {
+    /// Checks the totals against the definition (sample weights are checked against the
+    /// rows, `crate::check::ce_call`).
+    pub fn validate(&self, cfg: &CrossEntropy) -> Result<()> {
+        if let Some(t) = self.totals {
+            if cfg.reduction != Reduction::Mean {
+                return Err(XentError::InvalidOption("totals only apply to Reduction::Mean".into()));
+            }
+            if !(t.weight_sum.is_finite()) {
+                return Err(XentError::InvalidOption(format!(
+                    "totals.weight_sum must be finite, got {}",
+                    t.weight_sum
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Row `r`'s sample weight (1 without weights).
+    pub fn sw(&self, r: usize) -> f64 {
+        self.sample_weight.as_ref().map_or(1.0, |w| w[r] as f64)
+    }
+
+    /// [`CrossEntropy::reduce`] with this call's totals.
+    pub fn reduce(&self, cfg: &CrossEntropy, sum_ce: f64, sum_lse2: f64, counted: u64, weight_sum: f64) -> f64 {
+        let z = cfg.z_loss as f64;
+        let (counted, weight_sum) = self.totals.map_or((counted, weight_sum), |t| (t.counted, t.weight_sum));
+        match cfg.reduction {
+            Reduction::Mean => {
+                let ce = sum_ce / weight_sum;
+                if z > 0.0 {
+                    ce + z * sum_lse2 / counted as f64
+                } else {
+                    ce
+                }
+            }
+            _ => sum_ce + z * sum_lse2,
+        }
+    }
+
+    /// [`CrossEntropy::grad_coefficients`] with this call's totals.
+    pub fn grad_coefficients(&self, cfg: &CrossEntropy, counted: u64, weight_sum: f64) -> (f64, f64) {
+        let scale = cfg.grad_scale as f64;
+        let (counted, weight_sum) = self.totals.map_or((counted, weight_sum), |t| (t.counted, t.weight_sum));
+        match cfg.reduction {
+            Reduction::Mean => (scale / weight_sum, scale / counted as f64),
+            _ => (scale, scale),
+        }
+    }
+
+    /// Whether per-row losses are computed (asked for, or reduction `none`).
+    pub fn row_losses(&self, cfg: &CrossEntropy) -> bool {
+        self.outputs.per_row || cfg.reduction == Reduction::None
+    }
+}
+
+/// Counted rows and their weight sum: the denominators of a mean (see [`CeData::totals`]).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Totals {
     /// Rows not ignored.
@@ -116,15 +211,12 @@ impl Default for CrossEntropy {
             ignore_index: -100,
             label_smoothing: 0.0,
             class_weight: None,
-            sample_weight: None,
             z_loss: 0.0,
             softcap: None,
             temperature: 1.0,
             grad_scale: 1.0,
-            per_row: false,
-            ranks: false,
-            gaps: false,
-            totals: None,
+            data: CeData::default(),
+            outputs: CeOutputs::default(),
         }
     }
 }
@@ -134,20 +226,70 @@ with_builders!(CrossEntropy {
     set with_ignore_index => ignore_index: i64,
     set with_label_smoothing => label_smoothing: f32,
     some with_class_weight => class_weight: Array1<f32>,
-    some with_sample_weight => sample_weight: Array1<f32>,
     set with_z_loss => z_loss: f32,
     some with_softcap => softcap: f32,
     set with_temperature => temperature: f32,
     set with_grad_scale => grad_scale: f32,
-    set with_per_row => per_row: bool,
-    set with_ranks => ranks: bool,
-    set with_gaps => gaps: bool,
-    some with_totals => totals: Totals,
 });
+
+impl CrossEntropy {
+    /// Sets [`CeData::sample_weight`] (builder): a value sets `Some(value)`, an `Option` is
+    /// taken as it is.
+    #[must_use]
+    pub fn with_sample_weight(mut self, sample_weight: impl Into<Option<Array1<f32>>>) -> Self {
+        self.data.sample_weight = sample_weight.into();
+        self
+    }
+
+    /// Sets [`CeData::totals`] (builder): a value sets `Some(value)`, an `Option` is taken as
+    /// it is.
+    #[must_use]
+    pub fn with_totals(mut self, totals: impl Into<Option<Totals>>) -> Self {
+        self.data.totals = totals.into();
+        self
+    }
+
+    /// Sets [`CeOutputs::per_row`] (builder).
+    #[must_use]
+    pub fn with_per_row(mut self, per_row: bool) -> Self {
+        self.outputs.per_row = per_row;
+        self
+    }
+
+    /// Sets [`CeOutputs::ranks`] (builder).
+    #[must_use]
+    pub fn with_ranks(mut self, ranks: bool) -> Self {
+        self.outputs.ranks = ranks;
+        self
+    }
+
+    /// Sets [`CeOutputs::gaps`] (builder).
+    #[must_use]
+    pub fn with_gaps(mut self, gaps: bool) -> Self {
+        self.outputs.gaps = gaps;
+        self
+    }
+
+    /// This call's data and output requests as the kernels take them (a view of
+    /// [`Self::data`] and [`Self::outputs`]).
+    pub(crate) fn call_data(&self) -> CallData<'_> {
+        CallData {
+            sample_weight: self.data.sample_weight.as_ref().map(|w| w.view().into()),
+            totals: self.data.totals,
+            outputs: self.outputs,
+        }
+    }
+}
 
 impl CrossEntropy {
     /// Checks the options against a row length of `classes`.
     pub fn validate(&self, classes: usize) -> Result<()> {
+        self.validate_definition(classes)?;
+        self.call_data().validate(self)
+    }
+
+    /// [`Self::validate`]'s checks of the definition (all but [`Self::data`]).
+    pub(crate) fn validate_definition(&self, classes: usize) -> Result<()> {
         let bad = |m: String| Err(XentError::InvalidOption(m));
         if !(0.0..=1.0).contains(&self.label_smoothing) {
             return bad(format!("label_smoothing must be in [0, 1], got {}", self.label_smoothing));
@@ -175,20 +317,12 @@ impl CrossEntropy {
             }
             crate::error::finite(w.view(), "class_weight")?;
         }
-        if let Some(t) = self.totals {
-            if self.reduction != Reduction::Mean {
-                return bad("totals only apply to Reduction::Mean".into());
-            }
-            if !(t.weight_sum.is_finite()) {
-                return bad(format!("totals.weight_sum must be finite, got {}", t.weight_sum));
-            }
-        }
         Ok(())
     }
 
     /// The reduced loss from a call's sums, the same on every backend: `sum_ce` (weighted CE
     /// part of the row losses), `sum_lse2` (`lse^2` over counted rows, for the z-loss), and
-    /// this call's `counted` rows and `weight_sum` (replaced by [`CrossEntropy::totals`] when
+    /// this call's `counted` rows and `weight_sum` (replaced by [`CeData::totals`] when
     /// set). `Mean` divides the CE part by the weight sum and the z-loss part by the counted
     /// rows.
     ///
@@ -200,31 +334,14 @@ impl CrossEntropy {
     /// assert_eq!(sum.reduce(6.0, 4.0, 2, 3.0), 6.0 + 0.5 * 4.0);
     /// ```
     pub fn reduce(&self, sum_ce: f64, sum_lse2: f64, counted: u64, weight_sum: f64) -> f64 {
-        let z = self.z_loss as f64;
-        let (counted, weight_sum) = self.totals.map_or((counted, weight_sum), |t| (t.counted, t.weight_sum));
-        match self.reduction {
-            Reduction::Mean => {
-                let ce = sum_ce / weight_sum;
-                if z > 0.0 {
-                    ce + z * sum_lse2 / counted as f64
-                } else {
-                    ce
-                }
-            }
-            _ => sum_ce + z * sum_lse2,
-        }
+        self.call_data().reduce(self, sum_ce, sum_lse2, counted, weight_sum)
     }
 
     /// The factors `(a, b)` by which the CE and z-loss parts of each row's gradient are
     /// scaled (`grad_scale`, divided by the weight sum and the counted rows for `Mean`), the
     /// same on every backend.
     pub fn grad_coefficients(&self, counted: u64, weight_sum: f64) -> (f64, f64) {
-        let scale = self.grad_scale as f64;
-        let (counted, weight_sum) = self.totals.map_or((counted, weight_sum), |t| (t.counted, t.weight_sum));
-        match self.reduction {
-            Reduction::Mean => (scale / weight_sum, scale / counted as f64),
-            _ => (scale, scale),
-        }
+        self.call_data().grad_coefficients(self, counted, weight_sum)
     }
 
     /// Whether logits are transformed (temperature or softcap) before the softmax.
@@ -580,17 +697,25 @@ impl LinearCe {
 
 /// The operands of one cross-entropy call as every backend and form (one process,
 /// vocabulary-parallel) takes them: the logits (read, or overwritten by their gradient), the
-/// targets, and where the gradient goes.
+/// targets, where the gradient goes, and the call's data (beside the definition, which the
+/// backend is given apart).
 pub(crate) struct CeCall<'a> {
     pub logits: CeLogits<'a>,
     pub targets: Targets<'a>,
     pub grad: GradDest<'a>,
+    pub data: CallData<'a>,
 }
 
 impl<'a> CeCall<'a> {
-    /// The operands of a public method (the targets' borrow shortened to the call's).
-    pub fn new<'t: 'a>(logits: CeLogits<'a>, targets: impl Into<Targets<'t>>, grad: GradDest<'a>) -> Self {
-        CeCall { logits, targets: targets.into().reborrow(), grad }
+    /// The operands of a public method with the options' own data (the targets' borrow
+    /// shortened to the call's).
+    pub fn new<'t: 'a>(
+        logits: CeLogits<'a>,
+        targets: impl Into<Targets<'t>>,
+        grad: GradDest<'a>,
+        cfg: &'a CrossEntropy,
+    ) -> Self {
+        CeCall { logits, targets: targets.into().reborrow(), grad, data: cfg.call_data() }
     }
 
     /// The read-only logits and given gradient destination of a form that offers no other

@@ -5,7 +5,7 @@
 use ndarray::{Array1, ArrayView1};
 
 pub(crate) use crate::api::config::LinearCe;
-use crate::api::config::{CeOutput, CrossEntropy, Reduction, Totals};
+use crate::api::config::{CallData, CeOutput, CeOutputs, CrossEntropy, Reduction, Totals};
 use crate::api::targets::Targets;
 use crate::dtype::{DType, Logits, Tensor2};
 use crate::error::{Result, XentError};
@@ -66,9 +66,18 @@ impl Totals {
     /// assert_eq!((t.counted, t.weight_sum), (2, 2.0));
     /// ```
     pub fn of(targets: &Targets<'_>, cfg: &CrossEntropy) -> Totals {
+        Totals::weighted(targets, cfg, cfg.data.sample_weight.as_ref().map(|w| w.view()))
+    }
+
+    /// [`Self::of`] with the sample weights `sample_weight` (a call's, beside the definition).
+    pub(crate) fn weighted(
+        targets: &Targets<'_>,
+        cfg: &CrossEntropy,
+        sample_weight: Option<ArrayView1<'_, f32>>,
+    ) -> Totals {
         let mut out = Totals::default();
         let mut add = |r: usize, y: Option<i64>| {
-            let sw = cfg.sample_weight.as_ref().map_or(1.0, |w| w[r] as f64);
+            let sw = sample_weight.as_ref().map_or(1.0, |w| w[r] as f64);
             let cw = match (y, &cfg.class_weight) {
                 (Some(y), Some(w)) if y >= 0 && (y as usize) < w.len() => w[y as usize] as f64,
                 _ => 1.0,
@@ -92,45 +101,78 @@ impl Totals {
 }
 
 /// The operands of one fused linear cross-entropy call, as every backend and form (one
-/// process, vocabulary-parallel) takes them: hidden states, weight, bias, class-index targets
-/// and, with reduction `none`, a per-row upstream gradient.
+/// process, vocabulary-parallel) takes them: hidden states, weight, bias, class-index targets,
+/// the rows' sample weights (the call's data, beside the definition in [`LinearCe::ce`]) and,
+/// with reduction `none`, a per-row upstream gradient.
 pub(crate) struct LinearCall<'a> {
     pub hidden: Logits<'a>,
     pub weight: Logits<'a>,
     pub bias: Option<ArrayView1<'a, f32>>,
     pub targets: Targets<'a>,
+    pub sample_weight: Option<ArrayView1<'a, f32>>,
     pub upstream: Option<ArrayView1<'a, f32>>,
 }
 
 impl<'a> LinearCall<'a> {
-    /// The operands of a public method, converted (and their borrows shortened to one).
+    /// The operands of a public method, converted (and their borrows shortened to one), and
+    /// the rows' sample weights (a linear cross-entropy's options' own: `cfg.ce.data`).
     pub fn new<'h: 'a, 'w: 'a, 'b: 'a, 't: 'a, 'u: 'a>(
         hidden: impl Into<Logits<'h>>,
         weight: impl Into<Logits<'w>>,
         bias: Option<ArrayView1<'b, f32>>,
         targets: impl Into<Targets<'t>>,
         upstream: Option<ArrayView1<'u, f32>>,
+        sample_weight: Option<&'a Array1<f32>>,
     ) -> Self {
         LinearCall {
             hidden: hidden.into().reborrow(),
             weight: weight.into().reborrow(),
             bias: bias.map(|b| b.reborrow()),
             targets: targets.into().reborrow(),
+            sample_weight: sample_weight.map(|w| w.view()),
             upstream: upstream.map(|u| u.reborrow()),
         }
+    }
+
+    /// The call's data as a chunk's cross-entropy takes it, for `rows` of the batch (in order:
+    /// `Ok`, a range of rows, or `Err`, rows picked): their sample weights, the whole batch's
+    /// `totals` (mean), and the per-row results the call returns (per-row losses also with
+    /// reduction `none`).
+    pub fn chunk_data(
+        &self,
+        cfg: &LinearCe,
+        totals: Totals,
+        rows: std::result::Result<std::ops::Range<usize>, &[usize]>,
+    ) -> CallData<'_> {
+        let sample_weight = self.sample_weight.map(|w| match rows {
+            Ok(range) => w.slice_move(ndarray::s![range]).into(),
+            Err(picked) => picked.iter().map(|&r| w[r]).collect::<Array1<f32>>().into(),
+        });
+        let ce = &cfg.ce;
+        CallData {
+            sample_weight,
+            totals: (ce.reduction == Reduction::Mean).then_some(totals),
+            outputs: CeOutputs { per_row: ce.outputs.per_row || ce.reduction == Reduction::None, ..ce.outputs },
+        }
+    }
+
+    /// [`Totals::of`] this call's rows under `cfg`.
+    pub fn totals(&self, cfg: &LinearCe) -> Totals {
+        Totals::weighted(&self.targets, &cfg.ce, self.sample_weight)
     }
 }
 
 /// Checks a fused linear cross-entropy's inputs (and a per-row upstream gradient, see
 /// [`check_upstream`]); returns `(n, d, v)`.
 pub(crate) fn check(call: &LinearCall<'_>, cfg: &LinearCe) -> Result<(usize, usize, usize)> {
-    let LinearCall { hidden, weight, bias, targets, upstream } = call;
+    let LinearCall { hidden, weight, bias, targets, sample_weight, upstream } = call;
     let (n, d, v) = check_operands(hidden, weight, *bias, cfg)?;
     check_upstream(*upstream, n, cfg)?;
     if matches!(targets, Targets::Probs(_)) {
         return Err(XentError::InvalidOption("fused linear cross-entropy takes class-index targets".into()));
     }
-    crate::check::cross_entropy((n, v), targets, &cfg.ce)?;
+    let data = CallData { sample_weight: sample_weight.map(Into::into), totals: None, outputs: cfg.ce.outputs };
+    crate::check::ce_call((n, v), targets, &cfg.ce, &data)?;
     crate::check::class_targets(targets, v, cfg.ce.ignore_index)?;
     Ok((n, d, v))
 }
@@ -177,7 +219,7 @@ pub(crate) fn check_operands(
 /// `grad_weight` as NaN, as PyTorch's do.
 pub(crate) fn counted_rows(hidden: &Logits<'_>, targets: &Targets<'_>, cfg: &LinearCe) -> Option<Vec<usize>> {
     let ce = &cfg.ce;
-    if ce.per_row || ce.ranks || ce.reduction == crate::Reduction::None {
+    if ce.outputs.per_row || ce.outputs.ranks || ce.reduction == crate::Reduction::None {
         return None;
     }
     if targets.is_probs() {
@@ -196,23 +238,21 @@ pub(crate) fn counted_rows(hidden: &Logits<'_>, targets: &Targets<'_>, cfg: &Lin
 }
 
 /// The counted rows `kept` of a batch as a batch of their own, for a backend that uploads its
-/// inputs whole: their hidden states (in their dtype), targets, and options with their sample
-/// weights.
+/// inputs whole: their hidden states (in their dtype), targets, and sample weights.
 #[cfg(feature = "gpu")]
 pub(crate) fn gather_batch(
     hidden: &Logits<'_>,
     targets: &Targets<'_>,
-    cfg: &LinearCe,
+    sample_weight: Option<ArrayView1<'_, f32>>,
     kept: &[usize],
-) -> (Tensor2, Array1<i64>, LinearCe) {
+) -> (Tensor2, Array1<i64>, Option<Array1<f32>>) {
     let h = match hidden {
         Logits::F32(a) => Tensor2::F32(a.select(ndarray::Axis(0), kept)),
         Logits::F16(a) => Tensor2::F16(a.select(ndarray::Axis(0), kept)),
         Logits::BF16(a) => Tensor2::BF16(a.select(ndarray::Axis(0), kept)),
     };
     let t = kept.iter().map(|&r| targets.get(r)).collect();
-    let sample_weight = cfg.ce.sample_weight.as_ref().map(|w| kept.iter().map(|&r| w[r]).collect());
-    (h, t, LinearCe { ce: CrossEntropy { sample_weight, ..cfg.ce.clone() }, ..cfg.clone() })
+    (h, t, sample_weight.map(|w| kept.iter().map(|&r| w[r]).collect()))
 }
 
 /// `grad_hidden` of the counted rows `kept` placed in a batch of `n` rows (the others 0).
@@ -230,25 +270,6 @@ pub(crate) fn scatter_rows(g: Tensor2, kept: &[usize], n: usize) -> Result<Tenso
         Tensor2::F16(a) => Tensor2::F16(go(a, kept, n)?),
         Tensor2::BF16(a) => Tensor2::BF16(go(a, kept, n)?),
     })
-}
-
-/// The options of one chunk's cross-entropy: the whole batch's totals, its sample weights.
-pub(crate) fn chunk_cfg(cfg: &LinearCe, totals: Totals, rows: std::ops::Range<usize>) -> CrossEntropy {
-    chunk_cfg_with(cfg, totals, cfg.ce.sample_weight.as_ref().map(|w| w.slice(ndarray::s![rows]).to_owned()))
-}
-
-/// [`chunk_cfg`] for a chunk of the batch rows `rows` (in that order).
-pub(crate) fn chunk_cfg_at(cfg: &LinearCe, totals: Totals, rows: &[usize]) -> CrossEntropy {
-    chunk_cfg_with(cfg, totals, cfg.ce.sample_weight.as_ref().map(|w| rows.iter().map(|&r| w[r]).collect()))
-}
-
-fn chunk_cfg_with(cfg: &LinearCe, totals: Totals, sample_weight: Option<ndarray::Array1<f32>>) -> CrossEntropy {
-    CrossEntropy {
-        sample_weight,
-        totals: (cfg.ce.reduction == Reduction::Mean).then_some(totals),
-        per_row: cfg.ce.per_row || cfg.ce.reduction == Reduction::None,
-        ..cfg.ce.clone()
-    }
 }
 
 /// The dtype gradients are returned in.
@@ -272,12 +293,12 @@ pub(crate) struct ChunkOutputs {
 impl ChunkOutputs {
     /// Room for what `cfg` asks of `n` rows.
     pub fn new(cfg: &LinearCe, n: usize) -> Self {
-        let per_row = cfg.ce.per_row || cfg.ce.reduction == Reduction::None;
+        let (per_row, outs) = (cfg.ce.outputs.per_row || cfg.ce.reduction == Reduction::None, cfg.ce.outputs);
         ChunkOutputs {
             loss: 0.0,
             row_loss: per_row.then(|| Vec::with_capacity(n)),
-            row_lse: cfg.ce.per_row.then(|| Vec::with_capacity(n)),
-            row_rank: cfg.ce.ranks.then(|| Vec::with_capacity(n)),
+            row_lse: outs.per_row.then(|| Vec::with_capacity(n)),
+            row_rank: outs.ranks.then(|| Vec::with_capacity(n)),
         }
     }
 

@@ -53,7 +53,7 @@ assert!((hard.loss - soft.loss).abs() < 1e-6);
                 targets: impl Into<Targets<'b>>,
                 cfg: &CrossEntropy,
             ) -> Result<CeOutput> {
-                self.ce_run(CeCall::new(CeLogits::Read(logits.into().reborrow()), targets, GradDest::None), cfg)
+                self.ce_run(CeCall::new(CeLogits::Read(logits.into().reborrow()), targets, GradDest::None, cfg), cfg)
             }
 
             /// Cross-entropy and its gradient w.r.t. the logits, as a new f32 array in
@@ -64,7 +64,7 @@ assert!((hard.loss - soft.loss).abs() < 1e-6);
                 targets: impl Into<Targets<'b>>,
                 cfg: &CrossEntropy,
             ) -> Result<CeOutput> {
-                self.ce_run(CeCall::new(CeLogits::Read(logits.into().reborrow()), targets, GradDest::New), cfg)
+                self.ce_run(CeCall::new(CeLogits::Read(logits.into().reborrow()), targets, GradDest::New, cfg), cfg)
             }
 
             #[doc = concat!("Cross-entropy whose gradient is written into `grad`, a caller-owned `[N, V]` tensor of
@@ -89,7 +89,7 @@ assert!(g[[0, 2]] < 0.0 && g[[0, 0]] > 0.0);
                 grad: impl Into<LogitsMut<'c>>,
             ) -> Result<CeOutput> {
                 let mut grad = grad.into();
-                let call = CeCall::new(CeLogits::Read(logits.into().reborrow()), targets, GradDest::Into(grad.reborrow()));
+                let call = CeCall::new(CeLogits::Read(logits.into().reborrow()), targets, GradDest::Into(grad.reborrow()), cfg);
                 self.ce_run(call, cfg)
             }
 
@@ -101,7 +101,7 @@ assert!(g[[0, 2]] < 0.0 && g[[0, 0]] > 0.0);
                 cfg: &CrossEntropy,
             ) -> Result<CeOutput> {
                 let mut logits = logits.into();
-                self.ce_run(CeCall::new(CeLogits::InPlace(logits.reborrow()), targets, GradDest::None), cfg)
+                self.ce_run(CeCall::new(CeLogits::InPlace(logits.reborrow()), targets, GradDest::None, cfg), cfg)
             }
 
             #[doc = concat!("Knowledge distillation of `student` towards `teacher` logits `[N, V]` (any dtypes; see
@@ -156,7 +156,7 @@ assert_eq!(out.grad_weight.unwrap().dim(), (4, 2));
                 targets: impl Into<Targets<'c>>,
                 cfg: &LinearCe,
             ) -> Result<LinearCeOutput> {
-                self.linear_ce(LinearCall::new(hidden, weight, bias, targets, None), cfg)
+                self.linear_ce(LinearCall::new(hidden, weight, bias, targets, None, cfg.ce.data.sample_weight.as_ref()), cfg)
             }
 
             #[doc = concat!("[`Self::linear_cross_entropy`] with reduction `none` and a per-row upstream gradient
@@ -203,7 +203,7 @@ assert_eq!(out.loss, plain.loss);
                 upstream: ArrayView1<'_, f32>,
                 cfg: &LinearCe,
             ) -> Result<LinearCeOutput> {
-                self.linear_ce(LinearCall::new(hidden, weight, bias, targets, Some(upstream)), cfg)
+                self.linear_ce(LinearCall::new(hidden, weight, bias, targets, Some(upstream), cfg.ce.data.sample_weight.as_ref()), cfg)
             }
 
             #[doc = concat!("Fused linear cross-entropy over a vocabulary split across the ranks of `comm`:
@@ -238,7 +238,7 @@ assert!((sharded.loss - whole.loss).abs() < 1e-6);
                 cfg: &LinearCe,
                 comm: &dyn Collective,
             ) -> Result<LinearCeOutput> {
-                self.linear_vocab(LinearCall::new(hidden, weight, bias, targets, None), Sharded { shard, comm }, cfg)
+                self.linear_vocab(LinearCall::new(hidden, weight, bias, targets, None, cfg.ce.data.sample_weight.as_ref()), Sharded { shard, comm }, cfg)
             }
 
             #[doc = concat!("[`Self::linear_cross_entropy_vocab_parallel`] with reduction `none` and a per-row
@@ -273,7 +273,7 @@ assert!(a.iter().zip(b.iter()).all(|(x, y)| (x - y).abs() < 1e-6));
                 cfg: &LinearCe,
                 comm: &dyn Collective,
             ) -> Result<LinearCeOutput> {
-                let call = LinearCall::new(hidden, weight, bias, targets, Some(upstream));
+                let call = LinearCall::new(hidden, weight, bias, targets, Some(upstream), cfg.ce.data.sample_weight.as_ref());
                 self.linear_vocab(call, Sharded { shard, comm }, cfg)
             }
 
@@ -307,7 +307,7 @@ assert_eq!(out.grad_weight.unwrap().dim(), (4, 2));
                 cfg: &LinearLogprobs,
                 upstream: Option<(ArrayView1<'_, f32>, ArrayView1<'_, f32>)>,
             ) -> Result<LinearLogprobsOutput> {
-                self.logprobs_run(LogprobsCall::new(LinearCall::new(hidden, weight, bias, targets, None), cfg, upstream))
+                self.logprobs_run(LogprobsCall::new(LinearCall::new(hidden, weight, bias, targets, None, None), cfg, upstream))
             }
 
             #[doc = concat!("[`Self::linear_logprobs`] over a vocabulary split across the ranks of `comm`:
@@ -343,7 +343,7 @@ assert!((sharded.logprob[1] - whole.logprob[1]).abs() < 1e-6);
                 upstream: Option<(ArrayView1<'_, f32>, ArrayView1<'_, f32>)>,
                 comm: &dyn Collective,
             ) -> Result<LinearLogprobsOutput> {
-                let call = LogprobsCall::new(LinearCall::new(hidden, weight, bias, targets, None), cfg, upstream);
+                let call = LogprobsCall::new(LinearCall::new(hidden, weight, bias, targets, None, None), cfg, upstream);
                 self.logprobs_vocab(call, Sharded { shard, comm })
             }
 
@@ -376,7 +376,7 @@ assert!((out.loss - whole.loss).abs() < 1e-6);
             ) -> Result<CeOutput> {
                 let mut grad = grad;
                 let grad = grad.as_mut().map_or(GradDest::None, |g| GradDest::Into(g.reborrow()));
-                let call = CeCall::new(CeLogits::Read(logits.into().reborrow()), targets, grad);
+                let call = CeCall::new(CeLogits::Read(logits.into().reborrow()), targets, grad, cfg);
                 self.ce_vocab(call, Sharded { shard, comm }, cfg)
             }
         }

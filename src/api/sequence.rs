@@ -288,7 +288,7 @@ impl CorpusEval {
 
     /// The options of a pass whose output [`Self::add_scored`] takes.
     pub fn pass_config() -> CrossEntropy {
-        CrossEntropy { reduction: Reduction::None, ignore_index: Self::IGNORED, ranks: true, ..Default::default() }
+        CrossEntropy { reduction: Reduction::None, ignore_index: Self::IGNORED, ..Default::default() }.with_ranks(true)
     }
 
     /// Adds a batch already scored by a cross-entropy pass with [`Self::pass_config`] (e.g. one

@@ -116,8 +116,12 @@ impl Cpu {
     /// `crate::api::methods`).
     pub(crate) fn ce_run(&self, call: CeCall<'_>, cfg: &CrossEntropy) -> Result<CeOutput> {
         match call.logits {
-            CeLogits::Read(x) => cross_entropy::cross_entropy(&self.pool, x, call.targets, cfg, call.grad),
-            CeLogits::InPlace(x) => cross_entropy::cross_entropy_in_place(&self.pool, x, call.targets, cfg),
+            CeLogits::Read(x) => {
+                cross_entropy::cross_entropy(&self.pool, x, call.targets, (cfg, &call.data), call.grad)
+            }
+            CeLogits::InPlace(x) => {
+                cross_entropy::cross_entropy_in_place(&self.pool, x, call.targets, (cfg, &call.data))
+            }
         }
     }
 

@@ -13,7 +13,7 @@ use ndarray::ArrayView2;
 use rayon::prelude::*;
 
 use super::simd::{self, RowIn};
-use crate::api::config::{CeOutput, CrossEntropy, GradDest, Reduction};
+use crate::api::config::{CallData, CeOutput, CeOutputs, CrossEntropy, GradDest};
 use crate::api::targets::{Targets, IGNORED};
 use crate::dtype::{Element, Logits, LogitsMut};
 use crate::error::Result;
@@ -21,6 +21,8 @@ use crate::error::Result;
 /// Per-call constants shared by every row.
 struct RowCtx<'a> {
     cfg: &'a CrossEntropy,
+    /// The per-row results asked for.
+    outputs: CeOutputs,
     v: usize,
     cw: Option<&'a [f32]>,
     sw: Option<&'a [f32]>,
@@ -79,7 +81,11 @@ impl RowCtx<'_> {
     /// needs the whole row in f32 (transforms, probability targets, ranks, gaps, smoothing).
     fn reads_half_rows(&self) -> bool {
         let cfg = self.cfg;
-        !self.transform && self.probs.is_none() && !cfg.ranks && !cfg.gaps && cfg.label_smoothing == 0.0
+        !self.transform
+            && self.probs.is_none()
+            && !self.outputs.ranks
+            && !self.outputs.gaps
+            && cfg.label_smoothing == 0.0
     }
 
     /// Whether a row may leave its gradient's last step to the caller ([`Finish`]): the
@@ -146,10 +152,10 @@ impl RowCtx<'_> {
             return out;
         }
         let y = t as usize;
-        if cfg.ranks {
+        if self.outputs.ranks {
             out.rank = simd::count_greater(f32_row(z), z.at(y)) as u32;
         }
-        if cfg.gaps {
+        if self.outputs.gaps {
             let z = f32_row(z);
             // E_p[z] - z_y from the exponentials (in the gradient row when there is one).
             let e: &[f32] = match grad.as_deref() {
@@ -248,13 +254,13 @@ fn f32_row(z: RowIn<'_>) -> &[f32] {
 }
 
 /// Counted rows and their weight sum, in f64.
-pub(crate) fn weight_totals(t: &[i32], cfg: &CrossEntropy) -> (u64, f64) {
+pub(crate) fn weight_totals(t: &[i32], cfg: &CrossEntropy, call: &CallData<'_>) -> (u64, f64) {
     let mut counted = 0u64;
     let mut ws = 0.0f64;
     for (r, &y) in t.iter().enumerate() {
         if y != IGNORED {
             counted += 1;
-            let sw = cfg.sample_weight.as_ref().map_or(1.0, |w| w[r] as f64);
+            let sw = call.sw(r);
             let cw = cfg.class_weight.as_ref().map_or(1.0, |w| w[y as usize] as f64);
             ws += sw * cw;
         }
@@ -274,13 +280,13 @@ pub(crate) fn cross_entropy(
     pool: &rayon::ThreadPool,
     logits: Logits<'_>,
     targets: Targets<'_>,
-    cfg: &CrossEntropy,
+    (cfg, call): (&CrossEntropy, &CallData<'_>),
     dest: GradDest<'_>,
 ) -> Result<CeOutput> {
     match logits {
-        Logits::F32(x) => run_read(pool, x, targets, cfg, dest),
-        Logits::F16(x) => run_read(pool, x, targets, cfg, dest),
-        Logits::BF16(x) => run_read(pool, x, targets, cfg, dest),
+        Logits::F32(x) => run_read(pool, x, targets, (cfg, call), dest),
+        Logits::F16(x) => run_read(pool, x, targets, (cfg, call), dest),
+        Logits::BF16(x) => run_read(pool, x, targets, (cfg, call), dest),
     }
 }
 
@@ -289,13 +295,13 @@ pub(crate) fn cross_entropy_in_place(
     pool: &rayon::ThreadPool,
     logits: LogitsMut<'_>,
     targets: Targets<'_>,
-    cfg: &CrossEntropy,
+    cfg: (&CrossEntropy, &CallData<'_>),
 ) -> Result<CeOutput> {
     fn go<T: Element>(
         pool: &rayon::ThreadPool,
         mut x: ndarray::ArrayViewMut2<T>,
         targets: Targets<'_>,
-        cfg: &CrossEntropy,
+        cfg: (&CrossEntropy, &CallData<'_>),
     ) -> Result<CeOutput> {
         let dim = x.dim();
         match x.as_slice_mut() {
@@ -319,7 +325,7 @@ fn run_read<T: Element>(
     pool: &rayon::ThreadPool,
     x: ArrayView2<T>,
     targets: Targets<'_>,
-    cfg: &CrossEntropy,
+    cfg: (&CrossEntropy, &CallData<'_>),
     dest: GradDest<'_>,
 ) -> Result<CeOutput> {
     let dim = x.dim();
@@ -335,7 +341,7 @@ fn run_read<T: Element>(
     match dest {
         GradDest::None => run::<T, f32>(pool, dim, Src::Read(xs), targets, cfg, None),
         GradDest::New => {
-            crate::check::cross_entropy(dim, &targets, cfg)?;
+            crate::check::ce_call(dim, &targets, cfg.0, cfg.1)?;
             let mut g = crate::alloc::zeros2::<f32>(dim, "gradient")?;
             let mut out =
                 run::<T, f32>(pool, dim, Src::Read(xs), targets, cfg, Some(g.as_slice_mut().expect("fresh")))?;
@@ -355,7 +361,7 @@ fn run_read<T: Element>(
                 dim: (usize, usize),
                 xs: &[T],
                 targets: Targets<'_>,
-                cfg: &CrossEntropy,
+                cfg: (&CrossEntropy, &CallData<'_>),
                 mut g: ndarray::ArrayViewMut2<G>,
             ) -> Result<CeOutput> {
                 match g.as_slice_mut() {
@@ -393,10 +399,10 @@ fn run<T: Element, G: Element>(
     (n, v): (usize, usize),
     src: Src<'_, T>,
     targets: Targets<'_>,
-    cfg: &CrossEntropy,
+    (cfg, call): (&CrossEntropy, &CallData<'_>),
     grad: Option<&mut [G]>,
 ) -> Result<CeOutput> {
-    crate::check::cross_entropy((n, v), &targets, cfg)?;
+    crate::check::ce_call((n, v), &targets, cfg, call)?;
     let t = targets.normalise(v, cfg.ignore_index)?;
     let probs_owned;
     let probs = match targets {
@@ -411,18 +417,19 @@ fn run<T: Element, G: Element>(
     };
     let (counted, weight_sum) = match probs {
         // Every row counts; W = the sum of sample weights (the weights kernel agrees).
-        Some(_) => (n as u64, cfg.sample_weight.as_ref().map_or(n as f64, |w| w.iter().map(|&x| x as f64).sum())),
-        None => weight_totals(&t, cfg),
+        Some(_) => (n as u64, call.sample_weight.as_ref().map_or(n as f64, |w| w.iter().map(|&x| x as f64).sum())),
+        None => weight_totals(&t, cfg, call),
     };
-    let (a, b) = cfg.grad_coefficients(counted, weight_sum);
+    let (a, b) = call.grad_coefficients(cfg, counted, weight_sum);
     let cw = cfg.class_weight.as_ref().map(|w| w.to_vec());
-    let sw = cfg.sample_weight.as_ref().map(|w| w.to_vec());
+    let sw = call.sample_weight.as_ref().map(|w| w.to_vec());
     let wtot = cw.as_ref().map_or(v as f64, |w| w.iter().map(|&x| x as f64).sum());
     let in_place = matches!(src, Src::InPlace(_));
     let grad_dtype = if in_place { T::DTYPE } else { G::DTYPE };
-    let narrow_grad = grad_dtype != crate::DType::F32 && !cfg.gaps;
+    let narrow_grad = grad_dtype != crate::DType::F32 && !call.outputs.gaps;
     let ctx = RowCtx {
         cfg,
+        outputs: call.outputs,
         v,
         cw: cw.as_deref(),
         sw: sw.as_deref(),
@@ -535,8 +542,8 @@ fn run<T: Element, G: Element>(
             .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1))
     });
 
-    let loss = cfg.reduce(sum_ce, sum_lse2, counted, weight_sum);
-    let per_row = cfg.per_row || cfg.reduction == Reduction::None;
+    let loss = call.reduce(cfg, sum_ce, sum_lse2, counted, weight_sum);
+    let per_row = call.row_losses(cfg);
     Ok(CeOutput {
         loss,
         counted,
@@ -549,10 +556,10 @@ fn run<T: Element, G: Element>(
                 .map(|(o, &y)| (o.loss + if y != IGNORED { zl * o.lse * o.lse } else { 0.0 }) as f32)
                 .collect()
         }),
-        row_lse: cfg.per_row.then(|| rows_out.iter().map(|o| o.lse as f32).collect()),
-        row_max: cfg.ranks.then(|| rows_out.iter().map(|o| o.max).collect()),
-        row_rank: cfg.ranks.then(|| rows_out.iter().map(|o| o.rank).collect()),
-        row_gap: cfg.gaps.then(|| rows_out.iter().map(|o| o.gap as f32).collect()),
+        row_lse: call.outputs.per_row.then(|| rows_out.iter().map(|o| o.lse as f32).collect()),
+        row_max: call.outputs.ranks.then(|| rows_out.iter().map(|o| o.max).collect()),
+        row_rank: call.outputs.ranks.then(|| rows_out.iter().map(|o| o.rank).collect()),
+        row_gap: call.outputs.gaps.then(|| rows_out.iter().map(|o| o.gap as f32).collect()),
         grad: None,
     })
 }

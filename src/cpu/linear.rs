@@ -20,10 +20,8 @@ use rayon::prelude::*;
 
 use super::{Cpu, CpuMatmul};
 use crate::alloc::zeros2;
-use crate::api::config::Totals;
-use crate::api::linear::{
-    check, chunk_cfg, chunk_cfg_at, counted_rows, grad_dtype, ChunkOutputs, LinearCall, LinearCe, LinearCeOutput,
-};
+use crate::api::config::{CeCall, CeLogits, GradDest};
+use crate::api::linear::{check, counted_rows, grad_dtype, ChunkOutputs, LinearCall, LinearCe, LinearCeOutput};
 use crate::api::targets::Targets;
 use crate::dtype::{DType, Element, Logits, Tensor2};
 use crate::error::{Result, XentError};
@@ -500,8 +498,9 @@ impl Cpu {
     /// Both of the above: the gradient of the losses, or of `sum_n upstream[n] * loss_n`.
     pub(crate) fn linear_ce(&self, call: LinearCall<'_>, cfg: &LinearCe) -> Result<LinearCeOutput> {
         let (n, _, v) = check(&call, cfg)?;
-        let LinearCall { hidden, weight, bias, targets, upstream } = call;
-        let totals = Totals::of(&targets, &cfg.ce);
+        let totals = call.totals(cfg);
+        let LinearCall { hidden, weight, bias, targets, upstream, .. } = &call;
+        let (hidden, weight, bias, targets, upstream) = (*hidden, *weight, *bias, *targets, *upstream);
         // The rows the products run over: all, or the counted ones gathered chunk by chunk.
         let kept = counted_rows(&hidden, &targets, cfg);
         let run = ChunkRun {
@@ -515,12 +514,12 @@ impl Cpu {
         let any_grad = run.any_grad(bias.is_some());
         let grads = self.linear_chunks(&hidden, &weight, bias, &run, |c0, c1, idx, zc| {
             let b = c1 - c0;
-            let (ccfg, t_owned) = match idx {
+            let (data, t_owned) = match idx {
                 Some(ix) => {
                     let t: Array1<i64> = ix.iter().map(|&r| targets.get(r)).collect();
-                    (chunk_cfg_at(cfg, totals, ix), Some(t))
+                    (call.chunk_data(cfg, totals, Err(ix)), Some(t))
                 }
-                None => (chunk_cfg(cfg, totals, c0..c1), None),
+                None => (call.chunk_data(cfg, totals, Ok(c0..c1)), None),
             };
             let t = match (&t_owned, &targets) {
                 (Some(t), _) => Targets::I64(t.view()),
@@ -529,15 +528,20 @@ impl Cpu {
                 (None, Targets::Probs(_)) => unreachable!("checked: class indices"),
             };
             let out = if any_grad {
-                let out =
-                    self.cross_entropy_in_place(ArrayViewMut2::from_shape((b, v), &mut *zc).expect("chunk"), t, &ccfg)?;
+                let z = ArrayViewMut2::from_shape((b, v), &mut *zc).expect("chunk");
+                let ce = CeCall { logits: CeLogits::InPlace(z.into()), targets: t, grad: GradDest::None, data };
+                let out = self.ce_run(ce, &cfg.ce)?;
                 // Reduction none: row r of G is d(loss_r)/dZ, so the upstream scales it.
                 if let Some(u) = upstream {
                     self.pool.install(|| scale_rows(zc, v, |i| u[idx.map_or(c0 + i, |ix| ix[i])]));
                 }
                 out
             } else {
-                self.cross_entropy(ArrayView2::from_shape((b, v), &*zc).expect("chunk"), t, &ccfg)?
+                let z = ArrayView2::from_shape((b, v), &*zc).expect("chunk");
+                self.ce_run(
+                    CeCall { logits: CeLogits::Read(z.into()), targets: t, grad: GradDest::None, data },
+                    &cfg.ce,
+                )?
             };
             outs.add(&out);
             Ok(())

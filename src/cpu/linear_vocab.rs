@@ -165,7 +165,7 @@ impl Cpu {
     /// Both of the above: each chunk's products and shard records on the thread pool.
     pub(crate) fn linear_vocab(&self, call: LinearCall<'_>, sh: Sharded<'_>, cfg: &LinearCe) -> Result<LinearCeOutput> {
         let Sharded { shard, comm } = sh;
-        let LinearCall { hidden, weight, bias, targets, upstream } = &call;
+        let LinearCall { hidden, weight, bias, targets, upstream, .. } = &call;
         let (bias, upstream) = (*bias, *upstream);
         let checked = check_linear(&call, shard, cfg).map(|(t, ..)| t);
         let records = |t: &Vec<i64>, z: &mut [f32], r0: usize, rec: &mut [f64]| {

@@ -77,7 +77,7 @@ pub fn cross_entropy<'a>(
     crate::check::cross_entropy((n, v), &targets, cfg)?;
     let t = targets.normalise(v, cfg.ignore_index)?;
     let cw = |c: usize| cfg.class_weight.as_ref().map_or(1.0, |w| w[c] as f64);
-    let sw = |r: usize| cfg.sample_weight.as_ref().map_or(1.0, |w| w[r] as f64);
+    let sw = |r: usize| cfg.data.sample_weight.as_ref().map_or(1.0, |w| w[r] as f64);
     let eps = cfg.label_smoothing as f64;
     let zl = cfg.z_loss as f64;
     let wtot: f64 = (0..v).map(cw).sum();
@@ -91,7 +91,7 @@ pub fn cross_entropy<'a>(
         }
     }
     let scale = cfg.grad_scale as f64;
-    let (den_n, den_w) = cfg.totals.map_or((counted, weight_sum), |t| (t.counted, t.weight_sum));
+    let (den_n, den_w) = cfg.data.totals.map_or((counted, weight_sum), |t| (t.counted, t.weight_sum));
     let (a, b) = match cfg.reduction {
         Reduction::Mean => (scale / den_w, scale / den_n as f64),
         _ => (scale, scale),
@@ -146,7 +146,7 @@ fn cross_entropy_soft(logits: ArrayView2<f32>, probs: ArrayView2<f32>, cfg: &Cro
     let (n, v) = logits.dim();
     crate::check::cross_entropy((n, v), &Targets::Probs(probs), cfg)?;
     let cw = |c: usize| cfg.class_weight.as_ref().map_or(1.0, |w| w[c] as f64);
-    let sw = |r: usize| cfg.sample_weight.as_ref().map_or(1.0, |w| w[r] as f64);
+    let sw = |r: usize| cfg.data.sample_weight.as_ref().map_or(1.0, |w| w[r] as f64);
     let eps = cfg.label_smoothing as f64;
     let zl = cfg.z_loss as f64;
     let weight_sum: f64 = (0..n).map(sw).sum();

@@ -110,7 +110,7 @@ pub(crate) fn shard_grad(mut z: ArrayViewMut2<'_, f32>, src: Option<ArrayView2<'
             let r = &g.rec[i * REC..(i + 1) * REC];
             let (m, s) = (r[0], r[1]);
             let lse = m + s.ln_1p();
-            let sw = cfg.sample_weight.as_ref().map_or(1.0, |w| w[g.row0 + i] as f64);
+            let sw = cfg.data.sample_weight.as_ref().map_or(1.0, |w| w[g.row0 + i] as f64);
             let w = sw * cw_at(y as usize);
             let wtot = if cfg.class_weight.is_some() { r[4] } else { vf };
             let big_s = 1.0 + s;

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::pool::{size_class, Pool, PoolStats, Pooled};
-use super::source::{Shader, Variant};
+use super::variant::{Shader, Variant};
 use crate::error::{GpuSource, Result, XentError};
 
 /// Options for creating a [`GpuContext`].

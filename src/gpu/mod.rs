@@ -5,7 +5,8 @@
 //! - `launch`: the one builder every kernel is launched with (chunked bindings, 2-D grids,
 //!   parameter blocks, recording into the caller's encoder).
 //! - `params`: Rust mirrors of the WGSL structs, checked against naga's layout.
-//! - `source`: the WGSL sources (`shaders/`), their variants and preprocessor.
+//! - `variant`: the kernels, their compile-time switches, and what a kernel family declares.
+//! - `source`: the WGSL sources (`shaders/`): each kernel's family and file, the preprocessor.
 //! - `kernels`: one module per operation.
 
 pub(crate) mod context;
@@ -15,6 +16,7 @@ pub(crate) mod params;
 mod pending;
 pub(crate) mod pool;
 pub(crate) mod source;
+pub(crate) mod variant;
 
 // Public here (`xent::gpu::...`).
 pub use context::FEATURES;

@@ -237,7 +237,7 @@ pub(crate) mod tests {
     /// against the WGSL struct `name` ([`check_block`]; `Header` itself for `ChunkHeader`), and
     /// the flag bits `(prefix, all)` from [`flag_bits!`] against its constants.
     pub(crate) fn check_family<T: Mirror + Block>(
-        shader: crate::gpu::source::Shader,
+        shader: crate::gpu::variant::Shader,
         name: &str,
         flags: Option<(&str, &[(&str, u32)])>,
     ) {
@@ -257,8 +257,8 @@ pub(crate) mod tests {
     /// The header as the shaders declare it (`ChunkHeader`).
     #[test]
     fn rust_mirrors_match_the_shader_layouts() {
-        let src = crate::gpu::source::Shader::CeFused
-            .source(crate::gpu::source::Variant { grad: true, ..Default::default() });
+        let src = crate::gpu::variant::Shader::CeFused
+            .source(crate::gpu::variant::Variant { grad: true, ..Default::default() });
         let module = naga::front::wgsl::parse_str(&src).unwrap();
         check_struct::<Header>(&module, "ChunkHeader");
     }

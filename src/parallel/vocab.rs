@@ -118,7 +118,7 @@ pub(crate) fn check(
     if matches!(targets, Targets::Probs(_)) {
         return Err(XentError::InvalidOption("vocabulary-parallel cross-entropy takes class-index targets".into()));
     }
-    if cfg.ranks || cfg.gaps {
+    if cfg.outputs.ranks || cfg.outputs.gaps {
         return Err(XentError::InvalidOption("target ranks and gaps are not computed vocabulary-parallel".into()));
     }
     crate::check::cross_entropy((n, v), targets, cfg)?;
@@ -184,7 +184,7 @@ pub(crate) fn finish(rec: &[f64], t: &[i64], targets: &Targets<'_>, cfg: &CrossE
     let n = t.len();
     let cw = |c: usize| cfg.class_weight.as_ref().map_or(1.0, |w| w[c] as f64);
     let totals = Totals::of(targets, cfg);
-    let (den_w, den_n) = match cfg.totals {
+    let (den_w, den_n) = match cfg.data.totals {
         Some(t) => (t.weight_sum, t.counted as f64),
         None => (totals.weight_sum, totals.counted as f64),
     };
@@ -200,7 +200,7 @@ pub(crate) fn finish(rec: &[f64], t: &[i64], targets: &Targets<'_>, cfg: &CrossE
         if y == cfg.ignore_index {
             continue;
         }
-        let sw = cfg.sample_weight.as_ref().map_or(1.0, |w| w[i] as f64);
+        let sw = cfg.data.sample_weight.as_ref().map_or(1.0, |w| w[i] as f64);
         let w = sw * cw(y as usize);
         let wtot = if cfg.class_weight.is_some() { r[4] } else { vf };
         let mut l = w * (1.0 - eps) * (lse - r[2]);
@@ -215,13 +215,13 @@ pub(crate) fn finish(rec: &[f64], t: &[i64], targets: &Targets<'_>, cfg: &CrossE
         Reduction::Mean => loss_w / den_w + if zl > 0.0 { zl * lse2 / den_n } else { 0.0 },
         _ => loss_w + zl * lse2,
     };
-    let per_row = cfg.per_row || cfg.reduction == Reduction::None;
+    let per_row = cfg.outputs.per_row || cfg.reduction == Reduction::None;
     let out = CeOutput {
         loss,
         counted: totals.counted,
         weight_sum: totals.weight_sum,
         row_loss: per_row.then(|| Array1::from(row_loss)),
-        row_lse: cfg.per_row.then(|| Array1::from(row_lse)),
+        row_lse: cfg.outputs.per_row.then(|| Array1::from(row_lse)),
         grad: None,
         row_max: None,
         row_rank: None,

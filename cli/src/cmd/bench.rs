@@ -415,8 +415,7 @@ fn gpu_time(
         Op::FwdBwd => Some(g.create_buffer((n * v * dtype.size()) as u64, U::STORAGE, "bench gradient")?),
         Op::Fwd | Op::Copy | Op::LinearFwdBwd => None,
     };
-    let plan_cfg = cfg.clone().with_ignore_index(xent::DEVICE_IGNORED as i64);
-    let plan = g.cross_entropy_plan(n, v, dtype, &plan_cfg)?;
+    let plan = g.cross_entropy_plan_device_classes(n, v, dtype, cfg)?;
     let inputs = CeInputs {
         logits: crate::common::head(&lb, (n * v * dtype.size()) as u64),
         targets: DeviceTargets::Classes(crate::common::head(&tb, (n * 4) as u64)),

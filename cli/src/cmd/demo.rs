@@ -167,7 +167,7 @@ fn device_resident(
     let targets = g.create_buffer((n * 4) as u64, U::STORAGE | U::COPY_DST, "demo targets")?;
     g.write_buffer(&targets, 0, bytemuck::cast_slice(&ti))?;
     let grad = g.create_buffer((n * v * 4) as u64, U::STORAGE, "demo gradient")?;
-    let plan = g.cross_entropy_plan(n, v, DType::F32, &cfg.clone().with_ignore_index(xent::DEVICE_IGNORED as i64))?;
+    let plan = g.cross_entropy_plan_device_classes(n, v, DType::F32, cfg)?;
     let inputs = CeInputs {
         logits: logits.slice(..),
         targets: DeviceTargets::Classes(targets.slice(..)),

@@ -220,11 +220,11 @@ fn eval_rows(a: &EvalArgs, rank: usize, ranks: usize) -> Result<EvalPart> {
         (None, None) => unreachable!("clap requires --targets or --target-probs"),
     };
     if reduction == Reduction::Mean {
-        cfg.totals = Some(match &classes {
+        cfg.data.totals = Some(match &classes {
             Some(t) => Totals::of(&Targets::I64(t.view()), &cfg),
             None => Totals {
                 counted: n as u64,
-                weight_sum: cfg.sample_weight.as_ref().map_or(n as f64, |w| w.iter().map(|&x| x as f64).sum()),
+                weight_sum: cfg.data.sample_weight.as_ref().map_or(n as f64, |w| w.iter().map(|&x| x as f64).sum()),
             },
         });
     }

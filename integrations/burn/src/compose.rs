@@ -46,7 +46,7 @@ pub(crate) type Grads<T> = (T, Option<T>, Option<T>, Option<T>);
 pub(crate) fn unsupported(cfg: &LinearCe) -> Option<XentError> {
     let ce = &cfg.ce;
     let split = ce.z_loss == 0.0
-        || (ce.sample_weight.is_none() && (ce.class_weight.is_none() || ce.reduction != Reduction::Mean));
+        || (ce.data.sample_weight.is_none() && (ce.class_weight.is_none() || ce.reduction != Reduction::Mean));
     (!split).then(|| {
         XentError::InvalidOption(
             "z_loss with sample weights, or with class weights and reduction mean: not available on Burn's \
@@ -113,7 +113,7 @@ pub(crate) fn linear_ce<B: XentOps>(
     let b = has_bias.then(|| B::float_reshape(to_f32::<B>(bias), Shape::new([1, v])));
 
     // Per-row weights: the sample weights (all 1 without), times the upstream values.
-    let sw = ce.sample_weight.as_ref().map(|s| upload::<B>(s.to_vec(), Shape::new([n]), &device));
+    let sw = ce.data.sample_weight.as_ref().map(|s| upload::<B>(s.to_vec(), Shape::new([n]), &device));
     let row_w = match (&sw, &upstream) {
         (Some(s), Some(u)) => Some(B::float_mul(s.clone(), u.clone())),
         (Some(s), None) => Some(s.clone()),
@@ -152,14 +152,13 @@ pub(crate) fn linear_ce<B: XentOps>(
         B::float_reshape(r, Shape::new([n, 1]))
     });
 
+    // The loss's definition with reduction none and no scale; the call's data (sample weights,
+    // per-row outputs) stays outside the kernel.
     let mut chunk_cfg: CrossEntropy = ce.clone();
     chunk_cfg.reduction = Reduction::None;
-    chunk_cfg.sample_weight = None;
-    chunk_cfg.totals = None;
     chunk_cfg.grad_scale = 1.0;
-    chunk_cfg.per_row = false;
-    chunk_cfg.ranks = false;
-    chunk_cfg.gaps = false;
+    chunk_cfg.data = Default::default();
+    chunk_cfg.outputs = Default::default();
     let chunk_args = XentArgs::new(&chunk_cfg);
     let rows = cfg.device_chunk_rows(n, v);
     let mut losses = Vec::new();

@@ -195,9 +195,8 @@ fn check(logits: &Tensor<2>, targets: &Tensor<1, Int>, cfg: &CrossEntropy) -> Re
         BurnDType::F32 | BurnDType::F16 | BurnDType::BF16 => {}
         d => return Err(XentError::InvalidOption(format!("logits of {d:?}: xent reads f32, f16 and bf16"))),
     }
-    let none = ndarray::ArrayView1::<i64>::from(&[][..]);
-    xent::check::cross_entropy((0, v), &xent::Targets::I64(none), &cfg.clone().with_sample_weight(None))?;
-    if let Some(w) = &cfg.sample_weight {
+    xent::check::cross_entropy_options(v, cfg)?;
+    if let Some(w) = &cfg.data.sample_weight {
         if w.len() != n {
             return Err(XentError::Shape(format!("sample_weight has {} entries for {n} rows", w.len())));
         }

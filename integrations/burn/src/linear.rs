@@ -521,11 +521,8 @@ fn check(
     cfg: &LinearCe,
 ) -> Result<(), XentError> {
     let (n, _, v) = check_operands(hidden, weight, bias, targets, cfg)?;
-    let mut ce = cfg.ce.clone();
-    ce.sample_weight = None;
-    let none = ArrayView1::<i64>::from(&[][..]);
-    xent::check::cross_entropy((0, v), &Targets::I64(none), &ce)?;
-    if let Some(w) = &cfg.ce.sample_weight {
+    xent::check::cross_entropy_options(v, &cfg.ce)?;
+    if let Some(w) = &cfg.ce.data.sample_weight {
         if w.len() != n {
             return Err(XentError::Shape(format!("sample_weight has {} entries for {n} rows", w.len())));
         }

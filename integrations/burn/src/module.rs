@@ -119,7 +119,7 @@ impl LinearCrossEntropy {
             .try_into_vec::<f32>()
             .map_err(|e| XentError::InvalidOption(format!("sample weights: {e:?}")))?;
         let mut loss = self.loss.clone();
-        loss.ce.sample_weight = Some(ndarray::Array1::from(w));
+        loss.ce.data.sample_weight = Some(ndarray::Array1::from(w));
         crate::linear_cross_entropy(hidden, self.weight.val(), self.bias.as_ref().map(|b| b.val()), targets, &loss)
     }
 

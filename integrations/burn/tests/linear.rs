@@ -238,7 +238,7 @@ fn reduction_none_upstream_with_z_loss_and_sample_weights() {
     let z = 0.05f32;
     let mut lc = cfg(Reduction::None);
     lc.ce.z_loss = z;
-    lc.ce.sample_weight = Some(sw.clone().into());
+    lc.ce.data.sample_weight = Some(sw.clone().into());
     let got = run(&c, true, |h, w, b, t| {
         let device = h.device();
         let rows = linear_cross_entropy(h, w, b, t, &lc).unwrap();
@@ -499,7 +499,7 @@ fn wgpu_equals_flex_for_every_option() {
     cases.push(("z-loss + softcap + temperature + grad scale", true, z));
     for reduction in [Reduction::Mean, Reduction::Sum] {
         let mut w = cfg(reduction);
-        w.ce.sample_weight = Some(sw.clone().into());
+        w.ce.data.sample_weight = Some(sw.clone().into());
         w.ce.class_weight = Some(cw.clone().into());
         cases.push((if reduction == Reduction::Mean { "weights, mean" } else { "weights, sum" }, true, w));
     }
@@ -556,7 +556,7 @@ fn wgpu_errors_and_grads_outside_autodiff() {
     let (h, w, b, t) = (t2(&c.h, [c.n, c.d], &gpu), t2(&c.w, [c.v, c.d], &gpu), t1(&c.b, &gpu), ti(&c.t, &gpu));
     let mut both = cfg(Reduction::Mean);
     both.ce.z_loss = 1e-3;
-    both.ce.sample_weight = Some(vec![1.0; c.n].into());
+    both.ce.data.sample_weight = Some(vec![1.0; c.n].into());
     match linear_cross_entropy(h.clone(), w.clone(), None, t.clone(), &both) {
         Err(XentError::InvalidOption(m)) => assert!(m.contains("z_loss"), "{m}"),
         other => panic!("expected InvalidOption, got {other:?}"),
@@ -617,7 +617,7 @@ fn wgpu_plain_cube_backend_without_fusion() {
     // outputs and the error waiting in take_error, never wrong numbers.
     let mut both = lc.clone();
     both.ce.z_loss = 1e-3;
-    both.ce.sample_weight = Some(vec![1.0; c.n].into());
+    both.ce.data.sample_weight = Some(vec![1.0; c.n].into());
     let (loss, gh, _, _) = with_grads(&both);
     assert!(read(loss)[0].is_nan() && read(gh.unwrap()).iter().all(|x| x.is_nan()));
     assert!(matches!(xent_burn::take_error(), Some(XentError::InvalidOption(m)) if m.contains("z_loss")));

@@ -203,7 +203,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, cfg: &CrossEntropy) -> c
     if !logits.device().is_cpu() {
         return Err(err(XentError::InvalidOption("xent-candle runs on Candle's CPU device".into())));
     }
-    let cfg = cfg.clone().with_per_row(cfg.per_row || cfg.reduction == Reduction::None);
+    let cfg = cfg.clone().with_per_row(cfg.outputs.per_row || cfg.reduction == Reduction::None);
     logits.apply_op2(targets, XentLoss { cfg, cpu: shared_cpu(), grad: Mutex::new(None) })
 }
 

@@ -245,7 +245,7 @@ impl LinearOp {
         }
         // One pass with the per-row upstream (ignored rows' entries, which may be anything, as 0).
         let mut cfg = self.cfg.clone();
-        (cfg.ce.per_row, cfg.ce.ranks, cfg.ce.gaps) = (false, false, false);
+        cfg.ce.outputs = Default::default();
         let u: Vec<f32> = (0..n).map(|r| if counted(&r) { g[r] } else { 0.0 }).collect();
         Grads::of(&mut self.run_tensors(hidden, weight, bias, &self.targets, &cfg, Some(&u))?)
     }

@@ -196,7 +196,7 @@ fn upstream_scale_second_backward_and_untracked_inputs() {
     let mut cfg = LinearCe::default();
     cfg.ce.label_smoothing = 0.1;
     cfg.ce.class_weight = Some(ndarray::Array1::from_shape_fn(v, |c| 0.5 + (c % 3) as f32 * 0.25));
-    cfg.ce.sample_weight = Some(ndarray::Array1::from_shape_fn(n, |r| 1.0 + (r % 4) as f32 * 0.5));
+    cfg.ce.data.sample_weight = Some(ndarray::Array1::from_shape_fn(n, |r| 1.0 + (r % 4) as f32 * 0.5));
     cfg.ce.softcap = Some(4.0);
     let loss = xent_candle::linear_cross_entropy(&h, &w, None, &targets, &cfg).unwrap();
     let g = loss.backward().unwrap();

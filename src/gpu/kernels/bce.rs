@@ -9,7 +9,7 @@ use crate::error::Result;
 use crate::gpu::context::GpuContext;
 use crate::gpu::launch::{Bind, Groups, Launch, Recorder, Skip};
 use crate::gpu::params::{flag_bits, mirror, Block, Header};
-use crate::gpu::source::{Binding, Family, Shader, Variant};
+use crate::gpu::variant::{Binding, Family, Shader, Variant};
 
 use super::rows;
 

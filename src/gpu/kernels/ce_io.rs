@@ -1,13 +1,12 @@
 //! Cross-entropy's family interface, mirrored by `shaders/ce_io.wgsl` and checked against it by
 //! naga: its compile-time switches ([`CeSwitches`]), flag bits ([`flags`]), parameter block
-//! ([`CeParams`]), the scalars its passes leave on the device ([`Scalars`]) and its three
-//! kernels' bindings by slot and name ([`FAMILY`]). Used by the kernels of `cross_entropy.rs`
-//! and `vocab.rs`, and by distillation's reduce pass. An option of the family is added here,
-//! where `cross_entropy.rs` sets it, and in the family's WGSL.
+//! ([`CeParams`]) and the scalars its passes leave on the device ([`Scalars`]); its three
+//! kernels' bindings by slot and name and their variants are `cross_entropy.rs`'s `FAMILY`.
+//! Used by the kernels of `cross_entropy.rs` and `vocab.rs`, and by distillation's reduce pass.
+//! An option of the family is added here, in `cross_entropy.rs` (where it is set, and its
+//! variants), and in the family's WGSL.
 
-use super::rows;
 use crate::gpu::params::{flag_bits, mirror, Block, Header};
-use crate::gpu::source::{Binding, Family, Shader, Variant};
 
 /// Compile-time switches of the cross-entropy family (its part of a kernel [`Variant`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -48,109 +47,6 @@ impl CeSwitches {
             "CLASS_W" => self.class_w,
             _ => return None,
         })
-    }
-}
-
-impl Variant {
-    /// This variant for the pass `seg` of a split row.
-    pub(crate) fn with_seg(self, seg: Seg) -> Variant {
-        Variant { ce: CeSwitches { seg, ..self.ce }, ..self }
-    }
-}
-
-/// The family's kernels: their interface WGSL, bindings and variants.
-pub(crate) const FAMILY: Family = Family {
-    io: &[rows::WGSL, WGSL],
-    bindings,
-    #[cfg(test)]
-    variants,
-};
-
-/// The family's own bindings (`ce_io.wgsl`); the row tensors are `rows.rs`'s.
-mod own {
-    use crate::gpu::source::Binding;
-    pub const TARGETS: Binding = (2, true, "targets");
-    pub const CLASS_WEIGHT: Binding = (3, true, "class_weight");
-    pub const SAMPLE_WEIGHT: Binding = (4, true, "sample_weight");
-    pub const SCALARS: Binding = (5, false, "scalars");
-}
-
-fn bindings(shader: Shader, v: &Variant) -> Vec<Binding> {
-    use own::*;
-    let ce = v.ce;
-    match shader {
-        Shader::CeWeights => vec![TARGETS, CLASS_WEIGHT, SAMPLE_WEIGHT, SCALARS],
-        Shader::CeReduce => vec![TARGETS, SCALARS, rows::ROW_VALUES],
-        _ => {
-            let mut b = vec![rows::input(v), TARGETS];
-            // The split-row statistic pass reads only logits, targets and (extras) class weights.
-            if ce.seg == Seg::Stat {
-                if ce.extras && ce.class_w {
-                    b.push(CLASS_WEIGHT);
-                }
-            } else {
-                if ce.class_w {
-                    b.push(CLASS_WEIGHT);
-                }
-                b.push(SAMPLE_WEIGHT);
-            }
-            b.push(rows::ROW_VALUES);
-            b.extend(rows::output(v));
-            if ce.extras && (ce.seg != Seg::Finish || v.grad || v.in_place) {
-                // Probability targets in the second rows (not read by a split row's loss-only
-                // finish).
-                b.push(rows::SECOND);
-            }
-            if v.grad || v.in_place {
-                // The gradient's mean coefficient comes from the scalars of the weights pass.
-                b.push(SCALARS);
-            }
-            b
-        }
-    }
-}
-
-/// Every variant the host builds the family's kernels in: the row switches with every
-/// combination of the family's own (those that do not depend on the dtypes with one dtype
-/// pairing only).
-#[cfg(test)]
-fn variants(shader: Shader) -> Vec<Variant> {
-    use crate::dtype::DType;
-    let mut out = Vec::new();
-    for v in rows::variants() {
-        let one_pairing = v.second == DType::F32 && v.output == v.input;
-        for bits in 0..8u32 {
-            for seg in [Seg::Whole, Seg::Stat, Seg::Finish] {
-                let ce = CeSwitches { extras: bits & 1 != 0, seg, transform: bits & 2 != 0, class_w: bits & 4 != 0 };
-                if bits >= 2 && !one_pairing {
-                    continue;
-                }
-                let v = Variant { ce, ..v };
-                if valid(shader, &v) {
-                    out.push(v);
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Whether the host ever builds `shader` in `v`.
-#[cfg(test)]
-fn valid(shader: Shader, v: &Variant) -> bool {
-    use crate::dtype::DType;
-    let f32_only = |d: DType| d == DType::F32;
-    match shader {
-        Shader::CeWeights | Shader::CeReduce => *v == Variant { subgroup: v.subgroup, ..Default::default() },
-        _ => {
-            let ce = v.ce;
-            // Soft targets are f32; the output dtype only matters with an output; the statistic
-            // pass of a split row writes no gradient.
-            !(ce.seg == Seg::Stat && (v.grad || v.in_place))
-                && f32_only(v.second)
-                && (v.grad || v.in_place || f32_only(v.output))
-                && (!v.in_place || f32_only(v.output))
-        }
     }
 }
 

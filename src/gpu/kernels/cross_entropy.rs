@@ -9,11 +9,11 @@
 //! no host round trip; [`PendingCe`] reads the loss back when the caller asks. The host-array
 //! API (`GpuContext::cross_entropy` and friends) is built on the same plan.
 
-use ndarray::Array1;
+use ndarray::{Array1, ArrayView1};
 
 use super::ce_io::{flags, CeParams, CeSwitches, Scalars, Seg, SCALARS};
-use super::check_slice;
-use crate::api::config::{CeCall, CeLogits, CeOutput, CrossEntropy, GradDest, Reduction};
+use super::{check_slice, rows};
+use crate::api::config::{CallData, CeCall, CeLogits, CeOutput, CrossEntropy, GradDest, Reduction};
 use crate::api::targets::{Targets, DEVICE_IGNORED};
 use crate::dtype::{DType, LogitsMut};
 use crate::error::{Result, XentError};
@@ -21,7 +21,8 @@ use crate::gpu::context::GpuContext;
 use crate::gpu::launch::{Bind, Groups, Launch, ParamsCache, Recorder, Skip};
 use crate::gpu::pending::PendingBytes;
 use crate::gpu::pool::Pooled;
-use crate::gpu::source::{Shader, Variant};
+use crate::gpu::variant::{Binding, Family, Shader, Variant};
+use std::sync::Arc;
 
 use wgpu::BufferUsages as U;
 
@@ -55,7 +56,7 @@ pub struct CeInputs<'a> {
     pub logits: wgpu::BufferSlice<'a>,
     /// Class indices or probabilities.
     pub targets: DeviceTargets<'a>,
-    /// f32 sample weights `[N]`, overriding `cfg.sample_weight` for this call.
+    /// f32 sample weights `[N]`, overriding the plan's (`cfg.data.sample_weight`) for this call.
     pub sample_weight: Option<wgpu::BufferSlice<'a>>,
     /// The gradient's destination.
     pub grad: DeviceGrad<'a>,
@@ -113,7 +114,13 @@ pub struct CePlan {
     pub(crate) n: usize,
     pub(crate) v: usize,
     pub(crate) dtype: DType,
-    pub(crate) cfg: CrossEntropy,
+    /// The loss's definition (shared with the plan's pending results).
+    pub(crate) cfg: Arc<CrossEntropy>,
+    /// The plan's call data: totals and output requests (its sample weights are uploaded:
+    /// `sample_weight`).
+    pub(crate) call: CallData<'static>,
+    /// The value of an ignored row's device target.
+    pub(crate) ignore: i32,
     pub(crate) class_weight: Option<Pooled>,
     pub(crate) sample_weight: Option<Pooled>,
     pub(crate) scalars: Pooled,
@@ -147,20 +154,28 @@ fn row_floats(n: usize, parts: usize, shard: bool) -> usize {
     (ROW_VECTORS + SAVED) as usize * n.max(1) + if parts > 1 || shard { 5 * n * parts } else { 0 }
 }
 
-pub(crate) fn base_params(cfg: &CrossEntropy, n: usize, v: usize, ignore_index: i32, soft: bool) -> CeParams {
+/// The parameters of a call of `cfg` with `call`'s data (sample weights when it holds them) over
+/// `n x v` logits whose ignored rows' targets are `ignore_index`.
+pub(crate) fn base_params(
+    cfg: &CrossEntropy,
+    call: &CallData<'_>,
+    (n, v): (usize, usize),
+    ignore_index: i32,
+    soft: bool,
+) -> CeParams {
     let mut f = if soft { flags::SOFT } else { 0 };
     let on = |c: bool, bit: u32| if c { bit } else { 0 };
     f |= on(cfg.class_weight.is_some(), flags::CLASS_W);
-    f |= on(cfg.sample_weight.is_some(), flags::SAMPLE_W);
+    f |= on(call.sample_weight.is_some(), flags::SAMPLE_W);
     f |= on(cfg.softcap.is_some(), flags::SOFTCAP);
     f |= on(cfg.temperature != 1.0, flags::TEMP);
     f |= on(cfg.label_smoothing > 0.0, flags::SMOOTH);
     f |= on(cfg.reduction == Reduction::Mean, flags::MEAN);
     f |= on(cfg.z_loss > 0.0, flags::ZLOSS);
-    f |= on(cfg.ranks, flags::RANK);
-    f |= on(cfg.gaps, flags::GAP);
-    f |= on(cfg.totals.is_some(), flags::EXT_DENOM);
-    let t = cfg.totals.unwrap_or_default();
+    f |= on(call.outputs.ranks, flags::RANK);
+    f |= on(call.outputs.gaps, flags::GAP);
+    f |= on(call.totals.is_some(), flags::EXT_DENOM);
+    let t = call.totals.unwrap_or_default();
     CeParams {
         den_w: t.weight_sum as f32,
         den_n: t.counted as f32,
@@ -176,61 +191,76 @@ pub(crate) fn base_params(cfg: &CrossEntropy, n: usize, v: usize, ignore_index: 
 
 impl GpuContext {
     /// A reusable cross-entropy of `rows x classes` logits of `dtype` with the options `cfg`
-    /// (class and sample weights are uploaded once, here).
+    /// (class and sample weights are uploaded once, here). Ignored rows' targets hold
+    /// `cfg.ignore_index` on the device, which must fit in i32; for targets encoded by
+    /// [`crate::Targets::device_classes`], see [`Self::cross_entropy_plan_device_classes`].
     pub fn cross_entropy_plan(&self, rows: usize, classes: usize, dtype: DType, cfg: &CrossEntropy) -> Result<CePlan> {
-        CePlan::new(self, rows, classes, dtype, cfg, false)
+        let ignore = i32::try_from(cfg.ignore_index).map_err(|_| {
+            XentError::InvalidOption(format!("ignore_index {} does not fit the device's i32 targets", cfg.ignore_index))
+        })?;
+        CePlan::build(self, (rows, classes, dtype), cfg, &cfg.call_data(), ignore, false, None)
+    }
+
+    /// [`Self::cross_entropy_plan`] for targets encoded by [`crate::Targets::device_classes`]:
+    /// ignored rows hold [`crate::DEVICE_IGNORED`] on the device, whatever `cfg.ignore_index`
+    /// is (it need not fit in i32).
+    pub fn cross_entropy_plan_device_classes(
+        &self,
+        rows: usize,
+        classes: usize,
+        dtype: DType,
+        cfg: &CrossEntropy,
+    ) -> Result<CePlan> {
+        CePlan::build(self, (rows, classes, dtype), cfg, &cfg.call_data(), DEVICE_IGNORED, false, None)
     }
 }
 
 impl CePlan {
-    /// A plan whose buffers come from the pool (for host-API calls that wait before dropping it).
-    pub(crate) fn new_pooled(ctx: &GpuContext, n: usize, v: usize, dtype: DType, cfg: &CrossEntropy) -> Result<CePlan> {
-        CePlan::new(ctx, n, v, dtype, cfg, true)
+    /// A plan whose buffers come from the pool (for host-API calls that wait before dropping
+    /// it), for targets whose ignored rows hold `ignore` on the device.
+    pub(crate) fn new_pooled(
+        ctx: &GpuContext,
+        (n, v, dtype): (usize, usize, DType),
+        cfg: &CrossEntropy,
+        call: &CallData<'_>,
+        ignore: i32,
+    ) -> Result<CePlan> {
+        CePlan::build(ctx, (n, v, dtype), cfg, call, ignore, true, None)
     }
 
-    /// A pooled plan over `v` columns of a vocabulary shard (class weights are the global `[V]`).
+    /// A pooled plan over `v` columns of a vocabulary shard (class weights are the global `[V]`),
+    /// for device-encoded targets.
     pub(crate) fn new_shard(
         ctx: &GpuContext,
-        n: usize,
-        v: usize,
-        dtype: DType,
+        (n, v, dtype): (usize, usize, DType),
         cfg: &CrossEntropy,
+        call: &CallData<'_>,
         shard: crate::parallel::VocabShard,
     ) -> Result<CePlan> {
-        let mut plan = CePlan::new_with(ctx, n, v, dtype, cfg, true, Some(shard))?;
-        plan.shard = Some(shard);
-        Ok(plan)
+        CePlan::build(ctx, (n, v, dtype), cfg, call, DEVICE_IGNORED, true, Some(shard))
     }
 
-    fn new(ctx: &GpuContext, n: usize, v: usize, dtype: DType, cfg: &CrossEntropy, pooled: bool) -> Result<CePlan> {
-        CePlan::new_with(ctx, n, v, dtype, cfg, pooled, None)
-    }
-
-    fn new_with(
+    fn build(
         ctx: &GpuContext,
-        n: usize,
-        v: usize,
-        dtype: DType,
+        (n, v, dtype): (usize, usize, DType),
         cfg: &CrossEntropy,
+        call: &CallData<'_>,
+        ignore: i32,
         pooled: bool,
         shard: Option<crate::parallel::VocabShard>,
     ) -> Result<CePlan> {
+        // The options against the classes (sample weights against the rows, below).
         let ignored: Targets = Targets::I32(ndarray::ArrayView1::from(&[][..]));
         let classes = shard.map_or(v, |s| s.classes);
-        crate::check::cross_entropy((0, classes), &ignored, &CrossEntropy { sample_weight: None, ..cfg.clone() })?;
-        if let Some(w) = &cfg.sample_weight {
+        let unweighted = CallData { sample_weight: None, totals: call.totals, outputs: call.outputs };
+        crate::check::ce_call((0, classes), &ignored, cfg, &unweighted)?;
+        if let Some(w) = &call.sample_weight {
             if w.len() != n {
                 return Err(XentError::Shape(format!(
                     "sample_weight has {} entries but the plan has {n} rows",
                     w.len()
                 )));
             }
-        }
-        if i32::try_from(cfg.ignore_index).is_err() {
-            return Err(XentError::InvalidOption(format!(
-                "ignore_index {} does not fit the device's i32 targets",
-                cfg.ignore_index
-            )));
         }
         let alloc = |size: u64, usage: U, what: &str| {
             if pooled {
@@ -239,17 +269,17 @@ impl CePlan {
                 ctx.owned(size, usage, what)
             }
         };
-        let upload = |w: &Array1<f32>, what: &str| -> Result<Pooled> {
+        let upload = |w: ArrayView1<'_, f32>, what: &str| -> Result<Pooled> {
             let b = alloc((w.len() * 4) as u64, U::STORAGE | U::COPY_DST, what)?;
             ctx.write(&b, 0, bytemuck::cast_slice(&w.to_vec()))?;
             Ok(b)
         };
-        let class_weight = cfg.class_weight.as_ref().map(|w| upload(w, "class_weight")).transpose()?;
-        let sample_weight = cfg.sample_weight.as_ref().map(|w| upload(w, "sample_weight")).transpose()?;
+        let class_weight = cfg.class_weight.as_ref().map(|w| upload(w.view(), "class_weight")).transpose()?;
+        let sample_weight = call.sample_weight.as_ref().map(|w| upload(w.view(), "sample_weight")).transpose()?;
         let scalars = alloc(SCALARS, U::STORAGE | U::COPY_SRC | U::COPY_DST, "scalars")?;
         let scalars_init = alloc(SCALARS, U::COPY_SRC | U::COPY_DST, "scalars init")?;
         ctx.write(&scalars_init, 0, bytemuck::bytes_of(&Scalars::initial()))?;
-        let (wg, seg_len) = ctx.ce_layout(n, v, cfg.gaps);
+        let (wg, seg_len) = ctx.ce_layout(n, v, call.outputs.gaps);
         let parts = v.div_ceil(seg_len.max(1)).max(1);
         let usage = U::STORAGE | U::COPY_SRC | U::COPY_DST;
         let rows = alloc((row_floats(n, parts, shard.is_some()) * 4) as u64, usage, "row results")?;
@@ -258,7 +288,9 @@ impl CePlan {
             n,
             v,
             dtype,
-            cfg: cfg.clone(),
+            cfg: Arc::new(cfg.clone()),
+            call: CallData { sample_weight: None, totals: call.totals, outputs: call.outputs },
+            ignore,
             class_weight,
             sample_weight,
             scalars,
@@ -353,6 +385,23 @@ impl CePlan {
         })
     }
 
+    /// The parameters of this plan's calls (sample weights flagged when the plan holds them;
+    /// a record adds them when given at the call).
+    pub(crate) fn base(&self, soft: bool) -> CeParams {
+        let mut base = base_params(&self.cfg, &self.call, (self.n, self.v), self.ignore, soft);
+        if self.sample_weight.is_some() {
+            base.head.flags |= flags::SAMPLE_W;
+        }
+        base
+    }
+
+    /// Whether a row pass reads its per-element extras (`CeSwitches::extras`): label
+    /// smoothing's sums, probability targets (`soft`), or, in a pass that computes them
+    /// (`ranks`: a forward pass), the targets' ranks.
+    pub(crate) fn extras(&self, soft: bool, ranks: bool) -> bool {
+        self.cfg.label_smoothing > 0.0 || soft || ranks && self.call.outputs.ranks
+    }
+
     /// The row pass's variant for this plan, its row tensors bound at offset 0: gradient
     /// dtype, a separate gradient or one over the logits, the per-element extras (smoothing
     /// sums, soft targets, ranks), the stage.
@@ -414,18 +463,18 @@ impl CePlan {
 
     /// Records the cross-entropy of `inputs` into `enc` (no submission, no wait).
     pub fn record(&self, enc: &mut wgpu::CommandEncoder, inputs: CeInputs<'_>) -> Result<()> {
-        let (ctx, n, v, cfg) = (&self.ctx, self.n, self.v, &self.cfg);
+        let (ctx, n, v) = (&self.ctx, self.n, self.v);
         if n == 0 {
             return Ok(());
         }
         let soft = self.check_inputs(inputs.logits, inputs.targets, inputs.sample_weight)?;
         let (grad, in_place, gdtype) = self.grad_dest(inputs.logits, inputs.grad)?;
-        let extras = cfg.label_smoothing > 0.0 || cfg.ranks || soft;
+        let extras = self.extras(soft, true);
         let rows = self.row_tensors(inputs.logits, inputs.targets, grad, gdtype);
         let variant = self.row_variant_at(gdtype, grad.is_some(), in_place, extras, Seg::Whole, &rows);
         let split = self.parts > 1;
         let small = Variant { subgroup: ctx.inner.subgroups, ..Default::default() };
-        let mut base = base_params(cfg, n, v, cfg.ignore_index as i32, soft);
+        let mut base = self.base(soft);
         if inputs.sample_weight.is_some() {
             base.head.flags |= flags::SAMPLE_W;
         }
@@ -549,15 +598,9 @@ impl CePlan {
         }
         let (grad, in_place, gdtype) = self.grad_dest(b.logits, b.grad)?;
         let rows = self.row_tensors(b.logits, b.targets, grad, gdtype);
-        let variant = self.row_variant_at(
-            gdtype,
-            grad.is_some(),
-            in_place,
-            cfg.label_smoothing > 0.0 || soft,
-            Seg::Finish,
-            &rows,
-        );
-        let mut base = base_params(cfg, n, v, cfg.ignore_index as i32, soft);
+        let variant =
+            self.row_variant_at(gdtype, grad.is_some(), in_place, self.extras(soft, false), Seg::Finish, &rows);
+        let mut base = self.base(soft);
         base.head.flags &= !(flags::RANK | flags::GAP);
         base.head.flags |= flags::FROM_SAVED | flags::UPSTREAM | if rows_up { flags::UP_ROWS } else { 0 };
         if b.sample_weight.is_some() {
@@ -625,6 +668,7 @@ impl CePlan {
             n: self.n,
             v: self.v,
             cfg: self.cfg.clone(),
+            call: self.call.clone(),
             per_row,
         })
     }
@@ -635,7 +679,8 @@ pub struct PendingCe {
     bytes: PendingBytes,
     n: usize,
     v: usize,
-    cfg: CrossEntropy,
+    cfg: Arc<CrossEntropy>,
+    call: CallData<'static>,
     per_row: bool,
 }
 
@@ -649,28 +694,34 @@ impl PendingCe {
     /// Waits for the submission that holds the copy and returns the results.
     pub fn wait(self) -> Result<CeOutput> {
         let head = self.bytes.wait()?;
-        Self::decode(self.n, self.v, &self.cfg, self.per_row, &head)
+        Self::decode(self.n, self.v, (&self.cfg, &self.call), self.per_row, &head)
     }
 
     /// Without blocking: `None` while the copy has not finished, then the results once. Call it
     /// only after the encoder holding the copy was submitted.
     pub fn try_get(&mut self) -> Option<Result<CeOutput>> {
         let head = self.bytes.try_get()?;
-        Some(head.and_then(|h| Self::decode(self.n, self.v, &self.cfg, self.per_row, &h)))
+        Some(head.and_then(|h| Self::decode(self.n, self.v, (&self.cfg, &self.call), self.per_row, &h)))
     }
 
-    fn decode(n: usize, v: usize, cfg: &CrossEntropy, got: bool, head: &[u8]) -> Result<CeOutput> {
-        let per_row = cfg.per_row || cfg.reduction == Reduction::None;
+    fn decode(
+        n: usize,
+        v: usize,
+        (cfg, call): (&CrossEntropy, &CallData<'_>),
+        got: bool,
+        head: &[u8],
+    ) -> Result<CeOutput> {
+        let (per_row, outs) = (call.row_losses(cfg), call.outputs);
         if n == 0 {
             return Ok(CeOutput {
-                loss: cfg.reduce(0.0, 0.0, 0, 0.0),
+                loss: call.reduce(cfg, 0.0, 0.0, 0, 0.0),
                 counted: 0,
                 weight_sum: 0.0,
                 row_loss: per_row.then(|| Array1::zeros(0)),
-                row_lse: cfg.per_row.then(|| Array1::zeros(0)),
-                row_max: cfg.ranks.then(|| Array1::zeros(0)),
-                row_rank: cfg.ranks.then(|| Array1::zeros(0)),
-                row_gap: cfg.gaps.then(|| Array1::zeros(0)),
+                row_lse: outs.per_row.then(|| Array1::zeros(0)),
+                row_max: outs.ranks.then(|| Array1::zeros(0)),
+                row_rank: outs.ranks.then(|| Array1::zeros(0)),
+                row_gap: outs.gaps.then(|| Array1::zeros(0)),
                 grad: None,
             });
         }
@@ -686,7 +737,7 @@ impl PendingCe {
         let weight_sum = sc.weight_sum as f64;
         let z = cfg.z_loss as f64;
         let lse2 = sc.lse2_sum as f64;
-        let loss = cfg.reduce(sc.loss_sum as f64 - z * lse2, lse2, counted, weight_sum);
+        let loss = call.reduce(cfg, sc.loss_sum as f64 - z * lse2, lse2, counted, weight_sum);
         let rows: &[f32] = if got { bytemuck::cast_slice(&head[SCALARS as usize..]) } else { &[] };
         let row = |k: usize| Array1::from(rows[k * n..(k + 1) * n].to_vec());
         Ok(CeOutput {
@@ -694,10 +745,10 @@ impl PendingCe {
             counted,
             weight_sum,
             row_loss: (got && per_row).then(|| row(0)),
-            row_lse: (got && cfg.per_row).then(|| row(1)),
-            row_max: (got && cfg.ranks).then(|| row(2)),
-            row_rank: (got && cfg.ranks).then(|| row(3).mapv(|r| if r < 0.0 { u32::MAX } else { r as u32 })),
-            row_gap: (got && cfg.gaps).then(|| row(4)),
+            row_lse: (got && outs.per_row).then(|| row(1)),
+            row_max: (got && outs.ranks).then(|| row(2)),
+            row_rank: (got && outs.ranks).then(|| row(3).mapv(|r| if r < 0.0 { u32::MAX } else { r as u32 })),
+            row_gap: (got && outs.gaps).then(|| row(4)),
             grad: None,
         })
     }
@@ -707,7 +758,7 @@ impl GpuContext {
     /// The cross-entropy of host tensors: uploads them, records on a plan, waits, and reads
     /// back what was asked for (the public methods: `crate::api::methods`).
     pub(crate) fn ce_run(&self, call: CeCall<'_>, cfg: &CrossEntropy) -> Result<CeOutput> {
-        let CeCall { logits, targets, grad: dest } = call;
+        let CeCall { logits, targets, grad: dest, data } = call;
         let (logits, in_place) = match logits {
             CeLogits::Read(l) => (Some(l), None),
             CeLogits::InPlace(x) => (None, Some(x)),
@@ -718,7 +769,7 @@ impl GpuContext {
             _ => unreachable!("logits"),
         };
         let (n, v) = dim;
-        crate::check::cross_entropy((n, v), &targets, cfg)?;
+        crate::check::ce_call((n, v), &targets, cfg, &data)?;
         if let GradDest::Into(g) = &dest {
             if g.dim() != (n, v) {
                 return Err(XentError::Shape(format!(
@@ -730,9 +781,9 @@ impl GpuContext {
         }
         // Ignored rows carry a value no class can have.
         let t = targets.device_classes(v, cfg.ignore_index)?;
-        let plan_cfg = cfg.clone().with_ignore_index(DEVICE_IGNORED as i64);
-        let plan = CePlan::new(self, n, v, dtype, &plan_cfg, true)?;
-        let want_rows = cfg.per_row || cfg.ranks || cfg.gaps || cfg.reduction == Reduction::None;
+        let plan = CePlan::new_pooled(self, (n, v, dtype), cfg, &data, DEVICE_IGNORED)?;
+        let outs = data.outputs;
+        let want_rows = outs.per_row || outs.ranks || outs.gaps || cfg.reduction == Reduction::None;
         if n == 0 {
             let mut out =
                 plan.read_back(&mut self.device().create_command_encoder(&Default::default()), want_rows)?.wait()?;
@@ -798,6 +849,109 @@ impl GpuContext {
             _ => {}
         }
         Ok(out)
+    }
+}
+
+impl Variant {
+    /// This variant for the pass `seg` of a split row.
+    pub(crate) fn with_seg(self, seg: Seg) -> Variant {
+        Variant { ce: CeSwitches { seg, ..self.ce }, ..self }
+    }
+}
+
+/// The family's kernels: their interface WGSL, bindings and variants.
+pub(crate) const FAMILY: Family = Family {
+    io: &[rows::WGSL, super::ce_io::WGSL],
+    bindings,
+    #[cfg(test)]
+    variants,
+};
+
+/// The family's own bindings (`ce_io.wgsl`); the row tensors are `rows.rs`'s.
+mod own {
+    use crate::gpu::variant::Binding;
+    pub const TARGETS: Binding = (2, true, "targets");
+    pub const CLASS_WEIGHT: Binding = (3, true, "class_weight");
+    pub const SAMPLE_WEIGHT: Binding = (4, true, "sample_weight");
+    pub const SCALARS: Binding = (5, false, "scalars");
+}
+
+fn bindings(shader: Shader, v: &Variant) -> Vec<Binding> {
+    use own::*;
+    let ce = v.ce;
+    match shader {
+        Shader::CeWeights => vec![TARGETS, CLASS_WEIGHT, SAMPLE_WEIGHT, SCALARS],
+        Shader::CeReduce => vec![TARGETS, SCALARS, rows::ROW_VALUES],
+        _ => {
+            let mut b = vec![rows::input(v), TARGETS];
+            // The split-row statistic pass reads only logits, targets and (extras) class weights.
+            if ce.seg == Seg::Stat {
+                if ce.extras && ce.class_w {
+                    b.push(CLASS_WEIGHT);
+                }
+            } else {
+                if ce.class_w {
+                    b.push(CLASS_WEIGHT);
+                }
+                b.push(SAMPLE_WEIGHT);
+            }
+            b.push(rows::ROW_VALUES);
+            b.extend(rows::output(v));
+            if ce.extras && (ce.seg != Seg::Finish || v.grad || v.in_place) {
+                // Probability targets in the second rows (not read by a split row's loss-only
+                // finish).
+                b.push(rows::SECOND);
+            }
+            if v.grad || v.in_place {
+                // The gradient's mean coefficient comes from the scalars of the weights pass.
+                b.push(SCALARS);
+            }
+            b
+        }
+    }
+}
+
+/// Every variant the host builds the family's kernels in: the row switches with every
+/// combination of the family's own (those that do not depend on the dtypes with one dtype
+/// pairing only).
+#[cfg(test)]
+fn variants(shader: Shader) -> Vec<Variant> {
+    use crate::dtype::DType;
+    let mut out = Vec::new();
+    for v in rows::variants() {
+        let one_pairing = v.second == DType::F32 && v.output == v.input;
+        for bits in 0..8u32 {
+            for seg in [Seg::Whole, Seg::Stat, Seg::Finish] {
+                let ce = CeSwitches { extras: bits & 1 != 0, seg, transform: bits & 2 != 0, class_w: bits & 4 != 0 };
+                if bits >= 2 && !one_pairing {
+                    continue;
+                }
+                let v = Variant { ce, ..v };
+                if valid(shader, &v) {
+                    out.push(v);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether the host ever builds `shader` in `v`.
+#[cfg(test)]
+fn valid(shader: Shader, v: &Variant) -> bool {
+    use crate::dtype::DType;
+    let f32_only = |d: DType| d == DType::F32;
+    match shader {
+        Shader::CeWeights | Shader::CeReduce => *v == Variant { subgroup: v.subgroup, ..Default::default() },
+        _ => {
+            let ce = v.ce;
+            // Soft targets are f32; the output dtype only matters with an output; the statistic
+            // pass of a split row writes no gradient.
+            !(ce.seg == Seg::Stat && (v.grad || v.in_place))
+                && f32_only(v.second)
+                && (v.grad || v.in_place || f32_only(v.output))
+                && (!v.in_place || f32_only(v.output))
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use crate::gpu::launch::{Bind, Groups, Launch};
 use crate::gpu::params::{flag_bits, mirror, Block, Header};
 use crate::gpu::pending::PendingBytes;
 use crate::gpu::pool::Pooled;
-use crate::gpu::source::{Family, Shader, Variant};
+use crate::gpu::variant::{Family, Shader, Variant};
 
 use wgpu::BufferUsages as U;
 

@@ -8,7 +8,7 @@ use crate::dtype::Logits;
 use crate::error::Result;
 use crate::gpu::context::GpuContext;
 use crate::gpu::params::Header;
-use crate::gpu::source::{Family, Shader};
+use crate::gpu::variant::{Family, Shader};
 
 /// The Hessian-vector product kernel: the logits (slot 1), `v` (second rows) and the products
 /// (output rows), f32 out.

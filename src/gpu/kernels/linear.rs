@@ -12,10 +12,9 @@ use ndarray::{Array1, ArrayView1};
 
 use super::ce_io::SCALARS;
 use super::cross_entropy::{CeBackward, CeInputs, CePlan, DeviceGrad, DeviceTargets, PendingCe, SAVED};
-use crate::api::config::{Reduction, Totals};
+use crate::api::config::{CallData, Reduction};
 use crate::api::linear::{
-    check, chunk_cfg, counted_rows, gather_batch, grad_dtype, scatter_rows, ChunkOutputs, LinearCall, LinearCe,
-    LinearCeOutput,
+    check, counted_rows, gather_batch, grad_dtype, scatter_rows, ChunkOutputs, LinearCall, LinearCe, LinearCeOutput,
 };
 use crate::api::targets::Targets;
 use crate::dtype::{DType, Logits, Tensor2};
@@ -193,13 +192,16 @@ impl GpuContext {
     /// Both of the above.
     pub(crate) fn linear_ce(&self, call: LinearCall<'_>, cfg: &LinearCe) -> Result<LinearCeOutput> {
         let (n, d, v) = check(&call, cfg)?;
-        let LinearCall { hidden, weight, bias, targets, upstream } = call;
+        let totals = call.totals(cfg);
+        let LinearCall { hidden, weight, bias, targets, sample_weight, upstream } = &call;
+        let (hidden, weight, bias, targets, upstream) = (*hidden, *weight, *bias, *targets, *upstream);
         // Ignored rows cost nothing (as on the CPU): the counted ones go up as a batch of their
         // own, and their grad_hidden rows come back to their places (never with an upstream
         // gradient: that is reduction none, which keeps every row).
         if let Some(kept) = counted_rows(&hidden, &targets, cfg) {
-            let (h, t, c) = gather_batch(&hidden, &targets, cfg, &kept);
-            let mut out = self.linear_cross_entropy(h.view(), weight, bias, t.view(), &c)?;
+            let (h, t, sw) = gather_batch(&hidden, &targets, *sample_weight, &kept);
+            let kept_call = LinearCall::new(h.view(), weight, bias, t.view(), None, sw.as_ref());
+            let mut out = self.linear_ce(kept_call, cfg)?;
             out.grad_hidden = out.grad_hidden.map(|g| scatter_rows(g, &kept, n)).transpose()?;
             return Ok(out);
         }
@@ -207,11 +209,10 @@ impl GpuContext {
         // targets were checked: every other one is a class index).
         let ignore_index = cfg.ce.ignore_index;
         let dev_ignore = i32::try_from(ignore_index).unwrap_or(i32::MIN);
-        let totals = Totals::of(&targets, &cfg.ce);
         let dev = LinearDev::new(self, &hidden, &weight, bias)?;
         let rows = dev.chunk_rows(self, cfg.device_chunk_rows(n, v))?;
         let (dt, v64, d64) = (dev.dt, v as u64, d as u64);
-        let per_row = cfg.ce.per_row || cfg.ce.reduction == Reduction::None;
+        let per_row = cfg.ce.outputs.per_row || cfg.ce.reduction == Reduction::None;
         let any_grad = cfg.grad_hidden || cfg.grad_weight || (cfg.grad_bias && bias.is_some());
         let ti: Vec<i32> = match &targets {
             Targets::I64(t) => t.iter().map(|&y| if y == ignore_index { dev_ignore } else { y as i32 }).collect(),
@@ -219,10 +220,7 @@ impl GpuContext {
             Targets::Probs(_) => unreachable!("checked: class indices"),
         };
         let tb = self.upload(bytemuck::cast_slice(&ti), U::STORAGE | U::COPY_SRC, "targets")?;
-        let swb = cfg
-            .ce
-            .sample_weight
-            .as_ref()
+        let swb = sample_weight
             .map(|w| self.upload(bytemuck::cast_slice(&w.to_vec()), U::STORAGE | U::COPY_SRC, "sample weights"))
             .transpose()?;
         let chunk = rows.min(n).max(1) as u64;
@@ -251,13 +249,12 @@ impl GpuContext {
             let r1 = (r0 + rows).min(n);
             let b = r1 - r0;
             let (r0u, bu) = (r0 as u64, b as u64);
-            let ccfg = chunk_cfg(cfg, totals, r0..r1);
+            // The chunk's data (its sample weights are bound per chunk, below).
+            let data = CallData { sample_weight: None, ..call.chunk_data(cfg, totals, Ok(r0..r1)) };
             let plan = match plans.entry(b) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
-                    let plan_cfg =
-                        crate::CrossEntropy { sample_weight: None, ignore_index: dev_ignore as i64, ..ccfg.clone() };
-                    e.insert(CePlan::new_pooled(self, b, v, DType::F32, &plan_cfg)?)
+                    e.insert(CePlan::new_pooled(self, (b, v, DType::F32), &cfg.ce, &data, dev_ignore)?)
                 }
             };
             let plan = &*plan;

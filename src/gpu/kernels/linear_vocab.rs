@@ -12,9 +12,8 @@ use ndarray::Array1;
 use super::cross_entropy::CePlan;
 use super::linear::{GradOut, LinearDev};
 use super::vocab::{poison_infinite, Shard};
-use crate::api::config::CrossEntropy;
-use crate::api::linear::{chunk_cfg, grad_dtype, LinearCall, LinearCe, LinearCeOutput};
-use crate::api::targets::DEVICE_IGNORED;
+use crate::api::config::CallData;
+use crate::api::linear::{grad_dtype, LinearCall, LinearCe, LinearCeOutput};
 use crate::dtype::{DType, Tensor2};
 use crate::error::Result;
 use crate::gpu::context::GpuContext;
@@ -46,7 +45,7 @@ impl GpuContext {
     /// the host.
     pub(crate) fn linear_vocab(&self, call: LinearCall<'_>, sh: Sharded<'_>, cfg: &LinearCe) -> Result<LinearCeOutput> {
         let Sharded { shard, comm } = sh;
-        let LinearCall { hidden, weight, bias, targets, upstream } = &call;
+        let LinearCall { hidden, weight, bias, targets, upstream, .. } = &call;
         let (bias, upstream) = (*bias, *upstream);
         // Checks, uploads and the first pass; then one agreement before any collective.
         let prep = (|| -> Result<Prep> {
@@ -57,7 +56,7 @@ impl GpuContext {
             let tb = self.upload(bytemuck::cast_slice(&ti), U::STORAGE | U::COPY_SRC, "targets")?;
             let z = self.take((rows * vl.max(1) * 4) as u64, U::STORAGE | U::COPY_SRC, "linear workspace")?;
             let tchunk = self.take((rows * 4) as u64, U::STORAGE | U::COPY_DST, "targets chunk")?;
-            let sw = match cfg.ce.sample_weight.as_ref() {
+            let sw = match call.sample_weight {
                 Some(w) => Some((
                     self.upload(bytemuck::cast_slice(&w.to_vec()), U::STORAGE | U::COPY_SRC, "sample weights")?,
                     self.take((rows * 4) as u64, U::STORAGE | U::COPY_DST, "sample weights chunk")?,
@@ -131,15 +130,7 @@ impl GpuContext {
         }
         // One plan per chunk size (the last chunk may be shorter), its sample weights bound per
         // chunk: the loss and denominators come from the merged records, not the plan.
-        let plan_cfg = CrossEntropy {
-            ignore_index: DEVICE_IGNORED as i64,
-            ranks: false,
-            gaps: false,
-            per_row: false,
-            totals: None,
-            sample_weight: None,
-            ..chunk_cfg(cfg, crate::Totals::default(), 0..0)
-        };
+        let no_data = CallData::default();
         let mut shards: HashMap<usize, Shard<'_>> = HashMap::new();
         for r0 in (0..n).step_by(p.rows) {
             let r1 = (r0 + p.rows).min(n);
@@ -147,7 +138,7 @@ impl GpuContext {
             let sh = match shards.entry(b) {
                 Entry::Occupied(e) => e.into_mut(),
                 Entry::Vacant(e) => {
-                    let plan = CePlan::new_shard(self, b, vl, DType::F32, &plan_cfg, shard)?;
+                    let plan = CePlan::new_shard(self, (b, vl, DType::F32), &cfg.ce, &no_data, shard)?;
                     let sw = p.sw.as_ref().map(|(_, chunk)| &**chunk);
                     e.insert(Shard::new(plan, &p.z, &p.tchunk).with_sample_weight(sw))
                 }

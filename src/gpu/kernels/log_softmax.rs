@@ -10,7 +10,7 @@ use crate::dtype::{DType, Logits};
 use crate::error::{Result, XentError};
 use crate::gpu::context::GpuContext;
 use crate::gpu::params::{flag_bits, Header};
-use crate::gpu::source::{Family, Shader};
+use crate::gpu::variant::{Family, Shader};
 
 flag_bits! {
     /// Log-softmax's flag bit (`LS_*` in `shaders/log_softmax.wgsl`).

@@ -19,7 +19,7 @@ use crate::gpu::context::{GpuContext, Kernel};
 use crate::gpu::launch::{Bind, Launch, Recorder, Skip};
 use crate::gpu::params::{flag_bits, mirror, Block, Header};
 use crate::gpu::pool::Pooled;
-use crate::gpu::source::{Binding, Family, Shader, Variant};
+use crate::gpu::variant::{Binding, Family, Shader, Variant};
 use crate::parallel::agree;
 use crate::parallel::vocab::{logprob_row, merge_logprobs, Sharded, VocabShard, LP_REC};
 
@@ -81,7 +81,7 @@ impl GpuContext {
         // Ignored rows cost nothing (as on the CPU): the counted ones go up as a batch of their
         // own, and their rows come back to their places.
         if let Some(kept) = counted_rows(&hidden, &targets, &c.lc) {
-            let (h, t, _) = gather_batch(&hidden, &targets, &c.lc, &kept);
+            let (h, t, _) = gather_batch(&hidden, &targets, None, &kept);
             let pick = |x: ArrayView1<'_, f32>| kept.iter().map(|&r| x[r]).collect::<Array1<f32>>();
             let up = c.upstream.map(|(a, b)| (pick(a), pick(b)));
             let mut out = self.linear_logprobs(

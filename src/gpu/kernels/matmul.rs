@@ -15,7 +15,7 @@ use crate::error::{Result, XentError};
 use crate::gpu::context::GpuContext;
 use crate::gpu::launch::{Bind, Groups, Launch, Recorder};
 use crate::gpu::params::Header;
-use crate::gpu::source::{Shader, Variant};
+use crate::gpu::variant::{Family, Shader, Variant};
 
 use wgpu::BufferUsages as U;
 
@@ -64,6 +64,15 @@ pub(crate) fn variants(coop: bool) -> Vec<Variant> {
     }
     out
 }
+
+/// The family's kernels (the SIMT and the cooperative product): their interface WGSL,
+/// bindings (the same in every variant) and variants (`matmul.rs`).
+pub(crate) const FAMILY: Family = Family {
+    io: &[super::matmul_io::WGSL],
+    bindings: |_, _| super::matmul_io::BINDINGS.to_vec(),
+    #[cfg(test)]
+    variants: |shader| variants(shader == Shader::MatmulCoop),
+};
 
 /// Rows and columns of C per workgroup of the SIMT kernel (`R` and `TN` in the shader).
 const TILE: (usize, usize) = (8, 256);

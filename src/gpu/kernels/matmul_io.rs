@@ -3,12 +3,11 @@
 //! load widths, cooperative tile size) and the preprocessor names they define, the parameter
 //! block ([`MatmulParams`]: the chunk header, then the product's sizes, strides and bias
 //! offset), the flag bits ([`mm_flags`]) and the bindings by slot and name ([`BINDINGS`],
-//! [`FAMILY`]). An
+//! which `matmul.rs`'s `FAMILY` declares for both kernels). An
 //! option of the products is added here, in `matmul.rs` where it is set, and in the family's
 //! WGSL.
 
 use crate::gpu::params::{flag_bits, mirror, Block, Header};
-use crate::gpu::source::{Binding, Family};
 
 /// Which operand axis is contiguous in a matrix product `C = A B` (the `Matmul` kernel).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -101,18 +100,9 @@ pub(crate) mod slot {
 }
 
 /// Every kernel of the family binds these, as (slot, read-only, WGSL name).
-pub(crate) const BINDINGS: [Binding; 4] = [
+pub(crate) const BINDINGS: [(u32, bool, &str); 4] = [
     (slot::A as u32, true, "mm_a"),
     (slot::B as u32, true, "mm_b"),
     (slot::C as u32, false, "mm_c"),
     (slot::BIAS as u32, true, "mm_bias"),
 ];
-
-/// The family's kernels (the SIMT and the cooperative product): their interface WGSL,
-/// bindings (the same in every variant) and variants (`matmul.rs`).
-pub(crate) const FAMILY: Family = Family {
-    io: &[WGSL],
-    bindings: |_, _| BINDINGS.to_vec(),
-    #[cfg(test)]
-    variants: |shader| super::matmul::variants(shader == crate::gpu::source::Shader::MatmulCoop),
-};

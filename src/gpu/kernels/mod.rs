@@ -24,7 +24,7 @@ use crate::gpu::context::GpuContext;
 use crate::gpu::launch::{Bind, Launch, ParamsCache, Recorder, Skip};
 use crate::gpu::params::AnyBlock;
 use crate::gpu::pool::Pooled;
-use crate::gpu::source::{Shader, Variant};
+use crate::gpu::variant::{Shader, Variant};
 
 use wgpu::BufferUsages as U;
 

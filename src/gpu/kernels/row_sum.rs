@@ -7,7 +7,7 @@ use crate::dtype::DType;
 use crate::error::Result;
 use crate::gpu::context::GpuContext;
 use crate::gpu::params::Header;
-use crate::gpu::source::{Family, Shader};
+use crate::gpu::variant::{Family, Shader};
 
 /// A reusable row sum of one shape, recorded into the caller's encoder; the f32 sums `[N]`
 /// stay in [`Self::row_buffer`].

@@ -4,7 +4,7 @@
 //! each row family filters to the variants it builds. A family's own slots (targets, weights,
 //! scalars, ...) are declared in its own WGSL and module, not here.
 
-use crate::gpu::source::{Binding, Variant};
+use crate::gpu::variant::{Binding, Variant};
 
 /// The WGSL every row family includes before its own interface.
 pub(crate) const WGSL: &str = include_str!("../../../shaders/rows.wgsl");

@@ -7,16 +7,15 @@
 //! and segment come back to the host; the logits are read twice on the device.
 
 use super::ce_io::{flags, CeParams, Seg, SCALARS};
-use super::cross_entropy::{base_params, CePlan, ROW_VECTORS, SAVED};
-use crate::api::config::{CeCall, CeOutput, CrossEntropy};
-use crate::api::targets::DEVICE_IGNORED;
+use super::cross_entropy::{CePlan, ROW_VECTORS, SAVED};
+use crate::api::config::{CallData, CeCall, CeOutput, CrossEntropy};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::gpu::context::GpuContext;
 use crate::gpu::launch::{Bind, Groups, Launch, ParamsCache, Recorder, Skip};
 
 use crate::gpu::pool::Pooled;
-use crate::gpu::source::{Shader, Variant};
+use crate::gpu::variant::{Shader, Variant};
 use crate::parallel::agree;
 use crate::parallel::vocab::{check, finish, merge, Sharded, REC};
 
@@ -77,13 +76,14 @@ impl Shard<'_> {
     }
 
     fn variant(&self, seg: Seg, grad: bool, in_place: bool, output: DType) -> Variant {
-        self.plan.row_variant(output, grad, in_place, self.plan.cfg.label_smoothing > 0.0, seg)
+        // Class targets; no ranks in a shard's passes.
+        self.plan.row_variant(output, grad, in_place, self.plan.extras(false, false), seg)
     }
 
     fn params(&self, extra: u32) -> CeParams {
         let p = &self.plan;
         let shard = p.shard.expect("a shard plan");
-        let mut base = base_params(&p.cfg, p.n, p.v, DEVICE_IGNORED, false);
+        let mut base = p.base(false);
         base.head.flags &= !(flags::RANK | flags::GAP | flags::SAVE);
         base.head.flags |= flags::SHARD | extra;
         if self.sample_weight.is_some() {
@@ -179,6 +179,7 @@ impl GpuContext {
     /// [`Self::cross_entropy_vocab_parallel`]'s work here (the public method:
     /// `crate::api::methods`).
     pub(crate) fn ce_vocab(&self, call: CeCall<'_>, sh: Sharded<'_>, cfg: &CrossEntropy) -> Result<CeOutput> {
+        let call_sw = call.data.sample_weight.clone();
         let ((x, targets, grad), Sharded { shard, comm }) = (call.read_into()?, sh);
         let (n, vl) = x.dim();
         // Checks, uploads and this shard's records; then one agreement, so that a rank that
@@ -193,14 +194,10 @@ impl GpuContext {
         let local = match &uploads {
             Err(e) => Err(e.clone()),
             Ok((t, logits, tb)) => (|| {
-                let plan_cfg = CrossEntropy {
-                    ignore_index: DEVICE_IGNORED as i64,
-                    ranks: false,
-                    gaps: false,
-                    totals: None,
-                    ..cfg.clone()
-                };
-                let plan = CePlan::new_shard(self, n, vl, x.dtype(), &plan_cfg, shard)?;
+                // The sample weights in the plan; the loss and its denominators come from the
+                // merged records.
+                let data = CallData { sample_weight: call_sw.clone(), ..CallData::default() };
+                let plan = CePlan::new_shard(self, (n, vl, x.dtype()), cfg, &data, shard)?;
                 let dev = Shard::new(plan, logits, tb);
                 let rec = dev.records(self.device().create_command_encoder(&Default::default()))?;
                 Ok((t.clone(), dev, rec))
