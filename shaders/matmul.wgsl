@@ -17,8 +17,16 @@
 // see docs/gpu-matmul.md for what was measured.
 //
 // Full k-steps of 4 run without checks; the last partial step masks k >= K to 0. Rows past M
-// and columns past N are read clamped (or past the matrix's end, which WGSL's bounds checks
-// keep inside the binding) and never stored.
+// and columns past N are read clamped (at the last row, or the last aligned 4 rows or columns)
+// and never stored.
+//
+// In range without runtime checks (`Mm::unchecked`, chosen by the host in `matmul.rs`): with
+// 4-wide A and B (each operand's first element and row stride multiples of 4), M, N and K
+// multiples of 4 (no partial k-step; every 4-wide row or column group is whole), and bindings
+// that hold every element of A, B, C and the bias that the product covers, every load above
+// starts at a multiple of 4 inside the operand (rows, k and the 4-groups of columns or rows are
+// clamped into it) and every store is inside C. Anything else keeps WGSL's checks, which then
+// also cover the partial k-step's and scalar loads' reads past a row's end.
 
 const R: u32 = 8u;
 const TN: u32 = 256u;
@@ -28,7 +36,9 @@ const TN: u32 = 256u;
 fn frag(f: u32, row0: u32, k0: u32, lim: u32) -> vec4<f32> {
 #if MM_TN
     let kk = f >> 1u;
-    let x = a4(P.x_off + min(k0 + kk, P.k - 1u) * P.a_rs + row0 + (f & 1u) * 4u);
+    // Tile rows past M are read (and never stored) at the last aligned 4 rows instead.
+    let r4 = row0 + (f & 1u) * 4u;
+    let x = a4(P.x_off + min(k0 + kk, P.k - 1u) * P.a_rs + select(r4, (P.m - 1u) & ~3u, r4 >= P.m));
     return select(vec4<f32>(0.0), x, kk < lim);
 #else
     let x = a4(P.x_off + min(row0 + f, P.m - 1u) * P.a_rs + k0);
@@ -53,10 +63,12 @@ fn kstep(acc: ptr<function, array<vec4<f32>, 8>>, row0: u32, col0: u32, k0: u32,
 #else
     let k1 = P.k - 1u;
     let z = vec4<f32>(0.0);
-    let b0 = b4(P.y_off + k0 * P.b_rs + col0);
-    let b1 = select(z, b4(P.y_off + min(k0 + 1u, k1) * P.b_rs + col0), 1u < lim);
-    let b2 = select(z, b4(P.y_off + min(k0 + 2u, k1) * P.b_rs + col0), 2u < lim);
-    let b3 = select(z, b4(P.y_off + min(k0 + 3u, k1) * P.b_rs + col0), 3u < lim);
+    // Columns past N are read (and never stored) at the last aligned 4 columns instead.
+    let cb = select(col0, (P.n - 1u) & ~3u, col0 >= P.n);
+    let b0 = b4(P.y_off + k0 * P.b_rs + cb);
+    let b1 = select(z, b4(P.y_off + min(k0 + 1u, k1) * P.b_rs + cb), 1u < lim);
+    let b2 = select(z, b4(P.y_off + min(k0 + 2u, k1) * P.b_rs + cb), 2u < lim);
+    let b3 = select(z, b4(P.y_off + min(k0 + 3u, k1) * P.b_rs + cb), 3u < lim);
 #endif
     // The 8 fragments of A: loaded by lane f and broadcast, or each loaded here.
 #if SUBGROUP

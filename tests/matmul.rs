@@ -58,6 +58,11 @@ fn check(g: &xent::GpuContext, name: &str, c: &Case, da: DType, db: DType) {
         MatmulLayout::Nt => bf[c.first.1 + j * b_rs + kk],
         _ => bf[c.first.1 + kk * b_rs + j],
     } as f64;
+    // The context is shared by this file's tests: one product at a time, so that the counter
+    // below counts this one.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let before = g.counters().unchecked_products;
     let got = g
         .matmul_host(&MatmulArgs {
             layout: c.layout,
@@ -77,6 +82,11 @@ fn check(g: &xent::GpuContext, name: &str, c: &Case, da: DType, db: DType) {
             bias: c.bias.then_some((&bias_v[..], 5)),
         })
         .unwrap();
+    // The SIMT kernel runs without runtime checks exactly where every access is proven in
+    // range: 4-wide operands (starts and strides multiples of 4) and m, n, k multiples of 4.
+    let aligned = [c.first.0, a_rs, c.first.1, b_rs, m, n, k].iter().all(|x| x % 4 == 0) && m * n > 0;
+    let unchecked = g.counters().unchecked_products - before;
+    assert_eq!(unchecked, u64::from(aligned && !coop), "{name}: products run without runtime checks");
     let mut worst = 0f64;
     for (e, (&gv, &old)) in got.iter().zip(&c0).enumerate() {
         let inside = e >= c.first.2 && (e - c.first.2) / c_rs < m && (e - c.first.2) % c_rs < n;
@@ -126,6 +136,12 @@ fn cases() -> Vec<Case> {
             v.push(Case { layout, mnk, first, pad, accumulate: false, bias: false });
         }
         v.push(Case { layout, mnk: (11, 70, 9), first: (0, 4, 1), pad: (0, 4, 2), accumulate: true, bias: true });
+        // Aligned, so run without runtime checks, with edge tiles in m (12 of 8-row tiles) and
+        // n (260 of 256-column tiles), padded rows, and bias and accumulation.
+        v.push(Case { layout, mnk: (12, 260, 20), first: (4, 8, 1), pad: (4, 4, 3), accumulate: true, bias: true });
+        // 4-wide operands but m, n, k not multiples of 4 (a partial k-step, partial 4-groups):
+        // these keep the runtime checks.
+        v.push(Case { layout, mnk: (10, 38, 22), first: (0, 4, 0), pad: (2, 2, 0), accumulate: false, bias: true });
         // No k at all: C is its old value (plus bias).
         v.push(Case { layout, mnk: (3, 6, 0), first: (0, 0, 0), pad: (0, 0, 0), accumulate: true, bias: true });
     }

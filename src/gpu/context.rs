@@ -118,6 +118,9 @@ pub struct CounterSnapshot {
     pub bytes_to_device: u64,
     /// Bytes read back from the device to the host so far.
     pub bytes_to_host: u64,
+    /// Matrix products recorded so far with the SIMT kernel built without runtime bounds
+    /// checks (every access proven in range; see `docs/gpu-matmul.md`).
+    pub unchecked_products: u64,
 }
 
 type PipelineSlot = Arc<Mutex<Option<Arc<Kernel>>>>;
@@ -151,6 +154,7 @@ pub(crate) struct Inner {
     placeholders: Vec<wgpu::Buffer>,
     lost: Mutex<Option<String>>,
     pipelines_built: AtomicUsize,
+    pub(crate) unchecked_products: AtomicU64,
     buffers_built: AtomicUsize,
     pub(crate) bytes_to_device: AtomicU64,
     pub(crate) bytes_to_host: AtomicU64,
@@ -321,6 +325,7 @@ impl GpuContext {
             pool: Pool::new(opts.pool_budget_bytes),
             lost: Mutex::new(None),
             pipelines_built: AtomicUsize::new(0),
+            unchecked_products: AtomicU64::new(0),
             buffers_built: AtomicUsize::new(0),
             bytes_to_device: AtomicU64::new(0),
             bytes_to_host: AtomicU64::new(0),
@@ -410,6 +415,7 @@ impl GpuContext {
             pool: self.inner.pool.stats(),
             bytes_to_device: self.inner.bytes_to_device.load(Ordering::Relaxed),
             bytes_to_host: self.inner.bytes_to_host.load(Ordering::Relaxed),
+            unchecked_products: self.inner.unchecked_products.load(Ordering::Relaxed),
         }
     }
 
@@ -493,10 +499,16 @@ impl GpuContext {
 
     fn compile(&self, shader: Shader, variant: Variant) -> Kernel {
         let src = shader.source(variant);
-        let module = self.device().create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(shader.name()),
-            source: wgpu::ShaderSource::Wgsl(src.into()),
-        });
+        let desc =
+            wgpu::ShaderModuleDescriptor { label: Some(shader.name()), source: wgpu::ShaderSource::Wgsl(src.into()) };
+        let module = if variant.runtime_checks() {
+            self.device().create_shader_module(desc)
+        } else {
+            // SAFETY: only the SIMT product is built so, in a launch whose every access its
+            // host has proven in range (`kernels::matmul::in_range`; the argument is in
+            // `shaders/matmul.wgsl`). On lavapipe the checks cost a quarter of the fused loss.
+            unsafe { self.device().create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked()) }
+        };
         let entry = |binding: u32, ty: wgpu::BufferBindingType| wgpu::BindGroupLayoutEntry {
             binding,
             visibility: wgpu::ShaderStages::COMPUTE,

@@ -43,6 +43,12 @@ pub struct Variant {
 }
 
 impl Variant {
+    /// Whether the kernel is built with WGSL's runtime bounds checks (all but the proven
+    /// matrix products, [`Mm::unchecked`]).
+    pub(crate) fn runtime_checks(&self) -> bool {
+        !self.mm.unchecked
+    }
+
     pub(crate) fn defined(&self, name: &str) -> bool {
         let out = if self.in_place { self.input } else { self.output };
         match name {

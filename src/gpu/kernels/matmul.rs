@@ -165,7 +165,11 @@ impl GpuContext {
             None => {
                 // 4-wide reads need the alignment, and a binding of at least one such element.
                 let four = |o: &Operand<'_>| o.first.is_multiple_of(4) && o.rs.is_multiple_of(4) && o.bind.size >= 16;
-                let mm = Mm { layout: p.layout, a4: four(&p.a), b4: four(&p.b), ..Default::default() };
+                let (a4, b4) = (four(&p.a), four(&p.b));
+                let mm = Mm { layout: p.layout, a4, b4, unchecked: a4 && b4 && in_range(&p), coop8: false };
+                if mm.unchecked {
+                    self.inner.unchecked_products.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 let variant = Variant {
                     input: p.a.dtype,
                     second: p.b.dtype,
@@ -199,6 +203,27 @@ impl GpuContext {
         }
         rec.push(l)
     }
+}
+
+/// Whether every access of the SIMT product `p`, read 4 wide, is in range without runtime
+/// checks (the argument is in `shaders/matmul.wgsl`): M, N and K multiples of 4, and bindings
+/// that hold every element of A, B and C the product covers, and its bias entries.
+fn in_range(p: &Product<'_>) -> bool {
+    let (m, n, k) = p.mnk;
+    let holds = |o: &Operand<'_>, (rows, cols): (usize, usize)| {
+        o.bind.size >= (extent(o.first as usize, o.rs, rows, cols) * o.dtype.size()) as u64
+    };
+    let (a, b) = match p.layout {
+        MatmulLayout::Nt => ((m, k), (n, k)),
+        MatmulLayout::Nn => ((m, k), (k, n)),
+        MatmulLayout::Tn => ((k, m), (k, n)),
+    };
+    let c = Operand { bind: p.c.0, first: p.c.1, rs: p.c.2, dtype: DType::F32 };
+    [m, n, k].iter().all(|x| x.is_multiple_of(4))
+        && holds(&p.a, a)
+        && holds(&p.b, b)
+        && holds(&c, (m, n))
+        && p.bias.as_ref().is_none_or(|(bias, first)| bias.size >= ((*first as usize + n) * 4) as u64)
 }
 
 /// One product run from the host ([`GpuContext::matmul_host`]): `C (+)= A B (+ bias)` with A

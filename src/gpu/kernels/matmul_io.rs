@@ -32,6 +32,10 @@ pub struct Mm {
     pub b4: bool,
     /// Cooperative-matrix tiles of 8 x 8 rather than 16 x 16 (`MatmulCoop` only).
     pub coop8: bool,
+    /// Built without runtime bounds checks (the SIMT kernel, where the host has proven every
+    /// access in range: `matmul.rs`'s `in_range`, the conditions in `shaders/matmul.wgsl`). The
+    /// source is the same.
+    pub unchecked: bool,
 }
 
 impl Mm {
