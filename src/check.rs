@@ -279,7 +279,7 @@ pub fn linear_operands(
         }
     }
     if cfg.ce.data.totals.is_some() {
-        return Err(XentError::InvalidOption("LinearCe computes its own totals: leave ce.totals unset".into()));
+        return Err(XentError::InvalidOption("LinearCe computes its own totals: leave ce.data.totals unset".into()));
     }
     if cfg.workspace_bytes == Some(0) {
         return Err(XentError::InvalidOption("workspace_bytes must be positive".into()));

@@ -127,6 +127,13 @@ pub struct CeOutputs {
     pub gaps: bool,
 }
 
+impl CeOutputs {
+    /// Whether per-row losses are computed: asked for, or the reduction is `none`.
+    pub(crate) fn row_losses(&self, reduction: Reduction) -> bool {
+        self.per_row || reduction == Reduction::None
+    }
+}
+
 /// A call's data and output requests as the kernels take them, beside the definition (the
 /// rest of a [`CrossEntropy`], which they read nothing else from): the public methods make it
 /// from the options ([`CrossEntropy::call_data`]); a chunked, streamed or sharded call makes
@@ -140,6 +147,13 @@ pub(crate) struct CallData<'a> {
 }
 
 impl CallData<'_> {
+    /// This call's totals and output requests without its sample weights (a GPU plan's, whose
+    /// weights are uploaded or bound per record).
+    #[cfg(feature = "gpu")]
+    pub fn unweighted(&self) -> CallData<'static> {
+        CallData { sample_weight: None, totals: self.totals, outputs: self.outputs }
+    }
+
     /// Checks the totals against the definition (sample weights are checked against the
     /// rows, `crate::check::ce_call`).
     pub fn validate(&self, cfg: &CrossEntropy) -> Result<()> {
@@ -187,11 +201,6 @@ impl CallData<'_> {
             Reduction::Mean => (scale / weight_sum, scale / counted as f64),
             _ => (scale, scale),
         }
-    }
-
-    /// Whether per-row losses are computed (asked for, or reduction `none`).
-    pub fn row_losses(&self, cfg: &CrossEntropy) -> bool {
-        self.outputs.per_row || cfg.reduction == Reduction::None
     }
 }
 

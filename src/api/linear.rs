@@ -152,7 +152,7 @@ impl<'a> LinearCall<'a> {
         CallData {
             sample_weight,
             totals: (ce.reduction == Reduction::Mean).then_some(totals),
-            outputs: CeOutputs { per_row: ce.outputs.per_row || ce.reduction == Reduction::None, ..ce.outputs },
+            outputs: CeOutputs { per_row: ce.outputs.row_losses(ce.reduction), ..ce.outputs },
         }
     }
 
@@ -219,7 +219,7 @@ pub(crate) fn check_operands(
 /// `grad_weight` as NaN, as PyTorch's do.
 pub(crate) fn counted_rows(hidden: &Logits<'_>, targets: &Targets<'_>, cfg: &LinearCe) -> Option<Vec<usize>> {
     let ce = &cfg.ce;
-    if ce.outputs.per_row || ce.outputs.ranks || ce.reduction == crate::Reduction::None {
+    if ce.outputs.row_losses(ce.reduction) || ce.outputs.ranks {
         return None;
     }
     if targets.is_probs() {
@@ -272,6 +272,9 @@ pub(crate) fn scatter_rows(g: Tensor2, kept: &[usize], n: usize) -> Result<Tenso
     })
 }
 
+/// The gradients of a linear call as it returns them: hidden, weight, bias.
+pub(crate) type LinearGrads = (Option<Tensor2>, Option<Tensor2>, Option<Array1<f32>>);
+
 /// The dtype gradients are returned in.
 pub(crate) fn grad_dtype(cfg: &LinearCe, input: DType) -> DType {
     if cfg.grads_in_input_dtype {
@@ -293,7 +296,8 @@ pub(crate) struct ChunkOutputs {
 impl ChunkOutputs {
     /// Room for what `cfg` asks of `n` rows.
     pub fn new(cfg: &LinearCe, n: usize) -> Self {
-        let (per_row, outs) = (cfg.ce.outputs.per_row || cfg.ce.reduction == Reduction::None, cfg.ce.outputs);
+        let outs = cfg.ce.outputs;
+        let per_row = outs.row_losses(cfg.ce.reduction);
         ChunkOutputs {
             loss: 0.0,
             row_loss: per_row.then(|| Vec::with_capacity(n)),
@@ -321,7 +325,7 @@ impl ChunkOutputs {
     pub fn finish(
         self,
         totals: Totals,
-        (grad_hidden, grad_weight, grad_bias): (Option<Tensor2>, Option<Tensor2>, Option<Array1<f32>>),
+        (grad_hidden, grad_weight, grad_bias): LinearGrads,
         chunk_rows: usize,
     ) -> LinearCeOutput {
         LinearCeOutput {

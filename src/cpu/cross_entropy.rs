@@ -543,7 +543,7 @@ fn run<T: Element, G: Element>(
     });
 
     let loss = call.reduce(cfg, sum_ce, sum_lse2, counted, weight_sum);
-    let per_row = call.row_losses(cfg);
+    let per_row = call.outputs.row_losses(cfg.reduction);
     Ok(CeOutput {
         loss,
         counted,

@@ -159,7 +159,11 @@ pub(crate) struct Finished {
 impl Finished {
     /// A vocabulary-parallel linear call's output: this loss, the gradients (hidden, this
     /// shard's weight and bias) and the rows of logits held at once.
-    pub fn linear_output(self, grads: LinearGrads, chunk_rows: usize) -> crate::api::linear::LinearCeOutput {
+    pub fn linear_output(
+        self,
+        grads: crate::api::linear::LinearGrads,
+        chunk_rows: usize,
+    ) -> crate::api::linear::LinearCeOutput {
         let (o, (grad_hidden, grad_weight, grad_bias)) = (self.out, grads);
         crate::api::linear::LinearCeOutput {
             loss: o.loss,
@@ -175,9 +179,6 @@ impl Finished {
         }
     }
 }
-
-/// The gradients of a linear call as it returns them: hidden, weight, bias.
-pub(crate) type LinearGrads = (Option<crate::dtype::Tensor2>, Option<crate::dtype::Tensor2>, Option<Array1<f32>>);
 
 /// Finishes the loss of the batch from the merged records (every rank, the same bits).
 pub(crate) fn finish(rec: &[f64], t: &[i64], targets: &Targets<'_>, cfg: &CrossEntropy, v: usize) -> Finished {
@@ -215,7 +216,7 @@ pub(crate) fn finish(rec: &[f64], t: &[i64], targets: &Targets<'_>, cfg: &CrossE
         Reduction::Mean => loss_w / den_w + if zl > 0.0 { zl * lse2 / den_n } else { 0.0 },
         _ => loss_w + zl * lse2,
     };
-    let per_row = cfg.outputs.per_row || cfg.reduction == Reduction::None;
+    let per_row = cfg.outputs.row_losses(cfg.reduction);
     let out = CeOutput {
         loss,
         counted: totals.counted,

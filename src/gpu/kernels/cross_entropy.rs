@@ -154,41 +154,6 @@ fn row_floats(n: usize, parts: usize, shard: bool) -> usize {
     (ROW_VECTORS + SAVED) as usize * n.max(1) + if parts > 1 || shard { 5 * n * parts } else { 0 }
 }
 
-/// The parameters of a call of `cfg` with `call`'s data (sample weights when it holds them) over
-/// `n x v` logits whose ignored rows' targets are `ignore_index`.
-pub(crate) fn base_params(
-    cfg: &CrossEntropy,
-    call: &CallData<'_>,
-    (n, v): (usize, usize),
-    ignore_index: i32,
-    soft: bool,
-) -> CeParams {
-    let mut f = if soft { flags::SOFT } else { 0 };
-    let on = |c: bool, bit: u32| if c { bit } else { 0 };
-    f |= on(cfg.class_weight.is_some(), flags::CLASS_W);
-    f |= on(call.sample_weight.is_some(), flags::SAMPLE_W);
-    f |= on(cfg.softcap.is_some(), flags::SOFTCAP);
-    f |= on(cfg.temperature != 1.0, flags::TEMP);
-    f |= on(cfg.label_smoothing > 0.0, flags::SMOOTH);
-    f |= on(cfg.reduction == Reduction::Mean, flags::MEAN);
-    f |= on(cfg.z_loss > 0.0, flags::ZLOSS);
-    f |= on(call.outputs.ranks, flags::RANK);
-    f |= on(call.outputs.gaps, flags::GAP);
-    f |= on(call.totals.is_some(), flags::EXT_DENOM);
-    let t = call.totals.unwrap_or_default();
-    CeParams {
-        den_w: t.weight_sum as f32,
-        den_n: t.counted as f32,
-        ignore_index,
-        smoothing: cfg.label_smoothing,
-        z_loss: cfg.z_loss,
-        softcap: cfg.softcap.unwrap_or(1.0),
-        inv_temp: 1.0 / cfg.temperature,
-        grad_scale: cfg.grad_scale,
-        ..CeParams::new(n, v).with_flags(f)
-    }
-}
-
 impl GpuContext {
     /// A reusable cross-entropy of `rows x classes` logits of `dtype` with the options `cfg`
     /// (class and sample weights are uploaded once, here). Ignored rows' targets hold
@@ -252,7 +217,7 @@ impl CePlan {
         // The options against the classes (sample weights against the rows, below).
         let ignored: Targets = Targets::I32(ndarray::ArrayView1::from(&[][..]));
         let classes = shard.map_or(v, |s| s.classes);
-        let unweighted = CallData { sample_weight: None, totals: call.totals, outputs: call.outputs };
+        let unweighted = call.unweighted();
         crate::check::ce_call((0, classes), &ignored, cfg, &unweighted)?;
         if let Some(w) = &call.sample_weight {
             if w.len() != n {
@@ -289,7 +254,7 @@ impl CePlan {
             v,
             dtype,
             cfg: Arc::new(cfg.clone()),
-            call: CallData { sample_weight: None, totals: call.totals, outputs: call.outputs },
+            call: unweighted,
             ignore,
             class_weight,
             sample_weight,
@@ -385,14 +350,35 @@ impl CePlan {
         })
     }
 
-    /// The parameters of this plan's calls (sample weights flagged when the plan holds them;
-    /// a record adds them when given at the call).
+    /// The parameters of this plan's calls: its definition, totals and output requests, its
+    /// device ignore marker, and sample weights flagged when the plan holds them (a record
+    /// adds them when given at the call).
     pub(crate) fn base(&self, soft: bool) -> CeParams {
-        let mut base = base_params(&self.cfg, &self.call, (self.n, self.v), self.ignore, soft);
-        if self.sample_weight.is_some() {
-            base.head.flags |= flags::SAMPLE_W;
+        let (cfg, call) = (&self.cfg, &self.call);
+        let mut f = if soft { flags::SOFT } else { 0 };
+        let on = |c: bool, bit: u32| if c { bit } else { 0 };
+        f |= on(cfg.class_weight.is_some(), flags::CLASS_W);
+        f |= on(self.sample_weight.is_some(), flags::SAMPLE_W);
+        f |= on(cfg.softcap.is_some(), flags::SOFTCAP);
+        f |= on(cfg.temperature != 1.0, flags::TEMP);
+        f |= on(cfg.label_smoothing > 0.0, flags::SMOOTH);
+        f |= on(cfg.reduction == Reduction::Mean, flags::MEAN);
+        f |= on(cfg.z_loss > 0.0, flags::ZLOSS);
+        f |= on(call.outputs.ranks, flags::RANK);
+        f |= on(call.outputs.gaps, flags::GAP);
+        f |= on(call.totals.is_some(), flags::EXT_DENOM);
+        let t = call.totals.unwrap_or_default();
+        CeParams {
+            den_w: t.weight_sum as f32,
+            den_n: t.counted as f32,
+            ignore_index: self.ignore,
+            smoothing: cfg.label_smoothing,
+            z_loss: cfg.z_loss,
+            softcap: cfg.softcap.unwrap_or(1.0),
+            inv_temp: 1.0 / cfg.temperature,
+            grad_scale: cfg.grad_scale,
+            ..CeParams::new(self.n, self.v).with_flags(f)
         }
-        base
     }
 
     /// Whether a row pass reads its per-element extras (`CeSwitches::extras`): label
@@ -711,7 +697,7 @@ impl PendingCe {
         got: bool,
         head: &[u8],
     ) -> Result<CeOutput> {
-        let (per_row, outs) = (call.row_losses(cfg), call.outputs);
+        let (per_row, outs) = (call.outputs.row_losses(cfg.reduction), call.outputs);
         if n == 0 {
             return Ok(CeOutput {
                 loss: call.reduce(cfg, 0.0, 0.0, 0, 0.0),
@@ -783,7 +769,7 @@ impl GpuContext {
         let t = targets.device_classes(v, cfg.ignore_index)?;
         let plan = CePlan::new_pooled(self, (n, v, dtype), cfg, &data, DEVICE_IGNORED)?;
         let outs = data.outputs;
-        let want_rows = outs.per_row || outs.ranks || outs.gaps || cfg.reduction == Reduction::None;
+        let want_rows = outs.row_losses(cfg.reduction) || outs.ranks || outs.gaps;
         if n == 0 {
             let mut out =
                 plan.read_back(&mut self.device().create_command_encoder(&Default::default()), want_rows)?.wait()?;

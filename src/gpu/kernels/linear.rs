@@ -12,7 +12,6 @@ use ndarray::{Array1, ArrayView1};
 
 use super::ce_io::SCALARS;
 use super::cross_entropy::{CeBackward, CeInputs, CePlan, DeviceGrad, DeviceTargets, PendingCe, SAVED};
-use crate::api::config::{CallData, Reduction};
 use crate::api::linear::{
     check, counted_rows, gather_batch, grad_dtype, scatter_rows, ChunkOutputs, LinearCall, LinearCe, LinearCeOutput,
 };
@@ -212,7 +211,7 @@ impl GpuContext {
         let dev = LinearDev::new(self, &hidden, &weight, bias)?;
         let rows = dev.chunk_rows(self, cfg.device_chunk_rows(n, v))?;
         let (dt, v64, d64) = (dev.dt, v as u64, d as u64);
-        let per_row = cfg.ce.outputs.per_row || cfg.ce.reduction == Reduction::None;
+        let per_row = cfg.ce.outputs.row_losses(cfg.ce.reduction);
         let any_grad = cfg.grad_hidden || cfg.grad_weight || (cfg.grad_bias && bias.is_some());
         let ti: Vec<i32> = match &targets {
             Targets::I64(t) => t.iter().map(|&y| if y == ignore_index { dev_ignore } else { y as i32 }).collect(),
@@ -250,7 +249,7 @@ impl GpuContext {
             let b = r1 - r0;
             let (r0u, bu) = (r0 as u64, b as u64);
             // The chunk's data (its sample weights are bound per chunk, below).
-            let data = CallData { sample_weight: None, ..call.chunk_data(cfg, totals, Ok(r0..r1)) };
+            let data = call.chunk_data(cfg, totals, Ok(r0..r1)).unweighted();
             let plan = match plans.entry(b) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
