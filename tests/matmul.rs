@@ -1,5 +1,5 @@
 //! The GPU matrix product of the fused linear losses, product by product: every layout, every
-//! operand dtype, sizes that are not multiples of the tile (8 x 256) or of 4 along k, operands
+//! operand dtype, sizes that are not multiples of the tile (16 x 256) or of 4 along k, operands
 //! that start at unaligned offsets with row strides wider than their rows, accumulation and
 //! bias; each against an f64 product of the same (rounded) inputs, to f32 accumulation
 //! tolerance. Run on every context of the GPU tests (subgroup broadcast and without).
@@ -124,7 +124,7 @@ fn cases() -> Vec<Case> {
     for layout in [MatmulLayout::Nt, MatmulLayout::Nn, MatmulLayout::Tn] {
         for (mnk, first, pad) in [
             // Aligned: the 4-wide loads, whole tiles along m.
-            ((16, 256, 32), (0, 0, 0), (0, 0, 0)),
+            ((32, 256, 32), (0, 0, 0), (0, 0, 0)),
             // Tile edges in m and n, k not a multiple of 4, unaligned starts and strides.
             ((13, 37, 23), (3, 1, 2), (1, 3, 5)),
             // Aligned starts, k % 4 = 1, an edge tile of both m and n.
@@ -136,9 +136,9 @@ fn cases() -> Vec<Case> {
             v.push(Case { layout, mnk, first, pad, accumulate: false, bias: false });
         }
         v.push(Case { layout, mnk: (11, 70, 9), first: (0, 4, 1), pad: (0, 4, 2), accumulate: true, bias: true });
-        // Aligned, so run without runtime checks, with edge tiles in m (12 of 8-row tiles) and
+        // Aligned, so run without runtime checks, with edge tiles in m (28 of 16-row tiles) and
         // n (260 of 256-column tiles), padded rows, and bias and accumulation.
-        v.push(Case { layout, mnk: (12, 260, 20), first: (4, 8, 1), pad: (4, 4, 3), accumulate: true, bias: true });
+        v.push(Case { layout, mnk: (28, 260, 20), first: (4, 8, 1), pad: (4, 4, 3), accumulate: true, bias: true });
         // 4-wide operands but m, n, k not multiples of 4 (a partial k-step, partial 4-groups):
         // these keep the runtime checks.
         v.push(Case { layout, mnk: (10, 38, 22), first: (0, 4, 0), pad: (2, 2, 0), accumulate: false, bias: true });

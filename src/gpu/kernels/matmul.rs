@@ -75,7 +75,7 @@ pub(crate) const FAMILY: Family = Family {
 };
 
 /// Rows and columns of C per workgroup of the SIMT kernel (`R` and `TN` in the shader).
-const TILE: (usize, usize) = (8, 256);
+const TILE: (usize, usize) = (16, 256);
 
 /// CPU mirror of `coop_scale` in `shaders/matmul_coop.wgsl`: the power of two `2^s` (and
 /// `2^-s`) that puts a tile's largest magnitude `max_abs` in `[2^14, 2^15)` before the tile is
