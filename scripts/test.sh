@@ -45,4 +45,6 @@ cargo clippy -p xent --release --no-default-features --all-targets -- -D warning
 cargo clippy -p xent-burn --release --no-default-features --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --release "${MPI[@]}"
 cargo test --workspace --release "${MPI[@]}"
+# Which CPU matrix-product kernels the tests ran on this machine and which they skipped, and why.
+cargo test --workspace --release "${MPI[@]}" --test cpu_matmul -- --nocapture --exact the_kernels_on_this_cpu
 cargo test -p xent --release --no-default-features

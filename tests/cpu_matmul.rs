@@ -14,12 +14,12 @@ use xent::parallel::{SingleProcess, VocabShard};
 use xent::*;
 
 /// Every kernel `CpuMatmul` names.
-const ALL: [CpuMatmul; 2] = [CpuMatmul::F32, CpuMatmul::Avx512Bf16];
+const ALL: [CpuMatmul; 3] = CpuMatmul::ALL;
 
 /// A CPU backend on `m`'s kernels, or `None` (with the reason printed) where this CPU lacks them.
 fn forced(m: CpuMatmul, threads: Option<usize>) -> Option<Cpu> {
-    if !m.available() {
-        println!("skipped {m}: this CPU lacks it (cpuid reports no AVX512-BF16)");
+    if let Some(why) = m.unavailable() {
+        println!("skipped {m}: {why}");
         return None;
     }
     let cpu = match threads {
@@ -101,7 +101,7 @@ fn within(what: &str, got: &Array2<f32>, want: &Array2<f64>, scale: &Array2<f64>
 
 fn unit_of(m: CpuMatmul, terms: i32) -> f64 {
     match m {
-        CpuMatmul::Avx512Bf16 => 2f64.powi(-8 * terms),
+        CpuMatmul::Avx512Bf16 | CpuMatmul::AmxBf16 => 2f64.powi(-8 * terms),
         _ => 0.0,
     }
 }
@@ -238,19 +238,31 @@ fn the_choice_of_kernels() {
     }
     let f32_cpu = Cpu::new().with_matmul(CpuMatmul::F32).unwrap();
     assert_eq!(f32_cpu.linear_matmul(DType::BF16).unwrap(), CpuMatmul::F32);
-    assert!(CpuMatmul::detect().available());
-    match Cpu::new().with_matmul(CpuMatmul::Avx512Bf16) {
-        Ok(c) => assert_eq!(c.linear_matmul(DType::BF16).unwrap(), CpuMatmul::Avx512Bf16),
-        Err(e) => {
-            assert!(!CpuMatmul::Avx512Bf16.available());
-            assert!(matches!(e, XentError::InvalidOption(_)), "{e}");
-            println!("avx512-bf16 refused as it should be: {e}");
+    let best = CpuMatmul::detect();
+    assert!(best.available());
+    // The best: no kernel after it in ALL (fastest last) is available.
+    assert!(ALL.iter().skip_while(|&&m| m != best).skip(1).all(|m| !m.available()), "{best}");
+    for m in ALL {
+        assert_eq!(m.to_string().parse::<CpuMatmul>().unwrap(), m);
+        match Cpu::new().with_matmul(m) {
+            Ok(c) => {
+                assert_eq!(c.linear_matmul(DType::BF16).unwrap(), m);
+                assert_eq!(c.linear_matmul(DType::F32).unwrap(), CpuMatmul::F32);
+            }
+            Err(e) => {
+                let why = m.unavailable().expect("refused only where unavailable");
+                assert!(
+                    matches!(&e, XentError::InvalidOption(msg) if msg.contains(m.name()) && msg.contains(why)),
+                    "{e}"
+                );
+                println!("{m} refused as it should be: {e}");
+            }
         }
     }
     for (s, want) in [
         ("f32", Some(CpuMatmul::F32)),
         ("avx512-bf16", Some(CpuMatmul::Avx512Bf16)),
-        ("amx-bf16", None),
+        ("amx-bf16", Some(CpuMatmul::AmxBf16)),
         ("bf17", None),
     ] {
         match s.parse::<CpuMatmul>() {
@@ -273,11 +285,13 @@ fn a_bad_xent_cpu_matmul_is_an_error() {
         assert!(matches!(&e, XentError::InvalidOption(m) if m.contains("XENT_CPU_MATMUL")), "{e}");
         return;
     }
+    // Kernels this CPU lacks, where there are such, else an unknown name.
+    let bad = ALL.iter().find(|m| !m.available()).map_or("amx-int8", |m| m.name());
     let exe = std::env::current_exe().unwrap();
     let out = std::process::Command::new(exe)
         .args(["--exact", "a_bad_xent_cpu_matmul_is_an_error", "--nocapture"])
         .env("XENT_CPU_MATMUL_CHILD", "1")
-        .env("XENT_CPU_MATMUL", "amx-bf16")
+        .env("XENT_CPU_MATMUL", bad)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -292,25 +306,57 @@ fn a_bad_xent_cpu_matmul_is_an_error() {
 #[test]
 fn rounded_gradient_within_its_bound() {
     use xent::cpu::Bf16Grad;
-    let Some(cpu) = forced(CpuMatmul::Avx512Bf16, None) else { return };
-    let cpu = cpu.with_bf16_grad(Bf16Grad::Rounded);
-    assert_eq!(cpu.bf16_grad_terms().unwrap(), (1, 1));
     let (n, d, v) = (96, 128, 1031);
     let (hb, wb, h, w, b, t) = inputs(n, d, v, 5);
     let r = reference(&h, &w, Some(&b), t.as_slice().unwrap(), &CrossEntropy::default());
     let cfg = LinearCe::default().with_workspace_bytes(40 * v * 4);
-    let o = cpu.linear_cross_entropy(&hb, &wb, Some(b.view()), t.view(), &cfg).unwrap();
-    assert!((o.loss - r.loss).abs() <= 2e-6 * r.loss.abs().max(1.0), "loss {} vs {}", o.loss, r.loss);
+    for m in ALL.into_iter().filter(|m| m.multiplies_bf16()) {
+        let Some(cpu) = forced(m, None) else { continue };
+        rounded_on(m, cpu.with_bf16_grad(Bf16Grad::Rounded), (n, d, v), (&hb, &wb, &b, &t), &r, &cfg);
+    }
+}
+
+fn rounded_on(
+    m: CpuMatmul,
+    cpu: Cpu,
+    (n, d, v): (usize, usize, usize),
+    (hb, wb, b, t): (&Array2<half::bf16>, &Array2<half::bf16>, &Array1<f32>, &Array1<i64>),
+    r: &Ref,
+    cfg: &LinearCe,
+) {
+    assert_eq!(cpu.bf16_grad_terms().unwrap(), (1, 1));
+    let o = cpu.linear_cross_entropy(hb, wb, Some(b.view()), t.view(), cfg).unwrap();
+    assert!((o.loss - r.loss).abs() <= 2e-6 * r.loss.abs().max(1.0), "{m}: loss {} vs {}", o.loss, r.loss);
     for (&a, &e) in o.grad_bias.as_ref().unwrap().iter().zip(r.gb.iter()) {
-        assert!((a as f64 - e).abs() <= 1e-6 * (1.0 + e.abs()), "grad_bias {a} vs {e}");
+        assert!((a as f64 - e).abs() <= 1e-6 * (1.0 + e.abs()), "{m}: grad_bias {a} vs {e}");
     }
     let gh = o.grad_hidden.as_ref().unwrap().to_f32();
     let gw = o.grad_weight.as_ref().unwrap().to_f32();
     let u = 2f64.powi(-8);
-    let gh_worst = within("rounded grad_hidden", &gh, &r.gh, &r.gh_scale, u, 1e-9);
-    let gw_worst = within("rounded grad_weight", &gw, &r.gw, &r.gw_scale, u, 1e-9);
+    let gh_worst = within(&format!("{m} rounded grad_hidden"), &gh, &r.gh, &r.gh_scale, u, 1e-9);
+    let gw_worst = within(&format!("{m} rounded grad_weight"), &gw, &r.gw, &r.gw_scale, u, 1e-9);
     println!(
-        "rounded {n}x{d}x{v}: worst err/scale grad_hidden {gh_worst:.2e}, grad_weight {gw_worst:.2e} (bound {u:.2e})"
+        "{m} rounded {n}x{d}x{v}: worst err/scale grad_hidden {gh_worst:.2e}, grad_weight {gw_worst:.2e} (bound {u:.2e})"
     );
-    assert!(gh_worst > 2f64.powi(-14) && gw_worst > 2f64.powi(-14), "the rounding took effect");
+    assert!(gh_worst > 2f64.powi(-14) && gw_worst > 2f64.powi(-14), "{m}: the rounding took effect");
+}
+
+/// Which kernels the tests above ran on this CPU and which they skipped, and why: the test
+/// script runs this with `--nocapture`, so that CI's log says it.
+#[test]
+fn the_kernels_on_this_cpu() {
+    for m in ALL {
+        match m.unavailable() {
+            None => {
+                assert!(m.available() && m.check().is_ok());
+                println!("cpu_matmul {m}: runs here, tested");
+            }
+            Some(why) => {
+                assert!(!m.available() && m.check().is_err());
+                assert_ne!(m, CpuMatmul::F32, "f32 runs everywhere");
+                println!("cpu_matmul {m}: skipped, {why}");
+            }
+        }
+    }
+    println!("cpu_matmul auto picks {}", CpuMatmul::detect());
 }

@@ -83,7 +83,7 @@ impl Cpu {
     /// This backend with its bf16 gradient products taking the f32 gradient as `grad` says
     /// ([`Bf16Grad::Rounded`]: rounded to bf16 as PyTorch's bf16 autograd does, faster and
     /// about 2e-3 relative; the default [`Bf16Grad::Split`] keeps f32 accuracy). Only the bf16
-    /// kernels ([`CpuMatmul::Avx512Bf16`]) read it.
+    /// kernels ([`CpuMatmul::Avx512Bf16`], [`CpuMatmul::AmxBf16`]) read it.
     ///
     /// ```
     /// use xent::{cpu::Bf16Grad, Cpu};

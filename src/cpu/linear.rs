@@ -7,8 +7,9 @@
 //! same bits on every run and thread count. Rows whose target is ignored are left out of the
 //! chunks where nothing per row is asked for (`counted_rows`): padding costs nothing.
 //!
-//! bf16 inputs on a CPU with AVX512-BF16 ([`CpuMatmul::Avx512Bf16`], chosen by cpuid,
-//! `XENT_CPU_MATMUL` or [`Cpu::with_matmul`]) take `super::matmul_bf16` instead: the bf16
+//! bf16 inputs on a CPU with AVX512-BF16 ([`CpuMatmul::Avx512Bf16`]) or AMX-BF16
+//! ([`CpuMatmul::AmxBf16`]), chosen by cpuid, `XENT_CPU_MATMUL` or [`Cpu::with_matmul`], take
+//! `super::matmul_bf16` (and its AMX kernels, `super::matmul_amx`) instead: the bf16
 //! values multiplied as they are, f32 sums, and the f32 gradient `G` split into
 //! [`GRAD_TERMS`] bf16 terms per product (the bound is in that module and
 //! `docs/cpu-bf16-matmul.md`).
@@ -232,10 +233,15 @@ pub(super) fn grad_terms() -> Result<(usize, usize)> {
 pub(super) enum Weight<'w> {
     /// f32 rows `[V, D]` for the `gemm` crate.
     F32(Cow<'w, [f32]>),
-    /// bf16 panels for `vdpbf16ps`: of `W^T [D, V]` for the logits and, when `grad_hidden` is
-    /// asked for, of `W [V, D]`; and the terms of `G` per gradient product.
+    /// bf16 panels for `vdpbf16ps` or AMX tiles (`kern`): of `W^T [D, V]` for the logits and,
+    /// when `grad_hidden` is asked for, of `W [V, D]`; and the terms of `G` per gradient product.
     #[cfg(target_arch = "x86_64")]
-    Bf16 { fwd: super::matmul_bf16::PackedB, bwd: Option<super::matmul_bf16::PackedB>, terms: (usize, usize) },
+    Bf16 {
+        fwd: super::matmul_bf16::PackedB,
+        bwd: Option<super::matmul_bf16::PackedB>,
+        terms: (usize, usize),
+        kern: super::matmul_bf16::Kern,
+    },
 }
 
 /// One chunk's hidden rows, row-major `[b, D]`: f32, or bf16 bits for the bf16 products.
@@ -259,15 +265,16 @@ impl<'w> Weight<'w> {
     ) -> Result<Weight<'w>> {
         match (path, weight) {
             #[cfg(target_arch = "x86_64")]
-            (CpuMatmul::Avx512Bf16, Logits::BF16(a)) => {
-                use super::matmul_bf16::PackedB;
+            (CpuMatmul::Avx512Bf16 | CpuMatmul::AmxBf16, Logits::BF16(a)) => {
+                use super::matmul_bf16::{Kern, PackedB};
+                let kern = if path == CpuMatmul::AmxBf16 { Kern::Amx } else { Kern::Dp };
                 let (v, d) = a.dim();
                 let std = a.as_standard_layout();
                 let bits: &[u16] = bytemuck::cast_slice(std.as_slice().expect("standard layout"));
                 // B[k = d, n = v] = W[v, d] and B[k = v, n = d] = W[v, d].
                 let fwd = PackedB::new(bits, (d, v), 1, d);
                 let bwd = grad_hidden.then(|| PackedB::new(bits, (v, d), d, 1));
-                Ok(Weight::Bf16 { fwd, bwd, terms })
+                Ok(Weight::Bf16 { fwd, bwd, terms, kern })
             }
             _ => Ok(Weight::F32(f32_rows(weight))),
         }
@@ -290,9 +297,9 @@ impl<'w> Weight<'w> {
         match (self, h) {
             (Weight::F32(w), Rows::F32(h)) => logits_product(threads, (b, v, d), z, accumulate, h, w),
             #[cfg(target_arch = "x86_64")]
-            (Weight::Bf16 { fwd, .. }, Rows::Bf16(h)) => {
+            (Weight::Bf16 { fwd, kern, .. }, Rows::Bf16(h)) => {
                 use super::matmul_bf16::{gemm, Lhs};
-                gemm(threads, (b, v, d), z, v, accumulate, Lhs::Bf16Rows { data: h, rs: d }, 1, fwd)
+                gemm(*kern, threads, (b, v, d), z, v, accumulate, Lhs::Bf16Rows { data: h, rs: d }, 1, fwd)
             }
             _ => unreachable!("hidden rows in the weight's form"),
         }
@@ -303,10 +310,10 @@ impl<'w> Weight<'w> {
         match self {
             Weight::F32(w) => hidden_grad_product(threads, (b, d, v), dst, g, w),
             #[cfg(target_arch = "x86_64")]
-            Weight::Bf16 { bwd, terms, .. } => {
+            Weight::Bf16 { bwd, terms, kern, .. } => {
                 use super::matmul_bf16::{gemm, Lhs};
                 let bwd = bwd.as_ref().expect("packed for grad_hidden");
-                gemm(threads, (b, d, v), dst, d, false, Lhs::F32Rows { data: g, rs: v }, terms.0, bwd)
+                gemm(*kern, threads, (b, d, v), dst, d, false, Lhs::F32Rows { data: g, rs: v }, terms.0, bwd)
             }
         }
     }
@@ -325,11 +332,12 @@ impl<'w> Weight<'w> {
         match (self, h) {
             (Weight::F32(_), Rows::F32(h)) => weight_grad_product(threads, (v, d, b), dst, accumulate, g, h),
             #[cfg(target_arch = "x86_64")]
-            (Weight::Bf16 { terms, .. }, Rows::Bf16(h)) => {
+            (Weight::Bf16 { terms, kern, .. }, Rows::Bf16(h)) => {
                 use super::matmul_bf16::{gemm, Lhs, PackedB};
                 // B[k = row, n = d] = h[row, d].
                 let hb = PackedB::new(h, (b, d), d, 1);
-                gemm(threads, (v, d, b), dst, d, accumulate, Lhs::F32Cols { data: g, cs: v }, terms.1, &hb)
+                let g = Lhs::F32Cols { data: g, cs: v };
+                gemm(*kern, threads, (v, d, b), dst, d, accumulate, g, terms.1, &hb)
             }
             _ => unreachable!("hidden rows in the weight's form"),
         }

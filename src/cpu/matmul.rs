@@ -1,6 +1,7 @@
 //! Which kernels run the CPU's matrix products (those of the fused linear cross-entropy):
 //! chosen at run time from cpuid, overridable by [`crate::Cpu::with_matmul`] or the environment
-//! variable `XENT_CPU_MATMUL` (`f32`, `avx512-bf16`; `auto` or unset: the best this CPU has);
+//! variable `XENT_CPU_MATMUL` (`f32`, `avx512-bf16`, `amx-bf16`; `auto` or unset: the best this
+//! CPU has);
 //! and how the bf16 products take the f32 gradient ([`Bf16Grad`]).
 
 use std::fmt;
@@ -26,41 +27,71 @@ pub enum CpuMatmul {
     /// gradient of the logits split into bf16 terms (see `docs/cpu-bf16-matmul.md` for the
     /// bound). f32 and f16 inputs still take [`CpuMatmul::F32`].
     Avx512Bf16,
+    /// bf16 inputs multiplied on AMX tiles (`tdpbf16ps`, Intel Sapphire Rapids and later) with
+    /// f32 sums: the same operands, terms of the gradient and bound as
+    /// [`CpuMatmul::Avx512Bf16`], 16 x 16 x 32 products per instruction. Offered where cpuid
+    /// reports AMX-BF16 and AVX512-BF16 and Linux grants the tile data (`arch_prctl`, once per
+    /// process). f32 and f16 inputs still take [`CpuMatmul::F32`].
+    AmxBf16,
 }
 
 impl CpuMatmul {
-    /// The name `XENT_CPU_MATMUL` and `xent bench` use: `f32`, `avx512-bf16`.
+    /// Every kernel, slowest first.
+    pub const ALL: [CpuMatmul; 3] = [CpuMatmul::F32, CpuMatmul::Avx512Bf16, CpuMatmul::AmxBf16];
+
+    /// The name `XENT_CPU_MATMUL` and `xent bench` use: `f32`, `avx512-bf16`, `amx-bf16`.
     pub fn name(self) -> &'static str {
         match self {
             CpuMatmul::F32 => "f32",
             CpuMatmul::Avx512Bf16 => "avx512-bf16",
+            CpuMatmul::AmxBf16 => "amx-bf16",
         }
     }
 
-    /// Whether this CPU runs these kernels (cpuid at run time).
+    /// Whether this CPU (and, for AMX, its OS) runs these kernels: cpuid at run time.
     pub fn available(self) -> bool {
+        self.unavailable().is_none()
+    }
+
+    /// Why this CPU does not run these kernels, or `None` where it does.
+    ///
+    /// ```
+    /// use xent::cpu::CpuMatmul;
+    /// assert_eq!(CpuMatmul::F32.unavailable(), None);
+    /// if let Some(why) = CpuMatmul::AmxBf16.unavailable() {
+    ///     println!("no AMX here: {why}");
+    /// }
+    /// ```
+    pub fn unavailable(self) -> Option<&'static str> {
+        #[cfg(target_arch = "x86_64")]
+        let (dp, amx) = (
+            (!super::matmul_bf16::available()).then_some("cpuid reports no AVX512-BF16"),
+            super::matmul_amx::unavailable(),
+        );
+        #[cfg(not(target_arch = "x86_64"))]
+        let (dp, amx) = (Some("not an x86-64 CPU"), Some("not an x86-64 CPU"));
         match self {
-            CpuMatmul::F32 => true,
-            #[cfg(target_arch = "x86_64")]
-            CpuMatmul::Avx512Bf16 => super::matmul_bf16::available(),
-            #[cfg(not(target_arch = "x86_64"))]
-            CpuMatmul::Avx512Bf16 => false,
+            CpuMatmul::F32 => None,
+            CpuMatmul::Avx512Bf16 => dp,
+            CpuMatmul::AmxBf16 => amx,
         }
     }
 
-    /// The fastest kernels this CPU runs.
+    /// The fastest kernels this CPU runs: AMX tiles, else AVX512-BF16, else f32.
     pub fn detect() -> CpuMatmul {
-        if CpuMatmul::Avx512Bf16.available() {
-            CpuMatmul::Avx512Bf16
-        } else {
-            CpuMatmul::F32
-        }
+        CpuMatmul::ALL.into_iter().rev().find(|m| m.available()).unwrap_or(CpuMatmul::F32)
+    }
+
+    /// Whether these kernels multiply bf16 inputs as bf16 (and so take the gradient of the
+    /// logits as [`Bf16Grad`] says).
+    pub fn multiplies_bf16(self) -> bool {
+        self != CpuMatmul::F32
     }
 
     /// The kernels that run products of `dtype` inputs when these are asked for.
     pub fn for_dtype(self, dtype: DType) -> CpuMatmul {
-        match (self, dtype) {
-            (CpuMatmul::Avx512Bf16, DType::BF16) => CpuMatmul::Avx512Bf16,
+        match dtype {
+            DType::BF16 => self,
             _ => CpuMatmul::F32,
         }
     }
@@ -83,15 +114,18 @@ impl CpuMatmul {
         }
     }
 
-    /// `self`, or an [`XentError::InvalidOption`] when this CPU lacks it.
+    /// `self`, or an [`XentError::InvalidOption`] saying why when this CPU lacks it.
     pub fn check(self) -> Result<CpuMatmul> {
-        if self.available() {
-            Ok(self)
-        } else {
-            Err(XentError::InvalidOption(format!(
-                "{} matrix products need a CPU with AVX512-BF16 (vdpbf16ps), which this one lacks",
-                self.name()
-            )))
+        let need = match self {
+            CpuMatmul::F32 => "",
+            CpuMatmul::Avx512Bf16 => "AVX512-BF16 (vdpbf16ps)",
+            CpuMatmul::AmxBf16 => "AMX-BF16 tiles (tdpbf16ps), AVX512-BF16 and the OS's leave to use the tiles",
+        };
+        match self.unavailable() {
+            None => Ok(self),
+            Some(why) => {
+                Err(XentError::InvalidOption(format!("{} matrix products need {need}, but {why}", self.name())))
+            }
         }
     }
 }
@@ -109,11 +143,9 @@ impl FromStr for CpuMatmul {
         match s.trim() {
             "f32" => Ok(CpuMatmul::F32),
             "avx512-bf16" => Ok(CpuMatmul::Avx512Bf16),
-            "amx-bf16" => Err(XentError::InvalidOption(
-                "amx-bf16 matrix products are not implemented in this version; use f32 or avx512-bf16".into(),
-            )),
+            "amx-bf16" => Ok(CpuMatmul::AmxBf16),
             other => Err(XentError::InvalidOption(format!(
-                "unknown CPU matrix kernels {other:?}: use f32, avx512-bf16 or auto"
+                "unknown CPU matrix kernels {other:?}: use f32, avx512-bf16, amx-bf16 or auto"
             ))),
         }
     }
@@ -121,7 +153,7 @@ impl FromStr for CpuMatmul {
 
 /// How the bf16 products of the fused linear losses take the f32 gradient of the logits `G`
 /// (in `grad_hidden = G W` and `grad_weight = G^T H`), where they run on bf16 kernels
-/// ([`CpuMatmul::Avx512Bf16`]); other kernels ignore it. Set by [`crate::Cpu::with_bf16_grad`];
+/// ([`CpuMatmul::Avx512Bf16`], [`CpuMatmul::AmxBf16`]); other kernels ignore it. Set by [`crate::Cpu::with_bf16_grad`];
 /// `XENT_CPU_BF16_TERMS=gh,gw` (1 to 3 terms per product) overrides the default for
 /// measurement. The bounds are element-wise: `|product - exact| <= u sum_k |g_k x_k|` plus f32
 /// summation, tested in `tests/cpu_matmul.rs` and measured in `docs/cpu-bf16-matmul.md`.

@@ -44,8 +44,6 @@ pub(super) const MR: usize = 12;
 pub(super) const NR: usize = 32;
 /// Inner-dimension elements per block (a [`KC`] x [`NR`] bf16 panel is 16 KiB: half of L1).
 pub(super) const KC: usize = 256;
-/// Pairs of `k` per block.
-const KCP: usize = KC / 2;
 /// Largest row block of a task (its packed left block, 240 x 256 x 2 terms x 2 bytes, is
 /// 240 KiB: within L2).
 const MC_MAX: usize = 240;
@@ -58,8 +56,10 @@ pub(super) fn available() -> bool {
 }
 
 /// The right operand `B [k, n]` packed: panels of [`NR`] columns, each `ceil(k / 2)` pairs of
-/// rows, each pair [`NR`] `u32`s holding `(B[2p, j], B[2p + 1, j])` (low half first), zero past
-/// `k` and `n`.
+/// rows rounded up to a multiple of 16 (the pairs of one AMX tile), each pair [`NR`] `u32`s
+/// holding `(B[2p, j], B[2p + 1, j])` (low half first), zero past `k` and `n`. A pair is 128
+/// bytes: an AMX `B` tile of 16 columns is 16 pairs at that stride, the vectors of `vdpbf16ps`
+/// the two halves of a pair.
 pub(super) struct PackedB {
     data: Vec<u16>,
     k: usize,
@@ -70,7 +70,7 @@ impl PackedB {
     /// Packs `B[kk, j] = src[kk * rs + j * cs]` (`k x n`, bf16 bits), panels in parallel.
     pub(super) fn new(src: &[u16], (k, n): (usize, usize), rs: usize, cs: usize) -> PackedB {
         let kp = k.div_ceil(2);
-        let panel = kp * NR * 2;
+        let panel = kp.next_multiple_of(16) * NR * 2;
         let panels = n.div_ceil(NR);
         let mut data = vec![0u16; panels * panel];
         if k > 0 && n > 0 {
@@ -105,13 +105,13 @@ impl PackedB {
         PackedB { data, k, n }
     }
 
-    /// Pairs of `k` per panel.
+    /// Pairs of `k` per panel, padding included.
     fn kp(&self) -> usize {
-        self.k.div_ceil(2)
+        self.k.div_ceil(2).next_multiple_of(16)
     }
 
     /// The pairs `p0 ..` of panel `pi`.
-    fn panel_at(&self, pi: usize, p0: usize) -> *const u16 {
+    pub(super) fn panel_at(&self, pi: usize, p0: usize) -> *const u16 {
         let kp = self.kp();
         self.data[pi * kp * NR * 2 + p0 * NR * 2..].as_ptr()
     }
@@ -130,24 +130,135 @@ pub(super) enum Lhs<'a> {
 
 /// Raw output pointer shared by the tasks, each writing its own tile.
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+pub(super) struct Out(*mut f32);
 // SAFETY: tasks write disjoint tiles of the destination, which outlives the parallel loop.
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
-/// `c[m, n] (+)= A[m, k] B[k, n]` (`c` row stride `c_rs`), the f32 left operands split into
-/// `terms` bf16 terms (1 to 3; bf16 ones are exact in one), tiles in parallel on the current
-/// rayon pool, `threads` its size (it sets the tile size only, never the bits).
+/// Which kernels run a bf16 product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Kern {
+    /// `vdpbf16ps` register tiles (AVX512-BF16).
+    Dp,
+    /// AMX tiles (`tdpbf16ps`), `super::matmul_amx`.
+    Amx,
+    /// The AMX kernels' driver and packing on the software model of the tiles (tests only).
+    #[cfg(test)]
+    AmxModel,
+}
+
+/// What a kernel of the driver [`gemm`] provides: its row micro-panels, their packing, and the
+/// register (or tile) product of one micro-panel and one panel of [`NR`] columns over one
+/// block of `k`.
+pub(super) trait Kernel {
+    /// Rows of a micro-panel.
+    const MR: usize;
+    /// Per-task state (the AMX tile configuration).
+    type State;
+    /// `u32`s of one packed micro-panel: `kc` values of `k`, `T` terms.
+    fn per_micro(kc: usize, terms: usize) -> usize;
+    /// The state of a task on this thread.
+    ///
+    /// # Safety
+    /// The CPU runs these kernels.
+    unsafe fn begin() -> Self::State;
+    /// Rows `r0..r0 + rows` (at most [`Kernel::MR`]) and `k0..k0 + kc` of `a` into `dst` (zeroed,
+    /// [`Kernel::per_micro`] long).
+    ///
+    /// # Safety
+    /// AVX512-BF16; `a` holds the rows and columns.
+    unsafe fn pack<const T: usize>(a: Lhs<'_>, r0: usize, rows: usize, k0: usize, kc: usize, dst: &mut [u32]);
+    /// `c[0..rows, 0..cols] (+)= a b` over `kc` values of `k`, `a` one packed micro-panel, `b`
+    /// the panel's pairs of this block.
+    ///
+    /// # Safety
+    /// As [`Kernel::begin`]; `a` and `b` hold the block; rows `0..rows` of `c` at stride `c_rs`,
+    /// columns `0..cols`, are writable and this task's.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn micro<const T: usize>(
+        state: &mut Self::State,
+        kc: usize,
+        a: *const u32,
+        b: *const u16,
+        c: *mut f32,
+        c_rs: usize,
+        rows_cols: (usize, usize),
+        add: bool,
+    );
+}
+
+/// The `vdpbf16ps` register tile of [`MR`] x [`NR`].
+pub(super) struct Dp;
+
+impl Kernel for Dp {
+    const MR: usize = MR;
+    type State = ();
+
+    fn per_micro(kc: usize, terms: usize) -> usize {
+        kc.div_ceil(2) * terms * MR
+    }
+
+    unsafe fn begin() {}
+
+    unsafe fn pack<const T: usize>(a: Lhs<'_>, r0: usize, rows: usize, k0: usize, kc: usize, dst: &mut [u32]) {
+        pack_a::<T>(a, r0, rows, k0, kc, dst)
+    }
+
+    unsafe fn micro<const T: usize>(
+        _: &mut (),
+        kc: usize,
+        a: *const u32,
+        b: *const u16,
+        c: *mut f32,
+        c_rs: usize,
+        (rows, cols): (usize, usize),
+        add: bool,
+    ) {
+        let masks = [lane_mask(cols.min(16)), lane_mask(cols.saturating_sub(16))];
+        kernel::<T>(kc.div_ceil(2), a, b, c, c_rs, rows, masks, add)
+    }
+}
+
+/// `c[m, n] (+)= A[m, k] B[k, n]` (`c` row stride `c_rs`) on `kern`'s kernels, the f32 left
+/// operands split into `terms` bf16 terms (1 to 3; bf16 ones are exact in one), tiles in
+/// parallel on the current rayon pool, `threads` its size (it sets the tile size only, never
+/// the bits).
 ///
 /// A bf16 left operand (small: a chunk of hidden rows) is packed once and shared by tiles of
 /// [`NC`] columns; an f32 one (a chunk's gradient, `b x V`) is packed by the task that uses
 /// it, tiles spanning all `n` columns, so that each of its values is split once.
 ///
 /// # Panics
-/// If the CPU lacks AVX512-BF16 (callers check [`available`]), `terms` is not 1 to 3, or an
-/// operand is shorter than its shape.
+/// If the CPU lacks `kern`'s kernels (callers check [`available`] or
+/// `super::matmul_amx::available`), `terms` is not 1 to 3, or an operand is shorter than its
+/// shape.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn gemm(
+    kern: Kern,
+    threads: usize,
+    shape: (usize, usize, usize),
+    c: &mut [f32],
+    c_rs: usize,
+    accumulate: bool,
+    a: Lhs<'_>,
+    terms: usize,
+    b: &PackedB,
+) {
+    use super::matmul_amx::{Amx, Native};
+    match kern {
+        Kern::Dp => drive::<Dp>(threads, shape, c, c_rs, accumulate, a, terms, b),
+        Kern::Amx => {
+            assert!(super::matmul_amx::available(), "AMX-BF16");
+            drive::<Amx<Native>>(threads, shape, c, c_rs, accumulate, a, terms, b)
+        }
+        #[cfg(test)]
+        Kern::AmxModel => drive::<Amx<super::matmul_amx::Model>>(threads, shape, c, c_rs, accumulate, a, terms, b),
+    }
+}
+
+/// [`gemm`] on the kernels `K` (which the caller checked the CPU runs).
+#[allow(clippy::too_many_arguments)]
+fn drive<K: Kernel>(
     threads: usize,
     (m, n, k): (usize, usize, usize),
     c: &mut [f32],
@@ -176,41 +287,43 @@ pub(super) fn gemm(
         Lhs::F32Cols { data, cs } => assert!(data.len() > (k - 1) * cs + m - 1, "A holds m x k"),
     }
     let out = Out(c.as_mut_ptr());
-    let shape = Shape { c_rs, accumulate, k, micro_all: m.div_ceil(MR) };
+    let shape = Shape { c_rs, accumulate, k, micro_all: m.div_ceil(K::MR) };
     match a {
         Lhs::Bf16Rows { .. } => {
             // Packed once: for each block of k, every micro-panel.
-            let mut packed = vec![0u32; shape.micro_all * k.div_ceil(2) * MR];
-            let per_block = KCP * MR * shape.micro_all;
+            let per_block = K::per_micro(KC, 1) * shape.micro_all;
+            let last = K::per_micro(k - (k - 1) / KC * KC, 1) * shape.micro_all;
+            let mut packed = vec![0u32; (k - 1) / KC * per_block + last];
             packed.par_chunks_mut(per_block).enumerate().for_each(|(kb, block)| {
                 let k0 = kb * KC;
                 let kc = (k - k0).min(KC);
-                for (mp, dst) in block.chunks_mut(kc.div_ceil(2) * MR).enumerate() {
+                for (mp, dst) in block.chunks_mut(K::per_micro(kc, 1)).enumerate() {
+                    let r0 = mp * K::MR;
                     // SAFETY: AVX512-BF16 checked above.
-                    unsafe { pack_a::<1>(a, mp * MR, (m - mp * MR).min(MR), k0, kc, dst) };
+                    unsafe { K::pack::<1>(a, r0, (m - r0).min(K::MR), k0, kc, dst) };
                 }
             });
             let n_tiles = n.div_ceil(NC);
-            let m_tiles = row_tiles(m, n_tiles, threads);
+            let m_tiles = row_tiles::<K>(m, n_tiles, threads);
             (0..n_tiles * m_tiles).into_par_iter().for_each(|tile| {
                 let (ni, mi) = (tile / m_tiles, tile % m_tiles);
-                let rows = tile_span(m, m_tiles, mi);
+                let rows = tile_span::<K>(m, m_tiles, mi);
                 let cols = (ni * NC, ((ni + 1) * NC).min(n));
-                // SAFETY: AVX512-BF16 checked; the asserts keep accesses in bounds, and this
-                // task alone writes these rows and columns of `c`.
-                unsafe { tile_task::<1>(out, &shape, Left::Packed(&packed), b, rows, cols, &mut Vec::new()) };
+                // SAFETY: the kernels checked; the asserts keep accesses in bounds, and this task
+                // alone writes these rows and columns of `c`.
+                unsafe { tile_task::<K, 1>(out, &shape, Left::Packed(&packed), b, rows, cols, &mut Vec::new()) };
             });
         }
         _ => {
-            let m_tiles = row_tiles(m, 1, threads);
+            let m_tiles = row_tiles::<K>(m, 1, threads);
             (0..m_tiles).into_par_iter().for_each_init(Vec::<u32>::new, |buf, mi| {
-                let rows = tile_span(m, m_tiles, mi);
+                let rows = tile_span::<K>(m, m_tiles, mi);
                 // SAFETY: as above.
                 unsafe {
                     match terms {
-                        1 => tile_task::<1>(out, &shape, Left::Pack(a), b, rows, (0, n), buf),
-                        2 => tile_task::<2>(out, &shape, Left::Pack(a), b, rows, (0, n), buf),
-                        _ => tile_task::<3>(out, &shape, Left::Pack(a), b, rows, (0, n), buf),
+                        1 => tile_task::<K, 1>(out, &shape, Left::Pack(a), b, rows, (0, n), buf),
+                        2 => tile_task::<K, 2>(out, &shape, Left::Pack(a), b, rows, (0, n), buf),
+                        _ => tile_task::<K, 3>(out, &shape, Left::Pack(a), b, rows, (0, n), buf),
                     }
                 }
             });
@@ -219,17 +332,17 @@ pub(super) fn gemm(
 }
 
 /// Tiles of rows: four per thread over the `n_tiles` column tiles where the rows allow, none
-/// over [`MC_MAX`] rows.
-fn row_tiles(m: usize, n_tiles: usize, threads: usize) -> usize {
-    let micro = m.div_ceil(MR);
+/// over [`MC_MAX`] rows (rounded to whole micro-panels).
+fn row_tiles<K: Kernel>(m: usize, n_tiles: usize, threads: usize) -> usize {
+    let micro = m.div_ceil(K::MR);
     let wanted = (4 * threads.max(1)).div_ceil(n_tiles).max(1);
-    wanted.max(micro.div_ceil(MC_MAX / MR)).min(micro)
+    wanted.max(micro.div_ceil((MC_MAX / K::MR).max(1))).min(micro)
 }
 
 /// Rows of tile `i` of `tiles`: whole micro-panels, the counts differing by one at most.
-fn tile_span(m: usize, tiles: usize, i: usize) -> (usize, usize) {
-    let micro = m.div_ceil(MR);
-    ((i * micro / tiles * MR).min(m), ((i + 1) * micro / tiles * MR).min(m))
+fn tile_span<K: Kernel>(m: usize, tiles: usize, i: usize) -> (usize, usize) {
+    let micro = m.div_ceil(K::MR);
+    ((i * micro / tiles * K::MR).min(m), ((i + 1) * micro / tiles * K::MR).min(m))
 }
 
 /// What every tile shares.
@@ -248,12 +361,12 @@ enum Left<'a> {
     Pack(Lhs<'a>),
 }
 
-/// One tile `rows i0..i1 x columns j0..j1` (`i0` a multiple of [`MR`]): for each block of `k`,
+/// One tile `rows i0..i1 x columns j0..j1` (`i0` a multiple of `K::MR`): for each block of `k`,
 /// its left block (packed into `buf`, or found packed), then every panel of columns times every
 /// micro-panel of rows.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn tile_task<const T: usize>(
+unsafe fn tile_task<K: Kernel, const T: usize>(
     out: Out,
     shape: &Shape,
     a: Left<'_>,
@@ -262,23 +375,23 @@ unsafe fn tile_task<const T: usize>(
     (j0, j1): (usize, usize),
     buf: &mut Vec<u32>,
 ) {
-    let micro = (i1 - i0).div_ceil(MR);
+    let mut state = K::begin();
+    let micro = (i1 - i0).div_ceil(K::MR);
     let k = shape.k;
     for k0 in (0..k).step_by(KC) {
         let kc = (k - k0).min(KC);
-        let kcp = kc.div_ceil(2);
-        let per_micro = kcp * T * MR;
+        let per_micro = K::per_micro(kc, T);
         let block: &[u32] = match a {
             Left::Packed(all) => {
-                let start = (k0 / 2) * MR * shape.micro_all + (i0 / MR) * per_micro;
+                let start = k0 / KC * K::per_micro(KC, 1) * shape.micro_all + (i0 / K::MR) * per_micro;
                 &all[start..start + micro * per_micro]
             }
             Left::Pack(a) => {
                 buf.clear();
                 buf.resize(micro * per_micro, 0);
                 for (mp, dst) in buf.chunks_mut(per_micro).enumerate() {
-                    let r0 = i0 + mp * MR;
-                    pack_a::<T>(a, r0, (i1 - r0).min(MR), k0, kc, dst);
+                    let r0 = i0 + mp * K::MR;
+                    K::pack::<T>(a, r0, (i1 - r0).min(K::MR), k0, kc, dst);
                 }
                 buf
             }
@@ -286,21 +399,20 @@ unsafe fn tile_task<const T: usize>(
         let add = shape.accumulate || k0 > 0;
         for j in (j0..j1).step_by(NR) {
             let cols = (j1 - j).min(NR);
-            let masks = [lane_mask(cols.min(16)), lane_mask(cols.saturating_sub(16))];
             let bp = b.panel_at(j / NR, k0 / 2);
             for (mp, ap) in block.chunks(per_micro).enumerate() {
-                let r0 = i0 + mp * MR;
-                let rows = (i1 - r0).min(MR);
+                let r0 = i0 + mp * K::MR;
+                let rows = (i1 - r0).min(K::MR);
                 // SAFETY (caller): rows r0..r0+rows, columns j..j+cols are this task's.
                 let cp = out.0.add(r0 * shape.c_rs + j);
-                kernel::<T>(kcp, ap.as_ptr(), bp, cp, shape.c_rs, rows, masks, add);
+                K::micro::<T>(&mut state, kc, ap.as_ptr(), bp, cp, shape.c_rs, (rows, cols), add);
             }
         }
     }
 }
 
 /// The low `n` lanes of 16.
-fn lane_mask(n: usize) -> u16 {
+pub(super) fn lane_mask(n: usize) -> u16 {
     if n >= 16 {
         u16::MAX
     } else {
@@ -313,7 +425,7 @@ fn lane_mask(n: usize) -> u16 {
 /// non-finite term the rest are zero.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-fn split16<const T: usize>(x: __m512) -> [__m512i; T] {
+pub(super) fn split16<const T: usize>(x: __m512) -> [__m512i; T] {
     let mut out = [_mm512_setzero_si512(); T];
     let mut r = x;
     let inf = _mm512_set1_ps(f32::INFINITY);
@@ -514,12 +626,29 @@ mod tests {
     /// kernel sees them (exact bf16 values, the f32 values for split operands), with the bound
     /// of the module docs: `2^(-8 terms) sum|a b| + terms k 2^-24 sum|a b|` (bf16 operands:
     /// the second part only, one term). Odd sizes, edges of tiles, blocks and pairs.
+    /// The kernels this CPU runs: `vdpbf16ps`, the AMX driver on the model of the tiles, and
+    /// the AMX instructions where the CPU and OS offer them (else a line saying why not).
+    fn kernels() -> Vec<Kern> {
+        let mut k = vec![Kern::Dp, Kern::AmxModel];
+        match super::super::matmul_amx::unavailable() {
+            None => k.push(Kern::Amx),
+            Some(why) => println!("AMX instructions skipped: {why}"),
+        }
+        k
+    }
+
     #[test]
     fn products_match_f64_within_the_bound() {
         if !available() {
             println!("skipped: this CPU has no AVX512-BF16 (cpuid), so vdpbf16ps cannot run here");
             return;
         }
+        for kern in kernels() {
+            products_on(kern);
+        }
+    }
+
+    fn products_on(kern: Kern) {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         for &(m, n, k) in &[(1, 1, 1), (13, 33, 7), (25, 70, 257), (40, 31, 600), (251, 530, 513)] {
             let a32 = values(m * k, (m * 31 + k) as u64);
@@ -547,7 +676,7 @@ mod tests {
                     for accumulate in [false, true] {
                         let c_rs = n + 3;
                         let mut c = vec![0.25f32; m * c_rs];
-                        pool.install(|| gemm(3, (m, n, k), &mut c, c_rs, accumulate, lhs, terms, &packed));
+                        pool.install(|| gemm(kern, 3, (m, n, k), &mut c, c_rs, accumulate, lhs, terms, &packed));
                         let unit = if form == 0 { 0.0 } else { 2f64.powi(-8 * terms as i32) };
                         for i in 0..m {
                             for j in 0..n {
@@ -564,7 +693,7 @@ mod tests {
                                 let tol = (unit + (terms * k + 2) as f64 * 2f64.powi(-24)) * mag + 1e-30;
                                 assert!(
                                     (got - want).abs() <= tol,
-                                    "{m}x{n}x{k} form {form} terms {terms} acc {accumulate} [{i},{j}]: {got} vs {want} (tol {tol})"
+                                    "{kern:?} {m}x{n}x{k} form {form} terms {terms} acc {accumulate} [{i},{j}]: {got} vs {want} (tol {tol})"
                                 );
                             }
                             assert!(c[i * c_rs + n..(i + 1) * c_rs].iter().all(|&x| x == 0.25), "padding untouched");
@@ -585,15 +714,18 @@ mod tests {
         let a = values(m * k, 3);
         let bsrc = bf(&values(k * n, 4));
         let packed = PackedB::new(&bsrc, (k, n), n, 1);
-        let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            let mut c = vec![0f32; m * n];
-            pool.install(|| gemm(threads, (m, n, k), &mut c, n, false, Lhs::F32Rows { data: &a, rs: k }, 2, &packed));
-            c.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
-        };
-        let one = run(1);
-        for t in [2, 3, 8] {
-            assert_eq!(run(t), one, "{t} threads");
+        for kern in kernels() {
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let mut c = vec![0f32; m * n];
+                let lhs = Lhs::F32Rows { data: &a, rs: k };
+                pool.install(|| gemm(kern, threads, (m, n, k), &mut c, n, false, lhs, 2, &packed));
+                c.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            };
+            let one = run(1);
+            for t in [2, 3, 8] {
+                assert_eq!(run(t), one, "{kern:?}: {t} threads");
+            }
         }
     }
 }

@@ -13,6 +13,7 @@ mod linear_vocab;
 mod log_softmax;
 mod logprobs;
 mod matmul;
+mod matmul_amx;
 mod matmul_bf16;
 pub mod reference;
 mod simd;

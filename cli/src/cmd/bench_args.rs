@@ -66,7 +66,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub(crate) workspace_bytes: Option<usize>,
     /// `--op linear-fwd-bwd`: CPU matrix-product kernels to time side by side, comma-separated
-    /// (`auto`: the best this CPU has, or XENT_CPU_MATMUL's; `f32`; `avx512-bf16`).
+    /// (`auto`: the best this CPU has, or XENT_CPU_MATMUL's; `f32`; `avx512-bf16`; `amx-bf16`).
     #[arg(long, value_delimiter = ',', default_value = "auto")]
     pub(crate) cpu_matmul: Vec<String>,
     /// `--op linear-fwd-bwd`, bf16 on bf16 CPU kernels: how the gradient products take the f32

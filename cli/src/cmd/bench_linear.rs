@@ -2,7 +2,7 @@
 //! gradients w.r.t. hidden states, weight and bias, timed per backend: median and minimum
 //! seconds, GFLOP/s of its three matrix products (6 N D V), and the extra memory it held (CPU:
 //! peak heap growth over the inputs, gradients included; and the resident-set growth). CPU
-//! rows say which matrix-product kernels ran (`cpu_matmul`: `f32`, `avx512-bf16`), one row per
+//! rows say which matrix-product kernels ran (`cpu_matmul`: `f32`, `avx512-bf16`, `amx-bf16`), one row per
 //! `--cpu-matmul` choice, and how bf16 kernels took the gradient (`bf16_grad`: `split`,
 //! `rounded`), one row per `--bf16-grad` choice.
 
@@ -118,7 +118,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 }
                 let used = c.linear_matmul(dtype)?;
                 // How the bf16 kernels took the gradient (only they read it).
-                let grad_form = (used == CpuMatmul::Avx512Bf16).then(|| -> Result<String> {
+                let grad_form = used.multiplies_bf16().then(|| -> Result<String> {
                     Ok(match c.bf16_grad_terms()? {
                         t if t == Bf16Grad::Split.terms() => Bf16Grad::Split.to_string(),
                         t if t == Bf16Grad::Rounded.terms() => Bf16Grad::Rounded.to_string(),
