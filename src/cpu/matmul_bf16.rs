@@ -28,6 +28,10 @@
 //! `512 x 512 x 32000` products: about 200 GFLOP/s per core with one term (the f32 `gemm`
 //! crate: 85-100), half that with two terms.
 //!
+//! The driver ([`gemm`]) is generic over its [`Kernel`]: these `vdpbf16ps` register tiles
+//! ([`Dp`]), or the AMX tiles of `super::matmul_amx` (same packed right operand, same terms,
+//! 32-row micro-panels of their own layout).
+//!
 //! Determinism: every output element is computed by one task, its `k` sum running in the same
 //! order (block by block of [`KC`], pair by pair, term by term) whatever the thread count or
 //! tile size, so the results are the same bits on every run and thread count.
