@@ -20,6 +20,13 @@
 #    that branch gives `xent bench`. A binary without it runs the products once per dtype with
 #    its default, and the JSON says so in "notes".
 # 3. SWEEP=1 only (not in the five minutes): segment lengths and workgroup sizes.
+# 0. First, in seconds: the host CPU's bf16 linear loss on each matrix-product kernel its flags
+#    offer (`--cpu-matmul`: amx-bf16 where /proc/cpuinfo has amx_bf16, as Intel Sapphire Rapids
+#    hosts of H100s do; avx512-bf16; f32) at 4096x512x32000, and before that the kernels' tests
+#    where their binaries were carried: CPU_TEST_BINS="lib-test-binary cpu_matmul-test-binary"
+#    (from `cargo test --release -p xent --lib --test cpu_matmul --no-run`), each run with
+#    `--nocapture` and its verdict and kernel lines kept in "notes". The host's model and flags
+#    are noted.
 #
 # The device machine has no Rust toolchain and no network: build here and carry the binary,
 #   cargo build --release -p xent-cli && mkdir -p .devbin && cp target/release/xent .devbin/
@@ -114,7 +121,7 @@ write_json() {
     mv "$OUT.tmp" "$OUT"
 }
 
-bench() { # bench TAG [xent bench arguments...]: one invocation, every line tagged "variant"
+bench() { # [BACKEND=cpu] bench TAG [xent bench arguments...]: one invocation, every line tagged "variant"
     local tag=$1
     shift
     local left=$((BUDGET_S - (SECONDS - START)))
@@ -123,7 +130,7 @@ bench() { # bench TAG [xent bench arguments...]: one invocation, every line tagg
         return 0
     fi
     local t0=$SECONDS
-    if timeout "$left" "$BIN" bench --backend gpu --json "$@" 2>"$ERR" >"$LINES.part"; then
+    if timeout "$left" "$BIN" bench --backend "${BACKEND:-gpu}" --json "$@" 2>"$ERR" >"$LINES.part"; then
         sed "s/}\$/,\"variant\":\"$tag\"}/" "$LINES.part" | tee -a "$LINES"
         echo "gpu-bench: $tag: $((SECONDS - t0)) s" >&2
     else
@@ -137,6 +144,25 @@ bench() { # bench TAG [xent bench arguments...]: one invocation, every line tagg
 
 note "mode $MODE, reps $REPS (linear $LINEAR_REPS), budget ${BUDGET_S}s, binary $BIN"
 write_json
+
+# 0. The host CPU's matrix-product kernels: their tests where carried, then the linear loss.
+FLAGS=$(grep -o -w -E 'amx_bf16|amx_tile|avx512_bf16' /proc/cpuinfo 2>/dev/null | sort -u | tr '\n' ' ' || true)
+note "host CPU: $( (lscpu 2>/dev/null || true) | sed -n 's/^Model name: *//p' | head -1); $(nproc) cores; flags: ${FLAGS:-none of amx_bf16, amx_tile, avx512_bf16}"
+for t in ${CPU_TEST_BINS:-}; do
+    if [ ! -x "$t" ]; then
+        note "cpu tests: $t is not an executable"
+        continue
+    fi
+    rc=0
+    timeout 300 "$t" --nocapture >"$ERR" 2>&1 || rc=$?
+    note "cpu tests $(basename "$t"): exit $rc; $(grep -E '^test result|cpu_matmul |skipped|AMX|panicked' "$ERR" | sort | uniq -c | head -20 | tr -s ' ')"
+done
+kernels=f32
+case " $FLAGS " in *" avx512_bf16 "*) kernels="avx512-bf16,$kernels" ;; esac
+case " $FLAGS " in *" amx_bf16 "*) kernels="amx-bf16,$kernels" ;; esac
+if [ $DRY = 1 ]; then CPU_SHAPES=64x64x1000; else CPU_SHAPES=4096x512x32000; fi
+BACKEND=cpu bench "cpu-matmul" --reps "$LINEAR_REPS" --op linear-fwd-bwd --dtype f32,bf16 --shapes "$CPU_SHAPES" \
+    --cpu-matmul "$kernels" --bf16-grad split,rounded
 
 # 1. The cross-entropy grid, one invocation per (V, op): workloads generated once per dtype.
 for v in $CE_V; do

@@ -134,7 +134,7 @@ pub(super) enum Lhs<'a> {
 
 /// Raw output pointer shared by the tasks, each writing its own tile.
 #[derive(Clone, Copy)]
-pub(super) struct Out(*mut f32);
+struct Out(*mut f32);
 // SAFETY: tasks write disjoint tiles of the destination, which outlives the parallel loop.
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
