@@ -43,7 +43,7 @@ use std::arch::x86_64::*;
 use std::marker::PhantomData;
 use std::sync::OnceLock;
 
-use super::matmul_bf16::{lane_mask, split16, Kernel, Lhs, NR};
+use super::matmul_bf16::{col_pair_terms, lane_mask, split16, Kernel, Lhs, NR};
 
 /// Rows of a micro-panel: two `A` tiles.
 const MRA: usize = 32;
@@ -270,18 +270,10 @@ impl<U: Tiles> Kernel for Amx<U> {
                     let mask = lane_mask(rows - 16 * h);
                     let rh = r0 + 16 * h;
                     for p in 0..kc.div_ceil(2) {
-                        let kk = k0 + 2 * p;
-                        let x0 = _mm512_maskz_loadu_ps(mask, data[kk * cs + rh..].as_ptr());
-                        let x1 = if 2 * p + 1 < kc {
-                            _mm512_maskz_loadu_ps(mask, data[(kk + 1) * cs + rh..].as_ptr())
-                        } else {
-                            _mm512_setzero_ps()
-                        };
-                        let (s0, s1) = (split16::<T>(x0), split16::<T>(x1));
-                        for t in 0..T {
-                            let v = _mm512_or_si512(s0[t], _mm512_slli_epi32::<16>(s1[t]));
+                        let v = col_pair_terms::<T>(data, cs, k0 + 2 * p, rh, mask, 2 * p + 1 < kc);
+                        for (t, v) in v.iter().enumerate() {
                             let base = dst.as_mut_ptr().add((t * MRA + 16 * h) * words + p);
-                            _mm512_mask_i32scatter_epi32::<4>(base.cast(), mask, vindex, v);
+                            _mm512_mask_i32scatter_epi32::<4>(base.cast(), mask, vindex, *v);
                         }
                     }
                 }

@@ -447,6 +447,33 @@ pub(super) fn split16<const T: usize>(x: __m512) -> [__m512i; T] {
     out
 }
 
+/// The `T` bf16 terms of the pairs `(A[r, kk], A[r, kk + 1])` of 16 rows `r0..` (the lanes set
+/// in `mask`) of `A[i, kk] = data[kk * cs + i]`, each a u32 (`A[r, kk]` in the low half);
+/// `A[r, kk + 1]` taken as zero unless `second`.
+///
+/// # Safety
+/// AVX512-BF16; `data` holds the rows of `mask` in columns `kk` (and `kk + 1`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(super) unsafe fn col_pair_terms<const T: usize>(
+    data: &[f32],
+    cs: usize,
+    kk: usize,
+    r0: usize,
+    mask: u16,
+    second: bool,
+) -> [__m512i; T] {
+    let x0 = _mm512_maskz_loadu_ps(mask, data[kk * cs + r0..].as_ptr());
+    let x1 =
+        if second { _mm512_maskz_loadu_ps(mask, data[(kk + 1) * cs + r0..].as_ptr()) } else { _mm512_setzero_ps() };
+    let (s0, s1) = (split16::<T>(x0), split16::<T>(x1));
+    let mut out = s0;
+    for (o, hi) in out.iter_mut().zip(s1) {
+        *o = _mm512_or_si512(*o, _mm512_slli_epi32::<16>(hi));
+    }
+    out
+}
+
 /// Rows `r0..r0 + rows` (at most [`MR`]) and columns `k0..k0 + kc` of `a` into `dst`: for each
 /// pair `p` of `k`, for each term `t`, [`MR`] `u32`s (`(A[i, 2p], A[i, 2p + 1])`, zero past the
 /// rows and `kc`).
@@ -498,17 +525,9 @@ unsafe fn pack_a<const T: usize>(a: Lhs<'_>, r0: usize, rows: usize, k0: usize, 
         Lhs::F32Cols { data, cs } => {
             let mask = lane_mask(rows);
             for p in 0..kcp {
-                let kk = k0 + 2 * p;
-                let x0 = _mm512_maskz_loadu_ps(mask, data[kk * cs + r0..].as_ptr());
-                let x1 = if 2 * p + 1 < kc {
-                    _mm512_maskz_loadu_ps(mask, data[(kk + 1) * cs + r0..].as_ptr())
-                } else {
-                    _mm512_setzero_ps()
-                };
-                let (s0, s1) = (split16::<T>(x0), split16::<T>(x1));
-                for t in 0..T {
-                    let v = _mm512_or_si512(s0[t], _mm512_slli_epi32::<16>(s1[t]));
-                    _mm512_mask_storeu_epi32(dst[p * T * MR + t * MR..].as_mut_ptr().cast(), lane_mask(MR), v);
+                let v = col_pair_terms::<T>(data, cs, k0 + 2 * p, r0, mask, 2 * p + 1 < kc);
+                for (t, v) in v.iter().enumerate() {
+                    _mm512_mask_storeu_epi32(dst[p * T * MR + t * MR..].as_mut_ptr().cast(), lane_mask(MR), *v);
                 }
             }
         }
