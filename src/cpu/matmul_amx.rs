@@ -47,6 +47,12 @@ use super::matmul_bf16::{col_pair_terms, lane_mask, split16, Kernel, Lhs, NR};
 
 /// Rows of a micro-panel: two `A` tiles.
 const MRA: usize = 32;
+/// Values of `k` per block: twice the `vdpbf16ps` kernels' 256. The four `C` tiles are loaded
+/// and stored once per block, so at 512 that is 8 tile moves per 64 `tdpbf16ps` of one term.
+/// A panel's block of `B` is then 32 KiB (Sapphire Rapids' L1 holds 48), and a task's packed
+/// left block at most 224 rows x 512 x 2 terms x 2 bytes = 448 KiB (its L2 holds 2 MiB).
+/// Chosen by reasoning, not yet measured.
+const KCA: usize = 512;
 
 /// Why this CPU and OS do not run the AMX kernels, or `None` where they do (probed once).
 pub(super) fn unavailable() -> Option<&'static str> {
@@ -223,6 +229,7 @@ pub(super) struct AmxState<U> {
 
 impl<U: Tiles> Kernel for Amx<U> {
     const MR: usize = MRA;
+    const KC: usize = KCA;
     type State = AmxState<U>;
 
     fn per_micro(kc: usize, terms: usize) -> usize {

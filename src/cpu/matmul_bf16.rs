@@ -46,8 +46,9 @@ use rayon::prelude::*;
 pub(super) const MR: usize = 12;
 /// Columns of the register tile (two vectors of 16 f32).
 pub(super) const NR: usize = 32;
-/// Inner-dimension elements per block (a [`KC`] x [`NR`] bf16 panel is 16 KiB: half of L1).
-pub(super) const KC: usize = 256;
+/// Inner-dimension elements per block of the `vdpbf16ps` kernels (a [`KC`] x [`NR`] bf16 panel
+/// is 16 KiB: half of L1).
+const KC: usize = 256;
 /// Largest row block of a task (its packed left block, 240 x 256 x 2 terms x 2 bytes, is
 /// 240 KiB: within L2).
 const MC_MAX: usize = 240;
@@ -157,6 +158,8 @@ pub(super) enum Kern {
 pub(super) trait Kernel {
     /// Rows of a micro-panel.
     const MR: usize;
+    /// Values of `k` per block (a multiple of 32).
+    const KC: usize;
     /// Per-task state (the AMX tile configuration).
     type State;
     /// `u32`s of one packed micro-panel: `kc` values of `k`, `T` terms.
@@ -196,6 +199,7 @@ pub(super) struct Dp;
 
 impl Kernel for Dp {
     const MR: usize = MR;
+    const KC: usize = KC;
     type State = ();
 
     fn per_micro(kc: usize, terms: usize) -> usize {
@@ -295,12 +299,12 @@ fn drive<K: Kernel>(
     match a {
         Lhs::Bf16Rows { .. } => {
             // Packed once: for each block of k, every micro-panel.
-            let per_block = K::per_micro(KC, 1) * shape.micro_all;
-            let last = K::per_micro(k - (k - 1) / KC * KC, 1) * shape.micro_all;
-            let mut packed = vec![0u32; (k - 1) / KC * per_block + last];
+            let per_block = K::per_micro(K::KC, 1) * shape.micro_all;
+            let last = K::per_micro(k - (k - 1) / K::KC * K::KC, 1) * shape.micro_all;
+            let mut packed = vec![0u32; (k - 1) / K::KC * per_block + last];
             packed.par_chunks_mut(per_block).enumerate().for_each(|(kb, block)| {
-                let k0 = kb * KC;
-                let kc = (k - k0).min(KC);
+                let k0 = kb * K::KC;
+                let kc = (k - k0).min(K::KC);
                 for (mp, dst) in block.chunks_mut(K::per_micro(kc, 1)).enumerate() {
                     let r0 = mp * K::MR;
                     // SAFETY: AVX512-BF16 checked above.
@@ -382,12 +386,12 @@ unsafe fn tile_task<K: Kernel, const T: usize>(
     let mut state = K::begin();
     let micro = (i1 - i0).div_ceil(K::MR);
     let k = shape.k;
-    for k0 in (0..k).step_by(KC) {
-        let kc = (k - k0).min(KC);
+    for k0 in (0..k).step_by(K::KC) {
+        let kc = (k - k0).min(K::KC);
         let per_micro = K::per_micro(kc, T);
         let block: &[u32] = match a {
             Left::Packed(all) => {
-                let start = k0 / KC * K::per_micro(KC, 1) * shape.micro_all + (i0 / K::MR) * per_micro;
+                let start = k0 / K::KC * K::per_micro(K::KC, 1) * shape.micro_all + (i0 / K::MR) * per_micro;
                 &all[start..start + micro * per_micro]
             }
             Left::Pack(a) => {
