@@ -23,7 +23,10 @@
 //! Chosen at run time: cpuid (AMX-TILE, AMX-BF16; and AVX512-BF16 for the packing), then, on
 //! Linux, the kernel's permission for the tile data, asked for once per process with
 //! `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)` (Linux 5.16 and later; without it the
-//! first tile instruction faults). Other systems are not offered these kernels in this version.
+//! first tile instruction faults). Linux refuses it (`ENOSPC`) where some thread's signal stack
+//! is too small for the 8 KiB of tile data; Rust's std sizes its own (`AT_MINSIGSTKSZ`, since
+//! Rust 1.73), but a C library's thread may not. A refusal keeps these kernels off, and
+//! [`unavailable`] says why. Other systems are not offered these kernels in this version.
 //!
 //! Why hand-written: stable Rust has no AMX intrinsics (`x86_amx_intrinsics` is unstable), so
 //! the six instructions are `asm!`; no maintained crate has bf16 AMX products for x86 (the
