@@ -179,5 +179,5 @@ crate::api::methods::backend_methods!(
     "Cpu",
     "Cpu::new()",
     "```",
-    "On the CPU: rows in parallel on its thread pool; the linear forms' products in f32, or with bf16 multiplies and f32 sums for bf16 on AVX512-BF16 ([`crate::Cpu::linear_matmul`]), over chunks of [`LinearCe::chunk_rows`] rows."
+    "On the CPU: rows in parallel on its thread pool; the linear forms' products in f32, or with bf16 multiplies and f32 sums for bf16 on AMX-BF16 tiles or AVX512-BF16 ([`crate::Cpu::linear_matmul`]), over chunks of [`LinearCe::chunk_rows`] rows."
 );
