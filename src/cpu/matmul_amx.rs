@@ -29,8 +29,10 @@
 //! [`unavailable`] says why. Other systems are not offered these kernels in this version.
 //!
 //! Why hand-written: stable Rust has no AMX intrinsics (`x86_amx_intrinsics` is unstable), so
-//! the six instructions are `asm!`; no maintained crate has bf16 AMX products for x86 (the
-//! `gemm` crate has none; `tract-linalg`'s x86 kernels are f32/f16; oneDNN is C++).
+//! the six instructions are `asm!`. `tract-linalg` 0.23.9 has an AMX bf16 kernel, but for f32
+//! products whose operands it rounds to bf16 once, inside its own packed-input framework: not
+//! bf16 operands as they are, nor an f32 `G` split into two terms. The `gemm` crate has no bf16,
+//! and oneDNN is C++.
 //!
 //! Testing without the hardware: every instruction goes through [`Tiles`], implemented by the
 //! instructions ([`Native`]) and, in the unit tests, by a software model of the tiles

@@ -18,8 +18,9 @@
 //! `docs/cpu-bf16-matmul.md`.
 //!
 //! Why not a crate: `gemm` 0.19 (already a dependency, used for the f32 products) has f16 but no
-//! bf16 type, and its f16 path widens to f32 and runs the f32 kernels; `tract-linalg` has no x86
-//! bf16 kernels; oneDNN, which does, is a C++ library. The kernel here is the classic
+//! bf16 type, and its f16 path widens to f32 and runs the f32 kernels; `tract-linalg` has no
+//! AVX512-BF16 kernels (for its AMX ones see `super::matmul_amx`); oneDNN, which does, is a
+//! C++ library. The kernel here is the classic
 //! Goto/BLIS shape: the right operand packed once into panels of [`NR`] columns with pairs of
 //! `k` interleaved as `vdpbf16ps` wants them, the left operand packed into micro-panels of
 //! [`MR`] rows (once for a bf16 one; an f32 one split into its terms by the task that uses
