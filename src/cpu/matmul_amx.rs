@@ -27,6 +27,10 @@
 //! is too small for the 8 KiB of tile data; Rust's std sizes its own (`AT_MINSIGSTKSZ`, since
 //! Rust 1.73), but a C library's thread may not. A refusal keeps these kernels off, and
 //! [`unavailable`] says why. Other systems are not offered these kernels in this version.
+//! Last, since no AMX CPU ran these instructions before release, the first probe of a process
+//! runs one small product per operand form on them and on the `vdpbf16ps` kernels
+//! ([`self_check`]); a disagreement beyond both kernels' bounds keeps them off, with the
+//! reason.
 //!
 //! Why hand-written: stable Rust has no AMX intrinsics (`x86_amx_intrinsics` is unstable), so
 //! the six instructions are `asm!`. `tract-linalg` 0.23.9 has an AMX bf16 kernel, but for f32
@@ -80,7 +84,59 @@ fn probe() -> Option<String> {
     if edx >> 24 & 1 == 0 || edx >> 22 & 1 == 0 {
         return Some("cpuid reports no AMX-BF16 tiles".into());
     }
-    request_tile_data().err()
+    request_tile_data().err()?;
+    self_check::<Native>()
+        .map_err(|e| {
+            format!("the AMX kernels disagreed with the AVX512-BF16 ones on a test product ({e}), so they are kept off")
+        })
+        .err()
+}
+
+/// One small product per left-operand form (bf16 rows; f32 rows and f32 columns in two terms,
+/// accumulating) on the AMX kernels over the tiles `U` and on the `vdpbf16ps` kernels, on a
+/// pool of one thread of its own (so that a caller on any pool cannot wait on itself). They
+/// multiply the same bf16 terms, so they differ by at most both f32 summations,
+/// `2 (terms k + 2) 2^-24 sum |a b|` per element: the first AMX call of a process checks the
+/// instructions against the kernels that the tests ran, since no AMX CPU ran them before
+/// release.
+pub(super) fn self_check<U: Tiles>() -> Result<(), String> {
+    use super::matmul_bf16::{drive, Dp, PackedB};
+    let (m, n, k) = (37, 45, 300);
+    let val = |i: usize| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * [1.0, 0.01, 30.0][i % 3];
+    let a: Vec<f32> = (0..m * k).map(val).collect();
+    let abf: Vec<u16> = a.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+    let bsrc: Vec<u16> = (0..k * n).map(|i| half::bf16::from_f32(val(i + 5)).to_bits()).collect();
+    let b = PackedB::new(&bsrc, (k, n), n, 1);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().map_err(|e| e.to_string())?;
+    for (name, lhs, terms, acc) in [
+        ("bf16 rows", Lhs::Bf16Rows { data: &abf, rs: k }, 1, false),
+        ("f32 rows", Lhs::F32Rows { data: &a, rs: k }, 2, true),
+        ("f32 columns", Lhs::F32Cols { data: &a, cs: m }, 2, true),
+    ] {
+        let (mut amx, mut dp) = (vec![0.5f32; m * n], vec![0.5f32; m * n]);
+        pool.install(|| {
+            drive::<Amx<U>>(1, (m, n, k), &mut amx, n, acc, lhs, terms, &b);
+            drive::<Dp>(1, (m, n, k), &mut dp, n, acc, lhs, terms, &b);
+        });
+        let a_at = |i: usize, kk: usize| match lhs {
+            Lhs::F32Cols { .. } => a[kk * m + i],
+            _ => a[i * k + kk],
+        };
+        for i in 0..m {
+            for j in 0..n {
+                let mag: f64 = 0.5
+                    + (0..k)
+                        .map(|kk| (a_at(i, kk) as f64 * half::bf16::from_bits(bsrc[kk * n + j]).to_f64()).abs())
+                        .sum::<f64>();
+                let tol = 2.0 * (terms * k + 2) as f64 * 2f64.powi(-24) * mag;
+                let (x, y) = (amx[i * n + j], dp[i * n + j]);
+                if (x as f64 - y as f64).abs().is_nan() || (x as f64 - y as f64).abs() > tol {
+                    return Err(format!("{name} [{i}, {j}]: {x} against {y}"));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Asks Linux for the tile data state (`ARCH_REQ_XCOMP_PERM`, `XFEATURE_XTILEDATA`): granted
@@ -418,6 +474,45 @@ impl Tiles for Model {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The model with the second column tile's `dp` on the first (`tdpbf16ps tmm0, tmm4, tmm6`
+    /// written for `tmm1, tmm4, tmm7`): what a slip in the instructions would do.
+    struct Faulty(Model);
+
+    impl Tiles for Faulty {
+        unsafe fn begin() -> Faulty {
+            Faulty(Model::begin())
+        }
+        unsafe fn load(&mut self, t: usize, p: *const u8, stride: usize) {
+            self.0.load(t, p, stride)
+        }
+        unsafe fn store(&mut self, t: usize, p: *mut u8, stride: usize) {
+            self.0.store(t, p, stride)
+        }
+        fn zero(&mut self, c: usize) {
+            self.0.zero(c)
+        }
+        fn dp(&mut self, c: usize) {
+            self.0.dp(c & 2)
+        }
+    }
+
+    /// The first-use check passes on the model of the tiles (and on the instructions where the
+    /// CPU has them) and catches a wrong tile.
+    #[test]
+    fn self_check_passes_and_catches_a_wrong_tile() {
+        if !super::super::matmul_bf16::available() {
+            println!("skipped: this CPU has no AVX512-BF16 (cpuid), which the check compares against");
+            return;
+        }
+        assert_eq!(self_check::<Model>(), Ok(()));
+        let e = self_check::<Faulty>().unwrap_err();
+        assert!(e.starts_with("bf16 rows ["), "{e}");
+        match unavailable() {
+            None => println!("the AMX instructions passed the check: {:?}", self_check::<Native>()),
+            Some(why) => println!("AMX instructions skipped: {why}"),
+        }
+    }
 
     /// The tile configuration `ldtilecfg` reads: palette 1, eight tiles of 16 x 64 bytes, the
     /// rest zero (reserved bytes must be).

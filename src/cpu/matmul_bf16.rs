@@ -267,7 +267,7 @@ pub(super) fn gemm(
 
 /// [`gemm`] on the kernels `K` (which the caller checked the CPU runs).
 #[allow(clippy::too_many_arguments)]
-fn drive<K: Kernel>(
+pub(super) fn drive<K: Kernel>(
     threads: usize,
     (m, n, k): (usize, usize, usize),
     c: &mut [f32],
