@@ -14,7 +14,7 @@ use xent::parallel::{SingleProcess, VocabShard};
 use xent::*;
 
 /// Every kernel `CpuMatmul` names.
-const ALL: [CpuMatmul; 3] = CpuMatmul::ALL;
+const ALL: &[CpuMatmul] = CpuMatmul::ALL;
 
 /// A CPU backend on `m`'s kernels, or `None` (with the reason printed) where this CPU lacks them.
 fn forced(m: CpuMatmul, threads: Option<usize>) -> Option<Cpu> {
@@ -118,7 +118,7 @@ fn every_kernel_matches_the_f64_reference_within_its_bound() {
             CrossEntropy::default().with_reduction(Reduction::None).with_z_loss(1e-3).with_softcap(5.0),
         ] {
             let r = reference(&h, &w, Some(&b), t.as_slice().unwrap(), &ce);
-            for m in ALL {
+            for &m in ALL {
                 let Some(cpu) = forced(m, None) else { continue };
                 // One chunk, chunks of 7 rows (edges inside and at the end), one row per chunk.
                 for rows in [n, 7, 1] {
@@ -158,7 +158,7 @@ fn errors_at_a_realistic_shape() {
         let num: f64 = got.iter().zip(want.iter()).map(|(&g, &w)| (g as f64 - w).powi(2)).sum();
         (num / want.iter().map(|w| w * w).sum::<f64>()).sqrt()
     };
-    for m in ALL {
+    for &m in ALL {
         let Some(cpu) = forced(m, None) else { continue };
         let cfg = LinearCe::default().with_workspace_bytes(64 * v * 4);
         let o = cpu.linear_cross_entropy(&hb, &wb, Some(b.view()), t.view(), &cfg).unwrap();
@@ -182,7 +182,7 @@ fn same_bits_on_every_thread_count() {
     let (n, d, v) = (96, 48, 1000);
     let (hb, wb, _, _, b, t) = inputs(n, d, v, 3);
     let cfg = LinearCe::default().with_workspace_bytes(16 * v * 4);
-    for m in ALL {
+    for &m in ALL {
         let bits = |threads| {
             let cpu = forced(m, Some(threads))?;
             let o = cpu.linear_cross_entropy(&hb, &wb, Some(b.view()), t.view(), &cfg).unwrap();
@@ -212,7 +212,7 @@ fn vocabulary_parallel_and_strided_inputs() {
     assert!(!strided.is_standard_layout());
     let (gh_terms, gw_terms) = terms();
     let cfg = LinearCe::default().with_workspace_bytes(8 * v * 4);
-    for m in ALL {
+    for &m in ALL {
         let Some(cpu) = forced(m, None) else { continue };
         let shard = VocabShard { class0: 0, classes: v };
         let sharded = cpu
@@ -242,7 +242,7 @@ fn the_choice_of_kernels() {
     assert!(best.available());
     // The best: no kernel after it in ALL (fastest last) is available.
     assert!(ALL.iter().skip_while(|&&m| m != best).skip(1).all(|m| !m.available()), "{best}");
-    for m in ALL {
+    for &m in ALL {
         assert_eq!(m.to_string().parse::<CpuMatmul>().unwrap(), m);
         match Cpu::new().with_matmul(m) {
             Ok(c) => {
@@ -310,7 +310,7 @@ fn rounded_gradient_within_its_bound() {
     let (hb, wb, h, w, b, t) = inputs(n, d, v, 5);
     let r = reference(&h, &w, Some(&b), t.as_slice().unwrap(), &CrossEntropy::default());
     let cfg = LinearCe::default().with_workspace_bytes(40 * v * 4);
-    for m in ALL.into_iter().filter(|m| m.multiplies_bf16()) {
+    for m in ALL.iter().copied().filter(|m| m.multiplies_bf16()) {
         let Some(cpu) = forced(m, None) else { continue };
         rounded_on(m, cpu.with_bf16_grad(Bf16Grad::Rounded), (n, d, v), (&hb, &wb, &b, &t), &r, &cfg);
     }
@@ -345,7 +345,7 @@ fn rounded_on(
 /// script runs this with `--nocapture`, so that CI's log says it.
 #[test]
 fn the_kernels_on_this_cpu() {
-    for m in ALL {
+    for &m in ALL {
         match m.unavailable() {
             None => {
                 assert!(m.available() && m.check().is_ok());

@@ -36,8 +36,8 @@ pub enum CpuMatmul {
 }
 
 impl CpuMatmul {
-    /// Every kernel, slowest first.
-    pub const ALL: [CpuMatmul; 3] = [CpuMatmul::F32, CpuMatmul::Avx512Bf16, CpuMatmul::AmxBf16];
+    /// Every kernel, slowest first (a slice, so that kernels can be added).
+    pub const ALL: &'static [CpuMatmul] = &[CpuMatmul::F32, CpuMatmul::Avx512Bf16, CpuMatmul::AmxBf16];
 
     /// The name `XENT_CPU_MATMUL` and `xent bench` use: `f32`, `avx512-bf16`, `amx-bf16`.
     pub fn name(self) -> &'static str {
@@ -79,7 +79,7 @@ impl CpuMatmul {
 
     /// The fastest kernels this CPU runs: AMX tiles, else AVX512-BF16, else f32.
     pub fn detect() -> CpuMatmul {
-        CpuMatmul::ALL.into_iter().rev().find(|m| m.available()).unwrap_or(CpuMatmul::F32)
+        CpuMatmul::ALL.iter().rev().copied().find(|m| m.available()).unwrap_or(CpuMatmul::F32)
     }
 
     /// Whether these kernels multiply bf16 inputs as bf16 (and so take the gradient of the
