@@ -240,7 +240,8 @@ pub(super) enum Weight<'w> {
         fwd: super::matmul_bf16::PackedB,
         bwd: Option<super::matmul_bf16::PackedB>,
         terms: (usize, usize),
-        kern: super::matmul_bf16::Kern,
+        /// [`CpuMatmul::Avx512Bf16`] or [`CpuMatmul::AmxBf16`].
+        kern: CpuMatmul,
     },
 }
 
@@ -266,15 +267,14 @@ impl<'w> Weight<'w> {
         match (path, weight) {
             #[cfg(target_arch = "x86_64")]
             (CpuMatmul::Avx512Bf16 | CpuMatmul::AmxBf16, Logits::BF16(a)) => {
-                use super::matmul_bf16::{Kern, PackedB};
-                let kern = if path == CpuMatmul::AmxBf16 { Kern::Amx } else { Kern::Dp };
+                use super::matmul_bf16::PackedB;
                 let (v, d) = a.dim();
                 let std = a.as_standard_layout();
                 let bits: &[u16] = bytemuck::cast_slice(std.as_slice().expect("standard layout"));
                 // B[k = d, n = v] = W[v, d] and B[k = v, n = d] = W[v, d].
                 let fwd = PackedB::new(bits, (d, v), 1, d);
                 let bwd = grad_hidden.then(|| PackedB::new(bits, (v, d), d, 1));
-                Ok(Weight::Bf16 { fwd, bwd, terms, kern })
+                Ok(Weight::Bf16 { fwd, bwd, terms, kern: path })
             }
             _ => Ok(Weight::F32(f32_rows(weight))),
         }
@@ -298,8 +298,8 @@ impl<'w> Weight<'w> {
             (Weight::F32(w), Rows::F32(h)) => logits_product(threads, (b, v, d), z, accumulate, h, w),
             #[cfg(target_arch = "x86_64")]
             (Weight::Bf16 { fwd, kern, .. }, Rows::Bf16(h)) => {
-                use super::matmul_bf16::{gemm, Lhs};
-                gemm(*kern, threads, (b, v, d), z, v, accumulate, Lhs::Bf16Rows { data: h, rs: d }, 1, fwd)
+                use super::matmul_bf16::Lhs;
+                bf16_gemm(*kern, threads, (b, v, d), z, v, accumulate, Lhs::Bf16Rows { data: h, rs: d }, 1, fwd)
             }
             _ => unreachable!("hidden rows in the weight's form"),
         }
@@ -311,9 +311,9 @@ impl<'w> Weight<'w> {
             Weight::F32(w) => hidden_grad_product(threads, (b, d, v), dst, g, w),
             #[cfg(target_arch = "x86_64")]
             Weight::Bf16 { bwd, terms, kern, .. } => {
-                use super::matmul_bf16::{gemm, Lhs};
+                use super::matmul_bf16::Lhs;
                 let bwd = bwd.as_ref().expect("packed for grad_hidden");
-                gemm(*kern, threads, (b, d, v), dst, d, false, Lhs::F32Rows { data: g, rs: v }, terms.0, bwd)
+                bf16_gemm(*kern, threads, (b, d, v), dst, d, false, Lhs::F32Rows { data: g, rs: v }, terms.0, bwd)
             }
         }
     }
@@ -333,14 +333,39 @@ impl<'w> Weight<'w> {
             (Weight::F32(_), Rows::F32(h)) => weight_grad_product(threads, (v, d, b), dst, accumulate, g, h),
             #[cfg(target_arch = "x86_64")]
             (Weight::Bf16 { terms, kern, .. }, Rows::Bf16(h)) => {
-                use super::matmul_bf16::{gemm, Lhs, PackedB};
+                use super::matmul_bf16::{Lhs, PackedB};
                 // B[k = row, n = d] = h[row, d].
                 let hb = PackedB::new(h, (b, d), d, 1);
                 let g = Lhs::F32Cols { data: g, cs: v };
-                gemm(*kern, threads, (v, d, b), dst, d, accumulate, g, terms.1, &hb)
+                bf16_gemm(*kern, threads, (v, d, b), dst, d, accumulate, g, terms.1, &hb)
             }
             _ => unreachable!("hidden rows in the weight's form"),
         }
+    }
+}
+
+/// `super::matmul_bf16::gemm` on the kernels `kern` names: AMX tiles for
+/// [`CpuMatmul::AmxBf16`], else `vdpbf16ps`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn bf16_gemm(
+    kern: CpuMatmul,
+    threads: usize,
+    shape: (usize, usize, usize),
+    c: &mut [f32],
+    c_rs: usize,
+    accumulate: bool,
+    a: super::matmul_bf16::Lhs<'_>,
+    terms: usize,
+    b: &super::matmul_bf16::PackedB,
+) {
+    use super::matmul_amx::{Amx, Native};
+    use super::matmul_bf16::{gemm, Dp};
+    if kern == CpuMatmul::AmxBf16 {
+        assert!(super::matmul_amx::available(), "AMX-BF16");
+        gemm::<Amx<Native>>(threads, shape, c, c_rs, accumulate, a, terms, b)
+    } else {
+        gemm::<Dp>(threads, shape, c, c_rs, accumulate, a, terms, b)
     }
 }
 

@@ -100,7 +100,7 @@ fn probe() -> Option<String> {
 /// instructions against the kernels that the tests ran, since no AMX CPU ran them before
 /// release.
 pub(super) fn self_check<U: Tiles>() -> Result<(), String> {
-    use super::matmul_bf16::{drive, Dp, PackedB};
+    use super::matmul_bf16::{gemm, Dp, PackedB};
     let (m, n, k) = (37, 45, 300);
     let val = |i: usize| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * [1.0, 0.01, 30.0][i % 3];
     let a: Vec<f32> = (0..m * k).map(val).collect();
@@ -115,8 +115,8 @@ pub(super) fn self_check<U: Tiles>() -> Result<(), String> {
     ] {
         let (mut amx, mut dp) = (vec![0.5f32; m * n], vec![0.5f32; m * n]);
         pool.install(|| {
-            drive::<Amx<U>>(1, (m, n, k), &mut amx, n, acc, lhs, terms, &b);
-            drive::<Dp>(1, (m, n, k), &mut dp, n, acc, lhs, terms, &b);
+            gemm::<Amx<U>>(1, (m, n, k), &mut amx, n, acc, lhs, terms, &b);
+            gemm::<Dp>(1, (m, n, k), &mut dp, n, acc, lhs, terms, &b);
         });
         let a_at = |i: usize, kk: usize| match lhs {
             Lhs::F32Cols { .. } => a[kk * m + i],
@@ -473,7 +473,37 @@ impl Tiles for Model {
 
 #[cfg(test)]
 mod tests {
+    use super::super::matmul_bf16::tests::{products_on, same_bits_on};
     use super::*;
+
+    /// The products of `matmul_bf16`'s tests (every operand form, terms, accumulation, odd
+    /// sizes across tiles, pairs and blocks, against f64) on the AMX driver over the model of
+    /// the tiles, and over the instructions where the CPU and OS offer them.
+    #[test]
+    fn products_match_f64_within_the_bound() {
+        if !super::super::matmul_bf16::available() {
+            println!("skipped: this CPU has no AVX512-BF16 (cpuid), which the packing uses");
+            return;
+        }
+        products_on::<Amx<Model>>("AMX on the model");
+        match unavailable() {
+            None => products_on::<Amx<Native>>("AMX"),
+            Some(why) => println!("AMX instructions skipped: {why}"),
+        }
+    }
+
+    #[test]
+    fn same_bits_on_any_thread_count() {
+        if !super::super::matmul_bf16::available() {
+            println!("skipped: this CPU has no AVX512-BF16 (cpuid), which the packing uses");
+            return;
+        }
+        same_bits_on::<Amx<Model>>("AMX on the model");
+        match unavailable() {
+            None => same_bits_on::<Amx<Native>>("AMX"),
+            Some(why) => println!("AMX instructions skipped: {why}"),
+        }
+    }
 
     /// The model with the second column tile's `dp` on the first (`tdpbf16ps tmm0, tmm4, tmm6`
     /// written for `tmm1, tmm4, tmm7`): what a slip in the instructions would do.

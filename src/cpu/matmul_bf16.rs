@@ -31,7 +31,7 @@
 //!
 //! The driver ([`gemm`]) is generic over its [`Kernel`]: these `vdpbf16ps` register tiles
 //! ([`Dp`]), or the AMX tiles of `super::matmul_amx` (same packed right operand, same terms,
-//! 32-row micro-panels of their own layout).
+//! 32-row micro-panels of their own layout). `super::linear` picks one per call.
 //!
 //! Determinism: every output element is computed by one task, its `k` sum running in the same
 //! order (block by block of [`KC`], pair by pair, term by term) whatever the thread count or
@@ -141,18 +141,6 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
-/// Which kernels run a bf16 product.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Kern {
-    /// `vdpbf16ps` register tiles (AVX512-BF16).
-    Dp,
-    /// AMX tiles (`tdpbf16ps`), `super::matmul_amx`.
-    Amx,
-    /// The AMX kernels' driver and packing on the software model of the tiles (tests only).
-    #[cfg(test)]
-    AmxModel,
-}
-
 /// What a kernel of the driver [`gemm`] provides: its row micro-panels, their packing, and the
 /// register (or tile) product of one micro-panel and one panel of [`NR`] columns over one
 /// block of `k`.
@@ -228,7 +216,7 @@ impl Kernel for Dp {
     }
 }
 
-/// `c[m, n] (+)= A[m, k] B[k, n]` (`c` row stride `c_rs`) on `kern`'s kernels, the f32 left
+/// `c[m, n] (+)= A[m, k] B[k, n]` (`c` row stride `c_rs`) on the kernels `K`, the f32 left
 /// operands split into `terms` bf16 terms (1 to 3; bf16 ones are exact in one), tiles in
 /// parallel on the current rayon pool, `threads` its size (it sets the tile size only, never
 /// the bits).
@@ -238,36 +226,10 @@ impl Kernel for Dp {
 /// it, tiles spanning all `n` columns, so that each of its values is split once.
 ///
 /// # Panics
-/// If the CPU lacks `kern`'s kernels (callers check [`available`] or
-/// `super::matmul_amx::available`), `terms` is not 1 to 3, or an operand is shorter than its
-/// shape.
+/// If the CPU lacks AVX512-BF16, `terms` is not 1 to 3, or an operand is shorter than its
+/// shape. The caller checks that the CPU runs `K` (`super::matmul_amx::available` for AMX).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn gemm(
-    kern: Kern,
-    threads: usize,
-    shape: (usize, usize, usize),
-    c: &mut [f32],
-    c_rs: usize,
-    accumulate: bool,
-    a: Lhs<'_>,
-    terms: usize,
-    b: &PackedB,
-) {
-    use super::matmul_amx::{Amx, Native};
-    match kern {
-        Kern::Dp => drive::<Dp>(threads, shape, c, c_rs, accumulate, a, terms, b),
-        Kern::Amx => {
-            assert!(super::matmul_amx::available(), "AMX-BF16");
-            drive::<Amx<Native>>(threads, shape, c, c_rs, accumulate, a, terms, b)
-        }
-        #[cfg(test)]
-        Kern::AmxModel => drive::<Amx<super::matmul_amx::Model>>(threads, shape, c, c_rs, accumulate, a, terms, b),
-    }
-}
-
-/// [`gemm`] on the kernels `K` (which the caller checked the CPU runs).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn drive<K: Kernel>(
+pub(super) fn gemm<K: Kernel>(
     threads: usize,
     (m, n, k): (usize, usize, usize),
     c: &mut [f32],
@@ -584,7 +546,7 @@ unsafe fn kernel<const T: usize>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// A few thousand values over many binades, both signs, some exactly bf16.
@@ -650,33 +612,21 @@ mod tests {
         assert!(half::bf16::from_bits(s[0][1]).is_nan() && s[1][1] == 0, "NaN is one term");
     }
 
-    /// Every left-operand form and term count against an f64 product of the operands as the
-    /// kernel sees them (exact bf16 values, the f32 values for split operands), with the bound
-    /// of the module docs: `2^(-8 terms) sum|a b| + terms k 2^-24 sum|a b|` (bf16 operands:
-    /// the second part only, one term). Odd sizes, edges of tiles, blocks and pairs.
-    /// The kernels this CPU runs: `vdpbf16ps`, the AMX driver on the model of the tiles, and
-    /// the AMX instructions where the CPU and OS offer them (else a line saying why not).
-    fn kernels() -> Vec<Kern> {
-        let mut k = vec![Kern::Dp, Kern::AmxModel];
-        match super::super::matmul_amx::unavailable() {
-            None => k.push(Kern::Amx),
-            Some(why) => println!("AMX instructions skipped: {why}"),
-        }
-        k
-    }
-
     #[test]
     fn products_match_f64_within_the_bound() {
         if !available() {
             println!("skipped: this CPU has no AVX512-BF16 (cpuid), so vdpbf16ps cannot run here");
             return;
         }
-        for kern in kernels() {
-            products_on(kern);
-        }
+        products_on::<Dp>("vdpbf16ps");
     }
 
-    fn products_on(kern: Kern) {
+    /// Every left-operand form and term count on the kernels `K` against an f64 product of the
+    /// operands as the kernel sees them (exact bf16 values, the f32 values for split operands),
+    /// with the bound of the module docs: `2^(-8 terms) sum|a b| + terms k 2^-24 sum|a b|`
+    /// (bf16 operands: the second part only, one term). Odd sizes, edges of tiles, blocks and
+    /// pairs. Needs AVX512-BF16 (the packing).
+    pub(in crate::cpu) fn products_on<K: Kernel>(kern: &str) {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         for &(m, n, k) in &[(1, 1, 1), (13, 33, 7), (25, 70, 257), (40, 31, 600), (251, 530, 513)] {
             let a32 = values(m * k, (m * 31 + k) as u64);
@@ -704,7 +654,7 @@ mod tests {
                     for accumulate in [false, true] {
                         let c_rs = n + 3;
                         let mut c = vec![0.25f32; m * c_rs];
-                        pool.install(|| gemm(kern, 3, (m, n, k), &mut c, c_rs, accumulate, lhs, terms, &packed));
+                        pool.install(|| gemm::<K>(3, (m, n, k), &mut c, c_rs, accumulate, lhs, terms, &packed));
                         let unit = if form == 0 { 0.0 } else { 2f64.powi(-8 * terms as i32) };
                         for i in 0..m {
                             for j in 0..n {
@@ -721,7 +671,7 @@ mod tests {
                                 let tol = (unit + (terms * k + 2) as f64 * 2f64.powi(-24)) * mag + 1e-30;
                                 assert!(
                                     (got - want).abs() <= tol,
-                                    "{kern:?} {m}x{n}x{k} form {form} terms {terms} acc {accumulate} [{i},{j}]: {got} vs {want} (tol {tol})"
+                                    "{kern} {m}x{n}x{k} form {form} terms {terms} acc {accumulate} [{i},{j}]: {got} vs {want} (tol {tol})"
                                 );
                             }
                             assert!(c[i * c_rs + n..(i + 1) * c_rs].iter().all(|&x| x == 0.25), "padding untouched");
@@ -738,22 +688,25 @@ mod tests {
             println!("skipped: this CPU has no AVX512-BF16 (cpuid), so vdpbf16ps cannot run here");
             return;
         }
+        same_bits_on::<Dp>("vdpbf16ps");
+    }
+
+    /// The kernels `K` give the same bits on 1, 2, 3 and 8 threads. Needs AVX512-BF16.
+    pub(in crate::cpu) fn same_bits_on<K: Kernel>(kern: &str) {
         let (m, n, k) = (97, 1100, 900);
         let a = values(m * k, 3);
         let bsrc = bf(&values(k * n, 4));
         let packed = PackedB::new(&bsrc, (k, n), n, 1);
-        for kern in kernels() {
-            let run = |threads: usize| {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                let mut c = vec![0f32; m * n];
-                let lhs = Lhs::F32Rows { data: &a, rs: k };
-                pool.install(|| gemm(kern, threads, (m, n, k), &mut c, n, false, lhs, 2, &packed));
-                c.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
-            };
-            let one = run(1);
-            for t in [2, 3, 8] {
-                assert_eq!(run(t), one, "{kern:?}: {t} threads");
-            }
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let mut c = vec![0f32; m * n];
+            let lhs = Lhs::F32Rows { data: &a, rs: k };
+            pool.install(|| gemm::<K>(threads, (m, n, k), &mut c, n, false, lhs, 2, &packed));
+            c.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        };
+        let one = run(1);
+        for t in [2, 3, 8] {
+            assert_eq!(run(t), one, "{kern}: {t} threads");
         }
     }
 }
