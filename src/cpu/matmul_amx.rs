@@ -43,7 +43,7 @@
 //! (`Model`, the SDM's pseudo-code): the driver, packing, edges and tile layout above run
 //! against the f64 product on any CPU with AVX512-BF16; only the six one-instruction wrappers of
 //! [`Native`] need an AMX CPU, where the same tests run them too. The encodings were checked
-//! with `objdump -d -M intel` on the built library.
+//! with `objdump -d -M intel` on the built test binary.
 
 #![cfg(target_arch = "x86_64")]
 
