@@ -30,8 +30,9 @@ pub enum CpuMatmul {
     /// bf16 inputs multiplied on AMX tiles (`tdpbf16ps`, Intel Sapphire Rapids and later) with
     /// f32 sums: the same operands, terms of the gradient and bound as
     /// [`CpuMatmul::Avx512Bf16`], 16 x 16 x 32 products per instruction. Offered where cpuid
-    /// reports AMX-BF16 and AVX512-BF16 and Linux grants the tile data (`arch_prctl`, once per
-    /// process). f32 and f16 inputs still take [`CpuMatmul::F32`].
+    /// reports AMX-BF16 and AVX512-BF16, Linux grants the tile data (`arch_prctl`, once per
+    /// process), and a small product on them agrees with [`CpuMatmul::Avx512Bf16`]'s (checked
+    /// once per process). f32 and f16 inputs still take [`CpuMatmul::F32`].
     AmxBf16,
 }
 
@@ -63,17 +64,15 @@ impl CpuMatmul {
     /// }
     /// ```
     pub fn unavailable(self) -> Option<&'static str> {
-        #[cfg(target_arch = "x86_64")]
-        let (dp, amx) = (
-            (!super::matmul_bf16::available()).then_some("cpuid reports no AVX512-BF16"),
-            super::matmul_amx::unavailable(),
-        );
-        #[cfg(not(target_arch = "x86_64"))]
-        let (dp, amx) = (Some("not an x86-64 CPU"), Some("not an x86-64 CPU"));
+        // Only the kernels asked about are probed (AMX's probe asks Linux for the tile data).
         match self {
             CpuMatmul::F32 => None,
-            CpuMatmul::Avx512Bf16 => dp,
-            CpuMatmul::AmxBf16 => amx,
+            #[cfg(target_arch = "x86_64")]
+            CpuMatmul::Avx512Bf16 => (!super::matmul_bf16::available()).then_some("cpuid reports no AVX512-BF16"),
+            #[cfg(target_arch = "x86_64")]
+            CpuMatmul::AmxBf16 => super::matmul_amx::unavailable(),
+            #[cfg(not(target_arch = "x86_64"))]
+            CpuMatmul::Avx512Bf16 | CpuMatmul::AmxBf16 => Some("not an x86-64 CPU"),
         }
     }
 
