@@ -75,21 +75,37 @@ pub(super) fn available() -> bool {
 }
 
 fn probe() -> Option<String> {
+    gate(cpu_lacks(), request_tile_data, self_check::<Native>)
+}
+
+/// What cpuid says this CPU lacks for the AMX kernels, if anything.
+fn cpu_lacks() -> Option<String> {
     if !super::matmul_bf16::available() {
         return Some("cpuid reports no AVX512-BF16 (and so no AMX-BF16)".into());
     }
     let (max_leaf, _) = __get_cpuid_max(0);
     let edx = if max_leaf >= 7 { __cpuid_count(7, 0).edx } else { 0 };
     // CPUID.(EAX=7, ECX=0):EDX bit 24 AMX-TILE, bit 22 AMX-BF16.
-    if edx >> 24 & 1 == 0 || edx >> 22 & 1 == 0 {
-        return Some("cpuid reports no AMX-BF16 tiles".into());
+    (edx >> 24 & 1 == 0 || edx >> 22 & 1 == 0).then(|| "cpuid reports no AMX-BF16 tiles".into())
+}
+
+/// The probe's order: the CPU, then Linux's grant of the tile data, then the first-use check;
+/// each step runs only after the one before passed (no tile instruction before the grant), and
+/// the first failure is the reason.
+fn gate(
+    cpu_lacks: Option<String>,
+    grant: impl FnOnce() -> Result<(), String>,
+    check: impl FnOnce() -> Result<(), String>,
+) -> Option<String> {
+    if cpu_lacks.is_some() {
+        return cpu_lacks;
     }
-    request_tile_data().err()?;
-    self_check::<Native>()
-        .map_err(|e| {
-            format!("the AMX kernels disagreed with the AVX512-BF16 ones on a test product ({e}), so they are kept off")
-        })
-        .err()
+    if let Err(e) = grant() {
+        return Some(e);
+    }
+    check().err().map(|e| {
+        format!("the AMX kernels disagreed with the AVX512-BF16 ones on a test product ({e}), so they are kept off")
+    })
 }
 
 /// One small product per left-operand form (bf16 rows; f32 rows and f32 columns in two terms,
@@ -130,7 +146,8 @@ pub(super) fn self_check<U: Tiles>() -> Result<(), String> {
                         .sum::<f64>();
                 let tol = 2.0 * (terms * k + 2) as f64 * 2f64.powi(-24) * mag;
                 let (x, y) = (amx[i * n + j], dp[i * n + j]);
-                if (x as f64 - y as f64).abs().is_nan() || (x as f64 - y as f64).abs() > tol {
+                let diff = (x as f64 - y as f64).abs();
+                if diff.is_nan() || diff > tol {
                     return Err(format!("{name} [{i}, {j}]: {x} against {y}"));
                 }
             }
@@ -476,33 +493,60 @@ mod tests {
     use super::super::matmul_bf16::tests::{products_on, same_bits_on};
     use super::*;
 
-    /// The products of `matmul_bf16`'s tests (every operand form, terms, accumulation, odd
-    /// sizes across tiles, pairs and blocks, against f64) on the AMX driver over the model of
-    /// the tiles, and over the instructions where the CPU and OS offer them.
-    #[test]
-    fn products_match_f64_within_the_bound() {
+    /// `on_model` (a check of `matmul_bf16`'s tests on the AMX driver over the model of the
+    /// tiles), then `on_tiles` (the same over the instructions) where the CPU and OS offer them.
+    fn on_model_and_tiles(on_model: fn(&str), on_tiles: fn(&str)) {
         if !super::super::matmul_bf16::available() {
             println!("skipped: this CPU has no AVX512-BF16 (cpuid), which the packing uses");
             return;
         }
-        products_on::<Amx<Model>>("AMX on the model");
+        on_model("AMX on the model");
         match unavailable() {
-            None => products_on::<Amx<Native>>("AMX"),
+            None => on_tiles("AMX"),
             Some(why) => println!("AMX instructions skipped: {why}"),
         }
     }
 
+    /// Every operand form, terms, accumulation, odd sizes across tiles, pairs and blocks,
+    /// against f64.
+    #[test]
+    fn products_match_f64_within_the_bound() {
+        on_model_and_tiles(products_on::<Amx<Model>>, products_on::<Amx<Native>>);
+    }
+
     #[test]
     fn same_bits_on_any_thread_count() {
-        if !super::super::matmul_bf16::available() {
-            println!("skipped: this CPU has no AVX512-BF16 (cpuid), which the packing uses");
-            return;
+        on_model_and_tiles(same_bits_on::<Amx<Model>>, same_bits_on::<Amx<Native>>);
+    }
+
+    /// The probe's order: nothing after a failed step runs (above all, no tile instruction of
+    /// the check before Linux granted the tile data), and the first failure is the reason.
+    #[test]
+    fn probe_steps_run_in_order_and_stop_at_the_first_failure() {
+        use std::cell::Cell;
+        // A step that counts its runs and fails with `err` unless `ok`.
+        fn step<'a>(runs: &'a Cell<u32>, ok: bool, err: &'a str) -> impl FnOnce() -> Result<(), String> + 'a {
+            move || {
+                runs.set(runs.get() + 1);
+                if ok {
+                    Ok(())
+                } else {
+                    Err(err.to_string())
+                }
+            }
         }
-        same_bits_on::<Amx<Model>>("AMX on the model");
-        match unavailable() {
-            None => same_bits_on::<Amx<Native>>("AMX"),
-            Some(why) => println!("AMX instructions skipped: {why}"),
-        }
+        let (granted, checked) = (Cell::new(0), Cell::new(0));
+        let grant = |ok| step(&granted, ok, "refused");
+        let check = |ok| step(&checked, ok, "bf16 rows [0, 0]: 1 against 2");
+        assert_eq!(gate(Some("no tiles".into()), grant(true), check(true)).as_deref(), Some("no tiles"));
+        assert_eq!((granted.get(), checked.get()), (0, 0));
+        assert_eq!(gate(None, grant(false), check(true)).as_deref(), Some("refused"));
+        assert_eq!((granted.get(), checked.get()), (1, 0), "no check without the grant");
+        let e = gate(None, grant(true), check(false)).unwrap();
+        assert!(e.contains("disagreed") && e.contains("bf16 rows [0, 0]"), "{e}");
+        assert_eq!((granted.get(), checked.get()), (2, 1));
+        assert_eq!(gate(None, grant(true), check(true)), None);
+        assert_eq!((granted.get(), checked.get()), (3, 2), "the check runs after a grant");
     }
 
     /// The model with the second column tile's `dp` on the first (`tdpbf16ps tmm0, tmm4, tmm6`
