@@ -501,8 +501,13 @@ mod tests {
             return;
         }
         on_model("AMX on the model");
+        on_the_instructions(|| on_tiles("AMX"));
+    }
+
+    /// Runs `run` where the CPU and OS offer the AMX instructions, else says why it did not.
+    fn on_the_instructions(run: impl FnOnce()) {
         match unavailable() {
-            None => on_tiles("AMX"),
+            None => run(),
             Some(why) => println!("AMX instructions skipped: {why}"),
         }
     }
@@ -582,10 +587,10 @@ mod tests {
         assert_eq!(self_check::<Model>(), Ok(()));
         let e = self_check::<Faulty>().unwrap_err();
         assert!(e.starts_with("bf16 rows ["), "{e}");
-        match unavailable() {
-            None => println!("the AMX instructions passed the check: {:?}", self_check::<Native>()),
-            Some(why) => println!("AMX instructions skipped: {why}"),
-        }
+        on_the_instructions(|| {
+            assert_eq!(self_check::<Native>(), Ok(()));
+            println!("the AMX instructions passed the check");
+        });
     }
 
     /// The tile configuration `ldtilecfg` reads: palette 1, eight tiles of 16 x 64 bytes, the
@@ -608,13 +613,10 @@ mod tests {
     #[test]
     fn model_multiplies_tiles_as_the_sdm_says() {
         one_tile_exactly::<Model>();
-        match unavailable() {
-            None => {
-                one_tile_exactly::<Native>();
-                println!("the AMX instructions multiplied one tile exactly, as the model does");
-            }
-            Some(why) => println!("AMX instructions skipped: {why}"),
-        }
+        on_the_instructions(|| {
+            one_tile_exactly::<Native>();
+            println!("the AMX instructions multiplied one tile exactly, as the model does");
+        });
     }
 
     #[allow(clippy::needless_range_loop)]
