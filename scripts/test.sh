@@ -47,4 +47,6 @@ RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --release "${MPI[@]}"
 cargo test --workspace --release "${MPI[@]}"
 # Which CPU matrix-product kernels the tests ran on this machine and which they skipped, and why.
 cargo test --workspace --release "${MPI[@]}" --test cpu_matmul -- --nocapture --exact the_kernels_on_this_cpu
+# On a CPU without AMX, the AMX instructions under the unit tests' trap-and-emulate harness: how many ran.
+cargo test --workspace --release "${MPI[@]}" --lib -- --nocapture emulat
 cargo test -p xent --release --no-default-features

@@ -76,49 +76,17 @@ impl Default for LinearLogprobs {
     }
 }
 
+with_builders!(LinearLogprobs {
+    set with_ignore_index => ignore_index: i64,
+    set with_temperature => temperature: f32,
+    set with_grad_hidden => grad_hidden: bool,
+    set with_grad_weight => grad_weight: bool,
+    set with_grad_bias => grad_bias: bool,
+    set with_grads_in_input_dtype => grads_in_input_dtype: bool,
+    some with_workspace_bytes => workspace_bytes: usize,
+});
+
 impl LinearLogprobs {
-    /// Sets [`Self::ignore_index`].
-    pub fn with_ignore_index(mut self, ignore_index: i64) -> Self {
-        self.ignore_index = ignore_index;
-        self
-    }
-
-    /// Sets [`Self::temperature`].
-    pub fn with_temperature(mut self, temperature: f32) -> Self {
-        self.temperature = temperature;
-        self
-    }
-
-    /// Sets [`Self::grad_hidden`].
-    pub fn with_grad_hidden(mut self, on: bool) -> Self {
-        self.grad_hidden = on;
-        self
-    }
-
-    /// Sets [`Self::grad_weight`].
-    pub fn with_grad_weight(mut self, on: bool) -> Self {
-        self.grad_weight = on;
-        self
-    }
-
-    /// Sets [`Self::grad_bias`].
-    pub fn with_grad_bias(mut self, on: bool) -> Self {
-        self.grad_bias = on;
-        self
-    }
-
-    /// Sets [`Self::grads_in_input_dtype`].
-    pub fn with_grads_in_input_dtype(mut self, on: bool) -> Self {
-        self.grads_in_input_dtype = on;
-        self
-    }
-
-    /// Sets [`Self::workspace_bytes`].
-    pub fn with_workspace_bytes(mut self, bytes: Option<usize>) -> Self {
-        self.workspace_bytes = bytes;
-        self
-    }
-
     /// Rows of logits per chunk for `n x v` (as [`LinearCe::chunk_rows`]).
     pub fn chunk_rows(&self, n: usize, v: usize) -> usize {
         self.linear_ce(false).chunk_rows(n, v)

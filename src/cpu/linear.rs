@@ -362,7 +362,7 @@ fn bf16_gemm(
     use super::matmul_amx::{Amx, Native};
     use super::matmul_bf16::{gemm, Dp};
     if kern == CpuMatmul::AmxBf16 {
-        assert!(super::matmul_amx::available(), "AMX-BF16");
+        assert!(super::matmul_amx::available() || super::matmul_amx::emulated(), "AMX-BF16");
         gemm::<Amx<Native>>(threads, shape, c, c_rs, accumulate, a, terms, b)
     } else {
         gemm::<Dp>(threads, shape, c, c_rs, accumulate, a, terms, b)

@@ -42,8 +42,10 @@
 //! instructions ([`Native`]) and, in the unit tests, by a software model of the tiles
 //! (`Model`, the SDM's pseudo-code): the driver, packing, edges and tile layout above run
 //! against the f64 product on any CPU with AVX512-BF16; only the six one-instruction wrappers of
-//! [`Native`] need an AMX CPU, where the same tests run them too. The encodings were checked
-//! with `objdump -d -M intel` on the built test binary.
+//! [`Native`] need an AMX CPU, where the same tests run them too. On a Linux CPU without AMX,
+//! the unit tests also run [`Native`] itself: each instruction traps, and a test-only handler
+//! decodes and emulates it (`trap`). That checks the `asm!` (encodings, operands, tile
+//! numbers), though not the hardware's own rounding or speed.
 
 #![cfg(target_arch = "x86_64")]
 
@@ -72,6 +74,14 @@ pub(super) fn unavailable() -> Option<&'static str> {
 /// Whether this CPU and OS run the AMX kernels.
 pub(super) fn available() -> bool {
     unavailable().is_none()
+}
+
+/// Whether the unit tests' emulator of the instructions is on (`trap`); never outside them.
+pub(super) fn emulated() -> bool {
+    #[cfg(all(test, target_os = "linux"))]
+    return trap::active();
+    #[cfg(not(all(test, target_os = "linux")))]
+    false
 }
 
 fn probe() -> Option<String> {
@@ -466,27 +476,48 @@ impl Tiles for Model {
     #[allow(clippy::needless_range_loop)]
     fn dp(&mut self, c: usize) {
         let (a, b) = (self.t[4 + c / 2], self.t[6 + c % 2]);
-        let widen = |h: u32| {
-            let x = f32::from_bits(h << 16);
-            if x.is_subnormal() {
-                0.0f32.copysign(x)
-            } else {
-                x
-            }
-        };
         for m in 0..16 {
             for n in 0..16 {
                 let mut acc = f32::from_bits(self.t[c][m][n]);
                 for k in 0..16 {
-                    let (x, y) = (a[m][k], b[k][n]);
-                    acc += widen(x & 0xffff) * widen(y & 0xffff);
-                    acc += widen(x >> 16) * widen(y >> 16);
+                    acc = sdm_pair(acc, a[m][k], b[k][n]);
                 }
-                self.t[c][m][n] = if acc.is_subnormal() { 0.0f32.copysign(acc) } else { acc }.to_bits();
+                self.t[c][m][n] = sdm_flush(acc).to_bits();
             }
         }
     }
 }
+
+/// One step of `tdpbf16ps` for one element, as the SDM's pseudo-code writes it: `acc` plus the
+/// products of the low halves of the words `x` (of `A`) and `y` (of `B`), then of the high
+/// halves, each bf16 widened with a denormal taken as zero, in f32.
+#[cfg(test)]
+fn sdm_pair(acc: f32, x: u32, y: u32) -> f32 {
+    let widen = |h: u32| {
+        let v = f32::from_bits(h << 16);
+        if v.is_subnormal() {
+            0.0f32.copysign(v)
+        } else {
+            v
+        }
+    };
+    let acc = acc + widen(x & 0xffff) * widen(y & 0xffff);
+    acc + widen(x >> 16) * widen(y >> 16)
+}
+
+/// A `tdpbf16ps` result as written back: a denormal flushed to zero.
+#[cfg(test)]
+fn sdm_flush(acc: f32) -> f32 {
+    if acc.is_subnormal() {
+        0.0f32.copysign(acc)
+    } else {
+        acc
+    }
+}
+
+/// The instructions emulated where the CPU lacks them (unit tests, Linux): see the module.
+#[cfg(all(test, target_os = "linux"))]
+pub(super) mod trap;
 
 #[cfg(test)]
 mod tests {
@@ -591,6 +622,31 @@ mod tests {
             assert_eq!(self_check::<Native>(), Ok(()));
             println!("the AMX instructions passed the check");
         });
+    }
+
+    /// `Native`'s instructions themselves, and the driver and first-use check over them, on a
+    /// CPU without AMX: each traps (`SIGILL`) and `trap` runs it (see that module for what this
+    /// shows and what only an AMX CPU can).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn native_instructions_under_emulation() {
+        if !super::super::matmul_bf16::available() {
+            println!("skipped: this CPU has no AVX512-BF16 (cpuid), which the packing uses");
+            return;
+        }
+        if !trap::install() {
+            println!("not emulated: this CPU has AMX tiles, so the tests above ran the instructions themselves");
+            return;
+        }
+        let (before, here) = (trap::emulated(), trap::emulated_here());
+        one_tile_exactly::<Native>();
+        let one_tile = "ldtilecfg, 3 tileloadd, tdpbf16ps, tilestored, tilerelease";
+        assert_eq!(trap::emulated_here() - here, 7, "{one_tile}");
+        assert_eq!(self_check::<Native>(), Ok(()));
+        products_on::<Amx<Native>>("AMX instructions, emulated");
+        same_bits_on::<Amx<Native>>("AMX instructions, emulated");
+        let n = trap::emulated() - before;
+        println!("the AMX instructions of Native ran here under trap and emulate: {n} in the process during this test");
     }
 
     /// The tile configuration `ldtilecfg` reads: palette 1, eight tiles of 16 x 64 bytes, the
