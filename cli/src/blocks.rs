@@ -145,8 +145,10 @@ impl CeJob<'_> {
         self.span.clone().step_by(self.block_rows.max(1)).map(|r0| r0..(r0 + self.block_rows).min(end)).collect()
     }
 
-    fn block_cfg(&self, r: &Range<usize>) -> CrossEntropy {
-        self.cfg.clone().with_sample_weight(
+    /// The options of the block of rows `r`: `base` (the job's options without their sample
+    /// weights, cloned once per run, not once per block) with the block's sample weights.
+    fn block_cfg(&self, base: &CrossEntropy, r: &Range<usize>) -> CrossEntropy {
+        base.clone().with_sample_weight(
             self.cfg.data.sample_weight.as_ref().map(|w| w.slice(ndarray::s![r.clone()]).to_owned()),
         )
     }
@@ -239,11 +241,12 @@ impl CeJob<'_> {
             BlockTargets::Probs(_) => &[],
         };
         let mut scratch: Option<Tensor2> = None;
+        let base = self.cfg.clone().with_sample_weight(None);
         for block in rx.iter() {
             let b = block?;
             let rows = b.range.len();
             let logits = b.logits.logits(self.dtype, rows, v);
-            let cfg = self.block_cfg(&b.range);
+            let cfg = self.block_cfg(&base, &b.range);
             let targets = self.targets(&b, classes);
             let out = match self.grad {
                 None => cpu.cross_entropy(logits, targets, &cfg)?,
