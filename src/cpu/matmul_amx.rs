@@ -624,6 +624,24 @@ mod tests {
         });
     }
 
+    /// Linux's grant of the tile data: given where cpuid reports AMX tiles, refused with the
+    /// OS's reason where it does not (Linux 5.16 and later: "Operation not supported"; before:
+    /// "Invalid argument"), never granted for a state the CPU lacks.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn linux_grants_the_tile_data_only_with_the_tiles() {
+        match (cpu_lacks(), request_tile_data()) {
+            (None, Ok(())) => println!("Linux granted the tile data"),
+            // A Linux before 5.16 has no such request; a later one grants it on an AMX CPU.
+            (None, Err(e)) => assert!(e.contains("Invalid argument"), "an AMX CPU, refused: {e}"),
+            (Some(why), Err(e)) => {
+                assert!(e.contains("arch_prctl ARCH_REQ_XCOMP_PERM: "), "{e}");
+                println!("{why}; Linux said: {e}");
+            }
+            (Some(why), Ok(())) => panic!("Linux granted the tile data, yet {why}"),
+        }
+    }
+
     /// `Native`'s instructions themselves, and the driver and first-use check over them, on a
     /// CPU without AMX: each traps (`SIGILL`) and `trap` runs it (see that module for what this
     /// shows and what only an AMX CPU can).
