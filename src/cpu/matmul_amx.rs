@@ -493,16 +493,20 @@ impl Tiles for Model {
 /// halves, each bf16 widened with a denormal taken as zero, in f32.
 #[cfg(test)]
 fn sdm_pair(acc: f32, x: u32, y: u32) -> f32 {
-    let widen = |h: u32| {
-        let v = f32::from_bits(h << 16);
-        if v.is_subnormal() {
-            0.0f32.copysign(v)
-        } else {
-            v
-        }
-    };
-    let acc = acc + widen(x & 0xffff) * widen(y & 0xffff);
-    acc + widen(x >> 16) * widen(y >> 16)
+    let acc = acc + sdm_widen(x & 0xffff) * sdm_widen(y & 0xffff);
+    acc + sdm_widen(x >> 16) * sdm_widen(y >> 16)
+}
+
+/// A bf16 (the low 16 bits of `h`) as `tdpbf16ps` reads it: widened to f32, a denormal taken
+/// as zero.
+#[cfg(test)]
+fn sdm_widen(h: u32) -> f32 {
+    let v = f32::from_bits(h << 16);
+    if v.is_subnormal() {
+        0.0f32.copysign(v)
+    } else {
+        v
+    }
 }
 
 /// A `tdpbf16ps` result as written back: a denormal flushed to zero.
@@ -664,7 +668,8 @@ mod tests {
         products_on::<Amx<Native>>("AMX instructions, emulated");
         same_bits_on::<Amx<Native>>("AMX instructions, emulated");
         let n = trap::emulated() - before;
-        println!("the AMX instructions of Native ran here under trap and emulate: {n} in the process during this test");
+        let order = trap::sum_order();
+        println!("the AMX instructions of Native ran here under trap and emulate, sums in {order} order: {n} in the process during this test");
     }
 
     /// The tile configuration `ldtilecfg` reads: palette 1, eight tiles of 16 x 64 bytes, the

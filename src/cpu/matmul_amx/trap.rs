@@ -32,7 +32,7 @@ use std::cell::{Cell, UnsafeCell};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use super::{sdm_flush, sdm_pair};
+use super::{sdm_flush, sdm_pair, sdm_widen};
 
 /// Tile registers of palette 1.
 const TILES: usize = 8;
@@ -99,6 +99,13 @@ pub(crate) fn install() -> bool {
         if super::cpu_lacks().is_none() {
             return false;
         }
+        // Chosen here, not in the handler, which must not allocate.
+        ORDER.get_or_init(|| match std::env::var("XENT_TEST_AMX_SUM").as_deref() {
+            Err(_) | Ok("sdm") => SumOrder::Sdm,
+            Ok("reversed") => SumOrder::Reversed,
+            Ok("fused") => SumOrder::Fused,
+            Ok(other) => panic!("XENT_TEST_AMX_SUM={other}: sdm, reversed or fused"),
+        });
         // SAFETY: a zeroed sigaction is valid; the handler is an `extern "C"` function of the
         // SA_SIGINFO form.
         unsafe {
@@ -110,6 +117,30 @@ pub(crate) fn install() -> bool {
         }
         true
     })
+}
+
+/// The order of the sums inside one `tdpbf16ps`, which the SDM leaves to the hardware ("f32
+/// sums"). `XENT_TEST_AMX_SUM` picks it when the handler is installed; only
+/// `emulated_with_other_summation_orders` sets it, in child processes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SumOrder {
+    /// The pseudo-code's: pairs in order, each pair's low product, then its high one.
+    Sdm,
+    /// Pairs last to first, each pair's high product first.
+    Reversed,
+    /// Pairs in order, each pair's two products added to the sum with one rounding.
+    Fused,
+}
+
+static ORDER: OnceLock<SumOrder> = OnceLock::new();
+
+/// The summation order the emulator uses: "sdm", "reversed" or "fused".
+pub(crate) fn sum_order() -> &'static str {
+    match ORDER.get().copied().unwrap_or(SumOrder::Sdm) {
+        SumOrder::Sdm => "sdm",
+        SumOrder::Reversed => "reversed",
+        SumOrder::Fused => "fused",
+    }
 }
 
 /// Whether [`install`] installed the handler.
@@ -274,6 +305,28 @@ fn decode(code: impl Fn(usize) -> u8, regs: &[u64; 16], rip: usize) -> Result<(O
     }
 }
 
+/// One element of `tdpbf16ps`, summed in `order`: `acc` plus the products of the `k` pairs of
+/// bf16 in the words `x(q)` (of a row of `A`) and `y(q)` (of a column of `B`).
+fn dot(order: SumOrder, mut acc: f32, k: usize, x: impl Fn(usize) -> u32, y: impl Fn(usize) -> u32) -> f32 {
+    // The two products of pair q, each exact in f32 (8-bit by 8-bit significands).
+    let products = |q: usize| {
+        let (x, y) = (x(q), y(q));
+        (sdm_widen(x & 0xffff) * sdm_widen(y & 0xffff), sdm_widen(x >> 16) * sdm_widen(y >> 16))
+    };
+    match order {
+        SumOrder::Sdm => (0..k).for_each(|q| acc = sdm_pair(acc, x(q), y(q))),
+        SumOrder::Reversed => (0..k).rev().for_each(|q| {
+            let (lo, hi) = products(q);
+            acc = acc + hi + lo;
+        }),
+        SumOrder::Fused => (0..k).for_each(|q| {
+            let (lo, hi) = products(q);
+            acc = (acc as f64 + lo as f64 + hi as f64) as f32;
+        }),
+    }
+    acc
+}
+
 /// Runs `op` on the tile state `s`, as the SDM's pseudo-code does, or says why the hardware
 /// would fault.
 ///
@@ -365,6 +418,7 @@ unsafe fn run(s: &mut State, op: Op) -> Result<(), &'static str> {
             {
                 return Err("tdpbf16ps on tiles whose shapes do not fit");
             }
+            let order = ORDER.get().copied().unwrap_or(SumOrder::Sdm);
             let word =
                 |t: &[[u8; 64]; 16], r: usize, w: usize| u32::from_le_bytes(t[r][4 * w..4 * w + 4].try_into().unwrap());
             let (ta, tb) = (s.t[a], s.t[b]);
@@ -372,10 +426,8 @@ unsafe fn run(s: &mut State, op: Op) -> Result<(), &'static str> {
             for i in 0..m {
                 let mut row = [0u8; 64];
                 for j in 0..n {
-                    let mut acc = f32::from_bits(word(tc, i, j));
-                    for q in 0..k {
-                        acc = sdm_pair(acc, word(&ta, i, q), word(&tb, q, j));
-                    }
+                    let acc = f32::from_bits(word(tc, i, j));
+                    let acc = dot(order, acc, k, |q| word(&ta, i, q), |q| word(&tb, q, j));
                     row[4 * j..4 * j + 4].copy_from_slice(&sdm_flush(acc).to_bits().to_le_bytes());
                 }
                 // write_row_and_zero: the bytes past N words are zeroed.
@@ -574,6 +626,55 @@ mod tests {
                 close(&format!("{g:?} logprobs {name}"), a.as_slice().unwrap(), b.as_slice().unwrap());
             }
             println!("{g:?}: the linear losses on the emulated tiles ({emulated} instructions) agree with AVX512-BF16");
+        }
+    }
+
+    /// The three orders give different sums where rounding depends on the order (so the
+    /// children of `emulated_with_other_summation_orders` do run other arithmetic).
+    #[test]
+    fn the_summation_orders_round_differently() {
+        let bf = |x: f32| half::bf16::from_f32(x).to_bits() as u32;
+        let pair = |lo: f32, hi: f32| bf(lo) | bf(hi) << 16;
+        let (tiny, one) = (2f32.powi(-12), 1.0f32);
+        // acc 1 plus two products of 2^-24: one rounding keeps them, two lose each.
+        let x = [pair(tiny, tiny)];
+        let sums = |acc: f32, x: &[u32], y: &[u32]| {
+            [SumOrder::Sdm, SumOrder::Reversed, SumOrder::Fused].map(|o| dot(o, acc, x.len(), |q| x[q], |q| y[q]))
+        };
+        assert_eq!(sums(1.0, &x, &x), [1.0, 1.0, 1.0 + 2f32.powi(-23)]);
+        // 1 first loses the two 2^-24 after it; the tiny ones first add up before it.
+        let x = [pair(one, 0.0), pair(tiny, tiny)];
+        assert_eq!(sums(0.0, &x, &x), [1.0, 1.0 + 2f32.powi(-23), 1.0 + 2f32.powi(-23)]);
+    }
+
+    /// The hardware may sum inside a `tdpbf16ps` in another order than the SDM's pseudo-code,
+    /// which does not fix it. The tests' bounds and the first-use check must hold for any
+    /// order, or an AMX CPU would fail them, or keep its kernels off, for nothing. So the two
+    /// emulated tests run again in child processes of this test binary: with the pairs summed
+    /// last to first, and with each pair added in one rounding.
+    #[test]
+    fn emulated_with_other_summation_orders() {
+        if !crate::cpu::matmul_bf16::available() || !install() {
+            println!("skipped: the CPU has AMX tiles (their own order is tested) or no AVX512-BF16");
+            return;
+        }
+        let tests = [
+            "cpu::matmul_amx::tests::native_instructions_under_emulation",
+            "cpu::matmul_amx::trap::tests::linear_losses_on_the_emulated_tiles",
+        ];
+        for order in ["reversed", "fused"] {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "--nocapture", "--test-threads=2"])
+                .args(tests)
+                .env("XENT_TEST_AMX_SUM", order)
+                .output()
+                .unwrap();
+            let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            let said = format!("{order}: {stdout}\n{stderr}");
+            assert!(out.status.success(), "{said}");
+            assert!(stdout.contains("test result: ok. 2 passed"), "{said}");
+            assert!(stdout.contains(&format!("sums in {order} order")), "{said}");
+            println!("the emulated tests passed with sums in {order} order");
         }
     }
 }
