@@ -16,9 +16,12 @@
 //! configuration it loads. [`super::Model`] checks none of these. The decoder is checked
 //! against GNU `as`'s encodings (a second assembler beside rustc's LLVM).
 //!
-//! What emulation cannot show: the hardware's own summation order and rounding inside one
-//! `tdpbf16ps` (the SDM says f32 sums), its speed, and Linux's grant of the tile data. Those
-//! wait for an AMX CPU.
+//! The SDM leaves the order of the f32 sums inside one `tdpbf16ps` to the hardware, so the
+//! emulator sums in the pseudo-code's order, or in one of two others that
+//! `XENT_TEST_AMX_SUM` picks: the tests must pass in each.
+//!
+//! What emulation cannot show: the hardware's own order and rounding, its speed, and Linux's
+//! grant of the tile data. Those wait for an AMX CPU.
 //!
 //! Anything the handler does not decode, or a use the hardware would fault on (tiles not
 //! configured, shapes that do not fit), writes one line to stderr and restores the default
