@@ -28,8 +28,10 @@
 //! action. The instruction then faults again and the process dies, as it would on the
 //! hardware.
 //!
-//! Why hand-written: emulators that run AMX (Intel SDE, Bochs) are whole-system or proprietary
-//! tools; this one is a test fixture that runs inside `cargo test` on any x86-64 Linux.
+//! Why hand-written: Intel's SDE, which runs AMX code in user space, is proprietary and not in
+//! this workplace's registries; Bochs emulates a whole machine, and a Linux on it did not boot
+//! (`docs/cpu-bf16-matmul.md`). This is a test fixture that runs inside `cargo test` on any
+//! x86-64 Linux.
 
 use std::cell::{Cell, UnsafeCell};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -239,8 +241,9 @@ fn decode(code: impl Fn(usize) -> u8, regs: &[u64; 16], rip: usize) -> Result<(O
             return Err("a register where memory was expected");
         }
         let sib = rm == 4;
+        // `base` None: RIP-relative. mod 00 with base 101 means no base register and a 32-bit
+        // displacement: with a SIB, from 0 (`base` Some(0)); without, from the next instruction.
         let (mut at, mut base, mut stride) = (5, Some(0usize), 0usize);
-        // mod 00 with base 101: no base, a 32-bit displacement (RIP-relative without a SIB).
         let mut disp32_alone = false;
         if sib {
             let s = code(5);
