@@ -71,13 +71,20 @@ impl Cpu {
     /// The kernels [`Cpu::linear_cross_entropy`] runs its products on for `dtype` inputs: those
     /// of [`Cpu::with_matmul`], else `XENT_CPU_MATMUL`'s, else the best the CPU has
     /// ([`CpuMatmul::detect`]), then [`CpuMatmul::F32`] for dtypes they do not take. A bad
-    /// `XENT_CPU_MATMUL` is an [`XentError::InvalidOption`].
+    /// `XENT_CPU_MATMUL` is an [`XentError::InvalidOption`], and so, where the answer is
+    /// [`CpuMatmul::AmxBf16`], is a bad `XENT_AMX_KC` or `XENT_AMX_MC` (the AMX kernels' block
+    /// of `k` and rows per tile, for measuring: multiples of 32 from 32 to 4096).
     pub fn linear_matmul(&self, dtype: DType) -> Result<CpuMatmul> {
         let m = match self.matmul {
             Some(m) => m,
             None => CpuMatmul::from_env()?,
         };
-        Ok(m.for_dtype(dtype))
+        let m = m.for_dtype(dtype);
+        #[cfg(target_arch = "x86_64")]
+        if m == CpuMatmul::AmxBf16 {
+            super::matmul_amx::blocks().map_err(|e| XentError::InvalidOption(e.into()))?;
+        }
+        Ok(m)
     }
 
     /// This backend with its bf16 gradient products taking the f32 gradient as `grad` says

@@ -62,8 +62,35 @@ const MRA: usize = 32;
 /// and stored once per block, so at 512 that is 8 tile moves per 64 `tdpbf16ps` of one term.
 /// A panel's block of `B` is then 32 KiB (Sapphire Rapids' L1 holds 48), and a task's packed
 /// left block at most 224 rows x 512 x 2 terms x 2 bytes = 448 KiB (its L2 holds 2 MiB).
-/// Chosen by reasoning, not yet measured.
+/// Chosen by reasoning, not yet measured: `XENT_AMX_KC` overrides it ([`blocks`]).
 const KCA: usize = 512;
+/// Rows of a task's tile at most: the `vdpbf16ps` kernels' 240, in whole micro-panels. Chosen
+/// by reasoning, not yet measured: `XENT_AMX_MC` overrides it ([`blocks`]).
+const MCA: usize = 224;
+
+/// The AMX kernels' blocking `(kc, mc)`: [`KCA`] and [`MCA`], or `XENT_AMX_KC` and
+/// `XENT_AMX_MC` where set (read once per process), so that a first AMX machine can measure
+/// other blockings with the same binary: its build tools may be missing. Each is a multiple of
+/// 32 from 32 to 4096; another value is the reason in the `Err`, which
+/// [`crate::Cpu::linear_matmul`] returns as an [`crate::XentError::InvalidOption`] wherever
+/// these kernels would run.
+pub(super) fn blocks() -> Result<(usize, usize), &'static str> {
+    static BLOCKS: OnceLock<Result<(usize, usize), String>> = OnceLock::new();
+    let read = |name: &str, default: usize| -> Result<usize, String> {
+        match std::env::var(name) {
+            Err(_) => Ok(default),
+            Ok(s) => match s.trim().parse::<usize>() {
+                Ok(v) if (32..=4096).contains(&v) && v % 32 == 0 => Ok(v),
+                _ => Err(format!("{name}={s}: a multiple of 32 from 32 to 4096 (default {default})")),
+            },
+        }
+    };
+    BLOCKS
+        .get_or_init(|| Ok((read("XENT_AMX_KC", KCA)?, read("XENT_AMX_MC", MCA)?)))
+        .as_ref()
+        .map(|b| *b)
+        .map_err(|e| e.as_str())
+}
 
 /// Why this CPU and OS do not run the AMX kernels, or `None` where they do (probed once).
 pub(super) fn unavailable() -> Option<&'static str> {
@@ -317,8 +344,15 @@ pub(super) struct AmxState<U> {
 
 impl<U: Tiles> Kernel for Amx<U> {
     const MR: usize = MRA;
-    const KC: usize = KCA;
     type State = AmxState<U>;
+
+    fn kc() -> usize {
+        blocks().map_or(KCA, |b| b.0)
+    }
+
+    fn mc_max() -> usize {
+        blocks().map_or(MCA, |b| b.1)
+    }
 
     fn per_micro(kc: usize, terms: usize) -> usize {
         terms * MRA * kc.next_multiple_of(32) / 2
@@ -668,8 +702,12 @@ mod tests {
         products_on::<Amx<Native>>("AMX instructions, emulated");
         same_bits_on::<Amx<Native>>("AMX instructions, emulated");
         let n = trap::emulated() - before;
-        let order = trap::sum_order();
-        println!("the AMX instructions of Native ran here under trap and emulate, sums in {order} order: {n} in the process during this test");
+        let (order, blocks) = (trap::sum_order(), blocks());
+        let blocks = blocks.map_or_else(|e| e.to_string(), |(kc, mc)| format!("blocks ({kc}, {mc})"));
+        println!(
+            "the AMX instructions of Native ran here under trap and emulate, sums in {order} order, {blocks}: \
+             {n} in the process during this test"
+        );
     }
 
     /// The tile configuration `ldtilecfg` reads: palette 1, eight tiles of 16 x 64 bytes, the

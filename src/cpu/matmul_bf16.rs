@@ -148,7 +148,11 @@ pub(super) trait Kernel {
     /// Rows of a micro-panel.
     const MR: usize;
     /// Values of `k` per block (a multiple of 32).
-    const KC: usize;
+    fn kc() -> usize;
+    /// Rows of a tile at most (before rounding down to whole micro-panels).
+    fn mc_max() -> usize {
+        MC_MAX
+    }
     /// Per-task state (the AMX tile configuration).
     type State;
     /// `u32`s of one packed micro-panel: `kc` values of `k`, `T` terms.
@@ -188,8 +192,11 @@ pub(super) struct Dp;
 
 impl Kernel for Dp {
     const MR: usize = MR;
-    const KC: usize = KC;
     type State = ();
+
+    fn kc() -> usize {
+        KC
+    }
 
     fn per_micro(kc: usize, terms: usize) -> usize {
         kc.div_ceil(2) * terms * MR
@@ -262,12 +269,13 @@ pub(super) fn gemm<K: Kernel>(
     match a {
         Lhs::Bf16Rows { .. } => {
             // Packed once: for each block of k, every micro-panel.
-            let per_block = K::per_micro(K::KC, 1) * shape.micro_all;
-            let last = K::per_micro(k - (k - 1) / K::KC * K::KC, 1) * shape.micro_all;
-            let mut packed = vec![0u32; (k - 1) / K::KC * per_block + last];
+            let kcb = K::kc();
+            let per_block = K::per_micro(kcb, 1) * shape.micro_all;
+            let last = K::per_micro(k - (k - 1) / kcb * kcb, 1) * shape.micro_all;
+            let mut packed = vec![0u32; (k - 1) / kcb * per_block + last];
             packed.par_chunks_mut(per_block).enumerate().for_each(|(kb, block)| {
-                let k0 = kb * K::KC;
-                let kc = (k - k0).min(K::KC);
+                let k0 = kb * kcb;
+                let kc = (k - k0).min(kcb);
                 for (mp, dst) in block.chunks_mut(K::per_micro(kc, 1)).enumerate() {
                     let r0 = mp * K::MR;
                     // SAFETY: AVX512-BF16 checked above.
@@ -303,11 +311,11 @@ pub(super) fn gemm<K: Kernel>(
 }
 
 /// Tiles of rows: four per thread over the `n_tiles` column tiles where the rows allow, none
-/// over [`MC_MAX`] rows (rounded to whole micro-panels).
+/// over [`Kernel::mc_max`] rows (rounded to whole micro-panels).
 fn row_tiles<K: Kernel>(m: usize, n_tiles: usize, threads: usize) -> usize {
     let micro = m.div_ceil(K::MR);
     let wanted = (4 * threads.max(1)).div_ceil(n_tiles).max(1);
-    wanted.max(micro.div_ceil((MC_MAX / K::MR).max(1))).min(micro)
+    wanted.max(micro.div_ceil((K::mc_max() / K::MR).max(1))).min(micro)
 }
 
 /// Rows of tile `i` of `tiles`: whole micro-panels, the counts differing by one at most.
@@ -349,12 +357,13 @@ unsafe fn tile_task<K: Kernel, const T: usize>(
     let mut state = K::begin();
     let micro = (i1 - i0).div_ceil(K::MR);
     let k = shape.k;
-    for k0 in (0..k).step_by(K::KC) {
-        let kc = (k - k0).min(K::KC);
+    let kcb = K::kc();
+    for k0 in (0..k).step_by(kcb) {
+        let kc = (k - k0).min(kcb);
         let per_micro = K::per_micro(kc, T);
         let block: &[u32] = match a {
             Left::Packed(all) => {
-                let start = k0 / K::KC * K::per_micro(K::KC, 1) * shape.micro_all + (i0 / K::MR) * per_micro;
+                let start = k0 / kcb * K::per_micro(kcb, 1) * shape.micro_all + (i0 / K::MR) * per_micro;
                 &all[start..start + micro * per_micro]
             }
             Left::Pack(a) => {

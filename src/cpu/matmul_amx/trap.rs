@@ -653,34 +653,60 @@ mod tests {
         assert_eq!(sums(0.0, &x, &x), [1.0, 1.0 + 2f32.powi(-23), 1.0 + 2f32.powi(-23)]);
     }
 
+    /// The two emulated tests, run again in a child process of this test binary with `env`
+    /// set: whether it passed, and what it printed.
+    fn emulated_tests_with(env: &[(&str, &str)]) -> (bool, String) {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "--nocapture", "--test-threads=2"])
+            .args([
+                "cpu::matmul_amx::tests::native_instructions_under_emulation",
+                "cpu::matmul_amx::trap::tests::linear_losses_on_the_emulated_tiles",
+            ])
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let ok = out.status.success() && stdout.contains("test result: ok. 2 passed");
+        (ok, format!("{env:?}: {stdout}\n{stderr}"))
+    }
+
     /// The hardware may sum inside a `tdpbf16ps` in another order than the SDM's pseudo-code,
     /// which does not fix it. The tests' bounds and the first-use check must hold for any
     /// order, or an AMX CPU would fail them, or keep its kernels off, for nothing. So the two
-    /// emulated tests run again in child processes of this test binary: with the pairs summed
-    /// last to first, and with each pair added in one rounding.
+    /// emulated tests run again in child processes: with the pairs summed last to first, and
+    /// with each pair added in one rounding.
     #[test]
     fn emulated_with_other_summation_orders() {
         if !crate::cpu::matmul_bf16::available() || !install() {
             println!("skipped: the CPU has AMX tiles (their own order is tested) or no AVX512-BF16");
             return;
         }
-        let tests = [
-            "cpu::matmul_amx::tests::native_instructions_under_emulation",
-            "cpu::matmul_amx::trap::tests::linear_losses_on_the_emulated_tiles",
-        ];
         for order in ["reversed", "fused"] {
-            let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args(["--exact", "--nocapture", "--test-threads=2"])
-                .args(tests)
-                .env("XENT_TEST_AMX_SUM", order)
-                .output()
-                .unwrap();
-            let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-            let said = format!("{order}: {stdout}\n{stderr}");
-            assert!(out.status.success(), "{said}");
-            assert!(stdout.contains("test result: ok. 2 passed"), "{said}");
-            assert!(stdout.contains(&format!("sums in {order} order")), "{said}");
+            let (ok, said) = emulated_tests_with(&[("XENT_TEST_AMX_SUM", order)]);
+            assert!(ok, "{said}");
+            assert!(said.contains(&format!("sums in {order} order")), "{said}");
             println!("the emulated tests passed with sums in {order} order");
         }
+    }
+
+    /// The AMX kernels' blocking set by `XENT_AMX_KC` and `XENT_AMX_MC` (for measuring on a
+    /// first AMX machine): the emulated tests pass with small blocks (many blocks of `k`, many
+    /// row tiles), and a bad value is one typed error naming the variable.
+    #[test]
+    fn emulated_with_other_blockings() {
+        if !crate::cpu::matmul_bf16::available() || !install() {
+            println!("skipped: the CPU has AMX tiles (their blockings are measured there) or no AVX512-BF16");
+            return;
+        }
+        for (kc, mc) in [("64", "32"), ("1024", "96")] {
+            let (ok, said) = emulated_tests_with(&[("XENT_AMX_KC", kc), ("XENT_AMX_MC", mc)]);
+            assert!(ok, "{said}");
+            assert!(said.contains(&format!("blocks ({kc}, {mc})")), "{said}");
+            println!("the emulated tests passed with blocks (kc, mc) = ({kc}, {mc})");
+        }
+        let (ok, said) = emulated_tests_with(&[("XENT_AMX_KC", "100")]);
+        assert!(!ok, "{said}");
+        let want = "InvalidOption(\"XENT_AMX_KC=100: a multiple of 32 from 32 to 4096 (default 512)\")";
+        assert!(said.contains(want), "{said}");
     }
 }
