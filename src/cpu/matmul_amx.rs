@@ -527,23 +527,21 @@ impl Tiles for Model {
 /// halves, each bf16 widened with a denormal taken as zero, in f32.
 #[cfg(test)]
 fn sdm_pair(acc: f32, x: u32, y: u32) -> f32 {
-    let acc = acc + sdm_widen(x & 0xffff) * sdm_widen(y & 0xffff);
-    acc + sdm_widen(x >> 16) * sdm_widen(y >> 16)
+    let (lo, hi) = sdm_products(x, y);
+    acc + lo + hi
 }
 
-/// A bf16 (the low 16 bits of `h`) as `tdpbf16ps` reads it: widened to f32, a denormal taken
-/// as zero.
+/// The two products of a pair in `tdpbf16ps`: of the low halves of the words `x` and `y`, and
+/// of the high halves, each bf16 widened to f32 with a denormal taken as zero. Each product is
+/// exact in f32 (8-bit by 8-bit significands).
 #[cfg(test)]
-fn sdm_widen(h: u32) -> f32 {
-    let v = f32::from_bits(h << 16);
-    if v.is_subnormal() {
-        0.0f32.copysign(v)
-    } else {
-        v
-    }
+fn sdm_products(x: u32, y: u32) -> (f32, f32) {
+    let widen = |h: u32| sdm_flush(f32::from_bits(h << 16));
+    (widen(x & 0xffff) * widen(y & 0xffff), widen(x >> 16) * widen(y >> 16))
 }
 
-/// A `tdpbf16ps` result as written back: a denormal flushed to zero.
+/// A denormal flushed to zero (keeping its sign), as `tdpbf16ps` takes its inputs and writes
+/// its results.
 #[cfg(test)]
 fn sdm_flush(acc: f32) -> f32 {
     if acc.is_subnormal() {

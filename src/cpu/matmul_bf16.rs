@@ -265,11 +265,11 @@ pub(super) fn gemm<K: Kernel>(
         Lhs::F32Cols { data, cs } => assert!(data.len() > (k - 1) * cs + m - 1, "A holds m x k"),
     }
     let out = Out(c.as_mut_ptr());
-    let shape = Shape { c_rs, accumulate, k, micro_all: m.div_ceil(K::MR) };
+    let shape = Shape { c_rs, accumulate, k, kc: K::kc(), micro_all: m.div_ceil(K::MR) };
     match a {
         Lhs::Bf16Rows { .. } => {
             // Packed once: for each block of k, every micro-panel.
-            let kcb = K::kc();
+            let kcb = shape.kc;
             let per_block = K::per_micro(kcb, 1) * shape.micro_all;
             let last = K::per_micro(k - (k - 1) / kcb * kcb, 1) * shape.micro_all;
             let mut packed = vec![0u32; (k - 1) / kcb * per_block + last];
@@ -329,6 +329,9 @@ struct Shape {
     c_rs: usize,
     accumulate: bool,
     k: usize,
+    /// Values of `k` per block ([`Kernel::kc`], asked once per product): the packed left
+    /// operand's blocks and the tiles' must agree.
+    kc: usize,
     /// Micro-panels of all `m` rows.
     micro_all: usize,
 }
@@ -357,7 +360,7 @@ unsafe fn tile_task<K: Kernel, const T: usize>(
     let mut state = K::begin();
     let micro = (i1 - i0).div_ceil(K::MR);
     let k = shape.k;
-    let kcb = K::kc();
+    let kcb = shape.kc;
     for k0 in (0..k).step_by(kcb) {
         let kc = (k - k0).min(kcb);
         let per_micro = K::per_micro(kc, T);

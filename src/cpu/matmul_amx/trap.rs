@@ -37,7 +37,7 @@ use std::cell::{Cell, UnsafeCell};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use super::{sdm_flush, sdm_pair, sdm_widen};
+use super::{sdm_flush, sdm_pair, sdm_products};
 
 /// Tile registers of palette 1.
 const TILES: usize = 8;
@@ -139,9 +139,14 @@ enum SumOrder {
 
 static ORDER: OnceLock<SumOrder> = OnceLock::new();
 
+/// The order [`install`] chose (the pseudo-code's before it).
+fn order() -> SumOrder {
+    ORDER.get().copied().unwrap_or(SumOrder::Sdm)
+}
+
 /// The summation order the emulator uses: "sdm", "reversed" or "fused".
 pub(crate) fn sum_order() -> &'static str {
-    match ORDER.get().copied().unwrap_or(SumOrder::Sdm) {
+    match order() {
         SumOrder::Sdm => "sdm",
         SumOrder::Reversed => "reversed",
         SumOrder::Fused => "fused",
@@ -314,19 +319,14 @@ fn decode(code: impl Fn(usize) -> u8, regs: &[u64; 16], rip: usize) -> Result<(O
 /// One element of `tdpbf16ps`, summed in `order`: `acc` plus the products of the `k` pairs of
 /// bf16 in the words `x(q)` (of a row of `A`) and `y(q)` (of a column of `B`).
 fn dot(order: SumOrder, mut acc: f32, k: usize, x: impl Fn(usize) -> u32, y: impl Fn(usize) -> u32) -> f32 {
-    // The two products of pair q, each exact in f32 (8-bit by 8-bit significands).
-    let products = |q: usize| {
-        let (x, y) = (x(q), y(q));
-        (sdm_widen(x & 0xffff) * sdm_widen(y & 0xffff), sdm_widen(x >> 16) * sdm_widen(y >> 16))
-    };
     match order {
         SumOrder::Sdm => (0..k).for_each(|q| acc = sdm_pair(acc, x(q), y(q))),
         SumOrder::Reversed => (0..k).rev().for_each(|q| {
-            let (lo, hi) = products(q);
+            let (lo, hi) = sdm_products(x(q), y(q));
             acc = acc + hi + lo;
         }),
         SumOrder::Fused => (0..k).for_each(|q| {
-            let (lo, hi) = products(q);
+            let (lo, hi) = sdm_products(x(q), y(q));
             acc = (acc as f64 + lo as f64 + hi as f64) as f32;
         }),
     }
@@ -424,7 +424,7 @@ unsafe fn run(s: &mut State, op: Op) -> Result<(), &'static str> {
             {
                 return Err("tdpbf16ps on tiles whose shapes do not fit");
             }
-            let order = ORDER.get().copied().unwrap_or(SumOrder::Sdm);
+            let order = order();
             let word =
                 |t: &[[u8; 64]; 16], r: usize, w: usize| u32::from_le_bytes(t[r][4 * w..4 * w + 4].try_into().unwrap());
             let (ta, tb) = (s.t[a], s.t[b]);
