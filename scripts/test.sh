@@ -47,6 +47,8 @@ RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --release "${MPI[@]}"
 cargo test --workspace --release "${MPI[@]}"
 # Which CPU matrix-product kernels the tests ran on this machine and which they skipped, and why.
 cargo test --workspace --release "${MPI[@]}" --test cpu_matmul -- --nocapture --exact the_kernels_on_this_cpu
+# Whether the framework ops' `set_cpu` precision could be told apart on this CPU's kernels.
+cargo test --workspace --release "${MPI[@]}" --test cpu_backend -- --nocapture
 # On a CPU without AMX, the AMX instructions under the unit tests' trap-and-emulate harness: how many ran.
 cargo test --workspace --release "${MPI[@]}" --lib -- --nocapture emulat
 cargo test -p xent --release --no-default-features

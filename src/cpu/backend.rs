@@ -1,5 +1,8 @@
 //! The [`Cpu`] backend type (public at the crate root as `xent::Cpu`).
 
+use std::fmt;
+use std::sync::{Arc, RwLock};
+
 use ndarray::{Array2, ArrayView2};
 
 use super::{bce, cross_entropy, divergence, hessian, linear, log_softmax, Bf16Grad, CpuMatmul};
@@ -25,6 +28,16 @@ pub struct Cpu {
     pub(super) matmul: Option<CpuMatmul>,
     /// Set by [`Cpu::with_bf16_grad`]; `None`: `XENT_CPU_BF16_TERMS` or [`Bf16Grad::Split`].
     pub(super) bf16_grad: Option<Bf16Grad>,
+}
+
+impl fmt::Debug for Cpu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cpu")
+            .field("threads", &self.threads())
+            .field("matmul", &self.matmul)
+            .field("bf16_grad", &self.bf16_grad)
+            .finish()
+    }
 }
 
 impl Default for Cpu {
@@ -177,6 +190,46 @@ impl Cpu {
     /// Row-wise log-softmax or softmax (f32 output) of logits of any dtype.
     pub fn log_softmax<'a>(&self, logits: impl Into<Logits<'a>>, kind: SoftmaxKind) -> Result<Array2<f32>> {
         log_softmax::log_softmax(&self.pool, logits.into(), kind)
+    }
+}
+
+/// A process-wide [`Cpu`] that can be replaced: what the framework integrations (`xent-burn`,
+/// `xent-candle`) run their CPU calls on, so that a training loop chooses its threads, matrix
+/// kernels and bf16 gradient precision once (their `set_cpu`). Made at first use with
+/// [`Cpu::new`] unless [`SharedCpu::set`] came first; a call holds the [`Arc`] it got, so
+/// replacing the backend never disturbs a call under way.
+///
+/// ```
+/// use xent::cpu::{Bf16Grad, SharedCpu};
+/// use xent::Cpu;
+///
+/// static CPU: SharedCpu = SharedCpu::new();
+/// let before = CPU.get(); // one thread per core
+/// CPU.set(Cpu::with_threads(1)?.with_bf16_grad(Bf16Grad::Rounded));
+/// assert_eq!(CPU.get().threads(), 1);
+/// assert_eq!(before.threads(), Cpu::new().threads()); // unchanged for whoever holds it
+/// # Ok::<(), xent::XentError>(())
+/// ```
+#[derive(Debug, Default)]
+pub struct SharedCpu(RwLock<Option<Arc<Cpu>>>);
+
+impl SharedCpu {
+    /// Empty until first used or set (usable in a `static`).
+    pub const fn new() -> Self {
+        SharedCpu(RwLock::new(None))
+    }
+
+    /// The backend of calls from now on.
+    pub fn set(&self, cpu: Cpu) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(cpu));
+    }
+
+    /// The backend now ([`Self::set`]'s, else a [`Cpu::new`] made here once).
+    pub fn get(&self) -> Arc<Cpu> {
+        if let Some(c) = self.0.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return c.clone();
+        }
+        self.0.write().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| Arc::new(Cpu::new())).clone()
     }
 }
 

@@ -23,3 +23,4 @@ pub use hessian::{hessian, symmetric_eigenvalues};
 pub use matmul::{Bf16Grad, CpuMatmul};
 
 pub(crate) use backend::Cpu;
+pub use backend::SharedCpu;

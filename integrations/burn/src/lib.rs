@@ -13,7 +13,8 @@
 //!   host round trip. Burn's fusion wrapper (the default) and the plain `CubeBackend` are both
 //!   served. On any other cube device the loss is computed through the host (counted by
 //!   [`host_transfers`]).
-//! - **Flex** (Burn's CPU backend): xent's CPU kernels read Burn's tensor storage in place.
+//! - **Flex** (Burn's CPU backend): xent's CPU kernels read Burn's tensor storage in place, on
+//!   the `xent::Cpu` that [`set_cpu`] chose (threads, matrix kernels, bf16 gradient precision).
 //!
 //! From hidden states, [`linear_cross_entropy`] fuses the output head's product with the loss
 //! (xent's [`LinearCe`]): the `[N, V]` logits and their gradient never exist, only row chunks of
@@ -70,7 +71,7 @@ use burn::tensor::DType as BurnDType;
 pub use linear::{linear_cross_entropy, linear_cross_entropy_with_grads, XentLinearArgs, XentLinearOps};
 pub use logprobs::{linear_logprobs, linear_logprobs_with_grads, XentLogprobsArgs, XentLogprobsOps};
 pub use module::{LinearCrossEntropy, LinearCrossEntropyConfig};
-pub use ops::take_error;
+pub use ops::{cpu, set_cpu, take_error};
 pub use pool::{pooled_bytes, release_pooled_buffers};
 pub use xent::{CrossEntropy, LinearCe, LinearLogprobs, Reduction, XentError};
 

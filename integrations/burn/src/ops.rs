@@ -1,10 +1,11 @@
 //! What the backends share: dtype mapping, the CPU computation (Flex, and the host fallback of
 //! cube devices xent does not share) and the record of device-side failures.
 
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use burn::backend::DispatchDevice;
 use burn::prelude::Device;
+use xent::cpu::SharedCpu;
 use xent::{Cpu, CrossEntropy, Logits, LogitsMut, Reduction, Targets, XentError};
 
 /// True when `device` (autodiff or not) is a CPU backend: its tensors can be read directly.
@@ -22,9 +23,34 @@ pub(crate) fn xent_dtype(d: burn::tensor::DType) -> xent::DType {
     }
 }
 
-pub(crate) fn cpu() -> &'static Cpu {
-    static CPU: OnceLock<Cpu> = OnceLock::new();
-    CPU.get_or_init(Cpu::new)
+static CPU: SharedCpu = SharedCpu::new();
+
+/// Makes xent-burn's CPU calls from now on (on Flex, and the host fallback of cube devices
+/// xent does not share) run on `cpu`: its thread count ([`Cpu::with_threads`]; by default one
+/// thread per core, beside Burn's own), its matrix-product kernels ([`Cpu::with_matmul`]) and
+/// how its bf16 kernels take the f32 gradient ([`Cpu::with_bf16_grad`]: `Bf16Grad::Rounded` is
+/// PyTorch's bf16 precision and faster, the default `Split` keeps f32 accuracy). Process-wide,
+/// as a Burn device is; a call already running keeps the backend it began with. Burn's wgpu
+/// devices do not read it.
+///
+/// ```
+/// use xent::cpu::Bf16Grad;
+/// use xent::Cpu;
+///
+/// xent_burn::set_cpu(Cpu::with_threads(2)?.with_bf16_grad(Bf16Grad::Rounded));
+/// assert_eq!(xent_burn::cpu().threads(), 2);
+/// assert_eq!(xent_burn::cpu().bf16_grad_terms()?, (1, 1));
+/// # Ok::<(), xent::XentError>(())
+/// ```
+pub fn set_cpu(cpu: Cpu) {
+    CPU.set(cpu);
+}
+
+/// The CPU backend of xent-burn's CPU calls now ([`set_cpu`]'s, else one thread per core with
+/// the kernels the CPU has): for asking it which kernels a call would use
+/// ([`Cpu::linear_matmul`], [`Cpu::bf16_grad_terms`]).
+pub fn cpu() -> Arc<Cpu> {
+    CPU.get()
 }
 
 static LAST_ERROR: Mutex<Option<XentError>> = Mutex::new(None);

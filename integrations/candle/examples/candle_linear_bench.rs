@@ -15,9 +15,13 @@
 //! process's peak RSS (`/proc/self/clear_refs` + `VmHWM`, as the rust-peers programs measure).
 //!
 //! `cargo run --release -p xent-candle --example candle_linear_bench [-- --bench N D V] [--reps R]
-//! [--dtype f32|f16|bf16]` (hidden and weight in that dtype for all three; default f32)
+//! [--dtype f32|f16|bf16] [--bf16-grad split|rounded]` (hidden and weight in that dtype for all
+//! three, default f32; how xent's bf16 matrix kernels take the gradient, for both xent ways,
+//! through `xent_candle::set_cpu`: `split` (f32 accuracy, the default) or `rounded` (PyTorch's))
 //!
-//! The last line is one JSON object: `framework`, `backend`, `n`, `d`, `v`, `dtype`, `step_s_xent`,
+//! The last line is one JSON object: `framework`, `backend`, `n`, `d`, `v`, `dtype`, `cpu_matmul`
+//! (xent's matrix kernels), `grad_terms` (bf16 terms of the gradient per product, `null` on f32
+//! kernels), `step_s_xent`,
 //! `step_s_ref`, `step_s_native`, `peak_bytes_xent`, `peak_bytes_ref`, `peak_bytes_native`,
 //! `rss_bytes_xent`, `rss_bytes_ref`, `rss_bytes_native`, `loss_xent`, `loss_ref`,
 //! `loss_native`, `max_grad_diff` (largest difference between the xent and ref gradients over

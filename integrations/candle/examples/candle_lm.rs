@@ -18,7 +18,7 @@
 //! medians (times) and maxima (memory) of steps 1.. .
 //!
 //! `cargo run --release -p xent-candle --example candle_lm [-- --steps 20] [--n 512] [--d 256] [--v 32000]`
-//! `... -- --bench N D V [--reps R] [--dtype f32|f16|bf16]` times the loss forward + backward
+//! `... -- --bench N D V [--reps R] [--dtype f32|f16|bf16] [--bf16-grad split|rounded]` times the loss forward + backward
 //! alone, three ways (`candle_linear_bench`'s benchmark).
 //!
 //! Prints the loss curves, then on its last line one JSON object: `framework`, `backend`,

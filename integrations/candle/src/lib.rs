@@ -27,6 +27,10 @@
 //! log-probabilities of the targets and the softmax entropies from the same inputs (RL
 //! scoring), differentiable through both.
 //!
+//! The ops run on one process-wide `xent::Cpu`, one thread per core by default; [`set_cpu`]
+//! chooses another (threads, matrix kernels, and for bf16 models PyTorch's bf16 gradient
+//! precision).
+//!
 //! Errors are `candle_core::Error`s that keep xent's typed [`XentError`] (its variant, row and
 //! value); [`xent_error`] returns it.
 
@@ -38,6 +42,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use ndarray::{ArrayView1, ArrayView2};
+use xent::cpu::SharedCpu;
 use xent::{Cpu, CrossEntropy, Logits, Reduction, Targets, Tensor2, XentError};
 
 mod linear;
@@ -204,12 +209,34 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, cfg: &CrossEntropy) -> c
         return Err(err(XentError::InvalidOption("xent-candle runs on Candle's CPU device".into())));
     }
     let cfg = cfg.clone().with_per_row(cfg.outputs.per_row || cfg.reduction == Reduction::None);
-    logits.apply_op2(targets, XentLoss { cfg, cpu: shared_cpu(), grad: Mutex::new(None) })
+    logits.apply_op2(targets, XentLoss { cfg, cpu: cpu(), grad: Mutex::new(None) })
 }
 
-/// One thread pool for every call (the machine's cores).
-fn shared_cpu() -> Arc<Cpu> {
-    use std::sync::OnceLock;
-    static CPU: OnceLock<Arc<Cpu>> = OnceLock::new();
-    CPU.get_or_init(|| Arc::new(Cpu::new())).clone()
+static CPU: SharedCpu = SharedCpu::new();
+
+/// Makes xent-candle's ops from now on run on `cpu`: its thread count
+/// ([`Cpu::with_threads`]; by default one thread per core, beside Candle's own pool), its
+/// matrix-product kernels ([`Cpu::with_matmul`]) and how its bf16 kernels take the f32
+/// gradient ([`Cpu::with_bf16_grad`]: `Bf16Grad::Rounded` is PyTorch's bf16 precision and
+/// faster, the default `Split` keeps f32 accuracy). Process-wide: every op made afterwards, on
+/// any thread; an op already made keeps the backend it was made with, its backward included.
+///
+/// ```
+/// use xent::cpu::Bf16Grad;
+/// use xent::Cpu;
+///
+/// xent_candle::set_cpu(Cpu::with_threads(2)?.with_bf16_grad(Bf16Grad::Rounded));
+/// assert_eq!(xent_candle::cpu().threads(), 2);
+/// assert_eq!(xent_candle::cpu().bf16_grad_terms()?, (1, 1));
+/// # Ok::<(), xent::XentError>(())
+/// ```
+pub fn set_cpu(cpu: Cpu) {
+    CPU.set(cpu);
+}
+
+/// The CPU backend xent-candle's ops are made with now ([`set_cpu`]'s, else one thread per
+/// core with the kernels the CPU has): for asking it which kernels a call would use
+/// ([`Cpu::linear_matmul`], [`Cpu::bf16_grad_terms`]), or for xent's own calls beside Candle's.
+pub fn cpu() -> Arc<Cpu> {
+    CPU.get()
 }

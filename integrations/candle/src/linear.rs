@@ -9,7 +9,7 @@ use ndarray::{Array2, ArrayView1, ArrayView2};
 use xent::half::{bf16, f16};
 use xent::{Cpu, LinearCe, LinearCeOutput, Logits, Reduction, Targets, Tensor2, XentError};
 
-use crate::{err, shared_cpu, slice};
+use crate::{cpu, err, slice};
 
 /// The gradients a forward pass leaves for backward.
 #[derive(Default)]
@@ -411,7 +411,7 @@ pub fn linear_cross_entropy(
     cfg.grad_hidden &= hidden.track_op();
     cfg.grad_weight &= weight.track_op();
     cfg.grad_bias &= bias.is_some_and(|b| b.track_op());
-    let op = LinearOp { cfg, targets, cpu: shared_cpu(), cache: Mutex::new(None) };
+    let op = LinearOp { cfg, targets, cpu: cpu(), cache: Mutex::new(None) };
     apply_linear(hidden, weight, bias, op)
 }
 

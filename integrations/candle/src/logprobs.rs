@@ -16,7 +16,7 @@ use ndarray::ArrayView1;
 use xent::{Cpu, LinearLogprobs, LinearLogprobsOutput, Targets, XentError};
 
 use crate::linear::{bias_f32, class_indices, matrix, storage_in, tensor2, with_cpu};
-use crate::{err, shared_cpu};
+use crate::{cpu, err};
 
 /// The op: options (gradient flags narrowed to the inputs Candle tracks) and the targets as i64.
 struct LogprobsOp {
@@ -179,7 +179,7 @@ pub fn linear_logprobs(
         .with_grad_hidden(cfg.grad_hidden && hidden.track_op())
         .with_grad_weight(cfg.grad_weight && weight.track_op())
         .with_grad_bias(cfg.grad_bias && bias.is_some_and(|b| b.track_op()));
-    let op = LogprobsOp { cfg, targets, cpu: shared_cpu() };
+    let op = LogprobsOp { cfg, targets, cpu: cpu() };
     let both = crate::linear::apply_linear(hidden, weight, bias, op)?;
     Ok((both.get(0)?, both.get(1)?))
 }

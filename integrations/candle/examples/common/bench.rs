@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
+use xent::cpu::Bf16Grad;
 use xent::half::{bf16, f16};
 use xent::Tensor2;
 use xent::{Cpu, LinearCe};
@@ -77,6 +78,15 @@ pub fn measure<T>(f: impl FnOnce() -> Result<T>) -> Result<(f64, usize, usize, T
     Ok((s, heap, rss, out))
 }
 
+/// xent's dtype of the benchmark's Candle dtype (f32, f16 or bf16).
+fn xent_dtype(d: DType) -> xent::DType {
+    match d {
+        DType::BF16 => xent::DType::BF16,
+        DType::F16 => xent::DType::F16,
+        _ => xent::DType::F32,
+    }
+}
+
 pub fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
@@ -84,7 +94,8 @@ pub fn median(v: &[f64]) -> f64 {
 }
 
 /// The benchmark: `--bench N D V` (default 4096 512 32000), `--reps R` (3), `--dtype f32|f16|bf16`
-/// (f32) from `args`; progress on stderr, one JSON line on stdout.
+/// (f32), `--bf16-grad split|rounded` (how xent's bf16 kernels take the gradient; default: the
+/// backend's) from `args`; progress on stderr, one JSON line on stdout.
 pub fn run(args: &[String]) -> Result<()> {
     let num = |i: usize, default: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(default);
     let (n, d, v) = match args.iter().position(|a| a == "--bench") {
@@ -101,6 +112,14 @@ pub fn run(args: &[String]) -> Result<()> {
             std::process::exit(2);
         }
     };
+
+    // How the CPU's bf16 kernels take the f32 gradient, for both xent ways (`xent_candle::set_cpu`).
+    let grad = args.iter().position(|a| a == "--bf16-grad").and_then(|i| args.get(i + 1)).map(|g| {
+        g.parse::<Bf16Grad>().unwrap_or_else(|e| {
+            eprintln!("--bf16-grad: {e}");
+            std::process::exit(2);
+        })
+    });
 
     // hidden ~ N(0, 1), weight ~ N(0, 1/D) (an initialised unembedding), targets uniform.
     let (ha, t) = xent::workload::synthetic(n, d, 1.0, 0, 1);
@@ -120,7 +139,19 @@ pub fn run(args: &[String]) -> Result<()> {
     let (ha, wa) = (typed(ha), typed(wa));
     let targets = Tensor::from_vec(t.iter().map(|&y| y as u32).collect::<Vec<u32>>(), n, &dev)?;
     let cfg = LinearCe::default();
-    let cpu = Cpu::new();
+    let cpu = match grad {
+        Some(g) => Cpu::new().with_bf16_grad(g),
+        None => Cpu::new(),
+    };
+    if let Some(g) = grad {
+        xent_candle::set_cpu(Cpu::new().with_bf16_grad(g));
+    }
+    let kernels = cpu.linear_matmul(xent_dtype(dtype)).map_err(candle_core::Error::wrap)?;
+    // bf16 terms of the gradient per product, where the kernels multiply bf16 (else none).
+    let terms = match cpu.bf16_grad_terms().map_err(candle_core::Error::wrap)? {
+        (gh, gw) if kernels.multiplies_bf16() => format!("[{gh}, {gw}]"),
+        _ => "null".into(),
+    };
 
     let xent_step = || -> Result<(f32, Tensor, Tensor)> {
         let loss = xent_candle::linear_cross_entropy(&h, &w, None, &targets, &cfg)?;
@@ -178,7 +209,8 @@ pub fn run(args: &[String]) -> Result<()> {
         step_x / step_n
     );
     println!(
-        "{{\"framework\": \"candle\", \"backend\": \"cpu\", \"n\": {n}, \"d\": {d}, \"v\": {v}, \"dtype\": \"{}\", \"reps\": {reps}, \
+        "{{\"framework\": \"candle\", \"backend\": \"cpu\", \"n\": {n}, \"d\": {d}, \"v\": {v}, \"dtype\": \"{}\", \"cpu_matmul\": \"{kernels}\", \
+         \"grad_terms\": {terms}, \"reps\": {reps}, \
          \"step_s_xent\": {step_x}, \"step_s_ref\": {step_r}, \"step_s_native\": {step_n}, \
          \"peak_bytes_xent\": {px}, \"peak_bytes_ref\": {pr}, \"peak_bytes_native\": {pn}, \
          \"rss_bytes_xent\": {rx}, \"rss_bytes_ref\": {rr}, \"rss_bytes_native\": {rn}, \
