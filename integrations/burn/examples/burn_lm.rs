@@ -7,7 +7,7 @@
 //! ```text
 //! cargo run --release -p xent-burn --example burn_lm                      # N=512 D=256 V=32000, 20 steps
 //! cargo run --release -p xent-burn --example burn_lm -- --steps 40 [--rows N] [--dim D] [--vocab V] [--lr LR]
-//! cargo run --release -p xent-burn --example burn_lm -- --bench 4096 512 32000 [REPS]
+//! cargo run --release -p xent-burn --example burn_lm -- --bench 4096 512 32000 [REPS] [--dtype bf16] [--bf16-grad rounded]
 //! ```
 //!
 //! The model: token embedding `[V, D]`, one residual MLP block (`D -> 4D -> D`, GELU), then the
@@ -30,8 +30,8 @@
 //! blocks back to the system at once, so that neither way's growth hides in memory that the
 //! other way's step freed and the allocator kept (the largest of 3 such steps per way).
 //!
-//! `--bench N D V [REPS]` times the head's loss alone three ways, as `burn_lm_bench
-//! --bench-flex` (the same code).
+//! `--bench N D V [REPS] [--dtype f32|bf16] [--bf16-grad split|rounded]` times the head's loss
+//! alone three ways, as `burn_lm_bench --bench-flex` (the same code).
 
 #[path = "shared/lm_bench.rs"]
 mod lm_bench;
@@ -130,18 +130,20 @@ fn arg<T: std::str::FromStr>(args: &[String], flag: &str, default: T) -> T {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(i) = args.iter().position(|a| a == "--bench") {
+        let precision = lm_bench::Precision::take(&mut args);
+        let i = args.iter().position(|a| a == "--bench").unwrap_or(i);
         let nums: Vec<usize> = args[i + 1..].iter().map_while(|a| a.parse().ok()).collect();
         let (n, d, v, reps) = match nums[..] {
             [n, d, v] => (n, d, v, 3),
             [n, d, v, r, ..] => (n, d, v, r),
             _ => {
-                eprintln!("usage: burn_lm --bench N D V [REPS]");
+                eprintln!("usage: burn_lm --bench N D V [REPS] [--dtype f32|bf16] [--bf16-grad split|rounded]");
                 std::process::exit(2);
             }
         };
-        println!("{}", lm_bench::bench_flex(n, d, v, reps));
+        println!("{}", lm_bench::bench_flex(n, d, v, reps, &precision));
         return;
     }
     let steps: usize = arg(&args, "--steps", 20);

@@ -7,8 +7,50 @@ use std::time::Instant;
 
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::prelude::*;
+use burn::tensor::DType as BurnDType;
 use ndarray::{Array1, Array2};
-use xent::{Cpu, LinearCe};
+use xent::cpu::Bf16Grad;
+use xent::half::bf16;
+use xent::{Cpu, LinearCe, Logits};
+
+/// The benchmark's element type and how xent's bf16 kernels take the f32 gradient:
+/// `--dtype f32|bf16` (hidden, weight and, for Burn's composition, the bias; default f32) and
+/// `--bf16-grad split|rounded` (default: the backend's), taken out of the arguments.
+pub struct Precision {
+    pub bf16: bool,
+    pub grad: Option<Bf16Grad>,
+}
+
+impl Precision {
+    /// Removes the two flags and their values from `args`; a bad value exits with status 2.
+    pub fn take(args: &mut Vec<String>) -> Precision {
+        let mut take = |flag: &str| -> Option<String> {
+            let i = args.iter().position(|a| a == flag)?;
+            if i + 1 >= args.len() {
+                eprintln!("{flag} needs a value");
+                std::process::exit(2);
+            }
+            let value = args.remove(i + 1);
+            args.remove(i);
+            Some(value)
+        };
+        let bf16 = match take("--dtype").as_deref() {
+            None | Some("f32") => false,
+            Some("bf16") => true,
+            Some(other) => {
+                eprintln!("--dtype takes f32 or bf16, not {other}");
+                std::process::exit(2);
+            }
+        };
+        let grad = take("--bf16-grad").map(|g| {
+            g.parse::<Bf16Grad>().unwrap_or_else(|e| {
+                eprintln!("--bf16-grad: {e}");
+                std::process::exit(2);
+            })
+        });
+        Precision { bf16, grad }
+    }
+}
 
 pub fn status_kib(key: &str) -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -89,10 +131,11 @@ pub fn measure(reps: usize, ways: &mut [(&str, &mut dyn FnMut() -> f32)]) -> Vec
 }
 
 /// The loss of a language model's output head, forward + backward (gradients of hidden,
-/// weight and bias, all read back), at `n x d` hidden states and a `v x d` unembedding, f32,
-/// three ways on the same arrays (xent-burn, Burn's composition, xent's own CPU pass; see
+/// weight and bias, all read back), at `n x d` hidden states and a `v x d` unembedding, in
+/// `p`'s dtype, three ways on the same arrays (xent-burn on the backend `xent_burn::set_cpu`
+/// was given, Burn's composition, xent's own CPU pass on a backend set the same way; see
 /// `burn_lm_bench`'s docs): prints the per-step times to stderr and returns the JSON line.
-pub fn bench_flex(n: usize, d: usize, v: usize, reps: usize) -> String {
+pub fn bench_flex(n: usize, d: usize, v: usize, reps: usize, p: &Precision) -> String {
     let (h, t) = xent::workload::synthetic(n, d, 1.0, 0, 1);
     let (w, _) = xent::workload::synthetic(v, d, 1.0 / (d as f32).sqrt(), 0, 2);
     // Targets spread over the whole vocabulary.
@@ -101,17 +144,34 @@ pub fn bench_flex(n: usize, d: usize, v: usize, reps: usize) -> String {
     let b: Array1<f32> = (0..v).map(|i| ((i % 17) as f32 - 8.0) * 0.01).collect();
     let h: Array2<f32> = h.as_standard_layout().into_owned();
     let w: Array2<f32> = w.as_standard_layout().into_owned();
+    let dtype = if p.bf16 { BurnDType::BF16 } else { BurnDType::F32 };
 
     let flex = Device::flex();
     let device = flex.clone().autodiff();
-    let hb = Tensor::<2>::from_data(TensorData::new(h.iter().copied().collect::<Vec<f32>>(), [n, d]), &flex);
-    let wb = Tensor::<2>::from_data(TensorData::new(w.iter().copied().collect::<Vec<f32>>(), [v, d]), &flex);
+    let hb =
+        Tensor::<2>::from_data(TensorData::new(h.iter().copied().collect::<Vec<f32>>(), [n, d]), &flex).cast(dtype);
+    let wb =
+        Tensor::<2>::from_data(TensorData::new(w.iter().copied().collect::<Vec<f32>>(), [v, d]), &flex).cast(dtype);
     let bb = Tensor::<1>::from_data(TensorData::new(b.to_vec(), [v]), &flex);
     let targets = Tensor::<1, Int>::from_data(TensorData::new(t.to_vec(), [n]), &device);
     let cfg = LinearCe::default();
+    let cpu = match p.grad {
+        Some(g) => {
+            xent_burn::set_cpu(Cpu::new().with_bf16_grad(g));
+            Cpu::new().with_bf16_grad(g)
+        }
+        None => Cpu::new(),
+    };
+    let xdtype = if p.bf16 { xent::DType::BF16 } else { xent::DType::F32 };
+    let kernels = cpu.linear_matmul(xdtype).expect("matrix kernels");
+    let terms = match cpu.bf16_grad_terms().expect("bf16 terms") {
+        (gh, gw) if kernels.multiplies_bf16() => format!("[{gh},{gw}]"),
+        _ => "null".into(),
+    };
 
     // Both Burn ways: the leaves are fresh tracked tensors over the same storage each step, and
     // the step ends when all three gradients are read.
+    let scalar = |x: Tensor<1>| x.cast(BurnDType::F32).into_scalar::<f32>();
     let burn_step = |fused: bool| -> f32 {
         let hh = hb.clone().autodiff().require_grad();
         let ww = wb.clone().autodiff().require_grad();
@@ -120,7 +180,7 @@ pub fn bench_flex(n: usize, d: usize, v: usize, reps: usize) -> String {
             xent_burn::linear_cross_entropy(hh.clone(), ww.clone(), Some(bbb.clone()), targets.clone(), &cfg)
                 .expect("xent-burn linear_cross_entropy")
         } else {
-            let logits = hh.clone().matmul(ww.clone().transpose()) + bbb.clone().unsqueeze_dim(0);
+            let logits = hh.clone().matmul(ww.clone().transpose()) + bbb.clone().cast(dtype).unsqueeze_dim(0);
             CrossEntropyLossConfig::new().init(&device).forward(logits, targets.clone())
         };
         let grads = loss.backward();
@@ -128,16 +188,19 @@ pub fn bench_flex(n: usize, d: usize, v: usize, reps: usize) -> String {
         let gw = ww.grad(&grads).expect("d weight");
         let gb = bbb.grad(&grads).expect("d bias");
         #[allow(clippy::single_range_in_vec_init)] // Burn's slice of one axis
-        let probe: f32 = gh.slice([0..1, 0..1]).into_scalar::<f32>()
-            + gw.slice([0..1, 0..1]).into_scalar::<f32>()
-            + gb.slice([0..1]).into_scalar::<f32>();
+        let probe: f32 = scalar(gh.slice([0..1, 0..1]).reshape([1]))
+            + scalar(gw.slice([0..1, 0..1]).reshape([1]))
+            + scalar(gb.slice([0..1]));
         assert!(probe.is_finite(), "non-finite gradient");
-        loss.into_scalar::<f32>()
+        scalar(loss)
     };
 
-    let cpu = Cpu::new();
+    // xent's own call on the same (rounded) values.
+    let (h16, w16) = (h.mapv(bf16::from_f32), w.mapv(bf16::from_f32));
+    let (hx, wx): (Logits<'_>, Logits<'_>) =
+        if p.bf16 { (h16.view().into(), w16.view().into()) } else { (h.view().into(), w.view().into()) };
     let mut native = || {
-        let out = cpu.linear_cross_entropy(h.view(), w.view(), Some(b.view()), t.view(), &cfg).expect("LinearCe");
+        let out = cpu.linear_cross_entropy(hx, wx, Some(b.view()), t.view(), &cfg).expect("LinearCe");
         assert!(out.grad_hidden.is_some() && out.grad_weight.is_some() && out.grad_bias.is_some());
         out.loss as f32
     };
@@ -150,9 +213,11 @@ pub fn bench_flex(n: usize, d: usize, v: usize, reps: usize) -> String {
     let [p_native, p_xent, p_ref] = measure_memory(reps.min(2), &mut ways)[..] else { unreachable!("three ways") };
 
     format!(
-        "{{\"framework\":\"burn\",\"backend\":\"flex\",\"n\":{n},\"d\":{d},\"v\":{v},\"reps\":{reps},\
+        "{{\"framework\":\"burn\",\"backend\":\"flex\",\"n\":{n},\"d\":{d},\"v\":{v},\"dtype\":\"{}\",\
+         \"cpu_matmul\":\"{kernels}\",\"grad_terms\":{terms},\"reps\":{reps},\
          \"step_s_xent\":{s_xent:.4},\"step_s_ref\":{s_ref:.4},\"step_s_native\":{s_native:.4},\
          \"peak_bytes_xent\":{p_xent},\"peak_bytes_ref\":{p_ref},\"peak_bytes_native\":{p_native},\
-         \"loss_xent\":{l_xent},\"loss_ref\":{l_ref},\"loss_native\":{l_native}}}"
+         \"loss_xent\":{l_xent},\"loss_ref\":{l_ref},\"loss_native\":{l_native}}}",
+        if p.bf16 { "bf16" } else { "f32" }
     )
 }
