@@ -4,7 +4,8 @@
 //! - `xent`: [`xent_burn::linear_cross_entropy`] (the `[N, V]` logits never exist);
 //! - `ref`: Burn's own `Linear`-style composition `hidden @ weight^T + bias` and
 //!   `CrossEntropyLoss` (as the peer program `burn_linear_ce` times it, plus the bias);
-//! - `native`: xent's own `Cpu::linear_cross_entropy` on the same host arrays, outside Burn.
+//! - `native`: xent's own `Cpu::linear_cross_entropy` on the same host arrays, outside Burn, on
+//!   xent-burn's backend (`xent_burn::cpu()`).
 //!
 //! ```text
 //! cargo run --release -p xent-burn --example burn_lm_bench -- --bench-flex 4096 512 32000 [REPS]

@@ -6,7 +6,7 @@
 //! - `ref`: Candle's own composition, `hidden.matmul(&weight.t())` + `candle_nn::loss::cross_entropy`,
 //!   the same backward;
 //! - `native`: xent's own `Cpu::linear_cross_entropy` on ndarray copies of the same values
-//!   (no framework).
+//!   (no framework), on xent-candle's backend (`xent_candle::cpu()`).
 //!
 //! One warm-up step of each, then `--reps` rounds (default 3), each timing one step of each way
 //! in turn; the medians are reported. Memory per step is measured the same way for all three:
@@ -21,11 +21,10 @@
 //!
 //! The last line is one JSON object: `framework`, `backend`, `n`, `d`, `v`, `dtype`, `cpu_matmul`
 //! (xent's matrix kernels), `grad_terms` (bf16 terms of the gradient per product, `null` on f32
-//! kernels), `step_s_xent`,
-//! `step_s_ref`, `step_s_native`, `peak_bytes_xent`, `peak_bytes_ref`, `peak_bytes_native`,
-//! `rss_bytes_xent`, `rss_bytes_ref`, `rss_bytes_native`, `loss_xent`, `loss_ref`,
-//! `loss_native`, `max_grad_diff` (largest difference between the xent and ref gradients over
-//! the largest gradient entry).
+//! kernels), `step_s_xent`, `step_s_ref`, `step_s_native`, `peak_bytes_xent`, `peak_bytes_ref`,
+//! `peak_bytes_native`, `rss_bytes_xent`, `rss_bytes_ref`, `rss_bytes_native`, `loss_xent`,
+//! `loss_ref`, `loss_native`, `max_grad_diff` (largest difference between the xent and ref
+//! gradients over the largest gradient entry).
 
 #[path = "common/bench.rs"]
 mod bench;

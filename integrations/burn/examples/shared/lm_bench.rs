@@ -133,7 +133,7 @@ pub fn measure(reps: usize, ways: &mut [(&str, &mut dyn FnMut() -> f32)]) -> Vec
 /// The loss of a language model's output head, forward + backward (gradients of hidden,
 /// weight and bias, all read back), at `n x d` hidden states and a `v x d` unembedding, in
 /// `p`'s dtype, three ways on the same arrays (xent-burn on the backend `xent_burn::set_cpu`
-/// was given, Burn's composition, xent's own CPU pass on a backend set the same way; see
+/// was given, Burn's composition, xent's own CPU pass on that same backend; see
 /// `burn_lm_bench`'s docs): prints the per-step times to stderr and returns the JSON line.
 pub fn bench_flex(n: usize, d: usize, v: usize, reps: usize, p: &Precision) -> String {
     let (h, t) = xent::workload::synthetic(n, d, 1.0, 0, 1);
@@ -155,13 +155,11 @@ pub fn bench_flex(n: usize, d: usize, v: usize, reps: usize, p: &Precision) -> S
     let bb = Tensor::<1>::from_data(TensorData::new(b.to_vec(), [v]), &flex);
     let targets = Tensor::<1, Int>::from_data(TensorData::new(t.to_vec(), [n]), &device);
     let cfg = LinearCe::default();
-    let cpu = match p.grad {
-        Some(g) => {
-            xent_burn::set_cpu(Cpu::new().with_bf16_grad(g));
-            Cpu::new().with_bf16_grad(g)
-        }
-        None => Cpu::new(),
-    };
+    if let Some(g) = p.grad {
+        xent_burn::set_cpu(Cpu::new().with_bf16_grad(g));
+    }
+    // One backend for both xent ways: xent-burn's, which xent's own call uses too.
+    let cpu = xent_burn::cpu();
     let xdtype = if p.bf16 { xent::DType::BF16 } else { xent::DType::F32 };
     let kernels = cpu.linear_matmul(xdtype).expect("matrix kernels");
     let terms = match cpu.bf16_grad_terms().expect("bf16 terms") {

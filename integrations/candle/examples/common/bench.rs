@@ -139,13 +139,11 @@ pub fn run(args: &[String]) -> Result<()> {
     let (ha, wa) = (typed(ha), typed(wa));
     let targets = Tensor::from_vec(t.iter().map(|&y| y as u32).collect::<Vec<u32>>(), n, &dev)?;
     let cfg = LinearCe::default();
-    let cpu = match grad {
-        Some(g) => Cpu::new().with_bf16_grad(g),
-        None => Cpu::new(),
-    };
     if let Some(g) = grad {
         xent_candle::set_cpu(Cpu::new().with_bf16_grad(g));
     }
+    // One backend for both xent ways: xent-candle's, which xent's own call uses too.
+    let cpu = xent_candle::cpu();
     let kernels = cpu.linear_matmul(xent_dtype(dtype)).map_err(candle_core::Error::wrap)?;
     // bf16 terms of the gradient per product, where the kernels multiply bf16 (else none).
     let terms = match cpu.bf16_grad_terms().map_err(candle_core::Error::wrap)? {
