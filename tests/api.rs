@@ -92,11 +92,17 @@ fn linear_bce_distill_preference_builders_equal_field_assignment() {
     assigned.grad_scale = 0.25;
     assert_eq!(built, assigned);
 
-    let built = Distill::default().with_temperature(4.0).with_mode(DistillMode::ReverseKl).with_grad_scale(2.0);
+    let built = Distill::default()
+        .with_temperature(4.0)
+        .with_mode(DistillMode::ReverseKl)
+        .with_grad_scale(2.0)
+        .with_reduction(Reduction::Sum);
     let mut assigned = Distill::default();
+    assert_eq!(assigned.reduction, Reduction::Mean, "batchmean by default");
     assigned.temperature = 4.0;
     assigned.mode = DistillMode::ReverseKl;
     assigned.grad_scale = 2.0;
+    assigned.reduction = Reduction::Sum;
     assert_eq!(built, assigned);
 
     let built = Preference::default().with_beta(0.1).with_margin(1.0).with_reduction(Reduction::Sum).with_grad(true);

@@ -387,6 +387,53 @@ fn a_step_of_several_recorded_ops_in_one_submission() {
     assert_close_2d("distillation grad", got.view(), want.view(), 1e-8, 1e-4);
 }
 
+/// A recorded distillation with each reduction: the loss on the device, its per-row
+/// divergences and the gradient, against the CPU's call with the same options (the sum is N
+/// times the mean, so a plan that ignored the option fails).
+#[test]
+fn recorded_distillation_reductions() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(47);
+    let (n, v) = (13, 777);
+    let (s, t) = (rng.logits(n, v, 3.0), rng.logits(n, v, 3.0));
+    let (sb, tb) = (
+        storage(g, bytemuck::cast_slice(s.as_slice().unwrap())),
+        storage(g, bytemuck::cast_slice(t.as_slice().unwrap())),
+    );
+    let mut losses = Vec::new();
+    for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+        let cfg = Distill::default()
+            .with_temperature(1.5)
+            .with_mode(DistillMode::Jsd { beta: 0.3 })
+            .with_reduction(reduction);
+        let want = Cpu::new().distill_with_grad(&s, &t, &cfg).unwrap();
+        let plan = g.distill_plan(n, v, DType::F32, DType::F32, &cfg).unwrap();
+        let grad = storage(g, &vec![0u8; n * v * 4]);
+        let mut enc = g.device().create_command_encoder(&Default::default());
+        plan.record(
+            &mut enc,
+            DistillInputs { student: sb.slice(..), teacher: tb.slice(..), grad: Some(grad.slice(..)) },
+        )
+        .unwrap();
+        let pending = plan.read_back(&mut enc).unwrap();
+        g.queue().submit([enc.finish()]);
+        let what = format!("{reduction:?}");
+        let loss = pending.wait().unwrap();
+        assert_scalar(&format!("{what} loss"), loss, want.loss, 1e-6, 1e-5);
+        let rows = read_back(g, plan.row_buffer(), 0, n as u64 * 4);
+        for (r, (&got, &w)) in rows.iter().zip(want.row_loss.iter()).enumerate() {
+            assert_scalar(&format!("{what} row {r}"), got as f64, w as f64, 1e-6, 1e-5);
+        }
+        let got = Array2::from_shape_vec((n, v), read_back(g, &grad, 0, (n * v * 4) as u64)).unwrap();
+        let want_g = want.grad.unwrap().mapv(f64::from);
+        let scale = want_g.iter().fold(0.0f64, |m, &x| m.max(x.abs()));
+        assert_close_2d(&format!("{what} grad"), got.view(), want_g.view(), 2e-6 * scale, 1e-4);
+        losses.push(loss);
+    }
+    assert_scalar("sum = N mean", losses[1], n as f64 * losses[0], 1e-6, 1e-6);
+    assert_eq!(losses[1], losses[2], "none's loss is the sum");
+}
+
 #[test]
 fn guest_on_a_user_device() {
     if gpu().is_none() {

@@ -214,28 +214,40 @@ fn cases(backend: &str) -> usize {
                 }
             }
             "distill_kl" => {
-                let grad = scratch(&format!("{backend}-{name}-grad.npy"));
-                let args = cli(
-                    "distill",
-                    backend,
-                    &[
-                        ("--student", p(&inputs["student_logits"])),
-                        ("--teacher", p(&inputs["teacher_logits"])),
-                        ("--temperature", params["temperature"].to_string()),
-                        ("--grad-out", grad.display().to_string()),
-                    ],
-                );
-                let out = run(&args);
-                assert_scalar(
-                    &format!("{backend} {name} loss"),
-                    number(&out["loss"]),
-                    number(&expected["loss"]),
-                    2e-6,
-                    2e-6,
-                );
-                let want = read_f64(p(&expected["grad"])).into_dimensionality().unwrap();
-                let got = read_2d(&grad).mapv(|x| x as f32);
-                assert_close_2d(&format!("{backend} {name} grad"), got.view(), want.view(), 1e-7, 2e-5);
+                // PyTorch's `batchmean` is `--reduction mean`; `sum` and `none` are the same
+                // case times N (the rows written by --loss-out add up to the sum).
+                assert_eq!(params["reduction"], "batchmean");
+                let want_grad: ndarray::Array2<f64> = read_f64(p(&expected["grad"])).into_dimensionality().unwrap();
+                let rows_n = want_grad.nrows() as f64;
+                for (reduction, k) in [("mean", 1.0), ("sum", rows_n), ("none", rows_n)] {
+                    let grad = scratch(&format!("{backend}-{name}-{reduction}-grad.npy"));
+                    let rows = scratch(&format!("{backend}-{name}-{reduction}-rows.npy"));
+                    let args = cli(
+                        "distill",
+                        backend,
+                        &[
+                            ("--student", p(&inputs["student_logits"])),
+                            ("--teacher", p(&inputs["teacher_logits"])),
+                            ("--temperature", params["temperature"].to_string()),
+                            ("--reduction", reduction.to_string()),
+                            ("--grad-out", grad.display().to_string()),
+                            ("--loss-out", rows.display().to_string()),
+                        ],
+                    );
+                    let out = run(&args);
+                    let what = format!("{backend} {name} {reduction}");
+                    let want_loss = k * number(&expected["loss"]);
+                    let row_sum: f64 = read_1d(&rows).iter().map(|&x| x as f64).sum();
+                    assert_scalar(&format!("{what} rows' sum"), row_sum * k / rows_n, want_loss, 2e-6, 2e-6);
+                    if reduction == "none" {
+                        assert!(out["loss"].is_null(), "{what}: {}", out["loss"]);
+                    } else {
+                        assert_scalar(&format!("{what} loss"), number(&out["loss"]), want_loss, 2e-6, 2e-6);
+                    }
+                    let want = want_grad.mapv(|g| g * k);
+                    let got = read_2d(&grad).mapv(|x| x as f32);
+                    assert_close_2d(&format!("{what} grad"), got.view(), want.view(), 1e-7 * k, 2e-5);
+                }
             }
             "distribution_measures" => {
                 let args = cli("dist", backend, &[("--p", p(&inputs["p"])), ("--q", p(&inputs["q"]))]);

@@ -514,7 +514,8 @@ pub enum DistillMode {
 }
 
 /// Options of knowledge distillation: `loss = T^2 * mean over rows of D(teacher_T, student_T)`
-/// (`batchmean`, Hinton's `T^2` keeps gradient magnitudes comparable across temperatures).
+/// (`batchmean`, Hinton's `T^2` keeps gradient magnitudes comparable across temperatures), or
+/// with [`Self::reduction`] the sum over rows, or the rows themselves.
 ///
 /// Built from [`Default`] with the `with_*` builders or by assigning fields
 /// (`#[non_exhaustive]`):
@@ -537,11 +538,17 @@ pub struct Distill {
     pub mode: DistillMode,
     /// Upstream gradient multiplied into the gradient.
     pub grad_scale: f32,
+    /// How rows are combined: `Mean` (the default) is PyTorch's `kl_div(..., reduction=
+    /// 'batchmean')`, the sum over rows divided by `N` (not `kl_div`'s `'mean'`, which also
+    /// divides by `V`); `Sum` the sum over rows; `None` keeps the rows
+    /// ([`DistillOutput::row_loss`]), and `loss` is then their sum, the quantity the gradient is
+    /// of (as [`CrossEntropy`]'s `None`). Each is times `T^2`.
+    pub reduction: Reduction,
 }
 
 impl Default for Distill {
     fn default() -> Self {
-        Distill { temperature: 1.0, mode: DistillMode::Kl, grad_scale: 1.0 }
+        Distill { temperature: 1.0, mode: DistillMode::Kl, grad_scale: 1.0, reduction: Reduction::Mean }
     }
 }
 
@@ -549,6 +556,7 @@ with_builders!(Distill {
     set with_temperature => temperature: f32,
     set with_mode => mode: DistillMode,
     set with_grad_scale => grad_scale: f32,
+    set with_reduction => reduction: Reduction,
 });
 
 impl Distill {
@@ -568,6 +576,15 @@ impl Distill {
         Ok(())
     }
 
+    /// What the sum of `T^2 D_n` over `rows` rows is multiplied by to give the loss: `1 / N`
+    /// for `Mean`, else 1. The gradient w.r.t. the logits is `grad_scale * T * this * dD/dz`.
+    pub(crate) fn row_factor(&self, rows: usize) -> f64 {
+        match self.reduction {
+            Reduction::Mean => 1.0 / rows as f64,
+            Reduction::Sum | Reduction::None => 1.0,
+        }
+    }
+
     /// The mode as the kernel's code and beta.
     pub(crate) fn mode_code(&self) -> (i32, f32) {
         match self.mode {
@@ -582,7 +599,8 @@ impl Distill {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct DistillOutput {
-    /// `T^2` times the mean over rows of the divergence.
+    /// `T^2` times the mean over rows of the divergence (the sum with `Reduction::Sum` or
+    /// `None`; see [`Distill::reduction`]).
     pub loss: f64,
     /// Per-row divergence (without `T^2`).
     pub row_loss: Array1<f32>,

@@ -66,8 +66,8 @@ pub(crate) fn distill(
     let (n, v) = student.dim();
     let t = cfg.temperature as f64;
     let (mode, beta) = cfg.mode_code();
-    // d(T^2 mean_n D_n)/dx = T^2 / N * (1/T) dD/dz = T / N * dD/dz.
-    let coef = cfg.grad_scale as f64 * t / n.max(1) as f64;
+    // d(T^2 mean_n D_n)/dx = T^2 / N * (1/T) dD/dz = T / N * dD/dz (no 1 / N for a sum).
+    let coef = cfg.grad_scale as f64 * t * cfg.row_factor(n.max(1));
     let mut grad = crate::alloc::zeros2::<f32>(if want_grad { (n, v) } else { (0, v) }, "gradient")?;
     let mut rows = vec![0.0f64; n];
     pool.install(|| {
@@ -88,7 +88,7 @@ pub(crate) fn distill(
             rows.par_iter_mut().enumerate().for_each(|rd| work(rd, None));
         }
     });
-    let loss = t * t * rows.iter().sum::<f64>() / n as f64;
+    let loss = t * t * rows.iter().sum::<f64>() * cfg.row_factor(n);
     Ok(DistillOutput { loss, row_loss: rows.iter().map(|&d| d as f32).collect(), grad: want_grad.then_some(grad) })
 }
 

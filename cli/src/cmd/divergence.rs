@@ -4,10 +4,10 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 use ndarray::Array2;
-use xent::{Distill, DistillMode, Result, Tensor2};
+use xent::{Distill, DistillMode, Reduction, Result, Tensor2};
 
 use super::{commit_f32, out_tensor};
-use crate::common::{nums, BackendArgs, Obj};
+use crate::common::{num, nums, BackendArgs, Obj, ReductionArg};
 use crate::io::out::Outputs;
 use crate::io::{FileDType, TensorFile};
 
@@ -40,11 +40,18 @@ pub struct DistillArgs {
     /// JSD mixing weight in [0, 1] (--mode jsd).
     #[arg(long, default_value_t = 0.5, allow_hyphen_values = true)]
     beta: f32,
+    /// How rows are combined: `mean` is PyTorch's `batchmean` (the sum over rows divided by
+    /// N), `sum` the sum, `none` one loss per row (see --loss-out).
+    #[arg(long, value_enum, default_value = "mean")]
+    reduction: ReductionArg,
     #[command(flatten)]
     backend: BackendArgs,
-    /// Write d(loss)/d(student logits), float32 [N, V].
+    /// Write d(loss)/d(student logits), float32 [N, V] (for `none`: of the sum).
     #[arg(long)]
     grad_out: Option<PathBuf>,
+    /// Write the per-row losses T^2 D_n, float32 [N].
+    #[arg(long)]
+    loss_out: Option<PathBuf>,
     /// Print one JSON object on the last line.
     #[arg(long)]
     json: bool,
@@ -64,7 +71,10 @@ pub fn read_logits(p: &Path, what: &str) -> Result<Tensor2> {
 /// Runs `xent distill`: the distillation loss of student logits against teacher logits at a
 /// temperature, and optionally its gradient w.r.t. the student logits.
 pub fn run_distill(a: &DistillArgs) -> Result<()> {
-    let outs: Vec<_> = a.grad_out.iter().map(|p| (p.as_path(), "--grad-out")).collect();
+    let outs: Vec<_> = [(&a.grad_out, "--grad-out"), (&a.loss_out, "--loss-out")]
+        .into_iter()
+        .filter_map(|(p, flag)| p.as_deref().map(|p| (p, flag)))
+        .collect();
     Outputs::check(&outs, &[a.student.as_path(), a.teacher.as_path()], true)?;
     let s = read_logits(&a.student, "student logits")?;
     let t = read_logits(&a.teacher, "teacher logits")?;
@@ -73,16 +83,27 @@ pub fn run_distill(a: &DistillArgs) -> Result<()> {
         ModeArg::ReverseKl => DistillMode::ReverseKl,
         ModeArg::Jsd => DistillMode::Jsd { beta: a.beta },
     };
-    let cfg = Distill::default().with_temperature(a.temperature).with_mode(mode).with_grad_scale(1.0);
+    let reduction = Reduction::from(a.reduction);
+    let cfg = Distill::default()
+        .with_temperature(a.temperature)
+        .with_mode(mode)
+        .with_grad_scale(1.0)
+        .with_reduction(reduction);
     cfg.validate()?;
     xent::check::same_rows(s.dim(), t.dim(), "student and teacher logits")?;
     let (n, v) = s.dim();
     let grad_out = out_tensor(a.grad_out.as_deref(), FileDType::F32, &[n, v], "gradient")?;
+    let loss_out = out_tensor(a.loss_out.as_deref(), FileDType::F32, &[n], "row losses")?;
     let engine = a.backend.open()?;
     let out = engine.backend().distill(s.view(), t.view(), &cfg, grad_out.is_some())?;
     commit_f32(grad_out, out.grad.as_ref().and_then(|g| g.as_slice()))?;
+    let t2 = a.temperature * a.temperature;
+    let rows: Vec<f32> = out.row_loss.iter().map(|&d| t2 * d).collect();
+    commit_f32(loss_out, Some(&rows[..]))?;
+    let loss = if reduction == Reduction::None { serde_json::Value::Null } else { num(out.loss) };
     let obj = Obj::default()
-        .num("loss", out.loss)
+        .set("loss", loss)
+        .set("reduction", a.reduction.name())
         .set("rows", n)
         .set("classes", v)
         .set("mode", format!("{:?}", a.mode).to_lowercase())

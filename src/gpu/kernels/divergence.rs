@@ -44,12 +44,13 @@ flag_bits! {
     }
 }
 
-/// The distillation kernel's parameters: d(T^2 mean_n D_n)/dx = T / N dD/dz.
+/// The distillation kernel's parameters: d(T^2 mean_n D_n)/dx = T / N dD/dz (no 1 / N for a
+/// sum).
 fn distill_params(n: usize, v: usize, cfg: &Distill) -> Result<DistillParams> {
     cfg.validate()?;
     let t = cfg.temperature as f64;
     let (mode, beta) = cfg.mode_code();
-    let coef = cfg.grad_scale as f64 * t / n.max(1) as f64;
+    let coef = cfg.grad_scale as f64 * t * cfg.row_factor(n.max(1));
     Ok(DistillParams { head: Header::new(n, v), inv_temp: (1.0 / t) as f32, grad_scale: coef as f32, mode, beta })
 }
 
@@ -66,11 +67,12 @@ pub struct DistillInputs<'a> {
 }
 
 /// A reusable distillation (see [`Distill`]) of one shape, recorded into the caller's encoder:
-/// the per-row divergences and the loss `T^2 mean_n D_n` stay on the device
+/// the per-row divergences and the loss `T^2 mean_n D_n` (or the sum, as the options say) stay
+/// on the device
 /// ([`Self::row_buffer`], [`Self::scalars_buffer`]) until [`Self::read_back`] asks for the loss.
 pub struct DistillPlan {
     plan: RowPlan,
-    /// Rows / T^2: the loss is the sum of row divergences over this.
+    /// Rows / T^2 (1 / T^2 for a sum): the loss is the sum of row divergences over this.
     den: f32,
     scalars: Pooled,
     scalars_init: Pooled,
@@ -197,7 +199,7 @@ impl GpuContext {
         let scalars = self.owned(SCALARS, U::STORAGE | U::COPY_SRC | U::COPY_DST, "scalars")?;
         let scalars_init = self.owned(SCALARS, U::COPY_SRC | U::COPY_DST, "scalars init")?;
         self.write(&scalars_init, 0, bytemuck::bytes_of(&Scalars::initial()))?;
-        Ok(DistillPlan { plan, den: (rows as f64 / (t * t)) as f32, scalars, scalars_init })
+        Ok(DistillPlan { plan, den: (1.0 / (cfg.row_factor(rows) * t * t)) as f32, scalars, scalars_init })
     }
 
     pub(crate) fn distill_run<'a>(
@@ -220,7 +222,11 @@ impl GpuContext {
             out: grad.then_some(RowOut::Rows),
         })?;
         let sum: f64 = out.row_values.iter().map(|&d| d as f64).sum();
-        Ok(DistillOutput { loss: t * t * sum / n as f64, row_loss: Array1::from(out.row_values), grad: out.out_rows })
+        Ok(DistillOutput {
+            loss: t * t * sum * cfg.row_factor(n),
+            row_loss: Array1::from(out.row_values),
+            grad: out.out_rows,
+        })
     }
 
     /// Entropy, cross-entropy, KL and JS per row of probability rows `p`, `q` (computed in f32).
