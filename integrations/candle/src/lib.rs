@@ -25,7 +25,9 @@
 //! the logits: the loss of `hidden @ weight.T + bias` as one fused op, so that a model never
 //! materialises the `[N, V]` logits or their gradient. [`linear_logprobs`] returns the per-row
 //! log-probabilities of the targets and the softmax entropies from the same inputs (RL
-//! scoring), differentiable through both.
+//! scoring), differentiable through both. [`distill`] is knowledge distillation of student
+//! logits towards a teacher's (KL, reverse KL or JSD at a temperature), loss and gradient in
+//! one pass.
 //!
 //! The ops run on one process-wide `xent::Cpu`, one thread per core by default; [`set_cpu`]
 //! chooses another (threads, matrix kernels, and for bf16 models PyTorch's bf16 gradient
@@ -45,8 +47,10 @@ use ndarray::{ArrayView1, ArrayView2};
 use xent::cpu::SharedCpu;
 use xent::{Cpu, CrossEntropy, Logits, Reduction, Targets, Tensor2, XentError};
 
+mod distill;
 mod linear;
 mod logprobs;
+pub use distill::distill;
 pub use linear::linear_cross_entropy;
 pub use logprobs::linear_logprobs;
 
