@@ -33,6 +33,8 @@ use crate::count_host_transfer;
 use crate::ops::{cpu_cross_entropy, record_error, xent_dtype};
 use crate::{XentArgs, XentLinearOps, XentLogprobsOps, XentOps};
 
+mod distill;
+
 /// Plans kept per shared device (shapes and options of recent calls).
 const PLANS: usize = 8;
 
@@ -41,6 +43,8 @@ struct Shared {
     ctx: GpuContext,
     /// Recently used plans, most recent last.
     plans: Mutex<Vec<(PlanKey, Arc<Planned>)>>,
+    /// Recently used distillation plans, most recent last.
+    distill_plans: Mutex<Vec<(distill::DistillKey, Arc<distill::DistillPlanned>)>>,
 }
 
 /// What a plan is for: rows, classes, dtype, options.
@@ -69,7 +73,12 @@ fn register(setup: WgpuSetup, device: Device) -> Result<Device, XentError> {
     let ctx = GpuContext::from_device(setup.device, setup.queue, GpuOptions::default())?;
     let mut all = SHARED.lock().unwrap_or_else(|p| p.into_inner());
     all.retain(|s| &s.device != key);
-    all.push(Arc::new(Shared { device: key.clone(), ctx, plans: Mutex::new(Vec::new()) }));
+    all.push(Arc::new(Shared {
+        device: key.clone(),
+        ctx,
+        plans: Mutex::new(Vec::new()),
+        distill_plans: Mutex::new(Vec::new()),
+    }));
     Ok(device)
 }
 
@@ -400,7 +409,7 @@ impl XentOps for CubeBackend {
         let Some(sh) = shared(&logits.device).filter(|_| n > 0) else {
             // The host path: the fused gradient recomputed, times the upstream gradient.
             let grad = run_host(&logits, &targets, &args, true).1.expect("a gradient");
-            return crate::ops::scale_by_upstream::<Self>(grad, upstream, args.cfg(), n);
+            return crate::ops::scale_by_upstream::<Self>(grad, upstream, args.cfg().reduction, n);
         };
         // Over the logits when nothing else holds them (no new [N, V] buffer at all).
         let in_place = logits.can_mut() && logits.is_contiguous_buffer();

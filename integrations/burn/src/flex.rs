@@ -14,7 +14,7 @@ use crate::pool;
 use crate::{XentArgs, XentOps};
 
 /// Contiguous storage of a Flex tensor (copied only if it is a strided view).
-fn contiguous(t: FlexTensor) -> FlexTensor {
+pub(crate) fn contiguous(t: FlexTensor) -> FlexTensor {
     if t.is_contiguous() && t.layout().start_offset() == 0 {
         t
     } else {
@@ -125,6 +125,6 @@ impl XentOps for Flex {
             return state;
         }
         let rows = state.layout().shape()[0];
-        crate::ops::scale_by_upstream::<Self>(state, upstream, args.cfg(), rows)
+        crate::ops::scale_by_upstream::<Self>(state, upstream, args.cfg().reduction, rows)
     }
 }

@@ -51,6 +51,7 @@ mod autodiff;
 mod compose;
 #[cfg(feature = "gpu")]
 mod cube;
+mod distill;
 mod flex;
 mod linear;
 mod logprobs;
@@ -68,12 +69,13 @@ use burn::backend::{backend_extension, Backend, Dispatch};
 use burn::prelude::*;
 use burn::tensor::DType as BurnDType;
 
+pub use distill::{distill, distill_with_grad, XentDistillArgs, XentDistillOps};
 pub use linear::{linear_cross_entropy, linear_cross_entropy_with_grads, XentLinearArgs, XentLinearOps};
 pub use logprobs::{linear_logprobs, linear_logprobs_with_grads, XentLogprobsArgs, XentLogprobsOps};
 pub use module::{LinearCrossEntropy, LinearCrossEntropyConfig};
 pub use ops::{cpu, set_cpu, take_error};
 pub use pool::{pooled_bytes, release_pooled_buffers};
-pub use xent::{CrossEntropy, LinearCe, LinearLogprobs, Reduction, XentError};
+pub use xent::{CrossEntropy, Distill, DistillMode, LinearCe, LinearLogprobs, Reduction, XentError};
 
 #[cfg(feature = "gpu")]
 #[cfg_attr(docsrs, doc(cfg(feature = "gpu")))]

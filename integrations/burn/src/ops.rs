@@ -108,11 +108,11 @@ pub(crate) fn cpu_cross_entropy(
 pub(crate) fn scale_by_upstream<B: burn::backend::Backend>(
     grad: burn::backend::tensor::FloatTensor<B>,
     upstream: burn::backend::tensor::FloatTensor<B>,
-    cfg: &CrossEntropy,
+    reduction: Reduction,
     rows: usize,
 ) -> burn::backend::tensor::FloatTensor<B> {
     use burn::backend::TensorMetadata;
-    let shape = match cfg.reduction {
+    let shape = match reduction {
         Reduction::None => burn::tensor::Shape::new([rows, 1]),
         _ => burn::tensor::Shape::new([1, 1]),
     };

@@ -70,7 +70,7 @@ fn equals_candles_composition_in_f64() {
                     let got = xent_candle::distill(student.as_tensor(), &t, &cfg).unwrap();
                     assert_eq!(got.dtype(), sd, "{what}: the loss in the student's dtype");
                     assert_eq!(got.dims(), want.dims(), "{what}");
-                    // The loss is rounded once to the student's dtype (bf16: 2^-9 relative).
+                    // The loss is rounded once to the student's dtype (bf16: 2^-8 relative, its unit roundoff).
                     let tol = if sd == DType::F32 { 1e-6 } else { 4e-3 };
                     let e = max_rel(&got, &want);
                     assert!(e <= tol, "{what}: loss off by {e:.2e} (relative)");
@@ -85,7 +85,7 @@ fn equals_candles_composition_in_f64() {
                     let g = ours.backward().unwrap().remove(student.as_tensor()).expect("a gradient");
                     let gw = theirs.backward().unwrap().remove(s64.as_tensor()).expect("a reference gradient");
                     assert_eq!(g.dtype(), sd, "{what}: the gradient in the student's dtype");
-                    // f32 gradient: f64 per row, rounded once; 16-bit: rounded to the dtype (2^-9).
+                    // f32 gradient: f64 per row, rounded once; 16-bit: rounded once to the dtype (2^-8).
                     let tol = if sd == DType::F32 { 2e-6 } else { 4e-3 };
                     let e = max_rel(&g, &gw);
                     assert!(e <= tol, "{what}: gradient off by {e:.2e} of its largest entry");
