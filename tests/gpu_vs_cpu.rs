@@ -360,8 +360,11 @@ fn distillation_and_measures() {
             let t = if mode == DistillMode::ReverseKl { &t } else { &tm };
             for temperature in [1.0, 2.0, 4.0] {
                 let cfg = Distill::default().with_temperature(temperature).with_mode(mode).with_grad_scale(1.5);
-                let want = cpu.distill_with_grad(&s, t, &cfg).unwrap();
+                // The f64 reference (held to PyTorch's goldens), and the CPU's fast path beside it.
+                let want = reference::distill(&s, t, &cfg, true).unwrap();
                 assert!(want.loss.is_finite() && want.loss >= 0.0, "{mode:?}: {}", want.loss);
+                let fast = cpu.distill_with_grad(&s, t, &cfg).unwrap();
+                assert_scalar(&format!("cpu {mode:?} T={temperature} {n}x{v} loss"), fast.loss, want.loss, 1e-6, 1e-5);
                 for (name, g) in gpus().into_iter().filter(|(n, _)| v < 16_000 || !n.contains("64KiB")) {
                     let what = format!("{name} {mode:?} T={temperature} {n}x{v}");
                     let got = g.distill_with_grad(&s, t, &cfg).unwrap();

@@ -1,8 +1,16 @@
-//! Distillation divergences and distribution measures on the CPU, in f64 per element (rows in
-//! parallel). They are elementwise-light row reductions, so the f64 computation is both the
-//! CPU path and the reference; tests hold it to PyTorch's golden values and the GPU to it.
+//! Distillation divergences and distribution measures on the CPU, rows in parallel.
+//!
+//! Forward and reverse KL distillation take the fast path: the row's f32 exponentials from the
+//! vectorised kernels of [`super::simd`], each term `p_j (log p_j - log q_j)` formed in f32 from
+//! the logits' difference (no `log` per element) and summed in f32 lanes folded into f64 per
+//! block, as cross-entropy's row sums are. The f64 path below (one `exp` and `log` per element
+//! in f64) computes the generalised JSD, whose mixture needs a logarithm per element, and is the
+//! reference of the fast one ([`super::reference::distill`]); the measures are computed in f64
+//! too. Tests hold the f64 path to PyTorch's golden values, the fast path and the GPU to it.
 
 use ndarray::{Array1, ArrayView2};
+
+use super::simd;
 use rayon::prelude::*;
 
 use crate::api::config::{Distill, DistillOutput, Measures};
@@ -54,6 +62,135 @@ fn distill_row(ls: &[f64], lt: &[f64], mode: i32, beta: f64, grad: Option<&mut [
     d
 }
 
+/// The per-thread buffers of the fast path: both rows (divided by the temperature in place)
+/// and their exponentials.
+#[derive(Default)]
+struct Scratch {
+    zs: Vec<f32>,
+    zt: Vec<f32>,
+    es: Vec<f32>,
+    et: Vec<f32>,
+}
+
+/// `x / t` in place, then `exp(x_j - m)` into `e`: `(m, S = sum_j exp(x_j - m))`.
+fn softmax_parts(x: &mut [f32], t: f32, e: &mut Vec<f32>) -> (f32, f64) {
+    x.iter_mut().for_each(|v| *v /= t);
+    let m = simd::max(x);
+    e.resize(x.len(), 0.0);
+    let (a, ties) = simd::exp_sum(x, m, Some(e));
+    (m, a + ties)
+}
+
+/// One row of forward (`mode` 0) or reverse (1) KL and, with `grad`, its gradient w.r.t. the
+/// student's logits times `coef` (`T` and the reduction's factor folded in by the caller).
+#[allow(clippy::too_many_arguments)]
+fn fast_row(
+    sc: &mut Scratch,
+    student: &Logits<'_>,
+    teacher: &Logits<'_>,
+    r: usize,
+    mode: i32,
+    t: f32,
+    grad: Option<&mut [f32]>,
+    coef: f64,
+) -> f64 {
+    student.row_into(r, &mut sc.zs);
+    teacher.row_into(r, &mut sc.zt);
+    let (ms, ss) = softmax_parts(&mut sc.zs, t, &mut sc.es);
+    let (mt, st) = softmax_parts(&mut sc.zt, t, &mut sc.et);
+    // log p_j - log q_j = (z^p_j - z^q_j) - (lse_p - lse_q), formed per element in f32.
+    let (lse_s, lse_t) = (ms as f64 + ss.ln(), mt as f64 + st.ln());
+    if mode == 0 {
+        // KL(t || s) = sum_j pt_j (lt_j - ls_j); d/dz_s = ps - pt.
+        let d = simd::weighted_diff_sum(&sc.et, &sc.zt, &sc.zs, (lse_t - lse_s) as f32) / st;
+        if let Some(g) = grad {
+            simd::scaled_difference(g, &sc.es, &sc.et, (coef / ss) as f32, (coef / st) as f32);
+        }
+        d
+    } else {
+        // KL(s || t) = sum_j ps_j (ls_j - lt_j); d/dz_s = ps ((ls - lt) - KL).
+        let c = lse_s - lse_t;
+        let d = simd::weighted_diff_sum(&sc.es, &sc.zs, &sc.zt, c as f32) / ss;
+        if let Some(g) = grad {
+            simd::scaled_log_ratio(g, &sc.es, &sc.zs, &sc.zt, (coef / ss) as f32, (c + d) as f32);
+        }
+        d
+    }
+}
+
+/// The f64 row: both log-softmaxes, then [`distill_row`].
+#[allow(clippy::too_many_arguments)]
+fn f64_row(
+    buf: &mut Vec<f32>,
+    student: &Logits<'_>,
+    teacher: &Logits<'_>,
+    r: usize,
+    mode: i32,
+    beta: f64,
+    t: f64,
+    grad: Option<&mut [f32]>,
+    coef: f64,
+) -> f64 {
+    student.row_into(r, buf);
+    let ls = log_softmax_row(buf, t);
+    teacher.row_into(r, buf);
+    let lt = log_softmax_row(buf, t);
+    distill_row(&ls, &lt, mode, beta, grad, coef)
+}
+
+/// Distillation on `pool`: the fast path for forward and reverse KL unless `exact`, the f64
+/// path for the generalised JSD and for the reference.
+pub(crate) fn distill_with(
+    pool: Option<&rayon::ThreadPool>,
+    student: Logits<'_>,
+    teacher: Logits<'_>,
+    cfg: &Distill,
+    want_grad: bool,
+    exact: bool,
+) -> Result<DistillOutput> {
+    cfg.validate()?;
+    same_rows(student.dim(), teacher.dim(), "student and teacher logits")?;
+    let (n, v) = student.dim();
+    let t = cfg.temperature as f64;
+    let (mode, beta) = cfg.mode_code();
+    let fast = !exact && mode != 2;
+    // d(T^2 mean_n D_n)/dx = T^2 / N * (1/T) dD/dz = T / N * dD/dz (no 1 / N for a sum).
+    let coef = cfg.grad_scale as f64 * t * cfg.row_factor(n.max(1));
+    let mut grad = crate::alloc::zeros2::<f32>(if want_grad { (n, v) } else { (0, v) }, "gradient")?;
+    let mut rows = vec![0.0f64; n];
+    let work = |sc: &mut Scratch, (r, d): (usize, &mut f64), g: Option<&mut [f32]>| {
+        *d = if fast {
+            fast_row(sc, &student, &teacher, r, mode, t as f32, g, coef)
+        } else {
+            f64_row(&mut sc.zs, &student, &teacher, r, mode, beta as f64, t, g, coef)
+        };
+    };
+    let run = || {
+        if want_grad {
+            rows.par_iter_mut()
+                .enumerate()
+                .zip(grad.as_slice_mut().expect("fresh array").par_chunks_mut(v.max(1)))
+                .for_each_init(Scratch::default, |sc, (rd, g)| work(sc, rd, Some(g)));
+        } else {
+            rows.par_iter_mut().enumerate().for_each_init(Scratch::default, |sc, rd| work(sc, rd, None));
+        }
+    };
+    match pool {
+        Some(p) => p.install(run),
+        None => {
+            let mut sc = Scratch::default();
+            match grad.as_slice_mut() {
+                Some(g) if want_grad && v > 0 => {
+                    rows.iter_mut().enumerate().zip(g.chunks_mut(v)).for_each(|(rd, g)| work(&mut sc, rd, Some(g)))
+                }
+                _ => rows.iter_mut().enumerate().for_each(|rd| work(&mut sc, rd, None)),
+            }
+        }
+    }
+    let loss = t * t * rows.iter().sum::<f64>() * cfg.row_factor(n);
+    Ok(DistillOutput { loss, row_loss: rows.iter().map(|&d| d as f32).collect(), grad: want_grad.then_some(grad) })
+}
+
 pub(crate) fn distill(
     pool: &rayon::ThreadPool,
     student: Logits<'_>,
@@ -61,35 +198,7 @@ pub(crate) fn distill(
     cfg: &Distill,
     want_grad: bool,
 ) -> Result<DistillOutput> {
-    cfg.validate()?;
-    same_rows(student.dim(), teacher.dim(), "student and teacher logits")?;
-    let (n, v) = student.dim();
-    let t = cfg.temperature as f64;
-    let (mode, beta) = cfg.mode_code();
-    // d(T^2 mean_n D_n)/dx = T^2 / N * (1/T) dD/dz = T / N * dD/dz (no 1 / N for a sum).
-    let coef = cfg.grad_scale as f64 * t * cfg.row_factor(n.max(1));
-    let mut grad = crate::alloc::zeros2::<f32>(if want_grad { (n, v) } else { (0, v) }, "gradient")?;
-    let mut rows = vec![0.0f64; n];
-    pool.install(|| {
-        let work = |(r, d): (usize, &mut f64), g: Option<&mut [f32]>| {
-            let mut buf = Vec::new();
-            student.row_into(r, &mut buf);
-            let ls = log_softmax_row(&buf, t);
-            teacher.row_into(r, &mut buf);
-            let lt = log_softmax_row(&buf, t);
-            *d = distill_row(&ls, &lt, mode, beta as f64, g, coef);
-        };
-        if want_grad {
-            rows.par_iter_mut()
-                .enumerate()
-                .zip(grad.as_slice_mut().expect("fresh array").par_chunks_mut(v))
-                .for_each(|(rd, g)| work(rd, Some(g)));
-        } else {
-            rows.par_iter_mut().enumerate().for_each(|rd| work(rd, None));
-        }
-    });
-    let loss = t * t * rows.iter().sum::<f64>() * cfg.row_factor(n);
-    Ok(DistillOutput { loss, row_loss: rows.iter().map(|&d| d as f32).collect(), grad: want_grad.then_some(grad) })
+    distill_with(Some(pool), student, teacher, cfg, want_grad, false)
 }
 
 fn measure_row(p: &[f64], q: &[f64], lp: &[f64], lq: &[f64]) -> [f64; 4] {
@@ -156,4 +265,146 @@ pub(crate) fn measures_from_logits(
             .collect()
     });
     Ok(collect(rows))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::config::DistillMode;
+    use ndarray::Array2;
+
+    fn rows(n: usize, v: usize, seed: u64, scale: f32) -> Array2<f32> {
+        crate::workload::synthetic(n, v, scale, 0, seed).0
+    }
+
+    /// The fast path against the f64 one, per element. In f32 a probability
+    /// `p_j = exp(z_j - m) / S` (`z = x / T`, `m` the row's maximum) carries the rounding of
+    /// `z_j` and of the exponent's argument, about `(|z_j| + |m| + |z_j - m|) 2^-24`
+    /// relative, besides `exp`'s 2 ulp: so each is held to `A_j 2^-22` with
+    /// `A_j = 4 + 2 |z_j| + 2 |m|`. A term `p_j ((a_j - b_j) - c)` of the divergence also
+    /// carries the rounding of its difference, `(|a_j| + |b_j| + |c|) 2^-24`, and `c` (the
+    /// difference of the rows' log-sum-exps) the error of those sums, `sum_j p_j A_j 2^-22`
+    /// for each row; a row's divergence is held to the sum of its terms' bounds, and a gradient
+    /// entry to `coef` times its terms' bounds. (The f64 path forms `z` and every difference in
+    /// f64.) So, as in any f32 computation (PyTorch's `kl_div` of f32 log-softmaxes included),
+    /// two nearly equal distributions get a divergence of absolute, not relative, accuracy:
+    /// about `1e-7 (1 + |z|)`. Entries below f32's smallest normal number are held to it.
+    #[test]
+    fn fast_kl_and_reverse_kl_match_the_f64_path() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let mut cases: Vec<(String, Array2<f32>, Array2<f32>)> = Vec::new();
+        for &(n, v) in &[(1, 1), (3, 7), (17, 515), (4, 4099)] {
+            let s = rows(n, v, 1, 4.0);
+            cases.push((format!("{n}x{v}"), s.clone(), rows(n, v, 2, 4.0)));
+            // Nearly the same distributions: a divergence far below its terms.
+            cases.push((format!("{n}x{v} close"), s.clone(), &s + &(rows(n, v, 3, 1.0) * 1e-3)));
+            cases.push((format!("{n}x{v} equal"), s.clone(), s.clone()));
+        }
+        // Large logits, ties at the maximum, and masked classes (-inf) in the teacher.
+        let mut s = rows(5, 300, 4, 30.0);
+        let mut t = rows(5, 300, 5, 30.0);
+        for r in 0..5 {
+            s[[r, 10]] = 90.0;
+            s[[r, 20]] = 90.0;
+            t[[r, 3 * r]] = f32::NEG_INFINITY;
+        }
+        cases.push(("large, ties, masked".into(), s, t));
+        const U: f64 = 1.0 / (1u64 << 22) as f64;
+        let mut worst = 0.0f64;
+        for (what, s, t) in &cases {
+            let masked = t.iter().any(|x| x.is_infinite());
+            for mode in [DistillMode::Kl, DistillMode::ReverseKl] {
+                if masked && mode == DistillMode::ReverseKl {
+                    continue; // +inf, checked below
+                }
+                for temperature in [1.0f32, 0.5, 3.0] {
+                    let cfg = Distill::default().with_mode(mode).with_temperature(temperature).with_grad_scale(1.5);
+                    let what = format!("{what} {mode:?} T={temperature}");
+                    let fast = distill(&pool, s.view().into(), t.view().into(), &cfg, true).unwrap();
+                    let exact = distill_with(None, s.view().into(), t.view().into(), &cfg, true, true).unwrap();
+                    let coef = 1.5 * temperature as f64 / s.nrows() as f64;
+                    let (gf, ge) = (fast.grad.unwrap(), exact.grad.unwrap());
+                    let tau = temperature as f64;
+                    for r in 0..s.nrows() {
+                        let zs: Vec<f64> = s.row(r).iter().map(|&x| x as f64 / tau).collect();
+                        let zt: Vec<f64> = t.row(r).iter().map(|&x| x as f64 / tau).collect();
+                        let (ls, lt) =
+                            (log_softmax_row(&s.row(r).to_vec(), tau), log_softmax_row(&t.row(r).to_vec(), tau));
+                        let max = |z: &[f64]| z.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v));
+                        let (ms, mt) = (max(&zs), max(&zt));
+                        let a = |z: f64, m: f64| 4.0 + 2.0 * z.abs() + 2.0 * m.abs();
+                        // |lse_s - lse_t| and the error of the fast path's log-sum-exps: each is
+                        // `m + log S`, `S` a sum of exponentials bound as above.
+                        let lse = |z: &[f64], m: f64| m + z.iter().map(|&v| (v - m).exp()).sum::<f64>().ln();
+                        let (lse_s, lse_t) = (lse(&zs, ms), lse(&zt, mt));
+                        let c = (lse_s - lse_t).abs();
+                        let lse_err: f64 = (0..zs.len())
+                            .map(|j| {
+                                let p = |l: f64, z: f64, m: f64| if l.is_finite() { l.exp() * a(z, m) } else { 0.0 };
+                                p(ls[j], zs[j], ms) + p(lt[j], zt[j], mt)
+                            })
+                            .sum::<f64>()
+                            + lse_s.abs()
+                            + lse_t.abs();
+                        let de = exact.row_loss[r] as f64;
+                        let (mut row_bound, mut bounds) = (0.0, Vec::new());
+                        for j in 0..zs.len() {
+                            let (ps, pt) = (ls[j].exp(), lt[j].exp());
+                            let (p, lp, lq, ap) = match mode {
+                                DistillMode::Kl => (pt, lt[j], ls[j], a(zt[j], mt)),
+                                _ => (ps, ls[j], lt[j], a(zs[j], ms)),
+                            };
+                            let diff = zs[j].abs() + zt[j].abs() + c + lse_err;
+                            if p > 0.0 {
+                                row_bound += U * p * (ap * (lp - lq).abs() + diff);
+                            }
+                            bounds.push(match mode {
+                                DistillMode::Kl => {
+                                    let pa = |p: f64, z: f64, m: f64| if p > 0.0 { p * a(z, m) } else { 0.0 };
+                                    U * coef * (pa(ps, zs[j], ms) + pa(pt, zt[j], mt))
+                                }
+                                _ => U * coef * ps * (a(zs[j], ms) * ((ls[j] - lt[j]).abs() + de) + diff + de),
+                            });
+                        }
+                        let df = fast.row_loss[r] as f64;
+                        // Plus the f32 rounding of the row values themselves.
+                        let e = (df - de).abs() - 2.0 * f32::EPSILON as f64 * de.abs();
+                        assert!(e <= row_bound, "{what} row {r}: {df} vs {de} (bound {row_bound:e})");
+                        worst = worst.max(e / row_bound);
+                        for (j, b) in bounds.iter().enumerate() {
+                            let (x, y) = (gf[[r, j]] as f64, ge[[r, j]] as f64);
+                            let e = (x - y).abs() - f32::EPSILON as f64 * y.abs();
+                            assert!(e <= b + f32::MIN_POSITIVE as f64, "{what} [{r}, {j}]: {x} vs {y} (bound {b:e})");
+                            worst = worst.max(e / (b + f32::MIN_POSITIVE as f64));
+                        }
+                    }
+                }
+            }
+            if masked {
+                let rev = Distill::default().with_mode(DistillMode::ReverseKl);
+                let out = distill(&pool, s.view().into(), t.view().into(), &rev, false).unwrap();
+                assert_eq!(out.loss, f64::INFINITY, "{what}: reverse KL towards a masked class");
+            }
+        }
+        println!("fast distillation: worst error {worst:.3} of its bound");
+    }
+
+    /// 16-bit logits are widened exactly: the fast path on bf16 rows equals it on their f32
+    /// values, and a NaN logit makes its row's divergence NaN.
+    #[test]
+    fn half_rows_and_nan() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let s = rows(6, 333, 7, 3.0).mapv(half::bf16::from_f32);
+        let t = rows(6, 333, 8, 3.0).mapv(half::bf16::from_f32);
+        let (s32, t32) = (s.mapv(f32::from), t.mapv(f32::from));
+        let cfg = Distill::default().with_temperature(2.0);
+        let a = distill(&pool, s.view().into(), t.view().into(), &cfg, true).unwrap();
+        let b = distill(&pool, s32.view().into(), t32.view().into(), &cfg, true).unwrap();
+        assert_eq!(a.loss, b.loss);
+        assert_eq!(a.grad, b.grad);
+        let mut sn = s32.clone();
+        sn[[2, 5]] = f32::NAN;
+        let c = distill(&pool, sn.view().into(), t32.view().into(), &cfg, false).unwrap();
+        assert!(c.row_loss[2].is_nan() && c.row_loss[1].is_finite() && c.loss.is_nan());
+    }
 }

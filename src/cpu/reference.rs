@@ -5,7 +5,7 @@
 
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 
-use crate::api::config::{CrossEntropy, Reduction, SoftmaxKind};
+use crate::api::config::{CrossEntropy, Distill, DistillOutput, Reduction, SoftmaxKind};
 use crate::api::targets::{Targets, IGNORED};
 use crate::dtype::Logits;
 use crate::error::{Result, XentError};
@@ -58,6 +58,18 @@ fn lse_of(z: impl Iterator<Item = f64>, m: f64) -> f64 {
     let mut first = true;
     let s: f64 = z.filter(|&z| !(z == m && std::mem::take(&mut first))).map(|z| (z - m).exp()).sum();
     m + s.ln_1p()
+}
+
+/// Knowledge distillation (see [`Distill`]) in f64 per element from logits of any dtypes, one
+/// thread: the loss, the per-row divergences and, with `grad`, the f32 gradient w.r.t. the
+/// student logits.
+pub fn distill<'a, 'b>(
+    student: impl Into<Logits<'a>>,
+    teacher: impl Into<Logits<'b>>,
+    cfg: &Distill,
+    grad: bool,
+) -> Result<DistillOutput> {
+    crate::cpu::divergence::distill_with(None, student.into(), teacher.into(), cfg, grad, true)
 }
 
 /// Softmax cross-entropy in f64 (see [`CrossEntropy`] for the formula), with class-index or

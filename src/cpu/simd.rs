@@ -243,6 +243,41 @@ fn logprob_grad_body<const FMA: bool>(g: &mut [f32], e: &[f32], m: f32, k: f32, 
     }
 }
 
+/// `sum_j [e_j > 0] e_j ((a_j - b_j) - c)` in f32 lanes folded into f64 per [`BLOCK`]: a
+/// divergence's sum over classes, a class of zero weight (a masked one, `-inf`) adding nothing.
+#[inline(always)]
+fn weighted_diff_sum_body(e: &[f32], a: &[f32], b: &[f32], c: f32) -> f64 {
+    let term = |e: f32, a: f32, b: f32| if e > 0.0 { e * ((a - b) - c) } else { 0.0 };
+    let mut total = 0.0f64;
+    for ((eb, ab), bb) in e.chunks(BLOCK).zip(a.chunks(BLOCK)).zip(b.chunks(BLOCK)) {
+        let mut acc = [0.0f32; LANES];
+        let (ec, ac, bc) = (eb.chunks_exact(LANES), ab.chunks_exact(LANES), bb.chunks_exact(LANES));
+        let tail: f32 =
+            ec.remainder().iter().zip(ac.remainder()).zip(bc.remainder()).map(|((&e, &a), &b)| term(e, a, b)).sum();
+        for ((e8, a8), b8) in ec.zip(ac).zip(bc) {
+            for l in 0..LANES {
+                acc[l] += term(e8[l], a8[l], b8[l]);
+            }
+        }
+        total += acc.iter().map(|&x| x as f64).sum::<f64>() + tail as f64;
+    }
+    total
+}
+
+#[inline(always)]
+fn scaled_difference_body<const FMA: bool>(g: &mut [f32], x: &[f32], y: &[f32], kx: f32, ky: f32) {
+    for ((g, &x), &y) in g.iter_mut().zip(x).zip(y) {
+        *g = madd::<FMA>(kx, x, -(ky * y));
+    }
+}
+
+#[inline(always)]
+fn scaled_log_ratio_body(g: &mut [f32], e: &[f32], a: &[f32], b: &[f32], k: f32, c: f32) {
+    for (((g, &e), &a), &b) in g.iter_mut().zip(e).zip(a).zip(b) {
+        *g = k * e * ((a - b) - c);
+    }
+}
+
 macro_rules! multiversion {
     ($(#[$doc:meta])* pub fn $name:ident($($arg:ident : $ty:ty),*) -> $ret:ty => $body:ident $(::<$fma:tt>)?;) => {
         $(#[$doc])*
@@ -548,6 +583,19 @@ multiversion! {
     /// `g_j <- k e_j (a + b ((g_j - m) - mu_m))`: logits to the gradient of `a logp + b H`
     /// (`e_j = exp(g_j - m)`), the target's own term added by the caller.
     pub fn logprob_grad(g: &mut [f32], e: &[f32], m: f32, k: f32, a: f32, b: f32, mu_m: f32) -> () => logprob_grad_body::<true>;
+}
+multiversion! {
+    /// `sum_j [e_j > 0] e_j ((a_j - b_j) - c)` in f64 (f32 lanes per block; zero-weight terms
+    /// skipped, so a masked class's `-inf` adds nothing).
+    pub fn weighted_diff_sum(e: &[f32], a: &[f32], b: &[f32], c: f32) -> f64 => weighted_diff_sum_body;
+}
+multiversion! {
+    /// `g_j <- kx x_j - ky y_j`.
+    pub fn scaled_difference(g: &mut [f32], x: &[f32], y: &[f32], kx: f32, ky: f32) -> () => scaled_difference_body::<true>;
+}
+multiversion! {
+    /// `g_j <- k e_j ((a_j - b_j) - c)`.
+    pub fn scaled_log_ratio(g: &mut [f32], e: &[f32], a: &[f32], b: &[f32], k: f32, c: f32) -> () => scaled_log_ratio_body;
 }
 multiversion! {
     /// `(sum_j w_j x_j, sum_j w_j)` in f64 (w = 1 when `None`).
