@@ -146,6 +146,25 @@ fn bad_probability_targets() {
     });
 }
 
+/// `Cpu::distill_into` checks the caller's gradient array: its shape and its layout.
+#[test]
+fn distill_into_a_bad_gradient_array() {
+    let (s, t) = (Array2::<f32>::zeros((2, 3)), Array2::<f32>::ones((2, 3)));
+    let cpu = Cpu::new();
+    let mut wrong = Array2::<f32>::zeros((3, 2));
+    let e = cpu.distill_into(&s, &t, &Distill::default(), wrong.view_mut()).unwrap_err();
+    assert!(matches!(e, XentError::Shape(ref m) if m.contains("gradient")), "{e}");
+    let mut transposed = Array2::<f32>::zeros((3, 2));
+    let e = cpu.distill_into(&s, &t, &Distill::default(), transposed.view_mut().reversed_axes()).unwrap_err();
+    assert!(matches!(e, XentError::InvalidOption(ref m) if m.contains("contiguous")), "{e}");
+    let mut g = Array2::<f32>::from_elem((2, 3), f32::NAN);
+    let e = cpu.distill_into(&s, &t, &Distill::default().with_temperature(-1.0), g.view_mut()).unwrap_err();
+    assert!(matches!(e, XentError::InvalidOption(_)), "{e}");
+    // A good call overwrites every entry of a reused array.
+    cpu.distill_into(&s, &t, &Distill::default().with_mode(DistillMode::ReverseKl), g.view_mut()).unwrap();
+    assert!(g.iter().all(|x| x.is_finite()));
+}
+
 #[test]
 fn bad_bce_distill_and_measure_inputs() {
     let x = Array2::<f32>::zeros((2, 3));

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::{Arc, RwLock};
 
-use ndarray::{Array2, ArrayView2};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
 use super::{bce, cross_entropy, divergence, hessian, linear, log_softmax, Bf16Grad, CpuMatmul};
 use crate::api::config::{Bce, BceOutput, CeOutput, CrossEntropy, Distill, DistillOutput, Measures, SoftmaxKind};
@@ -165,6 +165,43 @@ impl Cpu {
     /// Distillation's work here (the public methods: `crate::api::methods`).
     pub(crate) fn distill_run(&self, s: Logits<'_>, t: Logits<'_>, cfg: &Distill, grad: bool) -> Result<DistillOutput> {
         divergence::distill(&self.pool, s, t, cfg, grad)
+    }
+
+    /// Distillation (as [`Cpu::distill_with_grad`]) writing the f32 gradient w.r.t. the student
+    /// logits into `grad` (`[N, V]`, standard layout), which a training loop can reuse from step
+    /// to step instead of a fresh `[N, V]` array per call; the output's `grad` is `None`.
+    ///
+    /// ```
+    /// use ndarray::{array, Array2};
+    /// use xent::{Cpu, Distill};
+    /// let (s, t) = (array![[1.0f32, 2.0, 3.0]], array![[3.0f32, 2.0, 1.0]]);
+    /// let mut g = Array2::<f32>::zeros((1, 3));
+    /// let out = Cpu::new().distill_into(&s, &t, &Distill::default(), g.view_mut())?;
+    /// assert!(out.loss > 0.0 && out.grad.is_none());
+    /// assert_eq!(g, Cpu::new().distill_with_grad(&s, &t, &Distill::default())?.grad.unwrap());
+    /// # Ok::<(), xent::XentError>(())
+    /// ```
+    pub fn distill_into<'a, 'b>(
+        &self,
+        student: impl Into<Logits<'a>>,
+        teacher: impl Into<Logits<'b>>,
+        cfg: &Distill,
+        mut grad: ArrayViewMut2<'_, f32>,
+    ) -> Result<DistillOutput> {
+        let (s, t) = (student.into(), teacher.into());
+        cfg.validate()?;
+        crate::check::same_rows(s.dim(), t.dim(), "student and teacher logits")?;
+        if grad.dim() != s.dim() {
+            return Err(XentError::Shape(format!(
+                "the gradient is {:?} for student logits of {:?}",
+                grad.dim(),
+                s.dim()
+            )));
+        }
+        let Some(g) = grad.as_slice_mut() else {
+            return Err(XentError::InvalidOption("the gradient must be a contiguous row-major array".into()));
+        };
+        divergence::distill_rows(Some(&self.pool), s, t, cfg, Some(g), false)
     }
 
     /// Entropy, cross-entropy, KL and JS per row of probability rows `p`, `q` (f64).

@@ -151,12 +151,29 @@ pub(crate) fn distill_with(
     cfg.validate()?;
     same_rows(student.dim(), teacher.dim(), "student and teacher logits")?;
     let (n, v) = student.dim();
+    let mut grad = crate::alloc::zeros2::<f32>(if want_grad { (n, v) } else { (0, v) }, "gradient")?;
+    let g = want_grad.then(|| grad.as_slice_mut().expect("fresh array"));
+    let mut out = distill_rows(pool, student, teacher, cfg, g, exact)?;
+    out.grad = want_grad.then_some(grad);
+    Ok(out)
+}
+
+/// The rows of a distillation, writing the gradient into `grad` (`N * V` f32, row-major) when
+/// given; the output's `grad` is `None`. Options and shapes are checked by the caller.
+pub(crate) fn distill_rows(
+    pool: Option<&rayon::ThreadPool>,
+    student: Logits<'_>,
+    teacher: Logits<'_>,
+    cfg: &Distill,
+    grad: Option<&mut [f32]>,
+    exact: bool,
+) -> Result<DistillOutput> {
+    let (n, v) = student.dim();
     let t = cfg.temperature as f64;
     let (mode, beta) = cfg.mode_code();
     let fast = !exact && mode != 2;
     // d(T^2 mean_n D_n)/dx = T^2 / N * (1/T) dD/dz = T / N * dD/dz (no 1 / N for a sum).
     let coef = cfg.grad_scale as f64 * t * cfg.row_factor(n.max(1));
-    let mut grad = crate::alloc::zeros2::<f32>(if want_grad { (n, v) } else { (0, v) }, "gradient")?;
     let mut rows = vec![0.0f64; n];
     let work = |sc: &mut Scratch, (r, d): (usize, &mut f64), g: Option<&mut [f32]>| {
         *d = if fast {
@@ -165,30 +182,29 @@ pub(crate) fn distill_with(
             f64_row(&mut sc.zs, &student, &teacher, r, mode, beta as f64, t, g, coef)
         };
     };
-    let run = || {
-        if want_grad {
+    // A gradient of rows of no classes has nothing to write.
+    let grad = grad.filter(|_| v > 0);
+    match (pool, grad) {
+        (Some(p), Some(g)) => p.install(|| {
             rows.par_iter_mut()
                 .enumerate()
-                .zip(grad.as_slice_mut().expect("fresh array").par_chunks_mut(v.max(1)))
-                .for_each_init(Scratch::default, |sc, (rd, g)| work(sc, rd, Some(g)));
-        } else {
-            rows.par_iter_mut().enumerate().for_each_init(Scratch::default, |sc, rd| work(sc, rd, None));
+                .zip(g.par_chunks_mut(v))
+                .for_each_init(Scratch::default, |sc, (rd, g)| work(sc, rd, Some(g)))
+        }),
+        (Some(p), None) => {
+            p.install(|| rows.par_iter_mut().enumerate().for_each_init(Scratch::default, |sc, rd| work(sc, rd, None)))
         }
-    };
-    match pool {
-        Some(p) => p.install(run),
-        None => {
+        (None, Some(g)) => {
             let mut sc = Scratch::default();
-            match grad.as_slice_mut() {
-                Some(g) if want_grad && v > 0 => {
-                    rows.iter_mut().enumerate().zip(g.chunks_mut(v)).for_each(|(rd, g)| work(&mut sc, rd, Some(g)))
-                }
-                _ => rows.iter_mut().enumerate().for_each(|rd| work(&mut sc, rd, None)),
-            }
+            rows.iter_mut().enumerate().zip(g.chunks_mut(v)).for_each(|(rd, g)| work(&mut sc, rd, Some(g)))
+        }
+        (None, None) => {
+            let mut sc = Scratch::default();
+            rows.iter_mut().enumerate().for_each(|rd| work(&mut sc, rd, None))
         }
     }
     let loss = t * t * rows.iter().sum::<f64>() * cfg.row_factor(n);
-    Ok(DistillOutput { loss, row_loss: rows.iter().map(|&d| d as f32).collect(), grad: want_grad.then_some(grad) })
+    Ok(DistillOutput { loss, row_loss: rows.iter().map(|&d| d as f32).collect(), grad: None })
 }
 
 pub(crate) fn distill(

@@ -29,11 +29,13 @@ use burn::prelude::*;
 use burn::tensor::DType as BurnDType;
 use burn_flex::FlexTensor;
 use half::{bf16, f16};
+use ndarray::ArrayViewMut2;
 use xent::{Distill, DistillOutput, Reduction, XentError};
 
 use crate::flex::contiguous;
 use crate::linear::view;
 use crate::ops::{cpu, record_error};
+use crate::pool;
 
 /// The options of one distillation call, as the backend extension carries them (cheap to
 /// clone).
@@ -148,21 +150,35 @@ fn flex_run(
     let n = dims[0];
     let dtype = student.dtype();
     let (s, t) = (view(&student), view(&teacher));
-    let res = if with_grad { cpu().distill_with_grad(s, t, args.cfg()) } else { cpu().distill(s, t, args.cfg()) };
-    let (values, grad) = match res {
-        Ok(out) => {
-            let values = args.loss_values(&out);
-            (values, out.grad.map(|g| g.into_raw_vec_and_offset().0))
-        }
-        Err(e) => {
-            record_error(e);
-            let rows = args.loss_shape(n).num_elements();
-            (vec![f32::NAN; rows], with_grad.then(|| vec![f32::NAN; dims.num_elements()]))
-        }
-    };
     let in_dtype = |values: Vec<f32>, shape: Shape| {
         let data = TensorData::new(values, shape);
         FlexTensor::from_data(if dtype == BurnDType::F32 { data } else { data.convert_dtype(dtype) })
+    };
+    let failed = |e: XentError| {
+        record_error(e);
+        vec![f32::NAN; args.loss_shape(n).num_elements()]
+    };
+    if with_grad && dtype == BurnDType::F32 {
+        // An f32 gradient in a pooled buffer (the last one Burn dropped, of this size), handed
+        // to Burn without a copy: no fresh [N, V] mapping to fault in per step.
+        let (values, grad) = pool::filled(dims.num_elements(), |g: &mut [f32]| {
+            let gv = ArrayViewMut2::from_shape((n, dims[1]), &mut *g).expect("[N, V]");
+            match cpu().distill_into(s, t, args.cfg(), gv) {
+                Ok(out) => args.loss_values(&out),
+                Err(e) => {
+                    g.fill(f32::NAN);
+                    failed(e)
+                }
+            }
+        });
+        let grad = FlexTensor::from_data(TensorData::from_bytes(grad, dims, BurnDType::F32));
+        return (in_dtype(values, args.loss_shape(n)), Some(grad));
+    }
+    // 16-bit students: xent's f32 gradient, rounded once into the student's dtype.
+    let res = if with_grad { cpu().distill_with_grad(s, t, args.cfg()) } else { cpu().distill(s, t, args.cfg()) };
+    let (values, grad) = match res {
+        Ok(out) => (args.loss_values(&out), out.grad.map(|g| g.into_raw_vec_and_offset().0)),
+        Err(e) => (failed(e), with_grad.then(|| vec![f32::NAN; dims.num_elements()])),
     };
     (in_dtype(values, args.loss_shape(n)), grad.map(|g| in_dtype(g, dims)))
 }
