@@ -1,12 +1,12 @@
 //! Distillation divergences and distribution measures on the CPU, rows in parallel.
 //!
-//! Forward and reverse KL distillation take the fast path: the row's f32 exponentials from the
-//! vectorised kernels of [`super::simd`], each term `p_j (log p_j - log q_j)` formed in f32 from
-//! the logits' difference (no `log` per element) and summed in f32 lanes folded into f64 per
-//! block, as cross-entropy's row sums are. The f64 path below (one `exp` and `log` per element
-//! in f64) computes the generalised JSD, whose mixture needs a logarithm per element, and is the
-//! reference of the fast one ([`super::reference::distill`]); the measures are computed in f64
-//! too. Tests hold the f64 path to PyTorch's golden values, the fast path and the GPU to it.
+//! Distillation takes the fast path: the row's f32 exponentials from the vectorised kernels of
+//! [`super::simd`], each KL term `p_j (log p_j - log q_j)` formed in f32 from the logits'
+//! difference (no `log` per element; the generalised JSD's mixture takes one vectorised `log`
+//! per element), summed in f32 lanes folded into f64 per block, as cross-entropy's row sums
+//! are. The f64 path below (`exp` and `log` per element in f64) is its reference
+//! ([`super::reference::distill`]); the measures are computed in f64 too. Tests hold the f64
+//! path to PyTorch's golden values, the fast path and the GPU to it.
 
 use ndarray::{Array1, ArrayView2};
 
@@ -70,6 +70,8 @@ struct Scratch {
     zt: Vec<f32>,
     es: Vec<f32>,
     et: Vec<f32>,
+    /// The JSD's `log m_j`.
+    lm: Vec<f32>,
 }
 
 /// `x / t` in place, then `exp(x_j - m)` into `e`: `(m, S = sum_j exp(x_j - m))`.
@@ -81,8 +83,9 @@ fn softmax_parts(x: &mut [f32], t: f32, e: &mut Vec<f32>) -> (f32, f64) {
     (m, a + ties)
 }
 
-/// One row of forward (`mode` 0) or reverse (1) KL and, with `grad`, its gradient w.r.t. the
-/// student's logits times `coef` (`T` and the reduction's factor folded in by the caller).
+/// One row of forward (`mode` 0) or reverse (1) KL or the generalised JSD (2, with `beta`)
+/// and, with `grad`, its gradient w.r.t. the student's logits times `coef` (`T` and the
+/// reduction's factor folded in by the caller).
 #[allow(clippy::too_many_arguments)]
 fn fast_row(
     sc: &mut Scratch,
@@ -90,6 +93,7 @@ fn fast_row(
     teacher: &Logits<'_>,
     r: usize,
     mode: i32,
+    beta: f32,
     t: f32,
     grad: Option<&mut [f32]>,
     coef: f64,
@@ -107,6 +111,18 @@ fn fast_row(
             simd::scaled_difference(g, &sc.es, &sc.et, (coef / ss) as f32, (coef / st) as f32);
         }
         d
+    } else if mode == 2 {
+        // beta KL(t || m) + (1 - beta) KL(s || m), m = beta pt + (1 - beta) ps: one logarithm
+        // per element (log m); d/dz_s = ps ((1 - beta)(ls - lm) - (1 - beta) KL(s || m)).
+        sc.lm.resize(sc.zs.len(), 0.0);
+        let (ks, kt) = ((1.0 / ss) as f32, (1.0 / st) as f32);
+        let (lse_s, lse_t) = (lse_s as f32, lse_t as f32);
+        let (a, b) = simd::jsd_sums(&sc.es, &sc.et, &sc.zs, &sc.zt, ks, kt, lse_s, lse_t, beta, &mut sc.lm);
+        let w = 1.0 - beta as f64;
+        if let Some(g) = grad {
+            simd::jsd_grad(g, &sc.es, &sc.zs, &sc.lm, (coef / ss) as f32, lse_s, w as f32, (w * b) as f32);
+        }
+        beta as f64 * a + w * b
     } else {
         // KL(s || t) = sum_j ps_j (ls_j - lt_j); d/dz_s = ps ((ls - lt) - KL).
         let c = lse_s - lse_t;
@@ -171,13 +187,13 @@ pub(crate) fn distill_rows(
     let (n, v) = student.dim();
     let t = cfg.temperature as f64;
     let (mode, beta) = cfg.mode_code();
-    let fast = !exact && mode != 2;
+    let fast = !exact;
     // d(T^2 mean_n D_n)/dx = T^2 / N * (1/T) dD/dz = T / N * dD/dz (no 1 / N for a sum).
     let coef = cfg.grad_scale as f64 * t * cfg.row_factor(n.max(1));
     let mut rows = vec![0.0f64; n];
     let work = |sc: &mut Scratch, (r, d): (usize, &mut f64), g: Option<&mut [f32]>| {
         *d = if fast {
-            fast_row(sc, &student, &teacher, r, mode, t as f32, g, coef)
+            fast_row(sc, &student, &teacher, r, mode, beta, t as f32, g, coef)
         } else {
             f64_row(&mut sc.zs, &student, &teacher, r, mode, beta as f64, t, g, coef)
         };
@@ -302,11 +318,13 @@ mod tests {
     /// difference of the rows' log-sum-exps) the error of those sums, `sum_j p_j A_j 2^-22`
     /// for each row; a row's divergence is held to the sum of its terms' bounds, and a gradient
     /// entry to `coef` times its terms' bounds. (The f64 path forms `z` and every difference in
-    /// f64.) So, as in any f32 computation (PyTorch's `kl_div` of f32 log-softmaxes included),
+    /// f64.) The JSD's terms `p_j (l_j - log m_j)` carry, besides, `log m_j`'s error: `m_j`'s
+    /// relative error (at most its two parts') and the logarithm's ulp. So, as in any f32
+    /// computation (PyTorch's `kl_div` of f32 log-softmaxes included),
     /// two nearly equal distributions get a divergence of absolute, not relative, accuracy:
     /// about `1e-7 (1 + |z|)`. Entries below f32's smallest normal number are held to it.
     #[test]
-    fn fast_kl_and_reverse_kl_match_the_f64_path() {
+    fn fast_path_matches_the_f64_path() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         let mut cases: Vec<(String, Array2<f32>, Array2<f32>)> = Vec::new();
         for &(n, v) in &[(1, 1), (3, 7), (17, 515), (4, 4099)] {
@@ -329,7 +347,7 @@ mod tests {
         let mut worst = 0.0f64;
         for (what, s, t) in &cases {
             let masked = t.iter().any(|x| x.is_infinite());
-            for mode in [DistillMode::Kl, DistillMode::ReverseKl] {
+            for mode in [DistillMode::Kl, DistillMode::ReverseKl, DistillMode::Jsd { beta: 0.3 }] {
                 if masked && mode == DistillMode::ReverseKl {
                     continue; // +inf, checked below
                 }
@@ -364,7 +382,40 @@ mod tests {
                             + lse_t.abs();
                         let de = exact.row_loss[r] as f64;
                         let (mut row_bound, mut bounds) = (0.0, Vec::new());
-                        for j in 0..zs.len() {
+                        if let DistillMode::Jsd { beta } = mode {
+                            // Each term p_j (l_j - lm_j) of either KL to the mixture: p_j as
+                            // above, l_j = z_j - lse with their roundings and lse's error, and
+                            // lm_j = ln m_j with m_j's relative error (at most its two parts')
+                            // and ln's ulp.
+                            let (b, w) = (beta as f64, 1.0 - beta as f64);
+                            let pa = |p: f64, z: f64, m: f64| if p > 0.0 { a(z, m) } else { 0.0 };
+                            let mut parts = Vec::new();
+                            let (mut sum_t, mut sum_s, mut sg) = (0.0, 0.0, 0.0);
+                            for j in 0..zs.len() {
+                                let (ps, pt) = (ls[j].exp(), lt[j].exp());
+                                let lm = (b * pt + w * ps).ln();
+                                let (a_s, a_t) = (pa(ps, zs[j], ms), pa(pt, zt[j], mt));
+                                let l_err = a_s.max(a_t) + 1.0 + lm.abs();
+                                let term = |p: f64, l: f64, z: f64, ap: f64, lse: f64| {
+                                    if p > 0.0 {
+                                        U * p * (ap * (l - lm).abs() + z.abs() + lse.abs() + lse_err + l_err)
+                                    } else {
+                                        0.0
+                                    }
+                                };
+                                sum_t += term(pt, lt[j], zt[j], a_t, lse_t);
+                                sum_s += term(ps, ls[j], zs[j], a_s, lse_s);
+                                sg += w * ps * (ls[j] - lm);
+                                parts.push((ps, ls[j] - lm, a_s, zs[j].abs() + lse_s.abs() + lse_err + l_err));
+                            }
+                            row_bound = b * sum_t + w * sum_s;
+                            for (ps, dl, a_s, rest) in parts {
+                                bounds.push(
+                                    U * coef * ps * (a_s * (w * dl - sg).abs() + w * rest) + coef * ps * w * sum_s,
+                                );
+                            }
+                        }
+                        for j in (0..zs.len()).filter(|_| !matches!(mode, DistillMode::Jsd { .. })) {
                             let (ps, pt) = (ls[j].exp(), lt[j].exp());
                             let (p, lp, lq, ap) = match mode {
                                 DistillMode::Kl => (pt, lt[j], ls[j], a(zt[j], mt)),

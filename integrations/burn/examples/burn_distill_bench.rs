@@ -12,11 +12,13 @@
 //! the medians are reported.
 //!
 //! `cargo run --release -p xent-burn --example burn_distill_bench [-- --bench N V] [--reps R]
-//! [--temperature T] [--wgpu]` (default 4096 x 32000 on Flex, T = 2, forward KL, f32 logits:
+//! [--temperature T] [--mode kl|reverse-kl|jsd] [--wgpu]` (default 4096 x 32000 on Flex, T = 2,
+//! forward KL (`jsd`: beta 0.5), f32 logits:
 //! student ~ 3 N(0, 1) and teacher the student plus noise; `--wgpu`: Burn's wgpu device shared
 //! with xent).
 //!
-//! The last line is one JSON object: `framework`, `backend`, `op`, `n`, `v`, `temperature`,
+//! The last line is one JSON object: `framework`, `backend`, `op` (`distill-` and the mode), `n`,
+//! `v`, `temperature`,
 //! `reps`, `step_s_xent`, `step_s_ref`, `loss_xent`, `loss_ref`, `max_grad_diff` (largest
 //! difference of the gradients over the largest entry).
 
@@ -24,7 +26,7 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
-use xent::Distill;
+use xent::{Distill, DistillMode};
 
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
@@ -43,6 +45,16 @@ fn main() {
     let tau: f32 =
         args.iter().position(|a| a == "--temperature").and_then(|i| args.get(i + 1)?.parse().ok()).unwrap_or(2.0);
     let wgpu = args.iter().any(|a| a == "--wgpu");
+    let mode_name = args.iter().position(|a| a == "--mode").and_then(|i| args.get(i + 1)).map_or("kl", String::as_str);
+    let mode = match mode_name {
+        "kl" => DistillMode::Kl,
+        "reverse-kl" => DistillMode::ReverseKl,
+        "jsd" => DistillMode::Jsd { beta: 0.5 },
+        other => {
+            eprintln!("--mode takes kl, reverse-kl or jsd, not {other}");
+            std::process::exit(2);
+        }
+    };
     let (device, backend) = if wgpu { (wgpu_device(), "wgpu") } else { (Device::flex(), "flex") };
     let ad = device.clone().autodiff();
 
@@ -52,7 +64,7 @@ fn main() {
     let tensor =
         |a: ndarray::Array2<f32>| Tensor::<2>::from_data(TensorData::new(a.into_raw_vec_and_offset().0, [n, v]), &ad);
     let (student, teacher) = (tensor(s), tensor(t));
-    let cfg = Distill::default().with_temperature(tau);
+    let cfg = Distill::default().with_temperature(tau).with_mode(mode);
     let sync = || device.sync().expect("the device synchronises");
 
     let xent_step = || {
@@ -64,7 +76,16 @@ fn main() {
     let ref_step = || {
         let w = student.clone().require_grad();
         let (ls, lt) = (log_softmax(w.clone() / tau, 1), log_softmax(teacher.clone() / tau, 1));
-        let loss = (lt.clone().exp() * (lt - ls)).sum_dim(1).mean() * (tau * tau);
+        let kl = |lp: Tensor<2>, lq: Tensor<2>| (lp.clone().exp() * (lp - lq)).sum_dim(1);
+        let d = match mode {
+            DistillMode::Kl => kl(lt, ls),
+            DistillMode::ReverseKl => kl(ls, lt),
+            _ => {
+                let lm = ((lt.clone().exp() + ls.clone().exp()) * 0.5).log();
+                (kl(lt, lm.clone()) + kl(ls, lm)) * 0.5
+            }
+        };
+        let loss = d.mean() * (tau * tau);
         let g = w.grad(&loss.clone().backward()).expect("a gradient");
         (loss, g)
     };
@@ -97,7 +118,7 @@ fn main() {
     let (step_x, step_r) = (median(&sx), median(&sr));
     eprintln!("xent-burn: {:.2}x faster than Burn's composition", step_r / step_x);
     println!(
-        "{{\"framework\": \"burn\", \"backend\": \"{backend}\", \"op\": \"distill-kl\", \"n\": {n}, \"v\": {v}, \
+        "{{\"framework\": \"burn\", \"backend\": \"{backend}\", \"op\": \"distill-{mode_name}\", \"n\": {n}, \"v\": {v}, \
          \"temperature\": {tau}, \"reps\": {reps}, \"step_s_xent\": {step_x}, \"step_s_ref\": {step_r}, \
          \"loss_xent\": {l_x}, \"loss_ref\": {l_r}, \"max_grad_diff\": {max_grad_diff:e}}}"
     );

@@ -316,7 +316,7 @@ fn check(student: &Tensor<2>, teacher: &Tensor<2>, cfg: &Distill) -> Result<(), 
 /// log_softmax(t / T), log_target=True, reduction='batchmean') * T**2`); with `Sum` the sum;
 /// with `None` the `[N]` rows `T^2 D_n`, for masking padded positions before a reduction of
 /// one's own. In the student's dtype (f32, f16 or bf16; the teacher may have another of the
-/// three); arithmetic in f32 with f64 sums on the CPU (f64 for JSD), f32 on the GPU.
+/// three); arithmetic in f32 with f64 sums on the CPU, f32 on the GPU.
 ///
 /// Differentiable w.r.t. the student under autodiff: the gradient is computed in the forward
 /// pass, kept, and multiplied by the upstream gradient in the backward pass. The teacher is a

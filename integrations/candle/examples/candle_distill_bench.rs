@@ -12,10 +12,10 @@
 //! heap and peak-RSS growth per step measured as `candle_linear_bench` measures them.
 //!
 //! `cargo run --release -p xent-candle --example candle_distill_bench [-- --bench N V] [--reps R]
-//! [--temperature T]` (default 4096 x 32000, T = 2, forward KL, f32 logits: student ~ 3 N(0, 1)
-//! and teacher the student plus noise).
+//! [--temperature T] [--mode kl|reverse-kl|jsd]` (default 4096 x 32000, T = 2, forward KL
+//! (`jsd`: beta 0.5), f32 logits: student ~ 3 N(0, 1) and teacher the student plus noise).
 //!
-//! The last line is one JSON object: `framework`, `op`, `n`, `v`, `temperature`, `reps`,
+//! The last line is one JSON object: `framework`, `op` (`distill-` and the mode), `n`, `v`, `temperature`, `reps`,
 //! `step_s_xent`, `step_s_ref`, `peak_bytes_xent`, `peak_bytes_ref`, `rss_bytes_xent`,
 //! `rss_bytes_ref`, `loss_xent`, `loss_ref`, `max_grad_diff` (largest difference of the
 //! gradients over the largest entry).
@@ -26,7 +26,7 @@ mod bench;
 
 use bench::{measure, median};
 use candle_core::{Device, Result, Tensor, Var};
-use xent::Distill;
+use xent::{Distill, DistillMode};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -39,13 +39,23 @@ fn main() -> Result<()> {
     let tau: f32 =
         args.iter().position(|a| a == "--temperature").and_then(|i| args.get(i + 1)?.parse().ok()).unwrap_or(2.0);
 
+    let mode_name = args.iter().position(|a| a == "--mode").and_then(|i| args.get(i + 1)).map_or("kl", String::as_str);
+    let mode = match mode_name {
+        "kl" => DistillMode::Kl,
+        "reverse-kl" => DistillMode::ReverseKl,
+        "jsd" => DistillMode::Jsd { beta: 0.5 },
+        other => {
+            eprintln!("--mode takes kl, reverse-kl or jsd, not {other}");
+            std::process::exit(2);
+        }
+    };
     let (s, _) = xent::workload::synthetic(n, v, 3.0, 0, 1);
     let (noise, _) = xent::workload::synthetic(n, v, 1.0, 0, 2);
     let t = &s + &noise;
     let dev = Device::Cpu;
     let student = Var::from_tensor(&Tensor::from_slice(s.as_slice().expect("standard layout"), (n, v), &dev)?)?;
     let teacher = Tensor::from_slice(t.as_slice().expect("standard layout"), (n, v), &dev)?;
-    let cfg = Distill::default().with_temperature(tau);
+    let cfg = Distill::default().with_temperature(tau).with_mode(mode);
 
     let xent_step = || -> Result<(f32, Tensor)> {
         let loss = xent_candle::distill(&student, &teacher, &cfg)?;
@@ -56,8 +66,16 @@ fn main() -> Result<()> {
         let tau = tau as f64;
         let ls = candle_nn::ops::log_softmax(&(student.as_tensor() / tau)?, 1)?;
         let lt = candle_nn::ops::log_softmax(&(&teacher / tau)?, 1)?;
-        let kl = (lt.exp()? * (lt - ls)?)?.sum_all()?;
-        let loss = ((kl / n as f64)? * (tau * tau))?;
+        let kl = |lp: &Tensor, lq: &Tensor| (lp.exp()? * (lp - lq)?)?.sum_all();
+        let d = match mode {
+            DistillMode::Kl => kl(&lt, &ls)?,
+            DistillMode::ReverseKl => kl(&ls, &lt)?,
+            _ => {
+                let lm = ((lt.exp()? + ls.exp()?)? * 0.5)?.log()?;
+                ((kl(&lt, &lm)? + kl(&ls, &lm)?)? * 0.5)?
+            }
+        };
+        let loss = ((d / n as f64)? * (tau * tau))?;
         let g = loss.backward()?;
         Ok((loss.to_scalar::<f32>()?, g.get(&student).expect("grad").clone()))
     };
@@ -87,7 +105,7 @@ fn main() -> Result<()> {
         px as f64 / pr as f64
     );
     println!(
-        "{{\"framework\": \"candle\", \"op\": \"distill-kl\", \"n\": {n}, \"v\": {v}, \"temperature\": {tau}, \
+        "{{\"framework\": \"candle\", \"op\": \"distill-{mode_name}\", \"n\": {n}, \"v\": {v}, \"temperature\": {tau}, \
          \"reps\": {reps}, \"step_s_xent\": {step_x}, \"step_s_ref\": {step_r}, \"peak_bytes_xent\": {px}, \
          \"peak_bytes_ref\": {pr}, \"rss_bytes_xent\": {rx}, \"rss_bytes_ref\": {rr}, \"loss_xent\": {l_x}, \
          \"loss_ref\": {l_r}, \"max_grad_diff\": {max_grad_diff:e}}}"

@@ -90,7 +90,7 @@ impl CustomOp2 for DistillOp {
 /// (PyTorch's `F.kl_div(log_softmax(s / T), log_softmax(t / T), log_target=True,
 /// reduction='batchmean') * T**2`); with `Sum` the sum; with `None` the `[N]` rows `T^2 D_n`,
 /// for masking padded positions before a reduction of one's own. In the student's dtype;
-/// arithmetic in f32 with f64 sums for KL and reverse KL, f64 for JSD (`docs/accuracy.md`).
+/// arithmetic in f32 with f64 sums (`docs/accuracy.md`).
 ///
 /// Differentiable w.r.t. the student: the gradient is computed in the forward pass (f32) and
 /// scaled by the upstream gradient in backward, and not computed at all when the student is
