@@ -237,7 +237,7 @@ fn cases(backend: &str) -> usize {
                     let out = run(&args);
                     let what = format!("{backend} {name} {reduction}");
                     let want_loss = k * number(&expected["loss"]);
-                    let row_sum: f64 = read_1d(&rows).iter().map(|&x| x as f64).sum();
+                    let row_sum: f64 = read_1d(&rows).iter().sum();
                     assert_scalar(&format!("{what} rows' sum"), row_sum * k / rows_n, want_loss, 2e-6, 2e-6);
                     if reduction == "none" {
                         assert!(out["loss"].is_null(), "{what}: {}", out["loss"]);

@@ -243,34 +243,76 @@ fn logprob_grad_body<const FMA: bool>(g: &mut [f32], e: &[f32], m: f32, k: f32, 
     }
 }
 
-/// ln(x) for one lane, written with selects and integer moves so that a loop over lanes
-/// vectorises: `x = 2^k f` with `f` in `[sqrt(1/2), sqrt(2))` (subnormals scaled by 2^23 first),
-/// `ln f = 2 atanh(u)` with `u = (f - 1) / (f + 1)` (`|u| <= 0.1716`) summed to `u^11` (series
-/// truncation below 1e-9 relative), `k ln 2` with ln 2 split in two. Within one ulp of ln for
-/// positive finite `x` (`ln_is_within_one_ulp` sweeps it); `ln(0) = -inf`, `ln(+inf) = +inf`,
-/// NaN for negative `x` and NaN.
+/// ln(x) on 8 lanes, one step per loop and selects only, so that LLVM emits packed
+/// instructions (as [`exp8`]): `x = 2^k f` with `f` in `[sqrt(1/2), sqrt(2))` (subnormals
+/// scaled by 2^23 first), `ln f = 2 atanh(u)` with `u = (f - 1) / (f + 1)` (`|u| <= 0.1716`)
+/// summed to `u^11` (series truncation below 1e-9 relative), `k ln 2` with ln 2 split in two.
+/// Within one ulp of ln for positive finite `x` (`ln_is_within_one_ulp` sweeps it);
+/// `ln(0) = -inf`, `ln(+inf) = +inf`, NaN for negative `x` and NaN.
 #[inline(always)]
-fn ln_lane<const FMA: bool>(x: f32) -> f32 {
+fn ln8<const FMA: bool>(x: V8) -> V8 {
     const SQRT_HALF_BITS: i32 = 0x3f35_04f3;
-    let sub = x < f32::MIN_POSITIVE;
-    let xs = if sub { x * 8_388_608.0 } else { x };
-    let bits = xs.to_bits() as i32;
-    let k = bits.wrapping_sub(SQRT_HALF_BITS) >> 23;
-    let f = f32::from_bits(bits.wrapping_sub(k << 23) as u32);
-    let u = (f - 1.0) / (f + 1.0);
-    let u2 = u * u;
-    let q = [1.0 / 11.0, 1.0 / 9.0, 1.0 / 7.0, 1.0 / 5.0, 1.0 / 3.0].iter().fold(0.0f32, |q, &c| madd::<FMA>(q, u2, c));
-    let lnf = madd::<FMA>(2.0 * u, q * u2, 2.0 * u);
-    let kf = k as f32 - if sub { 23.0 } else { 0.0 };
-    let r = madd::<FMA>(kf, LN2_HI, madd::<FMA>(kf, LN2_LO, lnf));
-    if x > 0.0 && x < f32::INFINITY {
-        r
-    } else if x == 0.0 {
-        f32::NEG_INFINITY
-    } else if x == f32::INFINITY {
-        f32::INFINITY
-    } else {
-        f32::NAN
+    let mut bits = [0i32; LANES];
+    let mut k = [0.0f32; LANES];
+    let mut u = [0.0f32; LANES];
+    let mut out = [0.0f32; LANES];
+    for l in 0..LANES {
+        let xs = if x[l] < f32::MIN_POSITIVE { x[l] * 8_388_608.0 } else { x[l] };
+        bits[l] = xs.to_bits() as i32;
+    }
+    for l in 0..LANES {
+        let e = bits[l].wrapping_sub(SQRT_HALF_BITS) >> 23;
+        let f = f32::from_bits(bits[l].wrapping_sub(e << 23) as u32);
+        k[l] = e as f32 - if x[l] < f32::MIN_POSITIVE { 23.0 } else { 0.0 };
+        u[l] = (f - 1.0) / (f + 1.0);
+    }
+    for l in 0..LANES {
+        let u2 = u[l] * u[l];
+        let q =
+            [1.0 / 11.0, 1.0 / 9.0, 1.0 / 7.0, 1.0 / 5.0, 1.0 / 3.0].iter().fold(0.0f32, |q, &c| madd::<FMA>(q, u2, c));
+        let lnf = madd::<FMA>(2.0 * u[l], q * u2, 2.0 * u[l]);
+        out[l] = madd::<FMA>(k[l], LN2_HI, madd::<FMA>(k[l], LN2_LO, lnf));
+    }
+    for l in 0..LANES {
+        let v = x[l];
+        let r = if v == f32::INFINITY { f32::INFINITY } else { out[l] };
+        let r = if v == 0.0 { f32::NEG_INFINITY } else { r };
+        // Negative or NaN (a NaN fails every comparison).
+        out[l] = if (v >= 0.0) as u8 == 0 { f32::NAN } else { r };
+    }
+    out
+}
+
+/// One 8-lane step of the generalised JSD's sums: `lm` stored, the two terms added.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn jsd_step<const FMA: bool>(
+    e: (&[f32], &[f32]),
+    z: (&[f32], &[f32]),
+    k: (f32, f32),
+    lse: (f32, f32),
+    beta: f32,
+    lm: &mut [f32],
+    acc: (&mut V8, &mut V8),
+) {
+    let lanes = |x: &[f32]| -> V8 { x.try_into().expect("8 lanes") };
+    let (e0, e1, z0, z1) = (lanes(e.0), lanes(e.1), lanes(z.0), lanes(z.1));
+    let (mut ps, mut pt, mut mix) = ([0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES]);
+    for l in 0..LANES {
+        ps[l] = k.0 * e0[l];
+        pt[l] = k.1 * e1[l];
+        mix[l] = madd::<FMA>(beta, pt[l], (1.0 - beta) * ps[l]);
+    }
+    let m = ln8::<FMA>(mix);
+    lm.copy_from_slice(&m);
+    for l in 0..LANES {
+        // A class whose mixture underflowed (log m = -inf) adds nothing: its p is too. (Selects
+        // of terms computed anyway, so that the lanes stay packed.)
+        let live = m[l] > f32::NEG_INFINITY;
+        let a = pt[l] * ((z1[l] - lse.1) - m[l]);
+        let b = ps[l] * ((z0[l] - lse.0) - m[l]);
+        acc.0[l] += if (pt[l] > 0.0) & live { a } else { 0.0 };
+        acc.1[l] += if (ps[l] > 0.0) & live { b } else { 0.0 };
     }
 }
 
@@ -290,36 +332,31 @@ fn jsd_sums_body<const FMA: bool>(
     lm: &mut [f32],
 ) -> (f64, f64) {
     let (mut ta, mut tb) = (0.0f64, 0.0f64);
-    let n = es.len();
-    let mut j0 = 0;
-    while j0 < n {
-        let j1 = (j0 + BLOCK).min(n);
+    let (k, lse) = ((ks, kt), (lse_s, lse_t));
+    let blocks = es.chunks(BLOCK).zip(et.chunks(BLOCK)).zip(zs.chunks(BLOCK)).zip(zt.chunks(BLOCK));
+    for ((((esb, etb), zsb), ztb), lmb) in blocks.zip(lm.chunks_mut(BLOCK)) {
         let (mut acc_a, mut acc_b) = ([0.0f32; LANES], [0.0f32; LANES]);
-        let mut j = j0;
-        while j + LANES <= j1 {
-            for l in 0..LANES {
-                let (ps, pt) = (ks * es[j + l], kt * et[j + l]);
-                let m = ln_lane::<FMA>(madd::<FMA>(beta, pt, (1.0 - beta) * ps));
-                lm[j + l] = m;
-                // A class whose mixture underflowed (log m = -inf) adds nothing: its p is too.
-                let live = m > f32::NEG_INFINITY;
-                acc_a[l] += if pt > 0.0 && live { pt * ((zt[j + l] - lse_t) - m) } else { 0.0 };
-                acc_b[l] += if ps > 0.0 && live { ps * ((zs[j + l] - lse_s) - m) } else { 0.0 };
-            }
-            j += LANES;
+        let full = esb.len() / LANES * LANES;
+        let lanes = esb[..full]
+            .chunks_exact(LANES)
+            .zip(etb[..full].chunks_exact(LANES))
+            .zip(zsb[..full].chunks_exact(LANES))
+            .zip(ztb[..full].chunks_exact(LANES))
+            .zip(lmb[..full].chunks_exact_mut(LANES));
+        for ((((e0, e1), z0), z1), m) in lanes {
+            jsd_step::<FMA>((e0, e1), (z0, z1), k, lse, beta, m, (&mut acc_a, &mut acc_b));
         }
-        let (mut tail_a, mut tail_b) = (0.0f32, 0.0f32);
-        for j in j..j1 {
-            let (ps, pt) = (ks * es[j], kt * et[j]);
-            let m = ln_lane::<FMA>(madd::<FMA>(beta, pt, (1.0 - beta) * ps));
-            lm[j] = m;
-            let live = m > f32::NEG_INFINITY;
-            tail_a += if pt > 0.0 && live { pt * ((zt[j] - lse_t) - m) } else { 0.0 };
-            tail_b += if ps > 0.0 && live { ps * ((zs[j] - lse_s) - m) } else { 0.0 };
+        let rest = esb.len() - full;
+        if rest > 0 {
+            // The tail padded with zero weights, which add nothing.
+            let pad = |x: &[f32]| -> V8 { std::array::from_fn(|l| if l < rest { x[full + l] } else { 0.0 }) };
+            let (e0, e1, z0, z1) = (pad(esb), pad(etb), pad(zsb), pad(ztb));
+            let mut m = [0.0f32; LANES];
+            jsd_step::<FMA>((&e0, &e1), (&z0, &z1), k, lse, beta, &mut m, (&mut acc_a, &mut acc_b));
+            lmb[full..].copy_from_slice(&m[..rest]);
         }
-        ta += acc_a.iter().map(|&x| x as f64).sum::<f64>() + tail_a as f64;
-        tb += acc_b.iter().map(|&x| x as f64).sum::<f64>() + tail_b as f64;
-        j0 = j1;
+        ta += acc_a.iter().map(|&x| x as f64).sum::<f64>();
+        tb += acc_b.iter().map(|&x| x as f64).sum::<f64>();
     }
     (ta, tb)
 }
@@ -748,6 +785,10 @@ multiversion! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ln_lane<const FMA: bool>(x: f32) -> f32 {
+        ln8::<FMA>([x; LANES])[0]
+    }
 
     /// ln against f64's over every binade of f32 (subnormals included), 4099 values each, and
     /// around 1, where ln crosses 0: within one ulp of the result, or near 1 within half an

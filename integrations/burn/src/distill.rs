@@ -28,7 +28,6 @@ use burn::backend::{backend_extension, AutodiffBackend, Backend, Dispatch, Flex}
 use burn::prelude::*;
 use burn::tensor::DType as BurnDType;
 use burn_flex::FlexTensor;
-use half::{bf16, f16};
 use ndarray::ArrayViewMut2;
 use xent::{Distill, DistillOutput, Reduction, XentError};
 
@@ -206,20 +205,7 @@ impl XentDistillOps for Flex {
         upstream: FloatTensor<Self>,
         args: XentDistillArgs,
     ) -> FloatTensor<Self> {
-        // An upstream gradient of exactly 1 (`loss.backward()` on the loss itself) leaves the
-        // fused gradient as it is: no [N, V] multiply.
-        let up = contiguous(upstream.clone());
-        let one = match up.dtype() {
-            BurnDType::F32 => up.storage::<f32>() == [1.0],
-            BurnDType::F16 => up.storage::<f16>() == [f16::ONE],
-            BurnDType::BF16 => up.storage::<bf16>() == [bf16::ONE],
-            _ => false,
-        };
-        if one && args.cfg().reduction != Reduction::None {
-            return grad;
-        }
-        let rows = grad.layout().shape()[0];
-        crate::ops::scale_by_upstream::<Self>(grad, upstream, args.cfg().reduction, rows)
+        crate::flex::times_upstream(grad, upstream, args.cfg().reduction)
     }
 }
 

@@ -112,19 +112,24 @@ impl XentOps for Flex {
         upstream: FloatTensor<Self>,
         args: XentArgs,
     ) -> FloatTensor<Self> {
-        // `loss.backward()` on the loss itself: an upstream gradient of exactly 1 leaves the
-        // fused gradient as it is (the common case: no [N, V] multiply).
-        let up = contiguous(upstream.clone());
-        let one = match up.dtype() {
-            BurnDType::F32 => up.storage::<f32>() == [1.0],
-            BurnDType::F16 => up.storage::<f16>() == [f16::ONE],
-            BurnDType::BF16 => up.storage::<bf16>() == [bf16::ONE],
-            _ => false,
-        };
-        if one && args.cfg().reduction != xent::Reduction::None {
-            return state;
-        }
-        let rows = state.layout().shape()[0];
-        crate::ops::scale_by_upstream::<Self>(state, upstream, args.cfg().reduction, rows)
+        times_upstream(state, upstream, args.cfg().reduction)
     }
+}
+
+/// A fused gradient `[N, V]` times the upstream gradient of its loss (`[1]`, or `[N]` with
+/// reduction `none`). `loss.backward()` on the loss itself gives an upstream gradient of
+/// exactly 1, which leaves the gradient as it is (the common case: no [N, V] multiply).
+pub(crate) fn times_upstream(grad: FlexTensor, upstream: FlexTensor, reduction: xent::Reduction) -> FlexTensor {
+    let up = contiguous(upstream.clone());
+    let one = match up.dtype() {
+        BurnDType::F32 => up.storage::<f32>() == [1.0],
+        BurnDType::F16 => up.storage::<f16>() == [f16::ONE],
+        BurnDType::BF16 => up.storage::<bf16>() == [bf16::ONE],
+        _ => false,
+    };
+    if one && reduction != xent::Reduction::None {
+        return grad;
+    }
+    let rows = grad.layout().shape()[0];
+    crate::ops::scale_by_upstream::<Flex>(grad, upstream, reduction, rows)
 }

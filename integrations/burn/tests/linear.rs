@@ -11,6 +11,8 @@ use xent::{Cpu, LinearCe, Reduction, XentError};
 use xent_burn::{linear_cross_entropy, LinearCrossEntropyConfig};
 
 mod common;
+#[cfg(feature = "gpu")]
+use common::wgpu;
 use common::{host, t1, t2, ti, values};
 
 struct Case {
@@ -443,22 +445,6 @@ fn bad_input_is_a_typed_error() {
     let mut bad_cfg = m.clone();
     bad_cfg.workspace_bytes = Some(0);
     assert!(matches!(linear_cross_entropy(h, w, None, t, &bad_cfg), Err(XentError::InvalidOption(_))));
-}
-
-/// Burn's wgpu device shared with xent (autodiff), or `None` with a printed notice when there
-/// is no adapter and `XENT_REQUIRE_GPU` is not set (with it set, a missing adapter fails).
-#[cfg(feature = "gpu")]
-fn wgpu() -> Option<Device> {
-    match xent_burn::wgpu_device() {
-        Ok(d) => Some(d),
-        Err(e) if std::env::var("XENT_REQUIRE_GPU").is_ok_and(|v| !v.is_empty() && v != "0") => {
-            panic!("XENT_REQUIRE_GPU is set but Burn's wgpu device is unusable: {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIPPED wgpu test: {e} (set XENT_REQUIRE_GPU=1 to make this a failure)");
-            None
-        }
-    }
 }
 
 /// On Burn's wgpu device (fusion, under autodiff) the composed path (Burn's products around

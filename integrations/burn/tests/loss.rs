@@ -2,44 +2,18 @@
 //! golden values, on Flex (CPU) and on wgpu (lavapipe in CI, Burn's fusion wrapper and the plain
 //! cube backend), with the host transfers of the wgpu path counted.
 
+mod common;
 #[path = "../../../tests/common/golden_ce.rs"]
 mod golden_ce;
 
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::prelude::*;
+use common::devices;
+#[cfg(feature = "gpu")]
+use common::wgpu;
 use ndarray::Array2;
 use xent::cpu::reference;
 use xent::{CrossEntropy, Reduction};
-
-/// Burn's wgpu device shared with xent, or `None` (a printed notice) when there is no adapter
-/// and `XENT_REQUIRE_GPU` is not set; with it set, a missing adapter fails the test.
-#[cfg(not(feature = "gpu"))]
-fn wgpu() -> Option<Device> {
-    None
-}
-
-#[cfg(feature = "gpu")]
-fn wgpu() -> Option<Device> {
-    match xent_burn::wgpu_device() {
-        Ok(d) => Some(d),
-        Err(e) if std::env::var("XENT_REQUIRE_GPU").is_ok_and(|v| !v.is_empty() && v != "0") => {
-            panic!("XENT_REQUIRE_GPU is set but Burn's wgpu device is unusable: {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIPPED wgpu test: {e} (set XENT_REQUIRE_GPU=1 to make this a failure)");
-            None
-        }
-    }
-}
-
-/// Flex always; wgpu when there is an adapter.
-fn devices() -> Vec<(&'static str, Device)> {
-    let mut v = vec![("flex", Device::flex())];
-    if let Some(d) = wgpu() {
-        v.push(("wgpu", d));
-    }
-    v
-}
 
 fn logits_of(x: &Array2<f32>, device: &Device) -> Tensor<2> {
     Tensor::from_data(TensorData::new(x.iter().copied().collect::<Vec<f32>>(), [x.nrows(), x.ncols()]), device)

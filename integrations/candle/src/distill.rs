@@ -72,13 +72,7 @@ impl CustomOp2 for DistillOp {
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .ok_or_else(|| err(XentError::InvalidOption("backward ran twice, or without a forward pass".into())))?;
-        let up = grad_res.to_dtype(candle_core::DType::F32)?;
-        let grad = match self.cfg.reduction {
-            Reduction::None => g.broadcast_mul(&up.unsqueeze(1)?)?,
-            // `loss.backward()` on the loss itself: the fused gradient is the answer.
-            _ if up.to_scalar::<f32>()? == 1.0 => g,
-            _ => g.broadcast_mul(&up)?,
-        };
+        let grad = crate::times_upstream(g, grad_res, self.cfg.reduction)?;
         Ok((Some(grad.to_dtype(student.dtype())?), None))
     }
 }

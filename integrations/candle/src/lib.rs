@@ -190,16 +190,22 @@ impl CustomOp2 for XentLoss {
             .unwrap()
             .take()
             .ok_or_else(|| err(XentError::InvalidOption("backward ran twice, or without a forward pass".into())))?;
-        let up = grad_res.to_dtype(g.dtype())?;
-        let grad = match self.cfg.reduction {
-            Reduction::None => g.broadcast_mul(&up.unsqueeze(1)?)?,
-            // `loss.backward()` on the loss itself: the upstream gradient is 1 and the fused
-            // gradient is the answer (no [N, V] multiply). The scalar is on the CPU: no sync.
-            _ if grad_res.to_dtype(DType::F32)?.to_scalar::<f32>()? == 1.0 => g,
-            _ => g.broadcast_mul(&up)?,
-        };
+        let grad = times_upstream(g, grad_res, self.cfg.reduction)?;
         Ok((Some(grad.to_dtype(logits.dtype())?), None))
     }
+}
+
+/// A fused gradient `g [N, V]` times the upstream gradient of its loss (a scalar, or `[N]`
+/// with reduction `none`), in `g`'s dtype. `loss.backward()` on the loss itself gives an
+/// upstream gradient of 1: the fused gradient is the answer (no [N, V] multiply; the scalar is
+/// on the CPU, so reading it does not sync).
+pub(crate) fn times_upstream(g: Tensor, grad_res: &Tensor, reduction: Reduction) -> candle_core::Result<Tensor> {
+    let up = grad_res.to_dtype(g.dtype())?;
+    Ok(match reduction {
+        Reduction::None => g.broadcast_mul(&up.unsqueeze(1)?)?,
+        _ if grad_res.to_dtype(DType::F32)?.to_scalar::<f32>()? == 1.0 => g,
+        _ => g.broadcast_mul(&up)?,
+    })
 }
 
 /// Softmax cross-entropy of `logits [N, V]` (f32, f16 or bf16, on the CPU) against class
