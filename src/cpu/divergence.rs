@@ -9,10 +9,9 @@
 //! path to PyTorch's golden values, the fast path and the GPU to it.
 
 use ndarray::{Array1, ArrayView2};
-
-use super::simd;
 use rayon::prelude::*;
 
+use super::simd;
 use crate::api::config::{Distill, DistillOutput, Measures};
 use crate::check::{probability_rows, same_rows};
 use crate::dtype::Logits;
@@ -154,8 +153,8 @@ fn f64_row(
     distill_row(&ls, &lt, mode, beta, grad, coef)
 }
 
-/// Distillation on `pool`: the fast path for forward and reverse KL unless `exact`, the f64
-/// path for the generalised JSD and for the reference.
+/// Distillation on `pool` (or this thread): the fast path, or with `exact` the f64 one (the
+/// reference).
 pub(crate) fn distill_with(
     pool: Option<&rayon::ThreadPool>,
     student: Logits<'_>,
@@ -457,7 +456,7 @@ mod tests {
     }
 
     /// 16-bit logits are widened exactly: the fast path on bf16 rows equals it on their f32
-    /// values, and a NaN logit makes its row's divergence NaN.
+    /// values; a NaN logit makes its row's divergence NaN; rows of no classes are an error.
     #[test]
     fn half_rows_and_nan() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
@@ -473,5 +472,11 @@ mod tests {
         sn[[2, 5]] = f32::NAN;
         let c = distill(&pool, sn.view().into(), t32.view().into(), &cfg, false).unwrap();
         assert!(c.row_loss[2].is_nan() && c.row_loss[1].is_finite() && c.loss.is_nan());
+        // Rows of no classes are a shape error on both paths.
+        let empty = Array2::<f32>::zeros((3, 0));
+        for exact in [false, true] {
+            let e = distill_with(Some(&pool), empty.view().into(), empty.view().into(), &cfg, true, exact);
+            assert!(matches!(e, Err(crate::error::XentError::Shape(_))), "{e:?}");
+        }
     }
 }
