@@ -585,6 +585,24 @@ impl Distill {
         }
     }
 
+    /// The per-row losses of `out`, a call with these options: `T^2 D_n` (the rows of
+    /// [`DistillOutput::row_loss`] are `D_n`), whose mean is the `Mean` loss and sum the `Sum`
+    /// one.
+    ///
+    /// ```
+    /// use ndarray::array;
+    /// use xent::{Cpu, Distill};
+    /// let cfg = Distill::default().with_temperature(2.0);
+    /// let out = Cpu::new().distill(&array![[1.0f32, 2.0], [0.0, 1.0]], &array![[2.0f32, 1.0], [0.0, 0.0]], &cfg)?;
+    /// let rows = cfg.row_losses(&out);
+    /// assert!((rows.iter().map(|&r| r as f64).sum::<f64>() / 2.0 - out.loss).abs() < 1e-6);
+    /// # Ok::<(), xent::XentError>(())
+    /// ```
+    pub fn row_losses(&self, out: &DistillOutput) -> Vec<f32> {
+        let t2 = self.temperature * self.temperature;
+        out.row_loss.iter().map(|&d| t2 * d).collect()
+    }
+
     /// The mode as the kernel's code and beta.
     pub(crate) fn mode_code(&self) -> (i32, f32) {
         match self.mode {

@@ -97,8 +97,7 @@ pub fn run_distill(a: &DistillArgs) -> Result<()> {
     let engine = a.backend.open()?;
     let out = engine.backend().distill(s.view(), t.view(), &cfg, grad_out.is_some())?;
     commit_f32(grad_out, out.grad.as_ref().and_then(|g| g.as_slice()))?;
-    let t2 = a.temperature * a.temperature;
-    let rows: Vec<f32> = out.row_loss.iter().map(|&d| t2 * d).collect();
+    let rows = cfg.row_losses(&out);
     commit_f32(loss_out, Some(&rows[..]))?;
     let loss = if reduction == Reduction::None { serde_json::Value::Null } else { num(out.loss) };
     let obj = Obj::default()

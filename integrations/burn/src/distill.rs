@@ -66,10 +66,7 @@ impl XentDistillArgs {
     /// `D_n`), else the reduced loss.
     pub(crate) fn loss_values(&self, out: &DistillOutput) -> Vec<f32> {
         match self.cfg.reduction {
-            Reduction::None => {
-                let t2 = self.cfg.temperature * self.cfg.temperature;
-                out.row_loss.iter().map(|&d| t2 * d).collect()
-            }
+            Reduction::None => self.cfg.row_losses(out),
             _ => vec![out.loss as f32],
         }
     }

@@ -39,22 +39,18 @@ impl CustomOp2 for DistillOp {
         let teacher = matrix(s2, l2, "teacher logits")?;
         let dtype = student.dtype();
         let (n, v) = student.dim();
-        let out = if self.want_grad {
+        let mut out = if self.want_grad {
             self.cpu.distill_with_grad(student, teacher, &self.cfg)
         } else {
             self.cpu.distill(student, teacher, &self.cfg)
         }
         .map_err(err)?;
-        if let Some(g) = out.grad {
+        if let Some(g) = out.grad.take() {
             let g = Tensor::from_vec(g.into_raw_vec_and_offset().0, (n, v), &candle_core::Device::Cpu)?;
             *self.grad.lock().unwrap_or_else(|p| p.into_inner()) = Some(g);
         }
         Ok(match self.cfg.reduction {
-            Reduction::None => {
-                // The rows of the loss: T^2 D_n (the library's rows are D_n).
-                let t2 = self.cfg.temperature * self.cfg.temperature;
-                (storage_in(out.row_loss.iter().map(|&d| t2 * d).collect(), dtype), Shape::from(n))
-            }
+            Reduction::None => (storage_in(self.cfg.row_losses(&out), dtype), Shape::from(n)),
             _ => (storage_in(vec![out.loss as f32], dtype), Shape::from(())),
         })
     }
@@ -66,14 +62,7 @@ impl CustomOp2 for DistillOp {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = self
-            .grad
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .ok_or_else(|| err(XentError::InvalidOption("backward ran twice, or without a forward pass".into())))?;
-        let grad = crate::times_upstream(g, grad_res, self.cfg.reduction)?;
-        Ok((Some(grad.to_dtype(student.dtype())?), None))
+        Ok((Some(crate::saved_times_upstream(&self.grad, grad_res, self.cfg.reduction, student.dtype())?), None))
     }
 }
 

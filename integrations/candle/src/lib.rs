@@ -184,28 +184,33 @@ impl CustomOp2 for XentLoss {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = self
-            .grad
-            .lock()
-            .unwrap()
-            .take()
-            .ok_or_else(|| err(XentError::InvalidOption("backward ran twice, or without a forward pass".into())))?;
-        let grad = times_upstream(g, grad_res, self.cfg.reduction)?;
-        Ok((Some(grad.to_dtype(logits.dtype())?), None))
+        Ok((Some(saved_times_upstream(&self.grad, grad_res, self.cfg.reduction, logits.dtype())?), None))
     }
 }
 
-/// A fused gradient `g [N, V]` times the upstream gradient of its loss (a scalar, or `[N]`
-/// with reduction `none`), in `g`'s dtype. `loss.backward()` on the loss itself gives an
-/// upstream gradient of 1: the fused gradient is the answer (no [N, V] multiply; the scalar is
-/// on the CPU, so reading it does not sync).
-pub(crate) fn times_upstream(g: Tensor, grad_res: &Tensor, reduction: Reduction) -> candle_core::Result<Tensor> {
+/// The fused gradient `[N, V]` that an op's forward pass left in `saved` (taken: a second
+/// backward is an error) times the upstream gradient of its loss (a scalar, or `[N]` with
+/// reduction `none`), in `dtype`. `loss.backward()` on the loss itself gives an upstream
+/// gradient of 1: the fused gradient is the answer (no [N, V] multiply; the scalar is on the
+/// CPU, so reading it does not sync).
+pub(crate) fn saved_times_upstream(
+    saved: &Mutex<Option<Tensor>>,
+    grad_res: &Tensor,
+    reduction: Reduction,
+    dtype: DType,
+) -> candle_core::Result<Tensor> {
+    let g = saved
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .ok_or_else(|| err(XentError::InvalidOption("backward ran twice, or without a forward pass".into())))?;
     let up = grad_res.to_dtype(g.dtype())?;
-    Ok(match reduction {
+    let grad = match reduction {
         Reduction::None => g.broadcast_mul(&up.unsqueeze(1)?)?,
         _ if grad_res.to_dtype(DType::F32)?.to_scalar::<f32>()? == 1.0 => g,
         _ => g.broadcast_mul(&up)?,
-    })
+    };
+    grad.to_dtype(dtype)
 }
 
 /// Softmax cross-entropy of `logits [N, V]` (f32, f16 or bf16, on the CPU) against class
